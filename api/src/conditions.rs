@@ -1,0 +1,78 @@
+//! Condition types, reasons and a helper that keeps `lastTransitionTime`
+//! stable when a condition does not change.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+/// DistributionJob: every package and destination it names exists.
+pub const RESOLVED_REFS: &str = "ResolvedRefs";
+/// DistributionJob: every destination reached its desired state.
+pub const COMPLETE: &str = "Complete";
+/// DistributionJob: at least one destination failed.
+pub const FAILED: &str = "Failed";
+
+pub mod reasons {
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const INVALID_MANIFEST: &str = "InvalidManifest";
+    pub const FETCH_FAILED: &str = "FetchFailed";
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const ARTIFACT_MISSING: &str = "ArtifactMissing";
+    pub const ARTIFACT_AVAILABLE: &str = "ArtifactAvailable";
+    pub const UNKNOWN_CABINET: &str = "UnknownCabinet";
+    pub const UNKNOWN_PACKAGE: &str = "UnknownPackage";
+    pub const UNKNOWN_SITE: &str = "UnknownSite";
+    pub const UNKNOWN_AGENT: &str = "UnknownAgent";
+    pub const RESOLVED: &str = "Resolved";
+    pub const NO_DESTINATIONS: &str = "NoDestinations";
+    pub const DESTINATIONS_FAILED: &str = "DestinationsFailed";
+    pub const RELAY_CONNECTED: &str = "RelayConnected";
+    pub const RELAY_NOT_CONNECTED: &str = "RelayNotConnected";
+    pub const ENROLLED: &str = "Enrolled";
+}
+
+/// Builds a condition for `generation`. Call [`merge`] to keep the previous
+/// transition time when the status did not change.
+pub fn new(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(now()),
+    }
+}
+
+/// Returns `next` with each condition's `lastTransitionTime` carried over from
+/// `previous` where its status is unchanged, as Kubernetes conventions ask.
+pub fn merge(previous: &[Condition], mut next: Vec<Condition>) -> Vec<Condition> {
+    for c in &mut next {
+        if let Some(p) = previous.iter().find(|p| p.type_ == c.type_) {
+            if p.status == c.status {
+                c.last_transition_time = p.last_transition_time.clone();
+            }
+        }
+    }
+    next
+}
+
+/// Whether `conditions` hold `type_` with status True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}

@@ -1,0 +1,64 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{InstalledPackage, JobState};
+
+/// One enrolled endpoint. Created by the controller when an agent enrolls.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "caravan.dev",
+    version = "v1alpha1",
+    kind = "Agent",
+    namespaced,
+    status = "AgentStatus",
+    shortname = "ag",
+    category = "caravan",
+    printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.site"}"#,
+    printcolumn = r#"{"name":"Hostname","type":"string","jsonPath":".spec.hostname"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.version"}"#,
+    printcolumn = r#"{"name":"Installed","type":"integer","jsonPath":".status.installedCount"}"#,
+    printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Site the agent enrolled at.
+    pub site: String,
+    /// Stable host identity, kept in the agent's state directory.
+    pub host_id: String,
+    #[serde(default)]
+    pub hostname: String,
+    /// Agents that are not approved get no work.
+    #[serde(default = "yes")]
+    pub approved: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// Agent software version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Last report received (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(default)]
+    pub installed_count: u32,
+    #[serde(default)]
+    pub installed: Vec<InstalledPackage>,
+    /// State of each job assignment, as last reported.
+    #[serde(default)]
+    pub jobs: Vec<JobState>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

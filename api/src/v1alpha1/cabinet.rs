@@ -1,0 +1,67 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where package blobs are stored.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "caravan.dev",
+    version = "v1alpha1",
+    kind = "Cabinet",
+    namespaced,
+    status = "CabinetStatus",
+    shortname = "cab",
+    category = "caravan",
+    printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.store.type"}"#,
+    printcolumn = r#"{"name":"Packages","type":"integer","jsonPath":".status.packages"}"#,
+    printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.bytes"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CabinetSpec {
+    /// The storage backend.
+    #[serde(default)]
+    pub store: CabinetStore,
+    /// Human description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CabinetStore {
+    /// `builtin`: the controller's content-addressed store.
+    #[serde(rename = "type")]
+    pub type_: StoreType,
+}
+
+impl Default for CabinetStore {
+    fn default() -> Self {
+        Self {
+            type_: StoreType::Builtin,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreType {
+    Builtin,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CabinetStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Packages stored in this cabinet.
+    #[serde(default)]
+    pub packages: u32,
+    /// Total size of their artifacts.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

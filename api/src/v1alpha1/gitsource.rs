@@ -1,0 +1,87 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Git repository whose Caravan manifests the controller applies to the cluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "caravan.dev",
+    version = "v1alpha1",
+    kind = "GitSource",
+    namespaced,
+    status = "GitSourceStatus",
+    shortname = "gs",
+    category = "caravan",
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.url"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.lastAppliedRevision"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSourceSpec {
+    /// Repository URL (`https://`, `ssh://`, `file://` or a local path).
+    pub url: String,
+    /// Branch to follow. Ignored when `commit` is set.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// Pin to one commit instead of following a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Directory inside the repository holding the manifests.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// How often to fetch, in seconds.
+    #[serde(default = "default_interval")]
+    pub interval_seconds: u32,
+    /// Delete objects this source applied earlier that are no longer in Git.
+    #[serde(default = "default_true")]
+    pub prune: bool,
+    /// Stop syncing without deleting anything.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+fn default_path() -> String {
+    ".".into()
+}
+fn default_interval() -> u32 {
+    60
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSourceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Commit whose manifests are applied now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_revision: Option<String>,
+    /// Last commit fetched, applied or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_revision: Option<String>,
+    /// Number of objects applied from the last good revision.
+    #[serde(default)]
+    pub applied_objects: u32,
+    /// Problems found in the last attempted revision, one per file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ManifestError>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// A manifest problem that kept a revision from being applied.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ManifestError {
+    /// Path of the file relative to the repository root.
+    pub file: String,
+    /// What is wrong, with line and column when known.
+    pub message: String,
+}

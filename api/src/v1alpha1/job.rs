@@ -1,0 +1,145 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which packages go to which destinations, and what to do with them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "caravan.dev",
+    version = "v1alpha1",
+    kind = "DistributionJob",
+    namespaced,
+    status = "DistributionJobStatus",
+    shortname = "dj",
+    category = "caravan",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Succeeded","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributionJobSpec {
+    /// Packages the job acts on.
+    pub packages: Vec<PackageRef>,
+    /// `install` (default) or `uninstall`.
+    #[serde(default)]
+    pub action: JobAction,
+    /// Where the packages go.
+    pub destinations: Destinations,
+    /// Stop handing the job to agents (what is installed stays).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// A package by name, at one version or (without `version`) the highest one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct PackageRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum JobAction {
+    #[default]
+    Install,
+    Uninstall,
+}
+
+/// Destinations are the union of the agents of the listed sites (optionally
+/// with every site below them: an "all lower clients" job), the agents
+/// matching `agentSelector`, and the agents named in `agents`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Destinations {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteDestination>,
+    /// Agents whose labels match all of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_selector: Option<BTreeMap<String, String>>,
+    /// Agents by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteDestination {
+    pub name: String,
+    /// Also every site below this one, recursively.
+    #[serde(default)]
+    pub include_lower: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum JobPhase {
+    #[default]
+    Pending,
+    Progressing,
+    Succeeded,
+    Failed,
+    Suspended,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributionJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: JobPhase,
+    /// `succeeded/total`, for `kubectl get`.
+    #[serde(default)]
+    pub progress: String,
+    #[serde(default)]
+    pub total: u32,
+    #[serde(default)]
+    pub succeeded: u32,
+    #[serde(default)]
+    pub failed: u32,
+    #[serde(default)]
+    pub pending: u32,
+    /// Per-site rollup, by site name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteRollup>,
+    /// Destinations that failed and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<DestinationFailure>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SiteRollup {
+    pub site: String,
+    pub total: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub pending: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct DestinationFailure {
+    pub agent: String,
+    pub site: String,
+    pub package: String,
+    pub reason: String,
+}

@@ -1,0 +1,80 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::SecretKeyRef;
+
+/// A location with its own relay; agents enroll at a site.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "caravan.dev",
+    version = "v1alpha1",
+    kind = "Site",
+    namespaced,
+    status = "SiteStatus",
+    shortname = "site",
+    category = "caravan",
+    printcolumn = r#"{"name":"Parent","type":"string","jsonPath":".spec.parent"}"#,
+    printcolumn = r#"{"name":"Relay","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.agents"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteSpec {
+    /// The site above this one, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub relay: RelaySpec,
+    #[serde(default)]
+    pub enrollment: EnrollmentSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySpec {
+    #[serde(default = "one")]
+    pub replicas: i32,
+    /// Relay image; the controller's default when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Default for RelaySpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            image: None,
+        }
+    }
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentSpec {
+    /// Secret key holding the bootstrap token agents present to enroll. When
+    /// unset the controller generates one in the `<site>-relay` Secret under
+    /// `bootstrap-token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token_secret: Option<SecretKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Agents enrolled at this site.
+    #[serde(default)]
+    pub agents: u32,
+    /// When the relay last talked to the controller (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_last_seen: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

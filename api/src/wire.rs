@@ -1,0 +1,149 @@
+//! Wire types of the distribution API (JSON over HTTP).
+//!
+//! Controller ⇄ relay:
+//! - `GET  /v1/site/desired` (relay token): [`SiteDesired`], long-poll with `If-None-Match`.
+//! - `POST /v1/site/enroll` (relay token): [`EnrollRequest`] → [`EnrollForward`].
+//! - `POST /v1/site/reports` (relay token): `Vec<AgentReport>`.
+//! - `GET  /v1/blobs/sha256:<hex>` (relay token): blob bytes, `Range` supported.
+//! - `PUT  /v1/blobs/sha256:<hex>` (upload token): store a blob; the digest is verified.
+//!
+//! Relay ⇄ agent:
+//! - `POST /v1/enroll` (site bootstrap token): [`EnrollRequest`] → [`EnrollResponse`].
+//! - `GET  /v1/desired` (agent token): [`AgentDesired`], long-poll with `If-None-Match`.
+//! - `GET  /v1/blobs/sha256:<hex>` (agent token): only blobs assigned to the agent.
+//! - `POST /v1/report` (agent token): [`AgentReport`].
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::{InstallSpec, JobAction};
+
+/// Query parameter: how long a long-poll may wait, in seconds.
+pub const WAIT_PARAM: &str = "wait";
+/// Longest wait a server grants.
+pub const MAX_WAIT_SECONDS: u64 = 300;
+
+/// One package an agent must have installed (or removed) for one job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// `<namespace>/<job name>`.
+    pub job: String,
+    pub action: JobAction,
+    pub package: String,
+    pub version: String,
+    /// `sha256:<hex>` of the artifact.
+    pub digest: String,
+    pub size: u64,
+    pub install: InstallSpec,
+}
+
+/// Everything assigned to one agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentDesired {
+    pub agent: String,
+    pub assignments: Vec<Assignment>,
+}
+
+/// Everything assigned to the agents of one site, keyed by agent name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteDesired {
+    pub site: String,
+    pub agents: BTreeMap<String, Vec<Assignment>>,
+}
+
+impl SiteDesired {
+    /// Every blob digest the site's agents need.
+    pub fn digests(&self) -> impl Iterator<Item = &str> {
+        self.agents.values().flatten().map(|a| a.digest.as_str())
+    }
+}
+
+/// What an agent says about itself when it enrolls.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub host_id: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub version: String,
+}
+
+/// The controller's answer to an enrollment the relay passed on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollForward {
+    /// Name of the Agent object (new or existing for this host ID).
+    pub agent: String,
+}
+
+/// The relay's answer to an agent's enrollment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub agent: String,
+    /// Credential for every later request (`Authorization: Bearer`).
+    pub token: String,
+}
+
+/// A package the agent has installed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstalledPackage {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum AssignmentPhase {
+    Pending,
+    Downloading,
+    Installing,
+    Removing,
+    Succeeded,
+    Failed,
+}
+
+/// Where one assignment stands on one agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobState {
+    /// `<namespace>/<job name>`.
+    pub job: String,
+    pub package: String,
+    /// Digest of the artifact this state is about; state for another digest
+    /// (an older version) does not count for the job.
+    pub digest: String,
+    pub action: JobAction,
+    pub phase: AssignmentPhase,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// RFC 3339 time of the last transition.
+    pub time: String,
+}
+
+/// An agent's full state, sent at every transition. The latest one wins.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    /// Filled in by the relay from the agent's credential.
+    #[serde(default)]
+    pub agent: String,
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    pub installed: Vec<InstalledPackage>,
+    pub jobs: Vec<JobState>,
+}
+
+/// Error body of every Caravan HTTP API.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,103 @@
+//! State shared by every part of the controller.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use kube::runtime::events::Reporter;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    engine::{DesiredIndex, Readers, Writers},
+    store::BlobStore,
+    tokens::Keys,
+    Config,
+};
+
+/// A site is named by `(namespace, name)`.
+pub type SiteKey = (String, String);
+
+pub struct Context {
+    pub client: kube::Client,
+    pub config: Config,
+    pub keys: Keys,
+    pub blobs: BlobStore,
+    pub reporter: Reporter,
+    /// Caches of the objects the engine watches; filled by [`crate::engine::run`].
+    pub stores: Readers,
+    pub(crate) writers: Mutex<Option<Writers>>,
+    /// Every site's desired state; replaced as a whole on each change.
+    pub desired: watch::Sender<Arc<DesiredIndex>>,
+    /// When each site's relay last talked to us.
+    pub relay_seen: Mutex<HashMap<SiteKey, chrono::DateTime<chrono::Utc>>>,
+    /// Asks the Site reconciler to look at a site again (relay connected).
+    pub site_trigger: mpsc::UnboundedSender<SiteKey>,
+    pub site_trigger_rx: Mutex<Option<mpsc::UnboundedReceiver<SiteKey>>>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, config: Config) -> crate::error::Result<Self> {
+        let keys = Keys::load_or_create(&config.data_dir.join("token.key"))?;
+        let blobs = BlobStore::new(config.data_dir.join("blobs"));
+        let (writers, stores) = crate::engine::stores();
+        let (site_trigger, rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            client,
+            keys,
+            blobs,
+            reporter: Reporter {
+                controller: "caravan-controller".into(),
+                instance: None,
+            },
+            stores,
+            writers: Mutex::new(Some(writers)),
+            desired: watch::channel(Arc::new(DesiredIndex::default())).0,
+            relay_seen: Mutex::new(HashMap::new()),
+            site_trigger,
+            site_trigger_rx: Mutex::new(Some(rx)),
+            config,
+        })
+    }
+
+    /// Records that a site's relay talked to us; the first contact (or the
+    /// first after a silence) makes the Site reconciler mark the relay ready.
+    pub fn relay_contact(&self, site: &SiteKey) {
+        let now = chrono::Utc::now();
+        let previous = self
+            .relay_seen
+            .lock()
+            .expect("lock poisoned")
+            .insert(site.clone(), now);
+        let stale = previous.is_none_or(|t| {
+            now - t > chrono::Duration::seconds(crate::reconcile::site::RELAY_STALE_SECONDS / 2)
+        });
+        if stale {
+            let _ = self.site_trigger.send(site.clone());
+        }
+    }
+
+    /// When the relay of `site` last talked to us.
+    pub fn relay_last_seen(&self, site: &SiteKey) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.relay_seen
+            .lock()
+            .expect("lock poisoned")
+            .get(site)
+            .copied()
+    }
+
+    /// The Kubernetes API for `K`, limited to the configured namespace if any.
+    pub fn all<K>(&self) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match &self.config.namespace {
+            Some(ns) => kube::Api::namespaced(self.client.clone(), ns),
+            None => kube::Api::all(self.client.clone()),
+        }
+    }
+}

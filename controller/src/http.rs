@@ -1,0 +1,377 @@
+//! The distribution API relays and the CLI talk to (see `caravan_api::wire`).
+//! Relays authenticate with their site's relay token; blob uploads with the
+//! upload token. Every error is JSON `{"error": "..."}` naming the problem.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{FromRequestParts, Path, Query, Request, State},
+    http::{header, request::Parts, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use caravan_api::{
+    labels,
+    v1alpha1::{sha256_hex, Agent, AgentStatus},
+    wire::{AgentReport, EnrollForward, EnrollRequest, ErrorBody, MAX_WAIT_SECONDS},
+    API_VERSION, FIELD_MANAGER,
+};
+use kube::{
+    api::{ListParams, Patch, PatchParams, PostParams},
+    Api, ResourceExt,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use crate::context::{Context, SiteKey};
+
+/// Field manager of Agent status written from reports.
+const REPORT_MANAGER: &str = "caravan-reports";
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/v1/site/desired", get(site_desired))
+        .route("/v1/site/enroll", post(enroll))
+        .route("/v1/site/reports", post(reports))
+        .route("/v1/blobs/{digest}", get(get_blob).put(put_blob))
+        .with_state(ctx)
+}
+
+/// An API error: status code and message.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(code: StatusCode, msg: impl Into<String>) -> Self {
+        Self(code, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        tracing::warn!(error = %e, "kubernetes API call failed");
+        Self::new(StatusCode::BAD_GATEWAY, format!("kubernetes API: {e}"))
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// A request authenticated by a relay token: the site it speaks for.
+pub struct RelaySite(pub SiteKey);
+
+impl FromRequestParts<Arc<Context>> for RelaySite {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Context>) -> Result<Self, ApiError> {
+        let token = bearer(parts)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let site = ctx
+            .keys
+            .verify_relay_token(token)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid relay token"))?;
+        ctx.relay_contact(&site);
+        Ok(Self(site))
+    }
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<u64>,
+}
+
+/// Long-poll: answers at once when the site's state differs from the
+/// `If-None-Match` revision, else when it changes, else 304 after `wait` seconds.
+async fn site_desired(
+    State(ctx): State<Arc<Context>>,
+    RelaySite(site): RelaySite,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let mut rx = ctx.desired.subscribe();
+    loop {
+        let entry = rx.borrow_and_update().sites.get(&site).cloned();
+        match entry {
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("site {}/{} does not exist", site.0, site.1),
+                ))
+            }
+            Some(e) if known.as_deref() != Some(e.etag.as_str()) => {
+                return Ok((
+                    [
+                        (header::ETAG, e.etag.clone()),
+                        (header::CONTENT_TYPE, "application/json".into()),
+                    ],
+                    e.body.clone(),
+                )
+                    .into_response());
+            }
+            Some(e) => {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, e.etag.clone())])
+                        .into_response());
+                }
+                ctx.relay_contact(&site);
+            }
+        }
+    }
+}
+
+/// Finds or creates the Agent for a host ID at the relay's site.
+async fn enroll(
+    State(ctx): State<Arc<Context>>,
+    RelaySite((ns, site)): RelaySite,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Json<EnrollForward>, ApiError> {
+    let host_id = valid_host_id(&req.host_id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "hostId must be 8 to 63 characters of [a-z0-9-]",
+        )
+    })?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = api
+        .list(&ListParams::default().labels(&format!("{}={host_id}", labels::HOST_ID)))
+        .await?;
+    let name = match existing.items.first() {
+        Some(agent) => {
+            if agent.spec.site != site {
+                tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
+                let patch = serde_json::json!({ "spec": { "site": site } });
+                api.patch(
+                    &agent.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+            }
+            agent.name_any()
+        }
+        None => {
+            let name = agent_name(&req.hostname, host_id);
+            let agent: Agent = serde_json::from_value(serde_json::json!({
+                "apiVersion": API_VERSION,
+                "kind": "Agent",
+                "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
+                "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": true },
+            }))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            match api.create(&PostParams::default(), &agent).await {
+                Ok(_) => tracing::info!(agent = %name, %site, "agent enrolled"),
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            name
+        }
+    };
+    let _ = ctx.site_trigger.send((ns, site));
+    Ok(Json(EnrollForward { agent: name }))
+}
+
+fn valid_host_id(id: &str) -> Option<&str> {
+    (8..=63).contains(&id.len()).then_some(id).filter(|id| {
+        id.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    })
+}
+
+/// `<sanitized hostname>-<first 8 of host ID>`: readable and stable.
+fn agent_name(hostname: &str, host_id: &str) -> String {
+    let mut base: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    base.truncate(40);
+    let base = base.trim_matches('-');
+    let short: String = host_id.chars().filter(|c| *c != '-').take(8).collect();
+    if base.is_empty() {
+        format!("agent-{short}")
+    } else {
+        format!("{base}-{short}")
+    }
+}
+
+/// Writes each reporting agent's status. Reports for agents of other sites are refused.
+async fn reports(
+    State(ctx): State<Arc<Context>>,
+    RelaySite((ns, site)): RelaySite,
+    Json(reports): Json<Vec<AgentReport>>,
+) -> Result<StatusCode, ApiError> {
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    for report in reports {
+        let agent = ctx
+            .stores
+            .agents
+            .state()
+            .into_iter()
+            .find(|a| a.namespace().as_deref() == Some(&ns) && a.name_any() == report.agent);
+        let Some(agent) = agent else {
+            tracing::warn!(agent = %report.agent, %site, "report for unknown agent dropped");
+            continue;
+        };
+        if agent.spec.site != site {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("agent {} does not belong to site {site}", report.agent),
+            ));
+        }
+        let status = AgentStatus {
+            version: Some(report.version),
+            os: Some(report.os),
+            arch: Some(report.arch),
+            last_seen: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            installed_count: report.installed.len() as u32,
+            installed: report.installed,
+            jobs: report.jobs,
+            conditions: vec![],
+        };
+        let patch =
+            serde_json::json!({ "apiVersion": API_VERSION, "kind": "Agent", "status": status });
+        api.patch_status(
+            &report.agent,
+            &PatchParams::apply(REPORT_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    let _ = FIELD_MANAGER;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn digest_hex(digest: &str) -> Result<&str, ApiError> {
+    sha256_hex(digest).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{digest:?} is not sha256:<64 hex digits>"),
+        )
+    })
+}
+
+/// Serves a blob from the store; `Range` and `If-Range` are honoured.
+async fn get_blob(
+    State(ctx): State<Arc<Context>>,
+    RelaySite(_site): RelaySite,
+    Path(digest): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let hex = digest_hex(&digest)?;
+    let path = ctx.blobs.path(hex);
+    if ctx.blobs.size(hex).await.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("blob {digest} is not in the store"),
+        ));
+    }
+    let mut res = tower_http::services::ServeFile::new(path)
+        .oneshot(req)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Body::new);
+    // Content-addressed: the digest is the strongest validator there is.
+    res.headers_mut().insert(
+        header::ETAG,
+        format!("\"{hex}\"")
+            .parse()
+            .expect("hex is a valid header value"),
+    );
+    Ok(res)
+}
+
+/// Stores an uploaded blob; refused unless its bytes hash to the digest in the path.
+async fn put_blob(
+    State(ctx): State<Arc<Context>>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let expected = ctx.config.upload_token.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "uploads are disabled: the controller has no upload token",
+        )
+    })?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compare digests, so the comparison takes the same time wherever they differ.
+    if Sha256::digest(given.as_bytes()) != Sha256::digest(expected.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid upload token",
+        ));
+    }
+    let hex = digest_hex(&digest)?.to_string();
+    if let Some(size) = ctx.blobs.size(&hex).await {
+        return Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({ "digest": digest, "size": size, "existed": true })),
+        )
+            .into_response());
+    }
+    match ctx.blobs.put(&hex, body.into_data_stream()).await {
+        Ok(size) => {
+            tracing::info!(%digest, size, "blob stored");
+            Ok((
+                StatusCode::CREATED,
+                Json(serde_json::json!({ "digest": digest, "size": size, "existed": false })),
+            )
+                .into_response())
+        }
+        Err(e @ crate::store::StoreError::DigestMismatch { .. }) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Err(e @ crate::store::StoreError::Body(_)) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names_are_readable_and_valid() {
+        assert_eq!(
+            agent_name("Kiosk_07.example.com", "3f2a9c1e-0000"),
+            "kiosk-07-example-com-3f2a9c1e"
+        );
+        assert_eq!(agent_name("", "abcdef0123"), "agent-abcdef01");
+        assert!(valid_host_id("0123456789abcdef").is_some());
+        assert!(valid_host_id("../../etc").is_none());
+    }
+}

@@ -1,0 +1,10 @@
+//! `caravan-controller`: wiring only; see the library for the parts.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = caravan_controller::Config::parse();
+    caravan_controller::telemetry::init(config.log_json);
+    caravan_controller::run(config).await
+}

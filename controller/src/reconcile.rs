@@ -1,0 +1,3 @@
+//! Reconcilers that turn custom resources into other cluster objects.
+
+pub mod site;
