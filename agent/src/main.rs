@@ -1,1 +1,16 @@
-fn main() {}
+//! `caravan-agent`: wiring only; see the library.
+
+use clap::Parser;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = caravan_agent::Cli::parse();
+    caravan_agent::init_logging();
+    match caravan_agent::main(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("caravan-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,168 @@
-fn main() {}
+//! `caravan`: the operator's command line.
+
+mod pack;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use caravan_api::v1alpha1::{Artifact, InstallSpec, Package, PackageSpec};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "caravan",
+    version,
+    about = "Caravan: GitOps software distribution"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and publish packages.
+    #[command(subcommand)]
+    Package(PackageCommand),
+}
+
+#[derive(clap::Args, Clone)]
+struct BuildArgs {
+    /// Directory whose contents become the package.
+    dir: PathBuf,
+    /// Package name.
+    #[arg(long)]
+    name: String,
+    /// Package version.
+    #[arg(long)]
+    version: String,
+    /// Cabinet the package belongs to.
+    #[arg(long, default_value = "main")]
+    cabinet: String,
+    /// Directory (in your Git working tree) to write the Package manifest into.
+    #[arg(long, default_value = ".")]
+    manifest_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum PackageCommand {
+    /// Pack DIR into `<name>-<version>.tar.zst` and write its Package manifest.
+    Build {
+        #[command(flatten)]
+        args: BuildArgs,
+        /// Where to write the archive (default: `<name>-<version>.tar.zst` here).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Build DIR, upload it to the cabinet store and write its Package manifest.
+    Push {
+        #[command(flatten)]
+        args: BuildArgs,
+        /// The controller's distribution API.
+        #[arg(long, env = "CARAVAN_SERVER")]
+        server: String,
+        /// Upload token of the controller.
+        #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("caravan: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Package(PackageCommand::Build { args, out }) => {
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!("{}-{}.tar.zst", args.name, args.version))
+            });
+            let artifact = build(&args, &out)?;
+            println!(
+                "built {} ({}, {} bytes)",
+                out.display(),
+                artifact.digest,
+                artifact.size
+            );
+            Ok(())
+        }
+        Command::Package(PackageCommand::Push {
+            args,
+            server,
+            token,
+        }) => {
+            let tmp = tempfile::NamedTempFile::new()?;
+            let artifact = build(&args, tmp.path())?;
+            upload(&server, &token, &artifact, tmp.path()).await?;
+            println!(
+                "pushed {} {} to cabinet {} ({}, {} bytes)",
+                args.name, args.version, args.cabinet, artifact.digest, artifact.size
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Packs the directory and writes the manifest next to the other manifests.
+fn build(args: &BuildArgs, out: &Path) -> anyhow::Result<Artifact> {
+    let artifact =
+        pack::pack(&args.dir, out).with_context(|| format!("packing {}", args.dir.display()))?;
+    let manifest = manifest(args, &artifact);
+    std::fs::create_dir_all(&args.manifest_dir)?;
+    let path = args
+        .manifest_dir
+        .join(format!("{}-{}.yaml", args.name, args.version));
+    std::fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(artifact)
+}
+
+fn manifest(args: &BuildArgs, artifact: &Artifact) -> String {
+    let pkg = Package::new(
+        &format!("{}-{}", args.name, args.version).to_ascii_lowercase(),
+        PackageSpec {
+            cabinet: args.cabinet.clone(),
+            name: args.name.clone(),
+            version: args.version.clone(),
+            artifact: artifact.clone(),
+            install: InstallSpec::default(),
+            description: None,
+        },
+    );
+    serde_yaml_ng::to_string(&pkg).expect("a Package serializes")
+}
+
+/// Streams the archive to the controller's store.
+async fn upload(server: &str, token: &str, artifact: &Artifact, file: &Path) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/v1/blobs/{}",
+        server.trim_end_matches('/'),
+        artifact.digest
+    );
+    let f = tokio::fs::File::open(file).await?;
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+    let res = reqwest::Client::new()
+        .put(&url)
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_LENGTH, artifact.size)
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("uploading to {url}"))?;
+    if !res.status().is_success() {
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<caravan_api::wire::ErrorBody>(&text)
+            .map(|e| e.error)
+            .unwrap_or(text);
+        anyhow::bail!("upload to {url} failed: {status}: {msg}");
+    }
+    Ok(())
+}

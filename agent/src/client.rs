@@ -1,0 +1,226 @@
+//! The agent's client of its relay.
+
+use std::{path::Path, time::Duration};
+
+use caravan_api::wire::{AgentDesired, AgentReport, EnrollRequest, EnrollResponse, ErrorBody};
+use futures::StreamExt;
+use reqwest::{header, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("relay refused the credentials: {0}")]
+    Unauthorized(String),
+    #[error("{url}: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("relay answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("digest mismatch: downloaded bytes have sha256:{actual}, expected sha256:{expected}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("size mismatch: downloaded {actual} bytes, expected {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: None,
+        })
+    }
+
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let res = req.send().await.map_err(|source| ClientError::Request {
+            url: url.to_string(),
+            source,
+        })?;
+        let status = res.status();
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            return Ok(res);
+        }
+        let body = res.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or(body);
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ClientError::Unauthorized(message));
+        }
+        Err(ClientError::Status { status, message })
+    }
+
+    pub async fn enroll(
+        &self,
+        bootstrap_token: &str,
+        req: &EnrollRequest,
+    ) -> Result<EnrollResponse, ClientError> {
+        let url = format!("{}/v1/enroll", self.base);
+        let res = self
+            .send(
+                self.http
+                    .post(&url)
+                    .bearer_auth(bootstrap_token)
+                    .json(req)
+                    .timeout(Duration::from_secs(60)),
+                &url,
+            )
+            .await?;
+        res.json()
+            .await
+            .map_err(|source| ClientError::Request { url, source })
+    }
+
+    /// Long-polls the agent's desired state; `Ok(None)` when unchanged.
+    pub async fn desired(
+        &self,
+        etag: Option<&str>,
+        wait: u64,
+    ) -> Result<Option<(String, AgentDesired)>, ClientError> {
+        let url = format!("{}/v1/desired?wait={wait}", self.base);
+        let mut req = self.http.get(&url).timeout(Duration::from_secs(wait + 30));
+        if let Some(e) = etag {
+            req = req.header(header::IF_NONE_MATCH, e);
+        }
+        let res = self.send(req, &url).await?;
+        if res.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let etag = res
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let desired = res
+            .json()
+            .await
+            .map_err(|source| ClientError::Request { url, source })?;
+        Ok(Some((etag, desired)))
+    }
+
+    pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {
+        let url = format!("{}/v1/report", self.base);
+        self.send(
+            self.http
+                .post(&url)
+                .json(report)
+                .timeout(Duration::from_secs(30)),
+            &url,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Downloads blob `hex` to `partial`, resuming what is there, and verifies
+    /// size and sha256. The file is deleted when verification fails.
+    pub async fn download(&self, hex: &str, size: u64, partial: &Path) -> Result<(), ClientError> {
+        let io = |source| ClientError::Io {
+            path: partial.display().to_string(),
+            source,
+        };
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        if let Ok(mut f) = tokio::fs::File::open(partial).await {
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let n = f.read(&mut buf).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+        }
+        if offset < size || size == 0 {
+            let url = format!("{}/v1/blobs/sha256:{hex}", self.base);
+            let mut req = self.http.get(&url);
+            if offset > 0 {
+                // If-Range: resume only if it is still the same blob.
+                req = req
+                    .header(header::RANGE, format!("bytes={offset}-"))
+                    .header(header::IF_RANGE, format!("\"{hex}\""));
+            }
+            let res = self.send(req, &url).await?;
+            let resumed = res.status() == StatusCode::PARTIAL_CONTENT;
+            if !resumed {
+                hasher = Sha256::new();
+                offset = 0;
+            }
+            let mut file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(resumed)
+                .truncate(!resumed)
+                .open(partial)
+                .await
+                .map_err(io)?;
+            let mut body = res.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|source| ClientError::Request {
+                    url: url.clone(),
+                    source,
+                })?;
+                offset += chunk.len() as u64;
+                if offset > size {
+                    break;
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(io)?;
+            }
+            file.sync_all().await.map_err(io)?;
+        }
+        let result = if offset != size {
+            Err(ClientError::SizeMismatch {
+                expected: size,
+                actual: offset,
+            })
+        } else {
+            let actual = hex::encode(hasher.finalize());
+            if actual == hex {
+                Ok(())
+            } else {
+                Err(ClientError::DigestMismatch {
+                    expected: hex.to_string(),
+                    actual,
+                })
+            }
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(partial).await;
+        }
+        result
+    }
+}

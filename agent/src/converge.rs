@@ -1,0 +1,386 @@
+//! Convergence: compare the desired assignments with what is installed, then
+//! download, verify, install or remove, reporting every transition.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use caravan_api::{
+    v1alpha1::{sha256_hex, JobAction},
+    wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, EnrollRequest, JobState},
+};
+
+use crate::{
+    archive,
+    client::Client,
+    state::{Credentials, InstalledRecord, StateDir},
+    RunArgs,
+};
+
+/// Key of one assignment's state: job, package and digest.
+type Key = (String, String, String);
+
+fn key(a: &Assignment) -> Key {
+    (a.job.clone(), a.package.clone(), a.digest.clone())
+}
+
+pub struct Agent {
+    pub client: Client,
+    args: RunArgs,
+    state: StateDir,
+    desired: AgentDesired,
+    /// Current state of each assignment.
+    jobs: HashMap<Key, JobState>,
+    /// When each failed assignment may be tried again.
+    retry_at: HashMap<Key, Instant>,
+}
+
+impl Agent {
+    pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
+        let client = Client::new(&args.server)?;
+        Ok(Self {
+            client,
+            args,
+            state,
+            desired: AgentDesired::default(),
+            jobs: HashMap::new(),
+            retry_at: HashMap::new(),
+        })
+    }
+
+    /// Enrolls with the relay unless this state directory already holds credentials for it.
+    pub async fn ensure_enrolled(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.state.credentials()? {
+            if c.server == self.args.server {
+                self.client.set_token(Some(c.token));
+                return Ok(());
+            }
+        }
+        let token = self
+            .args
+            .bootstrap_token
+            .clone()
+            .context("not enrolled yet: a bootstrap token is needed (--bootstrap-token or CARAVAN_BOOTSTRAP_TOKEN)")?;
+        let req = EnrollRequest {
+            host_id: self.state.host_id()?,
+            hostname: self.args.hostname.clone().unwrap_or_else(system_hostname),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let mut backoff = Duration::from_secs(1);
+        let res = loop {
+            match self.client.enroll(&token, &req).await {
+                Ok(r) => break r,
+                Err(e @ crate::client::ClientError::Unauthorized(_)) => {
+                    return Err(e).context("enrollment refused")
+                }
+                Err(e) if self.args.once => return Err(e).context("enrolling"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "enrollment failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        };
+        tracing::info!(agent = %res.agent, "enrolled");
+        self.state.set_credentials(Some(&Credentials {
+            server: self.args.server.clone(),
+            agent: res.agent,
+            token: res.token.clone(),
+        }))?;
+        self.client.set_token(Some(res.token));
+        Ok(())
+    }
+
+    pub fn forget_credentials(&mut self) -> anyhow::Result<()> {
+        self.client.set_token(None);
+        self.state.set_credentials(None)
+    }
+
+    pub fn set_desired(&mut self, desired: AgentDesired) {
+        let current: std::collections::HashSet<Key> = desired.assignments.iter().map(key).collect();
+        self.jobs.retain(|k, _| current.contains(k));
+        self.retry_at.retain(|k, _| current.contains(k));
+        self.desired = desired;
+    }
+
+    /// How long the next poll may wait: no longer than the next retry is due.
+    pub fn next_wait(&self, max: u64) -> u64 {
+        let now = Instant::now();
+        self.retry_at
+            .values()
+            .map(|t| t.saturating_duration_since(now).as_secs() + 1)
+            .min()
+            .unwrap_or(max)
+            .min(max)
+    }
+
+    /// One pass over the desired state. Returns whether nothing failed.
+    pub async fn converge(&mut self) -> bool {
+        let mut installed = match self.state.installed() {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the installed-package record");
+                return false;
+            }
+        };
+        let assignments = self.desired.assignments.clone();
+        let mut ok = true;
+        let mut touched = false;
+        // One install per package: the first job (in job order) wins.
+        let mut wanted: BTreeMap<&str, &Assignment> = BTreeMap::new();
+        for a in assignments
+            .iter()
+            .filter(|a| a.action == JobAction::Install)
+        {
+            wanted.entry(a.package.as_str()).or_insert(a);
+        }
+        for a in &assignments {
+            let k = key(a);
+            if self.retry_at.get(&k).is_some_and(|t| Instant::now() < *t) {
+                ok = false;
+                continue;
+            }
+            let done = match a.action {
+                JobAction::Install => installed
+                    .get(&a.package)
+                    .is_some_and(|r| r.digest == a.digest),
+                JobAction::Uninstall => {
+                    !installed.contains_key(&a.package) && !wanted.contains_key(a.package.as_str())
+                }
+            };
+            if done {
+                if self.jobs.get(&k).map(|s| s.phase) != Some(AssignmentPhase::Succeeded) {
+                    self.set_phase(a, AssignmentPhase::Succeeded, "");
+                    touched = true;
+                }
+                continue;
+            }
+            if let Some(w) = wanted.get(a.package.as_str()).filter(|w| w.job != a.job) {
+                // Another job installs this package: an install waits its turn,
+                // an uninstall cannot win.
+                if a.action == JobAction::Uninstall
+                    && self.jobs.get(&k).map(|s| s.phase) != Some(AssignmentPhase::Failed)
+                {
+                    let msg = format!("package {} is installed by job {}", a.package, w.job);
+                    self.set_phase(a, AssignmentPhase::Failed, &msg);
+                    touched = true;
+                }
+                continue;
+            }
+            touched = true;
+            let result = match a.action {
+                JobAction::Install => self.install(a, &mut installed).await,
+                JobAction::Uninstall => self.uninstall(&a.package, &mut installed).await,
+            };
+            match result {
+                Ok(()) => {
+                    self.retry_at.remove(&k);
+                    self.set_phase(a, AssignmentPhase::Succeeded, "");
+                }
+                Err(e) => {
+                    ok = false;
+                    let msg = format!("{e:#}");
+                    tracing::warn!(job = %a.job, package = %a.package, error = %msg, "assignment failed");
+                    self.retry_at.insert(
+                        k,
+                        Instant::now() + Duration::from_secs(self.args.retry_after),
+                    );
+                    self.set_phase(a, AssignmentPhase::Failed, &msg);
+                }
+            }
+            self.report(&installed).await;
+        }
+        // Remove what no job wants any more.
+        let stale: Vec<String> = installed
+            .keys()
+            .filter(|p| !wanted.contains_key(p.as_str()))
+            .cloned()
+            .collect();
+        for package in stale {
+            touched = true;
+            tracing::info!(%package, "removing package no longer desired");
+            if let Err(e) = self.uninstall(&package, &mut installed).await {
+                ok = false;
+                tracing::warn!(%package, error = %format!("{e:#}"), "removal failed");
+            }
+        }
+        if touched {
+            self.report(&installed).await;
+        }
+        ok
+    }
+
+    fn set_phase(&mut self, a: &Assignment, phase: AssignmentPhase, message: &str) {
+        self.jobs.insert(
+            key(a),
+            JobState {
+                job: a.job.clone(),
+                package: a.package.clone(),
+                digest: a.digest.clone(),
+                action: a.action,
+                phase,
+                message: message.to_string(),
+                time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            },
+        );
+    }
+
+    async fn transition(
+        &mut self,
+        a: &Assignment,
+        phase: AssignmentPhase,
+        installed: &BTreeMap<String, InstalledRecord>,
+    ) {
+        self.set_phase(a, phase, "");
+        self.report(installed).await;
+    }
+
+    async fn install(
+        &mut self,
+        a: &Assignment,
+        installed: &mut BTreeMap<String, InstalledRecord>,
+    ) -> anyhow::Result<()> {
+        check_package_name(&a.package)?;
+        let hex = sha256_hex(&a.digest)
+            .with_context(|| format!("package {}: invalid digest {:?}", a.package, a.digest))?;
+        self.transition(a, AssignmentPhase::Downloading, installed)
+            .await;
+        let partial = self.state.downloads().join(format!("{hex}.part"));
+        self.client
+            .download(hex, a.size, &partial)
+            .await
+            .with_context(|| format!("package {} {} ({})", a.package, a.version, a.digest))?;
+        self.transition(a, AssignmentPhase::Installing, installed)
+            .await;
+        let root = self.args.install_root.clone();
+        let package = a.package.clone();
+        let blob = partial.clone();
+        tokio::task::spawn_blocking(move || install_archive(&blob, &root, &package))
+            .await
+            .context("install task")?
+            .with_context(|| format!("installing package {} {}", a.package, a.version))?;
+        let _ = std::fs::remove_file(&partial);
+        installed.insert(
+            a.package.clone(),
+            InstalledRecord {
+                name: a.package.clone(),
+                version: a.version.clone(),
+                digest: a.digest.clone(),
+                job: a.job.clone(),
+            },
+        );
+        self.state.set_installed(installed)?;
+        tracing::info!(package = %a.package, version = %a.version, "installed");
+        Ok(())
+    }
+
+    async fn uninstall(
+        &mut self,
+        package: &str,
+        installed: &mut BTreeMap<String, InstalledRecord>,
+    ) -> anyhow::Result<()> {
+        check_package_name(package)?;
+        if installed.contains_key(package) {
+            let root = self.args.install_root.clone();
+            let p = package.to_string();
+            tokio::task::spawn_blocking(move || remove_package(&root, &p))
+                .await
+                .context("remove task")??;
+            installed.remove(package);
+            self.state.set_installed(installed)?;
+            tracing::info!(%package, "removed");
+        }
+        Ok(())
+    }
+
+    async fn report(&mut self, installed: &BTreeMap<String, InstalledRecord>) {
+        let mut jobs: Vec<JobState> = self.jobs.values().cloned().collect();
+        jobs.sort_by(|a, b| (&a.job, &a.package).cmp(&(&b.job, &b.package)));
+        let report = AgentReport {
+            agent: String::new(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            installed: installed.values().map(Into::into).collect(),
+            jobs,
+        };
+        if let Err(e) = self.state.set_last_report(&report) {
+            tracing::warn!(error = %e, "cannot save the last report");
+        }
+        if let Err(e) = self.client.report(&report).await {
+            // The next transition or poll sends the full state again.
+            tracing::warn!(error = %e, "report not delivered");
+        }
+    }
+}
+
+/// Package names become directory names: one plain path component.
+fn check_package_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    anyhow::ensure!(ok, "package name {name:?} is not a safe directory name");
+    Ok(())
+}
+
+/// Work directory of the agent inside the install root (same filesystem, so renames are atomic).
+fn work_dir(root: &Path) -> PathBuf {
+    root.join(".caravan")
+}
+
+/// Extracts the archive next to the live version, then swaps it in by renames.
+fn install_archive(blob: &Path, root: &Path, package: &str) -> anyhow::Result<()> {
+    let work = work_dir(root);
+    std::fs::create_dir_all(work.join("staging"))?;
+    std::fs::create_dir_all(work.join("old"))?;
+    let staging = work.join("staging").join(package);
+    let old = work.join("old").join(package);
+    for leftover in [&staging, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)?;
+        }
+    }
+    let file = std::fs::File::open(blob)?;
+    if let Err(e) = archive::extract(std::io::BufReader::new(file), &staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.into());
+    }
+    let live = root.join(package);
+    if live.exists() {
+        std::fs::rename(&live, &old)?;
+    }
+    std::fs::rename(&staging, &live)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+fn remove_package(root: &Path, package: &str) -> anyhow::Result<()> {
+    let live = root.join(package);
+    if !live.exists() {
+        return Ok(());
+    }
+    let old = work_dir(root).join("old").join(package);
+    std::fs::create_dir_all(work_dir(root).join("old"))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    std::fs::rename(&live, &old)?;
+    std::fs::remove_dir_all(&old)?;
+    Ok(())
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

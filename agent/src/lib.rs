@@ -1,0 +1,138 @@
+//! The Caravan agent: enrolls once with its site's relay, long-polls for its
+//! desired state, and converges the endpoint to it: download (resumable),
+//! verify the sha256, install into the install root, remove what is no longer
+//! desired, and report every transition. It converges at start-up, so an
+//! endpoint that was off gets its jobs when it comes back.
+
+pub mod archive;
+pub mod client;
+pub mod converge;
+pub mod state;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "caravan-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: enroll if needed, then converge forever.
+    Run(RunArgs),
+    /// Show what is installed and where each assignment stands.
+    Status {
+        #[arg(
+            long,
+            env = "CARAVAN_STATE_DIR",
+            default_value = "/var/lib/caravan-agent"
+        )]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// URL of the site's relay.
+    #[arg(long, env = "CARAVAN_SERVER")]
+    pub server: String,
+    /// The site's bootstrap token, needed only to enroll.
+    #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
+    /// Where the agent keeps its identity, records and downloads.
+    #[arg(
+        long,
+        env = "CARAVAN_STATE_DIR",
+        default_value = "/var/lib/caravan-agent"
+    )]
+    pub state_dir: PathBuf,
+    /// Where packages are installed (`<root>/<package>`).
+    #[arg(long, env = "CARAVAN_INSTALL_ROOT", default_value = "/opt/caravan")]
+    pub install_root: PathBuf,
+    /// Host name to enroll with (default: the system's).
+    #[arg(long, env = "CARAVAN_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Longest a poll waits for a change, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub poll_wait: u64,
+    /// Seconds before a failed assignment is tried again.
+    #[arg(long, default_value_t = 60)]
+    pub retry_after: u64,
+    /// Converge once and exit (non-zero if anything failed).
+    #[arg(long)]
+    pub once: bool,
+}
+
+pub fn init_logging() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Status { state_dir } => {
+            let state = state::StateDir::open(&state_dir)
+                .with_context(|| format!("opening {}", state_dir.display()))?;
+            print!("{}", state.describe()?);
+            Ok(())
+        }
+    }
+}
+
+/// Enrolls if needed, then polls and converges until stopped.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let state = state::StateDir::open(&args.state_dir)
+        .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+    let mut agent = converge::Agent::new(args.clone(), state)?;
+    agent.ensure_enrolled().await?;
+    let mut etag: Option<String> = None;
+    let mut backoff = Duration::from_secs(1);
+    // First pass at start-up: converge to the current state without waiting.
+    let mut wait = 0;
+    loop {
+        match agent.client.desired(etag.as_deref(), wait).await {
+            Ok(Some((new_etag, desired))) => {
+                etag = Some(new_etag);
+                agent.set_desired(desired);
+                let ok = agent.converge().await;
+                if args.once {
+                    return if ok {
+                        Ok(())
+                    } else {
+                        anyhow::bail!("some assignments failed; see `caravan-agent status`")
+                    };
+                }
+                backoff = Duration::from_secs(1);
+            }
+            Ok(None) => {
+                agent.converge().await;
+            }
+            Err(client::ClientError::Unauthorized(msg)) => {
+                tracing::warn!(%msg, "credentials refused; enrolling again");
+                agent.forget_credentials()?;
+                agent.ensure_enrolled().await?;
+                continue;
+            }
+            Err(e) => {
+                if args.once {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "polling the relay failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                continue;
+            }
+        }
+        wait = agent.next_wait(args.poll_wait);
+    }
+}

@@ -1,0 +1,184 @@
+//! The agent's state directory: host identity, credentials, the record of
+//! installed packages, the last report (for `caravan-agent status`) and
+//! partial downloads. Every file is replaced atomically (write, fsync, rename).
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use caravan_api::wire::{AgentReport, AssignmentPhase, InstalledPackage};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Credentials {
+    pub server: String,
+    pub agent: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("server", &self.server)
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the agent installed for one package.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InstalledRecord {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub job: String,
+}
+
+impl From<&InstalledRecord> for InstalledPackage {
+    fn from(r: &InstalledRecord) -> Self {
+        Self {
+            name: r.name.clone(),
+            version: r.version.clone(),
+            digest: r.digest.clone(),
+        }
+    }
+}
+
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) the state directory.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("downloads"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn downloads(&self) -> PathBuf {
+        self.dir.join("downloads")
+    }
+
+    /// The host's stable identity, created on first start.
+    pub fn host_id(&self) -> anyhow::Result<String> {
+        let path = self.dir.join("host-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+            Ok(_) | Err(_) => {
+                let id = hex::encode(rand::random::<[u8; 16]>());
+                write_atomic(&path, id.as_bytes())?;
+                Ok(id)
+            }
+        }
+    }
+
+    pub fn credentials(&self) -> anyhow::Result<Option<Credentials>> {
+        self.read_json("credentials.json")
+    }
+
+    pub fn set_credentials(&self, c: Option<&Credentials>) -> anyhow::Result<()> {
+        match c {
+            Some(c) => self.write_json("credentials.json", c),
+            None => match std::fs::remove_file(self.dir.join("credentials.json")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    pub fn installed(&self) -> anyhow::Result<BTreeMap<String, InstalledRecord>> {
+        Ok(self.read_json("installed.json")?.unwrap_or_default())
+    }
+
+    pub fn set_installed(
+        &self,
+        installed: &BTreeMap<String, InstalledRecord>,
+    ) -> anyhow::Result<()> {
+        self.write_json("installed.json", installed)
+    }
+
+    pub fn set_last_report(&self, report: &AgentReport) -> anyhow::Result<()> {
+        self.write_json("last-report.json", report)
+    }
+
+    /// A human summary for `caravan-agent status`.
+    pub fn describe(&self) -> anyhow::Result<String> {
+        let mut out = String::new();
+        match self.credentials()? {
+            Some(c) => out.push_str(&format!("agent: {} (relay {})\n", c.agent, c.server)),
+            None => out.push_str("agent: not enrolled\n"),
+        }
+        out.push_str("installed:\n");
+        let installed = self.installed()?;
+        if installed.is_empty() {
+            out.push_str("  (nothing)\n");
+        }
+        for r in installed.values() {
+            out.push_str(&format!("  {} {} {}\n", r.name, r.version, &r.digest));
+        }
+        if let Some(report) = self.read_json::<AgentReport>("last-report.json")? {
+            out.push_str("assignments:\n");
+            for j in &report.jobs {
+                let phase = match j.phase {
+                    AssignmentPhase::Failed => format!("Failed: {}", j.message),
+                    p => format!("{p:?}"),
+                };
+                out.push_str(&format!(
+                    "  {} {:?} {}: {}\n",
+                    j.job, j.action, j.package, phase
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_json<T: DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is corrupt", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join(name), &serde_json::to_vec_pretty(value)?)
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new file, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_id_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateDir::open(dir.path()).unwrap().host_id().unwrap();
+        let b = StateDir::open(dir.path()).unwrap().host_id().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

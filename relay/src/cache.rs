@@ -1,0 +1,147 @@
+//! The relay's content-addressed blob cache, `<dir>/sha256/<hex>`.
+//!
+//! A missing blob is fetched from upstream once, however many agents ask at
+//! the same time (the others wait for that fetch), into `<dir>/partial/<hex>`,
+//! resuming from what an interrupted fetch left there. It enters the cache
+//! only after its sha256 matches.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::upstream::{Upstream, UpstreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(
+        "digest mismatch: upstream sent sha256:{actual} for blob sha256:{expected}; not cached"
+    )]
+    DigestMismatch { expected: String, actual: String },
+    #[error("upstream transfer of sha256:{hex} broke off: {source}")]
+    Transfer {
+        hex: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Cache {
+    dir: PathBuf,
+    upstream: Upstream,
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Cache {
+    pub async fn open(dir: PathBuf, upstream: Upstream) -> std::io::Result<Self> {
+        tokio::fs::create_dir_all(dir.join("sha256")).await?;
+        tokio::fs::create_dir_all(dir.join("partial")).await?;
+        Ok(Self {
+            dir,
+            upstream,
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self, hex: &str) -> PathBuf {
+        self.dir.join("sha256").join(hex)
+    }
+
+    /// Returns the path of the cached blob, fetching it first if needed.
+    pub async fn ensure(&self, hex: &str) -> Result<PathBuf, CacheError> {
+        let path = self.path(hex);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let lock = self
+            .inflight
+            .lock()
+            .expect("lock poisoned")
+            .entry(hex.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _fetching = lock.lock().await;
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                Ok(path)
+            } else {
+                self.fetch(hex).await
+            }
+        };
+        self.inflight.lock().expect("lock poisoned").remove(hex);
+        result
+    }
+
+    async fn fetch(&self, hex: &str) -> Result<PathBuf, CacheError> {
+        let partial = self.dir.join("partial").join(hex);
+        let io = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| CacheError::Io { path, source }
+        };
+        let mut hasher = Sha256::new();
+        // Resume: hash what an earlier, interrupted fetch already stored.
+        let mut offset = 0u64;
+        if let Ok(mut f) = tokio::fs::File::open(&partial).await {
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let n = f.read(&mut buf).await.map_err(io(&partial))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+        }
+        let res = self.upstream.blob(hex, offset).await?;
+        let resumed = res.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        if !resumed {
+            hasher = Sha256::new();
+            offset = 0;
+        }
+        tracing::info!(blob = %hex, resume_from = offset, "fetching blob from upstream");
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resumed)
+            .truncate(!resumed)
+            .open(&partial)
+            .await
+            .map_err(io(&partial))?;
+        let mut body = res.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| CacheError::Transfer {
+                hex: hex.to_string(),
+                source,
+            })?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io(&partial))?;
+        }
+        file.sync_all().await.map_err(io(&partial))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != hex {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(CacheError::DigestMismatch {
+                expected: hex.to_string(),
+                actual,
+            });
+        }
+        let path = self.path(hex);
+        tokio::fs::rename(&partial, &path)
+            .await
+            .map_err(io(&path))?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,164 @@
+//! The Caravan relay: a site's cache and the API its agents talk to. It holds
+//! no Kubernetes credentials; it only ever connects upward (to the controller,
+//! or a parent relay for content), so it works behind NAT.
+
+pub mod cache;
+pub mod server;
+pub mod tokens;
+pub mod upstream;
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use caravan_api::wire::{AgentDesired, SiteDesired};
+use clap::Parser;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "caravan-relay", version, about)]
+pub struct Config {
+    /// Address agents connect to.
+    #[arg(long, env = "CARAVAN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// The controller's distribution API.
+    #[arg(long, env = "CARAVAN_UPSTREAM")]
+    pub upstream: String,
+    /// This site's relay token (from the `<site>-relay` Secret).
+    #[arg(long, env = "CARAVAN_RELAY_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Token agents present to enroll at this site.
+    #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub bootstrap_token: String,
+    /// Directory of the blob cache.
+    #[arg(long, env = "CARAVAN_CACHE_DIR", default_value = "/var/cache/caravan")]
+    pub cache_dir: PathBuf,
+    /// Log as JSON lines.
+    #[arg(long, env = "CARAVAN_LOG_JSON")]
+    pub log_json: bool,
+}
+
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The site's desired state as last received, sliced per agent.
+#[derive(Debug, Default)]
+pub struct SiteState {
+    pub desired: SiteDesired,
+    /// Per agent: ETag and serialized [`AgentDesired`].
+    pub agents: HashMap<String, AgentEntry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    pub desired: AgentDesired,
+    pub etag: String,
+    pub body: bytes::Bytes,
+}
+
+impl AgentEntry {
+    pub fn new(desired: AgentDesired) -> Self {
+        let body = bytes::Bytes::from(serde_json::to_vec(&desired).expect("wire types serialize"));
+        let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
+        Self {
+            desired,
+            etag,
+            body,
+        }
+    }
+}
+
+impl SiteState {
+    pub fn new(desired: SiteDesired) -> Self {
+        let agents = desired
+            .agents
+            .iter()
+            .map(|(name, assignments)| {
+                let entry = AgentEntry::new(AgentDesired {
+                    agent: name.clone(),
+                    assignments: assignments.clone(),
+                });
+                (name.clone(), entry)
+            })
+            .collect();
+        Self { desired, agents }
+    }
+
+    /// What `agent` must have; an agent without assignments gets an empty list.
+    pub fn agent(&self, agent: &str) -> AgentEntry {
+        self.agents.get(agent).cloned().unwrap_or_else(|| {
+            AgentEntry::new(AgentDesired {
+                agent: agent.to_string(),
+                assignments: vec![],
+            })
+        })
+    }
+}
+
+pub struct Relay {
+    pub config: Config,
+    pub upstream: upstream::Upstream,
+    pub cache: cache::Cache,
+    /// `None` until the first desired state arrives from upstream.
+    pub state: watch::Sender<Option<Arc<SiteState>>>,
+    pub reports: tokio::sync::mpsc::UnboundedSender<caravan_api::wire::AgentReport>,
+}
+
+/// Runs the relay until interrupted.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let upstream = upstream::Upstream::new(&config.upstream, &config.token)?;
+    let cache = cache::Cache::open(config.cache_dir.clone(), upstream.clone())
+        .await
+        .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
+    let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay = Arc::new(Relay {
+        config: config.clone(),
+        upstream,
+        cache,
+        state: watch::channel(None).0,
+        reports,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, upstream = %config.upstream, "relay listening");
+    tokio::select! {
+        r = axum::serve(listener, server::router(relay.clone())) => r.context("relay server")?,
+        () = sync_desired(relay.clone()) => {},
+        () = upstream::forward_reports(relay.upstream.clone(), reports_rx) => {},
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}
+
+/// Long-polls the controller for the site's desired state, forever.
+async fn sync_desired(relay: Arc<Relay>) {
+    let mut etag: Option<String> = None;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match relay.upstream.desired(etag.as_deref(), 30).await {
+            Ok(Some((new_etag, desired))) => {
+                tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
+                etag = Some(new_etag);
+                relay
+                    .state
+                    .send_replace(Some(Arc::new(SiteState::new(desired))));
+                backoff = Duration::from_millis(500);
+            }
+            Ok(None) => backoff = Duration::from_millis(500),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "fetching desired state from upstream failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The agent-facing API of a relay (see `caravan_api::wire`).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{FromRequestParts, Path, Query, Request, State},
+    http::{header, request::Parts, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use caravan_api::{
+    v1alpha1::sha256_hex,
+    wire::{AgentReport, EnrollRequest, EnrollResponse, ErrorBody, MAX_WAIT_SECONDS},
+};
+use serde::Deserialize;
+use tower::ServiceExt;
+
+use crate::{cache::CacheError, tokens, Relay};
+
+pub fn router(relay: Arc<Relay>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/desired", get(desired))
+        .route("/v1/report", post(report))
+        .route("/v1/blobs/{digest}", get(blob))
+        .with_state(relay)
+}
+
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn err(code: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError(code, msg.into())
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// An agent authenticated by its token.
+pub struct AgentName(pub String);
+
+impl FromRequestParts<Arc<Relay>> for AgentName {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
+        let token =
+            bearer(parts).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        tokens::verify(&relay.config.token, token)
+            .map(|a| Self(a.to_string()))
+            .ok_or_else(|| {
+                err(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid agent token; enroll again",
+                )
+            })
+    }
+}
+
+/// Ready once the first desired state came from upstream.
+async fn readyz(State(relay): State<Arc<Relay>>) -> Response {
+    if relay.state.borrow().is_some() {
+        "ok".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the controller",
+        )
+            .into_response()
+    }
+}
+
+async fn enroll(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Json(req): Json<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !tokens::same_secret(given, &relay.config.bootstrap_token) {
+        return Err(err(
+            StatusCode::UNAUTHORIZED,
+            "invalid bootstrap token for this site",
+        ));
+    }
+    let forward = relay
+        .upstream
+        .enroll(&req)
+        .await
+        .map_err(|e| err(e.status(), e.to_string()))?;
+    tracing::info!(agent = %forward.agent, host = %req.hostname, "agent enrolled");
+    let token = tokens::issue(&relay.config.token, &forward.agent);
+    Ok(Json(EnrollResponse {
+        agent: forward.agent,
+        token,
+    }))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<u64>,
+}
+
+/// Long-poll for the agent's own desired state.
+async fn desired(
+    State(relay): State<Arc<Relay>>,
+    AgentName(agent): AgentName,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let mut rx = relay.state.subscribe();
+    loop {
+        let state = rx.borrow_and_update().clone();
+        let Some(state) = state else {
+            return Err(err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay has no desired state from the controller yet",
+            ));
+        };
+        let entry = state.agent(&agent);
+        if known.as_deref() != Some(entry.etag.as_str()) {
+            return Ok((
+                [
+                    (header::ETAG, entry.etag),
+                    (header::CONTENT_TYPE, "application/json".into()),
+                ],
+                entry.body,
+            )
+                .into_response());
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, entry.etag)]).into_response());
+        }
+    }
+}
+
+async fn report(
+    State(relay): State<Arc<Relay>>,
+    AgentName(agent): AgentName,
+    Json(mut report): Json<AgentReport>,
+) -> Result<StatusCode, ApiError> {
+    // An agent reports for itself only, whatever the body says.
+    report.agent = agent;
+    relay
+        .reports
+        .send(report)
+        .map_err(|_| err(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down"))?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Serves a blob assigned to the agent, from the cache (fetched once if needed).
+async fn blob(
+    State(relay): State<Arc<Relay>>,
+    AgentName(agent): AgentName,
+    Path(digest): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let hex = sha256_hex(&digest)
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("{digest:?} is not sha256:<64 hex digits>"),
+            )
+        })?
+        .to_string();
+    let assigned = relay.state.borrow().as_ref().is_some_and(|s| {
+        s.agent(&agent)
+            .desired
+            .assignments
+            .iter()
+            .any(|a| a.digest == digest)
+    });
+    if !assigned {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            format!("blob {digest} is not assigned to agent {agent}"),
+        ));
+    }
+    let path = relay.cache.ensure(&hex).await.map_err(|e| {
+        tracing::warn!(blob = %digest, error = %e, "blob unavailable");
+        let code = match &e {
+            CacheError::Upstream(u) => u.status(),
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        err(code, e.to_string())
+    })?;
+    let mut res = tower_http::services::ServeFile::new(path)
+        .oneshot(req)
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Body::new);
+    res.headers_mut().insert(
+        header::ETAG,
+        format!("\"{hex}\"")
+            .parse()
+            .expect("hex is a valid header value"),
+    );
+    Ok(res)
+}

@@ -1,0 +1,198 @@
+//! The relay's client of the controller's distribution API.
+
+use std::{collections::HashMap, time::Duration};
+
+use caravan_api::wire::{AgentReport, EnrollForward, EnrollRequest, ErrorBody, SiteDesired};
+use reqwest::{header, StatusCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream request to {url}: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("upstream {url} answered {status}: {message}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+impl UpstreamError {
+    /// The HTTP status to pass on to an agent for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Status { status, .. } if status.is_client_error() => *status,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Upstream {
+    pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let res = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| UpstreamError::Request {
+                url: url.to_string(),
+                source,
+            })?;
+        if res.status().is_success()
+            || res.status() == StatusCode::NOT_MODIFIED
+            || res.status() == StatusCode::PARTIAL_CONTENT
+        {
+            return Ok(res);
+        }
+        let status = res.status();
+        let body = res.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or(body);
+        Err(UpstreamError::Status {
+            url: url.to_string(),
+            status,
+            message,
+        })
+    }
+
+    /// Long-polls the site's desired state. `Ok(None)`: unchanged.
+    pub async fn desired(
+        &self,
+        etag: Option<&str>,
+        wait: u64,
+    ) -> Result<Option<(String, SiteDesired)>, UpstreamError> {
+        let url = self.url(&format!("/v1/site/desired?wait={wait}"));
+        let mut req = self.http.get(&url).timeout(Duration::from_secs(wait + 30));
+        if let Some(etag) = etag {
+            req = req.header(header::IF_NONE_MATCH, etag);
+        }
+        let res = self.send(req, &url).await?;
+        if res.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let etag = res
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let desired = res
+            .json()
+            .await
+            .map_err(|source| UpstreamError::Request { url, source })?;
+        Ok(Some((etag, desired)))
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollForward, UpstreamError> {
+        let url = self.url("/v1/site/enroll");
+        let res = self
+            .send(
+                self.http
+                    .post(&url)
+                    .json(req)
+                    .timeout(Duration::from_secs(30)),
+                &url,
+            )
+            .await?;
+        res.json()
+            .await
+            .map_err(|source| UpstreamError::Request { url, source })
+    }
+
+    pub async fn reports(&self, batch: &[AgentReport]) -> Result<(), UpstreamError> {
+        let url = self.url("/v1/site/reports");
+        self.send(
+            self.http
+                .post(&url)
+                .json(batch)
+                .timeout(Duration::from_secs(60)),
+            &url,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a download of a blob, from `offset` on.
+    pub async fn blob(&self, hex: &str, offset: u64) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.url(&format!("/v1/blobs/sha256:{hex}"));
+        let mut req = self.http.get(&url);
+        if offset > 0 {
+            req = req.header(header::RANGE, format!("bytes={offset}-"));
+        }
+        self.send(req, &url).await
+    }
+}
+
+/// Passes agent reports up in batches. Only the latest report of each agent
+/// is kept while the controller is unreachable, so memory stays bounded.
+pub async fn forward_reports(
+    upstream: Upstream,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
+) {
+    let mut pending: HashMap<String, AgentReport> = HashMap::new();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(r) => {
+                    pending.insert(r.agent.clone(), r);
+                }
+                None => return,
+            }
+        }
+        // Gather what else arrived within a short window into the same batch.
+        let window = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(window);
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => { pending.insert(r.agent.clone(), r); }
+                    None => break,
+                },
+                () = &mut window => break,
+            }
+        }
+        let batch: Vec<AgentReport> = pending.values().cloned().collect();
+        match upstream.reports(&batch).await {
+            Ok(()) => {
+                pending.clear();
+                backoff = Duration::from_millis(500);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, agents = batch.len(), retry_in = ?backoff, "passing reports upstream failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
