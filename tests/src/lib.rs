@@ -1,1 +1,707 @@
-//! harness
+//! The test harness: a real kube-apiserver and etcd (or an existing cluster's
+//! kubeconfig), and real controller, relay and agent processes, with real Git
+//! repositories. Used by the end-to-end tests and by the demo.
+//!
+//! - `CARAVAN_TEST_KUBECONFIG`: use this cluster instead of starting one.
+//! - `CARAVAN_K8S_BIN`: directory holding `kube-apiserver` (default: the
+//!   cache `scripts/setup.sh` fills, `~/.cache/caravan/k8s-v1.20.2/bin`).
+//! - `CARAVAN_BIN_DIR`: directory of the Caravan binaries (default: next to
+//!   the running test, i.e. `target/debug`).
+//! - `CARAVAN_KEEP=1`: keep the temporary directory (logs, state) after the run.
+
+pub mod git;
+pub mod procs;
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use caravan_api::v1alpha1::{DistributionJob, GitSource, Site};
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Namespace, Secret},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    Api, Client,
+};
+pub use procs::Proc;
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// Directory of the Caravan binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CARAVAN_BIN_DIR") {
+        return d.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe has a directory");
+    // Test binaries live in target/<profile>/deps, the demo in target/<profile>.
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found; build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow::anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A Kubernetes API server for one test: started here, or an existing cluster.
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub client: Client,
+    _procs: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Starts etcd and kube-apiserver under `dir`, or uses `CARAVAN_TEST_KUBECONFIG`.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        if let Ok(path) = std::env::var("CARAVAN_TEST_KUBECONFIG") {
+            let kubeconfig = PathBuf::from(path);
+            let client = client_for(&kubeconfig).await?;
+            return Ok(Self {
+                kubeconfig,
+                client,
+                _procs: vec![],
+            });
+        }
+        let k8s_bin = std::env::var("CARAVAN_K8S_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+                let cache = std::env::var("CARAVAN_CACHE")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| Path::new(&home).join(".cache/caravan"));
+                cache.join("k8s-v1.20.2/bin")
+            });
+        let apiserver = k8s_bin.join("kube-apiserver");
+        if !apiserver.exists() {
+            bail!(
+                "{} not found: run scripts/setup.sh (or set CARAVAN_TEST_KUBECONFIG)",
+                apiserver.display()
+            );
+        }
+        let dir = dir.join("cluster");
+        std::fs::create_dir_all(&dir)?;
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let etcd = Proc::spawn(
+            "etcd",
+            Path::new("/usr/bin/etcd"),
+            &[
+                "--data-dir",
+                &dir.join("etcd").display().to_string(),
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer_port}"),
+                "--log-level",
+                "warn",
+            ],
+            &[],
+            &dir,
+        )?;
+        let key = dir.join("sa.key");
+        let status = std::process::Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running openssl to make the service-account key")?;
+        anyhow::ensure!(status.success(), "openssl genrsa failed");
+        let token = "caravan-test-admin-token";
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{token},admin,admin,system:masters\n"),
+        )?;
+        let key_s = key.display().to_string();
+        let api = Proc::spawn(
+            "kube-apiserver",
+            &apiserver,
+            &[
+                "--etcd-servers",
+                &etcd_url,
+                "--secure-port",
+                &api_port.to_string(),
+                "--insecure-port",
+                "0",
+                "--bind-address",
+                "127.0.0.1",
+                "--cert-dir",
+                &dir.join("certs").display().to_string(),
+                "--service-account-key-file",
+                &key_s,
+                "--service-account-signing-key-file",
+                &key_s,
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--token-auth-file",
+                &dir.join("tokens.csv").display().to_string(),
+                "--authorization-mode",
+                "RBAC",
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
+                "--enable-priority-and-fairness=false",
+                "--v",
+                "0",
+            ],
+            &[],
+            &dir,
+        )?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    insecure-skip-tls-verify: true\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: admin}}\ncurrent-context: local\n"
+            ),
+        )?;
+        let procs = vec![api, etcd];
+        let client = client_for(&kubeconfig).await?;
+        wait_for(
+            "kube-apiserver to be ready",
+            Duration::from_secs(90),
+            || {
+                let client = client.clone();
+                async move {
+                    let req = http::Request::get("/readyz").body(Vec::new())?;
+                    Ok(client
+                        .request_text(req)
+                        .await
+                        .ok()
+                        .filter(|t| t.trim() == "ok"))
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.context(procs[0].log_tail(30)))?;
+        Ok(Self {
+            kubeconfig,
+            client,
+            _procs: procs,
+        })
+    }
+
+    /// Installs the generated CRDs from `crds/` and waits until they are served.
+    pub async fn install_crds(&self) -> anyhow::Result<()> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        for crd in caravan_api::v1alpha1::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(
+                &name,
+                &PatchParams::apply("caravan-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await?;
+        }
+        for crd in caravan_api::v1alpha1::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let api = api.clone();
+            wait_for(
+                &format!("CRD {name} to be established"),
+                Duration::from_secs(30),
+                || {
+                    let (api, name) = (api.clone(), name.clone());
+                    async move {
+                        let crd = api.get(&name).await?;
+                        let ok = crd
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        Ok(ok.then_some(()))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn create_namespace(&self, name: &str) -> anyhow::Result<()> {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        Api::<Namespace>::all(self.client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&ns),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs kubectl against this cluster and returns its output.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl (install it: scripts/setup.sh)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Everything of one Caravan installation: the controller and what it serves.
+pub struct Caravan {
+    pub dir: PathBuf,
+    pub namespace: String,
+    pub cluster: Cluster,
+    pub controller: Proc,
+    pub api_url: String,
+    pub upload_token: String,
+    pub relays: Vec<Proc>,
+    pub agents: Vec<Agent>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// A running agent process and its directories.
+pub struct Agent {
+    pub name: String,
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    pub install_root: PathBuf,
+}
+
+/// A relay started the way a kubelet would start the Site's Deployment.
+pub struct RelayInfo {
+    pub url: String,
+    pub cache_dir: PathBuf,
+    pub bootstrap_token: String,
+}
+
+impl Caravan {
+    /// Starts a cluster, installs the CRDs, creates `namespace` and starts the controller.
+    pub async fn start(namespace: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let keep = std::env::var("CARAVAN_KEEP").is_ok_and(|v| v == "1");
+        let tmp = if keep {
+            eprintln!("keeping {}", dir.display());
+            let _ = tmp.keep();
+            None
+        } else {
+            Some(tmp)
+        };
+        let cluster = Cluster::start(&dir).await?;
+        cluster.install_crds().await?;
+        cluster.create_namespace(namespace).await?;
+        let port = free_port();
+        let api_url = format!("http://127.0.0.1:{port}");
+        let upload_token = "caravan-test-upload-token".to_string();
+        let controller = Proc::spawn(
+            "controller",
+            &bin("caravan-controller")?,
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+                &dir.join("controller").display().to_string(),
+                "--relay-upstream-url",
+                &api_url,
+                "--namespace",
+                namespace,
+            ],
+            &[
+                (
+                    "KUBECONFIG".into(),
+                    cluster.kubeconfig.display().to_string(),
+                ),
+                ("CARAVAN_UPLOAD_TOKEN".into(), upload_token.clone()),
+                ("RUST_LOG".into(), "info,kube=error".into()),
+            ],
+            &dir,
+        )?;
+        let url = format!("{api_url}/healthz");
+        wait_for("the controller's API", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                Ok(reqwest::get(&url)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            }
+        })
+        .await
+        .map_err(|e| e.context(controller.log_tail(30)))?;
+        Ok(Self {
+            dir,
+            namespace: namespace.into(),
+            cluster,
+            controller,
+            api_url,
+            upload_token,
+            relays: vec![],
+            agents: vec![],
+            _tmp: tmp,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.cluster.client.clone()
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.client(), &self.namespace)
+    }
+
+    /// Declares a GitSource for `url` that syncs every `interval` seconds.
+    pub async fn add_git_source(
+        &self,
+        name: &str,
+        url: &str,
+        path: &str,
+        interval: u32,
+    ) -> anyhow::Result<()> {
+        let gs: GitSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "caravan.dev/v1alpha1", "kind": "GitSource",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"url": url, "branch": "main", "path": path, "intervalSeconds": interval},
+        }))?;
+        self.api::<GitSource>()
+            .patch(
+                name,
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&gs),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `caravan package push` for a directory into `manifest_dir`.
+    pub fn push_package(
+        &self,
+        dir: &Path,
+        name: &str,
+        version: &str,
+        manifest_dir: &Path,
+    ) -> anyhow::Result<String> {
+        let out = std::process::Command::new(bin("caravan")?)
+            .args(["package", "push"])
+            .arg(dir)
+            .args([
+                "--name",
+                name,
+                "--version",
+                version,
+                "--cabinet",
+                "main",
+                "--server",
+                &self.api_url,
+            ])
+            .arg("--manifest-dir")
+            .arg(manifest_dir)
+            .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "caravan package push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Plays the node: waits for the Site's relay Deployment, resolves its
+    /// environment (Secrets included) and starts that container's command as
+    /// a local `caravan-relay` process on a loopback port.
+    pub async fn start_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
+        let name = format!("{site}-relay");
+        let deployments = self.api::<Deployment>();
+        let deployment = wait_for(
+            &format!("Deployment {name}"),
+            Duration::from_secs(60),
+            || {
+                let (api, name) = (deployments.clone(), name.clone());
+                async move { Ok(api.get_opt(&name).await?) }
+            },
+        )
+        .await?;
+        let container = deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers.into_iter().next())
+            .context("relay Deployment has no container")?;
+        let secrets = self.api::<Secret>();
+        let mut env = vec![];
+        let mut bootstrap_token = String::new();
+        for e in container.env.unwrap_or_default() {
+            let value = match (e.value, e.value_from.and_then(|v| v.secret_key_ref)) {
+                (Some(v), _) => v,
+                (None, Some(r)) => {
+                    let secret = secrets.get(&r.name).await?;
+                    let bytes = secret
+                        .data
+                        .and_then(|d| d.get(&r.key).cloned())
+                        .with_context(|| format!("secret {} has no key {}", r.name, r.key))?;
+                    String::from_utf8(bytes.0)?
+                }
+                _ => continue,
+            };
+            if e.name == "CARAVAN_BOOTSTRAP_TOKEN" {
+                bootstrap_token = value.clone();
+            }
+            env.push((e.name, value));
+        }
+        let port = free_port();
+        let cache_dir = self.dir.join(format!("relay-{site}"));
+        // The container's own arguments, with the node-local listen address and cache.
+        let mut args = container.args.unwrap_or_default();
+        for (flag, value) in [
+            ("--listen", format!("127.0.0.1:{port}")),
+            ("--cache-dir", cache_dir.display().to_string()),
+        ] {
+            match args.iter().position(|a| a == flag) {
+                Some(i) if i + 1 < args.len() => args[i + 1] = value,
+                _ => args.extend([flag.to_string(), value]),
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn(
+            &format!("relay-{site}"),
+            &bin("caravan-relay")?,
+            &args,
+            &env,
+            &self.dir,
+        )?;
+        let url = format!("http://127.0.0.1:{port}");
+        let ready = format!("{url}/readyz");
+        wait_for(
+            &format!("relay of {site} to be ready"),
+            Duration::from_secs(60),
+            || {
+                let ready = ready.clone();
+                async move {
+                    Ok(reqwest::get(&ready)
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.context(proc.log_tail(30)))?;
+        self.relays.push(proc);
+        Ok(RelayInfo {
+            url,
+            cache_dir,
+            bootstrap_token,
+        })
+    }
+
+    /// Starts an agent process enrolling at `relay` as host `name`.
+    pub fn start_agent(&mut self, name: &str, relay: &RelayInfo) -> anyhow::Result<()> {
+        let state_dir = self.dir.join("agents").join(name).join("state");
+        let install_root = self.dir.join("agents").join(name).join("root");
+        std::fs::create_dir_all(&install_root)?;
+        let proc = self.spawn_agent(name, relay, &state_dir, &install_root)?;
+        self.agents.push(Agent {
+            name: name.into(),
+            proc,
+            state_dir,
+            install_root,
+        });
+        Ok(())
+    }
+
+    pub fn spawn_agent(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        state_dir: &Path,
+        install_root: &Path,
+    ) -> anyhow::Result<Proc> {
+        Proc::spawn(
+            &format!("agent-{name}"),
+            &bin("caravan-agent")?,
+            &[
+                "run",
+                "--server",
+                &relay.url,
+                "--state-dir",
+                &state_dir.display().to_string(),
+                "--install-root",
+                &install_root.display().to_string(),
+                "--hostname",
+                name,
+                "--poll-wait",
+                "10",
+                "--retry-after",
+                "2",
+            ],
+            &[(
+                "CARAVAN_BOOTSTRAP_TOKEN".into(),
+                relay.bootstrap_token.clone(),
+            )],
+            &self.dir,
+        )
+    }
+
+    /// Waits until `job` reports `phase` with `succeeded` of `total`.
+    pub async fn wait_job(
+        &self,
+        job: &str,
+        phase: &str,
+        progress: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<DistributionJob> {
+        let api = self.api::<DistributionJob>();
+        wait_for(
+            &format!("job {job} to be {phase} {progress}"),
+            timeout,
+            || {
+                let (api, job) = (api.clone(), job.to_string());
+                async move {
+                    let j = api.get(&job).await?;
+                    let st = j.status.clone().unwrap_or_default();
+                    let ok = serde_json::to_value(st.phase)?.as_str() == Some(phase)
+                        && st.progress == progress;
+                    Ok(ok.then_some(j))
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.context(self.logs()))
+    }
+
+    pub async fn site(&self, name: &str) -> anyhow::Result<Site> {
+        Ok(self.api::<Site>().get(name).await?)
+    }
+
+    /// The tails of every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = self.controller.log_tail(40);
+        for r in &self.relays {
+            out.push_str(&r.log_tail(20));
+        }
+        for a in &self.agents {
+            out.push_str(&a.proc.log_tail(15));
+        }
+        out
+    }
+}
+
+impl Caravan {
+    /// Seeds a Git repository from `examples/`: the fleet manifests under
+    /// `fleet/` and the `hello` example package pushed as version 1.0.0, then
+    /// declares a GitSource for it that syncs every 2 seconds.
+    pub async fn seed_example_fleet(&self) -> anyhow::Result<git::GitRepo> {
+        let repo = git::GitRepo::create(&self.dir.join("git"))?;
+        let examples = repo_root().join("examples");
+        for entry in std::fs::read_dir(examples.join("fleet"))? {
+            let entry = entry?;
+            let text = std::fs::read_to_string(entry.path())?;
+            repo.write(
+                &format!("fleet/{}", entry.file_name().to_string_lossy()),
+                &text,
+            )?;
+        }
+        self.push_package(
+            &examples.join("packages/hello"),
+            "hello",
+            "1.0.0",
+            &repo.work.join("fleet/packages"),
+        )?;
+        repo.commit("Declare the fleet: cabinet, hq site, hello 1.0.0 for everyone")?;
+        self.add_git_source("fleet", &repo.url(), "fleet", 2)
+            .await?;
+        Ok(repo)
+    }
+}
+
+/// Copies a directory tree (files and directories only).
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}

@@ -19,7 +19,7 @@ use kube::CustomResourceExt;
 
 /// The CRDs of every kind, in the order they are documented.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    [
         GitSource::crd(),
         Cabinet::crd(),
         Package::crd(),
@@ -27,6 +27,31 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Site::crd(),
         Agent::crd(),
     ]
+    .into_iter()
+    .map(compatible)
+    .collect()
+}
+
+/// Makes a generated CRD acceptable to the oldest supported API server
+/// (v1.20), which rejects an empty string as a schema default ("Invalid value:
+/// null"). Dropping those defaults changes nothing: the Rust types default
+/// missing strings to empty anyway.
+fn compatible(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("default").is_some_and(|d| d.as_str() == Some("")) {
+                    m.remove("default");
+                }
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(&crd).expect("a CRD serializes");
+    strip(&mut v);
+    serde_json::from_value(v).expect("a CRD stays a CRD")
 }
 
 /// A reference to a key of a Secret in the object's namespace.

@@ -139,7 +139,7 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
                             { "name": "CARAVAN_RELAY_TOKEN", "valueFrom": { "secretKeyRef": { "name": relay, "key": "token" } } },
                             { "name": "CARAVAN_BOOTSTRAP_TOKEN", "valueFrom": { "secretKeyRef": bootstrap } },
                         ],
-                        "ports": [{ "name": "http", "containerPort": RELAY_PORT }],
+                        "ports": [{ "name": "http", "containerPort": RELAY_PORT, "protocol": "TCP" }],
                         "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" } },
                         "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" } },
                         "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } },
@@ -156,7 +156,7 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
 
     let service = json!({
         "apiVersion": "v1", "kind": "Service", "metadata": meta(json!({})),
-        "spec": { "selector": selector, "ports": [{ "name": "http", "port": RELAY_PORT, "targetPort": "http" }] },
+        "spec": { "selector": selector, "ports": [{ "name": "http", "port": RELAY_PORT, "targetPort": "http", "protocol": "TCP" }] },
     });
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&relay, &params, &Patch::Apply(&service))

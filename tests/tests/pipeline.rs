@@ -1,0 +1,123 @@
+//! The walking skeleton end to end: a commit in Git → controller → relay →
+//! three agents → files installed, job Succeeded 3/3 in the API and kubectl;
+//! then an upgrade, then the job removed from Git and the files with it.
+
+use std::time::Duration;
+
+use caravan_api::{
+    conditions,
+    v1alpha1::{Agent, DistributionJob},
+};
+use caravan_tests::{copy_dir, repo_root, wait_for, Caravan};
+
+const T: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    wait_for("site hq to report its relay ready", T, || async {
+        let site = c.site("hq").await?;
+        Ok(site
+            .status
+            .filter(|s| conditions::is_true(&s.conditions, conditions::READY)))
+    })
+    .await?;
+    for i in 1..=3 {
+        c.start_agent(&format!("agent-{i}"), &relay)?;
+    }
+
+    let job = c
+        .wait_job("hello-everywhere", "Succeeded", "3/3", T)
+        .await?;
+    let status = job.status.unwrap();
+    assert_eq!((status.total, status.succeeded, status.failed), (3, 3, 0));
+    assert_eq!(status.sites[0].site, "hq");
+    assert!(conditions::is_true(
+        &status.conditions,
+        conditions::COMPLETE
+    ));
+    for a in &c.agents {
+        let root = a.install_root.join("hello");
+        assert_eq!(
+            std::fs::read_to_string(root.join("VERSION"))?,
+            "1.0.0\n",
+            "{}",
+            a.name
+        );
+        assert!(root.join("bin/hello").exists());
+    }
+    let agents = c.api::<Agent>().list(&Default::default()).await?;
+    assert_eq!(agents.items.len(), 3, "one Agent per endpoint");
+    for a in &agents.items {
+        let st = a.status.clone().unwrap_or_default();
+        assert_eq!(a.spec.site, "hq");
+        assert_eq!(
+            st.installed
+                .iter()
+                .map(|p| (p.name.as_str(), p.version.as_str()))
+                .collect::<Vec<_>>(),
+            [("hello", "1.0.0")]
+        );
+        assert!(st.last_seen.is_some());
+    }
+    let table = c
+        .cluster
+        .kubectl(&["get", "distributionjobs", "-n", "fleet"])?;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("hello-everywhere"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("Succeeded") && row.contains("3/3"),
+        "kubectl shows the job's state:\n{table}"
+    );
+
+    // A new version committed to Git: every agent upgrades.
+    let v2 = c.dir.join("hello-1.1.0");
+    copy_dir(&repo_root().join("examples/packages/hello"), &v2)?;
+    std::fs::write(v2.join("VERSION"), "1.1.0\n")?;
+    c.push_package(&v2, "hello", "1.1.0", &repo.work.join("fleet/packages"))?;
+    repo.commit("hello 1.1.0")?;
+    wait_for("every agent to run hello 1.1.0", T, || async {
+        let all = c.agents.iter().all(|a| {
+            std::fs::read_to_string(a.install_root.join("hello/VERSION"))
+                .is_ok_and(|v| v == "1.1.0\n")
+        });
+        Ok(all.then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    c.wait_job("hello-everywhere", "Succeeded", "3/3", T)
+        .await?;
+
+    // The job removed from Git: the object is pruned and the files go away.
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("Retire hello")?;
+    wait_for("hello to be removed from every agent", T, || async {
+        Ok(c.agents
+            .iter()
+            .all(|a| !a.install_root.join("hello").exists())
+            .then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    assert!(
+        c.api::<DistributionJob>()
+            .get_opt("hello-everywhere")
+            .await?
+            .is_none(),
+        "job pruned"
+    );
+    // Nothing half-installed is left behind in the install roots.
+    for a in &c.agents {
+        let left: Vec<_> = std::fs::read_dir(&a.install_root)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n != ".caravan")
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", a.name);
+    }
+    Ok(())
+}
