@@ -1,0 +1,28 @@
+# Caravan: the two commands that set everything up on a fresh Debian machine.
+#   make demo   — the main job end to end on a local, embedded setup
+#   make test   — the whole test suite
+# Both first run scripts/setup.sh (Debian packages; kube-apiserver built once
+# from Debian's source package and cached in ~/.cache/caravan).
+
+CARGO ?= cargo
+
+.PHONY: demo test setup build crds lint
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+demo: setup build
+	./target/debug/caravan-demo
+
+test: setup build
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+crds:
+	$(CARGO) run -q -p caravan-api --bin crdgen
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
