@@ -68,4 +68,13 @@ else
   cd / && rm -rf "$work"
   log "built $K8S_BIN/kube-apiserver"
 fi
-echo "$K8S_BIN"
+# Helm: the official Helm v4 Go SDK, from PyPI (helm-python-sdk), used by
+# scripts/helm.py; no helm binary is needed.
+HELM_VENV=$CACHE/helm-venv
+if ! "$HELM_VENV/bin/python" -c 'import helm_python' >/dev/null 2>&1; then
+  log "installing the Helm SDK (helm-python-sdk) into $HELM_VENV"
+  rm -rf "$HELM_VENV"
+  python3 -m venv "$HELM_VENV"
+  "$HELM_VENV/bin/pip" install -q --disable-pip-version-check 'helm-python-sdk==0.2.2'
+fi
+log "ready: kube-apiserver in $K8S_BIN, Helm SDK in $HELM_VENV"

@@ -121,13 +121,7 @@ impl Cluster {
         }
         let k8s_bin = std::env::var("CARAVAN_K8S_BIN")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-                let cache = std::env::var("CARAVAN_CACHE")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|_| Path::new(&home).join(".cache/caravan"));
-                cache.join("k8s-v1.20.2/bin")
-            });
+            .unwrap_or_else(|_| cache_dir().join("k8s-v1.20.2/bin"));
         let apiserver = k8s_bin.join("kube-apiserver");
         if !apiserver.exists() {
             bail!(
@@ -254,6 +248,12 @@ impl Cluster {
             )
             .await?;
         }
+        self.wait_crds().await
+    }
+
+    /// Waits until every Caravan CRD is established.
+    pub async fn wait_crds(&self) -> anyhow::Result<()> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         for crd in caravan_api::v1alpha1::crds() {
             let name = crd.metadata.name.clone().unwrap_or_default();
             let api = api.clone();
@@ -292,6 +292,62 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes a kubeconfig that impersonates `user` (e.g. a ServiceAccount), so
+    /// a process run with it gets exactly that user's RBAC.
+    pub fn impersonating(&self, user: &str) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let path = self
+            .kubeconfig
+            .with_file_name(format!("kubeconfig-{}", user.replace(':', "-")));
+        std::fs::write(
+            &path,
+            text.replace("    token: ", &format!("    as: {user}\n    token: ")),
+        )?;
+        Ok(path)
+    }
+
+    /// Plays the node for a Deployment: waits for it and returns its first
+    /// container's arguments and environment, Secret references resolved.
+    pub async fn container_command(
+        &self,
+        namespace: &str,
+        deployment: &str,
+    ) -> anyhow::Result<(Vec<String>, Vec<(String, String)>)> {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let d = wait_for(
+            &format!("Deployment {namespace}/{deployment}"),
+            Duration::from_secs(60),
+            || {
+                let api = deployments.clone();
+                async move { Ok(api.get_opt(deployment).await?) }
+            },
+        )
+        .await?;
+        let container = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers.into_iter().next())
+            .context("Deployment has no container")?;
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let mut env = vec![];
+        for e in container.env.unwrap_or_default() {
+            let value = match (e.value, e.value_from.and_then(|v| v.secret_key_ref)) {
+                (Some(v), _) => v,
+                (None, Some(r)) => {
+                    let secret = secrets.get(&r.name).await?;
+                    let bytes = secret
+                        .data
+                        .and_then(|d| d.get(&r.key).cloned())
+                        .with_context(|| format!("secret {} has no key {}", r.name, r.key))?;
+                    String::from_utf8(bytes.0)?
+                }
+                _ => continue,
+            };
+            env.push((e.name, value));
+        }
+        Ok((container.args.unwrap_or_default(), env))
+    }
+
     /// Runs kubectl against this cluster and returns its output.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = std::process::Command::new("kubectl")
@@ -311,10 +367,67 @@ impl Cluster {
     }
 }
 
+/// Replaces the values of `flags` in a container's arguments (node-local
+/// addresses and paths), appending flags that are not there.
+pub fn override_args(mut args: Vec<String>, flags: &[(&str, String)]) -> Vec<String> {
+    for (flag, value) in flags {
+        match args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < args.len() => args[i + 1] = value.clone(),
+            _ => args.extend([flag.to_string(), value.clone()]),
+        }
+    }
+    args
+}
+
 async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
+}
+
+/// How the controller gets into the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Install {
+    /// CRDs applied by the harness; the controller runs with admin credentials.
+    Direct,
+    /// `helm install charts/caravan`; the controller runs as the chart's
+    /// ServiceAccount, with the chart's RBAC.
+    Helm,
+}
+
+/// Namespace the Helm release goes into.
+pub const HELM_NAMESPACE: &str = "caravan-system";
+
+/// Runs `scripts/helm.py` (the Helm v4 SDK) with the virtualenv `scripts/setup.sh` made.
+pub fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let python = cache_dir().join("helm-venv/bin/python");
+    anyhow::ensure!(
+        python.exists(),
+        "{} not found: run scripts/setup.sh",
+        python.display()
+    );
+    let out = std::process::Command::new(python)
+        .arg(repo_root().join("scripts/helm.py"))
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm {}: {}{}",
+        args[0],
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Where `scripts/setup.sh` caches slow builds.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("CARAVAN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(&std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/caravan")
+        })
 }
 
 /// Everything of one Caravan installation: the controller and what it serves.
@@ -348,6 +461,11 @@ pub struct RelayInfo {
 impl Caravan {
     /// Starts a cluster, installs the CRDs, creates `namespace` and starts the controller.
     pub async fn start(namespace: &str) -> anyhow::Result<Self> {
+        Self::start_with(namespace, Install::Direct).await
+    }
+
+    /// Starts a cluster and Caravan in it, either directly or with the Helm chart.
+    pub async fn start_with(namespace: &str, install: Install) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let keep = std::env::var("CARAVAN_KEEP").is_ok_and(|v| v == "1");
@@ -359,34 +477,71 @@ impl Caravan {
             Some(tmp)
         };
         let cluster = Cluster::start(&dir).await?;
-        cluster.install_crds().await?;
         cluster.create_namespace(namespace).await?;
         let port = free_port();
         let api_url = format!("http://127.0.0.1:{port}");
-        let upload_token = "caravan-test-upload-token".to_string();
-        let controller = Proc::spawn(
-            "controller",
-            &bin("caravan-controller")?,
-            &[
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-                &dir.join("controller").display().to_string(),
-                "--relay-upstream-url",
-                &api_url,
-                "--namespace",
-                namespace,
-            ],
-            &[
+        let data_dir = dir.join("controller").display().to_string();
+        let (args, mut env) = match install {
+            Install::Direct => {
+                cluster.install_crds().await?;
+                let args = ["--namespace", namespace].map(String::from).to_vec();
                 (
-                    "KUBECONFIG".into(),
-                    cluster.kubeconfig.display().to_string(),
-                ),
-                ("CARAVAN_UPLOAD_TOKEN".into(), upload_token.clone()),
-                ("RUST_LOG".into(), "info,kube=error".into()),
+                    args,
+                    vec![(
+                        "CARAVAN_UPLOAD_TOKEN".to_string(),
+                        "caravan-test-upload-token".to_string(),
+                    )],
+                )
+            }
+            Install::Helm => {
+                cluster.create_namespace(HELM_NAMESPACE).await?;
+                let out = helm(&[
+                    "install",
+                    "caravan",
+                    &repo_root().join("charts/caravan").display().to_string(),
+                    "--namespace",
+                    HELM_NAMESPACE,
+                    "--kubeconfig",
+                    &cluster.kubeconfig.display().to_string(),
+                    "--set-json",
+                    r#"{"persistence":{"enabled":false}}"#,
+                ])?;
+                eprintln!("{out}");
+                cluster.wait_crds().await?;
+                cluster.container_command(HELM_NAMESPACE, "caravan").await?
+            }
+        };
+        // The controller runs with the chart's RBAC when installed with Helm:
+        // its kubeconfig impersonates the chart's ServiceAccount.
+        let kubeconfig = match install {
+            Install::Direct => cluster.kubeconfig.clone(),
+            Install::Helm => {
+                cluster.impersonating(&format!("system:serviceaccount:{HELM_NAMESPACE}:caravan"))?
+            }
+        };
+        let args = override_args(
+            args,
+            &[
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--data-dir", data_dir),
+                ("--relay-upstream-url", api_url.clone()),
             ],
-            &dir,
-        )?;
+        );
+        let args: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "--log-json")
+            .collect();
+        let upload_token = env
+            .iter()
+            .find(|(k, _)| k == "CARAVAN_UPLOAD_TOKEN")
+            .map(|(_, v)| v.clone())
+            .context("no upload token")?;
+        env.extend([
+            ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
+            ("RUST_LOG".to_string(), "info,kube=error".to_string()),
+        ]);
+        let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, &env, &dir)?;
         let url = format!("{api_url}/healthz");
         wait_for("the controller's API", Duration::from_secs(30), || {
             let url = url.clone();
@@ -487,56 +642,25 @@ impl Caravan {
     /// environment (Secrets included) and starts that container's command as
     /// a local `caravan-relay` process on a loopback port.
     pub async fn start_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
-        let name = format!("{site}-relay");
-        let deployments = self.api::<Deployment>();
-        let deployment = wait_for(
-            &format!("Deployment {name}"),
-            Duration::from_secs(60),
-            || {
-                let (api, name) = (deployments.clone(), name.clone());
-                async move { Ok(api.get_opt(&name).await?) }
-            },
-        )
-        .await?;
-        let container = deployment
-            .spec
-            .and_then(|s| s.template.spec)
-            .and_then(|s| s.containers.into_iter().next())
-            .context("relay Deployment has no container")?;
-        let secrets = self.api::<Secret>();
-        let mut env = vec![];
-        let mut bootstrap_token = String::new();
-        for e in container.env.unwrap_or_default() {
-            let value = match (e.value, e.value_from.and_then(|v| v.secret_key_ref)) {
-                (Some(v), _) => v,
-                (None, Some(r)) => {
-                    let secret = secrets.get(&r.name).await?;
-                    let bytes = secret
-                        .data
-                        .and_then(|d| d.get(&r.key).cloned())
-                        .with_context(|| format!("secret {} has no key {}", r.name, r.key))?;
-                    String::from_utf8(bytes.0)?
-                }
-                _ => continue,
-            };
-            if e.name == "CARAVAN_BOOTSTRAP_TOKEN" {
-                bootstrap_token = value.clone();
-            }
-            env.push((e.name, value));
-        }
+        let (args, env) = self
+            .cluster
+            .container_command(&self.namespace, &format!("{site}-relay"))
+            .await?;
+        let bootstrap_token = env
+            .iter()
+            .find(|(k, _)| k == "CARAVAN_BOOTSTRAP_TOKEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         let port = free_port();
         let cache_dir = self.dir.join(format!("relay-{site}"));
         // The container's own arguments, with the node-local listen address and cache.
-        let mut args = container.args.unwrap_or_default();
-        for (flag, value) in [
-            ("--listen", format!("127.0.0.1:{port}")),
-            ("--cache-dir", cache_dir.display().to_string()),
-        ] {
-            match args.iter().position(|a| a == flag) {
-                Some(i) if i + 1 < args.len() => args[i + 1] = value,
-                _ => args.extend([flag.to_string(), value]),
-            }
-        }
+        let args = override_args(
+            args,
+            &[
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--cache-dir", cache_dir.display().to_string()),
+            ],
+        );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = Proc::spawn(
             &format!("relay-{site}"),

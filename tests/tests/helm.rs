@@ -1,0 +1,65 @@
+//! The Helm chart installs Caravan for real: CRDs, RBAC, the controller
+//! Deployment. The controller is then run the way a kubelet would run that
+//! Deployment, as the chart's ServiceAccount, so the pipeline only works if
+//! the chart's RBAC grants everything the controller needs.
+
+use std::time::Duration;
+
+use caravan_tests::{helm, repo_root, Caravan, Install, HELM_NAMESPACE};
+use k8s_openapi::api::{apps::v1::Deployment, rbac::v1::ClusterRole};
+use kube::Api;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() -> anyhow::Result<()>
+{
+    let mut c = Caravan::start_with("fleet", Install::Helm).await?;
+    let role = Api::<ClusterRole>::all(c.client()).get("caravan").await?;
+    assert!(
+        !role
+            .rules
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.verbs.contains(&"*".to_string())),
+        "no wildcard verbs"
+    );
+
+    let _repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("agent-1", &relay)?;
+    c.wait_job(
+        "hello-everywhere",
+        "Succeeded",
+        "1/1",
+        Duration::from_secs(120),
+    )
+    .await?;
+    assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
+
+    // An upgrade of the release goes through too.
+    let kubeconfig = c.cluster.kubeconfig.display().to_string();
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    let values = r#"{"persistence":{"enabled":false},"relay":{"image":"registry.example/caravan-relay:test"}}"#;
+    helm(&[
+        "upgrade",
+        "caravan",
+        &chart,
+        "--namespace",
+        HELM_NAMESPACE,
+        "--kubeconfig",
+        &kubeconfig,
+        "--set-json",
+        values,
+    ])?;
+    let d = Api::<Deployment>::namespaced(c.client(), HELM_NAMESPACE)
+        .get("caravan")
+        .await?;
+    let args = d.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.contains(&"registry.example/caravan-relay:test".to_string()),
+        "{args:?}"
+    );
+    Ok(())
+}
