@@ -278,11 +278,27 @@ fn digest_hex(digest: &str) -> Result<&str, ApiError> {
 /// Serves a blob from the store; `Range` and `If-Range` are honoured.
 async fn get_blob(
     State(ctx): State<Arc<Context>>,
-    RelaySite(_site): RelaySite,
+    RelaySite(site): RelaySite,
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let hex = digest_hex(&digest)?;
+    // A relay gets only the blobs its site's agents are assigned.
+    let assigned = ctx
+        .desired
+        .borrow()
+        .sites
+        .get(&site)
+        .is_some_and(|e| e.desired.digests().any(|d| d == digest));
+    if !assigned {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "blob {digest} is not assigned to any agent of site {}/{}",
+                site.0, site.1
+            ),
+        ));
+    }
     let path = ctx.blobs.path(hex);
     if ctx.blobs.size(hex).await.is_none() {
         return Err(ApiError::new(

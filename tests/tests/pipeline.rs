@@ -1,6 +1,7 @@
 //! The walking skeleton end to end: a commit in Git → controller → relay →
 //! three agents → files installed, job Succeeded 3/3 in the API and kubectl;
-//! then an upgrade, then the job removed from Git and the files with it.
+//! then an upgrade (an agent that was off during it catches up when it
+//! starts), then the job removed from Git and the files with it.
 
 use std::time::Duration;
 
@@ -74,23 +75,47 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         "kubectl shows the job's state:\n{table}"
     );
 
-    // A new version committed to Git: every agent upgrades.
+    // A new version committed to Git while agent-3 is switched off: the
+    // running agents upgrade; agent-3 gets the job when it starts again, as
+    // the same Agent (its host ID is kept in its state directory).
+    c.agents[2].proc.kill();
     let v2 = c.dir.join("hello-1.1.0");
     copy_dir(&repo_root().join("examples/packages/hello"), &v2)?;
     std::fs::write(v2.join("VERSION"), "1.1.0\n")?;
     c.push_package(&v2, "hello", "1.1.0", &repo.work.join("fleet/packages"))?;
     repo.commit("hello 1.1.0")?;
-    wait_for("every agent to run hello 1.1.0", T, || async {
-        let all = c.agents.iter().all(|a| {
-            std::fs::read_to_string(a.install_root.join("hello/VERSION"))
-                .is_ok_and(|v| v == "1.1.0\n")
-        });
-        Ok(all.then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(c.logs()))?;
+    let version = |a: &caravan_tests::Agent| {
+        std::fs::read_to_string(a.install_root.join("hello/VERSION")).unwrap_or_default()
+    };
+    c.wait_job("hello-everywhere", "Progressing", "2/3", T)
+        .await?;
+    assert_eq!(version(&c.agents[0]), "1.1.0\n");
+    assert_eq!(version(&c.agents[1]), "1.1.0\n");
+    assert_eq!(
+        version(&c.agents[2]),
+        "1.0.0\n",
+        "a stopped agent changes nothing"
+    );
+    let relay_info = caravan_tests::RelayInfo {
+        url: relay.url.clone(),
+        cache_dir: relay.cache_dir.clone(),
+        bootstrap_token: String::new(),
+    };
+    let a3 = &c.agents[2];
+    let restarted = c.spawn_agent("agent-3", &relay_info, &a3.state_dir, &a3.install_root)?;
+    c.agents[2].proc = restarted;
     c.wait_job("hello-everywhere", "Succeeded", "3/3", T)
         .await?;
+    assert_eq!(version(&c.agents[2]), "1.1.0\n");
+    assert_eq!(
+        c.api::<Agent>()
+            .list(&Default::default())
+            .await?
+            .items
+            .len(),
+        3,
+        "no duplicate Agent after a restart"
+    );
 
     // The job removed from Git: the object is pruned and the files go away.
     repo.remove("fleet/job.yaml")?;
