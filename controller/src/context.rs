@@ -24,6 +24,7 @@ pub struct Context {
     pub keys: Keys,
     pub blobs: BlobStore,
     pub reporter: Reporter,
+    pub metrics: crate::metrics::Metrics,
     /// Caches of the objects the engine watches; filled by [`crate::engine::run`].
     pub stores: Readers,
     pub(crate) writers: Mutex<Option<Writers>>,
@@ -52,6 +53,7 @@ impl Context {
             },
             stores,
             writers: Mutex::new(Some(writers)),
+            metrics: Default::default(),
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             relay_seen: Mutex::new(HashMap::new()),
             site_trigger,

@@ -173,6 +173,8 @@ pub async fn recompute(ctx: &Context) {
         r.cabinets.state(),
     );
     let plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    ctx.metrics.recomputes.inc();
+    ctx.metrics.agents.set(agents.len() as i64);
 
     let index = DesiredIndex {
         sites: sites

@@ -24,7 +24,7 @@ use kube::{
 };
 use serde::Deserialize;
 
-use crate::{context::Context, error::Error};
+use crate::{context::Context, error::Error, metrics::ResultLabel};
 
 /// Largest manifest file read from Git.
 const MAX_FILE_BYTES: usize = 1 << 20;
@@ -381,6 +381,12 @@ async fn reconcile(gs: Arc<GitSource>, ctx: Arc<Context>) -> Result<Action, Erro
     let (commit, files) = match fetched {
         Ok(x) => x,
         Err(e) => {
+            ctx.metrics
+                .git_syncs
+                .get_or_create(&ResultLabel {
+                    result: "fetch_failed",
+                })
+                .inc();
             let msg = format!("fetching {} ({}): {e}", gs.spec.url, gs.spec.branch);
             status.conditions = vec![conditions::new(
                 conditions::READY,
@@ -404,6 +410,15 @@ async fn reconcile(gs: Arc<GitSource>, ctx: Arc<Context>) -> Result<Action, Erro
             .map(|()| manifests.len())
             .map_err(|errors| (reasons::APPLY_FAILED, errors)),
     };
+    let result = if outcome.is_ok() {
+        "applied"
+    } else {
+        "refused"
+    };
+    ctx.metrics
+        .git_syncs
+        .get_or_create(&ResultLabel { result })
+        .inc();
     match outcome {
         Ok(count) => {
             let changed = status.last_applied_revision.as_deref() != Some(commit.as_str());

@@ -35,6 +35,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(ctx): State<Arc<Context>>| async move { ctx.metrics.encode() }),
+        )
         .route("/v1/site/desired", get(site_desired))
         .route("/v1/site/enroll", post(enroll))
         .route("/v1/site/reports", post(reports))
@@ -226,6 +230,7 @@ async fn reports(
     Json(reports): Json<Vec<AgentReport>>,
 ) -> Result<StatusCode, ApiError> {
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.metrics.reports.inc_by(reports.len() as u64);
     for report in reports {
         let agent = ctx
             .stores
@@ -311,6 +316,13 @@ async fn get_blob(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map(Body::new);
+    if let Some(len) = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        ctx.metrics.blob_served_bytes.inc_by(len);
+    }
     // Content-addressed: the digest is the strongest validator there is.
     res.headers_mut().insert(
         header::ETAG,
@@ -357,6 +369,7 @@ async fn put_blob(
     match ctx.blobs.put(&hex, body.into_data_stream()).await {
         Ok(size) => {
             tracing::info!(%digest, size, "blob stored");
+            ctx.metrics.blob_upload_bytes.inc_by(size);
             Ok((
                 StatusCode::CREATED,
                 Json(serde_json::json!({ "digest": digest, "size": size, "existed": false })),

@@ -43,16 +43,22 @@ pub struct Cache {
     dir: PathBuf,
     upstream: Upstream,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    upstream_bytes: prometheus_client::metrics::counter::Counter,
 }
 
 impl Cache {
-    pub async fn open(dir: PathBuf, upstream: Upstream) -> std::io::Result<Self> {
+    pub async fn open(
+        dir: PathBuf,
+        upstream: Upstream,
+        upstream_bytes: prometheus_client::metrics::counter::Counter,
+    ) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(dir.join("sha256")).await?;
         tokio::fs::create_dir_all(dir.join("partial")).await?;
         Ok(Self {
             dir,
             upstream,
             inflight: Mutex::new(HashMap::new()),
+            upstream_bytes,
         })
     }
 
@@ -60,11 +66,12 @@ impl Cache {
         self.dir.join("sha256").join(hex)
     }
 
-    /// Returns the path of the cached blob, fetching it first if needed.
-    pub async fn ensure(&self, hex: &str) -> Result<PathBuf, CacheError> {
+    /// Returns the path of the cached blob, fetching it first if needed, and
+    /// whether it was already cached.
+    pub async fn ensure(&self, hex: &str) -> Result<(PathBuf, bool), CacheError> {
         let path = self.path(hex);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            return Ok(path);
+            return Ok((path, true));
         }
         let lock = self
             .inflight
@@ -80,6 +87,7 @@ impl Cache {
             } else {
                 self.fetch(hex).await
             }
+            .map(|p| (p, false))
         };
         self.inflight.lock().expect("lock poisoned").remove(hex);
         result
@@ -127,6 +135,7 @@ impl Cache {
                 source,
             })?;
             hasher.update(&chunk);
+            self.upstream_bytes.inc_by(chunk.len() as u64);
             file.write_all(&chunk).await.map_err(io(&partial))?;
         }
         file.sync_all().await.map_err(io(&partial))?;

@@ -3,6 +3,7 @@
 //! or a parent relay for content), so it works behind NAT.
 
 pub mod cache;
+pub mod metrics;
 pub mod server;
 pub mod tokens;
 pub mod upstream;
@@ -110,14 +111,20 @@ pub struct Relay {
     /// `None` until the first desired state arrives from upstream.
     pub state: watch::Sender<Option<Arc<SiteState>>>,
     pub reports: tokio::sync::mpsc::UnboundedSender<caravan_api::wire::AgentReport>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Runs the relay until interrupted.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new(&config.upstream, &config.token)?;
-    let cache = cache::Cache::open(config.cache_dir.clone(), upstream.clone())
-        .await
-        .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let cache = cache::Cache::open(
+        config.cache_dir.clone(),
+        upstream.clone(),
+        metrics.upstream_bytes.clone(),
+    )
+    .await
+    .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
     let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
     let relay = Arc::new(Relay {
         config: config.clone(),
@@ -125,6 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache,
         state: watch::channel(None).0,
         reports,
+        metrics,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -23,6 +23,10 @@ pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|State(relay): State<Arc<Relay>>| async move { relay.metrics.encode() }),
+        )
         .route("/v1/enroll", post(enroll))
         .route("/v1/desired", get(desired))
         .route("/v1/report", post(report))
@@ -107,6 +111,7 @@ async fn enroll(
         .map_err(|e| err(e.status(), e.to_string()))?;
     tracing::info!(agent = %forward.agent, host = %req.hostname, "agent enrolled");
     let token = tokens::issue(&relay.config.token, &forward.agent);
+    relay.metrics.enrollments.inc();
     Ok(Json(EnrollResponse {
         agent: forward.agent,
         token,
@@ -167,6 +172,7 @@ async fn report(
 ) -> Result<StatusCode, ApiError> {
     // An agent reports for itself only, whatever the body says.
     report.agent = agent;
+    relay.metrics.reports.inc();
     relay
         .reports
         .send(report)
@@ -202,7 +208,7 @@ async fn blob(
             format!("blob {digest} is not assigned to agent {agent}"),
         ));
     }
-    let path = relay.cache.ensure(&hex).await.map_err(|e| {
+    let (path, hit) = relay.cache.ensure(&hex).await.map_err(|e| {
         tracing::warn!(blob = %digest, error = %e, "blob unavailable");
         let code = match &e {
             CacheError::Upstream(u) => u.status(),
@@ -221,5 +227,18 @@ async fn blob(
             .parse()
             .expect("hex is a valid header value"),
     );
+    if hit {
+        &relay.metrics.cache_hits
+    } else {
+        &relay.metrics.cache_misses
+    }
+    .inc();
+    if let Some(len) = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        relay.metrics.served_bytes.inc_by(len);
+    }
     Ok(res)
 }

@@ -829,3 +829,15 @@ pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Reads one sample (`name`, no labels) from a Prometheus `/metrics` endpoint.
+pub async fn metric(base_url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("metric {name} not found in:\n{text}"))
+}

@@ -9,7 +9,7 @@ use caravan_api::{
     conditions,
     v1alpha1::{Agent, DistributionJob},
 };
-use caravan_tests::{copy_dir, repo_root, wait_for, Caravan};
+use caravan_tests::{copy_dir, metric, repo_root, wait_for, Caravan};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -73,6 +73,27 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
     assert!(
         row.contains("Succeeded") && row.contains("3/3"),
         "kubectl shows the job's state:\n{table}"
+    );
+
+    // The relay fetched the blob from the controller once and served it three times.
+    let size = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .get("hello-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .size as f64;
+    assert_eq!(
+        metric(&relay.url, "caravan_relay_upstream_bytes_total").await?,
+        size
+    );
+    assert_eq!(
+        metric(&relay.url, "caravan_relay_served_bytes_total").await?,
+        3.0 * size
+    );
+    assert_eq!(
+        metric(&c.api_url, "caravan_store_served_bytes_total").await?,
+        size
     );
 
     // A new version committed to Git while agent-3 is switched off: the
