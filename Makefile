@@ -1,6 +1,6 @@
 # Caravan: the two commands that set everything up on a fresh Debian machine.
 #   make demo   — the main job end to end on a local, embedded setup
-#   make test   — the whole test suite
+#   make test   — the whole test suite (format and clippy checks, unit and end-to-end tests)
 # Both first run scripts/setup.sh (Debian packages; kube-apiserver built once
 # from Debian's source package and cached in ~/.cache/caravan).
 
@@ -17,7 +17,7 @@ build:
 demo: setup build
 	./target/debug/caravan-demo
 
-test: setup build
+test: setup build lint
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 crds:

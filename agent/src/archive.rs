@@ -119,8 +119,11 @@ pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
 mod tests {
     use super::*;
 
+    /// Path, type, data and link target of one raw tar entry.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a [u8], Option<&'a str>);
+
     /// Builds a tar.zst with raw headers, so hostile entries can be made.
-    fn archive(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    fn archive(entries: &[Entry]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, data, link) in entries {
             let mut h = tar::Header::new_gnu();
@@ -140,9 +143,7 @@ mod tests {
         zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
     }
 
-    fn try_extract(
-        entries: &[(&str, tar::EntryType, &[u8], Option<&str>)],
-    ) -> (Result<u64, ArchiveError>, tempfile::TempDir) {
+    fn try_extract(entries: &[Entry]) -> (Result<u64, ArchiveError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let r = extract(&archive(entries)[..], &dir.path().join("out"));
         (r, dir)
@@ -163,7 +164,7 @@ mod tests {
     #[test]
     fn hostile_entries_are_refused_before_writing_outside() {
         use tar::EntryType as T;
-        let cases: &[(&str, &[(&str, T, &[u8], Option<&str>)])] = &[
+        let cases: &[(&str, &[Entry])] = &[
             ("dotdot", &[("../evil", T::Regular, b"x", None)]),
             ("absolute", &[("/tmp/evil", T::Regular, b"x", None)]),
             ("symlink out", &[("l", T::Symlink, b"", Some("../../etc"))]),

@@ -291,9 +291,12 @@ pub fn parse_revision(
     }
 }
 
+/// Manifest files of a revision: path relative to the repository root, contents.
+pub type Files = Vec<(String, Vec<u8>)>;
+
 /// Fetches the source and returns the commit id and every `*.yaml`/`*.yml` file
 /// under its path (paths relative to the repository root).
-pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Vec<(String, Vec<u8>)>), Error> {
+pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Files), Error> {
     let repo = match git2::Repository::open_bare(dir) {
         Ok(r) => r,
         Err(_) => {
