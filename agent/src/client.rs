@@ -2,6 +2,7 @@
 
 use std::{path::Path, time::Duration};
 
+use anyhow::Context as _;
 use caravan_api::wire::{AgentDesired, AgentReport, EnrollRequest, EnrollResponse, ErrorBody};
 use futures::StreamExt;
 use reqwest::{header, StatusCode};
@@ -40,10 +41,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
+    pub fn new(base: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading CA file {}", path.display()))?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        let http = builder.build()?;
+
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),

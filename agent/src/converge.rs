@@ -40,7 +40,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
-        let client = Client::new(&args.server)?;
+        let client = Client::new(&args.server, args.ca_file.as_deref())?;
         Ok(Self {
             client,
             args,

@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// URL of the site's relay.
     #[arg(long, env = "CARAVAN_SERVER")]
     pub server: String,
+    /// CA certificate (PEM) to verify the relay's HTTPS certificate with
+    /// (default: the system's web PKI roots).
+    #[arg(long, env = "CARAVAN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// The site's bootstrap token, needed only to enroll.
     #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,

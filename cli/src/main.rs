@@ -64,6 +64,9 @@ enum PackageCommand {
         /// Upload token of the controller.
         #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
         token: String,
+        /// CA certificate (PEM) to verify the controller's HTTPS certificate with.
+        #[arg(long, env = "CARAVAN_CA_FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -97,10 +100,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             args,
             server,
             token,
+            ca_file,
         }) => {
             let tmp = tempfile::NamedTempFile::new()?;
             let artifact = build(&args, tmp.path())?;
-            upload(&server, &token, &artifact, tmp.path()).await?;
+            upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?;
             println!(
                 "pushed {} {} to cabinet {} ({}, {} bytes)",
                 args.name, args.version, args.cabinet, artifact.digest, artifact.size
@@ -140,7 +144,19 @@ fn manifest(args: &BuildArgs, artifact: &Artifact) -> String {
 }
 
 /// Streams the archive to the controller's store.
-async fn upload(server: &str, token: &str, artifact: &Artifact, file: &Path) -> anyhow::Result<()> {
+async fn upload(
+    server: &str,
+    token: &str,
+    ca_file: Option<&Path>,
+    artifact: &Artifact,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let mut client = reqwest::Client::builder();
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
+        client = client.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
     let url = format!(
         "{}/v1/blobs/{}",
         server.trim_end_matches('/'),
@@ -148,7 +164,8 @@ async fn upload(server: &str, token: &str, artifact: &Artifact, file: &Path) -> 
     );
     let f = tokio::fs::File::open(file).await?;
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
-    let res = reqwest::Client::new()
+    let res = client
+        .build()?
         .put(&url)
         .bearer_auth(token)
         .header(reqwest::header::CONTENT_LENGTH, artifact.size)

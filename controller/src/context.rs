@@ -25,6 +25,8 @@ pub struct Context {
     pub blobs: BlobStore,
     pub reporter: Reporter,
     pub metrics: crate::metrics::Metrics,
+    /// PEM of the CA relays verify this controller with, if configured.
+    pub relay_upstream_ca: Option<String>,
     /// Caches of the objects the engine watches; filled by [`crate::engine::run`].
     pub stores: Readers,
     pub(crate) writers: Mutex<Option<Writers>>,
@@ -40,6 +42,13 @@ pub struct Context {
 impl Context {
     pub fn new(client: kube::Client, config: Config) -> crate::error::Result<Self> {
         let keys = Keys::load_or_create(&config.data_dir.join("token.key"))?;
+        let relay_upstream_ca = match &config.relay_upstream_ca_file {
+            Some(path) => {
+                Some(std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?)
+            }
+            None => None,
+        };
+
         let blobs = BlobStore::new(config.data_dir.join("blobs"));
         let (writers, stores) = crate::engine::stores();
         let (site_trigger, rx) = mpsc::unbounded_channel();
@@ -54,6 +63,7 @@ impl Context {
             stores,
             writers: Mutex::new(Some(writers)),
             metrics: Default::default(),
+            relay_upstream_ca,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             relay_seen: Mutex::new(HashMap::new()),
             site_trigger,

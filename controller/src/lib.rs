@@ -10,6 +10,7 @@ pub mod gitsource;
 pub mod http;
 pub mod metrics;
 pub mod reconcile;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
@@ -51,9 +52,28 @@ pub struct Config {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CARAVAN_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Serve the distribution API over HTTPS with this certificate (PEM chain)...
+    #[arg(long, env = "CARAVAN_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, env = "CARAVAN_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificate (PEM) relays use to verify this controller; handed to
+    /// every relay through its Secret.
+    #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
+    pub relay_upstream_ca_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "CARAVAN_LOG_JSON")]
     pub log_json: bool,
+}
+
+impl Config {
+    fn tls(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+        ))
+    }
 }
 
 /// Runs every part of the controller until one of them stops.
@@ -62,13 +82,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API")?;
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding the distribution API to {}", config.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "distribution API listening");
     let app = http::router(ctx.clone());
     tokio::select! {
-        r = axum::serve(listener, app) => r.context("distribution API server")?,
+        r = serve::serve(config.listen, app, config.tls()) => r.context("distribution API server")?,
         r = engine::run(ctx.clone()) => r.context("distribution engine")?,
         () = gitsource::run(ctx.clone()) => {},
         () = reconcile::site::run(ctx.clone()) => {},

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod metrics;
+pub mod serve;
 pub mod server;
 pub mod tokens;
 pub mod upstream;
@@ -34,6 +35,16 @@ pub struct Config {
     /// Directory of the blob cache.
     #[arg(long, env = "CARAVAN_CACHE_DIR", default_value = "/var/cache/caravan")]
     pub cache_dir: PathBuf,
+    /// CA certificate (PEM) to verify the upstream's HTTPS certificate with
+    /// (default: the system's web PKI roots).
+    #[arg(long, env = "CARAVAN_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Serve agents over HTTPS with this certificate (PEM chain)...
+    #[arg(long, env = "CARAVAN_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, env = "CARAVAN_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long, env = "CARAVAN_LOG_JSON")]
     pub log_json: bool,
@@ -116,7 +127,11 @@ pub struct Relay {
 
 /// Runs the relay until interrupted.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let upstream = upstream::Upstream::new(&config.upstream, &config.token)?;
+    let upstream = upstream::Upstream::new(
+        &config.upstream,
+        &config.token,
+        config.upstream_ca_file.as_deref(),
+    )?;
     let metrics = Arc::new(metrics::Metrics::default());
     let cache = cache::Cache::open(
         config.cache_dir.clone(),
@@ -134,12 +149,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         reports,
         metrics,
     });
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, upstream = %config.upstream, "relay listening");
+    tracing::info!(upstream = %config.upstream, "relay starting");
+    let tls = config
+        .tls_cert_file
+        .as_deref()
+        .zip(config.tls_key_file.as_deref());
     tokio::select! {
-        r = axum::serve(listener, server::router(relay.clone())) => r.context("relay server")?,
+        r = serve::serve(config.listen, server::router(relay.clone()), tls) => r.context("relay server")?,
         () = sync_desired(relay.clone()) => {},
         () = upstream::forward_reports(relay.upstream.clone(), reports_rx) => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

@@ -312,6 +312,7 @@ impl Cluster {
         &self,
         namespace: &str,
         deployment: &str,
+        node_dir: &Path,
     ) -> anyhow::Result<(Vec<String>, Vec<(String, String)>)> {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
         let d = wait_for(
@@ -323,10 +324,14 @@ impl Cluster {
             },
         )
         .await?;
-        let container = d
+        let pod = d
             .spec
             .and_then(|s| s.template.spec)
-            .and_then(|s| s.containers.into_iter().next())
+            .context("Deployment has no pod spec")?;
+        let container = pod
+            .containers
+            .first()
+            .cloned()
             .context("Deployment has no container")?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let mut env = vec![];
@@ -345,7 +350,40 @@ impl Cluster {
             };
             env.push((e.name, value));
         }
-        Ok((container.args.unwrap_or_default(), env))
+        // Secret volumes: written under `node_dir`, and the arguments that
+        // point into their mount paths rewritten to match.
+        let mut args = container.args.unwrap_or_default();
+        for m in container.volume_mounts.unwrap_or_default() {
+            let volume = pod.volumes.iter().flatten().find(|v| v.name == m.name);
+            let Some(sv) = volume.and_then(|v| v.secret.as_ref()) else {
+                continue;
+            };
+            let secret = secrets
+                .get(sv.secret_name.as_deref().unwrap_or_default())
+                .await?;
+            let data = secret.data.unwrap_or_default();
+            let local = node_dir.join(m.mount_path.trim_start_matches('/'));
+            std::fs::create_dir_all(&local)?;
+            let files: Vec<(String, String)> = match &sv.items {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone()))
+                    .collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            for (key, path) in files {
+                let bytes = data
+                    .get(&key)
+                    .with_context(|| format!("secret has no key {key}"))?;
+                std::fs::write(local.join(path), &bytes.0)?;
+            }
+            for a in &mut args {
+                if let Some(rest) = a.strip_prefix(m.mount_path.as_str()) {
+                    *a = format!("{}{rest}", local.display());
+                }
+            }
+        }
+        Ok((args, env))
     }
 
     /// Runs kubectl against this cluster and returns its output.
@@ -386,10 +424,12 @@ async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
 }
 
 /// How the controller gets into the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Install {
     /// CRDs applied by the harness; the controller runs with admin credentials.
+    #[default]
     Direct,
+
     /// `helm install charts/caravan`; the controller runs as the chart's
     /// ServiceAccount, with the chart's RBAC.
     Helm,
@@ -440,7 +480,79 @@ pub struct Caravan {
     pub upload_token: String,
     pub relays: Vec<Proc>,
     pub agents: Vec<Agent>,
+    /// Certificates when everything talks HTTPS.
+    pub tls: Option<TestTls>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// How to start Caravan in a test.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub install: Install,
+    /// Controller and relays serve HTTPS with a test CA that the relays,
+    /// agents and CLI are told to trust.
+    pub tls: bool,
+}
+
+/// A CA and a server certificate for `localhost`/`127.0.0.1`, as PEM files.
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Caravan test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &ca)?;
+        let tls = Self {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&tls.ca, ca.pem())?;
+        std::fs::write(&tls.cert, cert.pem())?;
+        std::fs::write(&tls.key, key.serialize_pem())?;
+        Ok(tls)
+    }
+}
+
+/// An HTTP client that trusts the test CA, if there is one.
+pub fn http_client(tls: Option<&TestTls>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(tls) = tls {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&tls.ca)?)?);
+    }
+    Ok(b.build()?)
+}
+
+/// Waits until `url` answers 2xx; on time-out, shows the process's log.
+async fn wait_http_ok(client: &reqwest::Client, url: &str, proc: &Proc) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{url} to answer"),
+        Duration::from_secs(60),
+        || async {
+            Ok(client
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        },
+    )
+    .await
+    .map_err(|e| e.context(proc.log_tail(30)))
 }
 
 /// A running agent process and its directories.
@@ -461,11 +573,12 @@ pub struct RelayInfo {
 impl Caravan {
     /// Starts a cluster, installs the CRDs, creates `namespace` and starts the controller.
     pub async fn start(namespace: &str) -> anyhow::Result<Self> {
-        Self::start_with(namespace, Install::Direct).await
+        Self::start_with(namespace, Options::default()).await
     }
 
     /// Starts a cluster and Caravan in it, either directly or with the Helm chart.
-    pub async fn start_with(namespace: &str, install: Install) -> anyhow::Result<Self> {
+    pub async fn start_with(namespace: &str, options: Options) -> anyhow::Result<Self> {
+        let Options { install, tls } = options;
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let keep = std::env::var("CARAVAN_KEEP").is_ok_and(|v| v == "1");
@@ -478,8 +591,16 @@ impl Caravan {
         };
         let cluster = Cluster::start(&dir).await?;
         cluster.create_namespace(namespace).await?;
+        let tls = if tls {
+            Some(TestTls::generate(&dir.join("tls"))?)
+        } else {
+            None
+        };
         let port = free_port();
-        let api_url = format!("http://127.0.0.1:{port}");
+        let api_url = format!(
+            "{}://127.0.0.1:{port}",
+            if tls.is_some() { "https" } else { "http" }
+        );
         let data_dir = dir.join("controller").display().to_string();
         let (args, mut env) = match install {
             Install::Direct => {
@@ -508,7 +629,9 @@ impl Caravan {
                 ])?;
                 eprintln!("{out}");
                 cluster.wait_crds().await?;
-                cluster.container_command(HELM_NAMESPACE, "caravan").await?
+                cluster
+                    .container_command(HELM_NAMESPACE, "caravan", &dir.join("node/controller"))
+                    .await?
             }
         };
         // The controller runs with the chart's RBAC when installed with Helm:
@@ -519,14 +642,19 @@ impl Caravan {
                 cluster.impersonating(&format!("system:serviceaccount:{HELM_NAMESPACE}:caravan"))?
             }
         };
-        let args = override_args(
-            args,
-            &[
-                ("--listen", format!("127.0.0.1:{port}")),
-                ("--data-dir", data_dir),
-                ("--relay-upstream-url", api_url.clone()),
-            ],
-        );
+        let mut flags = vec![
+            ("--listen", format!("127.0.0.1:{port}")),
+            ("--data-dir", data_dir),
+            ("--relay-upstream-url", api_url.clone()),
+        ];
+        if let Some(tls) = &tls {
+            flags.extend([
+                ("--tls-cert-file", tls.cert.display().to_string()),
+                ("--tls-key-file", tls.key.display().to_string()),
+                ("--relay-upstream-ca-file", tls.ca.display().to_string()),
+            ]);
+        }
+        let args = override_args(args, &flags);
         let args: Vec<&str> = args
             .iter()
             .map(String::as_str)
@@ -542,20 +670,15 @@ impl Caravan {
             ("RUST_LOG".to_string(), "info,kube=error".to_string()),
         ]);
         let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, &env, &dir)?;
-        let url = format!("{api_url}/healthz");
-        wait_for("the controller's API", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                Ok(reqwest::get(&url)
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ()))
-            }
-        })
-        .await
-        .map_err(|e| e.context(controller.log_tail(30)))?;
+        wait_http_ok(
+            &http_client(tls.as_ref())?,
+            &format!("{api_url}/healthz"),
+            &controller,
+        )
+        .await?;
         Ok(Self {
+            tls,
+
             dir,
             namespace: namespace.into(),
             cluster,
@@ -605,6 +728,23 @@ impl Caravan {
         Ok(())
     }
 
+    /// Stores the test certificate as a `kubernetes.io/tls` Secret.
+    pub async fn create_tls_secret(&self, name: &str, tls: &TestTls) -> anyhow::Result<()> {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": { "name": name, "namespace": self.namespace },
+            "stringData": { "tls.crt": std::fs::read_to_string(&tls.cert)?, "tls.key": std::fs::read_to_string(&tls.key)? },
+        }))?;
+        self.api::<Secret>()
+            .patch(
+                name,
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Runs `caravan package push` for a directory into `manifest_dir`.
     pub fn push_package(
         &self,
@@ -629,7 +769,9 @@ impl Caravan {
             .arg("--manifest-dir")
             .arg(manifest_dir)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
+            .envs(self.tls.as_ref().map(|t| ("CARAVAN_CA_FILE", &t.ca)))
             .output()?;
+
         anyhow::ensure!(
             out.status.success(),
             "caravan package push failed: {}",
@@ -644,7 +786,11 @@ impl Caravan {
     pub async fn start_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
         let (args, env) = self
             .cluster
-            .container_command(&self.namespace, &format!("{site}-relay"))
+            .container_command(
+                &self.namespace,
+                &format!("{site}-relay"),
+                &self.dir.join(format!("node/relay-{site}")),
+            )
             .await?;
         let bootstrap_token = env
             .iter()
@@ -669,24 +815,18 @@ impl Caravan {
             &env,
             &self.dir,
         )?;
-        let url = format!("http://127.0.0.1:{port}");
-        let ready = format!("{url}/readyz");
-        wait_for(
-            &format!("relay of {site} to be ready"),
-            Duration::from_secs(60),
-            || {
-                let ready = ready.clone();
-                async move {
-                    Ok(reqwest::get(&ready)
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ()))
-                }
-            },
+        let scheme = if args.contains(&"--tls-cert-file") {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        wait_http_ok(
+            &http_client(self.tls.as_ref())?,
+            &format!("{url}/readyz"),
+            &proc,
         )
-        .await
-        .map_err(|e| e.context(proc.log_tail(30)))?;
+        .await?;
         self.relays.push(proc);
         Ok(RelayInfo {
             url,
@@ -738,7 +878,14 @@ impl Caravan {
             &[(
                 "CARAVAN_BOOTSTRAP_TOKEN".into(),
                 relay.bootstrap_token.clone(),
-            )],
+            )]
+            .into_iter()
+            .chain(
+                self.tls
+                    .as_ref()
+                    .map(|t| ("CARAVAN_CA_FILE".to_string(), t.ca.display().to_string())),
+            )
+            .collect::<Vec<_>>(),
             &self.dir,
         )
     }
@@ -796,7 +943,17 @@ impl Caravan {
         let examples = repo_root().join("examples");
         for entry in std::fs::read_dir(examples.join("fleet"))? {
             let entry = entry?;
-            let text = std::fs::read_to_string(entry.path())?;
+            let mut text = std::fs::read_to_string(entry.path())?;
+            if let (Some(tls), "site.yaml") =
+                (&self.tls, entry.file_name().to_string_lossy().as_ref())
+            {
+                // The relay serves HTTPS with the test certificate.
+                self.create_tls_secret("hq-tls", tls).await?;
+                text = text.replace(
+                    "    replicas: 1\n",
+                    "    replicas: 1\n    tlsSecret: hq-tls\n",
+                );
+            }
             repo.write(
                 &format!("fleet/{}", entry.file_name().to_string_lossy()),
                 &text,

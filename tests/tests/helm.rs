@@ -5,14 +5,21 @@
 
 use std::time::Duration;
 
-use caravan_tests::{helm, repo_root, Caravan, Install, HELM_NAMESPACE};
+use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE};
 use k8s_openapi::api::{apps::v1::Deployment, rbac::v1::ClusterRole};
 use kube::Api;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() -> anyhow::Result<()>
 {
-    let mut c = Caravan::start_with("fleet", Install::Helm).await?;
+    let mut c = Caravan::start_with(
+        "fleet",
+        Options {
+            install: Install::Helm,
+            tls: false,
+        },
+    )
+    .await?;
     let role = Api::<ClusterRole>::all(c.client()).get("caravan").await?;
     assert!(
         !role

@@ -39,6 +39,9 @@ pub struct RelaySpec {
     /// Relay image; the controller's default when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// A `kubernetes.io/tls` Secret: the relay then serves its agents over HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret: Option<String>,
 }
 
 impl Default for RelaySpec {
@@ -46,6 +49,7 @@ impl Default for RelaySpec {
         Self {
             replicas: 1,
             image: None,
+            tls_secret: None,
         }
     }
 }

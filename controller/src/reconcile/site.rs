@@ -27,7 +27,10 @@ use crate::{context::Context, error::Error};
 
 /// A relay silent for longer than this is reported not ready.
 pub const RELAY_STALE_SECONDS: i64 = 90;
+/// Key of the relay Secret holding the CA that verifies the controller.
+pub const UPSTREAM_CA_KEY: &str = "upstream-ca.crt";
 /// Port the relay container listens on.
+
 pub const RELAY_PORT: u16 = 8080;
 
 /// Name shared by a site's relay Deployment, Service and Secret.
@@ -104,6 +107,9 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
             json!({ "name": relay, "key": "bootstrap-token" })
         }
     };
+    if let Some(ca) = &ctx.relay_upstream_ca {
+        secret_data[UPSTREAM_CA_KEY] = ca.clone().into();
+    }
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": meta(json!({})),
         "type": "Opaque", "stringData": secret_data,
@@ -120,6 +126,43 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
         .image
         .clone()
         .unwrap_or_else(|| ctx.config.relay_image.clone());
+    // Files the relay reads: the CA of its upstream and its own serving certificate.
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("0.0.0.0:{RELAY_PORT}"),
+        "--cache-dir".into(),
+        "/var/cache/caravan".into(),
+    ];
+    let mut mounts = vec![json!({ "name": "cache", "mountPath": "/var/cache/caravan" })];
+    let mut volumes = vec![json!({ "name": "cache", "emptyDir": {} })];
+    if ctx.relay_upstream_ca.is_some() {
+        args.extend([
+            "--upstream-ca-file".into(),
+            format!("/etc/caravan/upstream/{UPSTREAM_CA_KEY}"),
+        ]);
+        mounts.push(
+            json!({ "name": "upstream", "mountPath": "/etc/caravan/upstream", "readOnly": true }),
+        );
+        volumes.push(json!({ "name": "upstream", "secret": { "secretName": relay, "items": [{ "key": UPSTREAM_CA_KEY, "path": UPSTREAM_CA_KEY }] } }));
+    }
+    let scheme = match &site.spec.relay.tls_secret {
+        Some(tls) => {
+            args.extend(
+                [
+                    "--tls-cert-file",
+                    "/etc/caravan/tls/tls.crt",
+                    "--tls-key-file",
+                    "/etc/caravan/tls/tls.key",
+                ]
+                .map(String::from),
+            );
+            mounts
+                .push(json!({ "name": "tls", "mountPath": "/etc/caravan/tls", "readOnly": true }));
+            volumes.push(json!({ "name": "tls", "secret": { "secretName": tls } }));
+            "HTTPS"
+        }
+        None => "HTTP",
+    };
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(json!({})),
         "spec": {
@@ -133,19 +176,19 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
                     "containers": [{
                         "name": "relay",
                         "image": image,
-                        "args": ["--listen", format!("0.0.0.0:{RELAY_PORT}"), "--cache-dir", "/var/cache/caravan"],
+                        "args": args,
                         "env": [
                             { "name": "CARAVAN_UPSTREAM", "value": ctx.config.relay_upstream_url },
                             { "name": "CARAVAN_RELAY_TOKEN", "valueFrom": { "secretKeyRef": { "name": relay, "key": "token" } } },
                             { "name": "CARAVAN_BOOTSTRAP_TOKEN", "valueFrom": { "secretKeyRef": bootstrap } },
                         ],
                         "ports": [{ "name": "http", "containerPort": RELAY_PORT, "protocol": "TCP" }],
-                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" } },
-                        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" } },
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http", "scheme": scheme } },
+                        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http", "scheme": scheme } },
                         "securityContext": { "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": { "drop": ["ALL"] } },
-                        "volumeMounts": [{ "name": "cache", "mountPath": "/var/cache/caravan" }],
+                        "volumeMounts": mounts,
                     }],
-                    "volumes": [{ "name": "cache", "emptyDir": {} }],
+                    "volumes": volumes,
                 },
             },
         },
