@@ -30,7 +30,6 @@ pub const RELAY_STALE_SECONDS: i64 = 90;
 /// Key of the relay Secret holding the CA that verifies the controller.
 pub const UPSTREAM_CA_KEY: &str = "upstream-ca.crt";
 /// Port the relay container listens on.
-
 pub const RELAY_PORT: u16 = 8080;
 
 /// Name shared by a site's relay Deployment, Service and Secret.
