@@ -49,7 +49,6 @@ impl Client {
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
         }
         let http = builder.build()?;
-
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),

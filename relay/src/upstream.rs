@@ -48,7 +48,6 @@ impl Upstream {
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
         }
         let http = builder.build()?;
-
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),
