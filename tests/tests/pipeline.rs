@@ -96,6 +96,53 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         size
     );
 
+    // The relay serves byte ranges (resumable downloads) of an agent's own
+    // blobs, and nothing else.
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.agents[0].state_dir.join("credentials.json"),
+    )?)?;
+    let token = creds["token"].as_str().unwrap();
+    let digest = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .get("hello-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .digest;
+    let stored = std::fs::read(
+        c.dir
+            .join("controller/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )?;
+    let http = reqwest::Client::new();
+    let blob_url = |d: &str| format!("{}/v1/blobs/{d}", relay.url);
+    let res = http
+        .get(blob_url(&digest))
+        .bearer_auth(token)
+        .header("Range", "bytes=10-19")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 206);
+    assert_eq!(&res.bytes().await?[..], &stored[10..20]);
+    let other = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(
+        http.get(blob_url(&other))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .status(),
+        403
+    );
+    assert_eq!(http.get(blob_url(&digest)).send().await?.status(), 401);
+    assert_eq!(
+        http.get(blob_url(&digest))
+            .bearer_auth("agent-1/00")
+            .send()
+            .await?
+            .status(),
+        401
+    );
+
     // A new version committed to Git while agent-3 is switched off: the
     // running agents upgrade; agent-3 gets the job when it starts again, as
     // the same Agent (its host ID is kept in its state directory).
