@@ -42,7 +42,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        // A stalled connection fails instead of hanging; long-polls wait at most MAX_WAIT_SECONDS.
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(
+                caravan_api::wire::MAX_WAIT_SECONDS + 30,
+            ));
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading CA file {}", path.display()))?;

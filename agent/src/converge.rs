@@ -36,7 +36,12 @@ pub struct Agent {
     jobs: HashMap<Key, JobState>,
     /// When each failed assignment may be tried again.
     retry_at: HashMap<Key, Instant>,
+    /// When the last report reached the relay; `None` until one has, or after one failed.
+    last_delivered: Option<Instant>,
 }
+
+/// Longest time between two reports, so `lastSeen` stays fresh.
+const HEARTBEAT: Duration = Duration::from_secs(300);
 
 impl Agent {
     pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
@@ -48,6 +53,7 @@ impl Agent {
             desired: AgentDesired::default(),
             jobs: HashMap::new(),
             retry_at: HashMap::new(),
+            last_delivered: None,
         })
     }
 
@@ -66,6 +72,7 @@ impl Agent {
             .context("not enrolled yet: a bootstrap token is needed (--bootstrap-token or CARAVAN_BOOTSTRAP_TOKEN)")?;
         let req = EnrollRequest {
             host_id: self.state.host_id()?,
+            secret: self.state.host_secret()?,
             hostname: self.args.hostname.clone().unwrap_or_else(system_hostname),
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
@@ -128,6 +135,13 @@ impl Agent {
                 return false;
             }
         };
+        if self.desired.frozen {
+            // Not approved, or not known to the controller yet: change nothing.
+            if self.report_due() {
+                self.report(&installed).await;
+            }
+            return true;
+        }
         let assignments = self.desired.assignments.clone();
         let mut ok = true;
         let mut touched = false;
@@ -195,10 +209,11 @@ impl Agent {
             }
             self.report(&installed).await;
         }
-        // Remove what no job wants any more.
+        // Remove what no job wants any more (held packages stay as they are).
+        let hold = &self.desired.hold;
         let stale: Vec<String> = installed
             .keys()
-            .filter(|p| !wanted.contains_key(p.as_str()))
+            .filter(|p| !wanted.contains_key(p.as_str()) && !hold.contains(p))
             .cloned()
             .collect();
         for package in stale {
@@ -209,10 +224,15 @@ impl Agent {
                 tracing::warn!(%package, error = %format!("{e:#}"), "removal failed");
             }
         }
-        if touched {
+        if touched || self.report_due() {
             self.report(&installed).await;
         }
         ok
+    }
+
+    /// A report failed to arrive, or the heartbeat interval passed.
+    fn report_due(&self) -> bool {
+        self.last_delivered.is_none_or(|t| t.elapsed() > HEARTBEAT)
     }
 
     fn set_phase(&mut self, a: &Assignment, phase: AssignmentPhase, message: &str) {
@@ -312,9 +332,13 @@ impl Agent {
         if let Err(e) = self.state.set_last_report(&report) {
             tracing::warn!(error = %e, "cannot save the last report");
         }
-        if let Err(e) = self.client.report(&report).await {
-            // The next transition or poll sends the full state again.
-            tracing::warn!(error = %e, "report not delivered");
+        match self.client.report(&report).await {
+            Ok(()) => self.last_delivered = Some(Instant::now()),
+            Err(e) => {
+                // The next poll sends the full state again.
+                self.last_delivered = None;
+                tracing::warn!(error = %e, "report not delivered; will resend");
+            }
         }
     }
 }

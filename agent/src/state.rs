@@ -66,14 +66,29 @@ impl StateDir {
 
     /// The host's stable identity, created on first start.
     pub fn host_id(&self) -> anyhow::Result<String> {
-        let path = self.dir.join("host-id");
+        self.random_once("host-id", 16)
+    }
+
+    /// The secret that proves this host's identity when it enrolls again.
+    pub fn host_secret(&self) -> anyhow::Result<String> {
+        self.random_once("host-secret", 32)
+    }
+
+    /// Reads `name`, creating it with `bytes` random bytes (hex) if missing.
+    fn random_once(&self, name: &str, bytes: usize) -> anyhow::Result<String> {
+        let path = self.dir.join(name);
         match std::fs::read_to_string(&path) {
-            Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
-            Ok(_) | Err(_) => {
-                let id = hex::encode(rand::random::<[u8; 16]>());
-                write_atomic(&path, id.as_bytes())?;
-                Ok(id)
+            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Ok(_) => anyhow::bail!(
+                "{} is empty; restore it from a backup or remove it",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let v = hex::encode((0..bytes).map(|_| rand::random::<u8>()).collect::<Vec<_>>());
+                write_atomic(&path, v.as_bytes())?;
+                Ok(v)
             }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
@@ -155,11 +170,18 @@ impl StateDir {
     }
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new file, never a mix.
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new file,
+/// never a mix. State files hold credentials: only the owner may read them.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;

@@ -41,25 +41,50 @@ pub struct Assignment {
 }
 
 /// Everything assigned to one agent.
+///
+/// An agent removes a package it installed only when no assignment installs
+/// it and it is not held: a suspended job, or a job whose package reference
+/// does not resolve (a typo in Git), holds its packages instead of removing
+/// them from the fleet.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentDesired {
     pub agent: String,
     pub assignments: Vec<Assignment>,
+    /// Package names to leave as they are: neither installed nor removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold: Vec<String>,
+    /// Change nothing at all (the agent is not approved, or not known yet).
+    #[serde(default)]
+    pub frozen: bool,
 }
 
-/// Everything assigned to the agents of one site, keyed by agent name.
+impl AgentDesired {
+    /// The state of an agent the controller has not described (yet).
+    pub fn frozen(agent: &str) -> Self {
+        Self {
+            agent: agent.to_string(),
+            frozen: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// What every agent of one site must have, keyed by agent name.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteDesired {
     pub site: String,
-    pub agents: BTreeMap<String, Vec<Assignment>>,
+    pub agents: BTreeMap<String, AgentDesired>,
 }
 
 impl SiteDesired {
     /// Every blob digest the site's agents need.
     pub fn digests(&self) -> impl Iterator<Item = &str> {
-        self.agents.values().flatten().map(|a| a.digest.as_str())
+        self.agents
+            .values()
+            .flat_map(|a| &a.assignments)
+            .map(|a| a.digest.as_str())
     }
 }
 
@@ -72,6 +97,10 @@ pub struct EnrollRequest {
     pub os: String,
     pub arch: String,
     pub version: String,
+    /// A random secret the agent generated at its first enrollment and keeps
+    /// (with its host ID) in its state directory; re-enrolling the same host
+    /// ID requires it, so nobody else can take over an enrolled identity.
+    pub secret: String,
 }
 
 /// The controller's answer to an enrollment the relay passed on.

@@ -103,8 +103,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_file,
         }) => {
             let tmp = tempfile::NamedTempFile::new()?;
-            let artifact = build(&args, tmp.path())?;
+            // The manifest is written only once its blob is in the cabinet.
+            let artifact = pack::pack(&args.dir, tmp.path())
+                .with_context(|| format!("packing {}", args.dir.display()))?;
             upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?;
+            write_manifest(&args, &artifact)?;
             println!(
                 "pushed {} {} to cabinet {} ({}, {} bytes)",
                 args.name, args.version, args.cabinet, artifact.digest, artifact.size
@@ -118,14 +121,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn build(args: &BuildArgs, out: &Path) -> anyhow::Result<Artifact> {
     let artifact =
         pack::pack(&args.dir, out).with_context(|| format!("packing {}", args.dir.display()))?;
-    let manifest = manifest(args, &artifact);
+    write_manifest(args, &artifact)?;
+    Ok(artifact)
+}
+
+/// Writes the Package manifest into the manifest directory.
+fn write_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<()> {
+    let manifest = manifest(args, artifact);
     std::fs::create_dir_all(&args.manifest_dir)?;
     let path = args
         .manifest_dir
         .join(format!("{}-{}.yaml", args.name, args.version));
     std::fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
-    Ok(artifact)
+    Ok(())
 }
 
 fn manifest(args: &BuildArgs, artifact: &Artifact) -> String {

@@ -15,7 +15,7 @@ use std::{
 use caravan_api::{
     conditions::{self, reasons},
     v1alpha1::*,
-    wire::{Assignment, AssignmentPhase, SiteDesired},
+    wire::{AgentDesired, Assignment, AssignmentPhase, SiteDesired},
 };
 use futures::{stream, FutureExt, StreamExt};
 use kube::{
@@ -33,6 +33,8 @@ use crate::context::{Context, SiteKey};
 
 /// How long the engine waits for more changes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Longest a change waits for the engine while changes keep coming.
+const MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Desired state of every site, as served to relays.
 #[derive(Default, Debug)]
@@ -144,8 +146,15 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
     ]);
     let r = &ctx.stores;
     loop {
-        // Take the whole burst of changes before recomputing.
-        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changes.next()).await {}
+        // Take the whole burst of changes before recomputing, but recompute
+        // at least every MAX_DELAY however busy the cluster is.
+        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(DEBOUNCE, changes.next()).await {
+                Ok(Some(())) => {}
+                _ => break,
+            }
+        }
         // Never publish a desired state computed from half-filled caches: an
         // agent missing from it would remove its software.
         let ready = r.sites.wait_until_ready().now_or_never().is_some()
@@ -172,7 +181,7 @@ pub async fn recompute(ctx: &Context) {
         r.packages.state(),
         r.cabinets.state(),
     );
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    let mut plan = Plan::compute(&sites, &agents, &jobs, &packages);
     ctx.metrics.recomputes.inc();
     ctx.metrics.agents.set(agents.len() as i64);
 
@@ -183,7 +192,7 @@ pub async fn recompute(ctx: &Context) {
                 let key = (s.namespace().unwrap_or_default(), s.name_any());
                 let desired = SiteDesired {
                     site: s.name_any(),
-                    agents: plan.by_site.get(&key).cloned().unwrap_or_default(),
+                    agents: plan.by_site.remove(&key).unwrap_or_default(),
                 };
                 (key, Arc::new(SiteEntry::new(desired)))
             })
@@ -201,8 +210,9 @@ pub async fn recompute(ctx: &Context) {
         changed
     });
 
+    let agent_index = agent_index(&agents);
     for job in &jobs {
-        let status = job_status(job, plan.jobs.get(&key_of(job.as_ref())), &agents);
+        let status = job_status(job, plan.jobs.get(&key_of(job.as_ref())), &agent_index);
         patch_status_if_changed(ctx, job.as_ref(), job.status.as_ref(), status, |s| {
             &mut s.conditions
         })
@@ -290,11 +300,12 @@ async fn patch_status_if_changed<K, S>(
     }
 }
 
-/// What every job resolves to, and every agent's assignments.
+/// What every job resolves to, and every agent's desired state.
 #[derive(Default, Debug)]
 pub struct Plan {
-    /// Per site, per agent name: the agent's assignments.
-    pub by_site: HashMap<SiteKey, BTreeMap<String, Vec<Assignment>>>,
+    /// Per site, per agent name: what the agent must have. Every known agent
+    /// has an entry, so an agent no job targets gets an explicit empty state.
+    pub by_site: HashMap<SiteKey, BTreeMap<String, AgentDesired>>,
     /// Per job: targets and problems.
     pub jobs: HashMap<(String, String), JobPlan>,
 }
@@ -303,6 +314,8 @@ pub struct Plan {
 pub struct JobPlan {
     /// Agent name → the assignments this job gives it.
     pub targets: BTreeMap<String, Vec<Assignment>>,
+    /// Names of the packages whose reference did not resolve.
+    pub unresolved: Vec<String>,
     /// `(reason, message)` of each reference that did not resolve.
     pub problems: Vec<(&'static str, String)>,
 }
@@ -315,28 +328,53 @@ impl Plan {
         packages: &[Arc<Package>],
     ) -> Self {
         let mut plan = Plan::default();
+        // Every agent's entry, and where to find it by (namespace, name).
+        let mut site_of = HashMap::new();
+        for a in agents {
+            let (ns, name) = key_of(a.as_ref());
+            let entry = AgentDesired {
+                agent: name.clone(),
+                frozen: !a.spec.approved,
+                ..Default::default()
+            };
+            plan.by_site
+                .entry((ns.clone(), a.spec.site.clone()))
+                .or_default()
+                .insert(name.clone(), entry);
+            site_of.insert((ns, name), a.spec.site.clone());
+        }
         let mut jobs: Vec<_> = jobs.iter().collect();
         // A fixed order, so that the same inputs always give the same desired state.
         jobs.sort_by_key(|j| key_of(j.as_ref()));
         for job in jobs {
             let (ns, name) = key_of(job.as_ref());
             let job_plan = resolve_job(job, &ns, sites, agents, packages);
-            if !job.spec.suspend {
-                for (agent, assignments) in &job_plan.targets {
-                    let site = agents
-                        .iter()
-                        .find(|a| a.namespace().as_deref() == Some(&ns) && &a.name_any() == agent)
-                        .map(|a| a.spec.site.clone())
-                        .unwrap_or_default();
-                    plan.by_site
-                        .entry((ns.clone(), site))
-                        .or_default()
-                        .entry(agent.clone())
-                        .or_default()
-                        .extend(assignments.iter().cloned());
+            for (agent, assignments) in &job_plan.targets {
+                let Some(site) = site_of.get(&(ns.clone(), agent.clone())) else {
+                    continue;
+                };
+                let Some(entry) = plan
+                    .by_site
+                    .get_mut(&(ns.clone(), site.clone()))
+                    .and_then(|m| m.get_mut(agent))
+                else {
+                    continue;
+                };
+                if job.spec.suspend {
+                    // A suspended job keeps what it installed where it is.
+                    entry
+                        .hold
+                        .extend(job.spec.packages.iter().map(|p| p.name.clone()));
+                } else {
+                    entry.assignments.extend(assignments.iter().cloned());
+                    entry.hold.extend(job_plan.unresolved.iter().cloned());
                 }
             }
             plan.jobs.insert((ns, name), job_plan);
+        }
+        for entry in plan.by_site.values_mut().flat_map(|m| m.values_mut()) {
+            entry.hold.sort();
+            entry.hold.dedup();
         }
         plan
     }
@@ -361,15 +399,18 @@ fn resolve_job(
             .filter(|p| r.version.as_ref().is_none_or(|v| &p.spec.version == v));
         match candidates.max_by(|a, b| version_cmp(&a.spec.version, &b.spec.version)) {
             Some(p) => chosen.push(p.clone()),
-            None => plan.problems.push((
-                reasons::UNKNOWN_PACKAGE,
-                match &r.version {
-                    Some(v) => {
-                        format!("package {} version {v} not found in namespace {ns}", r.name)
-                    }
-                    None => format!("package {} not found in namespace {ns}", r.name),
-                },
-            )),
+            None => {
+                plan.unresolved.push(r.name.clone());
+                plan.problems.push((
+                    reasons::UNKNOWN_PACKAGE,
+                    match &r.version {
+                        Some(v) => {
+                            format!("package {} version {v} not found in namespace {ns}", r.name)
+                        }
+                        None => format!("package {} not found in namespace {ns}", r.name),
+                    },
+                ))
+            }
         }
     }
 
@@ -403,42 +444,45 @@ fn resolve_job(
         }
     }
     let dest = &job.spec.destinations;
-    for name in &dest.agents {
-        if !agents
-            .iter()
-            .any(|a| in_ns(&|| a.namespace()) && &a.name_any() == name)
-        {
-            plan.problems.push((
-                reasons::UNKNOWN_AGENT,
-                format!("agent {name} not found in namespace {ns}"),
-            ));
-        }
+    let agent_names: BTreeSet<String> = agents
+        .iter()
+        .filter(|a| in_ns(&|| a.namespace()))
+        .map(|a| a.name_any())
+        .collect();
+    for name in dest.agents.iter().filter(|n| !agent_names.contains(*n)) {
+        plan.problems.push((
+            reasons::UNKNOWN_AGENT,
+            format!("agent {name} not found in namespace {ns}"),
+        ));
     }
     let selected = |a: &Agent| {
         target_sites.contains(&a.spec.site)
-            || dest.agents.contains(&a.name_any())
+            || dest
+                .agents
+                .iter()
+                .any(|n| a.meta().name.as_ref() == Some(n))
             || dest.agent_selector.as_ref().is_some_and(|sel| {
                 let labels = a.labels();
                 sel.iter().all(|(k, v)| labels.get(k) == Some(v))
             })
     };
+    let assignments: Vec<Assignment> = chosen
+        .iter()
+        .map(|p| Assignment {
+            job: job_key.clone(),
+            action: job.spec.action,
+            package: p.spec.name.clone(),
+            version: p.spec.version.clone(),
+            digest: p.spec.artifact.digest.clone(),
+            size: p.spec.artifact.size,
+            install: p.spec.install.clone(),
+        })
+        .collect();
     for a in agents
         .iter()
         .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))
     {
-        let assignments = chosen
-            .iter()
-            .map(|p| Assignment {
-                job: job_key.clone(),
-                action: job.spec.action,
-                package: p.spec.name.clone(),
-                version: p.spec.version.clone(),
-                digest: p.spec.artifact.digest.clone(),
-                size: p.spec.artifact.size,
-                install: p.spec.install.clone(),
-            })
-            .collect();
-        plan.targets.insert(a.name_any(), assignments);
+        plan.targets.insert(a.name_any(), assignments.clone());
     }
     plan
 }
@@ -495,10 +539,20 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
     }
 }
 
+/// Agents by `(namespace, name)`.
+type AgentIndex<'a> = HashMap<(String, String), &'a Agent>;
+
+fn agent_index(agents: &[Arc<Agent>]) -> AgentIndex<'_> {
+    agents
+        .iter()
+        .map(|a| (key_of(a.as_ref()), a.as_ref()))
+        .collect()
+}
+
 fn job_status(
     job: &DistributionJob,
     plan: Option<&JobPlan>,
-    agents: &[Arc<Agent>],
+    agents: &AgentIndex,
 ) -> DistributionJobStatus {
     let generation = job.meta().generation;
     let empty = JobPlan::default();
@@ -511,9 +565,8 @@ fn job_status(
     let mut rollup: BTreeMap<String, SiteRollup> = BTreeMap::new();
     for (name, assignments) in &plan.targets {
         let agent = agents
-            .iter()
-            .find(|a| a.namespace() == ns && &a.name_any() == name)
-            .map(|a| a.as_ref());
+            .get(&(ns.clone().unwrap_or_default(), name.clone()))
+            .copied();
         let site = agent.map(|a| a.spec.site.clone()).unwrap_or_default();
         let r = rollup.entry(site.clone()).or_insert_with(|| SiteRollup {
             site: site.clone(),

@@ -221,6 +221,18 @@ pub fn parse_file(
     Ok(out)
 }
 
+/// The URL without any credentials in it, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 /// DNS-1123 subdomain, as Kubernetes requires of object names.
 fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -390,7 +402,11 @@ async fn reconcile(gs: Arc<GitSource>, ctx: Arc<Context>) -> Result<Action, Erro
                     result: "fetch_failed",
                 })
                 .inc();
-            let msg = format!("fetching {} ({}): {e}", gs.spec.url, gs.spec.branch);
+            let msg = format!(
+                "fetching {} ({}): {e}",
+                redact(&gs.spec.url),
+                gs.spec.branch
+            );
             status.conditions = vec![conditions::new(
                 conditions::READY,
                 false,
@@ -686,6 +702,19 @@ spec:
             "{}",
             errors[0].message
         );
+    }
+
+    #[test]
+    fn credentials_in_urls_never_reach_messages() {
+        assert_eq!(
+            redact("https://bot:s3cret@git.example.com/fleet.git"),
+            "https://***@git.example.com/fleet.git"
+        );
+        assert_eq!(
+            redact("https://git.example.com/a@b.git"),
+            "https://git.example.com/a@b.git"
+        );
+        assert_eq!(redact("/srv/git/fleet.git"), "/srv/git/fleet.git");
     }
 
     #[test]

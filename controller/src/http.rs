@@ -20,6 +20,7 @@ use caravan_api::{
 };
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
+    runtime::reflector::ObjectRef,
     Api, ResourceExt,
 };
 use serde::Deserialize;
@@ -27,6 +28,9 @@ use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
 use crate::context::{Context, SiteKey};
+
+/// Largest report batch accepted (a relay sends at most `MAX_REPORT_BATCH` reports).
+const REPORTS_BODY_LIMIT: usize = 32 << 20;
 
 /// Field manager of Agent status written from reports.
 const REPORT_MANAGER: &str = "caravan-reports";
@@ -41,7 +45,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
         )
         .route("/v1/site/desired", get(site_desired))
         .route("/v1/site/enroll", post(enroll))
-        .route("/v1/site/reports", post(reports))
+        .route(
+            "/v1/site/reports",
+            post(reports).layer(axum::extract::DefaultBodyLimit::max(REPORTS_BODY_LIMIT)),
+        )
         .route("/v1/blobs/{digest}", get(get_blob).put(put_blob))
         .with_state(ctx)
 }
@@ -157,18 +164,37 @@ async fn enroll(
     let host_id = valid_host_id(&req.host_id).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "hostId must be 8 to 63 characters of [a-z0-9-]",
+            "hostId must be 8 to 63 characters of [a-z0-9-], starting and ending alphanumeric",
         )
     })?;
+    if req.secret.len() < 32 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "secret must be at least 32 characters",
+        ));
+    }
+    let secret_hash = hex::encode(Sha256::digest(req.secret.as_bytes()));
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = api
         .list(&ListParams::default().labels(&format!("{}={host_id}", labels::HOST_ID)))
         .await?;
     let name = match existing.items.first() {
+        // The same machine again (a restart, a restored backup, a move to
+        // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
+            if agent.spec.secret_hash != secret_hash {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "host ID {host_id} is enrolled already as Agent {} with another secret; \
+                         restore that machine's state directory, or delete the Agent to enroll anew",
+                        agent.name_any()
+                    ),
+                ));
+            }
             if agent.spec.site != site {
                 tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
-                let patch = serde_json::json!({ "spec": { "site": site } });
+                let patch = serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } });
                 api.patch(
                     &agent.name_any(),
                     &PatchParams::default(),
@@ -179,19 +205,27 @@ async fn enroll(
             agent.name_any()
         }
         None => {
-            let name = agent_name(&req.hostname, host_id);
-            let agent: Agent = serde_json::from_value(serde_json::json!({
-                "apiVersion": API_VERSION,
-                "kind": "Agent",
-                "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
-                "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": true },
-            }))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            match api.create(&PostParams::default(), &agent).await {
-                Ok(_) => tracing::info!(agent = %name, %site, "agent enrolled"),
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
+            let mut name = agent_name(&req.hostname, host_id, 8);
+            let new_agent = |name: &str| -> Result<Agent, ApiError> {
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": API_VERSION,
+                    "kind": "Agent",
+                    "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
+                    "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": true, "secretHash": secret_hash },
+                }))
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            };
+            match api.create(&PostParams::default(), &new_agent(&name)?).await {
+                Ok(_) => {}
+                // Another machine with a similar name and host ID prefix: use the whole host ID.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    name = agent_name(&req.hostname, host_id, host_id.len());
+                    api.create(&PostParams::default(), &new_agent(&name)?)
+                        .await?;
+                }
                 Err(e) => return Err(e.into()),
             }
+            tracing::info!(agent = %name, %site, "agent enrolled");
             name
         }
     };
@@ -199,15 +233,19 @@ async fn enroll(
     Ok(Json(EnrollForward { agent: name }))
 }
 
+/// A host ID is also a label value: `[a-z0-9-]`, alphanumeric at both ends.
 fn valid_host_id(id: &str) -> Option<&str> {
-    (8..=63).contains(&id.len()).then_some(id).filter(|id| {
-        id.bytes()
+    let ok = (8..=63).contains(&id.len())
+        && id
+            .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    })
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    ok.then_some(id)
 }
 
-/// `<sanitized hostname>-<first 8 of host ID>`: readable and stable.
-fn agent_name(hostname: &str, host_id: &str) -> String {
+/// `<sanitized hostname>-<first n of host ID>`: readable and stable.
+fn agent_name(hostname: &str, host_id: &str, n: usize) -> String {
     let mut base: String = hostname
         .to_ascii_lowercase()
         .chars()
@@ -215,7 +253,7 @@ fn agent_name(hostname: &str, host_id: &str) -> String {
         .collect();
     base.truncate(40);
     let base = base.trim_matches('-');
-    let short: String = host_id.chars().filter(|c| *c != '-').take(8).collect();
+    let short: String = host_id.chars().filter(|c| *c != '-').take(n).collect();
     if base.is_empty() {
         format!("agent-{short}")
     } else {
@@ -235,18 +273,16 @@ async fn reports(
         let agent = ctx
             .stores
             .agents
-            .state()
-            .into_iter()
-            .find(|a| a.namespace().as_deref() == Some(&ns) && a.name_any() == report.agent);
+            .get(&ObjectRef::new(&report.agent).within(&ns));
         let Some(agent) = agent else {
             tracing::warn!(agent = %report.agent, %site, "report for unknown agent dropped");
             continue;
         };
+        // A relay speaks only for its own site's agents (one that moved
+        // reports through its new relay); the rest of the batch still counts.
         if agent.spec.site != site {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("agent {} does not belong to site {site}", report.agent),
-            ));
+            tracing::warn!(agent = %report.agent, %site, "report from another site's agent dropped");
+            continue;
         }
         let status = AgentStatus {
             version: Some(report.version),
@@ -396,11 +432,15 @@ mod tests {
     #[test]
     fn agent_names_are_readable_and_valid() {
         assert_eq!(
-            agent_name("Kiosk_07.example.com", "3f2a9c1e-0000"),
+            agent_name("Kiosk_07.example.com", "3f2a9c1e-0000", 8),
             "kiosk-07-example-com-3f2a9c1e"
         );
-        assert_eq!(agent_name("", "abcdef0123"), "agent-abcdef01");
+        assert_eq!(agent_name("", "abcdef0123", 8), "agent-abcdef01");
         assert!(valid_host_id("0123456789abcdef").is_some());
         assert!(valid_host_id("../../etc").is_none());
+        assert!(
+            valid_host_id("-abcdefgh").is_none(),
+            "not a valid label value"
+        );
     }
 }

@@ -59,34 +59,52 @@ impl BlobStore {
             move |source| StoreError::Io { path, source }
         };
         tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        let tmp = dir.join(format!(".upload-{hex}-{}", std::process::id()));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        // Each upload writes its own file, removed if the upload fails or is
+        // cancelled (the guard), so concurrent uploads of one blob cannot mix.
+        let tmp = TempPath(dir.join(format!(".upload-{hex}-{:016x}", rand::random::<u64>())));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp.0)
+            .await
+            .map_err(io(&tmp.0))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let result = async {
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(io(&tmp))?;
-            }
-            file.sync_all().await.map_err(io(&tmp))?;
-            let actual = hex::encode(hasher.finalize());
-            if actual != hex {
-                return Err(StoreError::DigestMismatch {
-                    expected: hex.to_string(),
-                    actual,
-                });
-            }
-            let dest = self.path(hex);
-            tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
-            Ok(size)
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(io(&tmp.0))?;
         }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        file.sync_all().await.map_err(io(&tmp.0))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != hex {
+            return Err(StoreError::DigestMismatch {
+                expected: hex.to_string(),
+                actual,
+            });
         }
-        result
+        let dest = self.path(hex);
+        tokio::fs::rename(&tmp.0, &dest).await.map_err(io(&dest))?;
+        tmp.keep();
+        Ok(size)
+    }
+}
+
+/// Removes the file when dropped (an upload that did not complete), unless kept.
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn keep(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 

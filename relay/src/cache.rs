@@ -11,7 +11,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::StreamExt;
+use futures::{
+    future::{BoxFuture, Shared},
+    FutureExt, StreamExt,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -31,6 +34,8 @@ pub enum CacheError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("fetch task failed: {0}")]
+    Task(String),
     #[error("cache {path}: {source}")]
     Io {
         path: PathBuf,
@@ -39,10 +44,13 @@ pub enum CacheError {
     },
 }
 
+/// A fetch in progress, awaited by every request for the same blob.
+type Fetch = Shared<BoxFuture<'static, Result<PathBuf, Arc<CacheError>>>>;
+
 pub struct Cache {
     dir: PathBuf,
     upstream: Upstream,
-    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    inflight: Mutex<HashMap<String, Fetch>>,
     upstream_bytes: prometheus_client::metrics::counter::Counter,
 }
 
@@ -67,30 +75,35 @@ impl Cache {
     }
 
     /// Returns the path of the cached blob, fetching it first if needed, and
-    /// whether it was already cached.
-    pub async fn ensure(&self, hex: &str) -> Result<(PathBuf, bool), CacheError> {
+    /// whether it was already cached. Concurrent requests for a missing blob
+    /// share one fetch, which runs as a task of its own: it completes (or
+    /// fails cleanly) even if every requester goes away.
+    pub async fn ensure(self: &Arc<Self>, hex: &str) -> Result<(PathBuf, bool), Arc<CacheError>> {
         let path = self.path(hex);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok((path, true));
         }
-        let lock = self
+        let fetch = self
             .inflight
             .lock()
             .expect("lock poisoned")
             .entry(hex.to_string())
-            .or_default()
+            .or_insert_with(|| {
+                let (cache, hex) = (Arc::clone(self), hex.to_string());
+                let task = tokio::spawn(async move {
+                    let result = cache.fetch(&hex).await.map_err(Arc::new);
+                    cache.inflight.lock().expect("lock poisoned").remove(&hex);
+                    result
+                });
+                async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(Arc::new(CacheError::Task(e.to_string()))))
+                }
+                .boxed()
+                .shared()
+            })
             .clone();
-        let result = {
-            let _fetching = lock.lock().await;
-            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                Ok(path)
-            } else {
-                self.fetch(hex).await
-            }
-            .map(|p| (p, false))
-        };
-        self.inflight.lock().expect("lock poisoned").remove(hex);
-        result
+        fetch.await.map(|p| (p, false))
     }
 
     async fn fetch(&self, hex: &str) -> Result<PathBuf, CacheError> {
@@ -113,7 +126,19 @@ impl Cache {
                 offset += n as u64;
             }
         }
-        let res = self.upstream.blob(hex, offset).await?;
+        let res = match self.upstream.blob(hex, offset).await {
+            // The partial file is as long as the blob or longer: start over.
+            Err(UpstreamError::Status { status, .. })
+                if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE =>
+            {
+                tokio::fs::remove_file(&partial)
+                    .await
+                    .map_err(io(&partial))?;
+                offset = 0;
+                self.upstream.blob(hex, 0).await?
+            }
+            r => r?,
+        };
         let resumed = res.status() == reqwest::StatusCode::PARTIAL_CONTENT;
         if !resumed {
             hasher = Sha256::new();

@@ -93,32 +93,25 @@ impl SiteState {
         let agents = desired
             .agents
             .iter()
-            .map(|(name, assignments)| {
-                let entry = AgentEntry::new(AgentDesired {
-                    agent: name.clone(),
-                    assignments: assignments.clone(),
-                });
-                (name.clone(), entry)
-            })
+            .map(|(name, d)| (name.clone(), AgentEntry::new(d.clone())))
             .collect();
         Self { desired, agents }
     }
 
-    /// What `agent` must have; an agent without assignments gets an empty list.
+    /// What `agent` must have. An agent the controller has not described
+    /// (enrolled a moment ago, or its Agent object deleted) changes nothing.
     pub fn agent(&self, agent: &str) -> AgentEntry {
-        self.agents.get(agent).cloned().unwrap_or_else(|| {
-            AgentEntry::new(AgentDesired {
-                agent: agent.to_string(),
-                assignments: vec![],
-            })
-        })
+        self.agents
+            .get(agent)
+            .cloned()
+            .unwrap_or_else(|| AgentEntry::new(AgentDesired::frozen(agent)))
     }
 }
 
 pub struct Relay {
     pub config: Config,
     pub upstream: upstream::Upstream,
-    pub cache: cache::Cache,
+    pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
     pub state: watch::Sender<Option<Arc<SiteState>>>,
     pub reports: tokio::sync::mpsc::UnboundedSender<caravan_api::wire::AgentReport>,
@@ -140,6 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
+    let cache = Arc::new(cache);
     let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
     let relay = Arc::new(Relay {
         config: config.clone(),

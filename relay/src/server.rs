@@ -210,7 +210,7 @@ async fn blob(
     }
     let (path, hit) = relay.cache.ensure(&hex).await.map_err(|e| {
         tracing::warn!(blob = %digest, error = %e, "blob unavailable");
-        let code = match &e {
+        let code = match e.as_ref() {
             CacheError::Upstream(u) => u.status(),
             _ => StatusCode::BAD_GATEWAY,
         };

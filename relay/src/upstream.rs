@@ -41,7 +41,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(base: &str, token: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        // A stalled connection fails instead of hanging (long-polls answer within 30 s).
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(90));
         if let Some(path) = ca_file {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading CA file {}", path.display()))?;
@@ -158,6 +161,9 @@ impl Upstream {
     }
 }
 
+/// Most reports sent upstream in one request.
+pub const MAX_REPORT_BATCH: usize = 500;
+
 /// Passes agent reports up in batches. Only the latest report of each agent
 /// is kept while the controller is unreachable, so memory stays bounded.
 pub async fn forward_reports(
@@ -187,11 +193,21 @@ pub async fn forward_reports(
                 () = &mut window => break,
             }
         }
-        let batch: Vec<AgentReport> = pending.values().cloned().collect();
+        let batch: Vec<AgentReport> = pending.values().take(MAX_REPORT_BATCH).cloned().collect();
         match upstream.reports(&batch).await {
             Ok(()) => {
-                pending.clear();
+                for r in &batch {
+                    pending.remove(&r.agent);
+                }
                 backoff = Duration::from_millis(500);
+            }
+            // The controller will never take this batch (too big, malformed):
+            // retrying cannot help, and must not block the reports behind it.
+            Err(e @ UpstreamError::Status { status, .. }) if status.is_client_error() => {
+                tracing::error!(error = %e, agents = batch.len(), "reports refused by upstream; dropped");
+                for r in &batch {
+                    pending.remove(&r.agent);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, agents = batch.len(), retry_in = ?backoff, "passing reports upstream failed");

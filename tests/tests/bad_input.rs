@@ -162,5 +162,44 @@ async fn bad_input_is_refused_with_a_reason_and_breaks_nothing() -> anyhow::Resu
     assert!(row.contains("Failed") && row.contains("0/1"), "{table}");
     // The working package is untouched.
     assert!(c.agents[0].install_root.join("hello/VERSION").exists());
+
+    // 4. Enrolling with another machine's host ID, without its secret, is
+    //    refused: nobody can take over an enrolled identity.
+    let host_id = std::fs::read_to_string(c.agents[0].state_dir.join("host-id"))?;
+    let enroll = |token: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/enroll", relay.url))
+            .bearer_auth(token)
+            .json(&serde_json::json!({
+                "hostId": host_id.trim(), "hostname": "intruder", "os": "linux", "arch": "x86_64",
+                "version": "0", "secret": "f".repeat(64),
+            }))
+    };
+    let res = enroll(&relay.bootstrap_token).send().await?;
+    assert_eq!(res.status(), 409);
+    assert!(res.text().await?.contains("enrolled already"));
+    assert_eq!(
+        enroll("not-the-bootstrap-token").send().await?.status(),
+        401
+    );
+
+    // 5. A suspended job hands out nothing new and takes nothing away.
+    let job = std::fs::read_to_string(repo.work.join("fleet/job.yaml"))?;
+    repo.write(
+        "fleet/job.yaml",
+        &job.replace("spec:\n", "spec:\n  suspend: true\n"),
+    )?;
+    repo.commit("Pause hello")?;
+    wait_for("job hello-everywhere to be suspended", T, || async {
+        let j = c.api::<DistributionJob>().get("hello-everywhere").await?;
+        Ok(j.status
+            .filter(|s| s.phase == caravan_api::v1alpha1::JobPhase::Suspended))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        c.agents[0].install_root.join("hello/VERSION").exists(),
+        "suspending a job removes nothing"
+    );
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct AgentSpec {
     /// Agents that are not approved get no work.
     #[serde(default = "yes")]
     pub approved: bool,
+    /// sha256 of the secret the agent enrolled with.
+    #[serde(default)]
+    pub secret_hash: String,
 }
 
 fn yes() -> bool {

@@ -64,10 +64,12 @@ fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
     assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
     assert_eq!(jp.targets["a2"][0].version, "1.10.0");
     assert_eq!(
-        plan.by_site[&("ns".into(), "kreuzberg".into())]["a2"][0].job,
+        plan.by_site[&("ns".into(), "kreuzberg".into())]["a2"].assignments[0].job,
         "ns/j"
     );
-    assert!(!plan.by_site.contains_key(&("ns".into(), "paris".into())));
+    assert!(plan.by_site[&("ns".into(), "paris".into())]["a3"]
+        .assignments
+        .is_empty());
 }
 
 #[test]
@@ -88,7 +90,7 @@ fn unknown_references_become_problems_not_panics() {
             reasons::UNKNOWN_AGENT
         ]
     );
-    let status = job_status(&jobs[0], Some(jp), &[]);
+    let status = job_status(&jobs[0], Some(jp), &agent_index(&[]));
     let resolved = status
         .conditions
         .iter()
@@ -144,7 +146,11 @@ fn job_status_counts_only_reports_for_the_current_digest() {
             "",
         ),
     );
-    let st = job_status(&jobs[0], plan.jobs.get(&("ns".into(), "j".into())), &agents);
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&("ns".into(), "j".into())),
+        &agent_index(&agents),
+    );
     assert_eq!(
         (st.total, st.succeeded, st.failed, st.pending),
         (3, 1, 1, 1)
@@ -160,4 +166,34 @@ fn versions_compare_numerically() {
     assert!(version_cmp("1.10.0", "1.9.9").is_gt());
     assert!(version_cmp("2.0", "2.0.1").is_lt());
     assert!(version_cmp("1.0.0", "1.0.0").is_eq());
+}
+
+#[test]
+fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_it() {
+    let sites = [site("hq", None)];
+    let mut unapproved = (*agent("a2", "hq")).clone();
+    unapproved.spec.approved = false;
+    let agents = [agent("a1", "hq"), Arc::new(unapproved)];
+    let packages = [package("hello", "1.0.0", 'a')];
+    let jobs = [
+        job(
+            "paused",
+            serde_json::json!({"packages": [{"name": "hello"}], "suspend": true,
+            "destinations": {"sites": [{"name": "hq"}]}}),
+        ),
+        job(
+            "typo",
+            serde_json::json!({"packages": [{"name": "helo"}], "destinations": {"sites": [{"name": "hq"}]}}),
+        ),
+    ];
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    let hq = &plan.by_site[&("ns".into(), "hq".into())];
+    assert!(hq["a1"].assignments.is_empty(), "nothing new is handed out");
+    assert_eq!(
+        hq["a1"].hold,
+        ["hello", "helo"],
+        "but nothing is taken away"
+    );
+    assert!(!hq["a1"].frozen);
+    assert!(hq["a2"].frozen, "an unapproved agent changes nothing");
 }

@@ -78,6 +78,35 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
     let relay = relay_name(&name);
+    // The relay's Service name must be a DNS-1035 label.
+    let valid = relay.len() <= 63
+        && relay.starts_with(|c: char| c.is_ascii_lowercase())
+        && relay
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        let generation = site.meta().generation;
+        let msg = format!(
+            "site name {name:?} cannot name a relay Service ({relay:?}): use at most 57 lowercase letters, digits and '-', starting with a letter"
+        );
+        let status = SiteStatus {
+            observed_generation: generation,
+            conditions: vec![conditions::new(
+                conditions::READY,
+                false,
+                "InvalidName",
+                msg,
+                generation,
+            )],
+            ..Default::default()
+        };
+        let patch = json!({ "apiVersion": API_VERSION, "kind": "Site", "status": status });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        Api::<Site>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&name, &params, &Patch::Apply(&patch))
+            .await?;
+        return Ok(Action::await_change());
+    }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let meta = |extra: serde_json::Value| {
         let mut m = json!({
