@@ -2,12 +2,13 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::Context as _;
-use caravan_api::wire::{AgentDesired, AgentReport, EnrollRequest, EnrollResponse, ErrorBody};
+use caravan_api::wire::{
+    AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_WAIT_SECONDS,
+};
 use futures::StreamExt;
 use reqwest::{header, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -43,17 +44,7 @@ pub struct Client {
 impl Client {
     pub fn new(base: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
         // A stalled connection fails instead of hanging; long-polls wait at most MAX_WAIT_SECONDS.
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(
-                caravan_api::wire::MAX_WAIT_SECONDS + 30,
-            ));
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading CA file {}", path.display()))?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        let http = builder.build()?;
+        let http = caravan_net::client(ca_file, Duration::from_secs(MAX_WAIT_SECONDS + 30))?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -82,10 +73,7 @@ impl Client {
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(res);
         }
-        let body = res.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&body)
-            .map(|e| e.error)
-            .unwrap_or(body);
+        let message = caravan_net::error_message(res).await;
         if status == StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized(message));
         }
@@ -161,19 +149,7 @@ impl Client {
             path: partial.display().to_string(),
             source,
         };
-        let mut hasher = Sha256::new();
-        let mut offset = 0u64;
-        if let Ok(mut f) = tokio::fs::File::open(partial).await {
-            let mut buf = vec![0; 1 << 16];
-            loop {
-                let n = f.read(&mut buf).await.map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-            }
-        }
+        let (mut hasher, mut offset) = caravan_net::hash_partial(partial).await.map_err(io)?;
         if offset < size || size == 0 {
             let url = format!("{}/v1/blobs/sha256:{hex}", self.base);
             let mut req = self.http.get(&url);
@@ -189,12 +165,7 @@ impl Client {
                 hasher = Sha256::new();
                 offset = 0;
             }
-            let mut file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .append(resumed)
-                .truncate(!resumed)
-                .open(partial)
+            let mut file = caravan_net::open_partial(partial, resumed)
                 .await
                 .map_err(io)?;
             let mut body = res.bytes_stream();

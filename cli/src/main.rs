@@ -160,12 +160,7 @@ async fn upload(
     artifact: &Artifact,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let mut client = reqwest::Client::builder();
-    if let Some(path) = ca_file {
-        let pem =
-            std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
-        client = client.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-    }
+    let client = caravan_net::client(ca_file, std::time::Duration::from_secs(120))?;
     let url = format!(
         "{}/v1/blobs/{}",
         server.trim_end_matches('/'),
@@ -174,7 +169,6 @@ async fn upload(
     let f = tokio::fs::File::open(file).await?;
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
     let res = client
-        .build()?
         .put(&url)
         .bearer_auth(token)
         .header(reqwest::header::CONTENT_LENGTH, artifact.size)
@@ -184,10 +178,7 @@ async fn upload(
         .with_context(|| format!("uploading to {url}"))?;
     if !res.status().is_success() {
         let status = res.status();
-        let text = res.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<caravan_api::wire::ErrorBody>(&text)
-            .map(|e| e.error)
-            .unwrap_or(text);
+        let msg = caravan_net::error_message(res).await;
         anyhow::bail!("upload to {url} failed: {status}: {msg}");
     }
     Ok(())

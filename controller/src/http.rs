@@ -2,12 +2,12 @@
 //! Relays authenticate with their site's relay token; blob uploads with the
 //! upload token. Every error is JSON `{"error": "..."}` naming the problem.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
     body::Body,
     extract::{FromRequestParts, Path, Query, Request, State},
-    http::{header, request::Parts, HeaderMap, StatusCode},
+    http::{request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
@@ -15,9 +15,10 @@ use axum::{
 use caravan_api::{
     labels,
     v1alpha1::{sha256_hex, Agent, AgentStatus},
-    wire::{AgentReport, EnrollForward, EnrollRequest, ErrorBody, MAX_WAIT_SECONDS},
+    wire::{AgentReport, EnrollForward, EnrollRequest},
     API_VERSION, FIELD_MANAGER,
 };
+use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::reflector::ObjectRef,
@@ -25,7 +26,6 @@ use kube::{
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tower::ServiceExt;
 
 use crate::context::{Context, SiteKey};
 
@@ -53,36 +53,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-/// An API error: status code and message.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl ApiError {
-    fn new(code: StatusCode, msg: impl Into<String>) -> Self {
-        Self(code, msg.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
-    }
-}
-
-impl From<kube::Error> for ApiError {
-    fn from(e: kube::Error) -> Self {
-        tracing::warn!(error = %e, "kubernetes API call failed");
-        Self::new(StatusCode::BAD_GATEWAY, format!("kubernetes API: {e}"))
-    }
-}
-
-fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+/// Answers a failed Kubernetes API call as a gateway error.
+fn kube_error(e: kube::Error) -> ApiError {
+    tracing::warn!(error = %e, "kubernetes API call failed");
+    ApiError::new(StatusCode::BAD_GATEWAY, format!("kubernetes API: {e}"))
 }
 
 /// A request authenticated by a relay token: the site it speaks for.
@@ -91,7 +65,7 @@ pub struct RelaySite(pub SiteKey);
 impl FromRequestParts<Arc<Context>> for RelaySite {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Context>) -> Result<Self, ApiError> {
-        let token = bearer(parts)
+        let token = bearer(&parts.headers)
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
         let site = ctx
             .keys
@@ -115,44 +89,16 @@ async fn site_desired(
     Query(q): Query<WaitQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let known = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
-    let mut rx = ctx.desired.subscribe();
-    loop {
-        let entry = rx.borrow_and_update().sites.get(&site).cloned();
-        match entry {
-            None => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("site {}/{} does not exist", site.0, site.1),
-                ))
-            }
-            Some(e) if known.as_deref() != Some(e.etag.as_str()) => {
-                return Ok((
-                    [
-                        (header::ETAG, e.etag.clone()),
-                        (header::CONTENT_TYPE, "application/json".into()),
-                    ],
-                    e.body.clone(),
-                )
-                    .into_response());
-            }
-            Some(e) => {
-                if tokio::time::timeout_at(deadline, rx.changed())
-                    .await
-                    .is_err()
-                {
-                    return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, e.etag.clone())])
-                        .into_response());
-                }
-                ctx.relay_contact(&site);
-            }
-        }
-    }
+    long_poll(ctx.desired.subscribe(), &headers, q.wait, |index| {
+        let entry = index.sites.get(&site).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("site {}/{} does not exist", site.0, site.1),
+            )
+        })?;
+        Ok((entry.etag.clone(), entry.body.clone()))
+    })
+    .await
 }
 
 /// Finds or creates the Agent for a host ID at the relay's site.
@@ -177,7 +123,8 @@ async fn enroll(
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = api
         .list(&ListParams::default().labels(&format!("{}={host_id}", labels::HOST_ID)))
-        .await?;
+        .await
+        .map_err(kube_error)?;
     let name = match existing.items.first() {
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
@@ -200,7 +147,8 @@ async fn enroll(
                     &PatchParams::default(),
                     &Patch::Merge(&patch),
                 )
-                .await?;
+                .await
+                .map_err(kube_error)?;
             }
             agent.name_any()
         }
@@ -221,9 +169,10 @@ async fn enroll(
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     name = agent_name(&req.hostname, host_id, host_id.len());
                     api.create(&PostParams::default(), &new_agent(&name)?)
-                        .await?;
+                        .await
+                        .map_err(kube_error)?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(kube_error(e)),
             }
             tracing::info!(agent = %name, %site, "agent enrolled");
             name
@@ -301,7 +250,8 @@ async fn reports(
             &PatchParams::apply(REPORT_MANAGER).force(),
             &Patch::Apply(&patch),
         )
-        .await?;
+        .await
+        .map_err(kube_error)?;
     }
     let _ = FIELD_MANAGER;
     Ok(StatusCode::NO_CONTENT)
@@ -347,25 +297,8 @@ async fn get_blob(
             format!("blob {digest} is not in the store"),
         ));
     }
-    let mut res = tower_http::services::ServeFile::new(path)
-        .oneshot(req)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map(Body::new);
-    if let Some(len) = res
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
-        ctx.metrics.blob_served_bytes.inc_by(len);
-    }
-    // Content-addressed: the digest is the strongest validator there is.
-    res.headers_mut().insert(
-        header::ETAG,
-        format!("\"{hex}\"")
-            .parse()
-            .expect("hex is a valid header value"),
-    );
+    let (res, len) = serve_blob(&path, hex, req).await?;
+    ctx.metrics.blob_served_bytes.inc_by(len);
     Ok(res)
 }
 
@@ -382,11 +315,7 @@ async fn put_blob(
             "uploads are disabled: the controller has no upload token",
         )
     })?;
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let given = bearer(&headers).unwrap_or_default();
     // Compare digests, so the comparison takes the same time wherever they differ.
     if Sha256::digest(given.as_bytes()) != Sha256::digest(expected.as_bytes()) {
         return Err(ApiError::new(

@@ -10,9 +10,7 @@ pub mod gitsource;
 pub mod http;
 pub mod metrics;
 pub mod reconcile;
-pub mod serve;
 pub mod store;
-pub mod telemetry;
 pub mod tokens;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -84,7 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
     let app = http::router(ctx.clone());
     tokio::select! {
-        r = serve::serve(config.listen, app, config.tls()) => r.context("distribution API server")?,
+        r = caravan_net::server::serve(config.listen, app, config.tls()) => r.context("distribution API server")?,
         r = engine::run(ctx.clone()) => r.context("distribution engine")?,
         () = gitsource::run(ctx.clone()) => {},
         () = reconcile::site::run(ctx.clone()) => {},

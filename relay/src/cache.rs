@@ -16,7 +16,7 @@ use futures::{
     FutureExt, StreamExt,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -112,20 +112,10 @@ impl Cache {
             let path = path.clone();
             move |source| CacheError::Io { path, source }
         };
-        let mut hasher = Sha256::new();
         // Resume: hash what an earlier, interrupted fetch already stored.
-        let mut offset = 0u64;
-        if let Ok(mut f) = tokio::fs::File::open(&partial).await {
-            let mut buf = vec![0; 1 << 16];
-            loop {
-                let n = f.read(&mut buf).await.map_err(io(&partial))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-            }
-        }
+        let (mut hasher, mut offset) = caravan_net::hash_partial(&partial)
+            .await
+            .map_err(io(&partial))?;
         let res = match self.upstream.blob(hex, offset).await {
             // The partial file is as long as the blob or longer: start over.
             Err(UpstreamError::Status { status, .. })
@@ -145,12 +135,7 @@ impl Cache {
             offset = 0;
         }
         tracing::info!(blob = %hex, resume_from = offset, "fetching blob from upstream");
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(resumed)
-            .truncate(!resumed)
-            .open(&partial)
+        let mut file = caravan_net::open_partial(&partial, resumed)
             .await
             .map_err(io(&partial))?;
         let mut body = res.bytes_stream();

@@ -4,7 +4,6 @@
 
 pub mod cache;
 pub mod metrics;
-pub mod serve;
 pub mod server;
 pub mod tokens;
 pub mod upstream;
@@ -48,17 +47,6 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "CARAVAN_LOG_JSON")]
     pub log_json: bool,
-}
-
-pub fn init_logging(json: bool) {
-    use tracing_subscriber::{fmt, EnvFilter};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// The site's desired state as last received, sliced per agent.
@@ -149,7 +137,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .as_deref()
         .zip(config.tls_key_file.as_deref());
     tokio::select! {
-        r = serve::serve(config.listen, server::router(relay.clone()), tls) => r.context("relay server")?,
+        r = caravan_net::server::serve(config.listen, server::router(relay.clone()), tls) => r.context("relay server")?,
         () = sync_desired(relay.clone()) => {},
         () = upstream::forward_reports(relay.upstream.clone(), reports_rx) => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

@@ -5,6 +5,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = caravan_relay::Config::parse();
-    caravan_relay::init_logging(config.log_json);
+    caravan_net::init_logging(config.log_json);
     caravan_relay::run(config).await
 }

@@ -1,21 +1,20 @@
 //! The agent-facing API of a relay (see `caravan_api::wire`).
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
-    body::Body,
     extract::{FromRequestParts, Path, Query, Request, State},
-    http::{header, request::Parts, HeaderMap, StatusCode},
+    http::{request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
 use caravan_api::{
     v1alpha1::sha256_hex,
-    wire::{AgentReport, EnrollRequest, EnrollResponse, ErrorBody, MAX_WAIT_SECONDS},
+    wire::{AgentReport, EnrollRequest, EnrollResponse},
 };
+use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
 use serde::Deserialize;
-use tower::ServiceExt;
 
 use crate::{cache::CacheError, tokens, Relay};
 
@@ -34,26 +33,8 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .with_state(relay)
 }
 
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
-    }
-}
-
 fn err(code: StatusCode, msg: impl Into<String>) -> ApiError {
-    ApiError(code, msg.into())
-}
-
-fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    ApiError::new(code, msg)
 }
 
 /// An agent authenticated by its token.
@@ -62,8 +43,8 @@ pub struct AgentName(pub String);
 impl FromRequestParts<Arc<Relay>> for AgentName {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
-        let token =
-            bearer(parts).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let token = bearer(&parts.headers)
+            .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
         tokens::verify(&relay.config.token, token)
             .map(|a| Self(a.to_string()))
             .ok_or_else(|| {
@@ -93,11 +74,7 @@ async fn enroll(
     headers: HeaderMap,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let given = bearer(&headers).unwrap_or_default();
     if !tokens::same_secret(given, &relay.config.bootstrap_token) {
         return Err(err(
             StatusCode::UNAUTHORIZED,
@@ -130,39 +107,19 @@ async fn desired(
     Query(q): Query<WaitQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let known = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
-    let mut rx = relay.state.subscribe();
-    loop {
-        let state = rx.borrow_and_update().clone();
-        let Some(state) = state else {
-            return Err(err(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "relay has no desired state from the controller yet",
-            ));
-        };
-        let entry = state.agent(&agent);
-        if known.as_deref() != Some(entry.etag.as_str()) {
-            return Ok((
-                [
-                    (header::ETAG, entry.etag),
-                    (header::CONTENT_TYPE, "application/json".into()),
-                ],
-                entry.body,
-            )
-                .into_response());
-        }
-        if tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .is_err()
-        {
-            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, entry.etag)]).into_response());
-        }
-    }
+    long_poll(relay.state.subscribe(), &headers, q.wait, |state| {
+        let entry = state
+            .as_ref()
+            .ok_or_else(|| {
+                err(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "relay has no desired state from the controller yet",
+                )
+            })?
+            .agent(&agent);
+        Ok((entry.etag, entry.body))
+    })
+    .await
 }
 
 async fn report(
@@ -216,29 +173,13 @@ async fn blob(
         };
         err(code, e.to_string())
     })?;
-    let mut res = tower_http::services::ServeFile::new(path)
-        .oneshot(req)
-        .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map(Body::new);
-    res.headers_mut().insert(
-        header::ETAG,
-        format!("\"{hex}\"")
-            .parse()
-            .expect("hex is a valid header value"),
-    );
+    let (res, len) = serve_blob(&path, &hex, req).await?;
     if hit {
         &relay.metrics.cache_hits
     } else {
         &relay.metrics.cache_misses
     }
     .inc();
-    if let Some(len) = res
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
-        relay.metrics.served_bytes.inc_by(len);
-    }
+    relay.metrics.served_bytes.inc_by(len);
     Ok(res)
 }

@@ -2,8 +2,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use anyhow::Context as _;
-use caravan_api::wire::{AgentReport, EnrollForward, EnrollRequest, ErrorBody, SiteDesired};
+use caravan_api::wire::{AgentReport, EnrollForward, EnrollRequest, SiteDesired};
 use reqwest::{header, StatusCode};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,15 +41,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(base: &str, token: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         // A stalled connection fails instead of hanging (long-polls answer within 30 s).
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(90));
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading CA file {}", path.display()))?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        let http = builder.build()?;
+        let http = caravan_net::client(ca_file, Duration::from_secs(90))?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -82,10 +73,7 @@ impl Upstream {
             return Ok(res);
         }
         let status = res.status();
-        let body = res.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&body)
-            .map(|e| e.error)
-            .unwrap_or(body);
+        let message = caravan_net::error_message(res).await;
         Err(UpstreamError::Status {
             url: url.to_string(),
             status,

@@ -1,0 +1,81 @@
+//! HTTP plumbing shared by the Caravan binaries: clients that trust a given
+//! CA, error bodies, resumable verified downloads, logging, and (feature
+//! `server`) serving over HTTP or HTTPS, bearer tokens, JSON errors and
+//! long-polls.
+
+#[cfg(feature = "server")]
+pub mod server;
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use caravan_api::wire::ErrorBody;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+/// Installs the global `tracing` subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// An HTTP client that fails on stalled connections (no byte for
+/// `read_timeout`) and trusts `ca_file` (PEM) besides the web PKI roots.
+pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(read_timeout);
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
+}
+
+/// The message of a Caravan error response (`{"error": "..."}`), or its body.
+pub async fn error_message(res: reqwest::Response) -> String {
+    let body = res.text().await.unwrap_or_default();
+    serde_json::from_str::<ErrorBody>(&body)
+        .map(|e| e.error)
+        .unwrap_or(body)
+}
+
+/// Hashes what an interrupted download left in `partial`, to resume it:
+/// the hasher fed with those bytes and their count (zero if there is none).
+pub async fn hash_partial(partial: &Path) -> std::io::Result<(Sha256, u64)> {
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    let mut file = match tokio::fs::File::open(partial).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((hasher, len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// Opens `partial` to continue a download (`resumed`: the server sent the
+/// rest) or to write it anew.
+pub async fn open_partial(partial: &Path, resumed: bool) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(partial)
+        .await
+}

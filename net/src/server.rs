@@ -1,0 +1,133 @@
+//! The server half: serving, JSON errors, bearer tokens, long-polls, blobs.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use axum::{
+    body::Body,
+    extract::Request,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use caravan_api::wire::{ErrorBody, MAX_WAIT_SECONDS};
+use tokio::sync::watch;
+use tower::ServiceExt as _;
+
+/// Serves `app` on `addr`, over HTTPS (rustls, ring) when a certificate and
+/// key are given, until the server fails.
+pub async fn serve(
+    addr: SocketAddr,
+    app: axum::Router,
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
+    let app = app.into_make_service();
+    match tls {
+        None => axum_server::from_tcp(listener)?.serve(app).await?,
+        Some((cert, key)) => {
+            // Fails only if a provider is installed already, which is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} and key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            axum_server::tls_rustls::from_tcp_rustls(listener, config)?
+                .serve(app)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// An error answer: status code and a message that names the problem,
+/// sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    pub fn new(code: StatusCode, msg: impl Into<String>) -> Self {
+        Self(code, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Answers a long-poll for a document published through `rx`: at once when
+/// `current` gives an ETag other than the request's `If-None-Match`, else as
+/// soon as it changes, else `304 Not Modified` after `wait` seconds.
+/// `current` returns the document's ETag and body, or an error to answer.
+pub async fn long_poll<T>(
+    mut rx: watch::Receiver<T>,
+    headers: &HeaderMap,
+    wait: Option<u64>,
+    mut current: impl FnMut(&T) -> Result<(String, bytes::Bytes), ApiError>,
+) -> Result<Response, ApiError> {
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    loop {
+        let (etag, body) = current(&rx.borrow_and_update())?;
+        if known.as_deref() != Some(etag.as_str()) {
+            return Ok((
+                [
+                    (header::ETAG, etag),
+                    (header::CONTENT_TYPE, "application/json".into()),
+                ],
+                body,
+            )
+                .into_response());
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+        }
+    }
+}
+
+/// Serves a content-addressed blob file: `Range` honoured, the digest as its
+/// (strong) ETag. Returns the response and the number of body bytes.
+pub async fn serve_blob(path: &Path, hex: &str, req: Request) -> Result<(Response, u64), ApiError> {
+    let mut res = tower_http::services::ServeFile::new(path)
+        .oneshot(req)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Body::new);
+    res.headers_mut().insert(
+        header::ETAG,
+        format!("\"{hex}\"")
+            .parse()
+            .expect("hex is a valid header value"),
+    );
+    let len = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    Ok((res, len))
+}
