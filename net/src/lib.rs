@@ -79,3 +79,35 @@ pub async fn open_partial(partial: &Path, resumed: bool) -> std::io::Result<toki
         .open(partial)
         .await
 }
+
+/// A long-poll request for `url`: waits up to `wait` seconds for a document
+/// other than the one with ETag `etag`.
+pub fn poll_request(
+    http: &reqwest::Client,
+    url: &str,
+    etag: Option<&str>,
+    wait: u64,
+) -> reqwest::RequestBuilder {
+    let req = http.get(url).timeout(Duration::from_secs(wait + 30));
+    match etag {
+        Some(etag) => req.header(reqwest::header::IF_NONE_MATCH, etag),
+        None => req,
+    }
+}
+
+/// Reads a long-poll answer: `None` when unchanged (304), else the new
+/// document and its ETag.
+pub async fn poll_answer<T: serde::de::DeserializeOwned>(
+    res: reqwest::Response,
+) -> reqwest::Result<Option<(String, T)>> {
+    if res.status() == reqwest::StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    let etag = res
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Ok(Some((etag, res.json().await?)))
+}

@@ -88,25 +88,15 @@ impl Upstream {
         wait: u64,
     ) -> Result<Option<(String, SiteDesired)>, UpstreamError> {
         let url = self.url(&format!("/v1/site/desired?wait={wait}"));
-        let mut req = self.http.get(&url).timeout(Duration::from_secs(wait + 30));
-        if let Some(etag) = etag {
-            req = req.header(header::IF_NONE_MATCH, etag);
-        }
-        let res = self.send(req, &url).await?;
-        if res.status() == StatusCode::NOT_MODIFIED {
-            return Ok(None);
-        }
-        let etag = res
-            .headers()
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let desired = res
-            .json()
+        let res = self
+            .send(
+                caravan_net::poll_request(&self.http, &url, etag, wait),
+                &url,
+            )
+            .await?;
+        caravan_net::poll_answer(res)
             .await
-            .map_err(|source| UpstreamError::Request { url, source })?;
-        Ok(Some((etag, desired)))
+            .map_err(|source| UpstreamError::Request { url, source })
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollForward, UpstreamError> {
