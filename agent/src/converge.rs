@@ -9,9 +9,11 @@ use std::{
 
 use anyhow::Context as _;
 use caravan_api::{
+    signing,
     v1alpha1::{sha256_hex, JobAction},
     wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, EnrollRequest, JobState},
 };
+use ed25519_dalek::VerifyingKey;
 
 use crate::{
     archive,
@@ -38,6 +40,8 @@ pub struct Agent {
     retry_at: HashMap<Key, Instant>,
     /// When the last report reached the relay; `None` until one has, or after one failed.
     last_delivered: Option<Instant>,
+    /// Keys whose package signatures this agent accepts (its own, never the relay's).
+    trusted: Vec<VerifyingKey>,
 }
 
 /// Longest time between two reports, so `lastSeen` stays fresh.
@@ -46,6 +50,21 @@ const HEARTBEAT: Duration = Duration::from_secs(300);
 impl Agent {
     pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
         let client = Client::new(&args.server, args.ca_file.as_deref())?;
+        let mut trusted = Vec::new();
+        for path in &args.trusted_keys {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading trusted key {}", path.display()))?;
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                trusted.push(
+                    signing::parse_public(line)
+                        .with_context(|| format!("trusted key file {}", path.display()))?,
+                );
+            }
+        }
         Ok(Self {
             client,
             args,
@@ -54,6 +73,7 @@ impl Agent {
             jobs: HashMap::new(),
             retry_at: HashMap::new(),
             last_delivered: None,
+            trusted,
         })
     }
 
@@ -266,6 +286,7 @@ impl Agent {
         installed: &mut BTreeMap<String, InstalledRecord>,
     ) -> anyhow::Result<()> {
         check_package_name(&a.package)?;
+        self.check_signature(a)?;
         let hex = sha256_hex(&a.digest)
             .with_context(|| format!("package {}: invalid digest {:?}", a.package, a.digest))?;
         self.transition(a, AssignmentPhase::Downloading, installed)
@@ -296,6 +317,29 @@ impl Agent {
         );
         self.state.set_installed(installed)?;
         tracing::info!(package = %a.package, version = %a.version, "installed");
+        Ok(())
+    }
+
+    /// Refuses a package that is not signed as this agent's policy (or its
+    /// cabinet) requires; checked before anything is downloaded.
+    fn check_signature(&self, a: &Assignment) -> anyhow::Result<()> {
+        if self.trusted.is_empty() {
+            anyhow::ensure!(
+                !a.require_signature,
+                "package {} {} must be signed, but this agent trusts no signing keys (--trusted-key)",
+                a.package,
+                a.version
+            );
+            return Ok(());
+        }
+        signing::verify(
+            &self.trusted,
+            &a.signatures,
+            &a.package,
+            &a.version,
+            &a.digest,
+        )
+        .with_context(|| format!("package {} {} refused", a.package, a.version))?;
         Ok(())
     }
 

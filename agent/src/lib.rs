@@ -45,6 +45,15 @@ pub struct RunArgs {
     /// (default: the system's web PKI roots).
     #[arg(long, env = "CARAVAN_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Files with public keys (`ed25519:…`, one per line) whose signatures
+    /// this agent accepts. With any key configured, every package must carry
+    /// a valid signature by one of them, whatever the relay says.
+    #[arg(
+        long = "trusted-key",
+        env = "CARAVAN_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
     /// The site's bootstrap token, needed only to enroll.
     #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,

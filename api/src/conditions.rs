@@ -12,6 +12,8 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const COMPLETE: &str = "Complete";
 /// DistributionJob: at least one destination failed.
 pub const FAILED: &str = "Failed";
+/// Package: signed by a key its cabinet trusts.
+pub const SIGNED: &str = "Signed";
 
 pub mod reasons {
     pub const SUCCEEDED: &str = "Succeeded";
@@ -32,6 +34,8 @@ pub mod reasons {
     pub const RELAY_CONNECTED: &str = "RelayConnected";
     pub const RELAY_NOT_CONNECTED: &str = "RelayNotConnected";
     pub const ENROLLED: &str = "Enrolled";
+    pub const SIGNATURE_VERIFIED: &str = "SignatureVerified";
+    pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
 }
 
 /// Builds a condition for `generation`. Call [`merge`] to keep the previous

@@ -3,6 +3,7 @@
 //! distribution API spoken between controller, relays and agents.
 
 pub mod conditions;
+pub mod signing;
 pub mod v1alpha1;
 pub mod wire;
 

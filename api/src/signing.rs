@@ -38,8 +38,14 @@ pub fn message(name: &str, version: &str, digest: &str) -> Vec<u8> {
 }
 
 fn decode32(text: &str) -> Result<[u8; 32], SignatureError> {
-    let b64 = text.trim().strip_prefix(PREFIX).ok_or(SignatureError::BadKey)?;
-    B64.decode(b64).ok().and_then(|v| v.try_into().ok()).ok_or(SignatureError::BadKey)
+    let b64 = text
+        .trim()
+        .strip_prefix(PREFIX)
+        .ok_or(SignatureError::BadKey)?;
+    B64.decode(b64)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or(SignatureError::BadKey)
 }
 
 /// A public key as text.
@@ -84,7 +90,9 @@ pub fn verify(
     let msg = message(name, version, digest);
     let mut invalid = None;
     for sig in signatures {
-        let Some(key) = trusted.iter().find(|k| key_id(k) == sig.key_id) else { continue };
+        let Some(key) = trusted.iter().find(|k| key_id(k) == sig.key_id) else {
+            continue;
+        };
         let ok = B64
             .decode(&sig.signature)
             .ok()
@@ -107,13 +115,49 @@ mod tests {
         let key = SigningKey::from_bytes(&[7; 32]);
         let public = parse_public(&encode_public(&key.verifying_key())).unwrap();
         let sig = sign(&key, "hello", "1.0.0", "sha256:aa");
-        assert_eq!(verify(&[public], &[sig.clone()], "hello", "1.0.0", "sha256:aa"), Ok(key_id(&public)));
+        assert_eq!(
+            verify(
+                &[public],
+                std::slice::from_ref(&sig),
+                "hello",
+                "1.0.0",
+                "sha256:aa"
+            ),
+            Ok(key_id(&public))
+        );
         let wrong = Err(SignatureError::Invalid(key_id(&public)));
-        assert_eq!(verify(&[public], &[sig.clone()], "hello", "1.0.1", "sha256:aa"), wrong);
-        assert_eq!(verify(&[public], &[sig.clone()], "hello", "1.0.0", "sha256:bb"), wrong);
+        assert_eq!(
+            verify(
+                &[public],
+                std::slice::from_ref(&sig),
+                "hello",
+                "1.0.1",
+                "sha256:aa"
+            ),
+            wrong
+        );
+        assert_eq!(
+            verify(
+                &[public],
+                std::slice::from_ref(&sig),
+                "hello",
+                "1.0.0",
+                "sha256:bb"
+            ),
+            wrong
+        );
         let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
-        assert_eq!(verify(&[other], &[sig], "hello", "1.0.0", "sha256:aa"), Err(SignatureError::Unsigned));
-        assert_eq!(verify(&[public], &[], "hello", "1.0.0", "sha256:aa"), Err(SignatureError::Unsigned));
-        assert_eq!(parse_public("ed25519:AAAA").unwrap_err(), SignatureError::BadKey);
+        assert_eq!(
+            verify(&[other], &[sig], "hello", "1.0.0", "sha256:aa"),
+            Err(SignatureError::Unsigned)
+        );
+        assert_eq!(
+            verify(&[public], &[], "hello", "1.0.0", "sha256:aa"),
+            Err(SignatureError::Unsigned)
+        );
+        assert_eq!(
+            parse_public("ed25519:AAAA").unwrap_err(),
+            SignatureError::BadKey
+        );
     }
 }

@@ -38,6 +38,12 @@ pub struct Assignment {
     pub digest: String,
     pub size: u64,
     pub install: InstallSpec,
+    /// The package's signatures, checked by the agent against its own keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<crate::signing::PackageSignature>,
+    /// The package's cabinet requires a valid signature.
+    #[serde(default)]
+    pub require_signature: bool,
 }
 
 /// Everything assigned to one agent.

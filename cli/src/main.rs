@@ -5,8 +5,12 @@ mod pack;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use caravan_api::v1alpha1::{Artifact, InstallSpec, Package, PackageSpec};
+use caravan_api::{
+    signing,
+    v1alpha1::{Artifact, InstallSpec, Package, PackageSpec},
+};
 use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
 
 #[derive(Parser)]
 #[command(
@@ -21,9 +25,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build and publish packages.
+    /// Build, sign and publish packages.
     #[command(subcommand)]
     Package(PackageCommand),
+    /// Signing keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make an ed25519 key pair: `<out>.key` (private, mode 0600) and `<out>.pub`.
+    Generate {
+        /// Path prefix of the two files.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -42,10 +59,21 @@ struct BuildArgs {
     /// Directory (in your Git working tree) to write the Package manifest into.
     #[arg(long, default_value = ".")]
     manifest_dir: PathBuf,
+    /// Sign the package with this private key (`caravan key generate`).
+    #[arg(long)]
+    sign_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum PackageCommand {
+    /// Add a signature (by KEY) to a Package manifest, replacing that key's old one.
+    Sign {
+        /// The Package manifest (YAML) to sign.
+        manifest: PathBuf,
+        /// Private key file (`caravan key generate`).
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Pack DIR into `<name>-<version>.tar.zst` and write its Package manifest.
     Build {
         #[command(flatten)]
@@ -83,6 +111,38 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Key(KeyCommand::Generate { out }) => {
+            let key = SigningKey::from_bytes(&rand::random());
+            let private = out.with_extension("key");
+            let public = out.with_extension("pub");
+            write_private(&private, &format!("{}\n", signing::encode_private(&key)))?;
+            std::fs::write(
+                &public,
+                format!("{}\n", signing::encode_public(&key.verifying_key())),
+            )?;
+            println!(
+                "wrote {} and {} (key ID {})",
+                private.display(),
+                public.display(),
+                signing::key_id(&key.verifying_key())
+            );
+            Ok(())
+        }
+        Command::Package(PackageCommand::Sign { manifest, key }) => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            let mut pkg: Package = serde_yaml_ng::from_str(&text)
+                .with_context(|| format!("{} is not a Package manifest", manifest.display()))?;
+            let sig = sign_spec(&pkg.spec, &key)?;
+            println!(
+                "signed {} {} with key {}",
+                pkg.spec.name, pkg.spec.version, sig.key_id
+            );
+            pkg.spec.signatures.retain(|s| s.key_id != sig.key_id);
+            pkg.spec.signatures.push(sig);
+            std::fs::write(&manifest, serde_yaml_ng::to_string(&pkg)?)?;
+            Ok(())
+        }
         Command::Package(PackageCommand::Build { args, out }) => {
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!("{}-{}.tar.zst", args.name, args.version))
@@ -127,7 +187,7 @@ fn build(args: &BuildArgs, out: &Path) -> anyhow::Result<Artifact> {
 
 /// Writes the Package manifest into the manifest directory.
 fn write_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<()> {
-    let manifest = manifest(args, artifact);
+    let manifest = manifest(args, artifact)?;
     std::fs::create_dir_all(&args.manifest_dir)?;
     let path = args
         .manifest_dir
@@ -137,8 +197,8 @@ fn write_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn manifest(args: &BuildArgs, artifact: &Artifact) -> String {
-    let pkg = Package::new(
+fn manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<String> {
+    let mut pkg = Package::new(
         &format!("{}-{}", args.name, args.version).to_ascii_lowercase(),
         PackageSpec {
             cabinet: args.cabinet.clone(),
@@ -147,9 +207,40 @@ fn manifest(args: &BuildArgs, artifact: &Artifact) -> String {
             artifact: artifact.clone(),
             install: InstallSpec::default(),
             description: None,
+            signatures: vec![],
         },
     );
-    serde_yaml_ng::to_string(&pkg).expect("a Package serializes")
+    if let Some(key) = &args.sign_key {
+        pkg.spec.signatures.push(sign_spec(&pkg.spec, key)?);
+    }
+    Ok(serde_yaml_ng::to_string(&pkg)?)
+}
+
+/// Signs a package's name, version and digest with the private key in `key`.
+fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageSignature> {
+    let text =
+        std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let key = signing::parse_private(&text)
+        .with_context(|| format!("{} is not a private key", key.display()))?;
+    Ok(signing::sign(
+        &key,
+        &spec.name,
+        &spec.version,
+        &spec.artifact.digest,
+    ))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Streams the archive to the controller's store.

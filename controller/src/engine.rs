@@ -14,6 +14,7 @@ use std::{
 
 use caravan_api::{
     conditions::{self, reasons},
+    signing,
     v1alpha1::*,
     wire::{AgentDesired, Assignment, AssignmentPhase, SiteDesired},
 };
@@ -181,7 +182,7 @@ pub async fn recompute(ctx: &Context) {
         r.packages.state(),
         r.cabinets.state(),
     );
-    let mut plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    let mut plan = Plan::compute(&sites, &agents, &jobs, &packages, &cabinets);
     ctx.metrics.recomputes.inc();
     ctx.metrics.agents.set(agents.len() as i64);
 
@@ -326,6 +327,7 @@ impl Plan {
         agents: &[Arc<Agent>],
         jobs: &[Arc<DistributionJob>],
         packages: &[Arc<Package>],
+        cabinets: &[Arc<Cabinet>],
     ) -> Self {
         let mut plan = Plan::default();
         // Every agent's entry, and where to find it by (namespace, name).
@@ -348,7 +350,7 @@ impl Plan {
         jobs.sort_by_key(|j| key_of(j.as_ref()));
         for job in jobs {
             let (ns, name) = key_of(job.as_ref());
-            let job_plan = resolve_job(job, &ns, sites, agents, packages);
+            let job_plan = resolve_job(job, &ns, sites, agents, packages, cabinets);
             for (agent, assignments) in &job_plan.targets {
                 let Some(site) = site_of.get(&(ns.clone(), agent.clone())) else {
                     continue;
@@ -386,6 +388,7 @@ fn resolve_job(
     sites: &[Arc<Site>],
     agents: &[Arc<Agent>],
     packages: &[Arc<Package>],
+    cabinets: &[Arc<Cabinet>],
 ) -> JobPlan {
     let mut plan = JobPlan::default();
     let job_key = format!("{ns}/{}", job.name_any());
@@ -476,6 +479,12 @@ fn resolve_job(
             digest: p.spec.artifact.digest.clone(),
             size: p.spec.artifact.size,
             install: p.spec.install.clone(),
+            signatures: p.spec.signatures.clone(),
+            require_signature: cabinets.iter().any(|c| {
+                in_ns(&|| c.namespace())
+                    && c.name_any() == p.spec.cabinet
+                    && c.spec.require_signatures
+            }),
         })
         .collect();
     for a in agents
@@ -691,62 +700,103 @@ fn job_status(
 
 async fn package_status(ctx: &Context, p: &Package, cabinets: &[Arc<Cabinet>]) -> PackageStatus {
     let generation = p.meta().generation;
-    let cabinet_known = cabinets
+    let cabinet = cabinets
         .iter()
-        .any(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
-    let (ok, reason, message, available) = if !cabinet_known {
-        (
-            false,
+        .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
+    let artifact = match (cabinet, sha256_hex(&p.spec.artifact.digest)) {
+        (None, _) => Err((
             reasons::UNKNOWN_CABINET,
             format!("cabinet {} not found", p.spec.cabinet),
-            false,
-        )
-    } else {
-        match caravan_api::v1alpha1::sha256_hex(&p.spec.artifact.digest) {
-            None => (
-                false,
+        )),
+        (_, None) => Err((
+            reasons::ARTIFACT_MISSING,
+            format!("invalid digest {:?}", p.spec.artifact.digest),
+        )),
+        (Some(_), Some(hex)) => match ctx.blobs.size(hex).await {
+            Some(size) if size == p.spec.artifact.size => {
+                Ok(format!("artifact {} stored", p.spec.artifact.digest))
+            }
+            Some(size) => Err((
                 reasons::ARTIFACT_MISSING,
-                format!("invalid digest {:?}", p.spec.artifact.digest),
-                false,
-            ),
-            Some(hex) => match ctx.blobs.size(hex).await {
-                Some(size) if size == p.spec.artifact.size => (
-                    true,
-                    reasons::ARTIFACT_AVAILABLE,
-                    format!("artifact {} stored", p.spec.artifact.digest),
-                    true,
+                format!(
+                    "stored artifact is {size} bytes, manifest says {}",
+                    p.spec.artifact.size
                 ),
-                Some(size) => (
-                    false,
-                    reasons::ARTIFACT_MISSING,
-                    format!(
-                        "stored artifact is {size} bytes, manifest says {}",
-                        p.spec.artifact.size
-                    ),
-                    false,
+            )),
+            None => Err((
+                reasons::ARTIFACT_MISSING,
+                format!(
+                    "artifact {} is not in cabinet {}; push it with `caravan package push`",
+                    p.spec.artifact.digest, p.spec.cabinet
                 ),
-                None => (
-                    false,
-                    reasons::ARTIFACT_MISSING,
-                    format!(
-                        "artifact {} is not in cabinet {}; push it with `caravan package push`",
-                        p.spec.artifact.digest, p.spec.cabinet
-                    ),
-                    false,
-                ),
-            },
-        }
+            )),
+        },
     };
+    let mut conds = Vec::new();
+    // Signatures are checked against the keys the cabinet trusts.
+    let signed = cabinet
+        .filter(|c| !c.spec.trusted_keys.is_empty() || c.spec.require_signatures)
+        .map(|c| {
+            let keys: Vec<_> = c
+                .spec
+                .trusted_keys
+                .iter()
+                .filter_map(|k| signing::parse_public(&k.public_key).ok())
+                .collect();
+            signing::verify(
+                &keys,
+                &p.spec.signatures,
+                &p.spec.name,
+                &p.spec.version,
+                &p.spec.artifact.digest,
+            )
+        });
+    if let Some(result) = &signed {
+        conds.push(match result {
+            Ok(key) => conditions::new(
+                conditions::SIGNED,
+                true,
+                reasons::SIGNATURE_VERIFIED,
+                format!("signed by trusted key {key}"),
+                generation,
+            ),
+            Err(e) => conditions::new(
+                conditions::SIGNED,
+                false,
+                reasons::SIGNATURE_INVALID,
+                e.to_string(),
+                generation,
+            ),
+        });
+    }
+    let require = cabinet.is_some_and(|c| c.spec.require_signatures);
+    let ready = match (&artifact, &signed) {
+        (Err((reason, msg)), _) => {
+            conditions::new(conditions::READY, false, reason, msg.clone(), generation)
+        }
+        (Ok(_), Some(Err(e))) if require => conditions::new(
+            conditions::READY,
+            false,
+            reasons::SIGNATURE_INVALID,
+            format!(
+                "cabinet {} requires a trusted signature: {e}",
+                p.spec.cabinet
+            ),
+            generation,
+        ),
+        (Ok(msg), _) => conditions::new(
+            conditions::READY,
+            true,
+            reasons::ARTIFACT_AVAILABLE,
+            msg.clone(),
+            generation,
+        ),
+    };
+    conds.insert(0, ready);
     PackageStatus {
         observed_generation: generation,
-        artifact_available: available,
-        conditions: vec![conditions::new(
-            conditions::READY,
-            ok,
-            reason,
-            message,
-            generation,
-        )],
+        artifact_available: artifact.is_ok(),
+        conditions: conds,
     }
 }
 

@@ -482,6 +482,8 @@ pub struct Caravan {
     pub agents: Vec<Agent>,
     /// Certificates when everything talks HTTPS.
     pub tls: Option<TestTls>,
+    /// Extra arguments for every agent started from now on.
+    pub agent_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -678,6 +680,7 @@ impl Caravan {
         .await?;
         Ok(Self {
             tls,
+            agent_args: vec![],
 
             dir,
             namespace: namespace.into(),
@@ -753,28 +756,35 @@ impl Caravan {
         version: &str,
         manifest_dir: &Path,
     ) -> anyhow::Result<String> {
+        let (dir, manifest_dir) = (
+            dir.display().to_string(),
+            manifest_dir.display().to_string(),
+        );
+        self.cli(&[
+            "package",
+            "push",
+            &dir,
+            "--name",
+            name,
+            "--version",
+            version,
+            "--manifest-dir",
+            &manifest_dir,
+        ])
+    }
+
+    /// Runs the `caravan` CLI against this installation's controller.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = std::process::Command::new(bin("caravan")?)
-            .args(["package", "push"])
-            .arg(dir)
-            .args([
-                "--name",
-                name,
-                "--version",
-                version,
-                "--cabinet",
-                "main",
-                "--server",
-                &self.api_url,
-            ])
-            .arg("--manifest-dir")
-            .arg(manifest_dir)
+            .args(args)
+            .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
             .envs(self.tls.as_ref().map(|t| ("CARAVAN_CA_FILE", &t.ca)))
             .output()?;
-
         anyhow::ensure!(
             out.status.success(),
-            "caravan package push failed: {}",
+            "caravan {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8(out.stdout)?)
@@ -857,24 +867,30 @@ impl Caravan {
         state_dir: &Path,
         install_root: &Path,
     ) -> anyhow::Result<Proc> {
+        let (state_dir, install_root) = (
+            state_dir.display().to_string(),
+            install_root.display().to_string(),
+        );
+        let mut args = vec![
+            "run",
+            "--server",
+            &relay.url,
+            "--state-dir",
+            &state_dir,
+            "--install-root",
+            &install_root,
+            "--hostname",
+            name,
+            "--poll-wait",
+            "10",
+            "--retry-after",
+            "2",
+        ];
+        args.extend(self.agent_args.iter().map(String::as_str));
         Proc::spawn(
             &format!("agent-{name}"),
             &bin("caravan-agent")?,
-            &[
-                "run",
-                "--server",
-                &relay.url,
-                "--state-dir",
-                &state_dir.display().to_string(),
-                "--install-root",
-                &install_root.display().to_string(),
-                "--hostname",
-                name,
-                "--poll-wait",
-                "10",
-                "--retry-after",
-                "2",
-            ],
+            &args,
             &[(
                 "CARAVAN_BOOTSTRAP_TOKEN".into(),
                 relay.bootstrap_token.clone(),

@@ -27,6 +27,23 @@ pub struct CabinetSpec {
     /// Human description.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Public keys whose signatures this cabinet's packages may carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_keys: Vec<TrustedKey>,
+    /// Every package of this cabinet must be signed by a trusted key; agents
+    /// refuse one that is not (checked against the agents' own keys).
+    #[serde(default)]
+    pub require_signatures: bool,
+}
+
+/// A signing key a cabinet trusts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustedKey {
+    /// A name for people (who holds the key).
+    pub name: String,
+    /// `ed25519:<base64>`, as `caravan key generate` writes it.
+    pub public_key: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -58,7 +58,7 @@ fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
         serde_json::json!({"packages": [{"name": "hello"}],
         "destinations": {"sites": [{"name": "hq", "includeLower": true}]}}),
     )];
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
     let jp = &plan.jobs[&("ns".into(), "j".into())];
     assert!(jp.problems.is_empty());
     assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
@@ -79,7 +79,7 @@ fn unknown_references_become_problems_not_panics() {
         serde_json::json!({"packages": [{"name": "nope"}],
         "destinations": {"sites": [{"name": "atlantis"}], "agents": ["ghost"]}}),
     )];
-    let plan = Plan::compute(&[site("hq", None)], &[agent("a1", "hq")], &jobs, &[]);
+    let plan = Plan::compute(&[site("hq", None)], &[agent("a1", "hq")], &jobs, &[], &[]);
     let jp = &plan.jobs[&("ns".into(), "j".into())];
     let reasons: Vec<_> = jp.problems.iter().map(|p| p.0).collect();
     assert_eq!(
@@ -112,7 +112,7 @@ fn job_status_counts_only_reports_for_the_current_digest() {
         serde_json::json!({"packages": [{"name": "hello"}], "destinations": {"sites": [{"name": "hq"}]}}),
     )];
     let packages = [package("hello", "1.0.0", 'a')];
-    let plan = Plan::compute(&[site("hq", None)], &agents_v, &jobs, &packages);
+    let plan = Plan::compute(&[site("hq", None)], &agents_v, &jobs, &packages, &[]);
     let digest = format!("sha256:{}", "a".repeat(64));
     let report = |phase, digest: &str, message: &str| AgentStatus {
         jobs: vec![JobState {
@@ -186,7 +186,7 @@ fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_
             serde_json::json!({"packages": [{"name": "helo"}], "destinations": {"sites": [{"name": "hq"}]}}),
         ),
     ];
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
     let hq = &plan.by_site[&("ns".into(), "hq".into())];
     assert!(hq["a1"].assignments.is_empty(), "nothing new is handed out");
     assert_eq!(
