@@ -306,6 +306,43 @@ pub fn parse_revision(
 /// Manifest files of a revision: path relative to the repository root, contents.
 pub type Files = Vec<(String, Vec<u8>)>;
 
+/// Applies the package identity rules to the Packages of a revision, against
+/// the existing packages and against each other.
+pub fn check_identity<'a>(
+    manifests: &'a [Manifest],
+    existing: impl Iterator<Item = (&'a str, &'a v1::PackageSpec)>,
+) -> Result<(), Vec<ManifestError>> {
+    let mut seen: Vec<(&str, &v1::PackageSpec)> = existing.collect();
+    let mut specs = Vec::new();
+    for m in manifests.iter().filter(|m| m.kind == Kind::Package) {
+        match serde_json::from_value::<v1::Package>(m.object.clone()) {
+            Ok(p) => specs.push((m, p.spec)),
+            // Validated before; cannot happen.
+            Err(e) => {
+                return Err(vec![ManifestError {
+                    file: m.file.clone(),
+                    message: e.to_string(),
+                }])
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    for (m, spec) in &specs {
+        if let Err(message) = crate::identity::check(&m.name, spec, seen.iter().copied()) {
+            errors.push(ManifestError {
+                file: m.file.clone(),
+                message,
+            });
+        }
+        seen.push((m.name.as_str(), spec));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Fetches the source and returns the commit id and every `*.yaml`/`*.yml` file
 /// under its path (paths relative to the repository root).
 pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Files), Error> {
@@ -422,7 +459,23 @@ async fn reconcile(gs: Arc<GitSource>, ctx: Arc<Context>) -> Result<Action, Erro
     status.last_attempted_revision = Some(commit.clone());
     let short = &commit[..commit.len().min(12)];
 
-    let outcome = match parse_revision(&files, &ns, &name) {
+    let parsed = parse_revision(&files, &ns, &name).and_then(|m| {
+        let existing: Vec<_> = ctx
+            .stores
+            .packages
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+            .collect();
+        check_identity(
+            &m,
+            existing
+                .iter()
+                .map(|p| (p.meta().name.as_deref().unwrap_or_default(), &p.spec)),
+        )?;
+        Ok(m)
+    });
+    let outcome = match parsed {
         Err(errors) => Err((reasons::INVALID_MANIFEST, errors)),
         Ok(manifests) => apply_all(&ctx, &ns, &name, &manifests, gs.spec.prune)
             .await

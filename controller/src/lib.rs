@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod gitsource;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod reconcile;
 pub mod store;

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use caravan_api::{conditions, v1alpha1::Package};
+use caravan_api::{
+    conditions,
+    v1alpha1::{GitSource, Package},
+};
 use caravan_tests::{wait_for, Caravan};
 
 const T: Duration = Duration::from_secs(120);
@@ -125,5 +128,50 @@ async fn only_packages_signed_by_a_key_the_agent_trusts_are_installed() -> anyho
             "{package} was not installed"
         );
     }
+
+    // A package cannot move to another cabinet, nor a version change its
+    // content: the whole revision is refused, naming the file.
+    let file = "fleet/packages/signed-app-1.0.0.yaml";
+    let original = std::fs::read_to_string(repo.work.join(file))?;
+    let refused = |commit: String| {
+        let sources = c.api::<GitSource>();
+        async move {
+            wait_for(&format!("revision {commit} to be refused"), T, || async {
+                let st = sources.get("fleet").await?.status.unwrap_or_default();
+                if st.last_attempted_revision.as_ref() != Some(&commit) {
+                    return Ok(None);
+                }
+                Ok(st.errors.into_iter().find(|e| e.file == file))
+            })
+            .await
+        }
+    };
+    repo.write(file, &original.replace("cabinet: secure", "cabinet: main"))?;
+    let e = refused(repo.commit("Move signed-app to the main cabinet")?).await?;
+    assert!(
+        e.message
+            .contains("cannot move from cabinet secure to cabinet main"),
+        "{}",
+        e.message
+    );
+    let digest = c
+        .api::<Package>()
+        .get("signed-app-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .digest;
+    repo.write(
+        file,
+        &original.replace(&digest, &format!("sha256:{}", "e".repeat(64))),
+    )?;
+    let e = refused(repo.commit("Change what signed-app 1.0.0 is")?).await?;
+    assert!(e.message.contains("published already"), "{}", e.message);
+    let pkg = c.api::<Package>().get("signed-app-1.0.0").await?;
+    assert_eq!(
+        (pkg.spec.cabinet.as_str(), pkg.spec.artifact.digest.as_str()),
+        ("secure", digest.as_str()),
+        "nothing applied"
+    );
     Ok(())
 }
