@@ -50,6 +50,10 @@ pub fn router(ctx: Arc<Context>) -> Router {
             post(reports).layer(axum::extract::DefaultBodyLimit::max(REPORTS_BODY_LIMIT)),
         )
         .route("/v1/blobs/{digest}", get(get_blob).put(put_blob))
+        .route(
+            crate::webhook::PACKAGES_PATH,
+            post(crate::webhook::validate_packages),
+        )
         .with_state(ctx)
 }
 

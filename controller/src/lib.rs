@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod store;
 pub mod tokens;
+pub mod webhook;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 

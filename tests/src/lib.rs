@@ -435,6 +435,14 @@ pub enum Install {
     Helm,
 }
 
+/// Values of the release the Helm test installs. No PVC (nothing binds it
+/// here), and plain HTTP without the webhook: the harness runs the controller
+/// on a loopback port, where neither the Service DNS name the chart's
+/// certificate is for nor the Service the webhook points at exist. (The TLS
+/// and webhook paths are tested with the harness's own certificate.)
+pub const HELM_TEST_VALUES: &str =
+    r#"{"persistence":{"enabled":false},"tls":{"enabled":false},"webhook":{"enabled":false}}"#;
+
 /// Namespace the Helm release goes into.
 pub const HELM_NAMESPACE: &str = "caravan-system";
 
@@ -627,7 +635,7 @@ impl Caravan {
                     "--kubeconfig",
                     &cluster.kubeconfig.display().to_string(),
                     "--set-json",
-                    r#"{"persistence":{"enabled":false}}"#,
+                    HELM_TEST_VALUES,
                 ])?;
                 eprintln!("{out}");
                 cluster.wait_crds().await?;
@@ -726,6 +734,36 @@ impl Caravan {
                 name,
                 &PatchParams::apply("caravan-tests"),
                 &Patch::Apply(&gs),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Registers the controller's validating admission webhook for Packages
+    /// (the API server calls it over HTTPS, so only with TLS).
+    pub async fn register_webhook(&self) -> anyhow::Result<()> {
+        use base64::Engine as _;
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let tls = self
+            .tls
+            .as_ref()
+            .context("the webhook needs the controller to serve HTTPS")?;
+        let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&tls.ca)?);
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": { "name": "caravan-packages" },
+            "webhooks": [{
+                "name": "packages.caravan.dev",
+                "clientConfig": { "url": format!("{}/validate/packages", self.api_url), "caBundle": ca },
+                "rules": [{ "apiGroups": ["caravan.dev"], "apiVersions": ["v1alpha1"], "resources": ["packages"], "operations": ["CREATE", "UPDATE"] }],
+                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5,
+            }],
+        }))?;
+        Api::<ValidatingWebhookConfiguration>::all(self.client())
+            .patch(
+                "caravan-packages",
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&config),
             )
             .await?;
         Ok(())

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE};
+use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE, HELM_TEST_VALUES};
 use k8s_openapi::api::{apps::v1::Deployment, rbac::v1::ClusterRole};
 use kube::Api;
 
@@ -45,7 +45,9 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
     // An upgrade of the release goes through too.
     let kubeconfig = c.cluster.kubeconfig.display().to_string();
     let chart = repo_root().join("charts/caravan").display().to_string();
-    let values = r#"{"persistence":{"enabled":false},"relay":{"image":"registry.example/caravan-relay:test"}}"#;
+    let mut values: serde_json::Value = serde_json::from_str(HELM_TEST_VALUES)?;
+    values["relay"] = serde_json::json!({"image": "registry.example/caravan-relay:test"});
+    let values = values.to_string();
     helm(&[
         "upgrade",
         "caravan",
@@ -55,7 +57,7 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         "--kubeconfig",
         &kubeconfig,
         "--set-json",
-        values,
+        &values,
     ])?;
     let d = Api::<Deployment>::namespaced(c.client(), HELM_NAMESPACE)
         .get("caravan")
@@ -68,5 +70,38 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         args.contains(&"registry.example/caravan-relay:test".to_string()),
         "{args:?}"
     );
+    Ok(())
+}
+
+/// By default the chart serves HTTPS with a certificate it generates and
+/// registers the package webhook with that CA.
+#[test]
+fn the_default_chart_serves_https_and_registers_the_package_webhook() -> anyhow::Result<()> {
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    let rendered: std::collections::BTreeMap<String, String> = serde_json::from_str(&helm(&[
+        "template",
+        "caravan",
+        &chart,
+        "--namespace",
+        HELM_NAMESPACE,
+    ])?)?;
+    let tls = &rendered["caravan/templates/tls.yaml"];
+    assert!(
+        tls.contains("kind: ValidatingWebhookConfiguration")
+            && tls.contains("path: /validate/packages"),
+        "{tls}"
+    );
+    assert!(
+        tls.contains("caBundle: \"LS0t"),
+        "the webhook trusts the generated CA:\n{tls}"
+    );
+    let deployment = &rendered["caravan/templates/deployment.yaml"];
+    for arg in [
+        "--tls-cert-file",
+        "--relay-upstream-ca-file",
+        "https://caravan.caravan-system.svc:8443",
+    ] {
+        assert!(deployment.contains(arg), "{arg} missing:\n{deployment}");
+    }
     Ok(())
 }

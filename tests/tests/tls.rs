@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use caravan_tests::{Caravan, Install, Options};
+use caravan_tests::{wait_for, Caravan, Install, Options};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()> {
@@ -33,6 +33,51 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
     )
     .await?;
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
+
+    // The admission webhook holds the package identity rules for every
+    // writer, kubectl included.
+    c.register_webhook().await?;
+    let moved = wait_for(
+        "the webhook to refuse moving a package",
+        Duration::from_secs(30),
+        || async {
+            let patch = r#"{"spec":{"cabinet":"elsewhere"}}"#;
+            match c.cluster.kubectl(&[
+                "-n",
+                "fleet",
+                "patch",
+                "package",
+                "hello-1.0.0",
+                "--type",
+                "merge",
+                "-p",
+                patch,
+            ]) {
+                Ok(out) => anyhow::bail!("the patch went through: {out}"),
+                // Until the API server has picked up the webhook, it is the
+                // next Git sync that puts the cabinet back; wait for a denial.
+                Err(e) if e.to_string().contains("denied the request") => Ok(Some(e.to_string())),
+                Err(_) => Ok(None),
+            }
+        },
+    )
+    .await?;
+    assert!(
+        moved.contains("cannot move from cabinet main to cabinet elsewhere"),
+        "{moved}"
+    );
+    let twin = serde_json::json!({
+        "apiVersion": "caravan.dev/v1alpha1", "kind": "Package",
+        "metadata": { "name": "hello-twin", "namespace": "fleet" },
+        "spec": { "cabinet": "main", "name": "hello", "version": "1.0.0",
+                  "artifact": { "digest": format!("sha256:{}", "d".repeat(64)), "size": 1 } },
+    });
+    let err = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .create(&Default::default(), &serde_json::from_value(twin)?)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("published already"), "{err}");
 
     // A client that does not trust the CA is refused at the TLS handshake.
     let err = reqwest::get(format!("{}/healthz", relay.url))
