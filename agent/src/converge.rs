@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -16,8 +15,8 @@ use caravan_api::{
 use ed25519_dalek::VerifyingKey;
 
 use crate::{
-    archive,
     client::Client,
+    install,
     state::{Credentials, InstalledRecord, StateDir},
     RunArgs,
 };
@@ -209,12 +208,15 @@ impl Agent {
             touched = true;
             let result = match a.action {
                 JobAction::Install => self.install(a, &mut installed).await,
-                JobAction::Uninstall => self.uninstall(&a.package, &mut installed).await,
+                JobAction::Uninstall => self
+                    .uninstall(&a.package, &mut installed)
+                    .await
+                    .map(|()| String::new()),
             };
             match result {
-                Ok(()) => {
+                Ok(output) => {
                     self.retry_at.remove(&k);
-                    self.set_phase(a, AssignmentPhase::Succeeded, "");
+                    self.set_phase(a, AssignmentPhase::Succeeded, &output);
                 }
                 Err(e) => {
                     ok = false;
@@ -280,13 +282,17 @@ impl Agent {
         self.report(installed).await;
     }
 
+    /// Downloads, verifies and installs one package; returns what to report
+    /// (a script's output tail).
     async fn install(
         &mut self,
         a: &Assignment,
         installed: &mut BTreeMap<String, InstalledRecord>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<String> {
         check_package_name(&a.package)?;
         self.check_signature(a)?;
+        let root = self.args.install_root.clone();
+        install::check_requirements(a, &root)?;
         let hex = sha256_hex(&a.digest)
             .with_context(|| format!("package {}: invalid digest {:?}", a.package, a.digest))?;
         self.transition(a, AssignmentPhase::Downloading, installed)
@@ -298,13 +304,35 @@ impl Agent {
             .with_context(|| format!("package {} {} ({})", a.package, a.version, a.digest))?;
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;
-        let root = self.args.install_root.clone();
-        let package = a.package.clone();
-        let blob = partial.clone();
-        tokio::task::spawn_blocking(move || install_archive(&blob, &root, &package))
+        let (blob, r, package) = (partial.clone(), root.clone(), a.package.clone());
+        let swapped =
+            tokio::task::spawn_blocking(move || install::stage_and_swap(&blob, &r, &package))
+                .await
+                .context("install task")?
+                .with_context(|| format!("installing package {} {}", a.package, a.version))?;
+        let mut output = String::new();
+        if let Some(script) = install::script_for(&a.install, "install") {
+            let dir = root.join(&a.package);
+            match install::run_script(
+                &dir, &root, script, "install", &a.package, &a.version, &a.install,
+            )
             .await
-            .context("install task")?
-            .with_context(|| format!("installing package {} {}", a.package, a.version))?;
+            {
+                Ok(tail) => output = tail,
+                Err(e) => {
+                    // Back to the previous version (or to nothing).
+                    tokio::task::spawn_blocking(move || swapped.roll_back())
+                        .await
+                        .context("rollback task")??;
+                    return Err(
+                        e.context(format!("package {} {} rolled back", a.package, a.version))
+                    );
+                }
+            }
+        }
+        tokio::task::spawn_blocking(move || swapped.commit())
+            .await
+            .context("install task")??;
         let _ = std::fs::remove_file(&partial);
         installed.insert(
             a.package.clone(),
@@ -313,11 +341,12 @@ impl Agent {
                 version: a.version.clone(),
                 digest: a.digest.clone(),
                 job: a.job.clone(),
+                install: a.install.clone(),
             },
         );
         self.state.set_installed(installed)?;
         tracing::info!(package = %a.package, version = %a.version, "installed");
-        Ok(())
+        Ok(output)
     }
 
     /// Refuses a package that is not signed as this agent's policy (or its
@@ -349,10 +378,24 @@ impl Agent {
         installed: &mut BTreeMap<String, InstalledRecord>,
     ) -> anyhow::Result<()> {
         check_package_name(package)?;
-        if installed.contains_key(package) {
+        if let Some(record) = installed.get(package) {
             let root = self.args.install_root.clone();
+            if let Some(script) = install::script_for(&record.install, "uninstall") {
+                let dir = root.join(package);
+                install::run_script(
+                    &dir,
+                    &root,
+                    script,
+                    "uninstall",
+                    package,
+                    &record.version,
+                    &record.install,
+                )
+                .await
+                .with_context(|| format!("package {package} kept"))?;
+            }
             let p = package.to_string();
-            tokio::task::spawn_blocking(move || remove_package(&root, &p))
+            tokio::task::spawn_blocking(move || install::remove_package(&root, &p))
                 .await
                 .context("remove task")??;
             installed.remove(package);
@@ -395,54 +438,6 @@ fn check_package_name(name: &str) -> anyhow::Result<()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
     anyhow::ensure!(ok, "package name {name:?} is not a safe directory name");
-    Ok(())
-}
-
-/// Work directory of the agent inside the install root (same filesystem, so renames are atomic).
-fn work_dir(root: &Path) -> PathBuf {
-    root.join(".caravan")
-}
-
-/// Extracts the archive next to the live version, then swaps it in by renames.
-fn install_archive(blob: &Path, root: &Path, package: &str) -> anyhow::Result<()> {
-    let work = work_dir(root);
-    std::fs::create_dir_all(work.join("staging"))?;
-    std::fs::create_dir_all(work.join("old"))?;
-    let staging = work.join("staging").join(package);
-    let old = work.join("old").join(package);
-    for leftover in [&staging, &old] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(leftover)?;
-        }
-    }
-    let file = std::fs::File::open(blob)?;
-    if let Err(e) = archive::extract(std::io::BufReader::new(file), &staging) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e.into());
-    }
-    let live = root.join(package);
-    if live.exists() {
-        std::fs::rename(&live, &old)?;
-    }
-    std::fs::rename(&staging, &live)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    Ok(())
-}
-
-fn remove_package(root: &Path, package: &str) -> anyhow::Result<()> {
-    let live = root.join(package);
-    if !live.exists() {
-        return Ok(());
-    }
-    let old = work_dir(root).join("old").join(package);
-    std::fs::create_dir_all(work_dir(root).join("old"))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    std::fs::rename(&live, &old)?;
-    std::fs::remove_dir_all(&old)?;
     Ok(())
 }
 

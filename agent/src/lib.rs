@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod client;
 pub mod converge;
+pub mod install;
 pub mod state;
 
 use std::{path::PathBuf, time::Duration};

@@ -35,6 +35,9 @@ pub struct InstalledRecord {
     pub version: String,
     pub digest: String,
     pub job: String,
+    /// How it was installed (its uninstall script, if any).
+    #[serde(default)]
+    pub install: caravan_api::v1alpha1::InstallSpec,
 }
 
 impl From<&InstalledRecord> for InstalledPackage {

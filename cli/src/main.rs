@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use caravan_api::{
     signing,
-    v1alpha1::{Artifact, InstallSpec, Package, PackageSpec},
+    v1alpha1::{
+        Artifact, InstallMethod, InstallSpec, Package, PackageSpec, Requirements, ScriptSpec,
+    },
 };
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
@@ -62,6 +64,69 @@ struct BuildArgs {
     /// Sign the package with this private key (`caravan key generate`).
     #[arg(long)]
     sign_key: Option<PathBuf>,
+    /// `archive` (extract) or `script` (extract, then run --install-script).
+    #[arg(long, value_enum, default_value = "archive")]
+    install: Method,
+    /// Install script inside the package (with `--install script`).
+    #[arg(long, default_value = "install.sh")]
+    install_script: String,
+    /// Uninstall script inside the package, if any.
+    #[arg(long)]
+    uninstall_script: Option<String>,
+    /// Seconds before a script is killed and the step fails.
+    #[arg(long, default_value_t = 600)]
+    script_timeout: u32,
+    /// Operating systems the package needs (repeatable: linux, windows, macos).
+    #[arg(long = "os")]
+    os: Vec<String>,
+    /// Architectures the package needs (repeatable: x86_64, aarch64).
+    #[arg(long = "arch")]
+    arch: Vec<String>,
+    /// Free bytes the package needs in the install root besides itself.
+    #[arg(long)]
+    min_free_disk: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Archive,
+    Script,
+}
+
+impl BuildArgs {
+    /// Catches a package that could not install before it is built.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.install == Method::Script {
+            for script in std::iter::once(&self.install_script).chain(&self.uninstall_script) {
+                anyhow::ensure!(
+                    self.dir.join(script).is_file(),
+                    "{script} is not a file in {}: a script package runs it from there",
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn install_spec(&self) -> InstallSpec {
+        let requirements = Requirements {
+            os: self.os.clone(),
+            arch: self.arch.clone(),
+            min_free_disk_bytes: self.min_free_disk,
+        };
+        InstallSpec {
+            method: match self.install {
+                Method::Archive => InstallMethod::Archive,
+                Method::Script => InstallMethod::Script,
+            },
+            script: (self.install == Method::Script).then(|| ScriptSpec {
+                install: self.install_script.clone(),
+                uninstall: self.uninstall_script.clone(),
+                timeout_seconds: self.script_timeout,
+            }),
+            requirements: (requirements != Requirements::default()).then_some(requirements),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -163,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_file,
         }) => {
             let tmp = tempfile::NamedTempFile::new()?;
+            args.check()?;
             // The manifest is written only once its blob is in the cabinet.
             let artifact = pack::pack(&args.dir, tmp.path())
                 .with_context(|| format!("packing {}", args.dir.display()))?;
@@ -179,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Packs the directory and writes the manifest next to the other manifests.
 fn build(args: &BuildArgs, out: &Path) -> anyhow::Result<Artifact> {
+    args.check()?;
     let artifact =
         pack::pack(&args.dir, out).with_context(|| format!("packing {}", args.dir.display()))?;
     write_manifest(args, &artifact)?;
@@ -205,7 +272,7 @@ fn manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<String> {
             name: args.name.clone(),
             version: args.version.clone(),
             artifact: artifact.clone(),
-            install: InstallSpec::default(),
+            install: args.install_spec(),
             description: None,
             signatures: vec![],
         },

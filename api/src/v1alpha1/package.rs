@@ -49,20 +49,21 @@ pub struct Artifact {
     pub size: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// How an agent installs a package. Either way the archive is first
+/// extracted into `<install root>/<package name>`; `script` then runs a
+/// script shipped in the package, whose exit code decides success.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstallSpec {
-    /// `archive`: extract into `<install root>/<package name>`.
+    /// `archive` (default) or `script`.
     #[serde(default)]
     pub method: InstallMethod,
-}
-
-impl Default for InstallSpec {
-    fn default() -> Self {
-        Self {
-            method: InstallMethod::Archive,
-        }
-    }
+    /// The scripts, for `method: script`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<ScriptSpec>,
+    /// What the endpoint must offer; checked before anything is downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<Requirements>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -70,6 +71,49 @@ impl Default for InstallSpec {
 pub enum InstallMethod {
     #[default]
     Archive,
+    Script,
+}
+
+/// Scripts run from the extracted package directory, with the environment
+/// variables `CARAVAN_PACKAGE_NAME`, `CARAVAN_PACKAGE_VERSION`,
+/// `CARAVAN_PACKAGE_DIR`, `CARAVAN_INSTALL_ROOT` and `CARAVAN_ACTION`
+/// (`install` or `uninstall`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptSpec {
+    /// Path of the install script inside the package.
+    #[serde(default = "default_install_script")]
+    pub install: String,
+    /// Path of the uninstall script inside the package, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninstall: Option<String>,
+    /// A script running longer is killed and the step fails.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u32,
+}
+
+fn default_install_script() -> String {
+    "install.sh".into()
+}
+
+fn default_timeout() -> u32 {
+    600
+}
+
+/// Requirements an endpoint must meet; an agent that does not meet them
+/// reports why instead of downloading.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Requirements {
+    /// Operating systems, as Rust names them (`linux`, `windows`, `macos`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub os: Vec<String>,
+    /// Architectures (`x86_64`, `aarch64`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arch: Vec<String>,
+    /// Free space needed in the install root besides the package itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_disk_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -1,0 +1,429 @@
+//! Putting a package in place and taking it away: requirements, extraction
+//! next to the live version and a swap by renames, install and uninstall
+//! scripts with a timeout, and rollback to the previous version when an
+//! install script fails.
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use caravan_api::{
+    v1alpha1::{InstallMethod, InstallSpec},
+    wire::Assignment,
+};
+use tokio::io::AsyncReadExt;
+
+use crate::archive;
+
+/// How much of a script's output is kept for the report.
+const OUTPUT_TAIL: usize = 2048;
+
+/// Work directory of the agent inside the install root (same filesystem, so renames are atomic).
+fn work_dir(root: &Path) -> PathBuf {
+    root.join(".caravan")
+}
+
+/// Checks what the package asks of the endpoint, before anything is downloaded.
+pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
+    let Some(req) = &a.install.requirements else {
+        return Ok(());
+    };
+    let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
+    anyhow::ensure!(
+        req.os.is_empty() || req.os.iter().any(|o| o == os),
+        "requirement not met: package {} needs os {} (this endpoint runs {os})",
+        a.package,
+        req.os.join(" or ")
+    );
+    anyhow::ensure!(
+        req.arch.is_empty() || req.arch.iter().any(|x| x == arch),
+        "requirement not met: package {} needs arch {} (this endpoint is {arch})",
+        a.package,
+        req.arch.join(" or ")
+    );
+    if let Some(min) = req.min_free_disk_bytes {
+        std::fs::create_dir_all(root)?;
+        let st = rustix::fs::statvfs(root)
+            .with_context(|| format!("checking free space in {}", root.display()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let needed = min.saturating_add(a.size);
+        anyhow::ensure!(
+            free >= needed,
+            "requirement not met: package {} needs {needed} bytes free in {} (the package and {min} more), {free} are",
+            a.package,
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+/// A new version extracted and swapped in; the previous one kept aside
+/// until [`Swapped::commit`] or [`Swapped::roll_back`].
+pub struct Swapped {
+    live: PathBuf,
+    old: Option<PathBuf>,
+}
+
+impl Swapped {
+    /// Keeps the new version: the previous one is deleted.
+    pub fn commit(self) -> anyhow::Result<()> {
+        if let Some(old) = &self.old {
+            std::fs::remove_dir_all(old)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the previous version (or nothing) back in place.
+    pub fn roll_back(self) -> anyhow::Result<()> {
+        let failed = self.live.with_file_name(".caravan-failed");
+        let _ = std::fs::remove_dir_all(&failed);
+        std::fs::rename(&self.live, &failed)?;
+        if let Some(old) = &self.old {
+            std::fs::rename(old, &self.live)?;
+        }
+        std::fs::remove_dir_all(&failed)?;
+        Ok(())
+    }
+}
+
+/// Extracts the archive next to the live version, then swaps it in by renames.
+pub fn stage_and_swap(blob: &Path, root: &Path, package: &str) -> anyhow::Result<Swapped> {
+    let work = work_dir(root);
+    std::fs::create_dir_all(work.join("staging"))?;
+    std::fs::create_dir_all(work.join("old"))?;
+    let staging = work.join("staging").join(package);
+    let old = work.join("old").join(package);
+    for leftover in [&staging, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)?;
+        }
+    }
+    let file = std::fs::File::open(blob)?;
+    if let Err(e) = archive::extract(std::io::BufReader::new(file), &staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.into());
+    }
+    let live = root.join(package);
+    let had_old = live.exists();
+    if had_old {
+        std::fs::rename(&live, &old)?;
+    }
+    std::fs::rename(&staging, &live)?;
+    Ok(Swapped {
+        live,
+        old: had_old.then_some(old),
+    })
+}
+
+/// Removes a package's directory (renamed aside first, so it vanishes at once).
+pub fn remove_package(root: &Path, package: &str) -> anyhow::Result<()> {
+    let live = root.join(package);
+    if !live.exists() {
+        return Ok(());
+    }
+    let old = work_dir(root).join("old").join(package);
+    std::fs::create_dir_all(work_dir(root).join("old"))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    std::fs::rename(&live, &old)?;
+    std::fs::remove_dir_all(&old)?;
+    Ok(())
+}
+
+/// The script a `script` package runs for `action`, if it has one.
+pub fn script_for<'a>(install: &'a InstallSpec, action: &str) -> Option<&'a str> {
+    if install.method != InstallMethod::Script {
+        return None;
+    }
+    let script = install.script.as_ref()?;
+    match action {
+        "install" => Some(script.install.as_str()),
+        _ => script.uninstall.as_deref(),
+    }
+}
+
+/// Runs `script` (a path inside the package directory `dir`) for `action`,
+/// killed after the package's timeout. Returns the tail of its output; an
+/// error says how it ended and carries the tail too.
+pub async fn run_script(
+    dir: &Path,
+    root: &Path,
+    script: &str,
+    action: &str,
+    name: &str,
+    version: &str,
+    install: &InstallSpec,
+) -> anyhow::Result<String> {
+    let rel = Path::new(script);
+    anyhow::ensure!(
+        rel.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_))),
+        "{action} script {script:?} must be a relative path inside the package"
+    );
+    let path = dir.join(rel);
+    anyhow::ensure!(
+        path.is_file(),
+        "{action} script {script} is not in the package"
+    );
+    let timeout = Duration::from_secs(
+        install
+            .script
+            .as_ref()
+            .map_or(600, |s| s.timeout_seconds)
+            .into(),
+    );
+    let mut cmd = if is_executable(&path) {
+        tokio::process::Command::new(&path)
+    } else {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg(&path);
+        c
+    };
+    cmd.current_dir(dir)
+        .env("CARAVAN_PACKAGE_NAME", name)
+        .env("CARAVAN_PACKAGE_VERSION", version)
+        .env("CARAVAN_PACKAGE_DIR", dir)
+        .env("CARAVAN_INSTALL_ROOT", root)
+        .env("CARAVAN_ACTION", action)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {action} script {script}"))?;
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL)));
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(collect(out, tail.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(collect(err, tail.clone())));
+    }
+    let ended = tokio::time::timeout(timeout, child.wait()).await;
+    if ended.is_err() {
+        let _ = child.kill().await;
+    }
+    for r in readers {
+        // A grandchild may hold the pipes open; do not wait for it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+    }
+    let output = {
+        let t = tail.lock().expect("lock poisoned");
+        String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>())
+            .trim()
+            .to_string()
+    };
+    match ended {
+        Err(_) => anyhow::bail!(
+            "{action} script {script} timed out after {}s; output: {output}",
+            timeout.as_secs()
+        ),
+        Ok(status) => {
+            let status = status?;
+            anyhow::ensure!(
+                status.success(),
+                "{action} script {script} failed ({status}); output: {output}"
+            );
+            Ok(output)
+        }
+    }
+}
+
+/// Reads a pipe to its end, keeping the last `OUTPUT_TAIL` bytes.
+async fn collect(mut pipe: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        let mut t = tail.lock().expect("lock poisoned");
+        t.extend(&buf[..n]);
+        let excess = t.len().saturating_sub(OUTPUT_TAIL);
+        t.drain(..excess);
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caravan_api::v1alpha1::{Requirements, ScriptSpec};
+
+    fn spec(timeout_seconds: u32) -> InstallSpec {
+        InstallSpec {
+            method: InstallMethod::Script,
+            script: Some(ScriptSpec {
+                install: "install.sh".into(),
+                uninstall: None,
+                timeout_seconds,
+            }),
+            requirements: None,
+        }
+    }
+
+    fn script(dir: &Path, body: &str) {
+        std::fs::write(dir.join("install.sh"), format!("#!/bin/sh\n{body}\n")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_script_sees_its_package_and_its_output_tail_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "echo \"$CARAVAN_ACTION $CARAVAN_PACKAGE_NAME $CARAVAN_PACKAGE_VERSION\"; touch \"$CARAVAN_PACKAGE_DIR/done\"");
+        let out = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            "install",
+            "app",
+            "1.2",
+            &spec(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, "install app 1.2");
+        assert!(dir.path().join("done").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_hanging_script_fails_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            &format!("{}\necho disk full >&2; exit 3", "echo noise; ".repeat(500)),
+        );
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            "install",
+            "app",
+            "1",
+            &spec(10),
+        )
+        .await
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("exit status: 3") && msg.ends_with("disk full"),
+            "{msg}"
+        );
+        assert!(msg.len() < OUTPUT_TAIL + 200, "only the tail is kept");
+
+        script(dir.path(), "echo started; sleep 30");
+        let start = std::time::Instant::now();
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            "install",
+            "app",
+            "1",
+            &spec(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("timed out after 1s; output: started"),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "killed, not waited for"
+        );
+
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "../evil.sh",
+            "install",
+            "app",
+            "1",
+            &spec(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("relative path inside the package"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn requirements_are_checked_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": "ns/j", "action": "install", "package": "app", "version": "1",
+            "digest": format!("sha256:{}", "a".repeat(64)), "size": 10, "install": {},
+        }))
+        .unwrap();
+        assert!(check_requirements(&a, dir.path()).is_ok());
+        let req = |r: Requirements| InstallSpec {
+            requirements: Some(r),
+            ..Default::default()
+        };
+        a.install = req(Requirements {
+            os: vec!["plan9".into()],
+            ..Default::default()
+        });
+        let e = check_requirements(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("needs os plan9"), "{e}");
+        a.install = req(Requirements {
+            arch: vec![std::env::consts::ARCH.into()],
+            os: vec![std::env::consts::OS.into()],
+            ..Default::default()
+        });
+        assert!(check_requirements(&a, dir.path()).is_ok());
+        a.install = req(Requirements {
+            min_free_disk_bytes: Some(u64::MAX / 2),
+            ..Default::default()
+        });
+        let e = check_requirements(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bytes free"), "{e}");
+    }
+
+    #[test]
+    fn a_rolled_back_install_restores_the_previous_version() {
+        let root = tempfile::tempdir().unwrap();
+        let pack = |content: &str| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "VERSION", content.as_bytes())
+                .unwrap();
+            let path = root.path().join(format!("{content}.tar.zst"));
+            std::fs::write(
+                &path,
+                zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap(),
+            )
+            .unwrap();
+            path
+        };
+        let (v1, v2) = (pack("1"), pack("2"));
+        let live = root.path().join("app");
+        stage_and_swap(&v1, root.path(), "app")
+            .unwrap()
+            .commit()
+            .unwrap();
+        let swapped = stage_and_swap(&v2, root.path(), "app").unwrap();
+        assert_eq!(std::fs::read_to_string(live.join("VERSION")).unwrap(), "2");
+        swapped.roll_back().unwrap();
+        assert_eq!(std::fs::read_to_string(live.join("VERSION")).unwrap(), "1");
+        // A first install rolled back leaves nothing.
+        remove_package(root.path(), "app").unwrap();
+        stage_and_swap(&v2, root.path(), "app")
+            .unwrap()
+            .roll_back()
+            .unwrap();
+        assert!(!live.exists());
+    }
+}

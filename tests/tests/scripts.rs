@@ -1,0 +1,161 @@
+//! Script packages and requirements: an install script that runs with its
+//! package's environment and whose output is reported, one that fails and is
+//! rolled back with its output as the reason, a package whose requirements
+//! the endpoint does not meet, and an uninstall script when a job goes away.
+
+use std::time::Duration;
+
+use caravan_tests::{wait_for, Caravan};
+
+const T: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_scripts_decide_success_and_requirements_are_checked_first() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages").display().to_string();
+    let make = |name: &str, files: &[(&str, &str)]| -> anyhow::Result<String> {
+        let dir = c.dir.join("src").join(name);
+        std::fs::create_dir_all(&dir)?;
+        for (file, body) in files {
+            std::fs::write(dir.join(file), body)?;
+        }
+        Ok(dir.display().to_string())
+    };
+    let svc = make("svc", &[
+        ("install.sh", "#!/bin/sh\necho \"installing $CARAVAN_PACKAGE_NAME $CARAVAN_PACKAGE_VERSION\"\ntouch \"$CARAVAN_INSTALL_ROOT/svc.enabled\"\n"),
+        ("uninstall.sh", "#!/bin/sh\nrm \"$CARAVAN_INSTALL_ROOT/svc.enabled\"\n"),
+    ])?;
+    c.cli(&[
+        "package",
+        "push",
+        &svc,
+        "--name",
+        "svc",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests,
+        "--install",
+        "script",
+        "--uninstall-script",
+        "uninstall.sh",
+        "--script-timeout",
+        "30",
+    ])?;
+    let broken = make(
+        "broken",
+        &[(
+            "install.sh",
+            "#!/bin/sh\necho 'port 8080 already in use' >&2\nexit 4\n",
+        )],
+    )?;
+    c.cli(&[
+        "package",
+        "push",
+        &broken,
+        "--name",
+        "broken",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests,
+        "--install",
+        "script",
+    ])?;
+    let exotic = make("exotic", &[("README", "for another OS")])?;
+    c.cli(&[
+        "package",
+        "push",
+        &exotic,
+        "--name",
+        "exotic",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests,
+        "--os",
+        "plan9",
+    ])?;
+    // A script package without its script is refused at build time.
+    let err = c
+        .cli(&[
+            "package",
+            "build",
+            &exotic,
+            "--name",
+            "x",
+            "--version",
+            "1",
+            "--install",
+            "script",
+            "--manifest-dir",
+            &manifests,
+        ])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("install.sh is not a file"),
+        "{err}"
+    );
+    for app in ["svc", "broken", "exotic"] {
+        repo.write(
+            &format!("fleet/{app}-job.yaml"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {app}}}\nspec:\n  packages: [{{name: {app}}}]\n  destinations: {{sites: [{{name: hq}}]}}\n"),
+        )?;
+    }
+    repo.commit("Three script-era packages")?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("agent-1", &relay)?;
+    let root = c.agents[0].install_root.clone();
+
+    c.wait_job("svc", "Succeeded", "1/1", T).await?;
+    assert!(root.join("svc.enabled").exists(), "the install script ran");
+    let agent = c
+        .api::<caravan_api::v1alpha1::Agent>()
+        .list(&Default::default())
+        .await?
+        .items
+        .remove(0);
+    let state = agent
+        .status
+        .unwrap()
+        .jobs
+        .into_iter()
+        .find(|j| j.package == "svc")
+        .unwrap();
+    assert_eq!(
+        state.message, "installing svc 1.0.0",
+        "the script's output is reported"
+    );
+
+    let job = c.wait_job("broken", "Failed", "0/1", T).await?;
+    let reason = &job.status.unwrap().failures[0].reason;
+    assert!(
+        reason.contains("exit status: 4")
+            && reason.contains("port 8080 already in use")
+            && reason.contains("rolled back"),
+        "{reason}"
+    );
+    assert!(
+        !root.join("broken").exists(),
+        "a failed install leaves nothing behind"
+    );
+
+    let job = c.wait_job("exotic", "Failed", "0/1", T).await?;
+    let reason = &job.status.unwrap().failures[0].reason;
+    assert!(
+        reason.contains("requirement not met") && reason.contains("needs os plan9"),
+        "{reason}"
+    );
+    assert!(!root.join("exotic").exists());
+
+    // The job goes away: the uninstall script runs, then the files go.
+    repo.remove("fleet/svc-job.yaml")?;
+    repo.commit("Retire svc")?;
+    wait_for("svc to be uninstalled", T, || async {
+        Ok((!root.join("svc").exists() && !root.join("svc.enabled").exists()).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    Ok(())
+}
