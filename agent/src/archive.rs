@@ -150,6 +150,24 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_shorter_than_its_header_says_is_refused() {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("big").unwrap();
+        h.set_size(100_000);
+        h.set_mode(0o644);
+        h.set_cksum();
+        // The header promises 100000 bytes; the archive ends after 10.
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(&[b'x'; 10]);
+        let dir = tempfile::tempdir().unwrap();
+        let r = extract(
+            &zstd::encode_all(&raw[..], 3).unwrap()[..],
+            &dir.path().join("out"),
+        );
+        assert!(r.is_err(), "a truncated entry must not count as extracted");
+    }
+
+    #[test]
     fn a_plain_archive_is_extracted() {
         use tar::EntryType as T;
         let (r, dir) = try_extract(&[

@@ -5,7 +5,9 @@
 //! - `POST /v1/site/enroll` (relay token): [`EnrollRequest`] → [`EnrollForward`].
 //! - `POST /v1/site/reports` (relay token): `Vec<AgentReport>`.
 //! - `GET  /v1/blobs/sha256:<hex>` (relay token): blob bytes, `Range` supported.
-//! - `PUT  /v1/blobs/sha256:<hex>` (upload token): store a blob; the digest is verified.
+//! - `GET  /v1/uploads/sha256:<hex>` (upload token): [`UploadState`].
+//! - `PUT  /v1/blobs/sha256:<hex>` (upload token): store a blob; the digest is
+//!   verified; `Content-Range` continues an interrupted upload.
 //!
 //! Relay ⇄ agent:
 //! - `POST /v1/enroll` (site bootstrap token): [`EnrollRequest`] → [`EnrollResponse`].
@@ -175,6 +177,15 @@ pub struct AgentReport {
     pub arch: String,
     pub installed: Vec<InstalledPackage>,
     pub jobs: Vec<JobState>,
+}
+
+/// Where the upload of a blob stands (`GET /v1/uploads/sha256:<hex>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadState {
+    /// The blob is in the store.
+    pub complete: bool,
+    /// Bytes stored: the whole blob, or the part of an interrupted upload.
+    pub offset: u64,
 }
 
 /// Error body of every Caravan HTTP API.

@@ -312,7 +312,10 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Streams the archive to the controller's store.
+/// Streams the archive to the controller's store. An upload that breaks off
+/// is resumed where the store says it stopped (it keeps what arrived), up to
+/// a few times; a later `push` of the same package resumes too, since builds
+/// are reproducible.
 async fn upload(
     server: &str,
     token: &str,
@@ -320,26 +323,70 @@ async fn upload(
     artifact: &Artifact,
     file: &Path,
 ) -> anyhow::Result<()> {
+    use tokio::io::AsyncSeekExt;
     let client = caravan_net::client(ca_file, std::time::Duration::from_secs(120))?;
-    let url = format!(
-        "{}/v1/blobs/{}",
-        server.trim_end_matches('/'),
-        artifact.digest
+    let server = server.trim_end_matches('/');
+    let (blob_url, state_url) = (
+        format!("{server}/v1/blobs/{}", artifact.digest),
+        format!("{server}/v1/uploads/{}", artifact.digest),
     );
-    let f = tokio::fs::File::open(file).await?;
-    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
-    let res = client
-        .put(&url)
-        .bearer_auth(token)
-        .header(reqwest::header::CONTENT_LENGTH, artifact.size)
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("uploading to {url}"))?;
-    if !res.status().is_success() {
-        let status = res.status();
-        let msg = caravan_net::error_message(res).await;
-        anyhow::bail!("upload to {url} failed: {status}: {msg}");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let res = client
+            .get(&state_url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("asking {state_url}"))?;
+        if !res.status().is_success() {
+            let status = res.status();
+            anyhow::bail!(
+                "{state_url}: {status}: {}",
+                caravan_net::error_message(res).await
+            );
+        }
+        let state: caravan_api::wire::UploadState = res.json().await?;
+        if state.complete {
+            return Ok(());
+        }
+        let offset = state.offset.min(artifact.size);
+        if offset > 0 {
+            println!("resuming the upload at byte {offset} of {}", artifact.size);
+        }
+        let mut f = tokio::fs::File::open(file).await?;
+        f.seek(std::io::SeekFrom::Start(offset)).await?;
+        let mut req = client
+            .put(&blob_url)
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_LENGTH, artifact.size - offset)
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(f),
+            ));
+        if offset > 0 {
+            let range = format!(
+                "bytes {offset}-{}/{}",
+                artifact.size.saturating_sub(1),
+                artifact.size
+            );
+            req = req.header(reqwest::header::CONTENT_RANGE, range);
+        }
+        match req.send().await {
+            Ok(res) if res.status().is_success() => return Ok(()),
+            Ok(res) => {
+                let status = res.status();
+                let msg = caravan_net::error_message(res).await;
+                // Refusals (a wrong digest, a bad token) do not get better by retrying.
+                if status.is_client_error() && status != reqwest::StatusCode::RANGE_NOT_SATISFIABLE
+                    || attempt >= 5
+                {
+                    anyhow::bail!("upload to {blob_url} failed: {status}: {msg}");
+                }
+                eprintln!("upload to {blob_url}: {status}: {msg}; retrying");
+            }
+            Err(e) if attempt < 5 => eprintln!("upload to {blob_url} broke off ({e}); resuming"),
+            Err(e) => return Err(e).with_context(|| format!("uploading to {blob_url}")),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
     }
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::{
     body::Body,
     extract::{FromRequestParts, Path, Query, Request, State},
-    http::{request::Parts, HeaderMap, StatusCode},
+    http::{header, request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
@@ -15,7 +15,7 @@ use axum::{
 use caravan_api::{
     labels,
     v1alpha1::{sha256_hex, Agent, AgentStatus},
-    wire::{AgentReport, EnrollForward, EnrollRequest},
+    wire::{AgentReport, EnrollForward, EnrollRequest, UploadState},
     API_VERSION, FIELD_MANAGER,
 };
 use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
@@ -50,6 +50,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
             post(reports).layer(axum::extract::DefaultBodyLimit::max(REPORTS_BODY_LIMIT)),
         )
         .route("/v1/blobs/{digest}", get(get_blob).put(put_blob))
+        .route("/v1/uploads/{digest}", get(upload_state))
         .route(
             crate::webhook::PACKAGES_PATH,
             post(crate::webhook::validate_packages),
@@ -306,20 +307,15 @@ async fn get_blob(
     Ok(res)
 }
 
-/// Stores an uploaded blob; refused unless its bytes hash to the digest in the path.
-async fn put_blob(
-    State(ctx): State<Arc<Context>>,
-    Path(digest): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+/// Checks the upload token (`Authorization: Bearer`).
+fn check_upload_token(ctx: &Context, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = ctx.config.upload_token.as_deref().ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "uploads are disabled: the controller has no upload token",
         )
     })?;
-    let given = bearer(&headers).unwrap_or_default();
+    let given = bearer(headers).unwrap_or_default();
     // Compare digests, so the comparison takes the same time wherever they differ.
     if Sha256::digest(given.as_bytes()) != Sha256::digest(expected.as_bytes()) {
         return Err(ApiError::new(
@@ -327,35 +323,81 @@ async fn put_blob(
             "invalid upload token",
         ));
     }
+    Ok(())
+}
+
+/// Where an upload of a blob stands: stored already, or how many bytes of
+/// an interrupted upload are kept (resume with `Content-Range`).
+async fn upload_state(
+    State(ctx): State<Arc<Context>>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<UploadState>, ApiError> {
+    check_upload_token(&ctx, &headers)?;
+    let hex = digest_hex(&digest)?;
+    Ok(Json(match ctx.blobs.size(hex).await {
+        Some(size) => UploadState {
+            complete: true,
+            offset: size,
+        },
+        None => UploadState {
+            complete: false,
+            offset: ctx.blobs.upload_offset(hex).await,
+        },
+    }))
+}
+
+/// Stores an uploaded blob; refused unless its bytes hash to the digest in
+/// the path. `Content-Range: bytes <offset>-<last>/<size>` continues an
+/// interrupted upload at `offset`.
+async fn put_blob(
+    State(ctx): State<Arc<Context>>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    use crate::store::StoreError as E;
+    check_upload_token(&ctx, &headers)?;
     let hex = digest_hex(&digest)?.to_string();
     if let Some(size) = ctx.blobs.size(&hex).await {
-        return Ok((
-            StatusCode::OK,
-            Json(serde_json::json!({ "digest": digest, "size": size, "existed": true })),
-        )
-            .into_response());
+        let existing = serde_json::json!({ "digest": digest, "size": size, "existed": true });
+        return Ok((StatusCode::OK, Json(existing)).into_response());
     }
-    match ctx.blobs.put(&hex, body.into_data_stream()).await {
-        Ok(size) => {
-            tracing::info!(%digest, size, "blob stored");
-            ctx.metrics.blob_upload_bytes.inc_by(size);
-            Ok((
-                StatusCode::CREATED,
-                Json(serde_json::json!({ "digest": digest, "size": size, "existed": false })),
+    let offset = match headers.get(header::CONTENT_RANGE) {
+        None => 0,
+        Some(v) => content_range_start(v.to_str().unwrap_or_default()).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Content-Range must be `bytes <first>-<last>/<size>`",
             )
-                .into_response())
+        })?,
+    };
+    match ctx.blobs.put(&hex, offset, body.into_data_stream()).await {
+        Ok(size) => {
+            tracing::info!(%digest, size, resumed_at = offset, "blob stored");
+            ctx.metrics.blob_upload_bytes.inc_by(size - offset);
+            let stored = serde_json::json!({ "digest": digest, "size": size, "existed": false });
+            Ok((StatusCode::CREATED, Json(stored)).into_response())
         }
-        Err(e @ crate::store::StoreError::DigestMismatch { .. }) => {
+        Err(e @ (E::DigestMismatch { .. } | E::Interrupted { .. })) => {
             Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
         }
-        Err(e @ crate::store::StoreError::Body(_)) => {
-            Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
-        }
-        Err(e) => Err(ApiError::new(
+        Err(e @ E::Offset { .. }) => Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            e.to_string(),
+        )),
+        Err(e @ E::Busy) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
+        Err(e @ E::Io { .. }) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),
         )),
     }
+}
+
+/// The first byte of `bytes <first>-<last>/<size>`.
+fn content_range_start(v: &str) -> Option<u64> {
+    let (first, _) = v.strip_prefix("bytes ")?.split_once('-')?;
+    first.trim().parse().ok()
 }
 
 #[cfg(test)]

@@ -3,7 +3,11 @@
 //! sha256 is computed and renamed into place only if it matches the digest it
 //! was uploaded under, so the store never holds a blob under a wrong name.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -13,8 +17,14 @@ use tokio::io::AsyncWriteExt;
 pub enum StoreError {
     #[error("digest mismatch: uploaded bytes have sha256:{actual}, expected sha256:{expected}")]
     DigestMismatch { expected: String, actual: String },
-    #[error("upload interrupted: {0}")]
-    Body(String),
+    #[error("upload interrupted after {received} bytes ({reason}); resume it from there")]
+    Interrupted { received: u64, reason: String },
+    #[error(
+        "cannot resume at byte {requested}: the stored part of this upload has {stored} bytes"
+    )]
+    Offset { requested: u64, stored: u64 },
+    #[error("another upload of this blob is in progress")]
+    Busy,
     #[error("blob store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -23,19 +33,31 @@ pub enum StoreError {
     },
 }
 
-#[derive(Clone, Debug)]
+/// The built-in store. Uploads are resumable: an interrupted one keeps what
+/// arrived in `<root>/uploads/<hex>`, and a later upload of the same blob can
+/// continue at that offset.
+#[derive(Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Blobs being uploaded right now (one upload per blob at a time).
+    uploading: Mutex<HashSet<String>>,
 }
 
 impl BlobStore {
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self {
+            root,
+            uploading: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Where the blob with this sha256 hex digest lives.
     pub fn path(&self, hex: &str) -> PathBuf {
         self.root.join("sha256").join(hex)
+    }
+
+    fn partial(&self, hex: &str) -> PathBuf {
+        self.root.join("uploads").join(hex)
     }
 
     /// Size of the stored blob, if present.
@@ -46,65 +68,101 @@ impl BlobStore {
             .map(|m| m.len())
     }
 
-    /// Streams `body` into the store under `hex`, verifying the digest.
-    /// Returns the number of bytes stored.
-    pub async fn put<S, E>(&self, hex: &str, mut body: S) -> Result<u64, StoreError>
+    /// Bytes of an interrupted upload of `hex` kept to be resumed.
+    pub async fn upload_offset(&self, hex: &str) -> u64 {
+        tokio::fs::metadata(self.partial(hex))
+            .await
+            .map_or(0, |m| m.len())
+    }
+
+    /// Streams `body` into the store under `hex`, continuing an interrupted
+    /// upload at `offset` (0: from the start), and verifies the digest of the
+    /// whole blob before it enters the store. Returns the blob's size.
+    pub async fn put<S, E>(&self, hex: &str, offset: u64, mut body: S) -> Result<u64, StoreError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let dir = self.root.join("sha256");
+        let _guard = UploadGuard::take(&self.uploading, hex)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        // Each upload writes its own file, removed if the upload fails or is
-        // cancelled (the guard), so concurrent uploads of one blob cannot mix.
-        let tmp = TempPath(dir.join(format!(".upload-{hex}-{:016x}", rand::random::<u64>())));
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp.0)
+        for dir in [self.root.join("sha256"), self.root.join("uploads")] {
+            tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+        }
+        let partial = self.partial(hex);
+        let (mut hasher, mut size) = if offset > 0 {
+            let (hasher, stored) = caravan_net::hash_partial(&partial)
+                .await
+                .map_err(io(&partial))?;
+            if stored != offset {
+                return Err(StoreError::Offset {
+                    requested: offset,
+                    stored,
+                });
+            }
+            (hasher, stored)
+        } else {
+            (Sha256::new(), 0)
+        };
+        let mut file = caravan_net::open_partial(&partial, offset > 0)
             .await
-            .map_err(io(&tmp.0))?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+            .map_err(io(&partial))?;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // Keep what arrived, to be resumed.
+                    file.sync_all().await.map_err(io(&partial))?;
+                    return Err(StoreError::Interrupted {
+                        received: size,
+                        reason: e.to_string(),
+                    });
+                }
+            };
             hasher.update(&chunk);
             size += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(io(&tmp.0))?;
+            file.write_all(&chunk).await.map_err(io(&partial))?;
         }
-        file.sync_all().await.map_err(io(&tmp.0))?;
+        file.sync_all().await.map_err(io(&partial))?;
         let actual = hex::encode(hasher.finalize());
         if actual != hex {
+            let _ = tokio::fs::remove_file(&partial).await;
             return Err(StoreError::DigestMismatch {
                 expected: hex.to_string(),
                 actual,
             });
         }
         let dest = self.path(hex);
-        tokio::fs::rename(&tmp.0, &dest).await.map_err(io(&dest))?;
-        tmp.keep();
+        tokio::fs::rename(&partial, &dest)
+            .await
+            .map_err(io(&dest))?;
         Ok(size)
     }
 }
 
-/// Removes the file when dropped (an upload that did not complete), unless kept.
-struct TempPath(PathBuf);
+/// Marks a blob as being uploaded until dropped.
+struct UploadGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    hex: String,
+}
 
-impl TempPath {
-    fn keep(mut self) {
-        self.0 = PathBuf::new();
+impl<'a> UploadGuard<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, hex: &str) -> Result<Self, StoreError> {
+        if !set.lock().expect("lock poisoned").insert(hex.to_string()) {
+            return Err(StoreError::Busy);
+        }
+        Ok(Self {
+            set,
+            hex: hex.to_string(),
+        })
     }
 }
 
-impl Drop for TempPath {
+impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
-        if !self.0.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.0);
-        }
+        self.set.lock().expect("lock poisoned").remove(&self.hex);
     }
 }
 
@@ -112,8 +170,12 @@ impl Drop for TempPath {
 mod tests {
     use super::*;
 
-    fn body(data: &'static [u8]) -> impl Stream<Item = Result<bytes::Bytes, String>> + Unpin {
-        futures::stream::iter(data.chunks(3).map(|c| Ok(bytes::Bytes::from_static(c))))
+    fn body(data: &[u8]) -> impl Stream<Item = Result<bytes::Bytes, String>> + Unpin {
+        let chunks: Vec<_> = data
+            .chunks(3)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        futures::stream::iter(chunks)
     }
 
     #[tokio::test]
@@ -123,21 +185,49 @@ mod tests {
         let data = b"hello caravan";
         let hex = hex::encode(Sha256::digest(data));
         assert_eq!(
-            store.put(&hex, body(data)).await.unwrap(),
+            store.put(&hex, 0, body(data)).await.unwrap(),
             data.len() as u64
         );
         assert_eq!(store.size(&hex).await, Some(data.len() as u64));
 
         let wrong = "0".repeat(64);
-        let err = store.put(&wrong, body(data)).await.unwrap_err();
+        let err = store.put(&wrong, 0, body(data)).await.unwrap_err();
         assert!(err.to_string().contains("digest mismatch"), "{err}");
         assert_eq!(store.size(&wrong).await, None);
-        // No temporary file is left behind.
         assert_eq!(
-            std::fs::read_dir(dir.path().join("sha256"))
-                .unwrap()
-                .count(),
-            1
+            store.upload_offset(&wrong).await,
+            0,
+            "a wrong upload is not kept"
         );
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf());
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let hex = hex::encode(Sha256::digest(&data));
+        // The connection drops after 4000 bytes.
+        let broken = futures::stream::iter(vec![
+            Ok(bytes::Bytes::copy_from_slice(&data[..4000])),
+            Err("reset".to_string()),
+        ]);
+        let err = store.put(&hex, 0, broken).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Interrupted { received: 4000, .. }),
+            "{err}"
+        );
+        assert_eq!(store.upload_offset(&hex).await, 4000);
+        // Resuming anywhere else is refused; at the right offset it completes.
+        assert!(matches!(
+            store.put(&hex, 3000, body(&data[3000..])).await,
+            Err(StoreError::Offset { stored: 4000, .. })
+        ));
+        assert_eq!(
+            store.put(&hex, 4000, body(&data[4000..])).await.unwrap(),
+            10_000
+        );
+        assert_eq!(std::fs::read(store.path(&hex)).unwrap(), data);
+        assert_eq!(store.upload_offset(&hex).await, 0);
     }
 }

@@ -1,0 +1,17 @@
+//! Any byte string given to the agent's archive reader either extracts inside
+//! the target directory or is refused; nothing is ever written beside it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("out");
+    let _ = caravan_agent::archive::extract(data, &out);
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("the directory is readable")
+        .map(|e| e.expect("an entry").file_name())
+        .filter(|n| n != "out")
+        .collect();
+    assert!(beside.is_empty(), "archive wrote outside its target: {beside:?}");
+});
