@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint
+.PHONY: demo test setup build crds lint fuzz bench-package
 
 setup:
 	bash scripts/setup.sh
@@ -26,3 +26,14 @@ crds:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Figures: build and push a 100 MiB and a 1 GiB package, distribute them, and
+# print throughput and peak memory of every process (release builds).
+bench-package: setup
+	$(CARGO) build --release --workspace --bins
+	./target/release/caravan-bench-package
+
+# Fuzz the archive reader and the manifest parser for a minute each (nightly).
+fuzz:
+	cd fuzz && $(CARGO) +nightly fuzz run archive -- -max_total_time=60
+	cd fuzz && $(CARGO) +nightly fuzz run manifest -- -max_total_time=60

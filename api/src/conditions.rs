@@ -24,6 +24,8 @@ pub mod reasons {
     pub const SUSPENDED: &str = "Suspended";
     pub const ARTIFACT_MISSING: &str = "ArtifactMissing";
     pub const ARTIFACT_AVAILABLE: &str = "ArtifactAvailable";
+    pub const ARTIFACT_FETCHING: &str = "ArtifactFetching";
+    pub const ARTIFACT_UNAVAILABLE: &str = "ArtifactUnavailable";
     pub const UNKNOWN_CABINET: &str = "UnknownCabinet";
     pub const UNKNOWN_PACKAGE: &str = "UnknownPackage";
     pub const UNKNOWN_SITE: &str = "UnknownSite";

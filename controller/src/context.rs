@@ -15,6 +15,19 @@ use crate::{
     Config,
 };
 
+/// The fetch of an artifact from an `http` cabinet.
+#[derive(Clone, Debug)]
+pub enum Pull {
+    Running,
+    Failed {
+        message: String,
+        at: std::time::Instant,
+    },
+}
+
+/// A failed fetch is tried again after this long.
+const PULL_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A site is named by `(namespace, name)`.
 pub type SiteKey = (String, String);
 
@@ -25,6 +38,12 @@ pub struct Context {
     pub blobs: BlobStore,
     pub reporter: Reporter,
     pub metrics: crate::metrics::Metrics,
+    /// Artifacts being fetched from `http` cabinets, or whose fetch failed.
+    pub pulls: Mutex<HashMap<String, Pull>>,
+    /// Wakes the engine (a fetch finished).
+    pub poke: tokio::sync::Notify,
+    /// Client for `http` cabinets.
+    pub http: reqwest::Client,
     /// PEM of the CA relays verify this controller with, if configured.
     pub relay_upstream_ca: Option<String>,
     /// Caches of the objects the engine watches; filled by [`crate::engine::run`].
@@ -64,12 +83,52 @@ impl Context {
             writers: Mutex::new(Some(writers)),
             metrics: Default::default(),
             relay_upstream_ca,
+            pulls: Mutex::new(HashMap::new()),
+            poke: tokio::sync::Notify::new(),
+            http: caravan_net::client(None, std::time::Duration::from_secs(60))
+                .map_err(|e| crate::error::Error::io("http client", std::io::Error::other(e)))?,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             relay_seen: Mutex::new(HashMap::new()),
             site_trigger,
             site_trigger_rx: Mutex::new(Some(rx)),
             config,
         })
+    }
+
+    /// Starts (or reports on) fetching an artifact from an `http` cabinet
+    /// into the store. `None` once there is nothing to report: the fetch
+    /// succeeded, and the blob is in the store.
+    pub fn pull(self: &Arc<Self>, hex: &str, url: &str, size: u64) -> Option<Pull> {
+        let mut pulls = self.pulls.lock().expect("lock poisoned");
+        match pulls.get(hex) {
+            Some(Pull::Failed { at, .. }) if at.elapsed() > PULL_RETRY => {}
+            Some(state) => return Some(state.clone()),
+            None => {}
+        }
+        pulls.insert(hex.to_string(), Pull::Running);
+        let (ctx, hex, url) = (Arc::clone(self), hex.to_string(), url.to_string());
+        tokio::spawn(async move {
+            let result = ctx.blobs.pull(&hex, &url, size, &ctx.http).await;
+            let mut pulls = ctx.pulls.lock().expect("lock poisoned");
+            match result {
+                Ok(_) => {
+                    tracing::info!(%url, "artifact fetched and verified");
+                    pulls.remove(&hex);
+                }
+                Err(message) => {
+                    tracing::warn!(%message, "artifact fetch failed");
+                    pulls.insert(
+                        hex,
+                        Pull::Failed {
+                            message,
+                            at: std::time::Instant::now(),
+                        },
+                    );
+                }
+            }
+            ctx.poke.notify_one();
+        });
+        Some(Pull::Running)
     }
 
     /// Records that a site's relay talked to us; the first contact (or the

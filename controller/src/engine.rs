@@ -30,7 +30,7 @@ use kube::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::context::{Context, SiteKey};
+use crate::context::{Context, Pull, SiteKey};
 
 /// How long the engine waits for more changes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -138,7 +138,14 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
             })
             .boxed()
     }
+    // A finished artifact fetch is a change too.
+    let pokes = stream::unfold(ctx.clone(), |ctx| async move {
+        ctx.poke.notified().await;
+        Some(((), ctx))
+    })
+    .boxed();
     let mut changes = stream::select_all([
+        pokes,
         watch(&ctx, w.sites),
         watch(&ctx, w.agents),
         watch(&ctx, w.jobs),
@@ -173,7 +180,7 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
 }
 
 /// Computes desired states and statuses from the caches and publishes them.
-pub async fn recompute(ctx: &Context) {
+pub async fn recompute(ctx: &Arc<Context>) {
     let r = &ctx.stores;
     let (sites, agents, jobs, packages, cabinets) = (
         r.sites.state(),
@@ -698,7 +705,11 @@ fn job_status(
     st
 }
 
-async fn package_status(ctx: &Context, p: &Package, cabinets: &[Arc<Cabinet>]) -> PackageStatus {
+async fn package_status(
+    ctx: &Arc<Context>,
+    p: &Package,
+    cabinets: &[Arc<Cabinet>],
+) -> PackageStatus {
     let generation = p.meta().generation;
     let cabinet = cabinets
         .iter()
@@ -712,18 +723,24 @@ async fn package_status(ctx: &Context, p: &Package, cabinets: &[Arc<Cabinet>]) -
             reasons::ARTIFACT_MISSING,
             format!("invalid digest {:?}", p.spec.artifact.digest),
         )),
-        (Some(_), Some(hex)) => match ctx.blobs.size(hex).await {
-            Some(size) if size == p.spec.artifact.size => {
-                Ok(format!("artifact {} stored", p.spec.artifact.digest))
-            }
-            Some(size) => Err((
+        (Some(c), Some(hex)) => match (ctx.blobs.size(hex).await, c.spec.store.artifact_url(hex)) {
+            (Some(size), url) if size == p.spec.artifact.size => Ok(match url {
+                Some(url) => format!("artifact fetched from {url}, size and digest verified"),
+                None => format!("artifact {} stored", p.spec.artifact.digest),
+            }),
+            (Some(size), _) => Err((
                 reasons::ARTIFACT_MISSING,
                 format!(
                     "stored artifact is {size} bytes, manifest says {}",
                     p.spec.artifact.size
                 ),
             )),
-            None => Err((
+            // An http cabinet: fetched into the store once, verified.
+            (None, Some(url)) => match ctx.pull(hex, &url, p.spec.artifact.size) {
+                Some(Pull::Failed { message, .. }) => Err((reasons::ARTIFACT_UNAVAILABLE, message)),
+                _ => Err((reasons::ARTIFACT_FETCHING, format!("fetching {url}"))),
+            },
+            (None, None) => Err((
                 reasons::ARTIFACT_MISSING,
                 format!(
                     "artifact {} is not in cabinet {}; push it with `caravan package push`",

@@ -99,7 +99,20 @@ impl Kind {
             })
         }
         match self {
-            Kind::Cabinet => check::<v1::Cabinet>(value).map(drop),
+            Kind::Cabinet => {
+                let c = check::<v1::Cabinet>(value)?;
+                let url = c.spec.store.url.as_deref().unwrap_or_default();
+                if c.spec.store.type_ == v1::StoreType::Http
+                    && !(url.starts_with("http://") || url.starts_with("https://"))
+                {
+                    return Err(format!("spec.store.url: an http store needs an http:// or https:// URL, not {url:?}"));
+                }
+                for k in &c.spec.trusted_keys {
+                    caravan_api::signing::parse_public(&k.public_key)
+                        .map_err(|e| format!("spec.trustedKeys[{}]: {e}", k.name))?;
+                }
+                Ok(())
+            }
             Kind::Package => {
                 let p = check::<v1::Package>(value)?;
                 if v1::sha256_hex(&p.spec.artifact.digest).is_none() {

@@ -142,6 +142,39 @@ impl BlobStore {
     }
 }
 
+impl BlobStore {
+    /// Fetches a blob from an `http` cabinet into the store, verifying its
+    /// size and digest. The error says what went wrong, naming the URL.
+    pub async fn pull(
+        &self,
+        hex: &str,
+        url: &str,
+        size: u64,
+        http: &reqwest::Client,
+    ) -> Result<u64, String> {
+        let res = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("fetching {url}: {e}"))?;
+        if !res.status().is_success() {
+            return Err(format!("fetching {url}: {}", res.status()));
+        }
+        if let Some(len) = res.content_length().filter(|len| *len != size) {
+            return Err(format!("{url} is {len} bytes; the Package says {size}"));
+        }
+        let got = self
+            .put(hex, 0, res.bytes_stream())
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if got != size {
+            let _ = tokio::fs::remove_file(self.path(hex)).await;
+            return Err(format!("{url} is {got} bytes; the Package says {size}"));
+        }
+        Ok(got)
+    }
+}
+
 /// Marks a blob as being uploaded until dropped.
 struct UploadGuard<'a> {
     set: &'a Mutex<HashSet<String>>,

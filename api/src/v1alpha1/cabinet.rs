@@ -49,15 +49,35 @@ pub struct TrustedKey {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CabinetStore {
-    /// `builtin`: the controller's content-addressed store.
+    /// `builtin`: the controller's content-addressed store (`caravan package
+    /// push` uploads into it). `http`: a read-only HTTP(S) server holding
+    /// each artifact at `<url>/sha256/<hex digest>`; the controller fetches
+    /// it once, verifies size and digest, and serves it from its store.
     #[serde(rename = "type")]
     pub type_: StoreType,
+    /// Base URL of an `http` store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Default for CabinetStore {
     fn default() -> Self {
         Self {
             type_: StoreType::Builtin,
+            url: None,
+        }
+    }
+}
+
+impl CabinetStore {
+    /// Where an `http` store keeps the artifact with this sha256 hex digest.
+    pub fn artifact_url(&self, hex: &str) -> Option<String> {
+        match self.type_ {
+            StoreType::Http => self
+                .url
+                .as_ref()
+                .map(|u| format!("{}/sha256/{hex}", u.trim_end_matches('/'))),
+            StoreType::Builtin => None,
         }
     }
 }
@@ -66,6 +86,7 @@ impl Default for CabinetStore {
 #[serde(rename_all = "camelCase")]
 pub enum StoreType {
     Builtin,
+    Http,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -1,0 +1,172 @@
+//! `caravan-bench-package`: pushes and distributes one large package and
+//! prints throughput and peak memory of the CLI (build + push), the
+//! controller (store), the relay and the agent, for 100 MiB and 1 GiB, so
+//! that memory can be seen to stay flat as the package grows.
+//!
+//! Run it on release builds: `make bench-package` (or
+//! `cargo build --release --workspace --bins && target/release/caravan-bench-package [MiB ...]`).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use caravan_tests::{bin, Caravan};
+
+const MIB: u64 = 1 << 20;
+
+/// Peak resident memory of a running process (VmHWM), in MiB.
+fn peak_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
+            })
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Writes `size` bytes of incompressible data (xorshift) to `path`.
+fn write_data(path: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+struct Row {
+    size_mib: u64,
+    push_secs: f64,
+    cli_peak: f64,
+    controller_peak: f64,
+    distribute_secs: f64,
+    relay_peak: f64,
+    agent_peak: f64,
+}
+
+async fn run(size_mib: u64) -> anyhow::Result<Row> {
+    let mut c = Caravan::start("bench").await?;
+    let repo = c.seed_example_fleet().await?;
+    let src = c.dir.join("big");
+    std::fs::create_dir_all(&src)?;
+    write_data(&src.join("data.bin"), size_mib * MIB)?;
+    let manifests = repo.work.join("fleet/packages");
+
+    // Build + push, sampling the CLI's peak memory while it runs.
+    let start = Instant::now();
+    let mut cli = std::process::Command::new(bin("caravan")?)
+        .args(["package", "push"])
+        .arg(&src)
+        .args(["--name", "big", "--version", "1.0.0", "--manifest-dir"])
+        .arg(&manifests)
+        .env("CARAVAN_SERVER", &c.api_url)
+        .env("CARAVAN_UPLOAD_TOKEN", &c.upload_token)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let mut cli_peak: f64 = 0.0;
+    let status = loop {
+        cli_peak = cli_peak.max(peak_mib(cli.id()));
+        if let Some(status) = cli.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    anyhow::ensure!(status.success(), "caravan package push failed");
+    let push_secs = start.elapsed().as_secs_f64();
+
+    repo.write(
+        "fleet/big-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: big}\nspec:\n  packages: [{name: big}]\n  destinations: {sites: [{name: hq}]}\n",
+    )?;
+    repo.commit("Distribute big")?;
+    let relay = c.start_relay("hq").await?;
+    let start = Instant::now();
+    c.start_agent("agent-1", &relay)?;
+    c.wait_job("big", "Succeeded", "1/1", Duration::from_secs(1800))
+        .await?;
+    let distribute_secs = start.elapsed().as_secs_f64();
+    let installed = std::fs::metadata(c.agents[0].install_root.join("big/data.bin"))?.len();
+    anyhow::ensure!(installed == size_mib * MIB, "installed {installed} bytes");
+    Ok(Row {
+        size_mib,
+        push_secs,
+        cli_peak,
+        controller_peak: peak_mib(c.controller.pid()),
+        distribute_secs,
+        relay_peak: peak_mib(c.relays[0].pid()),
+        agent_peak: peak_mib(c.agents[0].proc.pid()),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let sizes: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()
+        .context("sizes in MiB")?;
+    let sizes = if sizes.is_empty() {
+        vec![100, 1024]
+    } else {
+        sizes
+    };
+    println!("caravan-bench-package: build+push, then distribute to one agent through one relay (binaries in {})", caravan_tests::bin_dir().display());
+    println!(
+        "{:>9} | {:>12} {:>12} {:>15} | {:>15} {:>13} {:>13}",
+        "size MiB",
+        "push MiB/s",
+        "CLI peak MiB",
+        "ctrl peak MiB",
+        "distrib MiB/s",
+        "relay pk MiB",
+        "agent pk MiB"
+    );
+    let mut rows = Vec::new();
+    for size in sizes {
+        let r = run(size)
+            .await
+            .with_context(|| format!("benchmark of {size} MiB"))?;
+        println!(
+            "{:>9} | {:>12.1} {:>12.1} {:>15.1} | {:>15.1} {:>13.1} {:>13.1}",
+            r.size_mib,
+            r.size_mib as f64 / r.push_secs,
+            r.cli_peak,
+            r.controller_peak,
+            r.size_mib as f64 / r.distribute_secs,
+            r.relay_peak,
+            r.agent_peak
+        );
+        rows.push(r);
+    }
+    if let [small, .., large] = rows.as_slice() {
+        println!(
+            "peak memory, {} MiB vs {} MiB package ({}x the data): CLI {:.2}x, controller {:.2}x, relay {:.2}x, agent {:.2}x",
+            large.size_mib,
+            small.size_mib,
+            large.size_mib / small.size_mib.max(1),
+            large.cli_peak / small.cli_peak,
+            large.controller_peak / small.controller_peak,
+            large.relay_peak / small.relay_peak,
+            large.agent_peak / small.agent_peak
+        );
+    }
+    Ok(())
+}
