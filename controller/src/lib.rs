@@ -62,6 +62,13 @@ pub struct Config {
     /// every relay through its Secret.
     #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
     pub relay_upstream_ca_file: Option<PathBuf>,
+    /// How often unreferenced blobs are removed from the cabinet store.
+    #[arg(long, env = "CARAVAN_BLOB_GC_INTERVAL_SECONDS", default_value_t = 300)]
+    pub blob_gc_interval_seconds: u64,
+    /// A blob no Package references is kept this long after its upload, so a
+    /// push can be followed by its commit at leisure.
+    #[arg(long, env = "CARAVAN_BLOB_GRACE_SECONDS", default_value_t = 86400)]
+    pub blob_grace_seconds: u64,
     /// Log as JSON lines.
     #[arg(long, env = "CARAVAN_LOG_JSON")]
     pub log_json: bool,
@@ -88,6 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         r = engine::run(ctx.clone()) => r.context("distribution engine")?,
         () = gitsource::run(ctx.clone()) => {},
         () = reconcile::site::run(ctx.clone()) => {},
+        () = store::collect_garbage(ctx.clone()) => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
     Ok(())

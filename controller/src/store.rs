@@ -199,6 +199,71 @@ impl Drop for UploadGuard<'_> {
     }
 }
 
+impl BlobStore {
+    /// Removes blobs not in `keep` whose last change is older than `grace`.
+    /// Returns the digests removed.
+    pub async fn remove_unreferenced(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let mut dir = match tokio::fs::read_dir(self.root.join("sha256")).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(e),
+        };
+        while let Some(entry) = dir.next_entry().await? {
+            let hex = entry.file_name().to_string_lossy().into_owned();
+            let age = entry
+                .metadata()
+                .await?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            if !keep.contains(&hex) && age >= grace {
+                // A relay still reading it keeps its open file; new requests get 404.
+                tokio::fs::remove_file(entry.path()).await?;
+                removed.push(hex);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes, every `--blob-gc-interval-seconds`, the blobs no Package
+/// references any more (after `--blob-grace-seconds`), so deleting a
+/// package from Git frees its space.
+pub async fn collect_garbage(ctx: std::sync::Arc<crate::context::Context>) {
+    let interval = std::time::Duration::from_secs(ctx.config.blob_gc_interval_seconds.max(1));
+    let grace = std::time::Duration::from_secs(ctx.config.blob_grace_seconds);
+    loop {
+        tokio::time::sleep(interval).await;
+        // Only with a complete view of the packages: a half-filled cache
+        // would make every blob look unreferenced.
+        if futures::FutureExt::now_or_never(ctx.stores.packages.wait_until_ready()).is_none() {
+            continue;
+        }
+        let keep = ctx
+            .stores
+            .packages
+            .state()
+            .iter()
+            .filter_map(|p| {
+                caravan_api::v1alpha1::sha256_hex(&p.spec.artifact.digest).map(str::to_owned)
+            })
+            .collect();
+        match ctx.blobs.remove_unreferenced(&keep, grace).await {
+            Ok(removed) => {
+                for hex in removed {
+                    tracing::info!(blob = %format!("sha256:{hex}"), "removed blob no package references");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "blob garbage collection failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,3 +164,23 @@ impl Cache {
         Ok(path)
     }
 }
+
+impl Cache {
+    /// Drops the cached blobs not in `keep` (the digests the site's agents
+    /// are assigned). An agent still downloading one keeps its open file.
+    pub async fn retain(
+        &self,
+        keep: &std::collections::HashSet<&str>,
+    ) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let hex = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(format!("sha256:{hex}").as_str()) {
+                tokio::fs::remove_file(entry.path()).await?;
+                removed.push(hex);
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -154,6 +154,14 @@ async fn sync_desired(relay: Arc<Relay>) {
             Ok(Some((new_etag, desired))) => {
                 tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
                 etag = Some(new_etag);
+                // What no agent of the site is assigned any more leaves the cache.
+                let keep = desired.digests().collect();
+                match relay.cache.retain(&keep).await {
+                    Ok(removed) => removed
+                        .iter()
+                        .for_each(|hex| tracing::info!(blob = %hex, "dropped from the cache")),
+                    Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
+                }
                 relay
                     .state
                     .send_replace(Some(Arc::new(SiteState::new(desired))));

@@ -656,6 +656,9 @@ impl Caravan {
             ("--listen", format!("127.0.0.1:{port}")),
             ("--data-dir", data_dir),
             ("--relay-upstream-url", api_url.clone()),
+            // Unreferenced blobs go 10 s after upload, checked every second.
+            ("--blob-gc-interval-seconds", "1".to_string()),
+            ("--blob-grace-seconds", "10".to_string()),
         ];
         if let Some(tls) = &tls {
             flags.extend([

@@ -212,5 +212,28 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
             .collect();
         assert!(left.is_empty(), "{}: {left:?}", a.name);
     }
+    // The relay dropped the blobs no agent of its site needs any more.
+    let cached = |dir: &std::path::Path| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    wait_for("the relay to drop unneeded blobs", T, || async {
+        Ok((cached(&relay.cache_dir.join("sha256")) == 0).then_some(()))
+    })
+    .await?;
+
+    // The packages deleted from Git: their blobs leave the cabinet store.
+    let store = c.dir.join("controller/blobs/sha256");
+    assert_eq!(
+        cached(&store),
+        2,
+        "both versions stored while their Packages exist"
+    );
+    for v in ["1.0.0", "1.1.0"] {
+        repo.remove(&format!("fleet/packages/hello-{v}.yaml"))?;
+    }
+    repo.commit("Delete hello from the cabinet")?;
+    wait_for("the store to remove the unreferenced blobs", T, || async {
+        Ok((cached(&store) == 0).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
     Ok(())
 }
