@@ -13,5 +13,8 @@ fuzz_target!(|data: &[u8]| {
         .map(|e| e.expect("an entry").file_name())
         .filter(|n| n != "out")
         .collect();
-    assert!(beside.is_empty(), "archive wrote outside its target: {beside:?}");
+    assert!(
+        beside.is_empty(),
+        "archive wrote outside its target: {beside:?}"
+    );
 });
