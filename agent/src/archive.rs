@@ -44,14 +44,87 @@ fn contained(path: &Path) -> bool {
     true
 }
 
-/// Extracts a zstd-compressed tar from `reader` into `dest` (created, must not exist).
-pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
+fn open(reader: impl Read) -> Result<tar::Archive<impl Read>, ArchiveError> {
     let decoder = zstd::stream::read::Decoder::new(reader).map_err(ArchiveError::Read)?;
     let mut archive = tar::Archive::new(decoder);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(false);
+    Ok(archive)
+}
+
+/// Checks one entry: its path stays inside the target, it is a file,
+/// directory or link that stays inside too. Returns whether it is a
+/// metadata-only entry to skip.
+fn vet<R: Read>(entry: &tar::Entry<R>, path: &Path) -> Result<bool, ArchiveError> {
+    let refuse = |problem| ArchiveError::Refused {
+        path: path.display().to_string(),
+        problem,
+    };
+    if !contained(path) || path.components().next().is_none() {
+        return Err(refuse("path is absolute or leaves the target directory"));
+    }
+    let kind = entry.header().entry_type();
+    use tar::EntryType as T;
+    match kind {
+        T::Regular | T::Continuous | T::Directory => Ok(false),
+        T::Symlink | T::Link => {
+            let target = entry
+                .link_name()
+                .map_err(ArchiveError::Read)?
+                .ok_or_else(|| refuse("link without a target"))?
+                .into_owned();
+            let resolved = if kind == T::Symlink {
+                path.parent().unwrap_or(Path::new("")).join(&target)
+            } else {
+                target.clone()
+            };
+            if target.is_absolute() || !contained(&resolved) {
+                return Err(refuse("link points outside the target directory"));
+            }
+            Ok(false)
+        }
+        T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => Ok(true),
+        _ => Err(refuse(
+            "device files, FIFOs and other special entries are not allowed",
+        )),
+    }
+}
+
+/// Reads a whole archive without writing anything: every entry is vetted
+/// and every file's data must be as long as its header says. Returns the
+/// number of files.
+pub fn check(reader: impl Read) -> Result<u64, ArchiveError> {
+    let mut archive = open(reader)?;
+    let mut files = 0;
+    for entry in archive.entries().map_err(ArchiveError::Read)? {
+        let mut entry = entry.map_err(ArchiveError::Read)?;
+        let path = entry.path().map_err(ArchiveError::Read)?.into_owned();
+        if vet(&entry, &path)? {
+            continue;
+        }
+        let size = entry.header().size().map_err(ArchiveError::Read)?;
+        let read = std::io::copy(&mut entry, &mut std::io::sink()).map_err(ArchiveError::Read)?;
+        if read != size {
+            return Err(ArchiveError::Refused {
+                path: path.display().to_string(),
+                problem: "data size does not match the header",
+            });
+        }
+        if entry.header().entry_type().is_file() {
+            files += 1;
+        }
+    }
+    Ok(files)
+}
+
+/// Extracts a zstd-compressed tar from `reader` into `dest` (created, must
+/// not exist), vetting each entry before it is written. Run [`check`] over
+/// the same bytes first so that a hostile archive is refused before anything
+/// is written at all.
+pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
+    let mut archive = open(reader)?;
     std::fs::create_dir(dest).map_err(|source| ArchiveError::Write {
         path: dest.to_path_buf(),
         source,
@@ -60,43 +133,8 @@ pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
     for entry in archive.entries().map_err(ArchiveError::Read)? {
         let mut entry = entry.map_err(ArchiveError::Read)?;
         let path = entry.path().map_err(ArchiveError::Read)?.into_owned();
-        let shown = path.display().to_string();
-        let refuse = |problem| ArchiveError::Refused {
-            path: shown.clone(),
-            problem,
-        };
-        if !contained(&path) || path.components().next().is_none() {
-            return Err(refuse("path is absolute or leaves the target directory"));
-        }
-        let kind = entry.header().entry_type();
-        use tar::EntryType as T;
-        match kind {
-            T::Regular | T::Continuous | T::Directory => {}
-            T::Symlink | T::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(ArchiveError::Read)?
-                    .ok_or_else(|| refuse("link without a target"))?
-                    .into_owned();
-                let resolved = if kind == T::Symlink {
-                    path.parent().unwrap_or(Path::new("")).join(&target)
-                } else {
-                    target.clone()
-                };
-                if target.is_absolute() || !contained(&resolved) {
-                    return Err(refuse("link points outside the target directory"));
-                }
-            }
-            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
-            _ => {
-                return Err(refuse(
-                    "device files, FIFOs and other special entries are not allowed",
-                ))
-            }
-        }
-        let size = entry.header().size().map_err(ArchiveError::Read)?;
-        if kind.is_file() && entry.size() != size {
-            return Err(refuse("data size does not match the header"));
+        if vet(&entry, &path)? {
+            continue;
         }
         // `unpack_in` also refuses to write through symlinks that leave `dest`.
         let unpacked = entry
@@ -106,9 +144,12 @@ pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
                 source,
             })?;
         if !unpacked {
-            return Err(refuse("path leaves the target directory"));
+            return Err(ArchiveError::Refused {
+                path: path.display().to_string(),
+                problem: "path leaves the target directory",
+            });
         }
-        if kind.is_file() {
+        if entry.header().entry_type().is_file() {
             files += 1;
         }
     }
@@ -195,6 +236,11 @@ mod tests {
             ("fifo", &[("fifo", T::Fifo, b"", None)]),
         ];
         for (what, entries) in cases {
+            let e = check(&archive(entries)[..]).expect_err(what);
+            assert!(
+                matches!(e, ArchiveError::Refused { .. }),
+                "{what}: check: {e}"
+            );
             let (r, dir) = try_extract(entries);
             let e = r.expect_err(what);
             assert!(matches!(e, ArchiveError::Refused { .. }), "{what}: {e}");

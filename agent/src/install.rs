@@ -103,6 +103,9 @@ pub fn stage_and_swap(blob: &Path, root: &Path, package: &str) -> anyhow::Result
             std::fs::remove_dir_all(leftover)?;
         }
     }
+    // A first pass reads the whole archive and writes nothing: a hostile or
+    // damaged one is refused before anything reaches the disk.
+    archive::check(std::io::BufReader::new(std::fs::File::open(blob)?))?;
     let file = std::fs::File::open(blob)?;
     if let Err(e) = archive::extract(std::io::BufReader::new(file), &staging) {
         let _ = std::fs::remove_dir_all(&staging);

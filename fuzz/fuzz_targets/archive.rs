@@ -7,7 +7,13 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("out");
-    let _ = caravan_agent::archive::extract(data, &out);
+    let checked = caravan_agent::archive::check(data);
+    let extracted = caravan_agent::archive::extract(data, &out);
+    // What the check pass refuses, extraction refuses too.
+    assert!(
+        checked.is_ok() || extracted.is_err(),
+        "check refused what extract took: {checked:?}"
+    );
     let beside: Vec<_> = std::fs::read_dir(dir.path())
         .expect("the directory is readable")
         .map(|e| e.expect("an entry").file_name())
