@@ -84,6 +84,10 @@ impl AgentDesired {
 pub struct SiteDesired {
     pub site: String,
     pub agents: BTreeMap<String, AgentDesired>,
+    /// Blobs the sites below this one need: their relays fetch them from
+    /// this site's relay, so each blob crosses each link once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lower: Vec<String>,
 }
 
 impl SiteDesired {
@@ -93,6 +97,11 @@ impl SiteDesired {
             .values()
             .flat_map(|a| &a.assignments)
             .map(|a| a.digest.as_str())
+    }
+
+    /// Every blob the site's relay serves: its agents' and its lower sites'.
+    pub fn all_digests(&self) -> impl Iterator<Item = &str> {
+        self.digests().chain(self.lower.iter().map(String::as_str))
     }
 }
 

@@ -193,17 +193,48 @@ pub async fn recompute(ctx: &Arc<Context>) {
     ctx.metrics.recomputes.inc();
     ctx.metrics.agents.set(agents.len() as i64);
 
-    let index = DesiredIndex {
-        sites: sites
-            .iter()
-            .map(|s| {
-                let key = (s.namespace().unwrap_or_default(), s.name_any());
-                let desired = SiteDesired {
+    let mut desired: HashMap<SiteKey, SiteDesired> = sites
+        .iter()
+        .map(|s| {
+            let key = key_of(s.as_ref());
+            let agents = plan.by_site.remove(&key).unwrap_or_default();
+            (
+                key,
+                SiteDesired {
                     site: s.name_any(),
-                    agents: plan.by_site.remove(&key).unwrap_or_default(),
-                };
-                (key, Arc::new(SiteEntry::new(desired)))
-            })
+                    agents,
+                    lower: vec![],
+                },
+            )
+        })
+        .collect();
+    // Each site's relay also serves the blobs of every site below it.
+    let parents: HashMap<SiteKey, SiteKey> = sites
+        .iter()
+        .filter_map(|s| Some((key_of(s.as_ref()), (s.namespace()?, s.spec.parent.clone()?))))
+        .collect();
+    let mut lower: HashMap<SiteKey, BTreeSet<String>> = HashMap::new();
+    for (key, d) in &desired {
+        let mut seen = BTreeSet::from([key.clone()]);
+        let mut at = key;
+        // Up the chain of parents (a cycle stops where it closes).
+        while let Some(parent) = parents.get(at).filter(|p| seen.insert((*p).clone())) {
+            lower
+                .entry(parent.clone())
+                .or_default()
+                .extend(d.digests().map(str::to_owned));
+            at = parent;
+        }
+    }
+    for (key, digests) in lower {
+        if let Some(d) = desired.get_mut(&key) {
+            d.lower = digests.into_iter().collect();
+        }
+    }
+    let index = DesiredIndex {
+        sites: desired
+            .into_iter()
+            .map(|(k, d)| (k, Arc::new(SiteEntry::new(d))))
             .collect(),
     };
     ctx.desired.send_if_modified(|current| {

@@ -285,7 +285,7 @@ async fn get_blob(
         .borrow()
         .sites
         .get(&site)
-        .is_some_and(|e| e.desired.digests().any(|d| d == digest));
+        .is_some_and(|e| e.desired.all_digests().any(|d| d == digest));
     if !assigned {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

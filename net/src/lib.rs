@@ -5,6 +5,7 @@
 
 #[cfg(feature = "server")]
 pub mod server;
+pub mod tokens;
 
 use std::{path::Path, time::Duration};
 

@@ -5,7 +5,6 @@
 pub mod cache;
 pub mod metrics;
 pub mod server;
-pub mod tokens;
 pub mod upstream;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -34,6 +33,14 @@ pub struct Config {
     /// Directory of the blob cache.
     #[arg(long, env = "CARAVAN_CACHE_DIR", default_value = "/var/cache/caravan")]
     pub cache_dir: PathBuf,
+    /// Where blobs come from, if not the controller: the relay of the parent
+    /// site, so that each blob crosses each link once. Control traffic
+    /// (desired state, enrollment, reports) still goes to `--upstream`.
+    #[arg(long, env = "CARAVAN_CONTENT_UPSTREAM", requires = "content_token")]
+    pub content_upstream: Option<String>,
+    /// This relay's credential at the parent site's relay.
+    #[arg(long, env = "CARAVAN_CONTENT_TOKEN", hide_env_values = true)]
+    pub content_token: Option<String>,
     /// CA certificate (PEM) to verify the upstream's HTTPS certificate with
     /// (default: the system's web PKI roots).
     #[arg(long, env = "CARAVAN_UPSTREAM_CA_FILE")]
@@ -114,9 +121,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.upstream_ca_file.as_deref(),
     )?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let content = match (&config.content_upstream, &config.content_token) {
+        (Some(url), Some(token)) => {
+            upstream::Upstream::new(url, token, config.upstream_ca_file.as_deref())?
+        }
+        _ => upstream.clone(),
+    };
     let cache = cache::Cache::open(
         config.cache_dir.clone(),
-        upstream.clone(),
+        content,
         metrics.upstream_bytes.clone(),
     )
     .await
@@ -155,7 +168,7 @@ async fn sync_desired(relay: Arc<Relay>) {
                 tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
                 etag = Some(new_etag);
                 // What no agent of the site is assigned any more leaves the cache.
-                let keep = desired.digests().collect();
+                let keep = desired.all_digests().collect();
                 match relay.cache.retain(&keep).await {
                     Ok(removed) => removed
                         .iter()

@@ -16,7 +16,9 @@ use caravan_api::{
 use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
 use serde::Deserialize;
 
-use crate::{cache::CacheError, tokens, Relay};
+use caravan_net::tokens;
+
+use crate::{cache::CacheError, Relay};
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -43,16 +45,38 @@ pub struct AgentName(pub String);
 impl FromRequestParts<Arc<Relay>> for AgentName {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
+        match Downstream::from_request_parts(parts, relay).await? {
+            Downstream::Agent(name) => Ok(Self(name)),
+            Downstream::ChildRelay(site) => Err(err(
+                StatusCode::FORBIDDEN,
+                format!("the relay of site {site} may only fetch blobs here"),
+            )),
+        }
+    }
+}
+
+/// Who is asking, by token: one of this site's agents, or the relay of a
+/// site below this one (which fetches its blobs here).
+pub enum Downstream {
+    Agent(String),
+    ChildRelay(String),
+}
+
+impl FromRequestParts<Arc<Relay>> for Downstream {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)
             .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        tokens::verify(&relay.config.token, token)
-            .map(|a| Self(a.to_string()))
-            .ok_or_else(|| {
-                err(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid agent token; enroll again",
-                )
-            })
+        let name = tokens::verify(&relay.config.token, token).ok_or_else(|| {
+            err(
+                StatusCode::UNAUTHORIZED,
+                "invalid agent token; enroll again",
+            )
+        })?;
+        Ok(match name.strip_prefix(tokens::CHILD_RELAY) {
+            Some(site) => Self::ChildRelay(site.to_string()),
+            None => Self::Agent(name.to_string()),
+        })
     }
 }
 
@@ -140,7 +164,7 @@ async fn report(
 /// Serves a blob assigned to the agent, from the cache (fetched once if needed).
 async fn blob(
     State(relay): State<Arc<Relay>>,
-    AgentName(agent): AgentName,
+    who: Downstream,
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -152,17 +176,31 @@ async fn blob(
             )
         })?
         .to_string();
-    let assigned = relay.state.borrow().as_ref().is_some_and(|s| {
-        s.agent(&agent)
-            .desired
-            .assignments
-            .iter()
-            .any(|a| a.digest == digest)
-    });
+    // An agent gets only its own blobs; a child site's relay only those of the sites below.
+    let (assigned, whom) = {
+        let state = relay.state.borrow();
+        let state = state.as_ref();
+        match &who {
+            Downstream::Agent(agent) => (
+                state.is_some_and(|s| {
+                    s.agent(agent)
+                        .desired
+                        .assignments
+                        .iter()
+                        .any(|a| a.digest == digest)
+                }),
+                format!("agent {agent}"),
+            ),
+            Downstream::ChildRelay(site) => (
+                state.is_some_and(|s| s.desired.lower.contains(&digest)),
+                format!("the sites below (relay of {site})"),
+            ),
+        }
+    };
     if !assigned {
         return Err(err(
             StatusCode::FORBIDDEN,
-            format!("blob {digest} is not assigned to agent {agent}"),
+            format!("blob {digest} is not assigned to {whom}"),
         ));
     }
     let (path, hit) = relay.cache.ensure(&hex).await.map_err(|e| {

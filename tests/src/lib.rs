@@ -492,6 +492,8 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// URL of each started relay, by site.
+    pub relay_urls: std::collections::HashMap<String, String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -692,6 +694,7 @@ impl Caravan {
         Ok(Self {
             tls,
             agent_args: vec![],
+            relay_urls: Default::default(),
 
             dir,
             namespace: namespace.into(),
@@ -848,6 +851,23 @@ impl Caravan {
             .find(|(k, _)| k == "CARAVAN_BOOTSTRAP_TOKEN")
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
+        // A child site's relay fetches from its parent's relay: the Service
+        // address becomes the loopback address the parent was started on.
+        let mut env = env;
+        for (k, v) in &mut env {
+            if k == "CARAVAN_CONTENT_UPSTREAM" {
+                let host = v.split("://").nth(1).unwrap_or_default();
+                let parent = host
+                    .split('.')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches("-relay");
+                *v =
+                    self.relay_urls.get(parent).cloned().with_context(|| {
+                        format!("start the relay of parent site {parent} first")
+                    })?;
+            }
+        }
         let port = free_port();
         let cache_dir = self.dir.join(format!("relay-{site}"));
         // The container's own arguments, with the node-local listen address and cache.
@@ -879,6 +899,7 @@ impl Caravan {
         )
         .await?;
         self.relays.push(proc);
+        self.relay_urls.insert(site.to_string(), url.clone());
         Ok(RelayInfo {
             url,
             cache_dir,

@@ -135,6 +135,14 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
             json!({ "name": relay, "key": "bootstrap-token" })
         }
     };
+    // The credential a child site's relay presents to its parent's relay.
+    if let Some(parent) = &site.spec.parent {
+        let token = caravan_net::tokens::issue(
+            &ctx.keys.relay_token(&ns, parent),
+            &caravan_net::tokens::child_relay_name(&name),
+        );
+        secret_data["content-token"] = token.into();
+    }
     if let Some(ca) = &ctx.relay_upstream_ca {
         secret_data[UPSTREAM_CA_KEY] = ca.clone().into();
     }
@@ -191,6 +199,17 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
         }
         None => "HTTP",
     };
+    let mut env = vec![
+        json!({ "name": "CARAVAN_UPSTREAM", "value": ctx.config.relay_upstream_url }),
+        json!({ "name": "CARAVAN_RELAY_TOKEN", "valueFrom": { "secretKeyRef": { "name": relay, "key": "token" } } }),
+        json!({ "name": "CARAVAN_BOOTSTRAP_TOKEN", "valueFrom": { "secretKeyRef": bootstrap } }),
+    ];
+    // A child site's relay takes content from its parent's relay.
+    if let Some(parent) = &site.spec.parent {
+        let url = format!("http://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent));
+        env.push(json!({ "name": "CARAVAN_CONTENT_UPSTREAM", "value": url }));
+        env.push(json!({ "name": "CARAVAN_CONTENT_TOKEN", "valueFrom": { "secretKeyRef": { "name": relay, "key": "content-token" } } }));
+    }
     let deployment = json!({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(json!({})),
         "spec": {
@@ -205,11 +224,7 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
                         "name": "relay",
                         "image": image,
                         "args": args,
-                        "env": [
-                            { "name": "CARAVAN_UPSTREAM", "value": ctx.config.relay_upstream_url },
-                            { "name": "CARAVAN_RELAY_TOKEN", "valueFrom": { "secretKeyRef": { "name": relay, "key": "token" } } },
-                            { "name": "CARAVAN_BOOTSTRAP_TOKEN", "valueFrom": { "secretKeyRef": bootstrap } },
-                        ],
+                        "env": env,
                         "ports": [{ "name": "http", "containerPort": RELAY_PORT, "protocol": "TCP" }],
                         "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http", "scheme": scheme } },
                         "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http", "scheme": scheme } },

@@ -1,6 +1,17 @@
-//! Agent credentials, issued by the relay at enrollment: `<agent>/<hex mac>`,
-//! an HMAC-SHA256 keyed with the relay's own token, so the relay checks them
-//! without storing anything and no other site's relay can forge them.
+//! Credentials a relay checks without storing anything: `<name>/<hex mac>`,
+//! an HMAC-SHA256 of the name keyed with the relay's own token, so no other
+//! site's relay can forge them. Agents get theirs from the relay at
+//! enrollment (the name is the Agent's); the relay of a child site gets its
+//! own from the controller (the name is `relay:<child site>`), to fetch
+//! content from its parent's relay.
+
+/// Prefix of the names of child-site relays (agent names never hold `:`).
+pub const CHILD_RELAY: &str = "relay:";
+
+/// The name a child site's relay presents to its parent's relay.
+pub fn child_relay_name(site: &str) -> String {
+    format!("{CHILD_RELAY}{site}")
+}
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};

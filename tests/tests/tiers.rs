@@ -1,0 +1,90 @@
+//! A three-level tree of sites (hq → region → branch): the branch relay takes
+//! content from the region relay, which takes it from hq's, which takes it
+//! from the controller, so each blob crosses each link exactly once, while
+//! control traffic still goes to the controller.
+
+use std::time::Duration;
+
+use caravan_api::v1alpha1::Package;
+use caravan_tests::{metric, Caravan};
+use k8s_openapi::api::core::v1::Secret;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_blob_crosses_each_link_of_a_three_level_tree_once() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    for (site, parent) in [("region", "hq"), ("branch", "region")] {
+        repo.write(
+            &format!("fleet/{site}-site.yaml"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {site}}}\nspec: {{parent: {parent}}}\n"),
+        )?;
+    }
+    repo.commit("Two sites below hq")?;
+    let hq = c.start_relay("hq").await?;
+    let region = c.start_relay("region").await?;
+    let branch = c.start_relay("branch").await?;
+    c.start_agent("at-hq", &hq)?;
+    c.start_agent("at-branch", &branch)?;
+    // hello-everywhere targets hq and every site below it.
+    c.wait_job(
+        "hello-everywhere",
+        "Succeeded",
+        "2/2",
+        Duration::from_secs(120),
+    )
+    .await?;
+    for a in &c.agents {
+        assert!(
+            a.install_root.join("hello/bin/hello").exists(),
+            "{}",
+            a.name
+        );
+    }
+
+    let size = c
+        .api::<Package>()
+        .get("hello-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .size as f64;
+    assert_eq!(
+        metric(&c.api_url, "caravan_store_served_bytes_total").await?,
+        size,
+        "controller → hq once"
+    );
+    for (name, relay) in [("hq", &hq), ("region", &region), ("branch", &branch)] {
+        let up = metric(&relay.url, "caravan_relay_upstream_bytes_total").await?;
+        assert_eq!(up, size, "{name} fetched the blob once");
+    }
+    // hq served its agent and the region relay; region served the branch relay.
+    assert_eq!(
+        metric(&hq.url, "caravan_relay_served_bytes_total").await?,
+        2.0 * size
+    );
+    assert_eq!(
+        metric(&region.url, "caravan_relay_served_bytes_total").await?,
+        size
+    );
+    assert_eq!(
+        metric(&branch.url, "caravan_relay_served_bytes_total").await?,
+        size
+    );
+
+    // The branch relay's credential at the region relay fetches blobs, nothing else.
+    let secret = c.api::<Secret>().get("branch-relay").await?;
+    let token = String::from_utf8(secret.data.unwrap()["content-token"].0.clone())?;
+    let res = reqwest::Client::new()
+        .get(format!("{}/v1/desired", region.url))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 403);
+    let res = reqwest::Client::new()
+        .get(format!("{}/v1/desired", hq.url))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 401, "and only at its own parent");
+    Ok(())
+}
