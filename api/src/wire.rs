@@ -84,6 +84,10 @@ impl AgentDesired {
 pub struct SiteDesired {
     pub site: String,
     pub agents: BTreeMap<String, AgentDesired>,
+    /// Blobs of the jobs aimed at this site, enrolled agents or not: the
+    /// relay fetches them ahead of time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prestage: Vec<String>,
     /// Blobs the sites below this one need: their relays fetch them from
     /// this site's relay, so each blob crosses each link once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -99,9 +103,11 @@ impl SiteDesired {
             .map(|a| a.digest.as_str())
     }
 
-    /// Every blob the site's relay serves: its agents' and its lower sites'.
+    /// Every blob the site's relay keeps: its agents', its jobs' and its lower sites'.
     pub fn all_digests(&self) -> impl Iterator<Item = &str> {
-        self.digests().chain(self.lower.iter().map(String::as_str))
+        self.digests()
+            .chain(self.prestage.iter().map(String::as_str))
+            .chain(self.lower.iter().map(String::as_str))
     }
 }
 

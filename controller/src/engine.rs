@@ -203,11 +203,28 @@ pub async fn recompute(ctx: &Arc<Context>) {
                 SiteDesired {
                     site: s.name_any(),
                     agents,
+                    prestage: vec![],
                     lower: vec![],
                 },
             )
         })
         .collect();
+    // The blobs of jobs aimed at a site are prestaged there, agents or not.
+    for job in jobs.iter().filter(|j| !j.spec.suspend) {
+        let key = key_of(job.as_ref());
+        let Some(jp) = plan.jobs.get(&key) else {
+            continue;
+        };
+        for site in &jp.sites {
+            if let Some(d) = desired.get_mut(&(key.0.clone(), site.clone())) {
+                d.prestage.extend(jp.digests.iter().cloned());
+            }
+        }
+    }
+    for d in desired.values_mut() {
+        d.prestage.sort();
+        d.prestage.dedup();
+    }
     // Each site's relay also serves the blobs of every site below it.
     let parents: HashMap<SiteKey, SiteKey> = sites
         .iter()
@@ -219,10 +236,11 @@ pub async fn recompute(ctx: &Arc<Context>) {
         let mut at = key;
         // Up the chain of parents (a cycle stops where it closes).
         while let Some(parent) = parents.get(at).filter(|p| seen.insert((*p).clone())) {
+            let own = d.digests().chain(d.prestage.iter().map(String::as_str));
             lower
                 .entry(parent.clone())
                 .or_default()
-                .extend(d.digests().map(str::to_owned));
+                .extend(own.map(str::to_owned));
             at = parent;
         }
     }
@@ -355,6 +373,10 @@ pub struct JobPlan {
     pub targets: BTreeMap<String, Vec<Assignment>>,
     /// Names of the packages whose reference did not resolve.
     pub unresolved: Vec<String>,
+    /// Sites the job is aimed at (with those below, where it says so).
+    pub sites: BTreeSet<String>,
+    /// Blobs the job installs.
+    pub digests: Vec<String>,
     /// `(reason, message)` of each reference that did not resolve.
     pub problems: Vec<(&'static str, String)>,
 }
@@ -525,6 +547,10 @@ fn resolve_job(
             }),
         })
         .collect();
+    if job.spec.action == JobAction::Install {
+        plan.digests = assignments.iter().map(|a| a.digest.clone()).collect();
+    }
+    plan.sites = target_sites.clone();
     for a in agents
         .iter()
         .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))

@@ -52,6 +52,8 @@ pub struct Cache {
     upstream: Upstream,
     inflight: Mutex<HashMap<String, Fetch>>,
     upstream_bytes: prometheus_client::metrics::counter::Counter,
+    /// Limit on the bytes per second fetched from upstream, if any.
+    limit: Option<crate::ratelimit::RateLimit>,
 }
 
 impl Cache {
@@ -59,6 +61,7 @@ impl Cache {
         dir: PathBuf,
         upstream: Upstream,
         upstream_bytes: prometheus_client::metrics::counter::Counter,
+        limit: Option<crate::ratelimit::RateLimit>,
     ) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(dir.join("sha256")).await?;
         tokio::fs::create_dir_all(dir.join("partial")).await?;
@@ -67,6 +70,7 @@ impl Cache {
             upstream,
             inflight: Mutex::new(HashMap::new()),
             upstream_bytes,
+            limit,
         })
     }
 
@@ -146,6 +150,9 @@ impl Cache {
             })?;
             hasher.update(&chunk);
             self.upstream_bytes.inc_by(chunk.len() as u64);
+            if let Some(limit) = &self.limit {
+                limit.take(chunk.len()).await;
+            }
             file.write_all(&chunk).await.map_err(io(&partial))?;
         }
         file.sync_all().await.map_err(io(&partial))?;

@@ -4,13 +4,17 @@
 
 pub mod cache;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;
 pub mod upstream;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use caravan_api::wire::{AgentDesired, SiteDesired};
+use caravan_api::{
+    v1alpha1::sha256_hex,
+    wire::{AgentDesired, SiteDesired},
+};
 use clap::Parser;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -38,6 +42,9 @@ pub struct Config {
     /// (desired state, enrollment, reports) still goes to `--upstream`.
     #[arg(long, env = "CARAVAN_CONTENT_UPSTREAM", requires = "content_token")]
     pub content_upstream: Option<String>,
+    /// Most bytes per second all upstream fetches take together (default: no limit).
+    #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT")]
+    pub upstream_rate_limit: Option<u64>,
     /// This relay's credential at the parent site's relay.
     #[arg(long, env = "CARAVAN_CONTENT_TOKEN", hide_env_values = true)]
     pub content_token: Option<String>,
@@ -131,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.cache_dir.clone(),
         content,
         metrics.upstream_bytes.clone(),
+        config.upstream_rate_limit.map(ratelimit::RateLimit::new),
     )
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
@@ -175,6 +183,21 @@ async fn sync_desired(relay: Arc<Relay>) {
                         .for_each(|hex| tracing::info!(blob = %hex, "dropped from the cache")),
                     Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
                 }
+                // Prestage: fetch what the site (and the sites below) will
+                // need before anyone asks, one blob at a time.
+                let wanted: Vec<String> = desired
+                    .all_digests()
+                    .filter_map(sha256_hex)
+                    .map(str::to_owned)
+                    .collect();
+                let cache = relay.cache.clone();
+                tokio::spawn(async move {
+                    for hex in wanted {
+                        if let Err(e) = cache.ensure(&hex).await {
+                            tracing::warn!(blob = %hex, error = %e, "prestaging failed; agents will ask again");
+                        }
+                    }
+                });
                 relay
                     .state
                     .send_replace(Some(Arc::new(SiteState::new(desired))));

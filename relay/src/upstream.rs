@@ -133,7 +133,10 @@ impl Upstream {
         let url = self.url(&format!("/v1/blobs/sha256:{hex}"));
         let mut req = self.http.get(&url);
         if offset > 0 {
-            req = req.header(header::RANGE, format!("bytes={offset}-"));
+            // If-Range on the digest (a strong validator): resume only the same blob.
+            req = req
+                .header(header::RANGE, format!("bytes={offset}-"))
+                .header(header::IF_RANGE, format!("\"{hex}\""));
         }
         self.send(req, &url).await
     }

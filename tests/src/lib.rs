@@ -492,6 +492,8 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// Extra arguments for every relay started from now on.
+    pub relay_args: Vec<String>,
     /// URL of each started relay, by site.
     pub relay_urls: std::collections::HashMap<String, String>,
     _tmp: Option<tempfile::TempDir>,
@@ -695,6 +697,7 @@ impl Caravan {
             tls,
             agent_args: vec![],
             relay_urls: Default::default(),
+            relay_args: vec![],
 
             dir,
             namespace: namespace.into(),
@@ -878,7 +881,11 @@ impl Caravan {
                 ("--cache-dir", cache_dir.display().to_string()),
             ],
         );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args: Vec<&str> = args
+            .iter()
+            .chain(&self.relay_args)
+            .map(String::as_str)
+            .collect();
         let proc = Proc::spawn(
             &format!("relay-{site}"),
             &bin("caravan-relay")?,

@@ -11,9 +11,15 @@ async fn an_interrupted_upload_is_resumed_by_the_next_push() -> anyhow::Result<(
     let c = Caravan::start("fleet").await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
-    // Incompressible content, so the archive is about as large as the data.
-    let data: Vec<u8> = (0..4_000_000u64)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+    // Incompressible content (xorshift), so the archive is as large as the data.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let data: Vec<u8> = (0..4_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
         .collect();
     std::fs::write(src.join("data.bin"), &data)?;
     let manifests = c.dir.join("manifests");
