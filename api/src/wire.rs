@@ -4,6 +4,7 @@
 //! - `GET  /v1/site/desired` (relay token): [`SiteDesired`], long-poll with `If-None-Match`.
 //! - `POST /v1/site/enroll` (relay token): [`EnrollRequest`] → [`EnrollForward`].
 //! - `POST /v1/site/reports` (relay token): `Vec<AgentReport>`.
+//! - `POST /v1/site/stats` (relay token): [`RelayStats`].
 //! - `GET  /v1/blobs/sha256:<hex>` (relay token): blob bytes, `Range` supported.
 //! - `GET  /v1/uploads/sha256:<hex>` (upload token): [`UploadState`].
 //! - `PUT  /v1/blobs/sha256:<hex>` (upload token): store a blob; the digest is
@@ -192,6 +193,20 @@ pub struct AgentReport {
     pub arch: String,
     pub installed: Vec<InstalledPackage>,
     pub jobs: Vec<JobState>,
+}
+
+/// What a relay tells the controller about its cache (`POST /v1/site/stats`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayStats {
+    /// Bytes of blobs in the cache now.
+    pub cache_bytes: u64,
+    /// Bytes fetched from upstream since the relay started.
+    pub upstream_bytes: u64,
+    /// Bytes served to agents and child relays since the relay started.
+    pub served_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
 }
 
 /// Where the upload of a blob stands (`GET /v1/uploads/sha256:<hex>`).

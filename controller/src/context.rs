@@ -51,6 +51,8 @@ pub struct Context {
     pub(crate) writers: Mutex<Option<Writers>>,
     /// Every site's desired state; replaced as a whole on each change.
     pub desired: watch::Sender<Arc<DesiredIndex>>,
+    /// What each site's relay last said about its cache.
+    pub relay_stats: Mutex<HashMap<SiteKey, caravan_api::wire::RelayStats>>,
     /// When each site's relay last talked to us.
     pub relay_seen: Mutex<HashMap<SiteKey, chrono::DateTime<chrono::Utc>>>,
     /// Asks the Site reconciler to look at a site again (relay connected).
@@ -89,6 +91,7 @@ impl Context {
                 .map_err(|e| crate::error::Error::io("http client", std::io::Error::other(e)))?,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             relay_seen: Mutex::new(HashMap::new()),
+            relay_stats: Mutex::new(HashMap::new()),
             site_trigger,
             site_trigger_rx: Mutex::new(Some(rx)),
             config,

@@ -45,6 +45,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         )
         .route("/v1/site/desired", get(site_desired))
         .route("/v1/site/enroll", post(enroll))
+        .route("/v1/site/stats", post(relay_stats))
         .route(
             "/v1/site/reports",
             post(reports).layer(axum::extract::DefaultBodyLimit::max(REPORTS_BODY_LIMIT)),
@@ -104,6 +105,24 @@ async fn site_desired(
         Ok((entry.etag.clone(), entry.body.clone()))
     })
     .await
+}
+
+/// Keeps what a relay says about its cache, for the Site's status.
+async fn relay_stats(
+    State(ctx): State<Arc<Context>>,
+    RelaySite(site): RelaySite,
+    Json(stats): Json<caravan_api::wire::RelayStats>,
+) -> StatusCode {
+    let changed = ctx
+        .relay_stats
+        .lock()
+        .expect("lock poisoned")
+        .insert(site.clone(), stats)
+        != Some(stats);
+    if changed {
+        let _ = ctx.site_trigger.send(site);
+    }
+    StatusCode::NO_CONTENT
 }
 
 /// Finds or creates the Agent for a host ID at the relay's site.

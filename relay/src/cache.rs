@@ -173,6 +173,16 @@ impl Cache {
 }
 
 impl Cache {
+    /// Bytes of the blobs in the cache.
+    pub async fn bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            total += entry.metadata().await?.len();
+        }
+        Ok(total)
+    }
+
     /// Drops the cached blobs not in `keep` (the digests the site's agents
     /// are assigned). An agent still downloading one keeps its open file.
     pub async fn retain(

@@ -45,6 +45,9 @@ pub struct Config {
     /// Most bytes per second all upstream fetches take together (default: no limit).
     #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT")]
     pub upstream_rate_limit: Option<u64>,
+    /// How often the relay reports its cache figures to the controller (Site status).
+    #[arg(long, env = "CARAVAN_STATS_INTERVAL_SECONDS", default_value_t = 30)]
+    pub stats_interval_seconds: u64,
     /// This relay's credential at the parent site's relay.
     #[arg(long, env = "CARAVAN_CONTENT_TOKEN", hide_env_values = true)]
     pub content_token: Option<String>,
@@ -160,6 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         r = caravan_net::server::serve(config.listen, server::router(relay.clone()), tls) => r.context("relay server")?,
         () = sync_desired(relay.clone()) => {},
+        () = report_stats(relay.clone()) => {},
         () = upstream::forward_reports(relay.upstream.clone(), reports_rx) => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
@@ -209,6 +213,26 @@ async fn sync_desired(relay: Arc<Relay>) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// Tells the controller, every `--stats-interval-seconds`, what is in the
+/// cache and what crossed the links, for the Site's status.
+async fn report_stats(relay: Arc<Relay>) {
+    let interval = Duration::from_secs(relay.config.stats_interval_seconds.max(1));
+    loop {
+        tokio::time::sleep(interval).await;
+        let m = &relay.metrics;
+        let stats = caravan_api::wire::RelayStats {
+            cache_bytes: relay.cache.bytes().await.unwrap_or(0),
+            upstream_bytes: m.upstream_bytes.get(),
+            served_bytes: m.served_bytes.get(),
+            cache_hits: m.cache_hits.get(),
+            cache_misses: m.cache_misses.get(),
+        };
+        if let Err(e) = relay.upstream.stats(&stats).await {
+            tracing::debug!(error = %e, "stats not delivered");
         }
     }
 }

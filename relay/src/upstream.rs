@@ -115,6 +115,19 @@ impl Upstream {
             .map_err(|source| UpstreamError::Request { url, source })
     }
 
+    pub async fn stats(&self, stats: &caravan_api::wire::RelayStats) -> Result<(), UpstreamError> {
+        let url = self.url("/v1/site/stats");
+        self.send(
+            self.http
+                .post(&url)
+                .json(stats)
+                .timeout(Duration::from_secs(30)),
+            &url,
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn reports(&self, batch: &[AgentReport]) -> Result<(), UpstreamError> {
         let url = self.url("/v1/site/reports");
         self.send(

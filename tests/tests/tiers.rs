@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use caravan_api::v1alpha1::Package;
-use caravan_tests::{metric, Caravan};
+use caravan_tests::{metric, wait_for, Caravan};
 use k8s_openapi::api::core::v1::Secret;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,6 +20,7 @@ async fn each_blob_crosses_each_link_of_a_three_level_tree_once() -> anyhow::Res
         )?;
     }
     repo.commit("Two sites below hq")?;
+    c.relay_args = vec!["--stats-interval-seconds".into(), "1".into()];
     let hq = c.start_relay("hq").await?;
     let region = c.start_relay("region").await?;
     let branch = c.start_relay("branch").await?;
@@ -86,5 +87,31 @@ async fn each_blob_crosses_each_link_of_a_three_level_tree_once() -> anyhow::Res
         .send()
         .await?;
     assert_eq!(res.status(), 401, "and only at its own parent");
+
+    // Each Site's status shows its relay's cache and traffic.
+    let stats = wait_for(
+        "the branch Site to show its relay's figures",
+        Duration::from_secs(60),
+        || async {
+            Ok(c.site("branch")
+                .await?
+                .status
+                .and_then(|s| s.relay)
+                .filter(|r| r.served_bytes > 0))
+        },
+    )
+    .await?;
+    assert_eq!(
+        (stats.upstream_bytes, stats.cache_bytes, stats.served_bytes),
+        (size as u64, size as u64, size as u64)
+    );
+    let table = c.cluster.kubectl(&["get", "sites", "-n", "fleet"])?;
+    assert!(
+        table.contains("CACHE")
+            && table
+                .lines()
+                .any(|l| l.starts_with("branch") && l.contains(&format!("{}", size as u64))),
+        "{table}"
+    );
     Ok(())
 }

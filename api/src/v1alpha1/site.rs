@@ -18,6 +18,7 @@ use super::SecretKeyRef;
     printcolumn = r#"{"name":"Parent","type":"string","jsonPath":".spec.parent"}"#,
     printcolumn = r#"{"name":"Relay","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.agents"}"#,
+    printcolumn = r#"{"name":"Cache","type":"integer","jsonPath":".status.relay.cacheBytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -79,6 +80,9 @@ pub struct SiteStatus {
     /// When the relay last talked to the controller (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_last_seen: Option<String>,
+    /// The relay's cache, as it last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<crate::wire::RelayStats>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -281,6 +281,12 @@ async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> 
     let status = SiteStatus {
         observed_generation: generation,
         agents,
+        relay: ctx
+            .relay_stats
+            .lock()
+            .expect("lock poisoned")
+            .get(&(ns.clone(), name.clone()))
+            .copied(),
         relay_last_seen: seen
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .or(previous.relay_last_seen.clone()),
