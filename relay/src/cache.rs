@@ -9,6 +9,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
 use futures::{
@@ -54,6 +55,30 @@ pub struct Cache {
     upstream_bytes: prometheus_client::metrics::counter::Counter,
     /// Limit on the bytes per second fetched from upstream, if any.
     limit: Option<crate::ratelimit::RateLimit>,
+    /// Largest total size of the cached blobs, if limited.
+    max_bytes: Option<u64>,
+    /// When each blob was last asked for (least recently used go first).
+    used: Mutex<HashMap<String, SystemTime>>,
+    /// Responses reading each blob now: never evicted while read.
+    in_use: Mutex<HashMap<String, usize>>,
+}
+
+/// Keeps a blob from eviction while a response serves it.
+pub struct Lease {
+    cache: Arc<Cache>,
+    hex: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut in_use = self.cache.in_use.lock().expect("lock poisoned");
+        if let Some(n) = in_use.get_mut(&self.hex) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.hex);
+            }
+        }
+    }
 }
 
 impl Cache {
@@ -62,6 +87,7 @@ impl Cache {
         upstream: Upstream,
         upstream_bytes: prometheus_client::metrics::counter::Counter,
         limit: Option<crate::ratelimit::RateLimit>,
+        max_bytes: Option<u64>,
     ) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(dir.join("sha256")).await?;
         tokio::fs::create_dir_all(dir.join("partial")).await?;
@@ -71,6 +97,9 @@ impl Cache {
             inflight: Mutex::new(HashMap::new()),
             upstream_bytes,
             limit,
+            max_bytes,
+            used: Mutex::new(HashMap::new()),
+            in_use: Mutex::new(HashMap::new()),
         })
     }
 
@@ -84,6 +113,10 @@ impl Cache {
     /// fails cleanly) even if every requester goes away.
     pub async fn ensure(self: &Arc<Self>, hex: &str) -> Result<(PathBuf, bool), Arc<CacheError>> {
         let path = self.path(hex);
+        self.used
+            .lock()
+            .expect("lock poisoned")
+            .insert(hex.to_string(), SystemTime::now());
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok((path, true));
         }
@@ -96,6 +129,14 @@ impl Cache {
                 let (cache, hex) = (Arc::clone(self), hex.to_string());
                 let task = tokio::spawn(async move {
                     let result = cache.fetch(&hex).await.map_err(Arc::new);
+                    if result.is_ok() {
+                        match cache.enforce_limit(&hex).await {
+                            Ok(evicted) => evicted.iter().for_each(
+                                |h| tracing::info!(blob = %h, "evicted (cache size limit)"),
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "cache size limit not enforced"),
+                        }
+                    }
                     cache.inflight.lock().expect("lock poisoned").remove(&hex);
                     result
                 });
@@ -173,6 +214,64 @@ impl Cache {
 }
 
 impl Cache {
+    /// Keeps `hex` from eviction until the lease is dropped.
+    pub fn lease(self: &Arc<Self>, hex: &str) -> Lease {
+        *self
+            .in_use
+            .lock()
+            .expect("lock poisoned")
+            .entry(hex.to_string())
+            .or_default() += 1;
+        Lease {
+            cache: Arc::clone(self),
+            hex: hex.to_string(),
+        }
+    }
+
+    /// Evicts least recently used blobs until the cache fits its size
+    /// limit, never one being served nor `protect` (the blob just fetched).
+    pub async fn enforce_limit(&self, protect: &str) -> std::io::Result<Vec<String>> {
+        let Some(max) = self.max_bytes else {
+            return Ok(vec![]);
+        };
+        let mut blobs = Vec::new();
+        let mut total = 0;
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let meta = entry.metadata().await?;
+            let hex = entry.file_name().to_string_lossy().into_owned();
+            let last = self.used.lock().expect("lock poisoned").get(&hex).copied();
+            total += meta.len();
+            blobs.push((
+                last.unwrap_or(meta.modified()?),
+                hex,
+                meta.len(),
+                entry.path(),
+            ));
+        }
+        blobs.sort();
+        let mut evicted = Vec::new();
+        for (_, hex, size, path) in blobs {
+            if total <= max {
+                break;
+            }
+            if hex == protect
+                || self
+                    .in_use
+                    .lock()
+                    .expect("lock poisoned")
+                    .contains_key(&hex)
+            {
+                continue;
+            }
+            tokio::fs::remove_file(&path).await?;
+            self.used.lock().expect("lock poisoned").remove(&hex);
+            total -= size;
+            evicted.push(hex);
+        }
+        Ok(evicted)
+    }
+
     /// Bytes of the blobs in the cache.
     pub async fn bytes(&self) -> std::io::Result<u64> {
         let mut total = 0;
@@ -199,5 +298,52 @@ impl Cache {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_size_limit_evicts_the_least_recently_used_blob_but_never_one_being_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Upstream::new("http://127.0.0.1:9", "token", None).unwrap();
+        let cache = Arc::new(
+            Cache::open(
+                dir.path().to_path_buf(),
+                upstream,
+                Default::default(),
+                None,
+                Some(250),
+            )
+            .await
+            .unwrap(),
+        );
+        for hex in ["aa", "bb", "cc", "dd"] {
+            std::fs::write(cache.path(hex), [0u8; 100]).unwrap();
+        }
+        // Used in this order: aa (oldest), bb, cc, dd; aa is being served.
+        for hex in ["aa", "bb", "cc", "dd"] {
+            cache.ensure(hex).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let lease = cache.lease("aa");
+        let evicted = cache.enforce_limit("dd").await.unwrap();
+        assert_eq!(
+            evicted,
+            ["bb", "cc"],
+            "400 bytes down to 200: the oldest not in use go"
+        );
+        assert!(cache.path("aa").exists() && cache.path("dd").exists());
+        drop(lease);
+        std::fs::write(cache.path("ee"), [0u8; 100]).unwrap();
+        cache.ensure("ee").await.unwrap();
+        assert_eq!(
+            cache.enforce_limit("ee").await.unwrap(),
+            ["aa"],
+            "once served, aa is the oldest"
+        );
     }
 }

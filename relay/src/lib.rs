@@ -45,6 +45,10 @@ pub struct Config {
     /// Most bytes per second all upstream fetches take together (default: no limit).
     #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT")]
     pub upstream_rate_limit: Option<u64>,
+    /// Largest total size of the cache: least recently used blobs are evicted
+    /// beyond it, never one being served (default: no limit).
+    #[arg(long, env = "CARAVAN_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
     /// How often the relay reports its cache figures to the controller (Site status).
     #[arg(long, env = "CARAVAN_STATS_INTERVAL_SECONDS", default_value_t = 30)]
     pub stats_interval_seconds: u64,
@@ -142,6 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         content,
         metrics.upstream_bytes.clone(),
         config.upstream_rate_limit.map(ratelimit::RateLimit::new),
+        config.cache_max_bytes,
     )
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;

@@ -17,6 +17,7 @@ use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
 use serde::Deserialize;
 
 use caravan_net::tokens;
+use futures::StreamExt;
 
 use crate::{cache::CacheError, Relay};
 
@@ -211,7 +212,15 @@ async fn blob(
         };
         err(code, e.to_string())
     })?;
+    // The blob stays in the cache as long as this response reads it.
+    let lease = relay.cache.lease(&hex);
     let (res, len) = serve_blob(&path, &hex, req).await?;
+    let res = res.map(|body| {
+        axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _reading = &lease;
+            chunk
+        }))
+    });
     if hit {
         &relay.metrics.cache_hits
     } else {
