@@ -153,7 +153,17 @@ async fn enroll(
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
-            if agent.spec.secret_hash != secret_hash {
+            if agent.spec.secret_hash.is_empty() {
+                // Declared ahead of enrollment (in Git): the first to enroll claims it.
+                let patch = serde_json::json!({ "spec": { "secretHash": secret_hash } });
+                api.patch(
+                    &agent.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(kube_error)?;
+            } else if agent.spec.secret_hash != secret_hash {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!(

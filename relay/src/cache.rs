@@ -35,6 +35,11 @@ pub enum CacheError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("blob not cached yet, and upstream fetches wait for the transfer window {window} (opens in {minutes} min)")]
+    OutsideWindow {
+        window: crate::window::Window,
+        minutes: u32,
+    },
     #[error("fetch task failed: {0}")]
     Task(String),
     #[error("cache {path}: {source}")]
@@ -57,6 +62,8 @@ pub struct Cache {
     limit: Option<crate::ratelimit::RateLimit>,
     /// Largest total size of the cached blobs, if limited.
     max_bytes: Option<u64>,
+    /// When upstream fetches may start, if limited.
+    window: Option<crate::window::Window>,
     /// When each blob was last asked for (least recently used go first).
     used: Mutex<HashMap<String, SystemTime>>,
     /// Responses reading each blob now: never evicted while read.
@@ -88,6 +95,7 @@ impl Cache {
         upstream_bytes: prometheus_client::metrics::counter::Counter,
         limit: Option<crate::ratelimit::RateLimit>,
         max_bytes: Option<u64>,
+        window: Option<crate::window::Window>,
     ) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(dir.join("sha256")).await?;
         tokio::fs::create_dir_all(dir.join("partial")).await?;
@@ -98,6 +106,7 @@ impl Cache {
             upstream_bytes,
             limit,
             max_bytes,
+            window,
             used: Mutex::new(HashMap::new()),
             in_use: Mutex::new(HashMap::new()),
         })
@@ -151,7 +160,17 @@ impl Cache {
         fetch.await.map(|p| (p, false))
     }
 
+    /// The transfer window, if any.
+    pub fn window(&self) -> Option<crate::window::Window> {
+        self.window
+    }
+
     async fn fetch(&self, hex: &str) -> Result<PathBuf, CacheError> {
+        if let Some(window) = self.window {
+            if let Some(minutes) = window.opens_in_now() {
+                return Err(CacheError::OutsideWindow { window, minutes });
+            }
+        }
         let partial = self.dir.join("partial").join(hex);
         let io = |path: &PathBuf| {
             let path = path.clone();
@@ -317,6 +336,7 @@ mod tests {
                 Default::default(),
                 None,
                 Some(250),
+                None,
             )
             .await
             .unwrap(),

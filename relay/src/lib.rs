@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod upstream;
+pub mod window;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -45,6 +46,10 @@ pub struct Config {
     /// Most bytes per second all upstream fetches take together (default: no limit).
     #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT")]
     pub upstream_rate_limit: Option<u64>,
+    /// Start upstream fetches only inside this daily window, `HH:MM-HH:MM`
+    /// in UTC (it may cross midnight). Default: any time.
+    #[arg(long, env = "CARAVAN_TRANSFER_WINDOW")]
+    pub transfer_window: Option<window::Window>,
     /// Largest total size of the cache: least recently used blobs are evicted
     /// beyond it, never one being served (default: no limit).
     #[arg(long, env = "CARAVAN_CACHE_MAX_BYTES")]
@@ -147,6 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.upstream_bytes.clone(),
         config.upstream_rate_limit.map(ratelimit::RateLimit::new),
         config.cache_max_bytes,
+        config.transfer_window,
     )
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
@@ -202,6 +208,10 @@ async fn sync_desired(relay: Arc<Relay>) {
                 let cache = relay.cache.clone();
                 tokio::spawn(async move {
                     for hex in wanted {
+                        if let Some(minutes) = cache.window().and_then(|w| w.opens_in_now()) {
+                            tracing::info!(blob = %hex, minutes, "prestaging waits for the transfer window");
+                            tokio::time::sleep(Duration::from_secs(u64::from(minutes) * 60)).await;
+                        }
                         if let Err(e) = cache.ensure(&hex).await {
                             tracing::warn!(blob = %hex, error = %e, "prestaging failed; agents will ask again");
                         }

@@ -208,6 +208,7 @@ async fn blob(
         tracing::warn!(blob = %digest, error = %e, "blob unavailable");
         let code = match e.as_ref() {
             CacheError::Upstream(u) => u.status(),
+            CacheError::OutsideWindow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         };
         err(code, e.to_string())

@@ -28,13 +28,14 @@ pub struct AgentSpec {
     pub site: String,
     /// Stable host identity, kept in the agent's state directory.
     pub host_id: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hostname: String,
     /// Agents that are not approved get no work.
     #[serde(default = "yes")]
     pub approved: bool,
-    /// sha256 of the secret the agent enrolled with.
-    #[serde(default)]
+    /// sha256 of the secret the agent enrolled with (empty for an Agent
+    /// declared ahead of its enrollment: the first to enroll claims it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub secret_hash: String,
 }
 

@@ -1,0 +1,147 @@
+//! Many agents asking a relay for the same blob cause one upstream fetch,
+//! and a relay outside its transfer window fetches nothing and says why.
+
+use std::time::Duration;
+
+use caravan_api::v1alpha1::{Agent, Package};
+use caravan_tests::{metric, wait_for, Caravan};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use sha2::{Digest, Sha256};
+
+/// Incompressible bytes (xorshift).
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Commits a package of `len` random bytes and a job sending it to hq.
+async fn package_for_hq(
+    c: &Caravan,
+    repo: &caravan_tests::git::GitRepo,
+    len: usize,
+) -> anyhow::Result<Package> {
+    let src = c.dir.join("shared");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("data.bin"), noise(len, 0x9E37_79B9_7F4A_7C15))?;
+    c.push_package(&src, "shared", "1.0.0", &repo.work.join("fleet/packages"))?;
+    repo.write(
+        "fleet/shared-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: shared}\nspec:\n  packages: [{name: shared}]\n  destinations: {sites: [{name: hq}]}\n",
+    )?;
+    repo.commit("shared for hq")?;
+    Ok(
+        wait_for("package shared", Duration::from_secs(60), || async {
+            Ok(c.api::<Package>().get_opt("shared-1.0.0").await?)
+        })
+        .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    // Fifty endpoints of site hq, as the controller would have enrolled them.
+    for i in 0..50 {
+        let agent: Agent = serde_json::from_value(serde_json::json!({
+            "apiVersion": "caravan.dev/v1alpha1", "kind": "Agent",
+            "metadata": { "name": format!("kiosk-{i}"), "namespace": "fleet" },
+            "spec": { "site": "hq", "hostId": format!("kiosk-host-{i:04}") },
+        }))?;
+        c.api::<Agent>()
+            .create(&PostParams::default(), &agent)
+            .await?;
+    }
+    // A slow upstream (2 MB/s), so the requests arrive while the fetch runs.
+    c.relay_args = vec!["--upstream-rate-limit".into(), "2000000".into()];
+    let relay = c.start_relay("hq").await?;
+    let pkg = package_for_hq(&c, &repo, 4_000_000).await?;
+    let secret = c.api::<Secret>().get("hq-relay").await?;
+    let relay_token = String::from_utf8(secret.data.unwrap()["token"].0.clone())?;
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/blobs/{}", relay.url, pkg.spec.artifact.digest);
+    let downloads = (0..50).map(|i| {
+        let (http, url) = (http.clone(), url.clone());
+        let token = caravan_net::tokens::issue(&relay_token, &format!("kiosk-{i}"));
+        async move {
+            // Until the relay has the new desired state, the blob is not assigned yet.
+            let res = wait_for(
+                "the blob to be assigned",
+                Duration::from_secs(60),
+                || async {
+                    let res = http.get(&url).bearer_auth(&token).send().await?;
+                    Ok((res.status() != reqwest::StatusCode::FORBIDDEN).then_some(res))
+                },
+            )
+            .await?;
+            anyhow::ensure!(res.status().is_success(), "{}", res.status());
+            Ok::<_, anyhow::Error>(hex::encode(Sha256::digest(res.bytes().await?)))
+        }
+    });
+    let digests = futures::future::try_join_all(downloads).await?;
+    let expected = pkg.spec.artifact.digest.trim_start_matches("sha256:");
+    assert!(
+        digests.iter().all(|d| d == expected),
+        "every agent got the right bytes"
+    );
+    let size = pkg.spec.artifact.size as f64;
+    // The relay also prestaged the example package its site's job sends.
+    let hello = c
+        .api::<Package>()
+        .get("hello-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .size as f64;
+    assert_eq!(
+        metric(&relay.url, "caravan_relay_upstream_bytes_total").await?,
+        size + hello,
+        "one upstream fetch each"
+    );
+    assert_eq!(
+        metric(&relay.url, "caravan_relay_served_bytes_total").await?,
+        50.0 * size
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outside_its_transfer_window_a_relay_fetches_nothing_and_says_why() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    // A window that opens in an hour and lasts an hour.
+    let now = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        / 60
+        % 1440) as u32;
+    let hhmm = |m: u32| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    c.relay_args = vec![
+        "--transfer-window".into(),
+        format!("{}-{}", hhmm(now + 60), hhmm(now + 120)),
+    ];
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("agent-1", &relay)?;
+    package_for_hq(&c, &repo, 1000).await?;
+    let job = c
+        .wait_job("shared", "Failed", "0/1", Duration::from_secs(120))
+        .await?;
+    let reason = &job.status.unwrap().failures[0].reason;
+    assert!(
+        reason.contains("transfer window") && reason.contains("opens in"),
+        "{reason}"
+    );
+    assert_eq!(
+        metric(&relay.url, "caravan_relay_upstream_bytes_total").await?,
+        0.0
+    );
+    Ok(())
+}
