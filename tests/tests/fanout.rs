@@ -36,12 +36,10 @@ async fn package_for_hq(
         "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: shared}\nspec:\n  packages: [{name: shared}]\n  destinations: {sites: [{name: hq}]}\n",
     )?;
     repo.commit("shared for hq")?;
-    Ok(
-        wait_for("package shared", Duration::from_secs(60), || async {
-            Ok(c.api::<Package>().get_opt("shared-1.0.0").await?)
-        })
-        .await?,
-    )
+    wait_for("package shared", Duration::from_secs(60), || async {
+        Ok(c.api::<Package>().get_opt("shared-1.0.0").await?)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
