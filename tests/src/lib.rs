@@ -1083,3 +1083,35 @@ pub async fn metric(base_url: &str, name: &str) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .with_context(|| format!("metric {name} not found in:\n{text}"))
 }
+
+/// `len` incompressible bytes (xorshift from `seed`), so a package built
+/// from them is as large as the data.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `len` incompressible bytes to `path` in 1 MiB pieces (for sizes
+/// that should not be held in memory).
+pub fn write_noise(path: &Path, len: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut left = len;
+    let mut seed = 0x9E37_79B9_7F4A_7C15;
+    while left > 0 {
+        let n = left.min(1 << 20);
+        f.write_all(&noise(n as usize, seed))?;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        left -= n;
+    }
+    Ok(f.flush()?)
+}

@@ -9,18 +9,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use sha2::{Digest, Sha256};
 
-/// Incompressible bytes (xorshift).
-fn noise(len: usize, mut x: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Commits a package of `len` random bytes and a job sending it to hq.
 async fn package_for_hq(
     c: &Caravan,
@@ -29,7 +17,7 @@ async fn package_for_hq(
 ) -> anyhow::Result<Package> {
     let src = c.dir.join("shared");
     std::fs::create_dir_all(&src)?;
-    std::fs::write(src.join("data.bin"), noise(len, 0x9E37_79B9_7F4A_7C15))?;
+    std::fs::write(src.join("data.bin"), caravan_tests::noise(len, 3))?;
     c.push_package(&src, "shared", "1.0.0", &repo.work.join("fleet/packages"))?;
     repo.write(
         "fleet/shared-job.yaml",

@@ -14,16 +14,7 @@ async fn a_relay_killed_mid_fetch_resumes_without_fetching_again_what_arrived() 
     let repo = c.seed_example_fleet().await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
-    // Incompressible (xorshift), so the archive is as large as the data.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let data: Vec<u8> = (0..12_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = caravan_tests::noise(12_000_000, 1);
     std::fs::write(src.join("data.bin"), &data)?;
     c.push_package(&src, "big", "1.0.0", &repo.work.join("fleet/packages"))?;
     repo.write(

@@ -11,16 +11,7 @@ async fn an_interrupted_upload_is_resumed_by_the_next_push() -> anyhow::Result<(
     let c = Caravan::start("fleet").await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
-    // Incompressible content (xorshift), so the archive is as large as the data.
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let data: Vec<u8> = (0..4_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = caravan_tests::noise(4_000_000, 2);
     std::fs::write(src.join("data.bin"), &data)?;
     let manifests = c.dir.join("manifests");
     let archive = c.dir.join("big.tar.zst");

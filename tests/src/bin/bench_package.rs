@@ -6,10 +6,7 @@
 //! Run it on release builds: `make bench-package` (or
 //! `cargo build --release --workspace --bins && target/release/caravan-bench-package [MiB ...]`).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use caravan_tests::{bin, Caravan};
@@ -30,28 +27,6 @@ fn peak_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Writes `size` bytes of incompressible data (xorshift) to `path`.
-fn write_data(path: &Path, size: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.flush()?;
-    Ok(())
-}
-
 struct Row {
     size_mib: u64,
     push_secs: f64,
@@ -67,7 +42,7 @@ async fn run(size_mib: u64) -> anyhow::Result<Row> {
     let repo = c.seed_example_fleet().await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
-    write_data(&src.join("data.bin"), size_mib * MIB)?;
+    caravan_tests::write_noise(&src.join("data.bin"), size_mib * MIB)?;
     let manifests = repo.work.join("fleet/packages");
 
     // Build + push, sampling the CLI's peak memory while it runs.

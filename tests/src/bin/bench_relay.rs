@@ -67,25 +67,6 @@ async fn load(url: &str, token: Option<&str>, clients: usize) -> anyhow::Result<
     Ok((bytes, start.elapsed().as_secs_f64()))
 }
 
-fn noise(path: &Path, len: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let (mut x, mut buf) = (0x9E37_79B9_7F4A_7C15u64, vec![0u8; 1 << 20]);
-    let mut left = len;
-    while left > 0 {
-        for c in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(f.flush()?)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -107,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let repo = c.seed_example_fleet().await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
-    noise(&src.join("data.bin"), size_mib << 20)?;
+    caravan_tests::write_noise(&src.join("data.bin"), size_mib << 20)?;
     c.push_package(&src, "big", "1.0.0", &repo.work.join("fleet/packages"))?;
     repo.write(
         "fleet/big-job.yaml",
