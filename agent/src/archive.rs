@@ -44,7 +44,10 @@ fn contained(path: &Path) -> bool {
     true
 }
 
-fn open(reader: impl Read) -> Result<tar::Archive<impl Read>, ArchiveError> {
+/// The decompressed stream of an archive.
+type Stream<R> = zstd::stream::read::Decoder<'static, std::io::BufReader<R>>;
+
+fn open<R: Read>(reader: R) -> Result<tar::Archive<Stream<R>>, ArchiveError> {
     let decoder = zstd::stream::read::Decoder::new(reader).map_err(ArchiveError::Read)?;
     let mut archive = tar::Archive::new(decoder);
     archive.set_preserve_permissions(true);
@@ -92,10 +95,12 @@ fn vet<R: Read>(entry: &tar::Entry<R>, path: &Path) -> Result<bool, ArchiveError
     }
 }
 
-/// Reads a whole archive without writing anything: every entry is vetted
-/// and every file's data must be as long as its header says. Returns the
-/// number of files.
-pub fn check(reader: impl Read) -> Result<u64, ArchiveError> {
+/// Walks every entry of the archive, vetting it, then handing it to `each`;
+/// returns the number of files.
+fn walk<R: Read>(
+    reader: R,
+    mut each: impl FnMut(&mut tar::Entry<Stream<R>>, &Path) -> Result<(), ArchiveError>,
+) -> Result<u64, ArchiveError> {
     let mut archive = open(reader)?;
     let mut files = 0;
     for entry in archive.entries().map_err(ArchiveError::Read)? {
@@ -104,14 +109,7 @@ pub fn check(reader: impl Read) -> Result<u64, ArchiveError> {
         if vet(&entry, &path)? {
             continue;
         }
-        let size = entry.header().size().map_err(ArchiveError::Read)?;
-        let read = std::io::copy(&mut entry, &mut std::io::sink()).map_err(ArchiveError::Read)?;
-        if read != size {
-            return Err(ArchiveError::Refused {
-                path: path.display().to_string(),
-                problem: "data size does not match the header",
-            });
-        }
+        each(&mut entry, &path)?;
         if entry.header().entry_type().is_file() {
             files += 1;
         }
@@ -119,28 +117,38 @@ pub fn check(reader: impl Read) -> Result<u64, ArchiveError> {
     Ok(files)
 }
 
+/// Reads a whole archive without writing anything: every entry is vetted
+/// and every file's data must be as long as its header says. Returns the
+/// number of files.
+pub fn check(reader: impl Read) -> Result<u64, ArchiveError> {
+    walk(reader, |entry, path| {
+        let size = entry.header().size().map_err(ArchiveError::Read)?;
+        let read = std::io::copy(entry, &mut std::io::sink()).map_err(ArchiveError::Read)?;
+        if read != size {
+            return Err(ArchiveError::Refused {
+                path: path.display().to_string(),
+                problem: "data size does not match the header",
+            });
+        }
+        Ok(())
+    })
+}
+
 /// Extracts a zstd-compressed tar from `reader` into `dest` (created, must
 /// not exist), vetting each entry before it is written. Run [`check`] over
 /// the same bytes first so that a hostile archive is refused before anything
 /// is written at all.
 pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
-    let mut archive = open(reader)?;
     std::fs::create_dir(dest).map_err(|source| ArchiveError::Write {
         path: dest.to_path_buf(),
         source,
     })?;
-    let mut files = 0;
-    for entry in archive.entries().map_err(ArchiveError::Read)? {
-        let mut entry = entry.map_err(ArchiveError::Read)?;
-        let path = entry.path().map_err(ArchiveError::Read)?.into_owned();
-        if vet(&entry, &path)? {
-            continue;
-        }
+    walk(reader, |entry, path| {
         // `unpack_in` also refuses to write through symlinks that leave `dest`.
         let unpacked = entry
             .unpack_in(dest)
             .map_err(|source| ArchiveError::Write {
-                path: dest.join(&path),
+                path: dest.join(path),
                 source,
             })?;
         if !unpacked {
@@ -149,11 +157,8 @@ pub fn extract(reader: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
                 problem: "path leaves the target directory",
             });
         }
-        if entry.header().entry_type().is_file() {
-            files += 1;
-        }
-    }
-    Ok(files)
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use caravan_api::{
     labels,
     v1alpha1::{sha256_hex, Agent, AgentStatus},
     wire::{AgentReport, EnrollForward, EnrollRequest, UploadState},
-    API_VERSION, FIELD_MANAGER,
+    API_VERSION,
 };
 use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
 use kube::{
@@ -287,7 +287,6 @@ async fn reports(
         .await
         .map_err(kube_error)?;
     }
-    let _ = FIELD_MANAGER;
     Ok(StatusCode::NO_CONTENT)
 }
 
