@@ -151,6 +151,61 @@ pub async fn serve_blob(
     Ok((res, len))
 }
 
+/// Serves a blob of `len` bytes that is still arriving, with `body(from)`
+/// giving its bytes from offset `from` on. A resuming client's
+/// `Range: bytes=N-` is honoured under the same If-Range rule as in
+/// [`serve_blob`]; other ranges get the whole blob. Returns the response and
+/// the number of body bytes.
+pub fn serve_arriving(
+    hex: &str,
+    len: u64,
+    headers: &HeaderMap,
+    body: impl FnOnce(u64) -> Body,
+) -> (Response, u64) {
+    let etag = format!("\"{hex}\"");
+    let same_blob = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.as_bytes() == etag.as_bytes());
+    let from = headers
+        .get(header::RANGE)
+        .and_then(|v| {
+            v.to_str()
+                .ok()?
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse::<u64>()
+                .ok()
+        })
+        .filter(|_| same_blob);
+    let mut res = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    let from = match from {
+        Some(from) if from >= len => {
+            let res = res
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .expect("valid response");
+            return (res, 0);
+        }
+        Some(from) => {
+            res = res.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {from}-{}/{len}", len - 1),
+            );
+            from
+        }
+        None => 0,
+    };
+    let res = res
+        .header(header::CONTENT_LENGTH, len - from)
+        .body(body(from))
+        .expect("valid response");
+    (res, len - from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +241,51 @@ mod tests {
             (StatusCode::OK, 100)
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_blob_still_arriving_is_resumed_from_the_asked_byte_only_if_it_is_the_same_blob() {
+        let ask = |headers: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let mut from = None;
+            let (res, len) = serve_arriving("abc", 100, &map, |f| {
+                from = Some(f);
+                Body::empty()
+            });
+            let range = res
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .map(|v| v.to_str().unwrap().to_string());
+            (res.status(), len, from, range)
+        };
+        assert_eq!(ask(&[]), (StatusCode::OK, 100, Some(0), None));
+        assert_eq!(
+            ask(&[("range", "bytes=40-"), ("if-range", "\"abc\"")]),
+            (
+                StatusCode::PARTIAL_CONTENT,
+                60,
+                Some(40),
+                Some("bytes 40-99/100".into())
+            )
+        );
+        assert_eq!(
+            ask(&[("range", "bytes=40-"), ("if-range", "\"other\"")]),
+            (StatusCode::OK, 100, Some(0), None)
+        );
+        assert_eq!(
+            ask(&[("range", "bytes=100-")]),
+            (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                0,
+                None,
+                Some("bytes */100".into())
+            )
+        );
     }
 }

@@ -1,23 +1,28 @@
 //! The relay's content-addressed blob cache, `<dir>/sha256/<hex>`.
 //!
 //! A missing blob is fetched from upstream once, however many agents ask at
-//! the same time (the others wait for that fetch), into `<dir>/partial/<hex>`,
-//! resuming from what an interrupted fetch left there. It enters the cache
-//! only after its sha256 matches.
+//! the same time, into `<dir>/partial/<hex>`: resuming from what an
+//! interrupted fetch left there, and riding out upstream outages by resuming
+//! again. Responses stream the blob from that file while it arrives; it
+//! enters the cache only after its sha256 matches.
 
 use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
 use futures::{
     future::{BoxFuture, Shared},
-    FutureExt, StreamExt,
+    FutureExt, Stream, StreamExt,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt},
+    sync::watch,
+};
 
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -35,6 +40,14 @@ pub enum CacheError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("upstream transfer of sha256:{hex} ended at byte {at} of {len}")]
+    Short { hex: String, at: u64, len: u64 },
+    #[error("upstream sent sha256:{hex} without its length")]
+    NoLength { hex: String },
+    #[error(
+        "upstream sent sha256:{hex} anew instead of resuming it; fetching it again from the start"
+    )]
+    Restarted { hex: String },
     #[error("blob not cached yet, and upstream fetches wait for the transfer window {window} (opens in {minutes} min)")]
     OutsideWindow {
         window: crate::window::Window,
@@ -50,13 +63,126 @@ pub enum CacheError {
     },
 }
 
-/// A fetch in progress, awaited by every request for the same blob.
+impl CacheError {
+    /// Whether trying again may succeed: upstream was away or broke off, as
+    /// opposed to refusing the request or sending a wrong blob.
+    fn transient(&self) -> bool {
+        match self {
+            Self::Upstream(UpstreamError::Request { .. })
+            | Self::Transfer { .. }
+            | Self::Short { .. } => true,
+            Self::Upstream(UpstreamError::Status { status, .. }) => status.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+/// The result of a fetch, awaited by every request for the same blob.
 type Fetch = Shared<BoxFuture<'static, Result<PathBuf, Arc<CacheError>>>>;
+
+/// How far the fetch of a blob has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Upstream has not answered yet.
+    Starting,
+    /// The first `written` of the blob's `len` bytes are in its partial file.
+    Arriving { len: u64, written: u64 },
+    /// Over: the fetch's result says how it ended.
+    Over,
+}
+
+/// A fetch in progress.
+#[derive(Clone)]
+struct Inflight {
+    result: Fetch,
+    progress: watch::Receiver<Progress>,
+}
+
+/// What a request for a blob gets.
+pub enum Blob {
+    /// The verified blob in the cache; `hit` if it was there before the request.
+    Cached { path: PathBuf, hit: bool },
+    /// The blob as it arrives from upstream.
+    Arriving(Arriving),
+}
+
+/// A blob being fetched, read from its partial file as far as it has
+/// arrived. The digest is checked at the end (by the relay before caching
+/// the blob, and by the agent), and a failed fetch ends the stream with an
+/// error, so a reader never takes a wrong blob for a complete one.
+pub struct Arriving {
+    file: tokio::fs::File,
+    /// Where the file is positioned.
+    at: u64,
+    pub len: u64,
+    progress: watch::Receiver<Progress>,
+    result: Fetch,
+}
+
+/// Size of the reads a blob is streamed with while it arrives.
+const CHUNK: u64 = 256 << 10;
+
+/// Attempts a fetch makes, each resuming where the last broke off, before it fails.
+const ATTEMPTS: u32 = 6;
+
+impl Arriving {
+    /// The blob from byte `from` on, as it arrives. `lease` is held until
+    /// the stream is dropped.
+    pub fn stream(
+        self,
+        from: u64,
+        lease: Lease,
+    ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+        futures::stream::try_unfold((self, from, lease), |(mut this, pos, lease)| async move {
+            Ok(this.chunk(pos).await?.map(|chunk| {
+                let next = pos + chunk.len() as u64;
+                (chunk, (this, next, lease))
+            }))
+        })
+    }
+
+    /// The bytes from `pos` on that have arrived, waiting for some if none
+    /// have; `None` at the end of the blob.
+    async fn chunk(&mut self, pos: u64) -> std::io::Result<Option<Bytes>> {
+        if pos >= self.len {
+            return Ok(None);
+        }
+        let available = loop {
+            let progress = *self.progress.borrow_and_update();
+            let available = match progress {
+                Progress::Starting => 0,
+                Progress::Arriving { written, .. } => written,
+                Progress::Over => self.finished().await?,
+            };
+            if available > pos {
+                break available;
+            }
+            if self.progress.changed().await.is_err() {
+                break self.finished().await?;
+            }
+        };
+        if self.at != pos {
+            self.file.seek(std::io::SeekFrom::Start(pos)).await?;
+        }
+        let mut buf = vec![0; (available - pos).min(CHUNK) as usize];
+        self.file.read_exact(&mut buf).await?;
+        self.at = pos + buf.len() as u64;
+        Ok(Some(buf.into()))
+    }
+
+    /// The blob's length once the fetch has succeeded, or why it failed.
+    async fn finished(&self) -> std::io::Result<u64> {
+        match self.result.clone().await {
+            Ok(_) => Ok(self.len),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
 
 pub struct Cache {
     dir: PathBuf,
     upstream: Upstream,
-    inflight: Mutex<HashMap<String, Fetch>>,
+    inflight: Mutex<HashMap<String, Inflight>>,
     upstream_bytes: prometheus_client::metrics::counter::Counter,
     /// Limit on the bytes per second fetched from upstream, if any.
     limit: Option<crate::ratelimit::RateLimit>,
@@ -116,48 +242,104 @@ impl Cache {
         self.dir.join("sha256").join(hex)
     }
 
-    /// Returns the path of the cached blob, fetching it first if needed, and
-    /// whether it was already cached. Concurrent requests for a missing blob
-    /// share one fetch, which runs as a task of its own: it completes (or
-    /// fails cleanly) even if every requester goes away.
+    fn partial(&self, hex: &str) -> PathBuf {
+        self.dir.join("partial").join(hex)
+    }
+
+    /// The path of the cached blob, after fetching it if needed, and whether
+    /// it was cached already.
     pub async fn ensure(self: &Arc<Self>, hex: &str) -> Result<(PathBuf, bool), Arc<CacheError>> {
+        match self.start(hex).await {
+            Ok(path) => Ok((path, true)),
+            Err(fetch) => fetch.result.await.map(|path| (path, false)),
+        }
+    }
+
+    /// The blob: from the cache if it is there, else as it arrives from
+    /// upstream (once upstream has started sending it).
+    pub async fn get(self: &Arc<Self>, hex: &str) -> Result<Blob, Arc<CacheError>> {
+        let mut fetch = match self.start(hex).await {
+            Ok(path) => return Ok(Blob::Cached { path, hit: true }),
+            Err(fetch) => fetch,
+        };
+        let len = loop {
+            let progress = *fetch.progress.borrow_and_update();
+            match progress {
+                Progress::Arriving { len, .. } => break len,
+                Progress::Over => {
+                    let path = fetch.result.await?;
+                    return Ok(Blob::Cached { path, hit: false });
+                }
+                Progress::Starting => {
+                    if fetch.progress.changed().await.is_err() {
+                        let path = fetch.result.await?;
+                        return Ok(Blob::Cached { path, hit: false });
+                    }
+                }
+            }
+        };
+        match tokio::fs::File::open(self.partial(hex)).await {
+            Ok(file) => Ok(Blob::Arriving(Arriving {
+                file,
+                at: 0,
+                len,
+                progress: fetch.progress,
+                result: fetch.result,
+            })),
+            // Complete and moved into the cache meanwhile, or failed.
+            Err(_) => fetch
+                .result
+                .await
+                .map(|path| Blob::Cached { path, hit: false }),
+        }
+    }
+
+    /// `Ok` with the path of a cached blob, else the fetch of it: the one in
+    /// progress, or a new one. A fetch runs as a task of its own, so it
+    /// completes (or fails cleanly) even if every requester goes away.
+    async fn start(self: &Arc<Self>, hex: &str) -> Result<PathBuf, Inflight> {
         let path = self.path(hex);
         self.used
             .lock()
             .expect("lock poisoned")
             .insert(hex.to_string(), SystemTime::now());
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            return Ok((path, true));
+            return Ok(path);
         }
-        let fetch = self
-            .inflight
-            .lock()
-            .expect("lock poisoned")
-            .entry(hex.to_string())
-            .or_insert_with(|| {
-                let (cache, hex) = (Arc::clone(self), hex.to_string());
-                let task = tokio::spawn(async move {
-                    let result = cache.fetch(&hex).await.map_err(Arc::new);
-                    if result.is_ok() {
-                        match cache.enforce_limit(&hex).await {
-                            Ok(evicted) => evicted.iter().for_each(
-                                |h| tracing::info!(blob = %h, "evicted (cache size limit)"),
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "cache size limit not enforced"),
-                        }
+        let mut inflight = self.inflight.lock().expect("lock poisoned");
+        if let Some(fetch) = inflight.get(hex) {
+            return Err(fetch.clone());
+        }
+        let (progress, progress_rx) = watch::channel(Progress::Starting);
+        let (cache, hex) = (Arc::clone(self), hex.to_string());
+        let task = tokio::spawn({
+            let hex = hex.clone();
+            async move {
+                let result = cache.fetch(&hex, &progress).await.map_err(Arc::new);
+                if result.is_ok() {
+                    match cache.enforce_limit(&hex).await {
+                        Ok(evicted) => evicted
+                            .iter()
+                            .for_each(|h| tracing::info!(blob = %h, "evicted (cache size limit)")),
+                        Err(e) => tracing::warn!(error = %e, "cache size limit not enforced"),
                     }
-                    cache.inflight.lock().expect("lock poisoned").remove(&hex);
-                    result
-                });
-                async move {
-                    task.await
-                        .unwrap_or_else(|e| Err(Arc::new(CacheError::Task(e.to_string()))))
                 }
-                .boxed()
-                .shared()
-            })
-            .clone();
-        fetch.await.map(|p| (p, false))
+                cache.inflight.lock().expect("lock poisoned").remove(&hex);
+                progress.send_replace(Progress::Over);
+                result
+            }
+        });
+        let fetch = Inflight {
+            result: async move {
+                task.await
+                    .unwrap_or_else(|e| Err(Arc::new(CacheError::Task(e.to_string()))))
+            }
+            .boxed()
+            .shared(),
+            progress: progress_rx,
+        };
+        inflight.insert(hex, fetch.clone());
+        Err(fetch)
     }
 
     /// The transfer window, if any.
@@ -165,57 +347,62 @@ impl Cache {
         self.window
     }
 
-    async fn fetch(&self, hex: &str) -> Result<PathBuf, CacheError> {
+    /// Fetches a blob into the cache, resuming after upstream failures.
+    async fn fetch(
+        &self,
+        hex: &str,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<PathBuf, CacheError> {
         if let Some(window) = self.window {
             if let Some(minutes) = window.opens_in_now() {
                 return Err(CacheError::OutsideWindow { window, minutes });
             }
         }
-        let partial = self.dir.join("partial").join(hex);
+        let partial = self.partial(hex);
         let io = |path: &PathBuf| {
             let path = path.clone();
             move |source| CacheError::Io { path, source }
         };
         // Resume: hash what an earlier, interrupted fetch already stored.
-        let (mut hasher, mut offset) = caravan_net::hash_partial(&partial)
+        let (hasher, written) = caravan_net::hash_partial(&partial)
             .await
             .map_err(io(&partial))?;
-        let res = match self.upstream.blob(hex, offset).await {
-            // The partial file is as long as the blob or longer: start over.
-            Err(UpstreamError::Status { status, .. })
-                if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE =>
-            {
-                tokio::fs::remove_file(&partial)
-                    .await
-                    .map_err(io(&partial))?;
-                offset = 0;
-                self.upstream.blob(hex, 0).await?
-            }
-            r => r?,
+        let mut transfer = Transfer {
+            hex,
+            hasher,
+            written,
+            file: None,
         };
-        let resumed = res.status() == reqwest::StatusCode::PARTIAL_CONTENT;
-        if !resumed {
-            hasher = Sha256::new();
-            offset = 0;
-        }
-        tracing::info!(blob = %hex, resume_from = offset, "fetching blob from upstream");
-        let mut file = caravan_net::open_partial(&partial, resumed)
-            .await
-            .map_err(io(&partial))?;
-        let mut body = res.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|source| CacheError::Transfer {
-                hex: hex.to_string(),
-                source,
-            })?;
-            hasher.update(&chunk);
-            self.upstream_bytes.inc_by(chunk.len() as u64);
-            if let Some(limit) = &self.limit {
-                limit.take(chunk.len()).await;
+        let mut attempt = 1;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let before = transfer.written;
+            match self.transfer(&mut transfer, progress).await {
+                Ok(()) => break,
+                Err(e) if e.transient() && attempt < ATTEMPTS => {
+                    tracing::warn!(blob = %hex, error = %e, at = transfer.written, retry_in = ?backoff, "upstream fetch interrupted; resuming");
+                    tokio::time::sleep(backoff).await;
+                    // Progress made: the link works, if unsteadily.
+                    if transfer.written > before {
+                        attempt = 1;
+                        backoff = Duration::from_secs(1);
+                    } else {
+                        attempt += 1;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, CacheError::Restarted { .. }) {
+                        let _ = tokio::fs::remove_file(&partial).await;
+                    }
+                    return Err(e);
+                }
             }
-            file.write_all(&chunk).await.map_err(io(&partial))?;
         }
-        file.sync_all().await.map_err(io(&partial))?;
+        let Transfer { hasher, file, .. } = transfer;
+        if let Some((file, _)) = file {
+            file.sync_all().await.map_err(io(&partial))?;
+        }
         let actual = hex::encode(hasher.finalize());
         if actual != hex {
             let _ = tokio::fs::remove_file(&partial).await;
@@ -229,6 +416,106 @@ impl Cache {
             .await
             .map_err(io(&path))?;
         Ok(path)
+    }
+
+    /// One upstream request of a fetch: appends what it sends to the partial file.
+    async fn transfer(
+        &self,
+        t: &mut Transfer<'_>,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(), CacheError> {
+        let partial = self.partial(t.hex);
+        let io = |source| CacheError::Io {
+            path: partial.clone(),
+            source,
+        };
+        let res = match self.upstream.blob(t.hex, t.written).await {
+            // What an earlier process left is as long as the blob or longer: start over.
+            Err(UpstreamError::Status { status, .. })
+                if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && t.file.is_none() =>
+            {
+                t.restart();
+                self.upstream.blob(t.hex, 0).await?
+            }
+            r => r?,
+        };
+        let resumed = res.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        if !resumed && t.written > 0 {
+            // Readers have been sent the bytes so far: they must not be spliced with others.
+            if t.file.is_some() {
+                return Err(CacheError::Restarted {
+                    hex: t.hex.to_string(),
+                });
+            }
+            t.restart();
+        }
+        let len = t.written
+            + res.content_length().ok_or_else(|| CacheError::NoLength {
+                hex: t.hex.to_string(),
+            })?;
+        if let Some((_, known)) = &t.file {
+            if *known != len {
+                return Err(CacheError::Restarted {
+                    hex: t.hex.to_string(),
+                });
+            }
+        } else {
+            tracing::info!(blob = %t.hex, resume_from = t.written, len, "fetching blob from upstream");
+            let file = caravan_net::open_partial(&partial, resumed)
+                .await
+                .map_err(io)?;
+            t.file = Some((file, len));
+            progress.send_replace(Progress::Arriving {
+                len,
+                written: t.written,
+            });
+        }
+        let (file, _) = t.file.as_mut().expect("opened above");
+        let mut body = res.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| CacheError::Transfer {
+                hex: t.hex.to_string(),
+                source,
+            })?;
+            t.hasher.update(&chunk);
+            self.upstream_bytes.inc_by(chunk.len() as u64);
+            // Written through to the file before readers are told it is there.
+            file.write_all(&chunk).await.map_err(io)?;
+            file.flush().await.map_err(io)?;
+            t.written += chunk.len() as u64;
+            progress.send_replace(Progress::Arriving {
+                len,
+                written: t.written,
+            });
+            if let Some(limit) = &self.limit {
+                limit.take(chunk.len()).await;
+            }
+        }
+        if t.written != len {
+            return Err(CacheError::Short {
+                hex: t.hex.to_string(),
+                at: t.written,
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The state of a fetch across its upstream requests.
+struct Transfer<'a> {
+    hex: &'a str,
+    hasher: Sha256,
+    /// Bytes in the partial file.
+    written: u64,
+    /// The partial file, once upstream has started sending, and the blob's length.
+    file: Option<(tokio::fs::File, u64)>,
+}
+
+impl Transfer<'_> {
+    fn restart(&mut self) {
+        self.hasher = Sha256::new();
+        self.written = 0;
     }
 }
 
@@ -302,18 +589,27 @@ impl Cache {
     }
 
     /// Drops the cached blobs not in `keep` (the digests the site's agents
-    /// are assigned). An agent still downloading one keeps its open file.
+    /// are assigned), and what interrupted fetches of others left. An agent
+    /// still downloading one keeps its open file.
     pub async fn retain(
         &self,
         keep: &std::collections::HashSet<&str>,
     ) -> std::io::Result<Vec<String>> {
         let mut removed = Vec::new();
-        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
-        while let Some(entry) = dir.next_entry().await? {
-            let hex = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(format!("sha256:{hex}").as_str()) {
-                tokio::fs::remove_file(entry.path()).await?;
-                removed.push(hex);
+        for sub in ["sha256", "partial"] {
+            let mut dir = tokio::fs::read_dir(self.dir.join(sub)).await?;
+            while let Some(entry) = dir.next_entry().await? {
+                let hex = entry.file_name().to_string_lossy().into_owned();
+                let fetching = || {
+                    self.inflight
+                        .lock()
+                        .expect("lock poisoned")
+                        .contains_key(&hex)
+                };
+                if !keep.contains(format!("sha256:{hex}").as_str()) && !fetching() {
+                    tokio::fs::remove_file(entry.path()).await?;
+                    removed.push(hex);
+                }
             }
         }
         Ok(removed)

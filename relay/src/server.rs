@@ -13,13 +13,16 @@ use caravan_api::{
     v1alpha1::sha256_hex,
     wire::{AgentReport, EnrollRequest, EnrollResponse},
 };
-use caravan_net::server::{bearer, long_poll, serve_blob, ApiError};
+use caravan_net::server::{bearer, long_poll, serve_arriving, serve_blob, ApiError};
 use serde::Deserialize;
 
 use caravan_net::tokens;
 use futures::StreamExt;
 
-use crate::{cache::CacheError, Relay};
+use crate::{
+    cache::{Blob, CacheError},
+    Relay,
+};
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -204,7 +207,7 @@ async fn blob(
             format!("blob {digest} is not assigned to {whom}"),
         ));
     }
-    let (path, hit) = relay.cache.ensure(&hex).await.map_err(|e| {
+    let blob = relay.cache.get(&hex).await.map_err(|e| {
         tracing::warn!(blob = %digest, error = %e, "blob unavailable");
         let code = match e.as_ref() {
             CacheError::Upstream(u) => u.status(),
@@ -215,13 +218,25 @@ async fn blob(
     })?;
     // The blob stays in the cache as long as this response reads it.
     let lease = relay.cache.lease(&hex);
-    let (res, len) = serve_blob(&path, &hex, req).await?;
-    let res = res.map(|body| {
-        axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-            let _reading = &lease;
-            chunk
-        }))
-    });
+    let (res, len, hit) = match blob {
+        Blob::Cached { path, hit } => {
+            let (res, len) = serve_blob(&path, &hex, req).await?;
+            let res = res.map(|body| {
+                axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+                    let _reading = &lease;
+                    chunk
+                }))
+            });
+            (res, len, hit)
+        }
+        // Streamed while it arrives from upstream.
+        Blob::Arriving(arriving) => {
+            let (res, len) = serve_arriving(&hex, arriving.len, req.headers(), |from| {
+                axum::body::Body::from_stream(arriving.stream(from, lease))
+            });
+            (res, len, false)
+        }
+    };
     if hit {
         &relay.metrics.cache_hits
     } else {

@@ -484,6 +484,8 @@ pub struct Caravan {
     pub namespace: String,
     pub cluster: Cluster,
     pub controller: Proc,
+    /// How the controller was started: arguments and environment.
+    controller_cmd: (Vec<String>, Vec<(String, String)>),
     pub api_url: String,
     pub upload_token: String,
     pub relays: Vec<Proc>,
@@ -567,6 +569,25 @@ async fn wait_http_ok(client: &reqwest::Client, url: &str, proc: &Proc) -> anyho
     )
     .await
     .map_err(|e| e.context(proc.log_tail(30)))
+}
+
+/// Starts the controller and waits until it answers.
+async fn spawn_controller(
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+    api_url: &str,
+    tls: Option<&TestTls>,
+) -> anyhow::Result<Proc> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, env, dir)?;
+    wait_http_ok(
+        &http_client(tls)?,
+        &format!("{api_url}/healthz"),
+        &controller,
+    )
+    .await?;
+    Ok(controller)
 }
 
 /// A running agent process and its directories.
@@ -672,11 +693,7 @@ impl Caravan {
             ]);
         }
         let args = override_args(args, &flags);
-        let args: Vec<&str> = args
-            .iter()
-            .map(String::as_str)
-            .filter(|a| *a != "--log-json")
-            .collect();
+        let args: Vec<String> = args.into_iter().filter(|a| a != "--log-json").collect();
         let upload_token = env
             .iter()
             .find(|(k, _)| k == "CARAVAN_UPLOAD_TOKEN")
@@ -686,14 +703,9 @@ impl Caravan {
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,kube=error".to_string()),
         ]);
-        let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, &env, &dir)?;
-        wait_http_ok(
-            &http_client(tls.as_ref())?,
-            &format!("{api_url}/healthz"),
-            &controller,
-        )
-        .await?;
+        let controller = spawn_controller(&args, &env, &dir, &api_url, tls.as_ref()).await?;
         Ok(Self {
+            controller_cmd: (args, env),
             tls,
             agent_args: vec![],
             relay_urls: Default::default(),
@@ -713,6 +725,15 @@ impl Caravan {
 
     pub fn client(&self) -> Client {
         self.cluster.client.clone()
+    }
+
+    /// Kills the controller (SIGKILL) and starts it again, as it was.
+    pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        self.controller.kill();
+        let (args, env) = &self.controller_cmd;
+        self.controller =
+            spawn_controller(args, env, &self.dir, &self.api_url, self.tls.as_ref()).await?;
+        Ok(())
     }
 
     pub fn api<K>(&self) -> Api<K>

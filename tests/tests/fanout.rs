@@ -1,5 +1,6 @@
 //! Many agents asking a relay for the same blob cause one upstream fetch,
-//! and a relay outside its transfer window fetches nothing and says why.
+//! which they all get while it arrives, and a relay outside its transfer
+//! window fetches nothing and says why.
 
 use std::time::Duration;
 
@@ -31,7 +32,8 @@ async fn package_for_hq(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch() -> anyhow::Result<()> {
+async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed_to_all(
+) -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
     let repo = c.seed_example_fleet().await?;
     // Fifty endpoints of site hq, as the controller would have enrolled them.
@@ -45,8 +47,8 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch() -> any
             .create(&PostParams::default(), &agent)
             .await?;
     }
-    // A slow upstream (2 MB/s), so the requests arrive while the fetch runs.
-    c.relay_args = vec!["--upstream-rate-limit".into(), "2000000".into()];
+    // A slow upstream (1 MB/s), so the requests arrive while the fetch runs.
+    c.relay_args = vec!["--upstream-rate-limit".into(), "1000000".into()];
     let relay = c.start_relay("hq").await?;
     let pkg = package_for_hq(&c, &repo, 4_000_000).await?;
     let secret = c.api::<Secret>().get("hq-relay").await?;
@@ -54,8 +56,10 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch() -> any
 
     let http = reqwest::Client::new();
     let url = format!("{}/v1/blobs/{}", relay.url, pkg.spec.artifact.digest);
+    let expected = pkg.spec.artifact.digest.trim_start_matches("sha256:");
+    let cached = relay.cache_dir.join("sha256").join(expected);
     let downloads = (0..50).map(|i| {
-        let (http, url) = (http.clone(), url.clone());
+        let (http, url, cached) = (http.clone(), url.clone(), cached.clone());
         let token = caravan_net::tokens::issue(&relay_token, &format!("kiosk-{i}"));
         async move {
             // Until the relay has the new desired state, the blob is not assigned yet.
@@ -69,14 +73,25 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch() -> any
             )
             .await?;
             anyhow::ensure!(res.status().is_success(), "{}", res.status());
-            Ok::<_, anyhow::Error>(hex::encode(Sha256::digest(res.bytes().await?)))
+            let mut res = res;
+            let mut hasher = Sha256::new();
+            let mut before_cached = None;
+            while let Some(chunk) = res.chunk().await? {
+                before_cached.get_or_insert_with(|| !cached.exists());
+                hasher.update(&chunk);
+            }
+            Ok::<_, anyhow::Error>((hex::encode(hasher.finalize()), before_cached == Some(true)))
         }
     });
-    let digests = futures::future::try_join_all(downloads).await?;
-    let expected = pkg.spec.artifact.digest.trim_start_matches("sha256:");
+    let got = futures::future::try_join_all(downloads).await?;
     assert!(
-        digests.iter().all(|d| d == expected),
+        got.iter().all(|(d, _)| d == expected),
         "every agent got the right bytes"
+    );
+    let streamed = got.iter().filter(|(_, early)| *early).count();
+    assert_eq!(
+        streamed, 50,
+        "every agent got its first bytes while the blob was still arriving (4 s at 1 MB/s)"
     );
     let size = pkg.spec.artifact.size as f64;
     // The relay also prestaged the example package its site's job sends.
