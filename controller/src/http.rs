@@ -330,7 +330,7 @@ async fn get_blob(
             format!("blob {digest} is not in the store"),
         ));
     }
-    let (res, len) = serve_blob(&path, hex, req).await?;
+    let (res, len) = serve_blob(&path, hex, caravan_net::server::blob_chunk(1), req).await?;
     ctx.metrics.blob_served_bytes.inc_by(len);
     Ok(res)
 }

@@ -21,12 +21,16 @@ pub async fn serve(
     app: axum::Router,
     tls: Option<(&Path, &Path)>,
 ) -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    listener.set_nonblocking(true)?;
+    raise_open_files_limit();
+    let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
     let app = app.into_make_service();
     match tls {
-        None => axum_server::from_tcp(listener)?.serve(app).await?,
+        None => {
+            let mut server = axum_server::from_tcp(listener)?;
+            bounded_buffers(server.http_builder());
+            server.serve(app).await?
+        }
         Some((cert, key)) => {
             // Fails only if a provider is installed already, which is fine.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -39,12 +43,50 @@ pub async fn serve(
                         key.display()
                     )
                 })?;
-            axum_server::tls_rustls::from_tcp_rustls(listener, config)?
-                .serve(app)
-                .await?
+            let mut server = axum_server::tls_rustls::from_tcp_rustls(listener, config)?;
+            bounded_buffers(server.http_builder());
+            server.serve(app).await?
         }
     }
     Ok(())
+}
+
+/// A connection asks for the next chunk of a response when less than 64 KiB
+/// of the last is left to write (hyper's default is 400 KiB), so a thousand
+/// downloads do not hold hundreds of MiB.
+fn bounded_buffers(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) {
+    builder.http1().max_buf_size(64 << 10);
+}
+
+/// Connections waiting to be accepted: enough for thousands of agents
+/// reconnecting at once after a restart.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// Every long-polling agent holds a connection, so a server may need many
+/// more descriptors than the usual soft limit of 1024: raise it to the hard
+/// limit, as Go's runtime does.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "could not raise the open files limit");
+        }
+    }
 }
 
 /// An error answer: status code and a message that names the problem,
@@ -101,23 +143,36 @@ pub async fn long_poll<T>(
             )
                 .into_response());
         }
-        if tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .is_err()
-        {
+        // Nothing to wait for: answer at once, not on the timer's next tick.
+        let changed = tokio::time::Instant::now() < deadline
+            && matches!(
+                tokio::time::timeout_at(deadline, rx.changed()).await,
+                Ok(Ok(()))
+            );
+        if !changed {
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
         }
     }
 }
 
-/// Size of the reads a blob is served with.
-const BLOB_CHUNK: usize = 256 << 10;
+/// Bytes the blob responses of a server may hold in memory together.
+const BLOB_BUFFERS: usize = 32 << 20;
 
-/// Serves a content-addressed blob file: `Range` honoured, the digest as its
-/// (strong) ETag. Returns the response and the number of body bytes.
+/// The size of the reads for a blob response while `serving` responses
+/// (this one included) run: 256 KiB, a quarter of the syscalls and copies of
+/// the usual 64 KiB, down to 16 KiB as they grow in number, so their buffers
+/// stay within [`BLOB_BUFFERS`].
+pub fn blob_chunk(serving: usize) -> usize {
+    (BLOB_BUFFERS / serving.max(1)).clamp(16 << 10, 256 << 10)
+}
+
+/// Serves a content-addressed blob file in reads of `chunk` bytes: `Range`
+/// honoured, the digest as its (strong) ETag. Returns the response and the
+/// number of body bytes.
 pub async fn serve_blob(
     path: &Path,
     hex: &str,
+    chunk: usize,
     mut req: Request,
 ) -> Result<(Response, u64), ApiError> {
     let etag = format!("\"{hex}\"");
@@ -130,9 +185,8 @@ pub async fn serve_blob(
     {
         req.headers_mut().remove(header::RANGE);
     }
-    // 256 KiB reads: a quarter of the syscalls and copies of the 64 KiB default.
     let mut res = tower_http::services::ServeFile::new(path)
-        .with_buf_chunk_size(BLOB_CHUNK)
+        .with_buf_chunk_size(chunk)
         .oneshot(req)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -151,38 +205,39 @@ pub async fn serve_blob(
     Ok((res, len))
 }
 
-/// Serves a blob of `len` bytes that is still arriving, with `body(from)`
-/// giving its bytes from offset `from` on. A resuming client's
-/// `Range: bytes=N-` is honoured under the same If-Range rule as in
-/// [`serve_blob`]; other ranges get the whole blob. Returns the response and
-/// the number of body bytes.
-pub fn serve_arriving(
+/// Serves a content-addressed blob of `len` bytes, with `body(range)`
+/// giving the bytes of `range` (perhaps as they arrive). A single range
+/// (`bytes=A-B`, `bytes=A-`, `bytes=-N`) is honoured under the same
+/// If-Range rule as in [`serve_blob`]; anything else gets the whole blob.
+/// Returns the response and the number of body bytes.
+pub fn serve_stream(
     hex: &str,
     len: u64,
     headers: &HeaderMap,
-    body: impl FnOnce(u64) -> Body,
+    body: impl FnOnce(std::ops::Range<u64>) -> Body,
 ) -> (Response, u64) {
     let etag = format!("\"{hex}\"");
     let same_blob = headers
         .get(header::IF_RANGE)
         .is_none_or(|v| v.as_bytes() == etag.as_bytes());
-    let from = headers
+    let range = headers
         .get(header::RANGE)
-        .and_then(|v| {
-            v.to_str()
-                .ok()?
-                .strip_prefix("bytes=")?
-                .strip_suffix('-')?
-                .parse::<u64>()
-                .ok()
-        })
-        .filter(|_| same_blob);
+        .filter(|_| same_blob)
+        .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+        .and_then(
+            |(a, b)| match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+                (Some(a), None) if b.is_empty() => Some(a..len),
+                (Some(a), Some(b)) if a <= b => Some(a..len.min(b + 1)),
+                (None, Some(n)) if a.is_empty() => Some(len.saturating_sub(n)..len),
+                _ => None,
+            },
+        );
     let mut res = Response::builder()
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_TYPE, "application/octet-stream");
-    let from = match from {
-        Some(from) if from >= len => {
+    let range = match range {
+        Some(r) if r.start >= len => {
             let res = res
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(header::CONTENT_RANGE, format!("bytes */{len}"))
@@ -190,20 +245,21 @@ pub fn serve_arriving(
                 .expect("valid response");
             return (res, 0);
         }
-        Some(from) => {
+        Some(r) => {
             res = res.status(StatusCode::PARTIAL_CONTENT).header(
                 header::CONTENT_RANGE,
-                format!("bytes {from}-{}/{len}", len - 1),
+                format!("bytes {}-{}/{len}", r.start, r.end - 1),
             );
-            from
+            r
         }
-        None => 0,
+        None => 0..len,
     };
+    let n = range.end - range.start;
     let res = res
-        .header(header::CONTENT_LENGTH, len - from)
-        .body(body(from))
+        .header(header::CONTENT_LENGTH, n)
+        .body(body(range))
         .expect("valid response");
-    (res, len - from)
+    (res, n)
 }
 
 #[cfg(test)]
@@ -215,7 +271,7 @@ mod tests {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let (res, len) = serve_blob(path, "abc", req.body(Body::empty()).unwrap())
+        let (res, len) = serve_blob(path, "abc", 1024, req.body(Body::empty()).unwrap())
             .await
             .unwrap();
         (res.status(), len)
@@ -244,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn a_blob_still_arriving_is_resumed_from_the_asked_byte_only_if_it_is_the_same_blob() {
+    fn a_streamed_blob_is_resumed_from_the_asked_byte_only_if_it_is_the_same_blob() {
         let ask = |headers: &[(&str, &str)]| {
             let mut map = HeaderMap::new();
             for (k, v) in headers {
@@ -254,8 +310,8 @@ mod tests {
                 );
             }
             let mut from = None;
-            let (res, len) = serve_arriving("abc", 100, &map, |f| {
-                from = Some(f);
+            let (res, len) = serve_stream("abc", 100, &map, |r| {
+                from = Some(r.start);
                 Body::empty()
             });
             let range = res
@@ -265,6 +321,24 @@ mod tests {
             (res.status(), len, from, range)
         };
         assert_eq!(ask(&[]), (StatusCode::OK, 100, Some(0), None));
+        assert_eq!(
+            ask(&[("range", "bytes=10-19")]),
+            (
+                StatusCode::PARTIAL_CONTENT,
+                10,
+                Some(10),
+                Some("bytes 10-19/100".into())
+            )
+        );
+        assert_eq!(
+            ask(&[("range", "bytes=-30")]),
+            (
+                StatusCode::PARTIAL_CONTENT,
+                30,
+                Some(70),
+                Some("bytes 70-99/100".into())
+            )
+        );
         assert_eq!(
             ask(&[("range", "bytes=40-"), ("if-range", "\"abc\"")]),
             (

@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -19,10 +19,7 @@ use futures::{
     FutureExt, Stream, StreamExt,
 };
 use sha2::{Digest, Sha256};
-use tokio::{
-    io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt},
-    sync::watch,
-};
+use tokio::{io::AsyncWriteExt, sync::watch};
 
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -98,82 +95,98 @@ struct Inflight {
     progress: watch::Receiver<Progress>,
 }
 
-/// What a request for a blob gets.
-pub enum Blob {
-    /// The verified blob in the cache; `hit` if it was there before the request.
-    Cached { path: PathBuf, hit: bool },
-    /// The blob as it arrives from upstream.
-    Arriving(Arriving),
-}
-
-/// A blob being fetched, read from its partial file as far as it has
-/// arrived. The digest is checked at the end (by the relay before caching
-/// the blob, and by the agent), and a failed fetch ends the stream with an
-/// error, so a reader never takes a wrong blob for a complete one.
-pub struct Arriving {
-    file: tokio::fs::File,
-    /// Where the file is positioned.
-    at: u64,
+/// A blob as a response reads it: from the cache, or from its partial file
+/// as far as it has arrived. The digest of an arriving blob is checked at
+/// the end (by the relay before caching it, and by the agent), and a failed
+/// fetch ends the stream with an error, so a reader never takes a wrong blob
+/// for a complete one.
+pub struct Reader {
+    file: Arc<std::fs::File>,
     pub len: u64,
-    progress: watch::Receiver<Progress>,
-    result: Fetch,
+    /// Whether the blob was in the cache already when asked for.
+    pub hit: bool,
+    /// The fetch, while the blob is arriving.
+    fetch: Option<Inflight>,
+    buf: bytes::BytesMut,
 }
-
-/// Size of the reads a blob is streamed with while it arrives.
-const CHUNK: u64 = 256 << 10;
 
 /// Attempts a fetch makes, each resuming where the last broke off, before it fails.
 const ATTEMPTS: u32 = 6;
 
-impl Arriving {
-    /// The blob from byte `from` on, as it arrives. `lease` is held until
-    /// the stream is dropped.
+impl Reader {
+    /// The bytes of `range` of the blob, as they arrive. Every read is
+    /// sized by how many responses run at that moment (see
+    /// [`caravan_net::server::blob_chunk`]); `lease` is held until the
+    /// stream is dropped.
     pub fn stream(
         self,
-        from: u64,
+        range: std::ops::Range<u64>,
         lease: Lease,
     ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
-        futures::stream::try_unfold((self, from, lease), |(mut this, pos, lease)| async move {
-            Ok(this.chunk(pos).await?.map(|chunk| {
-                let next = pos + chunk.len() as u64;
-                (chunk, (this, next, lease))
-            }))
-        })
+        let end = range.end;
+        futures::stream::try_unfold(
+            (self, range.start, lease),
+            move |(mut this, pos, lease)| async move {
+                let max = caravan_net::server::blob_chunk(lease.cache.serving()) as u64;
+                let max = max.min(end.saturating_sub(pos));
+                Ok(this.chunk(pos, max).await?.map(|chunk| {
+                    let next = pos + chunk.len() as u64;
+                    (chunk, (this, next, lease))
+                }))
+            },
+        )
     }
 
-    /// The bytes from `pos` on that have arrived, waiting for some if none
+    /// Up to `max` bytes from `pos` on, waiting for some to arrive if none
     /// have; `None` at the end of the blob.
-    async fn chunk(&mut self, pos: u64) -> std::io::Result<Option<Bytes>> {
-        if pos >= self.len {
+    async fn chunk(&mut self, pos: u64, max: u64) -> std::io::Result<Option<Bytes>> {
+        if pos >= self.len || max == 0 {
             return Ok(None);
         }
-        let available = loop {
-            let progress = *self.progress.borrow_and_update();
+        let available = self.available(pos).await?;
+        let file = Arc::clone(&self.file);
+        let len = (available - pos).min(max) as usize;
+        // Read straight into a buffer the connection then writes from; its
+        // memory is used again once the connection has let go of it (fresh
+        // memory for every read costs more than zeroing the old).
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut buf = tokio::task::spawn_blocking(move || {
+            buf.reserve(len);
+            buf.resize(len, 0);
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, pos).map(|()| buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let chunk = buf.split().freeze();
+        self.buf = buf;
+        Ok(Some(chunk))
+    }
+
+    /// How much of the blob is there to read, waiting until it is more than `pos`.
+    async fn available(&mut self, pos: u64) -> std::io::Result<u64> {
+        let Some(fetch) = &mut self.fetch else {
+            return Ok(self.len);
+        };
+        loop {
+            let progress = *fetch.progress.borrow_and_update();
             let available = match progress {
                 Progress::Starting => 0,
                 Progress::Arriving { written, .. } => written,
-                Progress::Over => self.finished().await?,
+                Progress::Over => break,
             };
             if available > pos {
-                break available;
+                return Ok(available);
             }
-            if self.progress.changed().await.is_err() {
-                break self.finished().await?;
+            if fetch.progress.changed().await.is_err() {
+                break;
             }
-        };
-        if self.at != pos {
-            self.file.seek(std::io::SeekFrom::Start(pos)).await?;
         }
-        let mut buf = vec![0; (available - pos).min(CHUNK) as usize];
-        self.file.read_exact(&mut buf).await?;
-        self.at = pos + buf.len() as u64;
-        Ok(Some(buf.into()))
-    }
-
-    /// The blob's length once the fetch has succeeded, or why it failed.
-    async fn finished(&self) -> std::io::Result<u64> {
-        match self.result.clone().await {
-            Ok(_) => Ok(self.len),
+        // The fetch is over: all of it is there, or none of it is good.
+        match fetch.result.clone().await {
+            Ok(_) => {
+                self.fetch = None;
+                Ok(self.len)
+            }
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     }
@@ -194,6 +207,8 @@ pub struct Cache {
     used: Mutex<HashMap<String, SystemTime>>,
     /// Responses reading each blob now: never evicted while read.
     in_use: Mutex<HashMap<String, usize>>,
+    /// Responses reading blobs now, all together.
+    serving: std::sync::atomic::AtomicUsize,
 }
 
 /// Keeps a blob from eviction while a response serves it.
@@ -204,6 +219,7 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.cache.serving.fetch_sub(1, Ordering::Relaxed);
         let mut in_use = self.cache.in_use.lock().expect("lock poisoned");
         if let Some(n) = in_use.get_mut(&self.hex) {
             *n -= 1;
@@ -235,6 +251,7 @@ impl Cache {
             window,
             used: Mutex::new(HashMap::new()),
             in_use: Mutex::new(HashMap::new()),
+            serving: Default::default(),
         })
     }
 
@@ -257,41 +274,53 @@ impl Cache {
 
     /// The blob: from the cache if it is there, else as it arrives from
     /// upstream (once upstream has started sending it).
-    pub async fn get(self: &Arc<Self>, hex: &str) -> Result<Blob, Arc<CacheError>> {
+    pub async fn get(self: &Arc<Self>, hex: &str) -> Result<Reader, Arc<CacheError>> {
         let mut fetch = match self.start(hex).await {
-            Ok(path) => return Ok(Blob::Cached { path, hit: true }),
+            Ok(path) => return self.cached(path, true).map_err(Arc::new),
             Err(fetch) => fetch,
         };
         let len = loop {
             let progress = *fetch.progress.borrow_and_update();
             match progress {
                 Progress::Arriving { len, .. } => break len,
-                Progress::Over => {
-                    let path = fetch.result.await?;
-                    return Ok(Blob::Cached { path, hit: false });
-                }
+                Progress::Over => break 0,
                 Progress::Starting => {
                     if fetch.progress.changed().await.is_err() {
-                        let path = fetch.result.await?;
-                        return Ok(Blob::Cached { path, hit: false });
+                        break 0;
                     }
                 }
             }
         };
-        match tokio::fs::File::open(self.partial(hex)).await {
-            Ok(file) => Ok(Blob::Arriving(Arriving {
-                file,
-                at: 0,
+        match std::fs::File::open(self.partial(hex)) {
+            Ok(file) if len > 0 => Ok(Reader {
+                file: Arc::new(file),
                 len,
-                progress: fetch.progress,
-                result: fetch.result,
-            })),
-            // Complete and moved into the cache meanwhile, or failed.
-            Err(_) => fetch
-                .result
-                .await
-                .map(|path| Blob::Cached { path, hit: false }),
+                hit: false,
+                fetch: Some(fetch),
+                buf: Default::default(),
+            }),
+            // Over already (complete and moved into the cache, or failed).
+            _ => {
+                let path = fetch.result.await?;
+                self.cached(path, false).map_err(Arc::new)
+            }
         }
+    }
+
+    fn cached(&self, path: PathBuf, hit: bool) -> Result<Reader, CacheError> {
+        let io = |source| CacheError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        Ok(Reader {
+            file: Arc::new(file),
+            len,
+            hit,
+            fetch: None,
+            buf: Default::default(),
+        })
     }
 
     /// `Ok` with the path of a cached blob, else the fetch of it: the one in
@@ -522,6 +551,7 @@ impl Transfer<'_> {
 impl Cache {
     /// Keeps `hex` from eviction until the lease is dropped.
     pub fn lease(self: &Arc<Self>, hex: &str) -> Lease {
+        self.serving.fetch_add(1, Ordering::Relaxed);
         *self
             .in_use
             .lock()
@@ -532,6 +562,11 @@ impl Cache {
             cache: Arc::clone(self),
             hex: hex.to_string(),
         }
+    }
+
+    /// How many responses are reading blobs now.
+    pub fn serving(&self) -> usize {
+        self.serving.load(Ordering::Relaxed)
     }
 
     /// Evicts least recently used blobs until the cache fits its size

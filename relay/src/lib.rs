@@ -78,9 +78,10 @@ pub struct Config {
 /// The site's desired state as last received, sliced per agent.
 #[derive(Debug, Default)]
 pub struct SiteState {
+    /// The site's desired state without its agents (in `agents`).
     pub desired: SiteDesired,
     /// Per agent: ETag and serialized [`AgentDesired`].
-    pub agents: HashMap<String, AgentEntry>,
+    pub agents: HashMap<String, Arc<AgentEntry>>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,22 +104,22 @@ impl AgentEntry {
 }
 
 impl SiteState {
-    pub fn new(desired: SiteDesired) -> Self {
-        let agents = desired
-            .agents
-            .iter()
-            .map(|(name, d)| (name.clone(), AgentEntry::new(d.clone())))
+    /// Moves each agent's part of `desired` into its entry.
+    pub fn new(mut desired: SiteDesired) -> Self {
+        let agents = std::mem::take(&mut desired.agents)
+            .into_iter()
+            .map(|(name, d)| (name, Arc::new(AgentEntry::new(d))))
             .collect();
         Self { desired, agents }
     }
 
     /// What `agent` must have. An agent the controller has not described
     /// (enrolled a moment ago, or its Agent object deleted) changes nothing.
-    pub fn agent(&self, agent: &str) -> AgentEntry {
+    pub fn agent(&self, agent: &str) -> Arc<AgentEntry> {
         self.agents
             .get(agent)
             .cloned()
-            .unwrap_or_else(|| AgentEntry::new(AgentDesired::frozen(agent)))
+            .unwrap_or_else(|| Arc::new(AgentEntry::new(AgentDesired::frozen(agent))))
     }
 }
 

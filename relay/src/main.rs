@@ -2,9 +2,15 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = caravan_relay::Config::parse();
     caravan_net::init_logging(config.log_json);
-    caravan_relay::run(config).await
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // File reads run on blocking threads: a few keep the cores busy
+        // (cached blobs are read from the page cache); hundreds would only
+        // add stacks and allocator arenas when a thousand agents download.
+        .max_blocking_threads(16)
+        .build()?
+        .block_on(caravan_relay::run(config))
 }

@@ -13,16 +13,12 @@ use caravan_api::{
     v1alpha1::sha256_hex,
     wire::{AgentReport, EnrollRequest, EnrollResponse},
 };
-use caravan_net::server::{bearer, long_poll, serve_arriving, serve_blob, ApiError};
+use caravan_net::server::{bearer, long_poll, serve_stream, ApiError};
 use serde::Deserialize;
 
 use caravan_net::tokens;
-use futures::StreamExt;
 
-use crate::{
-    cache::{Blob, CacheError},
-    Relay,
-};
+use crate::{cache::CacheError, Relay};
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -145,7 +141,7 @@ async fn desired(
                 )
             })?
             .agent(&agent);
-        Ok((entry.etag, entry.body))
+        Ok((entry.etag.clone(), entry.body.clone()))
     })
     .await
 }
@@ -216,33 +212,17 @@ async fn blob(
         };
         err(code, e.to_string())
     })?;
-    // The blob stays in the cache as long as this response reads it.
-    let lease = relay.cache.lease(&hex);
-    let (res, len, hit) = match blob {
-        Blob::Cached { path, hit } => {
-            let (res, len) = serve_blob(&path, &hex, req).await?;
-            let res = res.map(|body| {
-                axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-                    let _reading = &lease;
-                    chunk
-                }))
-            });
-            (res, len, hit)
-        }
-        // Streamed while it arrives from upstream.
-        Blob::Arriving(arriving) => {
-            let (res, len) = serve_arriving(&hex, arriving.len, req.headers(), |from| {
-                axum::body::Body::from_stream(arriving.stream(from, lease))
-            });
-            (res, len, false)
-        }
-    };
-    if hit {
+    if blob.hit {
         &relay.metrics.cache_hits
     } else {
         &relay.metrics.cache_misses
     }
     .inc();
+    // The blob stays in the cache as long as this response reads it.
+    let lease = relay.cache.lease(&hex);
+    let (res, len) = serve_stream(&hex, blob.len, req.headers(), |range| {
+        axum::body::Body::from_stream(blob.stream(range, lease))
+    });
     relay.metrics.served_bytes.inc_by(len);
     Ok(res)
 }

@@ -75,3 +75,49 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A memory figure of a running process from `/proc/<pid>/status`
+/// (`VmRSS`, `VmHWM`, ...), in MiB; 0 if it cannot be read.
+pub fn memory_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak resident memory of a running process (`VmHWM`), in MiB.
+pub fn peak_mib(pid: u32) -> f64 {
+    memory_mib(pid, "VmHWM")
+}
+
+/// CPU seconds (user + system) used so far by `pid` and its live children.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = |p: &str| -> Option<(u32, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((
+            f[1].parse().ok()?,
+            f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?,
+        ))
+    };
+    let mut total = ticks(&pid.to_string()).map_or(0, |t| t.1);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((ppid, t)) = name.parse::<u32>().ok().and_then(|_| ticks(&name)) {
+            if ppid == pid {
+                total += t;
+            }
+        }
+    }
+    total as f64 / 100.0 // USER_HZ
+}

@@ -9,23 +9,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use caravan_tests::{bin, Caravan};
+use caravan_tests::{bin, procs::peak_mib, Caravan};
 
 const MIB: u64 = 1 << 20;
-
-/// Peak resident memory of a running process (VmHWM), in MiB.
-fn peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmHWM:")
-                    .map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
-            })
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 struct Row {
     size_mib: u64,
