@@ -170,6 +170,11 @@ impl Client {
                 }
                 hasher.update(&chunk);
                 file.write_all(&chunk).await.map_err(io)?;
+                if crate::failpoint::armed("downloading") && offset * 2 >= size {
+                    // Half of it on disk, then dead.
+                    file.sync_all().await.map_err(io)?;
+                    crate::failpoint::hit("downloading");
+                }
             }
             file.sync_all().await.map_err(io)?;
         }

@@ -16,7 +16,8 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::{
     client::Client,
-    install,
+    failpoint, install,
+    journal::{Entry, Step},
     state::{Credentials, InstalledRecord, StateDir},
     RunArgs,
 };
@@ -304,12 +305,51 @@ impl Agent {
             .with_context(|| format!("package {} {} ({})", a.package, a.version, a.digest))?;
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;
-        let (blob, r, package) = (partial.clone(), root.clone(), a.package.clone());
-        let swapped =
-            tokio::task::spawn_blocking(move || install::stage_and_swap(&blob, &r, &package))
+        let record = InstalledRecord {
+            name: a.package.clone(),
+            version: a.version.clone(),
+            digest: a.digest.clone(),
+            job: a.job.clone(),
+            install: a.install.clone(),
+        };
+        let previous = installed.get(&a.package).map(|r| r.digest.clone());
+        let journal = |step| {
+            self.state.set_journal(Some(&Entry {
+                package: a.package.clone(),
+                step,
+                to: Some(record.clone()),
+            }))
+        };
+        journal(Step::Staging)?;
+        let (blob, r, package, digest, prev) = (
+            partial.clone(),
+            root.clone(),
+            a.package.clone(),
+            a.digest.clone(),
+            previous.clone(),
+        );
+        let staged = tokio::task::spawn_blocking(move || {
+            install::stage_and_swap(&blob, &r, &package, &digest, prev.as_deref())
+        })
+        .await
+        .context("install task")?;
+        let roll_back = |root: std::path::PathBuf, package: String| {
+            let previous = previous.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    install::roll_back(&root, &package, previous.as_deref())
+                })
                 .await
-                .context("install task")?
-                .with_context(|| format!("installing package {} {}", a.package, a.version))?;
+                .context("rollback task")?
+            }
+        };
+        if let Err(e) = staged {
+            roll_back(root.clone(), a.package.clone()).await?;
+            self.state.set_journal(None)?;
+            return Err(e.context(format!("installing package {} {}", a.package, a.version)));
+        }
+        journal(Step::Swapped)?;
+        failpoint::hit("swapped");
         let mut output = String::new();
         if let Some(script) = install::script_for(&a.install, "install") {
             let dir = root.join(&a.package);
@@ -321,30 +361,25 @@ impl Agent {
                 Ok(tail) => output = tail,
                 Err(e) => {
                     // Back to the previous version (or to nothing).
-                    tokio::task::spawn_blocking(move || swapped.roll_back())
-                        .await
-                        .context("rollback task")??;
+                    roll_back(root.clone(), a.package.clone()).await?;
+                    self.state.set_journal(None)?;
                     return Err(
                         e.context(format!("package {} {} rolled back", a.package, a.version))
                     );
                 }
             }
         }
-        tokio::task::spawn_blocking(move || swapped.commit())
+        journal(Step::Configured)?;
+        failpoint::hit("configured");
+        let (r, package, digest) = (root.clone(), a.package.clone(), a.digest.clone());
+        tokio::task::spawn_blocking(move || install::drop_old(&r, &package, &digest))
             .await
             .context("install task")??;
-        let _ = std::fs::remove_file(&partial);
-        installed.insert(
-            a.package.clone(),
-            InstalledRecord {
-                name: a.package.clone(),
-                version: a.version.clone(),
-                digest: a.digest.clone(),
-                job: a.job.clone(),
-                install: a.install.clone(),
-            },
-        );
+        failpoint::hit("old-dropped");
+        installed.insert(a.package.clone(), record);
         self.state.set_installed(installed)?;
+        self.state.set_journal(None)?;
+        let _ = std::fs::remove_file(&partial);
         tracing::info!(package = %a.package, version = %a.version, "installed");
         Ok(output)
     }
@@ -380,9 +415,18 @@ impl Agent {
         check_package_name(package)?;
         if let Some(record) = installed.get(package) {
             let root = self.args.install_root.clone();
+            let journal = |step| {
+                self.state.set_journal(Some(&Entry {
+                    package: package.to_string(),
+                    step,
+                    to: None,
+                }))
+            };
             if let Some(script) = install::script_for(&record.install, "uninstall") {
+                journal(Step::Unconfiguring)?;
+                failpoint::hit("unconfiguring");
                 let dir = root.join(package);
-                install::run_script(
+                let done = install::run_script(
                     &dir,
                     &root,
                     script,
@@ -391,15 +435,22 @@ impl Agent {
                     &record.version,
                     &record.install,
                 )
-                .await
-                .with_context(|| format!("package {package} kept"))?;
+                .await;
+                if let Err(e) = done {
+                    self.state.set_journal(None)?;
+                    return Err(e.context(format!("package {package} kept")));
+                }
             }
+            journal(Step::Removing)?;
+            failpoint::hit("removing");
             let p = package.to_string();
             tokio::task::spawn_blocking(move || install::remove_package(&root, &p))
                 .await
                 .context("remove task")??;
+            failpoint::hit("removed");
             installed.remove(package);
             self.state.set_installed(installed)?;
+            self.state.set_journal(None)?;
             tracing::info!(%package, "removed");
         }
         Ok(())

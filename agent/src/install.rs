@@ -62,80 +62,187 @@ pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A new version extracted and swapped in; the previous one kept aside
-/// until [`Swapped::commit`] or [`Swapped::roll_back`].
-pub struct Swapped {
+/// Where a package's versions live. Each version is extracted whole into
+/// `.caravan/versions/<package>/<digest>`; `<root>/<package>` is a symlink
+/// to one of them, switched from the old to the new one by a single rename,
+/// so the package is always wholly at one version. The previous version is
+/// kept until the new one is committed, for rolling back.
+struct Slots {
     live: PathBuf,
-    old: Option<PathBuf>,
+    versions: PathBuf,
+    staging: PathBuf,
+    /// The new symlink, before it is renamed over `live`.
+    link: PathBuf,
+    failed: PathBuf,
 }
 
-impl Swapped {
-    /// Keeps the new version: the previous one is deleted.
-    pub fn commit(self) -> anyhow::Result<()> {
-        if let Some(old) = &self.old {
-            std::fs::remove_dir_all(old)?;
-        }
-        Ok(())
-    }
-
-    /// Puts the previous version (or nothing) back in place.
-    pub fn roll_back(self) -> anyhow::Result<()> {
-        let failed = self.live.with_file_name(".caravan-failed");
-        let _ = std::fs::remove_dir_all(&failed);
-        std::fs::rename(&self.live, &failed)?;
-        if let Some(old) = &self.old {
-            std::fs::rename(old, &self.live)?;
-        }
-        std::fs::remove_dir_all(&failed)?;
-        Ok(())
-    }
-}
-
-/// Extracts the archive next to the live version, then swaps it in by renames.
-pub fn stage_and_swap(blob: &Path, root: &Path, package: &str) -> anyhow::Result<Swapped> {
+fn slots(root: &Path, package: &str) -> Slots {
     let work = work_dir(root);
-    std::fs::create_dir_all(work.join("staging"))?;
-    std::fs::create_dir_all(work.join("old"))?;
-    let staging = work.join("staging").join(package);
-    let old = work.join("old").join(package);
-    for leftover in [&staging, &old] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(leftover)?;
+    Slots {
+        live: root.join(package),
+        versions: work.join("versions").join(package),
+        staging: work.join("staging").join(package),
+        link: work.join("links").join(package),
+        failed: work.join("failed").join(package),
+    }
+}
+
+/// The directory name of a version: its digest's hex.
+fn version_id(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn remove_dir_if_exists(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn remove_file_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Makes `dir`'s entries (renames into or out of it) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn create_parent(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path.parent().expect("a slot has a parent"))
+}
+
+/// Points `live` at version `id` in one atomic step. A real directory in
+/// its place (a package put there by hand) is moved into the versions as
+/// `id_before` first.
+fn switch_to(s: &Slots, id: &str, id_before: &str) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(&s.live).is_ok_and(|m| m.is_dir()) {
+        std::fs::rename(&s.live, s.versions.join(id_before))?;
+    }
+    create_parent(&s.link)?;
+    remove_file_if_exists(&s.link)?;
+    let package = s.live.file_name().expect("a package has a name");
+    let target = Path::new(".caravan/versions").join(package).join(id);
+    std::os::unix::fs::symlink(target, &s.link)?;
+    std::fs::rename(&s.link, &s.live)?;
+    sync_dir(s.live.parent().expect("the install root"))
+}
+
+/// The version `live` points at, if any.
+fn live_id(s: &Slots) -> Option<String> {
+    let target = std::fs::read_link(&s.live).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Takes `path` (a symlink or a directory) away at once, then deletes it.
+fn discard(path: &Path, aside: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.is_dir() => std::fs::remove_file(path),
+        Ok(_) => {
+            remove_dir_if_exists(aside)?;
+            create_parent(aside)?;
+            std::fs::rename(path, aside)?;
+            remove_dir_if_exists(aside)
         }
     }
+}
+
+/// Deletes every version of `package` but `keep`.
+fn drop_versions_but(s: &Slots, keep: Option<&str>) -> std::io::Result<()> {
+    let Ok(dir) = std::fs::read_dir(&s.versions) else {
+        return Ok(());
+    };
+    for entry in dir {
+        let entry = entry?;
+        if Some(entry.file_name().to_string_lossy().as_ref()) != keep {
+            remove_dir_if_exists(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts the previous version of `package` back in place (digest
+/// `previous`; nothing at all if there was none), from wherever an install
+/// stopped, and deletes the new one.
+pub fn roll_back(root: &Path, package: &str, previous: Option<&str>) -> anyhow::Result<()> {
+    let s = slots(root, package);
+    remove_dir_if_exists(&s.staging)?;
+    match previous.map(version_id) {
+        Some(id) if s.versions.join(id).exists() => {
+            if live_id(&s).as_deref() != Some(id) {
+                switch_to(&s, id, id)?;
+            }
+            drop_versions_but(&s, Some(id))?;
+        }
+        // Not installed before (or installed by hand, and still in place).
+        _ if std::fs::symlink_metadata(&s.live).is_ok_and(|m| m.is_dir()) => {
+            drop_versions_but(&s, None)?;
+        }
+        _ => {
+            discard(&s.live, &s.failed)?;
+            drop_versions_but(&s, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the new version of `package` (digest `current`): the others go.
+pub fn drop_old(root: &Path, package: &str, current: &str) -> anyhow::Result<()> {
+    drop_versions_but(&slots(root, package), Some(version_id(current)))?;
+    Ok(())
+}
+
+/// Extracts the archive of version `digest` (the previous one is
+/// `previous`) into a directory of its own, then makes it live in one
+/// atomic step, keeping the previous version for [`roll_back`] until
+/// [`drop_old`]. A crash anywhere in here is undone by [`roll_back`].
+pub fn stage_and_swap(
+    blob: &Path,
+    root: &Path,
+    package: &str,
+    digest: &str,
+    previous: Option<&str>,
+) -> anyhow::Result<()> {
+    let s = slots(root, package);
+    let id = version_id(digest);
+    remove_dir_if_exists(&s.staging)?;
+    create_parent(&s.staging)?;
+    std::fs::create_dir_all(&s.versions)?;
     // A first pass reads the whole archive and writes nothing: a hostile or
     // damaged one is refused before anything reaches the disk.
     archive::check(std::io::BufReader::new(std::fs::File::open(blob)?))?;
     let file = std::fs::File::open(blob)?;
-    if let Err(e) = archive::extract(std::io::BufReader::new(file), &staging) {
-        let _ = std::fs::remove_dir_all(&staging);
+    if let Err(e) = archive::extract(std::io::BufReader::new(file), &s.staging) {
+        let _ = std::fs::remove_dir_all(&s.staging);
         return Err(e.into());
     }
-    let live = root.join(package);
-    let had_old = live.exists();
-    if had_old {
-        std::fs::rename(&live, &old)?;
+    // The new files reach the disk before the switch can make them live.
+    rustix::fs::syncfs(std::fs::File::open(root)?)?;
+    if live_id(&s).as_deref() == Some(id) {
+        // Installed again over itself (repair): switch away first.
+        discard(&s.live, &s.failed)?;
     }
-    std::fs::rename(&staging, &live)?;
-    Ok(Swapped {
-        live,
-        old: had_old.then_some(old),
-    })
+    remove_dir_if_exists(&s.versions.join(id))?;
+    std::fs::rename(&s.staging, s.versions.join(id))?;
+    sync_dir(&s.versions)?;
+    crate::failpoint::hit("extracted");
+    let before = previous.map(version_id).unwrap_or("unrecorded");
+    switch_to(&s, id, before)?;
+    Ok(())
 }
 
-/// Removes a package's directory (renamed aside first, so it vanishes at once).
+/// Removes a package: its symlink (or directory) at once, then its versions.
 pub fn remove_package(root: &Path, package: &str) -> anyhow::Result<()> {
-    let live = root.join(package);
-    if !live.exists() {
-        return Ok(());
+    let s = slots(root, package);
+    discard(&s.live, &s.failed)?;
+    if root.exists() {
+        sync_dir(root)?;
     }
-    let old = work_dir(root).join("old").join(package);
-    std::fs::create_dir_all(work_dir(root).join("old"))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    std::fs::rename(&live, &old)?;
-    std::fs::remove_dir_all(&old)?;
+    remove_dir_if_exists(&s.versions)?;
     Ok(())
 }
 
@@ -412,21 +519,31 @@ mod tests {
             path
         };
         let (v1, v2) = (pack("1"), pack("2"));
-        let live = root.path().join("app");
-        stage_and_swap(&v1, root.path(), "app")
-            .unwrap()
-            .commit()
-            .unwrap();
-        let swapped = stage_and_swap(&v2, root.path(), "app").unwrap();
-        assert_eq!(std::fs::read_to_string(live.join("VERSION")).unwrap(), "2");
-        swapped.roll_back().unwrap();
-        assert_eq!(std::fs::read_to_string(live.join("VERSION")).unwrap(), "1");
+        let (d1, d2) = ("sha256:11", "sha256:22");
+        let r = root.path();
+        let live = r.join("app");
+        let version = || std::fs::read_to_string(live.join("VERSION")).unwrap();
+        stage_and_swap(&v1, r, "app", d1, None).unwrap();
+        drop_old(r, "app", d1).unwrap();
+        stage_and_swap(&v2, r, "app", d2, Some(d1)).unwrap();
+        assert_eq!(version(), "2");
+        roll_back(r, "app", Some(d1)).unwrap();
+        assert_eq!(version(), "1");
+        assert!(
+            !r.join(".caravan/versions/app/22").exists(),
+            "the failed version is gone"
+        );
         // A first install rolled back leaves nothing.
-        remove_package(root.path(), "app").unwrap();
-        stage_and_swap(&v2, root.path(), "app")
-            .unwrap()
-            .roll_back()
-            .unwrap();
-        assert!(!live.exists());
+        remove_package(r, "app").unwrap();
+        stage_and_swap(&v2, r, "app", d2, None).unwrap();
+        roll_back(r, "app", None).unwrap();
+        assert!(std::fs::symlink_metadata(&live).is_err());
+        // A package put there by hand is taken over, and given back on rollback.
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::write(live.join("VERSION"), "by hand").unwrap();
+        stage_and_swap(&v2, r, "app", d2, None).unwrap();
+        assert_eq!(version(), "2");
+        roll_back(r, "app", Some("unrecorded")).unwrap();
+        assert_eq!(version(), "by hand");
     }
 }

@@ -7,7 +7,9 @@
 pub mod archive;
 pub mod client;
 pub mod converge;
+pub mod failpoint;
 pub mod install;
+pub mod journal;
 pub mod state;
 
 use std::{path::PathBuf, time::Duration};
@@ -98,6 +100,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = state::StateDir::open(&args.state_dir)
         .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+    journal::recover(&state, &args.install_root).context("finishing an interrupted change")?;
     let mut agent = converge::Agent::new(args.clone(), state)?;
     agent.ensure_enrolled().await?;
     let mut etag: Option<String> = None;

@@ -102,10 +102,7 @@ impl StateDir {
     pub fn set_credentials(&self, c: Option<&Credentials>) -> anyhow::Result<()> {
         match c {
             Some(c) => self.write_json("credentials.json", c),
-            None => match std::fs::remove_file(self.dir.join("credentials.json")) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                _ => Ok(()),
-            },
+            None => remove_synced(&self.dir.join("credentials.json")),
         }
     }
 
@@ -118,6 +115,18 @@ impl StateDir {
         installed: &BTreeMap<String, InstalledRecord>,
     ) -> anyhow::Result<()> {
         self.write_json("installed.json", installed)
+    }
+
+    /// The change in progress, if any (see [`crate::journal`]).
+    pub fn journal(&self) -> anyhow::Result<Option<crate::journal::Entry>> {
+        self.read_json("journal.json")
+    }
+
+    pub fn set_journal(&self, entry: Option<&crate::journal::Entry>) -> anyhow::Result<()> {
+        match entry {
+            Some(e) => self.write_json("journal.json", e),
+            None => remove_synced(&self.dir.join("journal.json")),
+        }
     }
 
     pub fn set_last_report(&self, report: &AgentReport) -> anyhow::Result<()> {
@@ -138,6 +147,14 @@ impl StateDir {
         }
         for r in installed.values() {
             out.push_str(&format!("  {} {} {}\n", r.name, r.version, &r.digest));
+        }
+        if let Some(j) = self.journal()? {
+            out.push_str(&format!(
+                "interrupted: package {} at step {:?}; the next start will have it {}\n",
+                j.package,
+                j.step,
+                j.step.outcome()
+            ));
         }
         if let Some(report) = self.read_json::<AgentReport>("last-report.json")? {
             out.push_str("assignments:\n");
@@ -170,6 +187,21 @@ impl StateDir {
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
         write_atomic(&self.dir.join(name), &serde_json::to_vec_pretty(value)?)
+    }
+}
+
+/// Removes `path` (if it exists) durably.
+fn remove_synced(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => {
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        }
     }
 }
 

@@ -937,8 +937,7 @@ impl Caravan {
 
     /// Starts an agent process enrolling at `relay` as host `name`.
     pub fn start_agent(&mut self, name: &str, relay: &RelayInfo) -> anyhow::Result<()> {
-        let state_dir = self.dir.join("agents").join(name).join("state");
-        let install_root = self.dir.join("agents").join(name).join("root");
+        let (state_dir, install_root) = self.agent_dirs(name);
         std::fs::create_dir_all(&install_root)?;
         let proc = self.spawn_agent(name, relay, &state_dir, &install_root)?;
         self.agents.push(Agent {
@@ -957,43 +956,85 @@ impl Caravan {
         state_dir: &Path,
         install_root: &Path,
     ) -> anyhow::Result<Proc> {
-        let (state_dir, install_root) = (
-            state_dir.display().to_string(),
-            install_root.display().to_string(),
-        );
-        let mut args = vec![
+        let (args, env) = self.agent_invocation(name, relay, state_dir, install_root);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(
+            &format!("agent-{name}"),
+            &bin("caravan-agent")?,
+            &args,
+            &env,
+            &self.dir,
+        )
+    }
+
+    /// Runs `caravan-agent run --once` for `name` to its end, with `env`
+    /// added (its output goes to the agent's log).
+    pub fn run_agent_once(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let (state_dir, install_root) = self.agent_dirs(name);
+        let (mut args, base_env) = self.agent_invocation(name, relay, &state_dir, &install_root);
+        args.push("--once".into());
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("agent-{name}.log")))?;
+        Ok(std::process::Command::new(bin("caravan-agent")?)
+            .args(&args)
+            .envs(base_env)
+            .envs(env.iter().copied())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()?)
+    }
+
+    /// The state directory and install root of agent `name`.
+    pub fn agent_dirs(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("agents").join(name);
+        (dir.join("state"), dir.join("root"))
+    }
+
+    /// The arguments and environment of `caravan-agent run` for `name`.
+    fn agent_invocation(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        state_dir: &Path,
+        install_root: &Path,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let mut args: Vec<String> = [
             "run",
             "--server",
             &relay.url,
             "--state-dir",
-            &state_dir,
+            &state_dir.display().to_string(),
             "--install-root",
-            &install_root,
+            &install_root.display().to_string(),
             "--hostname",
             name,
             "--poll-wait",
             "10",
             "--retry-after",
             "2",
-        ];
-        args.extend(self.agent_args.iter().map(String::as_str));
-        Proc::spawn(
-            &format!("agent-{name}"),
-            &bin("caravan-agent")?,
-            &args,
-            &[(
-                "CARAVAN_BOOTSTRAP_TOKEN".into(),
-                relay.bootstrap_token.clone(),
-            )]
-            .into_iter()
-            .chain(
-                self.tls
-                    .as_ref()
-                    .map(|t| ("CARAVAN_CA_FILE".to_string(), t.ca.display().to_string())),
-            )
-            .collect::<Vec<_>>(),
-            &self.dir,
-        )
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.agent_args.iter().cloned());
+        let mut env = vec![(
+            "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
+            relay.bootstrap_token.clone(),
+        )];
+        env.extend(
+            self.tls
+                .as_ref()
+                .map(|t| ("CARAVAN_CA_FILE".to_string(), t.ca.display().to_string())),
+        );
+        (args, env)
     }
 
     /// Waits until `job` reports `phase` with `succeeded` of `total`.
