@@ -180,9 +180,16 @@ impl Agent {
                 continue;
             }
             let done = match a.action {
-                JobAction::Install => installed
-                    .get(&a.package)
-                    .is_some_and(|r| r.digest == a.digest),
+                JobAction::Install => match installed.get(&a.package) {
+                    Some(r) if r.digest == a.digest => {
+                        let live = install::is_live(&self.args.install_root, &a.package, &a.digest);
+                        if !live {
+                            tracing::warn!(package = %a.package, "installed package missing from the install root; installing it again");
+                        }
+                        live
+                    }
+                    _ => false,
+                },
                 JobAction::Uninstall => {
                     !installed.contains_key(&a.package) && !wanted.contains_key(a.package.as_str())
                 }

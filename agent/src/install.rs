@@ -190,6 +190,13 @@ pub fn roll_back(root: &Path, package: &str, previous: Option<&str>) -> anyhow::
     Ok(())
 }
 
+/// Whether version `digest` of `package` is in place (a cheap check: the
+/// symlink and the directory it points at).
+pub fn is_live(root: &Path, package: &str, digest: &str) -> bool {
+    let s = slots(root, package);
+    live_id(&s).as_deref() == Some(version_id(digest)) && s.live.is_dir()
+}
+
 /// Keeps the new version of `package` (digest `current`): the others go.
 pub fn drop_old(root: &Path, package: &str, current: &str) -> anyhow::Result<()> {
     drop_versions_but(&slots(root, package), Some(version_id(current)))?;

@@ -5,6 +5,7 @@
 //! endpoint that was off gets its jobs when it comes back.
 
 pub mod archive;
+pub mod backup;
 pub mod client;
 pub mod converge;
 pub mod failpoint;
@@ -36,6 +37,35 @@ pub enum Command {
             default_value = "/var/lib/caravan-agent"
         )]
         state_dir: PathBuf,
+    },
+    /// Save the host identity, credentials and installed-package records
+    /// (secrets: the file is readable by its owner only). Stop the agent first.
+    Backup {
+        #[arg(
+            long,
+            env = "CARAVAN_STATE_DIR",
+            default_value = "/var/lib/caravan-agent"
+        )]
+        state_dir: PathBuf,
+        /// File to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup back, e.g. after an OS reinstall: the endpoint stays the
+    /// same Agent and keeps what is still installed. Stop the agent first.
+    Restore {
+        #[arg(
+            long,
+            env = "CARAVAN_STATE_DIR",
+            default_value = "/var/lib/caravan-agent"
+        )]
+        state_dir: PathBuf,
+        /// Backup file to read.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace another identity this state directory holds.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -93,6 +123,24 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", state.describe()?);
             Ok(())
         }
+        Command::Backup { state_dir, out } => {
+            backup::backup(&state::StateDir::open(&state_dir)?, &out)?;
+            println!(
+                "backed up {} to {} (it holds secrets: keep it safe)",
+                state_dir.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Restore {
+            state_dir,
+            from,
+            force,
+        } => {
+            backup::restore(&state::StateDir::open(&state_dir)?, &from, force)?;
+            println!("restored {} into {}", from.display(), state_dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -100,6 +148,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = state::StateDir::open(&args.state_dir)
         .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+    let _lock = state.lock()?;
     journal::recover(&state, &args.install_root).context("finishing an interrupted change")?;
     let mut agent = converge::Agent::new(args.clone(), state)?;
     agent.ensure_enrolled().await?;

@@ -77,6 +77,43 @@ impl StateDir {
         self.random_once("host-secret", 32)
     }
 
+    /// The host ID and secret, if the agent has created them.
+    pub fn identity(&self) -> anyhow::Result<Option<(String, String)>> {
+        if !self.dir.join("host-id").exists() {
+            return Ok(None);
+        }
+        Ok(Some((self.host_id()?, self.host_secret()?)))
+    }
+
+    /// Sets the host ID and secret (restoring a backup).
+    pub fn set_identity(&self, id: &str, secret: &str) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join("host-id"), id.as_bytes())?;
+        write_atomic(&self.dir.join("host-secret"), secret.as_bytes())
+    }
+
+    /// Takes the state directory for this process alone: the running agent
+    /// holds it, so backup and restore cannot change it under the agent.
+    pub fn lock(&self) -> anyhow::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("agent.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "the agent is running on {}; stop it first (systemctl stop caravan-agent)",
+                    self.dir.display()
+                )
+            },
+        )?;
+        Ok(file)
+    }
+
     /// Reads `name`, creating it with `bytes` random bytes (hex) if missing.
     fn random_once(&self, name: &str, bytes: usize) -> anyhow::Result<String> {
         let path = self.dir.join(name);

@@ -1,0 +1,121 @@
+//! Identity across an OS reinstall: back up a stopped agent, wipe its state
+//! directory, restore, and it is the same Agent in the cluster (no second
+//! one, no new enrollment) and keeps what is still installed. Backup and
+//! restore refuse to run under a running agent.
+
+use std::{os::unix::fs::MetadataExt, path::Path, time::Duration};
+
+use caravan_api::v1alpha1::Agent;
+use caravan_tests::{bin, wait_for, Caravan};
+
+fn agent_cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(std::process::Command::new(bin("caravan-agent")?)
+        .args(args)
+        .output()?)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_agent_is_the_same_agent_and_keeps_what_is_installed() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("laptop", &relay)?;
+    c.wait_job(
+        "hello-everywhere",
+        "Succeeded",
+        "1/1",
+        Duration::from_secs(120),
+    )
+    .await?;
+    let (state, root) = c.agent_dirs("laptop");
+    let (state_arg, backup) = (
+        state.display().to_string(),
+        c.dir.join("laptop.backup").display().to_string(),
+    );
+    let hello_dir =
+        |root: &Path| -> anyhow::Result<u64> { Ok(std::fs::metadata(root.join("hello"))?.ino()) };
+    let installed_at = hello_dir(&root)?;
+    let agents = c.api::<Agent>().list(&Default::default()).await?.items;
+    assert_eq!(agents.len(), 1);
+    let name = agents[0].metadata.name.clone().unwrap();
+
+    // Not while the agent runs.
+    for args in [
+        vec!["backup", "--state-dir", &state_arg, "--out", &backup],
+        vec!["restore", "--state-dir", &state_arg, "--from", &backup],
+    ] {
+        let out = agent_cli(&args)?;
+        assert!(!out.status.success(), "{args:?} ran under a running agent");
+        assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    }
+
+    // Stopped: back up, then the OS is reinstalled (the state directory goes,
+    // the install root survives on its own disk).
+    c.agents[0].proc.kill();
+    let out = agent_cli(&["backup", "--state-dir", &state_arg, "--out", &backup])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = std::fs::metadata(&backup)?.mode() & 0o777;
+    assert_eq!(mode, 0o600, "the backup holds secrets");
+    std::fs::remove_dir_all(&state)?;
+
+    let out = agent_cli(&["restore", "--state-dir", &state_arg, "--from", &backup])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A backup of another host does not silently replace this one.
+    let other = c.dir.join("other.backup");
+    let text = std::fs::read_to_string(&backup)?.replace(
+        &std::fs::read_to_string(state.join("host-id"))?,
+        "0123456789abcdef0123456789abcdef",
+    );
+    std::fs::write(&other, text)?;
+    let out = agent_cli(&[
+        "restore",
+        "--state-dir",
+        &state_arg,
+        "--from",
+        &other.display().to_string(),
+    ])?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+
+    // Started again, without a bootstrap token: it needs none.
+    let last_seen = || async {
+        anyhow::Ok(
+            c.api::<Agent>()
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.last_seen),
+        )
+    };
+    let seen_before = last_seen().await?;
+    // Reports are stamped to the second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let no_token = caravan_tests::RelayInfo {
+        url: relay.url.clone(),
+        cache_dir: relay.cache_dir.clone(),
+        bootstrap_token: String::new(),
+    };
+    let _agent = c.spawn_agent("laptop", &no_token, &state, &root)?;
+    wait_for(
+        "the restored agent to report",
+        Duration::from_secs(60),
+        || async {
+            let seen = last_seen().await?;
+            Ok((seen.is_some() && seen != seen_before).then_some(()))
+        },
+    )
+    .await?;
+    let agents = c.api::<Agent>().list(&Default::default()).await?.items;
+    assert_eq!(agents.len(), 1, "still one Agent: {agents:?}");
+    assert_eq!(agents[0].metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        hello_dir(&root)?,
+        installed_at,
+        "hello was not installed again"
+    );
+    Ok(())
+}
