@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint fuzz bench-package bench-relay
+.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent
 
 setup:
 	bash scripts/setup.sh
@@ -32,6 +32,10 @@ lint:
 bench-package: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-package
+
+bench-agent: setup
+	$(CARGO) build --release --workspace --bins
+	./target/release/caravan-bench-agent
 
 # Fuzz the archive reader and the manifest parser for a minute each (nightly).
 fuzz:

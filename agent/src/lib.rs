@@ -104,10 +104,10 @@ pub struct RunArgs {
     #[arg(long, env = "CARAVAN_HOSTNAME")]
     pub hostname: Option<String>,
     /// Longest a poll waits for a change, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "CARAVAN_POLL_WAIT", default_value_t = 30)]
     pub poll_wait: u64,
     /// Seconds before a failed assignment is tried again.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "CARAVAN_RETRY_AFTER", default_value_t = 60)]
     pub retry_after: u64,
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
@@ -191,5 +191,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         wait = agent.next_wait(args.poll_wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented config file names only variables the agent reads.
+    #[test]
+    fn the_example_config_file_names_only_variables_the_agent_reads() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run subcommand");
+        let known: Vec<String> = run
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let example = include_str!("../dist/agent.env.example");
+        let named: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| k.starts_with("CARAVAN_"))
+            .collect();
+        assert!(named.len() >= 8, "{named:?}");
+        for name in named {
+            assert!(
+                known.iter().any(|k| k == name),
+                "{name} is not read by the agent"
+            );
+        }
     }
 }

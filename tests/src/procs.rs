@@ -121,3 +121,28 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     }
     total as f64 / 100.0 // USER_HZ
 }
+
+/// CPU nanoseconds used so far by each live thread of `pid`
+/// (`/proc/<pid>/task/*/schedstat`), for figures too small for clock ticks.
+pub fn thread_cpu_ns(pid: u32) -> std::collections::HashMap<String, u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let ns = stat.split_whitespace().next()?.parse().ok()?;
+            Some((task.file_name().to_string_lossy().into_owned(), ns))
+        })
+        .collect()
+}
+
+/// CPU seconds the live threads of `pid` used since `before` (from
+/// [`thread_cpu_ns`]); threads that ended meanwhile are not counted.
+pub fn thread_cpu_seconds_since(pid: u32, before: &std::collections::HashMap<String, u64>) -> f64 {
+    thread_cpu_ns(pid)
+        .iter()
+        .map(|(tid, ns)| ns - before.get(tid).copied().unwrap_or(0).min(*ns))
+        .sum::<u64>() as f64
+        / 1e9
+}
