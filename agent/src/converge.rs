@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use caravan_api::{
     signing,
     v1alpha1::{sha256_hex, JobAction},
-    wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, EnrollRequest, JobState},
+    wire::{
+        AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, EnrollRequest, JobState,
+    },
 };
 use ed25519_dalek::VerifyingKey;
 
@@ -18,6 +20,7 @@ use crate::{
     client::Client,
     failpoint, install,
     journal::{Entry, Step},
+    manifest::Manifest,
     state::{Credentials, InstalledRecord, StateDir},
     RunArgs,
 };
@@ -42,6 +45,8 @@ pub struct Agent {
     last_delivered: Option<Instant>,
     /// Keys whose package signatures this agent accepts (its own, never the relay's).
     trusted: Vec<VerifyingKey>,
+    /// Files of installed packages no longer as installed, as last found.
+    drift: Vec<Drift>,
 }
 
 /// Longest time between two reports, so `lastSeen` stays fresh.
@@ -74,6 +79,7 @@ impl Agent {
             retry_at: HashMap::new(),
             last_delivered: None,
             trusted,
+            drift: Vec::new(),
         })
     }
 
@@ -164,7 +170,9 @@ impl Agent {
         }
         let assignments = self.desired.assignments.clone();
         let mut ok = true;
-        let mut touched = false;
+        let drift = self.find_drift(&installed);
+        let mut touched = drift != self.drift;
+        self.drift = drift;
         // One install per package: the first job (in job order) wins.
         let mut wanted: BTreeMap<&str, &Assignment> = BTreeMap::new();
         for a in assignments
@@ -186,7 +194,11 @@ impl Agent {
                         if !live {
                             tracing::warn!(package = %a.package, "installed package missing from the install root; installing it again");
                         }
-                        live
+                        let drifted = self.drift.iter().any(|d| d.package == a.package);
+                        if live && drifted && a.repair {
+                            tracing::warn!(package = %a.package, "installed files changed; repairing");
+                        }
+                        live && !(drifted && a.repair)
                     }
                     _ => false,
                 },
@@ -258,6 +270,30 @@ impl Agent {
             self.report(&installed).await;
         }
         ok
+    }
+
+    /// Compares every installed package with its manifest.
+    fn find_drift(&self, installed: &BTreeMap<String, InstalledRecord>) -> Vec<Drift> {
+        let mut drift = Vec::new();
+        for r in installed.values() {
+            let root = &self.args.install_root;
+            if !install::is_live(root, &r.name, &r.digest) {
+                continue;
+            }
+            let found = match self.state.manifest(&r.digest) {
+                Ok(Some(m)) => m.drift(&r.name, &root.join(&r.name)),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(package = %r.name, error = %format!("{e:#}"), "manifest unreadable");
+                    continue;
+                }
+            };
+            match found {
+                Ok(d) => drift.extend(d),
+                Err(e) => tracing::warn!(package = %r.name, error = %e, "drift check failed"),
+            }
+        }
+        drift
     }
 
     /// A report failed to arrive, or the heartbeat interval passed.
@@ -376,6 +412,13 @@ impl Agent {
                 }
             }
         }
+        // What the version consists of once its script has run: the baseline for drift.
+        let dir = root.join(&a.package);
+        let manifest = tokio::task::spawn_blocking(move || Manifest::build(&dir))
+            .await
+            .context("manifest task")?
+            .with_context(|| format!("recording the files of package {}", a.package))?;
+        self.state.set_manifest(&a.digest, &manifest)?;
         journal(Step::Configured)?;
         failpoint::hit("configured");
         let (r, package, digest) = (root.clone(), a.package.clone(), a.digest.clone());
@@ -386,6 +429,8 @@ impl Agent {
         installed.insert(a.package.clone(), record);
         self.state.set_installed(installed)?;
         self.state.set_journal(None)?;
+        self.state.prune_manifests(installed)?;
+        self.drift.retain(|d| d.package != a.package);
         let _ = std::fs::remove_file(&partial);
         tracing::info!(package = %a.package, version = %a.version, "installed");
         Ok(output)
@@ -458,6 +503,8 @@ impl Agent {
             installed.remove(package);
             self.state.set_installed(installed)?;
             self.state.set_journal(None)?;
+            self.state.prune_manifests(installed)?;
+            self.drift.retain(|d| d.package != package);
             tracing::info!(%package, "removed");
         }
         Ok(())
@@ -473,6 +520,7 @@ impl Agent {
             arch: std::env::consts::ARCH.into(),
             installed: installed.values().map(Into::into).collect(),
             jobs,
+            drift: self.drift.clone(),
         };
         if let Err(e) = self.state.set_last_report(&report) {
             tracing::warn!(error = %e, "cannot save the last report");

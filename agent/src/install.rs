@@ -229,12 +229,22 @@ pub fn stage_and_swap(
     }
     // The new files reach the disk before the switch can make them live.
     rustix::fs::syncfs(std::fs::File::open(root)?)?;
-    if live_id(&s).as_deref() == Some(id) {
-        // Installed again over itself (repair): switch away first.
-        discard(&s.live, &s.failed)?;
+    let target = s.versions.join(id);
+    if live_id(&s).as_deref() == Some(id) && target.is_dir() {
+        // Installed again over itself (a repair): the fresh copy and the
+        // live one trade places in one atomic step.
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        if renameat_with(CWD, &s.staging, CWD, &target, RenameFlags::EXCHANGE).is_err() {
+            // A filesystem without exchange: briefly absent instead.
+            discard(&target, &s.failed)?;
+            std::fs::rename(&s.staging, &target)?;
+        }
+        remove_dir_if_exists(&s.staging)?;
+        sync_dir(&s.versions)?;
+        return Ok(());
     }
-    remove_dir_if_exists(&s.versions.join(id))?;
-    std::fs::rename(&s.staging, s.versions.join(id))?;
+    remove_dir_if_exists(&target)?;
+    std::fs::rename(&s.staging, &target)?;
     sync_dir(&s.versions)?;
     crate::failpoint::hit("extracted");
     let before = previous.map(version_id).unwrap_or("unrecorded");

@@ -11,6 +11,7 @@ pub mod converge;
 pub mod failpoint;
 pub mod install;
 pub mod journal;
+pub mod manifest;
 pub mod state;
 
 use std::{path::PathBuf, time::Duration};

@@ -154,6 +154,40 @@ impl StateDir {
         self.write_json("installed.json", installed)
     }
 
+    /// What version `digest` consisted of when installed (see [`crate::manifest`]).
+    pub fn manifest(&self, digest: &str) -> anyhow::Result<Option<crate::manifest::Manifest>> {
+        self.read_json(&format!("manifests/{}.json", manifest_id(digest)))
+    }
+
+    pub fn set_manifest(&self, digest: &str, m: &crate::manifest::Manifest) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.dir.join("manifests"))?;
+        self.write_json(&format!("manifests/{}.json", manifest_id(digest)), m)
+    }
+
+    /// Drops the manifests of versions no longer installed.
+    pub fn prune_manifests(
+        &self,
+        installed: &BTreeMap<String, InstalledRecord>,
+    ) -> anyhow::Result<()> {
+        let keep: Vec<String> = installed
+            .values()
+            .map(|r| format!("{}.json", manifest_id(&r.digest)))
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.dir.join("manifests")) else {
+            return Ok(());
+        };
+        for entry in dir {
+            let entry = entry?;
+            if !keep
+                .iter()
+                .any(|k| *k == *entry.file_name().to_string_lossy())
+            {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// The change in progress, if any (see [`crate::journal`]).
     pub fn journal(&self) -> anyhow::Result<Option<crate::journal::Entry>> {
         self.read_json("journal.json")
@@ -225,6 +259,10 @@ impl StateDir {
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
         write_atomic(&self.dir.join(name), &serde_json::to_vec_pretty(value)?)
     }
+}
+
+fn manifest_id(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 /// Removes `path` (if it exists) durably.

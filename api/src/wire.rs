@@ -47,6 +47,9 @@ pub struct Assignment {
     /// The package's cabinet requires a valid signature.
     #[serde(default)]
     pub require_signature: bool,
+    /// Put the package's files back when they drift (see [`Drift`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
 }
 
 /// Everything assigned to one agent.
@@ -193,6 +196,33 @@ pub struct AgentReport {
     pub arch: String,
     pub installed: Vec<InstalledPackage>,
     pub jobs: Vec<JobState>,
+    /// Files of installed packages changed, deleted or added on the
+    /// endpoint since they were installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<Drift>,
+}
+
+/// Most drifted files an agent reports (the count says how many there are).
+pub const MAX_DRIFT_REPORTED: usize = 50;
+
+/// A file of an installed package that is no longer as installed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Drift {
+    pub package: String,
+    /// Path inside the package.
+    pub path: String,
+    pub change: DriftChange,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum DriftChange {
+    Modified,
+    Deleted,
+    Added,
 }
 
 /// What a relay tells the controller about its cache (`POST /v1/site/stats`).

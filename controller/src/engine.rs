@@ -540,6 +540,7 @@ fn resolve_job(
             size: p.spec.artifact.size,
             install: p.spec.install.clone(),
             signatures: p.spec.signatures.clone(),
+            repair: job.spec.repair,
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet

@@ -275,6 +275,12 @@ async fn reports(
             installed_count: report.installed.len() as u32,
             installed: report.installed,
             jobs: report.jobs,
+            drifted_files: report.drift.len() as u32,
+            drift: report
+                .drift
+                .into_iter()
+                .take(caravan_api::wire::MAX_DRIFT_REPORTED)
+                .collect(),
             conditions: vec![],
         };
         let patch =

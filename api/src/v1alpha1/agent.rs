@@ -43,6 +43,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
@@ -63,6 +67,12 @@ pub struct AgentStatus {
     /// State of each job assignment, as last reported.
     #[serde(default)]
     pub jobs: Vec<JobState>,
+    /// Files of installed packages changed on the endpoint (first 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<crate::wire::Drift>,
+    /// How many files have drifted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drifted_files: u32,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

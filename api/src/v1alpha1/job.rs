@@ -33,6 +33,10 @@ pub struct DistributionJobSpec {
     /// Stop handing the job to agents (what is installed stays).
     #[serde(default)]
     pub suspend: bool,
+    /// Put installed files back when they are changed or deleted on an
+    /// endpoint (drift is reported either way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
 }
 
 /// A package by name, at one version or (without `version`) the highest one.
