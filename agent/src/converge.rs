@@ -394,16 +394,21 @@ impl Agent {
         journal(Step::Swapped)?;
         failpoint::hit("swapped");
         let mut output = String::new();
-        if let Some(script) = install::script_for(&a.install, "install") {
+        // The install script, then the health check: either failing puts
+        // the previous version (or nothing) back.
+        for action in ["install", "health"] {
+            let Some(script) = install::script_for(&a.install, action) else {
+                continue;
+            };
             let dir = root.join(&a.package);
             match install::run_script(
-                &dir, &root, script, "install", &a.package, &a.version, &a.install,
+                &dir, &root, script, action, &a.package, &a.version, &a.install,
             )
             .await
             {
-                Ok(tail) => output = tail,
+                Ok(tail) if action == "install" => output = tail,
+                Ok(_) => {}
                 Err(e) => {
-                    // Back to the previous version (or to nothing).
                     roll_back(root.clone(), a.package.clone()).await?;
                     self.state.set_journal(None)?;
                     return Err(

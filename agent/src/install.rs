@@ -265,6 +265,9 @@ pub fn remove_package(root: &Path, package: &str) -> anyhow::Result<()> {
 
 /// The script a `script` package runs for `action`, if it has one.
 pub fn script_for<'a>(install: &'a InstallSpec, action: &str) -> Option<&'a str> {
+    if action == "health" {
+        return install.health_check.as_deref();
+    }
     if install.method != InstallMethod::Script {
         return None;
     }
@@ -393,6 +396,7 @@ mod tests {
                 timeout_seconds,
             }),
             requirements: None,
+            health_check: None,
         }
     }
 

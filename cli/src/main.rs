@@ -78,6 +78,10 @@ struct BuildArgs {
     /// Seconds before a script is killed and the step fails.
     #[arg(long, default_value_t = 600)]
     script_timeout: u32,
+    /// Check inside the package run after the install; if it fails, the
+    /// endpoint goes back to the previous version.
+    #[arg(long)]
+    health_check: Option<String>,
     /// Operating systems the package needs (repeatable: linux, windows, macos).
     #[arg(long = "os")]
     os: Vec<String>,
@@ -98,6 +102,13 @@ enum Method {
 impl BuildArgs {
     /// Catches a package that could not install before it is built.
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(check) = &self.health_check {
+            anyhow::ensure!(
+                self.dir.join(check).is_file(),
+                "{check} is not a file in {}: the health check runs from there",
+                self.dir.display()
+            );
+        }
         if self.install == Method::Script {
             for script in std::iter::once(&self.install_script).chain(&self.uninstall_script) {
                 anyhow::ensure!(
@@ -127,6 +138,7 @@ impl BuildArgs {
                 timeout_seconds: self.script_timeout,
             }),
             requirements: (requirements != Requirements::default()).then_some(requirements),
+            health_check: self.health_check.clone(),
         }
     }
 }

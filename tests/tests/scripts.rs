@@ -159,3 +159,71 @@ async fn install_scripts_decide_success_and_requirements_are_checked_first() -> 
     .map_err(|e| e.context(c.logs()))?;
     Ok(())
 }
+
+/// Pushes version `version` of package `web` with health check `check`.
+fn push_web(c: &Caravan, manifests: &str, version: &str, check: &str) -> anyhow::Result<()> {
+    let dir = c.dir.join("src").join(version);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("VERSION"), version)?;
+    std::fs::write(dir.join("check.sh"), check)?;
+    c.cli(&[
+        "package",
+        "push",
+        &dir.display().to_string(),
+        "--name",
+        "web",
+        "--version",
+        version,
+        "--manifest-dir",
+        manifests,
+        "--health-check",
+        "check.sh",
+    ])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_health_check_puts_the_previous_version_back() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages").display().to_string();
+    push_web(
+        &c,
+        &manifests,
+        "1.0.0",
+        "#!/bin/sh\ntest -f \"$CARAVAN_PACKAGE_DIR/VERSION\"\n",
+    )?;
+    repo.write(
+        "fleet/web-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: web}\nspec:\n  packages: [{name: web}]\n  destinations: {sites: [{name: hq}]}\n",
+    )?;
+    repo.commit("web 1.0.0")?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("agent-1", &relay)?;
+    let root = c.agents[0].install_root.clone();
+    c.wait_job("web", "Succeeded", "1/1", T).await?;
+    assert_eq!(std::fs::read_to_string(root.join("web/VERSION"))?, "1.0.0");
+
+    // 2.0.0 installs, but its health check fails: back to 1.0.0.
+    push_web(
+        &c,
+        &manifests,
+        "2.0.0",
+        "#!/bin/sh\necho 'web: port 8443 not answering' >&2\nexit 3\n",
+    )?;
+    repo.commit("web 2.0.0")?;
+    let job = c.wait_job("web", "Failed", "0/1", T).await?;
+    let reason = &job.status.unwrap().failures[0].reason;
+    assert!(
+        reason.contains("health")
+            && reason.contains("port 8443 not answering")
+            && reason.contains("rolled back"),
+        "{reason}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("web/VERSION"))?,
+        "1.0.0",
+        "the previous version is back"
+    );
+    Ok(())
+}

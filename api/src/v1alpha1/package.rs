@@ -64,6 +64,12 @@ pub struct InstallSpec {
     /// What the endpoint must offer; checked before anything is downloaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requirements: Option<Requirements>,
+    /// A check inside the package, run (with the scripts' environment,
+    /// `CARAVAN_ACTION=health`) once the new version is in place and its
+    /// install script has run, whatever the method: a non-zero exit rolls
+    /// the install back to the previous version, which is kept until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
