@@ -134,7 +134,15 @@ impl Client {
 
     /// Downloads blob `hex` to `partial`, resuming what is there, and verifies
     /// size and sha256. The file is deleted when verification fails.
-    pub async fn download(&self, hex: &str, size: u64, partial: &Path) -> Result<(), ClientError> {
+    /// Downloads blob `hex` of `size` bytes into `partial`, resuming what
+    /// is there, calling `progress` with the bytes received so far.
+    pub async fn download(
+        &self,
+        hex: &str,
+        size: u64,
+        partial: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(), ClientError> {
         let io = |source| ClientError::Io {
             path: partial.display().to_string(),
             source,
@@ -170,6 +178,7 @@ impl Client {
                 }
                 hasher.update(&chunk);
                 file.write_all(&chunk).await.map_err(io)?;
+                progress(offset);
                 if crate::failpoint::armed("downloading") && offset * 2 >= size {
                     // Half of it on disk, then dead.
                     file.sync_all().await.map_err(io)?;

@@ -21,7 +21,7 @@ use crate::{
     failpoint, install,
     journal::{Entry, Step},
     manifest::Manifest,
-    state::{Credentials, InstalledRecord, StateDir},
+    state::{Credentials, InstalledRecord, Progress, StateDir},
     RunArgs,
 };
 
@@ -342,9 +342,28 @@ impl Agent {
         self.transition(a, AssignmentPhase::Downloading, installed)
             .await;
         let partial = self.state.downloads().join(format!("{hex}.part"));
-        self.client
-            .download(hex, a.size, &partial)
-            .await
+        // Progress for `caravan-agent status`, a few times a second at most.
+        let mut shown = Progress {
+            package: a.package.clone(),
+            version: a.version.clone(),
+            digest: a.digest.clone(),
+            received: 0,
+            total: a.size,
+        };
+        let mut last = Instant::now();
+        let state = &self.state;
+        let downloaded = self
+            .client
+            .download(hex, a.size, &partial, |received| {
+                if last.elapsed() >= Duration::from_millis(250) || received == a.size {
+                    shown.received = received;
+                    state.set_progress(Some(&shown));
+                    last = Instant::now();
+                }
+            })
+            .await;
+        self.state.set_progress(None);
+        downloaded
             .with_context(|| format!("package {} {} ({})", a.package, a.version, a.digest))?;
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;

@@ -122,6 +122,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let state = state::StateDir::open(&state_dir)
                 .with_context(|| format!("opening {}", state_dir.display()))?;
             print!("{}", state.describe()?);
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                follow_download(&state).await;
+            }
             Ok(())
         }
         Command::Backup { state_dir, out } => {
@@ -143,6 +146,34 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// On a terminal: a progress bar for the download in progress, until it ends.
+async fn follow_download(state: &state::StateDir) {
+    let Some(first) = state.progress() else {
+        return;
+    };
+    let bar = indicatif::ProgressBar::new(first.total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {percent}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} {}", first.package, first.version));
+    let mut moved = std::time::Instant::now();
+    while let Some(p) = state.progress().filter(|p| p.digest == first.digest) {
+        if p.received != bar.position() {
+            bar.set_position(p.received);
+            moved = std::time::Instant::now();
+        } else if moved.elapsed() > Duration::from_secs(30) {
+            // The agent is not running, or the relay stopped sending.
+            bar.abandon_with_message(format!("{} {}: stalled", first.package, first.version));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_with_message(format!("{} {} downloaded", first.package, first.version));
 }
 
 /// Enrolls if needed, then polls and converges until stopped.

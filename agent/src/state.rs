@@ -50,6 +50,16 @@ impl From<&InstalledRecord> for InstalledPackage {
     }
 }
 
+/// How far the download in progress has got (for `caravan-agent status`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub package: String,
+    pub version: String,
+    pub digest: String,
+    pub received: u64,
+    pub total: u64,
+}
+
 pub struct StateDir {
     dir: PathBuf,
 }
@@ -188,6 +198,26 @@ impl StateDir {
         Ok(())
     }
 
+    /// The download in progress, if any.
+    pub fn progress(&self) -> Option<Progress> {
+        self.read_json("progress.json").ok().flatten()
+    }
+
+    /// Records download progress: atomically, but not synced (it is only shown).
+    pub fn set_progress(&self, p: Option<&Progress>) {
+        let path = self.dir.join("progress.json");
+        let _ = match p {
+            Some(p) => {
+                let tmp = path.with_extension("tmp");
+                serde_json::to_vec(p)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| std::fs::write(&tmp, bytes))
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+            }
+            None => std::fs::remove_file(&path),
+        };
+    }
+
     /// The change in progress, if any (see [`crate::journal`]).
     pub fn journal(&self) -> anyhow::Result<Option<crate::journal::Entry>> {
         self.read_json("journal.json")
@@ -227,12 +257,21 @@ impl StateDir {
                 j.step.outcome()
             ));
         }
+        let progress = self.progress();
         if let Some(report) = self.read_json::<AgentReport>("last-report.json")? {
             out.push_str("assignments:\n");
             for j in &report.jobs {
-                let phase = match j.phase {
-                    AssignmentPhase::Failed => format!("Failed: {}", j.message),
-                    p => format!("{p:?}"),
+                let phase = match (j.phase, &progress) {
+                    (AssignmentPhase::Failed, _) => {
+                        format!("Failed (tried again shortly): {}", j.message)
+                    }
+                    (AssignmentPhase::Downloading, Some(p)) if p.digest == j.digest => format!(
+                        "Downloading {}% ({:.1} of {:.1} MiB)",
+                        (p.received * 100).checked_div(p.total).unwrap_or(0),
+                        p.received as f64 / 1048576.0,
+                        p.total as f64 / 1048576.0
+                    ),
+                    (p, _) => format!("{p:?}"),
                 };
                 out.push_str(&format!(
                     "  {} {:?} {}: {}\n",

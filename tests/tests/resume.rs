@@ -92,9 +92,27 @@ async fn an_upstream_cut_mid_fetch_is_resumed_and_agents_streaming_the_blob_get_
     let (data, size) = big_package_for_hq(&c).await?;
     c.relay_args = vec!["--upstream-rate-limit".into(), "3000000".into()];
     let relay = c.start_relay("hq").await?;
-    // The agent downloads the blob from the relay while it arrives there.
+    // The agent downloads the blob from the relay while it arrives there,
+    // which `caravan-agent status` shows.
     c.start_agent("agent-1", &relay)?;
     wait_part_way(&relay.cache_dir).await?;
+    let state = c.agents[0].state_dir.display().to_string();
+    let shown = wait_for(
+        "status to show the download",
+        Duration::from_secs(30),
+        || async {
+            let out = std::process::Command::new(caravan_tests::bin("caravan-agent")?)
+                .args(["status", "--state-dir", &state])
+                .output()?;
+            let text = String::from_utf8(out.stdout)?;
+            Ok(text
+                .lines()
+                .find(|l| l.contains("big: Downloading") && l.contains("% ("))
+                .map(str::to_owned))
+        },
+    )
+    .await?;
+    assert!(shown.contains("MiB)"), "{shown}");
 
     // The controller dies mid-transfer and is back a few seconds later.
     c.controller.kill();
