@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context as _;
 use caravan_api::{
     signing,
-    v1alpha1::{sha256_hex, JobAction},
+    v1alpha1::{sha256_hex, InstallMethod, JobAction},
     wire::{
         AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, EnrollRequest, JobState,
     },
@@ -21,6 +21,7 @@ use crate::{
     failpoint, install,
     journal::{Entry, Step},
     manifest::Manifest,
+    selfupdate,
     state::{Credentials, InstalledRecord, Progress, StateDir},
     RunArgs,
 };
@@ -190,7 +191,8 @@ impl Agent {
             let done = match a.action {
                 JobAction::Install => match installed.get(&a.package) {
                     Some(r) if r.digest == a.digest => {
-                        let live = install::is_live(&self.args.install_root, &a.package, &a.digest);
+                        let live = a.install.method == InstallMethod::Agent
+                            || install::is_live(&self.args.install_root, &a.package, &a.digest);
                         if !live {
                             tracing::warn!(package = %a.package, "installed package missing from the install root; installing it again");
                         }
@@ -374,6 +376,21 @@ impl Agent {
             job: a.job.clone(),
             install: a.install.clone(),
         };
+        if a.install.method == InstallMethod::Agent {
+            // Tried out, switched in, recorded, then restarted into.
+            let next = selfupdate::prepare(&partial, &self.state, &self.args).await?;
+            selfupdate::switch(&next)?;
+            installed.insert(a.package.clone(), record);
+            self.state.set_installed(installed)?;
+            let _ = std::fs::remove_file(&partial);
+            self.set_phase(
+                a,
+                AssignmentPhase::Succeeded,
+                "restarted into the new agent",
+            );
+            self.report(installed).await;
+            return Err(selfupdate::restart());
+        }
         let previous = installed.get(&a.package).map(|r| r.digest.clone());
         let journal = |step| {
             self.state.set_journal(Some(&Entry {

@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod install;
 pub mod journal;
 pub mod manifest;
+pub mod selfupdate;
 pub mod state;
 
 use std::{path::PathBuf, time::Duration};
@@ -51,6 +52,17 @@ pub enum Command {
         /// File to write.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Check that this binary can serve as the agent of a state directory
+    /// (run by the agent on a new binary before it updates itself).
+    #[command(hide = true)]
+    SelfTest {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Put a backup back, e.g. after an OS reinstall: the endpoint stays the
     /// same Agent and keeps what is still installed. Stop the agent first.
@@ -127,6 +139,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::SelfTest {
+            server,
+            state_dir,
+            ca_file,
+        } => selfupdate::self_test(&server, &state_dir, ca_file.as_deref()).await,
         Command::Backup { state_dir, out } => {
             backup::backup(&state::StateDir::open(&state_dir)?, &out)?;
             println!(
@@ -181,6 +198,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = state::StateDir::open(&args.state_dir)
         .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
     let _lock = state.lock()?;
+    // Where this binary is, before a self-update replaces it.
+    selfupdate::current_exe()?;
     journal::recover(&state, &args.install_root).context("finishing an interrupted change")?;
     let mut agent = converge::Agent::new(args.clone(), state)?;
     agent.ensure_enrolled().await?;

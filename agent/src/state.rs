@@ -230,6 +230,10 @@ impl StateDir {
         }
     }
 
+    pub fn last_report(&self) -> anyhow::Result<Option<AgentReport>> {
+        self.read_json("last-report.json")
+    }
+
     pub fn set_last_report(&self, report: &AgentReport) -> anyhow::Result<()> {
         self.write_json("last-report.json", report)
     }

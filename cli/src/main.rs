@@ -66,7 +66,8 @@ struct BuildArgs {
     /// Sign the package with this private key (`caravan key generate`).
     #[arg(long)]
     sign_key: Option<PathBuf>,
-    /// `archive` (extract) or `script` (extract, then run --install-script).
+    /// `archive` (extract), `script` (extract, then run --install-script) or
+    /// `agent` (a new caravan-agent binary, file `caravan-agent`).
     #[arg(long, value_enum, default_value = "archive")]
     install: Method,
     /// Install script inside the package (with `--install script`).
@@ -93,10 +94,15 @@ struct BuildArgs {
     min_free_disk: Option<u64>,
 }
 
+/// Where an agent package carries the new binary.
+const SELF_UPDATE_BINARY: &str = "caravan-agent";
+
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
 enum Method {
     Archive,
     Script,
+    /// A new caravan-agent binary (file `caravan-agent` in the directory).
+    Agent,
 }
 
 impl BuildArgs {
@@ -106,6 +112,13 @@ impl BuildArgs {
             anyhow::ensure!(
                 self.dir.join(check).is_file(),
                 "{check} is not a file in {}: the health check runs from there",
+                self.dir.display()
+            );
+        }
+        if self.install == Method::Agent {
+            anyhow::ensure!(
+                self.dir.join(SELF_UPDATE_BINARY).is_file(),
+                "{SELF_UPDATE_BINARY} is not a file in {}: an agent package carries the new binary there",
                 self.dir.display()
             );
         }
@@ -131,6 +144,7 @@ impl BuildArgs {
             method: match self.install {
                 Method::Archive => InstallMethod::Archive,
                 Method::Script => InstallMethod::Script,
+                Method::Agent => InstallMethod::Agent,
             },
             script: (self.install == Method::Script).then(|| ScriptSpec {
                 install: self.install_script.clone(),

@@ -494,6 +494,8 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// The binary agents run from (default: the build's `caravan-agent`).
+    pub agent_bin: Option<PathBuf>,
     /// Extra arguments for every relay started from now on.
     pub relay_args: Vec<String>,
     /// URL of each started relay, by site.
@@ -708,6 +710,7 @@ impl Caravan {
             controller_cmd: (args, env),
             tls,
             agent_args: vec![],
+            agent_bin: None,
             relay_urls: Default::default(),
             relay_args: vec![],
 
@@ -960,7 +963,7 @@ impl Caravan {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proc::spawn(
             &format!("agent-{name}"),
-            &bin("caravan-agent")?,
+            &self.agent_program()?,
             &args,
             &env,
             &self.dir,
@@ -984,13 +987,19 @@ impl Caravan {
             .create(true)
             .append(true)
             .open(logs.join(format!("agent-{name}.log")))?;
-        Ok(std::process::Command::new(bin("caravan-agent")?)
+        Ok(std::process::Command::new(self.agent_program()?)
             .args(&args)
             .envs(base_env)
             .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)
             .status()?)
+    }
+
+    fn agent_program(&self) -> anyhow::Result<PathBuf> {
+        self.agent_bin
+            .clone()
+            .map_or_else(|| bin("caravan-agent"), Ok)
     }
 
     /// The state directory and install root of agent `name`.

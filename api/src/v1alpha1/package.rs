@@ -78,6 +78,9 @@ pub enum InstallMethod {
     #[default]
     Archive,
     Script,
+    /// A new agent: the archive holds a `caravan-agent` binary at its root,
+    /// which the agent tries out, then replaces itself with and restarts into.
+    Agent,
 }
 
 /// Scripts run from the extracted package directory, with the environment
