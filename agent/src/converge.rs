@@ -48,6 +48,8 @@ pub struct Agent {
     trusted: Vec<VerifyingKey>,
     /// Files of installed packages no longer as installed, as last found.
     drift: Vec<Drift>,
+    /// This process is a new agent binary whose update awaits its first report.
+    on_probation: bool,
 }
 
 /// Longest time between two reports, so `lastSeen` stays fresh.
@@ -55,6 +57,9 @@ const HEARTBEAT: Duration = Duration::from_secs(300);
 
 impl Agent {
     pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
+        let on_probation = state
+            .json::<selfupdate::Probation>("self-update.json")?
+            .is_some();
         let client = Client::new(&args.server, args.ca_file.as_deref())?;
         let mut trusted = Vec::new();
         for path in &args.trusted_keys {
@@ -81,6 +86,7 @@ impl Agent {
             last_delivered: None,
             trusted,
             drift: Vec::new(),
+            on_probation,
         })
     }
 
@@ -377,9 +383,23 @@ impl Agent {
             install: a.install.clone(),
         };
         if a.install.method == InstallMethod::Agent {
+            if let Some(r) = self
+                .state
+                .json::<selfupdate::Refused>("self-update-refused.json")?
+                .filter(|r| r.digest == a.digest)
+            {
+                anyhow::bail!("{}", r.reason);
+            }
             // Tried out, switched in, recorded, then restarted into.
             let next = selfupdate::prepare(&partial, &self.state, &self.args).await?;
-            selfupdate::switch(&next)?;
+            let binary = selfupdate::current_exe()?;
+            let probation = selfupdate::Probation {
+                previous_binary: binary.with_file_name(format!("{}.previous", selfupdate::BINARY)),
+                binary,
+                digest: a.digest.clone(),
+                previous_record: installed.get(&a.package).cloned(),
+            };
+            selfupdate::switch(&next, &self.state, probation)?;
             installed.insert(a.package.clone(), record);
             self.state.set_installed(installed)?;
             let _ = std::fs::remove_file(&partial);
@@ -567,7 +587,18 @@ impl Agent {
             tracing::warn!(error = %e, "cannot save the last report");
         }
         match self.client.report(&report).await {
-            Ok(()) => self.last_delivered = Some(Instant::now()),
+            Ok(()) => {
+                self.last_delivered = Some(Instant::now());
+                // A new agent binary that reports has proved itself.
+                if self.on_probation {
+                    match selfupdate::confirm(&self.state) {
+                        Ok(()) => self.on_probation = false,
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "confirming the self-update")
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 // The next poll sends the full state again.
                 self.last_delivered = None;

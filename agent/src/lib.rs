@@ -64,6 +64,17 @@ pub enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
+    /// Put the agent binary back as it was before a self-update whose new
+    /// binary never reported (run by systemd's `OnFailure=`, from
+    /// `caravan-agent.previous`).
+    RollbackUpdate {
+        #[arg(
+            long,
+            env = "CARAVAN_STATE_DIR",
+            default_value = "/var/lib/caravan-agent"
+        )]
+        state_dir: PathBuf,
+    },
     /// Put a backup back, e.g. after an OS reinstall: the endpoint stays the
     /// same Agent and keeps what is still installed. Stop the agent first.
     Restore {
@@ -122,6 +133,10 @@ pub struct RunArgs {
     /// Seconds before a failed assignment is tried again.
     #[arg(long, env = "CARAVAN_RETRY_AFTER", default_value_t = 60)]
     pub retry_after: u64,
+    /// The file self-updates replace and restart into (default: this
+    /// executable; set it when a wrapper script starts the agent).
+    #[arg(long, env = "CARAVAN_AGENT_BINARY")]
+    pub binary: Option<PathBuf>,
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
     pub once: bool,
@@ -144,6 +159,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             ca_file,
         } => selfupdate::self_test(&server, &state_dir, ca_file.as_deref()).await,
+        Command::RollbackUpdate { state_dir } => {
+            println!(
+                "{}",
+                selfupdate::roll_back(&state::StateDir::open(&state_dir)?)?
+            );
+            Ok(())
+        }
         Command::Backup { state_dir, out } => {
             backup::backup(&state::StateDir::open(&state_dir)?, &out)?;
             println!(
@@ -199,7 +221,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
     let _lock = state.lock()?;
     // Where this binary is, before a self-update replaces it.
-    selfupdate::current_exe()?;
+    selfupdate::pin_binary(args.binary.clone())?;
     journal::recover(&state, &args.install_root).context("finishing an interrupted change")?;
     let mut agent = converge::Agent::new(args.clone(), state)?;
     agent.ensure_enrolled().await?;

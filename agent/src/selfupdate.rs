@@ -13,7 +13,13 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{archive, state::StateDir, RunArgs};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    archive,
+    state::{InstalledRecord, StateDir},
+    RunArgs,
+};
 
 /// Where an agent package carries the new binary.
 pub const BINARY: &str = "caravan-agent";
@@ -21,18 +27,28 @@ pub const BINARY: &str = "caravan-agent";
 /// How long the new binary has to prove itself.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The path of the binary this process started from. Taken once, at the
-/// start (`run` calls it first): once the binary is replaced, the system
-/// would name the old one "(deleted)".
-pub fn current_exe() -> anyhow::Result<PathBuf> {
-    static EXE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    EXE.get_or_init(|| {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("finding the agent's own binary: {e}"))?;
-        Ok(std::fs::canonicalize(&exe).unwrap_or(exe))
+static EXE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+
+/// Fixes, at the start, which file is the agent's binary: `explicit` (when
+/// a wrapper starts the agent), else the executable this process started
+/// from, taken before an update replaces it and the system would call it
+/// "(deleted)".
+pub fn pin_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    EXE.get_or_init(|| match explicit {
+        Some(path) => Ok(path),
+        None => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("finding the agent's own binary: {e}"))?;
+            Ok(std::fs::canonicalize(&exe).unwrap_or(exe))
+        }
     })
     .clone()
     .map_err(anyhow::Error::msg)
+}
+
+/// The agent's binary (see [`pin_binary`]).
+pub fn current_exe() -> anyhow::Result<PathBuf> {
+    pin_binary(None)
 }
 
 /// Extracts the new binary from the verified package `blob` next to this
@@ -98,14 +114,79 @@ pub async fn prepare(blob: &Path, state: &StateDir, args: &RunArgs) -> anyhow::R
     Ok(next)
 }
 
-/// Puts the tried-out binary in place of this one (one atomic rename).
-pub fn switch(next: &Path) -> anyhow::Result<()> {
+/// An update on probation: the new binary is in place but has not yet
+/// delivered a report. Until it does, the previous binary is kept as
+/// `<binary>.previous`, and `caravan-agent.previous rollback-update` (the
+/// systemd unit's `OnFailure=`) puts it back.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Probation {
+    pub binary: PathBuf,
+    pub previous_binary: PathBuf,
+    pub digest: String,
+    /// The record of the agent package before the update.
+    pub previous_record: Option<InstalledRecord>,
+}
+
+/// A new agent that did not come up after its update: not tried again.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Refused {
+    pub digest: String,
+    pub reason: String,
+}
+
+/// Puts the tried-out binary in place of this one (one atomic rename),
+/// keeping the old one as `<binary>.previous` until the new one reports.
+pub fn switch(next: &Path, state: &StateDir, probation: Probation) -> anyhow::Result<()> {
     let exe = current_exe()?;
+    let _ = std::fs::remove_file(&probation.previous_binary);
+    std::fs::hard_link(&exe, &probation.previous_binary)
+        .with_context(|| format!("keeping {}", probation.previous_binary.display()))?;
+    state.set_json("self-update.json", Some(&probation))?;
     std::fs::rename(next, &exe).with_context(|| format!("replacing {}", exe.display()))?;
     if let Some(dir) = exe.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// The new binary has delivered a report: the update is confirmed.
+pub fn confirm(state: &StateDir) -> anyhow::Result<()> {
+    if let Some(p) = state.json::<Probation>("self-update.json")? {
+        let _ = std::fs::remove_file(&p.previous_binary);
+        state.set_json::<Probation>("self-update.json", None)?;
+        tracing::info!(digest = %p.digest, "self-update confirmed");
+    }
+    Ok(())
+}
+
+/// `caravan-agent rollback-update`: back to the binary before an update
+/// that has not reported, which is not tried again.
+pub fn roll_back(state: &StateDir) -> anyhow::Result<String> {
+    let _lock = state.lock()?;
+    let Some(p) = state.json::<Probation>("self-update.json")? else {
+        return Ok("no self-update on probation: nothing to roll back".into());
+    };
+    std::fs::rename(&p.previous_binary, &p.binary)
+        .with_context(|| format!("putting {} back", p.previous_binary.display()))?;
+    let mut installed = state.installed()?;
+    match &p.previous_record {
+        Some(r) => installed.insert(r.name.clone(), r.clone()),
+        None => installed.remove(BINARY),
+    };
+    state.set_installed(&installed)?;
+    state.set_json(
+        "self-update-refused.json",
+        Some(&Refused {
+            digest: p.digest.clone(),
+            reason: "the new agent did not come up and report after the update; back to the previous binary".into(),
+        }),
+    )?;
+    state.set_json::<Probation>("self-update.json", None)?;
+    Ok(format!(
+        "rolled back to the agent binary before {}",
+        p.digest
+    ))
 }
 
 /// Restarts this process into its (new) binary with the same arguments.

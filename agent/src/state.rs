@@ -286,6 +286,19 @@ impl StateDir {
         Ok(out)
     }
 
+    /// A JSON file of the state directory, if it exists.
+    pub fn json<T: DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
+        self.read_json(name)
+    }
+
+    /// Writes (durably) or removes a JSON file of the state directory.
+    pub fn set_json<T: Serialize>(&self, name: &str, value: Option<&T>) -> anyhow::Result<()> {
+        match value {
+            Some(v) => self.write_json(name, v),
+            None => remove_synced(&self.dir.join(name)),
+        }
+    }
+
     fn read_json<T: DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
         let path = self.dir.join(name);
         match std::fs::read(&path) {

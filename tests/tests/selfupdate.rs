@@ -43,6 +43,8 @@ async fn the_agent_updates_itself_and_keeps_its_binary_when_the_new_one_fails() 
     std::fs::create_dir_all(installed.parent().unwrap())?;
     std::fs::copy(bin("caravan-agent")?, &installed)?;
     c.agent_bin = Some(installed.clone());
+    // The new "binaries" below are wrappers around the real one.
+    c.agent_args = vec!["--binary".into(), installed.display().to_string()];
     c.start_agent("edge", &relay)?;
     c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
         .await?;
@@ -77,6 +79,11 @@ async fn the_agent_updates_itself_and_keeps_its_binary_when_the_new_one_fails() 
     .await?;
     assert_eq!(starts().lines().collect::<Vec<_>>(), ["self-test", "run"]);
     assert!(c.agents[0].proc.running(), "the same process runs on");
+    let previous = installed.with_file_name("caravan-agent.previous");
+    caravan_tests::wait_for("the update to be confirmed", T, || async {
+        Ok((!previous.exists()).then_some(()))
+    })
+    .await?;
 
     // 3.0.0 cannot start: the old binary stays and carries on.
     push_agent(
@@ -101,5 +108,51 @@ async fn the_agent_updates_itself_and_keeps_its_binary_when_the_new_one_fails() 
     // Still the working agent: hello stays Succeeded through it all.
     c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
         .await?;
+
+    // 4.0.0 passes its self-test but dies once restarted into: the service
+    // manager's OnFailure runs the kept binary's rollback-update, and the
+    // agent, started again, is the previous one and says why.
+    let v4 = format!(
+        "#!/bin/sh\nif [ \"$1\" = self-test ]; then exec {} \"$@\"; fi\necho 'agent 4.0.0: panicked at start' >&2\nexit 101\n",
+        real.display()
+    );
+    push_agent(&c, &manifests, "4.0.0", &v4)?;
+    repo.commit("Agents: 4.0.0")?;
+    let deadline = std::time::Instant::now() + T;
+    while c.agents[0].proc.running() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent was to restart into 4.0.0 and die"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&installed)?, v4);
+    assert!(
+        previous.exists(),
+        "the previous binary is kept until the new one reports"
+    );
+    let (state, root) = c.agent_dirs("edge");
+    let out = std::process::Command::new(&previous)
+        .args([
+            "rollback-update",
+            "--state-dir",
+            &state.display().to_string(),
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&installed)?, v2, "back to 2.0.0");
+    c.agents[0].proc = c.spawn_agent("edge", &relay, &state, &root)?;
+    let job = c.wait_job("agent-update", "Failed", "0/1", T).await?;
+    let reason = &job.status.unwrap().failures[0].reason;
+    assert!(reason.contains("did not come up and report"), "{reason}");
+    assert!(
+        c.agents[0].proc.running(),
+        "2.0.0 runs and is not replaced again"
+    );
+    assert_eq!(std::fs::read_to_string(&installed)?, v2);
     Ok(())
 }
