@@ -33,22 +33,14 @@ pub enum Command {
     Run(RunArgs),
     /// Show what is installed and where each assignment stands.
     Status {
-        #[arg(
-            long,
-            env = "CARAVAN_STATE_DIR",
-            default_value = "/var/lib/caravan-agent"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
     },
     /// Save the host identity, credentials and installed-package records
     /// (secrets: the file is readable by its owner only). Stop the agent first.
     Backup {
-        #[arg(
-            long,
-            env = "CARAVAN_STATE_DIR",
-            default_value = "/var/lib/caravan-agent"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
         /// File to write.
         #[arg(long)]
         out: PathBuf,
@@ -68,22 +60,14 @@ pub enum Command {
     /// binary never reported (run by systemd's `OnFailure=`, from
     /// `caravan-agent.previous`).
     RollbackUpdate {
-        #[arg(
-            long,
-            env = "CARAVAN_STATE_DIR",
-            default_value = "/var/lib/caravan-agent"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
     },
     /// Put a backup back, e.g. after an OS reinstall: the endpoint stays the
     /// same Agent and keeps what is still installed. Stop the agent first.
     Restore {
-        #[arg(
-            long,
-            env = "CARAVAN_STATE_DIR",
-            default_value = "/var/lib/caravan-agent"
-        )]
-        state_dir: PathBuf,
+        #[command(flatten)]
+        state: StateDirArg,
         /// Backup file to read.
         #[arg(long)]
         from: PathBuf,
@@ -91,6 +75,25 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The agent's state directory, for the commands that only read or restore it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StateDirArg {
+    /// Where the agent keeps its identity, records and downloads.
+    #[arg(
+        long,
+        env = "CARAVAN_STATE_DIR",
+        default_value = "/var/lib/caravan-agent"
+    )]
+    pub state_dir: PathBuf,
+}
+
+impl StateDirArg {
+    fn open(&self) -> anyhow::Result<state::StateDir> {
+        state::StateDir::open(&self.state_dir)
+            .with_context(|| format!("opening {}", self.state_dir.display()))
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -145,9 +148,8 @@ pub struct RunArgs {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(args).await,
-        Command::Status { state_dir } => {
-            let state = state::StateDir::open(&state_dir)
-                .with_context(|| format!("opening {}", state_dir.display()))?;
+        Command::Status { state } => {
+            let state = state.open()?;
             print!("{}", state.describe()?);
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                 follow_download(&state).await;
@@ -159,29 +161,26 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             ca_file,
         } => selfupdate::self_test(&server, &state_dir, ca_file.as_deref()).await,
-        Command::RollbackUpdate { state_dir } => {
-            println!(
-                "{}",
-                selfupdate::roll_back(&state::StateDir::open(&state_dir)?)?
-            );
+        Command::RollbackUpdate { state } => {
+            println!("{}", selfupdate::roll_back(&state.open()?)?);
             Ok(())
         }
-        Command::Backup { state_dir, out } => {
-            backup::backup(&state::StateDir::open(&state_dir)?, &out)?;
+        Command::Backup { state, out } => {
+            backup::backup(&state.open()?, &out)?;
             println!(
                 "backed up {} to {} (it holds secrets: keep it safe)",
-                state_dir.display(),
+                state.state_dir.display(),
                 out.display()
             );
             Ok(())
         }
-        Command::Restore {
-            state_dir,
-            from,
-            force,
-        } => {
-            backup::restore(&state::StateDir::open(&state_dir)?, &from, force)?;
-            println!("restored {} into {}", from.display(), state_dir.display());
+        Command::Restore { state, from, force } => {
+            backup::restore(&state.open()?, &from, force)?;
+            println!(
+                "restored {} into {}",
+                from.display(),
+                state.state_dir.display()
+            );
             Ok(())
         }
     }

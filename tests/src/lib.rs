@@ -730,6 +730,25 @@ impl Caravan {
         self.cluster.client.clone()
     }
 
+    /// The example fleet with hq's relay and one agent `agent`, once the
+    /// agent has installed hello: the starting point of many tests.
+    pub async fn hello_installed(
+        &mut self,
+        agent: &str,
+    ) -> anyhow::Result<(git::GitRepo, RelayInfo)> {
+        let repo = self.seed_example_fleet().await?;
+        let relay = self.start_relay("hq").await?;
+        self.start_agent(agent, &relay)?;
+        self.wait_job(
+            "hello-everywhere",
+            "Succeeded",
+            "1/1",
+            Duration::from_secs(120),
+        )
+        .await?;
+        Ok((repo, relay))
+    }
+
     /// Kills the controller (SIGKILL) and starts it again, as it was.
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.controller.kill();

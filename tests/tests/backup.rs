@@ -21,16 +21,7 @@ fn stderr(out: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restored_agent_is_the_same_agent_and_keeps_what_is_installed() -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
-    c.seed_example_fleet().await?;
-    let relay = c.start_relay("hq").await?;
-    c.start_agent("laptop", &relay)?;
-    c.wait_job(
-        "hello-everywhere",
-        "Succeeded",
-        "1/1",
-        Duration::from_secs(120),
-    )
-    .await?;
+    let (_, relay) = c.hello_installed("laptop").await?;
     let (state, root) = c.agent_dirs("laptop");
     let (state_arg, backup) = (
         state.display().to_string(),

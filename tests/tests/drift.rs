@@ -14,16 +14,7 @@ use caravan_tests::{wait_for, Caravan};
 #[tokio::test(flavor = "multi_thread")]
 async fn drifted_files_are_reported_and_repaired_when_the_job_asks() -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
-    let repo = c.seed_example_fleet().await?;
-    let relay = c.start_relay("hq").await?;
-    c.start_agent("desk", &relay)?;
-    c.wait_job(
-        "hello-everywhere",
-        "Succeeded",
-        "1/1",
-        Duration::from_secs(120),
-    )
-    .await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
     let (_, root) = c.agent_dirs("desk");
     let hello = root.join("hello");
     let version = std::fs::read(hello.join("VERSION"))?;

@@ -3,8 +3,6 @@
 //! Deployment, as the chart's ServiceAccount, so the pipeline only works if
 //! the chart's RBAC grants everything the controller needs.
 
-use std::time::Duration;
-
 use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE, HELM_TEST_VALUES};
 use k8s_openapi::api::{apps::v1::Deployment, rbac::v1::ClusterRole};
 use kube::Api;
@@ -30,16 +28,7 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         "no wildcard verbs"
     );
 
-    let _repo = c.seed_example_fleet().await?;
-    let relay = c.start_relay("hq").await?;
-    c.start_agent("agent-1", &relay)?;
-    c.wait_job(
-        "hello-everywhere",
-        "Succeeded",
-        "1/1",
-        Duration::from_secs(120),
-    )
-    .await?;
+    c.hello_installed("agent-1").await?;
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
 
     // An upgrade of the release goes through too.

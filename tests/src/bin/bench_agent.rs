@@ -30,16 +30,7 @@ async fn main() -> anyhow::Result<()> {
         .context("idle seconds")?;
 
     let mut c = Caravan::start("bench").await?;
-    let repo = c.seed_example_fleet().await?;
-    let relay = c.start_relay("hq").await?;
-    c.start_agent("bench", &relay)?;
-    c.wait_job(
-        "hello-everywhere",
-        "Succeeded",
-        "1/1",
-        Duration::from_secs(120),
-    )
-    .await?;
+    let (repo, _relay) = c.hello_installed("bench").await?;
     let pid = c.agents[0].proc.pid();
 
     // Idle: nothing changes, the agent long-polls.
