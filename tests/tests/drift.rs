@@ -50,16 +50,20 @@ async fn drifted_files_are_reported_and_repaired_when_the_job_asks() -> anyhow::
     };
     let mut want = expected.clone();
     want.sort();
+    let status = || async {
+        anyhow::Ok(
+            c.api::<Agent>()
+                .get(&name)
+                .await?
+                .status
+                .unwrap_or_default(),
+        )
+    };
     wait_for(
         "the drift in the Agent status",
         Duration::from_secs(60),
         || async {
-            let status = c
-                .api::<Agent>()
-                .get(&name)
-                .await?
-                .status
-                .unwrap_or_default();
+            let status = status().await?;
             Ok((drift_of(&status.drift) == want && status.drifted_files == 3).then_some(()))
         },
     )
@@ -79,12 +83,7 @@ async fn drifted_files_are_reported_and_repaired_when_the_job_asks() -> anyhow::
         "the package to be repaired and the drift to clear",
         Duration::from_secs(90),
         || async {
-            let status = c
-                .api::<Agent>()
-                .get(&name)
-                .await?
-                .status
-                .unwrap_or_default();
+            let status = status().await?;
             Ok((status.drift.is_empty() && status.drifted_files == 0).then_some(()))
         },
     )
