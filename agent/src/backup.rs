@@ -1,6 +1,6 @@
 //! `caravan-agent backup` and `restore`: the endpoint's identity (host ID
-//! and secret), its credentials and the record of what it installed, in one
-//! file, so that after an OS reinstall it is the same Agent in the cluster
+//! and secret), its credentials and the record of what it installed (with
+//! the file manifests drift is checked against), in one file, so that after an OS reinstall it is the same Agent in the cluster
 //! and does not reinstall what is still in place. The file holds secrets:
 //! it is written readable by its owner only.
 
@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{write_atomic, Credentials, InstalledRecord, StateDir};
+use crate::{
+    manifest::Manifest,
+    state::{write_atomic, Credentials, InstalledRecord, StateDir},
+};
 
 const FORMAT: &str = "caravan-agent-backup/v1";
 
@@ -21,6 +24,9 @@ struct Backup {
     host_secret: String,
     credentials: Option<Credentials>,
     installed: BTreeMap<String, InstalledRecord>,
+    /// What each installed version consisted of (for drift), by digest.
+    #[serde(default)]
+    manifests: BTreeMap<String, Manifest>,
 }
 
 /// Writes the backup of `state` to `out`. The agent must be stopped.
@@ -33,12 +39,20 @@ pub fn backup(state: &StateDir, out: &Path) -> anyhow::Result<()> {
         state.journal()?.is_none(),
         "a package change was interrupted; start the agent once to finish it, stop it, then back up"
     );
+    let installed = state.installed()?;
+    let mut manifests = BTreeMap::new();
+    for r in installed.values() {
+        if let Some(m) = state.manifest(&r.digest)? {
+            manifests.insert(r.digest.clone(), m);
+        }
+    }
     let backup = Backup {
         format: FORMAT.into(),
         host_id,
         host_secret,
         credentials: state.credentials()?,
-        installed: state.installed()?,
+        installed,
+        manifests,
     };
     write_atomic(out, &serde_json::to_vec_pretty(&backup)?)
         .with_context(|| format!("writing {}", out.display()))
@@ -67,5 +81,8 @@ pub fn restore(state: &StateDir, from: &Path, force: bool) -> anyhow::Result<()>
     state.set_identity(&backup.host_id, &backup.host_secret)?;
     state.set_credentials(backup.credentials.as_ref())?;
     state.set_installed(&backup.installed)?;
+    for (digest, m) in &backup.manifests {
+        state.set_manifest(digest, m)?;
+    }
     Ok(())
 }

@@ -108,5 +108,25 @@ async fn a_restored_agent_is_the_same_agent_and_keeps_what_is_installed() -> any
         installed_at,
         "hello was not installed again"
     );
+    // The file records came back too: drift is still noticed.
+    std::fs::write(root.join("hello/VERSION"), "edited after the reinstall")?;
+    wait_for(
+        "drift after the restore",
+        Duration::from_secs(60),
+        || async {
+            let status = c
+                .api::<Agent>()
+                .get(&name)
+                .await?
+                .status
+                .unwrap_or_default();
+            Ok(status
+                .drift
+                .iter()
+                .any(|d| d.path == "VERSION")
+                .then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
