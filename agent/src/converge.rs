@@ -48,6 +48,8 @@ pub struct Agent {
     trusted: Vec<VerifyingKey>,
     /// Files of installed packages no longer as installed, as last found.
     drift: Vec<Drift>,
+    /// The manifests of installed versions, read once from the state directory.
+    manifests: HashMap<String, Manifest>,
     /// This process is a new agent binary whose update awaits its first report.
     on_probation: bool,
 }
@@ -57,9 +59,7 @@ const HEARTBEAT: Duration = Duration::from_secs(300);
 
 impl Agent {
     pub fn new(args: RunArgs, state: StateDir) -> anyhow::Result<Self> {
-        let on_probation = state
-            .json::<selfupdate::Probation>("self-update.json")?
-            .is_some();
+        let on_probation = selfupdate::on_probation(&state)?;
         let client = Client::new(&args.server, args.ca_file.as_deref())?;
         let mut trusted = Vec::new();
         for path in &args.trusted_keys {
@@ -86,6 +86,7 @@ impl Agent {
             last_delivered: None,
             trusted,
             drift: Vec::new(),
+            manifests: HashMap::new(),
             on_probation,
         })
     }
@@ -281,21 +282,28 @@ impl Agent {
     }
 
     /// Compares every installed package with its manifest.
-    fn find_drift(&self, installed: &BTreeMap<String, InstalledRecord>) -> Vec<Drift> {
+    fn find_drift(&mut self, installed: &BTreeMap<String, InstalledRecord>) -> Vec<Drift> {
+        self.manifests
+            .retain(|digest, _| installed.values().any(|r| r.digest == *digest));
         let mut drift = Vec::new();
         for r in installed.values() {
             let root = &self.args.install_root;
             if !install::is_live(root, &r.name, &r.digest) {
                 continue;
             }
-            let found = match self.state.manifest(&r.digest) {
-                Ok(Some(m)) => m.drift(&r.name, &root.join(&r.name)),
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(package = %r.name, error = %format!("{e:#}"), "manifest unreadable");
-                    continue;
+            if !self.manifests.contains_key(&r.digest) {
+                match self.state.manifest(&r.digest) {
+                    Ok(Some(m)) => {
+                        self.manifests.insert(r.digest.clone(), m);
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(package = %r.name, error = %format!("{e:#}"), "manifest unreadable");
+                        continue;
+                    }
                 }
-            };
+            }
+            let found = self.manifests[&r.digest].drift(&r.name, &root.join(&r.name));
             match found {
                 Ok(d) => drift.extend(d),
                 Err(e) => tracing::warn!(package = %r.name, error = %e, "drift check failed"),
@@ -383,23 +391,13 @@ impl Agent {
             install: a.install.clone(),
         };
         if a.install.method == InstallMethod::Agent {
-            if let Some(r) = self
-                .state
-                .json::<selfupdate::Refused>("self-update-refused.json")?
-                .filter(|r| r.digest == a.digest)
-            {
-                anyhow::bail!("{}", r.reason);
+            if let Some(reason) = selfupdate::refusal(&self.state, &a.digest)? {
+                anyhow::bail!("{reason}");
             }
             // Tried out, switched in, recorded, then restarted into.
             let next = selfupdate::prepare(&partial, &self.state, &self.args).await?;
-            let binary = selfupdate::current_exe()?;
-            let probation = selfupdate::Probation {
-                previous_binary: binary.with_file_name(format!("{}.previous", selfupdate::BINARY)),
-                binary,
-                digest: a.digest.clone(),
-                previous_record: installed.get(&a.package).cloned(),
-            };
-            selfupdate::switch(&next, &self.state, probation)?;
+            let previous = installed.get(&a.package).cloned();
+            selfupdate::switch(&next, &self.state, &a.package, &a.digest, previous)?;
             installed.insert(a.package.clone(), record);
             self.state.set_installed(installed)?;
             let _ = std::fs::remove_file(&partial);
@@ -432,8 +430,8 @@ impl Agent {
         })
         .await
         .context("install task")?;
-        let roll_back = |root: std::path::PathBuf, package: String| {
-            let previous = previous.clone();
+        let roll_back = || {
+            let (root, package, previous) = (root.clone(), a.package.clone(), previous.clone());
             async move {
                 tokio::task::spawn_blocking(move || {
                     install::roll_back(&root, &package, previous.as_deref())
@@ -443,7 +441,7 @@ impl Agent {
             }
         };
         if let Err(e) = staged {
-            roll_back(root.clone(), a.package.clone()).await?;
+            roll_back().await?;
             self.state.set_journal(None)?;
             return Err(e.context(format!("installing package {} {}", a.package, a.version)));
         }
@@ -465,7 +463,7 @@ impl Agent {
                 Ok(tail) if action == "install" => output = tail,
                 Ok(_) => {}
                 Err(e) => {
-                    roll_back(root.clone(), a.package.clone()).await?;
+                    roll_back().await?;
                     self.state.set_journal(None)?;
                     return Err(
                         e.context(format!("package {} {} rolled back", a.package, a.version))
@@ -480,6 +478,7 @@ impl Agent {
             .context("manifest task")?
             .with_context(|| format!("recording the files of package {}", a.package))?;
         self.state.set_manifest(&a.digest, &manifest)?;
+        self.manifests.insert(a.digest.clone(), manifest);
         journal(Step::Configured)?;
         failpoint::hit("configured");
         let (r, package, digest) = (root.clone(), a.package.clone(), a.digest.clone());

@@ -120,29 +120,60 @@ pub async fn prepare(blob: &Path, state: &StateDir, args: &RunArgs) -> anyhow::R
 /// systemd unit's `OnFailure=`) puts it back.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct Probation {
-    pub binary: PathBuf,
-    pub previous_binary: PathBuf,
-    pub digest: String,
+struct Probation {
+    binary: PathBuf,
+    previous_binary: PathBuf,
+    package: String,
+    digest: String,
     /// The record of the agent package before the update.
-    pub previous_record: Option<InstalledRecord>,
+    previous_record: Option<InstalledRecord>,
 }
 
 /// A new agent that did not come up after its update: not tried again.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Refused {
-    pub digest: String,
-    pub reason: String,
+struct Refused {
+    digest: String,
+    reason: String,
+}
+
+/// State files of self-updates: the update on probation, the one refused.
+const PROBATION: &str = "self-update.json";
+const REFUSED: &str = "self-update-refused.json";
+
+/// Whether an update awaits the new binary's first report.
+pub fn on_probation(state: &StateDir) -> anyhow::Result<bool> {
+    Ok(state.json::<Probation>(PROBATION)?.is_some())
+}
+
+/// Why version `digest` of the agent is not tried again, if it was refused.
+pub fn refusal(state: &StateDir, digest: &str) -> anyhow::Result<Option<String>> {
+    Ok(state
+        .json::<Refused>(REFUSED)?
+        .filter(|r| r.digest == digest)
+        .map(|r| r.reason))
 }
 
 /// Puts the tried-out binary in place of this one (one atomic rename),
 /// keeping the old one as `<binary>.previous` until the new one reports.
-pub fn switch(next: &Path, state: &StateDir, probation: Probation) -> anyhow::Result<()> {
+pub fn switch(
+    next: &Path,
+    state: &StateDir,
+    package: &str,
+    digest: &str,
+    previous_record: Option<InstalledRecord>,
+) -> anyhow::Result<()> {
     let exe = current_exe()?;
+    let probation = Probation {
+        previous_binary: exe.with_file_name(format!("{BINARY}.previous")),
+        binary: exe.clone(),
+        package: package.into(),
+        digest: digest.into(),
+        previous_record,
+    };
     let _ = std::fs::remove_file(&probation.previous_binary);
     std::fs::hard_link(&exe, &probation.previous_binary)
         .with_context(|| format!("keeping {}", probation.previous_binary.display()))?;
-    state.set_json("self-update.json", Some(&probation))?;
+    state.set_json(PROBATION, Some(&probation))?;
     std::fs::rename(next, &exe).with_context(|| format!("replacing {}", exe.display()))?;
     if let Some(dir) = exe.parent() {
         std::fs::File::open(dir)?.sync_all()?;
@@ -152,9 +183,9 @@ pub fn switch(next: &Path, state: &StateDir, probation: Probation) -> anyhow::Re
 
 /// The new binary has delivered a report: the update is confirmed.
 pub fn confirm(state: &StateDir) -> anyhow::Result<()> {
-    if let Some(p) = state.json::<Probation>("self-update.json")? {
+    if let Some(p) = state.json::<Probation>(PROBATION)? {
         let _ = std::fs::remove_file(&p.previous_binary);
-        state.set_json::<Probation>("self-update.json", None)?;
+        state.set_json::<Probation>(PROBATION, None)?;
         tracing::info!(digest = %p.digest, "self-update confirmed");
     }
     Ok(())
@@ -164,7 +195,7 @@ pub fn confirm(state: &StateDir) -> anyhow::Result<()> {
 /// that has not reported, which is not tried again.
 pub fn roll_back(state: &StateDir) -> anyhow::Result<String> {
     let _lock = state.lock()?;
-    let Some(p) = state.json::<Probation>("self-update.json")? else {
+    let Some(p) = state.json::<Probation>(PROBATION)? else {
         return Ok("no self-update on probation: nothing to roll back".into());
     };
     std::fs::rename(&p.previous_binary, &p.binary)
@@ -172,17 +203,17 @@ pub fn roll_back(state: &StateDir) -> anyhow::Result<String> {
     let mut installed = state.installed()?;
     match &p.previous_record {
         Some(r) => installed.insert(r.name.clone(), r.clone()),
-        None => installed.remove(BINARY),
+        None => installed.remove(&p.package),
     };
     state.set_installed(&installed)?;
     state.set_json(
-        "self-update-refused.json",
+        REFUSED,
         Some(&Refused {
             digest: p.digest.clone(),
             reason: "the new agent did not come up and report after the update; back to the previous binary".into(),
         }),
     )?;
-    state.set_json::<Probation>("self-update.json", None)?;
+    state.set_json::<Probation>(PROBATION, None)?;
     Ok(format!(
         "rolled back to the agent binary before {}",
         p.digest

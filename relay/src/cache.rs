@@ -263,12 +263,11 @@ impl Cache {
         self.dir.join("partial").join(hex)
     }
 
-    /// The path of the cached blob, after fetching it if needed, and whether
-    /// it was cached already.
-    pub async fn ensure(self: &Arc<Self>, hex: &str) -> Result<(PathBuf, bool), Arc<CacheError>> {
+    /// The path of the cached blob, after fetching it if needed (prestaging).
+    pub async fn ensure(self: &Arc<Self>, hex: &str) -> Result<PathBuf, Arc<CacheError>> {
         match self.start(hex).await {
-            Ok(path) => Ok((path, true)),
-            Err(fetch) => fetch.result.await.map(|path| (path, false)),
+            Ok(path) => Ok(path),
+            Err(fetch) => fetch.result.await,
         }
     }
 

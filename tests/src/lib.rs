@@ -1065,6 +1065,15 @@ impl Caravan {
         (args, env)
     }
 
+    /// Waits until `job`, aimed at one agent, has failed there; returns why.
+    pub async fn wait_failed(&self, job: &str) -> anyhow::Result<String> {
+        let job = self
+            .wait_job(job, "Failed", "0/1", Duration::from_secs(120))
+            .await?;
+        let failure = job.status.and_then(|s| s.failures.into_iter().next());
+        Ok(failure.context("a failed job names its failure")?.reason)
+    }
+
     /// Waits until `job` reports `phase` with `succeeded` of `total`.
     pub async fn wait_job(
         &self,

@@ -132,10 +132,7 @@ async fn outside_its_transfer_window_a_relay_fetches_nothing_and_says_why() -> a
     let relay = c.start_relay("hq").await?;
     c.start_agent("agent-1", &relay)?;
     package_for_hq(&c, &repo, 1000).await?;
-    let job = c
-        .wait_job("shared", "Failed", "0/1", Duration::from_secs(120))
-        .await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("shared").await?;
     assert!(
         reason.contains("transfer window") && reason.contains("opens in"),
         "{reason}"

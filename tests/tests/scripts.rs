@@ -128,8 +128,7 @@ async fn install_scripts_decide_success_and_requirements_are_checked_first() -> 
         "the script's output is reported"
     );
 
-    let job = c.wait_job("broken", "Failed", "0/1", T).await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("broken").await?;
     assert!(
         reason.contains("exit status: 4")
             && reason.contains("port 8080 already in use")
@@ -141,8 +140,7 @@ async fn install_scripts_decide_success_and_requirements_are_checked_first() -> 
         "a failed install leaves nothing behind"
     );
 
-    let job = c.wait_job("exotic", "Failed", "0/1", T).await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("exotic").await?;
     assert!(
         reason.contains("requirement not met") && reason.contains("needs os plan9"),
         "{reason}"
@@ -212,8 +210,7 @@ async fn a_failed_health_check_puts_the_previous_version_back() -> anyhow::Resul
         "#!/bin/sh\necho 'web: port 8443 not answering' >&2\nexit 3\n",
     )?;
     repo.commit("web 2.0.0")?;
-    let job = c.wait_job("web", "Failed", "0/1", T).await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("web").await?;
     assert!(
         reason.contains("health")
             && reason.contains("port 8443 not answering")

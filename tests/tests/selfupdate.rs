@@ -93,8 +93,7 @@ async fn the_agent_updates_itself_and_keeps_its_binary_when_the_new_one_fails() 
         "#!/bin/sh\necho 'agent 3.0.0: missing libfoo.so' >&2\nexit 127\n",
     )?;
     repo.commit("Agents: 3.0.0")?;
-    let job = c.wait_job("agent-update", "Failed", "0/1", T).await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("agent-update").await?;
     assert!(
         reason.contains("self-test") && reason.contains("missing libfoo.so"),
         "{reason}"
@@ -146,8 +145,7 @@ async fn the_agent_updates_itself_and_keeps_its_binary_when_the_new_one_fails() 
     );
     assert_eq!(std::fs::read_to_string(&installed)?, v2, "back to 2.0.0");
     c.agents[0].proc = c.spawn_agent("edge", &relay, &state, &root)?;
-    let job = c.wait_job("agent-update", "Failed", "0/1", T).await?;
-    let reason = &job.status.unwrap().failures[0].reason;
+    let reason = &c.wait_failed("agent-update").await?;
     assert!(reason.contains("did not come up and report"), "{reason}");
     assert!(
         c.agents[0].proc.running(),

@@ -214,10 +214,6 @@ async fn create_agents(c: &Caravan, prefix: &str, n: usize) -> anyhow::Result<()
         .await
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    a / b
-}
-
 /// N concurrent downloads of `url`; returns the bytes.
 async fn download_all(url: &str, token: Option<&str>, clients: usize) -> anyhow::Result<u64> {
     let http = reqwest::Client::new();
@@ -285,8 +281,8 @@ async fn large(size_mib: u64, clients: usize) -> anyhow::Result<()> {
     let (relay, nginx) = (results[0], results[1]);
     println!(
         "\nrelay / nginx: throughput {:.2}x, CPU per GiB {:.2}x (goal: >= 1.0x throughput at <= 1.0x CPU)",
-        ratio(relay.0, nginx.0),
-        ratio(relay.1, nginx.1)
+        relay.0 / nginx.0,
+        relay.1 / nginx.1
     );
     Ok(())
 }
@@ -385,7 +381,7 @@ async fn small(seconds: u64, clients: usize) -> anyhow::Result<()> {
         }
         println!(
             "\n{what}: relay / nginx answers per CPU-second {:.2}x\n",
-            ratio(per_cpu[0], per_cpu[1])
+            per_cpu[0] / per_cpu[1]
         );
     }
     Ok(())
