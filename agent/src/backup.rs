@@ -9,9 +9,12 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use caravan_api::Digest;
+
 use crate::{
-    manifest::Manifest,
-    state::{write_atomic, Credentials, InstalledRecord, StateDir},
+    drift::Baseline,
+    state::{write_atomic, Credentials, Installed, StateDir},
+    transaction::journal,
 };
 
 const FORMAT: &str = "caravan-agent-backup/v1";
@@ -23,10 +26,10 @@ struct Backup {
     host_id: String,
     host_secret: String,
     credentials: Option<Credentials>,
-    installed: BTreeMap<String, InstalledRecord>,
+    installed: Installed,
     /// What each installed version consisted of (for drift), by digest.
     #[serde(default)]
-    manifests: BTreeMap<String, Manifest>,
+    manifests: BTreeMap<Digest, Baseline>,
 }
 
 /// Writes the backup of `state` to `out`. The agent must be stopped.
@@ -36,14 +39,14 @@ pub fn backup(state: &StateDir, out: &Path) -> anyhow::Result<()> {
         .identity()?
         .context("nothing to back up: this agent has no identity yet (it never ran)")?;
     anyhow::ensure!(
-        state.journal()?.is_none(),
+        journal::read(state)?.is_none(),
         "a package change was interrupted; start the agent once to finish it, stop it, then back up"
     );
     let installed = state.installed()?;
     let mut manifests = BTreeMap::new();
     for r in installed.values() {
-        if let Some(m) = state.manifest(&r.digest)? {
-            manifests.insert(r.digest.clone(), m);
+        if let Some(b) = Baseline::load(state, &r.digest)? {
+            manifests.insert(r.digest, b);
         }
     }
     let backup = Backup {
@@ -81,8 +84,8 @@ pub fn restore(state: &StateDir, from: &Path, force: bool) -> anyhow::Result<()>
     state.set_identity(&backup.host_id, &backup.host_secret)?;
     state.set_credentials(backup.credentials.as_ref())?;
     state.set_installed(&backup.installed)?;
-    for (digest, m) in &backup.manifests {
-        state.set_manifest(digest, m)?;
+    for (digest, b) in &backup.manifests {
+        b.save(state, digest)?;
     }
     Ok(())
 }

@@ -2,12 +2,13 @@
 
 use std::{path::Path, time::Duration};
 
-use caravan_api::wire::{
-    AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_WAIT_SECONDS,
+use caravan_api::{
+    wire::{paths, AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_WAIT_SECONDS},
+    Digest,
 };
 use futures::StreamExt;
 use reqwest::{header, StatusCode};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +23,8 @@ pub enum ClientError {
     },
     #[error("relay answered {status}: {message}")]
     Status { status: StatusCode, message: String },
-    #[error("digest mismatch: downloaded bytes have sha256:{actual}, expected sha256:{expected}")]
-    DigestMismatch { expected: String, actual: String },
+    #[error("digest mismatch: downloaded bytes have {actual}, expected {expected}")]
+    DigestMismatch { expected: Digest, actual: Digest },
     #[error("size mismatch: downloaded {actual} bytes, expected {expected}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error("{path}: {source}")]
@@ -85,7 +86,7 @@ impl Client {
         bootstrap_token: &str,
         req: &EnrollRequest,
     ) -> Result<EnrollResponse, ClientError> {
-        let url = format!("{}/v1/enroll", self.base);
+        let url = format!("{}{}", self.base, paths::ENROLL);
         let res = self
             .send(
                 self.http
@@ -107,7 +108,7 @@ impl Client {
         etag: Option<&str>,
         wait: u64,
     ) -> Result<Option<(String, AgentDesired)>, ClientError> {
-        let url = format!("{}/v1/desired?wait={wait}", self.base);
+        let url = format!("{}{}", self.base, paths::poll(paths::DESIRED, wait));
         let res = self
             .send(
                 caravan_net::poll_request(&self.http, &url, etag, wait),
@@ -120,7 +121,7 @@ impl Client {
     }
 
     pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {
-        let url = format!("{}/v1/report", self.base);
+        let url = format!("{}{}", self.base, paths::REPORT);
         self.send(
             self.http
                 .post(&url)
@@ -132,13 +133,12 @@ impl Client {
         Ok(())
     }
 
-    /// Downloads blob `hex` to `partial`, resuming what is there, and verifies
-    /// size and sha256. The file is deleted when verification fails.
-    /// Downloads blob `hex` of `size` bytes into `partial`, resuming what
-    /// is there, calling `progress` with the bytes received so far.
+    /// Downloads blob `digest` of `size` bytes into `partial`, resuming what
+    /// is there, calling `progress` with the bytes received so far, and
+    /// verifies size and digest. The file is deleted when verification fails.
     pub async fn download(
         &self,
-        hex: &str,
+        digest: &Digest,
         size: u64,
         partial: &Path,
         mut progress: impl FnMut(u64),
@@ -149,13 +149,13 @@ impl Client {
         };
         let (mut hasher, mut offset) = caravan_net::hash_partial(partial).await.map_err(io)?;
         if offset < size || size == 0 {
-            let url = format!("{}/v1/blobs/sha256:{hex}", self.base);
+            let url = format!("{}{}", self.base, paths::blob(digest));
             let mut req = self.http.get(&url);
             if offset > 0 {
                 // If-Range: resume only if it is still the same blob.
                 req = req
                     .header(header::RANGE, format!("bytes={offset}-"))
-                    .header(header::IF_RANGE, format!("\"{hex}\""));
+                    .header(header::IF_RANGE, digest.etag());
             }
             let res = self.send(req, &url).await?;
             let resumed = res.status() == StatusCode::PARTIAL_CONTENT;
@@ -193,12 +193,12 @@ impl Client {
                 actual: offset,
             })
         } else {
-            let actual = hex::encode(hasher.finalize());
-            if actual == hex {
+            let actual = Digest::from_hasher(hasher);
+            if actual == *digest {
                 Ok(())
             } else {
                 Err(ClientError::DigestMismatch {
-                    expected: hex.to_string(),
+                    expected: *digest,
                     actual,
                 })
             }

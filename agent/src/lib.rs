@@ -3,19 +3,31 @@
 //! verify the sha256, install into the install root, remove what is no longer
 //! desired, and report every transition. It converges at start-up, so an
 //! endpoint that was off gets its jobs when it comes back.
+//!
+//! - [`daemon`]: `caravan-agent run`, the loop: [`enroll`], poll, converge.
+//! - [`plan`] decides what to do for each assignment (pure);
+//!   [`converge`] does it: [`policy`] checks, download, [`transaction`].
+//! - [`transaction`]: one package change, crash-safe (journal, atomic
+//!   switch, scripts, rollback, recovery at start-up).
+//! - [`drift`], [`selfupdate`], [`backup`], [`status`]: the rest of what an
+//!   endpoint needs; [`state`] is the state directory they all keep files in.
 
-pub mod archive;
 pub mod backup;
 pub mod client;
+pub mod config;
 pub mod converge;
+pub mod daemon;
+pub mod drift;
+pub mod enroll;
 pub mod failpoint;
-pub mod install;
-pub mod journal;
-pub mod manifest;
+pub mod plan;
+pub mod policy;
 pub mod selfupdate;
 pub mod state;
+pub mod status;
+pub mod transaction;
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -147,15 +159,8 @@ pub struct RunArgs {
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => run(args).await,
-        Command::Status { state } => {
-            let state = state.open()?;
-            print!("{}", state.describe()?);
-            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                follow_download(&state).await;
-            }
-            Ok(())
-        }
+        Command::Run(args) => daemon::run(config::Config::from_args(args)?).await,
+        Command::Status { state } => status::show(&state.open()?).await,
         Command::SelfTest {
             server,
             state_dir,
@@ -183,86 +188,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-/// On a terminal: a progress bar for the download in progress, until it ends.
-async fn follow_download(state: &state::StateDir) {
-    let Some(first) = state.progress() else {
-        return;
-    };
-    let bar = indicatif::ProgressBar::new(first.total).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {percent}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("{} {}", first.package, first.version));
-    let mut moved = std::time::Instant::now();
-    while let Some(p) = state.progress().filter(|p| p.digest == first.digest) {
-        if p.received != bar.position() {
-            bar.set_position(p.received);
-            moved = std::time::Instant::now();
-        } else if moved.elapsed() > Duration::from_secs(30) {
-            // The agent is not running, or the relay stopped sending.
-            bar.abandon_with_message(format!("{} {}: stalled", first.package, first.version));
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bar.finish_with_message(format!("{} {} downloaded", first.package, first.version));
-}
-
-/// Enrolls if needed, then polls and converges until stopped.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let state = state::StateDir::open(&args.state_dir)
-        .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
-    let _lock = state.lock()?;
-    // Where this binary is, before a self-update replaces it.
-    selfupdate::pin_binary(args.binary.clone())?;
-    journal::recover(&state, &args.install_root).context("finishing an interrupted change")?;
-    let mut agent = converge::Agent::new(args.clone(), state)?;
-    agent.ensure_enrolled().await?;
-    let mut etag: Option<String> = None;
-    let mut backoff = Duration::from_secs(1);
-    // First pass at start-up: converge to the current state without waiting.
-    let mut wait = 0;
-    loop {
-        match agent.client.desired(etag.as_deref(), wait).await {
-            Ok(Some((new_etag, desired))) => {
-                etag = Some(new_etag);
-                agent.set_desired(desired);
-                let ok = agent.converge().await;
-                if args.once {
-                    return if ok {
-                        Ok(())
-                    } else {
-                        anyhow::bail!("some assignments failed; see `caravan-agent status`")
-                    };
-                }
-                backoff = Duration::from_secs(1);
-            }
-            Ok(None) => {
-                agent.converge().await;
-            }
-            Err(client::ClientError::Unauthorized(msg)) => {
-                tracing::warn!(%msg, "credentials refused; enrolling again");
-                agent.forget_credentials()?;
-                agent.ensure_enrolled().await?;
-                continue;
-            }
-            Err(e) => {
-                if args.once {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %e, retry_in = ?backoff, "polling the relay failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                continue;
-            }
-        }
-        wait = agent.next_wait(args.poll_wait);
     }
 }
 

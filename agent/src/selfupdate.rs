@@ -15,14 +15,14 @@ use anyhow::Context as _;
 
 use serde::{Deserialize, Serialize};
 
+use caravan_api::Digest;
+
 use crate::{
-    archive,
+    config::Config,
     state::{InstalledRecord, StateDir},
-    RunArgs,
 };
 
-/// Where an agent package carries the new binary.
-pub const BINARY: &str = "caravan-agent";
+use caravan_api::v1alpha1::AGENT_BINARY as BINARY;
 
 /// How long the new binary has to prove itself.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,15 +53,15 @@ pub fn current_exe() -> anyhow::Result<PathBuf> {
 
 /// Extracts the new binary from the verified package `blob` next to this
 /// agent's binary and tries it out. Returns its path, ready to be switched in.
-pub async fn prepare(blob: &Path, state: &StateDir, args: &RunArgs) -> anyhow::Result<PathBuf> {
+pub async fn prepare(blob: &Path, state: &StateDir, config: &Config) -> anyhow::Result<PathBuf> {
     let exe = current_exe()?;
     let next = exe.with_file_name(format!("{BINARY}.next"));
     let staging = state.downloads().join("agent-update");
     let (b, s, n) = (blob.to_path_buf(), staging.clone(), next.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&s);
-        archive::check(std::io::BufReader::new(std::fs::File::open(&b)?))?;
-        archive::extract(std::io::BufReader::new(std::fs::File::open(&b)?), &s)?;
+        caravan_archive::check(std::io::BufReader::new(std::fs::File::open(&b)?))?;
+        caravan_archive::extract(std::io::BufReader::new(std::fs::File::open(&b)?), &s)?;
         let new = s.join(BINARY);
         anyhow::ensure!(
             std::fs::symlink_metadata(&new).is_ok_and(|m| m.is_file()),
@@ -79,12 +79,12 @@ pub async fn prepare(blob: &Path, state: &StateDir, args: &RunArgs) -> anyhow::R
     let mut cmd = tokio::process::Command::new(&next);
     cmd.arg("self-test")
         .arg("--server")
-        .arg(&args.server)
+        .arg(&config.server)
         .arg("--state-dir")
-        .arg(&args.state_dir)
+        .arg(&config.state_dir)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    if let Some(ca) = &args.ca_file {
+    if let Some(ca) = &config.ca_file {
         cmd.arg("--ca-file").arg(ca);
     }
     let out = tokio::time::timeout(SELF_TEST_TIMEOUT, cmd.output()).await;
@@ -124,7 +124,7 @@ struct Probation {
     binary: PathBuf,
     previous_binary: PathBuf,
     package: String,
-    digest: String,
+    digest: Digest,
     /// The record of the agent package before the update.
     previous_record: Option<InstalledRecord>,
 }
@@ -132,7 +132,7 @@ struct Probation {
 /// A new agent that did not come up after its update: not tried again.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct Refused {
-    digest: String,
+    digest: Digest,
     reason: String,
 }
 
@@ -146,10 +146,10 @@ pub fn on_probation(state: &StateDir) -> anyhow::Result<bool> {
 }
 
 /// Why version `digest` of the agent is not tried again, if it was refused.
-pub fn refusal(state: &StateDir, digest: &str) -> anyhow::Result<Option<String>> {
+pub fn refusal(state: &StateDir, digest: &Digest) -> anyhow::Result<Option<String>> {
     Ok(state
         .json::<Refused>(REFUSED)?
-        .filter(|r| r.digest == digest)
+        .filter(|r| r.digest == *digest)
         .map(|r| r.reason))
 }
 
@@ -159,7 +159,7 @@ pub fn switch(
     next: &Path,
     state: &StateDir,
     package: &str,
-    digest: &str,
+    digest: &Digest,
     previous_record: Option<InstalledRecord>,
 ) -> anyhow::Result<()> {
     let exe = current_exe()?;
@@ -167,7 +167,7 @@ pub fn switch(
         previous_binary: exe.with_file_name(format!("{BINARY}.previous")),
         binary: exe.clone(),
         package: package.into(),
-        digest: digest.into(),
+        digest: *digest,
         previous_record,
     };
     let _ = std::fs::remove_file(&probation.previous_binary);
@@ -209,7 +209,7 @@ pub fn roll_back(state: &StateDir) -> anyhow::Result<String> {
     state.set_json(
         REFUSED,
         Some(&Refused {
-            digest: p.digest.clone(),
+            digest: p.digest,
             reason: "the new agent did not come up and report after the update; back to the previous binary".into(),
         }),
     )?;

@@ -1,15 +1,21 @@
 //! The agent's state directory: host identity, credentials, the record of
-//! installed packages, the last report (for `caravan-agent status`) and
-//! partial downloads. Every file is replaced atomically (write, fsync, rename).
+//! installed packages, the last report (for `caravan-agent status`),
+//! download progress and partial downloads. Other modules keep their own
+//! files here through [`StateDir::json`] and [`StateDir::set_json`] (the
+//! install journal, drift baselines, self-update state). Every file is
+//! replaced atomically (write, fsync, rename) and readable by its owner only.
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use caravan_api::wire::{AgentReport, AssignmentPhase, InstalledPackage};
+use caravan_api::{
+    wire::{AgentReport, InstalledPackage},
+    Digest,
+};
+use caravan_net::fs::{write_private, Existing};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -33,7 +39,7 @@ impl std::fmt::Debug for Credentials {
 pub struct InstalledRecord {
     pub name: String,
     pub version: String,
-    pub digest: String,
+    pub digest: Digest,
     pub job: String,
     /// How it was installed (its uninstall script, if any).
     #[serde(default)]
@@ -45,17 +51,20 @@ impl From<&InstalledRecord> for InstalledPackage {
         Self {
             name: r.name.clone(),
             version: r.version.clone(),
-            digest: r.digest.clone(),
+            digest: r.digest,
         }
     }
 }
+
+/// The installed packages, by name.
+pub type Installed = BTreeMap<String, InstalledRecord>;
 
 /// How far the download in progress has got (for `caravan-agent status`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub package: String,
     pub version: String,
-    pub digest: String,
+    pub digest: Digest,
     pub received: u64,
     pub total: u64,
 }
@@ -73,8 +82,18 @@ impl StateDir {
         })
     }
 
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn downloads(&self) -> PathBuf {
         self.dir.join("downloads")
+    }
+
+    /// Where the archive of version `digest` is downloaded to (and resumed from).
+    pub fn download(&self, digest: &Digest) -> PathBuf {
+        self.downloads().join(format!("{}.part", digest.hex()))
     }
 
     /// The host's stable identity, created on first start.
@@ -153,49 +172,12 @@ impl StateDir {
         }
     }
 
-    pub fn installed(&self) -> anyhow::Result<BTreeMap<String, InstalledRecord>> {
+    pub fn installed(&self) -> anyhow::Result<Installed> {
         Ok(self.read_json("installed.json")?.unwrap_or_default())
     }
 
-    pub fn set_installed(
-        &self,
-        installed: &BTreeMap<String, InstalledRecord>,
-    ) -> anyhow::Result<()> {
+    pub fn set_installed(&self, installed: &Installed) -> anyhow::Result<()> {
         self.write_json("installed.json", installed)
-    }
-
-    /// What version `digest` consisted of when installed (see [`crate::manifest`]).
-    pub fn manifest(&self, digest: &str) -> anyhow::Result<Option<crate::manifest::Manifest>> {
-        self.read_json(&format!("manifests/{}.json", manifest_id(digest)))
-    }
-
-    pub fn set_manifest(&self, digest: &str, m: &crate::manifest::Manifest) -> anyhow::Result<()> {
-        std::fs::create_dir_all(self.dir.join("manifests"))?;
-        self.write_json(&format!("manifests/{}.json", manifest_id(digest)), m)
-    }
-
-    /// Drops the manifests of versions no longer installed.
-    pub fn prune_manifests(
-        &self,
-        installed: &BTreeMap<String, InstalledRecord>,
-    ) -> anyhow::Result<()> {
-        let keep: Vec<String> = installed
-            .values()
-            .map(|r| format!("{}.json", manifest_id(&r.digest)))
-            .collect();
-        let Ok(dir) = std::fs::read_dir(self.dir.join("manifests")) else {
-            return Ok(());
-        };
-        for entry in dir {
-            let entry = entry?;
-            if !keep
-                .iter()
-                .any(|k| *k == *entry.file_name().to_string_lossy())
-            {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(())
     }
 
     /// The download in progress, if any.
@@ -218,18 +200,6 @@ impl StateDir {
         };
     }
 
-    /// The change in progress, if any (see [`crate::journal`]).
-    pub fn journal(&self) -> anyhow::Result<Option<crate::journal::Entry>> {
-        self.read_json("journal.json")
-    }
-
-    pub fn set_journal(&self, entry: Option<&crate::journal::Entry>) -> anyhow::Result<()> {
-        match entry {
-            Some(e) => self.write_json("journal.json", e),
-            None => remove_synced(&self.dir.join("journal.json")),
-        }
-    }
-
     pub fn last_report(&self) -> anyhow::Result<Option<AgentReport>> {
         self.read_json("last-report.json")
     }
@@ -238,55 +208,8 @@ impl StateDir {
         self.write_json("last-report.json", report)
     }
 
-    /// A human summary for `caravan-agent status`.
-    pub fn describe(&self) -> anyhow::Result<String> {
-        let mut out = String::new();
-        match self.credentials()? {
-            Some(c) => out.push_str(&format!("agent: {} (relay {})\n", c.agent, c.server)),
-            None => out.push_str("agent: not enrolled\n"),
-        }
-        out.push_str("installed:\n");
-        let installed = self.installed()?;
-        if installed.is_empty() {
-            out.push_str("  (nothing)\n");
-        }
-        for r in installed.values() {
-            out.push_str(&format!("  {} {} {}\n", r.name, r.version, &r.digest));
-        }
-        if let Some(j) = self.journal()? {
-            out.push_str(&format!(
-                "interrupted: package {} at step {:?}; the next start will have it {}\n",
-                j.package,
-                j.step,
-                j.step.outcome()
-            ));
-        }
-        let progress = self.progress();
-        if let Some(report) = self.read_json::<AgentReport>("last-report.json")? {
-            out.push_str("assignments:\n");
-            for j in &report.jobs {
-                let phase = match (j.phase, &progress) {
-                    (AssignmentPhase::Failed, _) => {
-                        format!("Failed (tried again shortly): {}", j.message)
-                    }
-                    (AssignmentPhase::Downloading, Some(p)) if p.digest == j.digest => format!(
-                        "Downloading {}% ({:.1} of {:.1} MiB)",
-                        (p.received * 100).checked_div(p.total).unwrap_or(0),
-                        p.received as f64 / 1048576.0,
-                        p.total as f64 / 1048576.0
-                    ),
-                    (p, _) => format!("{p:?}"),
-                };
-                out.push_str(&format!(
-                    "  {} {:?} {}: {}\n",
-                    j.job, j.action, j.package, phase
-                ));
-            }
-        }
-        Ok(out)
-    }
-
-    /// A JSON file of the state directory, if it exists.
+    /// A JSON file of the state directory (`name` may be in a
+    /// subdirectory), if it exists.
     pub fn json<T: DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
         self.read_json(name)
     }
@@ -313,12 +236,12 @@ impl StateDir {
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
-        write_atomic(&self.dir.join(name), &serde_json::to_vec_pretty(value)?)
+        let path = self.dir.join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_atomic(&path, &serde_json::to_vec_pretty(value)?)
     }
-}
-
-fn manifest_id(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 /// Removes `path` (if it exists) durably.
@@ -327,34 +250,16 @@ fn remove_synced(path: &Path) -> anyhow::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", path.display()))
         }
-        _ => {
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        }
+        _ => caravan_net::fs::sync_parent(path)
+            .with_context(|| format!("syncing the directory of {}", path.display())),
     }
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new file,
 /// never a mix. State files hold credentials: only the owner may read them.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    write_private(path, bytes, Existing::Replace)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -4,7 +4,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub const READY: &str = "Ready";
+/// True while a failure that may pass (a fetch, an API call) is being
+/// retried; absent once the object is reconciled (kstatus's "abnormal-true").
 pub const RECONCILING: &str = "Reconciling";
+/// True while retrying cannot help: only a change (to the object, or a new
+/// commit in Git) can; absent otherwise.
 pub const STALLED: &str = "Stalled";
 /// DistributionJob: every package and destination it names exists.
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
@@ -38,6 +42,9 @@ pub mod reasons {
     pub const ENROLLED: &str = "Enrolled";
     pub const SIGNATURE_VERIFIED: &str = "SignatureVerified";
     pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
+    pub const INVALID_NAME: &str = "InvalidName";
+    /// A transient failure is being retried.
+    pub const RETRYING: &str = "Retrying";
 }
 
 /// Builds a condition for `generation`. Call [`merge`] to keep the previous

@@ -3,9 +3,13 @@
 //! distribution API spoken between controller, relays and agents.
 
 pub mod conditions;
+pub mod digest;
+pub mod names;
 pub mod signing;
 pub mod v1alpha1;
 pub mod wire;
+
+pub use digest::Digest;
 
 /// API group of every Caravan custom resource.
 pub const GROUP: &str = "caravan.dev";
@@ -13,8 +17,6 @@ pub const GROUP: &str = "caravan.dev";
 pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` string of every Caravan manifest.
 pub const API_VERSION: &str = "caravan.dev/v1alpha1";
-/// Field manager used for everything the controller applies.
-pub const FIELD_MANAGER: &str = "caravan";
 
 /// Label keys and annotations Caravan sets.
 pub mod labels {

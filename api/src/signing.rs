@@ -8,7 +8,9 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+
+use crate::Digest;
 
 const PREFIX: &str = "ed25519:";
 
@@ -33,7 +35,7 @@ pub enum SignatureError {
 }
 
 /// The bytes a package signature covers.
-pub fn message(name: &str, version: &str, digest: &str) -> Vec<u8> {
+pub fn message(name: &str, version: &str, digest: &Digest) -> Vec<u8> {
     format!("caravan-package-v1\0{name}\0{version}\0{digest}").into_bytes()
 }
 
@@ -71,7 +73,7 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
-pub fn sign(key: &SigningKey, name: &str, version: &str, digest: &str) -> PackageSignature {
+pub fn sign(key: &SigningKey, name: &str, version: &str, digest: &Digest) -> PackageSignature {
     PackageSignature {
         key_id: key_id(&key.verifying_key()),
         signature: B64.encode(key.sign(&message(name, version, digest)).to_bytes()),
@@ -85,7 +87,7 @@ pub fn verify(
     signatures: &[PackageSignature],
     name: &str,
     version: &str,
-    digest: &str,
+    digest: &Digest,
 ) -> Result<String, SignatureError> {
     let msg = message(name, version, digest);
     let mut invalid = None;
@@ -114,45 +116,33 @@ mod tests {
     fn a_signature_binds_name_version_and_digest() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let public = parse_public(&encode_public(&key.verifying_key())).unwrap();
-        let sig = sign(&key, "hello", "1.0.0", "sha256:aa");
+        let (aa, bb) = (Digest::of(b"a"), Digest::of(b"b"));
+        let sig = sign(&key, "hello", "1.0.0", &aa);
+        // The signed bytes keep their format: signatures made earlier stay valid.
         assert_eq!(
-            verify(
-                &[public],
-                std::slice::from_ref(&sig),
-                "hello",
-                "1.0.0",
-                "sha256:aa"
-            ),
+            message("hello", "1.0.0", &aa),
+            format!("caravan-package-v1\0hello\01.0.0\0sha256:{}", aa.hex()).into_bytes()
+        );
+        assert_eq!(
+            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.0", &aa),
             Ok(key_id(&public))
         );
         let wrong = Err(SignatureError::Invalid(key_id(&public)));
         assert_eq!(
-            verify(
-                &[public],
-                std::slice::from_ref(&sig),
-                "hello",
-                "1.0.1",
-                "sha256:aa"
-            ),
+            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.1", &aa),
             wrong
         );
         assert_eq!(
-            verify(
-                &[public],
-                std::slice::from_ref(&sig),
-                "hello",
-                "1.0.0",
-                "sha256:bb"
-            ),
+            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.0", &bb),
             wrong
         );
         let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
         assert_eq!(
-            verify(&[other], &[sig], "hello", "1.0.0", "sha256:aa"),
+            verify(&[other], &[sig], "hello", "1.0.0", &aa),
             Err(SignatureError::Unsigned)
         );
         assert_eq!(
-            verify(&[public], &[], "hello", "1.0.0", "sha256:aa"),
+            verify(&[public], &[], "hello", "1.0.0", &aa),
             Err(SignatureError::Unsigned)
         );
         assert_eq!(

@@ -1,32 +1,92 @@
-//! Wire types of the distribution API (JSON over HTTP).
+//! Wire types of the distribution API (JSON over HTTP), and its URL paths
+//! ([`paths`]), used by servers and clients alike.
 //!
-//! Controller ⇄ relay:
-//! - `GET  /v1/site/desired` (relay token): [`SiteDesired`], long-poll with `If-None-Match`.
-//! - `POST /v1/site/enroll` (relay token): [`EnrollRequest`] → [`EnrollForward`].
-//! - `POST /v1/site/reports` (relay token): `Vec<AgentReport>`.
-//! - `POST /v1/site/stats` (relay token): [`RelayStats`].
-//! - `GET  /v1/blobs/sha256:<hex>` (relay token): blob bytes, `Range` supported.
-//! - `GET  /v1/uploads/sha256:<hex>` (upload token): [`UploadState`].
-//! - `PUT  /v1/blobs/sha256:<hex>` (upload token): store a blob; the digest is
-//!   verified; `Content-Range` continues an interrupted upload.
+//! | call | who | body → answer |
+//! |---|---|---|
+//! | `GET  /v1/site/desired` | relay token | long-poll (`If-None-Match`, `?wait=`) → [`SiteDesired`] |
+//! | `POST /v1/site/enroll` | relay token | [`EnrollRequest`] → [`EnrollForward`] |
+//! | `POST /v1/site/reports` | relay token | `Vec<AgentReport>` |
+//! | `POST /v1/site/stats` | relay token | [`RelayStats`] |
+//! | `GET  /v1/blobs/sha256:<hex>` | relay token | blob bytes, `Range` + `If-Range` |
+//! | `GET  /v1/uploads/sha256:<hex>` | upload token | → [`UploadState`] |
+//! | `PUT  /v1/blobs/sha256:<hex>` | upload token | blob bytes (digest verified; `Content-Range` resumes) |
 //!
-//! Relay ⇄ agent:
-//! - `POST /v1/enroll` (site bootstrap token): [`EnrollRequest`] → [`EnrollResponse`].
-//! - `GET  /v1/desired` (agent token): [`AgentDesired`], long-poll with `If-None-Match`.
-//! - `GET  /v1/blobs/sha256:<hex>` (agent token): only blobs assigned to the agent.
-//! - `POST /v1/report` (agent token): [`AgentReport`].
+//! Relay ⇄ agent (and child relay):
+//!
+//! | call | who | body → answer |
+//! |---|---|---|
+//! | `POST /v1/enroll` | site bootstrap token | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | `GET  /v1/desired` | agent token | long-poll → [`AgentDesired`] |
+//! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
+//! | `POST /v1/report` | agent token | [`AgentReport`] |
+//!
+//! Every error answer is [`ErrorBody`]: `{"error": "..."}` naming the problem.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::v1alpha1::{InstallSpec, JobAction};
+use crate::{
+    v1alpha1::{InstallSpec, JobAction},
+    Digest,
+};
 
 /// Query parameter: how long a long-poll may wait, in seconds.
 pub const WAIT_PARAM: &str = "wait";
 /// Longest wait a server grants.
 pub const MAX_WAIT_SECONDS: u64 = 300;
+
+/// URL paths of the distribution API: route patterns (axum syntax) for the
+/// servers and the functions clients build URLs with, so the two cannot drift.
+pub mod paths {
+    use crate::Digest;
+
+    /// Liveness of every server.
+    pub const HEALTHZ: &str = "/healthz";
+    /// Readiness of every server.
+    pub const READYZ: &str = "/readyz";
+    /// Prometheus metrics of every server.
+    pub const METRICS: &str = "/metrics";
+
+    /// Controller: a site's desired state (relay token).
+    pub const SITE_DESIRED: &str = "/v1/site/desired";
+    /// Controller: an agent's enrollment, passed on by its relay.
+    pub const SITE_ENROLL: &str = "/v1/site/enroll";
+    /// Controller: agent reports, batched by a relay.
+    pub const SITE_REPORTS: &str = "/v1/site/reports";
+    /// Controller: a relay's cache figures.
+    pub const SITE_STATS: &str = "/v1/site/stats";
+    /// Controller: where a blob upload stands (upload token).
+    pub const UPLOAD: &str = "/v1/uploads/{digest}";
+    /// Controller: the admission webhook for Packages.
+    pub const VALIDATE_PACKAGES: &str = "/validate/packages";
+
+    /// Relay: enrollment (site bootstrap token).
+    pub const ENROLL: &str = "/v1/enroll";
+    /// Relay: the agent's own desired state (agent token).
+    pub const DESIRED: &str = "/v1/desired";
+    /// Relay: the agent's report (agent token).
+    pub const REPORT: &str = "/v1/report";
+
+    /// Controller and relay: a blob by digest (`GET`; `PUT` uploads to the controller).
+    pub const BLOB: &str = "/v1/blobs/{digest}";
+
+    /// The path of one blob.
+    pub fn blob(digest: &Digest) -> String {
+        BLOB.replace("{digest}", &digest.to_string())
+    }
+
+    /// The path of one upload's state.
+    pub fn upload(digest: &Digest) -> String {
+        UPLOAD.replace("{digest}", &digest.to_string())
+    }
+
+    /// A long-poll of `path` that may wait `wait` seconds.
+    pub fn poll(path: &str, wait: u64) -> String {
+        format!("{path}?{}={wait}", super::WAIT_PARAM)
+    }
+}
 
 /// One package an agent must have installed (or removed) for one job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -37,8 +97,8 @@ pub struct Assignment {
     pub action: JobAction,
     pub package: String,
     pub version: String,
-    /// `sha256:<hex>` of the artifact.
-    pub digest: String,
+    /// The artifact.
+    pub digest: Digest,
     pub size: u64,
     pub install: InstallSpec,
     /// The package's signatures, checked by the agent against its own keys.
@@ -91,27 +151,25 @@ pub struct SiteDesired {
     /// Blobs of the jobs aimed at this site, enrolled agents or not: the
     /// relay fetches them ahead of time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub prestage: Vec<String>,
+    pub prestage: Vec<Digest>,
     /// Blobs the sites below this one need: their relays fetch them from
     /// this site's relay, so each blob crosses each link once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub lower: Vec<String>,
+    pub lower: Vec<Digest>,
 }
 
 impl SiteDesired {
     /// Every blob digest the site's agents need.
-    pub fn digests(&self) -> impl Iterator<Item = &str> {
+    pub fn digests(&self) -> impl Iterator<Item = &Digest> {
         self.agents
             .values()
             .flat_map(|a| &a.assignments)
-            .map(|a| a.digest.as_str())
+            .map(|a| &a.digest)
     }
 
     /// Every blob the site's relay keeps: its agents', its jobs' and its lower sites'.
-    pub fn all_digests(&self) -> impl Iterator<Item = &str> {
-        self.digests()
-            .chain(self.prestage.iter().map(String::as_str))
-            .chain(self.lower.iter().map(String::as_str))
+    pub fn all_digests(&self) -> impl Iterator<Item = &Digest> {
+        self.digests().chain(&self.prestage).chain(&self.lower)
     }
 }
 
@@ -153,7 +211,7 @@ pub struct EnrollResponse {
 pub struct InstalledPackage {
     pub name: String,
     pub version: String,
-    pub digest: String,
+    pub digest: Digest,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
@@ -175,7 +233,7 @@ pub struct JobState {
     pub package: String,
     /// Digest of the artifact this state is about; state for another digest
     /// (an older version) does not count for the job.
-    pub digest: String,
+    pub digest: Digest,
     pub action: JobAction,
     pub phase: AssignmentPhase,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -252,4 +310,29 @@ pub struct UploadState {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_paths_match_the_server_routes() {
+        let d = Digest::of(b"x");
+        let route = |pattern: &str, path: &str| {
+            let (head, tail) = pattern.split_once("{digest}").unwrap();
+            path.strip_prefix(head)
+                .and_then(|p| p.strip_suffix(tail))
+                .map(str::to_owned)
+        };
+        assert_eq!(route(paths::BLOB, &paths::blob(&d)), Some(d.to_string()));
+        assert_eq!(
+            route(paths::UPLOAD, &paths::upload(&d)),
+            Some(d.to_string())
+        );
+        assert_eq!(
+            paths::poll(paths::DESIRED, 30),
+            format!("/v1/desired?{WAIT_PARAM}=30")
+        );
+    }
 }

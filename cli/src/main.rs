@@ -1,7 +1,5 @@
 //! `caravan`: the operator's command line.
 
-mod pack;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -9,8 +7,12 @@ use caravan_api::{
     signing,
     v1alpha1::{
         Artifact, InstallMethod, InstallSpec, Package, PackageSpec, Requirements, ScriptSpec,
+        AGENT_BINARY,
     },
+    wire::{paths, UploadState},
 };
+use caravan_archive::pack;
+use caravan_net::fs::{write_private, Existing};
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
 
@@ -94,9 +96,6 @@ struct BuildArgs {
     min_free_disk: Option<u64>,
 }
 
-/// Where an agent package carries the new binary.
-const SELF_UPDATE_BINARY: &str = "caravan-agent";
-
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
 enum Method {
     Archive,
@@ -117,8 +116,8 @@ impl BuildArgs {
         }
         if self.install == Method::Agent {
             anyhow::ensure!(
-                self.dir.join(SELF_UPDATE_BINARY).is_file(),
-                "{SELF_UPDATE_BINARY} is not a file in {}: an agent package carries the new binary there",
+                self.dir.join(AGENT_BINARY).is_file(),
+                "{AGENT_BINARY} is not a file in {}: an agent package carries the new binary there",
                 self.dir.display()
             );
         }
@@ -208,7 +207,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");
             let public = out.with_extension("pub");
-            write_private(&private, &format!("{}\n", signing::encode_private(&key)))?;
+            let text = format!("{}\n", signing::encode_private(&key));
+            write_private(&private, text.as_bytes(), Existing::Keep).with_context(|| {
+                format!("creating {} (it must not exist yet)", private.display())
+            })?;
             std::fs::write(
                 &public,
                 format!("{}\n", signing::encode_public(&key.verifying_key())),
@@ -258,7 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let tmp = tempfile::NamedTempFile::new()?;
             args.check()?;
             // The manifest is written only once its blob is in the cabinet.
-            let artifact = pack::pack(&args.dir, tmp.path())
+            let artifact = pack(&args.dir, tmp.path())
                 .with_context(|| format!("packing {}", args.dir.display()))?;
             upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?;
             write_manifest(&args, &artifact)?;
@@ -275,14 +277,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn build(args: &BuildArgs, out: &Path) -> anyhow::Result<Artifact> {
     args.check()?;
     let artifact =
-        pack::pack(&args.dir, out).with_context(|| format!("packing {}", args.dir.display()))?;
+        pack(&args.dir, out).with_context(|| format!("packing {}", args.dir.display()))?;
     write_manifest(args, &artifact)?;
     Ok(artifact)
 }
 
 /// Writes the Package manifest into the manifest directory.
 fn write_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<()> {
-    let manifest = manifest(args, artifact)?;
+    let manifest = package_manifest(args, artifact)?;
     std::fs::create_dir_all(&args.manifest_dir)?;
     let path = args
         .manifest_dir
@@ -292,7 +294,8 @@ fn write_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<String> {
+/// The Package manifest (YAML) of a built package.
+fn package_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<String> {
     let mut pkg = Package::new(
         &format!("{}-{}", args.name, args.version).to_ascii_lowercase(),
         PackageSpec {
@@ -325,19 +328,6 @@ fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageS
     ))
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
-
 /// Streams the archive to the controller's store. An upload that breaks off
 /// is resumed where the store says it stopped (it keeps what arrived), up to
 /// a few times; a later `push` of the same package resumes too, since builds
@@ -353,8 +343,8 @@ async fn upload(
     let client = caravan_net::client(ca_file, std::time::Duration::from_secs(120))?;
     let server = server.trim_end_matches('/');
     let (blob_url, state_url) = (
-        format!("{server}/v1/blobs/{}", artifact.digest),
-        format!("{server}/v1/uploads/{}", artifact.digest),
+        format!("{server}{}", paths::blob(&artifact.digest)),
+        format!("{server}{}", paths::upload(&artifact.digest)),
     );
     let mut attempt = 0;
     loop {
@@ -372,7 +362,7 @@ async fn upload(
                 caravan_net::error_message(res).await
             );
         }
-        let state: caravan_api::wire::UploadState = res.json().await?;
+        let state: UploadState = res.json().await?;
         if state.complete {
             return Ok(());
         }

@@ -2,33 +2,63 @@
 //! into relay Deployments, keeps the cabinet blob store, computes every
 //! agent's desired state and every job's status, and serves the distribution
 //! API that relays talk to. It is the only component with Kubernetes access.
+//!
+//! [`run`] wires the parts together; each owns what it needs and is handed
+//! the rest explicitly:
+//!
+//! ```text
+//!  stores (reflector caches: Site, Agent, DistributionJob, Package, Cabinet)
+//!     │ filled by                         read by
+//!     ▼                                      ▼
+//!  engine ── index::compute (pure) ──▶ desired (watch) ──▶ server: GET /v1/site/desired
+//!     │            └──────────────▶ job / package / cabinet status (status::apply)
+//!     └── cabinet::Pulls (http cabinets → BlobStore)   server: blobs, uploads, enroll, reports
+//!  gitsource: Git → parse → apply/prune                  site: Secret, Deployment, Service
+//!  cabinet::gc: unreferenced blobs go                    site::RelayContacts ◀── server
+//! ```
 
+pub mod cabinet;
 pub mod context;
+pub mod credentials;
 pub mod engine;
 pub mod error;
 pub mod gitsource;
-pub mod http;
 pub mod identity;
+pub mod index;
 pub mod metrics;
-pub mod reconcile;
-pub mod store;
-pub mod tokens;
+pub mod server;
+pub mod site;
+pub mod status;
+pub mod stores;
 pub mod webhook;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use caravan_net::supervise::{self, Component};
 use clap::Parser;
 
 pub use error::Error;
+
+/// Field managers of everything the controller writes with server-side apply.
+pub mod field_managers {
+    /// Objects applied from Git, and the relay workloads of Sites.
+    pub const APPLY: &str = "caravan";
+    /// Status the controller computes. A manager of its own: what it owns is
+    /// exactly the last status it wrote, so a list the computed status no
+    /// longer holds (a job's failures) is removed, not left behind.
+    pub const STATUS: &str = "caravan-status";
+    /// Agent status written from the agents' reports.
+    pub const REPORTS: &str = "caravan-reports";
+}
 
 /// Command-line and environment configuration of the controller.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "caravan-controller", version, about)]
 pub struct Config {
-    /// Address of the distribution API (relays, uploads).
-    #[arg(long, env = "CARAVAN_LISTEN", default_value = "0.0.0.0:8443")]
-    pub listen: SocketAddr,
+    /// The distribution API (relays, uploads, the admission webhook).
+    #[command(flatten)]
+    pub serve: caravan_net::args::ServeArgs<8443>,
     /// Data directory: cabinet blobs, Git checkouts, the token key.
     #[arg(long, env = "CARAVAN_DATA_DIR", default_value = "/var/lib/caravan")]
     pub data_dir: PathBuf,
@@ -52,12 +82,6 @@ pub struct Config {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CARAVAN_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Serve the distribution API over HTTPS with this certificate (PEM chain)...
-    #[arg(long, env = "CARAVAN_TLS_CERT_FILE", requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// ...and this private key (PEM).
-    #[arg(long, env = "CARAVAN_TLS_KEY_FILE", requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
     /// CA certificate (PEM) relays use to verify this controller; handed to
     /// every relay through its Secret.
     #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
@@ -69,34 +93,58 @@ pub struct Config {
     /// push can be followed by its commit at leisure.
     #[arg(long, env = "CARAVAN_BLOB_GRACE_SECONDS", default_value_t = 86400)]
     pub blob_grace_seconds: u64,
-    /// Log as JSON lines.
-    #[arg(long, env = "CARAVAN_LOG_JSON")]
-    pub log_json: bool,
+    #[command(flatten)]
+    pub log: caravan_net::args::LogArgs,
 }
 
-impl Config {
-    fn tls(&self) -> Option<(&std::path::Path, &std::path::Path)> {
-        Some((
-            self.tls_cert_file.as_deref()?,
-            self.tls_key_file.as_deref()?,
-        ))
-    }
-}
-
-/// Runs every part of the controller until one of them stops.
+/// Runs every part of the controller until shutdown is asked for (then they
+/// drain), or until one of them stops, which is an error.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let relay_upstream_ca = match &config.relay_upstream_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
-    let app = http::router(ctx.clone());
-    tokio::select! {
-        r = caravan_net::server::serve(config.listen, app, config.tls()) => r.context("distribution API server")?,
-        r = engine::run(ctx.clone()) => r.context("distribution engine")?,
-        () = gitsource::run(ctx.clone()) => {},
-        () = reconcile::site::run(ctx.clone()) => {},
-        () = store::collect_garbage(ctx.clone()) => {},
-        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
-    }
-    Ok(())
+    let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
+    let (writers, stores) = stores::Stores::new();
+    let (relays, relay_triggers) = site::RelayContacts::new();
+    let relays = Arc::new(relays);
+    let engine = engine::Engine::new(ctx.clone(), stores.clone(), blobs.clone())?;
+    let server = Arc::new(server::ServerState {
+        ctx: ctx.clone(),
+        desired: engine.subscribe(),
+        blobs: blobs.clone(),
+        relays: relays.clone(),
+        stores: stores.clone(),
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gc = cabinet::gc::Collector {
+        blobs,
+        packages: stores.packages.clone(),
+        interval: Duration::from_secs(config.blob_gc_interval_seconds.max(1)),
+        grace: Duration::from_secs(config.blob_grace_seconds),
+    };
+    let sites = site::SiteReconciler::new(ctx.clone(), stores.clone(), relays, relay_upstream_ca);
+    let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
+    let serve = config.serve.clone();
+    let app = server::router(server);
+    let components = vec![
+        Component::new("distribution API server", {
+            let shutdown = shutdown.clone();
+            async move { caravan_net::server::serve(serve.listen, serve.tls(), app, shutdown).await }
+        }),
+        Component::new("distribution engine", engine.run(writers, shutdown.clone())),
+        Component::new("GitSource controller", gitsources.run(shutdown.clone())),
+        Component::new(
+            "Site controller",
+            sites.run(relay_triggers, shutdown.clone()),
+        ),
+        Component::new("blob garbage collection", gc.run(shutdown.clone())),
+    ];
+    supervise::run(components, shutdown, supervise::shutdown_signal()).await
 }

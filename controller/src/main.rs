@@ -5,6 +5,6 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = caravan_controller::Config::parse();
-    caravan_net::init_logging(config.log_json);
+    config.log.init();
     caravan_controller::run(config).await
 }

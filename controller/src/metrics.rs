@@ -1,19 +1,52 @@
 //! Prometheus metrics of the controller, served at `/metrics`.
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
+/// How a GitSource sync ended: the `result` label of `caravan_gitsource_syncs_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SyncResult {
+    /// The revision was applied.
+    Applied,
+    /// The revision was refused (invalid manifests, or the API server refused them).
+    Refused,
+    /// The repository could not be fetched.
+    FetchFailed,
+}
+
+impl SyncResult {
+    pub const ALL: [Self; 3] = [Self::Applied, Self::Refused, Self::FetchFailed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Refused => "refused",
+            Self::FetchFailed => "fetch_failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for SyncResult {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    pub result: &'static str,
+    pub result: SyncResult,
 }
 
 pub struct Metrics {
     registry: Registry,
-    /// GitSource syncs by result (`applied`, `invalid`, `fetch_failed`).
+    /// GitSource syncs by [`SyncResult`].
     pub git_syncs: Family<ResultLabel, Counter>,
     /// Bytes accepted into the cabinet store.
     pub blob_upload_bytes: Counter,
@@ -25,6 +58,13 @@ pub struct Metrics {
     pub recomputes: Counter,
     /// Agents known to the engine.
     pub agents: Gauge,
+}
+
+impl Metrics {
+    /// Counts one GitSource sync.
+    pub fn git_sync(&self, result: SyncResult) {
+        self.git_syncs.get_or_create(&ResultLabel { result }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -39,9 +79,10 @@ impl Default for Metrics {
             agents: Gauge::default(),
             registry: Registry::default(),
         };
+        let results: Vec<&str> = SyncResult::ALL.map(SyncResult::as_str).to_vec();
         registry.register(
             "gitsource_syncs",
-            "GitSource syncs by result",
+            format!("GitSource syncs by result ({})", results.join(", ")),
             m.git_syncs.clone(),
         );
         registry.register(
@@ -72,5 +113,33 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sync_help_names_exactly_the_results_the_counter_is_labelled_with() {
+        let m = Metrics::default();
+        for result in SyncResult::ALL {
+            m.git_sync(result);
+        }
+        let text = m.encode();
+        let help = text
+            .lines()
+            .find(|l| l.starts_with("# HELP caravan_gitsource_syncs"))
+            .unwrap();
+        let labelled: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("caravan_gitsource_syncs_total{result=\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert_eq!(labelled.len(), SyncResult::ALL.len(), "{text}");
+        for result in labelled {
+            assert!(help.contains(result), "{help} does not name {result}");
+        }
+        assert!(!help.contains("invalid"), "{help}");
     }
 }

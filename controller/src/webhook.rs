@@ -1,29 +1,26 @@
 //! Validating admission webhook for Packages: the identity rules of
 //! [`crate::identity`] for every write, whoever makes it (kubectl, the Git
-//! sync, another tool). Served at `/validate/packages` on the distribution
-//! API, which must then be HTTPS: the API server calls webhooks over TLS only.
+//! sync, another tool). Served at `wire::paths::VALIDATE_PACKAGES` on the
+//! distribution API, which must then be HTTPS: the API server calls webhooks
+//! over TLS only.
 //! CEL validation rules would be simpler, but the oldest supported API
 //! server (v1.20) rejects them.
 
-use std::sync::Arc;
-
-use axum::{extract::State, Json};
+use axum::Json;
 use caravan_api::v1alpha1::{Package, PackageSpec};
 use kube::{
     core::{
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
         DynamicObject,
     },
+    runtime::reflector::Store,
     ResourceExt,
 };
 
-use crate::context::Context;
-
-/// Path the ValidatingWebhookConfiguration points at.
-pub const PACKAGES_PATH: &str = "/validate/packages";
-
+/// Answers an admission review of a Package write, judging it against
+/// `packages` (the cached Packages).
 pub async fn validate_packages(
-    State(ctx): State<Arc<Context>>,
+    packages: Store<Package>,
     Json(review): Json<AdmissionReview<Package>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
     let req: AdmissionRequest<Package> = match review.try_into() {
@@ -32,7 +29,7 @@ pub async fn validate_packages(
     };
     let response = AdmissionResponse::from(&req);
     Json(
-        match decide(&ctx, &req) {
+        match decide(&packages, &req) {
             Ok(()) => response,
             Err(reason) => {
                 tracing::info!(package = %req.name, %reason, "write refused");
@@ -43,16 +40,14 @@ pub async fn validate_packages(
     )
 }
 
-fn decide(ctx: &Context, req: &AdmissionRequest<Package>) -> Result<(), String> {
+fn decide(packages: &Store<Package>, req: &AdmissionRequest<Package>) -> Result<(), String> {
     // Deletions carry no new object; they are always allowed.
     let Some(new) = &req.object else {
         return Ok(());
     };
     let ns = req.namespace.clone().unwrap_or_default();
     let name = new.name_any();
-    let mut existing: Vec<(String, PackageSpec)> = ctx
-        .stores
-        .packages
+    let mut existing: Vec<(String, PackageSpec)> = packages
         .state()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && p.name_any() != name)

@@ -1,4 +1,4 @@
-//! Any byte string given to the agent's archive reader either extracts inside
+//! Any byte string given to the archive reader the agent uses either extracts inside
 //! the target directory or is refused; nothing is ever written beside it.
 #![no_main]
 
@@ -7,8 +7,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("out");
-    let checked = caravan_agent::archive::check(data);
-    let extracted = caravan_agent::archive::extract(data, &out);
+    let checked = caravan_archive::check(data);
+    let extracted = caravan_archive::extract(data, &out);
     // What the check pass refuses, extraction refuses too.
     assert!(
         checked.is_ok() || extracted.is_err(),

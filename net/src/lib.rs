@@ -1,11 +1,21 @@
-//! HTTP plumbing shared by the Caravan binaries: clients that trust a given
-//! CA, error bodies, resumable verified downloads, logging, and (feature
-//! `server`) serving over HTTP or HTTPS, bearer tokens, JSON errors and
-//! long-polls.
+//! Plumbing shared by the Caravan binaries: HTTP clients that trust a given
+//! CA, error bodies, resumable verified downloads, long-poll documents,
+//! backoff, private file writes, logging and the shared command-line groups;
+//! and (feature `server`) serving over HTTP or HTTPS, bearer tokens, JSON
+//! errors, long-polls, blobs and running a server's components together.
 
+pub mod agent_tokens;
+pub mod args;
+pub mod backoff;
+pub mod document;
+pub mod fs;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod tokens;
+#[cfg(feature = "server")]
+pub mod supervise;
+
+pub use backoff::Backoff;
+pub use document::Document;
 
 use std::{path::Path, time::Duration};
 

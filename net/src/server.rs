@@ -5,29 +5,47 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use anyhow::Context as _;
 use axum::{
     body::Body,
-    extract::Request,
-    http::{header, HeaderMap, StatusCode},
+    extract::{FromRequestParts, Query, Request},
+    http::{header, request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
-use caravan_api::wire::{ErrorBody, MAX_WAIT_SECONDS};
+use caravan_api::{
+    wire::{ErrorBody, MAX_WAIT_SECONDS, WAIT_PARAM},
+    Digest,
+};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+/// How long open connections (long-polls, downloads) get to finish once
+/// shutdown is asked for.
+const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves `app` on `addr`, over HTTPS (rustls, ring) when a certificate and
-/// key are given, until the server fails.
+/// key are given, until `shutdown` (then connections get a few seconds to
+/// finish) or the server fails.
 pub async fn serve(
     addr: SocketAddr,
-    app: axum::Router,
     tls: Option<(&Path, &Path)>,
+    app: axum::Router,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     raise_open_files_limit();
     let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
     let app = app.into_make_service();
+    let handle = axum_server::Handle::new();
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            shutdown.cancelled().await;
+            handle.graceful_shutdown(Some(CONNECTION_GRACE));
+        }
+    });
     match tls {
         None => {
-            let mut server = axum_server::from_tcp(listener)?;
+            let mut server = axum_server::from_tcp(listener)?.handle(handle);
             bounded_buffers(server.http_builder());
             server.serve(app).await?
         }
@@ -43,7 +61,8 @@ pub async fn serve(
                         key.display()
                     )
                 })?;
-            let mut server = axum_server::tls_rustls::from_tcp_rustls(listener, config)?;
+            let mut server =
+                axum_server::tls_rustls::from_tcp_rustls(listener, config)?.handle(handle);
             bounded_buffers(server.http_builder());
             server.serve(app).await?
         }
@@ -115,22 +134,45 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
+/// How long a long-poll may wait: the `?wait=<seconds>` of the request
+/// (none: answer at once), at most [`MAX_WAIT_SECONDS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wait(pub Duration);
+
+impl<S: Send + Sync> FromRequestParts<S> for Wait {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Query(query) =
+            Query::<std::collections::HashMap<String, String>>::try_from_uri(&parts.uri)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let seconds = match query.get(WAIT_PARAM) {
+            None => 0,
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{WAIT_PARAM}={v:?} is not a number of seconds"),
+                )
+            })?,
+        };
+        Ok(Self(Duration::from_secs(seconds.min(MAX_WAIT_SECONDS))))
+    }
+}
+
 /// Answers a long-poll for a document published through `rx`: at once when
 /// `current` gives an ETag other than the request's `If-None-Match`, else as
-/// soon as it changes, else `304 Not Modified` after `wait` seconds.
+/// soon as it changes, else `304 Not Modified` after `wait`.
 /// `current` returns the document's ETag and body, or an error to answer.
 pub async fn long_poll<T>(
     mut rx: watch::Receiver<T>,
     headers: &HeaderMap,
-    wait: Option<u64>,
+    Wait(wait): Wait,
     mut current: impl FnMut(&T) -> Result<(String, bytes::Bytes), ApiError>,
 ) -> Result<Response, ApiError> {
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let (etag, body) = current(&rx.borrow_and_update())?;
         if known.as_deref() != Some(etag.as_str()) {
@@ -171,11 +213,11 @@ pub fn blob_chunk(serving: usize) -> usize {
 /// number of body bytes.
 pub async fn serve_blob(
     path: &Path,
-    hex: &str,
+    digest: &Digest,
     chunk: usize,
     mut req: Request,
 ) -> Result<(Response, u64), ApiError> {
-    let etag = format!("\"{hex}\"");
+    let etag = digest.etag();
     // If-Range with another validator: the client's part is of something
     // else, so it gets the whole blob rather than a range to splice.
     if req
@@ -193,9 +235,7 @@ pub async fn serve_blob(
         .map(Body::new);
     res.headers_mut().insert(
         header::ETAG,
-        format!("\"{hex}\"")
-            .parse()
-            .expect("hex is a valid header value"),
+        etag.parse().expect("hex is a valid header value"),
     );
     let len = res
         .headers()
@@ -211,12 +251,12 @@ pub async fn serve_blob(
 /// If-Range rule as in [`serve_blob`]; anything else gets the whole blob.
 /// Returns the response and the number of body bytes.
 pub fn serve_stream(
-    hex: &str,
+    digest: &Digest,
     len: u64,
     headers: &HeaderMap,
     body: impl FnOnce(std::ops::Range<u64>) -> Body,
 ) -> (Response, u64) {
-    let etag = format!("\"{hex}\"");
+    let etag = digest.etag();
     let same_blob = headers
         .get(header::IF_RANGE)
         .is_none_or(|v| v.as_bytes() == etag.as_bytes());
@@ -266,12 +306,16 @@ pub fn serve_stream(
 mod tests {
     use super::*;
 
+    fn blob() -> Digest {
+        Digest::of(b"abc")
+    }
+
     async fn get(path: &Path, headers: &[(&str, &str)]) -> (StatusCode, u64) {
         let mut req = Request::builder().uri("/blob");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let (res, len) = serve_blob(path, "abc", 1024, req.body(Body::empty()).unwrap())
+        let (res, len) = serve_blob(path, &blob(), 1024, req.body(Body::empty()).unwrap())
             .await
             .unwrap();
         (res.status(), len)
@@ -289,7 +333,11 @@ mod tests {
             (StatusCode::PARTIAL_CONTENT, 60)
         );
         assert_eq!(
-            get(&path, &[("range", "bytes=40-"), ("if-range", "\"abc\"")]).await,
+            get(
+                &path,
+                &[("range", "bytes=40-"), ("if-range", &blob().etag())]
+            )
+            .await,
             (StatusCode::PARTIAL_CONTENT, 60)
         );
         assert_eq!(
@@ -310,7 +358,7 @@ mod tests {
                 );
             }
             let mut from = None;
-            let (res, len) = serve_stream("abc", 100, &map, |r| {
+            let (res, len) = serve_stream(&blob(), 100, &map, |r| {
                 from = Some(r.start);
                 Body::empty()
             });
@@ -340,7 +388,7 @@ mod tests {
             )
         );
         assert_eq!(
-            ask(&[("range", "bytes=40-"), ("if-range", "\"abc\"")]),
+            ask(&[("range", "bytes=40-"), ("if-range", &blob().etag())]),
             (
                 StatusCode::PARTIAL_CONTENT,
                 60,

@@ -1,31 +1,37 @@
 //! The Caravan relay: a site's cache and the API its agents talk to. It holds
 //! no Kubernetes credentials; it only ever connects upward (to the controller,
 //! or a parent relay for content), so it works behind NAT.
+//!
+//! - [`desired`]: the site's desired state, long-polled from the controller
+//!   and sliced per agent; blobs are prestaged as soon as a job needs them.
+//! - [`cache`]: the content-addressed blob cache, one upstream fetch per blob.
+//! - [`server`]: the agent API (enroll, desired state, blobs, reports).
+//! - [`upstream`]: the client of the controller (and of a parent relay).
 
 pub mod cache;
+pub mod desired;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod upstream;
 pub mod window;
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use caravan_api::{
-    v1alpha1::sha256_hex,
-    wire::{AgentDesired, SiteDesired},
-};
+use caravan_net::supervise::{self, Component};
 use clap::Parser;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use desired::SiteState;
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "caravan-relay", version, about)]
 pub struct Config {
-    /// Address agents connect to.
-    #[arg(long, env = "CARAVAN_LISTEN", default_value = "0.0.0.0:8080")]
-    pub listen: SocketAddr,
+    /// The agent API.
+    #[command(flatten)]
+    pub serve: caravan_net::args::ServeArgs<8080>,
     /// The controller's distribution API.
     #[arg(long, env = "CARAVAN_UPSTREAM")]
     pub upstream: String,
@@ -64,190 +70,109 @@ pub struct Config {
     /// (default: the system's web PKI roots).
     #[arg(long, env = "CARAVAN_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
-    /// Serve agents over HTTPS with this certificate (PEM chain)...
-    #[arg(long, env = "CARAVAN_TLS_CERT_FILE", requires = "tls_key_file")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// ...and this private key (PEM).
-    #[arg(long, env = "CARAVAN_TLS_KEY_FILE", requires = "tls_cert_file")]
-    pub tls_key_file: Option<PathBuf>,
-    /// Log as JSON lines.
-    #[arg(long, env = "CARAVAN_LOG_JSON")]
-    pub log_json: bool,
+    #[command(flatten)]
+    pub log: caravan_net::args::LogArgs,
 }
 
-/// The site's desired state as last received, sliced per agent.
-#[derive(Debug, Default)]
-pub struct SiteState {
-    /// The site's desired state without its agents (in `agents`).
-    pub desired: SiteDesired,
-    /// Per agent: ETag and serialized [`AgentDesired`].
-    pub agents: HashMap<String, Arc<AgentEntry>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct AgentEntry {
-    pub desired: AgentDesired,
-    pub etag: String,
-    pub body: bytes::Bytes,
-}
-
-impl AgentEntry {
-    pub fn new(desired: AgentDesired) -> Self {
-        let body = bytes::Bytes::from(serde_json::to_vec(&desired).expect("wire types serialize"));
-        let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
-        Self {
-            desired,
-            etag,
-            body,
-        }
-    }
-}
-
-impl SiteState {
-    /// Moves each agent's part of `desired` into its entry.
-    pub fn new(mut desired: SiteDesired) -> Self {
-        let agents = std::mem::take(&mut desired.agents)
-            .into_iter()
-            .map(|(name, d)| (name, Arc::new(AgentEntry::new(d))))
-            .collect();
-        Self { desired, agents }
-    }
-
-    /// What `agent` must have. An agent the controller has not described
-    /// (enrolled a moment ago, or its Agent object deleted) changes nothing.
-    pub fn agent(&self, agent: &str) -> Arc<AgentEntry> {
-        self.agents
-            .get(agent)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(AgentEntry::new(AgentDesired::frozen(agent))))
-    }
-}
-
+/// What the agent API serves from.
 pub struct Relay {
     pub config: Config,
     pub upstream: upstream::Upstream,
     pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
-    pub state: watch::Sender<Option<Arc<SiteState>>>,
+    pub state: watch::Receiver<Option<Arc<SiteState>>>,
     pub reports: tokio::sync::mpsc::UnboundedSender<caravan_api::wire::AgentReport>,
     pub metrics: Arc<metrics::Metrics>,
 }
 
-/// Runs the relay until interrupted.
+/// Runs the relay until shutdown is asked for, or one of its parts stops
+/// (an error).
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let upstream = upstream::Upstream::new(
-        &config.upstream,
-        &config.token,
-        config.upstream_ca_file.as_deref(),
-    )?;
+    let ca = config.upstream_ca_file.as_deref();
+    let upstream = upstream::Upstream::new(&config.upstream, &config.token, ca)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let content = match (&config.content_upstream, &config.content_token) {
-        (Some(url), Some(token)) => {
-            upstream::Upstream::new(url, token, config.upstream_ca_file.as_deref())?
-        }
+        (Some(url), Some(token)) => upstream::Upstream::new(url, token, ca)?,
         _ => upstream.clone(),
+    };
+    let limits = cache::Limits {
+        rate: config.upstream_rate_limit.map(ratelimit::RateLimit::new),
+        max_bytes: config.cache_max_bytes,
+        window: config.transfer_window,
     };
     let cache = cache::Cache::open(
         config.cache_dir.clone(),
         content,
         metrics.upstream_bytes.clone(),
-        config.upstream_rate_limit.map(ratelimit::RateLimit::new),
-        config.cache_max_bytes,
-        config.transfer_window,
+        limits,
     )
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
     let cache = Arc::new(cache);
     let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
         config: config.clone(),
-        upstream,
-        cache,
-        state: watch::channel(None).0,
+        upstream: upstream.clone(),
+        cache: cache.clone(),
+        state: state_rx,
         reports,
-        metrics,
+        metrics: metrics.clone(),
     });
     tracing::info!(upstream = %config.upstream, "relay starting");
-    let tls = config
-        .tls_cert_file
-        .as_deref()
-        .zip(config.tls_key_file.as_deref());
-    tokio::select! {
-        r = caravan_net::server::serve(config.listen, server::router(relay.clone()), tls) => r.context("relay server")?,
-        () = sync_desired(relay.clone()) => {},
-        () = report_stats(relay.clone()) => {},
-        () = upstream::forward_reports(relay.upstream.clone(), reports_rx) => {},
-        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
-    }
-    Ok(())
+    let shutdown = CancellationToken::new();
+    let serve = config.serve.clone();
+    let app = server::router(relay);
+    let stats_interval = Duration::from_secs(config.stats_interval_seconds.max(1));
+    let components = vec![
+        Component::new("agent API server", {
+            let shutdown = shutdown.clone();
+            async move { caravan_net::server::serve(serve.listen, serve.tls(), app, shutdown).await }
+        }),
+        Component::new(
+            "desired state sync",
+            desired::sync(upstream.clone(), cache.clone(), state, shutdown.clone()),
+        ),
+        Component::new(
+            "stats reports",
+            report_stats(
+                upstream.clone(),
+                cache,
+                metrics,
+                stats_interval,
+                shutdown.clone(),
+            ),
+        ),
+        Component::new(
+            "agent reports",
+            upstream::forward_reports(upstream, reports_rx, shutdown.clone()),
+        ),
+    ];
+    supervise::run(components, shutdown, supervise::shutdown_signal()).await
 }
 
-/// Long-polls the controller for the site's desired state, forever.
-async fn sync_desired(relay: Arc<Relay>) {
-    let mut etag: Option<String> = None;
-    let mut backoff = Duration::from_millis(500);
+/// Tells the controller, every `interval`, what is in the cache and what
+/// crossed the links, for the Site's status.
+async fn report_stats(
+    upstream: upstream::Upstream,
+    cache: Arc<cache::Cache>,
+    m: Arc<metrics::Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
-        match relay.upstream.desired(etag.as_deref(), 30).await {
-            Ok(Some((new_etag, desired))) => {
-                tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
-                etag = Some(new_etag);
-                // What no agent of the site is assigned any more leaves the cache.
-                let keep = desired.all_digests().collect();
-                match relay.cache.retain(&keep).await {
-                    Ok(removed) => removed
-                        .iter()
-                        .for_each(|hex| tracing::info!(blob = %hex, "dropped from the cache")),
-                    Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
-                }
-                // Prestage: fetch what the site (and the sites below) will
-                // need before anyone asks, one blob at a time.
-                let wanted: Vec<String> = desired
-                    .all_digests()
-                    .filter_map(sha256_hex)
-                    .map(str::to_owned)
-                    .collect();
-                let cache = relay.cache.clone();
-                tokio::spawn(async move {
-                    for hex in wanted {
-                        if let Some(minutes) = cache.window().and_then(|w| w.opens_in_now()) {
-                            tracing::info!(blob = %hex, minutes, "prestaging waits for the transfer window");
-                            tokio::time::sleep(Duration::from_secs(u64::from(minutes) * 60)).await;
-                        }
-                        if let Err(e) = cache.ensure(&hex).await {
-                            tracing::warn!(blob = %hex, error = %e, "prestaging failed; agents will ask again");
-                        }
-                    }
-                });
-                relay
-                    .state
-                    .send_replace(Some(Arc::new(SiteState::new(desired))));
-                backoff = Duration::from_millis(500);
-            }
-            Ok(None) => backoff = Duration::from_millis(500),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "fetching desired state from upstream failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => return Ok(()),
         }
-    }
-}
-
-/// Tells the controller, every `--stats-interval-seconds`, what is in the
-/// cache and what crossed the links, for the Site's status.
-async fn report_stats(relay: Arc<Relay>) {
-    let interval = Duration::from_secs(relay.config.stats_interval_seconds.max(1));
-    loop {
-        tokio::time::sleep(interval).await;
-        let m = &relay.metrics;
         let stats = caravan_api::wire::RelayStats {
-            cache_bytes: relay.cache.bytes().await.unwrap_or(0),
+            cache_bytes: cache.bytes().await.unwrap_or(0),
             upstream_bytes: m.upstream_bytes.get(),
             served_bytes: m.served_bytes.get(),
             cache_hits: m.cache_hits.get(),
             cache_misses: m.cache_misses.get(),
         };
-        if let Err(e) = relay.upstream.stats(&stats).await {
+        if let Err(e) = upstream.stats(&stats).await {
             tracing::debug!(error = %e, "stats not delivered");
         }
     }

@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let config = caravan_relay::Config::parse();
-    caravan_net::init_logging(config.log_json);
+    config.log.init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // File reads run on blocking threads: a few keep the cores busy

@@ -3,35 +3,35 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{FromRequestParts, Path, Query, Request, State},
+    extract::{FromRequestParts, Path, Request, State},
     http::{request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
 use caravan_api::{
-    v1alpha1::sha256_hex,
-    wire::{AgentReport, EnrollRequest, EnrollResponse},
+    wire::{paths, AgentReport, EnrollRequest, EnrollResponse},
+    Digest,
 };
-use caravan_net::server::{bearer, long_poll, serve_stream, ApiError};
-use serde::Deserialize;
-
-use caravan_net::tokens;
+use caravan_net::{
+    agent_tokens as tokens,
+    server::{bearer, long_poll, serve_stream, ApiError, Wait},
+};
 
 use crate::{cache::CacheError, Relay};
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .route(paths::READYZ, get(readyz))
         .route(
-            "/metrics",
+            paths::METRICS,
             get(|State(relay): State<Arc<Relay>>| async move { relay.metrics.encode() }),
         )
-        .route("/v1/enroll", post(enroll))
-        .route("/v1/desired", get(desired))
-        .route("/v1/report", post(report))
-        .route("/v1/blobs/{digest}", get(blob))
+        .route(paths::ENROLL, post(enroll))
+        .route(paths::DESIRED, get(desired))
+        .route(paths::REPORT, post(report))
+        .route(paths::BLOB, get(blob))
         .with_state(relay)
 }
 
@@ -119,20 +119,15 @@ async fn enroll(
     }))
 }
 
-#[derive(Deserialize)]
-struct WaitQuery {
-    wait: Option<u64>,
-}
-
 /// Long-poll for the agent's own desired state.
 async fn desired(
     State(relay): State<Arc<Relay>>,
     AgentName(agent): AgentName,
-    Query(q): Query<WaitQuery>,
+    wait: Wait,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    long_poll(relay.state.subscribe(), &headers, q.wait, |state| {
-        let entry = state
+    long_poll(relay.state.clone(), &headers, wait, |state| {
+        let doc = state
             .as_ref()
             .ok_or_else(|| {
                 err(
@@ -141,7 +136,7 @@ async fn desired(
                 )
             })?
             .agent(&agent);
-        Ok((entry.etag.clone(), entry.body.clone()))
+        Ok((doc.etag.clone(), doc.body.clone()))
     })
     .await
 }
@@ -168,14 +163,11 @@ async fn blob(
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let hex = sha256_hex(&digest)
-        .ok_or_else(|| {
-            err(
-                StatusCode::BAD_REQUEST,
-                format!("{digest:?} is not sha256:<64 hex digits>"),
-            )
-        })?
-        .to_string();
+    let digest: Digest = digest
+        .parse()
+        .map_err(|e: caravan_api::digest::DigestError| {
+            err(StatusCode::BAD_REQUEST, e.to_string())
+        })?;
     // An agent gets only its own blobs; a child site's relay only those of the sites below.
     let (assigned, whom) = {
         let state = relay.state.borrow();
@@ -184,7 +176,7 @@ async fn blob(
             Downstream::Agent(agent) => (
                 state.is_some_and(|s| {
                     s.agent(agent)
-                        .desired
+                        .value
                         .assignments
                         .iter()
                         .any(|a| a.digest == digest)
@@ -203,7 +195,7 @@ async fn blob(
             format!("blob {digest} is not assigned to {whom}"),
         ));
     }
-    let blob = relay.cache.get(&hex).await.map_err(|e| {
+    let blob = relay.cache.get(&digest).await.map_err(|e| {
         tracing::warn!(blob = %digest, error = %e, "blob unavailable");
         let code = match e.as_ref() {
             CacheError::Upstream(u) => u.status(),
@@ -219,8 +211,8 @@ async fn blob(
     }
     .inc();
     // The blob stays in the cache as long as this response reads it.
-    let lease = relay.cache.lease(&hex);
-    let (res, len) = serve_stream(&hex, blob.len, req.headers(), |range| {
+    let lease = relay.cache.lease(&digest);
+    let (res, len) = serve_stream(&digest, blob.len, req.headers(), |range| {
         axum::body::Body::from_stream(blob.stream(range, lease))
     });
     relay.metrics.served_bytes.inc_by(len);

@@ -2,8 +2,13 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use caravan_api::wire::{AgentReport, EnrollForward, EnrollRequest, SiteDesired};
+use caravan_api::{
+    wire::{paths, AgentReport, EnrollForward, EnrollRequest, RelayStats, SiteDesired},
+    Digest,
+};
+use caravan_net::Backoff;
 use reqwest::{header, StatusCode};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -87,7 +92,7 @@ impl Upstream {
         etag: Option<&str>,
         wait: u64,
     ) -> Result<Option<(String, SiteDesired)>, UpstreamError> {
-        let url = self.url(&format!("/v1/site/desired?wait={wait}"));
+        let url = self.url(&paths::poll(paths::SITE_DESIRED, wait));
         let res = self
             .send(
                 caravan_net::poll_request(&self.http, &url, etag, wait),
@@ -100,7 +105,7 @@ impl Upstream {
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollForward, UpstreamError> {
-        let url = self.url("/v1/site/enroll");
+        let url = self.url(paths::SITE_ENROLL);
         let res = self
             .send(
                 self.http
@@ -115,8 +120,8 @@ impl Upstream {
             .map_err(|source| UpstreamError::Request { url, source })
     }
 
-    pub async fn stats(&self, stats: &caravan_api::wire::RelayStats) -> Result<(), UpstreamError> {
-        let url = self.url("/v1/site/stats");
+    pub async fn stats(&self, stats: &RelayStats) -> Result<(), UpstreamError> {
+        let url = self.url(paths::SITE_STATS);
         self.send(
             self.http
                 .post(&url)
@@ -129,7 +134,7 @@ impl Upstream {
     }
 
     pub async fn reports(&self, batch: &[AgentReport]) -> Result<(), UpstreamError> {
-        let url = self.url("/v1/site/reports");
+        let url = self.url(paths::SITE_REPORTS);
         self.send(
             self.http
                 .post(&url)
@@ -142,14 +147,18 @@ impl Upstream {
     }
 
     /// Starts a download of a blob, from `offset` on.
-    pub async fn blob(&self, hex: &str, offset: u64) -> Result<reqwest::Response, UpstreamError> {
-        let url = self.url(&format!("/v1/blobs/sha256:{hex}"));
+    pub async fn blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.url(&paths::blob(digest));
         let mut req = self.http.get(&url);
         if offset > 0 {
             // If-Range on the digest (a strong validator): resume only the same blob.
             req = req
                 .header(header::RANGE, format!("bytes={offset}-"))
-                .header(header::IF_RANGE, format!("\"{hex}\""));
+                .header(header::IF_RANGE, digest.etag());
         }
         self.send(req, &url).await
     }
@@ -158,21 +167,24 @@ impl Upstream {
 /// Most reports sent upstream in one request.
 pub const MAX_REPORT_BATCH: usize = 500;
 
-/// Passes agent reports up in batches. Only the latest report of each agent
-/// is kept while the controller is unreachable, so memory stays bounded.
+/// Passes agent reports up in batches until shutdown (then what is pending
+/// gets one last try). Only the latest report of each agent is kept while
+/// the controller is unreachable, so memory stays bounded.
 pub async fn forward_reports(
     upstream: Upstream,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
-) {
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut pending: HashMap<String, AgentReport> = HashMap::new();
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         if pending.is_empty() {
-            match rx.recv().await {
-                Some(r) => {
-                    pending.insert(r.agent.clone(), r);
-                }
-                None => return,
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => { pending.insert(r.agent.clone(), r); }
+                    None => return Ok(()),
+                },
+                () = shutdown.cancelled() => return Ok(()),
             }
         }
         // Gather what else arrived within a short window into the same batch.
@@ -193,7 +205,7 @@ pub async fn forward_reports(
                 for r in &batch {
                     pending.remove(&r.agent);
                 }
-                backoff = Duration::from_millis(500);
+                backoff.reset();
             }
             // The controller will never take this batch (too big, malformed):
             // retrying cannot help, and must not block the reports behind it.
@@ -204,10 +216,16 @@ pub async fn forward_reports(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, agents = batch.len(), retry_in = ?backoff, "passing reports upstream failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, agents = batch.len(), retry_in = ?delay, "passing reports upstream failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
             }
+        }
+        if shutdown.is_cancelled() && pending.is_empty() {
+            return Ok(());
         }
     }
 }

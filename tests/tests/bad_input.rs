@@ -125,13 +125,7 @@ async fn bad_input_is_refused_with_a_reason_and_breaks_nothing() -> anyhow::Resu
         Ok(c.api::<Package>().get_opt("tampered-1.0.0").await?)
     })
     .await?;
-    let hex = pkg
-        .spec
-        .artifact
-        .digest
-        .strip_prefix("sha256:")
-        .unwrap()
-        .to_string();
+    let hex = pkg.spec.artifact.digest.hex();
     std::fs::create_dir_all(relay.cache_dir.join("sha256"))?;
     std::fs::write(
         relay.cache_dir.join("sha256").join(&hex),

@@ -56,11 +56,11 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
 
     let http = reqwest::Client::new();
     let url = format!("{}/v1/blobs/{}", relay.url, pkg.spec.artifact.digest);
-    let expected = pkg.spec.artifact.digest.trim_start_matches("sha256:");
-    let cached = relay.cache_dir.join("sha256").join(expected);
+    let expected = pkg.spec.artifact.digest.hex();
+    let cached = relay.cache_dir.join("sha256").join(&expected);
     let downloads = (0..50).map(|i| {
         let (http, url, cached) = (http.clone(), url.clone(), cached.clone());
-        let token = caravan_net::tokens::issue(&relay_token, &format!("kiosk-{i}"));
+        let token = caravan_net::agent_tokens::issue(&relay_token, &format!("kiosk-{i}"));
         async move {
             // Until the relay has the new desired state, the blob is not assigned yet.
             let res = wait_for(
@@ -85,7 +85,7 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
     });
     let got = futures::future::try_join_all(downloads).await?;
     assert!(
-        got.iter().all(|(d, _)| d == expected),
+        got.iter().all(|(d, _)| *d == expected),
         "every agent got the right bytes"
     );
     let streamed = got.iter().filter(|(_, early)| *early).count();

@@ -109,13 +109,9 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         .spec
         .artifact
         .digest;
-    let stored = std::fs::read(
-        c.dir
-            .join("controller/blobs/sha256")
-            .join(digest.trim_start_matches("sha256:")),
-    )?;
+    let stored = std::fs::read(c.dir.join("controller/blobs/sha256").join(digest.hex()))?;
     let http = reqwest::Client::new();
-    let blob_url = |d: &str| format!("{}/v1/blobs/{d}", relay.url);
+    let blob_url = |d: &caravan_api::Digest| format!("{}/v1/blobs/{d}", relay.url);
     let res = http
         .get(blob_url(&digest))
         .bearer_auth(token)
@@ -124,7 +120,7 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         .await?;
     assert_eq!(res.status(), 206);
     assert_eq!(&res.bytes().await?[..], &stored[10..20]);
-    let other = format!("sha256:{}", "0".repeat(64));
+    let other: caravan_api::Digest = format!("sha256:{}", "0".repeat(64)).parse()?;
     assert_eq!(
         http.get(blob_url(&other))
             .bearer_auth(token)

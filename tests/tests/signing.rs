@@ -163,14 +163,14 @@ async fn only_packages_signed_by_a_key_the_agent_trusts_are_installed() -> anyho
         .digest;
     repo.write(
         file,
-        &original.replace(&digest, &format!("sha256:{}", "e".repeat(64))),
+        &original.replace(&digest.to_string(), &format!("sha256:{}", "e".repeat(64))),
     )?;
     let e = refused(repo.commit("Change what signed-app 1.0.0 is")?).await?;
     assert!(e.message.contains("published already"), "{}", e.message);
     let pkg = c.api::<Package>().get("signed-app-1.0.0").await?;
     assert_eq!(
-        (pkg.spec.cabinet.as_str(), pkg.spec.artifact.digest.as_str()),
-        ("secure", digest.as_str()),
+        (pkg.spec.cabinet.as_str(), pkg.spec.artifact.digest),
+        ("secure", digest),
         "nothing applied"
     );
     Ok(())

@@ -70,13 +70,13 @@ impl Default for CabinetStore {
 }
 
 impl CabinetStore {
-    /// Where an `http` store keeps the artifact with this sha256 hex digest.
-    pub fn artifact_url(&self, hex: &str) -> Option<String> {
+    /// Where an `http` store keeps the artifact with this digest.
+    pub fn artifact_url(&self, digest: &crate::Digest) -> Option<String> {
         match self.type_ {
             StoreType::Http => self
                 .url
                 .as_ref()
-                .map(|u| format!("{}/sha256/{hex}", u.trim_end_matches('/'))),
+                .map(|u| format!("{}/sha256/{}", u.trim_end_matches('/'), digest.hex())),
             StoreType::Builtin => None,
         }
     }

@@ -43,8 +43,8 @@ pub struct PackageSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Artifact {
-    /// `sha256:<64 hex digits>` of the artifact.
-    pub digest: String,
+    /// `sha256:<64 lowercase hex digits>` of the artifact.
+    pub digest: crate::Digest,
     /// Size in bytes.
     pub size: u64,
 }
@@ -71,6 +71,10 @@ pub struct InstallSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<String>,
 }
+
+/// Where a package with `method: agent` carries the new agent binary: this
+/// file at the root of its archive.
+pub const AGENT_BINARY: &str = "caravan-agent";
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -135,14 +139,4 @@ pub struct PackageStatus {
     pub artifact_available: bool,
     #[serde(default)]
     pub conditions: Vec<Condition>,
-}
-
-/// Whether `digest` has the form `sha256:<64 lowercase hex>`; returns the hex part.
-pub fn sha256_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
 }

@@ -107,7 +107,7 @@ impl Setup {
     }
 
     fn token(&self, agent: &str) -> String {
-        caravan_net::tokens::issue(&self.relay_token, agent)
+        caravan_net::agent_tokens::issue(&self.relay_token, agent)
     }
 
     /// Pushes a package of `size_mib` MiB of noise and a job sending it to hq.
@@ -244,10 +244,7 @@ async fn large(size_mib: u64, clients: usize) -> anyhow::Result<()> {
     let relay_url = s.blob_url(&pkg, "client-0").await?;
     let token = s.token("client-0");
     let (nginx, nginx_base) = s.nginx(&s.relay.cache_dir.join("sha256")).await?;
-    let nginx_url = format!(
-        "{nginx_base}/{}",
-        pkg.spec.artifact.digest.trim_start_matches("sha256:")
-    );
+    let nginx_url = format!("{nginx_base}/{}", pkg.spec.artifact.digest.hex());
 
     println!("\n## large: {clients} concurrent clients each download the same cached {size_mib} MiB blob\n");
     println!("| server | GiB/s | seconds | CPU s per GiB |\n|---|---:|---:|---:|");
@@ -402,7 +399,7 @@ async fn fanout(clients: usize, size_mib: u64) -> anyhow::Result<()> {
         .relay
         .cache_dir
         .join("sha256")
-        .join(pkg.spec.artifact.digest.trim_start_matches("sha256:"));
+        .join(pkg.spec.artifact.digest.hex());
     anyhow::ensure!(!cached.exists(), "the blob must be cold");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)

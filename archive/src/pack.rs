@@ -1,4 +1,4 @@
-//! Reproducible package archives: tar + zstd with entries in sorted order,
+//! Packing a directory reproducibly: tar + zstd with entries in sorted order,
 //! zero timestamps and owners, file modes kept, symlinks kept as links and
 //! empty directories kept, so the same directory always gives the same digest.
 
@@ -9,8 +9,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use caravan_api::v1alpha1::Artifact;
-use sha2::{Digest, Sha256};
+use caravan_api::{v1alpha1::Artifact, Digest};
+use sha2::{Digest as _, Sha256};
 
 /// Writes the archive of `dir` to `out` and returns its digest and size.
 pub fn pack(dir: &Path, out: &Path) -> anyhow::Result<Artifact> {
@@ -29,7 +29,7 @@ pub fn pack(dir: &Path, out: &Path) -> anyhow::Result<Artifact> {
     hashing.inner.flush()?;
     hashing.inner.get_ref().sync_all()?;
     Ok(Artifact {
-        digest: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
+        digest: Digest::from_hasher(hashing.hasher),
         size: hashing.size,
     })
 }

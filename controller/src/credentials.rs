@@ -12,17 +12,17 @@ use sha2::Sha256;
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
-pub struct Keys {
+pub struct CredentialKey {
     key: [u8; 32],
 }
 
-impl std::fmt::Debug for Keys {
+impl std::fmt::Debug for CredentialKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Keys(<redacted>)")
+        f.write_str("CredentialKey(<redacted>)")
     }
 }
 
-impl Keys {
+impl CredentialKey {
     /// Loads the key from `path`, creating it (mode 0600) on first start.
     pub fn load_or_create(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
@@ -40,7 +40,8 @@ impl Keys {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
                 }
-                write_private(path, &key).map_err(|e| Error::io(path, e))?;
+                caravan_net::fs::write_private(path, &key, caravan_net::fs::Existing::Keep)
+                    .map_err(|e| Error::io(path, e))?;
                 Ok(Self { key })
             }
             Err(e) => Err(Error::io(path, e)),
@@ -86,19 +87,6 @@ impl Keys {
     }
 }
 
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,7 +94,7 @@ mod tests {
     #[test]
     fn relay_tokens_verify_only_for_their_site() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = Keys::load_or_create(&dir.path().join("key")).unwrap();
+        let keys = CredentialKey::load_or_create(&dir.path().join("key")).unwrap();
         let token = keys.relay_token("ns", "berlin");
         assert_eq!(
             keys.verify_relay_token(&token),
@@ -116,7 +104,7 @@ mod tests {
         assert_eq!(keys.verify_relay_token(&forged), None);
         assert_eq!(keys.verify_relay_token("ns/berlin/00"), None);
         // The key survives a restart.
-        let again = Keys::load_or_create(&dir.path().join("key")).unwrap();
+        let again = CredentialKey::load_or_create(&dir.path().join("key")).unwrap();
         assert_eq!(
             again.verify_relay_token(&token),
             Some(("ns".into(), "berlin".into()))

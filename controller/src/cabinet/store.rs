@@ -9,14 +9,15 @@ use std::{
     sync::Mutex,
 };
 
+use caravan_api::Digest;
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("digest mismatch: uploaded bytes have sha256:{actual}, expected sha256:{expected}")]
-    DigestMismatch { expected: String, actual: String },
+    #[error("digest mismatch: uploaded bytes have {actual}, expected {expected}")]
+    DigestMismatch { expected: Digest, actual: Digest },
     #[error("upload interrupted after {received} bytes ({reason}); resume it from there")]
     Interrupted { received: u64, reason: String },
     #[error(
@@ -40,7 +41,7 @@ pub enum StoreError {
 pub struct BlobStore {
     root: PathBuf,
     /// Blobs being uploaded right now (one upload per blob at a time).
-    uploading: Mutex<HashSet<String>>,
+    uploading: Mutex<HashSet<Digest>>,
 }
 
 impl BlobStore {
@@ -51,39 +52,44 @@ impl BlobStore {
         }
     }
 
-    /// Where the blob with this sha256 hex digest lives.
-    pub fn path(&self, hex: &str) -> PathBuf {
-        self.root.join("sha256").join(hex)
+    /// Where the blob lives.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("sha256").join(digest.hex())
     }
 
-    fn partial(&self, hex: &str) -> PathBuf {
-        self.root.join("uploads").join(hex)
+    fn partial(&self, digest: &Digest) -> PathBuf {
+        self.root.join("uploads").join(digest.hex())
     }
 
     /// Size of the stored blob, if present.
-    pub async fn size(&self, hex: &str) -> Option<u64> {
-        tokio::fs::metadata(self.path(hex))
+    pub async fn size(&self, digest: &Digest) -> Option<u64> {
+        tokio::fs::metadata(self.path(digest))
             .await
             .ok()
             .map(|m| m.len())
     }
 
-    /// Bytes of an interrupted upload of `hex` kept to be resumed.
-    pub async fn upload_offset(&self, hex: &str) -> u64 {
-        tokio::fs::metadata(self.partial(hex))
+    /// Bytes of an interrupted upload of `digest` kept to be resumed.
+    pub async fn upload_offset(&self, digest: &Digest) -> u64 {
+        tokio::fs::metadata(self.partial(digest))
             .await
             .map_or(0, |m| m.len())
     }
 
-    /// Streams `body` into the store under `hex`, continuing an interrupted
+    /// Streams `body` into the store under `digest`, continuing an interrupted
     /// upload at `offset` (0: from the start), and verifies the digest of the
     /// whole blob before it enters the store. Returns the blob's size.
-    pub async fn put<S, E>(&self, hex: &str, offset: u64, mut body: S) -> Result<u64, StoreError>
+    pub async fn put<S, E>(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        mut body: S,
+    ) -> Result<u64, StoreError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let _guard = UploadGuard::take(&self.uploading, hex)?;
+        let _guard = UploadGuard::take(&self.uploading, digest)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
@@ -91,7 +97,7 @@ impl BlobStore {
         for dir in [self.root.join("sha256"), self.root.join("uploads")] {
             tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
         }
-        let partial = self.partial(hex);
+        let partial = self.partial(digest);
         let (mut hasher, mut size) = if offset > 0 {
             let (hasher, stored) = caravan_net::hash_partial(&partial)
                 .await
@@ -126,15 +132,15 @@ impl BlobStore {
             file.write_all(&chunk).await.map_err(io(&partial))?;
         }
         file.sync_all().await.map_err(io(&partial))?;
-        let actual = hex::encode(hasher.finalize());
-        if actual != hex {
+        let actual = Digest::from_hasher(hasher);
+        if actual != *digest {
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(StoreError::DigestMismatch {
-                expected: hex.to_string(),
+                expected: *digest,
                 actual,
             });
         }
-        let dest = self.path(hex);
+        let dest = self.path(digest);
         tokio::fs::rename(&partial, &dest)
             .await
             .map_err(io(&dest))?;
@@ -147,7 +153,7 @@ impl BlobStore {
     /// size and digest. The error says what went wrong, naming the URL.
     pub async fn pull(
         &self,
-        hex: &str,
+        digest: &Digest,
         url: &str,
         size: u64,
         http: &reqwest::Client,
@@ -164,11 +170,11 @@ impl BlobStore {
             return Err(format!("{url} is {len} bytes; the Package says {size}"));
         }
         let got = self
-            .put(hex, 0, res.bytes_stream())
+            .put(digest, 0, res.bytes_stream())
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         if got != size {
-            let _ = tokio::fs::remove_file(self.path(hex)).await;
+            let _ = tokio::fs::remove_file(self.path(digest)).await;
             return Err(format!("{url} is {got} bytes; the Package says {size}"));
         }
         Ok(got)
@@ -177,25 +183,25 @@ impl BlobStore {
 
 /// Marks a blob as being uploaded until dropped.
 struct UploadGuard<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    hex: String,
+    set: &'a Mutex<HashSet<Digest>>,
+    digest: Digest,
 }
 
 impl<'a> UploadGuard<'a> {
-    fn take(set: &'a Mutex<HashSet<String>>, hex: &str) -> Result<Self, StoreError> {
-        if !set.lock().expect("lock poisoned").insert(hex.to_string()) {
+    fn take(set: &'a Mutex<HashSet<Digest>>, digest: &Digest) -> Result<Self, StoreError> {
+        if !set.lock().expect("lock poisoned").insert(*digest) {
             return Err(StoreError::Busy);
         }
         Ok(Self {
             set,
-            hex: hex.to_string(),
+            digest: *digest,
         })
     }
 }
 
 impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
-        self.set.lock().expect("lock poisoned").remove(&self.hex);
+        self.set.lock().expect("lock poisoned").remove(&self.digest);
     }
 }
 
@@ -204,9 +210,9 @@ impl BlobStore {
     /// Returns the digests removed.
     pub async fn remove_unreferenced(
         &self,
-        keep: &std::collections::HashSet<String>,
+        keep: &HashSet<Digest>,
         grace: std::time::Duration,
-    ) -> std::io::Result<Vec<String>> {
+    ) -> std::io::Result<Vec<Digest>> {
         let mut removed = Vec::new();
         let mut dir = match tokio::fs::read_dir(self.root.join("sha256")).await {
             Ok(d) => d,
@@ -214,53 +220,23 @@ impl BlobStore {
             Err(e) => return Err(e),
         };
         while let Some(entry) = dir.next_entry().await? {
-            let hex = entry.file_name().to_string_lossy().into_owned();
+            // Only blobs: anything else in there is not the store's to remove.
+            let Ok(digest) = Digest::from_hex(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
             let age = entry
                 .metadata()
                 .await?
                 .modified()?
                 .elapsed()
                 .unwrap_or_default();
-            if !keep.contains(&hex) && age >= grace {
+            if !keep.contains(&digest) && age >= grace {
                 // A relay still reading it keeps its open file; new requests get 404.
                 tokio::fs::remove_file(entry.path()).await?;
-                removed.push(hex);
+                removed.push(digest);
             }
         }
         Ok(removed)
-    }
-}
-
-/// Removes, every `--blob-gc-interval-seconds`, the blobs no Package
-/// references any more (after `--blob-grace-seconds`), so deleting a
-/// package from Git frees its space.
-pub async fn collect_garbage(ctx: std::sync::Arc<crate::context::Context>) {
-    let interval = std::time::Duration::from_secs(ctx.config.blob_gc_interval_seconds.max(1));
-    let grace = std::time::Duration::from_secs(ctx.config.blob_grace_seconds);
-    loop {
-        tokio::time::sleep(interval).await;
-        // Only with a complete view of the packages: a half-filled cache
-        // would make every blob look unreferenced.
-        if futures::FutureExt::now_or_never(ctx.stores.packages.wait_until_ready()).is_none() {
-            continue;
-        }
-        let keep = ctx
-            .stores
-            .packages
-            .state()
-            .iter()
-            .filter_map(|p| {
-                caravan_api::v1alpha1::sha256_hex(&p.spec.artifact.digest).map(str::to_owned)
-            })
-            .collect();
-        match ctx.blobs.remove_unreferenced(&keep, grace).await {
-            Ok(removed) => {
-                for hex in removed {
-                    tracing::info!(blob = %format!("sha256:{hex}"), "removed blob no package references");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "blob garbage collection failed"),
-        }
     }
 }
 
@@ -281,14 +257,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path().to_path_buf());
         let data = b"hello caravan";
-        let hex = hex::encode(Sha256::digest(data));
+        let digest = Digest::of(data);
         assert_eq!(
-            store.put(&hex, 0, body(data)).await.unwrap(),
+            store.put(&digest, 0, body(data)).await.unwrap(),
             data.len() as u64
         );
-        assert_eq!(store.size(&hex).await, Some(data.len() as u64));
+        assert_eq!(store.size(&digest).await, Some(data.len() as u64));
 
-        let wrong = "0".repeat(64);
+        let wrong = Digest::of(b"something else");
         let err = store.put(&wrong, 0, body(data)).await.unwrap_err();
         assert!(err.to_string().contains("digest mismatch"), "{err}");
         assert_eq!(store.size(&wrong).await, None);
@@ -304,28 +280,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path().to_path_buf());
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        let hex = hex::encode(Sha256::digest(&data));
+        let digest = Digest::of(&data);
         // The connection drops after 4000 bytes.
         let broken = futures::stream::iter(vec![
             Ok(bytes::Bytes::copy_from_slice(&data[..4000])),
             Err("reset".to_string()),
         ]);
-        let err = store.put(&hex, 0, broken).await.unwrap_err();
+        let err = store.put(&digest, 0, broken).await.unwrap_err();
         assert!(
             matches!(err, StoreError::Interrupted { received: 4000, .. }),
             "{err}"
         );
-        assert_eq!(store.upload_offset(&hex).await, 4000);
+        assert_eq!(store.upload_offset(&digest).await, 4000);
         // Resuming anywhere else is refused; at the right offset it completes.
         assert!(matches!(
-            store.put(&hex, 3000, body(&data[3000..])).await,
+            store.put(&digest, 3000, body(&data[3000..])).await,
             Err(StoreError::Offset { stored: 4000, .. })
         ));
         assert_eq!(
-            store.put(&hex, 4000, body(&data[4000..])).await.unwrap(),
+            store.put(&digest, 4000, body(&data[4000..])).await.unwrap(),
             10_000
         );
-        assert_eq!(std::fs::read(store.path(&hex)).unwrap(), data);
-        assert_eq!(store.upload_offset(&hex).await, 0);
+        assert_eq!(std::fs::read(store.path(&digest)).unwrap(), data);
+        assert_eq!(store.upload_offset(&digest).await, 0);
+    }
+
+    #[tokio::test]
+    async fn only_unreferenced_blobs_past_their_grace_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf());
+        let (kept, dropped) = (Digest::of(b"kept"), Digest::of(b"dropped"));
+        for (d, data) in [(kept, &b"kept"[..]), (dropped, &b"dropped"[..])] {
+            store.put(&d, 0, body(data)).await.unwrap();
+        }
+        std::fs::write(dir.path().join("sha256/README"), "not a blob").unwrap();
+        let keep = HashSet::from([kept]);
+        let grace = std::time::Duration::from_secs(3600);
+        assert!(
+            store
+                .remove_unreferenced(&keep, grace)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a fresh upload waits for its commit"
+        );
+        let removed = store
+            .remove_unreferenced(&keep, std::time::Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(removed, [dropped]);
+        assert!(store.size(&kept).await.is_some());
+        assert!(dir.path().join("sha256/README").exists());
     }
 }

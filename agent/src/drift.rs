@@ -1,7 +1,9 @@
-//! What an installed version consists of, recorded once its install script
-//! has run, and the cheap check against it on every pass: a file whose size
-//! and modification time are unchanged is taken as unchanged; only the
-//! others are hashed. Changed, deleted and added files are drift.
+//! Drift: what an installed version consists of (its [`Baseline`]: every
+//! file's size, mtime and sha256), recorded once its install script has
+//! run, and the cheap check against it on every pass: a file whose size and
+//! modification time are unchanged is taken as unchanged; only the others
+//! are hashed. Changed, deleted and added files are drift. Baselines live in
+//! the state directory, one per installed version, and travel in backups.
 
 use std::{
     collections::BTreeMap,
@@ -10,12 +12,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use caravan_api::wire::{Drift, DriftChange};
+use caravan_api::{
+    wire::{Drift, DriftChange},
+    Digest,
+};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
+use crate::state::{Installed, StateDir};
+
+/// What one installed version consisted of once installed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Manifest {
+pub struct Baseline {
     /// By path inside the package.
     pub files: BTreeMap<String, Entry>,
 }
@@ -69,9 +77,42 @@ fn walk(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, std::fs::Metadata)>
     Ok(out)
 }
 
-impl Manifest {
+/// Where the baselines live in the state directory.
+const DIR: &str = "manifests";
+
+fn file(digest: &Digest) -> String {
+    format!("{DIR}/{}.json", digest.hex())
+}
+
+impl Baseline {
+    /// The baseline of version `digest`, if recorded.
+    pub fn load(state: &StateDir, digest: &Digest) -> anyhow::Result<Option<Self>> {
+        state.json(&file(digest))
+    }
+
+    /// Records the baseline of version `digest`.
+    pub fn save(&self, state: &StateDir, digest: &Digest) -> anyhow::Result<()> {
+        state.set_json(&file(digest), Some(self))
+    }
+
+    /// Drops the baselines of versions no longer installed.
+    pub fn prune(state: &StateDir, installed: &Installed) -> anyhow::Result<()> {
+        let keep: Vec<String> = installed.values().map(|r| file(&r.digest)).collect();
+        let Ok(dir) = std::fs::read_dir(state.path().join(DIR)) else {
+            return Ok(());
+        };
+        for entry in dir {
+            let entry = entry?;
+            let name = format!("{DIR}/{}", entry.file_name().to_string_lossy());
+            if !keep.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Records what `dir` holds now.
-    pub fn build(dir: &Path) -> std::io::Result<Self> {
+    pub fn record(dir: &Path) -> std::io::Result<Self> {
         let mut files = BTreeMap::new();
         for (rel, path, meta) in walk(dir)? {
             files.insert(
@@ -131,7 +172,7 @@ mod tests {
         for f in ["a", "b", "bin/c", "d"] {
             std::fs::write(d.join(f), f).unwrap();
         }
-        let m = Manifest::build(d).unwrap();
+        let m = Baseline::record(d).unwrap();
         assert_eq!(m.files.len(), 4);
         assert!(m.drift("p", d).unwrap().is_empty());
         // Same content written again: a new mtime, but no drift.
@@ -153,5 +194,25 @@ mod tests {
                 ("new".into(), DriftChange::Added),
             ]
         );
+    }
+
+    #[test]
+    fn baselines_are_kept_only_for_installed_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let (old, new) = (Digest::of(b"1"), Digest::of(b"2"));
+        let b = Baseline::record(dir.path().join("downloads").as_path()).unwrap();
+        b.save(&state, &old).unwrap();
+        b.save(&state, &new).unwrap();
+        let record = crate::state::InstalledRecord {
+            name: "app".into(),
+            version: "2".into(),
+            digest: new,
+            job: "ns/j".into(),
+            install: Default::default(),
+        };
+        Baseline::prune(&state, &Installed::from([("app".into(), record)])).unwrap();
+        assert!(Baseline::load(&state, &old).unwrap().is_none());
+        assert_eq!(Baseline::load(&state, &new).unwrap(), Some(b));
     }
 }

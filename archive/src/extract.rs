@@ -3,7 +3,7 @@
 //! Every entry is checked before anything is written: no absolute paths, no
 //! `..`, no links that point outside the target, no device files or FIFOs, and
 //! an entry's data must match its header size. Extraction goes into a fresh
-//! staging directory, so a refused archive leaves nothing behind but that
+//! directory, so a refused archive leaves nothing behind but that
 //! directory, which the caller removes.
 
 use std::{

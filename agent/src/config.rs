@@ -1,0 +1,74 @@
+//! The agent's configuration as the rest of it uses it: read from the
+//! command line and environment ([`crate::RunArgs`]) once, trusted keys
+//! loaded, the hostname resolved.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use caravan_api::signing;
+use ed25519_dalek::VerifyingKey;
+
+use crate::RunArgs;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// URL of the site's relay.
+    pub server: String,
+    /// CA the relay's certificate is verified with (default: web PKI roots).
+    pub ca_file: Option<PathBuf>,
+    /// Keys whose package signatures this agent accepts (its own, never the relay's).
+    pub trusted_keys: Vec<VerifyingKey>,
+    /// The site's bootstrap token, needed only to enroll.
+    pub bootstrap_token: Option<String>,
+    pub state_dir: PathBuf,
+    pub install_root: PathBuf,
+    pub hostname: String,
+    /// Longest a poll waits for a change, in seconds.
+    pub poll_wait: u64,
+    /// How long a failed assignment waits before it is tried again.
+    pub retry_after: Duration,
+    /// The file self-updates replace (default: this executable).
+    pub binary: Option<PathBuf>,
+    /// Converge once and exit.
+    pub once: bool,
+}
+
+impl Config {
+    pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
+        let mut trusted_keys = Vec::new();
+        for path in &args.trusted_keys {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading trusted key {}", path.display()))?;
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                trusted_keys.push(
+                    signing::parse_public(line)
+                        .with_context(|| format!("trusted key file {}", path.display()))?,
+                );
+            }
+        }
+        Ok(Self {
+            server: args.server,
+            ca_file: args.ca_file,
+            trusted_keys,
+            bootstrap_token: args.bootstrap_token,
+            state_dir: args.state_dir,
+            install_root: args.install_root,
+            hostname: args.hostname.unwrap_or_else(system_hostname),
+            poll_wait: args.poll_wait,
+            retry_after: Duration::from_secs(args.retry_after),
+            binary: args.binary,
+            once: args.once,
+        })
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

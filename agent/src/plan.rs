@@ -1,0 +1,301 @@
+//! The decision, for each assignment, of what to do about it: a pure
+//! function of the desired state, what is installed and what the agent
+//! found on the endpoint. `converge.rs` carries the plan out.
+//!
+//! - One install per package: the first job (in job order) that installs a
+//!   package wins; other jobs' installs of it wait their turn, and an
+//!   uninstall of it fails, naming the job that installs it.
+//! - An install is done when the package is installed at that digest and in
+//!   place in the install root, unless its files drifted and the job asks
+//!   for repair.
+//! - Installed packages no job installs any more are removed, unless held
+//!   (a suspended job, or a job whose package reference does not resolve).
+//! - A frozen state (an agent not approved, or not known yet) changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use caravan_api::{
+    v1alpha1::{InstallMethod, JobAction},
+    wire::{AgentDesired, Assignment},
+    Digest,
+};
+
+use crate::state::Installed;
+
+/// One assignment's identity: job, package and digest.
+pub type Key = (String, String, Digest);
+
+pub fn key(a: &Assignment) -> Key {
+    (a.job.clone(), a.package.clone(), a.digest)
+}
+
+/// What the agent knows when it decides.
+pub struct Situation<'a> {
+    pub desired: &'a AgentDesired,
+    pub installed: &'a Installed,
+    /// Installed packages whose recorded version is in place in the install root.
+    pub live: &'a BTreeSet<String>,
+    /// Installed packages whose files drifted.
+    pub drifted: &'a BTreeSet<String>,
+    /// Assignments that failed a moment ago and wait for their retry.
+    pub waiting: &'a HashSet<Key>,
+}
+
+/// Why an install runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Not installed, or installed at another version.
+    New,
+    /// Installed, but gone from the install root.
+    Missing,
+    /// Installed, but its files drifted and the job asks for repair.
+    Repair,
+}
+
+/// What to do about one assignment.
+#[derive(Debug, PartialEq)]
+pub enum Step<'a> {
+    /// Reached already.
+    Done(&'a Assignment),
+    /// Failed a moment ago: tried again once its retry is due.
+    Wait(&'a Assignment),
+    /// Another job installs the package first: this install waits its turn.
+    Queued(&'a Assignment),
+    /// An uninstall of a package another job installs: it cannot win.
+    Conflict {
+        assignment: &'a Assignment,
+        installer: &'a str,
+    },
+    Install(&'a Assignment, Why),
+    Uninstall(&'a Assignment),
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan<'a> {
+    /// One step per assignment, in the desired state's order.
+    pub steps: Vec<Step<'a>>,
+    /// Installed packages no job installs any more, to remove.
+    pub removals: Vec<&'a str>,
+}
+
+pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
+    if s.desired.frozen {
+        return Plan::default();
+    }
+    let assignments = &s.desired.assignments;
+    let mut wanted: BTreeMap<&str, &Assignment> = BTreeMap::new();
+    for a in assignments
+        .iter()
+        .filter(|a| a.action == JobAction::Install)
+    {
+        wanted.entry(a.package.as_str()).or_insert(a);
+    }
+    let steps = assignments
+        .iter()
+        .map(|a| {
+            if s.waiting.contains(&key(a)) {
+                return Step::Wait(a);
+            }
+            match a.action {
+                JobAction::Install => {
+                    let at_digest = s
+                        .installed
+                        .get(&a.package)
+                        .is_some_and(|r| r.digest == a.digest);
+                    // A new agent binary is not in the install root.
+                    let live =
+                        a.install.method == InstallMethod::Agent || s.live.contains(&a.package);
+                    let repair = a.repair && s.drifted.contains(&a.package);
+                    let queued = wanted
+                        .get(a.package.as_str())
+                        .is_some_and(|w| w.job != a.job);
+                    match (at_digest, live, repair) {
+                        (true, true, false) => Step::Done(a),
+                        _ if queued => Step::Queued(a),
+                        (true, false, _) => Step::Install(a, Why::Missing),
+                        (true, true, true) => Step::Install(a, Why::Repair),
+                        (false, ..) => Step::Install(a, Why::New),
+                    }
+                }
+                JobAction::Uninstall => match wanted.get(a.package.as_str()) {
+                    Some(w) => Step::Conflict {
+                        assignment: a,
+                        installer: &w.job,
+                    },
+                    None if !s.installed.contains_key(&a.package) => Step::Done(a),
+                    None => Step::Uninstall(a),
+                },
+            }
+        })
+        .collect();
+    let removals = s
+        .installed
+        .keys()
+        .filter(|p| !wanted.contains_key(p.as_str()) && !s.desired.hold.contains(p))
+        .map(String::as_str)
+        .collect();
+    Plan { steps, removals }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::InstalledRecord;
+
+    fn assignment(job: &str, action: JobAction, package: &str, version: &str) -> Assignment {
+        serde_json::from_value(serde_json::json!({
+            "job": format!("ns/{job}"), "action": action, "package": package, "version": version,
+            "digest": Digest::of(format!("{package}-{version}").as_bytes()), "size": 1, "install": {},
+        }))
+        .unwrap()
+    }
+
+    fn install(job: &str, package: &str, version: &str) -> Assignment {
+        assignment(job, JobAction::Install, package, version)
+    }
+
+    fn installed(records: &[(&str, &str)]) -> Installed {
+        records
+            .iter()
+            .map(|(p, v)| {
+                let r = InstalledRecord {
+                    name: p.to_string(),
+                    version: v.to_string(),
+                    digest: Digest::of(format!("{p}-{v}").as_bytes()),
+                    job: "ns/old".into(),
+                    install: Default::default(),
+                };
+                (p.to_string(), r)
+            })
+            .collect()
+    }
+
+    /// Plans `assignments` (held: `hold`) over `on` (package, version),
+    /// all live and none drifted unless said.
+    struct Case {
+        desired: AgentDesired,
+        installed: Installed,
+        live: BTreeSet<String>,
+        drifted: BTreeSet<String>,
+        waiting: HashSet<Key>,
+    }
+
+    impl Case {
+        fn new(assignments: Vec<Assignment>, on: &[(&str, &str)]) -> Self {
+            let installed = installed(on);
+            Self {
+                live: installed.keys().cloned().collect(),
+                desired: AgentDesired {
+                    agent: "a1".into(),
+                    assignments,
+                    ..Default::default()
+                },
+                installed,
+                drifted: BTreeSet::new(),
+                waiting: HashSet::new(),
+            }
+        }
+
+        fn plan(&self) -> Plan<'_> {
+            plan(&Situation {
+                desired: &self.desired,
+                installed: &self.installed,
+                live: &self.live,
+                drifted: &self.drifted,
+                waiting: &self.waiting,
+            })
+        }
+    }
+
+    #[test]
+    fn what_is_installed_at_the_digest_is_done_and_the_rest_installs() {
+        let c = Case::new(
+            vec![install("j", "hello", "2"), install("j", "tools", "1")],
+            &[("hello", "1"), ("tools", "1")],
+        );
+        let p = c.plan();
+        let a = &c.desired.assignments;
+        assert_eq!(p.steps, [Step::Install(&a[0], Why::New), Step::Done(&a[1])]);
+        assert!(p.removals.is_empty());
+    }
+
+    #[test]
+    fn the_first_job_installs_a_package_and_an_uninstall_of_it_cannot_win() {
+        let c = Case::new(
+            vec![
+                install("a", "hello", "2"),
+                install("b", "hello", "3"),
+                assignment("c", JobAction::Uninstall, "hello", "2"),
+            ],
+            &[],
+        );
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().steps,
+            [
+                Step::Install(&a[0], Why::New),
+                Step::Queued(&a[1]),
+                Step::Conflict {
+                    assignment: &a[2],
+                    installer: "ns/a"
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_uninstall_removes_what_is_there_and_is_done_when_it_is_gone() {
+        let c = Case::new(
+            vec![assignment("u", JobAction::Uninstall, "hello", "1")],
+            &[("hello", "1")],
+        );
+        let a = &c.desired.assignments;
+        assert_eq!(c.plan().steps, [Step::Uninstall(&a[0])]);
+        let c = Case::new(
+            vec![assignment("u", JobAction::Uninstall, "hello", "1")],
+            &[],
+        );
+        assert_eq!(c.plan().steps, [Step::Done(&c.desired.assignments[0])]);
+    }
+
+    #[test]
+    fn a_package_missing_from_the_root_or_drifted_under_repair_is_installed_again() {
+        let mut c = Case::new(vec![install("j", "hello", "1")], &[("hello", "1")]);
+        c.live.clear();
+        assert_eq!(
+            c.plan().steps,
+            [Step::Install(&c.desired.assignments[0], Why::Missing)]
+        );
+        let mut c = Case::new(vec![install("j", "hello", "1")], &[("hello", "1")]);
+        c.drifted.insert("hello".into());
+        assert_eq!(
+            c.plan().steps,
+            [Step::Done(&c.desired.assignments[0])],
+            "drift is reported, not repaired, unless asked"
+        );
+        c.desired.assignments[0].repair = true;
+        assert_eq!(
+            c.plan().steps,
+            [Step::Install(&c.desired.assignments[0], Why::Repair)]
+        );
+    }
+
+    #[test]
+    fn a_failed_assignment_waits_for_its_retry() {
+        let mut c = Case::new(vec![install("j", "hello", "1")], &[]);
+        c.waiting.insert(key(&c.desired.assignments[0]));
+        assert_eq!(c.plan().steps, [Step::Wait(&c.desired.assignments[0])]);
+    }
+
+    #[test]
+    fn what_no_job_installs_is_removed_unless_held_and_a_frozen_agent_changes_nothing() {
+        let mut c = Case::new(
+            vec![install("j", "hello", "1")],
+            &[("hello", "1"), ("old", "1"), ("kept", "1")],
+        );
+        c.desired.hold = vec!["kept".into()];
+        assert_eq!(c.plan().removals, ["old"]);
+        c.desired.frozen = true;
+        assert_eq!(c.plan(), Plan::default());
+    }
+}

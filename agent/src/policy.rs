@@ -1,0 +1,132 @@
+//! What the agent checks of an assignment before it downloads anything:
+//! the package name is a safe directory name, the package carries a
+//! signature this agent accepts (by its own keys, never the relay's), and
+//! the endpoint meets the package's requirements (os, arch, free disk).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use caravan_api::{names, signing, wire::Assignment};
+use ed25519_dalek::VerifyingKey;
+
+/// Refuses an assignment this agent must not install, saying why.
+pub fn check(a: &Assignment, trusted: &[VerifyingKey], root: &Path) -> anyhow::Result<()> {
+    names::package_name(&a.package).map_err(anyhow::Error::msg)?;
+    check_signature(a, trusted)?;
+    check_requirements(a, root)
+}
+
+/// Refuses a package that is not signed as this agent's policy (or its
+/// cabinet) requires.
+pub fn check_signature(a: &Assignment, trusted: &[VerifyingKey]) -> anyhow::Result<()> {
+    if trusted.is_empty() {
+        anyhow::ensure!(
+            !a.require_signature,
+            "package {} {} must be signed, but this agent trusts no signing keys (--trusted-key)",
+            a.package,
+            a.version
+        );
+        return Ok(());
+    }
+    signing::verify(trusted, &a.signatures, &a.package, &a.version, &a.digest)
+        .with_context(|| format!("package {} {} refused", a.package, a.version))?;
+    Ok(())
+}
+
+/// Checks what the package asks of the endpoint, before anything is downloaded.
+pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
+    let Some(req) = &a.install.requirements else {
+        return Ok(());
+    };
+    let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
+    anyhow::ensure!(
+        req.os.is_empty() || req.os.iter().any(|o| o == os),
+        "requirement not met: package {} needs os {} (this endpoint runs {os})",
+        a.package,
+        req.os.join(" or ")
+    );
+    anyhow::ensure!(
+        req.arch.is_empty() || req.arch.iter().any(|x| x == arch),
+        "requirement not met: package {} needs arch {} (this endpoint is {arch})",
+        a.package,
+        req.arch.join(" or ")
+    );
+    if let Some(min) = req.min_free_disk_bytes {
+        std::fs::create_dir_all(root)?;
+        let st = rustix::fs::statvfs(root)
+            .with_context(|| format!("checking free space in {}", root.display()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let needed = min.saturating_add(a.size);
+        anyhow::ensure!(
+            free >= needed,
+            "requirement not met: package {} needs {needed} bytes free in {} (the package and {min} more), {free} are",
+            a.package,
+            root.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caravan_api::v1alpha1::{InstallSpec, Requirements};
+
+    #[test]
+    fn requirements_are_checked_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": "ns/j", "action": "install", "package": "app", "version": "1",
+            "digest": format!("sha256:{}", "a".repeat(64)), "size": 10, "install": {},
+        }))
+        .unwrap();
+        assert!(check_requirements(&a, dir.path()).is_ok());
+        let req = |r: Requirements| InstallSpec {
+            requirements: Some(r),
+            ..Default::default()
+        };
+        a.install = req(Requirements {
+            os: vec!["plan9".into()],
+            ..Default::default()
+        });
+        let e = check_requirements(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("needs os plan9"), "{e}");
+        a.install = req(Requirements {
+            arch: vec![std::env::consts::ARCH.into()],
+            os: vec![std::env::consts::OS.into()],
+            ..Default::default()
+        });
+        assert!(check_requirements(&a, dir.path()).is_ok());
+        a.install = req(Requirements {
+            min_free_disk_bytes: Some(u64::MAX / 2),
+            ..Default::default()
+        });
+        let e = check_requirements(&a, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bytes free"), "{e}");
+    }
+
+    #[test]
+    fn unsigned_packages_are_refused_when_the_agent_or_the_cabinet_asks_for_signatures() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": "ns/j", "action": "install", "package": "app", "version": "1",
+            "digest": caravan_api::Digest::of(b"app"), "size": 10, "install": {},
+        }))
+        .unwrap();
+        assert!(check_signature(&a, &[]).is_ok(), "no keys, no requirement");
+        a.require_signature = true;
+        let e = check_signature(&a, &[]).unwrap_err().to_string();
+        assert!(e.contains("trusts no signing keys"), "{e}");
+        let trusted = [key.verifying_key()];
+        assert!(check_signature(&a, &trusted).is_err(), "unsigned");
+        a.signatures = vec![signing::sign(&key, "app", "1", &a.digest)];
+        assert!(check_signature(&a, &trusted).is_ok());
+        a.version = "2".into();
+        assert!(
+            check_signature(&a, &trusted).is_err(),
+            "a signature of another version"
+        );
+        a.package = "../etc".into();
+        assert!(check(&a, &trusted, Path::new("/nonexistent")).is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! The scripts a package runs on the endpoint: its install and uninstall
+//! scripts (method `script`) and its health check (any method). A script is
+//! a relative path inside the package, run from the package directory with
+//! the `CARAVAN_*` environment, killed after the package's timeout; its
+//! exit code decides, and the tail of its output is kept for the report.
+
+use std::{
+    collections::VecDeque,
+    path::Path,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use caravan_api::v1alpha1::{InstallMethod, InstallSpec};
+use tokio::io::AsyncReadExt;
+
+/// How much of a script's output is kept for the report.
+const OUTPUT_TAIL: usize = 2048;
+
+/// Why a script runs (its `CARAVAN_ACTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Install,
+    Uninstall,
+    /// The health check, once the new version is in place.
+    Health,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Install => "install",
+            Self::Uninstall => "uninstall",
+            Self::Health => "health",
+        }
+    }
+}
+
+/// The package being acted on.
+pub struct Package<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub install: &'a InstallSpec,
+}
+
+/// The script a `script` package runs for `action`, if it has one.
+pub fn script_for(install: &InstallSpec, action: Action) -> Option<&str> {
+    if action == Action::Health {
+        return install.health_check.as_deref();
+    }
+    if install.method != InstallMethod::Script {
+        return None;
+    }
+    let script = install.script.as_ref()?;
+    match action {
+        Action::Install => Some(script.install.as_str()),
+        _ => script.uninstall.as_deref(),
+    }
+}
+
+/// Runs `package`'s script for `action` from its directory `dir`, if it has
+/// one. Returns the tail of its output (empty when there is no script).
+pub async fn run_for(
+    package: &Package<'_>,
+    action: Action,
+    dir: &Path,
+    root: &Path,
+) -> anyhow::Result<String> {
+    match script_for(package.install, action) {
+        Some(script) => run_script(dir, root, script, action, package).await,
+        None => Ok(String::new()),
+    }
+}
+
+/// Runs `script` (a path inside the package directory `dir`) for `action`,
+/// killed after the package's timeout. Returns the tail of its output; an
+/// error says how it ended and carries the tail too.
+pub async fn run_script(
+    dir: &Path,
+    root: &Path,
+    script: &str,
+    action: Action,
+    package: &Package<'_>,
+) -> anyhow::Result<String> {
+    let Package {
+        name,
+        version,
+        install,
+    } = *package;
+    let action = action.as_str();
+    let rel = Path::new(script);
+    anyhow::ensure!(
+        rel.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_))),
+        "{action} script {script:?} must be a relative path inside the package"
+    );
+    let path = dir.join(rel);
+    anyhow::ensure!(
+        path.is_file(),
+        "{action} script {script} is not in the package"
+    );
+    let timeout = Duration::from_secs(
+        install
+            .script
+            .as_ref()
+            .map_or(600, |s| s.timeout_seconds)
+            .into(),
+    );
+    let mut cmd = if is_executable(&path) {
+        tokio::process::Command::new(&path)
+    } else {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg(&path);
+        c
+    };
+    cmd.current_dir(dir)
+        .env("CARAVAN_PACKAGE_NAME", name)
+        .env("CARAVAN_PACKAGE_VERSION", version)
+        .env("CARAVAN_PACKAGE_DIR", dir)
+        .env("CARAVAN_INSTALL_ROOT", root)
+        .env("CARAVAN_ACTION", action)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {action} script {script}"))?;
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL)));
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(collect(out, tail.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(collect(err, tail.clone())));
+    }
+    let ended = tokio::time::timeout(timeout, child.wait()).await;
+    if ended.is_err() {
+        let _ = child.kill().await;
+    }
+    for r in readers {
+        // A grandchild may hold the pipes open; do not wait for it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+    }
+    let output = {
+        let t = tail.lock().expect("lock poisoned");
+        String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>())
+            .trim()
+            .to_string()
+    };
+    match ended {
+        Err(_) => anyhow::bail!(
+            "{action} script {script} timed out after {}s; output: {output}",
+            timeout.as_secs()
+        ),
+        Ok(status) => {
+            let status = status?;
+            anyhow::ensure!(
+                status.success(),
+                "{action} script {script} failed ({status}); output: {output}"
+            );
+            Ok(output)
+        }
+    }
+}
+
+/// Reads a pipe to its end, keeping the last `OUTPUT_TAIL` bytes.
+async fn collect(mut pipe: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        let mut t = tail.lock().expect("lock poisoned");
+        t.extend(&buf[..n]);
+        let excess = t.len().saturating_sub(OUTPUT_TAIL);
+        t.drain(..excess);
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use caravan_api::v1alpha1::ScriptSpec;
+
+    fn spec(timeout_seconds: u32) -> InstallSpec {
+        InstallSpec {
+            method: InstallMethod::Script,
+            script: Some(ScriptSpec {
+                install: "install.sh".into(),
+                uninstall: None,
+                timeout_seconds,
+            }),
+            requirements: None,
+            health_check: None,
+        }
+    }
+
+    fn script(dir: &Path, body: &str) {
+        std::fs::write(dir.join("install.sh"), format!("#!/bin/sh\n{body}\n")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_script_sees_its_package_and_its_output_tail_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "echo \"$CARAVAN_ACTION $CARAVAN_PACKAGE_NAME $CARAVAN_PACKAGE_VERSION\"; touch \"$CARAVAN_PACKAGE_DIR/done\"");
+        let out = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &Package {
+                name: "app",
+                version: "1.2",
+                install: &spec(10),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, "install app 1.2");
+        assert!(dir.path().join("done").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_hanging_script_fails_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            &format!("{}\necho disk full >&2; exit 3", "echo noise; ".repeat(500)),
+        );
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &Package {
+                name: "app",
+                version: "1",
+                install: &spec(10),
+            },
+        )
+        .await
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("exit status: 3") && msg.ends_with("disk full"),
+            "{msg}"
+        );
+        assert!(msg.len() < OUTPUT_TAIL + 200, "only the tail is kept");
+
+        script(dir.path(), "echo started; sleep 30");
+        let start = std::time::Instant::now();
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &Package {
+                name: "app",
+                version: "1",
+                install: &spec(1),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("timed out after 1s; output: started"),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "killed, not waited for"
+        );
+
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "../evil.sh",
+            Action::Install,
+            &Package {
+                name: "app",
+                version: "1",
+                install: &spec(1),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("relative path inside the package"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! Fetching the artifacts of `http` cabinets into the store. The engine
+//! asks for every artifact an `http` cabinet holds that the store lacks
+//! ([`Pulls::ensure`]); each is fetched once, by a task of its own, its
+//! size and digest verified before it enters the store. A failed fetch is
+//! reported (and tried again after a while); a finished one wakes the
+//! engine ([`Pulls::finished`]), which then sees the blob in the store.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use caravan_api::Digest;
+use tokio::sync::Notify;
+
+use super::BlobStore;
+use crate::index::ArtifactState;
+
+/// A failed fetch is tried again after this long.
+const RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+enum Pull {
+    Running,
+    Failed { message: String, at: Instant },
+}
+
+/// The fetches from `http` cabinets, owned by the engine.
+pub struct Pulls {
+    blobs: Arc<BlobStore>,
+    http: reqwest::Client,
+    pulls: Arc<Mutex<HashMap<Digest, Pull>>>,
+    done: Arc<Notify>,
+}
+
+impl Pulls {
+    pub fn new(blobs: Arc<BlobStore>, http: reqwest::Client) -> Self {
+        Self {
+            blobs,
+            http,
+            pulls: Default::default(),
+            done: Default::default(),
+        }
+    }
+
+    /// Where the fetch of `digest` (`size` bytes) from `url` stands,
+    /// starting it unless it runs already or failed a moment ago. Only for
+    /// artifacts the store lacks.
+    pub fn ensure(&self, digest: Digest, url: &str, size: u64) -> ArtifactState {
+        let mut pulls = self.pulls.lock().expect("lock poisoned");
+        match pulls.get(&digest) {
+            Some(Pull::Failed { at, .. }) if at.elapsed() > RETRY => {}
+            Some(Pull::Failed { message, .. }) => {
+                return ArtifactState::FetchFailed(message.clone())
+            }
+            Some(Pull::Running) => return ArtifactState::Fetching,
+            None => {}
+        }
+        pulls.insert(digest, Pull::Running);
+        let (blobs, http, all, done) = (
+            self.blobs.clone(),
+            self.http.clone(),
+            self.pulls.clone(),
+            self.done.clone(),
+        );
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let result = blobs.pull(&digest, &url, size, &http).await;
+            let mut pulls = all.lock().expect("lock poisoned");
+            match result {
+                Ok(_) => {
+                    tracing::info!(%url, "artifact fetched and verified");
+                    pulls.remove(&digest);
+                }
+                Err(message) => {
+                    tracing::warn!(%message, "artifact fetch failed");
+                    pulls.insert(
+                        digest,
+                        Pull::Failed {
+                            message,
+                            at: Instant::now(),
+                        },
+                    );
+                }
+            }
+            done.notify_one();
+        });
+        ArtifactState::Fetching
+    }
+
+    /// Resolves when a fetch has finished since the last call.
+    pub async fn finished(&self) {
+        self.done.notified().await
+    }
+}

@@ -1,0 +1,129 @@
+//! Applying a revision: every object is dry-run first, then all are
+//! applied with server-side apply (field manager `caravan`); then what this
+//! source applied earlier and Git no longer holds is pruned. A refusal in
+//! the dry run applies nothing and names the file.
+
+use std::collections::BTreeSet;
+
+use caravan_api::{labels, v1alpha1::ManifestError};
+use kube::{
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    Api, ResourceExt,
+};
+
+use super::parse::{Declared, Kind};
+use crate::{context::Context, error::ErrorClass, field_managers};
+
+/// Why a revision was not (wholly) applied: one error per file, and whether
+/// trying again may help (the API server was away) or not (it refused).
+#[derive(Debug)]
+pub struct Refusal {
+    pub errors: Vec<ManifestError>,
+    pub class: ErrorClass,
+}
+
+impl Refusal {
+    fn add(&mut self, file: &str, message: String, e: &kube::Error) {
+        self.errors.push(ManifestError {
+            file: file.to_string(),
+            message,
+        });
+        // The API server refused the object: the same revision is refused again.
+        let refused =
+            matches!(e, kube::Error::Api(s) if s.code < 500 && s.code != 409 && s.code != 429);
+        if !refused {
+            self.class = ErrorClass::Transient;
+        }
+    }
+
+    fn into_result(self) -> Result<(), Self> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl Default for Refusal {
+    fn default() -> Self {
+        Self {
+            errors: vec![],
+            class: ErrorClass::Stalled,
+        }
+    }
+}
+
+fn api(ctx: &Context, ns: &str, kind: Kind) -> Api<DynamicObject> {
+    Api::namespaced_with(ctx.client.clone(), ns, &kind.resource())
+}
+
+/// Dry-runs every object, then applies them all.
+pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<(), Refusal> {
+    let params = PatchParams::apply(field_managers::APPLY).force();
+    for dry_run in [true, false] {
+        let params = if dry_run {
+            params.clone().dry_run()
+        } else {
+            params.clone()
+        };
+        let mut refusal = Refusal::default();
+        for m in declared {
+            if let Err(e) = api(ctx, ns, m.kind)
+                .patch(&m.name, &params, &Patch::Apply(&m.object))
+                .await
+            {
+                let message = format!("{} {:?}: {}", m.kind.name(), m.name, api_error_message(&e));
+                refusal.add(&m.file, message, &e);
+            }
+        }
+        refusal.into_result()?;
+    }
+    Ok(())
+}
+
+/// Deletes what source `source` applied earlier and `declared` no longer holds.
+pub async fn prune(
+    ctx: &Context,
+    ns: &str,
+    source: &str,
+    declared: &[Declared],
+) -> Result<(), Refusal> {
+    let wanted: BTreeSet<_> = declared.iter().map(|m| (m.kind, m.name.as_str())).collect();
+    let selector = ListParams::default().labels(&format!("{}={source}", labels::SOURCE));
+    let mut refusal = Refusal::default();
+    for kind in Kind::ALL {
+        let list = match api(ctx, ns, kind).list_metadata(&selector).await {
+            Ok(l) => l,
+            Err(e) => {
+                let message = format!(
+                    "listing {}s to prune: {}",
+                    kind.name(),
+                    api_error_message(&e)
+                );
+                refusal.add("-", message, &e);
+                continue;
+            }
+        };
+        for obj in list {
+            let name = obj.name_any();
+            if !wanted.contains(&(kind, name.as_str())) {
+                tracing::info!(kind = kind.name(), %name, "pruning object removed from Git");
+                if let Err(e) = api(ctx, ns, kind)
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                {
+                    tracing::warn!(kind = kind.name(), %name, error = %e, "prune failed");
+                }
+            }
+        }
+    }
+    refusal.into_result()
+}
+
+fn api_error_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,102 @@
+//! Every site's desired state, as served to its relay: what each of its
+//! agents must have, the blobs of the jobs aimed at it (prestaged whether
+//! or not agents have enrolled) and the blobs of the sites below it (whose
+//! relays fetch them from this one, so each blob crosses each link once).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use caravan_api::{
+    v1alpha1::{DistributionJob, Site},
+    wire::SiteDesired,
+    Digest,
+};
+use caravan_net::Document;
+use kube::ResourceExt;
+
+use super::{key_of, plan::Plan, SiteKey};
+
+/// Desired state of every site, as served to relays.
+#[derive(Default, Debug)]
+pub struct DesiredIndex {
+    pub sites: HashMap<SiteKey, Arc<Document<SiteDesired>>>,
+}
+
+impl DesiredIndex {
+    /// Whether `other` serves any site differently.
+    pub fn differs_from(&self, other: &Self) -> bool {
+        self.sites.len() != other.sites.len()
+            || other
+                .sites
+                .iter()
+                .any(|(k, v)| self.sites.get(k).is_none_or(|c| c.etag != v.etag))
+    }
+}
+
+/// Builds every site's document from the plan (whose per-site agent
+/// states it takes).
+pub fn desired(
+    sites: &[Arc<Site>],
+    jobs: &[Arc<DistributionJob>],
+    plan: &mut Plan,
+) -> DesiredIndex {
+    let mut desired: HashMap<SiteKey, SiteDesired> = sites
+        .iter()
+        .map(|s| {
+            let key = key_of(s.as_ref());
+            let agents = plan.by_site.remove(&key).unwrap_or_default();
+            let d = SiteDesired {
+                site: s.name_any(),
+                agents,
+                prestage: vec![],
+                lower: vec![],
+            };
+            (key, d)
+        })
+        .collect();
+    // The blobs of jobs aimed at a site are prestaged there, agents or not.
+    for job in jobs.iter().filter(|j| !j.spec.suspend) {
+        let key = key_of(job.as_ref());
+        let Some(jp) = plan.jobs.get(&key) else {
+            continue;
+        };
+        for site in &jp.sites {
+            if let Some(d) = desired.get_mut(&(key.0.clone(), site.clone())) {
+                d.prestage.extend(jp.digests.iter().copied());
+            }
+        }
+    }
+    for d in desired.values_mut() {
+        d.prestage.sort();
+        d.prestage.dedup();
+    }
+    // Each site's relay also serves the blobs of every site below it.
+    let parents: HashMap<SiteKey, SiteKey> = sites
+        .iter()
+        .filter_map(|s| Some((key_of(s.as_ref()), (s.namespace()?, s.spec.parent.clone()?))))
+        .collect();
+    let mut lower: HashMap<SiteKey, BTreeSet<Digest>> = HashMap::new();
+    for (key, d) in &desired {
+        let mut seen = BTreeSet::from([key.clone()]);
+        let mut at = key;
+        // Up the chain of parents (a cycle stops where it closes).
+        while let Some(parent) = parents.get(at).filter(|p| seen.insert((*p).clone())) {
+            let own = d.digests().chain(&d.prestage);
+            lower.entry(parent.clone()).or_default().extend(own);
+            at = parent;
+        }
+    }
+    for (key, digests) in lower {
+        if let Some(d) = desired.get_mut(&key) {
+            d.lower = digests.into_iter().collect();
+        }
+    }
+    DesiredIndex {
+        sites: desired
+            .into_iter()
+            .map(|(k, d)| (k, Arc::new(Document::new(d))))
+            .collect(),
+    }
+}

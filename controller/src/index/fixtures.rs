@@ -1,0 +1,222 @@
+//! Builders for the index's tests: each reads as the situation it sets up,
+//! e.g. `job("j", &["hello"]).to_site_and_lower("hq")`.
+
+use std::sync::Arc;
+
+use caravan_api::{
+    v1alpha1::*,
+    wire::{AssignmentPhase, JobState},
+    Digest,
+};
+
+pub const NS: &str = "ns";
+
+fn meta(name: &str) -> kube::api::ObjectMeta {
+    kube::api::ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        generation: Some(1),
+        ..Default::default()
+    }
+}
+
+/// Shares the objects as the caches hold them.
+pub fn all<T>(items: impl IntoIterator<Item = T>) -> Vec<Arc<T>> {
+    items.into_iter().map(Arc::new).collect()
+}
+
+/// The key of an object of the fixtures' namespace.
+pub fn key(name: &str) -> (String, String) {
+    (NS.into(), name.into())
+}
+
+pub fn site(name: &str) -> Site {
+    Site {
+        metadata: meta(name),
+        spec: Default::default(),
+        status: None,
+    }
+}
+
+pub trait SiteFixture {
+    fn below(self, parent: &str) -> Self;
+}
+
+impl SiteFixture for Site {
+    fn below(mut self, parent: &str) -> Self {
+        self.spec.parent = Some(parent.into());
+        self
+    }
+}
+
+/// An approved agent of `site`, labelled `ring: canary`.
+pub fn agent(name: &str, site: &str) -> Agent {
+    let mut a = Agent::new(
+        name,
+        AgentSpec {
+            site: site.into(),
+            host_id: format!("host-{name}"),
+            hostname: String::new(),
+            approved: true,
+            secret_hash: String::new(),
+        },
+    );
+    a.metadata = meta(name);
+    a.metadata.labels = Some([("ring".to_string(), "canary".to_string())].into());
+    a
+}
+
+pub trait AgentFixture {
+    fn unapproved(self) -> Self;
+    /// The agent reports `phase` for job `ns/<job>`'s package `package` at `digest`.
+    fn reporting(
+        self,
+        job: &str,
+        package: &str,
+        digest: Digest,
+        phase: AssignmentPhase,
+        message: &str,
+    ) -> Self;
+}
+
+impl AgentFixture for Agent {
+    fn unapproved(mut self) -> Self {
+        self.spec.approved = false;
+        self
+    }
+
+    fn reporting(
+        mut self,
+        job: &str,
+        package: &str,
+        digest: Digest,
+        phase: AssignmentPhase,
+        message: &str,
+    ) -> Self {
+        self.status
+            .get_or_insert_with(Default::default)
+            .jobs
+            .push(JobState {
+                job: format!("{NS}/{job}"),
+                package: package.into(),
+                digest,
+                action: JobAction::Install,
+                phase,
+                message: message.into(),
+                time: String::new(),
+            });
+        self
+    }
+}
+
+/// The digest of the artifact of `package(name, version)`.
+pub fn digest_of(name: &str, version: &str) -> Digest {
+    Digest::of(format!("{name}-{version}").as_bytes())
+}
+
+/// Package `name` `version` in cabinet `main`, 10 bytes.
+pub fn package(name: &str, version: &str) -> Package {
+    let mut p = Package::new(
+        &format!("{name}-{version}"),
+        PackageSpec {
+            cabinet: "main".into(),
+            name: name.into(),
+            version: version.into(),
+            artifact: Artifact {
+                digest: digest_of(name, version),
+                size: 10,
+            },
+            install: Default::default(),
+            signatures: vec![],
+            description: None,
+        },
+    );
+    p.metadata = meta(&format!("{name}-{version}"));
+    p
+}
+
+pub fn cabinet(name: &str) -> Cabinet {
+    let mut c = Cabinet::new(
+        name,
+        CabinetSpec {
+            store: Default::default(),
+            description: None,
+            trusted_keys: vec![],
+            require_signatures: false,
+        },
+    );
+    c.metadata = meta(name);
+    c
+}
+
+pub trait CabinetFixture {
+    fn http(self, url: &str) -> Self;
+}
+
+impl CabinetFixture for Cabinet {
+    fn http(mut self, url: &str) -> Self {
+        self.spec.store = CabinetStore {
+            type_: StoreType::Http,
+            url: Some(url.into()),
+        };
+        self
+    }
+}
+
+/// A job installing the highest version of each of `packages`, aimed nowhere yet.
+pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
+    let mut j = DistributionJob::new(
+        name,
+        DistributionJobSpec {
+            packages: packages
+                .iter()
+                .map(|p| PackageRef {
+                    name: p.to_string(),
+                    version: None,
+                })
+                .collect(),
+            action: JobAction::Install,
+            destinations: Default::default(),
+            suspend: false,
+            repair: false,
+        },
+    );
+    j.metadata = meta(name);
+    j
+}
+
+pub trait JobFixture {
+    fn to_site(self, site: &str) -> Self;
+    /// An "all lower clients" job: the site and every site below it.
+    fn to_site_and_lower(self, site: &str) -> Self;
+    fn to_agent(self, agent: &str) -> Self;
+    fn suspended(self) -> Self;
+}
+
+impl JobFixture for DistributionJob {
+    fn to_site(mut self, site: &str) -> Self {
+        self.spec.destinations.sites.push(SiteDestination {
+            name: site.into(),
+            include_lower: false,
+        });
+        self
+    }
+
+    fn to_site_and_lower(mut self, site: &str) -> Self {
+        self.spec.destinations.sites.push(SiteDestination {
+            name: site.into(),
+            include_lower: true,
+        });
+        self
+    }
+
+    fn to_agent(mut self, agent: &str) -> Self {
+        self.spec.destinations.agents.push(agent.into());
+        self
+    }
+
+    fn suspended(mut self) -> Self {
+        self.spec.suspend = true;
+        self
+    }
+}

@@ -1,0 +1,101 @@
+//! The distribution index: from the cached objects (and where each artifact
+//! stands in the store) it computes, with no I/O,
+//! - every site's desired state, as its relay serves it to each agent
+//!   ([`desired`]), and
+//! - the status of every job, package and cabinet ([`status`]).
+//!
+//! The relations it follows:
+//!
+//! ```text
+//!   DistributionJob ──packages──▶ Package ──cabinet──▶ Cabinet (store, trusted keys)
+//!         │                          └─ artifact digest ─▶ blob in the store
+//!         └─destinations─┬─ sites (includeLower: every site below) ─┐
+//!                        ├─ agentSelector (labels)                   ├─▶ Agent ──site──▶ Site ──parent──▶ Site …
+//!                        └─ agents (by name)                         ┘
+//! ```
+//!
+//! It is owned by one task, the engine (`engine.rs`), which feeds it
+//! the caches after every burst of changes, publishes the desired states on
+//! a watch channel and writes the statuses. Everything here is a plain
+//! function of plain values, tested as such (`tests.rs`).
+
+pub mod desired;
+pub mod plan;
+pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use caravan_api::v1alpha1::*;
+use kube::Resource;
+
+pub use desired::DesiredIndex;
+pub use plan::{JobPlan, Plan};
+pub use status::{ArtifactState, Artifacts};
+
+/// A namespaced object by `(namespace, name)`.
+pub type ObjectKey = (String, String);
+/// A site by `(namespace, name)`.
+pub type SiteKey = ObjectKey;
+
+pub fn key_of<K: Resource>(o: &K) -> ObjectKey {
+    (
+        o.meta().namespace.clone().unwrap_or_default(),
+        o.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Everything the index reads.
+pub struct Inputs<'a> {
+    pub sites: &'a [Arc<Site>],
+    pub agents: &'a [Arc<Agent>],
+    pub jobs: &'a [Arc<DistributionJob>],
+    pub packages: &'a [Arc<Package>],
+    pub cabinets: &'a [Arc<Cabinet>],
+    /// Where each package's artifact stands in the store.
+    pub artifacts: &'a Artifacts,
+}
+
+/// Everything the index computes.
+pub struct Outputs {
+    pub desired: DesiredIndex,
+    pub jobs: Vec<(Arc<DistributionJob>, DistributionJobStatus)>,
+    pub packages: Vec<(Arc<Package>, PackageStatus)>,
+    pub cabinets: Vec<(Arc<Cabinet>, CabinetStatus)>,
+}
+
+pub fn compute(inputs: &Inputs) -> Outputs {
+    let Inputs {
+        sites,
+        agents,
+        jobs,
+        packages,
+        cabinets,
+        artifacts,
+    } = *inputs;
+    let mut plan = Plan::compute(sites, agents, jobs, packages, cabinets);
+    let agent_index = status::agent_index(agents);
+    let jobs_status = jobs
+        .iter()
+        .map(|job| {
+            let st = status::job_status(job, plan.jobs.get(&key_of(job.as_ref())), &agent_index);
+            (job.clone(), st)
+        })
+        .collect();
+    Outputs {
+        desired: desired::desired(sites, jobs, &mut plan),
+        jobs: jobs_status,
+        packages: packages
+            .iter()
+            .map(|p| (p.clone(), status::package_status(p, cabinets, artifacts)))
+            .collect(),
+        cabinets: cabinets
+            .iter()
+            .map(|c| (c.clone(), status::cabinet_status(c, packages, artifacts)))
+            .collect(),
+    }
+}

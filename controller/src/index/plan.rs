@@ -1,0 +1,242 @@
+//! The plan: what every job resolves to (its packages, sites and target
+//! agents, or the references that did not resolve) and what every agent
+//! must have as a result.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use caravan_api::{
+    conditions::reasons,
+    v1alpha1::*,
+    wire::{AgentDesired, Assignment},
+    Digest,
+};
+use kube::{Resource, ResourceExt};
+
+use super::{key_of, ObjectKey, SiteKey};
+
+/// What every job resolves to, and every agent's desired state.
+#[derive(Default, Debug)]
+pub struct Plan {
+    /// Per site, per agent name: what the agent must have. Every known agent
+    /// has an entry, so an agent no job targets gets an explicit empty state.
+    pub by_site: HashMap<SiteKey, BTreeMap<String, AgentDesired>>,
+    /// Per job: targets and problems.
+    pub jobs: HashMap<ObjectKey, JobPlan>,
+}
+
+#[derive(Default, Debug)]
+pub struct JobPlan {
+    /// Agent name → the assignments this job gives it.
+    pub targets: BTreeMap<String, Vec<Assignment>>,
+    /// Names of the packages whose reference did not resolve.
+    pub unresolved: Vec<String>,
+    /// Sites the job is aimed at (with those below, where it says so).
+    pub sites: BTreeSet<String>,
+    /// Blobs the job installs.
+    pub digests: Vec<Digest>,
+    /// `(reason, message)` of each reference that did not resolve.
+    pub problems: Vec<(&'static str, String)>,
+}
+
+impl Plan {
+    pub fn compute(
+        sites: &[Arc<Site>],
+        agents: &[Arc<Agent>],
+        jobs: &[Arc<DistributionJob>],
+        packages: &[Arc<Package>],
+        cabinets: &[Arc<Cabinet>],
+    ) -> Self {
+        let mut plan = Plan::default();
+        // Every agent's entry, and where to find it by (namespace, name).
+        let mut site_of = HashMap::new();
+        for a in agents {
+            let (ns, name) = key_of(a.as_ref());
+            let entry = AgentDesired {
+                agent: name.clone(),
+                frozen: !a.spec.approved,
+                ..Default::default()
+            };
+            plan.by_site
+                .entry((ns.clone(), a.spec.site.clone()))
+                .or_default()
+                .insert(name.clone(), entry);
+            site_of.insert((ns, name), a.spec.site.clone());
+        }
+        let mut jobs: Vec<_> = jobs.iter().collect();
+        // A fixed order, so that the same inputs always give the same desired state.
+        jobs.sort_by_key(|j| key_of(j.as_ref()));
+        for job in jobs {
+            let (ns, name) = key_of(job.as_ref());
+            let job_plan = resolve_job(job, &ns, sites, agents, packages, cabinets);
+            for (agent, assignments) in &job_plan.targets {
+                let Some(site) = site_of.get(&(ns.clone(), agent.clone())) else {
+                    continue;
+                };
+                let Some(entry) = plan
+                    .by_site
+                    .get_mut(&(ns.clone(), site.clone()))
+                    .and_then(|m| m.get_mut(agent))
+                else {
+                    continue;
+                };
+                if job.spec.suspend {
+                    // A suspended job keeps what it installed where it is.
+                    entry
+                        .hold
+                        .extend(job.spec.packages.iter().map(|p| p.name.clone()));
+                } else {
+                    entry.assignments.extend(assignments.iter().cloned());
+                    entry.hold.extend(job_plan.unresolved.iter().cloned());
+                }
+            }
+            plan.jobs.insert((ns, name), job_plan);
+        }
+        for entry in plan.by_site.values_mut().flat_map(|m| m.values_mut()) {
+            entry.hold.sort();
+            entry.hold.dedup();
+        }
+        plan
+    }
+}
+
+fn resolve_job(
+    job: &DistributionJob,
+    ns: &str,
+    sites: &[Arc<Site>],
+    agents: &[Arc<Agent>],
+    packages: &[Arc<Package>],
+    cabinets: &[Arc<Cabinet>],
+) -> JobPlan {
+    let mut plan = JobPlan::default();
+    let job_key = format!("{ns}/{}", job.name_any());
+    let in_ns = |o: &dyn Fn() -> Option<String>| o().as_deref() == Some(ns);
+
+    let mut chosen = Vec::new();
+    for r in &job.spec.packages {
+        let candidates = packages
+            .iter()
+            .filter(|p| in_ns(&|| p.namespace()) && p.spec.name == r.name)
+            .filter(|p| r.version.as_ref().is_none_or(|v| &p.spec.version == v));
+        match candidates.max_by(|a, b| version_cmp(&a.spec.version, &b.spec.version)) {
+            Some(p) => chosen.push(p.clone()),
+            None => {
+                plan.unresolved.push(r.name.clone());
+                plan.problems.push((
+                    reasons::UNKNOWN_PACKAGE,
+                    match &r.version {
+                        Some(v) => {
+                            format!("package {} version {v} not found in namespace {ns}", r.name)
+                        }
+                        None => format!("package {} not found in namespace {ns}", r.name),
+                    },
+                ))
+            }
+        }
+    }
+
+    let site_names: BTreeSet<String> = sites
+        .iter()
+        .filter(|s| in_ns(&|| s.namespace()))
+        .map(|s| s.name_any())
+        .collect();
+    let mut target_sites = BTreeSet::new();
+    for d in &job.spec.destinations.sites {
+        if !site_names.contains(&d.name) {
+            plan.problems.push((
+                reasons::UNKNOWN_SITE,
+                format!("site {} not found in namespace {ns}", d.name),
+            ));
+            continue;
+        }
+        target_sites.insert(d.name.clone());
+        if d.include_lower {
+            // Every site whose chain of parents reaches d.name.
+            let mut frontier = vec![d.name.clone()];
+            while let Some(parent) = frontier.pop() {
+                for s in sites.iter().filter(|s| in_ns(&|| s.namespace())) {
+                    if s.spec.parent.as_deref() == Some(&parent)
+                        && target_sites.insert(s.name_any())
+                    {
+                        frontier.push(s.name_any());
+                    }
+                }
+            }
+        }
+    }
+    let dest = &job.spec.destinations;
+    let agent_names: BTreeSet<String> = agents
+        .iter()
+        .filter(|a| in_ns(&|| a.namespace()))
+        .map(|a| a.name_any())
+        .collect();
+    for name in dest.agents.iter().filter(|n| !agent_names.contains(*n)) {
+        plan.problems.push((
+            reasons::UNKNOWN_AGENT,
+            format!("agent {name} not found in namespace {ns}"),
+        ));
+    }
+    let selected = |a: &Agent| {
+        target_sites.contains(&a.spec.site)
+            || dest
+                .agents
+                .iter()
+                .any(|n| a.meta().name.as_ref() == Some(n))
+            || dest.agent_selector.as_ref().is_some_and(|sel| {
+                let labels = a.labels();
+                sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+    };
+    let assignments: Vec<Assignment> = chosen
+        .iter()
+        .map(|p| Assignment {
+            job: job_key.clone(),
+            action: job.spec.action,
+            package: p.spec.name.clone(),
+            version: p.spec.version.clone(),
+            digest: p.spec.artifact.digest,
+            size: p.spec.artifact.size,
+            install: p.spec.install.clone(),
+            signatures: p.spec.signatures.clone(),
+            repair: job.spec.repair,
+            require_signature: cabinets.iter().any(|c| {
+                in_ns(&|| c.namespace())
+                    && c.name_any() == p.spec.cabinet
+                    && c.spec.require_signatures
+            }),
+        })
+        .collect();
+    if job.spec.action == JobAction::Install {
+        plan.digests = assignments.iter().map(|a| a.digest).collect();
+    }
+    plan.sites = target_sites.clone();
+    for a in agents
+        .iter()
+        .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))
+    {
+        plan.targets.insert(a.name_any(), assignments.clone());
+    }
+    plan
+}
+
+/// Orders versions numerically where both parts are numbers (`1.10` > `1.9`).
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |v: &str| {
+        v.split(['.', '-', '+'])
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if ord.is_ne() {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}

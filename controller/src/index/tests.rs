@@ -1,0 +1,332 @@
+use std::collections::HashMap;
+
+use caravan_api::{
+    conditions::{self, reasons},
+    v1alpha1::*,
+    wire::AssignmentPhase,
+};
+
+use super::{fixtures::*, status::*, *};
+
+fn condition<'a>(
+    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    conds
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {conds:?}"))
+}
+
+#[test]
+fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
+    let sites = all([
+        site("hq"),
+        site("berlin").below("hq"),
+        site("kreuzberg").below("berlin"),
+        site("paris"),
+    ]);
+    let agents = all([
+        agent("a1", "hq"),
+        agent("a2", "kreuzberg"),
+        agent("a3", "paris"),
+    ]);
+    let packages = all([package("hello", "1.9.0"), package("hello", "1.10.0")]);
+    let jobs = all([job("j", &["hello"]).to_site_and_lower("hq")]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let jp = &plan.jobs[&key("j")];
+    assert!(jp.problems.is_empty());
+    assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
+    assert_eq!(jp.targets["a2"][0].version, "1.10.0");
+    assert_eq!(
+        plan.by_site[&key("kreuzberg")]["a2"].assignments[0].job,
+        "ns/j"
+    );
+    assert!(plan.by_site[&key("paris")]["a3"].assignments.is_empty());
+}
+
+#[test]
+fn unknown_references_become_problems_not_panics() {
+    let jobs = all([job("j", &["nope"]).to_site("atlantis").to_agent("ghost")]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &all([agent("a1", "hq")]),
+        &jobs,
+        &[],
+        &[],
+    );
+    let jp = &plan.jobs[&key("j")];
+    let reasons: Vec<_> = jp.problems.iter().map(|p| p.0).collect();
+    assert_eq!(
+        reasons,
+        [
+            reasons::UNKNOWN_PACKAGE,
+            reasons::UNKNOWN_SITE,
+            reasons::UNKNOWN_AGENT
+        ]
+    );
+    let status = job_status(&jobs[0], Some(jp), &agent_index(&[]));
+    let resolved = condition(&status.conditions, conditions::RESOLVED_REFS);
+    assert_eq!(resolved.status, "False");
+    assert!(
+        resolved.message.contains("package nope not found"),
+        "{}",
+        resolved.message
+    );
+}
+
+#[test]
+fn job_status_counts_only_reports_for_the_current_digest() {
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let older = digest_of("hello", "0.9.0");
+    let agents = all([
+        agent("a1", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("a2", "hq").reporting(
+            "j",
+            "hello",
+            digest,
+            AssignmentPhase::Failed,
+            "digest mismatch",
+        ),
+        // An older version's success does not count.
+        agent("a3", "hq").reporting("j", "hello", older, AssignmentPhase::Succeeded, ""),
+    ]);
+    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    assert_eq!(
+        (st.total, st.succeeded, st.failed, st.pending),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(st.progress, "1/3");
+    assert_eq!(st.phase, JobPhase::Progressing);
+    assert_eq!(st.failures[0].reason, "digest mismatch");
+    assert_eq!(st.sites[0].site, "hq");
+}
+
+#[test]
+fn a_destination_that_recovered_leaves_no_failure_in_the_status() {
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let status_with = |phase, message: &str| {
+        let agents = all([agent("a1", "hq").reporting("j", "hello", digest, phase, message)]);
+        let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+        job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents))
+    };
+    let failed = status_with(AssignmentPhase::Failed, "digest mismatch");
+    assert_eq!((failed.phase, failed.failures.len()), (JobPhase::Failed, 1));
+    assert_eq!(
+        condition(&failed.conditions, conditions::FAILED).status,
+        "True"
+    );
+    let recovered = status_with(AssignmentPhase::Succeeded, "");
+    assert_eq!(recovered.phase, JobPhase::Succeeded);
+    assert!(recovered.failures.is_empty(), "{:?}", recovered.failures);
+    assert_eq!(
+        condition(&recovered.conditions, conditions::FAILED).status,
+        "False"
+    );
+    assert_eq!(
+        condition(&recovered.conditions, conditions::COMPLETE).status,
+        "True"
+    );
+}
+
+#[test]
+fn versions_compare_numerically() {
+    assert!(plan::version_cmp("1.10.0", "1.9.9").is_gt());
+    assert!(plan::version_cmp("2.0", "2.0.1").is_lt());
+    assert!(plan::version_cmp("1.0.0", "1.0.0").is_eq());
+}
+
+#[test]
+fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_it() {
+    let agents = all([agent("a1", "hq"), agent("a2", "hq").unapproved()]);
+    let jobs = all([
+        job("paused", &["hello"]).to_site("hq").suspended(),
+        job("typo", &["helo"]).to_site("hq"),
+    ]);
+    let packages = all([package("hello", "1.0.0")]);
+    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let hq = &plan.by_site[&key("hq")];
+    assert!(hq["a1"].assignments.is_empty(), "nothing new is handed out");
+    assert_eq!(
+        hq["a1"].hold,
+        ["hello", "helo"],
+        "but nothing is taken away"
+    );
+    assert!(!hq["a1"].frozen);
+    assert!(hq["a2"].frozen, "an unapproved agent changes nothing");
+}
+
+#[test]
+fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
+    let sites = all([
+        site("hq"),
+        site("berlin").below("hq"),
+        site("kreuzberg").below("berlin"),
+    ]);
+    let packages = all([package("hello", "1.0.0"), package("tools", "2.0")]);
+    // No agent has enrolled at kreuzberg yet.
+    let jobs = all([
+        job("k", &["tools"]).to_site("kreuzberg"),
+        job("h", &["hello"]).to_site("hq"),
+        job("off", &["hello"]).to_site("berlin").suspended(),
+    ]);
+    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    let index = desired::desired(&sites, &jobs, &mut plan);
+    let doc = |s: &str| &index.sites[&key(s)].value;
+    let (hello, tools) = (digest_of("hello", "1.0.0"), digest_of("tools", "2.0"));
+    assert_eq!(doc("kreuzberg").prestage, [tools]);
+    assert!(
+        doc("berlin").prestage.is_empty(),
+        "a suspended job prestages nothing"
+    );
+    assert_eq!(doc("berlin").lower, [tools]);
+    assert_eq!(doc("hq").prestage, [hello]);
+    assert_eq!(
+        doc("hq").lower,
+        [tools],
+        "what the sites below need crosses hq once"
+    );
+    assert!(doc("kreuzberg").lower.is_empty());
+    // The same inputs give the same documents, byte for byte.
+    let mut again = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    assert!(!index.differs_from(&desired::desired(&sites, &jobs, &mut again)));
+}
+
+#[test]
+fn a_site_whose_parent_chain_loops_does_not_hang_the_index() {
+    let sites = all([site("a").below("b"), site("b").below("a")]);
+    let jobs = all([job("j", &["hello"]).to_site("a")]);
+    let packages = all([package("hello", "1")]);
+    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    let index = desired::desired(&sites, &jobs, &mut plan);
+    assert_eq!(
+        index.sites[&key("b")].value.lower,
+        [digest_of("hello", "1")]
+    );
+}
+
+#[test]
+fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
+    let http = cabinet("mirror").http("https://files.example.com/pkgs");
+    let mut p1 = package("a", "1");
+    p1.spec.cabinet = "mirror".into();
+    let mut p2 = package("b", "1");
+    p2.spec.cabinet = "mirror".into();
+    let packages = all([p1, p2]);
+    let mut artifacts: Artifacts = HashMap::from([
+        (digest_of("a", "1"), ArtifactState::Stored(10)),
+        (digest_of("b", "1"), ArtifactState::Fetching),
+    ]);
+    let st = cabinet_status(&http, &packages, &artifacts);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(ready.status, "True");
+    assert_eq!(
+        ready.message,
+        "http store https://files.example.com/pkgs: 1 of 2 artifacts fetched and verified"
+    );
+    assert!(!ready.message.contains("built-in"));
+    artifacts.insert(
+        digest_of("b", "1"),
+        ArtifactState::FetchFailed(
+            "fetching https://files.example.com/pkgs/sha256/…: 404 Not Found".into(),
+        ),
+    );
+    let st = cabinet_status(&http, &packages, &artifacts);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reasons::ARTIFACT_UNAVAILABLE)
+    );
+    assert!(ready.message.contains("404 Not Found"), "{}", ready.message);
+    assert_eq!((st.packages, st.bytes), (2, 20));
+    let builtin = cabinet_status(&cabinet("main"), &packages, &artifacts);
+    assert_eq!(
+        builtin.packages, 0,
+        "packages of other cabinets do not count"
+    );
+    assert_eq!(
+        condition(&builtin.conditions, conditions::READY).message,
+        "built-in store available"
+    );
+}
+
+#[test]
+fn a_package_is_ready_only_with_its_whole_artifact_in_the_store() {
+    let p = package("hello", "1.0.0");
+    let cabinets = all([cabinet("main")]);
+    let d = digest_of("hello", "1.0.0");
+    let ready_with = |state: ArtifactState| {
+        let st = package_status(&p, &cabinets, &HashMap::from([(d, state)]));
+        let c = condition(&st.conditions, conditions::READY).clone();
+        (st.artifact_available, c.reason, c.message)
+    };
+    let (ok, reason, _) = ready_with(ArtifactState::Stored(10));
+    assert!(ok && reason == reasons::ARTIFACT_AVAILABLE);
+    let (ok, reason, msg) = ready_with(ArtifactState::Stored(9));
+    assert!(
+        !ok && reason == reasons::ARTIFACT_MISSING && msg.contains("9 bytes"),
+        "{msg}"
+    );
+    let (ok, _, msg) = ready_with(ArtifactState::Missing);
+    assert!(!ok && msg.contains("caravan package push"), "{msg}");
+    let st = package_status(&p, &[], &HashMap::new());
+    assert_eq!(
+        condition(&st.conditions, conditions::READY).reason,
+        reasons::UNKNOWN_CABINET
+    );
+}
+
+#[test]
+fn a_cabinet_that_requires_signatures_keeps_an_unsigned_package_from_being_ready() {
+    let mut strict = cabinet("main");
+    strict.spec.require_signatures = true;
+    let d = digest_of("hello", "1.0.0");
+    let st = package_status(
+        &package("hello", "1.0.0"),
+        &all([strict]),
+        &HashMap::from([(d, ArtifactState::Stored(10))]),
+    );
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reasons::SIGNATURE_INVALID)
+    );
+    assert_eq!(
+        condition(&st.conditions, conditions::SIGNED).status,
+        "False"
+    );
+}
+
+#[test]
+fn the_index_gives_every_site_a_document_and_every_object_a_status() {
+    let sites = all([site("hq"), site("empty")]);
+    let agents = all([agent("a1", "hq")]);
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let cabinets = all([cabinet("main")]);
+    let artifacts = HashMap::new();
+    let out = compute(&Inputs {
+        sites: &sites,
+        agents: &agents,
+        jobs: &jobs,
+        packages: &packages,
+        cabinets: &cabinets,
+        artifacts: &artifacts,
+    });
+    assert_eq!(out.desired.sites.len(), 2);
+    let empty = &out.desired.sites[&key("empty")].value;
+    assert!(empty.agents.is_empty());
+    let hq = &out.desired.sites[&key("hq")].value;
+    assert_eq!(hq.agents["a1"].assignments[0].package, "hello");
+    assert_eq!(
+        (out.jobs.len(), out.packages.len(), out.cabinets.len()),
+        (1, 1, 1)
+    );
+    assert_eq!(out.jobs[0].1.total, 1);
+    assert!(!out.packages[0].1.artifact_available);
+}

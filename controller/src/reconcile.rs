@@ -1,3 +1,0 @@
-//! Reconcilers that turn custom resources into other cluster objects.
-
-pub mod site;

@@ -1,0 +1,105 @@
+//! The distribution API relays and the CLI talk to (paths and types in
+//! `caravan_api::wire`), and the admission webhook:
+//! - [`sites`]: a site's desired state (long-poll), its relay's figures and
+//!   its agents' reports;
+//! - [`enroll`]: enrollments its relay passes on;
+//! - [`blobs`]: blobs for relays, uploads from `caravan package push`.
+//!
+//! Relays authenticate with their site's relay token ([`RelaySite`]); blob
+//! uploads with the upload token. Every error is JSON `{"error": "..."}`
+//! naming the problem.
+
+mod blobs;
+mod enroll;
+mod sites;
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{FromRequestParts, State},
+    http::{request::Parts, StatusCode},
+    routing::{get, post},
+    Router,
+};
+use caravan_api::{wire::paths, Digest};
+use caravan_net::server::{bearer, ApiError};
+use tokio::sync::watch;
+
+use crate::{
+    cabinet::BlobStore,
+    context::Context,
+    index::{DesiredIndex, SiteKey},
+    site::RelayContacts,
+    stores::Stores,
+};
+
+/// What the distribution API serves from.
+pub struct ServerState {
+    pub ctx: Arc<Context>,
+    /// Every site's desired state, as the engine last published it.
+    pub desired: watch::Receiver<Arc<DesiredIndex>>,
+    pub blobs: Arc<BlobStore>,
+    pub relays: Arc<RelayContacts>,
+    pub stores: Stores,
+}
+
+type AppState = Arc<ServerState>;
+
+pub fn router(state: AppState) -> Router {
+    let packages = state.stores.packages.clone();
+    let validate =
+        move |review: axum::Json<_>| crate::webhook::validate_packages(packages.clone(), review);
+    Router::new()
+        .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .route(paths::READYZ, get(|| async { "ok" }))
+        .route(
+            paths::METRICS,
+            get(|State(s): State<AppState>| async move { s.ctx.metrics.encode() }),
+        )
+        .route(paths::SITE_DESIRED, get(sites::desired))
+        .route(paths::SITE_ENROLL, post(enroll::enroll))
+        .route(paths::SITE_STATS, post(sites::stats))
+        .route(
+            paths::SITE_REPORTS,
+            post(sites::reports).layer(axum::extract::DefaultBodyLimit::max(
+                sites::REPORTS_BODY_LIMIT,
+            )),
+        )
+        .route(paths::BLOB, get(blobs::get).put(blobs::put))
+        .route(paths::UPLOAD, get(blobs::upload_state))
+        .route(paths::VALIDATE_PACKAGES, post(validate))
+        .with_state(state)
+}
+
+/// Answers a failed Kubernetes API call as a gateway error.
+fn kube_error(e: kube::Error) -> ApiError {
+    tracing::warn!(error = %e, "kubernetes API call failed");
+    ApiError::new(StatusCode::BAD_GATEWAY, format!("kubernetes API: {e}"))
+}
+
+/// Parses the `{digest}` of a path.
+fn parse_digest(digest: &str) -> Result<Digest, ApiError> {
+    digest
+        .parse()
+        .map_err(|e: caravan_api::digest::DigestError| {
+            ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+        })
+}
+
+/// A request authenticated by a relay token: the site it speaks for.
+pub struct RelaySite(pub SiteKey);
+
+impl FromRequestParts<AppState> for RelaySite {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let site = state
+            .ctx
+            .credentials
+            .verify_relay_token(token)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid relay token"))?;
+        state.relays.contact(&site);
+        Ok(Self(site))
+    }
+}

@@ -1,0 +1,275 @@
+//! Site reconciler: each Site gets a relay ([`workload`]: a Secret with its
+//! credentials, a Deployment and a Service, owned by the Site), and its
+//! status says whether that relay has connected to the controller lately
+//! ([`RelayContacts`]), how many agents enrolled there and what the relay
+//! last said about its cache.
+//!
+//! A reconcile is three steps, each owning its part of the status:
+//! 1. `check_name`: the relay's Service name must be valid (else Stalled
+//!    until the Site is renamed);
+//! 2. `apply_workload`: Secret, Deployment, Service, by server-side apply;
+//! 3. `summarize`: Ready (relay connected), agents, cache figures.
+
+mod relays;
+pub mod workload;
+
+use std::{sync::Arc, time::Duration};
+
+use caravan_api::{
+    conditions::{self, reasons},
+    labels, names,
+    v1alpha1::{Site, SiteStatus},
+};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Secret, Service},
+};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, reflector::ObjectRef, watcher, Controller},
+    Resource, ResourceExt,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::instrument;
+
+pub use relays::{RelayContacts, RELAY_STALE_SECONDS};
+use workload::{relay_name, RelayCredentials, RelayParams};
+
+use crate::{
+    context::Context,
+    error::{Error, Retries},
+    field_managers,
+    index::SiteKey,
+    status,
+    stores::Stores,
+};
+
+/// How often a Site is looked at without any change (its relay may go quiet).
+const RESYNC: Duration = Duration::from_secs(30);
+
+pub struct SiteReconciler {
+    ctx: Arc<Context>,
+    stores: Stores,
+    relays: Arc<RelayContacts>,
+    /// PEM of the CA relays verify the controller with, if configured.
+    upstream_ca: Option<String>,
+    retries: Retries<Site>,
+}
+
+impl SiteReconciler {
+    pub fn new(
+        ctx: Arc<Context>,
+        stores: Stores,
+        relays: Arc<RelayContacts>,
+        upstream_ca: Option<String>,
+    ) -> Self {
+        Self {
+            ctx,
+            stores,
+            relays,
+            upstream_ca,
+            retries: Retries::default(),
+        }
+    }
+
+    /// Runs the Site controller until shutdown; `triggers` names Sites to
+    /// look at again (see [`RelayContacts`]).
+    pub async fn run(
+        self,
+        triggers: mpsc::UnboundedReceiver<SiteKey>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let triggers = futures::stream::unfold(triggers, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|(ns, name)| (ObjectRef::<Site>::new(&name).within(&ns), rx))
+        });
+        let relay_objects =
+            watcher::Config::default().labels(&format!("{}=relay", labels::COMPONENT));
+        let ctx = self.ctx.clone();
+        Controller::new(ctx.all::<Site>(), watcher::Config::default())
+            .owns(ctx.all::<Deployment>(), relay_objects.clone())
+            .owns(ctx.all::<Service>(), relay_objects)
+            .reconcile_on(triggers)
+            .graceful_shutdown_on(shutdown.cancelled_owned())
+            .run(
+                reconcile,
+                |site, e, this| this.retries.policy(&site, e),
+                Arc::new(self),
+            )
+            .for_each(|outcome| async move { crate::error::log_outcome(outcome) })
+            .await;
+        Ok(())
+    }
+}
+
+#[instrument(skip_all, fields(namespace = site.namespace(), site = %site.name_any()))]
+async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action, Error> {
+    let action = match check_name(&site) {
+        Ok(()) => {
+            this.apply_workload(&site).await?;
+            this.summarize(&site).await?;
+            Action::requeue(RESYNC)
+        }
+        Err(message) => {
+            let generation = site.meta().generation;
+            let status = SiteStatus {
+                observed_generation: generation,
+                conditions: vec![
+                    conditions::new(
+                        conditions::READY,
+                        false,
+                        reasons::INVALID_NAME,
+                        &message,
+                        generation,
+                    ),
+                    conditions::new(
+                        conditions::STALLED,
+                        true,
+                        reasons::INVALID_NAME,
+                        &message,
+                        generation,
+                    ),
+                ],
+                ..Default::default()
+            };
+            status::apply(
+                &this.ctx.client,
+                site.as_ref(),
+                status,
+                field_managers::STATUS,
+            )
+            .await?;
+            Action::await_change()
+        }
+    };
+    this.retries.succeeded(&site);
+    Ok(action)
+}
+
+/// The relay's Service is named after the site: a DNS-1035 label.
+fn check_name(site: &Site) -> Result<(), String> {
+    let name = site.name_any();
+    names::service_name(&relay_name(&name)).map_err(|_| {
+        format!(
+            "site name {name:?} cannot name a relay Service ({:?}): use at most 57 lowercase letters, digits and '-', starting with a letter",
+            relay_name(&name)
+        )
+    })
+}
+
+impl SiteReconciler {
+    /// Applies the relay's Secret, Deployment and Service.
+    async fn apply_workload(&self, site: &Site) -> Result<(), Error> {
+        let ns = site
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = site.name_any();
+        let owner = site
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingField("metadata.uid"))?;
+        let keys = &self.ctx.credentials;
+        let relay_token = keys.relay_token(&ns, &name);
+        let creds = RelayCredentials {
+            bootstrap_token: site
+                .spec
+                .enrollment
+                .bootstrap_token_secret
+                .is_none()
+                .then(|| keys.bootstrap_token(&ns, &name)),
+            content_token: site.spec.parent.as_ref().map(|parent| {
+                caravan_net::agent_tokens::issue(
+                    &keys.relay_token(&ns, parent),
+                    &caravan_net::agent_tokens::child_relay_name(&name),
+                )
+            }),
+            token: relay_token,
+        };
+        let params = RelayParams {
+            default_image: &self.ctx.config.relay_image,
+            upstream_url: &self.ctx.config.relay_upstream_url,
+            upstream_ca: self.upstream_ca.as_deref(),
+        };
+        let apply = PatchParams::apply(field_managers::APPLY).force();
+        let relay = relay_name(&name);
+        let secret = workload::secret(site, &owner, &creds, &params);
+        self.ctx
+            .namespaced::<Secret>(&ns)
+            .patch(&relay, &apply, &Patch::Apply(&secret))
+            .await?;
+        let deployment = workload::deployment(site, &owner, &params);
+        self.ctx
+            .namespaced::<Deployment>(&ns)
+            .patch(&relay, &apply, &Patch::Apply(&deployment))
+            .await?;
+        let service = workload::service(site, &owner);
+        self.ctx
+            .namespaced::<Service>(&ns)
+            .patch(&relay, &apply, &Patch::Apply(&service))
+            .await?;
+        Ok(())
+    }
+
+    /// The Site's status: agents enrolled there and whether its relay is connected.
+    async fn summarize(&self, site: &Site) -> Result<(), Error> {
+        let key: SiteKey = (site.namespace().unwrap_or_default(), site.name_any());
+        let agents = self
+            .stores
+            .agents
+            .state()
+            .iter()
+            .filter(|a| a.namespace().as_ref() == Some(&key.0) && a.spec.site == key.1)
+            .count() as u32;
+        let generation = site.meta().generation;
+        let ready = if self.relays.connected(&key) {
+            conditions::new(
+                conditions::READY,
+                true,
+                reasons::RELAY_CONNECTED,
+                "relay is connected to the controller",
+                generation,
+            )
+        } else {
+            conditions::new(
+                conditions::READY,
+                false,
+                reasons::RELAY_NOT_CONNECTED,
+                format!(
+                    "waiting for relay {} to connect to the controller",
+                    relay_name(&key.1)
+                ),
+                generation,
+            )
+        };
+        let previous = site.status.clone().unwrap_or_default();
+        let status = SiteStatus {
+            observed_generation: generation,
+            agents,
+            relay: self.relays.stats(&key),
+            relay_last_seen: self
+                .relays
+                .last_seen(&key)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .or(previous.relay_last_seen),
+            conditions: vec![ready],
+        };
+        status::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_name_too_long_for_its_relay_service_is_refused_with_the_rule() {
+        assert!(check_name(&Site::new("hq", Default::default())).is_ok());
+        let long = "a".repeat(58);
+        let e = check_name(&Site::new(&long, Default::default())).unwrap_err();
+        assert!(e.contains("at most 57"), "{e}");
+        assert!(check_name(&Site::new("9lives", Default::default())).is_err());
+    }
+}

@@ -1,0 +1,522 @@
+//! The objects a Site's relay runs as, built as typed `k8s-openapi` values by
+//! pure functions: a Secret with the relay's credentials, a Deployment and a
+//! Service, all named `<site>-relay` and owned by the Site (garbage-collected
+//! with it).
+
+use std::collections::BTreeMap;
+
+use caravan_api::{labels, v1alpha1::Site, wire::paths};
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+            HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
+            SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+            ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::ResourceExt;
+
+/// Key of the relay Secret holding the CA that verifies the controller.
+pub const UPSTREAM_CA_KEY: &str = "upstream-ca.crt";
+/// Port the relay container listens on.
+pub const RELAY_PORT: u16 = 8080;
+/// Where the relay keeps its cache in the container.
+const CACHE_DIR: &str = "/var/cache/caravan";
+/// Where the CA of the upstream is mounted.
+const UPSTREAM_DIR: &str = "/etc/caravan/upstream";
+/// Where the relay's own serving certificate is mounted.
+const TLS_DIR: &str = "/etc/caravan/tls";
+/// The non-root user the relay runs as.
+const RELAY_UID: i64 = 65532;
+
+/// Name shared by a site's relay Deployment, Service and Secret.
+pub fn relay_name(site: &str) -> String {
+    format!("{site}-relay")
+}
+
+/// What the relay needs besides its Site.
+pub struct RelayParams<'a> {
+    /// The image when the Site names none.
+    pub default_image: &'a str,
+    /// URL the relay reaches the controller's distribution API at.
+    pub upstream_url: &'a str,
+    /// PEM of the CA the relay verifies the controller with, if any.
+    pub upstream_ca: Option<&'a str>,
+}
+
+/// The credentials in the relay's Secret.
+pub struct RelayCredentials {
+    /// The relay's own token at the controller.
+    pub token: String,
+    /// The site's default bootstrap token (none when the Site names a Secret of its own).
+    pub bootstrap_token: Option<String>,
+    /// The relay's credential at its parent site's relay (a child site only).
+    pub content_token: Option<String>,
+}
+
+fn meta(site: &Site, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(relay_name(&site.name_any())),
+        namespace: site.namespace(),
+        labels: Some(object_labels(site)),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    }
+}
+
+fn object_labels(site: &Site) -> BTreeMap<String, String> {
+    let relay = relay_name(&site.name_any());
+    [
+        (labels::NAME, "caravan-relay".to_string()),
+        ("app.kubernetes.io/instance", relay),
+        (labels::COMPONENT, "relay".into()),
+        (labels::MANAGED_BY, "caravan".into()),
+        (labels::SITE, site.name_any()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn selector(site: &Site) -> BTreeMap<String, String> {
+    object_labels(site)
+        .into_iter()
+        .filter(|(k, _)| k == labels::NAME || k == "app.kubernetes.io/instance")
+        .collect()
+}
+
+/// The Secret with the relay's credentials (and the upstream's CA).
+pub fn secret(
+    site: &Site,
+    owner: &OwnerReference,
+    creds: &RelayCredentials,
+    params: &RelayParams,
+) -> Secret {
+    let mut data = BTreeMap::from([("token".to_string(), creds.token.clone())]);
+    let optional = [
+        ("bootstrap-token", creds.bootstrap_token.as_deref()),
+        ("content-token", creds.content_token.as_deref()),
+        (UPSTREAM_CA_KEY, params.upstream_ca),
+    ];
+    for (key, value) in optional {
+        if let Some(v) = value {
+            data.insert(key.to_string(), v.to_string());
+        }
+    }
+    Secret {
+        metadata: meta(site, owner),
+        type_: Some("Opaque".into()),
+        string_data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str, items: Option<Vec<KeyToPath>>) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, scheme: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            scheme: Some(scheme.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The relay Deployment: the relay's arguments, its credentials from the
+/// Secret, the files it reads mounted read-only, locked down (non-root,
+/// read-only root filesystem, no capabilities, no service account token).
+pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> Deployment {
+    let relay = relay_name(&site.name_any());
+    let ns = site.namespace().unwrap_or_default();
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("0.0.0.0:{RELAY_PORT}"),
+        "--cache-dir".into(),
+        CACHE_DIR.into(),
+    ];
+    let mut mounts = vec![mount("cache", CACHE_DIR, false)];
+    let mut volumes = vec![Volume {
+        name: "cache".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    if params.upstream_ca.is_some() {
+        args.extend([
+            "--upstream-ca-file".into(),
+            format!("{UPSTREAM_DIR}/{UPSTREAM_CA_KEY}"),
+        ]);
+        mounts.push(mount("upstream", UPSTREAM_DIR, true));
+        let item = KeyToPath {
+            key: UPSTREAM_CA_KEY.into(),
+            path: UPSTREAM_CA_KEY.into(),
+            mode: None,
+        };
+        volumes.push(secret_volume("upstream", &relay, Some(vec![item])));
+    }
+    let scheme = match &site.spec.relay.tls_secret {
+        Some(tls) => {
+            args.extend([
+                "--tls-cert-file".into(),
+                format!("{TLS_DIR}/tls.crt"),
+                "--tls-key-file".into(),
+                format!("{TLS_DIR}/tls.key"),
+            ]);
+            mounts.push(mount("tls", TLS_DIR, true));
+            volumes.push(secret_volume("tls", tls, None));
+            "HTTPS"
+        }
+        None => "HTTP",
+    };
+    let (bootstrap_secret, bootstrap_key) = match &site.spec.enrollment.bootstrap_token_secret {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (relay.clone(), "bootstrap-token".to_string()),
+    };
+    let mut envs = vec![
+        env("CARAVAN_UPSTREAM", params.upstream_url),
+        env_from_secret("CARAVAN_RELAY_TOKEN", &relay, "token"),
+        env_from_secret("CARAVAN_BOOTSTRAP_TOKEN", &bootstrap_secret, &bootstrap_key),
+    ];
+    // A child site's relay takes content from its parent's relay.
+    if let Some(parent) = &site.spec.parent {
+        let url = format!("http://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent));
+        envs.push(env("CARAVAN_CONTENT_UPSTREAM", url));
+        envs.push(env_from_secret(
+            "CARAVAN_CONTENT_TOKEN",
+            &relay,
+            "content-token",
+        ));
+    }
+    let container = Container {
+        name: "relay".into(),
+        image: Some(
+            site.spec
+                .relay
+                .image
+                .clone()
+                .unwrap_or_else(|| params.default_image.to_string()),
+        ),
+        args: Some(args),
+        env: Some(envs),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: RELAY_PORT.into(),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe(paths::READYZ, scheme)),
+        liveness_probe: Some(probe(paths::HEALTHZ, scheme)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(site, owner),
+        spec: Some(DeploymentSpec {
+            replicas: Some(site.spec.relay.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(site)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(object_labels(site)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RELAY_UID),
+                        fs_group: Some(RELAY_UID),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Service agents (and the relays of the sites below) reach the relay at.
+pub fn service(site: &Site, owner: &OwnerReference) -> Service {
+    Service {
+        metadata: meta(site, owner),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(site)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: RELAY_PORT.into(),
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caravan_api::v1alpha1::{SecretKeyRef, SiteSpec};
+
+    fn site(name: &str, spec: SiteSpec) -> (Site, OwnerReference) {
+        let mut s = Site::new(name, spec);
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.uid = Some("uid-1".into());
+        let owner = kube::Resource::controller_owner_ref(&s, &()).unwrap();
+        (s, owner)
+    }
+
+    const PARAMS: RelayParams = RelayParams {
+        default_image: "relay:1",
+        upstream_url: "https://controller:8443",
+        upstream_ca: None,
+    };
+
+    fn container(d: &Deployment) -> &Container {
+        &d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    fn env_of(c: &Container) -> BTreeMap<String, String> {
+        c.env
+            .iter()
+            .flatten()
+            .map(|e| {
+                let v = match (&e.value, &e.value_from) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some(f)) => {
+                        let r = f.secret_key_ref.as_ref().unwrap();
+                        format!("secret:{}/{}", r.name, r.key)
+                    }
+                    _ => String::new(),
+                };
+                (e.name.clone(), v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_top_level_relay_reaches_the_controller_with_its_own_token_and_is_locked_down() {
+        let (s, owner) = site("hq", SiteSpec::default());
+        let d = deployment(&s, &owner, &PARAMS);
+        assert_eq!(d.metadata.name.as_deref(), Some("hq-relay"));
+        assert_eq!(
+            d.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        let c = container(&d);
+        assert_eq!(c.image.as_deref(), Some("relay:1"));
+        let env = env_of(c);
+        assert_eq!(env["CARAVAN_UPSTREAM"], "https://controller:8443");
+        assert_eq!(env["CARAVAN_RELAY_TOKEN"], "secret:hq-relay/token");
+        assert_eq!(
+            env["CARAVAN_BOOTSTRAP_TOKEN"],
+            "secret:hq-relay/bootstrap-token"
+        );
+        assert!(!env.contains_key("CARAVAN_CONTENT_UPSTREAM"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (probe.path.as_deref(), probe.scheme.as_deref()),
+            (Some("/readyz"), Some("HTTP"))
+        );
+        // The pods are selected by labels the pod template carries.
+        let selector = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+            .clone()
+            .unwrap();
+        let pod_labels = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        assert_eq!(service(&s, &owner).spec.unwrap().selector, Some(selector));
+    }
+
+    #[test]
+    fn a_child_relay_takes_content_from_its_parents_relay() {
+        let (s, owner) = site(
+            "kreuzberg",
+            SiteSpec {
+                parent: Some("berlin".into()),
+                ..Default::default()
+            },
+        );
+        let env = env_of(container(&deployment(&s, &owner, &PARAMS)));
+        assert_eq!(
+            env["CARAVAN_CONTENT_UPSTREAM"],
+            "http://berlin-relay.ns.svc:8080"
+        );
+        assert_eq!(
+            env["CARAVAN_CONTENT_TOKEN"],
+            "secret:kreuzberg-relay/content-token"
+        );
+        let creds = RelayCredentials {
+            token: "t".into(),
+            bootstrap_token: Some("b".into()),
+            content_token: Some("c".into()),
+        };
+        let data = secret(&s, &owner, &creds, &PARAMS).string_data.unwrap();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            ["bootstrap-token", "content-token", "token"]
+        );
+    }
+
+    #[test]
+    fn tls_a_ca_and_a_bootstrap_secret_of_its_own_are_mounted_and_referenced() {
+        let mut spec = SiteSpec::default();
+        spec.relay.tls_secret = Some("hq-tls".into());
+        spec.relay.image = Some("mirror/relay:2".into());
+        spec.enrollment.bootstrap_token_secret = Some(SecretKeyRef {
+            name: "enroll".into(),
+            key: "token".into(),
+        });
+        let (s, owner) = site("hq", spec);
+        let params = RelayParams {
+            upstream_ca: Some("PEM"),
+            ..PARAMS
+        };
+        let d = deployment(&s, &owner, &params);
+        let c = container(&d);
+        assert_eq!(c.image.as_deref(), Some("mirror/relay:2"));
+        let args = c.args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--tls-cert-file /etc/caravan/tls/tls.crt"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--upstream-ca-file /etc/caravan/upstream/upstream-ca.crt"),
+            "{args}"
+        );
+        let probe = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.scheme.as_deref(), Some("HTTPS"));
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.read_only))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("cache", None),
+                ("upstream", Some(true)),
+                ("tls", Some(true))
+            ]
+        );
+        assert_eq!(env_of(c)["CARAVAN_BOOTSTRAP_TOKEN"], "secret:enroll/token");
+        let creds = RelayCredentials {
+            token: "t".into(),
+            bootstrap_token: None,
+            content_token: None,
+        };
+        let data = secret(&s, &owner, &creds, &params).string_data.unwrap();
+        assert_eq!(data.get(UPSTREAM_CA_KEY).map(String::as_str), Some("PEM"));
+        assert!(!data.contains_key("bootstrap-token"));
+    }
+}

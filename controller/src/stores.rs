@@ -1,0 +1,112 @@
+//! The controller's caches of the five kinds the distribution engine watches.
+//! The engine fills them (it runs the reflectors, see [`Writers::watch`]);
+//! everything else only reads them: the Git sync (package identity), the
+//! Site reconciler (agent counts), the distribution API (reports, the
+//! admission webhook) and the blob garbage collector.
+
+use caravan_api::v1alpha1::{Agent, Cabinet, DistributionJob, Package, Site};
+use futures::{stream::BoxStream, FutureExt, StreamExt};
+use kube::{
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher, WatchStreamExt,
+    },
+    Resource,
+};
+
+use crate::context::Context;
+
+/// Read handles of the caches (cheap to clone).
+#[derive(Clone)]
+pub struct Stores {
+    pub sites: Store<Site>,
+    pub agents: Store<Agent>,
+    pub jobs: Store<DistributionJob>,
+    pub packages: Store<Package>,
+    pub cabinets: Store<Cabinet>,
+}
+
+/// The writing halves of the caches, for the task that runs the reflectors.
+pub struct Writers {
+    sites: Writer<Site>,
+    agents: Writer<Agent>,
+    jobs: Writer<DistributionJob>,
+    packages: Writer<Package>,
+    cabinets: Writer<Cabinet>,
+}
+
+impl Stores {
+    pub fn new() -> (Writers, Self) {
+        let (sites, sites_w) = reflector::store();
+        let (agents, agents_w) = reflector::store();
+        let (jobs, jobs_w) = reflector::store();
+        let (packages, packages_w) = reflector::store();
+        let (cabinets, cabinets_w) = reflector::store();
+        (
+            Writers {
+                sites: sites_w,
+                agents: agents_w,
+                jobs: jobs_w,
+                packages: packages_w,
+                cabinets: cabinets_w,
+            },
+            Self {
+                sites,
+                agents,
+                jobs,
+                packages,
+                cabinets,
+            },
+        )
+    }
+
+    /// Whether every cache holds a complete list. Nothing may be computed
+    /// from half-filled caches: an agent missing from them would look like
+    /// one that should have its software removed.
+    pub fn ready(&self) -> bool {
+        self.sites.wait_until_ready().now_or_never().is_some()
+            && self.agents.wait_until_ready().now_or_never().is_some()
+            && self.jobs.wait_until_ready().now_or_never().is_some()
+            && self.packages.wait_until_ready().now_or_never().is_some()
+            && self.cabinets.wait_until_ready().now_or_never().is_some()
+    }
+}
+
+impl Writers {
+    /// Watches the five kinds into the caches; each item of the returned
+    /// streams is one change.
+    pub fn watch(self, ctx: &Context) -> Vec<BoxStream<'static, ()>> {
+        vec![
+            reflect(ctx, self.sites),
+            reflect(ctx, self.agents),
+            reflect(ctx, self.jobs),
+            reflect(ctx, self.packages),
+            reflect(ctx, self.cabinets),
+        ]
+    }
+}
+
+fn reflect<K>(ctx: &Context, writer: Writer<K>) -> BoxStream<'static, ()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(ctx.all::<K>(), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .filter_map(|event| async move {
+            match event {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+                    None
+                }
+            }
+        })
+        .boxed()
+}

@@ -1,0 +1,220 @@
+//! What leaves the cache: blobs no agent of the site (or below) needs any
+//! more ([`Cache::retain`]), and, beyond `--cache-max-bytes`, the least
+//! recently used ones ([`Cache::enforce_limit`]), never one a response is
+//! reading ([`Lease`]).
+
+use std::{
+    collections::HashSet,
+    sync::{atomic::Ordering, Arc},
+};
+
+use caravan_api::Digest;
+
+use super::Cache;
+
+/// Keeps a blob from eviction while a response serves it.
+pub struct Lease {
+    cache: Arc<Cache>,
+    digest: Digest,
+}
+
+impl Lease {
+    /// How many responses are reading blobs now, this one included.
+    pub fn serving(&self) -> usize {
+        self.cache.serving()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cache.serving.fetch_sub(1, Ordering::Relaxed);
+        let mut in_use = self.cache.in_use.lock().expect("lock poisoned");
+        if let Some(n) = in_use.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.digest);
+            }
+        }
+    }
+}
+
+impl Cache {
+    /// Keeps `digest` from eviction until the lease is dropped.
+    pub fn lease(self: &Arc<Self>, digest: &Digest) -> Lease {
+        self.serving.fetch_add(1, Ordering::Relaxed);
+        *self
+            .in_use
+            .lock()
+            .expect("lock poisoned")
+            .entry(*digest)
+            .or_default() += 1;
+        Lease {
+            cache: Arc::clone(self),
+            digest: *digest,
+        }
+    }
+
+    /// How many responses are reading blobs now.
+    pub fn serving(&self) -> usize {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    /// Evicts least recently used blobs until the cache fits its size
+    /// limit, never one being served nor `protect` (the blob just fetched).
+    pub async fn enforce_limit(&self, protect: &Digest) -> std::io::Result<Vec<Digest>> {
+        let Some(max) = self.max_bytes else {
+            return Ok(vec![]);
+        };
+        let mut blobs = Vec::new();
+        let mut total = 0;
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let meta = entry.metadata().await?;
+            total += meta.len();
+            let Ok(digest) = Digest::from_hex(&entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let last = self
+                .used
+                .lock()
+                .expect("lock poisoned")
+                .get(&digest)
+                .copied();
+            blobs.push((
+                last.unwrap_or(meta.modified()?),
+                digest,
+                meta.len(),
+                entry.path(),
+            ));
+        }
+        blobs.sort();
+        let mut evicted = Vec::new();
+        for (_, digest, size, path) in blobs {
+            if total <= max {
+                break;
+            }
+            let in_use = || {
+                self.in_use
+                    .lock()
+                    .expect("lock poisoned")
+                    .contains_key(&digest)
+            };
+            if digest == *protect || in_use() {
+                continue;
+            }
+            tokio::fs::remove_file(&path).await?;
+            self.used.lock().expect("lock poisoned").remove(&digest);
+            total -= size;
+            evicted.push(digest);
+        }
+        Ok(evicted)
+    }
+
+    /// Bytes of the blobs in the cache.
+    pub async fn bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            total += entry.metadata().await?.len();
+        }
+        Ok(total)
+    }
+
+    /// Drops the cached blobs not in `keep` (the digests the site's agents
+    /// are assigned), what interrupted fetches of others left, and anything
+    /// else in the cache's directories. An agent still downloading one keeps
+    /// its open file.
+    pub async fn retain(&self, keep: &HashSet<&Digest>) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for sub in ["sha256", "partial"] {
+            let mut dir = tokio::fs::read_dir(self.dir.join(sub)).await?;
+            while let Some(entry) = dir.next_entry().await? {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let wanted = match Digest::from_hex(&name) {
+                    Ok(d) => {
+                        keep.contains(&d)
+                            || self
+                                .inflight
+                                .lock()
+                                .expect("lock poisoned")
+                                .contains_key(&d)
+                    }
+                    Err(_) => false,
+                };
+                if !wanted {
+                    tokio::fs::remove_file(entry.path()).await?;
+                    removed.push(name);
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use crate::{cache::Limits, upstream::Upstream};
+
+    async fn cache(dir: &std::path::Path, max_bytes: Option<u64>) -> Arc<Cache> {
+        let upstream = Upstream::new("http://127.0.0.1:9", "token", None).unwrap();
+        let limits = Limits {
+            max_bytes,
+            ..Default::default()
+        };
+        Arc::new(
+            Cache::open(dir.to_path_buf(), upstream, Default::default(), limits)
+                .await
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_size_limit_evicts_the_least_recently_used_blob_but_never_one_being_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), Some(250)).await;
+        let [a, b, c, d, e] = ["a", "b", "c", "d", "e"].map(|s| Digest::of(s.as_bytes()));
+        for digest in [a, b, c, d] {
+            std::fs::write(cache.path(&digest), [0u8; 100]).unwrap();
+        }
+        // Used in this order: a (oldest), b, c, d; a is being served.
+        for digest in [a, b, c, d] {
+            cache.ensure(&digest).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let lease = cache.lease(&a);
+        let evicted = cache.enforce_limit(&d).await.unwrap();
+        assert_eq!(
+            evicted,
+            [b, c],
+            "400 bytes down to 200: the oldest not in use go"
+        );
+        assert!(cache.path(&a).exists() && cache.path(&d).exists());
+        drop(lease);
+        std::fs::write(cache.path(&e), [0u8; 100]).unwrap();
+        cache.ensure(&e).await.unwrap();
+        assert_eq!(
+            cache.enforce_limit(&e).await.unwrap(),
+            [a],
+            "once served, a is the oldest"
+        );
+    }
+
+    #[tokio::test]
+    async fn blobs_no_agent_needs_leave_the_cache_with_their_partial_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path(), None).await;
+        let [kept, dropped] = ["kept", "dropped"].map(|s| Digest::of(s.as_bytes()));
+        std::fs::write(cache.path(&kept), "kept").unwrap();
+        std::fs::write(cache.path(&dropped), "dropped").unwrap();
+        std::fs::write(cache.partial(&dropped), "drop").unwrap();
+        std::fs::write(dir.path().join("sha256/stray"), "?").unwrap();
+        let mut removed = cache.retain(&HashSet::from([&kept])).await.unwrap();
+        removed.sort();
+        assert_eq!(removed, [dropped.hex(), dropped.hex(), "stray".to_string()]);
+        assert!(cache.path(&kept).exists());
+        assert_eq!(cache.bytes().await.unwrap(), 4);
+    }
+}
