@@ -146,3 +146,11 @@ pub fn thread_cpu_seconds_since(pid: u32, before: &std::collections::HashMap<Str
         .sum::<u64>() as f64
         / 1e9
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

@@ -156,6 +156,20 @@ async fn bad_input_is_refused_with_a_reason_and_breaks_nothing() -> anyhow::Resu
     assert!(row.contains("Failed") && row.contains("0/1"), "{table}");
     // The working package is untouched.
     assert!(c.agents[0].install_root.join("hello/VERSION").exists());
+    // Once the relay holds the genuine blob again, the destination recovers
+    // and its failure leaves the job's status (with the Git sync applying the
+    // job every 2 seconds meanwhile).
+    std::fs::remove_file(relay.cache_dir.join("sha256").join(&hex))?;
+    let job = c.wait_job("tampered", "Succeeded", "1/1", T).await?;
+    let st = job.status.unwrap();
+    assert_eq!(st.failed, 0);
+    assert!(st.failures.is_empty(), "a stale failure: {:?}", st.failures);
+    let failed = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::FAILED)
+        .unwrap();
+    assert_eq!(failed.status, "False", "{}", failed.message);
 
     // 4. Enrolling with another machine's host ID, without its secret, is
     //    refused: nobody can take over an enrolled identity.

@@ -148,7 +148,7 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
     std::fs::write(v2.join("VERSION"), "1.1.0\n")?;
     c.push_package(&v2, "hello", "1.1.0", &repo.work.join("fleet/packages"))?;
     repo.commit("hello 1.1.0")?;
-    let version = |a: &caravan_tests::Agent| {
+    let version = |a: &caravan_tests::AgentProc| {
         std::fs::read_to_string(a.install_root.join("hello/VERSION")).unwrap_or_default()
     };
     c.wait_job("hello-everywhere", "Progressing", "2/3", T)

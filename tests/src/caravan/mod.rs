@@ -1,0 +1,426 @@
+//! Everything of one Caravan installation in a test: a cluster, the
+//! controller (started directly or with the Helm chart), and the API calls,
+//! CLI runs and waits tests make against it.
+
+mod fleet;
+pub mod nodes;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use caravan_api::v1alpha1::{DistributionJob, GitSource, Site};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    api::{Patch, PatchParams},
+    Api, Client,
+};
+
+use nodes::{AgentProc, RelayInfo};
+
+use crate::{
+    bin,
+    cluster::{override_args, Cluster},
+    free_port, git,
+    helm::{helm, HELM_NAMESPACE, HELM_TEST_VALUES},
+    http_client,
+    procs::Proc,
+    repo_root, wait_for,
+    waits::wait_http_ok,
+    TestTls,
+};
+
+/// How the controller gets into the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Install {
+    /// CRDs applied by the harness; the controller runs with admin credentials.
+    #[default]
+    Direct,
+
+    /// `helm install charts/caravan`; the controller runs as the chart's
+    /// ServiceAccount, with the chart's RBAC.
+    Helm,
+}
+
+/// Everything of one Caravan installation: the controller and what it serves.
+pub struct Caravan {
+    pub dir: PathBuf,
+    pub namespace: String,
+    pub cluster: Cluster,
+    pub controller: Proc,
+    /// How the controller was started: arguments and environment.
+    controller_cmd: (Vec<String>, Vec<(String, String)>),
+    pub api_url: String,
+    pub upload_token: String,
+    pub relays: Vec<Proc>,
+    pub agents: Vec<AgentProc>,
+    /// Certificates when everything talks HTTPS.
+    pub tls: Option<TestTls>,
+    /// Extra arguments for every agent started from now on.
+    pub agent_args: Vec<String>,
+    /// The binary agents run from (default: the build's `caravan-agent`).
+    pub agent_bin: Option<PathBuf>,
+    /// Extra arguments for every relay started from now on.
+    pub relay_args: Vec<String>,
+    /// URL of each started relay, by site.
+    pub relay_urls: std::collections::HashMap<String, String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// How to start Caravan in a test.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub install: Install,
+    /// Controller and relays serve HTTPS with a test CA that the relays,
+    /// agents and CLI are told to trust.
+    pub tls: bool,
+}
+
+/// Starts the controller and waits until it answers.
+async fn spawn_controller(
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+    api_url: &str,
+    tls: Option<&TestTls>,
+) -> anyhow::Result<Proc> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, env, dir)?;
+    wait_http_ok(
+        &http_client(tls)?,
+        &format!("{api_url}/healthz"),
+        &controller,
+    )
+    .await?;
+    Ok(controller)
+}
+
+impl Caravan {
+    /// Starts a cluster, installs the CRDs, creates `namespace` and starts the controller.
+    pub async fn start(namespace: &str) -> anyhow::Result<Self> {
+        Self::start_with(namespace, Options::default()).await
+    }
+
+    /// Starts a cluster and Caravan in it, either directly or with the Helm chart.
+    pub async fn start_with(namespace: &str, options: Options) -> anyhow::Result<Self> {
+        let Options { install, tls } = options;
+        let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let keep = std::env::var("CARAVAN_KEEP").is_ok_and(|v| v == "1");
+        let tmp = if keep {
+            eprintln!("keeping {}", dir.display());
+            let _ = tmp.keep();
+            None
+        } else {
+            Some(tmp)
+        };
+        let cluster = Cluster::start(&dir).await?;
+        cluster.create_namespace(namespace).await?;
+        let tls = if tls {
+            Some(TestTls::generate(&dir.join("tls"))?)
+        } else {
+            None
+        };
+        let port = free_port();
+        let api_url = format!(
+            "{}://127.0.0.1:{port}",
+            if tls.is_some() { "https" } else { "http" }
+        );
+        let data_dir = dir.join("controller").display().to_string();
+        let (args, mut env) = match install {
+            Install::Direct => {
+                cluster.install_crds().await?;
+                let args = ["--namespace", namespace].map(String::from).to_vec();
+                (
+                    args,
+                    vec![(
+                        "CARAVAN_UPLOAD_TOKEN".to_string(),
+                        "caravan-test-upload-token".to_string(),
+                    )],
+                )
+            }
+            Install::Helm => {
+                cluster.create_namespace(HELM_NAMESPACE).await?;
+                let out = helm(&[
+                    "install",
+                    "caravan",
+                    &repo_root().join("charts/caravan").display().to_string(),
+                    "--namespace",
+                    HELM_NAMESPACE,
+                    "--kubeconfig",
+                    &cluster.kubeconfig.display().to_string(),
+                    "--set-json",
+                    HELM_TEST_VALUES,
+                ])?;
+                eprintln!("{out}");
+                cluster.wait_crds().await?;
+                cluster
+                    .container_command(HELM_NAMESPACE, "caravan", &dir.join("node/controller"))
+                    .await?
+            }
+        };
+        // The controller runs with the chart's RBAC when installed with Helm:
+        // its kubeconfig impersonates the chart's ServiceAccount.
+        let kubeconfig = match install {
+            Install::Direct => cluster.kubeconfig.clone(),
+            Install::Helm => {
+                cluster.impersonating(&format!("system:serviceaccount:{HELM_NAMESPACE}:caravan"))?
+            }
+        };
+        let mut flags = vec![
+            ("--listen", format!("127.0.0.1:{port}")),
+            ("--data-dir", data_dir),
+            ("--relay-upstream-url", api_url.clone()),
+            // Unreferenced blobs go 10 s after upload, checked every second.
+            ("--blob-gc-interval-seconds", "1".to_string()),
+            ("--blob-grace-seconds", "10".to_string()),
+        ];
+        if let Some(tls) = &tls {
+            flags.extend([
+                ("--tls-cert-file", tls.cert.display().to_string()),
+                ("--tls-key-file", tls.key.display().to_string()),
+                ("--relay-upstream-ca-file", tls.ca.display().to_string()),
+            ]);
+        }
+        let args = override_args(args, &flags);
+        let args: Vec<String> = args.into_iter().filter(|a| a != "--log-json").collect();
+        let upload_token = env
+            .iter()
+            .find(|(k, _)| k == "CARAVAN_UPLOAD_TOKEN")
+            .map(|(_, v)| v.clone())
+            .context("no upload token")?;
+        env.extend([
+            ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
+            ("RUST_LOG".to_string(), "info,kube=error".to_string()),
+        ]);
+        let controller = spawn_controller(&args, &env, &dir, &api_url, tls.as_ref()).await?;
+        Ok(Self {
+            controller_cmd: (args, env),
+            tls,
+            agent_args: vec![],
+            agent_bin: None,
+            relay_urls: Default::default(),
+            relay_args: vec![],
+
+            dir,
+            namespace: namespace.into(),
+            cluster,
+            controller,
+            api_url,
+            upload_token,
+            relays: vec![],
+            agents: vec![],
+            _tmp: tmp,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.cluster.client.clone()
+    }
+
+    /// The example fleet with hq's relay and one agent `agent`, once the
+    /// agent has installed hello: the starting point of many tests.
+    pub async fn hello_installed(
+        &mut self,
+        agent: &str,
+    ) -> anyhow::Result<(git::GitRepo, RelayInfo)> {
+        let repo = self.seed_example_fleet().await?;
+        let relay = self.start_relay("hq").await?;
+        self.start_agent(agent, &relay)?;
+        self.wait_job(
+            "hello-everywhere",
+            "Succeeded",
+            "1/1",
+            Duration::from_secs(120),
+        )
+        .await?;
+        Ok((repo, relay))
+    }
+
+    /// Kills the controller (SIGKILL) and starts it again, as it was.
+    pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
+        self.controller.kill();
+        let (args, env) = &self.controller_cmd;
+        self.controller =
+            spawn_controller(args, env, &self.dir, &self.api_url, self.tls.as_ref()).await?;
+        Ok(())
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.client(), &self.namespace)
+    }
+
+    /// Declares a GitSource for `url` that syncs every `interval` seconds.
+    pub async fn add_git_source(
+        &self,
+        name: &str,
+        url: &str,
+        path: &str,
+        interval: u32,
+    ) -> anyhow::Result<()> {
+        let gs: GitSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "caravan.dev/v1alpha1", "kind": "GitSource",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"url": url, "branch": "main", "path": path, "intervalSeconds": interval},
+        }))?;
+        self.api::<GitSource>()
+            .patch(
+                name,
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&gs),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Registers the controller's validating admission webhook for Packages
+    /// (the API server calls it over HTTPS, so only with TLS).
+    pub async fn register_webhook(&self) -> anyhow::Result<()> {
+        use base64::Engine as _;
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let tls = self
+            .tls
+            .as_ref()
+            .context("the webhook needs the controller to serve HTTPS")?;
+        let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&tls.ca)?);
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": { "name": "caravan-packages" },
+            "webhooks": [{
+                "name": "packages.caravan.dev",
+                "clientConfig": { "url": format!("{}/validate/packages", self.api_url), "caBundle": ca },
+                "rules": [{ "apiGroups": ["caravan.dev"], "apiVersions": ["v1alpha1"], "resources": ["packages"], "operations": ["CREATE", "UPDATE"] }],
+                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5,
+            }],
+        }))?;
+        Api::<ValidatingWebhookConfiguration>::all(self.client())
+            .patch(
+                "caravan-packages",
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&config),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stores the test certificate as a `kubernetes.io/tls` Secret.
+    pub async fn create_tls_secret(&self, name: &str, tls: &TestTls) -> anyhow::Result<()> {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": { "name": name, "namespace": self.namespace },
+            "stringData": { "tls.crt": std::fs::read_to_string(&tls.cert)?, "tls.key": std::fs::read_to_string(&tls.key)? },
+        }))?;
+        self.api::<Secret>()
+            .patch(
+                name,
+                &PatchParams::apply("caravan-tests"),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `caravan package push` for a directory into `manifest_dir`.
+    pub fn push_package(
+        &self,
+        dir: &Path,
+        name: &str,
+        version: &str,
+        manifest_dir: &Path,
+    ) -> anyhow::Result<String> {
+        let (dir, manifest_dir) = (
+            dir.display().to_string(),
+            manifest_dir.display().to_string(),
+        );
+        self.cli(&[
+            "package",
+            "push",
+            &dir,
+            "--name",
+            name,
+            "--version",
+            version,
+            "--manifest-dir",
+            &manifest_dir,
+        ])
+    }
+
+    /// Runs the `caravan` CLI against this installation's controller.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(bin("caravan")?)
+            .args(args)
+            .env("CARAVAN_SERVER", &self.api_url)
+            .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
+            .envs(self.tls.as_ref().map(|t| ("CARAVAN_CA_FILE", &t.ca)))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "caravan {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+impl Caravan {
+    /// Waits until `job`, aimed at one agent, has failed there; returns why.
+    pub async fn wait_failed(&self, job: &str) -> anyhow::Result<String> {
+        let job = self
+            .wait_job(job, "Failed", "0/1", Duration::from_secs(120))
+            .await?;
+        let failure = job.status.and_then(|s| s.failures.into_iter().next());
+        Ok(failure.context("a failed job names its failure")?.reason)
+    }
+
+    /// Waits until `job` reports `phase` with `succeeded` of `total`.
+    pub async fn wait_job(
+        &self,
+        job: &str,
+        phase: &str,
+        progress: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<DistributionJob> {
+        let api = self.api::<DistributionJob>();
+        wait_for(
+            &format!("job {job} to be {phase} {progress}"),
+            timeout,
+            || {
+                let (api, job) = (api.clone(), job.to_string());
+                async move {
+                    let j = api.get(&job).await?;
+                    let st = j.status.clone().unwrap_or_default();
+                    let ok = serde_json::to_value(st.phase)?.as_str() == Some(phase)
+                        && st.progress == progress;
+                    Ok(ok.then_some(j))
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.context(self.logs()))
+    }
+
+    pub async fn site(&self, name: &str) -> anyhow::Result<Site> {
+        Ok(self.api::<Site>().get(name).await?)
+    }
+
+    /// The tails of every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = self.controller.log_tail(40);
+        for r in &self.relays {
+            out.push_str(&r.log_tail(20));
+        }
+        for a in &self.agents {
+            out.push_str(&a.proc.log_tail(15));
+        }
+        out
+    }
+}

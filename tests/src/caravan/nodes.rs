@@ -1,0 +1,214 @@
+//! Playing the node for a Caravan installation: relays started from their
+//! Site's Deployment as a kubelet would, and agents on loopback, each with
+//! its own state directory and install root.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use super::Caravan;
+use crate::{
+    bin, cluster::override_args, free_port, http_client, procs::Proc, waits::wait_http_ok,
+};
+
+/// A running agent process and its directories.
+pub struct AgentProc {
+    pub name: String,
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    pub install_root: PathBuf,
+}
+
+/// A relay started the way a kubelet would start the Site's Deployment.
+pub struct RelayInfo {
+    pub url: String,
+    pub cache_dir: PathBuf,
+    pub bootstrap_token: String,
+}
+
+impl Caravan {
+    /// Plays the node: waits for the Site's relay Deployment, resolves its
+    /// environment (Secrets included) and starts that container's command as
+    /// a local `caravan-relay` process on a loopback port.
+    pub async fn start_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
+        let (args, env) = self
+            .cluster
+            .container_command(
+                &self.namespace,
+                &format!("{site}-relay"),
+                &self.dir.join(format!("node/relay-{site}")),
+            )
+            .await?;
+        let bootstrap_token = env
+            .iter()
+            .find(|(k, _)| k == "CARAVAN_BOOTSTRAP_TOKEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        // A child site's relay fetches from its parent's relay: the Service
+        // address becomes the loopback address the parent was started on.
+        let mut env = env;
+        for (k, v) in &mut env {
+            if k == "CARAVAN_CONTENT_UPSTREAM" {
+                let host = v.split("://").nth(1).unwrap_or_default();
+                let parent = host
+                    .split('.')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches("-relay");
+                *v =
+                    self.relay_urls.get(parent).cloned().with_context(|| {
+                        format!("start the relay of parent site {parent} first")
+                    })?;
+            }
+        }
+        let port = free_port();
+        let cache_dir = self.dir.join(format!("relay-{site}"));
+        // The container's own arguments, with the node-local listen address and cache.
+        let args = override_args(
+            args,
+            &[
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--cache-dir", cache_dir.display().to_string()),
+            ],
+        );
+        let args: Vec<&str> = args
+            .iter()
+            .chain(&self.relay_args)
+            .map(String::as_str)
+            .collect();
+        let proc = Proc::spawn(
+            &format!("relay-{site}"),
+            &bin("caravan-relay")?,
+            &args,
+            &env,
+            &self.dir,
+        )?;
+        let scheme = if args.contains(&"--tls-cert-file") {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        wait_http_ok(
+            &http_client(self.tls.as_ref())?,
+            &format!("{url}/readyz"),
+            &proc,
+        )
+        .await?;
+        self.relays.push(proc);
+        self.relay_urls.insert(site.to_string(), url.clone());
+        Ok(RelayInfo {
+            url,
+            cache_dir,
+            bootstrap_token,
+        })
+    }
+
+    /// Starts an agent process enrolling at `relay` as host `name`.
+    pub fn start_agent(&mut self, name: &str, relay: &RelayInfo) -> anyhow::Result<()> {
+        let (state_dir, install_root) = self.agent_dirs(name);
+        std::fs::create_dir_all(&install_root)?;
+        let proc = self.spawn_agent(name, relay, &state_dir, &install_root)?;
+        self.agents.push(AgentProc {
+            name: name.into(),
+            proc,
+            state_dir,
+            install_root,
+        });
+        Ok(())
+    }
+
+    pub fn spawn_agent(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        state_dir: &Path,
+        install_root: &Path,
+    ) -> anyhow::Result<Proc> {
+        let (args, env) = self.agent_invocation(name, relay, state_dir, install_root);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(
+            &format!("agent-{name}"),
+            &self.agent_program()?,
+            &args,
+            &env,
+            &self.dir,
+        )
+    }
+
+    /// Runs `caravan-agent run --once` for `name` to its end, with `env`
+    /// added (its output goes to the agent's log).
+    pub fn run_agent_once(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let (state_dir, install_root) = self.agent_dirs(name);
+        let (mut args, base_env) = self.agent_invocation(name, relay, &state_dir, &install_root);
+        args.push("--once".into());
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("agent-{name}.log")))?;
+        Ok(std::process::Command::new(self.agent_program()?)
+            .args(&args)
+            .envs(base_env)
+            .envs(env.iter().copied())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()?)
+    }
+
+    fn agent_program(&self) -> anyhow::Result<PathBuf> {
+        self.agent_bin
+            .clone()
+            .map_or_else(|| bin("caravan-agent"), Ok)
+    }
+
+    /// The state directory and install root of agent `name`.
+    pub fn agent_dirs(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("agents").join(name);
+        (dir.join("state"), dir.join("root"))
+    }
+
+    /// The arguments and environment of `caravan-agent run` for `name`.
+    fn agent_invocation(
+        &self,
+        name: &str,
+        relay: &RelayInfo,
+        state_dir: &Path,
+        install_root: &Path,
+    ) -> (Vec<String>, Vec<(String, String)>) {
+        let mut args: Vec<String> = [
+            "run",
+            "--server",
+            &relay.url,
+            "--state-dir",
+            &state_dir.display().to_string(),
+            "--install-root",
+            &install_root.display().to_string(),
+            "--hostname",
+            name,
+            "--poll-wait",
+            "10",
+            "--retry-after",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.agent_args.iter().cloned());
+        let mut env = vec![(
+            "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
+            relay.bootstrap_token.clone(),
+        )];
+        env.extend(
+            self.tls
+                .as_ref()
+                .map(|t| ("CARAVAN_CA_FILE".to_string(), t.ca.display().to_string())),
+        );
+        (args, env)
+    }
+}

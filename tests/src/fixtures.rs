@@ -1,0 +1,93 @@
+//! What tests are made of: TLS certificates, incompressible data, copies of
+//! directories. (The example fleet is `caravan::fleet`.)
+
+use std::path::{Path, PathBuf};
+
+/// A CA and a server certificate for `localhost`/`127.0.0.1`, as PEM files.
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Caravan test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &ca)?;
+        let tls = Self {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&tls.ca, ca.pem())?;
+        std::fs::write(&tls.cert, cert.pem())?;
+        std::fs::write(&tls.key, key.serialize_pem())?;
+        Ok(tls)
+    }
+}
+
+/// An HTTP client that trusts the test CA, if there is one.
+pub fn http_client(tls: Option<&TestTls>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(tls) = tls {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&tls.ca)?)?);
+    }
+    Ok(b.build()?)
+}
+
+/// Copies a directory tree (files and directories only).
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// `len` incompressible bytes (xorshift from `seed`), so a package built
+/// from them is as large as the data.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `len` incompressible bytes to `path` in 1 MiB pieces (for sizes
+/// that should not be held in memory).
+pub fn write_noise(path: &Path, len: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut left = len;
+    let mut seed = 0x9E37_79B9_7F4A_7C15;
+    while left > 0 {
+        let n = left.min(1 << 20);
+        f.write_all(&noise(n as usize, seed))?;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        left -= n;
+    }
+    Ok(f.flush()?)
+}
