@@ -89,3 +89,79 @@ pub fn restore(state: &StateDir, from: &Path, force: bool) -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::InstalledRecord;
+
+    fn agent_with_history(dir: &Path) -> StateDir {
+        let state = StateDir::open(dir).unwrap();
+        state.host_id().unwrap();
+        state
+            .set_credentials(Some(&Credentials {
+                server: "https://relay".into(),
+                agent: "desk-1".into(),
+                token: "t0ken".into(),
+            }))
+            .unwrap();
+        let digest = Digest::of(b"hello");
+        let record = InstalledRecord {
+            name: "hello".into(),
+            version: "1".into(),
+            digest,
+            job: "ns/j".into(),
+            install: Default::default(),
+        };
+        state
+            .set_installed(&Installed::from([("hello".into(), record)]))
+            .unwrap();
+        Baseline::record(&state.downloads())
+            .unwrap()
+            .save(&state, &digest)
+            .unwrap();
+        state
+    }
+
+    #[test]
+    fn a_restored_state_is_the_same_identity_with_its_records_and_baselines() {
+        let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let before = agent_with_history(old.path());
+        let file = old.path().join("backup.json");
+        backup(&before, &file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let after = StateDir::open(new.path()).unwrap();
+        restore(&after, &file, false).unwrap();
+        assert_eq!(after.identity().unwrap(), before.identity().unwrap());
+        assert_eq!(after.credentials().unwrap().unwrap().agent, "desk-1");
+        assert_eq!(after.installed().unwrap(), before.installed().unwrap());
+        let digest = Digest::of(b"hello");
+        assert!(Baseline::load(&after, &digest).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_backup_refuses_an_interrupted_change_and_a_restore_another_identity() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = agent_with_history(a.path());
+        let file = a.path().join("backup.json");
+        let entry = journal::Entry {
+            package: "hello".into(),
+            step: journal::Step::Swapped,
+            to: None,
+        };
+        journal::write(&first, Some(&entry)).unwrap();
+        let e = backup(&first, &file).unwrap_err().to_string();
+        assert!(e.contains("interrupted"), "{e}");
+        journal::write(&first, None).unwrap();
+        backup(&first, &file).unwrap();
+        let other = agent_with_history(b.path());
+        let e = restore(&other, &file, false).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        restore(&other, &file, true).unwrap();
+        assert_eq!(other.identity().unwrap(), first.identity().unwrap());
+    }
+}

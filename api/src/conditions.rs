@@ -43,6 +43,8 @@ pub mod reasons {
     pub const SIGNATURE_VERIFIED: &str = "SignatureVerified";
     pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
     pub const INVALID_NAME: &str = "InvalidName";
+    /// The API server refused an object the controller derives from the spec.
+    pub const WORKLOAD_REFUSED: &str = "WorkloadRefused";
     /// A transient failure is being retried.
     pub const RETRYING: &str = "Retrying";
 }

@@ -410,4 +410,24 @@ mod tests {
             )
         );
     }
+
+    #[tokio::test]
+    async fn a_long_poll_waits_only_as_long_as_asked_and_never_past_the_cap() {
+        let wait = |uri: &str| {
+            let (mut parts, ()) = axum::http::Request::get(uri).body(()).unwrap().into_parts();
+            async move { Wait::from_request_parts(&mut parts, &()).await }
+        };
+        assert_eq!(wait("/v1/desired").await.unwrap(), Wait(Duration::ZERO));
+        assert_eq!(
+            wait("/v1/desired?wait=30").await.unwrap(),
+            Wait(Duration::from_secs(30))
+        );
+        assert_eq!(
+            wait("/v1/desired?wait=99999").await.unwrap(),
+            Wait(Duration::from_secs(MAX_WAIT_SECONDS))
+        );
+        let e = wait("/v1/desired?wait=soon").await.unwrap_err();
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
+        assert!(e.1.contains("wait=\"soon\""), "{}", e.1);
+    }
 }

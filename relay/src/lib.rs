@@ -76,7 +76,10 @@ pub struct Config {
 
 /// What the agent API serves from.
 pub struct Relay {
-    pub config: Config,
+    /// This site's relay token: the key of the agent tokens it issues.
+    pub token: String,
+    /// The token agents present to enroll.
+    pub bootstrap_token: String,
     pub upstream: upstream::Upstream,
     pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
@@ -112,7 +115,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
     let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
-        config: config.clone(),
+        token: config.token.clone(),
+        bootstrap_token: config.bootstrap_token.clone(),
         upstream: upstream.clone(),
         cache: cache.clone(),
         state: state_rx,

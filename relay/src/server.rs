@@ -67,7 +67,7 @@ impl FromRequestParts<Arc<Relay>> for Downstream {
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)
             .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        let name = tokens::verify(&relay.config.token, token).ok_or_else(|| {
+        let name = tokens::verify(&relay.token, token).ok_or_else(|| {
             err(
                 StatusCode::UNAUTHORIZED,
                 "invalid agent token; enroll again",
@@ -99,7 +99,7 @@ async fn enroll(
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let given = bearer(&headers).unwrap_or_default();
-    if !tokens::same_secret(given, &relay.config.bootstrap_token) {
+    if !tokens::same_secret(given, &relay.bootstrap_token) {
         return Err(err(
             StatusCode::UNAUTHORIZED,
             "invalid bootstrap token for this site",
@@ -111,7 +111,7 @@ async fn enroll(
         .await
         .map_err(|e| err(e.status(), e.to_string()))?;
     tracing::info!(agent = %forward.agent, host = %req.hostname, "agent enrolled");
-    let token = tokens::issue(&relay.config.token, &forward.agent);
+    let token = tokens::issue(&relay.token, &forward.agent);
     relay.metrics.enrollments.inc();
     Ok(Json(EnrollResponse {
         agent: forward.agent,

@@ -113,6 +113,25 @@ async fn bad_input_is_refused_with_a_reason_and_breaks_nothing() -> anyhow::Resu
         conditions::is_true(&st.conditions, conditions::READY),
         "a dangling reference is not a manifest error"
     );
+    // A Site whose relay the API server refuses says why and waits for a fix.
+    repo.write("fleet/bad-site.yaml", "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: lagos}\nspec:\n  relay: {replicas: -1}\n")?;
+    repo.commit("A site with an impossible relay")?;
+    let stalled = wait_for("site lagos to stall", T, || async {
+        let site = c
+            .api::<caravan_api::v1alpha1::Site>()
+            .get_opt("lagos")
+            .await?;
+        Ok(site.and_then(|s| s.status).and_then(|s| {
+            s.conditions
+                .into_iter()
+                .find(|c| c.type_ == conditions::STALLED && c.status == "True")
+        }))
+    })
+    .await?;
+    assert_eq!(stalled.reason, "WorkloadRefused");
+    assert!(stalled.message.contains("replicas"), "{}", stalled.message);
+    repo.remove("fleet/bad-site.yaml")?;
+    repo.commit("No lagos after all")?;
 
     // 3. A tampered blob: the relay's cached copy is replaced by other bytes of
     //    the same size; the agent refuses it and the job names the reason.

@@ -7,7 +7,9 @@
 //! A reconcile is three steps, each owning its part of the status:
 //! 1. `check_name`: the relay's Service name must be valid (else Stalled
 //!    until the Site is renamed);
-//! 2. `apply_workload`: Secret, Deployment, Service, by server-side apply;
+//! 2. `apply_workload`: Secret, Deployment, Service, by server-side apply
+//!    (refused by the API server: Stalled until the Site changes; any other
+//!    failure is retried with a backoff);
 //! 3. `summarize`: Ready (relay connected), agents, cache figures.
 
 mod relays;
@@ -39,7 +41,7 @@ use workload::{relay_name, RelayCredentials, RelayParams};
 
 use crate::{
     context::Context,
-    error::{Error, Retries},
+    error::{Error, ErrorClass, Retries},
     field_managers,
     index::SiteKey,
     status,
@@ -108,42 +110,24 @@ impl SiteReconciler {
 #[instrument(skip_all, fields(namespace = site.namespace(), site = %site.name_any()))]
 async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action, Error> {
     let action = match check_name(&site) {
-        Ok(()) => {
-            this.apply_workload(&site).await?;
-            this.summarize(&site).await?;
-            Action::requeue(RESYNC)
-        }
         Err(message) => {
-            let generation = site.meta().generation;
-            let status = SiteStatus {
-                observed_generation: generation,
-                conditions: vec![
-                    conditions::new(
-                        conditions::READY,
-                        false,
-                        reasons::INVALID_NAME,
-                        &message,
-                        generation,
-                    ),
-                    conditions::new(
-                        conditions::STALLED,
-                        true,
-                        reasons::INVALID_NAME,
-                        &message,
-                        generation,
-                    ),
-                ],
-                ..Default::default()
-            };
-            status::apply(
-                &this.ctx.client,
-                site.as_ref(),
-                status,
-                field_managers::STATUS,
-            )
-            .await?;
+            this.stall(&site, reasons::INVALID_NAME, &message).await?;
             Action::await_change()
         }
+        Ok(()) => match this.apply_workload(&site).await {
+            // The same spec would be refused again: say so and wait for a change.
+            Err(e) if e.class() == ErrorClass::Stalled => {
+                let message = format!("the relay's objects were refused: {e}");
+                this.stall(&site, reasons::WORKLOAD_REFUSED, &message)
+                    .await?;
+                Action::await_change()
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {
+                this.summarize(&site).await?;
+                Action::requeue(RESYNC)
+            }
+        },
     };
     this.retries.succeeded(&site);
     Ok(action)
@@ -161,6 +145,21 @@ fn check_name(site: &Site) -> Result<(), String> {
 }
 
 impl SiteReconciler {
+    /// Only a change to the Site can help: `Ready=False` and `Stalled=True`, saying why.
+    async fn stall(&self, site: &Site, reason: &str, message: &str) -> Result<(), Error> {
+        let generation = site.meta().generation;
+        let status = SiteStatus {
+            observed_generation: generation,
+            conditions: vec![
+                conditions::new(conditions::READY, false, reason, message, generation),
+                conditions::new(conditions::STALLED, true, reason, message, generation),
+            ],
+            ..Default::default()
+        };
+        status::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        Ok(())
+    }
+
     /// Applies the relay's Secret, Deployment and Service.
     async fn apply_workload(&self, site: &Site) -> Result<(), Error> {
         let ns = site
