@@ -43,16 +43,17 @@ pub async fn enroll(
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
+            let merge = |patch: serde_json::Value| {
+                let (api, name) = (api.clone(), agent.name_any());
+                async move {
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(kube_error)
+                }
+            };
             if agent.spec.secret_hash.is_empty() {
                 // Declared ahead of enrollment (in Git): the first to enroll claims it.
-                let patch = serde_json::json!({ "spec": { "secretHash": secret_hash } });
-                api.patch(
-                    &agent.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map_err(kube_error)?;
+                merge(serde_json::json!({ "spec": { "secretHash": secret_hash } })).await?;
             } else if agent.spec.secret_hash != secret_hash {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -65,14 +66,7 @@ pub async fn enroll(
             }
             if agent.spec.site != site {
                 tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
-                let patch = serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } });
-                api.patch(
-                    &agent.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map_err(kube_error)?;
+                merge(serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } })).await?;
             }
             agent.name_any()
         }
