@@ -22,7 +22,7 @@ use crate::{
     client::Client,
     config::Config,
     drift::Baseline,
-    plan::{self, key, Key, Step, Why},
+    plan::{self, key, Decision, Key, Why},
     policy, selfupdate,
     state::{Installed, InstalledRecord, Progress, StateDir},
     transaction::{self, Transaction},
@@ -157,12 +157,12 @@ impl Converger {
                 waiting: &facts.waiting,
             });
             let mut act = None;
-            while act.is_none() && next < plan.steps.len() {
-                match &plan.steps[next] {
-                    Step::Wait(_) => ok = false,
-                    Step::Queued(_) => {}
-                    Step::Done(a) => touched |= self.settle(a, AssignmentPhase::Succeeded, ""),
-                    Step::Conflict {
+            while act.is_none() && next < plan.decisions.len() {
+                match &plan.decisions[next] {
+                    Decision::Wait(_) => ok = false,
+                    Decision::Queued(_) => {}
+                    Decision::Done(a) => touched |= self.settle(a, AssignmentPhase::Succeeded, ""),
+                    Decision::Conflict {
                         assignment,
                         installer,
                     } => {
@@ -172,8 +172,8 @@ impl Converger {
                         );
                         touched |= self.settle(assignment, AssignmentPhase::Failed, &msg);
                     }
-                    Step::Install(a, why) => act = Some(Act::Install((*a).clone(), *why)),
-                    Step::Uninstall(a) => act = Some(Act::Uninstall((*a).clone())),
+                    Decision::Install(a, why) => act = Some(Act::Install((*a).clone(), *why)),
+                    Decision::Uninstall(a) => act = Some(Act::Uninstall((*a).clone())),
                 }
                 next += 1;
             }

@@ -54,7 +54,7 @@ pub enum Why {
 
 /// What to do about one assignment.
 #[derive(Debug, PartialEq)]
-pub enum Step<'a> {
+pub enum Decision<'a> {
     /// Reached already.
     Done(&'a Assignment),
     /// Failed a moment ago: tried again once its retry is due.
@@ -72,8 +72,8 @@ pub enum Step<'a> {
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan<'a> {
-    /// One step per assignment, in the desired state's order.
-    pub steps: Vec<Step<'a>>,
+    /// One decision per assignment, in the desired state's order.
+    pub decisions: Vec<Decision<'a>>,
     /// Installed packages no job installs any more, to remove.
     pub removals: Vec<&'a str>,
 }
@@ -90,11 +90,11 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     {
         wanted.entry(a.package.as_str()).or_insert(a);
     }
-    let steps = assignments
+    let decisions = assignments
         .iter()
         .map(|a| {
             if s.waiting.contains(&key(a)) {
-                return Step::Wait(a);
+                return Decision::Wait(a);
             }
             match a.action {
                 JobAction::Install => {
@@ -110,20 +110,20 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                         .get(a.package.as_str())
                         .is_some_and(|w| w.job != a.job);
                     match (at_digest, live, repair) {
-                        (true, true, false) => Step::Done(a),
-                        _ if queued => Step::Queued(a),
-                        (true, false, _) => Step::Install(a, Why::Missing),
-                        (true, true, true) => Step::Install(a, Why::Repair),
-                        (false, ..) => Step::Install(a, Why::New),
+                        (true, true, false) => Decision::Done(a),
+                        _ if queued => Decision::Queued(a),
+                        (true, false, _) => Decision::Install(a, Why::Missing),
+                        (true, true, true) => Decision::Install(a, Why::Repair),
+                        (false, ..) => Decision::Install(a, Why::New),
                     }
                 }
                 JobAction::Uninstall => match wanted.get(a.package.as_str()) {
-                    Some(w) => Step::Conflict {
+                    Some(w) => Decision::Conflict {
                         assignment: a,
                         installer: &w.job,
                     },
-                    None if !s.installed.contains_key(&a.package) => Step::Done(a),
-                    None => Step::Uninstall(a),
+                    None if !s.installed.contains_key(&a.package) => Decision::Done(a),
+                    None => Decision::Uninstall(a),
                 },
             }
         })
@@ -134,7 +134,10 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
         .filter(|p| !wanted.contains_key(p.as_str()) && !s.desired.hold.contains(p))
         .map(String::as_str)
         .collect();
-    Plan { steps, removals }
+    Plan {
+        decisions,
+        removals,
+    }
 }
 
 #[cfg(test)]
@@ -215,7 +218,10 @@ mod tests {
         );
         let p = c.plan();
         let a = &c.desired.assignments;
-        assert_eq!(p.steps, [Step::Install(&a[0], Why::New), Step::Done(&a[1])]);
+        assert_eq!(
+            p.decisions,
+            [Decision::Install(&a[0], Why::New), Decision::Done(&a[1])]
+        );
         assert!(p.removals.is_empty());
     }
 
@@ -231,11 +237,11 @@ mod tests {
         );
         let a = &c.desired.assignments;
         assert_eq!(
-            c.plan().steps,
+            c.plan().decisions,
             [
-                Step::Install(&a[0], Why::New),
-                Step::Queued(&a[1]),
-                Step::Conflict {
+                Decision::Install(&a[0], Why::New),
+                Decision::Queued(&a[1]),
+                Decision::Conflict {
                     assignment: &a[2],
                     installer: "ns/a"
                 },
@@ -250,12 +256,15 @@ mod tests {
             &[("hello", "1")],
         );
         let a = &c.desired.assignments;
-        assert_eq!(c.plan().steps, [Step::Uninstall(&a[0])]);
+        assert_eq!(c.plan().decisions, [Decision::Uninstall(&a[0])]);
         let c = Case::new(
             vec![assignment("u", JobAction::Uninstall, "hello", "1")],
             &[],
         );
-        assert_eq!(c.plan().steps, [Step::Done(&c.desired.assignments[0])]);
+        assert_eq!(
+            c.plan().decisions,
+            [Decision::Done(&c.desired.assignments[0])]
+        );
     }
 
     #[test]
@@ -263,20 +272,20 @@ mod tests {
         let mut c = Case::new(vec![install("j", "hello", "1")], &[("hello", "1")]);
         c.live.clear();
         assert_eq!(
-            c.plan().steps,
-            [Step::Install(&c.desired.assignments[0], Why::Missing)]
+            c.plan().decisions,
+            [Decision::Install(&c.desired.assignments[0], Why::Missing)]
         );
         let mut c = Case::new(vec![install("j", "hello", "1")], &[("hello", "1")]);
         c.drifted.insert("hello".into());
         assert_eq!(
-            c.plan().steps,
-            [Step::Done(&c.desired.assignments[0])],
+            c.plan().decisions,
+            [Decision::Done(&c.desired.assignments[0])],
             "drift is reported, not repaired, unless asked"
         );
         c.desired.assignments[0].repair = true;
         assert_eq!(
-            c.plan().steps,
-            [Step::Install(&c.desired.assignments[0], Why::Repair)]
+            c.plan().decisions,
+            [Decision::Install(&c.desired.assignments[0], Why::Repair)]
         );
     }
 
@@ -284,7 +293,10 @@ mod tests {
     fn a_failed_assignment_waits_for_its_retry() {
         let mut c = Case::new(vec![install("j", "hello", "1")], &[]);
         c.waiting.insert(key(&c.desired.assignments[0]));
-        assert_eq!(c.plan().steps, [Step::Wait(&c.desired.assignments[0])]);
+        assert_eq!(
+            c.plan().decisions,
+            [Decision::Wait(&c.desired.assignments[0])]
+        );
     }
 
     #[test]

@@ -346,9 +346,14 @@ async fn upload(
         format!("{server}{}", paths::blob(&artifact.digest)),
         format!("{server}{}", paths::upload(&artifact.digest)),
     );
-    let mut attempt = 0;
+    // A few tries, each resuming where the last broke off.
+    const ATTEMPTS: u32 = 5;
+    let mut backoff = caravan_net::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(8),
+    );
     loop {
-        attempt += 1;
+        let attempt = backoff.failures() + 1;
         let res = client
             .get(&state_url)
             .bearer_auth(token)
@@ -394,15 +399,17 @@ async fn upload(
                 let msg = caravan_net::error_message(res).await;
                 // Refusals (a wrong digest, a bad token) do not get better by retrying.
                 if status.is_client_error() && status != reqwest::StatusCode::RANGE_NOT_SATISFIABLE
-                    || attempt >= 5
+                    || attempt >= ATTEMPTS
                 {
                     anyhow::bail!("upload to {blob_url} failed: {status}: {msg}");
                 }
                 eprintln!("upload to {blob_url}: {status}: {msg}; retrying");
             }
-            Err(e) if attempt < 5 => eprintln!("upload to {blob_url} broke off ({e}); resuming"),
+            Err(e) if attempt < ATTEMPTS => {
+                eprintln!("upload to {blob_url} broke off ({e}); resuming")
+            }
             Err(e) => return Err(e).with_context(|| format!("uploading to {blob_url}")),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+        backoff.wait().await;
     }
 }

@@ -7,13 +7,19 @@
 //! 3. publishes every site's desired state on a watch channel, which the
 //!    distribution API serves to relays (only when a document changed);
 //! 4. writes the status of every job, package and cabinet that changed
-//!    ([`status::apply`]), at most once per debounce interval, so status
+//!    ([`status_patch`]), at most once per debounce interval, so status
 //!    writes stay bounded however many agents report. Writes that fail
-//!    are retried with a backoff, without waiting for another change.
+//!    are retried with a backoff, without waiting for another change; a
+//!    status written once is not written again while the object stays as
+//!    that write left it (so a field someone else holds cannot make the
+//!    engine write forever).
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use caravan_api::v1alpha1::{Cabinet, Package};
+use caravan_api::{
+    v1alpha1::{Cabinet, Package},
+    Digest,
+};
 use caravan_net::Backoff;
 use futures::{stream, StreamExt};
 use kube::ResourceExt;
@@ -25,7 +31,7 @@ use crate::{
     context::Context,
     field_managers,
     index::{self, ArtifactState, Artifacts, DesiredIndex},
-    status::{self, HasStatus},
+    status_patch::{self, HasStatus, Written},
     stores::{Stores, Writers},
 };
 
@@ -40,6 +46,18 @@ pub struct Engine {
     blobs: Arc<BlobStore>,
     pulls: Pulls,
     desired: watch::Sender<Arc<DesiredIndex>>,
+    /// Per object: the status last written and the status that write left.
+    written: std::sync::Mutex<HashMap<(String, index::ObjectKey), (u64, u64)>>,
+}
+
+/// A fingerprint of a status, to remember what was written.
+fn fingerprint<S: serde::Serialize>(status: Option<&S>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&status)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
 }
 
 impl Engine {
@@ -51,6 +69,7 @@ impl Engine {
             pulls: Pulls::new(blobs.clone(), http),
             blobs,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
+            written: Default::default(),
         })
     }
 
@@ -139,13 +158,46 @@ impl Engine {
 
     /// Writes each status that changed; returns how many writes failed.
     async fn write<K: HasStatus>(&self, statuses: Vec<(Arc<K>, K::Status)>) -> usize {
+        let kind = K::kind(&()).into_owned();
+        let present: std::collections::HashSet<_> = statuses
+            .iter()
+            .map(|(o, _)| index::key_of(o.as_ref()))
+            .collect();
+        self.written
+            .lock()
+            .expect("lock poisoned")
+            .retain(|(k, key), _| *k != kind || present.contains(key));
         let mut failed = 0;
         for (obj, st) in statuses {
-            if let Err(e) =
-                status::apply(&self.ctx.client, obj.as_ref(), st, field_managers::STATUS).await
+            let Some(next) = status_patch::updated(obj.as_ref(), st) else {
+                continue;
+            };
+            let key = (kind.clone(), index::key_of(obj.as_ref()));
+            let wrote = (fingerprint(Some(&next)), fingerprint(obj.status()));
+            if self.written.lock().expect("lock poisoned").get(&key) == Some(&wrote) {
+                // Written already, and the object is as that write left it.
+                continue;
+            }
+            match status_patch::write(
+                &self.ctx.client,
+                obj.as_ref(),
+                &next,
+                field_managers::STATUS,
+            )
+            .await
             {
-                tracing::warn!(kind = %K::kind(&()), namespace = ?obj.namespace(), name = %obj.name_any(), error = %e, "status write failed");
-                failed += 1;
+                Ok(Written::Written(after)) => {
+                    let left = (wrote.0, fingerprint(after.as_ref()));
+                    self.written
+                        .lock()
+                        .expect("lock poisoned")
+                        .insert(key, left);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), namespace = ?obj.namespace(), name = %obj.name_any(), error = %e, "status write failed");
+                    failed += 1;
+                }
             }
         }
         failed
@@ -154,13 +206,17 @@ impl Engine {
     /// Where each package's artifact stands in the store; asks for the
     /// fetch of those an `http` cabinet holds that the store lacks.
     async fn survey(&self, packages: &[Arc<Package>], cabinets: &[Arc<Cabinet>]) -> Artifacts {
+        let mut sizes: HashMap<Digest, Option<u64>> = HashMap::new();
         let mut artifacts = HashMap::new();
         for p in packages {
             let digest = p.spec.artifact.digest;
-            if artifacts.contains_key(&digest) {
-                continue;
-            }
-            let state = match self.blobs.size(&digest).await {
+            let size = match sizes.get(&digest) {
+                Some(size) => *size,
+                None => *sizes
+                    .entry(digest)
+                    .or_insert(self.blobs.size(&digest).await),
+            };
+            let state = match size {
                 Some(size) => ArtifactState::Stored(size),
                 None => {
                     let url = cabinets
@@ -173,7 +229,7 @@ impl Engine {
                     }
                 }
             };
-            artifacts.insert(digest, state);
+            artifacts.insert(index::key_of(p.as_ref()), state);
         }
         artifacts
     }

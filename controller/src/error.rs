@@ -35,7 +35,8 @@ pub enum Error {
 /// What retrying an error can achieve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Only a change to the object can help: wait for one.
+    /// Only a change can help: wait for one to the object (and look again
+    /// now and then, in case what refused it, an admission policy say, changed).
     Stalled,
     /// The cluster, the network or a server may recover: back off and retry.
     Transient,
@@ -61,6 +62,9 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long a stalled object waits for a look without a change.
+pub const STALLED_RECHECK: Duration = Duration::from_secs(300);
 
 /// Per-object retry state of one controller: each object that keeps failing
 /// transiently waits longer (1 s doubling up to 5 min), independently of
@@ -90,7 +94,7 @@ where
     /// The requeue after `error` from reconciling `obj`.
     pub fn policy(&self, obj: &K, error: &Error) -> Action {
         match error.class() {
-            ErrorClass::Stalled => Action::await_change(),
+            ErrorClass::Stalled => Action::requeue(STALLED_RECHECK),
             ErrorClass::Transient => Action::requeue(self.failed(obj)),
         }
     }
@@ -176,10 +180,11 @@ mod tests {
             retries.policy(&a, &transient),
             Action::requeue(Duration::from_secs(1))
         );
-        assert_eq!(retries.policy(&a, &api_error(422)), Action::await_change());
+        let stalled = Action::requeue(STALLED_RECHECK);
+        assert_eq!(retries.policy(&a, &api_error(422)), stalled);
         assert_eq!(
             retries.policy(&a, &Error::MissingField("metadata.namespace")),
-            Action::await_change()
+            stalled
         );
     }
 }

@@ -11,7 +11,7 @@
 //!     │ filled by                         read by
 //!     ▼                                      ▼
 //!  engine ── index::compute (pure) ──▶ desired (watch) ──▶ server: GET /v1/site/desired
-//!     │            └──────────────▶ job / package / cabinet status (status::apply)
+//!     │            └──────────────▶ job / package / cabinet status (status_patch)
 //!     └── cabinet::Pulls (http cabinets → BlobStore)   server: blobs, uploads, enroll, reports
 //!  gitsource: Git → parse → apply/prune                  site: Secret, Deployment, Service
 //!  cabinet::gc: unreferenced blobs go                    site::RelayContacts ◀── server
@@ -28,7 +28,7 @@ pub mod index;
 pub mod metrics;
 pub mod server;
 pub mod site;
-pub mod status;
+pub mod status_patch;
 pub mod stores;
 pub mod webhook;
 

@@ -1,13 +1,16 @@
 //! Writing files that hold secrets or state: readable by their owner only
 //! (mode 0600) and durable (the file and its directory are synced), so a
-//! crash leaves the old file or the new one, never a mix.
+//! crash leaves the old file or the new one, never a mix or a half-written
+//! file. The data goes to a new temporary file of a random name (created
+//! exclusively, so a planted file or symlink is never written through) in
+//! the same directory, which is then renamed into place.
 
 use std::{io::Write, path::Path};
 
 /// What [`write_private`] does when the file exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Existing {
-    /// Replace it atomically: write a temporary file, sync it, rename it over.
+    /// Replace it atomically (a symlink in its place is replaced, not followed).
     Replace,
     /// Refuse (`AlreadyExists`): a key that must never be overwritten.
     Keep,
@@ -15,28 +18,18 @@ pub enum Existing {
 
 /// Writes `bytes` to `path`, mode 0600, durably.
 pub fn write_private(path: &Path, bytes: &[u8], existing: Existing) -> std::io::Result<()> {
-    let target = match existing {
-        Existing::Keep => path.to_path_buf(),
-        Existing::Replace => {
-            let mut name = path.file_name().unwrap_or_default().to_os_string();
-            name.push(".tmp");
-            path.with_file_name(name)
-        }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true);
-    match existing {
-        Existing::Keep => options.create_new(true),
-        Existing::Replace => options.create(true).truncate(true),
-    };
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&target)?;
+    // Mode 0600 and O_EXCL, as tempfile creates them on Unix.
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    if existing == Existing::Replace {
-        std::fs::rename(&target, path)?;
-    }
+    file.as_file().sync_all()?;
+    match existing {
+        Existing::Replace => file.persist(path).map_err(|e| e.error)?,
+        Existing::Keep => file.persist_noclobber(path).map_err(|e| e.error)?,
+    };
     sync_parent(path)
 }
 
@@ -51,6 +44,19 @@ pub fn sync_parent(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_in_the_way_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("backup.json");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_private(&path, b"secrets", Existing::Replace).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&path).unwrap(), b"secrets");
+    }
 
     #[test]
     fn private_files_are_owner_only_and_keys_are_never_overwritten() {

@@ -167,9 +167,10 @@ impl Upstream {
 /// Most reports sent upstream in one request.
 pub const MAX_REPORT_BATCH: usize = 500;
 
-/// Passes agent reports up in batches until shutdown (then what is pending
-/// gets one last try). Only the latest report of each agent is kept while
-/// the controller is unreachable, so memory stays bounded.
+/// Passes agent reports up in batches until every sender is gone (the
+/// agent API has stopped), so what agents reported before shutdown still
+/// goes up while the relay drains. Only the latest report of each agent is
+/// kept while the controller is unreachable, so memory stays bounded.
 pub async fn forward_reports(
     upstream: Upstream,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
@@ -179,12 +180,11 @@ pub async fn forward_reports(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         if pending.is_empty() {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => { pending.insert(r.agent.clone(), r); }
-                    None => return Ok(()),
-                },
-                () = shutdown.cancelled() => return Ok(()),
+            match rx.recv().await {
+                Some(r) => {
+                    pending.insert(r.agent.clone(), r);
+                }
+                None => return Ok(()),
             }
         }
         // Gather what else arrived within a short window into the same batch.
@@ -218,14 +218,12 @@ pub async fn forward_reports(
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, agents = batch.len(), retry_in = ?delay, "passing reports upstream failed");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return Ok(()),
+                // Draining with the controller away: what is pending is lost.
+                if shutdown.is_cancelled() {
+                    return Ok(());
                 }
+                tokio::time::sleep(delay).await;
             }
-        }
-        if shutdown.is_cancelled() && pending.is_empty() {
-            return Ok(());
         }
     }
 }

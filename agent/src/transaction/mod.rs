@@ -49,7 +49,7 @@ use anyhow::Context as _;
 
 use journal::{Entry, Step};
 pub use layout::is_live;
-use scripts::{Action, Package};
+use scripts::{Action, Target};
 
 use crate::{
     drift::Baseline,
@@ -135,7 +135,7 @@ impl Transaction<'_> {
         // The install script, then the health check: either failing puts
         // the previous version (or nothing) back.
         let dir = self.root.join(name);
-        let package = Package {
+        let package = Target {
             name,
             version: &to.version,
             install: &to.install,
@@ -175,7 +175,7 @@ impl Transaction<'_> {
         if scripts::script_for(&record.install, Action::Uninstall).is_some() {
             self.journal(package, Step::Unconfiguring, None)?;
             failpoint::hit("unconfiguring");
-            let p = Package {
+            let p = Target {
                 name: package,
                 version: &record.version,
                 install: &record.install,

@@ -38,8 +38,8 @@ impl Action {
     }
 }
 
-/// The package being acted on.
-pub struct Package<'a> {
+/// The package a script acts on.
+pub struct Target<'a> {
     pub name: &'a str,
     pub version: &'a str,
     pub install: &'a InstallSpec,
@@ -63,7 +63,7 @@ pub fn script_for(install: &InstallSpec, action: Action) -> Option<&str> {
 /// Runs `package`'s script for `action` from its directory `dir`, if it has
 /// one. Returns the tail of its output (empty when there is no script).
 pub async fn run_for(
-    package: &Package<'_>,
+    package: &Target<'_>,
     action: Action,
     dir: &Path,
     root: &Path,
@@ -82,9 +82,9 @@ pub async fn run_script(
     root: &Path,
     script: &str,
     action: Action,
-    package: &Package<'_>,
+    package: &Target<'_>,
 ) -> anyhow::Result<String> {
-    let Package {
+    let Target {
         name,
         version,
         install,
@@ -214,7 +214,7 @@ mod tests {
             dir.path(),
             "install.sh",
             Action::Install,
-            &Package {
+            &Target {
                 name: "app",
                 version: "1.2",
                 install: &spec(10),
@@ -238,7 +238,7 @@ mod tests {
             dir.path(),
             "install.sh",
             Action::Install,
-            &Package {
+            &Target {
                 name: "app",
                 version: "1",
                 install: &spec(10),
@@ -260,7 +260,7 @@ mod tests {
             dir.path(),
             "install.sh",
             Action::Install,
-            &Package {
+            &Target {
                 name: "app",
                 version: "1",
                 install: &spec(1),
@@ -283,7 +283,7 @@ mod tests {
             dir.path(),
             "../evil.sh",
             Action::Install,
-            &Package {
+            &Target {
                 name: "app",
                 version: "1",
                 install: &spec(1),

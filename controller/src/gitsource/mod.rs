@@ -43,7 +43,7 @@ use crate::{
     error::{Error, ErrorClass, Retries},
     field_managers,
     metrics::SyncResult,
-    status,
+    status_patch,
     stores::Stores,
 };
 
@@ -86,11 +86,7 @@ impl GitSources {
         let api = self.ctx.all::<GitSource>();
         Controller::new(api, watcher::Config::default())
             .graceful_shutdown_on(shutdown.cancelled_owned())
-            .run(
-                reconcile,
-                |gs, e, this| this.retries.policy(&gs, e),
-                Arc::new(self),
-            )
+            .run(reconcile, error_policy, Arc::new(self))
             .for_each(|outcome| async move { crate::error::log_outcome(outcome) })
             .await;
         Ok(())
@@ -196,7 +192,7 @@ impl GitSources {
                 tracing::debug!(error = %e, "event not recorded");
             }
         }
-        status::apply(&self.ctx.client, gs, s.status, field_managers::STATUS).await?;
+        status_patch::apply(&self.ctx.client, gs, s.status, field_managers::STATUS).await?;
         Ok(Action::requeue(requeue))
     }
 }
@@ -306,6 +302,16 @@ async fn reconcile(gs: Arc<GitSource>, this: Arc<GitSources>) -> Result<Action, 
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let synced = this.sync(&gs).await;
     this.summarize(&gs, synced).await
+}
+
+/// A GitSource is looked at again at least every interval whatever failed:
+/// new commits are no watch events.
+fn error_policy(gs: Arc<GitSource>, error: &Error, this: Arc<GitSources>) -> Action {
+    let interval = Duration::from_secs(gs.spec.interval_seconds.max(1).into());
+    match error.class() {
+        ErrorClass::Stalled => Action::requeue(interval),
+        ErrorClass::Transient => Action::requeue(this.retries.failed(&gs).min(interval)),
+    }
 }
 
 /// `Reconciling` while a transient failure is retried, `Stalled` while only

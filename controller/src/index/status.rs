@@ -12,7 +12,6 @@ use caravan_api::{
     signing,
     v1alpha1::*,
     wire::{Assignment, AssignmentPhase},
-    Digest,
 };
 use kube::{Resource, ResourceExt};
 
@@ -214,8 +213,9 @@ pub enum ArtifactState {
     Missing,
 }
 
-/// Where each artifact stands, by digest.
-pub type Artifacts = HashMap<Digest, ArtifactState>;
+/// Where each package's artifact stands, by package (two packages of one
+/// digest in different cabinets stand apart: one may be fetched, the other pushed).
+pub type Artifacts = HashMap<ObjectKey, ArtifactState>;
 
 /// The status of package `p`: its artifact (present, of the declared size)
 /// and its signatures (checked against the keys its cabinet trusts).
@@ -229,7 +229,7 @@ pub fn package_status(
         .iter()
         .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
     let digest = &p.spec.artifact.digest;
-    let state = artifacts.get(digest).unwrap_or(&ArtifactState::Missing);
+    let state = artifacts.get(&key_of(p)).unwrap_or(&ArtifactState::Missing);
     let artifact = match (cabinet, state) {
         (None, _) => Err((
             reasons::UNKNOWN_CABINET,
@@ -350,7 +350,7 @@ pub fn cabinet_status(
     let ready = match (c.spec.store.type_, c.spec.store.url.as_deref()) {
         (StoreType::Http, url) => {
             let url = url.unwrap_or_default();
-            let state = |p: &Package| artifacts.get(&p.spec.artifact.digest);
+            let state = |p: &Package| artifacts.get(&key_of(p));
             let fetched = mine
                 .iter()
                 .filter(|p| matches!(state(p), Some(ArtifactState::Stored(_))))

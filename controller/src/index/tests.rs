@@ -219,8 +219,8 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
     p2.spec.cabinet = "mirror".into();
     let packages = all([p1, p2]);
     let mut artifacts: Artifacts = HashMap::from([
-        (digest_of("a", "1"), ArtifactState::Stored(10)),
-        (digest_of("b", "1"), ArtifactState::Fetching),
+        (key("a-1"), ArtifactState::Stored(10)),
+        (key("b-1"), ArtifactState::Fetching),
     ]);
     let st = cabinet_status(&http, &packages, &artifacts);
     let ready = condition(&st.conditions, conditions::READY);
@@ -231,7 +231,7 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
     );
     assert!(!ready.message.contains("built-in"));
     artifacts.insert(
-        digest_of("b", "1"),
+        key("b-1"),
         ArtifactState::FetchFailed(
             "fetching https://files.example.com/pkgs/sha256/…: 404 Not Found".into(),
         ),
@@ -259,9 +259,8 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
 fn a_package_is_ready_only_with_its_whole_artifact_in_the_store() {
     let p = package("hello", "1.0.0");
     let cabinets = all([cabinet("main")]);
-    let d = digest_of("hello", "1.0.0");
     let ready_with = |state: ArtifactState| {
-        let st = package_status(&p, &cabinets, &HashMap::from([(d, state)]));
+        let st = package_status(&p, &cabinets, &HashMap::from([(key("hello-1.0.0"), state)]));
         let c = condition(&st.conditions, conditions::READY).clone();
         (st.artifact_available, c.reason, c.message)
     };
@@ -285,11 +284,10 @@ fn a_package_is_ready_only_with_its_whole_artifact_in_the_store() {
 fn a_cabinet_that_requires_signatures_keeps_an_unsigned_package_from_being_ready() {
     let mut strict = cabinet("main");
     strict.spec.require_signatures = true;
-    let d = digest_of("hello", "1.0.0");
     let st = package_status(
         &package("hello", "1.0.0"),
         &all([strict]),
-        &HashMap::from([(d, ArtifactState::Stored(10))]),
+        &HashMap::from([(key("hello-1.0.0"), ArtifactState::Stored(10))]),
     );
     let ready = condition(&st.conditions, conditions::READY);
     assert_eq!(
@@ -329,4 +327,36 @@ fn the_index_gives_every_site_a_document_and_every_object_a_status() {
     );
     assert_eq!(out.jobs[0].1.total, 1);
     assert!(!out.packages[0].1.artifact_available);
+}
+
+#[test]
+fn packages_of_one_digest_in_two_cabinets_stand_apart() {
+    let builtin = package("hello", "1.0.0");
+    let mut mirrored = package("hello", "1.0.0");
+    mirrored.metadata.name = Some("hello-mirrored".into());
+    mirrored.spec.cabinet = "mirror".into();
+    let cabinets = all([
+        cabinet("main"),
+        cabinet("mirror").http("https://files.example.com"),
+    ]);
+    let artifacts = HashMap::from([
+        (key("hello-1.0.0"), ArtifactState::Missing),
+        (
+            key("hello-mirrored"),
+            ArtifactState::FetchFailed("404 Not Found".into()),
+        ),
+    ]);
+    let reason = |p: &Package| {
+        let st = package_status(p, &cabinets, &artifacts);
+        let c = condition(&st.conditions, conditions::READY).clone();
+        (c.reason, c.message)
+    };
+    let (r, m) = reason(&builtin);
+    assert_eq!(r, reasons::ARTIFACT_MISSING);
+    assert!(m.contains("caravan package push"), "{m}");
+    let (r, m) = reason(&mirrored);
+    assert_eq!(
+        (r.as_str(), m.as_str()),
+        (reasons::ARTIFACT_UNAVAILABLE, "404 Not Found")
+    );
 }

@@ -16,7 +16,7 @@ use caravan_net::server::{long_poll, ApiError, Wait};
 use kube::runtime::reflector::ObjectRef;
 
 use super::{kube_error, AppState, RelaySite};
-use crate::{field_managers, status};
+use crate::{field_managers, status_patch};
 
 /// Largest report batch accepted (a relay sends at most `MAX_REPORT_BATCH` reports).
 pub const REPORTS_BODY_LIMIT: usize = 32 << 20;
@@ -85,7 +85,7 @@ pub async fn reports(
             drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
             conditions: vec![],
         };
-        status::apply(
+        status_patch::apply(
             &s.ctx.client,
             agent.as_ref(),
             status,

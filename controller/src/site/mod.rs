@@ -41,10 +41,10 @@ use workload::{relay_name, RelayCredentials, RelayParams};
 
 use crate::{
     context::Context,
-    error::{Error, ErrorClass, Retries},
+    error::{Error, ErrorClass, Retries, STALLED_RECHECK},
     field_managers,
     index::SiteKey,
-    status,
+    status_patch,
     stores::Stores,
 };
 
@@ -112,7 +112,7 @@ async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action,
     let action = match check_name(&site) {
         Err(message) => {
             this.stall(&site, reasons::INVALID_NAME, &message).await?;
-            Action::await_change()
+            Action::requeue(STALLED_RECHECK)
         }
         Ok(()) => match this.apply_workload(&site).await {
             // The same spec would be refused again: say so and wait for a change.
@@ -120,7 +120,7 @@ async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action,
                 let message = format!("the relay's objects were refused: {e}");
                 this.stall(&site, reasons::WORKLOAD_REFUSED, &message)
                     .await?;
-                Action::await_change()
+                Action::requeue(STALLED_RECHECK)
             }
             Err(e) => return Err(e),
             Ok(()) => {
@@ -145,7 +145,8 @@ fn check_name(site: &Site) -> Result<(), String> {
 }
 
 impl SiteReconciler {
-    /// Only a change to the Site can help: `Ready=False` and `Stalled=True`, saying why.
+    /// Only a change to the Site can help: `Ready=False` and `Stalled=True`,
+    /// saying why (what the status says of the relay stays).
     async fn stall(&self, site: &Site, reason: &str, message: &str) -> Result<(), Error> {
         let generation = site.meta().generation;
         let status = SiteStatus {
@@ -154,9 +155,9 @@ impl SiteReconciler {
                 conditions::new(conditions::READY, false, reason, message, generation),
                 conditions::new(conditions::STALLED, true, reason, message, generation),
             ],
-            ..Default::default()
+            ..site.status.clone().unwrap_or_default()
         };
-        status::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
         Ok(())
     }
 
@@ -254,7 +255,7 @@ impl SiteReconciler {
                 .or(previous.relay_last_seen),
             conditions: vec![ready],
         };
-        status::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
         Ok(())
     }
 }

@@ -69,11 +69,12 @@ impl Cache {
         let mut total = 0;
         let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
         while let Some(entry) = dir.next_entry().await? {
-            let meta = entry.metadata().await?;
-            total += meta.len();
+            // Only blobs count (anything else goes with the next `retain`).
             let Ok(digest) = Digest::from_hex(&entry.file_name().to_string_lossy()) else {
                 continue;
             };
+            let meta = entry.metadata().await?;
+            total += meta.len();
             let last = self
                 .used
                 .lock()
