@@ -29,6 +29,9 @@ pub struct Config {
     pub retry_after: Duration,
     /// The file self-updates replace (default: this executable).
     pub binary: Option<PathBuf>,
+    /// Most bytes one package may unpack to (and never more than nine
+    /// tenths of the free space in the install root).
+    pub max_unpacked_bytes: u64,
     /// Converge once and exit.
     pub once: bool,
 }
@@ -61,6 +64,7 @@ impl Config {
             poll_wait: args.poll_wait,
             retry_after: Duration::from_secs(args.retry_after),
             binary: args.binary,
+            max_unpacked_bytes: args.max_unpacked_bytes,
             once: args.once,
         })
     }

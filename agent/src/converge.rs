@@ -101,6 +101,7 @@ impl Converger {
         Transaction {
             state: &self.state,
             root: &self.config.install_root,
+            max_unpacked_bytes: self.config.max_unpacked_bytes,
         }
     }
 

@@ -152,6 +152,10 @@ pub struct RunArgs {
     /// executable; set it when a wrapper script starts the agent).
     #[arg(long, env = "CARAVAN_AGENT_BINARY")]
     pub binary: Option<PathBuf>,
+    /// Most bytes one package may unpack to; an archive that would unpack
+    /// to more (or to more than nine tenths of the free space) is refused.
+    #[arg(long, env = "CARAVAN_MAX_UNPACKED_BYTES", default_value_t = 32 << 30)]
+    pub max_unpacked_bytes: u64,
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
     pub once: bool,

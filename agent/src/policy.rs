@@ -53,9 +53,7 @@ pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
     );
     if let Some(min) = req.min_free_disk_bytes {
         std::fs::create_dir_all(root)?;
-        let st = rustix::fs::statvfs(root)
-            .with_context(|| format!("checking free space in {}", root.display()))?;
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let free = free_bytes(root)?;
         let needed = min.saturating_add(a.size);
         anyhow::ensure!(
             free >= needed,
@@ -65,6 +63,25 @@ pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bytes free (for an unprivileged user) on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    let st = rustix::fs::statvfs(path)
+        .with_context(|| format!("checking free space in {}", path.display()))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// How much a package may unpack to in `root`: at most `max` bytes, and at
+/// most nine tenths of the free space, so that no archive (a decompression
+/// bomb, say) can fill the endpoint's disk.
+pub fn unpack_limits(root: &Path, max: u64) -> anyhow::Result<caravan_archive::Limits> {
+    std::fs::create_dir_all(root)?;
+    let free = free_bytes(root)?;
+    Ok(caravan_archive::Limits {
+        max_bytes: max.min(free / 10 * 9),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

@@ -60,8 +60,17 @@ pub async fn prepare(blob: &Path, state: &StateDir, config: &Config) -> anyhow::
     let (b, s, n) = (blob.to_path_buf(), staging.clone(), next.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&s);
-        caravan_archive::check(std::io::BufReader::new(std::fs::File::open(&b)?))?;
-        caravan_archive::extract(std::io::BufReader::new(std::fs::File::open(&b)?), &s)?;
+        // An agent package holds a binary, not a filesystem.
+        let limits = caravan_archive::Limits {
+            max_bytes: 1 << 30,
+            max_entries: 1000,
+        };
+        caravan_archive::check(std::io::BufReader::new(std::fs::File::open(&b)?), &limits)?;
+        caravan_archive::extract(
+            std::io::BufReader::new(std::fs::File::open(&b)?),
+            &s,
+            &limits,
+        )?;
         let new = s.join(BINARY);
         anyhow::ensure!(
             std::fs::symlink_metadata(&new).is_ok_and(|m| m.is_file()),

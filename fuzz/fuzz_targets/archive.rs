@@ -7,8 +7,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("out");
-    let checked = caravan_archive::check(data);
-    let extracted = caravan_archive::extract(data, &out);
+    let limits = caravan_archive::Limits::default();
+    let checked = caravan_archive::check(data, &limits);
+    let extracted = caravan_archive::extract(data, &out, &limits);
     // What the check pass refuses, extraction refuses too.
     assert!(
         checked.is_ok() || extracted.is_err(),

@@ -85,15 +85,18 @@ pub async fn hash_partial(partial: &Path) -> std::io::Result<(Sha256, u64)> {
 }
 
 /// Opens `partial` to continue a download (`resumed`: the server sent the
-/// rest) or to write it anew.
+/// rest) or to write it anew. A new one is readable by its owner only: a
+/// package may hold secrets until it is installed with its own modes.
 pub async fn open_partial(partial: &Path, resumed: bool) -> std::io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new()
+    let mut options = tokio::fs::OpenOptions::new();
+    options
         .create(true)
         .write(true)
         .append(resumed)
-        .truncate(!resumed)
-        .open(partial)
-        .await
+        .truncate(!resumed);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options.open(partial).await
 }
 
 /// A long-poll request for `url`: waits up to `wait` seconds for a document
@@ -126,4 +129,17 @@ pub async fn poll_answer<T: serde::de::DeserializeOwned>(
         .unwrap_or_default()
         .to_string();
     Ok(Some((etag, res.json().await?)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_partial_download_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.part");
+        super::open_partial(&path, false).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

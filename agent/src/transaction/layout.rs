@@ -163,6 +163,7 @@ pub fn stage_and_swap(
     package: &str,
     digest: &Digest,
     previous: Option<&Digest>,
+    limits: &caravan_archive::Limits,
 ) -> anyhow::Result<()> {
     let s = slots(root, package);
     let id = &digest.hex();
@@ -171,9 +172,9 @@ pub fn stage_and_swap(
     std::fs::create_dir_all(&s.versions)?;
     // A first pass reads the whole archive and writes nothing: a hostile or
     // damaged one is refused before anything reaches the disk.
-    caravan_archive::check(std::io::BufReader::new(std::fs::File::open(blob)?))?;
+    caravan_archive::check(std::io::BufReader::new(std::fs::File::open(blob)?), limits)?;
     let file = std::fs::File::open(blob)?;
-    if let Err(e) = caravan_archive::extract(std::io::BufReader::new(file), &s.staging) {
+    if let Err(e) = caravan_archive::extract(std::io::BufReader::new(file), &s.staging, limits) {
         let _ = std::fs::remove_dir_all(&s.staging);
         return Err(e.into());
     }
@@ -234,9 +235,9 @@ mod tests {
         let r = root.path();
         let live = r.join("app");
         let version = || std::fs::read_to_string(live.join("VERSION")).unwrap();
-        stage_and_swap(&v1, r, "app", d1, None).unwrap();
+        stage_and_swap(&v1, r, "app", d1, None, &Default::default()).unwrap();
         drop_old(r, "app", d1).unwrap();
-        stage_and_swap(&v2, r, "app", d2, Some(d1)).unwrap();
+        stage_and_swap(&v2, r, "app", d2, Some(d1), &Default::default()).unwrap();
         assert_eq!(version(), "2");
         roll_back(r, "app", Some(d1)).unwrap();
         assert_eq!(version(), "1");
@@ -246,13 +247,13 @@ mod tests {
         );
         // A first install rolled back leaves nothing.
         remove_package(r, "app").unwrap();
-        stage_and_swap(&v2, r, "app", d2, None).unwrap();
+        stage_and_swap(&v2, r, "app", d2, None, &Default::default()).unwrap();
         roll_back(r, "app", None).unwrap();
         assert!(std::fs::symlink_metadata(&live).is_err());
         // A package put there by hand is taken over, and given back on rollback.
         std::fs::create_dir_all(&live).unwrap();
         std::fs::write(live.join("VERSION"), "by hand").unwrap();
-        stage_and_swap(&v2, r, "app", d2, None).unwrap();
+        stage_and_swap(&v2, r, "app", d2, None, &Default::default()).unwrap();
         assert_eq!(version(), "2");
         roll_back(r, "app", None).unwrap();
         assert_eq!(version(), "by hand");

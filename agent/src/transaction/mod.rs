@@ -61,6 +61,8 @@ use crate::{
 pub struct Transaction<'a> {
     pub state: &'a StateDir,
     pub root: &'a Path,
+    /// Most bytes one package may unpack to (see [`crate::policy::unpack_limits`]).
+    pub max_unpacked_bytes: u64,
 }
 
 /// A committed install.
@@ -115,6 +117,7 @@ impl Transaction<'_> {
     ) -> anyhow::Result<Installation> {
         let name = &to.name;
         let previous = installed.get(name).map(|r| r.digest);
+        let limits = crate::policy::unpack_limits(self.root, self.max_unpacked_bytes)?;
         self.journal(name, Step::Staging, Some(to))?;
         let (b, r, n, d) = (
             blob.to_path_buf(),
@@ -123,7 +126,7 @@ impl Transaction<'_> {
             to.digest,
         );
         let staged = blocking("install task", move || {
-            layout::stage_and_swap(&b, &r, &n, &d, previous.as_ref())
+            layout::stage_and_swap(&b, &r, &n, &d, previous.as_ref(), &limits)
         })
         .await;
         if let Err(e) = staged {

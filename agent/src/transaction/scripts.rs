@@ -1,8 +1,12 @@
 //! The scripts a package runs on the endpoint: its install and uninstall
 //! scripts (method `script`) and its health check (any method). A script is
-//! a relative path inside the package, run from the package directory with
-//! the `CARAVAN_*` environment, killed after the package's timeout; its
+//! a relative path inside the package, run from the package directory; its
 //! exit code decides, and the tail of its output is kept for the report.
+//!
+//! A script gets exactly the environment [`ENVIRONMENT`] and the `CARAVAN_*`
+//! variables name, nothing of the agent's own (no bootstrap token, no
+//! proxy settings, no credentials). It runs in a process group of its own,
+//! and the package's timeout kills the whole group, whatever it started.
 
 use std::{
     collections::VecDeque,
@@ -18,6 +22,17 @@ use tokio::io::AsyncReadExt;
 
 /// How much of a script's output is kept for the report.
 const OUTPUT_TAIL: usize = 2048;
+
+/// The environment every script gets, besides `CARAVAN_PACKAGE_NAME`,
+/// `CARAVAN_PACKAGE_VERSION`, `CARAVAN_PACKAGE_DIR`, `CARAVAN_INSTALL_ROOT`
+/// and `CARAVAN_ACTION`.
+pub const ENVIRONMENT: [(&str, &str); 2] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("LANG", "C.UTF-8"),
+];
 
 /// Why a script runs (its `CARAVAN_ACTION`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +131,8 @@ pub async fn run_script(
         c
     };
     cmd.current_dir(dir)
+        .env_clear()
+        .envs(ENVIRONMENT)
         .env("CARAVAN_PACKAGE_NAME", name)
         .env("CARAVAN_PACKAGE_VERSION", version)
         .env("CARAVAN_PACKAGE_DIR", dir)
@@ -124,6 +141,7 @@ pub async fn run_script(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd
         .spawn()
@@ -136,8 +154,15 @@ pub async fn run_script(
     if let Some(err) = child.stderr.take() {
         readers.push(tokio::spawn(collect(err, tail.clone())));
     }
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
     let ended = tokio::time::timeout(timeout, child.wait()).await;
     if ended.is_err() {
+        // The script and everything it started.
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = child.kill().await;
     }
     for r in readers {
@@ -294,6 +319,67 @@ mod tests {
         assert!(
             e.to_string().contains("relative path inside the package"),
             "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_script_sees_none_of_the_agents_environment() {
+        // What the agent may hold in its environment.
+        std::env::set_var("CARAVAN_BOOTSTRAP_TOKEN", "s3cret-bootstrap");
+        std::env::set_var("HTTPS_PROXY", "http://user:pw@proxy");
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "env | sort");
+        let target = Target {
+            name: "app",
+            version: "1",
+            install: &spec(10),
+        };
+        let out = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &target,
+        )
+        .await
+        .unwrap();
+        assert!(!out.contains("s3cret") && !out.contains("proxy"), "{out}");
+        let names: Vec<&str> = out.lines().filter_map(|l| l.split('=').next()).collect();
+        for name in names {
+            let documented = ENVIRONMENT.iter().any(|(n, _)| *n == name)
+                || name.starts_with("CARAVAN_")
+                || ["PWD", "SHLVL", "_"].contains(&name);
+            assert!(documented, "{name} in a script's environment:\n{out}");
+        }
+        assert!(out.contains("CARAVAN_ACTION=install"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn the_timeout_kills_what_the_script_started_too() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            "(sleep 2; touch \"$CARAVAN_PACKAGE_DIR/late\") &\nsleep 30",
+        );
+        let target = Target {
+            name: "app",
+            version: "1",
+            install: &spec(1),
+        };
+        let e = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &target,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !dir.path().join("late").exists(),
+            "the background job outlived the timeout"
         );
     }
 }

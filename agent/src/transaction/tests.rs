@@ -25,6 +25,7 @@ impl Endpoint {
         let tx = Transaction {
             state: &self.state,
             root: &self.root,
+            max_unpacked_bytes: 1 << 30,
         };
         (tx, &self.root)
     }
@@ -155,7 +156,15 @@ async fn interrupted_at(
     let (v2, r2) = e.package("2", None);
     tx.install(&v1, &r1, &mut installed).await.unwrap();
     // What the crashed install had done by then: 2 staged and swapped in.
-    layout::stage_and_swap(&v2, root, "app", &r2.digest, Some(&r1.digest)).unwrap();
+    layout::stage_and_swap(
+        &v2,
+        root,
+        "app",
+        &r2.digest,
+        Some(&r1.digest),
+        &Default::default(),
+    )
+    .unwrap();
     let to = matches!(step, Step::Staging | Step::Swapped | Step::Configured).then(|| r2.clone());
     tx.journal("app", step, to.as_ref()).unwrap();
     let what = recover(&e.state, root).unwrap();

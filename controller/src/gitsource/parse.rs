@@ -4,18 +4,131 @@
 //! revision's Packages must keep the identity rules ([`crate::identity`]).
 //! All problems are found, one per file, before anything is applied.
 
+use crate::identity;
 use caravan_api::{
     labels, names,
     v1alpha1::{self as v1, ManifestError},
     API_VERSION,
 };
 use kube::{api::ApiResource, ResourceExt};
-use serde::Deserialize;
-
-use crate::identity;
 
 /// Largest manifest file read from Git.
 const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// Parsing a YAML document within a budget of nodes: a document whose
+/// aliases expand it beyond [`MAX_NODES`] (a "billion laughs") is refused
+/// as soon as it gets there, not expanded in memory until the controller
+/// dies (and dies again on every restart, since it re-reads the revision).
+mod budget {
+    use std::cell::Cell;
+
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    /// Most nodes (scalars, sequences, mappings) one document may hold once
+    /// its aliases are expanded: far above any real manifest.
+    pub const MAX_NODES: usize = 100_000;
+
+    /// The document as JSON, within the budget.
+    pub fn parse<'de, D: de::Deserializer<'de>>(doc: D) -> Result<Value, D::Error> {
+        Budget(&Cell::new(MAX_NODES)).deserialize(doc)
+    }
+
+    #[derive(Clone, Copy)]
+    struct Budget<'a>(&'a Cell<usize>);
+
+    impl Budget<'_> {
+        fn spend<E: de::Error>(self) -> Result<(), E> {
+            match self.0.get().checked_sub(1) {
+                Some(left) => {
+                    self.0.set(left);
+                    Ok(())
+                }
+                None => Err(E::custom(format!(
+                    "the document expands to more than {MAX_NODES} nodes (aliases of aliases?); refused"
+                ))),
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Budget<'_> {
+        type Value = Value;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Budget<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a YAML document")
+        }
+
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::Bool(v))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::from(v))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::from(v))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+            self.spend()?;
+            Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::String(v.to_string()))
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::String(v))
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+            self.spend()?;
+            Ok(Value::Null)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+            self.visit_unit()
+        }
+
+        fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            self.deserialize(d)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            self.spend()?;
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element_seed(self)? {
+                items.push(item);
+            }
+            Ok(Value::Array(items))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            self.spend()?;
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                self.spend()?;
+                let value = map.next_value_seed(self)?;
+                out.insert(key, value);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+}
 
 /// The kinds a GitSource may apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,8 +234,8 @@ pub fn parse_file(
     let mut out = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let mut value = serde_json::Value::deserialize(doc)
-            .map_err(|e| fail(format!("document {n}: invalid YAML: {e}")))?;
+        let mut value =
+            budget::parse(doc).map_err(|e| fail(format!("document {n}: invalid YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
@@ -361,5 +474,33 @@ spec:
             "{}",
             errors[0].message
         );
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_without_expanding_it() {
+        // Three layers of a thousand: 10^9 nodes if expanded, yet under the
+        // YAML parser's own limit of alias jumps for a long way (it allows
+        // a hundred per event, and this document has about 3,000 events).
+        let layer =
+            |name: &str, item: &str| format!("{name}: &{name} [{}]\n", vec![item; 1000].join(", "));
+        let text = layer("a0", "x") + &layer("a1", "*a0") + &layer("a2", "*a1");
+        let start = std::time::Instant::now();
+        let e = parse_file("fleet/bomb.yaml", &text, "ns", "s").unwrap_err();
+        assert_eq!(e.file, "fleet/bomb.yaml");
+        assert!(
+            e.message.contains("more than 100000 nodes"),
+            "{}",
+            e.message
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "expanded before refusing"
+        );
+        // Aliases within the budget are fine.
+        let small = PACKAGE.replace(
+            "  cabinet: main\n",
+            "  cabinet: &c main\n  description: *c\n",
+        );
+        assert!(parse_file("p.yaml", &small, "ns", "s").is_ok());
     }
 }

@@ -1,0 +1,165 @@
+//! The attack suite: each test mounts one attack for real against running
+//! processes and checks that it fails, that nothing is installed or lost,
+//! and that the failure is reported where an operator looks. THREAT_MODEL.md
+//! names the test for each threat.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use caravan_api::{conditions, v1alpha1::GitSource};
+use caravan_tests::{wait_for, Caravan};
+
+const T: Duration = Duration::from_secs(120);
+
+/// Pushes the directory `dir` as package `name` 1.0.0 (extra CLI arguments
+/// after it) and commits a job installing it at site hq.
+async fn ship(
+    c: &Caravan,
+    repo: &caravan_tests::git::GitRepo,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let manifests = repo.work.join("fleet/packages").display().to_string();
+    let dir = dir.display().to_string();
+    let mut args = vec![
+        "package",
+        "push",
+        &dir,
+        "--name",
+        name,
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests,
+    ];
+    args.extend_from_slice(extra);
+    c.cli(&args)?;
+    let job = format!(
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {name}}}\nspec:\n  packages: [{{name: {name}}}]\n  destinations: {{sites: [{{name: hq}}]}}\n"
+    );
+    repo.write(&format!("fleet/{name}-job.yaml"), &job)?;
+    repo.commit(&format!("Ship {name}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_of_links_out_of_the_package_is_refused_and_nothing_is_installed(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    // Each link looks harmless alone; together `p2` is the install root's parent.
+    let dir = c.dir.join("src/chain");
+    std::fs::create_dir_all(dir.join("a/b"))?;
+    std::os::unix::fs::symlink("../..", dir.join("a/b/up"))?;
+    std::os::unix::fs::symlink("a/b/up/..", dir.join("p1"))?;
+    std::os::unix::fs::symlink("p1/..", dir.join("p2"))?;
+    ship(&c, &repo, &dir, "chain", &[]).await?;
+    let reason = c.wait_failed("chain").await?;
+    assert!(
+        reason.contains("link points outside the target directory"),
+        "{reason}"
+    );
+    let root = &c.agents[0].install_root;
+    assert!(
+        std::fs::symlink_metadata(root.join("chain")).is_err(),
+        "nothing installed"
+    );
+    assert!(root.join("hello/VERSION").exists(), "nothing lost");
+    let versions = root.join(".caravan/versions/chain");
+    assert!(!versions.exists() || std::fs::read_dir(&versions)?.next().is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setuid_or_world_writable_file_is_installed_without_those_bits() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    let dir = c.dir.join("src/suid");
+    std::fs::create_dir_all(&dir)?;
+    for (file, mode) in [("rootshell", 0o4755), ("shared.conf", 0o666)] {
+        std::fs::write(dir.join(file), "x")?;
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(mode))?;
+    }
+    ship(&c, &repo, &dir, "suid", &[]).await?;
+    c.wait_job("suid", "Succeeded", "1/1", T).await?;
+    let root = &c.agents[0].install_root;
+    let mode = |f: &str| -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(root.join("suid").join(f))?
+            .permissions()
+            .mode()
+            & 0o7777)
+    };
+    assert_eq!(mode("rootshell")?, 0o755);
+    assert_eq!(mode("shared.conf")?, 0o664);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_script_cannot_read_the_agents_bootstrap_token() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, relay) = c.hello_installed("desk").await?;
+    let dir = c.dir.join("src/snoop");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("install.sh"),
+        "#!/bin/sh\nenv > \"$CARAVAN_INSTALL_ROOT/stolen-env\"\n",
+    )?;
+    ship(&c, &repo, &dir, "snoop", &["--install", "script"]).await?;
+    c.wait_job("snoop", "Succeeded", "1/1", T).await?;
+    let stolen = std::fs::read_to_string(c.agents[0].install_root.join("stolen-env"))?;
+    assert!(!relay.bootstrap_token.is_empty());
+    assert!(!stolen.contains(&relay.bootstrap_token), "{stolen}");
+    assert!(!stolen.contains("CARAVAN_BOOTSTRAP_TOKEN"), "{stolen}");
+    assert!(stolen.contains("CARAVAN_PACKAGE_NAME=snoop"), "{stolen}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_yaml_alias_bomb_is_refused_and_the_controller_keeps_serving() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    let sources = c.api::<GitSource>();
+    let good = sources
+        .get("fleet")
+        .await?
+        .status
+        .unwrap()
+        .last_applied_revision;
+    // 10^9 nodes once expanded; a few kilobytes as written.
+    let layer =
+        |name: &str, item: &str| format!("{name}: &{name} [{}]\n", vec![item; 1000].join(", "));
+    let bomb = layer("a0", "x") + &layer("a1", "*a0") + &layer("a2", "*a1");
+    repo.write("fleet/bomb.yaml", &bomb)?;
+    let bad = repo.commit("Laugh a billion times")?;
+    let status = wait_for("the GitSource to refuse the bomb", T, || async {
+        let st = sources.get("fleet").await?.status.unwrap_or_default();
+        Ok((st.last_attempted_revision.as_deref() == Some(bad.as_str())).then_some(st))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .unwrap();
+    assert_eq!(ready.reason, "InvalidManifest");
+    assert!(
+        ready.message.contains("fleet/bomb.yaml") && ready.message.contains("nodes"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        status.last_applied_revision, good,
+        "the last good revision stays"
+    );
+    assert!(c.controller.running(), "the controller is still up");
+    // And it still serves: the bomb's removal is applied.
+    repo.remove("fleet/bomb.yaml")?;
+    let fixed = repo.commit("No more laughing")?;
+    wait_for("the next revision to apply", T, || async {
+        let st = sources.get("fleet").await?.status.unwrap_or_default();
+        Ok((st.last_applied_revision.as_deref() == Some(fixed.as_str())).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
