@@ -1,6 +1,7 @@
 //! The documentation a user reads points only at what the repository holds:
 //! every relative link and every path in a code span of its Markdown files
-//! names a file or directory inside the repository.
+//! names a file or directory inside the repository, and every test
+//! THREAT_MODEL.md names as the proof of a defence exists.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -99,4 +100,56 @@ fn references_outside_the_repository_are_caught() {
     );
     assert_eq!(normalize(Path::new("../shared/DESIGN.md")), None);
     assert_eq!(normalize(Path::new("a/../b")), Some(PathBuf::from("b")));
+}
+
+/// Every `.rs` file of the repository, as text.
+fn sources(dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name == "target" {
+            continue;
+        }
+        if path.is_dir() {
+            sources(&path, out);
+        } else if name.ends_with(".rs") {
+            out.push(std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
+
+#[test]
+fn every_test_the_threat_model_names_exists() {
+    let root = repo_root();
+    let text = std::fs::read_to_string(root.join("THREAT_MODEL.md")).unwrap();
+    let mut code = Vec::new();
+    sources(&root, &mut code);
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for (n, span) in text.split('`').enumerate() {
+        let Some(test) = span
+            .rsplit("::")
+            .next()
+            .filter(|_| n % 2 == 1 && span.contains("::"))
+        else {
+            continue;
+        };
+        if test == "tests"
+            || !test
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            continue;
+        }
+        named += 1;
+        let decl = format!("fn {test}(");
+        if !code.iter().any(|c| c.contains(&decl)) {
+            missing.push(span.to_string());
+        }
+    }
+    assert!(named >= 10, "THREAT_MODEL.md names only {named} tests");
+    assert!(
+        missing.is_empty(),
+        "THREAT_MODEL.md names tests that do not exist: {missing:#?}"
+    );
 }
