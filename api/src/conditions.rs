@@ -24,6 +24,8 @@ pub mod reasons {
     pub const PROGRESSING: &str = "Progressing";
     pub const INVALID_MANIFEST: &str = "InvalidManifest";
     pub const FETCH_FAILED: &str = "FetchFailed";
+    /// A GitSource names a repository it may not (see `--allow-local-git-under`).
+    pub const URL_NOT_ALLOWED: &str = "URLNotAllowed";
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const SUSPENDED: &str = "Suspended";
     pub const ARTIFACT_MISSING: &str = "ArtifactMissing";

@@ -82,6 +82,15 @@ pub struct Config {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CARAVAN_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Directories local Git repositories (`file://` URLs, absolute paths)
+    /// may be fetched from; none by default, so a GitSource cannot read the
+    /// controller's own files.
+    #[arg(
+        long = "allow-local-git-under",
+        env = "CARAVAN_ALLOW_LOCAL_GIT_UNDER",
+        value_delimiter = ','
+    )]
+    pub allow_local_git_under: Vec<PathBuf>,
     /// CA certificate (PEM) relays use to verify this controller; handed to
     /// every relay through its Secret.
     #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]

@@ -163,3 +163,39 @@ async fn a_yaml_alias_bomb_is_refused_and_the_controller_keeps_serving() -> anyh
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gitsource_cannot_read_the_controllers_own_files() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, _relay) = c.hello_installed("desk").await?;
+    // The controller's own checkout of the fleet repository.
+    let theirs = c.dir.join("controller/git/fleet/fleet");
+    assert!(theirs.exists());
+    c.add_git_source("thief", &format!("file://{}", theirs.display()), "fleet", 2)
+        .await?;
+    let sources = c.api::<GitSource>();
+    let ready = wait_for("the GitSource to be refused", T, || async {
+        let st = sources.get("thief").await?.status.unwrap_or_default();
+        Ok(st
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == conditions::READY))
+    })
+    .await?;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "URLNotAllowed")
+    );
+    assert!(
+        ready.message.contains("--allow-local-git-under"),
+        "{}",
+        ready.message
+    );
+    let st = sources.get("thief").await?.status.unwrap_or_default();
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::STALLED && c.status == "True"));
+    assert_eq!(st.last_attempted_revision, None, "nothing fetched");
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! own under the data directory, and reading the manifest files of the
 //! revision to apply.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use caravan_api::v1alpha1::GitSourceSpec;
 
@@ -10,6 +10,54 @@ use crate::error::Error;
 
 /// Manifest files of a revision: path relative to the repository root, contents.
 pub type Files = Vec<(String, Vec<u8>)>;
+
+/// Which repositories a GitSource may name: `https://` and `ssh://` URLs and
+/// `[user@]host:path`; a local repository (`file://` or an absolute path)
+/// only beneath a directory the controller allows (`--allow-local-git-under`),
+/// so a GitSource cannot read the controller's own files (another source's
+/// checkout, say). Anything else (plain `http://`, `ext::` commands) is
+/// refused. Returns what is wrong.
+pub fn check_url(url: &str, local_roots: &[PathBuf]) -> Result<(), String> {
+    let shown = redact(url);
+    let local = url
+        .strip_prefix("file://")
+        .or(url.starts_with('/').then_some(url));
+    if let Some(path) = local {
+        let real =
+            std::fs::canonicalize(path).map_err(|e| format!("local repository {shown}: {e}"))?;
+        let allowed = local_roots
+            .iter()
+            .filter_map(|root| std::fs::canonicalize(root).ok())
+            .any(|root| real.starts_with(root));
+        return if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "local repository {shown} is not beneath a directory the controller allows (--allow-local-git-under)"
+            ))
+        };
+    }
+    if url.starts_with("https://") || url.starts_with("ssh://") {
+        return Ok(());
+    }
+    // scp-like: `[user@]host:path` (no scheme).
+    let scp_like = !url.contains("://")
+        && url.split_once(':').is_some_and(|(authority, path)| {
+            let host = authority.rsplit('@').next().unwrap_or_default();
+            !path.is_empty()
+                && !path.starts_with(':')
+                && !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        });
+    if scp_like {
+        return Ok(());
+    }
+    Err(format!(
+        "repository URL {shown} is not allowed: use https://, ssh:// or user@host:path"
+    ))
+}
 
 /// Fetches the source and returns the commit id and every `*.yaml`/`*.yml` file
 /// under its path (paths relative to the repository root).
@@ -93,5 +141,43 @@ mod tests {
             "https://git.example.com/a@b.git"
         );
         assert_eq!(redact("/srv/git/fleet.git"), "/srv/git/fleet.git");
+    }
+
+    #[test]
+    fn only_remote_urls_and_allowed_local_repositories_are_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("git");
+        let secret = dir.path().join("controller");
+        std::fs::create_dir_all(allowed.join("fleet.git")).unwrap();
+        std::fs::create_dir_all(&secret).unwrap();
+        let roots = [allowed.clone()];
+        for ok in [
+            "https://git.example.com/fleet.git",
+            "ssh://git@git.example.com/fleet.git",
+            "git@github.com:acme/fleet.git",
+        ] {
+            assert_eq!(check_url(ok, &roots), Ok(()), "{ok}");
+        }
+        let inside = format!("file://{}", allowed.join("fleet.git").display());
+        assert_eq!(check_url(&inside, &roots), Ok(()));
+        let sneaky = format!("file://{}/../controller", allowed.display());
+        let e = check_url(&sneaky, &roots).unwrap_err();
+        assert!(e.contains("--allow-local-git-under"), "{e}");
+        let e = check_url(&secret.display().to_string(), &roots).unwrap_err();
+        assert!(e.contains("not beneath"), "{e}");
+        assert!(
+            check_url(&inside, &[]).is_err(),
+            "no local repository unless allowed"
+        );
+        for bad in [
+            "http://git.example.com/fleet.git",
+            "ext::sh -c touch% /tmp/pwned",
+            "fleet.git",
+            "",
+        ] {
+            assert!(check_url(bad, &roots).is_err(), "{bad:?}");
+        }
+        let e = check_url("http://bot:s3cret@git.example.com/x", &roots).unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 }

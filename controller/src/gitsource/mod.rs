@@ -64,6 +64,8 @@ enum Synced {
 struct Failure {
     /// The commit fetched, if the fetch got that far.
     commit: Option<String>,
+    /// How the sync is counted.
+    result: SyncResult,
     reason: &'static str,
     /// One error per file (none for a failed fetch).
     errors: Vec<ManifestError>,
@@ -99,6 +101,17 @@ impl GitSources {
         }
         let ns = gs.namespace().unwrap_or_default();
         let name = gs.name_any();
+        if let Err(message) = fetch::check_url(&gs.spec.url, &self.ctx.config.allow_local_git_under)
+        {
+            return Synced::Failed(Failure {
+                commit: None,
+                result: SyncResult::Refused,
+                reason: reasons::URL_NOT_ALLOWED,
+                errors: vec![],
+                message: Some(message),
+                class: ErrorClass::Stalled,
+            });
+        }
         let dir = self.ctx.config.data_dir.join("git").join(&ns).join(&name);
         let spec = gs.spec.clone();
         let fetched = tokio::task::spawn_blocking(move || fetch::fetch(&dir, &spec))
@@ -109,6 +122,7 @@ impl GitSources {
             Err(e) => {
                 return Synced::Failed(Failure {
                     commit: None,
+                    result: SyncResult::FetchFailed,
                     reason: reasons::FETCH_FAILED,
                     errors: vec![],
                     message: Some(format!(
@@ -123,6 +137,7 @@ impl GitSources {
         let failed = |reason, errors, class| {
             Synced::Failed(Failure {
                 commit: Some(commit.clone()),
+                result: SyncResult::Refused,
                 reason,
                 errors,
                 message: None,
@@ -274,10 +289,7 @@ fn summary(gs: &GitSource, synced: Synced) -> Summary {
                 || previous.last_attempted_revision != f.commit
                 || previous.errors.is_empty();
             let event = new.then(|| event(EventType::Warning, f.reason, "Sync", msg.clone()));
-            let result = match f.commit {
-                None => SyncResult::FetchFailed,
-                Some(_) => SyncResult::Refused,
-            };
+            let result = f.result;
             if f.commit.is_some() {
                 status.last_attempted_revision = f.commit;
                 status.errors = f.errors;
@@ -405,6 +417,7 @@ mod tests {
         let refused = || {
             Synced::Failed(Failure {
                 commit: Some("b".repeat(40)),
+                result: SyncResult::Refused,
                 reason: reasons::INVALID_MANIFEST,
                 errors: vec![ManifestError {
                     file: "fleet/broken.yaml".into(),
@@ -446,6 +459,7 @@ mod tests {
             &source(Some(applied(&"a".repeat(40)))),
             Synced::Failed(Failure {
                 commit: None,
+                result: SyncResult::FetchFailed,
                 reason: reasons::FETCH_FAILED,
                 errors: vec![],
                 message: Some(

@@ -176,6 +176,11 @@ impl Caravan {
             // Unreferenced blobs go 10 s after upload, checked every second.
             ("--blob-gc-interval-seconds", "1".to_string()),
             ("--blob-grace-seconds", "10".to_string()),
+            // The tests' repositories are local; nothing else is.
+            (
+                "--allow-local-git-under",
+                dir.join("git").display().to_string(),
+            ),
         ];
         if let Some(tls) = &tls {
             flags.extend([
