@@ -3,7 +3,10 @@
 use std::{path::Path, time::Duration};
 
 use caravan_api::{
-    wire::{paths, AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_WAIT_SECONDS},
+    wire::{
+        paths, AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_AGENT_DESIRED_BYTES,
+        MAX_SMALL_ANSWER_BYTES, MAX_WAIT_SECONDS,
+    },
     Digest,
 };
 use futures::StreamExt;
@@ -20,6 +23,11 @@ pub enum ClientError {
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    #[error("{url}: {error}")]
+    Body {
+        url: String,
+        error: caravan_net::body::BodyError,
     },
     #[error("relay answered {status}: {message}")]
     Status { status: StatusCode, message: String },
@@ -97,9 +105,9 @@ impl Client {
                 &url,
             )
             .await?;
-        res.json()
+        caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
             .await
-            .map_err(|source| ClientError::Request { url, source })
+            .map_err(|source| ClientError::Body { url, error: source })
     }
 
     /// Long-polls the agent's desired state; `Ok(None)` when unchanged.
@@ -115,9 +123,9 @@ impl Client {
                 &url,
             )
             .await?;
-        caravan_net::poll_answer(res)
+        caravan_net::poll_answer(res, MAX_AGENT_DESIRED_BYTES)
             .await
-            .map_err(|source| ClientError::Request { url, source })
+            .map_err(|source| ClientError::Body { url, error: source })
     }
 
     pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {

@@ -37,6 +37,13 @@ pub const WAIT_PARAM: &str = "wait";
 /// Longest wait a server grants.
 pub const MAX_WAIT_SECONDS: u64 = 300;
 
+/// Largest agent desired-state document a client reads.
+pub const MAX_AGENT_DESIRED_BYTES: u64 = 16 << 20;
+/// Largest site desired-state document a relay reads (about 100,000 agents).
+pub const MAX_SITE_DESIRED_BYTES: u64 = 512 << 20;
+/// Largest small answer a client reads: enrollment, upload state, errors.
+pub const MAX_SMALL_ANSWER_BYTES: u64 = 64 << 10;
+
 /// URL paths of the distribution API: route patterns (axum syntax) for the
 /// servers and the functions clients build URLs with, so the two cannot drift.
 pub mod paths {

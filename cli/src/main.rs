@@ -367,7 +367,8 @@ async fn upload(
                 caravan_net::error_message(res).await
             );
         }
-        let state: UploadState = res.json().await?;
+        let state: UploadState =
+            caravan_net::body::json_capped(res, caravan_api::wire::MAX_SMALL_ANSWER_BYTES).await?;
         if state.complete {
             return Ok(());
         }

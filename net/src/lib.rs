@@ -7,6 +7,7 @@
 pub mod agent_tokens;
 pub mod args;
 pub mod backoff;
+pub mod body;
 pub mod document;
 pub mod fs;
 #[cfg(feature = "server")]
@@ -20,7 +21,7 @@ pub use document::Document;
 use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
-use caravan_api::wire::ErrorBody;
+use caravan_api::wire::{ErrorBody, MAX_SMALL_ANSWER_BYTES};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -55,12 +56,15 @@ pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<
     Ok(builder.build()?)
 }
 
-/// The message of a Caravan error response (`{"error": "..."}`), or its body.
+/// The message of a Caravan error response (`{"error": "..."}`), or its
+/// body (read up to [`MAX_SMALL_ANSWER_BYTES`]).
 pub async fn error_message(res: reqwest::Response) -> String {
-    let body = res.text().await.unwrap_or_default();
-    serde_json::from_str::<ErrorBody>(&body)
-        .map(|e| e.error)
-        .unwrap_or(body)
+    match body::read_capped(res, MAX_SMALL_ANSWER_BYTES).await {
+        Ok(bytes) => serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) => format!("(an unreadable error answer: {e})"),
+    }
 }
 
 /// Hashes what an interrupted download left in `partial`, to resume it:
@@ -114,11 +118,12 @@ pub fn poll_request(
     }
 }
 
-/// Reads a long-poll answer: `None` when unchanged (304), else the new
-/// document and its ETag.
+/// Reads a long-poll answer of at most `max` bytes: `None` when unchanged
+/// (304), else the new document and its ETag.
 pub async fn poll_answer<T: serde::de::DeserializeOwned>(
     res: reqwest::Response,
-) -> reqwest::Result<Option<(String, T)>> {
+    max: u64,
+) -> Result<Option<(String, T)>, body::BodyError> {
     if res.status() == reqwest::StatusCode::NOT_MODIFIED {
         return Ok(None);
     }
@@ -128,7 +133,7 @@ pub async fn poll_answer<T: serde::de::DeserializeOwned>(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    Ok(Some((etag, res.json().await?)))
+    Ok(Some((etag, body::json_capped(res, max).await?)))
 }
 
 #[cfg(test)]

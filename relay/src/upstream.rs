@@ -3,7 +3,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use caravan_api::{
-    wire::{paths, AgentReport, EnrollForward, EnrollRequest, RelayStats, SiteDesired},
+    wire::{
+        paths, AgentReport, EnrollForward, EnrollRequest, RelayStats, SiteDesired,
+        MAX_SITE_DESIRED_BYTES, MAX_SMALL_ANSWER_BYTES,
+    },
     Digest,
 };
 use caravan_net::Backoff;
@@ -17,6 +20,11 @@ pub enum UpstreamError {
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    #[error("upstream answer from {url}: {error}")]
+    Body {
+        url: String,
+        error: caravan_net::body::BodyError,
     },
     #[error("upstream {url} answered {status}: {message}")]
     Status {
@@ -99,9 +107,9 @@ impl Upstream {
                 &url,
             )
             .await?;
-        caravan_net::poll_answer(res)
+        caravan_net::poll_answer(res, MAX_SITE_DESIRED_BYTES)
             .await
-            .map_err(|source| UpstreamError::Request { url, source })
+            .map_err(|source| UpstreamError::Body { url, error: source })
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollForward, UpstreamError> {
@@ -115,9 +123,9 @@ impl Upstream {
                 &url,
             )
             .await?;
-        res.json()
+        caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
             .await
-            .map_err(|source| UpstreamError::Request { url, source })
+            .map_err(|source| UpstreamError::Body { url, error: source })
     }
 
     pub async fn stats(&self, stats: &RelayStats) -> Result<(), UpstreamError> {

@@ -1,0 +1,137 @@
+//! Attacks by a malicious relay: a real HTTP server written for the test,
+//! standing where an agent's relay should be, against a real agent process.
+
+use std::time::{Duration, Instant};
+
+use caravan_tests::{bin, Proc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What the evil relay answers for the agent's desired state and blobs.
+#[derive(Clone, Copy)]
+enum Evil {
+    /// A desired-state document that never ends.
+    EndlessDocument,
+    /// A small document assigning a 10-byte blob, then a blob that never ends.
+    EndlessBlob,
+}
+
+const DIGEST: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let json = |body: String| {
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: \"1\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    };
+    if line.contains("/v1/enroll") {
+        conn.write_all(json(r#"{"agent":"victim","token":"victim/00"}"#.into()).as_bytes())
+            .await?;
+    } else if line.contains("/v1/report") {
+        conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await?;
+    } else if line.contains("/v1/desired") {
+        match evil {
+            Evil::EndlessDocument => {
+                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: \"1\"\r\nConnection: close\r\n\r\n{\"agent\":\"victim\",\"assignments\":[").await?;
+                let spaces = [b' '; 64 << 10];
+                while conn.write_all(&spaces).await.is_ok() {}
+            }
+            Evil::EndlessBlob => {
+                let doc = format!(
+                    r#"{{"agent":"victim","assignments":[{{"job":"ns/j","action":"install","package":"payload","version":"1","digest":"{DIGEST}","size":10,"install":{{}}}}]}}"#
+                );
+                conn.write_all(json(doc).as_bytes()).await?;
+            }
+        }
+    } else if line.contains("/v1/blobs/") {
+        conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            .await?;
+        let zeros = [0u8; 64 << 10];
+        while conn.write_all(&zeros).await.is_ok() {}
+    }
+    Ok(())
+}
+
+async fn evil_relay(evil: Evil) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(answer(conn, evil));
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// Runs `caravan-agent run --once` against `server` until it exits; returns
+/// whether it succeeded and its log.
+async fn run_agent(server: &str) -> anyhow::Result<(bool, String)> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state").display().to_string();
+    let root = dir.path().join("root").display().to_string();
+    let args = [
+        "run",
+        "--once",
+        "--server",
+        server,
+        "--state-dir",
+        &state,
+        "--install-root",
+        &root,
+        "--hostname",
+        "victim",
+    ];
+    let env = [(
+        "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
+        "anything".to_string(),
+    )];
+    let mut agent = Proc::spawn("agent", &bin("caravan-agent")?, &args, &env, dir.path())?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = agent.exit_status() {
+            break status;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent did not give up: {}",
+            agent.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(&agent.log)?;
+    assert!(
+        !dir.path().join("root/payload").exists(),
+        "nothing installed"
+    );
+    Ok((status.success(), log))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_desired_state_is_refused_at_its_limit() -> anyhow::Result<()> {
+    let server = evil_relay(Evil::EndlessDocument).await?;
+    let (ok, log) = run_agent(&server).await?;
+    assert!(!ok, "{log}");
+    assert!(log.contains("larger than 16777216 bytes"), "{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_blob_is_cut_at_its_declared_size_and_refused() -> anyhow::Result<()> {
+    let server = evil_relay(Evil::EndlessBlob).await?;
+    let (ok, log) = run_agent(&server).await?;
+    assert!(!ok, "{log}");
+    assert!(log.contains("size mismatch"), "{log}");
+    Ok(())
+}
