@@ -95,11 +95,17 @@ pub struct Config {
     /// every relay through its Secret.
     #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
     pub relay_upstream_ca_file: Option<PathBuf>,
-    /// How often unreferenced blobs are removed from the cabinet store.
+    /// Largest blob `caravan package push` may upload; a larger upload is
+    /// refused as it arrives.
+    #[arg(long, env = "CARAVAN_MAX_UPLOAD_BYTES", default_value_t = 64 << 30)]
+    pub max_upload_bytes: u64,
+    /// How often unreferenced blobs (and uploads nobody resumed within the
+    /// grace below) are removed from the cabinet store.
     #[arg(long, env = "CARAVAN_BLOB_GC_INTERVAL_SECONDS", default_value_t = 300)]
     pub blob_gc_interval_seconds: u64,
     /// A blob no Package references is kept this long after its upload, so a
-    /// push can be followed by its commit at leisure.
+    /// push can be followed by its commit at leisure; an interrupted upload
+    /// is kept this long to be resumed.
     #[arg(long, env = "CARAVAN_BLOB_GRACE_SECONDS", default_value_t = 86400)]
     pub blob_grace_seconds: u64,
     #[command(flatten)]
@@ -130,6 +136,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         blobs: blobs.clone(),
         relays: relays.clone(),
         stores: stores.clone(),
+        polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {
@@ -145,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let components = vec![
         Component::new("distribution API server", {
             let shutdown = shutdown.clone();
-            async move { caravan_net::server::serve(serve.listen, serve.tls(), app, shutdown).await }
+            async move { caravan_net::server::serve(&serve, app, shutdown).await }
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new("GitSource controller", gitsources.run(shutdown.clone())),

@@ -20,6 +20,15 @@ pub struct ServeArgs<const PORT: u16> {
     /// ...and this private key (PEM).
     #[arg(long, env = "CARAVAN_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+    /// A client that has not sent a request's headers within this many
+    /// seconds (a new request, or the next one on a kept-alive connection)
+    /// is disconnected, so slow clients cannot hold connections forever.
+    #[arg(
+        long,
+        env = "CARAVAN_HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub header_read_timeout_seconds: u64,
 }
 
 impl<const PORT: u16> ServeArgs<PORT> {

@@ -22,15 +22,18 @@ use tower::ServiceExt as _;
 /// shutdown is asked for.
 const CONNECTION_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves `app` on `addr`, over HTTPS (rustls, ring) when a certificate and
-/// key are given, until `shutdown` (then connections get a few seconds to
-/// finish) or the server fails.
-pub async fn serve(
-    addr: SocketAddr,
-    tls: Option<(&Path, &Path)>,
+/// Serves `app` as `args` say (address, HTTPS with rustls when a
+/// certificate and key are given, header read timeout) until `shutdown`
+/// (then connections get a few seconds to finish) or the server fails.
+pub async fn serve<const PORT: u16>(
+    args: &crate::args::ServeArgs<PORT>,
     app: axum::Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (addr, tls) = (args.listen, args.tls());
+    let limits = Limits {
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
+    };
     raise_open_files_limit();
     let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
@@ -46,7 +49,7 @@ pub async fn serve(
     match tls {
         None => {
             let mut server = axum_server::from_tcp(listener)?.handle(handle);
-            bounded_buffers(server.http_builder());
+            limits.apply(server.http_builder());
             server.serve(app).await?
         }
         Some((cert, key)) => {
@@ -63,20 +66,33 @@ pub async fn serve(
                 })?;
             let mut server =
                 axum_server::tls_rustls::from_tcp_rustls(listener, config)?.handle(handle);
-            bounded_buffers(server.http_builder());
+            limits.apply(server.http_builder());
             server.serve(app).await?
         }
     }
     Ok(())
 }
 
-/// A connection asks for the next chunk of a response when less than 64 KiB
-/// of the last is left to write (hyper's default is 400 KiB), so a thousand
-/// downloads do not hold hundreds of MiB.
-fn bounded_buffers(
-    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-) {
-    builder.http1().max_buf_size(64 << 10);
+/// What a connection may take of the server.
+struct Limits {
+    header_read_timeout: Duration,
+}
+
+impl Limits {
+    /// A connection asks for the next chunk of a response when less than
+    /// 64 KiB of the last is left to write (hyper's default is 400 KiB), so a
+    /// thousand downloads do not hold hundreds of MiB; and a client that is
+    /// slow to send its headers is disconnected.
+    fn apply(
+        &self,
+        builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    ) {
+        builder
+            .http1()
+            .max_buf_size(64 << 10)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+    }
 }
 
 /// Connections waiting to be accepted: enough for thousands of agents
@@ -132,6 +148,57 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .to_str()
         .ok()?
         .strip_prefix("Bearer ")
+}
+
+/// The long-polls open per client (an agent, a site's relay), capped, so
+/// one client (or a stolen token) cannot hold thousands of connections.
+pub struct PollSlots {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    max: usize,
+}
+
+/// One open long-poll; its slot is given back when dropped.
+pub struct PollSlot {
+    slots: std::sync::Arc<PollSlots>,
+    key: String,
+}
+
+impl PollSlots {
+    pub fn new(max: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            open: Default::default(),
+            max,
+        })
+    }
+
+    /// A slot for `key`, or `429 Too Many Requests` if it has all of them.
+    pub fn take(self: &std::sync::Arc<Self>, key: &str) -> Result<PollSlot, ApiError> {
+        let mut open = self.open.lock().expect("lock poisoned");
+        let n = open.entry(key.to_string()).or_default();
+        if *n >= self.max {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{key} has {} long-polls open already", self.max),
+            ));
+        }
+        *n += 1;
+        Ok(PollSlot {
+            slots: self.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().expect("lock poisoned");
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// How long a long-poll may wait: the `?wait=<seconds>` of the request
@@ -429,5 +496,63 @@ mod tests {
         let e = wait("/v1/desired?wait=soon").await.unwrap_err();
         assert_eq!(e.0, StatusCode::BAD_REQUEST);
         assert!(e.1.contains("wait=\"soon\""), "{}", e.1);
+    }
+
+    #[test]
+    fn one_client_holds_at_most_its_share_of_long_polls() {
+        let slots = PollSlots::new(2);
+        let a = slots.take("agent-a").unwrap();
+        let _b = slots.take("agent-a").unwrap();
+        let e = slots.take("agent-a").err().unwrap();
+        assert_eq!(e.0, StatusCode::TOO_MANY_REQUESTS);
+        assert!(slots.take("agent-b").is_ok(), "others are not held up");
+        drop(a);
+        assert!(
+            slots.take("agent-a").is_ok(),
+            "a slot comes back when a poll ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_dribbles_its_headers_is_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let args = crate::args::ServeArgs::<0> {
+            listen: ([127, 0, 0, 1], port).into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            header_read_timeout_seconds: 1,
+        };
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { serve(&args, app, shutdown).await }
+        });
+        let mut conn = loop {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        // The rest of the headers never comes: the server hangs up.
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the server waited past its header timeout")
+            .unwrap_or(0);
+        assert!(start.elapsed() >= Duration::from_millis(900));
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 }

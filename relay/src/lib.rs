@@ -74,6 +74,9 @@ pub struct Config {
     pub log: caravan_net::args::LogArgs,
 }
 
+/// Most long-polls one agent may hold open (one is all a healthy agent needs).
+pub const POLLS_PER_AGENT: usize = 4;
+
 /// What the agent API serves from.
 pub struct Relay {
     /// This site's relay token: the key of the agent tokens it issues.
@@ -84,7 +87,10 @@ pub struct Relay {
     pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
     pub state: watch::Receiver<Option<Arc<SiteState>>>,
-    pub reports: tokio::sync::mpsc::UnboundedSender<caravan_api::wire::AgentReport>,
+    /// The long-polls each agent holds open (at most [`POLLS_PER_AGENT`]).
+    pub polls: Arc<caravan_net::server::PollSlots>,
+    /// Reports on their way up (at most [`upstream::REPORT_QUEUE`]).
+    pub reports: tokio::sync::mpsc::Sender<caravan_api::wire::AgentReport>,
     pub metrics: Arc<metrics::Metrics>,
 }
 
@@ -112,7 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
     let cache = Arc::new(cache);
-    let (reports, reports_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (reports, reports_rx) = tokio::sync::mpsc::channel(upstream::REPORT_QUEUE);
     let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
         token: config.token.clone(),
@@ -121,6 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache: cache.clone(),
         state: state_rx,
         reports,
+        polls: caravan_net::server::PollSlots::new(POLLS_PER_AGENT),
         metrics: metrics.clone(),
     });
     tracing::info!(upstream = %config.upstream, "relay starting");
@@ -131,7 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let components = vec![
         Component::new("agent API server", {
             let shutdown = shutdown.clone();
-            async move { caravan_net::server::serve(serve.listen, serve.tls(), app, shutdown).await }
+            async move { caravan_net::server::serve(&serve, app, shutdown).await }
         }),
         Component::new(
             "desired state sync",

@@ -126,6 +126,12 @@ async fn desired(
     wait: Wait,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Only a poll that waits holds a connection open.
+    let _slot = if wait.0.is_zero() {
+        None
+    } else {
+        Some(relay.polls.take(&agent)?)
+    };
     long_poll(relay.state.clone(), &headers, wait, |state| {
         let doc = state
             .as_ref()
@@ -149,10 +155,16 @@ async fn report(
     // An agent reports for itself only, whatever the body says.
     report.agent = agent;
     relay.metrics.reports.inc();
-    relay
-        .reports
-        .send(report)
-        .map_err(|_| err(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down"))?;
+    relay.reports.try_send(report).map_err(|e| match e {
+        // The agent reports again at its next change or heartbeat.
+        tokio::sync::mpsc::error::TrySendError::Full(_) => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay is busy passing reports up; report again later",
+        ),
+        tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+            err(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down")
+        }
+    })?;
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -175,13 +175,17 @@ impl Upstream {
 /// Most reports sent upstream in one request.
 pub const MAX_REPORT_BATCH: usize = 500;
 
+/// Most reports waiting to be passed up; agents beyond it are told to report
+/// again later, so a flood of reports cannot exhaust the relay's memory.
+pub const REPORT_QUEUE: usize = 10_000;
+
 /// Passes agent reports up in batches until every sender is gone (the
 /// agent API has stopped), so what agents reported before shutdown still
 /// goes up while the relay drains. Only the latest report of each agent is
 /// kept while the controller is unreachable, so memory stays bounded.
 pub async fn forward_reports(
     upstream: Upstream,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<AgentReport>,
+    mut rx: tokio::sync::mpsc::Receiver<AgentReport>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pending: HashMap<String, AgentReport> = HashMap::new();

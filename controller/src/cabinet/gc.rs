@@ -1,7 +1,7 @@
 //! Removes, every `--blob-gc-interval-seconds`, the blobs no Package
 //! references any more (after `--blob-grace-seconds`, so a push can be
 //! followed by its commit at leisure): deleting a package from Git frees
-//! its space.
+//! its space. Interrupted uploads nobody resumed within the grace go too.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -37,6 +37,11 @@ impl Collector {
                 .iter()
                 .map(|p| p.spec.artifact.digest)
                 .collect();
+            match self.blobs.remove_stale_uploads(self.grace).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(uploads = n, "removed interrupted uploads nobody resumed"),
+                Err(e) => tracing::warn!(error = %e, "removing stale uploads failed"),
+            }
             match self.blobs.remove_unreferenced(&keep, self.grace).await {
                 Ok(removed) => {
                     for digest in removed {

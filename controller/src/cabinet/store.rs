@@ -26,6 +26,8 @@ pub enum StoreError {
     Offset { requested: u64, stored: u64 },
     #[error("another upload of this blob is in progress")]
     Busy,
+    #[error("the blob is larger than {max} bytes; refused")]
+    TooLarge { max: u64 },
     #[error("blob store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -78,11 +80,13 @@ impl BlobStore {
 
     /// Streams `body` into the store under `digest`, continuing an interrupted
     /// upload at `offset` (0: from the start), and verifies the digest of the
-    /// whole blob before it enters the store. Returns the blob's size.
+    /// whole blob before it enters the store. A blob growing past `max`
+    /// bytes is refused as it arrives. Returns the blob's size.
     pub async fn put<S, E>(
         &self,
         digest: &Digest,
         offset: u64,
+        max: u64,
         mut body: S,
     ) -> Result<u64, StoreError>
     where
@@ -127,8 +131,13 @@ impl BlobStore {
                     });
                 }
             };
-            hasher.update(&chunk);
             size += chunk.len() as u64;
+            if size > max {
+                drop(file);
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(StoreError::TooLarge { max });
+            }
+            hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(io(&partial))?;
         }
         file.sync_all().await.map_err(io(&partial))?;
@@ -150,7 +159,8 @@ impl BlobStore {
 
 impl BlobStore {
     /// Fetches a blob from an `http` cabinet into the store, verifying its
-    /// size and digest. The error says what went wrong, naming the URL.
+    /// size and digest (a server sending more than the Package says is cut
+    /// off there). The error says what went wrong, naming the URL.
     pub async fn pull(
         &self,
         digest: &Digest,
@@ -170,7 +180,7 @@ impl BlobStore {
             return Err(format!("{url} is {len} bytes; the Package says {size}"));
         }
         let got = self
-            .put(digest, 0, res.bytes_stream())
+            .put(digest, 0, size, res.bytes_stream())
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         if got != size {
@@ -206,6 +216,32 @@ impl Drop for UploadGuard<'_> {
 }
 
 impl BlobStore {
+    /// Removes what interrupted uploads left that nobody resumed within
+    /// `grace` (an upload in progress keeps its part). Returns how many.
+    pub async fn remove_stale_uploads(&self, grace: std::time::Duration) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let mut dir = match tokio::fs::read_dir(self.root.join("uploads")).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        while let Some(entry) = dir.next_entry().await? {
+            let age = entry
+                .metadata()
+                .await?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            let uploading = Digest::from_hex(&entry.file_name().to_string_lossy())
+                .is_ok_and(|d| self.uploading.lock().expect("lock poisoned").contains(&d));
+            if age >= grace && !uploading {
+                tokio::fs::remove_file(entry.path()).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes blobs not in `keep` whose last change is older than `grace`.
     /// Returns the digests removed.
     pub async fn remove_unreferenced(
@@ -259,13 +295,16 @@ mod tests {
         let data = b"hello caravan";
         let digest = Digest::of(data);
         assert_eq!(
-            store.put(&digest, 0, body(data)).await.unwrap(),
+            store.put(&digest, 0, u64::MAX, body(data)).await.unwrap(),
             data.len() as u64
         );
         assert_eq!(store.size(&digest).await, Some(data.len() as u64));
 
         let wrong = Digest::of(b"something else");
-        let err = store.put(&wrong, 0, body(data)).await.unwrap_err();
+        let err = store
+            .put(&wrong, 0, u64::MAX, body(data))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("digest mismatch"), "{err}");
         assert_eq!(store.size(&wrong).await, None);
         assert_eq!(
@@ -286,7 +325,7 @@ mod tests {
             Ok(bytes::Bytes::copy_from_slice(&data[..4000])),
             Err("reset".to_string()),
         ]);
-        let err = store.put(&digest, 0, broken).await.unwrap_err();
+        let err = store.put(&digest, 0, u64::MAX, broken).await.unwrap_err();
         assert!(
             matches!(err, StoreError::Interrupted { received: 4000, .. }),
             "{err}"
@@ -294,11 +333,16 @@ mod tests {
         assert_eq!(store.upload_offset(&digest).await, 4000);
         // Resuming anywhere else is refused; at the right offset it completes.
         assert!(matches!(
-            store.put(&digest, 3000, body(&data[3000..])).await,
+            store
+                .put(&digest, 3000, u64::MAX, body(&data[3000..]))
+                .await,
             Err(StoreError::Offset { stored: 4000, .. })
         ));
         assert_eq!(
-            store.put(&digest, 4000, body(&data[4000..])).await.unwrap(),
+            store
+                .put(&digest, 4000, u64::MAX, body(&data[4000..]))
+                .await
+                .unwrap(),
             10_000
         );
         assert_eq!(std::fs::read(store.path(&digest)).unwrap(), data);
@@ -311,7 +355,7 @@ mod tests {
         let store = BlobStore::new(dir.path().to_path_buf());
         let (kept, dropped) = (Digest::of(b"kept"), Digest::of(b"dropped"));
         for (d, data) in [(kept, &b"kept"[..]), (dropped, &b"dropped"[..])] {
-            store.put(&d, 0, body(data)).await.unwrap();
+            store.put(&d, 0, u64::MAX, body(data)).await.unwrap();
         }
         std::fs::write(dir.path().join("sha256/README"), "not a blob").unwrap();
         let keep = HashSet::from([kept]);
@@ -331,5 +375,33 @@ mod tests {
         assert_eq!(removed, [dropped]);
         assert!(store.size(&kept).await.is_some());
         assert!(dir.path().join("sha256/README").exists());
+    }
+
+    #[tokio::test]
+    async fn a_blob_larger_than_allowed_is_refused_as_it_arrives_and_stale_parts_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf());
+        let data = vec![7u8; 10_000];
+        let digest = Digest::of(&data);
+        let e = store.put(&digest, 0, 4096, body(&data)).await.unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { max: 4096 }), "{e}");
+        assert_eq!(store.upload_offset(&digest).await, 0, "nothing kept");
+        // An interrupted upload nobody resumes goes after the grace.
+        let broken = futures::stream::iter(vec![
+            Ok(bytes::Bytes::copy_from_slice(&data[..100])),
+            Err("reset".to_string()),
+        ]);
+        assert!(store.put(&digest, 0, u64::MAX, broken).await.is_err());
+        assert_eq!(store.upload_offset(&digest).await, 100);
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(store.remove_stale_uploads(hour).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .remove_stale_uploads(std::time::Duration::ZERO)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.upload_offset(&digest).await, 0);
     }
 }

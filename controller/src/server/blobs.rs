@@ -117,7 +117,12 @@ pub async fn put(
             )
         })?,
     };
-    match s.blobs.put(&digest, offset, body.into_data_stream()).await {
+    let max = s.ctx.config.max_upload_bytes;
+    match s
+        .blobs
+        .put(&digest, offset, max, body.into_data_stream())
+        .await
+    {
         Ok(size) => {
             tracing::info!(%digest, size, resumed_at = offset, "blob stored");
             s.ctx.metrics.blob_upload_bytes.inc_by(size - offset);
@@ -132,6 +137,9 @@ pub async fn put(
             e.to_string(),
         )),
         Err(e @ E::Busy) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
+        Err(e @ E::TooLarge { .. }) => {
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))
+        }
         Err(e @ E::Io { .. }) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),

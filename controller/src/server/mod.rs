@@ -41,7 +41,12 @@ pub struct ServerState {
     pub blobs: Arc<BlobStore>,
     pub relays: Arc<RelayContacts>,
     pub stores: Stores,
+    /// The long-polls each site's relays hold open (at most [`POLLS_PER_SITE`]).
+    pub polls: Arc<caravan_net::server::PollSlots>,
 }
+
+/// Most long-polls the relays of one site may hold open (one per replica).
+pub const POLLS_PER_SITE: usize = 32;
 
 type AppState = Arc<ServerState>;
 

@@ -29,6 +29,11 @@ pub async fn desired(
     wait: Wait,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Only a poll that waits holds a connection open.
+    let _slot = match wait.0.is_zero() {
+        true => None,
+        false => Some(s.polls.take(&format!("site {}/{}", site.0, site.1))?),
+    };
     long_poll(s.desired.clone(), &headers, wait, |index| {
         let doc = index.sites.get(&site).ok_or_else(|| {
             ApiError::new(

@@ -80,7 +80,7 @@ impl SiteReconciler {
     /// look at again (see [`RelayContacts`]).
     pub async fn run(
         self,
-        triggers: mpsc::UnboundedReceiver<SiteKey>,
+        triggers: mpsc::Receiver<SiteKey>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let triggers = futures::stream::unfold(triggers, |mut rx| async move {

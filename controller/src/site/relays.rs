@@ -15,16 +15,19 @@ use crate::index::SiteKey;
 /// A relay silent for longer than this is reported not ready.
 pub const RELAY_STALE_SECONDS: i64 = 90;
 
+/// Most Sites waiting to be looked at again.
+const TRIGGERS: usize = 1024;
+
 pub struct RelayContacts {
     seen: Mutex<HashMap<SiteKey, DateTime<Utc>>>,
     stats: Mutex<HashMap<SiteKey, RelayStats>>,
-    trigger: mpsc::UnboundedSender<SiteKey>,
+    trigger: mpsc::Sender<SiteKey>,
 }
 
 impl RelayContacts {
     /// The contacts, and the sites whose Site the reconciler should look at again.
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<SiteKey>) {
-        let (trigger, rx) = mpsc::unbounded_channel();
+    pub fn new() -> (Self, mpsc::Receiver<SiteKey>) {
+        let (trigger, rx) = mpsc::channel(TRIGGERS);
         let contacts = Self {
             seen: Default::default(),
             stats: Default::default(),
@@ -62,9 +65,11 @@ impl RelayContacts {
         }
     }
 
-    /// Has the Site reconciled soon (an agent enrolled there, say).
+    /// Has the Site reconciled soon (an agent enrolled there, say). When
+    /// many are waiting already this one is dropped: every Site is looked
+    /// at again within half a minute anyway.
     pub fn poke(&self, site: &SiteKey) {
-        let _ = self.trigger.send(site.clone());
+        let _ = self.trigger.try_send(site.clone());
     }
 
     /// When the relay of `site` last talked to us.
