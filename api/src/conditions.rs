@@ -47,6 +47,12 @@ pub mod reasons {
     pub const INVALID_NAME: &str = "InvalidName";
     /// The API server refused an object the controller derives from the spec.
     pub const WORKLOAD_REFUSED: &str = "WorkloadRefused";
+    /// A Site asks for a relay image the controller does not allow.
+    pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+    /// A Site names a Secret not labelled for bootstrap tokens.
+    pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
+    /// An object the controller would make for a Site exists and is not the Site's.
+    pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
     /// A transient failure is being retried.
     pub const RETRYING: &str = "Retrying";
 }

@@ -76,6 +76,14 @@ pub struct Config {
         default_value = "ghcr.io/caravan-dev/caravan-relay:0.1.0"
     )]
     pub relay_image: String,
+    /// Image repositories a Site may run its relay from besides that of
+    /// `--relay-image` (an entry ending in `/` allows everything beneath it).
+    #[arg(
+        long = "allowed-relay-image",
+        env = "CARAVAN_ALLOWED_RELAY_IMAGES",
+        value_delimiter = ','
+    )]
+    pub allowed_relay_images: Vec<String>,
     /// Bearer token that allows blob uploads (`caravan package push`). Uploads are refused when unset.
     #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
     pub upload_token: Option<String>,

@@ -199,3 +199,78 @@ async fn a_gitsource_cannot_read_the_controllers_own_files() -> anyhow::Result<(
     assert_eq!(st.last_attempted_revision, None, "nothing fetched");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_cannot_borrow_the_controllers_privileges() -> anyhow::Result<()> {
+    use caravan_api::v1alpha1::Site;
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+    use kube::api::{Patch, PatchParams};
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    // A Secret of the namespace nobody meant for relays, and one a user made
+    // under the name a relay's Secret would have.
+    for (name, value) in [("db-password", "hunter2"), ("lagos-relay", "mine")] {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name }, "stringData": { "password": value },
+        }))?;
+        c.api::<Secret>()
+            .patch(name, &PatchParams::apply("someone"), &Patch::Apply(&secret))
+            .await?;
+    }
+    let site = |name: &str, spec: &str| {
+        format!("apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {name}}}\nspec:\n{spec}")
+    };
+    repo.write(
+        "fleet/miner.yaml",
+        &site("miner", "  relay: {image: evil.example.com/miner:latest}\n"),
+    )?;
+    repo.write(
+        "fleet/thief.yaml",
+        &site(
+            "thief",
+            "  enrollment: {bootstrapTokenSecret: {name: db-password, key: password}}\n",
+        ),
+    )?;
+    repo.write(
+        "fleet/lagos.yaml",
+        &site("lagos", "  relay: {replicas: 1}\n"),
+    )?;
+    repo.commit("Three sites asking for more than a relay")?;
+    for (name, reason, words) in [
+        ("miner", "ImageNotAllowed", "evil.example.com/miner"),
+        ("thief", "SecretNotAllowed", "caravan.dev/bootstrap-token"),
+        ("lagos", "ObjectNotOwned", "Secret lagos-relay exists"),
+    ] {
+        let stalled = wait_for(&format!("site {name} to stall"), T, || async {
+            let s = c.api::<Site>().get_opt(name).await?;
+            Ok(s.and_then(|s| s.status).and_then(|s| {
+                s.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == conditions::STALLED && c.status == "True")
+            }))
+        })
+        .await
+        .map_err(|e| e.context(c.logs()))?;
+        assert_eq!(stalled.reason, reason, "{name}: {}", stalled.message);
+        assert!(
+            stalled.message.contains(words),
+            "{name}: {}",
+            stalled.message
+        );
+        let deployment = c
+            .api::<Deployment>()
+            .get_opt(&format!("{name}-relay"))
+            .await?;
+        assert!(deployment.is_none(), "no relay is made for {name}");
+    }
+    let mine = c.api::<Secret>().get("lagos-relay").await?;
+    assert!(
+        mine.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "the user's Secret is not taken over"
+    );
+    assert!(!mine.data.unwrap_or_default().contains_key("token"));
+    Ok(())
+}

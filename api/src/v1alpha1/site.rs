@@ -37,7 +37,8 @@ pub struct SiteSpec {
 pub struct RelaySpec {
     #[serde(default = "one")]
     pub replicas: i32,
-    /// Relay image; the controller's default when empty.
+    /// Relay image; the controller's default when empty. Only images the
+    /// controller allows (`--allowed-relay-image`) run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// A `kubernetes.io/tls` Secret: the relay then serves its agents over HTTPS.
@@ -62,9 +63,10 @@ fn one() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollmentSpec {
-    /// Secret key holding the bootstrap token agents present to enroll. When
-    /// unset the controller generates one in the `<site>-relay` Secret under
-    /// `bootstrap-token`.
+    /// Secret key holding the bootstrap token agents present to enroll. The
+    /// Secret must carry the label `caravan.dev/bootstrap-token: "true"`.
+    /// When unset the controller generates one in the `<site>-relay` Secret
+    /// under `bootstrap-token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_token_secret: Option<SecretKeyRef>,
 }

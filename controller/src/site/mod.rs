@@ -5,13 +5,15 @@
 //! last said about its cache.
 //!
 //! A reconcile is three steps, each owning its part of the status:
-//! 1. `check_name`: the relay's Service name must be valid (else Stalled
-//!    until the Site is renamed);
+//! 1. [`checks`]: what the Site asks for may be done (a valid relay name, an
+//!    allowed image, an opted-in bootstrap Secret, relay objects that are
+//!    its own); else Stalled with the reason, nothing applied;
 //! 2. `apply_workload`: Secret, Deployment, Service, by server-side apply
 //!    (refused by the API server: Stalled until the Site changes; any other
 //!    failure is retried with a backoff);
 //! 3. `summarize`: Ready (relay connected), agents, cache figures.
 
+pub mod checks;
 mod relays;
 pub mod workload;
 
@@ -19,7 +21,7 @@ use std::{sync::Arc, time::Duration};
 
 use caravan_api::{
     conditions::{self, reasons},
-    labels, names,
+    labels,
     v1alpha1::{Site, SiteStatus},
 };
 use futures::StreamExt;
@@ -58,6 +60,8 @@ pub struct SiteReconciler {
     /// PEM of the CA relays verify the controller with, if configured.
     upstream_ca: Option<String>,
     retries: Retries<Site>,
+    /// Sites whose relay objects are known to be their own.
+    verified: checks::Verified,
 }
 
 impl SiteReconciler {
@@ -73,6 +77,7 @@ impl SiteReconciler {
             relays,
             upstream_ca,
             retries: Retries::default(),
+            verified: Default::default(),
         }
     }
 
@@ -109,12 +114,12 @@ impl SiteReconciler {
 
 #[instrument(skip_all, fields(namespace = site.namespace(), site = %site.name_any()))]
 async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action, Error> {
-    let action = match check_name(&site) {
-        Err(message) => {
-            this.stall(&site, reasons::INVALID_NAME, &message).await?;
+    let action = match this.refusal(&site).await? {
+        Some(r) => {
+            this.stall(&site, r.reason, &r.message).await?;
             Action::requeue(STALLED_RECHECK)
         }
-        Ok(()) => match this.apply_workload(&site).await {
+        None => match this.apply_workload(&site).await {
             // The same spec would be refused again: say so and wait for a change.
             Err(e) if e.class() == ErrorClass::Stalled => {
                 let message = format!("the relay's objects were refused: {e}");
@@ -133,18 +138,27 @@ async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action,
     Ok(action)
 }
 
-/// The relay's Service is named after the site: a DNS-1035 label.
-fn check_name(site: &Site) -> Result<(), String> {
-    let name = site.name_any();
-    names::service_name(&relay_name(&name)).map_err(|_| {
-        format!(
-            "site name {name:?} cannot name a relay Service ({:?}): use at most 57 lowercase letters, digits and '-', starting with a letter",
-            relay_name(&name)
-        )
-    })
-}
-
 impl SiteReconciler {
+    /// Step 1: why the Site's relay may not be made, if it may not.
+    async fn refusal(&self, site: &Site) -> Result<Option<checks::Refusal>, Error> {
+        let config = &self.ctx.config;
+        if let Err(r) = checks::check_name(site).and_then(|()| {
+            checks::check_image(site, &config.relay_image, &config.allowed_relay_images)
+        }) {
+            return Ok(Some(r));
+        }
+        if let Err(r) = checks::check_bootstrap_secret(&self.ctx, site).await? {
+            return Ok(Some(r));
+        }
+        // Once the Site's objects are known to be its own, they stay so.
+        if !self.verified.contains(site) {
+            if let Err(r) = checks::check_owned(&self.ctx, site).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
     /// Only a change to the Site can help: `Ready=False` and `Stalled=True`,
     /// saying why (what the status says of the relay stays).
     async fn stall(&self, site: &Site, reason: &str, message: &str) -> Result<(), Error> {
@@ -209,6 +223,7 @@ impl SiteReconciler {
             .namespaced::<Service>(&ns)
             .patch(&relay, &apply, &Patch::Apply(&service))
             .await?;
+        self.verified.insert(site);
         Ok(())
     }
 
@@ -257,19 +272,5 @@ impl SiteReconciler {
         };
         status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_site_name_too_long_for_its_relay_service_is_refused_with_the_rule() {
-        assert!(check_name(&Site::new("hq", Default::default())).is_ok());
-        let long = "a".repeat(58);
-        let e = check_name(&Site::new(&long, Default::default())).unwrap_err();
-        assert!(e.contains("at most 57"), "{e}");
-        assert!(check_name(&Site::new("9lives", Default::default())).is_err());
     }
 }

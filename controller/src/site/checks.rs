@@ -1,0 +1,252 @@
+//! What a Site may ask of the controller. Whoever can write a Site (a Git
+//! commit) must not be able to use the controller's privileges beyond
+//! running a relay for it:
+//! - the relay's Service name must be valid;
+//! - the relay image must be one the controller allows (`--allowed-relay-image`);
+//! - a Secret named for bootstrap tokens must say it may be used so
+//!   (label `caravan.dev/bootstrap-token: "true"`), or any Secret of the
+//!   namespace (a database password) could be put in the relay's environment;
+//! - the relay's objects (`<site>-relay`), where they exist, must be the
+//!   Site's own, or the controller would take over (and, with the Site,
+//!   delete) objects it never made.
+//!
+//! A Site that asks for more is Stalled with the reason, and nothing is applied.
+
+use std::collections::HashSet;
+
+use caravan_api::{conditions::reasons, labels, names, v1alpha1::Site};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Secret, Service},
+};
+use kube::{Resource, ResourceExt};
+
+use super::workload::relay_name;
+use crate::{context::Context, error::Error};
+
+/// Why a Site's relay is not made: a condition reason and a message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+}
+
+/// The relay's Service is named after the site: a DNS-1035 label.
+pub fn check_name(site: &Site) -> Result<(), Refusal> {
+    let name = site.name_any();
+    names::service_name(&relay_name(&name)).map_err(|_| {
+        Refusal::new(
+            reasons::INVALID_NAME,
+            format!(
+                "site name {name:?} cannot name a relay Service ({:?}): use at most 57 lowercase letters, digits and '-', starting with a letter",
+                relay_name(&name)
+            ),
+        )
+    })
+}
+
+/// The repository of an image reference: without its tag or digest.
+fn repository(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or_default();
+    match image.rsplit_once(':') {
+        // A colon after the last slash starts the tag (before it, a registry port).
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => image,
+    }
+}
+
+/// The images a Site may run its relay with: those of the repositories
+/// `allowed` names (an entry ending in `/` allows everything beneath it),
+/// and always the repository of the controller's default relay image.
+pub fn check_image(site: &Site, default: &str, allowed: &[String]) -> Result<(), Refusal> {
+    let Some(image) = &site.spec.relay.image else {
+        return Ok(());
+    };
+    let repo = repository(image);
+    let plain = !repo
+        .split('/')
+        .any(|part| part == ".." || part == "." || part.is_empty());
+    let ok = plain
+        && (repo == repository(default)
+            || allowed
+                .iter()
+                .any(|a| repo == a.as_str() || (a.ends_with('/') && repo.starts_with(a.as_str()))));
+    if ok {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        reasons::IMAGE_NOT_ALLOWED,
+        format!(
+            "relay image {image:?} is not allowed; the controller allows {} (--allowed-relay-image)",
+            std::iter::once(repository(default))
+                .chain(allowed.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// A Secret named for bootstrap tokens must carry the opt-in label.
+pub async fn check_bootstrap_secret(
+    ctx: &Context,
+    site: &Site,
+) -> Result<Result<(), Refusal>, Error> {
+    let Some(r) = &site.spec.enrollment.bootstrap_token_secret else {
+        return Ok(Ok(()));
+    };
+    let ns = site.namespace().unwrap_or_default();
+    let secret = ctx
+        .namespaced::<Secret>(&ns)
+        .get_metadata_opt(&r.name)
+        .await?;
+    let opted_in = secret.as_ref().is_some_and(|s| {
+        s.labels().get(labels::BOOTSTRAP_TOKEN).map(String::as_str) == Some("true")
+    });
+    if opted_in {
+        return Ok(Ok(()));
+    }
+    let problem = match secret {
+        None => "does not exist".to_string(),
+        Some(_) => format!(
+            "does not carry the label {}: \"true\"",
+            labels::BOOTSTRAP_TOKEN
+        ),
+    };
+    Ok(Err(Refusal::new(
+        reasons::SECRET_NOT_ALLOWED,
+        format!(
+            "Secret {} named for bootstrap tokens {problem}; only a Secret labelled so may be handed to a relay",
+            r.name
+        ),
+    )))
+}
+
+/// The relay's objects, where they exist, belong to this Site.
+pub async fn check_owned(ctx: &Context, site: &Site) -> Result<Result<(), Refusal>, Error> {
+    let ns = site.namespace().unwrap_or_default();
+    let name = relay_name(&site.name_any());
+    let uid = site
+        .meta()
+        .uid
+        .clone()
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let owners = [
+        (
+            "Secret",
+            ctx.namespaced::<Secret>(&ns)
+                .get_metadata_opt(&name)
+                .await?
+                .map(|o| o.metadata),
+        ),
+        (
+            "Deployment",
+            ctx.namespaced::<Deployment>(&ns)
+                .get_metadata_opt(&name)
+                .await?
+                .map(|o| o.metadata),
+        ),
+        (
+            "Service",
+            ctx.namespaced::<Service>(&ns)
+                .get_metadata_opt(&name)
+                .await?
+                .map(|o| o.metadata),
+        ),
+    ];
+    for (kind, meta) in owners {
+        let Some(meta) = meta else { continue };
+        let ours = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true));
+        if !ours {
+            return Ok(Err(Refusal::new(
+                reasons::OBJECT_NOT_OWNED,
+                format!("{kind} {name} exists and is not this Site's; remove it, or name the Site otherwise"),
+            )));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Sites whose relay objects were checked to be their own (by UID): checked
+/// once, then the controller knows it made them.
+#[derive(Default)]
+pub struct Verified(std::sync::Mutex<HashSet<String>>);
+
+impl Verified {
+    pub fn contains(&self, site: &Site) -> bool {
+        site.meta()
+            .uid
+            .as_ref()
+            .is_some_and(|u| self.0.lock().expect("lock poisoned").contains(u))
+    }
+
+    pub fn insert(&self, site: &Site) {
+        if let Some(uid) = &site.meta().uid {
+            self.0.lock().expect("lock poisoned").insert(uid.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(name: &str, image: Option<&str>) -> Site {
+        let mut s = Site::new(name, Default::default());
+        s.spec.relay.image = image.map(str::to_owned);
+        s
+    }
+
+    #[test]
+    fn a_site_name_too_long_for_its_relay_service_is_refused_with_the_rule() {
+        assert!(check_name(&site("hq", None)).is_ok());
+        let e = check_name(&site(&"a".repeat(58), None)).unwrap_err();
+        assert!(e.message.contains("at most 57"), "{}", e.message);
+        assert!(check_name(&site("9lives", None)).is_err());
+    }
+
+    #[test]
+    fn only_allowed_relay_images_run() {
+        let default = "ghcr.io/caravan-dev/caravan-relay:0.1.0";
+        let allowed = [
+            "registry.local:5000/mirror/caravan-relay".to_string(),
+            "internal.example.com/caravan/".to_string(),
+        ];
+        for ok in [
+            None,
+            Some("ghcr.io/caravan-dev/caravan-relay:0.2.0"),
+            Some("ghcr.io/caravan-dev/caravan-relay@sha256:abcd"),
+            Some("registry.local:5000/mirror/caravan-relay:1"),
+            Some("internal.example.com/caravan/relay-debug:1"),
+        ] {
+            assert!(
+                check_image(&site("hq", ok), default, &allowed).is_ok(),
+                "{ok:?}"
+            );
+        }
+        for bad in [
+            "evil.example.com/miner:latest",
+            "ghcr.io/caravan-dev/caravan-relay-evil:1",
+            "registry.local:5000/mirror/caravan-relay/../miner:1",
+            "internal.example.com/caravanx:1",
+            "internal.example.com/caravan/../miner:1",
+        ] {
+            let e = check_image(&site("hq", Some(bad)), default, &allowed).unwrap_err();
+            assert_eq!(e.reason, reasons::IMAGE_NOT_ALLOWED, "{bad}");
+        }
+        assert_eq!(repository("localhost:5000/relay"), "localhost:5000/relay");
+        assert_eq!(
+            repository("localhost:5000/relay:1.2"),
+            "localhost:5000/relay"
+        );
+    }
+}
