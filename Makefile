@@ -37,10 +37,14 @@ bench-agent: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-agent
 
-# Fuzz the archive reader and the manifest parser for a minute each (nightly).
+# Fuzz every parser of untrusted input (archives, Git manifests, desired
+# state, reports, enrollment) for FUZZ_SECONDS each (default 60), on stable
+# Rust: libFuzzer's coverage without a sanitizer (`-s none`).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = archive manifest desired reports enroll
 fuzz:
-	cd fuzz && $(CARGO) +nightly fuzz run archive -- -max_total_time=60
-	cd fuzz && $(CARGO) +nightly fuzz run manifest -- -max_total_time=60
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do $(CARGO) fuzz run $$t -s none -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 # Figures: the relay vs nginx serving the same cached 1 GiB blob to 64
 # concurrent clients (throughput, CPU-seconds per GiB, ratios).
