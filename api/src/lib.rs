@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod digest;
 pub mod names;
 pub mod signing;
+pub mod trust;
 pub mod v1alpha1;
 pub mod wire;
 

@@ -136,6 +136,14 @@ pub struct AgentDesired {
     /// Change nothing at all (the agent is not approved, or not known yet).
     #[serde(default)]
     pub frozen: bool,
+    /// Increases with every change (the controller's clock, in
+    /// milliseconds): an agent refuses a document older than one it accepted.
+    #[serde(default)]
+    pub version: u64,
+    /// RFC 3339 time after which the document is not acted on; the
+    /// controller signs it anew well before (see [`crate::trust`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expires: String,
 }
 
 impl AgentDesired {

@@ -1,0 +1,422 @@
+//! Signed documents, so that nobody between the controller and an agent (a
+//! relay, a branch LAN) can make the agent act on anything the controller
+//! did not say.
+//!
+//! - An [`Envelope`] is a DSSE envelope (the Dead Simple Signing Envelope of
+//!   in-toto and sigstore): a payload, its type, and ed25519 signatures over
+//!   DSSE's pre-authentication encoding of both, so a signature can be
+//!   neither moved to another document nor to another kind of document.
+//! - A [`Root`] says which keys sign and how many must (TUF's root role): an
+//!   agent pins one at enrollment and follows a rotation only through a
+//!   chain of roots, each signed by the keys of the one before and its own.
+//! - The controller signs each agent's whole desired state
+//!   ([`crate::wire::AgentDesired`], with a version and an expiry) under the
+//!   root's keys; see [`verify_desired`] for what an agent refuses.
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::{signing, wire::AgentDesired};
+
+/// The payload type of an agent's desired state.
+pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
+/// The payload type of a root of trust.
+pub const ROOT_TYPE: &str = "application/vnd.caravan.root.v1+json";
+
+/// A signed document (DSSE v1).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Base64 of the payload bytes.
+    pub payload: String,
+    pub payload_type: String,
+    pub signatures: Vec<EnvelopeSignature>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EnvelopeSignature {
+    /// [`signing::key_id`] of the key.
+    pub keyid: String,
+    /// Base64 ed25519 signature of the pre-authentication encoding.
+    pub sig: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error("not a signed document: {0}")]
+    Malformed(String),
+    #[error("a {found} document where a {expected} was expected")]
+    WrongType { expected: String, found: String },
+    #[error("signed by {found} of the {threshold} trusted keys needed")]
+    NotSigned { found: usize, threshold: usize },
+    #[error("desired state for agent {found}, not for this agent ({expected})")]
+    OtherAgent { expected: String, found: String },
+    #[error("desired state version {found} is older than version {accepted}, accepted already (a rollback)")]
+    Rollback { accepted: u64, found: u64 },
+    #[error("desired state version {version} changed content without a new version")]
+    Equivocation { version: u64 },
+    #[error("desired state version {version} expired at {expires} (updates are being withheld, or the controller is away)")]
+    Expired { version: u64, expires: String },
+    #[error("root version {found} does not follow version {current}")]
+    RootOutOfOrder { current: u64, found: u64 },
+}
+
+/// DSSE's pre-authentication encoding.
+fn pae(payload_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+impl Envelope {
+    /// `body` of type `payload_type`, signed by every key of `keys`.
+    pub fn sign(payload_type: &str, body: &[u8], keys: &[&SigningKey]) -> Self {
+        let message = pae(payload_type, body);
+        Self {
+            payload: B64.encode(body),
+            payload_type: payload_type.to_string(),
+            signatures: keys
+                .iter()
+                .map(|k| EnvelopeSignature {
+                    keyid: signing::key_id(&k.verifying_key()),
+                    sig: B64.encode(k.sign(&message).to_bytes()),
+                })
+                .collect(),
+        }
+    }
+
+    /// The payload, if this is a `payload_type` document signed by at least
+    /// `threshold` distinct keys of `keys`.
+    pub fn verify(
+        &self,
+        payload_type: &str,
+        keys: &[VerifyingKey],
+        threshold: usize,
+    ) -> Result<Vec<u8>, TrustError> {
+        if self.payload_type != payload_type {
+            return Err(TrustError::WrongType {
+                expected: payload_type.into(),
+                found: self.payload_type.clone(),
+            });
+        }
+        let body = B64
+            .decode(&self.payload)
+            .map_err(|e| TrustError::Malformed(format!("payload: {e}")))?;
+        let message = pae(payload_type, &body);
+        let mut signers: Vec<String> = Vec::new();
+        for s in &self.signatures {
+            let Some(key) = keys.iter().find(|k| signing::key_id(k) == s.keyid) else {
+                continue;
+            };
+            let ok = B64
+                .decode(&s.sig)
+                .ok()
+                .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+                .is_some_and(|sig| key.verify_strict(&message, &sig).is_ok());
+            if ok && !signers.contains(&s.keyid) {
+                signers.push(s.keyid.clone());
+            }
+        }
+        if signers.len() < threshold.max(1) {
+            return Err(TrustError::NotSigned {
+                found: signers.len(),
+                threshold: threshold.max(1),
+            });
+        }
+        Ok(body)
+    }
+}
+
+/// A root of trust: the keys that sign desired state and the next root.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Root {
+    /// Starts at 1; each rotation adds one.
+    pub version: u64,
+    /// `ed25519:<base64>` public keys.
+    pub keys: Vec<String>,
+    /// How many of them must sign.
+    pub threshold: u32,
+}
+
+impl Root {
+    /// The root's keys; a malformed one is an error.
+    pub fn verifying_keys(&self) -> Result<Vec<VerifyingKey>, TrustError> {
+        self.keys
+            .iter()
+            .map(|k| signing::parse_public(k).map_err(|e| TrustError::Malformed(e.to_string())))
+            .collect()
+    }
+
+    /// The root made of `keys`, signed by them.
+    pub fn signed(version: u64, keys: &[&SigningKey]) -> Envelope {
+        let root = Root {
+            version,
+            keys: keys
+                .iter()
+                .map(|k| signing::encode_public(&k.verifying_key()))
+                .collect(),
+            threshold: keys.len() as u32,
+        };
+        Envelope::sign(
+            ROOT_TYPE,
+            &serde_json::to_vec(&root).expect("a root serializes"),
+            keys,
+        )
+    }
+
+    /// A root an agent is given at enrollment, checked to be signed by its
+    /// own keys; `expected` (the sha256 of its payload, from the operator)
+    /// pins it against whoever handed it over.
+    pub fn first(envelope: &Envelope, expected: Option<&str>) -> Result<Self, TrustError> {
+        let body = B64
+            .decode(&envelope.payload)
+            .map_err(|e| TrustError::Malformed(format!("payload: {e}")))?;
+        let root: Root =
+            serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
+        envelope.verify(ROOT_TYPE, &root.verifying_keys()?, root.threshold as usize)?;
+        if let Some(expected) = expected {
+            let found = hex::encode(Sha256::digest(&body));
+            if !found.eq_ignore_ascii_case(expected) {
+                return Err(TrustError::Malformed(format!(
+                    "root sha256 {found} is not the one this agent was told to trust ({expected})"
+                )));
+            }
+        }
+        Ok(root)
+    }
+
+    /// The next root, if `envelope` is version `self.version + 1` signed by
+    /// this root's keys and by its own (TUF's root rotation).
+    pub fn rotate(&self, envelope: &Envelope) -> Result<Self, TrustError> {
+        let body = envelope.verify(ROOT_TYPE, &self.verifying_keys()?, self.threshold as usize)?;
+        let next: Root =
+            serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
+        if next.version != self.version + 1 {
+            return Err(TrustError::RootOutOfOrder {
+                current: self.version,
+                found: next.version,
+            });
+        }
+        envelope.verify(ROOT_TYPE, &next.verifying_keys()?, next.threshold as usize)?;
+        Ok(next)
+    }
+}
+
+/// What an agent last accepted of its desired state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub version: u64,
+    /// sha256 of the accepted payload.
+    pub payload_sha256: String,
+}
+
+/// The desired state in `envelope`, if it is signed under `root`, for
+/// `agent`, not older than what was `accepted` (a rollback), not a second
+/// content under an accepted version, and not expired at `now`. Returns it
+/// and what to remember as accepted.
+pub fn verify_desired(
+    envelope: &Envelope,
+    root: &Root,
+    agent: &str,
+    accepted: Option<&Accepted>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(AgentDesired, Accepted), TrustError> {
+    let body = envelope.verify(
+        DESIRED_TYPE,
+        &root.verifying_keys()?,
+        root.threshold as usize,
+    )?;
+    let desired: AgentDesired =
+        serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
+    if desired.agent != agent {
+        return Err(TrustError::OtherAgent {
+            expected: agent.into(),
+            found: desired.agent,
+        });
+    }
+    let sha = hex::encode(Sha256::digest(&body));
+    if let Some(a) = accepted {
+        if desired.version < a.version {
+            return Err(TrustError::Rollback {
+                accepted: a.version,
+                found: desired.version,
+            });
+        }
+        if desired.version == a.version && sha != a.payload_sha256 {
+            return Err(TrustError::Equivocation {
+                version: desired.version,
+            });
+        }
+    }
+    let expired = chrono::DateTime::parse_from_rfc3339(&desired.expires)
+        .map(|t| t <= now)
+        .unwrap_or(true);
+    if expired {
+        return Err(TrustError::Expired {
+            version: desired.version,
+            expires: desired.expires,
+        });
+    }
+    let accepted = Accepted {
+        version: desired.version,
+        payload_sha256: sha,
+    };
+    Ok((desired, accepted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    fn desired(agent: &str, version: u64, expires: &str) -> AgentDesired {
+        AgentDesired {
+            agent: agent.into(),
+            version,
+            expires: expires.into(),
+            ..Default::default()
+        }
+    }
+
+    fn sign(d: &AgentDesired, k: &SigningKey) -> Envelope {
+        Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), &[k])
+    }
+
+    const LATER: &str = "2100-01-01T00:00:00Z";
+
+    #[test]
+    fn only_a_document_signed_under_the_root_for_this_agent_is_taken() {
+        let k = key(1);
+        let root = Root::first(&Root::signed(1, &[&k]), None).unwrap();
+        let now = chrono::Utc::now();
+        let doc = sign(&desired("a1", 5, LATER), &k);
+        let (d, accepted) = verify_desired(&doc, &root, "a1", None, now).unwrap();
+        assert_eq!((d.version, accepted.version), (5, 5));
+        // Another key, another agent, another type, a touched payload.
+        let e = verify_desired(
+            &sign(&desired("a1", 6, LATER), &key(2)),
+            &root,
+            "a1",
+            None,
+            now,
+        );
+        assert!(
+            matches!(e, Err(TrustError::NotSigned { found: 0, .. })),
+            "{e:?}"
+        );
+        let e = verify_desired(&doc, &root, "a2", None, now);
+        assert!(matches!(e, Err(TrustError::OtherAgent { .. })), "{e:?}");
+        let mut retyped = doc.clone();
+        retyped.payload_type = ROOT_TYPE.into();
+        assert!(matches!(
+            verify_desired(&retyped, &root, "a1", None, now),
+            Err(TrustError::WrongType { .. })
+        ));
+        let mut tampered = doc.clone();
+        let mut body = B64.decode(&tampered.payload).unwrap();
+        body[5] ^= 1;
+        tampered.payload = B64.encode(body);
+        assert!(verify_desired(&tampered, &root, "a1", None, now).is_err());
+        let mut unsigned = doc.clone();
+        unsigned.signatures.clear();
+        assert!(matches!(
+            verify_desired(&unsigned, &root, "a1", None, now),
+            Err(TrustError::NotSigned { .. })
+        ));
+    }
+
+    #[test]
+    fn rollbacks_equivocation_and_expired_documents_are_refused() {
+        let k = key(1);
+        let root = Root::first(&Root::signed(1, &[&k]), None).unwrap();
+        let now = chrono::Utc::now();
+        let (_, accepted) =
+            verify_desired(&sign(&desired("a1", 5, LATER), &k), &root, "a1", None, now).unwrap();
+        let e = verify_desired(
+            &sign(&desired("a1", 4, LATER), &k),
+            &root,
+            "a1",
+            Some(&accepted),
+            now,
+        );
+        assert!(
+            matches!(
+                e,
+                Err(TrustError::Rollback {
+                    accepted: 5,
+                    found: 4
+                })
+            ),
+            "{e:?}"
+        );
+        let mut other = desired("a1", 5, LATER);
+        other.hold = vec!["x".into()];
+        let e = verify_desired(&sign(&other, &k), &root, "a1", Some(&accepted), now);
+        assert!(
+            matches!(e, Err(TrustError::Equivocation { version: 5 })),
+            "{e:?}"
+        );
+        assert!(verify_desired(
+            &sign(&desired("a1", 5, LATER), &k),
+            &root,
+            "a1",
+            Some(&accepted),
+            now
+        )
+        .is_ok());
+        let e = verify_desired(
+            &sign(&desired("a1", 6, "2020-01-01T00:00:00Z"), &k),
+            &root,
+            "a1",
+            Some(&accepted),
+            now,
+        );
+        assert!(matches!(e, Err(TrustError::Expired { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_root_rotates_only_through_a_root_both_old_and_new_keys_signed() {
+        let (old, new) = (key(1), key(2));
+        let root = Root::first(&Root::signed(1, &[&old]), None).unwrap();
+        // Version 2 with the new key, signed by old and new.
+        let body = serde_json::to_vec(&Root {
+            version: 2,
+            keys: vec![signing::encode_public(&new.verifying_key())],
+            threshold: 1,
+        })
+        .unwrap();
+        let both = Envelope::sign(ROOT_TYPE, &body, &[&old, &new]);
+        let next = root.rotate(&both).unwrap();
+        assert_eq!(next.version, 2);
+        assert!(
+            root.rotate(&Envelope::sign(ROOT_TYPE, &body, &[&new]))
+                .is_err(),
+            "the old keys must agree"
+        );
+        assert!(
+            root.rotate(&Envelope::sign(ROOT_TYPE, &body, &[&old]))
+                .is_err(),
+            "the new keys must agree"
+        );
+        assert!(matches!(
+            next.rotate(&both),
+            Err(TrustError::RootOutOfOrder { .. }) | Err(TrustError::NotSigned { .. })
+        ));
+        // A pinned fingerprint is checked.
+        let first = Root::signed(1, &[&old]);
+        let sha = hex::encode(Sha256::digest(B64.decode(&first.payload).unwrap()));
+        assert!(Root::first(&first, Some(&sha)).is_ok());
+        assert!(Root::first(&first, Some(&"0".repeat(64))).is_err());
+    }
+}
