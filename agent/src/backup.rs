@@ -1,5 +1,7 @@
 //! `caravan-agent backup` and `restore`: the endpoint's identity (host ID
-//! and secret), its credentials and the record of what it installed (with
+//! and secret), its credentials, the root of trust it pinned (and the
+//! desired-state version it accepted, so no older one is taken after a
+//! restore) and the record of what it installed (with
 //! the file manifests drift is checked against), in one file, so that after an OS reinstall it is the same Agent in the cluster
 //! and does not reinstall what is still in place. The file holds secrets:
 //! it is written readable by its owner only.
@@ -15,6 +17,7 @@ use crate::{
     drift::Baseline,
     state::{write_atomic, Credentials, Installed, StateDir},
     transaction::journal,
+    trust::Trust,
 };
 
 const FORMAT: &str = "caravan-agent-backup/v1";
@@ -30,6 +33,8 @@ struct Backup {
     /// What each installed version consisted of (for drift), by digest.
     #[serde(default)]
     manifests: BTreeMap<Digest, Baseline>,
+    #[serde(default)]
+    trust: Option<Trust>,
 }
 
 /// Writes the backup of `state` to `out`. The agent must be stopped.
@@ -56,6 +61,7 @@ pub fn backup(state: &StateDir, out: &Path) -> anyhow::Result<()> {
         credentials: state.credentials()?,
         installed,
         manifests,
+        trust: Trust::load(state)?,
     };
     write_atomic(out, &serde_json::to_vec_pretty(&backup)?)
         .with_context(|| format!("writing {}", out.display()))
@@ -84,6 +90,9 @@ pub fn restore(state: &StateDir, from: &Path, force: bool) -> anyhow::Result<()>
     state.set_identity(&backup.host_id, &backup.host_secret)?;
     state.set_credentials(backup.credentials.as_ref())?;
     state.set_installed(&backup.installed)?;
+    if let Some(trust) = &backup.trust {
+        trust.save(state)?;
+    }
     for (digest, b) in &backup.manifests {
         b.save(state, digest)?;
     }

@@ -3,8 +3,9 @@
 use std::{path::Path, time::Duration};
 
 use caravan_api::{
+    trust::Envelope,
     wire::{
-        paths, AgentDesired, AgentReport, EnrollRequest, EnrollResponse, MAX_AGENT_DESIRED_BYTES,
+        paths, AgentReport, EnrollRequest, EnrollResponse, MAX_AGENT_DESIRED_BYTES,
         MAX_SMALL_ANSWER_BYTES, MAX_WAIT_SECONDS,
     },
     Digest,
@@ -110,12 +111,23 @@ impl Client {
             .map_err(|source| ClientError::Body { url, error: source })
     }
 
-    /// Long-polls the agent's desired state; `Ok(None)` when unchanged.
+    /// The controller's roots of trust, oldest first, as the relay has them.
+    pub async fn roots(&self) -> Result<Vec<Envelope>, ClientError> {
+        let url = format!("{}{}", self.base, paths::ROOTS);
+        let res = self
+            .send(self.http.get(&url).timeout(Duration::from_secs(60)), &url)
+            .await?;
+        caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
+            .await
+            .map_err(|source| ClientError::Body { url, error: source })
+    }
+
+    /// Long-polls the agent's signed desired state; `Ok(None)` when unchanged.
     pub async fn desired(
         &self,
         etag: Option<&str>,
         wait: u64,
-    ) -> Result<Option<(String, AgentDesired)>, ClientError> {
+    ) -> Result<Option<(String, Envelope)>, ClientError> {
         let url = format!("{}{}", self.base, paths::poll(paths::DESIRED, wait));
         let res = self
             .send(

@@ -20,6 +20,8 @@ pub struct Config {
     pub trusted_keys: Vec<VerifyingKey>,
     /// The site's bootstrap token, needed only to enroll.
     pub bootstrap_token: Option<String>,
+    /// The sha256 of the root of trust to pin at enrollment.
+    pub trust_root_sha256: Option<String>,
     pub state_dir: PathBuf,
     pub install_root: PathBuf,
     pub hostname: String,
@@ -58,6 +60,7 @@ impl Config {
             ca_file: args.ca_file,
             trusted_keys,
             bootstrap_token: args.bootstrap_token,
+            trust_root_sha256: args.trust_root_sha256,
             state_dir: args.state_dir,
             install_root: args.install_root,
             hostname: args.hostname.unwrap_or_else(system_hostname),

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use caravan_api::{
     names,
     v1alpha1::InstallMethod,
-    wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, JobState},
+    wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, JobState, Refusal},
     Digest,
 };
 
@@ -48,6 +48,9 @@ pub struct Converger {
     baselines: HashMap<Digest, Baseline>,
     /// This process is a new agent binary whose update awaits its first report.
     on_probation: bool,
+    /// Why the desired state last served is refused (or the accepted one
+    /// expired), if it is: reported until a good one comes.
+    refused: Option<Refusal>,
 }
 
 /// What the agent found on the endpoint, for the plan.
@@ -70,7 +73,9 @@ impl Converger {
             client,
             config,
             state,
-            desired: AgentDesired::default(),
+            // Nothing is changed until a signed desired state is accepted.
+            desired: AgentDesired::frozen(""),
+            refused: None,
             jobs: HashMap::new(),
             retry_at: HashMap::new(),
             last_delivered: None,
@@ -84,6 +89,30 @@ impl Converger {
         self.jobs.retain(|k, _| current.contains(k));
         self.retry_at.retain(|k, _| current.contains(k));
         self.desired = desired;
+        self.refused = None;
+    }
+
+    /// Records why the desired state served is refused; the agent goes on
+    /// with the one it accepted before (until that expires).
+    pub fn refuse(&mut self, refusal: Refusal) {
+        if self.refused.as_ref() != Some(&refusal) {
+            tracing::error!(reason = %refusal.reason, message = %refusal.message, "desired state refused");
+            // Reported at the next pass.
+            self.last_delivered = None;
+        }
+        self.refused = Some(refusal);
+    }
+
+    /// The seconds until the accepted desired state expires, at most `max`.
+    pub fn until_expiry(&self, max: u64) -> u64 {
+        chrono::DateTime::parse_from_rfc3339(&self.desired.expires)
+            .ok()
+            .and_then(|t| {
+                (t.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                    .to_std()
+                    .ok()
+            })
+            .map_or(max, |d| (d.as_secs() + 1).min(max))
     }
 
     /// How long the next poll may wait: no longer than the next retry is due.
@@ -133,8 +162,17 @@ impl Converger {
                 return false;
             }
         };
-        if self.desired.frozen {
-            // Not approved, or not known to the controller yet: change nothing.
+        // Withheld updates, or a controller away: act on nothing stale,
+        // and say so (unless something more telling was refused).
+        let expired = match self.desired.frozen {
+            true => None,
+            false => crate::trust::expired(&self.desired, chrono::Utc::now()),
+        };
+        if let (Some(e), None) = (&expired, &self.refused) {
+            self.refuse(e.refusal());
+        }
+        if self.desired.frozen || expired.is_some() {
+            // Not approved, not known to the controller yet, or expired: change nothing.
             if self.report_due() {
                 self.report(&installed).await;
             }
@@ -316,7 +354,13 @@ impl Converger {
         a: &Assignment,
         installed: &mut Installed,
     ) -> anyhow::Result<String> {
-        policy::check(a, &self.config.trusted_keys, &self.config.install_root)?;
+        let have = installed.get(&a.package).map(|r| r.version.as_str());
+        policy::check(
+            a,
+            have,
+            &self.config.trusted_keys,
+            &self.config.install_root,
+        )?;
         self.transition(a, AssignmentPhase::Downloading, installed)
             .await;
         let blob = self.state.download(&a.digest);
@@ -419,6 +463,8 @@ impl Converger {
             installed: installed.values().map(Into::into).collect(),
             jobs,
             drift: self.drift.clone(),
+            desired_version: self.desired.version,
+            desired_refused: self.refused.clone(),
         };
         if let Err(e) = self.state.set_last_report(&report) {
             tracing::warn!(error = %e, "cannot save the last report");

@@ -1,12 +1,14 @@
 //! `caravan-agent run`: take the state directory for this process, finish
-//! any change a crash interrupted, enroll if needed, then long-poll the
-//! relay for the desired state and converge to it, forever (or once). The
+//! any change a crash interrupted, enroll if needed, pin the controller's
+//! root of trust if not yet, then long-poll the relay for the desired state,
+//! verify it ([`crate::trust`]) and converge to it, forever (or once). The
 //! first pass runs at start-up without waiting, so an endpoint that was off
 //! gets its jobs as soon as it comes back.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use caravan_api::trust::{Envelope, TrustError};
 use caravan_net::Backoff;
 
 use crate::{
@@ -16,6 +18,7 @@ use crate::{
     enroll, selfupdate,
     state::StateDir,
     transaction,
+    trust::{Trust, Verdict},
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -28,6 +31,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("finishing an interrupted change")?;
     let mut client = Client::new(&config.server, config.ca_file.as_deref())?;
     enroll::ensure_enrolled(&config, &state, &mut client).await?;
+    let mut trust = ensure_trust(&config, &state, &client).await?;
     let mut agent = Converger::new(config.clone(), state, client)?;
     let mut etag: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -35,11 +39,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut wait = 0;
     loop {
         match agent.client.desired(etag.as_deref(), wait).await {
-            Ok(Some((new_etag, desired))) => {
+            Ok(Some((new_etag, envelope))) => {
                 etag = Some(new_etag);
-                agent.set_desired(desired);
+                let refused = judge(&mut trust, &mut agent, &envelope).await?;
                 let ok = agent.converge().await;
                 if config.once {
+                    if let Some(e) = refused {
+                        anyhow::bail!("desired state refused: {e}");
+                    }
                     anyhow::ensure!(ok, "some assignments failed; see `caravan-agent status`");
                     return Ok(());
                 }
@@ -64,6 +71,82 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
         }
-        wait = agent.next_wait(config.poll_wait);
+        // Wake when the accepted state expires, to stop acting on it.
+        wait = agent.next_wait(agent.until_expiry(config.poll_wait));
+    }
+}
+
+/// The agent's trust, pinned from the roots its relay offers the first
+/// time (checked against `--trust-root-sha256` when given).
+async fn ensure_trust(config: &Config, state: &StateDir, client: &Client) -> anyhow::Result<Trust> {
+    if let Some(trust) = Trust::load(state)? {
+        return Ok(trust);
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let chain = loop {
+        match client.roots().await {
+            Ok(chain) => break chain,
+            Err(e) if config.once => return Err(e).context("fetching the controller's roots"),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "fetching the controller's roots failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    let trust = Trust::pin(&chain, config.trust_root_sha256.as_deref())
+        .context("pinning the controller's root of trust")?;
+    trust.save(state)?;
+    tracing::info!(root = %caravan_api::trust::fingerprint(&trust.root)?, pinned = config.trust_root_sha256.is_some(), "trusting the controller's root");
+    Ok(trust)
+}
+
+/// Verifies a document the relay served and hands it to the converger if
+/// it is good; otherwise records why not (returned) and the agent goes on
+/// with what it accepted before.
+async fn judge(
+    trust: &mut Trust,
+    agent: &mut Converger,
+    envelope: &Envelope,
+) -> anyhow::Result<Option<TrustError>> {
+    let me = agent
+        .state
+        .credentials()?
+        .map(|c| c.agent)
+        .context("enrolled, but the credentials are gone")?;
+    let now = chrono::Utc::now();
+    let mut verdict = trust.judge(envelope, &me, now);
+    if matches!(verdict, Err(TrustError::NotSigned { .. })) && !envelope.signatures.is_empty() {
+        // Signed by a key this agent does not know: perhaps the controller
+        // rotated its root. Follow the chain the relay offers, if it holds.
+        match agent
+            .client
+            .roots()
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|chain| Ok(trust.follow(&chain)?))
+        {
+            Ok(true) => {
+                trust.save(&agent.state)?;
+                tracing::info!(root = %caravan_api::trust::fingerprint(&trust.root)?, "followed the controller's root rotation");
+                verdict = trust.judge(envelope, &me, now);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot follow the controller's roots")
+            }
+        }
+    }
+    match verdict {
+        Ok(Verdict::Accept(desired)) => {
+            trust.save(&agent.state)?;
+            agent.set_desired(desired);
+            Ok(None)
+        }
+        Ok(Verdict::NotDescribed) => Ok(None),
+        Err(e) => {
+            agent.refuse(e.refusal());
+            Ok(Some(e))
+        }
     }
 }

@@ -9,6 +9,8 @@
 //!   [`converge`] does it: [`policy`] checks, download, [`transaction`].
 //! - [`transaction`]: one package change, crash-safe (journal, atomic
 //!   switch, scripts, rollback, recovery at start-up).
+//! - [`trust`]: every desired state is verified as the controller's,
+//!   current and for this agent before anything is done about it.
 //! - [`drift`], [`selfupdate`], [`backup`], [`status`]: the rest of what an
 //!   endpoint needs; [`state`] is the state directory they all keep files in.
 
@@ -26,6 +28,7 @@ pub mod selfupdate;
 pub mod state;
 pub mod status;
 pub mod transaction;
+pub mod trust;
 
 use std::path::PathBuf;
 
@@ -129,6 +132,12 @@ pub struct RunArgs {
     /// The site's bootstrap token, needed only to enroll.
     #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,
+    /// The sha256 of the controller's root of trust
+    /// (`caravan-controller trust-root` prints it). The agent pins the root
+    /// it is first offered; with this set, only that root (or one it
+    /// rotated to). Without it, the first root offered is trusted.
+    #[arg(long, env = "CARAVAN_TRUST_ROOT_SHA256")]
+    pub trust_root_sha256: Option<String>,
     /// Where the agent keeps its identity, records and downloads.
     #[arg(
         long,

@@ -1,6 +1,7 @@
 //! What the agent checks of an assignment before it downloads anything:
 //! the package name is a safe directory name, the package carries a
-//! signature this agent accepts (by its own keys, never the relay's), and
+//! signature this agent accepts (by its own keys, never the relay's), it
+//! is not older than the installed version unless the job allows that, and
 //! the endpoint meets the package's requirements (os, arch, free disk).
 
 use std::path::Path;
@@ -9,11 +10,33 @@ use anyhow::Context as _;
 use caravan_api::{names, signing, wire::Assignment};
 use ed25519_dalek::VerifyingKey;
 
-/// Refuses an assignment this agent must not install, saying why.
-pub fn check(a: &Assignment, trusted: &[VerifyingKey], root: &Path) -> anyhow::Result<()> {
+/// Refuses an assignment this agent must not install, saying why;
+/// `installed` is the version of the package installed now, if any.
+pub fn check(
+    a: &Assignment,
+    installed: Option<&str>,
+    trusted: &[VerifyingKey],
+    root: &Path,
+) -> anyhow::Result<()> {
     names::package_name(&a.package).map_err(anyhow::Error::msg)?;
     check_signature(a, trusted)?;
+    check_downgrade(a, installed)?;
     check_requirements(a, root)
+}
+
+/// Refuses to install a lower version than the installed one unless the
+/// job says so (`allowDowngrade`): an old, vulnerable version cannot come
+/// back by replaying an old job.
+pub fn check_downgrade(a: &Assignment, installed: Option<&str>) -> anyhow::Result<()> {
+    if let Some(have) = installed {
+        anyhow::ensure!(
+            a.allow_downgrade || caravan_api::version::cmp(&a.version, have).is_ge(),
+            "refusing to downgrade package {} from {have} to {}: the job does not allow downgrades (allowDowngrade)",
+            a.package,
+            a.version
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a package that is not signed as this agent's policy (or its
@@ -144,6 +167,25 @@ mod tests {
             "a signature of another version"
         );
         a.package = "../etc".into();
-        assert!(check(&a, &trusted, Path::new("/nonexistent")).is_err());
+        assert!(check(&a, None, &trusted, Path::new("/nonexistent")).is_err());
+    }
+
+    #[test]
+    fn a_lower_version_than_installed_needs_the_jobs_leave() {
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": "ns/j", "action": "install", "package": "app", "version": "1.9",
+            "digest": caravan_api::Digest::of(b"app"), "size": 10, "install": {},
+        }))
+        .unwrap();
+        assert!(check_downgrade(&a, None).is_ok());
+        assert!(check_downgrade(&a, Some("1.9")).is_ok(), "a reinstall");
+        assert!(check_downgrade(&a, Some("1.2")).is_ok(), "an upgrade");
+        let e = check_downgrade(&a, Some("1.10")).unwrap_err().to_string();
+        assert!(
+            e.contains("refusing to downgrade package app from 1.10 to 1.9"),
+            "{e}"
+        );
+        a.allow_downgrade = true;
+        assert!(check_downgrade(&a, Some("1.10")).is_ok());
     }
 }

@@ -158,6 +158,8 @@ mod tests {
                 ),
             ],
             drift: vec![],
+            desired_version: 0,
+            desired_refused: None,
         };
         let progress = Progress {
             package: "big".into(),

@@ -18,6 +18,10 @@ pub const COMPLETE: &str = "Complete";
 pub const FAILED: &str = "Failed";
 /// Package: signed by a key its cabinet trusts.
 pub const SIGNED: &str = "Signed";
+/// Agent: acts on a desired state the controller signed for it, current
+/// and not expired; False (with the agent's reason: `NotSigned`,
+/// `Rollback`, `Expired`, …) when what it is served is refused.
+pub const DESIRED_STATE_ACCEPTED: &str = "DesiredStateAccepted";
 
 pub mod reasons {
     pub const SUCCEEDED: &str = "Succeeded";
@@ -53,6 +57,10 @@ pub mod reasons {
     pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
     /// An object the controller would make for a Site exists and is not the Site's.
     pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
+    /// An agent verified its desired state.
+    pub const VERIFIED: &str = "Verified";
+    /// An agent has not accepted a signed desired state yet.
+    pub const NOT_YET_ACCEPTED: &str = "NotYetAccepted";
     /// A transient failure is being retried.
     pub const RETRYING: &str = "Retrying";
 }

@@ -8,6 +8,7 @@ pub mod names;
 pub mod signing;
 pub mod trust;
 pub mod v1alpha1;
+pub mod version;
 pub mod wire;
 
 pub use digest::Digest;

@@ -26,7 +26,7 @@ pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
 pub const ROOT_TYPE: &str = "application/vnd.caravan.root.v1+json";
 
 /// A signed document (DSSE v1).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope {
     /// Base64 of the payload bytes.
@@ -63,6 +63,30 @@ pub enum TrustError {
     RootOutOfOrder { current: u64, found: u64 },
 }
 
+impl TrustError {
+    /// One word for a condition's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "Malformed",
+            Self::WrongType { .. } => "WrongType",
+            Self::NotSigned { .. } => "NotSigned",
+            Self::OtherAgent { .. } => "OtherAgent",
+            Self::Rollback { .. } => "Rollback",
+            Self::Equivocation { .. } => "Equivocation",
+            Self::Expired { .. } => "Expired",
+            Self::RootOutOfOrder { .. } => "RootOutOfOrder",
+        }
+    }
+
+    /// What an agent reports.
+    pub fn refusal(&self) -> crate::wire::Refusal {
+        crate::wire::Refusal {
+            reason: self.reason().into(),
+            message: self.to_string(),
+        }
+    }
+}
+
 /// DSSE's pre-authentication encoding.
 fn pae(payload_type: &str, body: &[u8]) -> Vec<u8> {
     let mut out = format!(
@@ -92,6 +116,13 @@ impl Envelope {
         }
     }
 
+    /// The payload, unverified: for a relay, which only passes documents on
+    /// and reads which blobs they name, never for acting on them.
+    pub fn unverified_payload(&self) -> Result<Vec<u8>, TrustError> {
+        B64.decode(&self.payload)
+            .map_err(|e| TrustError::Malformed(format!("payload: {e}")))
+    }
+
     /// The payload, if this is a `payload_type` document signed by at least
     /// `threshold` distinct keys of `keys`.
     pub fn verify(
@@ -106,9 +137,7 @@ impl Envelope {
                 found: self.payload_type.clone(),
             });
         }
-        let body = B64
-            .decode(&self.payload)
-            .map_err(|e| TrustError::Malformed(format!("payload: {e}")))?;
+        let body = self.unverified_payload()?;
         let message = pae(payload_type, &body);
         let mut signers: Vec<String> = Vec::new();
         for s in &self.signatures {
@@ -176,9 +205,7 @@ impl Root {
     /// own keys; `expected` (the sha256 of its payload, from the operator)
     /// pins it against whoever handed it over.
     pub fn first(envelope: &Envelope, expected: Option<&str>) -> Result<Self, TrustError> {
-        let body = B64
-            .decode(&envelope.payload)
-            .map_err(|e| TrustError::Malformed(format!("payload: {e}")))?;
+        let body = envelope.unverified_payload()?;
         let root: Root =
             serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
         envelope.verify(ROOT_TYPE, &root.verifying_keys()?, root.threshold as usize)?;
@@ -207,6 +234,57 @@ impl Root {
         }
         envelope.verify(ROOT_TYPE, &next.verifying_keys()?, next.threshold as usize)?;
         Ok(next)
+    }
+}
+
+/// The sha256 (hex) of a root's payload: what an operator pins an agent
+/// to (`caravan-agent run --trust-root-sha256`).
+pub fn fingerprint(envelope: &Envelope) -> Result<String, TrustError> {
+    Ok(hex::encode(Sha256::digest(envelope.unverified_payload()?)))
+}
+
+/// A root to trust from a chain of roots (oldest first, as a relay hands
+/// it over): the one whose [`fingerprint`] is `pinned` (or, without a pin,
+/// the first: trust on first use), followed to the newest through
+/// [`Root::rotate`]. Returns the newest root and its envelope.
+pub fn pin(chain: &[Envelope], pinned: Option<&str>) -> Result<(Root, Envelope), TrustError> {
+    let start = match pinned {
+        Some(pin) => chain
+            .iter()
+            .position(|e| fingerprint(e).is_ok_and(|f| f.eq_ignore_ascii_case(pin)))
+            .ok_or_else(|| {
+                TrustError::Malformed(format!(
+                    "none of the {} roots offered has the pinned sha256 {pin}",
+                    chain.len()
+                ))
+            })?,
+        None => 0,
+    };
+    let first = chain
+        .get(start)
+        .ok_or_else(|| TrustError::Malformed("no root offered".into()))?;
+    let root = Root::first(first, pinned)?;
+    Ok(root
+        .follow(&chain[start + 1..])?
+        .unwrap_or_else(|| (root, first.clone())))
+}
+
+impl Root {
+    /// Follows the rotations in `chain` (oldest first) past this root's
+    /// version, each signed by the root before it; the newest root reached,
+    /// if any. A root that does not follow stops it with an error.
+    pub fn follow(&self, chain: &[Envelope]) -> Result<Option<(Root, Envelope)>, TrustError> {
+        let mut at: Option<(Root, Envelope)> = None;
+        for e in chain {
+            let current = at.as_ref().map_or(self, |(r, _)| r);
+            let version = Root::first(e, None).map(|r| r.version).unwrap_or(0);
+            if version <= current.version {
+                continue;
+            }
+            let next = current.rotate(e)?;
+            at = Some((next, e.clone()));
+        }
+        Ok(at)
     }
 }
 
@@ -418,5 +496,36 @@ mod tests {
         let sha = hex::encode(Sha256::digest(B64.decode(&first.payload).unwrap()));
         assert!(Root::first(&first, Some(&sha)).is_ok());
         assert!(Root::first(&first, Some(&"0".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn an_agent_pins_a_root_and_follows_the_chain_to_the_newest() {
+        let (k1, k2, k3) = (key(1), key(2), key(3));
+        let r1 = Root::signed(1, &[&k1]);
+        let next = |version: u64, old: &SigningKey, new: &SigningKey| {
+            let body = serde_json::to_vec(&Root {
+                version,
+                keys: vec![signing::encode_public(&new.verifying_key())],
+                threshold: 1,
+            })
+            .unwrap();
+            Envelope::sign(ROOT_TYPE, &body, &[old, new])
+        };
+        let (r2, r3) = (next(2, &k1, &k2), next(3, &k2, &k3));
+        let chain = [r1.clone(), r2.clone(), r3.clone()];
+        // Trust on first use: from version 1 to 3.
+        let (root, env) = pin(&chain, None).unwrap();
+        assert_eq!((root.version, &env), (3, &r3));
+        // Pinned to version 2: the same newest root.
+        let (root, _) = pin(&chain, Some(&fingerprint(&r2).unwrap())).unwrap();
+        assert_eq!(root.version, 3);
+        // A pin no root has, and a chain with a forged link, are refused.
+        assert!(pin(&chain, Some(&"ab".repeat(32))).is_err());
+        let forged = next(3, &key(9), &key(9));
+        assert!(pin(&[r1.clone(), r2.clone(), forged], None).is_err());
+        // An agent at version 2 follows only what is newer.
+        let at2 = Root::first(&r1, None).unwrap().rotate(&r2).unwrap();
+        assert_eq!(at2.follow(&chain).unwrap().unwrap().0.version, 3);
+        assert!(at2.follow(&chain[..2]).unwrap().is_none());
     }
 }

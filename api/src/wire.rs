@@ -16,7 +16,8 @@
 //! | call | who | body → answer |
 //! |---|---|---|
 //! | `POST /v1/enroll` | site bootstrap token | [`EnrollRequest`] → [`EnrollResponse`] |
-//! | `GET  /v1/desired` | agent token | long-poll → [`AgentDesired`] |
+//! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
+//! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of [`crate::trust::Root`], oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
 //! | `POST /v1/report` | agent token | [`AgentReport`] |
 //!
@@ -28,6 +29,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    trust::Envelope,
     v1alpha1::{InstallSpec, JobAction},
     Digest,
 };
@@ -75,6 +77,8 @@ pub mod paths {
     pub const DESIRED: &str = "/v1/desired";
     /// Relay: the agent's report (agent token).
     pub const REPORT: &str = "/v1/report";
+    /// Relay: the controller's roots of trust, oldest first (agent token).
+    pub const ROOTS: &str = "/v1/roots";
 
     /// Controller and relay: a blob by digest (`GET`; `PUT` uploads to the controller).
     pub const BLOB: &str = "/v1/blobs/{digest}";
@@ -117,6 +121,9 @@ pub struct Assignment {
     /// Put the package's files back when they drift (see [`Drift`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub repair: bool,
+    /// The job allows installing a lower version than the one installed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
 }
 
 /// Everything assigned to one agent.
@@ -157,12 +164,18 @@ impl AgentDesired {
     }
 }
 
-/// What every agent of one site must have, keyed by agent name.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+/// What every agent of one site must have, keyed by agent name: each
+/// agent's [`AgentDesired`] signed by the controller (`A` = [`Envelope`]),
+/// as served; the controller's index computes it unsigned first.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct SiteDesired {
+pub struct SiteDesired<A = Envelope> {
     pub site: String,
-    pub agents: BTreeMap<String, AgentDesired>,
+    pub agents: BTreeMap<String, A>,
+    /// Every blob assigned to the site's agents (the relay need not open
+    /// the signed documents to know what to keep).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<Digest>,
     /// Blobs of the jobs aimed at this site, enrolled agents or not: the
     /// relay fetches them ahead of time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -171,20 +184,29 @@ pub struct SiteDesired {
     /// this site's relay, so each blob crosses each link once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lower: Vec<Digest>,
+    /// The controller's roots of trust, oldest first, which the relay hands
+    /// to its agents (`GET /v1/roots`): each signed by the one before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<Envelope>,
 }
 
-impl SiteDesired {
-    /// Every blob digest the site's agents need.
-    pub fn digests(&self) -> impl Iterator<Item = &Digest> {
-        self.agents
-            .values()
-            .flat_map(|a| &a.assignments)
-            .map(|a| &a.digest)
+impl<A> Default for SiteDesired<A> {
+    fn default() -> Self {
+        Self {
+            site: String::new(),
+            agents: BTreeMap::new(),
+            blobs: vec![],
+            prestage: vec![],
+            lower: vec![],
+            roots: vec![],
+        }
     }
+}
 
+impl<A> SiteDesired<A> {
     /// Every blob the site's relay keeps: its agents', its jobs' and its lower sites'.
     pub fn all_digests(&self) -> impl Iterator<Item = &Digest> {
-        self.digests().chain(&self.prestage).chain(&self.lower)
+        self.blobs.iter().chain(&self.prestage).chain(&self.lower)
     }
 }
 
@@ -273,6 +295,21 @@ pub struct AgentReport {
     /// endpoint since they were installed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<Drift>,
+    /// Version of the signed desired state the agent acts on (none yet: 0).
+    #[serde(default)]
+    pub desired_version: u64,
+    /// Why the agent refuses the desired state it was last served, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_refused: Option<Refusal>,
+}
+
+/// Why an agent refuses its desired state (see [`crate::trust::TrustError`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    /// One word: `NotSigned`, `Rollback`, `Expired`, …
+    pub reason: String,
+    pub message: String,
 }
 
 /// Most drifted files an agent reports (the count says how many there are).

@@ -5,7 +5,7 @@
 
 use kube::runtime::events::{Recorder, Reporter};
 
-use crate::{credentials::CredentialKey, metrics::Metrics, Config};
+use crate::{credentials::CredentialKey, metrics::Metrics, trust::TrustKeys, Config};
 
 pub struct Context {
     pub client: kube::Client,
@@ -15,11 +15,15 @@ pub struct Context {
     pub config: Config,
     /// Derives and checks relay and bootstrap tokens.
     pub credentials: CredentialKey,
+    /// Signs desired state.
+    pub trust: TrustKeys,
 }
 
 impl Context {
     pub fn new(client: kube::Client, config: Config) -> crate::error::Result<Self> {
         let credentials = CredentialKey::load_or_create(&config.data_dir.join("token.key"))?;
+        let trust = TrustKeys::load_or_create(&config.trust_dir())?;
+        tracing::info!(root = %trust.fingerprint(), version = trust.roots.len(), "signing desired state under this root");
         let reporter = Reporter {
             controller: "caravan-controller".into(),
             instance: None,
@@ -30,6 +34,7 @@ impl Context {
             metrics: Metrics::default(),
             config,
             credentials,
+            trust,
         })
     }
 

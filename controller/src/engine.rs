@@ -4,8 +4,10 @@
 //! 1. surveys where each package's artifact stands in the store, asking
 //!    for the fetch of those an `http` cabinet holds that the store lacks;
 //! 2. computes the index from the caches (pure);
-//! 3. publishes every site's desired state on a watch channel, which the
+//! 3. signs each agent's part ([`crate::trust::Signer`]) and publishes
+//!    every site's desired state on a watch channel, which the
 //!    distribution API serves to relays (only when a document changed);
+//!    it wakes, changes or not, when a document is due to be signed anew;
 //! 4. writes the status of every job, package and cabinet that changed
 //!    ([`status_patch`]), at most once per debounce interval, so status
 //!    writes stay bounded however many agents report. Writes that fail
@@ -33,6 +35,7 @@ use crate::{
     index::{self, ArtifactState, Artifacts, DesiredIndex},
     status_patch::{self, HasStatus, Written},
     stores::{Stores, Writers},
+    trust::Signer,
 };
 
 /// How long the engine waits for more changes before recomputing.
@@ -46,6 +49,7 @@ pub struct Engine {
     blobs: Arc<BlobStore>,
     pulls: Pulls,
     desired: watch::Sender<Arc<DesiredIndex>>,
+    signer: std::sync::Mutex<Signer>,
     /// Per object: the status last written and the status that write left.
     written: std::sync::Mutex<HashMap<(String, index::ObjectKey), (u64, u64)>>,
 }
@@ -63,7 +67,9 @@ fn fingerprint<S: serde::Serialize>(status: Option<&S>) -> u64 {
 impl Engine {
     pub fn new(ctx: Arc<Context>, stores: Stores, blobs: Arc<BlobStore>) -> anyhow::Result<Self> {
         let http = caravan_net::client(None, Duration::from_secs(60))?;
+        let ttl = Duration::from_secs(ctx.config.desired_state_ttl_seconds);
         Ok(Self {
+            signer: std::sync::Mutex::new(Signer::new(&ctx.trust, ttl)),
             ctx,
             stores,
             pulls: Pulls::new(blobs.clone(), http),
@@ -113,11 +119,19 @@ impl Engine {
                     Some(Instant::now() + delay)
                 };
             }
+            // Wake for a retry, or to sign a document anew before it expires.
+            let refresh_at = self
+                .signer
+                .lock()
+                .expect("lock poisoned")
+                .next_refresh()
+                .map(|t| Instant::now() + (t - chrono::Utc::now()).to_std().unwrap_or_default());
+            let wake_at = retry_at.into_iter().chain(refresh_at).min();
             tokio::select! {
                 change = changes.next() => if change.is_none() {
                     anyhow::bail!("watch streams ended");
                 },
-                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
+                () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
@@ -145,7 +159,11 @@ impl Engine {
         });
         self.ctx.metrics.recomputes.inc();
         self.ctx.metrics.agents.set(agents.len() as i64);
-        let desired = out.desired;
+        let desired = self
+            .signer
+            .lock()
+            .expect("lock poisoned")
+            .sign_sites(out.desired, chrono::Utc::now());
         self.desired.send_if_modified(|current| {
             let changed = current.differs_from(&desired);
             if changed {

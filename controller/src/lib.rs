@@ -30,6 +30,7 @@ pub mod server;
 pub mod site;
 pub mod status_patch;
 pub mod stores;
+pub mod trust;
 pub mod webhook;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -116,8 +117,53 @@ pub struct Config {
     /// is kept this long to be resumed.
     #[arg(long, env = "CARAVAN_BLOB_GRACE_SECONDS", default_value_t = 86400)]
     pub blob_grace_seconds: u64,
+    /// How long a signed desired-state document is good for. Agents act on
+    /// nothing older, so a relay withholding updates is found out within
+    /// this time; documents are signed anew when half of it is left.
+    #[arg(
+        long,
+        env = "CARAVAN_DESIRED_STATE_TTL_SECONDS",
+        default_value_t = 7 * 86400,
+        value_parser = clap::value_parser!(u64).range(2..)
+    )]
+    pub desired_state_ttl_seconds: u64,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-off commands instead of running the controller.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print the fingerprint of the root agents trust (for their
+    /// `--trust-root-sha256`), creating the signing key on first use.
+    TrustRoot,
+    /// Make a new signing key and root, signed by the current key and the
+    /// new one; the controller signs with it from its next start, and
+    /// agents follow the rotation. Keep the old key offline afterwards.
+    RotateTrustRoot,
+}
+
+impl Config {
+    /// Where the signing keys and roots are kept.
+    pub fn trust_dir(&self) -> PathBuf {
+        self.data_dir.join("trust")
+    }
+}
+
+/// Runs a one-off [`Command`].
+pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
+    let dir = config.trust_dir();
+    match command {
+        Command::TrustRoot => {}
+        Command::RotateTrustRoot => {
+            let version = trust::TrustKeys::rotate(&dir)?;
+            eprintln!("root version {version} made; restart the controller to sign with it");
+        }
+    }
+    println!("{}", trust::TrustKeys::load_or_create(&dir)?.fingerprint());
+    Ok(())
 }
 
 /// Runs every part of the controller until shutdown is asked for (then they

@@ -6,5 +6,8 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = caravan_controller::Config::parse();
     config.log.init();
-    caravan_controller::run(config).await
+    match &config.command {
+        Some(command) => caravan_controller::run_command(&config, command),
+        None => caravan_controller::run(config).await,
+    }
 }

@@ -1,16 +1,33 @@
 //! Any bytes a relay (or anything posing as one) sends an agent as its
-//! desired state are refused or taken; what is taken prints and parses back
-//! to itself, and the agent's plan over it never panics, whatever it holds.
+//! desired state are refused: no document verifies that the controller's
+//! key did not sign. And any payload the controller could sign prints and
+//! parses back to itself, and the agent's plan over it never panics,
+//! whatever it holds.
 #![no_main]
 
 use caravan_agent::{
     plan::{plan, Situation},
     state::{Installed, InstalledRecord},
 };
-use caravan_api::wire::AgentDesired;
+use caravan_api::{
+    trust::{verify_desired, Envelope, Root},
+    wire::AgentDesired,
+};
 use libfuzzer_sys::fuzz_target;
 
+fn root() -> &'static Root {
+    static ROOT: std::sync::OnceLock<Root> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        Root::first(&Root::signed(1, &[&key]), None).unwrap()
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(data) {
+        let verdict = verify_desired(&envelope, root(), "a1", None, chrono::Utc::now());
+        assert!(verdict.is_err(), "a document nobody signed was taken");
+    }
     let Ok(desired) = serde_json::from_slice::<AgentDesired>(data) else {
         return;
     };

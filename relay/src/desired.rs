@@ -3,10 +3,18 @@
 //! is woken only when its own part changes), and acted on at once: blobs no
 //! agent needs any more leave the cache, and those the site (and the sites
 //! below) will need are fetched before anyone asks (prestaging).
+//!
+//! Each agent's part is a document the controller signed: the relay passes
+//! it on as it came and reads from it only which blobs the agent may fetch.
+//! It could not change it without the agent noticing.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use caravan_api::wire::{AgentDesired, SiteDesired};
+use caravan_api::{
+    trust::{Envelope, DESIRED_TYPE},
+    wire::{AgentDesired, SiteDesired},
+    Digest,
+};
 use caravan_net::{Backoff, Document};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,12 +22,38 @@ use tokio_util::sync::CancellationToken;
 use crate::{cache::Cache, upstream::Upstream};
 
 /// The site's desired state as last received, sliced per agent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SiteState {
     /// The site's desired state without its agents (in `agents`).
     pub desired: SiteDesired,
     /// Per agent: its part, served as is.
-    pub agents: HashMap<String, Arc<Document<AgentDesired>>>,
+    pub agents: HashMap<String, Arc<AgentPart>>,
+    /// The controller's roots, served as is.
+    pub roots: Arc<Document<Vec<Envelope>>>,
+}
+
+/// One agent's signed document and the blobs it names.
+#[derive(Debug)]
+pub struct AgentPart {
+    pub document: Document<Envelope>,
+    pub blobs: Vec<Digest>,
+}
+
+impl AgentPart {
+    fn new(envelope: Envelope) -> Self {
+        // A document the relay cannot read names no blob it would hand out;
+        // it is passed on all the same, for the agent to refuse and report.
+        let blobs = envelope
+            .unverified_payload()
+            .ok()
+            .and_then(|body| serde_json::from_slice::<AgentDesired>(&body).ok())
+            .map(|d| d.assignments.into_iter().map(|a| a.digest).collect())
+            .unwrap_or_default();
+        Self {
+            document: Document::new(envelope),
+            blobs,
+        }
+    }
 }
 
 impl SiteState {
@@ -27,18 +61,26 @@ impl SiteState {
     pub fn new(mut desired: SiteDesired) -> Self {
         let agents = std::mem::take(&mut desired.agents)
             .into_iter()
-            .map(|(name, d)| (name, Arc::new(Document::new(d))))
+            .map(|(name, d)| (name, Arc::new(AgentPart::new(d))))
             .collect();
-        Self { desired, agents }
+        let roots = Arc::new(Document::new(std::mem::take(&mut desired.roots)));
+        Self {
+            desired,
+            agents,
+            roots,
+        }
     }
 
     /// What `agent` must have. An agent the controller has not described
-    /// (enrolled a moment ago, or its Agent object deleted) changes nothing.
-    pub fn agent(&self, agent: &str) -> Arc<Document<AgentDesired>> {
-        self.agents
-            .get(agent)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Document::new(AgentDesired::frozen(agent))))
+    /// (enrolled a moment ago, or its Agent object deleted) gets an
+    /// unsigned document that changes nothing: all an agent ever does with
+    /// an unsigned document.
+    pub fn agent(&self, agent: &str) -> Arc<AgentPart> {
+        self.agents.get(agent).cloned().unwrap_or_else(|| {
+            let body =
+                serde_json::to_vec(&AgentDesired::frozen(agent)).expect("wire types serialize");
+            Arc::new(AgentPart::new(Envelope::sign(DESIRED_TYPE, &body, &[])))
+        })
     }
 }
 
@@ -116,28 +158,48 @@ mod tests {
     use super::*;
     use caravan_api::wire::AgentDesired;
 
+    fn payload(part: &AgentPart) -> AgentDesired {
+        serde_json::from_slice(&part.document.value.unverified_payload().unwrap()).unwrap()
+    }
+
     #[test]
     fn each_agent_gets_its_own_part_and_an_unknown_agent_changes_nothing() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let mut desired = SiteDesired {
             site: "hq".into(),
+            roots: vec![caravan_api::trust::Root::signed(1, &[&key])],
             ..Default::default()
         };
+        let blob = Digest::of(b"a1's blob");
         for a in ["a1", "a2"] {
-            desired.agents.insert(
-                a.into(),
-                AgentDesired {
-                    agent: a.into(),
-                    hold: vec![format!("held-by-{a}")],
-                    ..Default::default()
-                },
-            );
+            let mut d = AgentDesired {
+                agent: a.into(),
+                hold: vec![format!("held-by-{a}")],
+                ..Default::default()
+            };
+            if a == "a1" {
+                d.assignments = vec![serde_json::from_value(serde_json::json!({
+                    "job": "ns/j", "action": "install", "package": "p", "version": "1",
+                    "digest": blob, "size": 1, "install": {}
+                }))
+                .unwrap()];
+            }
+            let body = serde_json::to_vec(&d).unwrap();
+            desired
+                .agents
+                .insert(a.into(), Envelope::sign(DESIRED_TYPE, &body, &[&key]));
         }
         let state = SiteState::new(desired);
         assert!(state.desired.agents.is_empty(), "moved, not copied");
+        assert_eq!(state.roots.value.len(), 1);
         let a1 = state.agent("a1");
-        assert_eq!(a1.value.hold, ["held-by-a1"]);
-        assert_ne!(a1.etag, state.agent("a2").etag);
+        assert_eq!(payload(&a1).hold, ["held-by-a1"]);
+        assert_eq!(a1.blobs, [blob], "a1 may fetch its blob");
+        assert!(state.agent("a2").blobs.is_empty());
+        assert_ne!(a1.document.etag, state.agent("a2").document.etag);
         let stranger = state.agent("new-one");
-        assert!(stranger.value.frozen && stranger.value.agent == "new-one");
+        assert!(stranger.document.value.signatures.is_empty());
+        let d = payload(&stranger);
+        assert!(d.frozen && d.agent == "new-one");
     }
 }

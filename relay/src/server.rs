@@ -31,6 +31,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route(paths::ENROLL, post(enroll))
         .route(paths::DESIRED, get(desired))
         .route(paths::REPORT, post(report))
+        .route(paths::ROOTS, get(roots))
         .route(paths::BLOB, get(blob))
         .with_state(relay)
 }
@@ -142,9 +143,28 @@ async fn desired(
                 )
             })?
             .agent(&agent);
-        Ok((doc.etag.clone(), doc.body.clone()))
+        Ok((doc.document.etag.clone(), doc.document.body.clone()))
     })
     .await
+}
+
+/// The controller's roots of trust, for an agent to pin (or follow).
+async fn roots(
+    State(relay): State<Arc<Relay>>,
+    AgentName(_): AgentName,
+) -> Result<Response, ApiError> {
+    let state = relay.state.borrow().clone().ok_or_else(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay has no desired state from the controller yet",
+        )
+    })?;
+    let roots = &state.roots;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        roots.body.clone(),
+    )
+        .into_response())
 }
 
 async fn report(
@@ -186,13 +206,7 @@ async fn blob(
         let state = state.as_ref();
         match &who {
             Downstream::Agent(agent) => (
-                state.is_some_and(|s| {
-                    s.agent(agent)
-                        .value
-                        .assignments
-                        .iter()
-                        .any(|a| a.digest == digest)
-                }),
+                state.is_some_and(|s| s.agent(agent).blobs.contains(&digest)),
                 format!("agent {agent}"),
             ),
             Downstream::ChildRelay(site) => (

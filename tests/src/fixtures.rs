@@ -91,3 +91,10 @@ pub fn write_noise(path: &Path, len: u64) -> anyhow::Result<()> {
     }
     Ok(f.flush()?)
 }
+
+/// The desired state inside a signed document, as a relay serves it to an
+/// agent (read, not verified: what a test looks at, never acts on).
+pub fn desired_of(body: &[u8]) -> anyhow::Result<caravan_api::wire::AgentDesired> {
+    let envelope: caravan_api::trust::Envelope = serde_json::from_slice(body)?;
+    Ok(serde_json::from_slice(&envelope.unverified_payload()?)?)
+}

@@ -22,6 +22,7 @@ pub mod fixtures;
 pub mod git;
 pub mod helm;
 pub mod procs;
+pub mod tamper;
 pub mod waits;
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,6 @@
 
 use std::{os::unix::process::ExitStatusExt, path::Path, time::Duration};
 
-use caravan_api::wire::AgentDesired;
 use caravan_tests::{git::GitRepo, wait_for, Caravan, RelayInfo};
 
 const AGENT: &str = "kiosk";
@@ -120,13 +119,14 @@ impl Fleet {
             &format!("the relay to ask for {action} of app {v}.0.0"),
             Duration::from_secs(120),
             || async {
-                let d: AgentDesired = reqwest::Client::new()
+                let body = reqwest::Client::new()
                     .get(&url)
                     .bearer_auth(&token)
                     .send()
                     .await?
-                    .json()
+                    .bytes()
                     .await?;
+                let d = caravan_tests::fixtures::desired_of(&body)?;
                 Ok(d.assignments
                     .iter()
                     .any(|a| {

@@ -1,9 +1,16 @@
 //! Attacks by a malicious relay: a real HTTP server written for the test,
 //! standing where an agent's relay should be, against a real agent process.
+//! The test also holds the controller's signing key, to sign what the
+//! controller would; the relay's own inventions carry no valid signature.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
 
+use caravan_api::trust::{Envelope, Root, DESIRED_TYPE};
 use caravan_tests::{bin, Proc};
+use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the evil relay answers for the agent's desired state and blobs.
@@ -11,11 +18,43 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 enum Evil {
     /// A desired-state document that never ends.
     EndlessDocument,
-    /// A small document assigning a 10-byte blob, then a blob that never ends.
+    /// A signed document assigning a 10-byte blob, then a blob that never ends.
     EndlessBlob,
+    /// A document of the relay's own, assigning a script package: unsigned.
+    Invented,
+    /// Roots of the relay's own, not the one the agent was told to pin.
+    ForeignRoot,
 }
 
+/// Blob requests the evil relay answered (nextest runs each test in a process of its own).
+static BLOB_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+
 const DIGEST: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+/// The controller's key, as far as this test is concerned.
+fn controller_key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+fn root() -> Envelope {
+    Root::signed(1, &[&controller_key()])
+}
+
+fn document(signer: Option<&SigningKey>) -> String {
+    let desired = serde_json::json!({
+        "agent": "victim",
+        "version": 1,
+        "expires": "2100-01-01T00:00:00Z",
+        "assignments": [{
+            "job": "ns/j", "action": "install", "package": "payload", "version": "1",
+            "digest": DIGEST, "size": 10,
+            "install": {"method": "script", "script": {"install": "install.sh"}}
+        }]
+    });
+    let keys: Vec<&SigningKey> = signer.into_iter().collect();
+    let envelope = Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(&desired).unwrap(), &keys);
+    serde_json::to_string(&envelope).unwrap()
+}
 
 async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<()> {
     let mut head = Vec::new();
@@ -41,21 +80,30 @@ async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<
     } else if line.contains("/v1/report") {
         conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .await?;
+    } else if line.contains("/v1/roots") {
+        let roots = match evil {
+            Evil::ForeignRoot => vec![Root::signed(1, &[&SigningKey::from_bytes(&[6; 32])])],
+            _ => vec![root()],
+        };
+        conn.write_all(json(serde_json::to_string(&roots).unwrap()).as_bytes())
+            .await?;
     } else if line.contains("/v1/desired") {
         match evil {
             Evil::EndlessDocument => {
-                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: \"1\"\r\nConnection: close\r\n\r\n{\"agent\":\"victim\",\"assignments\":[").await?;
-                let spaces = [b' '; 64 << 10];
-                while conn.write_all(&spaces).await.is_ok() {}
+                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: \"1\"\r\nConnection: close\r\n\r\n{\"payload\":\"").await?;
+                let filler = [b'A'; 64 << 10];
+                while conn.write_all(&filler).await.is_ok() {}
             }
-            Evil::EndlessBlob => {
-                let doc = format!(
-                    r#"{{"agent":"victim","assignments":[{{"job":"ns/j","action":"install","package":"payload","version":"1","digest":"{DIGEST}","size":10,"install":{{}}}}]}}"#
-                );
-                conn.write_all(json(doc).as_bytes()).await?;
+            Evil::EndlessBlob | Evil::ForeignRoot => {
+                conn.write_all(json(document(Some(&controller_key()))).as_bytes())
+                    .await?;
+            }
+            Evil::Invented => {
+                conn.write_all(json(document(None)).as_bytes()).await?;
             }
         }
     } else if line.contains("/v1/blobs/") {
+        BLOB_REQUESTS.fetch_add(1, Ordering::SeqCst);
         conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
             .await?;
         let zeros = [0u8; 64 << 10];
@@ -75,9 +123,10 @@ async fn evil_relay(evil: Evil) -> anyhow::Result<String> {
     Ok(format!("http://{addr}"))
 }
 
-/// Runs `caravan-agent run --once` against `server` until it exits; returns
-/// whether it succeeded and its log.
+/// Runs `caravan-agent run --once` against `server`, pinned to the
+/// controller's root, until it exits; returns whether it succeeded and its log.
 async fn run_agent(server: &str) -> anyhow::Result<(bool, String)> {
+    let pin = caravan_api::trust::fingerprint(&root())?;
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state").display().to_string();
     let root = dir.path().join("root").display().to_string();
@@ -92,6 +141,8 @@ async fn run_agent(server: &str) -> anyhow::Result<(bool, String)> {
         &root,
         "--hostname",
         "victim",
+        "--trust-root-sha256",
+        &pin,
     ];
     let env = [(
         "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
@@ -133,5 +184,35 @@ async fn an_endless_blob_is_cut_at_its_declared_size_and_refused() -> anyhow::Re
     let (ok, log) = run_agent(&server).await?;
     assert!(!ok, "{log}");
     assert!(log.contains("size mismatch"), "{log}");
+    assert!(BLOB_REQUESTS.load(Ordering::SeqCst) > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_the_relay_made_up_is_refused_unopened() -> anyhow::Result<()> {
+    let server = evil_relay(Evil::Invented).await?;
+    let (ok, log) = run_agent(&server).await?;
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("desired state refused: signed by 0 of the 1 trusted keys needed"),
+        "{log}"
+    );
+    assert_eq!(
+        BLOB_REQUESTS.load(Ordering::SeqCst),
+        0,
+        "nothing downloaded"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_other_than_the_pinned_one_is_refused() -> anyhow::Result<()> {
+    let server = evil_relay(Evil::ForeignRoot).await?;
+    let (ok, log) = run_agent(&server).await?;
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("none of the 1 roots offered has the pinned sha256"),
+        "{log}"
+    );
     Ok(())
 }

@@ -15,6 +15,7 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         Options {
             install: Install::Helm,
             tls: false,
+            ..Default::default()
         },
     )
     .await?;

@@ -14,6 +14,7 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
         Options {
             install: Install::Direct,
             tls: true,
+            ..Default::default()
         },
     )
     .await?;

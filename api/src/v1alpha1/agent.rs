@@ -19,6 +19,7 @@ use crate::wire::{InstalledPackage, JobState};
     printcolumn = r#"{"name":"Hostname","type":"string","jsonPath":".spec.hostname"}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.version"}"#,
     printcolumn = r#"{"name":"Installed","type":"integer","jsonPath":".status.installedCount"}"#,
+    printcolumn = r#"{"name":"Desired","type":"string","jsonPath":".status.conditions[?(@.type==\"DesiredStateAccepted\")].reason"}"#,
     printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -73,6 +74,10 @@ pub struct AgentStatus {
     /// How many files have drifted.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drifted_files: u32,
+    /// Version of the signed desired state the agent acts on (the
+    /// controller's signing clock, in milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<u64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -37,6 +37,11 @@ pub struct DistributionJobSpec {
     /// endpoint (drift is reported either way).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub repair: bool,
+    /// Allow agents to install a lower version of a package than they have
+    /// (a rollback on purpose). Without it an agent refuses a downgrade,
+    /// so nobody can push an old, vulnerable version by replaying a job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
 }
 
 /// A package by name, at one version or (without `version`) the highest one.

@@ -4,13 +4,13 @@
 //! relays fetch them from this one, so each blob crosses each link once).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
 use caravan_api::{
     v1alpha1::{DistributionJob, Site},
-    wire::SiteDesired,
+    wire::{AgentDesired, SiteDesired},
     Digest,
 };
 use caravan_net::Document;
@@ -18,7 +18,11 @@ use kube::ResourceExt;
 
 use super::{key_of, plan::Plan, SiteKey};
 
-/// Desired state of every site, as served to relays.
+/// Every site's desired state, its agents' parts not signed yet.
+pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
+
+/// Desired state of every site, as served to relays (signed: see
+/// `crate::trust::Signer`).
 #[derive(Default, Debug)]
 pub struct DesiredIndex {
     pub sites: HashMap<SiteKey, Arc<Document<SiteDesired>>>,
@@ -37,21 +41,17 @@ impl DesiredIndex {
 
 /// Builds every site's document from the plan (whose per-site agent
 /// states it takes).
-pub fn desired(
-    sites: &[Arc<Site>],
-    jobs: &[Arc<DistributionJob>],
-    plan: &mut Plan,
-) -> DesiredIndex {
-    let mut desired: HashMap<SiteKey, SiteDesired> = sites
+pub fn desired(sites: &[Arc<Site>], jobs: &[Arc<DistributionJob>], plan: &mut Plan) -> Unsigned {
+    let mut desired: Unsigned = sites
         .iter()
         .map(|s| {
             let key = key_of(s.as_ref());
             let agents = plan.by_site.remove(&key).unwrap_or_default();
             let d = SiteDesired {
                 site: s.name_any(),
+                blobs: blobs_of(&agents),
                 agents,
-                prestage: vec![],
-                lower: vec![],
+                ..Default::default()
             };
             (key, d)
         })
@@ -83,7 +83,7 @@ pub fn desired(
         let mut at = key;
         // Up the chain of parents (a cycle stops where it closes).
         while let Some(parent) = parents.get(at).filter(|p| seen.insert((*p).clone())) {
-            let own = d.digests().chain(&d.prestage);
+            let own = d.blobs.iter().chain(&d.prestage);
             lower.entry(parent.clone()).or_default().extend(own);
             at = parent;
         }
@@ -93,10 +93,18 @@ pub fn desired(
             d.lower = digests.into_iter().collect();
         }
     }
-    DesiredIndex {
-        sites: desired
-            .into_iter()
-            .map(|(k, d)| (k, Arc::new(Document::new(d))))
-            .collect(),
-    }
+    desired
+}
+
+/// The blobs of a site's agents, for the relay (which does not open the
+/// signed documents to know what to keep).
+fn blobs_of(agents: &BTreeMap<String, AgentDesired>) -> Vec<Digest> {
+    let mut blobs: Vec<Digest> = agents
+        .values()
+        .flat_map(|a| &a.assignments)
+        .map(|a| a.digest)
+        .collect();
+    blobs.sort();
+    blobs.dedup();
+    blobs
 }

@@ -179,6 +179,7 @@ pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
             destinations: Default::default(),
             suspend: false,
             repair: false,
+            allow_downgrade: false,
         },
     );
     j.metadata = meta(name);

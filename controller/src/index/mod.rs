@@ -33,7 +33,7 @@ use std::sync::Arc;
 use caravan_api::v1alpha1::*;
 use kube::Resource;
 
-pub use desired::DesiredIndex;
+pub use desired::{DesiredIndex, Unsigned};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
 
@@ -62,7 +62,8 @@ pub struct Inputs<'a> {
 
 /// Everything the index computes.
 pub struct Outputs {
-    pub desired: DesiredIndex,
+    /// Every site's desired state, to be signed (`crate::trust`).
+    pub desired: Unsigned,
     pub jobs: Vec<(Arc<DistributionJob>, DistributionJobStatus)>,
     pub packages: Vec<(Arc<Package>, PackageStatus)>,
     pub cabinets: Vec<(Arc<Cabinet>, CabinetStatus)>,

@@ -120,7 +120,8 @@ fn resolve_job(
             .iter()
             .filter(|p| in_ns(&|| p.namespace()) && p.spec.name == r.name)
             .filter(|p| r.version.as_ref().is_none_or(|v| &p.spec.version == v));
-        match candidates.max_by(|a, b| version_cmp(&a.spec.version, &b.spec.version)) {
+        match candidates.max_by(|a, b| caravan_api::version::cmp(&a.spec.version, &b.spec.version))
+        {
             Some(p) => chosen.push(p.clone()),
             None => {
                 plan.unresolved.push(r.name.clone());
@@ -201,6 +202,7 @@ fn resolve_job(
             install: p.spec.install.clone(),
             signatures: p.spec.signatures.clone(),
             repair: job.spec.repair,
+            allow_downgrade: job.spec.allow_downgrade,
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet
@@ -219,24 +221,4 @@ fn resolve_job(
         plan.targets.insert(a.name_any(), assignments.clone());
     }
     plan
-}
-
-/// Orders versions numerically where both parts are numbers (`1.10` > `1.9`).
-pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    let parts = |v: &str| {
-        v.split(['.', '-', '+'])
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let (pa, pb) = (parts(a), parts(b));
-    for (x, y) in pa.iter().zip(&pb) {
-        let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => x.cmp(y),
-        };
-        if ord.is_ne() {
-            return ord;
-        }
-    }
-    pa.len().cmp(&pb.len())
 }

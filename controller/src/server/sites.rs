@@ -9,11 +9,13 @@ use axum::{
     Json,
 };
 use caravan_api::{
+    conditions::{self, reasons},
     v1alpha1::AgentStatus,
     wire::{AgentReport, RelayStats, MAX_DRIFT_REPORTED},
 };
 use caravan_net::server::{long_poll, ApiError, Wait};
-use kube::runtime::reflector::ObjectRef;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{runtime::reflector::ObjectRef, Resource as _};
 
 use super::{kube_error, AppState, RelaySite};
 use crate::{field_managers, status_patch};
@@ -78,6 +80,7 @@ pub async fn reports(
             tracing::warn!(agent = %report.agent, %site, "report from another site's agent dropped");
             continue;
         }
+        let accepted = desired_state_condition(&report, agent.meta().generation);
         let status = AgentStatus {
             version: Some(report.version),
             os: Some(report.os),
@@ -88,7 +91,8 @@ pub async fn reports(
             jobs: report.jobs,
             drifted_files: report.drift.len() as u32,
             drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
-            conditions: vec![],
+            desired_version: (report.desired_version > 0).then_some(report.desired_version),
+            conditions: vec![accepted],
         };
         status_patch::apply(
             &s.ctx.client,
@@ -100,4 +104,28 @@ pub async fn reports(
         .map_err(kube_error)?;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether the agent acts on a signed desired state, as it reports.
+fn desired_state_condition(report: &AgentReport, generation: Option<i64>) -> Condition {
+    let (ok, reason, message) = match (&report.desired_refused, report.desired_version) {
+        (Some(r), _) => (false, r.reason.as_str(), r.message.clone()),
+        (None, 0) => (
+            false,
+            reasons::NOT_YET_ACCEPTED,
+            "the agent has not accepted a signed desired state yet".to_string(),
+        ),
+        (None, v) => (
+            true,
+            reasons::VERIFIED,
+            format!("acting on signed desired state version {v}"),
+        ),
+    };
+    conditions::new(
+        conditions::DESIRED_STATE_ACCEPTED,
+        ok,
+        reason,
+        message,
+        generation,
+    )
 }

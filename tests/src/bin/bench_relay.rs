@@ -325,7 +325,7 @@ async fn small(seconds: u64, clients: usize) -> anyhow::Result<()> {
             let res = http.get(&desired).bearer_auth(&token).send().await?;
             let etag = res.headers()[header::ETAG].to_str()?.to_string();
             let body = res.bytes().await?;
-            let d: caravan_api::wire::AgentDesired = serde_json::from_slice(&body)?;
+            let d = caravan_tests::fixtures::desired_of(&body)?;
             Ok((!d.assignments.is_empty()).then_some((body, etag)))
         },
     )
@@ -537,13 +537,14 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
         "the relay to know every agent",
         Duration::from_secs(600),
         || async {
-            let d: caravan_api::wire::AgentDesired = http
+            let body = http
                 .get(format!("{}/v1/desired", s.relay.url))
                 .bearer_auth(&last)
                 .send()
                 .await?
-                .json()
+                .bytes()
                 .await?;
+            let d = caravan_tests::fixtures::desired_of(&body)?;
             Ok((!d.assignments.is_empty()).then_some(()))
         },
     )

@@ -11,14 +11,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use caravan_api::v1alpha1::{DistributionJob, GitSource, Site};
+use caravan_api::v1alpha1::{Agent, DistributionJob, GitSource, Site};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     api::{Patch, PatchParams},
     Api, Client,
 };
 
-use nodes::{AgentProc, RelayInfo};
+use nodes::AgentProc;
+pub use nodes::RelayInfo;
 
 use crate::{
     bin,
@@ -76,6 +77,9 @@ pub struct Options {
     /// Controller and relays serve HTTPS with a test CA that the relays,
     /// agents and CLI are told to trust.
     pub tls: bool,
+    /// How long signed desired-state documents are good for (default: the
+    /// controller's).
+    pub desired_state_ttl_seconds: Option<u64>,
 }
 
 /// Starts the controller and waits until it answers.
@@ -105,7 +109,11 @@ impl Caravan {
 
     /// Starts a cluster and Caravan in it, either directly or with the Helm chart.
     pub async fn start_with(namespace: &str, options: Options) -> anyhow::Result<Self> {
-        let Options { install, tls } = options;
+        let Options {
+            install,
+            tls,
+            desired_state_ttl_seconds,
+        } = options;
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let keep = std::env::var("CARAVAN_KEEP").is_ok_and(|v| v == "1");
@@ -129,6 +137,7 @@ impl Caravan {
             if tls.is_some() { "https" } else { "http" }
         );
         let data_dir = dir.join("controller").display().to_string();
+        let trust_dir = data_dir.clone();
         let (args, mut env) = match install {
             Install::Direct => {
                 cluster.install_crds().await?;
@@ -182,6 +191,9 @@ impl Caravan {
                 dir.join("git").display().to_string(),
             ),
         ];
+        if let Some(ttl) = desired_state_ttl_seconds {
+            flags.push(("--desired-state-ttl-seconds", ttl.to_string()));
+        }
         if let Some(tls) = &tls {
             flags.extend([
                 ("--tls-cert-file", tls.cert.display().to_string()),
@@ -201,10 +213,20 @@ impl Caravan {
             ("RUST_LOG".to_string(), "info,kube=error".to_string()),
         ]);
         let controller = spawn_controller(&args, &env, &dir, &api_url, tls.as_ref()).await?;
+        // Agents are pinned to the controller's root, as an operator would pin them.
+        let out = std::process::Command::new(bin("caravan-controller")?)
+            .args(["--data-dir", &trust_dir, "trust-root"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "caravan-controller trust-root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let root = String::from_utf8(out.stdout)?.trim().to_string();
         Ok(Self {
             controller_cmd: (args, env),
             tls,
-            agent_args: vec![],
+            agent_args: vec!["--trust-root-sha256".into(), root],
             agent_bin: None,
             relay_urls: Default::default(),
             relay_args: vec![],
@@ -407,6 +429,37 @@ impl Caravan {
                         && st.progress == progress;
                     Ok(ok.then_some(j))
                 }
+            },
+        )
+        .await
+        .map_err(|e| e.context(self.logs()))
+    }
+
+    /// The Agent of the endpoint with hostname `host`.
+    pub async fn agent_of(&self, host: &str) -> anyhow::Result<Agent> {
+        self.api::<Agent>()
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|a| a.spec.hostname == host)
+            .with_context(|| format!("no Agent for host {host}"))
+    }
+
+    /// Waits until the Agent of `host` reports its desired state refused
+    /// (or not) for `reason`; returns the condition's message.
+    pub async fn wait_desired_state(&self, host: &str, reason: &str) -> anyhow::Result<String> {
+        wait_for(
+            &format!("agent {host} to report its desired state {reason}"),
+            Duration::from_secs(120),
+            || async {
+                let agent = self.agent_of(host).await?;
+                let condition = agent.status.and_then(|s| {
+                    s.conditions
+                        .into_iter()
+                        .find(|c| c.type_ == caravan_api::conditions::DESIRED_STATE_ACCEPTED)
+                });
+                Ok(condition.filter(|c| c.reason == reason).map(|c| c.message))
             },
         )
         .await

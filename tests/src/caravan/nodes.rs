@@ -20,6 +20,7 @@ pub struct AgentProc {
 }
 
 /// A relay started the way a kubelet would start the Site's Deployment.
+#[derive(Clone, Debug)]
 pub struct RelayInfo {
     pub url: String,
     pub cache_dir: PathBuf,

@@ -1,0 +1,328 @@
+//! The controller's side of signed desired state (see `caravan_api::trust`):
+//! its signing key and chain of roots, kept in `<data dir>/trust/`, and the
+//! [`Signer`] that turns each agent's computed desired state into a signed
+//! document with a version and an expiry.
+//!
+//! - `key-<n>`: the private key of root version `n` (0600), and
+//!   `root-<n>.json`: root `n`, signed by its own key and (from 2 on) by the
+//!   key before it. The newest signs; agents follow the chain.
+//! - A document keeps its signature while its content is unchanged and more
+//!   than half its lifetime is left; then it is signed anew under a new
+//!   version, so a healthy fleet never holds an expired document.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use caravan_api::{
+    trust::{Envelope, Root, DESIRED_TYPE},
+    wire::{AgentDesired, SiteDesired},
+};
+use caravan_net::Document;
+use chrono::{DateTime, SecondsFormat, Utc};
+use ed25519_dalek::SigningKey;
+
+use crate::{
+    error::{Error, Result},
+    index::{DesiredIndex, SiteKey},
+};
+
+/// The controller's signing key and the chain of roots that vouches for it.
+pub struct TrustKeys {
+    key: SigningKey,
+    /// Every root, oldest first; the last is the key's.
+    pub roots: Vec<Envelope>,
+}
+
+impl std::fmt::Debug for TrustKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustKeys")
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_path(dir: &Path, version: u64) -> PathBuf {
+    dir.join(format!("key-{version}"))
+}
+
+fn root_path(dir: &Path, version: u64) -> PathBuf {
+    dir.join(format!("root-{version}.json"))
+}
+
+fn write_key(dir: &Path, version: u64, key: &SigningKey) -> Result<()> {
+    let path = key_path(dir, version);
+    let text = format!("{}\n", caravan_api::signing::encode_private(key));
+    caravan_net::fs::write_private(&path, text.as_bytes(), caravan_net::fs::Existing::Keep)
+        .map_err(|e| Error::io(&path, e))
+}
+
+fn write_root(dir: &Path, version: u64, root: &Envelope) -> Result<()> {
+    let path = root_path(dir, version);
+    let json = serde_json::to_vec_pretty(root).expect("an envelope serializes");
+    caravan_net::fs::write_private(&path, &json, caravan_net::fs::Existing::Keep)
+        .map_err(|e| Error::io(&path, e))
+}
+
+impl TrustKeys {
+    /// Loads the newest key and every root from `dir`, creating key and
+    /// root 1 on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if !root_path(dir, 1).exists() {
+            let key = SigningKey::from_bytes(&rand::random());
+            write_key(dir, 1, &key)?;
+            write_root(dir, 1, &Root::signed(1, &[&key]))?;
+        }
+        let mut roots = Vec::new();
+        let mut version = 1;
+        while root_path(dir, version).exists() {
+            let path = root_path(dir, version);
+            let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let root: Envelope = serde_json::from_slice(&text)
+                .map_err(|e| Error::io(&path, std::io::Error::other(format!("not a root: {e}"))))?;
+            roots.push(root);
+            version += 1;
+        }
+        let newest = version - 1;
+        let path = key_path(dir, newest);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let key = caravan_api::signing::parse_private(&text)
+            .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+        // The chain must hold together and end in this key, or agents
+        // would refuse everything: better to refuse to start.
+        let (root, _) = caravan_api::trust::pin(&roots, None)
+            .map_err(|e| Error::io(dir, std::io::Error::other(format!("roots: {e}"))))?;
+        let public = caravan_api::signing::encode_public(&key.verifying_key());
+        if root.version != newest || !root.keys.contains(&public) {
+            return Err(Error::io(
+                &path,
+                std::io::Error::other(format!("key {newest} is not root {newest}'s key")),
+            ));
+        }
+        Ok(Self { key, roots })
+    }
+
+    /// Makes a new key and root (signed by the current key and the new
+    /// one), which the controller signs with from its next start; agents
+    /// follow. Returns the new root's version.
+    pub fn rotate(dir: &Path) -> Result<u64> {
+        let current = Self::load_or_create(dir)?;
+        let version = current.roots.len() as u64 + 1;
+        let next = SigningKey::from_bytes(&rand::random());
+        let body = serde_json::to_vec(&Root {
+            version,
+            keys: vec![caravan_api::signing::encode_public(&next.verifying_key())],
+            threshold: 1,
+        })
+        .expect("a root serializes");
+        let root = Envelope::sign(caravan_api::trust::ROOT_TYPE, &body, &[&current.key, &next]);
+        write_key(dir, version, &next)?;
+        write_root(dir, version, &root)?;
+        Ok(version)
+    }
+
+    /// The newest root's fingerprint, to pin agents to.
+    pub fn fingerprint(&self) -> String {
+        caravan_api::trust::fingerprint(self.roots.last().expect("at least root 1"))
+            .expect("our own root decodes")
+    }
+}
+
+/// One agent's last signed document.
+struct Signed {
+    /// sha256 of the document without version and expiry.
+    content: [u8; 32],
+    expires: DateTime<Utc>,
+    envelope: Envelope,
+}
+
+/// Signs each agent's desired state, reusing a signature while it is
+/// still good (see the module docs).
+pub struct Signer {
+    key: SigningKey,
+    roots: Vec<Envelope>,
+    ttl: chrono::Duration,
+    /// Per `(namespace, agent)`.
+    signed: HashMap<(String, String), Signed>,
+    /// The last version handed out: versions only ever grow.
+    last_version: u64,
+}
+
+impl Signer {
+    pub fn new(keys: &TrustKeys, ttl: Duration) -> Self {
+        Self {
+            key: keys.key.clone(),
+            roots: keys.roots.clone(),
+            ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(7)),
+            signed: HashMap::new(),
+            last_version: 0,
+        }
+    }
+
+    fn content(desired: &AgentDesired) -> [u8; 32] {
+        use sha2::Digest as _;
+        let body = serde_json::to_vec(desired).expect("wire types serialize");
+        sha2::Sha256::digest(body).into()
+    }
+
+    /// `desired` signed for agent `name` of namespace `ns`.
+    fn sign(&mut self, ns: &str, mut desired: AgentDesired, now: DateTime<Utc>) -> Envelope {
+        desired.version = 0;
+        desired.expires.clear();
+        let content = Self::content(&desired);
+        let key = (ns.to_string(), desired.agent.clone());
+        if let Some(s) = self.signed.get(&key) {
+            if s.content == content && s.expires - now > self.ttl / 2 {
+                return s.envelope.clone();
+            }
+        }
+        let version = (now.timestamp_millis().max(0) as u64).max(self.last_version + 1);
+        self.last_version = version;
+        let expires = now + self.ttl;
+        desired.version = version;
+        desired.expires = expires.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let body = serde_json::to_vec(&desired).expect("wire types serialize");
+        let envelope = Envelope::sign(DESIRED_TYPE, &body, &[&self.key]);
+        self.signed.insert(
+            key,
+            Signed {
+                content,
+                expires,
+                envelope: envelope.clone(),
+            },
+        );
+        envelope
+    }
+
+    /// Every site's desired state, each agent's part signed, as served.
+    pub fn sign_sites(
+        &mut self,
+        sites: HashMap<SiteKey, SiteDesired<AgentDesired>>,
+        now: DateTime<Utc>,
+    ) -> DesiredIndex {
+        let mut live = HashSet::new();
+        let mut index = DesiredIndex::default();
+        for (key, site) in sites {
+            let agents = site
+                .agents
+                .into_values()
+                .map(|d| {
+                    live.insert((key.0.clone(), d.agent.clone()));
+                    (d.agent.clone(), self.sign(&key.0, d, now))
+                })
+                .collect();
+            let signed = SiteDesired {
+                site: site.site,
+                agents,
+                blobs: site.blobs,
+                prestage: site.prestage,
+                lower: site.lower,
+                roots: self.roots.clone(),
+            };
+            index
+                .sites
+                .insert(key, std::sync::Arc::new(Document::new(signed)));
+        }
+        self.signed.retain(|k, _| live.contains(k));
+        index
+    }
+
+    /// When the first document is due to be signed anew.
+    pub fn next_refresh(&self) -> Option<DateTime<Utc>> {
+        self.signed.values().map(|s| s.expires - self.ttl / 2).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caravan_api::trust::{pin, verify_desired};
+
+    fn desired(agent: &str, hold: &str) -> AgentDesired {
+        AgentDesired {
+            agent: agent.into(),
+            hold: vec![hold.into()],
+            ..Default::default()
+        }
+    }
+
+    fn site(agents: &[AgentDesired]) -> HashMap<SiteKey, SiteDesired<AgentDesired>> {
+        let site = SiteDesired {
+            site: "hq".into(),
+            agents: agents
+                .iter()
+                .map(|a| (a.agent.clone(), a.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        HashMap::from([(("ns".into(), "hq".into()), site)])
+    }
+
+    #[test]
+    fn documents_are_signed_once_per_content_and_anew_before_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = TrustKeys::load_or_create(dir.path()).unwrap();
+        let (root, _) = pin(&keys.roots, None).unwrap();
+        let mut signer = Signer::new(&keys, Duration::from_secs(100));
+        let t0 = Utc::now();
+        let agent = |index: &DesiredIndex| {
+            index.sites[&("ns".to_string(), "hq".to_string())]
+                .value
+                .agents["a1"]
+                .clone()
+        };
+        let first = agent(&signer.sign_sites(site(&[desired("a1", "x")]), t0));
+        let (d1, accepted) = verify_desired(&first, &root, "a1", None, t0).unwrap();
+        assert_eq!(d1.hold, ["x"]);
+        // Unchanged, and not yet half-way to expiry: the same document.
+        let t1 = t0 + chrono::Duration::seconds(40);
+        assert_eq!(
+            agent(&signer.sign_sites(site(&[desired("a1", "x")]), t1)),
+            first
+        );
+        // Past half-way: signed anew, a newer version the agent takes.
+        let t2 = t0 + chrono::Duration::seconds(60);
+        let renewed = agent(&signer.sign_sites(site(&[desired("a1", "x")]), t2));
+        let (d2, accepted) = verify_desired(&renewed, &root, "a1", Some(&accepted), t2).unwrap();
+        assert!(d2.version > d1.version);
+        // Changed content: a newer version at once, even in the same millisecond.
+        let changed = agent(&signer.sign_sites(site(&[desired("a1", "y")]), t2));
+        let (d3, _) = verify_desired(&changed, &root, "a1", Some(&accepted), t2).unwrap();
+        assert!(d3.version > d2.version && d3.hold == ["y"]);
+        assert_eq!(
+            signer.next_refresh(),
+            Some(t2 + chrono::Duration::seconds(50))
+        );
+        // An agent gone is forgotten.
+        signer.sign_sites(site(&[]), t2);
+        assert_eq!(signer.next_refresh(), None);
+    }
+
+    #[test]
+    fn a_rotated_key_signs_and_agents_on_the_old_root_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = TrustKeys::load_or_create(dir.path()).unwrap();
+        let (root1, _) = pin(&old.roots, None).unwrap();
+        assert_eq!(TrustKeys::rotate(dir.path()).unwrap(), 2);
+        let keys = TrustKeys::load_or_create(dir.path()).unwrap();
+        assert_eq!(keys.roots.len(), 2);
+        let now = Utc::now();
+        let mut signer = Signer::new(&keys, Duration::from_secs(100));
+        let index = signer.sign_sites(site(&[desired("a1", "x")]), now);
+        let doc = &index.sites[&("ns".to_string(), "hq".to_string())].value;
+        let envelope = &doc.agents["a1"];
+        assert!(
+            verify_desired(envelope, &root1, "a1", None, now).is_err(),
+            "root 1's key does not sign any more"
+        );
+        let (root2, _) = root1.follow(&doc.roots).unwrap().unwrap();
+        assert!(verify_desired(envelope, &root2, "a1", None, now).is_ok());
+        // A key file that does not match its root stops the controller.
+        std::fs::remove_file(key_path(dir.path(), 2)).unwrap();
+        write_key(dir.path(), 2, &SigningKey::from_bytes(&[5; 32])).unwrap();
+        assert!(TrustKeys::load_or_create(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! Attacks on the desired state by whoever stands between the controller
+//! and an agent (a compromised relay, someone on the branch LAN): a real
+//! tampering proxy in front of the real relay, against real agents. Each
+//! test checks that the attack fails, that nothing is installed or removed,
+//! and that the agent's refusal shows on its Agent (`DesiredStateAccepted`).
+
+use std::{path::Path, time::Duration};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use caravan_api::{trust::Envelope, wire::AgentDesired};
+use caravan_tests::{
+    caravan::{Options, RelayInfo},
+    fixtures::{copy_dir, desired_of},
+    git::GitRepo,
+    repo_root,
+    tamper::{Tamper, TamperProxy},
+    wait_for, Caravan,
+};
+
+const T: Duration = Duration::from_secs(120);
+
+/// The example fleet, with agents `hosts` talking to hq's relay through a
+/// tampering proxy (honest for now), once they have installed hello.
+async fn behind_a_proxy(
+    c: &mut Caravan,
+    hosts: &[&str],
+) -> anyhow::Result<(GitRepo, RelayInfo, TamperProxy)> {
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    let proxy = TamperProxy::start(&relay.url).await?;
+    for host in hosts {
+        let through = RelayInfo {
+            url: proxy.url.clone(),
+            ..relay.clone()
+        };
+        c.start_agent(host, &through)?;
+    }
+    let all = format!("{}/{}", hosts.len(), hosts.len());
+    c.wait_job("hello-everywhere", "Succeeded", &all, T).await?;
+    c.wait_desired_state(hosts[0], "Verified").await?;
+    Ok((repo, relay, proxy))
+}
+
+/// What the relay itself serves agent `i` now, asked directly.
+async fn relay_document(c: &Caravan, relay: &RelayInfo, i: usize) -> anyhow::Result<Vec<u8>> {
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.agents[i].state_dir.join("credentials.json"),
+    )?)?;
+    let token = creds["token"].as_str().unwrap_or_default();
+    let res = reqwest::Client::new()
+        .get(format!("{}/v1/desired", relay.url))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    Ok(res.bytes().await?.to_vec())
+}
+
+/// The last document the proxy passed to `host`'s agent.
+async fn last_document(c: &Caravan, proxy: &TamperProxy, host: &str) -> anyhow::Result<Envelope> {
+    let name = c.agent_of(host).await?.metadata.name.unwrap_or_default();
+    let body = proxy.seen(&name).pop().expect("the agent has polled");
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// `envelope` with its payload changed by `edit`, its signatures kept.
+fn rewritten(envelope: &Envelope, edit: impl FnOnce(&mut AgentDesired)) -> anyhow::Result<Vec<u8>> {
+    let mut desired: AgentDesired = serde_json::from_slice(&envelope.unverified_payload()?)?;
+    edit(&mut desired);
+    let forged = Envelope {
+        payload: B64.encode(serde_json::to_vec(&desired)?),
+        ..envelope.clone()
+    };
+    Ok(serde_json::to_vec(&forged)?)
+}
+
+/// Pushes hello at `version` (its VERSION file says so) and commits it.
+fn release_hello(c: &Caravan, repo: &GitRepo, version: &str) -> anyhow::Result<()> {
+    let dir = c.dir.join(format!("src/hello-{version}"));
+    copy_dir(&repo_root().join("examples/packages/hello"), &dir)?;
+    std::fs::write(dir.join("VERSION"), format!("{version}\n"))?;
+    c.push_package(&dir, "hello", version, &repo.work.join("fleet/packages"))?;
+    repo.commit(&format!("hello {version}"))?;
+    Ok(())
+}
+
+fn hello_version(root: &Path) -> String {
+    std::fs::read_to_string(root.join("hello/VERSION")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_cannot_make_an_agent_install_software_git_did_not_declare() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    let real = last_document(&c, &proxy, "desk").await?;
+    // Another package, installed by a script the relay chose, no signature asked.
+    let forged = rewritten(&real, |d| {
+        let mut implant = d.assignments[0].clone();
+        implant.package = "implant".into();
+        implant.job = "fleet/implant".into();
+        implant.require_signature = false;
+        implant.install = serde_json::from_value(serde_json::json!({
+            "method": "script", "script": {"install": "bin/hello"}
+        }))
+        .unwrap();
+        d.assignments.push(implant);
+        d.version += 1;
+    })?;
+    proxy.set(Tamper::Serve(forged));
+    let message = c.wait_desired_state("desk", "NotSigned").await?;
+    assert!(
+        message.contains("signed by 0 of the 1 trusted keys"),
+        "{message}"
+    );
+    let root = &c.agents[0].install_root;
+    assert!(!root.join("implant").exists(), "nothing installed");
+    assert_eq!(hello_version(root), "1.0.0\n", "nothing lost");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewritten_install_spec_is_refused() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    // hello 1.1.0 is released; the relay withholds it while it rewrites it.
+    proxy.set(Tamper::Freeze);
+    release_hello(&c, &repo, "1.1.0")?;
+    let real = wait_for("the relay to have hello 1.1.0 for desk", T, || async {
+        let body = relay_document(&c, &relay, 0).await?;
+        let fresh = desired_of(&body)?
+            .assignments
+            .iter()
+            .any(|a| a.version == "1.1.0");
+        Ok(fresh
+            .then(|| serde_json::from_slice::<Envelope>(&body))
+            .transpose()?)
+    })
+    .await?;
+    // The same package and version, now installed by a script with a
+    // health check of the relay's choosing.
+    let forged = rewritten(&real, |d| {
+        d.assignments[0].install = serde_json::from_value(serde_json::json!({
+            "method": "script", "script": {"install": "bin/hello"}, "healthCheck": "etc/anything"
+        }))
+        .unwrap();
+    })?;
+    proxy.set(Tamper::Serve(forged));
+    let message = c.wait_desired_state("desk", "NotSigned").await?;
+    assert!(
+        message.contains("signed by 0 of the 1 trusted keys"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        hello_version(&c.agents[0].install_root),
+        "1.0.0\n",
+        "the rewritten release is not installed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_desired_state_is_refused_as_a_rollback() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    let old = serde_json::to_vec(&last_document(&c, &proxy, "desk").await?)?;
+    release_hello(&c, &repo, "1.1.0")?;
+    let root = c.agents[0].install_root.clone();
+    wait_for("hello 1.1.0 on desk", T, || async {
+        Ok((hello_version(&root) == "1.1.0\n").then_some(()))
+    })
+    .await?;
+    // The genuine, signed document of hello 1.0.0, replayed.
+    assert!(desired_of(&old)?.assignments[0].version == "1.0.0");
+    proxy.set(Tamper::Serve(old));
+    let message = c.wait_desired_state("desk", "Rollback").await?;
+    assert!(
+        message.contains("accepted already (a rollback)"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hello_version(&root), "1.1.0\n", "not downgraded");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn withheld_updates_are_found_out_when_the_document_expires() -> anyhow::Result<()> {
+    let mut c = Caravan::start_with(
+        "fleet",
+        Options {
+            desired_state_ttl_seconds: Some(8),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    // The relay answers "unchanged" from now on, while Git moves on.
+    proxy.set(Tamper::Freeze);
+    release_hello(&c, &repo, "1.1.0")?;
+    let message = c.wait_desired_state("desk", "Expired").await?;
+    assert!(message.contains("updates are being withheld"), "{message}");
+    let root = c.agents[0].install_root.clone();
+    assert_eq!(hello_version(&root), "1.0.0\n", "nothing acted on");
+    // Once the relay passes documents again, the agent catches up.
+    proxy.set(Tamper::Honest);
+    wait_for("hello 1.1.0 on desk", T, || async {
+        Ok((hello_version(&root) == "1.1.0\n").then_some(()))
+    })
+    .await?;
+    c.wait_desired_state("desk", "Verified").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documents_cannot_be_mixed_and_matched_between_agents() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk", "lab"]).await?;
+    // A tool for lab only.
+    let lab = c.agent_of("lab").await?.metadata.name.unwrap_or_default();
+    let dir = c.dir.join("src/tools");
+    copy_dir(&repo_root().join("examples/packages/hello"), &dir)?;
+    c.push_package(&dir, "tools", "1.0.0", &repo.work.join("fleet/packages"))?;
+    repo.write(
+        "fleet/tools-job.yaml",
+        &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: tools}}\nspec:\n  packages: [{{name: tools}}]\n  destinations: {{agents: [{lab}]}}\n"),
+    )?;
+    repo.commit("tools for lab")?;
+    c.wait_job("tools", "Succeeded", "1/1", T).await?;
+    let labs = last_document(&c, &proxy, "lab").await?;
+    let desks = last_document(&c, &proxy, "desk").await?;
+    // desk is handed lab's genuine document.
+    proxy.set(Tamper::Serve(serde_json::to_vec(&labs)?));
+    let message = c.wait_desired_state("desk", "OtherAgent").await?;
+    assert!(
+        message.contains(&format!("desired state for agent {lab}")),
+        "{message}"
+    );
+    // Then lab's content under desk's signature.
+    let spliced = Envelope {
+        signatures: desks.signatures.clone(),
+        ..labs.clone()
+    };
+    proxy.set(Tamper::Serve(serde_json::to_vec(&spliced)?));
+    c.wait_desired_state("desk", "NotSigned").await?;
+    let desk_root = &c.agents[0].install_root;
+    assert!(!desk_root.join("tools").exists(), "nothing installed");
+    assert_eq!(hello_version(desk_root), "1.0.0\n", "nothing lost");
+    assert!(c.agents[1].install_root.join("tools").exists());
+    Ok(())
+}
