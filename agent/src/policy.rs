@@ -51,7 +51,7 @@ pub fn check_signature(a: &Assignment, trusted: &[VerifyingKey]) -> anyhow::Resu
         );
         return Ok(());
     }
-    signing::verify(trusted, &a.signatures, &a.package, &a.version, &a.digest)
+    signing::verify(trusted, &a.signatures, &signing::Signed::of_assignment(a))
         .with_context(|| format!("package {} {} refused", a.package, a.version))?;
     Ok(())
 }
@@ -159,12 +159,18 @@ mod tests {
         assert!(e.contains("trusts no signing keys"), "{e}");
         let trusted = [key.verifying_key()];
         assert!(check_signature(&a, &trusted).is_err(), "unsigned");
-        a.signatures = vec![signing::sign(&key, "app", "1", &a.digest)];
+        a.signatures = vec![signing::sign(&key, &signing::Signed::of_assignment(&a))];
         assert!(check_signature(&a, &trusted).is_ok());
         a.version = "2".into();
         assert!(
             check_signature(&a, &trusted).is_err(),
             "a signature of another version"
+        );
+        a.version = "1".into();
+        a.install.health_check = Some("bin/anything".into());
+        assert!(
+            check_signature(&a, &trusted).is_err(),
+            "a signature of another install spec"
         );
         a.package = "../etc".into();
         assert!(check(&a, None, &trusted, Path::new("/nonexistent")).is_err());

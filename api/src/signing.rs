@@ -1,7 +1,10 @@
-//! Package signatures (ed25519). A signature covers the package's identity
-//! and content together — name, version and artifact digest — so it cannot be
-//! moved to another package or version. Keys are exchanged as one line of
-//! text: `ed25519:<base64 of the 32-byte key>`; a key's ID is the first 16 hex
+//! Package signatures (ed25519): release keys vouching for a package, the
+//! "image repository" side of Uptane. A signature covers the whole package
+//! metadata an agent acts on — name, version, artifact digest and size, and
+//! the install spec (method, scripts, health check, requirements) — so it
+//! can be moved neither to another package or version nor to another way
+//! of installing it. Keys are exchanged as one line of text:
+//! `ed25519:<base64 of the 32-byte key>`; a key's ID is the first 16 hex
 //! digits of the sha256 of the public key.
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
@@ -10,7 +13,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::Digest;
+use crate::{
+    v1alpha1::{InstallSpec, PackageSpec},
+    wire::Assignment,
+    Digest,
+};
 
 const PREFIX: &str = "ed25519:";
 
@@ -30,13 +37,52 @@ pub enum SignatureError {
     BadKey,
     #[error("package is not signed by any trusted key")]
     Unsigned,
-    #[error("signature by key {0} does not match the package (tampered or re-versioned)")]
+    #[error("signature by key {0} does not match the package (tampered, re-versioned, or signed before signatures covered the install spec: sign it again)")]
     Invalid(String),
 }
 
-/// The bytes a package signature covers.
-pub fn message(name: &str, version: &str, digest: &Digest) -> Vec<u8> {
-    format!("caravan-package-v1\0{name}\0{version}\0{digest}").into_bytes()
+/// The package metadata a signature covers.
+#[derive(Serialize, Debug, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub struct Signed<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub digest: &'a Digest,
+    pub size: u64,
+    pub install: &'a InstallSpec,
+}
+
+impl<'a> Signed<'a> {
+    /// What a Package in Git declares.
+    pub fn of_spec(spec: &'a PackageSpec) -> Self {
+        Self {
+            name: &spec.name,
+            version: &spec.version,
+            digest: &spec.artifact.digest,
+            size: spec.artifact.size,
+            install: &spec.install,
+        }
+    }
+
+    /// What an agent is asked to install.
+    pub fn of_assignment(a: &'a Assignment) -> Self {
+        Self {
+            name: &a.package,
+            version: &a.version,
+            digest: &a.digest,
+            size: a.size,
+            install: &a.install,
+        }
+    }
+}
+
+/// The bytes a package signature covers: a domain prefix, then the
+/// metadata as JSON, fields in a fixed order (that of the Rust types,
+/// absent options left out).
+pub fn message(package: &Signed) -> Vec<u8> {
+    let mut out = b"caravan-package-v2\0".to_vec();
+    serde_json::to_writer(&mut out, package).expect("package metadata serializes");
+    out
 }
 
 fn decode32(text: &str) -> Result<[u8; 32], SignatureError> {
@@ -73,10 +119,10 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
-pub fn sign(key: &SigningKey, name: &str, version: &str, digest: &Digest) -> PackageSignature {
+pub fn sign(key: &SigningKey, package: &Signed) -> PackageSignature {
     PackageSignature {
         key_id: key_id(&key.verifying_key()),
-        signature: B64.encode(key.sign(&message(name, version, digest)).to_bytes()),
+        signature: B64.encode(key.sign(&message(package)).to_bytes()),
     }
 }
 
@@ -85,11 +131,9 @@ pub fn sign(key: &SigningKey, name: &str, version: &str, digest: &Digest) -> Pac
 pub fn verify(
     trusted: &[VerifyingKey],
     signatures: &[PackageSignature],
-    name: &str,
-    version: &str,
-    digest: &Digest,
+    package: &Signed,
 ) -> Result<String, SignatureError> {
-    let msg = message(name, version, digest);
+    let msg = message(package);
     let mut invalid = None;
     for sig in signatures {
         let Some(key) = trusted.iter().find(|k| key_id(k) == sig.key_id) else {
@@ -113,38 +157,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_signature_binds_name_version_and_digest() {
+    fn a_signature_binds_the_whole_package_metadata() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let public = parse_public(&encode_public(&key.verifying_key())).unwrap();
         let (aa, bb) = (Digest::of(b"a"), Digest::of(b"b"));
-        let sig = sign(&key, "hello", "1.0.0", &aa);
-        // The signed bytes keep their format: signatures made earlier stay valid.
+        let install = InstallSpec::default();
+        let pkg = Signed {
+            name: "hello",
+            version: "1.0.0",
+            digest: &aa,
+            size: 10,
+            install: &install,
+        };
+        let sig = sign(&key, &pkg);
+        // The signed bytes are pinned: a change here invalidates every signature
+        // already committed to Git, so it must come with a new domain prefix.
         assert_eq!(
-            message("hello", "1.0.0", &aa),
-            format!("caravan-package-v1\0hello\01.0.0\0sha256:{}", aa.hex()).into_bytes()
+            String::from_utf8(message(&pkg)).unwrap(),
+            format!(
+                "caravan-package-v2\0{{\"name\":\"hello\",\"version\":\"1.0.0\",\"digest\":\"sha256:{}\",\"size\":10,\"install\":{{\"method\":\"archive\"}}}}",
+                aa.hex()
+            )
         );
-        assert_eq!(
-            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.0", &aa),
-            Ok(key_id(&public))
-        );
+        let check = |p: &Signed| verify(&[public], std::slice::from_ref(&sig), p);
+        assert_eq!(check(&pkg), Ok(key_id(&public)));
         let wrong = Err(SignatureError::Invalid(key_id(&public)));
         assert_eq!(
-            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.1", &aa),
+            check(&Signed {
+                version: "1.0.1",
+                ..pkg
+            }),
             wrong
         );
+        assert_eq!(check(&Signed { digest: &bb, ..pkg }), wrong);
+        assert_eq!(check(&Signed { size: 11, ..pkg }), wrong);
+        let script: InstallSpec =
+            serde_json::from_value(serde_json::json!({"method": "script"})).unwrap();
         assert_eq!(
-            verify(&[public], std::slice::from_ref(&sig), "hello", "1.0.0", &bb),
-            wrong
+            check(&Signed {
+                install: &script,
+                ..pkg
+            }),
+            wrong,
+            "another install method"
+        );
+        let checked = InstallSpec {
+            health_check: Some("bin/check".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            check(&Signed {
+                install: &checked,
+                ..pkg
+            }),
+            wrong,
+            "another health check"
         );
         let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
         assert_eq!(
-            verify(&[other], &[sig], "hello", "1.0.0", &aa),
+            verify(&[other], &[sig], &pkg),
             Err(SignatureError::Unsigned)
         );
-        assert_eq!(
-            verify(&[public], &[], "hello", "1.0.0", &aa),
-            Err(SignatureError::Unsigned)
-        );
+        assert_eq!(verify(&[public], &[], &pkg), Err(SignatureError::Unsigned));
         assert_eq!(
             parse_public("ed25519:AAAA").unwrap_err(),
             SignatureError::BadKey

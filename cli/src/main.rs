@@ -314,18 +314,14 @@ fn package_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<Str
     Ok(serde_yaml_ng::to_string(&pkg)?)
 }
 
-/// Signs a package's name, version and digest with the private key in `key`.
+/// Signs a package's metadata (name, version, artifact, install spec) with
+/// the private key in `key`.
 fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageSignature> {
     let text =
         std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
     let key = signing::parse_private(&text)
         .with_context(|| format!("{} is not a private key", key.display()))?;
-    Ok(signing::sign(
-        &key,
-        &spec.name,
-        &spec.version,
-        &spec.artifact.digest,
-    ))
+    Ok(signing::sign(&key, &signing::Signed::of_spec(spec)))
 }
 
 /// Streams the archive to the controller's store. An upload that breaks off

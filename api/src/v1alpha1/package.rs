@@ -33,7 +33,8 @@ pub struct PackageSpec {
     /// How agents install it.
     #[serde(default)]
     pub install: InstallSpec,
-    /// Signatures over name, version and digest (`caravan package sign`).
+    /// Signatures over name, version, artifact and install spec
+    /// (`caravan package sign`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<crate::signing::PackageSignature>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

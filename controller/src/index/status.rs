@@ -280,9 +280,7 @@ pub fn package_status(
             signing::verify(
                 &keys,
                 &p.spec.signatures,
-                &p.spec.name,
-                &p.spec.version,
-                digest,
+                &signing::Signed::of_spec(&p.spec),
             )
         });
     if let Some(result) = &signed {
