@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent
+.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent bench-signing
 
 setup:
 	bash scripts/setup.sh
@@ -36,6 +36,12 @@ bench-package: setup
 bench-agent: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-agent
+
+# Figures: what signing desired state costs — controller documents per
+# second (changed and unchanged) against serializing them unsigned, and the
+# agent's time to verify one document.
+bench-signing:
+	$(CARGO) bench -p caravan-controller --bench signing
 
 # Fuzz every parser of untrusted input (archives, Git manifests, desired
 # state, reports, enrollment) for FUZZ_SECONDS each (default 60), on stable

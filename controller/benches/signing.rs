@@ -1,0 +1,144 @@
+//! What signing desired state costs (issue 10): the controller's signing
+//! throughput in documents per second — for documents that changed (an
+//! ed25519 signature each) and for unchanged ones (a content hash each,
+//! the signature reused) — against the peer of serializing the same
+//! documents unsigned, as the controller did before; and the agent's time
+//! to verify one document.
+//!
+//! `cargo bench -p caravan-controller --bench signing [-- AGENTS ASSIGNMENTS]`
+//! (or `make bench-signing`).
+
+use std::{collections::HashMap, hint::black_box, time::Instant};
+
+use caravan_api::{
+    signing,
+    trust::{pin, verify_desired},
+    v1alpha1::{InstallSpec, JobAction},
+    wire::{AgentDesired, Assignment, SiteDesired},
+    Digest,
+};
+use caravan_controller::trust::{Signer, TrustKeys};
+use ed25519_dalek::SigningKey;
+
+const SITES: usize = 10;
+
+fn documents(
+    agents: usize,
+    assignments: usize,
+) -> HashMap<(String, String), SiteDesired<AgentDesired>> {
+    let release = SigningKey::from_bytes(&[9; 32]);
+    let packages: Vec<Assignment> = (0..assignments)
+        .map(|i| {
+            let install = InstallSpec::default();
+            let digest = Digest::of(format!("package-{i}").as_bytes());
+            let (package, version) = (format!("package-{i}"), format!("1.{i}.0"));
+            let sig = signing::sign(
+                &release,
+                &signing::Signed {
+                    name: &package,
+                    version: &version,
+                    digest: &digest,
+                    size: 50 << 20,
+                    install: &install,
+                },
+            );
+            Assignment {
+                job: format!("job-{i}"),
+                action: JobAction::Install,
+                package,
+                version,
+                digest,
+                size: 50 << 20,
+                install,
+                signatures: vec![sig],
+                require_signature: true,
+                repair: false,
+                allow_downgrade: false,
+            }
+        })
+        .collect();
+    let mut sites: HashMap<_, SiteDesired<AgentDesired>> = HashMap::new();
+    for n in 0..agents {
+        let site = format!("site-{}", n % SITES);
+        let agent = format!("endpoint-{n:06}");
+        let doc = AgentDesired {
+            agent: agent.clone(),
+            assignments: packages.clone(),
+            ..Default::default()
+        };
+        sites
+            .entry(("fleet".into(), site.clone()))
+            .or_insert_with(|| SiteDesired {
+                site,
+                ..Default::default()
+            })
+            .agents
+            .insert(agent, doc);
+    }
+    sites
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let agents = args.first().copied().unwrap_or(10_000);
+    let assignments = args.get(1).copied().unwrap_or(10);
+    let dir = tempfile::tempdir()?;
+    let keys = TrustKeys::load_or_create(dir.path())?;
+    let docs = documents(agents, assignments);
+    let now = chrono::Utc::now();
+
+    // Peer: the same site documents serialized unsigned, as served before.
+    let start = Instant::now();
+    for site in docs.values() {
+        black_box(serde_json::to_vec(site)?);
+    }
+    let unsigned = start.elapsed().as_secs_f64();
+    let unsigned_bytes: usize = docs
+        .values()
+        .flat_map(|s| s.agents.values())
+        .map(|d| serde_json::to_vec(d).map(|b| b.len()).unwrap_or(0))
+        .sum();
+
+    let mut signer = Signer::new(&keys, std::time::Duration::from_secs(7 * 86400));
+    let again = docs.clone();
+    let start = Instant::now();
+    let index = signer.sign_sites(docs, now);
+    let cold = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    black_box(signer.sign_sites(again, now));
+    let warm = start.elapsed().as_secs_f64();
+
+    let site = index.sites.values().next().expect("a site");
+    let (name, envelope) = site.value.agents.iter().next().expect("an agent");
+    let signed_bytes = serde_json::to_vec(envelope)?.len();
+    let (root, _) = pin(&site.value.roots, None)?;
+    let rounds = 2_000;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        black_box(verify_desired(envelope, &root, name, None, now)?);
+    }
+    let verify = start.elapsed().as_secs_f64() / rounds as f64;
+
+    println!("{agents} agents in {SITES} sites, {assignments} assignments each");
+    println!(
+        "document: {} bytes unsigned, {signed_bytes} bytes signed (DSSE envelope)",
+        unsigned_bytes / agents
+    );
+    println!("{:<42} {:>10} {:>12}", "controller", "docs/s", "µs per doc");
+    for (what, secs) in [
+        ("serialize unsigned (peer, before signing)", unsigned),
+        ("sign: every document changed", cold),
+        ("sign: nothing changed (signatures reused)", warm),
+    ] {
+        println!(
+            "{what:<42} {:>10.0} {:>12.1}",
+            agents as f64 / secs,
+            secs * 1e6 / agents as f64
+        );
+    }
+    println!("agent: verify one document {:.1} µs", verify * 1e6);
+    Ok(())
+}
