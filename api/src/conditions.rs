@@ -53,8 +53,6 @@ pub mod reasons {
     pub const WORKLOAD_REFUSED: &str = "WorkloadRefused";
     /// A Site asks for a relay image the controller does not allow.
     pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
-    /// A Site names a Secret not labelled for bootstrap tokens.
-    pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
     /// An object the controller would make for a Site exists and is not the Site's.
     pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
     /// An agent verified its desired state.

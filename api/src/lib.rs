@@ -32,9 +32,6 @@ pub mod labels {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Agents are found by host ID with this label (value: the host ID).
     pub const HOST_ID: &str = "caravan.dev/host-id";
-    /// On a Secret a Site names for bootstrap tokens: `"true"` allows it to be
-    /// handed to the site's relay.
-    pub const BOOTSTRAP_TOKEN: &str = "caravan.dev/bootstrap-token";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -4,7 +4,7 @@
 //! | call | who | body → answer |
 //! |---|---|---|
 //! | `GET  /v1/site/desired` | relay token | long-poll (`If-None-Match`, `?wait=`) → [`SiteDesired`] |
-//! | `POST /v1/site/enroll` | relay token | [`EnrollRequest`] → [`EnrollForward`] |
+//! | `POST /v1/site/enroll` | relay token | [`SiteEnroll`] → [`EnrollForward`] |
 //! | `POST /v1/site/reports` | relay token | `Vec<AgentReport>` |
 //! | `POST /v1/site/stats` | relay token | [`RelayStats`] |
 //! | `GET  /v1/blobs/sha256:<hex>` | relay token | blob bytes, `Range` + `If-Range` |
@@ -15,7 +15,7 @@
 //!
 //! | call | who | body → answer |
 //! |---|---|---|
-//! | `POST /v1/enroll` | site bootstrap token | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | `POST /v1/enroll` | a BootstrapToken of the site (checked by the controller) | [`EnrollRequest`] → [`EnrollResponse`] |
 //! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
 //! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of [`crate::trust::Root`], oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
@@ -223,6 +223,24 @@ pub struct EnrollRequest {
     /// (with its host ID) in its state directory; re-enrolling the same host
     /// ID requires it, so nobody else can take over an enrolled identity.
     pub secret: String,
+}
+
+/// An enrollment as a relay passes it on: the agent's request and the
+/// bootstrap token it presented, which only the controller checks.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteEnroll {
+    pub bootstrap_token: String,
+    pub request: EnrollRequest,
+}
+
+impl std::fmt::Debug for SiteEnroll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteEnroll")
+            .field("bootstrap_token", &"<redacted>")
+            .field("request", &self.request)
+            .finish()
+    }
 }
 
 /// The controller's answer to an enrollment the relay passed on.

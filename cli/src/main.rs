@@ -1,5 +1,7 @@
 //! `caravan`: the operator's command line.
 
+mod cluster;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -37,6 +39,9 @@ enum Command {
     /// Signing keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Bootstrap tokens agents enroll with.
+    #[command(subcommand)]
+    Token(cluster::TokenCommand),
 }
 
 #[derive(Subcommand)]
@@ -203,6 +208,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Token(command) => cluster::token(command).await,
         Command::Key(KeyCommand::Generate { out }) => {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");

@@ -1,6 +1,6 @@
 //! Credentials the controller issues, derived from one secret key so that no
 //! token has to be stored: a relay token names its site and carries an
-//! HMAC-SHA256 over it; a site's default bootstrap token is derived the same way.
+//! HMAC-SHA256 over it.
 //!
 //! Relay token format: `<namespace>/<site>/<hex mac>` (neither part may hold `/`).
 
@@ -64,12 +64,6 @@ impl CredentialKey {
             "{namespace}/{site}/{}",
             hex::encode(mac.finalize().into_bytes())
         )
-    }
-
-    /// The default bootstrap token agents of `namespace/site` enroll with.
-    pub fn bootstrap_token(&self, namespace: &str, site: &str) -> String {
-        let mac = self.mac("bootstrap", &format!("{namespace}/{site}"));
-        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Checks a relay token; returns the `(namespace, site)` it is for.

@@ -127,6 +127,15 @@ pub struct Config {
         value_parser = clap::value_parser!(u64).range(2..)
     )]
     pub desired_state_ttl_seconds: u64,
+    /// Enrollments each site may make per second (bursts of up to ten
+    /// seconds' worth); more are answered `429` and the agents retry.
+    #[arg(
+        long,
+        env = "CARAVAN_ENROLLMENTS_PER_SECOND",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub enrollments_per_second: u32,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
     #[command(subcommand)]
@@ -191,6 +200,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         relays: relays.clone(),
         stores: stores.clone(),
         polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
+        enrollments: server::enroll::limiter(config.enrollments_per_second),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {

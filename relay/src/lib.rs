@@ -38,9 +38,6 @@ pub struct Config {
     /// This site's relay token (from the `<site>-relay` Secret).
     #[arg(long, env = "CARAVAN_RELAY_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Token agents present to enroll at this site.
-    #[arg(long, env = "CARAVAN_BOOTSTRAP_TOKEN", hide_env_values = true)]
-    pub bootstrap_token: String,
     /// Directory of the blob cache.
     #[arg(long, env = "CARAVAN_CACHE_DIR", default_value = "/var/cache/caravan")]
     pub cache_dir: PathBuf,
@@ -81,8 +78,6 @@ pub const POLLS_PER_AGENT: usize = 4;
 pub struct Relay {
     /// This site's relay token: the key of the agent tokens it issues.
     pub token: String,
-    /// The token agents present to enroll.
-    pub bootstrap_token: String,
     pub upstream: upstream::Upstream,
     pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
@@ -122,7 +117,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
         token: config.token.clone(),
-        bootstrap_token: config.bootstrap_token.clone(),
         upstream: upstream.clone(),
         cache: cache.clone(),
         state: state_rx,

@@ -10,7 +10,7 @@ use axum::{
     Json, Router,
 };
 use caravan_api::{
-    wire::{paths, AgentReport, EnrollRequest, EnrollResponse},
+    wire::{paths, AgentReport, EnrollRequest, EnrollResponse, SiteEnroll},
     Digest,
 };
 use caravan_net::{
@@ -99,19 +99,20 @@ async fn enroll(
     headers: HeaderMap,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let given = bearer(&headers).unwrap_or_default();
-    if !tokens::same_secret(given, &relay.bootstrap_token) {
-        return Err(err(
-            StatusCode::UNAUTHORIZED,
-            "invalid bootstrap token for this site",
-        ));
-    }
+    // Only the controller can tell a good bootstrap token: the relay holds none.
+    let bootstrap_token = bearer(&headers)
+        .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bootstrap token"))?
+        .to_string();
+    let hostname = req.hostname.clone();
     let forward = relay
         .upstream
-        .enroll(&req)
+        .enroll(&SiteEnroll {
+            bootstrap_token,
+            request: req,
+        })
         .await
         .map_err(|e| err(e.status(), e.to_string()))?;
-    tracing::info!(agent = %forward.agent, host = %req.hostname, "agent enrolled");
+    tracing::info!(agent = %forward.agent, host = %hostname, "agent enrolled");
     let token = tokens::issue(&relay.token, &forward.agent);
     relay.metrics.enrollments.inc();
     Ok(Json(EnrollResponse {

@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use caravan_api::{
     wire::{
-        paths, AgentReport, EnrollForward, EnrollRequest, RelayStats, SiteDesired,
+        paths, AgentReport, EnrollForward, RelayStats, SiteDesired, SiteEnroll,
         MAX_SITE_DESIRED_BYTES, MAX_SMALL_ANSWER_BYTES,
     },
     Digest,
@@ -112,7 +112,7 @@ impl Upstream {
             .map_err(|source| UpstreamError::Body { url, error: source })
     }
 
-    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollForward, UpstreamError> {
+    pub async fn enroll(&self, req: &SiteEnroll) -> Result<EnrollForward, UpstreamError> {
         let url = self.url(paths::SITE_ENROLL);
         let res = self
             .send(

@@ -207,9 +207,8 @@ async fn a_site_cannot_borrow_the_controllers_privileges() -> anyhow::Result<()>
     use kube::api::{Patch, PatchParams};
     let mut c = Caravan::start("fleet").await?;
     let (repo, _relay) = c.hello_installed("desk").await?;
-    // A Secret of the namespace nobody meant for relays, and one a user made
-    // under the name a relay's Secret would have.
-    for (name, value) in [("db-password", "hunter2"), ("lagos-relay", "mine")] {
+    // A Secret a user made under the name a relay's Secret would have.
+    for (name, value) in [("lagos-relay", "mine")] {
         let secret: Secret = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name }, "stringData": { "password": value },
         }))?;
@@ -225,20 +224,12 @@ async fn a_site_cannot_borrow_the_controllers_privileges() -> anyhow::Result<()>
         &site("miner", "  relay: {image: evil.example.com/miner:latest}\n"),
     )?;
     repo.write(
-        "fleet/thief.yaml",
-        &site(
-            "thief",
-            "  enrollment: {bootstrapTokenSecret: {name: db-password, key: password}}\n",
-        ),
-    )?;
-    repo.write(
         "fleet/lagos.yaml",
         &site("lagos", "  relay: {replicas: 1}\n"),
     )?;
-    repo.commit("Three sites asking for more than a relay")?;
+    repo.commit("Two sites asking for more than a relay")?;
     for (name, reason, words) in [
         ("miner", "ImageNotAllowed", "evil.example.com/miner"),
-        ("thief", "SecretNotAllowed", "caravan.dev/bootstrap-token"),
         ("lagos", "ObjectNotOwned", "Secret lagos-relay exists"),
     ] {
         let stalled = wait_for(&format!("site {name} to stall"), T, || async {

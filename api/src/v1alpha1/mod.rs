@@ -1,6 +1,7 @@
 //! `caravan.dev/v1alpha1`: every Caravan custom resource.
 
 mod agent;
+mod bootstrap;
 mod cabinet;
 mod gitsource;
 mod job;
@@ -8,6 +9,7 @@ mod package;
 mod site;
 
 pub use agent::*;
+pub use bootstrap::*;
 pub use cabinet::*;
 pub use gitsource::*;
 pub use job::*;
@@ -26,6 +28,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         DistributionJob::crd(),
         Site::crd(),
         Agent::crd(),
+        BootstrapToken::crd(),
     ]
     .into_iter()
     .map(compatible)

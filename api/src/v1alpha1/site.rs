@@ -3,8 +3,6 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::SecretKeyRef;
-
 /// A location with its own relay; agents enroll at a site.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -63,12 +61,11 @@ fn one() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollmentSpec {
-    /// Secret key holding the bootstrap token agents present to enroll. The
-    /// Secret must carry the label `caravan.dev/bootstrap-token: "true"`.
-    /// When unset the controller generates one in the `<site>-relay` Secret
-    /// under `bootstrap-token`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bootstrap_token_secret: Option<SecretKeyRef>,
+    /// New agents wait for approval (`caravan agent approve`, which sets
+    /// the Agent's `spec.approved`) before they get any work. Agents enroll
+    /// with a BootstrapToken of the site (`caravan token create`).
+    #[serde(default)]
+    pub require_approval: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

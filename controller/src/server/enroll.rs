@@ -1,30 +1,133 @@
-//! Enrollment, as a relay passes it on: the Agent for a host ID at the
-//! relay's site, found or created. A host ID enrolled already takes the
-//! secret it first enrolled with (nobody else can take over an identity);
-//! an Agent declared in Git ahead of time is claimed by the first to enroll.
+//! Enrollment, as a relay passes it on. The agent's bootstrap token is
+//! checked here — relays hold none — and its use counted (see
+//! [`caravan_api::v1alpha1::BootstrapToken`]); enrollments are rate-limited
+//! per site. Then the Agent for the host ID at the relay's site is found or
+//! created. A host ID enrolled already takes the secret it first enrolled
+//! with (nobody else can take over an identity); an Agent declared in Git
+//! ahead of time is claimed by the first to enroll.
+
+use std::num::NonZeroU32;
 
 use axum::{extract::State, http::StatusCode, Json};
 use caravan_api::{
     labels, names,
-    v1alpha1::Agent,
-    wire::{EnrollForward, EnrollRequest},
+    v1alpha1::{Agent, BootstrapToken, Site, TokenRefusal, TokenString},
+    wire::{EnrollForward, SiteEnroll},
     API_VERSION,
 };
 use caravan_net::server::ApiError;
+use governor::{clock::Clock as _, Quota};
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
-    ResourceExt,
+    runtime::events::{Event, EventType},
+    Resource as _, ResourceExt,
 };
 use sha2::{Digest as _, Sha256};
 
 use super::{kube_error, AppState, RelaySite};
+use crate::index::SiteKey;
 
-/// Finds or creates the Agent for a host ID at the relay's site.
+/// Enrollments allowed per site.
+pub type EnrollmentLimiter = governor::DefaultKeyedRateLimiter<SiteKey>;
+
+/// `per_second` enrollments per site, in bursts of up to ten seconds' worth.
+pub fn limiter(per_second: u32) -> EnrollmentLimiter {
+    let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    governor::RateLimiter::keyed(
+        Quota::per_second(rate)
+            .allow_burst(rate.saturating_mul(NonZeroU32::new(10).expect("ten is not zero"))),
+    )
+}
+
+/// Attempts to use a bootstrap token at once before an enrollment gives up.
+const USE_ATTEMPTS: usize = 8;
+
+/// Checks the bootstrap token an agent presented at `site` and counts its
+/// use; returns its id. A refusal is also a Warning Event on the Site
+/// (reason `BootstrapToken…`, one per kind of refusal).
+async fn admit(
+    s: &AppState,
+    ns: &str,
+    site: &str,
+    site_obj: Option<&Site>,
+    presented: &str,
+) -> Result<String, ApiError> {
+    let tokens = s.ctx.namespaced::<BootstrapToken>(ns);
+    let refuse = |r: TokenRefusal| async move {
+        tracing::warn!(%ns, %site, reason = %r, "enrollment refused");
+        if let Some(site) = site_obj {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: r.reason().into(),
+                note: Some(r.to_string()),
+                action: "Enroll".into(),
+                secondary: None,
+            };
+            if let Err(e) = s.ctx.recorder.publish(&event, &site.object_ref(&())).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        }
+        ApiError::new(StatusCode::UNAUTHORIZED, r.to_string())
+    };
+    let token = match TokenString::parse(presented) {
+        Ok(t) => t,
+        Err(r) => return Err(refuse(r).await),
+    };
+    let uid = site_obj.and_then(|s| s.metadata.uid.as_deref());
+    for _ in 0..USE_ATTEMPTS {
+        let Some(mut record) = tokens.get_opt(&token.id).await.map_err(kube_error)? else {
+            return Err(refuse(TokenRefusal::Unknown(token.id.clone())).await);
+        };
+        let now = chrono::Utc::now();
+        if let Err(r) = record.admits(&token, site, uid, now) {
+            return Err(refuse(r).await);
+        }
+        // Counted with the object's resourceVersion: two enrollments racing
+        // for the last use cannot both have it.
+        let mut status = record.status.take().unwrap_or_default();
+        status.uses += 1;
+        status.last_used = Some(now);
+        record.status = Some(status);
+        match tokens
+            .replace_status(&token.id, &PostParams::default(), &record)
+            .await
+        {
+            Ok(_) => return Ok(token.id),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                return Err(refuse(TokenRefusal::Unknown(token.id.clone())).await)
+            }
+            Err(e) => return Err(kube_error(e)),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "bootstrap token {} is being used by many enrollments at once; retry",
+            token.id
+        ),
+    ))
+}
+
+/// Checks the bootstrap token, then finds or creates the Agent for a host
+/// ID at the relay's site.
 pub async fn enroll(
     State(s): State<AppState>,
     RelaySite((ns, site)): RelaySite,
-    Json(req): Json<EnrollRequest>,
+    Json(forwarded): Json<SiteEnroll>,
 ) -> Result<Json<EnrollForward>, ApiError> {
+    let key = (ns.clone(), site.clone());
+    if let Err(not_until) = s.enrollments.check_key(&key) {
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many enrollments at site {site}; retry in {} ms",
+                wait.as_millis().max(1)
+            ),
+        ));
+    }
+    let req = forwarded.request;
     names::host_id(&req.host_id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let host_id = req.host_id.as_str();
     if req.secret.len() < 32 {
@@ -33,6 +136,22 @@ pub async fn enroll(
             "secret must be at least 32 characters",
         ));
     }
+    let site_obj = s
+        .ctx
+        .namespaced::<Site>(&ns)
+        .get_opt(&site)
+        .await
+        .map_err(kube_error)?;
+    let token_id = admit(
+        &s,
+        &ns,
+        &site,
+        site_obj.as_ref(),
+        &forwarded.bootstrap_token,
+    )
+    .await?;
+    // New agents of a site that requires approval wait for it.
+    let approved = !site_obj.is_some_and(|s| s.spec.enrollment.require_approval);
     let secret_hash = hex::encode(Sha256::digest(req.secret.as_bytes()));
     let api = s.ctx.namespaced::<Agent>(&ns);
     let existing = api
@@ -77,7 +196,7 @@ pub async fn enroll(
                     "apiVersion": API_VERSION,
                     "kind": "Agent",
                     "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
-                    "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": true, "secretHash": secret_hash },
+                    "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": approved, "secretHash": secret_hash },
                 }))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
             };
@@ -92,7 +211,7 @@ pub async fn enroll(
                 }
                 Err(e) => return Err(kube_error(e)),
             }
-            tracing::info!(agent = %name, %site, "agent enrolled");
+            tracing::info!(agent = %name, %site, bootstrap_token = %token_id, "agent enrolled");
             name
         }
     };

@@ -10,7 +10,7 @@
 //! naming the problem.
 
 mod blobs;
-mod enroll;
+pub mod enroll;
 mod sites;
 
 use std::sync::Arc;
@@ -43,6 +43,8 @@ pub struct ServerState {
     pub stores: Stores,
     /// The long-polls each site's relays hold open (at most [`POLLS_PER_SITE`]).
     pub polls: Arc<caravan_net::server::PollSlots>,
+    /// Enrollments per site.
+    pub enrollments: enroll::EnrollmentLimiter,
 }
 
 /// Most long-polls the relays of one site may hold open (one per replica).

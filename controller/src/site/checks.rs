@@ -3,9 +3,6 @@
 //! running a relay for it:
 //! - the relay's Service name must be valid;
 //! - the relay image must be one the controller allows (`--allowed-relay-image`);
-//! - a Secret named for bootstrap tokens must say it may be used so
-//!   (label `caravan.dev/bootstrap-token: "true"`), or any Secret of the
-//!   namespace (a database password) could be put in the relay's environment;
 //! - the relay's objects (`<site>-relay`), where they exist, must be the
 //!   Site's own, or the controller would take over (and, with the Site,
 //!   delete) objects it never made.
@@ -14,7 +11,7 @@
 
 use std::collections::HashSet;
 
-use caravan_api::{conditions::reasons, labels, names, v1alpha1::Site};
+use caravan_api::{conditions::reasons, names, v1alpha1::Site};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Secret, Service},
@@ -90,41 +87,6 @@ pub fn check_image(site: &Site, default: &str, allowed: &[String]) -> Result<(),
                 .join(", ")
         ),
     ))
-}
-
-/// A Secret named for bootstrap tokens must carry the opt-in label.
-pub async fn check_bootstrap_secret(
-    ctx: &Context,
-    site: &Site,
-) -> Result<Result<(), Refusal>, Error> {
-    let Some(r) = &site.spec.enrollment.bootstrap_token_secret else {
-        return Ok(Ok(()));
-    };
-    let ns = site.namespace().unwrap_or_default();
-    let secret = ctx
-        .namespaced::<Secret>(&ns)
-        .get_metadata_opt(&r.name)
-        .await?;
-    let opted_in = secret.as_ref().is_some_and(|s| {
-        s.labels().get(labels::BOOTSTRAP_TOKEN).map(String::as_str) == Some("true")
-    });
-    if opted_in {
-        return Ok(Ok(()));
-    }
-    let problem = match secret {
-        None => "does not exist".to_string(),
-        Some(_) => format!(
-            "does not carry the label {}: \"true\"",
-            labels::BOOTSTRAP_TOKEN
-        ),
-    };
-    Ok(Err(Refusal::new(
-        reasons::SECRET_NOT_ALLOWED,
-        format!(
-            "Secret {} named for bootstrap tokens {problem}; only a Secret labelled so may be handed to a relay",
-            r.name
-        ),
-    )))
 }
 
 /// The relay's objects, where they exist, belong to this Site.

@@ -147,9 +147,6 @@ impl SiteReconciler {
         }) {
             return Ok(Some(r));
         }
-        if let Err(r) = checks::check_bootstrap_secret(&self.ctx, site).await? {
-            return Ok(Some(r));
-        }
         // Once the Site's objects are known to be its own, they stay so.
         if !self.verified.contains(site) {
             if let Err(r) = checks::check_owned(&self.ctx, site).await? {
@@ -187,12 +184,6 @@ impl SiteReconciler {
         let keys = &self.ctx.credentials;
         let relay_token = keys.relay_token(&ns, &name);
         let creds = RelayCredentials {
-            bootstrap_token: site
-                .spec
-                .enrollment
-                .bootstrap_token_secret
-                .is_none()
-                .then(|| keys.bootstrap_token(&ns, &name)),
             content_token: site.spec.parent.as_ref().map(|parent| {
                 caravan_net::agent_tokens::issue(
                     &keys.relay_token(&ns, parent),

@@ -55,8 +55,6 @@ pub struct RelayParams<'a> {
 pub struct RelayCredentials {
     /// The relay's own token at the controller.
     pub token: String,
-    /// The site's default bootstrap token (none when the Site names a Secret of its own).
-    pub bootstrap_token: Option<String>,
     /// The relay's credential at its parent site's relay (a child site only).
     pub content_token: Option<String>,
 }
@@ -101,7 +99,6 @@ pub fn secret(
 ) -> Secret {
     let mut data = BTreeMap::from([("token".to_string(), creds.token.clone())]);
     let optional = [
-        ("bootstrap-token", creds.bootstrap_token.as_deref()),
         ("content-token", creds.content_token.as_deref()),
         (UPSTREAM_CA_KEY, params.upstream_ca),
     ];
@@ -219,14 +216,9 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
         }
         None => "HTTP",
     };
-    let (bootstrap_secret, bootstrap_key) = match &site.spec.enrollment.bootstrap_token_secret {
-        Some(r) => (r.name.clone(), r.key.clone()),
-        None => (relay.clone(), "bootstrap-token".to_string()),
-    };
     let mut envs = vec![
         env("CARAVAN_UPSTREAM", params.upstream_url),
         env_from_secret("CARAVAN_RELAY_TOKEN", &relay, "token"),
-        env_from_secret("CARAVAN_BOOTSTRAP_TOKEN", &bootstrap_secret, &bootstrap_key),
     ];
     // A child site's relay takes content from its parent's relay.
     if let Some(parent) = &site.spec.parent {
@@ -323,7 +315,7 @@ pub fn service(site: &Site, owner: &OwnerReference) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caravan_api::v1alpha1::{SecretKeyRef, SiteSpec};
+    use caravan_api::v1alpha1::SiteSpec;
 
     fn site(name: &str, spec: SiteSpec) -> (Site, OwnerReference) {
         let mut s = Site::new(name, spec);
@@ -382,10 +374,6 @@ mod tests {
         let env = env_of(c);
         assert_eq!(env["CARAVAN_UPSTREAM"], "https://controller:8443");
         assert_eq!(env["CARAVAN_RELAY_TOKEN"], "secret:hq-relay/token");
-        assert_eq!(
-            env["CARAVAN_BOOTSTRAP_TOKEN"],
-            "secret:hq-relay/bootstrap-token"
-        );
         assert!(!env.contains_key("CARAVAN_CONTENT_UPSTREAM"));
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -451,25 +439,17 @@ mod tests {
         );
         let creds = RelayCredentials {
             token: "t".into(),
-            bootstrap_token: Some("b".into()),
             content_token: Some("c".into()),
         };
         let data = secret(&s, &owner, &creds, &PARAMS).string_data.unwrap();
-        assert_eq!(
-            data.keys().collect::<Vec<_>>(),
-            ["bootstrap-token", "content-token", "token"]
-        );
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["content-token", "token"]);
     }
 
     #[test]
-    fn tls_a_ca_and_a_bootstrap_secret_of_its_own_are_mounted_and_referenced() {
+    fn tls_and_a_ca_are_mounted_and_referenced() {
         let mut spec = SiteSpec::default();
         spec.relay.tls_secret = Some("hq-tls".into());
         spec.relay.image = Some("mirror/relay:2".into());
-        spec.enrollment.bootstrap_token_secret = Some(SecretKeyRef {
-            name: "enroll".into(),
-            key: "token".into(),
-        });
         let (s, owner) = site("hq", spec);
         let params = RelayParams {
             upstream_ca: Some("PEM"),
@@ -509,14 +489,15 @@ mod tests {
                 ("tls", Some(true))
             ]
         );
-        assert_eq!(env_of(c)["CARAVAN_BOOTSTRAP_TOKEN"], "secret:enroll/token");
         let creds = RelayCredentials {
             token: "t".into(),
-            bootstrap_token: None,
             content_token: None,
         };
         let data = secret(&s, &owner, &creds, &params).string_data.unwrap();
         assert_eq!(data.get(UPSTREAM_CA_KEY).map(String::as_str), Some("PEM"));
-        assert!(!data.contains_key("bootstrap-token"));
+        assert!(
+            !env_of(c).keys().any(|k| k.contains("BOOTSTRAP")),
+            "relays hold no bootstrap tokens"
+        );
     }
 }

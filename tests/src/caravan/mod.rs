@@ -80,6 +80,8 @@ pub struct Options {
     /// How long signed desired-state documents are good for (default: the
     /// controller's).
     pub desired_state_ttl_seconds: Option<u64>,
+    /// Enrollments each site may make per second (default: the controller's).
+    pub enrollments_per_second: Option<u32>,
 }
 
 /// Starts the controller and waits until it answers.
@@ -113,6 +115,7 @@ impl Caravan {
             install,
             tls,
             desired_state_ttl_seconds,
+            enrollments_per_second,
         } = options;
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
         let dir = tmp.path().to_path_buf();
@@ -193,6 +196,9 @@ impl Caravan {
         ];
         if let Some(ttl) = desired_state_ttl_seconds {
             flags.push(("--desired-state-ttl-seconds", ttl.to_string()));
+        }
+        if let Some(rate) = enrollments_per_second {
+            flags.push(("--enrollments-per-second", rate.to_string()));
         }
         if let Some(tls) = &tls {
             flags.extend([
@@ -380,10 +386,12 @@ impl Caravan {
         ])
     }
 
-    /// Runs the `caravan` CLI against this installation's controller.
+    /// Runs the `caravan` CLI against this installation's controller and
+    /// cluster (as its administrator).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = std::process::Command::new(bin("caravan")?)
             .args(args)
+            .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
             .envs(self.tls.as_ref().map(|t| ("CARAVAN_CA_FILE", &t.ca)))
@@ -399,6 +407,14 @@ impl Caravan {
 }
 
 impl Caravan {
+    /// A new bootstrap token for agents of `site`, made with
+    /// `caravan token create` (and `extra` arguments: `--ttl`, `--max-uses`).
+    pub fn bootstrap_token(&self, site: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["token", "create", "--site", site, "-n", &self.namespace];
+        args.extend(extra);
+        Ok(self.cli(&args)?.trim().to_string())
+    }
+
     /// Waits until `job`, aimed at one agent, has failed there; returns why.
     pub async fn wait_failed(&self, job: &str) -> anyhow::Result<String> {
         let job = self

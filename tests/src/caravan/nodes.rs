@@ -24,6 +24,8 @@ pub struct AgentProc {
 pub struct RelayInfo {
     pub url: String,
     pub cache_dir: PathBuf,
+    /// A bootstrap token of the site (`caravan token create`, 24 h, any
+    /// number of uses).
     pub bootstrap_token: String,
 }
 
@@ -40,11 +42,8 @@ impl Caravan {
                 &self.dir.join(format!("node/relay-{site}")),
             )
             .await?;
-        let bootstrap_token = env
-            .iter()
-            .find(|(k, _)| k == "CARAVAN_BOOTSTRAP_TOKEN")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        // What the site's administrator hands the endpoints to enroll with.
+        let bootstrap_token = self.bootstrap_token(site, &[])?;
         // A child site's relay fetches from its parent's relay: the Service
         // address becomes the loopback address the parent was started on.
         let mut env = env;

@@ -1,0 +1,115 @@
+//! Commands that act on the cluster directly (through the kubeconfig, like
+//! `kubectl`): bootstrap tokens and agent approval.
+
+use anyhow::Context as _;
+use caravan_api::v1alpha1::{BootstrapToken, BootstrapTokenSpec, Site, TokenString};
+use clap::Subcommand;
+use kube::{
+    api::{DeleteParams, PostParams},
+    Api, Client, Resource as _,
+};
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a bootstrap token for agents of a site to enroll with. The token
+    /// is printed once, on standard output; only its sha256 is stored.
+    Create {
+        /// The Site agents enroll at.
+        #[arg(long)]
+        site: String,
+        /// How long the token is good for (`30m`, `24h`, `7d`).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Enrollments the token allows (1: single-use; unset: any number
+        /// until it expires).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// What the token is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Namespace of the Site (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+    /// Revoke a bootstrap token (by its id, the part before the dot): no
+    /// agent can enroll with it any more. Enrolled agents are not affected.
+    Revoke {
+        id: String,
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+}
+
+async fn namespaced<K>(namespace: Option<String>) -> anyhow::Result<Api<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let client = Client::try_default()
+        .await
+        .context("connecting to the cluster (kubeconfig)")?;
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    Ok(Api::namespaced(client, &ns))
+}
+
+pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            site,
+            ttl,
+            max_uses,
+            description,
+            namespace,
+        } => {
+            let sites: Api<Site> = namespaced(namespace.clone()).await?;
+            let site_obj = sites
+                .get_opt(&site)
+                .await?
+                .with_context(|| format!("there is no Site {site}"))?;
+            let uid = site_obj.meta().uid.clone().context("the Site has no UID")?;
+            let token = TokenString::new(rand::random(), rand::random());
+            let ttl = chrono::Duration::from_std(ttl).context("--ttl is too long")?;
+            let mut record = BootstrapToken::new(
+                &token.id,
+                BootstrapTokenSpec {
+                    site: site.clone(),
+                    site_uid: uid,
+                    secret_sha256: token.secret_sha256(),
+                    expires: chrono::Utc::now() + ttl,
+                    max_uses,
+                    description,
+                },
+            );
+            // Deleted with its Site wherever a garbage collector runs (the
+            // controller refuses it from that moment on either way).
+            record.metadata.owner_references = site_obj.controller_owner_ref(&()).map(|mut o| {
+                o.controller = Some(false);
+                vec![o]
+            });
+            let tokens: Api<BootstrapToken> = namespaced(namespace).await?;
+            tokens
+                .create(&PostParams::default(), &record)
+                .await
+                .context("creating the BootstrapToken")?;
+            eprintln!(
+                "bootstrap token {} for site {site}, expires {}{}",
+                token.id,
+                record.spec.expires.to_rfc3339(),
+                max_uses
+                    .map(|n| format!(", {n} use(s)"))
+                    .unwrap_or_default()
+            );
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::Revoke { id, namespace } => {
+            let tokens: Api<BootstrapToken> = namespaced(namespace).await?;
+            tokens
+                .delete(&id, &DeleteParams::default())
+                .await
+                .with_context(|| format!("revoking bootstrap token {id}"))?;
+            eprintln!("bootstrap token {id} revoked");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Attacks on enrollment, each mounted against running processes: a stolen
+//! bootstrap token used after it expired or was revoked, a single-use token
+//! used twice, the token of a deleted Site, and an enrollment flood. Each
+//! must fail with the reason in the agent's output and as a Warning Event on
+//! the Site, and enroll nobody.
+
+use std::time::Duration;
+
+use caravan_api::v1alpha1::{Agent, BootstrapToken, Site};
+use caravan_tests::{wait_for, Caravan, Options, RelayInfo};
+use k8s_openapi::api::events::v1::Event;
+
+const T: Duration = Duration::from_secs(120);
+
+/// Runs an agent for host `host` once with bootstrap token `token`; returns
+/// whether it succeeded and what it wrote.
+fn try_enroll(
+    c: &Caravan,
+    relay: &RelayInfo,
+    host: &str,
+    token: &str,
+) -> anyhow::Result<(bool, String)> {
+    let status = c.run_agent_once(host, relay, &[("CARAVAN_BOOTSTRAP_TOKEN", token)])?;
+    let log = std::fs::read_to_string(c.dir.join(format!("logs/agent-{host}.log")))?;
+    Ok((status.success(), log))
+}
+
+/// Whether an Agent object exists for `host`.
+async fn enrolled(c: &Caravan, host: &str) -> anyhow::Result<bool> {
+    let agents = c.api::<Agent>().list(&Default::default()).await?;
+    Ok(agents.items.iter().any(|a| a.spec.hostname == host))
+}
+
+/// Waits for a Warning Event `BootstrapToken…` on Site `site` whose note
+/// contains `words`.
+async fn refusal_event(c: &Caravan, site: &str, words: &str) -> anyhow::Result<String> {
+    wait_for(
+        &format!("an enrollment refused event with {words:?}"),
+        T,
+        || async {
+            let events = c.api::<Event>().list(&Default::default()).await?;
+            Ok(events.items.into_iter().find_map(|e| {
+                let note = e.note.unwrap_or_default();
+                (e.reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("BootstrapToken"))
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(site)
+                    && note.contains(words))
+                .then_some(note)
+            }))
+        },
+    )
+    .await
+}
+
+/// Asserts that `host` could not enroll with `token`, for the reason `words`.
+async fn assert_refused(
+    c: &Caravan,
+    relay: &RelayInfo,
+    host: &str,
+    token: &str,
+    site: &str,
+    words: &str,
+) -> anyhow::Result<()> {
+    let (ok, log) = try_enroll(c, relay, host, token)?;
+    assert!(
+        !ok,
+        "{host} enrolled with a token it should not have: {log}"
+    );
+    assert!(
+        log.contains(words),
+        "{host} is not told why ({words}): {log}"
+    );
+    let secret = token.split_once('.').map_or(token, |(_, s)| s);
+    assert!(
+        !log.contains(secret),
+        "the token's secret is not written out: {log}"
+    );
+    assert!(!enrolled(c, host).await?, "no Agent for {host}");
+    refusal_event(c, site, words).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stolen_bootstrap_token_is_refused_after_it_expires_or_is_revoked() -> anyhow::Result<()>
+{
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, relay) = c.hello_installed("desk").await?;
+
+    // Expiry: a token good for two seconds, stolen and used later.
+    let short = c.bootstrap_token("hq", &["--ttl", "2s"])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_refused(&c, &relay, "thief-1", &short, "hq", "expired at").await?;
+
+    // Revocation: a token that worked is revoked; the next use is refused,
+    // and what enrolled with it before stays enrolled.
+    let token = c.bootstrap_token("hq", &["--description", "kiosks"])?;
+    let (ok, log) = try_enroll(&c, &relay, "kiosk-1", &token)?;
+    assert!(ok, "{log}");
+    assert!(enrolled(&c, "kiosk-1").await?);
+    let id = token.split('.').next().unwrap_or_default();
+    c.cli(&["token", "revoke", id, "-n", &c.namespace])?;
+    assert_refused(
+        &c,
+        &relay,
+        "thief-2",
+        &token,
+        "hq",
+        "does not exist or was revoked",
+    )
+    .await?;
+    assert!(enrolled(&c, "kiosk-1").await?, "enrolled agents stay");
+
+    // A made-up token of the right shape, and garbage.
+    let forged = format!("{id}.{}", "0".repeat(64));
+    let other = c.bootstrap_token("hq", &[])?;
+    let forged_other = format!(
+        "{}.{}",
+        other.split('.').next().unwrap_or_default(),
+        "0".repeat(64)
+    );
+    assert_refused(
+        &c,
+        &relay,
+        "thief-3",
+        &forged_other,
+        "hq",
+        "does not match its record",
+    )
+    .await?;
+    assert_refused(
+        &c,
+        &relay,
+        "thief-4",
+        &forged,
+        "hq",
+        "does not exist or was revoked",
+    )
+    .await?;
+    assert_refused(
+        &c,
+        &relay,
+        "thief-5",
+        "letmein",
+        "hq",
+        "not a bootstrap token",
+    )
+    .await?;
+    // The agent enrolled at the start never noticed.
+    assert!(c.agents[0].install_root.join("hello").exists());
+    assert!(enrolled(&c, "desk").await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_use_token_enrolls_one_machine_only() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let _repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    let once = c.bootstrap_token("hq", &["--max-uses", "1"])?;
+    let (ok, log) = try_enroll(&c, &relay, "laptop-1", &once)?;
+    assert!(ok, "{log}");
+    assert_refused(&c, &relay, "laptop-2", &once, "hq", "used up (1 of 1").await?;
+    let id = once.split('.').next().unwrap_or_default();
+    let record = c.api::<BootstrapToken>().get(id).await?;
+    let status = record.status.unwrap_or_default();
+    assert_eq!(status.uses, 1, "one use counted");
+    assert!(status.last_used.is_some());
+    // The machine it enrolled comes back without needing it again.
+    let (ok, log) = try_enroll(&c, &relay, "laptop-1", &once)?;
+    assert!(ok, "a restart needs no bootstrap token: {log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_sites_tokens_die_with_it() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    let branch =
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec: {}\n";
+    repo.write("fleet/branch.yaml", branch)?;
+    repo.commit("A branch office")?;
+    let uid = |s: Option<Site>| s.and_then(|s| s.metadata.uid);
+    let first = wait_for("site branch", T, || async {
+        Ok(uid(c.api::<Site>().get_opt("branch").await?))
+    })
+    .await?;
+    let relay = c.start_relay("branch").await?;
+    let old = c.bootstrap_token("branch", &["--ttl", "720h"])?;
+
+    // The branch closes; later a branch of the same name opens again. No
+    // garbage collector runs here, so the old token's object is still there:
+    // only its binding to the first Site's UID stops it.
+    repo.remove("fleet/branch.yaml")?;
+    repo.commit("Close the branch")?;
+    wait_for("site branch to go", T, || async {
+        Ok(c.api::<Site>()
+            .get_opt("branch")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    repo.write("fleet/branch.yaml", branch)?;
+    repo.commit("Open the branch again")?;
+    let second = wait_for("site branch again", T, || async {
+        Ok(uid(c.api::<Site>().get_opt("branch").await?))
+    })
+    .await?;
+    assert_ne!(first, second);
+    let id = old.split('.').next().unwrap_or_default();
+    assert!(c.api::<BootstrapToken>().get_opt(id).await?.is_some());
+    assert_refused(
+        &c,
+        &relay,
+        "old-laptop",
+        &old,
+        "branch",
+        "since been deleted",
+    )
+    .await?;
+    let new = c.bootstrap_token("branch", &[])?;
+    let (ok, log) = try_enroll(&c, &relay, "new-laptop", &new)?;
+    assert!(ok, "a token of the new Site works: {log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enrollment_flood_is_held_to_the_sites_rate() -> anyhow::Result<()> {
+    let mut c = Caravan::start_with(
+        "fleet",
+        Options {
+            enrollments_per_second: Some(1),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let _repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    // 30 enrollments at once with a valid token: a burst of 10 (ten seconds'
+    // worth) goes through, the rest are told to come back later.
+    let http = reqwest::Client::new();
+    let attempts = (0..30).map(|n| {
+        http.post(format!("{}/v1/enroll", relay.url))
+            .bearer_auth(&relay.bootstrap_token)
+            .json(&serde_json::json!({
+                "hostId": format!("00000000-0000-4000-8000-{n:012}"), "hostname": format!("flood-{n}"),
+                "os": "linux", "arch": "x86_64", "version": "0", "secret": "f".repeat(64),
+            }))
+            .send()
+    });
+    let mut accepted = 0;
+    let mut limited = 0;
+    for res in futures::future::join_all(attempts).await {
+        let res = res?;
+        match res.status().as_u16() {
+            200 => accepted += 1,
+            429 => {
+                limited += 1;
+                let body = res.text().await?;
+                assert!(body.contains("too many enrollments at site hq"), "{body}");
+            }
+            other => anyhow::bail!("unexpected answer {other}: {}", res.text().await?),
+        }
+    }
+    assert!((10..=12).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + limited, 30);
+    let agents = c.api::<Agent>().list(&Default::default()).await?;
+    assert_eq!(
+        agents.items.len(),
+        accepted,
+        "only accepted enrollments made Agents"
+    );
+    Ok(())
+}
