@@ -19,6 +19,10 @@ use tokio::io::AsyncWriteExt;
 pub enum ClientError {
     #[error("relay refused the credentials: {0}")]
     Unauthorized(String),
+    /// The credentials are good but the agent is not served: it awaits
+    /// approval, was revoked, or its Agent was deleted.
+    #[error("relay turned this agent away: {0}")]
+    Forbidden(String),
     #[error("{url}: {source}")]
     Request {
         url: String,
@@ -86,6 +90,9 @@ impl Client {
         let message = caravan_net::error_message(res).await;
         if status == StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized(message));
+        }
+        if status == StatusCode::FORBIDDEN {
+            return Err(ClientError::Forbidden(message));
         }
         Err(ClientError::Status { status, message })
     }

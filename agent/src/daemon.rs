@@ -55,6 +55,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Ok(None) => {
                 agent.converge().await;
             }
+            // Not approved yet, revoked or deleted: act on nothing, keep what
+            // is installed, and ask again later (an approval lets it in).
+            Err(e @ ClientError::Forbidden(_)) => {
+                if config.once {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, retry_in = ?config.retry_after, "not served");
+                tokio::time::sleep(config.retry_after).await;
+                continue;
+            }
             Err(ClientError::Unauthorized(msg)) => {
                 tracing::warn!(%msg, "credentials refused; enrolling again");
                 enroll::forget(&agent.state, &mut agent.client)?;

@@ -249,6 +249,13 @@ impl std::fmt::Debug for SiteEnroll {
 pub struct EnrollForward {
     /// Name of the Agent object (new or existing for this host ID).
     pub agent: String,
+    /// Whether the Agent is approved (else it awaits `caravan agent approve`).
+    #[serde(default = "approved")]
+    pub approved: bool,
+}
+
+fn approved() -> bool {
+    true
 }
 
 /// The relay's answer to an agent's enrollment.

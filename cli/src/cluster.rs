@@ -2,12 +2,52 @@
 //! `kubectl`): bootstrap tokens and agent approval.
 
 use anyhow::Context as _;
-use caravan_api::v1alpha1::{BootstrapToken, BootstrapTokenSpec, Site, TokenString};
+use caravan_api::v1alpha1::{Agent, BootstrapToken, BootstrapTokenSpec, Site, TokenString};
 use clap::Subcommand;
 use kube::{
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     Api, Client, Resource as _,
 };
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Let an agent in: its relay serves it from its next request on.
+    Approve {
+        /// The Agent's name (`kubectl get agents`).
+        name: String,
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+    /// Cut an agent off: its relay turns it away at its next request, and it
+    /// keeps what it has installed. `approve` lets it back in; deleting the
+    /// Agent revokes it for good (it must enroll again with a new token).
+    Revoke {
+        name: String,
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+}
+
+pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
+    let (name, namespace, approved) = match command {
+        AgentCommand::Approve { name, namespace } => (name, namespace, true),
+        AgentCommand::Revoke { name, namespace } => (name, namespace, false),
+    };
+    let agents: Api<Agent> = namespaced(namespace).await?;
+    agents
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "approved": approved } })),
+        )
+        .await
+        .with_context(|| format!("updating Agent {name}"))?;
+    eprintln!(
+        "agent {name} {}",
+        if approved { "approved" } else { "revoked" }
+    );
+    Ok(())
+}
 
 #[derive(Subcommand)]
 pub enum TokenCommand {

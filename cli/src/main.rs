@@ -42,6 +42,9 @@ enum Command {
     /// Bootstrap tokens agents enroll with.
     #[command(subcommand)]
     Token(cluster::TokenCommand),
+    /// Approve or revoke enrolled agents.
+    #[command(subcommand)]
+    Agent(cluster::AgentCommand),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +212,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Token(command) => cluster::token(command).await,
+        Command::Agent(command) => cluster::agent(command).await,
         Command::Key(KeyCommand::Generate { out }) => {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");

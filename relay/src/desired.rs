@@ -11,7 +11,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use caravan_api::{
-    trust::{Envelope, DESIRED_TYPE},
+    trust::Envelope,
     wire::{AgentDesired, SiteDesired},
     Digest,
 };
@@ -71,16 +71,10 @@ impl SiteState {
         }
     }
 
-    /// What `agent` must have. An agent the controller has not described
-    /// (enrolled a moment ago, or its Agent object deleted) gets an
-    /// unsigned document that changes nothing: all an agent ever does with
-    /// an unsigned document.
-    pub fn agent(&self, agent: &str) -> Arc<AgentPart> {
-        self.agents.get(agent).cloned().unwrap_or_else(|| {
-            let body =
-                serde_json::to_vec(&AgentDesired::frozen(agent)).expect("wire types serialize");
-            Arc::new(AgentPart::new(Envelope::sign(DESIRED_TYPE, &body, &[])))
-        })
+    /// What `agent` must have; `None` for an agent the controller does not
+    /// serve here (awaiting approval, revoked, deleted, or of another site).
+    pub fn agent(&self, agent: &str) -> Option<Arc<AgentPart>> {
+        self.agents.get(agent).cloned()
     }
 }
 
@@ -156,14 +150,14 @@ fn prestage(cache: &Arc<Cache>, desired: &SiteDesired) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caravan_api::wire::AgentDesired;
+    use caravan_api::{trust::DESIRED_TYPE, wire::AgentDesired};
 
     fn payload(part: &AgentPart) -> AgentDesired {
         serde_json::from_slice(&part.document.value.unverified_payload().unwrap()).unwrap()
     }
 
     #[test]
-    fn each_agent_gets_its_own_part_and_an_unknown_agent_changes_nothing() {
+    fn each_agent_gets_its_own_part_and_an_unknown_agent_none() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let mut desired = SiteDesired {
             site: "hq".into(),
@@ -192,14 +186,12 @@ mod tests {
         let state = SiteState::new(desired);
         assert!(state.desired.agents.is_empty(), "moved, not copied");
         assert_eq!(state.roots.value.len(), 1);
-        let a1 = state.agent("a1");
+        let a1 = state.agent("a1").unwrap();
+        let a2 = state.agent("a2").unwrap();
         assert_eq!(payload(&a1).hold, ["held-by-a1"]);
         assert_eq!(a1.blobs, [blob], "a1 may fetch its blob");
-        assert!(state.agent("a2").blobs.is_empty());
-        assert_ne!(a1.document.etag, state.agent("a2").document.etag);
-        let stranger = state.agent("new-one");
-        assert!(stranger.document.value.signatures.is_empty());
-        let d = payload(&stranger);
-        assert!(d.frozen && d.agent == "new-one");
+        assert!(a2.blobs.is_empty());
+        assert_ne!(a1.document.etag, a2.document.etag);
+        assert!(state.agent("new-one").is_none(), "a stranger is not served");
     }
 }

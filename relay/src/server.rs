@@ -18,7 +18,7 @@ use caravan_net::{
     server::{bearer, long_poll, serve_stream, ApiError, Wait},
 };
 
-use crate::{cache::CacheError, Relay};
+use crate::{cache::CacheError, Relay, SiteState};
 
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -40,14 +40,35 @@ fn err(code: StatusCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
 
-/// An agent authenticated by its token.
+/// An agent authenticated by its token, and one the controller serves at
+/// this site: an agent that awaits approval, was revoked or whose Agent was
+/// deleted is turned away at its next request.
 pub struct AgentName(pub String);
+
+/// Why a relay turns away agent `name`.
+fn not_served(name: &str) -> ApiError {
+    err(
+        StatusCode::FORBIDDEN,
+        format!("agent {name} is not served at this site: it awaits approval, was revoked, or its Agent was deleted"),
+    )
+}
+
+/// The site's desired state, once the controller has sent it.
+fn current(relay: &Relay) -> Result<Arc<SiteState>, ApiError> {
+    relay.state.borrow().clone().ok_or_else(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay has no desired state from the controller yet",
+        )
+    })
+}
 
 impl FromRequestParts<Arc<Relay>> for AgentName {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
         match Downstream::from_request_parts(parts, relay).await? {
-            Downstream::Agent(name) => Ok(Self(name)),
+            Downstream::Agent(name) if current(relay)?.agent(&name).is_some() => Ok(Self(name)),
+            Downstream::Agent(name) => Err(not_served(&name)),
             Downstream::ChildRelay(site) => Err(err(
                 StatusCode::FORBIDDEN,
                 format!("the relay of site {site} may only fetch blobs here"),
@@ -113,6 +134,18 @@ async fn enroll(
         .await
         .map_err(|e| err(e.status(), e.to_string()))?;
     tracing::info!(agent = %forward.agent, host = %hostname, "agent enrolled");
+    // Answer once the controller serves the new agent here, so that its
+    // first poll is not turned away (unless it awaits approval).
+    if forward.approved {
+        let mut state = relay.state.clone();
+        let served = state.wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.agent(&forward.agent).is_some())
+        });
+        if tokio::time::timeout(ENROLL_SETTLE, served).await.is_err() {
+            tracing::warn!(agent = %forward.agent, "enrolled, not yet in the site's desired state");
+        }
+    }
     let token = tokens::issue(&relay.token, &forward.agent);
     relay.metrics.enrollments.inc();
     Ok(Json(EnrollResponse {
@@ -120,6 +153,9 @@ async fn enroll(
         token,
     }))
 }
+
+/// How long an enrollment waits for the controller to serve the new agent.
+const ENROLL_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Long-poll for the agent's own desired state.
 async fn desired(
@@ -135,31 +171,20 @@ async fn desired(
         Some(relay.polls.take(&agent)?)
     };
     long_poll(relay.state.clone(), &headers, wait, |state| {
+        // Revoked while it waits: turned away at once.
         let doc = state
             .as_ref()
-            .ok_or_else(|| {
-                err(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "relay has no desired state from the controller yet",
-                )
-            })?
-            .agent(&agent);
+            .and_then(|s| s.agent(&agent))
+            .ok_or_else(|| not_served(&agent))?;
         Ok((doc.document.etag.clone(), doc.document.body.clone()))
     })
     .await
 }
 
-/// The controller's roots of trust, for an agent to pin (or follow).
-async fn roots(
-    State(relay): State<Arc<Relay>>,
-    AgentName(_): AgentName,
-) -> Result<Response, ApiError> {
-    let state = relay.state.borrow().clone().ok_or_else(|| {
-        err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay has no desired state from the controller yet",
-        )
-    })?;
+/// The controller's roots of trust, for an agent to pin (or follow). They
+/// are public: any agent token will do, served or not.
+async fn roots(State(relay): State<Arc<Relay>>, _who: Downstream) -> Result<Response, ApiError> {
+    let state = current(&relay)?;
     let roots = &state.roots;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -207,7 +232,9 @@ async fn blob(
         let state = state.as_ref();
         match &who {
             Downstream::Agent(agent) => (
-                state.is_some_and(|s| s.agent(agent).blobs.contains(&digest)),
+                state
+                    .and_then(|s| s.agent(agent))
+                    .is_some_and(|a| a.blobs.contains(&digest)),
                 format!("agent {agent}"),
             ),
             Downstream::ChildRelay(site) => (

@@ -274,3 +274,120 @@ async fn an_enrollment_flood_is_held_to_the_sites_rate() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What the relay answers agent `host` (with its own credentials) for its
+/// desired state and for a report.
+async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Result<(u16, u16)> {
+    let (state_dir, _) = c.agent_dirs(host);
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("credentials.json"))?)?;
+    let token = creds["token"].as_str().unwrap_or_default();
+    let http = reqwest::Client::new();
+    let desired = http
+        .get(format!("{}/v1/desired", relay.url))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let report = http
+        .post(format!("{}/v1/report", relay.url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"agent": host, "version": "0", "installed": [], "jobs": []}))
+        .send()
+        .await?;
+    Ok((desired.status().as_u16(), report.status().as_u16()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_waits_for_approval_and_is_cut_off_when_revoked_or_deleted() -> anyhow::Result<()>
+{
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    repo.write(
+        "fleet/site.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: hq}\nspec:\n  enrollment: {requireApproval: true}\n",
+    )?;
+    repo.commit("Agents at hq need approval")?;
+    wait_for("hq to require approval", T, || async {
+        let site = c.api::<Site>().get_opt("hq").await?;
+        Ok(site
+            .filter(|s| s.spec.enrollment.require_approval)
+            .map(|_| ()))
+    })
+    .await?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("kiosk", &relay)?;
+    let hello = c.agents[0].install_root.join("hello");
+    let log = c.dir.join("logs/agent-kiosk.log");
+
+    // Enrolled, but waiting: its relay turns it away and it installs nothing.
+    let agent = wait_for("kiosk to enroll", T, || async {
+        Ok(c.api::<Agent>()
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .next())
+    })
+    .await?;
+    let name = agent.metadata.name.clone().unwrap_or_default();
+    assert!(!agent.spec.approved, "new agents at hq await approval");
+    wait_for("kiosk to be turned away", T, || async {
+        Ok(std::fs::read_to_string(&log)?
+            .contains("awaits approval")
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(relay_answers(&c, &relay, "kiosk").await?, (403, 403));
+    assert!(!hello.exists(), "nothing installed before approval");
+
+    // Approved: served from its next request on.
+    c.cli(&["agent", "approve", &name, "-n", &c.namespace])?;
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    assert!(hello.exists());
+
+    // Revoked: turned away at once, and it keeps what it has even when Git
+    // says to remove it.
+    c.cli(&["agent", "revoke", &name, "-n", &c.namespace])?;
+    wait_for("the relay to turn kiosk away", T, || async {
+        Ok((relay_answers(&c, &relay, "kiosk").await? == (403, 403)).then_some(()))
+    })
+    .await?;
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("hello leaves the fleet")?;
+    wait_for("the job to go", T, || async {
+        let jobs = c.api::<caravan_api::v1alpha1::DistributionJob>();
+        Ok(jobs
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        hello.exists(),
+        "a revoked agent is told nothing, so it removes nothing"
+    );
+
+    // Approved again, it catches up (and removes hello); then its Agent is
+    // deleted, which revokes it for good: it is turned away and does not
+    // come back by itself.
+    c.cli(&["agent", "approve", &name, "-n", &c.namespace])?;
+    wait_for("hello to be removed", T, || async {
+        Ok((!hello.exists()).then_some(()))
+    })
+    .await?;
+    c.api::<Agent>().delete(&name, &Default::default()).await?;
+    wait_for("the relay to turn the deleted agent away", T, || async {
+        Ok((relay_answers(&c, &relay, "kiosk").await? == (403, 403)).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !enrolled(&c, "kiosk").await?,
+        "no Agent comes back without a new enrollment"
+    );
+    Ok(())
+}

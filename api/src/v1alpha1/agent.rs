@@ -17,6 +17,7 @@ use crate::wire::{InstalledPackage, JobState};
     category = "caravan",
     printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.site"}"#,
     printcolumn = r#"{"name":"Hostname","type":"string","jsonPath":".spec.hostname"}"#,
+    printcolumn = r#"{"name":"Approved","type":"boolean","jsonPath":".spec.approved"}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.version"}"#,
     printcolumn = r#"{"name":"Installed","type":"integer","jsonPath":".status.installedCount"}"#,
     printcolumn = r#"{"name":"Desired","type":"string","jsonPath":".status.conditions[?(@.type==\"DesiredStateAccepted\")].reason"}"#,
@@ -31,7 +32,10 @@ pub struct AgentSpec {
     pub host_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hostname: String,
-    /// Agents that are not approved get no work.
+    /// Only approved agents are served: one that is not (a new agent of a
+    /// Site with `enrollment.requireApproval`, or one revoked with `caravan
+    /// agent revoke`) is turned away by its relay at its next request and
+    /// keeps what it has installed. Set with `caravan agent approve`.
     #[serde(default = "yes")]
     pub approved: bool,
     /// sha256 of the secret the agent enrolled with (empty for an Agent

@@ -50,13 +50,14 @@ impl Plan {
         cabinets: &[Arc<Cabinet>],
     ) -> Self {
         let mut plan = Plan::default();
-        // Every agent's entry, and where to find it by (namespace, name).
+        // Every served agent's entry, and where to find it by (namespace,
+        // name). An agent not approved (awaiting approval, or revoked) has
+        // none: its relay turns it away, and it keeps what it has.
         let mut site_of = HashMap::new();
-        for a in agents {
+        for a in agents.iter().filter(|a| a.spec.approved) {
             let (ns, name) = key_of(a.as_ref());
             let entry = AgentDesired {
                 agent: name.clone(),
-                frozen: !a.spec.approved,
                 ..Default::default()
             };
             plan.by_site

@@ -158,7 +158,7 @@ pub async fn enroll(
         .list(&ListParams::default().labels(&format!("{}={host_id}", labels::HOST_ID)))
         .await
         .map_err(kube_error)?;
-    let name = match existing.items.first() {
+    let (name, approved) = match existing.items.first() {
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
@@ -187,7 +187,7 @@ pub async fn enroll(
                 tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
                 merge(serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } })).await?;
             }
-            agent.name_any()
+            (agent.name_any(), agent.spec.approved)
         }
         None => {
             let mut name = agent_name(&req.hostname, host_id, 8);
@@ -211,12 +211,15 @@ pub async fn enroll(
                 }
                 Err(e) => return Err(kube_error(e)),
             }
-            tracing::info!(agent = %name, %site, bootstrap_token = %token_id, "agent enrolled");
-            name
+            tracing::info!(agent = %name, %site, bootstrap_token = %token_id, approved, "agent enrolled");
+            (name, approved)
         }
     };
     s.relays.poke(&(ns, site));
-    Ok(Json(EnrollForward { agent: name }))
+    Ok(Json(EnrollForward {
+        agent: name,
+        approved,
+    }))
 }
 
 /// `<sanitized hostname>-<first n of host ID>`: readable and stable.
