@@ -35,6 +35,9 @@ struct Backup {
     manifests: BTreeMap<Digest, Baseline>,
     #[serde(default)]
     trust: Option<Trust>,
+    /// The agent's private key (it renews the agent's credential).
+    #[serde(default)]
+    agent_key: Option<String>,
 }
 
 /// Writes the backup of `state` to `out`. The agent must be stopped.
@@ -62,6 +65,7 @@ pub fn backup(state: &StateDir, out: &Path) -> anyhow::Result<()> {
         installed,
         manifests,
         trust: Trust::load(state)?,
+        agent_key: state.agent_key_text()?,
     };
     write_atomic(out, &serde_json::to_vec_pretty(&backup)?)
         .with_context(|| format!("writing {}", out.display()))
@@ -92,6 +96,9 @@ pub fn restore(state: &StateDir, from: &Path, force: bool) -> anyhow::Result<()>
     state.set_installed(&backup.installed)?;
     if let Some(trust) = &backup.trust {
         trust.save(state)?;
+    }
+    if let Some(key) = &backup.agent_key {
+        state.set_agent_key(key)?;
     }
     for (digest, b) in &backup.manifests {
         b.save(state, digest)?;

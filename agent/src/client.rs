@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use caravan_api::{
     trust::Envelope,
     wire::{
-        paths, AgentReport, EnrollRequest, EnrollResponse, MAX_AGENT_DESIRED_BYTES,
+        paths, AgentReport, EnrollRequest, EnrollResponse, RenewRequest, MAX_AGENT_DESIRED_BYTES,
         MAX_SMALL_ANSWER_BYTES, MAX_WAIT_SECONDS,
     },
     Digest,
@@ -108,6 +108,23 @@ impl Client {
                 self.http
                     .post(&url)
                     .bearer_auth(bootstrap_token)
+                    .json(req)
+                    .timeout(Duration::from_secs(60)),
+                &url,
+            )
+            .await?;
+        caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
+            .await
+            .map_err(|source| ClientError::Body { url, error: source })
+    }
+
+    /// A new credential for proof of the agent's key.
+    pub async fn renew(&self, req: &RenewRequest) -> Result<EnrollResponse, ClientError> {
+        let url = format!("{}{}", self.base, paths::RENEW);
+        let res = self
+            .send(
+                self.http
+                    .post(&url)
                     .json(req)
                     .timeout(Duration::from_secs(60)),
                 &url,

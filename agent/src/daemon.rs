@@ -66,7 +66,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
             Err(ClientError::Unauthorized(msg)) => {
-                tracing::warn!(%msg, "credentials refused; enrolling again");
+                // Expired (or the relay's key changed): renew with the key;
+                // enroll again only if that is refused too.
+                match enroll::renew(&agent.state, &mut agent.client).await {
+                    Ok(()) => continue,
+                    Err(e)
+                        if matches!(
+                            e.downcast_ref::<ClientError>(),
+                            Some(ClientError::Unauthorized(_))
+                        ) =>
+                    {
+                        tracing::warn!(%msg, error = format!("{e:#}"), "credential refused and not renewed; enrolling again");
+                    }
+                    // Not reached, or turned away: keep the credentials and
+                    // the key, and try again later.
+                    Err(e) => {
+                        if config.once {
+                            return Err(e);
+                        }
+                        tracing::warn!(error = format!("{e:#}"), retry_in = ?config.retry_after, "renewing the credential failed");
+                        tokio::time::sleep(config.retry_after).await;
+                        continue;
+                    }
+                }
                 enroll::forget(&agent.state, &mut agent.client)?;
                 enroll::ensure_enrolled(&config, &agent.state, &mut agent.client).await?;
                 continue;

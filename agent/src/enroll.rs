@@ -1,12 +1,17 @@
 //! Enrollment: once per state directory (and relay), the agent presents
-//! its site's bootstrap token, its stable host ID and the secret that
-//! proves it, and gets its own token, kept in the state directory. An
-//! agent whose token is refused later forgets it and enrolls again.
+//! a bootstrap token of its site, its stable host ID, the secret that
+//! proves it and the public half of its key pair, and gets its own
+//! short-lived credential, kept in the state directory. Before it runs out
+//! (or once the relay refuses it) the agent renews it by signing with its
+//! key; only if that is refused too does it forget it and enroll again.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use caravan_api::wire::EnrollRequest;
+use caravan_api::{
+    signing,
+    wire::{EnrollRequest, RenewRequest},
+};
 use caravan_net::Backoff;
 
 use crate::{
@@ -34,6 +39,7 @@ pub async fn ensure_enrolled(
     let req = EnrollRequest {
         host_id: state.host_id()?,
         secret: state.host_secret()?,
+        public_key: signing::encode_public(&state.agent_key()?.verifying_key()),
         hostname: config.hostname.clone(),
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
@@ -59,6 +65,38 @@ pub async fn ensure_enrolled(
         token: res.token.clone(),
     }))?;
     client.set_token(Some(res.token));
+    Ok(())
+}
+
+/// Renews the agent's credential at its relay with proof of its key; the
+/// new one replaces the old in `state` and `client`.
+pub async fn renew(state: &StateDir, client: &mut Client) -> anyhow::Result<()> {
+    let creds = state
+        .credentials()?
+        .context("not enrolled: nothing to renew")?;
+    let time = caravan_net::agent_tokens::unix_now();
+    let message = caravan_net::agent_tokens::renewal_message(&creds.agent, time);
+    let req = RenewRequest {
+        agent: creds.agent.clone(),
+        time,
+        signature: signing::sign_bytes(&state.agent_key()?, &message),
+    };
+    let res = client
+        .renew(&req)
+        .await
+        .context("renewing the credential")?;
+    anyhow::ensure!(
+        res.agent == creds.agent,
+        "the relay renewed agent {} for agent {}",
+        res.agent,
+        creds.agent
+    );
+    state.set_credentials(Some(&Credentials {
+        token: res.token.clone(),
+        ..creds
+    }))?;
+    client.set_token(Some(res.token));
+    tracing::debug!(agent = %res.agent, "credential renewed");
     Ok(())
 }
 

@@ -34,6 +34,9 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// File of the agent's private key (hex of the 32-byte ed25519 seed).
+const AGENT_KEY: &str = "agent-key";
+
 /// What the agent installed for one package.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct InstalledRecord {
@@ -104,6 +107,36 @@ impl StateDir {
     /// The secret that proves this host's identity when it enrolls again.
     pub fn host_secret(&self) -> anyhow::Result<String> {
         self.random_once("host-secret", 32)
+    }
+
+    /// The key pair the agent enrolls with and renews its credential by
+    /// (made on first use; the private half never leaves this directory).
+    pub fn agent_key(&self) -> anyhow::Result<ed25519_dalek::SigningKey> {
+        let text = self.random_once(AGENT_KEY, 32)?;
+        let bytes: [u8; 32] = hex::decode(&text)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| {
+                format!(
+                    "{} is not a key; restore it from a backup or remove it",
+                    self.dir.join(AGENT_KEY).display()
+                )
+            })?;
+        Ok(ed25519_dalek::SigningKey::from_bytes(&bytes))
+    }
+
+    /// The agent key as stored, if there is one (for a backup).
+    pub fn agent_key_text(&self) -> anyhow::Result<Option<String>> {
+        match std::fs::read_to_string(self.dir.join(AGENT_KEY)) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context("reading the agent key"),
+        }
+    }
+
+    /// Puts back the agent key (restoring a backup).
+    pub fn set_agent_key(&self, text: &str) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join(AGENT_KEY), text.as_bytes())
     }
 
     /// The host ID and secret, if the agent has created them.

@@ -119,6 +119,24 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
+/// A signature (base64) of any `message` by `key`.
+pub fn sign_bytes(key: &SigningKey, message: &[u8]) -> String {
+    B64.encode(key.sign(message).to_bytes())
+}
+
+/// Checks a signature (base64) of `message` by the public key `key` (text
+/// form).
+pub fn verify_bytes(key: &str, message: &[u8], signature: &str) -> Result<(), SignatureError> {
+    let key = parse_public(key)?;
+    let signature = B64
+        .decode(signature)
+        .ok()
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .ok_or_else(|| SignatureError::Invalid(key_id(&key)))?;
+    key.verify_strict(message, &signature)
+        .map_err(|_| SignatureError::Invalid(key_id(&key)))
+}
+
 pub fn sign(key: &SigningKey, package: &Signed) -> PackageSignature {
     PackageSignature {
         key_id: key_id(&key.verifying_key()),
@@ -155,6 +173,25 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signature_of_bytes_verifies_only_for_its_key_and_message() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let public = encode_public(&key.verifying_key());
+        let sig = sign_bytes(&key, b"renew kiosk-1 at 1000");
+        assert_eq!(
+            verify_bytes(&public, b"renew kiosk-1 at 1000", &sig),
+            Ok(())
+        );
+        assert!(verify_bytes(&public, b"renew kiosk-2 at 1000", &sig).is_err());
+        let other = encode_public(&SigningKey::from_bytes(&[8; 32]).verifying_key());
+        assert!(verify_bytes(&other, b"renew kiosk-1 at 1000", &sig).is_err());
+        assert!(verify_bytes(&public, b"renew kiosk-1 at 1000", "not base64").is_err());
+        assert_eq!(
+            verify_bytes("ed25519:AAAA", b"x", &sig),
+            Err(SignatureError::BadKey)
+        );
+    }
 
     #[test]
     fn a_signature_binds_the_whole_package_metadata() {

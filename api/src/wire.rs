@@ -16,6 +16,7 @@
 //! | call | who | body → answer |
 //! |---|---|---|
 //! | `POST /v1/enroll` | a BootstrapToken of the site (checked by the controller) | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | `POST /v1/renew` | proof of the agent's key | [`RenewRequest`] → [`EnrollResponse`] |
 //! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
 //! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of [`crate::trust::Root`], oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
@@ -73,6 +74,8 @@ pub mod paths {
 
     /// Relay: enrollment (site bootstrap token).
     pub const ENROLL: &str = "/v1/enroll";
+    /// Relay: a new agent credential for proof of the agent's key.
+    pub const RENEW: &str = "/v1/renew";
     /// Relay: the agent's own desired state (agent token).
     pub const DESIRED: &str = "/v1/desired";
     /// Relay: the agent's report (agent token).
@@ -188,6 +191,10 @@ pub struct SiteDesired<A = Envelope> {
     /// to its agents (`GET /v1/roots`): each signed by the one before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roots: Vec<Envelope>,
+    /// The public key (`ed25519:<base64>`) of each served agent that has
+    /// one: the relay renews an agent's credential for proof it holds it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_keys: BTreeMap<String, String>,
 }
 
 impl<A> Default for SiteDesired<A> {
@@ -198,6 +205,7 @@ impl<A> Default for SiteDesired<A> {
             blobs: vec![],
             prestage: vec![],
             lower: vec![],
+            agent_keys: BTreeMap::new(),
             roots: vec![],
         }
     }
@@ -223,6 +231,23 @@ pub struct EnrollRequest {
     /// (with its host ID) in its state directory; re-enrolling the same host
     /// ID requires it, so nobody else can take over an enrolled identity.
     pub secret: String,
+    /// The public half (`ed25519:<base64>`) of a key pair the agent made at
+    /// enrollment; the private half never leaves the endpoint. The agent
+    /// renews its short-lived credential by signing with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
+}
+
+/// An agent renewing its credential: its name, the time (seconds since the
+/// Unix epoch) and its signature over both with the key it enrolled
+/// (`caravan_net::agent_tokens::renewal_message`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewRequest {
+    pub agent: String,
+    pub time: u64,
+    /// base64 of the ed25519 signature.
+    pub signature: String,
 }
 
 /// An enrollment as a relay passes it on: the agent's request and the

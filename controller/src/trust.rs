@@ -221,6 +221,7 @@ impl Signer {
                 prestage: site.prestage,
                 lower: site.lower,
                 roots: self.roots.clone(),
+                agent_keys: site.agent_keys,
             };
             index
                 .sites

@@ -38,6 +38,15 @@ pub struct Config {
     /// This site's relay token (from the `<site>-relay` Secret).
     #[arg(long, env = "CARAVAN_RELAY_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// How long an agent credential the relay issues is good for; agents
+    /// renew theirs before then with the key they enrolled.
+    #[arg(
+        long,
+        env = "CARAVAN_AGENT_CREDENTIAL_TTL_SECONDS",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u64).range(2..)
+    )]
+    pub agent_credential_ttl_seconds: u64,
     /// Directory of the blob cache.
     #[arg(long, env = "CARAVAN_CACHE_DIR", default_value = "/var/cache/caravan")]
     pub cache_dir: PathBuf,
@@ -78,6 +87,8 @@ pub const POLLS_PER_AGENT: usize = 4;
 pub struct Relay {
     /// This site's relay token: the key of the agent tokens it issues.
     pub token: String,
+    /// How long an agent credential is good for, in seconds.
+    pub credential_ttl: u64,
     pub upstream: upstream::Upstream,
     pub cache: Arc<cache::Cache>,
     /// `None` until the first desired state arrives from upstream.
@@ -117,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
         token: config.token.clone(),
+        credential_ttl: config.agent_credential_ttl_seconds,
         upstream: upstream.clone(),
         cache: cache.clone(),
         state: state_rx,

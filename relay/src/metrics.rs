@@ -13,6 +13,8 @@ pub struct Metrics {
     /// Blob requests that needed (or waited for) an upstream fetch.
     pub cache_misses: Counter,
     pub enrollments: Counter,
+    /// Agent credentials renewed for proof of the agent's key.
+    pub renewals: Counter,
     pub reports: Counter,
 }
 
@@ -40,6 +42,11 @@ impl Metrics {
             self.cache_misses.clone(),
         );
         r.register("enrollments", "Agents enrolled", self.enrollments.clone());
+        r.register(
+            "renewals",
+            "Agent credentials renewed",
+            self.renewals.clone(),
+        );
         r.register("reports", "Agent reports received", self.reports.clone());
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)

@@ -10,7 +10,7 @@ use axum::{
     Json, Router,
 };
 use caravan_api::{
-    wire::{paths, AgentReport, EnrollRequest, EnrollResponse, SiteEnroll},
+    wire::{paths, AgentReport, EnrollRequest, EnrollResponse, RenewRequest, SiteEnroll},
     Digest,
 };
 use caravan_net::{
@@ -29,6 +29,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
             get(|State(relay): State<Arc<Relay>>| async move { relay.metrics.encode() }),
         )
         .route(paths::ENROLL, post(enroll))
+        .route(paths::RENEW, post(renew))
         .route(paths::DESIRED, get(desired))
         .route(paths::REPORT, post(report))
         .route(paths::ROOTS, get(roots))
@@ -89,12 +90,8 @@ impl FromRequestParts<Arc<Relay>> for Downstream {
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)
             .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        let name = tokens::verify(&relay.token, token).ok_or_else(|| {
-            err(
-                StatusCode::UNAUTHORIZED,
-                "invalid agent token; enroll again",
-            )
-        })?;
+        let name = tokens::verify(&relay.token, token, tokens::unix_now())
+            .map_err(|e| err(StatusCode::UNAUTHORIZED, e.to_string()))?;
         Ok(match name.strip_prefix(tokens::CHILD_RELAY) {
             Some(site) => Self::ChildRelay(site.to_string()),
             None => Self::Agent(name.to_string()),
@@ -146,11 +143,63 @@ async fn enroll(
             tracing::warn!(agent = %forward.agent, "enrolled, not yet in the site's desired state");
         }
     }
-    let token = tokens::issue(&relay.token, &forward.agent);
+    let token = relay.credential(&forward.agent);
     relay.metrics.enrollments.inc();
     Ok(Json(EnrollResponse {
         agent: forward.agent,
         token,
+    }))
+}
+
+impl Relay {
+    /// A credential for agent `name`, good for the configured time.
+    fn credential(&self, name: &str) -> String {
+        tokens::issue(
+            &self.token,
+            name,
+            Some(tokens::unix_now() + self.credential_ttl),
+        )
+    }
+}
+
+/// How far the time in a renewal may be from the relay's clock.
+const RENEW_SKEW_SECONDS: u64 = 300;
+
+/// A new credential for an agent the controller serves here, for proof that
+/// it holds the key it enrolled with.
+async fn renew(
+    State(relay): State<Arc<Relay>>,
+    Json(req): Json<RenewRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let state = current(&relay)?;
+    if state.agent(&req.agent).is_none() {
+        return Err(not_served(&req.agent));
+    }
+    let refuse = |why: String| err(StatusCode::UNAUTHORIZED, why);
+    let key = state.desired.agent_keys.get(&req.agent).ok_or_else(|| {
+        refuse(format!(
+            "agent {} enrolled without a key; enroll again",
+            req.agent
+        ))
+    })?;
+    let now = tokens::unix_now();
+    if now.abs_diff(req.time) > RENEW_SKEW_SECONDS {
+        return Err(refuse(format!(
+            "renewal time is {} s from the relay's clock (at most {RENEW_SKEW_SECONDS}): check the endpoint's clock",
+            now.abs_diff(req.time)
+        )));
+    }
+    let message = tokens::renewal_message(&req.agent, req.time);
+    caravan_api::signing::verify_bytes(key, &message, &req.signature).map_err(|_| {
+        refuse(format!(
+            "renewal signature does not verify with agent {}'s key",
+            req.agent
+        ))
+    })?;
+    relay.metrics.renewals.inc();
+    Ok(Json(EnrollResponse {
+        token: relay.credential(&req.agent),
+        agent: req.agent,
     }))
 }
 

@@ -391,3 +391,100 @@ async fn an_agent_waits_for_approval_and_is_cut_off_when_revoked_or_deleted() ->
     );
     Ok(())
 }
+
+/// The credential agent `host` holds now.
+fn credential_of(c: &Caravan, host: &str) -> anyhow::Result<String> {
+    let (state_dir, _) = c.agent_dirs(host);
+    let creds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("credentials.json"))?)?;
+    Ok(creds["token"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stolen_agent_credential_expires_and_only_the_agents_key_renews_it() -> anyhow::Result<()>
+{
+    use caravan_api::{signing, wire::RenewRequest};
+    use caravan_net::agent_tokens::{renewal_message, unix_now};
+    let mut c = Caravan::start("fleet").await?;
+    c.relay_args = vec!["--agent-credential-ttl-seconds".into(), "3".into()];
+    let (repo, relay) = c.hello_installed("desk").await?;
+    let http = reqwest::Client::new();
+    let desired = |token: String| {
+        http.get(format!("{}/v1/desired", relay.url))
+            .bearer_auth(token)
+            .send()
+    };
+
+    // A credential stolen from the endpoint works for three seconds only.
+    let stolen = credential_of(&c, "desk")?;
+    let res = wait_for("the stolen credential to expire", T, || async {
+        let res = desired(stolen.clone()).await?;
+        Ok((res.status() == 401).then_some(res))
+    })
+    .await?;
+    assert!(res.text().await?.contains("expired"));
+
+    // The agent renews its own with its key and carries on: Git removes
+    // hello, and the agent (served) removes it.
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("hello leaves the fleet")?;
+    let hello = c.agents[0].install_root.join("hello");
+    wait_for("hello to be removed", T, || async {
+        Ok((!hello.exists()).then_some(()))
+    })
+    .await?;
+    let renewed = credential_of(&c, "desk")?;
+    assert_ne!(renewed, stolen, "the agent renewed its credential");
+    let renewals = caravan_tests::metric(&relay.url, "caravan_relay_renewals_total").await?;
+    assert!(renewals >= 1.0, "{renewals} renewals");
+
+    // Whoever lacks the agent's key cannot renew it: another key, an old
+    // proof replayed, or garbage.
+    let name = stolen.split('/').next().unwrap_or_default().to_string();
+    let renew = |req: RenewRequest| {
+        http.post(format!("{}/v1/renew", relay.url))
+            .json(&req)
+            .send()
+    };
+    let thief = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let now = unix_now();
+    for (req, words) in [
+        (
+            RenewRequest {
+                agent: name.clone(),
+                time: now,
+                signature: signing::sign_bytes(&thief, &renewal_message(&name, now)),
+            },
+            "does not verify",
+        ),
+        (
+            RenewRequest {
+                agent: name.clone(),
+                time: now - 3600,
+                signature: signing::sign_bytes(&thief, &renewal_message(&name, now - 3600)),
+            },
+            "from the relay's clock",
+        ),
+        (
+            RenewRequest {
+                agent: name.clone(),
+                time: now,
+                signature: "AAAA".into(),
+            },
+            "does not verify",
+        ),
+    ] {
+        let res = renew(req).await?;
+        assert_eq!(res.status(), 401);
+        let body = res.text().await?;
+        assert!(body.contains(words), "{body}");
+    }
+    let res = renew(RenewRequest {
+        agent: "someone-else".into(),
+        time: now,
+        signature: signing::sign_bytes(&thief, &renewal_message("someone-else", now)),
+    })
+    .await?;
+    assert_eq!(res.status(), 403, "an agent the site does not serve");
+    Ok(())
+}

@@ -60,7 +60,7 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
     let cached = relay.cache_dir.join("sha256").join(&expected);
     let downloads = (0..50).map(|i| {
         let (http, url, cached) = (http.clone(), url.clone(), cached.clone());
-        let token = caravan_net::agent_tokens::issue(&relay_token, &format!("kiosk-{i}"));
+        let token = caravan_net::agent_tokens::issue(&relay_token, &format!("kiosk-{i}"), None);
         async move {
             // Until the relay has the new desired state, the blob is not assigned yet.
             let res = wait_for(

@@ -42,6 +42,11 @@ pub struct AgentSpec {
     /// declared ahead of its enrollment: the first to enroll claims it).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub secret_hash: String,
+    /// Public key (`ed25519:<base64>`) the agent made at enrollment. Its
+    /// relay renews the agent's short-lived credential for proof that the
+    /// agent holds the private half, which never leaves the endpoint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
 }
 
 fn yes() -> bool {

@@ -51,6 +51,7 @@ pub fn desired(sites: &[Arc<Site>], jobs: &[Arc<DistributionJob>], plan: &mut Pl
                 site: s.name_any(),
                 blobs: blobs_of(&agents),
                 agents,
+                agent_keys: plan.agent_keys.remove(&key).unwrap_or_default(),
                 ..Default::default()
             };
             (key, d)

@@ -59,6 +59,7 @@ pub fn agent(name: &str, site: &str) -> Agent {
             hostname: String::new(),
             approved: true,
             secret_hash: String::new(),
+            public_key: String::new(),
         },
     );
     a.metadata = meta(name);

@@ -23,6 +23,9 @@ pub struct Plan {
     /// Per site, per agent name: what the agent must have. Every known agent
     /// has an entry, so an agent no job targets gets an explicit empty state.
     pub by_site: HashMap<SiteKey, BTreeMap<String, AgentDesired>>,
+    /// Per site, per agent name: the public key of each served agent that
+    /// enrolled with one.
+    pub agent_keys: HashMap<SiteKey, BTreeMap<String, String>>,
     /// Per job: targets and problems.
     pub jobs: HashMap<ObjectKey, JobPlan>,
 }
@@ -64,6 +67,12 @@ impl Plan {
                 .entry((ns.clone(), a.spec.site.clone()))
                 .or_default()
                 .insert(name.clone(), entry);
+            if !a.spec.public_key.is_empty() {
+                plan.agent_keys
+                    .entry((ns.clone(), a.spec.site.clone()))
+                    .or_default()
+                    .insert(name.clone(), a.spec.public_key.clone());
+            }
             site_of.insert((ns, name), a.spec.site.clone());
         }
         let mut jobs: Vec<_> = jobs.iter().collect();

@@ -136,6 +136,12 @@ pub async fn enroll(
             "secret must be at least 32 characters",
         ));
     }
+    if !req.public_key.is_empty() && caravan_api::signing::parse_public(&req.public_key).is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "publicKey must be an ed25519 public key (ed25519:<base64 of 32 bytes>)",
+        ));
+    }
     let site_obj = s
         .ctx
         .namespaced::<Site>(&ns)
@@ -183,6 +189,9 @@ pub async fn enroll(
                     ),
                 ));
             }
+            if !req.public_key.is_empty() && agent.spec.public_key != req.public_key {
+                merge(serde_json::json!({ "spec": { "publicKey": req.public_key } })).await?;
+            }
             if agent.spec.site != site {
                 tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
                 merge(serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } })).await?;
@@ -196,7 +205,7 @@ pub async fn enroll(
                     "apiVersion": API_VERSION,
                     "kind": "Agent",
                     "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
-                    "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": approved, "secretHash": secret_hash },
+                    "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": approved, "secretHash": secret_hash, "publicKey": req.public_key },
                 }))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
             };

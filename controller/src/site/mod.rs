@@ -188,6 +188,7 @@ impl SiteReconciler {
                 caravan_net::agent_tokens::issue(
                     &keys.relay_token(&ns, parent),
                     &caravan_net::agent_tokens::child_relay_name(&name),
+                    None,
                 )
             }),
             token: relay_token,

@@ -107,7 +107,7 @@ impl Setup {
     }
 
     fn token(&self, agent: &str) -> String {
-        caravan_net::agent_tokens::issue(&self.relay_token, agent)
+        caravan_net::agent_tokens::issue(&self.relay_token, agent, None)
     }
 
     /// Pushes a package of `size_mib` MiB of noise and a job sending it to hq.
