@@ -1,11 +1,14 @@
 //! What every part of the controller needs: the Kubernetes client, the
-//! Event recorder, the metrics, the configuration and the credential key.
+//! Event recorder, the metrics, the configuration, the credential and
+//! trust keys, and the ledger of published packages.
 //! Caches, channels and the blob store are not here: each belongs to the
 //! task that runs it and is handed to whoever reads it (see [`crate::run`]).
 
 use kube::runtime::events::{Recorder, Reporter};
 
-use crate::{credentials::CredentialKey, metrics::Metrics, trust::TrustKeys, Config};
+use crate::{
+    credentials::CredentialKey, identity::Ledger, metrics::Metrics, trust::TrustKeys, Config,
+};
 
 pub struct Context {
     pub client: kube::Client,
@@ -17,12 +20,17 @@ pub struct Context {
     pub credentials: CredentialKey,
     /// Signs desired state.
     pub trust: TrustKeys,
+    /// Every name+version ever published, with its artifact.
+    pub published: Ledger,
 }
 
 impl Context {
     pub fn new(client: kube::Client, config: Config) -> crate::error::Result<Self> {
         let credentials = CredentialKey::load_or_create(&config.data_dir.join("token.key"))?;
         let trust = TrustKeys::load_or_create(&config.trust_dir())?;
+        let published = Ledger::load(config.data_dir.join("published.json")).map_err(|e| {
+            crate::error::Error::io(&config.data_dir, std::io::Error::other(e.to_string()))
+        })?;
         tracing::info!(root = %trust.fingerprint(), version = trust.roots.len(), "signing desired state under this root");
         let reporter = Reporter {
             controller: "caravan-controller".into(),
@@ -35,6 +43,7 @@ impl Context {
             config,
             credentials,
             trust,
+            published,
         })
     }
 

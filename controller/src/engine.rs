@@ -148,6 +148,12 @@ impl Engine {
             s.packages.state(),
             s.cabinets.state(),
         );
+        let published = packages
+            .iter()
+            .filter_map(|p| Some((p.metadata.namespace.as_deref()?, &p.spec)));
+        if let Err(e) = self.ctx.published.record(published) {
+            tracing::warn!(error = %e, "the ledger of published packages was not written");
+        }
         let artifacts = self.survey(&packages, &cabinets).await;
         let out = index::compute(&index::Inputs {
             sites: &sites,

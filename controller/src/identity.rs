@@ -1,8 +1,108 @@
 //! The identity rules of packages, enforced both in the Git sync and by the
 //! admission webhook: a Package never moves to another cabinet or changes its
-//! name, and a name+version, once published, always means the same artifact.
+//! name, and a name+version, once published, always means the same artifact
+//! — even after its Package was deleted: the [`Ledger`] remembers.
 
-use caravan_api::v1alpha1::PackageSpec;
+use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
+
+use caravan_api::{v1alpha1::PackageSpec, Digest};
+use serde::{Deserialize, Serialize};
+
+/// Every name+version the controller has seen published, per namespace,
+/// with its artifact, kept in the data directory (`published.json`): a
+/// Package deleted and created again cannot bring other content under a
+/// version agents have installed.
+pub struct Ledger {
+    path: PathBuf,
+    entries: Mutex<BTreeMap<Published, Digest>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Published {
+    namespace: String,
+    name: String,
+    version: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    #[serde(flatten)]
+    key: Published,
+    digest: Digest,
+}
+
+impl Ledger {
+    /// The ledger at `path` (empty if there is none yet).
+    pub fn load(path: PathBuf) -> anyhow::Result<Self> {
+        let entries = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Vec<Entry>>(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                .into_iter()
+                .map(|e| (e.key, e.digest))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+        };
+        Ok(Self {
+            path,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    fn key(namespace: &str, spec: &PackageSpec) -> Published {
+        Published {
+            namespace: namespace.into(),
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+        }
+    }
+
+    /// Remembers the packages of `published` (namespace, spec) not seen
+    /// before; writes the ledger if any was new.
+    pub fn record<'a>(
+        &self,
+        published: impl IntoIterator<Item = (&'a str, &'a PackageSpec)>,
+    ) -> anyhow::Result<()> {
+        let mut entries = self.entries.lock().expect("lock poisoned");
+        let mut new = false;
+        for (ns, spec) in published {
+            entries.entry(Self::key(ns, spec)).or_insert_with(|| {
+                new = true;
+                spec.artifact.digest
+            });
+        }
+        if new {
+            let list: Vec<Entry> = entries
+                .iter()
+                .map(|(key, digest)| Entry {
+                    key: key.clone(),
+                    digest: *digest,
+                })
+                .collect();
+            caravan_net::fs::write_private(
+                &self.path,
+                &serde_json::to_vec(&list)?,
+                caravan_net::fs::Existing::Replace,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `spec`, in `namespace`, keeps the artifact its name+version
+    /// was ever published with.
+    pub fn check(&self, namespace: &str, spec: &PackageSpec) -> Result<(), String> {
+        let entries = self.entries.lock().expect("lock poisoned");
+        match entries.get(&Self::key(namespace, spec)) {
+            Some(digest) if *digest != spec.artifact.digest => Err(format!(
+                "{} {} was published with artifact {digest} (its Package has been deleted since); a version \
+                 never changes its content: publish a new version",
+                spec.name, spec.version
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Checks the Package `object` with spec `new` against the existing packages
 /// of its namespace, as `(object name, spec)`. Returns what is wrong.
@@ -51,6 +151,28 @@ mod tests {
             "artifact": {"digest": format!("sha256:{}", digest.to_string().repeat(64)), "size": 1},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_deleted_version_cannot_come_back_with_other_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("published.json");
+        let ledger = Ledger::load(path.clone()).unwrap();
+        let v1 = spec("main", "hello", "1.0.0", 'a');
+        ledger.record([("fleet", &v1)]).unwrap();
+        // Remembered across a restart.
+        let ledger = Ledger::load(path).unwrap();
+        assert_eq!(ledger.check("fleet", &v1), Ok(()), "the same content again");
+        let swapped = ledger
+            .check("fleet", &spec("main", "hello", "1.0.0", 'b'))
+            .unwrap_err();
+        assert!(swapped.contains("deleted since"), "{swapped}");
+        assert!(ledger
+            .check("other-ns", &spec("main", "hello", "1.0.0", 'b'))
+            .is_ok());
+        assert!(ledger
+            .check("fleet", &spec("main", "hello", "1.0.1", 'b'))
+            .is_ok());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use kube::{
 /// `packages` (the cached Packages).
 pub async fn validate_packages(
     packages: Store<Package>,
+    ctx: std::sync::Arc<crate::context::Context>,
     Json(review): Json<AdmissionReview<Package>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
     let req: AdmissionRequest<Package> = match review.try_into() {
@@ -29,7 +30,7 @@ pub async fn validate_packages(
     };
     let response = AdmissionResponse::from(&req);
     Json(
-        match decide(&packages, &req) {
+        match decide(&packages, &ctx.published, &req) {
             Ok(()) => response,
             Err(reason) => {
                 tracing::info!(package = %req.name, %reason, "write refused");
@@ -40,7 +41,11 @@ pub async fn validate_packages(
     )
 }
 
-fn decide(packages: &Store<Package>, req: &AdmissionRequest<Package>) -> Result<(), String> {
+fn decide(
+    packages: &Store<Package>,
+    published: &crate::identity::Ledger,
+    req: &AdmissionRequest<Package>,
+) -> Result<(), String> {
     // Deletions carry no new object; they are always allowed.
     let Some(new) = &req.object else {
         return Ok(());
@@ -61,5 +66,7 @@ fn decide(packages: &Store<Package>, req: &AdmissionRequest<Package>) -> Result<
         &name,
         &new.spec,
         existing.iter().map(|(n, s)| (n.as_str(), s)),
-    )
+    )?;
+    // Deleted and created again: what the version was published with stays.
+    published.check(&ns, &new.spec)
 }

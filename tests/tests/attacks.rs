@@ -265,3 +265,59 @@ async fn a_site_cannot_borrow_the_controllers_privileges() -> anyhow::Result<()>
     assert!(!mine.data.unwrap_or_default().contains_key("token"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_version_cannot_come_back_with_other_content() -> anyhow::Result<()> {
+    use caravan_api::v1alpha1::Package;
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    let installed = c.agents[0].install_root.join("hello/bin/hello");
+    let original = std::fs::read(&installed)?;
+
+    // hello 1.0.0 leaves Git, and so the cluster (the job naming it holds
+    // what is installed)...
+    repo.remove("fleet/packages/hello-1.0.0.yaml")?;
+    repo.commit("Withdraw hello 1.0.0")?;
+    wait_for("Package hello-1.0.0 to go", T, || async {
+        Ok(c.api::<Package>()
+            .get_opt("hello-1.0.0")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    // ...and comes back under the same version with other content.
+    let evil = c.dir.join("evil");
+    std::fs::create_dir_all(evil.join("bin"))?;
+    std::fs::write(evil.join("bin/hello"), "#!/bin/sh\necho pwned\n")?;
+    c.push_package(&evil, "hello", "1.0.0", &repo.work.join("fleet/packages"))?;
+    repo.commit("hello 1.0.0, again")?;
+
+    let ready = wait_for("the sync to refuse the revision", T, || async {
+        let gs = c.api::<GitSource>().get("fleet").await?;
+        Ok(gs
+            .status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| {
+                c.type_ == conditions::READY
+                    && c.status == "False"
+                    && c.message.contains("deleted since")
+            }))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    assert!(
+        ready.message.contains("hello-1.0.0.yaml"),
+        "names the file: {}",
+        ready.message
+    );
+    assert!(c.api::<Package>().get_opt("hello-1.0.0").await?.is_none());
+    assert_eq!(
+        std::fs::read(&installed)?,
+        original,
+        "the endpoint keeps the real 1.0.0"
+    );
+    Ok(())
+}

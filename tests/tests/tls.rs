@@ -75,10 +75,33 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
     });
     let err = c
         .api::<caravan_api::v1alpha1::Package>()
-        .create(&Default::default(), &serde_json::from_value(twin)?)
+        .create(&Default::default(), &serde_json::from_value(twin.clone())?)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("published already"), "{err}");
+    // Deleted and created again (the sync paused, so nothing puts it back):
+    // the version keeps the content it was published with.
+    let sources = c.api::<caravan_api::v1alpha1::GitSource>();
+    sources
+        .patch(
+            "fleet",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        )
+        .await?;
+    let packages = c.api::<caravan_api::v1alpha1::Package>();
+    packages.delete("hello-1.0.0", &Default::default()).await?;
+    wait_for("hello-1.0.0 to go", Duration::from_secs(30), || async {
+        Ok(packages.get_opt("hello-1.0.0").await?.is_none().then_some(()))
+    })
+    .await?;
+    let mut reborn = twin.clone();
+    reborn["metadata"]["name"] = "hello-1.0.0".into();
+    let err = packages
+        .create(&Default::default(), &serde_json::from_value(reborn)?)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("deleted since"), "{err}");
 
     // A client that does not trust the CA is refused at the TLS handshake.
     let err = reqwest::get(format!("{}/healthz", relay.url))

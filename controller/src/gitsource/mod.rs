@@ -183,6 +183,8 @@ impl GitSources {
             existing
                 .iter()
                 .map(|p| (p.meta().name.as_deref().unwrap_or_default(), &p.spec)),
+            &self.ctx.published,
+            ns,
         )?;
         Ok(declared)
     }

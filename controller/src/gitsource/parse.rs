@@ -360,6 +360,8 @@ pub fn parse_revision(
 pub fn check_identity<'a>(
     declared: &'a [Declared],
     existing: impl Iterator<Item = (&'a str, &'a v1::PackageSpec)>,
+    published: &identity::Ledger,
+    ns: &str,
 ) -> Result<(), Vec<ManifestError>> {
     let mut seen: Vec<(&str, &v1::PackageSpec)> = existing.collect();
     let mut specs = Vec::new();
@@ -377,7 +379,9 @@ pub fn check_identity<'a>(
     }
     let mut errors = Vec::new();
     for (m, spec) in &specs {
-        if let Err(message) = identity::check(&m.name, spec, seen.iter().copied()) {
+        if let Err(message) = identity::check(&m.name, spec, seen.iter().copied())
+            .and_then(|()| published.check(ns, spec))
+        {
             errors.push(ManifestError {
                 file: m.file.clone(),
                 message,

@@ -54,8 +54,10 @@ type AppState = Arc<ServerState>;
 
 pub fn router(state: AppState) -> Router {
     let packages = state.stores.packages.clone();
-    let validate =
-        move |review: axum::Json<_>| crate::webhook::validate_packages(packages.clone(), review);
+    let ctx = state.ctx.clone();
+    let validate = move |review: axum::Json<_>| {
+        crate::webhook::validate_packages(packages.clone(), ctx.clone(), review)
+    };
     Router::new()
         .route(paths::HEALTHZ, get(|| async { "ok" }))
         .route(paths::READYZ, get(|| async { "ok" }))
