@@ -71,6 +71,8 @@ pub mod paths {
     pub const UPLOAD: &str = "/v1/uploads/{digest}";
     /// Controller: the admission webhook for Packages.
     pub const VALIDATE_PACKAGES: &str = "/validate/packages";
+    /// Controller: the admission webhook for Cabinets.
+    pub const VALIDATE_CABINETS: &str = "/validate/cabinets";
 
     /// Relay: enrollment (site bootstrap token).
     pub const ENROLL: &str = "/v1/enroll";

@@ -151,7 +151,16 @@ impl Engine {
         let published = packages
             .iter()
             .filter_map(|p| Some((p.metadata.namespace.as_deref()?, &p.spec)));
-        if let Err(e) = self.ctx.published.record(published) {
+        let signed_cabinets = cabinets
+            .iter()
+            .filter(|c| c.spec.require_signatures)
+            .filter_map(|c| {
+                Some((
+                    c.metadata.namespace.as_deref()?,
+                    c.metadata.name.as_deref()?,
+                ))
+            });
+        if let Err(e) = self.ctx.published.record(published, signed_cabinets) {
             tracing::warn!(error = %e, "the ledger of published packages was not written");
         }
         let artifacts = self.survey(&packages, &cabinets).await;

@@ -1,9 +1,16 @@
 //! The identity rules of packages, enforced both in the Git sync and by the
 //! admission webhook: a Package never moves to another cabinet or changes its
 //! name, and a name+version, once published, always means the same artifact
-//! — even after its Package was deleted: the [`Ledger`] remembers.
+//! — even after its Package was deleted: the [`Ledger`] remembers. A
+//! Cabinet that requires signatures always does (deleted and created again
+//! included): switching it off would let unsigned packages through to
+//! agents that rely on the cabinet's word.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Mutex,
+};
 
 use caravan_api::{v1alpha1::PackageSpec, Digest};
 use serde::{Deserialize, Serialize};
@@ -14,7 +21,22 @@ use serde::{Deserialize, Serialize};
 /// version agents have installed.
 pub struct Ledger {
     path: PathBuf,
-    entries: Mutex<BTreeMap<Published, Digest>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    packages: BTreeMap<Published, Digest>,
+    /// `(namespace, cabinet)` of every Cabinet seen requiring signatures.
+    signed_cabinets: BTreeSet<(String, String)>,
+}
+
+/// The ledger as written.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct LedgerFile {
+    packages: Vec<Entry>,
+    cabinets_requiring_signatures: Vec<(String, String)>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,14 +56,19 @@ struct Entry {
 impl Ledger {
     /// The ledger at `path` (empty if there is none yet).
     pub fn load(path: PathBuf) -> anyhow::Result<Self> {
-        let entries = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Vec<Entry>>(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        let file: LedgerFile = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerFile::default(),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+        };
+        let entries = Entries {
+            packages: file
+                .packages
                 .into_iter()
                 .map(|e| (e.key, e.digest))
                 .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+            signed_cabinets: file.cabinets_requiring_signatures.into_iter().collect(),
         };
         Ok(Self {
             path,
@@ -57,34 +84,68 @@ impl Ledger {
         }
     }
 
-    /// Remembers the packages of `published` (namespace, spec) not seen
-    /// before; writes the ledger if any was new.
+    /// Remembers the packages of `published` (namespace, spec) and the
+    /// cabinets requiring signatures (namespace, name) not seen before;
+    /// writes the ledger if anything was new.
     pub fn record<'a>(
         &self,
         published: impl IntoIterator<Item = (&'a str, &'a PackageSpec)>,
+        signed_cabinets: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> anyhow::Result<()> {
         let mut entries = self.entries.lock().expect("lock poisoned");
         let mut new = false;
         for (ns, spec) in published {
-            entries.entry(Self::key(ns, spec)).or_insert_with(|| {
-                new = true;
-                spec.artifact.digest
-            });
+            entries
+                .packages
+                .entry(Self::key(ns, spec))
+                .or_insert_with(|| {
+                    new = true;
+                    spec.artifact.digest
+                });
+        }
+        for (ns, name) in signed_cabinets {
+            new |= entries.signed_cabinets.insert((ns.into(), name.into()));
         }
         if new {
-            let list: Vec<Entry> = entries
-                .iter()
-                .map(|(key, digest)| Entry {
-                    key: key.clone(),
-                    digest: *digest,
-                })
-                .collect();
+            let file = LedgerFile {
+                packages: entries
+                    .packages
+                    .iter()
+                    .map(|(key, digest)| Entry {
+                        key: key.clone(),
+                        digest: *digest,
+                    })
+                    .collect(),
+                cabinets_requiring_signatures: entries.signed_cabinets.iter().cloned().collect(),
+            };
             caravan_net::fs::write_private(
                 &self.path,
-                &serde_json::to_vec(&list)?,
+                &serde_json::to_vec(&file)?,
                 caravan_net::fs::Existing::Replace,
             )
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether Cabinet `name` of `namespace` may say `require_signatures`:
+    /// a cabinet once seen requiring signatures always does.
+    pub fn check_cabinet(
+        &self,
+        namespace: &str,
+        name: &str,
+        require_signatures: bool,
+    ) -> Result<(), String> {
+        let entries = self.entries.lock().expect("lock poisoned");
+        if !require_signatures
+            && entries
+                .signed_cabinets
+                .contains(&(namespace.to_string(), name.to_string()))
+        {
+            return Err(format!(
+                "Cabinet {name} requires signatures, and that cannot be switched off (agents rely on it); \
+                 put unsigned packages in a cabinet of their own"
+            ));
         }
         Ok(())
     }
@@ -93,7 +154,7 @@ impl Ledger {
     /// was ever published with.
     pub fn check(&self, namespace: &str, spec: &PackageSpec) -> Result<(), String> {
         let entries = self.entries.lock().expect("lock poisoned");
-        match entries.get(&Self::key(namespace, spec)) {
+        match entries.packages.get(&Self::key(namespace, spec)) {
             Some(digest) if *digest != spec.artifact.digest => Err(format!(
                 "{} {} was published with artifact {digest} (its Package has been deleted since); a version \
                  never changes its content: publish a new version",
@@ -159,7 +220,9 @@ mod tests {
         let path = dir.path().join("published.json");
         let ledger = Ledger::load(path.clone()).unwrap();
         let v1 = spec("main", "hello", "1.0.0", 'a');
-        ledger.record([("fleet", &v1)]).unwrap();
+        ledger
+            .record([("fleet", &v1)], [("fleet", "secure")])
+            .unwrap();
         // Remembered across a restart.
         let ledger = Ledger::load(path).unwrap();
         assert_eq!(ledger.check("fleet", &v1), Ok(()), "the same content again");

@@ -1,13 +1,13 @@
-//! Validating admission webhook for Packages: the identity rules of
-//! [`crate::identity`] for every write, whoever makes it (kubectl, the Git
-//! sync, another tool). Served at `wire::paths::VALIDATE_PACKAGES` on the
-//! distribution API, which must then be HTTPS: the API server calls webhooks
+//! Validating admission webhooks for Packages and Cabinets: the identity
+//! rules of [`crate::identity`] for every write, whoever makes it (kubectl,
+//! the Git sync, another tool). Served at `wire::paths::VALIDATE_PACKAGES`
+//! and `VALIDATE_CABINETS` on the distribution API, which must then be HTTPS: the API server calls webhooks
 //! over TLS only.
 //! CEL validation rules would be simpler, but the oldest supported API
 //! server (v1.20) rejects them.
 
 use axum::Json;
-use caravan_api::v1alpha1::{Package, PackageSpec};
+use caravan_api::v1alpha1::{Cabinet, Package, PackageSpec};
 use kube::{
     core::{
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
@@ -69,4 +69,47 @@ fn decide(
     )?;
     // Deleted and created again: what the version was published with stays.
     published.check(&ns, &new.spec)
+}
+
+/// Answers an admission review of a Cabinet write: one that requires
+/// signatures (now, or ever before) keeps requiring them.
+pub async fn validate_cabinets(
+    ctx: std::sync::Arc<crate::context::Context>,
+    Json(review): Json<AdmissionReview<Cabinet>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req: AdmissionRequest<Cabinet> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
+    };
+    let response = AdmissionResponse::from(&req);
+    let decision = match &req.object {
+        None => Ok(()),
+        Some(new) if new.spec.require_signatures => Ok(()),
+        Some(new) => {
+            let ns = req.namespace.clone().unwrap_or_default();
+            let was = req
+                .old_object
+                .as_ref()
+                .is_some_and(|old| old.spec.require_signatures);
+            if was {
+                Err(format!(
+                    "Cabinet {} requires signatures, and that cannot be switched off (agents rely on it); \
+                     put unsigned packages in a cabinet of their own",
+                    new.name_any()
+                ))
+            } else {
+                ctx.published.check_cabinet(&ns, &new.name_any(), false)
+            }
+        }
+    };
+    Json(
+        match decision {
+            Ok(()) => response,
+            Err(reason) => {
+                tracing::info!(cabinet = %req.name, %reason, "write refused");
+                response.deny(reason)
+            }
+        }
+        .into_review(),
+    )
 }

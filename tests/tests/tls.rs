@@ -92,7 +92,11 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
     let packages = c.api::<caravan_api::v1alpha1::Package>();
     packages.delete("hello-1.0.0", &Default::default()).await?;
     wait_for("hello-1.0.0 to go", Duration::from_secs(30), || async {
-        Ok(packages.get_opt("hello-1.0.0").await?.is_none().then_some(()))
+        Ok(packages
+            .get_opt("hello-1.0.0")
+            .await?
+            .is_none()
+            .then_some(()))
     })
     .await?;
     let mut reborn = twin.clone();
@@ -102,6 +106,48 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
         .await
         .unwrap_err();
     assert!(err.to_string().contains("deleted since"), "{err}");
+
+    // A cabinet that requires signatures keeps requiring them: switched off,
+    // or deleted and created again without.
+    let cabinets = c.api::<caravan_api::v1alpha1::Cabinet>();
+    let merge =
+        |v: bool| kube::api::Patch::Merge(serde_json::json!({"spec": {"requireSignatures": v}}));
+    cabinets
+        .patch("main", &kube::api::PatchParams::default(), &merge(true))
+        .await?;
+    let err = cabinets
+        .patch("main", &kube::api::PatchParams::default(), &merge(false))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be switched off"), "{err}");
+    let ledger = c.dir.join("controller/published.json");
+    wait_for(
+        "the controller to note that main requires signatures",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(&ledger).unwrap_or_default();
+            Ok(text.contains("\"main\"]").then_some(()))
+        },
+    )
+    .await?;
+    let mut main = cabinets.get("main").await?;
+    cabinets.delete("main", &Default::default()).await?;
+    wait_for("cabinet main to go", Duration::from_secs(30), || async {
+        Ok(cabinets.get_opt("main").await?.is_none().then_some(()))
+    })
+    .await?;
+    main.metadata = kube::api::ObjectMeta {
+        name: Some("main".into()),
+        namespace: Some("fleet".into()),
+        ..Default::default()
+    };
+    main.spec.require_signatures = false;
+    main.status = None;
+    let err = cabinets
+        .create(&Default::default(), &main)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be switched off"), "{err}");
 
     // A client that does not trust the CA is refused at the TLS handshake.
     let err = reqwest::get(format!("{}/healthz", relay.url))

@@ -355,7 +355,7 @@ pub fn parse_revision(
     }
 }
 
-/// Applies the package identity rules to the Packages of a revision, against
+/// Applies the identity rules to the Packages (and Cabinets) of a revision, against
 /// the existing packages and against each other.
 pub fn check_identity<'a>(
     declared: &'a [Declared],
@@ -378,6 +378,17 @@ pub fn check_identity<'a>(
         }
     }
     let mut errors = Vec::new();
+    for m in declared.iter().filter(|m| m.kind == Kind::Cabinet) {
+        let require = m.object["spec"]["requireSignatures"]
+            .as_bool()
+            .unwrap_or(false);
+        if let Err(message) = published.check_cabinet(ns, &m.name, require) {
+            errors.push(ManifestError {
+                file: m.file.clone(),
+                message,
+            });
+        }
+    }
     for (m, spec) in &specs {
         if let Err(message) = identity::check(&m.name, spec, seen.iter().copied())
             .and_then(|()| published.check(ns, spec))

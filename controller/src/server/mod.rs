@@ -55,9 +55,14 @@ type AppState = Arc<ServerState>;
 pub fn router(state: AppState) -> Router {
     let packages = state.stores.packages.clone();
     let ctx = state.ctx.clone();
-    let validate = move |review: axum::Json<_>| {
-        crate::webhook::validate_packages(packages.clone(), ctx.clone(), review)
+    let validate = {
+        let ctx = ctx.clone();
+        move |review: axum::Json<_>| {
+            crate::webhook::validate_packages(packages.clone(), ctx.clone(), review)
+        }
     };
+    let validate_cabinets =
+        move |review: axum::Json<_>| crate::webhook::validate_cabinets(ctx.clone(), review);
     Router::new()
         .route(paths::HEALTHZ, get(|| async { "ok" }))
         .route(paths::READYZ, get(|| async { "ok" }))
@@ -77,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::BLOB, get(blobs::get).put(blobs::put))
         .route(paths::UPLOAD, get(blobs::upload_state))
         .route(paths::VALIDATE_PACKAGES, post(validate))
+        .route(paths::VALIDATE_CABINETS, post(validate_cabinets))
         .with_state(state)
 }
 

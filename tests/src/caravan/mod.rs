@@ -332,6 +332,11 @@ impl Caravan {
                 "clientConfig": { "url": format!("{}/validate/packages", self.api_url), "caBundle": ca },
                 "rules": [{ "apiGroups": ["caravan.dev"], "apiVersions": ["v1alpha1"], "resources": ["packages"], "operations": ["CREATE", "UPDATE"] }],
                 "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5,
+            }, {
+                "name": "cabinets.caravan.dev",
+                "clientConfig": { "url": format!("{}/validate/cabinets", self.api_url), "caBundle": ca },
+                "rules": [{ "apiGroups": ["caravan.dev"], "apiVersions": ["v1alpha1"], "resources": ["cabinets"], "operations": ["CREATE", "UPDATE"] }],
+                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5,
             }],
         }))?;
         Api::<ValidatingWebhookConfiguration>::all(self.client())
