@@ -32,6 +32,9 @@ pub mod labels {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Agents are found by host ID with this label (value: the host ID).
     pub const HOST_ID: &str = "caravan.dev/host-id";
+    /// Annotation on a Site: each new value rotates the site's relay
+    /// credential (`caravan site rotate-relay-credential`).
+    pub const RELAY_CREDENTIAL_ROTATION: &str = "caravan.dev/relay-credential-rotation";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -10,6 +10,37 @@ use kube::{
 };
 
 #[derive(Subcommand)]
+pub enum SiteCommand {
+    /// Give a site's relay a new credential: the old one stops working at
+    /// once, the relay's Secret holds the new one and its pods roll. Agents
+    /// renew theirs with their own keys; nothing enrolls again.
+    RotateRelayCredential {
+        /// The Site.
+        site: String,
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+}
+
+pub async fn site(command: SiteCommand) -> anyhow::Result<()> {
+    let SiteCommand::RotateRelayCredential { site, namespace } = command;
+    let sites: Api<Site> = namespaced(namespace).await?;
+    let value = hex::encode(rand::random::<[u8; 16]>());
+    let patch = serde_json::json!({
+        "metadata": { "annotations": { caravan_api::labels::RELAY_CREDENTIAL_ROTATION: value } }
+    });
+    let rotated = sites
+        .patch(&site, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("rotating the relay credential of Site {site}"))?;
+    eprintln!(
+        "site {site}: relay credential is now key {}",
+        rotated.relay_key_id()
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum AgentCommand {
     /// Let an agent in: its relay serves it from its next request on.
     Approve {

@@ -45,6 +45,9 @@ enum Command {
     /// Approve or revoke enrolled agents.
     #[command(subcommand)]
     Agent(cluster::AgentCommand),
+    /// Sites: rotate a relay's credential.
+    #[command(subcommand)]
+    Site(cluster::SiteCommand),
 }
 
 #[derive(Subcommand)]
@@ -213,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Token(command) => cluster::token(command).await,
         Command::Agent(command) => cluster::agent(command).await,
+        Command::Site(command) => cluster::site(command).await,
         Command::Key(KeyCommand::Generate { out }) => {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");

@@ -1,8 +1,12 @@
 //! Credentials the controller issues, derived from one secret key so that no
-//! token has to be stored: a relay token names its site and carries an
-//! HMAC-SHA256 over it.
+//! token has to be stored: a relay token names its site and the site's
+//! current key ID, and carries an HMAC-SHA256 over them. Rotating one site's
+//! credential (`caravan site rotate-relay-credential`, which sets the
+//! annotation `caravan.dev/relay-credential-rotation` on the Site: [`caravan_api::v1alpha1::Site::relay_key_id`]) changes its key ID: the old token
+//! stops working and the relay's Secret gets the new one; no other site and
+//! no agent is affected (agents renew with their own keys).
 //!
-//! Relay token format: `<namespace>/<site>/<hex mac>` (neither part may hold `/`).
+//! Relay token format: `<namespace>/<site>/<key ID>/<hex mac>` (no part may hold `/`).
 
 use std::path::Path;
 
@@ -57,27 +61,30 @@ impl CredentialKey {
         mac
     }
 
-    /// The token the relay of `namespace/site` authenticates with.
-    pub fn relay_token(&self, namespace: &str, site: &str) -> String {
-        let mac = self.mac("relay", &format!("{namespace}/{site}"));
+    /// The token the relay of `namespace/site` authenticates with under key
+    /// ID `kid`.
+    pub fn relay_token(&self, namespace: &str, site: &str, kid: &str) -> String {
+        let mac = self.mac("relay", &format!("{namespace}/{site}/{kid}"));
         format!(
-            "{namespace}/{site}/{}",
+            "{namespace}/{site}/{kid}/{}",
             hex::encode(mac.finalize().into_bytes())
         )
     }
 
-    /// Checks a relay token; returns the `(namespace, site)` it is for.
-    pub fn verify_relay_token(&self, token: &str) -> Option<(String, String)> {
+    /// Checks a relay token; returns the `(namespace, site, key ID)` it is
+    /// for (whether that key ID is the site's current one is the caller's
+    /// to check).
+    pub fn verify_relay_token(&self, token: &str) -> Option<(String, String, String)> {
         let mut parts = token.split('/');
-        let (ns, site, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        let (ns, site, kid, mac) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
             return None;
         }
         let mac = hex::decode(mac).ok()?;
-        self.mac("relay", &format!("{ns}/{site}"))
+        self.mac("relay", &format!("{ns}/{site}/{kid}"))
             .verify_slice(&mac)
             .ok()?;
-        Some((ns.to_string(), site.to_string()))
+        Some((ns.to_string(), site.to_string(), kid.to_string()))
     }
 }
 
@@ -89,19 +96,20 @@ mod tests {
     fn relay_tokens_verify_only_for_their_site() {
         let dir = tempfile::tempdir().unwrap();
         let keys = CredentialKey::load_or_create(&dir.path().join("key")).unwrap();
-        let token = keys.relay_token("ns", "berlin");
-        assert_eq!(
-            keys.verify_relay_token(&token),
-            Some(("ns".into(), "berlin".into()))
-        );
+        let token = keys.relay_token("ns", "berlin", "0");
+        let berlin = Some(("ns".into(), "berlin".into(), "0".into()));
+        assert_eq!(keys.verify_relay_token(&token), berlin);
         let forged = token.replace("berlin", "paris");
         assert_eq!(keys.verify_relay_token(&forged), None);
-        assert_eq!(keys.verify_relay_token("ns/berlin/00"), None);
+        let rekeyed = token.replace("/0/", "/1/");
+        assert_eq!(
+            keys.verify_relay_token(&rekeyed),
+            None,
+            "a key ID is signed too"
+        );
+        assert_eq!(keys.verify_relay_token("ns/berlin/0/00"), None);
         // The key survives a restart.
         let again = CredentialKey::load_or_create(&dir.path().join("key")).unwrap();
-        assert_eq!(
-            again.verify_relay_token(&token),
-            Some(("ns".into(), "berlin".into()))
-        );
+        assert_eq!(again.verify_relay_token(&token), berlin);
     }
 }

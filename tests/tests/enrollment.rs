@@ -488,3 +488,79 @@ async fn a_stolen_agent_credential_expires_and_only_the_agents_key_renews_it() -
     assert_eq!(res.status(), 403, "an agent the site does not serve");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_relay_credential_stops_working_and_agents_need_not_enroll_again(
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _relay) = c.hello_installed("desk").await?;
+    let token_of = |s: Secret| {
+        s.data
+            .and_then(|d| {
+                d.get("token")
+                    .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+            })
+            .unwrap_or_default()
+    };
+    let old = token_of(c.api::<Secret>().get("hq-relay").await?);
+
+    c.cli(&["site", "rotate-relay-credential", "hq", "-n", &c.namespace])?;
+    // The old credential is refused at once...
+    let http = reqwest::Client::new();
+    let refused = wait_for("the old relay credential to be refused", T, || async {
+        let res = http
+            .get(format!("{}/v1/site/desired", c.api_url))
+            .bearer_auth(&old)
+            .send()
+            .await?;
+        Ok(if res.status() == 401 {
+            Some(res.text().await?)
+        } else {
+            None
+        })
+    })
+    .await?;
+    assert!(refused.contains("was rotated"), "{refused}");
+    // ...the relay's Secret holds the new one, and its pods roll.
+    let new = wait_for(
+        "the relay's Secret to hold the new credential",
+        T,
+        || async {
+            let token = token_of(c.api::<Secret>().get("hq-relay").await?);
+            Ok((token != old).then_some(token))
+        },
+    )
+    .await?;
+    let kid = new.split('/').nth(2).unwrap_or_default().to_string();
+    let rolled = wait_for("the pod template to name the new key", T, || async {
+        let d = c.api::<Deployment>().get("hq-relay").await?;
+        let annotations = d
+            .spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .unwrap_or_default();
+        Ok((annotations.get("caravan.dev/relay-credential-id") == Some(&kid)).then_some(()))
+    })
+    .await;
+    rolled?;
+    let relay = c.restart_relay("hq").await?;
+
+    // The agent's credential was keyed by the old one: it renews with its
+    // key, without a new enrollment, and goes on converging.
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("hello leaves the fleet")?;
+    let hello = c.agents[0].install_root.join("hello");
+    wait_for("hello to be removed", T, || async {
+        Ok((!hello.exists()).then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(c.logs()))?;
+    assert_eq!(
+        caravan_tests::metric(&relay.url, "caravan_relay_enrollments_total").await?,
+        0.0,
+        "nobody enrolled at the new relay"
+    );
+    assert!(caravan_tests::metric(&relay.url, "caravan_relay_renewals_total").await? >= 1.0);
+    Ok(())
+}

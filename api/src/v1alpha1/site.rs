@@ -85,3 +85,50 @@ pub struct SiteStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
+
+impl Site {
+    /// The key ID of the site's relay credential: `0` until it is first
+    /// rotated, then derived from the rotation annotation
+    /// ([`crate::labels::RELAY_CREDENTIAL_ROTATION`]).
+    pub fn relay_key_id(&self) -> String {
+        use sha2::Digest as _;
+        match self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::labels::RELAY_CREDENTIAL_ROTATION))
+        {
+            Some(value) => hex::encode(&sha2::Sha256::digest(value.as_bytes())[..6]),
+            None => "0".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rotation_gives_the_relay_credential_a_new_key_id() {
+        let mut site = Site::new("berlin", SiteSpec::default());
+        assert_eq!(site.relay_key_id(), "0");
+        let rotate = |v: &str| {
+            Some(
+                [(
+                    crate::labels::RELAY_CREDENTIAL_ROTATION.to_string(),
+                    v.to_string(),
+                )]
+                .into(),
+            )
+        };
+        site.metadata.annotations = rotate("1");
+        let first = site.relay_key_id();
+        site.metadata.annotations = rotate("2");
+        assert_ne!(site.relay_key_id(), first);
+        assert_ne!(first, "0");
+        assert!(
+            first.bytes().all(|b| b.is_ascii_hexdigit()),
+            "no / in a token part"
+        );
+    }
+}

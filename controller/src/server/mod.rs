@@ -23,6 +23,7 @@ use axum::{
 };
 use caravan_api::{wire::paths, Digest};
 use caravan_net::server::{bearer, ApiError};
+use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 
 use crate::{
@@ -109,11 +110,40 @@ impl FromRequestParts<AppState> for RelaySite {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        let site = state
+        let (ns, name, kid) = state
             .ctx
             .credentials
             .verify_relay_token(token)
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid relay token"))?;
+        // Only the Site's current credential: a rotated one, or one of a
+        // deleted Site, is refused.
+        let current = state
+            .stores
+            .sites
+            .get(&ObjectRef::new(&name).within(&ns))
+            .map(|s| s.relay_key_id());
+        match current {
+            Some(current) if current == kid => {}
+            Some(_) => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("relay credential {kid} of site {ns}/{name} was rotated; restart the relay with the token its Secret holds now"),
+                ))
+            }
+            None if !state.stores.ready() => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the controller is starting; try again shortly",
+                ))
+            }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("there is no Site {ns}/{name}"),
+                ))
+            }
+        }
+        let site = (ns, name);
         state.relays.contact(&site);
         Ok(Self(site))
     }

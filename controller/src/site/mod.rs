@@ -182,11 +182,20 @@ impl SiteReconciler {
             .controller_owner_ref(&())
             .ok_or(Error::MissingField("metadata.uid"))?;
         let keys = &self.ctx.credentials;
-        let relay_token = keys.relay_token(&ns, &name);
+        let relay_token = keys.relay_token(&ns, &name, &site.relay_key_id());
+        // A child's credential at its parent's relay is keyed by the
+        // parent's token: it follows the parent's rotations (at the child's
+        // next resync).
+        let parent_kid = |parent: &str| {
+            self.stores
+                .sites
+                .get(&ObjectRef::new(parent).within(&ns))
+                .map_or_else(|| "0".to_string(), |p| p.relay_key_id())
+        };
         let creds = RelayCredentials {
             content_token: site.spec.parent.as_ref().map(|parent| {
                 caravan_net::agent_tokens::issue(
-                    &keys.relay_token(&ns, parent),
+                    &keys.relay_token(&ns, parent, &parent_kid(parent)),
                     &caravan_net::agent_tokens::child_relay_name(&name),
                     None,
                 )

@@ -51,6 +51,9 @@ pub struct RelayParams<'a> {
     pub upstream_ca: Option<&'a str>,
 }
 
+/// Pod template annotation: the key ID of the relay's credential.
+pub const CREDENTIAL_ID: &str = "caravan.dev/relay-credential-id";
+
 /// The credentials in the relay's Secret.
 pub struct RelayCredentials {
     /// The relay's own token at the controller.
@@ -272,6 +275,12 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(object_labels(site)),
+                    // The token reaches the relay through its environment:
+                    // a new credential must roll the pods.
+                    annotations: Some(BTreeMap::from([(
+                        CREDENTIAL_ID.to_string(),
+                        site.relay_key_id(),
+                    )])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {

@@ -34,6 +34,31 @@ impl Caravan {
     /// environment (Secrets included) and starts that container's command as
     /// a local `caravan-relay` process on a loopback port.
     pub async fn start_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
+        self.start_relay_on(site, free_port()).await
+    }
+
+    /// Stops the relay of `site` and starts it again from its Deployment as
+    /// it is now (a pod rolled), on the same address and cache.
+    pub async fn restart_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
+        let url = self
+            .relay_urls
+            .get(site)
+            .cloned()
+            .with_context(|| format!("no relay of site {site} runs"))?;
+        let port: u16 = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("a relay URL ends in its port")?;
+        let name = format!("relay-{site}");
+        for p in self.relays.iter_mut().filter(|p| p.name == name) {
+            p.kill();
+        }
+        self.relays.retain(|p| p.name != name);
+        self.start_relay_on(site, port).await
+    }
+
+    async fn start_relay_on(&mut self, site: &str, port: u16) -> anyhow::Result<RelayInfo> {
         let (args, env) = self
             .cluster
             .container_command(
@@ -61,7 +86,6 @@ impl Caravan {
                     })?;
             }
         }
-        let port = free_port();
         let cache_dir = self.dir.join(format!("relay-{site}"));
         // The container's own arguments, with the node-local listen address and cache.
         let args = override_args(
