@@ -29,6 +29,15 @@ pub struct ServeArgs<const PORT: u16> {
         default_value_t = 30
     )]
     pub header_read_timeout_seconds: u64,
+    /// A request body (an upload, a report) that sends nothing for this
+    /// many seconds is cut off.
+    #[arg(long, env = "CARAVAN_BODY_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub body_idle_timeout_seconds: u64,
+    /// Most connections served at once; more are closed as they arrive, so
+    /// a flood cannot take every file descriptor (0: the open-files limit
+    /// less a reserve for the server's own files).
+    #[arg(long, env = "CARAVAN_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
 }
 
 impl<const PORT: u16> ServeArgs<PORT> {

@@ -1,6 +1,6 @@
 //! The server half: serving, JSON errors, bearer tokens, long-polls, blobs.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::{
@@ -34,10 +34,25 @@ pub async fn serve<const PORT: u16>(
     let limits = Limits {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
     };
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
+    let max_connections = match args.max_connections {
+        0 => open_files.saturating_sub(FD_RESERVE).max(1),
+        n => n,
+    };
+    let capped = Capped::new(max_connections);
     let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening");
-    let app = app.into_make_service();
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), max_connections, "listening");
+    // A body that stalls is cut off (uploads may take long, but not stall).
+    let body_idle = Duration::from_secs(args.body_idle_timeout_seconds.max(1));
+    let app = app
+        .layer(axum::middleware::map_request(
+            move |req: axum::extract::Request| async move {
+                req.map(|b| {
+                    axum::body::Body::new(tower_http::timeout::TimeoutBody::new(body_idle, b))
+                })
+            },
+        ))
+        .into_make_service();
     let handle = axum_server::Handle::new();
     tokio::spawn({
         let handle = handle.clone();
@@ -48,7 +63,9 @@ pub async fn serve<const PORT: u16>(
     });
     match tls {
         None => {
-            let mut server = axum_server::from_tcp(listener)?.handle(handle);
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(capped)
+                .handle(handle);
             limits.apply(server.http_builder());
             server.serve(app).await?
         }
@@ -64,8 +81,9 @@ pub async fn serve<const PORT: u16>(
                         key.display()
                     )
                 })?;
-            let mut server =
-                axum_server::tls_rustls::from_tcp_rustls(listener, config)?.handle(handle);
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(capped))
+                .handle(handle);
             limits.apply(server.http_builder());
             server.serve(app).await?
         }
@@ -112,15 +130,118 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Every long-polling agent holds a connection, so a server may need many
 /// more descriptors than the usual soft limit of 1024: raise it to the hard
-/// limit, as Go's runtime does.
-fn raise_open_files_limit() {
+/// limit, as Go's runtime does. Returns the limit in force.
+fn raise_open_files_limit() -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, limit) {
-            tracing::warn!(error = %e, "could not raise the open files limit");
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = raised,
+            Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
         }
+    }
+    limit
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// Descriptors kept for the server's own use (cache files, upstream
+/// connections, logs) when the connection cap follows the open-files limit.
+const FD_RESERVE: usize = 128;
+
+/// An acceptor that serves at most so many connections at once: one more is
+/// closed as it arrives (its client sees the connection reset and retries
+/// later), instead of the server running out of descriptors.
+#[derive(Clone)]
+struct Capped {
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Capped {
+    fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                max.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+}
+
+impl<I, S> axum_server::accept::Accept<I, S> for Capped {
+    type Stream = Held<I>;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Held<I>, S)>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        std::future::ready(match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok((
+                Held {
+                    inner: stream,
+                    _permit: permit,
+                },
+                service,
+            )),
+            Err(_) => {
+                tracing::debug!("connection refused: at the connection cap");
+                Err(std::io::Error::other("at the connection cap"))
+            }
+        })
+    }
+}
+
+/// A connection holding its slot until it closes.
+struct Held<I> {
+    inner: I,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Held<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Held<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -513,9 +634,17 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_client_that_dribbles_its_headers_is_disconnected() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A server on a free loopback port with `header` and `body` idle
+    /// timeouts (seconds) and a connection cap.
+    async fn start(
+        header: u64,
+        body: u64,
+        max_connections: usize,
+    ) -> (
+        u16,
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -525,33 +654,119 @@ mod tests {
             listen: ([127, 0, 0, 1], port).into(),
             tls_cert_file: None,
             tls_key_file: None,
-            header_read_timeout_seconds: 1,
+            header_read_timeout_seconds: header,
+            body_idle_timeout_seconds: body,
+            max_connections,
         };
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(|| async { "ok" }).post(|body: String| async move { body }),
+        );
         let shutdown = CancellationToken::new();
         let server = tokio::spawn({
             let shutdown = shutdown.clone();
             async move { serve(&args, app, shutdown).await }
         });
-        let mut conn = loop {
-            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
+        // Up once it accepts a connection.
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (port, shutdown, server)
+    }
+
+    /// What the server sends on `conn` before it closes or 10 s pass.
+    async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the server neither answered nor hung up")
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_dribbles_its_headers_is_disconnected() {
+        use tokio::io::AsyncWriteExt;
+        let (port, shutdown, server) = start(1, 60, 0).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await
             .unwrap();
         let start = std::time::Instant::now();
-        let mut buf = [0u8; 256];
         // The rest of the headers never comes: the server hangs up.
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("the server waited past its header timeout")
-            .unwrap_or(0);
+        let answer = answer(&mut conn).await;
         assert!(start.elapsed() >= Duration::from_millis(900));
-        let answer = String::from_utf8_lossy(&buf[..n]);
-        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_stalls_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let (port, shutdown, server) = start(30, 1, 0).await;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        conn.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        // Ninety bytes never come: the body is given up on, not waited for.
+        let answer = answer(&mut conn).await;
+        assert!(start.elapsed() >= Duration::from_millis(900));
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer}"
+        );
+        assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_as_they_arrive() {
+        use tokio::io::AsyncWriteExt;
+        let (port, shutdown, server) = start(30, 60, 2).await;
+        // The connection `start` made to see the server up is gone; let its
+        // slot come back.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let (mut a, _b) = (connect().await.unwrap(), connect().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = connect().await.unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(
+            answer(&mut c).await,
+            "",
+            "the third connection is closed unanswered"
+        );
+        a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            answer(&mut a).await.starts_with("HTTP/1.1 200"),
+            "those within the cap are served"
+        );
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut d = connect().await.unwrap();
+        d.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            answer(&mut d).await.starts_with("HTTP/1.1 200"),
+            "a closed connection frees its slot"
+        );
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }
