@@ -102,34 +102,32 @@ impl Client {
         bootstrap_token: &str,
         req: &EnrollRequest,
     ) -> Result<EnrollResponse, ClientError> {
-        let url = format!("{}{}", self.base, paths::ENROLL);
-        let res = self
-            .send(
-                self.http
-                    .post(&url)
-                    .bearer_auth(bootstrap_token)
-                    .json(req)
-                    .timeout(Duration::from_secs(60)),
-                &url,
-            )
-            .await?;
-        caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
+        self.post_small(paths::ENROLL, req, Some(bootstrap_token))
             .await
-            .map_err(|source| ClientError::Body { url, error: source })
     }
 
     /// A new credential for proof of the agent's key.
     pub async fn renew(&self, req: &RenewRequest) -> Result<EnrollResponse, ClientError> {
-        let url = format!("{}{}", self.base, paths::RENEW);
-        let res = self
-            .send(
-                self.http
-                    .post(&url)
-                    .json(req)
-                    .timeout(Duration::from_secs(60)),
-                &url,
-            )
-            .await?;
+        self.post_small(paths::RENEW, req, None).await
+    }
+
+    /// POSTs `body` as JSON to `path` and reads a small JSON answer.
+    async fn post_small<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        bearer: Option<&str>,
+    ) -> Result<R, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .post(&url)
+            .json(body)
+            .timeout(Duration::from_secs(60));
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        let res = self.send(req, &url).await?;
         caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
             .await
             .map_err(|source| ClientError::Body { url, error: source })

@@ -51,7 +51,7 @@ pub fn check_signature(a: &Assignment, trusted: &[VerifyingKey]) -> anyhow::Resu
         );
         return Ok(());
     }
-    signing::verify(trusted, &a.signatures, &signing::Signed::of_assignment(a))
+    signing::verify(trusted, &a.signatures, &a.signed())
         .with_context(|| format!("package {} {} refused", a.package, a.version))?;
     Ok(())
 }
@@ -159,7 +159,7 @@ mod tests {
         assert!(e.contains("trusts no signing keys"), "{e}");
         let trusted = [key.verifying_key()];
         assert!(check_signature(&a, &trusted).is_err(), "unsigned");
-        a.signatures = vec![signing::sign(&key, &signing::Signed::of_assignment(&a))];
+        a.signatures = vec![signing::sign(&key, &a.signed())];
         assert!(check_signature(&a, &trusted).is_ok());
         a.version = "2".into();
         assert!(

@@ -15,7 +15,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     v1alpha1::{InstallSpec, PackageSpec},
-    wire::Assignment,
     Digest,
 };
 
@@ -61,17 +60,6 @@ impl<'a> Signed<'a> {
             digest: &spec.artifact.digest,
             size: spec.artifact.size,
             install: &spec.install,
-        }
-    }
-
-    /// What an agent is asked to install.
-    pub fn of_assignment(a: &'a Assignment) -> Self {
-        Self {
-            name: &a.package,
-            version: &a.version,
-            digest: &a.digest,
-            size: a.size,
-            install: &a.install,
         }
     }
 }

@@ -18,30 +18,13 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub use crate::wire::{Envelope, EnvelopeSignature};
 use crate::{signing, wire::AgentDesired};
 
 /// The payload type of an agent's desired state.
 pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
 /// The payload type of a root of trust.
 pub const ROOT_TYPE: &str = "application/vnd.caravan.root.v1+json";
-
-/// A signed document (DSSE v1).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Envelope {
-    /// Base64 of the payload bytes.
-    pub payload: String,
-    pub payload_type: String,
-    pub signatures: Vec<EnvelopeSignature>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct EnvelopeSignature {
-    /// [`signing::key_id`] of the key.
-    pub keyid: String,
-    /// Base64 ed25519 signature of the pre-authentication encoding.
-    pub sig: String,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrustError {

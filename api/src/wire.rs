@@ -18,7 +18,7 @@
 //! | `POST /v1/enroll` | a BootstrapToken of the site (checked by the controller) | [`EnrollRequest`] → [`EnrollResponse`] |
 //! | `POST /v1/renew` | proof of the agent's key | [`RenewRequest`] → [`EnrollResponse`] |
 //! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
-//! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of [`crate::trust::Root`], oldest first |
+//! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of `trust::Root`, oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
 //! | `POST /v1/report` | agent token | [`AgentReport`] |
 //!
@@ -30,7 +30,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    trust::Envelope,
     v1alpha1::{InstallSpec, JobAction},
     Digest,
 };
@@ -131,6 +130,19 @@ pub struct Assignment {
     pub allow_downgrade: bool,
 }
 
+impl Assignment {
+    /// The package metadata a release signature of this assignment covers.
+    pub fn signed(&self) -> crate::signing::Signed<'_> {
+        crate::signing::Signed {
+            name: &self.package,
+            version: &self.version,
+            digest: &self.digest,
+            size: self.size,
+            install: &self.install,
+        }
+    }
+}
+
 /// Everything assigned to one agent.
 ///
 /// An agent removes a package it installed only when no assignment installs
@@ -153,7 +165,7 @@ pub struct AgentDesired {
     #[serde(default)]
     pub version: u64,
     /// RFC 3339 time after which the document is not acted on; the
-    /// controller signs it anew well before (see [`crate::trust`]).
+    /// controller signs it anew well before (see the `trust` module).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub expires: String,
 }
@@ -355,7 +367,7 @@ pub struct AgentReport {
     pub desired_refused: Option<Refusal>,
 }
 
-/// Why an agent refuses its desired state (see [`crate::trust::TrustError`]).
+/// Why an agent refuses its desired state (see `trust::TrustError`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Refusal {
@@ -414,6 +426,25 @@ pub struct UploadState {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// A signed document (DSSE v1); signing and verifying are in the `trust`
+/// module.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Base64 of the payload bytes.
+    pub payload: String,
+    pub payload_type: String,
+    pub signatures: Vec<EnvelopeSignature>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EnvelopeSignature {
+    /// [`crate::signing::key_id`] of the key.
+    pub keyid: String,
+    /// Base64 ed25519 signature of the pre-authentication encoding.
+    pub sig: String,
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::{key_of, plan::Plan, SiteKey};
 pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
 
 /// Desired state of every site, as served to relays (signed: see
-/// `crate::trust::Signer`).
+/// the `Signer` of the `trust` module).
 #[derive(Default, Debug)]
 pub struct DesiredIndex {
     pub sites: HashMap<SiteKey, Arc<Document<SiteDesired>>>,

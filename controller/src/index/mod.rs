@@ -62,7 +62,7 @@ pub struct Inputs<'a> {
 
 /// Everything the index computes.
 pub struct Outputs {
-    /// Every site's desired state, to be signed (`crate::trust`).
+    /// Every site's desired state, to be signed (by the `trust` module).
     pub desired: Unsigned,
     pub jobs: Vec<(Arc<DistributionJob>, DistributionJobStatus)>,
     pub packages: Vec<(Arc<Package>, PackageStatus)>,
