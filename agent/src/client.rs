@@ -40,6 +40,12 @@ pub enum ClientError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("size mismatch: downloaded {actual} bytes, expected {expected}")]
     SizeMismatch { expected: u64, actual: u64 },
+    #[error("download too slow: {received} bytes in {seconds} s, below the minimum of {min} bytes/s (--min-download-rate); it resumes at the next attempt")]
+    TooSlow {
+        received: u64,
+        seconds: u64,
+        min: u64,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -48,11 +54,41 @@ pub enum ClientError {
     },
 }
 
+/// The slowest a download may go: at least `bytes_per_second` over every
+/// `window` (or what is left of the blob, if less), else it is given up —
+/// TUF's defence against slow retrieval, where a mirror trickles (or stalls)
+/// to keep an endpoint from ever getting its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinRate {
+    pub bytes_per_second: u64,
+    pub window: Duration,
+}
+
+impl MinRate {
+    /// 256 bytes a second over each minute: far below any real link (a
+    /// relay's bandwidth limit shared by a thousand agents included).
+    pub const DEFAULT: Self = Self {
+        bytes_per_second: 256,
+        window: Duration::from_secs(60),
+    };
+
+    /// What a download that had `remaining` bytes to go at the start of a
+    /// window must receive in it.
+    fn needed(&self, remaining: u64) -> u64 {
+        self.bytes_per_second
+            .saturating_mul(self.window.as_secs().max(1))
+            .min(remaining)
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    min_rate: MinRate,
     token: Option<String>,
+    /// When `token` was set (seconds since the Unix epoch).
+    token_since: u64,
 }
 
 impl Client {
@@ -62,20 +98,54 @@ impl Client {
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),
+            min_rate: MinRate::DEFAULT,
             token: None,
+            token_since: 0,
         })
+    }
+
+    /// Gives up downloads slower than `min_rate`.
+    pub fn with_min_rate(self, min_rate: MinRate) -> Self {
+        Self { min_rate, ..self }
     }
 
     pub fn set_token(&mut self, token: Option<String>) {
         self.token = token;
+        self.token_since = caravan_net::agent_tokens::unix_now();
     }
 
+    /// Whether the agent's credential is two thirds through the life it had
+    /// left when it was set, so it is time to renew it (before the relay
+    /// refuses it).
+    pub fn renewal_due(&self) -> bool {
+        let Some(expires) = self
+            .token
+            .as_deref()
+            .and_then(caravan_net::agent_tokens::expiry)
+        else {
+            return false;
+        };
+        let life = expires.saturating_sub(self.token_since);
+        caravan_net::agent_tokens::unix_now() >= expires.saturating_sub(life / 3)
+    }
+
+    /// Sends `req` with the agent's credential.
     async fn send(
         &self,
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<reqwest::Response, ClientError> {
-        let req = match &self.token {
+        self.send_as(req, url, self.token.as_deref()).await
+    }
+
+    /// Sends `req` with `bearer` (if any) as its only credential.
+    async fn send_as(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+        bearer: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let req = match bearer {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
@@ -111,7 +181,8 @@ impl Client {
         self.post_small(paths::RENEW, req, None).await
     }
 
-    /// POSTs `body` as JSON to `path` and reads a small JSON answer.
+    /// POSTs `body` as JSON to `path` with `bearer` (not the agent's
+    /// credential) and reads a small JSON answer.
     async fn post_small<B: serde::Serialize, R: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -119,15 +190,12 @@ impl Client {
         bearer: Option<&str>,
     ) -> Result<R, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self
+        let req = self
             .http
             .post(&url)
             .json(body)
             .timeout(Duration::from_secs(60));
-        if let Some(token) = bearer {
-            req = req.bearer_auth(token);
-        }
-        let res = self.send(req, &url).await?;
+        let res = self.send_as(req, &url, bearer).await?;
         caravan_net::body::json_capped(res, MAX_SMALL_ANSWER_BYTES)
             .await
             .map_err(|source| ClientError::Body { url, error: source })
@@ -209,22 +277,45 @@ impl Client {
                 .await
                 .map_err(io)?;
             let mut body = res.bytes_stream();
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|source| ClientError::Request {
-                    url: url.clone(),
-                    source,
-                })?;
-                offset += chunk.len() as u64;
-                if offset > size {
-                    break;
+            let mut window_end = tokio::time::Instant::now() + self.min_rate.window;
+            let mut window_start = offset;
+            loop {
+                match tokio::time::timeout_at(window_end, body.next()).await {
+                    Ok(None) => break,
+                    Ok(Some(chunk)) => {
+                        let chunk = chunk.map_err(|source| ClientError::Request {
+                            url: url.clone(),
+                            source,
+                        })?;
+                        offset += chunk.len() as u64;
+                        if offset > size {
+                            break;
+                        }
+                        hasher.update(&chunk);
+                        file.write_all(&chunk).await.map_err(io)?;
+                        progress(offset);
+                        if crate::failpoint::armed("downloading") && offset * 2 >= size {
+                            // Half of it on disk, then dead.
+                            file.sync_all().await.map_err(io)?;
+                            crate::failpoint::hit("downloading");
+                        }
+                    }
+                    // The window is over with nothing more received.
+                    Err(_) => {}
                 }
-                hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(io)?;
-                progress(offset);
-                if crate::failpoint::armed("downloading") && offset * 2 >= size {
-                    // Half of it on disk, then dead.
-                    file.sync_all().await.map_err(io)?;
-                    crate::failpoint::hit("downloading");
+                if tokio::time::Instant::now() >= window_end {
+                    let received = offset - window_start;
+                    if received < self.min_rate.needed(size.saturating_sub(window_start)) {
+                        // What came is good: kept, to resume from.
+                        file.sync_all().await.map_err(io)?;
+                        return Err(ClientError::TooSlow {
+                            received,
+                            seconds: self.min_rate.window.as_secs(),
+                            min: self.min_rate.bytes_per_second,
+                        });
+                    }
+                    window_end = tokio::time::Instant::now() + self.min_rate.window;
+                    window_start = offset;
                 }
             }
             file.sync_all().await.map_err(io)?;

@@ -34,6 +34,8 @@ pub struct Config {
     /// Most bytes one package may unpack to (and never more than nine
     /// tenths of the free space in the install root).
     pub max_unpacked_bytes: u64,
+    /// Slowest a download may be before it is given up (slow retrieval).
+    pub min_download_rate: crate::client::MinRate,
     /// Converge once and exit.
     pub once: bool,
 }
@@ -68,6 +70,10 @@ impl Config {
             retry_after: Duration::from_secs(args.retry_after),
             binary: args.binary,
             max_unpacked_bytes: args.max_unpacked_bytes,
+            min_download_rate: crate::client::MinRate {
+                bytes_per_second: args.min_download_rate,
+                window: Duration::from_secs(args.download_window_seconds.max(1)),
+            },
             once: args.once,
         })
     }

@@ -29,7 +29,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     selfupdate::pin_binary(config.binary.clone())?;
     transaction::recover(&state, &config.install_root)
         .context("finishing an interrupted change")?;
-    let mut client = Client::new(&config.server, config.ca_file.as_deref())?;
+    let mut client = Client::new(&config.server, config.ca_file.as_deref())?
+        .with_min_rate(config.min_download_rate);
     enroll::ensure_enrolled(&config, &state, &mut client).await?;
     let mut trust = ensure_trust(&config, &state, &client).await?;
     let mut agent = Converger::new(config.clone(), state, client)?;
@@ -38,6 +39,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // First pass at start-up: converge to the current state without waiting.
     let mut wait = 0;
     loop {
+        if agent.client.renewal_due() {
+            // Early, so the relay never has to refuse it; if this fails the
+            // refusal below renews (or enrolls) again.
+            if let Err(e) = enroll::renew(&agent.state, &mut agent.client).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "renewing the credential before it expires failed"
+                );
+            }
+        }
         match agent.client.desired(etag.as_deref(), wait).await {
             Ok(Some((new_etag, envelope))) => {
                 etag = Some(new_etag);
@@ -67,9 +78,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             Err(ClientError::Unauthorized(msg)) => {
                 // Expired (or the relay's key changed): renew with the key;
-                // enroll again only if that is refused too.
-                match enroll::renew(&agent.state, &mut agent.client).await {
-                    Ok(()) => continue,
+                // enroll again only if that is refused too. The credential
+                // is kept until a new one is in hand, whatever fails.
+                let renewed = match enroll::renew(&agent.state, &mut agent.client).await {
                     Err(e)
                         if matches!(
                             e.downcast_ref::<ClientError>(),
@@ -77,20 +88,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         ) =>
                     {
                         tracing::warn!(%msg, error = format!("{e:#}"), "credential refused and not renewed; enrolling again");
+                        enroll::enroll(&config, &agent.state, &mut agent.client)
+                            .await
+                            .context("enrolling again")
                     }
-                    // Not reached, or turned away: keep the credentials and
-                    // the key, and try again later.
-                    Err(e) => {
-                        if config.once {
-                            return Err(e);
-                        }
-                        tracing::warn!(error = format!("{e:#}"), retry_in = ?config.retry_after, "renewing the credential failed");
-                        tokio::time::sleep(config.retry_after).await;
-                        continue;
+                    other => other,
+                };
+                if let Err(e) = renewed {
+                    // Not reached, turned away, a wrong clock, or no
+                    // bootstrap token to enroll again with: try again later.
+                    if config.once {
+                        return Err(e);
                     }
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?config.retry_after, "no new credential");
+                    tokio::time::sleep(config.retry_after).await;
                 }
-                enroll::forget(&agent.state, &mut agent.client)?;
-                enroll::ensure_enrolled(&config, &agent.state, &mut agent.client).await?;
                 continue;
             }
             Err(e) => {

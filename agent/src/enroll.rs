@@ -1,18 +1,20 @@
 //! Enrollment: once per state directory (and relay), the agent presents
 //! a bootstrap token of its site, its stable host ID, the secret that
-//! proves it and the public half of its key pair, and gets its own
-//! short-lived credential, kept in the state directory. Before it runs out
-//! (or once the relay refuses it) the agent renews it by signing with its
-//! key; only if that is refused too does it forget it and enroll again.
+//! proves it, the public half of its key pair and a signature with that
+//! key, and gets its own short-lived credential, kept in the state
+//! directory. Before it runs out (or once the relay refuses it) the agent
+//! renews it by signing with its key; only if that is refused too does it
+//! enroll again — and it keeps the old credential until a new one is in
+//! hand, so no refusal can leave it with none.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use caravan_api::{
     signing,
-    wire::{EnrollRequest, RenewRequest},
+    wire::{EnrollRequest, KeyProof, RenewRequest},
 };
-use caravan_net::Backoff;
+use caravan_net::{agent_tokens, Backoff};
 
 use crate::{
     client::{Client, ClientError},
@@ -33,20 +35,37 @@ pub async fn ensure_enrolled(
             return Ok(());
         }
     }
+    enroll(config, state, client).await
+}
+
+/// Enrolls with the relay (again): on success the new credential replaces
+/// any old one in `state` and `client`; on failure both are left as they
+/// were. Transient failures are retried unless `config.once`.
+pub async fn enroll(config: &Config, state: &StateDir, client: &mut Client) -> anyhow::Result<()> {
     let token = config.bootstrap_token.clone().context(
-        "not enrolled yet: a bootstrap token is needed (--bootstrap-token or CARAVAN_BOOTSTRAP_TOKEN)",
+        "not enrolled: a bootstrap token is needed (--bootstrap-token or CARAVAN_BOOTSTRAP_TOKEN)",
     )?;
-    let req = EnrollRequest {
-        host_id: state.host_id()?,
-        secret: state.host_secret()?,
-        public_key: signing::encode_public(&state.agent_key()?.verifying_key()),
-        hostname: config.hostname.clone(),
-        os: std::env::consts::OS.into(),
-        arch: std::env::consts::ARCH.into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let key = state.agent_key()?;
+    let host_id = state.host_id()?;
+    let public_key = signing::encode_public(&key.verifying_key());
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let res = loop {
+        // Signed afresh on every attempt: the proof names the time.
+        let time = agent_tokens::unix_now();
+        let message = agent_tokens::enrollment_message(&host_id, &public_key, &token, time);
+        let req = EnrollRequest {
+            host_id: host_id.clone(),
+            secret: state.host_secret()?,
+            public_key: public_key.clone(),
+            proof: Some(KeyProof {
+                time,
+                signature: signing::sign_bytes(&key, &message),
+            }),
+            hostname: config.hostname.clone(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
         match client.enroll(&token, &req).await {
             Ok(r) => break r,
             Err(e @ ClientError::Unauthorized(_)) => return Err(e).context("enrollment refused"),
@@ -74,8 +93,8 @@ pub async fn renew(state: &StateDir, client: &mut Client) -> anyhow::Result<()> 
     let creds = state
         .credentials()?
         .context("not enrolled: nothing to renew")?;
-    let time = caravan_net::agent_tokens::unix_now();
-    let message = caravan_net::agent_tokens::renewal_message(&creds.agent, time);
+    let time = agent_tokens::unix_now();
+    let message = agent_tokens::renewal_message(&creds.agent, time);
     let req = RenewRequest {
         agent: creds.agent.clone(),
         time,
@@ -98,10 +117,4 @@ pub async fn renew(state: &StateDir, client: &mut Client) -> anyhow::Result<()> 
     client.set_token(Some(res.token));
     tracing::debug!(agent = %res.agent, "credential renewed");
     Ok(())
-}
-
-/// Drops the agent's token (the relay refused it).
-pub fn forget(state: &StateDir, client: &mut Client) -> anyhow::Result<()> {
-    client.set_token(None);
-    state.set_credentials(None)
 }

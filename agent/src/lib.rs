@@ -165,6 +165,14 @@ pub struct RunArgs {
     /// to more (or to more than nine tenths of the free space) is refused.
     #[arg(long, env = "CARAVAN_MAX_UNPACKED_BYTES", default_value_t = 32 << 30)]
     pub max_unpacked_bytes: u64,
+    /// Slowest a download may be, in bytes per second over each window of
+    /// `--download-window-seconds`: a relay that trickles (or stalls) is
+    /// given up on, and the download resumes at the next attempt.
+    #[arg(long, env = "CARAVAN_MIN_DOWNLOAD_RATE", default_value_t = client::MinRate::DEFAULT.bytes_per_second)]
+    pub min_download_rate: u64,
+    /// The window `--min-download-rate` is measured over, in seconds.
+    #[arg(long, env = "CARAVAN_DOWNLOAD_WINDOW_SECONDS", default_value_t = client::MinRate::DEFAULT.window.as_secs())]
+    pub download_window_seconds: u64,
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
     pub once: bool,

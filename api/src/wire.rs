@@ -233,7 +233,7 @@ impl<A> SiteDesired<A> {
 }
 
 /// What an agent says about itself when it enrolls.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
     pub host_id: String,
@@ -250,6 +250,37 @@ pub struct EnrollRequest {
     /// renews its short-lived credential by signing with it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub public_key: String,
+    /// Proof that the agent holds the key its identity enrolled with before
+    /// (`caravan_net::agent_tokens::enrollment_message`, signed with that
+    /// key): an identity that has a key changes site or key only with it,
+    /// so the host secret alone (which a relay sees) is not enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<KeyProof>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("host_id", &self.host_id)
+            .field("hostname", &self.hostname)
+            .field("os", &self.os)
+            .field("arch", &self.arch)
+            .field("version", &self.version)
+            .field("secret", &"<redacted>")
+            .field("public_key", &self.public_key)
+            .field("proof", &self.proof)
+            .finish()
+    }
+}
+
+/// A signature with an agent's key over a message that names the time.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyProof {
+    /// Seconds since the Unix epoch when the agent signed.
+    pub time: u64,
+    /// base64 of the ed25519 signature.
+    pub signature: String,
 }
 
 /// An agent renewing its credential: its name, the time (seconds since the

@@ -2,9 +2,12 @@
 //! token has to be stored: a relay token names its site and the site's
 //! current key ID, and carries an HMAC-SHA256 over them. Rotating one site's
 //! credential (`caravan site rotate-relay-credential`, which sets the
-//! annotation `caravan.dev/relay-credential-rotation` on the Site: [`caravan_api::v1alpha1::Site::relay_key_id`]) changes its key ID: the old token
-//! stops working and the relay's Secret gets the new one; no other site and
-//! no agent is affected (agents renew with their own keys).
+//! annotation `caravan.dev/relay-credential-rotation` on the Site: [`caravan_api::v1alpha1::Site::relay_key_id`]) changes its key ID, and so
+//! does deleting the Site and creating it again: the old token stops
+//! working and the relay's Secret gets the new one. No other site is
+//! affected, and no agent has to enroll again: the credentials the relay
+//! issued its agents (keyed by its token) are refused, and each agent renews
+//! its own with its key.
 //!
 //! Relay token format: `<namespace>/<site>/<key ID>/<hex mac>` (no part may hold `/`).
 

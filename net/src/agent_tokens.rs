@@ -82,6 +82,37 @@ pub fn renewal_message(agent: &str, time: u64) -> Vec<u8> {
     format!("caravan-renew-v1\0{agent}\0{time}").into_bytes()
 }
 
+/// How far the time in a proof of key (renewal or enrollment) may be from
+/// the checker's clock.
+pub const PROOF_SKEW_SECONDS: u64 = 300;
+
+/// The bytes an agent that has a key signs, with it, to enroll again: its
+/// host ID, the public key it enrolls with now (the same or a new one), the
+/// bootstrap token it presents (only good at one site, so a relay that
+/// sees the proof cannot move the agent elsewhere) and the time.
+pub fn enrollment_message(
+    host_id: &str,
+    public_key: &str,
+    bootstrap_token: &str,
+    time: u64,
+) -> Vec<u8> {
+    let token = hex::encode(Sha256::digest(bootstrap_token.as_bytes()));
+    format!("caravan-enroll-v1\0{host_id}\0{public_key}\0{token}\0{time}").into_bytes()
+}
+
+/// When a credential runs out (seconds since the Unix epoch; `None`: never,
+/// or not a credential) as it says, unverified: for its holder to renew it
+/// in time.
+pub fn expiry(token: &str) -> Option<u64> {
+    let mut parts = token.split('/');
+    let (Some(_), Some(expires), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    expires.parse().ok().filter(|e| *e != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

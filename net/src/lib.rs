@@ -43,7 +43,9 @@ pub fn init_logging(json: bool) {
 }
 
 /// An HTTP client that fails on stalled connections (no byte for
-/// `read_timeout`) and trusts `ca_file` (PEM) besides the web PKI roots.
+/// `read_timeout`). Given `ca_file` (PEM: one or more CA certificates, so a
+/// CA can be rolled over), it trusts those alone — pinned, not added to the
+/// web PKI roots, so no other CA in the world can vouch for the server.
 pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -51,7 +53,18 @@ pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<
     if let Some(path) = ca_file {
         let pem =
             std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("CA file {} is not PEM certificates", path.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "CA file {} holds no certificate",
+            path.display()
+        );
+        builder = certs
+            .into_iter()
+            .fold(builder.tls_built_in_root_certs(false), |b, c| {
+                b.add_root_certificate(c)
+            });
     }
     Ok(builder.build()?)
 }
@@ -146,5 +159,18 @@ mod tests {
         super::open_partial(&path, false).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.crt");
+        for text in ["", "not a certificate\n"] {
+            std::fs::write(&path, text).unwrap();
+            let e = super::client(Some(&path), std::time::Duration::from_secs(1))
+                .err()
+                .unwrap_or_else(|| panic!("{text:?} accepted as a CA"));
+            assert!(format!("{e:#}").contains("ca.crt"), "{e:#}");
+        }
     }
 }

@@ -157,13 +157,10 @@ impl Relay {
         tokens::issue(
             &self.token,
             name,
-            Some(tokens::unix_now() + self.credential_ttl),
+            Some(tokens::unix_now().saturating_add(self.credential_ttl)),
         )
     }
 }
-
-/// How far the time in a renewal may be from the relay's clock.
-const RENEW_SKEW_SECONDS: u64 = 300;
 
 /// A new credential for an agent the controller serves here, for proof that
 /// it holds the key it enrolled with.
@@ -183,11 +180,17 @@ async fn renew(
         ))
     })?;
     let now = tokens::unix_now();
-    if now.abs_diff(req.time) > RENEW_SKEW_SECONDS {
-        return Err(refuse(format!(
-            "renewal time is {} s from the relay's clock (at most {RENEW_SKEW_SECONDS}): check the endpoint's clock",
-            now.abs_diff(req.time)
-        )));
+    // Not a refusal of the agent: its credential stays good to renew once
+    // the clock is right.
+    if now.abs_diff(req.time) > tokens::PROOF_SKEW_SECONDS {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "renewal time is {} s from the relay's clock (at most {}): check the endpoint's clock",
+                now.abs_diff(req.time),
+                tokens::PROOF_SKEW_SECONDS
+            ),
+        ));
     }
     let message = tokens::renewal_message(&req.agent, req.time);
     caravan_api::signing::verify_bytes(key, &message, &req.signature).map_err(|_| {

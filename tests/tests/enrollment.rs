@@ -1,8 +1,9 @@
-//! Attacks on enrollment, each mounted against running processes: a stolen
-//! bootstrap token used after it expired or was revoked, a single-use token
-//! used twice, the token of a deleted Site, and an enrollment flood. Each
-//! must fail with the reason in the agent's output and as a Warning Event on
-//! the Site, and enroll nobody.
+//! Attacks on enrollment and credentials, each mounted against running
+//! processes: a stolen bootstrap token used after it expired or was
+//! revoked, a single-use token used twice, the token of a deleted Site, an
+//! enrollment flood, a stolen agent credential, a relay that saw an agent's
+//! host secret; and an agent that must not lock itself out when its
+//! renewal is refused.
 
 use std::time::Duration;
 
@@ -186,8 +187,21 @@ async fn a_deleted_sites_tokens_die_with_it() -> anyhow::Result<()> {
         Ok(uid(c.api::<Site>().get_opt("branch").await?))
     })
     .await?;
-    let relay = c.start_relay("branch").await?;
+    c.start_relay("branch").await?;
     let old = c.bootstrap_token("branch", &["--ttl", "720h"])?;
+    let relay_secret = |s: k8s_openapi::api::core::v1::Secret| {
+        s.data
+            .and_then(|d| {
+                d.get("token")
+                    .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+            })
+            .unwrap_or_default()
+    };
+    let old_relay_token = relay_secret(
+        c.api::<k8s_openapi::api::core::v1::Secret>()
+            .get("branch-relay")
+            .await?,
+    );
 
     // The branch closes; later a branch of the same name opens again. No
     // garbage collector runs here, so the old token's object is still there:
@@ -202,6 +216,15 @@ async fn a_deleted_sites_tokens_die_with_it() -> anyhow::Result<()> {
             .then_some(()))
     })
     .await?;
+    // What the garbage collector would do: the relay's objects go with
+    // their Site.
+    c.cluster.kubectl(&[
+        "-n",
+        &c.namespace,
+        "delete",
+        "secret,deployment,service",
+        "branch-relay",
+    ])?;
     repo.write("fleet/branch.yaml", branch)?;
     repo.commit("Open the branch again")?;
     let second = wait_for("site branch again", T, || async {
@@ -209,6 +232,14 @@ async fn a_deleted_sites_tokens_die_with_it() -> anyhow::Result<()> {
     })
     .await?;
     assert_ne!(first, second);
+    // The new Site's relay gets a new credential; the old one's is refused.
+    let relay = c.restart_relay("branch").await?;
+    let res = reqwest::Client::new()
+        .get(format!("{}/v1/site/desired", c.api_url))
+        .bearer_auth(&old_relay_token)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 401, "the old Site's relay credential");
     let id = old.split('.').next().unwrap_or_default();
     assert!(c.api::<BootstrapToken>().get_opt(id).await?.is_some());
     assert_refused(
@@ -460,14 +491,6 @@ async fn a_stolen_agent_credential_expires_and_only_the_agents_key_renews_it() -
         (
             RenewRequest {
                 agent: name.clone(),
-                time: now - 3600,
-                signature: signing::sign_bytes(&thief, &renewal_message(&name, now - 3600)),
-            },
-            "from the relay's clock",
-        ),
-        (
-            RenewRequest {
-                agent: name.clone(),
                 time: now,
                 signature: "AAAA".into(),
             },
@@ -479,6 +502,17 @@ async fn a_stolen_agent_credential_expires_and_only_the_agents_key_renews_it() -
         let body = res.text().await?;
         assert!(body.contains(words), "{body}");
     }
+    // A proof from another time is a wrong clock, not a wrong key: the
+    // agent is told so and keeps its credential.
+    let res = renew(RenewRequest {
+        agent: name.clone(),
+        time: now - 3600,
+        signature: signing::sign_bytes(&thief, &renewal_message(&name, now - 3600)),
+    })
+    .await?;
+    assert_eq!(res.status(), 400);
+    let body = res.text().await?;
+    assert!(body.contains("from the relay's clock"), "{body}");
     let res = renew(RenewRequest {
         agent: "someone-else".into(),
         time: now,
@@ -504,6 +538,31 @@ async fn a_rotated_relay_credential_stops_working_and_agents_need_not_enroll_aga
             .unwrap_or_default()
     };
     let old = token_of(c.api::<Secret>().get("hq-relay").await?);
+    // A branch below hq: its relay's credential at hq's relay is keyed by
+    // hq's token.
+    repo.write(
+        "fleet/branch.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec: {parent: hq}\n",
+    )?;
+    repo.commit("A branch below hq")?;
+    let credential_id = |d: Deployment| {
+        d.spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("caravan.dev/relay-credential-id").cloned())
+            .unwrap_or_default()
+    };
+    let content_token = |s: Secret| {
+        s.data
+            .and_then(|d| d.get("content-token").map(|t| t.0.clone()))
+            .unwrap_or_default()
+    };
+    let (branch_id, branch_content) = wait_for("branch's relay", T, || async {
+        let d = c.api::<Deployment>().get_opt("branch-relay").await?;
+        let s = c.api::<Secret>().get_opt("branch-relay").await?;
+        Ok(d.zip(s).map(|(d, s)| (credential_id(d), content_token(s))))
+    })
+    .await?;
 
     c.cli(&["site", "rotate-relay-credential", "hq", "-n", &c.namespace])?;
     // The old credential is refused at once...
@@ -544,6 +603,16 @@ async fn a_rotated_relay_credential_stops_working_and_agents_need_not_enroll_aga
     })
     .await;
     rolled?;
+    // The branch's credential at hq follows, and its pods roll too.
+    wait_for("branch's relay to follow hq's rotation", T, || async {
+        let id = credential_id(c.api::<Deployment>().get("branch-relay").await?);
+        let content = content_token(c.api::<Secret>().get("branch-relay").await?);
+        Ok(
+            (id != branch_id && id.ends_with(&format!(".{kid}")) && content != branch_content)
+                .then_some(()),
+        )
+    })
+    .await?;
     let relay = c.restart_relay("hq").await?;
 
     // The agent's credential was keyed by the old one: it renews with its
@@ -562,5 +631,202 @@ async fn a_rotated_relay_credential_stops_working_and_agents_need_not_enroll_aga
         "nobody enrolled at the new relay"
     );
     assert!(caravan_tests::metric(&relay.url, "caravan_relay_renewals_total").await? >= 1.0);
+    Ok(())
+}
+
+/// A file of agent `host`'s state directory.
+fn state_file(c: &Caravan, host: &str, file: &str) -> anyhow::Result<String> {
+    let (state_dir, _) = c.agent_dirs(host);
+    Ok(std::fs::read_to_string(state_dir.join(file))?
+        .trim()
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_that_saw_the_host_secret_cannot_take_the_identity() -> anyhow::Result<()> {
+    use caravan_api::{
+        signing,
+        wire::{EnrollRequest, KeyProof},
+    };
+    use caravan_net::agent_tokens::{enrollment_message, unix_now};
+    let mut c = Caravan::start("fleet").await?;
+    let (repo, _hq) = c.hello_installed("desk").await?;
+    // A branch that requires approval, and a machine declared in Git ahead
+    // of its enrollment, at hq.
+    repo.write(
+        "fleet/branch.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec:\n  enrollment: {requireApproval: true}\n",
+    )?;
+    repo.write(
+        "fleet/kiosk.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: kiosk\n  labels: {caravan.dev/host-id: kiosk-0000-0001}\nspec: {site: hq, hostId: kiosk-0000-0001, hostname: kiosk, approved: true}\n",
+    )?;
+    repo.commit("A branch, and a kiosk to come at hq")?;
+    wait_for("site branch and Agent kiosk", T, || async {
+        let site = c.api::<Site>().get_opt("branch").await?;
+        let kiosk = c.api::<Agent>().get_opt("kiosk").await?;
+        Ok(site.zip(kiosk))
+    })
+    .await?;
+    let branch = c.start_relay("branch").await?;
+    let branch_token = c.bootstrap_token("branch", &[])?;
+    let hq_token = c.bootstrap_token("hq", &[])?;
+
+    // What a relay sees of desk's enrollment: its host ID, its secret and
+    // its public key. With them, a thief tries to move desk to the branch
+    // under its own key, without a proof or with one of its own.
+    let host_id = state_file(&c, "desk", "host-id")?;
+    let secret = state_file(&c, "desk", "host-secret")?;
+    let desk_before = c.agent_of("desk").await?;
+    let real_key = ed25519_dalek::SigningKey::from_bytes(
+        &hex::decode(state_file(&c, "desk", "agent-key")?)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("agent-key is 32 bytes"))?,
+    );
+    let thief = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let request = |key: &ed25519_dalek::SigningKey,
+                   signer: Option<(&ed25519_dalek::SigningKey, &str)>| {
+        let public_key = signing::encode_public(&key.verifying_key());
+        let time = unix_now();
+        EnrollRequest {
+            host_id: host_id.clone(),
+            hostname: "desk".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            version: "0".into(),
+            secret: secret.clone(),
+            proof: signer.map(|(signer, token)| KeyProof {
+                time,
+                signature: signing::sign_bytes(
+                    signer,
+                    &enrollment_message(&host_id, &public_key, token, time),
+                ),
+            }),
+            public_key,
+        }
+    };
+    let http = reqwest::Client::new();
+    let enroll = |relay: &RelayInfo, token: &str, req: &EnrollRequest| {
+        http.post(format!("{}/v1/enroll", relay.url))
+            .bearer_auth(token)
+            .json(req)
+            .send()
+    };
+    for (req, words) in [
+        (request(&thief, None), "needs a signature with that key"),
+        (
+            request(&thief, Some((&thief, &branch_token))),
+            "not signed with it",
+        ),
+        // desk's own proof, as a relay at hq saw it, replayed at the branch.
+        (
+            request(&real_key, Some((&real_key, &hq_token))),
+            "not signed with it",
+        ),
+    ] {
+        let res = enroll(&branch, &branch_token, &req).await?;
+        let status = res.status();
+        let body = res.text().await?;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains(words), "{words}: {body}");
+    }
+    let desk = c.agent_of("desk").await?;
+    assert_eq!(desk.spec.site, "hq", "desk did not move");
+    assert_eq!(desk.spec.public_key, desk_before.spec.public_key);
+
+    // The machine declared for hq cannot be claimed at the branch.
+    let mut kiosk = request(&thief, None);
+    kiosk.host_id = "kiosk-0000-0001".into();
+    let res = enroll(&branch, &branch_token, &kiosk).await?;
+    let status = res.status();
+    let body = res.text().await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("declared as Agent kiosk of site hq"),
+        "{body}"
+    );
+    let declared = c.api::<Agent>().get("kiosk").await?;
+    assert!(declared.spec.secret_hash.is_empty(), "kiosk is unclaimed");
+
+    // desk itself moves with its key, and awaits approval at the branch.
+    let res = enroll(
+        &branch,
+        &branch_token,
+        &request(&real_key, Some((&real_key, &branch_token))),
+    )
+    .await?;
+    assert_eq!(res.status(), 200, "{}", res.text().await?);
+    let desk = c.agent_of("desk").await?;
+    assert_eq!(desk.spec.site, "branch");
+    assert!(
+        !desk.spec.approved,
+        "a move to a site that requires approval awaits it"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_renewal_is_refused_keeps_its_credential_until_it_has_a_new_one(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    c.relay_args = vec!["--agent-credential-ttl-seconds".into(), "3".into()];
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    // Enrolled with a single-use token: it cannot enroll a second time.
+    let relay = RelayInfo {
+        bootstrap_token: c.bootstrap_token("hq", &["--max-uses", "1"])?,
+        ..relay
+    };
+    c.start_agent("desk", &relay)?;
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    let name = c.agent_of("desk").await?.metadata.name.unwrap_or_default();
+
+    // desk's key on its Agent is replaced (say, by a hand edit): the relay
+    // refuses every renewal, and enrolling again is refused too.
+    let agents = c.api::<Agent>();
+    let key = c.agent_of("desk").await?.spec.public_key;
+    let set_key = |key: String| {
+        let agents = agents.clone();
+        let name = name.clone();
+        async move {
+            agents
+                .patch(
+                    &name,
+                    &Default::default(),
+                    &kube::api::Patch::Merge(serde_json::json!({"spec": {"publicKey": key}})),
+                )
+                .await
+        }
+    };
+    set_key(caravan_api::signing::encode_public(
+        &ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key(),
+    ))
+    .await?;
+    let log = c.dir.join("logs/agent-desk.log");
+    wait_for("desk's enrollment to be refused", T, || async {
+        Ok(std::fs::read_to_string(&log)?
+            .contains("used up")
+            .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(c.agents[0].proc.running(), "the agent keeps running");
+    assert!(
+        !credential_of(&c, "desk")?.is_empty(),
+        "and keeps its credential"
+    );
+
+    // Once its key is back, it renews and is served again: Git removes
+    // hello, and desk removes it.
+    set_key(key).await?;
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("hello leaves the fleet")?;
+    let hello = c.agents[0].install_root.join("hello");
+    wait_for("hello to be removed", T, || async {
+        Ok((!hello.exists()).then_some(()))
+    })
+    .await?;
+    assert!(enrolled(&c, "desk").await?);
     Ok(())
 }

@@ -24,6 +24,9 @@ enum Evil {
     Invented,
     /// Roots of the relay's own, not the one the agent was told to pin.
     ForeignRoot,
+    /// A signed document assigning a 1 MB blob, then the blob a byte at a
+    /// time, five bytes a second (slow retrieval).
+    Trickle,
 }
 
 /// Blob requests the evil relay answered (nextest runs each test in a process of its own).
@@ -40,14 +43,14 @@ fn root() -> Envelope {
     Root::signed(1, &[&controller_key()])
 }
 
-fn document(signer: Option<&SigningKey>) -> String {
+fn document(signer: Option<&SigningKey>, size: u64) -> String {
     let desired = serde_json::json!({
         "agent": "victim",
         "version": 1,
         "expires": "2100-01-01T00:00:00Z",
         "assignments": [{
             "job": "ns/j", "action": "install", "package": "payload", "version": "1",
-            "digest": DIGEST, "size": 10,
+            "digest": DIGEST, "size": size,
             "install": {"method": "script", "script": {"install": "install.sh"}}
         }]
     });
@@ -95,17 +98,26 @@ async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<
                 while conn.write_all(&filler).await.is_ok() {}
             }
             Evil::EndlessBlob | Evil::ForeignRoot => {
-                conn.write_all(json(document(Some(&controller_key()))).as_bytes())
+                conn.write_all(json(document(Some(&controller_key()), 10)).as_bytes())
+                    .await?;
+            }
+            Evil::Trickle => {
+                conn.write_all(json(document(Some(&controller_key()), 1_000_000)).as_bytes())
                     .await?;
             }
             Evil::Invented => {
-                conn.write_all(json(document(None)).as_bytes()).await?;
+                conn.write_all(json(document(None, 10)).as_bytes()).await?;
             }
         }
     } else if line.contains("/v1/blobs/") {
         BLOB_REQUESTS.fetch_add(1, Ordering::SeqCst);
         conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
             .await?;
+        if let Evil::Trickle = evil {
+            while conn.write_all(&[0]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         let zeros = [0u8; 64 << 10];
         while conn.write_all(&zeros).await.is_ok() {}
     }
@@ -126,6 +138,11 @@ async fn evil_relay(evil: Evil) -> anyhow::Result<String> {
 /// Runs `caravan-agent run --once` against `server`, pinned to the
 /// controller's root, until it exits; returns whether it succeeded and its log.
 async fn run_agent(server: &str) -> anyhow::Result<(bool, String)> {
+    run_agent_with(server, &[]).await
+}
+
+/// [`run_agent`] with `extra` arguments.
+async fn run_agent_with(server: &str, extra: &[&str]) -> anyhow::Result<(bool, String)> {
     let pin = caravan_api::trust::fingerprint(&root())?;
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state").display().to_string();
@@ -144,6 +161,7 @@ async fn run_agent(server: &str) -> anyhow::Result<(bool, String)> {
         "--trust-root-sha256",
         &pin,
     ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     let env = [(
         "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
         "anything".to_string(),
@@ -214,5 +232,29 @@ async fn a_root_other_than_the_pinned_one_is_refused() -> anyhow::Result<()> {
         log.contains("none of the 1 roots offered has the pinned sha256"),
         "{log}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_that_trickles_is_given_up_within_its_window() -> anyhow::Result<()> {
+    let server = evil_relay(Evil::Trickle).await?;
+    let (ok, log) = run_agent_with(
+        &server,
+        &[
+            "--min-download-rate",
+            "100",
+            "--download-window-seconds",
+            "2",
+        ],
+    )
+    .await?;
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("download too slow") && log.contains("below the minimum of 100 bytes/s"),
+        "{log}"
+    );
+    // (The relay never stops and a byte comes every 200 ms, so no read
+    // timeout fires: without the rate, `run_agent` times out.)
+    assert!(BLOB_REQUESTS.load(Ordering::SeqCst) > 0);
     Ok(())
 }

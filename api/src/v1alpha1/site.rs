@@ -87,20 +87,23 @@ pub struct SiteStatus {
 }
 
 impl Site {
-    /// The key ID of the site's relay credential: `0` until it is first
-    /// rotated, then derived from the rotation annotation
-    /// ([`crate::labels::RELAY_CREDENTIAL_ROTATION`]).
+    /// The key ID of the site's relay credential, derived from the Site's UID
+    /// and its rotation annotation
+    /// ([`crate::labels::RELAY_CREDENTIAL_ROTATION`]): each rotation gives
+    /// a new one, and so does a Site deleted and created again under the
+    /// same name, so no credential outlives the Site it was issued for.
     pub fn relay_key_id(&self) -> String {
         use sha2::Digest as _;
-        match self
+        let rotation = self
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(crate::labels::RELAY_CREDENTIAL_ROTATION))
-        {
-            Some(value) => hex::encode(&sha2::Sha256::digest(value.as_bytes())[..6]),
-            None => "0".into(),
-        }
+            .and_then(|a| a.get(crate::labels::RELAY_CREDENTIAL_ROTATION));
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.metadata.uid.as_deref().unwrap_or_default());
+        hash.update(b"\0");
+        hash.update(rotation.map_or("", String::as_str));
+        hex::encode(&hash.finalize()[..6])
     }
 }
 
@@ -109,9 +112,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_rotation_gives_the_relay_credential_a_new_key_id() {
+    fn each_rotation_and_each_new_site_gives_the_relay_credential_a_new_key_id() {
         let mut site = Site::new("berlin", SiteSpec::default());
-        assert_eq!(site.relay_key_id(), "0");
+        site.metadata.uid = Some("uid-1".into());
+        let unrotated = site.relay_key_id();
         let rotate = |v: &str| {
             Some(
                 [(
@@ -124,8 +128,12 @@ mod tests {
         site.metadata.annotations = rotate("1");
         let first = site.relay_key_id();
         site.metadata.annotations = rotate("2");
-        assert_ne!(site.relay_key_id(), first);
-        assert_ne!(first, "0");
+        let second = site.relay_key_id();
+        assert_ne!(second, first);
+        assert_ne!(first, unrotated);
+        // The same name and annotation, but another Site.
+        site.metadata.uid = Some("uid-2".into());
+        assert_ne!(site.relay_key_id(), second);
         assert!(
             first.bytes().all(|b| b.is_ascii_hexdigit()),
             "no / in a token part"

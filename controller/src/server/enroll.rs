@@ -3,8 +3,11 @@
 //! [`caravan_api::v1alpha1::BootstrapToken`]); enrollments are rate-limited
 //! per site. Then the Agent for the host ID at the relay's site is found or
 //! created. A host ID enrolled already takes the secret it first enrolled
-//! with (nobody else can take over an identity); an Agent declared in Git
-//! ahead of time is claimed by the first to enroll.
+//! with and, once it has a key, a signature with that key over this very
+//! enrollment (so a relay that saw the secret cannot take the identity, move
+//! it to another site or change its key); an Agent declared in Git ahead of
+//! time is claimed by the first to enroll at its own site. An agent that
+//! moves to a site that requires approval awaits it there.
 
 use std::num::NonZeroU32;
 
@@ -12,10 +15,10 @@ use axum::{extract::State, http::StatusCode, Json};
 use caravan_api::{
     labels, names,
     v1alpha1::{Agent, BootstrapToken, Site, TokenRefusal, TokenString},
-    wire::{EnrollForward, SiteEnroll},
+    wire::{EnrollForward, EnrollRequest, SiteEnroll},
     API_VERSION,
 };
-use caravan_net::server::ApiError;
+use caravan_net::{agent_tokens, server::ApiError};
 use governor::{clock::Clock as _, Quota};
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -156,8 +159,11 @@ pub async fn enroll(
         &forwarded.bootstrap_token,
     )
     .await?;
-    // New agents of a site that requires approval wait for it.
-    let approved = !site_obj.is_some_and(|s| s.spec.enrollment.require_approval);
+    // New agents of a site that requires approval wait for it, and so do
+    // agents that move there.
+    let approval_required = site_obj
+        .as_ref()
+        .is_some_and(|s| s.spec.enrollment.require_approval);
     let secret_hash = hex::encode(Sha256::digest(req.secret.as_bytes()));
     let api = s.ctx.namespaced::<Agent>(&ns);
     let existing = api
@@ -177,7 +183,18 @@ pub async fn enroll(
                 }
             };
             if agent.spec.secret_hash.is_empty() {
-                // Declared ahead of enrollment (in Git): the first to enroll claims it.
+                // Declared ahead of enrollment (in Git): the first to enroll
+                // at its site claims it.
+                if agent.spec.site != site {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "host ID {host_id} is declared as Agent {} of site {}: enroll it there",
+                            agent.name_any(),
+                            agent.spec.site
+                        ),
+                    ));
+                }
                 merge(serde_json::json!({ "spec": { "secretHash": secret_hash } })).await?;
             } else if agent.spec.secret_hash != secret_hash {
                 return Err(ApiError::new(
@@ -189,16 +206,26 @@ pub async fn enroll(
                     ),
                 ));
             }
+            if !agent.spec.public_key.is_empty() {
+                prove_key(agent, &req, &forwarded.bootstrap_token)?;
+            }
             if !req.public_key.is_empty() && agent.spec.public_key != req.public_key {
                 merge(serde_json::json!({ "spec": { "publicKey": req.public_key } })).await?;
             }
+            let mut approved = agent.spec.approved;
             if agent.spec.site != site {
-                tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, "agent moved site");
-                merge(serde_json::json!({ "metadata": { "labels": { labels::SITE: site } }, "spec": { "site": site } })).await?;
+                approved = !approval_required;
+                tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, approved, "agent moved site");
+                merge(serde_json::json!({
+                    "metadata": { "labels": { labels::SITE: site } },
+                    "spec": { "site": site, "approved": approved },
+                }))
+                .await?;
             }
-            (agent.name_any(), agent.spec.approved)
+            (agent.name_any(), approved)
         }
         None => {
+            let approved = !approval_required;
             let mut name = agent_name(&req.hostname, host_id, 8);
             let new_agent = |name: &str| -> Result<Agent, ApiError> {
                 serde_json::from_value(serde_json::json!({
@@ -229,6 +256,39 @@ pub async fn enroll(
         agent: name,
         approved,
     }))
+}
+
+/// Checks that an enrollment for `agent`, which has a key, is signed with
+/// that key, for this request's key and bootstrap token, and recently.
+fn prove_key(agent: &Agent, req: &EnrollRequest, bootstrap_token: &str) -> Result<(), ApiError> {
+    let refuse = |why: String| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("Agent {} has a key: {why}", agent.name_any()),
+        )
+    };
+    let proof = req.proof.as_ref().ok_or_else(|| {
+        refuse("enrolling it again needs a signature with that key (restore the machine's state directory, or delete the Agent to enroll anew)".into())
+    })?;
+    let now = agent_tokens::unix_now();
+    if now.abs_diff(proof.time) > agent_tokens::PROOF_SKEW_SECONDS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "enrollment time is {} s from the controller's clock (at most {}): check the endpoint's clock",
+                now.abs_diff(proof.time),
+                agent_tokens::PROOF_SKEW_SECONDS
+            ),
+        ));
+    }
+    let message = agent_tokens::enrollment_message(
+        &req.host_id,
+        &req.public_key,
+        bootstrap_token,
+        proof.time,
+    );
+    caravan_api::signing::verify_bytes(&agent.spec.public_key, &message, &proof.signature)
+        .map_err(|_| refuse("the enrollment is not signed with it".into()))
 }
 
 /// `<sanitized hostname>-<first n of host ID>`: readable and stable.

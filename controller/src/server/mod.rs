@@ -127,7 +127,7 @@ impl FromRequestParts<AppState> for RelaySite {
             Some(_) => {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    format!("relay credential {kid} of site {ns}/{name} was rotated; restart the relay with the token its Secret holds now"),
+                    format!("relay credential {kid} of site {ns}/{name} is not the current one (it was rotated, or the Site was deleted and created again); restart the relay with the token its Secret holds now"),
                 ))
             }
             None if !state.stores.ready() => {

@@ -3,6 +3,7 @@
 //! running a relay for it:
 //! - the relay's Service name must be valid;
 //! - the relay image must be one the controller allows (`--allowed-relay-image`);
+//! - a child site's parent must exist;
 //! - the relay's objects (`<site>-relay`), where they exist, must be the
 //!   Site's own, or the controller would take over (and, with the Site,
 //!   delete) objects it never made.
@@ -46,6 +47,18 @@ pub fn check_name(site: &Site) -> Result<(), Refusal> {
             ),
         )
     })
+}
+
+/// A child site's parent exists (`exists`): the child's relay takes its
+/// content, and its credential there, from the parent's.
+pub fn check_parent(site: &Site, exists: impl Fn(&str) -> bool) -> Result<(), Refusal> {
+    match &site.spec.parent {
+        Some(parent) if !exists(parent) => Err(Refusal::new(
+            reasons::UNKNOWN_SITE,
+            format!("parent site {parent} does not exist: the relay is made once it does"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The repository of an image reference: without its tag or digest.
@@ -174,6 +187,21 @@ mod tests {
         let e = check_name(&site(&"a".repeat(58), None)).unwrap_err();
         assert!(e.message.contains("at most 57"), "{}", e.message);
         assert!(check_name(&site("9lives", None)).is_err());
+    }
+
+    #[test]
+    fn a_child_site_waits_for_its_parent() {
+        let mut site = Site::new("branch", Default::default());
+        assert_eq!(check_parent(&site, |_| false), Ok(()), "no parent");
+        site.spec.parent = Some("hq".into());
+        assert_eq!(check_parent(&site, |p| p == "hq"), Ok(()));
+        let r = check_parent(&site, |_| false).unwrap_err();
+        assert_eq!(r.reason, reasons::UNKNOWN_SITE);
+        assert!(
+            r.message.contains("parent site hq does not exist"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]

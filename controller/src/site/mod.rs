@@ -62,6 +62,8 @@ pub struct SiteReconciler {
     retries: Retries<Site>,
     /// Sites whose relay objects are known to be their own.
     verified: checks::Verified,
+    /// The relay key ID each Site's workload was last applied with.
+    key_ids: std::sync::Mutex<std::collections::HashMap<SiteKey, String>>,
 }
 
 impl SiteReconciler {
@@ -78,6 +80,7 @@ impl SiteReconciler {
             upstream_ca,
             retries: Retries::default(),
             verified: Default::default(),
+            key_ids: Default::default(),
         }
     }
 
@@ -142,9 +145,20 @@ impl SiteReconciler {
     /// Step 1: why the Site's relay may not be made, if it may not.
     async fn refusal(&self, site: &Site) -> Result<Option<checks::Refusal>, Error> {
         let config = &self.ctx.config;
-        if let Err(r) = checks::check_name(site).and_then(|()| {
-            checks::check_image(site, &config.relay_image, &config.allowed_relay_images)
-        }) {
+        let ns = site.namespace().unwrap_or_default();
+        if let Err(r) = checks::check_name(site)
+            .and_then(|()| {
+                checks::check_image(site, &config.relay_image, &config.allowed_relay_images)
+            })
+            .and_then(|()| {
+                checks::check_parent(site, |parent| {
+                    self.stores
+                        .sites
+                        .get(&ObjectRef::new(parent).within(&ns))
+                        .is_some()
+                })
+            })
+        {
             return Ok(Some(r));
         }
         // Once the Site's objects are known to be its own, they stay so.
@@ -182,30 +196,38 @@ impl SiteReconciler {
             .controller_owner_ref(&())
             .ok_or(Error::MissingField("metadata.uid"))?;
         let keys = &self.ctx.credentials;
-        let relay_token = keys.relay_token(&ns, &name, &site.relay_key_id());
+        let kid = site.relay_key_id();
         // A child's credential at its parent's relay is keyed by the
-        // parent's token: it follows the parent's rotations (at the child's
-        // next resync).
-        let parent_kid = |parent: &str| {
-            self.stores
+        // parent's token: it follows the parent's rotations (the parent
+        // has its children looked at again when its key ID changes). No
+        // parent Site (yet): no credential there.
+        let parent = site.spec.parent.as_ref().and_then(|parent| {
+            let kid = self
+                .stores
                 .sites
-                .get(&ObjectRef::new(parent).within(&ns))
-                .map_or_else(|| "0".to_string(), |p| p.relay_key_id())
-        };
+                .get(&ObjectRef::new(parent).within(&ns))?
+                .relay_key_id();
+            Some((parent, kid))
+        });
         let creds = RelayCredentials {
-            content_token: site.spec.parent.as_ref().map(|parent| {
+            content_token: parent.as_ref().map(|(parent, parent_kid)| {
                 caravan_net::agent_tokens::issue(
-                    &keys.relay_token(&ns, parent, &parent_kid(parent)),
+                    &keys.relay_token(&ns, parent, parent_kid),
                     &caravan_net::agent_tokens::child_relay_name(&name),
                     None,
                 )
             }),
-            token: relay_token,
+            token: keys.relay_token(&ns, &name, &kid),
+        };
+        let credential_id = match &parent {
+            Some((_, parent_kid)) => format!("{kid}.{parent_kid}"),
+            None => kid.clone(),
         };
         let params = RelayParams {
             default_image: &self.ctx.config.relay_image,
             upstream_url: &self.ctx.config.relay_upstream_url,
             upstream_ca: self.upstream_ca.as_deref(),
+            credential_id: &credential_id,
         };
         let apply = PatchParams::apply(field_managers::APPLY).force();
         let relay = relay_name(&name);
@@ -225,6 +247,22 @@ impl SiteReconciler {
             .patch(&relay, &apply, &Patch::Apply(&service))
             .await?;
         self.verified.insert(site);
+        let key: SiteKey = (ns, name);
+        let changed = self
+            .key_ids
+            .lock()
+            .expect("lock poisoned")
+            .insert(key.clone(), kid.clone())
+            != Some(kid);
+        if changed {
+            // Children waiting for this site to exist, or whose credentials
+            // here are keyed by its old token.
+            for child in self.stores.sites.state().iter().filter(|s| {
+                s.namespace().as_ref() == Some(&key.0) && s.spec.parent.as_ref() == Some(&key.1)
+            }) {
+                self.relays.poke(&(key.0.clone(), child.name_any()));
+            }
+        }
         Ok(())
     }
 

@@ -49,9 +49,12 @@ pub struct RelayParams<'a> {
     pub upstream_url: &'a str,
     /// PEM of the CA the relay verifies the controller with, if any.
     pub upstream_ca: Option<&'a str>,
+    /// The key IDs of the relay's credentials (its own and, for a child
+    /// site, its parent's): when one changes, the pods roll.
+    pub credential_id: &'a str,
 }
 
-/// Pod template annotation: the key ID of the relay's credential.
+/// Pod template annotation: the key IDs of the relay's credentials.
 pub const CREDENTIAL_ID: &str = "caravan.dev/relay-credential-id";
 
 /// The credentials in the relay's Secret.
@@ -279,7 +282,7 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
                     // a new credential must roll the pods.
                     annotations: Some(BTreeMap::from([(
                         CREDENTIAL_ID.to_string(),
-                        site.relay_key_id(),
+                        params.credential_id.to_string(),
                     )])),
                     ..Default::default()
                 }),
@@ -338,6 +341,7 @@ mod tests {
         default_image: "relay:1",
         upstream_url: "https://controller:8443",
         upstream_ca: None,
+        credential_id: "0a1b2c",
     };
 
     fn container(d: &Deployment) -> &Container {
