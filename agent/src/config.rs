@@ -42,6 +42,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: RunArgs) -> anyhow::Result<Self> {
+        caravan_net::require_https(&args.server, args.insecure, "--server")?;
         let mut trusted_keys = Vec::new();
         for path in &args.trusted_keys {
             let text = std::fs::read_to_string(path)

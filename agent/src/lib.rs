@@ -113,13 +113,19 @@ impl StateDirArg {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// URL of the site's relay.
+    /// URL of the site's relay: `https://` (plaintext only with `--insecure`).
     #[arg(long, env = "CARAVAN_SERVER")]
     pub server: String,
-    /// CA certificate (PEM) to verify the relay's HTTPS certificate with
-    /// (default: the system's web PKI roots).
+    /// CA certificate(s) (PEM) to verify the relay's HTTPS certificate with,
+    /// pinned: the controller's CA (`caravan-controller ca`). Default: the
+    /// system's web PKI roots.
     #[arg(long, env = "CARAVAN_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Allow a plaintext `http://` relay: anyone on the LAN could then read
+    /// the agent's credentials and delay its updates (what it installs is
+    /// still only what the controller signed).
+    #[arg(long, env = "CARAVAN_INSECURE")]
+    pub insecure: bool,
     /// Files with public keys (`ed25519:…`, one per line) whose signatures
     /// this agent accepts. With any key configured, every package must carry
     /// a valid signature by one of them, whatever the relay says.

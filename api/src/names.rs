@@ -30,6 +30,18 @@ pub fn service_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A name a server is reached by, for its certificate: an IP address or a
+/// DNS name (lowercase, as DNS-1123 subdomains are).
+pub fn hostname(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() || object_name(name).is_ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "hostname {name:?} is neither an IP address nor a lowercase DNS name"
+        ))
+    }
+}
+
 /// A host ID: 8 to 63 characters of `[a-z0-9-]`, alphanumeric at both
 /// ends, so that it is also a label value.
 pub fn host_id(id: &str) -> Result<(), String> {

@@ -1,13 +1,14 @@
 //! What every part of the controller needs: the Kubernetes client, the
 //! Event recorder, the metrics, the configuration, the credential and
-//! trust keys, and the ledger of published packages.
+//! trust keys, the CA, and the ledger of published packages.
 //! Caches, channels and the blob store are not here: each belongs to the
 //! task that runs it and is handed to whoever reads it (see [`crate::run`]).
 
 use kube::runtime::events::{Recorder, Reporter};
 
 use crate::{
-    credentials::CredentialKey, identity::Ledger, metrics::Metrics, trust::TrustKeys, Config,
+    ca::Ca, credentials::CredentialKey, identity::Ledger, metrics::Metrics, trust::TrustKeys,
+    Config,
 };
 
 pub struct Context {
@@ -18,6 +19,8 @@ pub struct Context {
     pub config: Config,
     /// Derives and checks relay and bootstrap tokens.
     pub credentials: CredentialKey,
+    /// Issues relays their TLS certificates.
+    pub ca: Ca,
     /// Signs desired state.
     pub trust: TrustKeys,
     /// Every name+version ever published, with its artifact.
@@ -26,8 +29,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: kube::Client, config: Config) -> crate::error::Result<Self> {
-        let credentials = CredentialKey::load_or_create(&config.data_dir.join("token.key"))?;
+        let credentials = CredentialKey::load_or_create(&config.data_dir.join(crate::TOKEN_KEY))?;
         let trust = TrustKeys::load_or_create(&config.trust_dir())?;
+        let ca = Ca::new(&credentials)
+            .map_err(|e| crate::error::Error::Certificate(format!("{e:#}")))?;
         let published = Ledger::load(config.data_dir.join("published.json")).map_err(|e| {
             crate::error::Error::io(&config.data_dir, std::io::Error::other(e.to_string()))
         })?;
@@ -42,6 +47,7 @@ impl Context {
             metrics: Metrics::default(),
             config,
             credentials,
+            ca,
             trust,
             published,
         })

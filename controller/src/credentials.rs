@@ -64,6 +64,12 @@ impl CredentialKey {
         mac
     }
 
+    /// 32 bytes for `purpose` and `subject` that only this key can make
+    /// (the seeds of the CA's and the relays' TLS keys).
+    pub fn derive(&self, purpose: &str, subject: &str) -> [u8; 32] {
+        self.mac(purpose, subject).finalize().into_bytes().into()
+    }
+
     /// The token the relay of `namespace/site` authenticates with under key
     /// ID `kid`.
     pub fn relay_token(&self, namespace: &str, site: &str, kid: &str) -> String {

@@ -30,6 +30,10 @@ pub enum Error {
     },
     #[error("object has no {0}")]
     MissingField(&'static str),
+    /// A certificate could not be made (a Site's relay hostnames that are
+    /// neither DNS names nor IP addresses, say).
+    #[error("certificate: {0}")]
+    Certificate(String),
 }
 
 /// What retrying an error can achieve.
@@ -55,7 +59,7 @@ impl Error {
             // The API server refused what the object asks for (an invalid
             // Deployment from its spec): the same spec fails the same way.
             Self::Kube(kube::Error::Api(s)) if matches!(s.code, 400 | 422) => ErrorClass::Stalled,
-            Self::MissingField(_) => ErrorClass::Stalled,
+            Self::MissingField(_) | Self::Certificate(_) => ErrorClass::Stalled,
             _ => ErrorClass::Transient,
         }
     }

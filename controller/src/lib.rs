@@ -17,6 +17,7 @@
 //!  cabinet::gc: unreferenced blobs go                    site::RelayContacts ◀── server
 //! ```
 
+pub mod ca;
 pub mod cabinet;
 pub mod context;
 pub mod credentials;
@@ -152,7 +153,13 @@ pub enum Command {
     /// new one; the controller signs with it from its next start, and
     /// agents follow the rotation. Keep the old key offline afterwards.
     RotateTrustRoot,
+    /// Print the certificate (PEM) of the CA that issues relays their TLS
+    /// certificates, for agents' `--ca-file`.
+    Ca,
 }
+
+/// The file in the data directory holding the controller's secret key.
+pub const TOKEN_KEY: &str = "token.key";
 
 impl Config {
     /// Where the signing keys and roots are kept.
@@ -165,6 +172,11 @@ impl Config {
 pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
     let dir = config.trust_dir();
     match command {
+        Command::Ca => {
+            let key = credentials::CredentialKey::load_or_create(&config.data_dir.join(TOKEN_KEY))?;
+            print!("{}", ca::Ca::new(&key)?.cert_pem());
+            return Ok(());
+        }
         Command::TrustRoot => {}
         Command::RotateTrustRoot => {
             let version = trust::TrustKeys::rotate(&dir)?;

@@ -69,6 +69,19 @@ pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<
     Ok(builder.build()?)
 }
 
+/// Refuses a plaintext `url` (given as `flag`) unless `insecure`: what
+/// crosses a plaintext link can be read and delayed by anyone on it.
+pub fn require_https(url: &str, insecure: bool, flag: &str) -> anyhow::Result<()> {
+    let plaintext = url
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+    anyhow::ensure!(
+        !plaintext || insecure,
+        "{flag} {url} is plaintext HTTP: use https:// (with --ca-file), or pass --insecure to accept it"
+    );
+    Ok(())
+}
+
 /// The message of a Caravan error response (`{"error": "..."}`), or its
 /// body (read up to [`MAX_SMALL_ANSWER_BYTES`]).
 pub async fn error_message(res: reqwest::Response) -> String {
@@ -159,6 +172,18 @@ mod tests {
         super::open_partial(&path, false).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn plaintext_is_refused_unless_insecure() {
+        assert!(super::require_https("https://relay:8080", false, "--server").is_ok());
+        let e = super::require_https("HTTP://relay:8080", false, "--server").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--server HTTP://relay:8080 is plaintext"),
+            "{e}"
+        );
+        assert!(super::require_https("http://relay:8080", true, "--server").is_ok());
     }
 
     #[test]

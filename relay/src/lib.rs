@@ -76,6 +76,14 @@ pub struct Config {
     /// (default: the system's web PKI roots).
     #[arg(long, env = "CARAVAN_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to verify the parent site's relay with, pinned
+    /// (the controller's CA, from the relay's Secret).
+    #[arg(long, env = "CARAVAN_CONTENT_UPSTREAM_CA_FILE")]
+    pub content_upstream_ca_file: Option<PathBuf>,
+    /// Allow a plaintext `http://` parent relay (`--content-upstream`):
+    /// anyone on the link could then read and delay what crosses it.
+    #[arg(long, env = "CARAVAN_INSECURE")]
+    pub insecure: bool,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
 }
@@ -107,7 +115,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new(&config.upstream, &config.token, ca)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let content = match (&config.content_upstream, &config.content_token) {
-        (Some(url), Some(token)) => upstream::Upstream::new(url, token, ca)?,
+        (Some(url), Some(token)) => {
+            caravan_net::require_https(url, config.insecure, "--content-upstream")?;
+            upstream::Upstream::new(url, token, config.content_upstream_ca_file.as_deref())?
+        }
         _ => upstream.clone(),
     };
     let limits = cache::Limits {

@@ -36,13 +36,25 @@ impl TestTls {
     }
 }
 
-/// An HTTP client that trusts the test CA, if there is one.
-pub fn http_client(tls: Option<&TestTls>) -> anyhow::Result<reqwest::Client> {
+/// CA certificates (PEM) the clients of [`http`] trust in this process.
+static TRUSTED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Has every client from [`http`] in this process trust the CA
+/// certificates in `pem` (each test runs in a process of its own).
+pub fn trust(pem: &[u8]) {
+    TRUSTED.lock().expect("lock poisoned").push(pem.to_vec());
+}
+
+/// An HTTP client that trusts the CAs this process was told of
+/// ([`trust`]: the controller's, and the test CA when there is one).
+pub fn http() -> reqwest::Client {
     let mut b = reqwest::Client::builder();
-    if let Some(tls) = tls {
-        b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&tls.ca)?)?);
+    for pem in TRUSTED.lock().expect("lock poisoned").iter() {
+        for cert in reqwest::Certificate::from_pem_bundle(pem).expect("trusted CAs are PEM") {
+            b = b.add_root_certificate(cert);
+        }
     }
-    Ok(b.build()?)
+    b.build().expect("a client")
 }
 
 /// Copies a directory tree (files and directories only).

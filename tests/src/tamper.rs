@@ -39,14 +39,15 @@ pub struct TamperProxy {
 }
 
 impl TamperProxy {
-    /// Starts a proxy in front of the relay at `upstream` (plain HTTP).
+    /// Starts a proxy (plain HTTP: agents behind it run `--insecure`) in
+    /// front of the relay at `upstream`.
     pub async fn start(upstream: &str) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (upstream, state) = (upstream.to_string(), shared.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = crate::http();
             while let Ok((conn, _)) = listener.accept().await {
                 let (http, upstream, state) = (http.clone(), upstream.clone(), state.clone());
                 tokio::spawn(async move {

@@ -52,7 +52,9 @@ pub async fn wait_http_ok(client: &reqwest::Client, url: &str, proc: &Proc) -> a
 
 /// Reads one sample (`name`, no labels) from a Prometheus `/metrics` endpoint.
 pub async fn metric(base_url: &str, name: &str) -> anyhow::Result<f64> {
-    let text = reqwest::get(format!("{base_url}/metrics"))
+    let text = crate::http()
+        .get(format!("{base_url}/metrics"))
+        .send()
         .await?
         .error_for_status()?
         .text()

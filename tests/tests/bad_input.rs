@@ -194,7 +194,7 @@ async fn bad_input_is_refused_with_a_reason_and_breaks_nothing() -> anyhow::Resu
     //    refused: nobody can take over an enrolled identity.
     let host_id = std::fs::read_to_string(c.agents[0].state_dir.join("host-id"))?;
     let enroll = |token: &str| {
-        reqwest::Client::new()
+        caravan_tests::http()
             .post(format!("{}/v1/enroll", relay.url))
             .bearer_auth(token)
             .json(&serde_json::json!({

@@ -119,7 +119,7 @@ impl Fleet {
             &format!("the relay to ask for {action} of app {v}.0.0"),
             Duration::from_secs(120),
             || async {
-                let body = reqwest::Client::new()
+                let body = caravan_tests::http()
                     .get(&url)
                     .bearer_auth(&token)
                     .send()

@@ -160,6 +160,9 @@ async fn run_agent_with(server: &str, extra: &[&str]) -> anyhow::Result<(bool, S
         "victim",
         "--trust-root-sha256",
         &pin,
+        // The evil relay serves plaintext (a LAN attacker with TLS off, or
+        // a relay that holds its TLS key: the same to the agent).
+        "--insecure",
     ];
     let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     let env = [(
@@ -256,5 +259,29 @@ async fn a_blob_that_trickles_is_given_up_within_its_window() -> anyhow::Result<
     // (The relay never stops and a byte comes every 200 ms, so no read
     // timeout fires: without the rate, `run_agent` times out.)
     assert!(BLOB_REQUESTS.load(Ordering::SeqCst) > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plaintext_relay_is_refused_unless_the_agent_is_told_it_is_insecure() -> anyhow::Result<()>
+{
+    let server = evil_relay(Evil::Invented).await?;
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(bin("caravan-agent")?)
+        .args(["run", "--once", "--server", &server, "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--install-root")
+        .arg(dir.path().join("root"))
+        .env("CARAVAN_BOOTSTRAP_TOKEN", "anything")
+        .env_remove("CARAVAN_INSECURE")
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("is plaintext HTTP"), "{log}");
+    assert_eq!(BLOB_REQUESTS.load(Ordering::SeqCst), 0);
+    assert!(
+        !dir.path().join("state").join("credentials.json").exists(),
+        "nothing was sent: no enrollment"
+    );
     Ok(())
 }

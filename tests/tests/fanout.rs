@@ -54,7 +54,7 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
     let secret = c.api::<Secret>().get("hq-relay").await?;
     let relay_token = String::from_utf8(secret.data.unwrap()["token"].0.clone())?;
 
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     let url = format!("{}/v1/blobs/{}", relay.url, pkg.spec.artifact.digest);
     let expected = pkg.spec.artifact.digest.hex();
     let cached = relay.cache_dir.join("sha256").join(&expected);

@@ -110,7 +110,7 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         .artifact
         .digest;
     let stored = std::fs::read(c.dir.join("controller/blobs/sha256").join(digest.hex()))?;
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     let blob_url = |d: &caravan_api::Digest| format!("{}/v1/blobs/{d}", relay.url);
     let res = http
         .get(blob_url(&digest))

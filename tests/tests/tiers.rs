@@ -75,13 +75,13 @@ async fn each_blob_crosses_each_link_of_a_three_level_tree_once() -> anyhow::Res
     // The branch relay's credential at the region relay fetches blobs, nothing else.
     let secret = c.api::<Secret>().get("branch-relay").await?;
     let token = String::from_utf8(secret.data.unwrap()["content-token"].0.clone())?;
-    let res = reqwest::Client::new()
+    let res = caravan_tests::http()
         .get(format!("{}/v1/desired", region.url))
         .bearer_auth(&token)
         .send()
         .await?;
     assert_eq!(res.status(), 403);
-    let res = reqwest::Client::new()
+    let res = caravan_tests::http()
         .get(format!("{}/v1/desired", hq.url))
         .bearer_auth(&token)
         .send()

@@ -58,7 +58,7 @@ async fn an_interrupted_upload_is_resumed_by_the_next_push() -> anyhow::Result<(
             }
         }
     });
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     let res = http
         .put(format!("{}/v1/blobs/{digest}", c.api_url))
         .bearer_auth(&c.upload_token)

@@ -39,9 +39,16 @@ pub struct RelaySpec {
     /// controller allows (`--allowed-relay-image`) run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// A `kubernetes.io/tls` Secret: the relay then serves its agents over HTTPS.
+    /// A `kubernetes.io/tls` Secret to serve agents with instead of the
+    /// certificate the controller's CA issues the relay (it must still be
+    /// signed by a CA the agents are given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret: Option<String>,
+    /// More names (DNS names or IP addresses) agents reach the relay by, for
+    /// the certificate the controller's CA issues it; the relay's Service
+    /// names, `localhost` and `127.0.0.1` are always in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 impl Default for RelaySpec {
@@ -50,6 +57,7 @@ impl Default for RelaySpec {
             replicas: 1,
             image: None,
             tls_secret: None,
+            hostnames: Vec::new(),
         }
     }
 }

@@ -35,7 +35,8 @@ impl Refusal {
     }
 }
 
-/// The relay's Service is named after the site: a DNS-1035 label.
+/// The relay's Service is named after the site: a DNS-1035 label; the
+/// names its certificate is for are IP addresses or DNS names.
 pub fn check_name(site: &Site) -> Result<(), Refusal> {
     let name = site.name_any();
     names::service_name(&relay_name(&name)).map_err(|_| {
@@ -46,7 +47,13 @@ pub fn check_name(site: &Site) -> Result<(), Refusal> {
                 relay_name(&name)
             ),
         )
-    })
+    })?;
+    for hostname in &site.spec.relay.hostnames {
+        names::hostname(hostname).map_err(|e| {
+            Refusal::new(reasons::INVALID_NAME, format!("spec.relay.hostnames: {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 /// A child site's parent exists (`exists`): the child's relay takes its
@@ -187,6 +194,17 @@ mod tests {
         let e = check_name(&site(&"a".repeat(58), None)).unwrap_err();
         assert!(e.message.contains("at most 57"), "{}", e.message);
         assert!(check_name(&site("9lives", None)).is_err());
+    }
+
+    #[test]
+    fn relay_hostnames_are_ip_addresses_or_dns_names() {
+        let mut site = Site::new("berlin", Default::default());
+        site.spec.relay.hostnames = vec!["relay.berlin.example.com".into(), "::1".into()];
+        assert_eq!(check_name(&site), Ok(()));
+        site.spec.relay.hostnames.push("Relay Berlin".into());
+        let r = check_name(&site).unwrap_err();
+        assert_eq!(r.reason, reasons::INVALID_NAME);
+        assert!(r.message.contains("\"Relay Berlin\""), "{}", r.message);
     }
 
     #[test]

@@ -209,7 +209,13 @@ impl SiteReconciler {
                 .relay_key_id();
             Some((parent, kid))
         });
+        let cert = self
+            .ctx
+            .ca
+            .relay_cert(site, chrono::Utc::now())
+            .map_err(|e| Error::Certificate(format!("{e:#}")))?;
         let creds = RelayCredentials {
+            tls: (cert.cert_pem, cert.key_pem),
             content_token: parent.as_ref().map(|(parent, parent_kid)| {
                 caravan_net::agent_tokens::issue(
                     &keys.relay_token(&ns, parent, parent_kid),
@@ -220,14 +226,15 @@ impl SiteReconciler {
             token: keys.relay_token(&ns, &name, &kid),
         };
         let credential_id = match &parent {
-            Some((_, parent_kid)) => format!("{kid}.{parent_kid}"),
-            None => kid.clone(),
+            Some((_, parent_kid)) => format!("{kid}-{}.{parent_kid}", cert.period),
+            None => format!("{kid}-{}", cert.period),
         };
         let params = RelayParams {
             default_image: &self.ctx.config.relay_image,
             upstream_url: &self.ctx.config.relay_upstream_url,
             upstream_ca: self.upstream_ca.as_deref(),
             credential_id: &credential_id,
+            ca: self.ctx.ca.cert_pem(),
         };
         let apply = PatchParams::apply(field_managers::APPLY).force();
         let relay = relay_name(&name);

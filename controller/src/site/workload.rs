@@ -25,6 +25,13 @@ use kube::ResourceExt;
 
 /// Key of the relay Secret holding the CA that verifies the controller.
 pub const UPSTREAM_CA_KEY: &str = "upstream-ca.crt";
+/// Key of the relay Secret holding the controller's CA (which a child
+/// site's relay pins for its parent's relay).
+pub const CA_KEY: &str = "ca.crt";
+/// Keys of the relay Secret holding the certificate the controller's CA
+/// issued the relay, and its key.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
 /// Port the relay container listens on.
 pub const RELAY_PORT: u16 = 8080;
 /// Where the relay keeps its cache in the container.
@@ -33,6 +40,8 @@ const CACHE_DIR: &str = "/var/cache/caravan";
 const UPSTREAM_DIR: &str = "/etc/caravan/upstream";
 /// Where the relay's own serving certificate is mounted.
 const TLS_DIR: &str = "/etc/caravan/tls";
+/// Where the controller's CA is mounted (child sites' relays).
+const CA_DIR: &str = "/etc/caravan/ca";
 /// The non-root user the relay runs as.
 const RELAY_UID: i64 = 65532;
 
@@ -49,9 +58,12 @@ pub struct RelayParams<'a> {
     pub upstream_url: &'a str,
     /// PEM of the CA the relay verifies the controller with, if any.
     pub upstream_ca: Option<&'a str>,
-    /// The key IDs of the relay's credentials (its own and, for a child
-    /// site, its parent's): when one changes, the pods roll.
+    /// The key IDs of the relay's credentials and its certificate's period
+    /// (and, for a child site, its parent's key ID): when one changes, the
+    /// pods roll.
     pub credential_id: &'a str,
+    /// PEM of the controller's CA.
+    pub ca: &'a str,
 }
 
 /// Pod template annotation: the key IDs of the relay's credentials.
@@ -63,6 +75,9 @@ pub struct RelayCredentials {
     pub token: String,
     /// The relay's credential at its parent site's relay (a child site only).
     pub content_token: Option<String>,
+    /// The serving certificate the controller's CA issued the relay, and its
+    /// key (PEM).
+    pub tls: (String, String),
 }
 
 fn meta(site: &Site, owner: &OwnerReference) -> ObjectMeta {
@@ -103,7 +118,12 @@ pub fn secret(
     creds: &RelayCredentials,
     params: &RelayParams,
 ) -> Secret {
-    let mut data = BTreeMap::from([("token".to_string(), creds.token.clone())]);
+    let mut data = BTreeMap::from([
+        ("token".to_string(), creds.token.clone()),
+        (TLS_CERT_KEY.to_string(), creds.tls.0.clone()),
+        (TLS_KEY_KEY.to_string(), creds.tls.1.clone()),
+        (CA_KEY.to_string(), params.ca.to_string()),
+    ]);
     let optional = [
         ("content-token", creds.content_token.as_deref()),
         (UPSTREAM_CA_KEY, params.upstream_ca),
@@ -208,34 +228,55 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
         };
         volumes.push(secret_volume("upstream", &relay, Some(vec![item])));
     }
-    let scheme = match &site.spec.relay.tls_secret {
-        Some(tls) => {
-            args.extend([
-                "--tls-cert-file".into(),
-                format!("{TLS_DIR}/tls.crt"),
-                "--tls-key-file".into(),
-                format!("{TLS_DIR}/tls.key"),
-            ]);
-            mounts.push(mount("tls", TLS_DIR, true));
-            volumes.push(secret_volume("tls", tls, None));
-            "HTTPS"
+    // HTTPS always: with the Site's own certificate, or the one the
+    // controller's CA issued the relay (in its Secret).
+    args.extend([
+        "--tls-cert-file".into(),
+        format!("{TLS_DIR}/tls.crt"),
+        "--tls-key-file".into(),
+        format!("{TLS_DIR}/tls.key"),
+    ]);
+    mounts.push(mount("tls", TLS_DIR, true));
+    volumes.push(match &site.spec.relay.tls_secret {
+        Some(tls) => secret_volume("tls", tls, None),
+        None => {
+            let items = [(TLS_CERT_KEY, "tls.crt"), (TLS_KEY_KEY, "tls.key")]
+                .map(|(key, path)| KeyToPath {
+                    key: key.into(),
+                    path: path.into(),
+                    mode: None,
+                })
+                .to_vec();
+            secret_volume("tls", &relay, Some(items))
         }
-        None => "HTTP",
-    };
+    });
     let mut envs = vec![
         env("CARAVAN_UPSTREAM", params.upstream_url),
         env_from_secret("CARAVAN_RELAY_TOKEN", &relay, "token"),
     ];
-    // A child site's relay takes content from its parent's relay.
+    // A child site's relay takes content from its parent's relay, over
+    // HTTPS verified with the controller's CA alone.
     if let Some(parent) = &site.spec.parent {
-        let url = format!("http://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent));
+        let url = format!("https://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent));
         envs.push(env("CARAVAN_CONTENT_UPSTREAM", url));
         envs.push(env_from_secret(
             "CARAVAN_CONTENT_TOKEN",
             &relay,
             "content-token",
         ));
+        args.extend([
+            "--content-upstream-ca-file".into(),
+            format!("{CA_DIR}/{CA_KEY}"),
+        ]);
+        mounts.push(mount("ca", CA_DIR, true));
+        let item = KeyToPath {
+            key: CA_KEY.into(),
+            path: CA_KEY.into(),
+            mode: None,
+        };
+        volumes.push(secret_volume("ca", &relay, Some(vec![item])));
     }
+    let scheme = "HTTPS";
     let container = Container {
         name: "relay".into(),
         image: Some(
@@ -342,6 +383,7 @@ mod tests {
         upstream_url: "https://controller:8443",
         upstream_ca: None,
         credential_id: "0a1b2c",
+        ca: "CA PEM",
     };
 
     fn container(d: &Deployment) -> &Container {
@@ -406,8 +448,27 @@ mod tests {
             .unwrap();
         assert_eq!(
             (probe.path.as_deref(), probe.scheme.as_deref()),
-            (Some("/readyz"), Some("HTTP"))
+            (Some("/readyz"), Some("HTTPS"))
         );
+        // Served over HTTPS by default, with the certificate the
+        // controller's CA issued, from the relay's own Secret.
+        let args = c.args.clone().unwrap().join(" ");
+        assert!(
+            args.contains(
+                "--tls-cert-file /etc/caravan/tls/tls.crt --tls-key-file /etc/caravan/tls/tls.key"
+            ),
+            "{args}"
+        );
+        let tls = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .and_then(|v| v.secret.as_ref())
+            .unwrap();
+        assert_eq!(tls.secret_name.as_deref(), Some("hq-relay"));
+        let keys: Vec<_> = tls.items.iter().flatten().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, [TLS_CERT_KEY, TLS_KEY_KEY]);
         // The pods are selected by labels the pod template carries.
         let selector = d
             .spec
@@ -441,21 +502,33 @@ mod tests {
                 ..Default::default()
             },
         );
-        let env = env_of(container(&deployment(&s, &owner, &PARAMS)));
+        let d = deployment(&s, &owner, &PARAMS);
+        let env = env_of(container(&d));
         assert_eq!(
             env["CARAVAN_CONTENT_UPSTREAM"],
-            "http://berlin-relay.ns.svc:8080"
+            "https://berlin-relay.ns.svc:8080"
         );
         assert_eq!(
             env["CARAVAN_CONTENT_TOKEN"],
             "secret:kreuzberg-relay/content-token"
         );
+        // ...and pins the controller's CA for it.
+        let args = container(&d).args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--content-upstream-ca-file /etc/caravan/ca/ca.crt"),
+            "{args}"
+        );
         let creds = RelayCredentials {
             token: "t".into(),
             content_token: Some("c".into()),
+            tls: ("CERT".into(), "KEY".into()),
         };
         let data = secret(&s, &owner, &creds, &PARAMS).string_data.unwrap();
-        assert_eq!(data.keys().collect::<Vec<_>>(), ["content-token", "token"]);
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            ["ca.crt", "content-token", "tls.crt", "tls.key", "token"]
+        );
+        assert_eq!(data[CA_KEY], "CA PEM");
     }
 
     #[test]
@@ -502,9 +575,23 @@ mod tests {
                 ("tls", Some(true))
             ]
         );
+        let tls = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.volumes.as_ref())
+            .and_then(|v| v.iter().find(|v| v.name == "tls"))
+            .and_then(|v| v.secret.as_ref())
+            .unwrap();
+        assert_eq!(
+            (tls.secret_name.as_deref(), tls.items.as_ref()),
+            (Some("hq-tls"), None),
+            "the Site's own certificate"
+        );
         let creds = RelayCredentials {
             token: "t".into(),
             content_token: None,
+            tls: ("CERT".into(), "KEY".into()),
         };
         let data = secret(&s, &owner, &creds, &params).string_data.unwrap();
         assert_eq!(data.get(UPSTREAM_CA_KEY).map(String::as_str), Some("PEM"));

@@ -93,6 +93,9 @@ impl Setup {
         let repo = c.seed_example_fleet().await?;
         create_agents(&c, prefix, agents).await?;
         c.relay_args = relay_args.iter().map(|a| a.to_string()).collect();
+        // Compared with nginx serving plaintext: the relay does too.
+        c.relay_plaintext = true;
+        c.agent_args.push("--insecure".into());
         let relay = c.start_relay(SITE).await?;
         let secret = c.api::<Secret>().get(&format!("{SITE}-relay")).await?;
         let relay_token = String::from_utf8(secret.data.unwrap()["token"].0.clone())?;
@@ -136,7 +139,7 @@ impl Setup {
             "the relay to serve the blob",
             Duration::from_secs(600),
             || async {
-                let res = reqwest::Client::new()
+                let res = caravan_tests::http()
                     .head(&url)
                     .bearer_auth(&token)
                     .send()
@@ -181,7 +184,7 @@ impl Setup {
         )?;
         let url = format!("http://127.0.0.1:{port}");
         wait_for("nginx", Duration::from_secs(30), || async {
-            Ok(reqwest::Client::new()
+            Ok(caravan_tests::http()
                 .get(&url)
                 .send()
                 .await
@@ -216,7 +219,7 @@ async fn create_agents(c: &Caravan, prefix: &str, n: usize) -> anyhow::Result<()
 
 /// N concurrent downloads of `url`; returns the bytes.
 async fn download_all(url: &str, token: Option<&str>, clients: usize) -> anyhow::Result<u64> {
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     let tasks = (0..clients).map(|_| {
         let mut req = http.get(url);
         if let Some(t) = token {
@@ -314,7 +317,7 @@ async fn hammer(
 
 async fn small(seconds: u64, clients: usize) -> anyhow::Result<()> {
     let s = Setup::start(1, "client", &[]).await?;
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     let desired = format!("{}/v1/desired", s.relay.url);
     let token = s.token("client-0");
     // The agent's desired state, once it has its assignment.
@@ -530,7 +533,7 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
         agents
     };
     let s = Setup::start(agents, "lp", &[]).await?;
-    let http = reqwest::Client::new();
+    let http = caravan_tests::http();
     // Every agent has its assignment at the relay.
     let last = s.token(&format!("lp-{}", agents - 1));
     wait_for(

@@ -26,7 +26,7 @@ use crate::{
     cluster::{override_args, Cluster},
     free_port, git,
     helm::{helm, HELM_NAMESPACE, HELM_TEST_VALUES},
-    http_client,
+    http,
     procs::Proc,
     repo_root, wait_for,
     waits::wait_http_ok,
@@ -61,10 +61,17 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// The CAs agents pin (`--ca-file`): the controller's, and the test CA
+    /// when Caravan runs with it.
+    pub ca_file: PathBuf,
     /// The binary agents run from (default: the build's `caravan-agent`).
     pub agent_bin: Option<PathBuf>,
     /// Extra arguments for every relay started from now on.
     pub relay_args: Vec<String>,
+    /// Relays started from now on serve plaintext HTTP, not the HTTPS their
+    /// Deployment says (the relay benchmark compares them with a plaintext
+    /// peer); agents of theirs need `--insecure`.
+    pub relay_plaintext: bool,
     /// URL of each started relay, by site.
     pub relay_urls: std::collections::HashMap<String, String>,
     _tmp: Option<tempfile::TempDir>,
@@ -90,16 +97,10 @@ async fn spawn_controller(
     env: &[(String, String)],
     dir: &Path,
     api_url: &str,
-    tls: Option<&TestTls>,
 ) -> anyhow::Result<Proc> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, env, dir)?;
-    wait_http_ok(
-        &http_client(tls)?,
-        &format!("{api_url}/healthz"),
-        &controller,
-    )
-    .await?;
+    wait_http_ok(&http(), &format!("{api_url}/healthz"), &controller).await?;
     Ok(controller)
 }
 
@@ -130,7 +131,9 @@ impl Caravan {
         let cluster = Cluster::start(&dir).await?;
         cluster.create_namespace(namespace).await?;
         let tls = if tls {
-            Some(TestTls::generate(&dir.join("tls"))?)
+            let tls = TestTls::generate(&dir.join("tls"))?;
+            crate::trust(&std::fs::read(&tls.ca)?);
+            Some(tls)
         } else {
             None
         };
@@ -218,7 +221,7 @@ impl Caravan {
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,kube=error".to_string()),
         ]);
-        let controller = spawn_controller(&args, &env, &dir, &api_url, tls.as_ref()).await?;
+        let controller = spawn_controller(&args, &env, &dir, &api_url).await?;
         // Agents are pinned to the controller's root, as an operator would pin them.
         let out = std::process::Command::new(bin("caravan-controller")?)
             .args(["--data-dir", &trust_dir, "trust-root"])
@@ -229,13 +232,32 @@ impl Caravan {
             String::from_utf8_lossy(&out.stderr)
         );
         let root = String::from_utf8(out.stdout)?.trim().to_string();
+        // ...and given the controller's CA, which issues the relays'
+        // certificates (and the test CA, when the Sites use it).
+        let out = std::process::Command::new(bin("caravan-controller")?)
+            .args(["--data-dir", &trust_dir, "ca"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "caravan-controller ca: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::trust(&out.stdout);
+        let mut bundle = out.stdout;
+        if let Some(tls) = &tls {
+            bundle.extend(std::fs::read(&tls.ca)?);
+        }
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, bundle)?;
         Ok(Self {
             controller_cmd: (args, env),
             tls,
             agent_args: vec!["--trust-root-sha256".into(), root],
+            ca_file,
             agent_bin: None,
             relay_urls: Default::default(),
             relay_args: vec![],
+            relay_plaintext: false,
 
             dir,
             namespace: namespace.into(),
@@ -276,8 +298,7 @@ impl Caravan {
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.controller.kill();
         let (args, env) = &self.controller_cmd;
-        self.controller =
-            spawn_controller(args, env, &self.dir, &self.api_url, self.tls.as_ref()).await?;
+        self.controller = spawn_controller(args, env, &self.dir, &self.api_url).await?;
         Ok(())
     }
 

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use super::Caravan;
-use crate::{
-    bin, cluster::override_args, free_port, http_client, procs::Proc, waits::wait_http_ok,
-};
+use crate::{bin, cluster::override_args, free_port, http, procs::Proc, waits::wait_http_ok};
 
 /// A running agent process and its directories.
 pub struct AgentProc {
@@ -95,11 +93,19 @@ impl Caravan {
                 ("--cache-dir", cache_dir.display().to_string()),
             ],
         );
-        let args: Vec<&str> = args
+        let mut args: Vec<&str> = args
             .iter()
             .chain(&self.relay_args)
             .map(String::as_str)
             .collect();
+        if self.relay_plaintext {
+            while let Some(i) = args
+                .iter()
+                .position(|a| *a == "--tls-cert-file" || *a == "--tls-key-file")
+            {
+                args.drain(i..(i + 2).min(args.len()));
+            }
+        }
         let proc = Proc::spawn(
             &format!("relay-{site}"),
             &bin("caravan-relay")?,
@@ -113,12 +119,7 @@ impl Caravan {
             "http"
         };
         let url = format!("{scheme}://127.0.0.1:{port}");
-        wait_http_ok(
-            &http_client(self.tls.as_ref())?,
-            &format!("{url}/readyz"),
-            &proc,
-        )
-        .await?;
+        wait_http_ok(&http(), &format!("{url}/readyz"), &proc).await?;
         self.relays.push(proc);
         self.relay_urls.insert(site.to_string(), url.clone());
         Ok(RelayInfo {
@@ -224,15 +225,16 @@ impl Caravan {
         .map(String::from)
         .to_vec();
         args.extend(self.agent_args.iter().cloned());
-        let mut env = vec![(
-            "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
-            relay.bootstrap_token.clone(),
-        )];
-        env.extend(
-            self.tls
-                .as_ref()
-                .map(|t| ("CARAVAN_CA_FILE".to_string(), t.ca.display().to_string())),
-        );
+        let env = vec![
+            (
+                "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
+                relay.bootstrap_token.clone(),
+            ),
+            (
+                "CARAVAN_CA_FILE".to_string(),
+                self.ca_file.display().to_string(),
+            ),
+        ];
         (args, env)
     }
 }

@@ -1,0 +1,207 @@
+//! The CA the controller manages, for TLS below it: it issues each site's
+//! relay a serving certificate, and agents and child relays pin it.
+//!
+//! Everything is derived from the controller's secret key
+//! ([`CredentialKey`]) and signed with Ed25519, whose signatures are
+//! deterministic: the CA's key and certificate, and each relay's key and
+//! certificate for one [`PERIOD_DAYS`] period, come out the same bytes every
+//! time. So nothing new is stored, every reconcile applies the same Secret,
+//! and several controller replicas agree. A relay's key also depends on its
+//! Site's UID and credential key ID: rotating the relay credential
+//! (`caravan site rotate-relay-credential`) gives it a new TLS key too.
+
+use anyhow::Context as _;
+use caravan_api::v1alpha1::Site;
+use chrono::{DateTime, Datelike as _, Utc};
+use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+use kube::ResourceExt as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::credentials::CredentialKey;
+
+/// A relay gets a new certificate (and key) every this many days...
+pub const PERIOD_DAYS: i64 = 180;
+/// ...good for this many days from the start of its period (a day before,
+/// for clocks that lag).
+const VALIDITY_DAYS: i64 = 365;
+
+/// Names every relay certificate holds besides the relay's Service names
+/// and its Site's `relay.hostnames`: for a port-forward, or an agent on the
+/// relay's own host.
+const LOCAL_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+pub struct Ca {
+    key: CredentialKey,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+/// A relay's serving certificate and key, as PEM.
+pub struct RelayCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Which period it is for: a new period, new pods.
+    pub period: i64,
+}
+
+/// The Ed25519 key pair whose seed is `seed`.
+fn key_pair(seed: [u8; 32]) -> anyhow::Result<KeyPair> {
+    let der = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .to_pkcs8_der()
+        .context("encoding a key")?;
+    KeyPair::try_from(der.as_bytes()).context("loading a key")
+}
+
+/// Year, month and day of `t`.
+fn ymd(t: DateTime<Utc>) -> (i32, u8, u8) {
+    (t.year(), t.month() as u8, t.day() as u8)
+}
+
+impl Ca {
+    /// The CA of the controller whose secret key is `key`.
+    pub fn new(key: &CredentialKey) -> anyhow::Result<Self> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Caravan CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2125, 1, 1);
+        let signing = key_pair(key.derive("ca", "v1"))?;
+        let cert_pem = params.self_signed(&signing).context("making the CA")?.pem();
+        Ok(Self {
+            key: key.clone(),
+            issuer: Issuer::new(params, signing),
+            cert_pem,
+        })
+    }
+
+    /// The CA certificate (PEM) agents and child relays pin.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The serving certificate of `site`'s relay for the period of `now`:
+    /// for its Service names, `localhost`, `127.0.0.1` and the Site's
+    /// `relay.hostnames`.
+    pub fn relay_cert(&self, site: &Site, now: DateTime<Utc>) -> anyhow::Result<RelayCert> {
+        let ns = site.namespace().unwrap_or_default();
+        let relay = crate::site::workload::relay_name(&site.name_any());
+        let period = now.timestamp().div_euclid(PERIOD_DAYS * 86_400);
+        let start = DateTime::<Utc>::from_timestamp(period * PERIOD_DAYS * 86_400, 0)
+            .context("a period in range")?;
+        let mut names: Vec<String> = vec![
+            relay.clone(),
+            format!("{relay}.{ns}"),
+            format!("{relay}.{ns}.svc"),
+            format!("{relay}.{ns}.svc.cluster.local"),
+        ];
+        names.extend(LOCAL_NAMES.map(String::from));
+        for name in &site.spec.relay.hostnames {
+            caravan_api::names::hostname(name)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("site {ns}/{}'s relay hostnames", site.name_any()))?;
+            names.push(name.clone());
+        }
+        names.dedup();
+        let mut params = CertificateParams::new(names)
+            .with_context(|| format!("site {ns}/{}'s relay hostnames", site.name_any()))?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{relay}.{ns}"));
+        let (y, m, d) = ymd(start - chrono::Duration::days(1));
+        params.not_before = rcgen::date_time_ymd(y, m, d);
+        let (y, m, d) = ymd(start + chrono::Duration::days(VALIDITY_DAYS));
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let subject = format!(
+            "{ns}/{}/{}/{}/{period}",
+            site.name_any(),
+            site.metadata.uid.as_deref().unwrap_or_default(),
+            site.relay_key_id()
+        );
+        let key = key_pair(self.key.derive("relay-tls", &subject))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("signing a relay certificate")?;
+        Ok(RelayCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            period,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(uid: &str) -> Site {
+        let mut site = Site::new("berlin", Default::default());
+        site.metadata.namespace = Some("fleet".into());
+        site.metadata.uid = Some(uid.into());
+        site
+    }
+
+    fn key(byte: u8) -> CredentialKey {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        std::fs::write(&path, [byte; 32]).unwrap();
+        CredentialKey::load_or_create(&path).unwrap()
+    }
+
+    #[test]
+    fn certificates_are_the_same_bytes_every_time_until_their_period_or_key_changes() {
+        let (ca, now) = (Ca::new(&key(1)).unwrap(), Utc::now());
+        assert_eq!(ca.cert_pem(), Ca::new(&key(1)).unwrap().cert_pem());
+        assert_ne!(ca.cert_pem(), Ca::new(&key(2)).unwrap().cert_pem());
+        let a = ca.relay_cert(&site("uid-1"), now).unwrap();
+        let b = ca.relay_cert(&site("uid-1"), now).unwrap();
+        assert_eq!((&a.cert_pem, &a.key_pem), (&b.cert_pem, &b.key_pem));
+        // Another Site of the same name, a rotated credential, a new period:
+        // another key.
+        assert_ne!(
+            ca.relay_cert(&site("uid-2"), now).unwrap().key_pem,
+            a.key_pem
+        );
+        let mut rotated = site("uid-1");
+        rotated.metadata.annotations = Some(
+            [(
+                caravan_api::labels::RELAY_CREDENTIAL_ROTATION.to_string(),
+                "1".to_string(),
+            )]
+            .into(),
+        );
+        assert_ne!(ca.relay_cert(&rotated, now).unwrap().key_pem, a.key_pem);
+        let later = ca
+            .relay_cert(&site("uid-1"), now + chrono::Duration::days(PERIOD_DAYS))
+            .unwrap();
+        assert_eq!(later.period, a.period + 1);
+        assert_ne!(later.key_pem, a.key_pem);
+    }
+
+    #[test]
+    fn a_hostname_that_is_no_name_is_refused_by_site() {
+        let ca = Ca::new(&key(1)).unwrap();
+        let mut s = site("uid-1");
+        s.spec.relay.hostnames = vec!["relay.berlin.example.com".into(), "10.0.0.7".into()];
+        ca.relay_cert(&s, Utc::now()).unwrap();
+        s.spec.relay.hostnames = vec!["not a name\u{1}".into()];
+        let e = ca.relay_cert(&s, Utc::now()).err().unwrap();
+        assert!(format!("{e:#}").contains("site fleet/berlin"), "{e:#}");
+    }
+}
