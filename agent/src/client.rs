@@ -342,3 +342,36 @@ impl Client {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credential_is_renewed_two_thirds_through_its_life() {
+        let now = caravan_net::agent_tokens::unix_now();
+        let mut client = Client::new("https://relay", None).unwrap();
+        assert!(!client.renewal_due(), "no credential, nothing to renew");
+        client.set_token(Some(format!("desk/{}/00", now + 3600)));
+        assert!(!client.renewal_due(), "an hour to go");
+        client.token_since = now - 2000;
+        assert!(!client.renewal_due(), "two thirds of 5600 s not gone");
+        client.token_since = now - 7300;
+        assert!(client.renewal_due(), "over two thirds of 10900 s gone");
+        client.set_token(Some(format!("desk/{}/00", now - 1)));
+        assert!(client.renewal_due(), "expired");
+        client.set_token(Some("relay:branch/0/00".into()));
+        assert!(!client.renewal_due(), "a credential that never expires");
+    }
+
+    #[test]
+    fn a_window_needs_its_rate_or_the_rest_of_the_blob() {
+        let rate = MinRate {
+            bytes_per_second: 100,
+            window: Duration::from_secs(10),
+        };
+        assert_eq!(rate.needed(1 << 20), 1000);
+        assert_eq!(rate.needed(10), 10);
+        assert_eq!(rate.needed(0), 0);
+    }
+}

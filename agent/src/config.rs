@@ -16,6 +16,8 @@ pub struct Config {
     pub server: String,
     /// CA the relay's certificate is verified with (default: web PKI roots).
     pub ca_file: Option<PathBuf>,
+    /// A plaintext relay is accepted.
+    pub insecure: bool,
     /// Keys whose package signatures this agent accepts (its own, never the relay's).
     pub trusted_keys: Vec<VerifyingKey>,
     /// The site's bootstrap token, needed only to enroll.
@@ -61,6 +63,7 @@ impl Config {
         Ok(Self {
             server: args.server,
             ca_file: args.ca_file,
+            insecure: args.insecure,
             trusted_keys,
             bootstrap_token: args.bootstrap_token,
             trust_root_sha256: args.trust_root_sha256,

@@ -30,12 +30,24 @@ pub async fn ensure_enrolled(
     client: &mut Client,
 ) -> anyhow::Result<()> {
     if let Some(c) = state.credentials()? {
-        if c.server == config.server {
+        if same_relay(&c.server, &config.server) {
             client.set_token(Some(c.token));
             return Ok(());
         }
     }
     enroll(config, state, client).await
+}
+
+/// Whether two relay URLs name the same relay: the scheme aside, so an
+/// agent moved from `http://` to `https://` keeps its credential.
+fn same_relay(a: &str, b: &str) -> bool {
+    let strip = |url: &str| {
+        let url = url.trim_end_matches('/');
+        url.split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .to_string()
+    };
+    strip(a) == strip(b)
 }
 
 /// Enrolls with the relay (again): on success the new credential replaces
@@ -117,4 +129,19 @@ pub async fn renew(state: &StateDir, client: &mut Client) -> anyhow::Result<()> 
     client.set_token(Some(res.token));
     tracing::debug!(agent = %res.agent, "credential renewed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_relay_is_the_same_over_http_and_https() {
+        assert!(super::same_relay(
+            "http://hq-relay:8080",
+            "https://hq-relay:8080/"
+        ));
+        assert!(!super::same_relay(
+            "https://hq-relay:8080",
+            "https://berlin-relay:8080"
+        ));
+    }
 }

@@ -70,6 +70,9 @@ pub enum Command {
         state_dir: PathBuf,
         #[arg(long)]
         ca_file: Option<PathBuf>,
+        /// Accept a plaintext relay (as the running agent does).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Put the agent binary back as it was before a self-update whose new
     /// binary never reported (run by systemd's `OnFailure=`, from
@@ -192,7 +195,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             server,
             state_dir,
             ca_file,
-        } => selfupdate::self_test(&server, &state_dir, ca_file.as_deref()).await,
+            insecure,
+        } => {
+            // A binary that would refuse the agent's relay must not replace it.
+            caravan_net::require_https(&server, insecure, "--server")?;
+            selfupdate::self_test(&server, &state_dir, ca_file.as_deref()).await
+        }
         Command::RollbackUpdate { state } => {
             println!("{}", selfupdate::roll_back(&state.open()?)?);
             Ok(())

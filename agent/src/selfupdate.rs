@@ -96,6 +96,9 @@ pub async fn prepare(blob: &Path, state: &StateDir, config: &Config) -> anyhow::
     if let Some(ca) = &config.ca_file {
         cmd.arg("--ca-file").arg(ca);
     }
+    if config.insecure {
+        cmd.arg("--insecure");
+    }
     let out = tokio::time::timeout(SELF_TEST_TIMEOUT, cmd.output()).await;
     let failure = match out {
         Ok(Ok(out)) if out.status.success() => None,

@@ -7,8 +7,10 @@
 //! certificate for one [`PERIOD_DAYS`] period, come out the same bytes every
 //! time. So nothing new is stored, every reconcile applies the same Secret,
 //! and several controller replicas agree. A relay's key also depends on its
-//! Site's UID and credential key ID: rotating the relay credential
-//! (`caravan site rotate-relay-credential`) gives it a new TLS key too.
+//! Site's UID, credential key ID and hostnames: rotating the relay
+//! credential (`caravan site rotate-relay-credential`) gives it a new TLS
+//! key too. Each Site's periods start at a moment of their own, so the
+//! relays of a cluster renew (and roll) at different times.
 
 use anyhow::Context as _;
 use caravan_api::v1alpha1::Site;
@@ -98,8 +100,14 @@ impl Ca {
     pub fn relay_cert(&self, site: &Site, now: DateTime<Utc>) -> anyhow::Result<RelayCert> {
         let ns = site.namespace().unwrap_or_default();
         let relay = crate::site::workload::relay_name(&site.name_any());
-        let period = now.timestamp().div_euclid(PERIOD_DAYS * 86_400);
-        let start = DateTime::<Utc>::from_timestamp(period * PERIOD_DAYS * 86_400, 0)
+        // Periods start at another moment for each Site, so the relays of
+        // a cluster do not all roll (and their agents reconnect) at once.
+        let length = PERIOD_DAYS * 86_400;
+        let uid = site.metadata.uid.as_deref().unwrap_or_default();
+        let offset = i64::from_be_bytes(self.key.derive("relay-tls-offset", uid)[..8].try_into()?)
+            .rem_euclid(length);
+        let period = (now.timestamp() - offset).div_euclid(length);
+        let start = DateTime::<Utc>::from_timestamp(period * length + offset, 0)
             .context("a period in range")?;
         let mut names: Vec<String> = vec![
             relay.clone(),
@@ -128,11 +136,13 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
+        // The names are in it too: another certificate, another key (and
+        // serial number, which rcgen takes from the key).
         let subject = format!(
-            "{ns}/{}/{}/{}/{period}",
+            "{ns}/{}/{uid}/{}/{period}/{}",
             site.name_any(),
-            site.metadata.uid.as_deref().unwrap_or_default(),
-            site.relay_key_id()
+            site.relay_key_id(),
+            site.spec.relay.hostnames.join(",")
         );
         let key = key_pair(self.key.derive("relay-tls", &subject))?;
         let cert = params
@@ -192,6 +202,9 @@ mod tests {
             .unwrap();
         assert_eq!(later.period, a.period + 1);
         assert_ne!(later.key_pem, a.key_pem);
+        let mut named = site("uid-1");
+        named.spec.relay.hostnames = vec!["relay.berlin.example.com".into()];
+        assert_ne!(ca.relay_cert(&named, now).unwrap().key_pem, a.key_pem);
     }
 
     #[test]

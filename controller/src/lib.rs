@@ -173,7 +173,14 @@ pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
     let dir = config.trust_dir();
     match command {
         Command::Ca => {
-            let key = credentials::CredentialKey::load_or_create(&config.data_dir.join(TOKEN_KEY))?;
+            // Never a new key here: that would print a CA nobody uses.
+            let path = config.data_dir.join(TOKEN_KEY);
+            anyhow::ensure!(
+                path.exists(),
+                "{} does not exist: point --data-dir at the controller's data directory (the controller makes its key at its first start)",
+                path.display()
+            );
+            let key = credentials::CredentialKey::load_or_create(&path)?;
             print!("{}", ca::Ca::new(&key)?.cert_pem());
             return Ok(());
         }

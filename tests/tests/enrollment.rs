@@ -653,7 +653,7 @@ async fn a_relay_that_saw_the_host_secret_cannot_take_the_identity() -> anyhow::
     };
     use caravan_net::agent_tokens::{enrollment_message, unix_now};
     let mut c = Caravan::start("fleet").await?;
-    let (repo, _hq) = c.hello_installed("desk").await?;
+    let (repo, hq) = c.hello_installed("desk").await?;
     // A branch that requires approval, and a machine declared in Git ahead
     // of its enrollment, at hq.
     repo.write(
@@ -765,6 +765,32 @@ async fn a_relay_that_saw_the_host_secret_cannot_take_the_identity() -> anyhow::
         !desk.spec.approved,
         "a move to a site that requires approval awaits it"
     );
+    // Unapproved (as a revoked agent would be), it does not become approved
+    // by moving back to a site that asks for no approval.
+    let res = enroll(
+        &hq,
+        &hq_token,
+        &request(&real_key, Some((&real_key, &hq_token))),
+    )
+    .await?;
+    assert_eq!(res.status(), 200, "{}", res.text().await?);
+    let desk = c.agent_of("desk").await?;
+    assert_eq!(desk.spec.site, "hq");
+    assert!(!desk.spec.approved, "a move does not approve an agent");
+    // A proof from another time is a wrong clock, named as such.
+    let mut stale = request(&real_key, None);
+    let then = unix_now() - 3600;
+    stale.proof = Some(KeyProof {
+        time: then,
+        signature: signing::sign_bytes(
+            &real_key,
+            &enrollment_message(&host_id, &stale.public_key, &hq_token, then),
+        ),
+    });
+    let res = enroll(&hq, &hq_token, &stale).await?;
+    assert_eq!(res.status(), 400);
+    let body = res.text().await?;
+    assert!(body.contains("check the endpoint's clock"), "{body}");
     Ok(())
 }
 

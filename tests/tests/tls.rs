@@ -1,7 +1,8 @@
 //! HTTPS on every hop: the CLI uploads to the controller, the relay fetches
 //! from it, and the agents talk to the relay, each verifying the other side's
 //! certificate against a CA it was given (the relay gets the controller's CA
-//! through its Secret, mounted by the Deployment the controller writes).
+//! through its Secret, mounted by the Deployment the controller writes); and
+//! the default, where agents pin the CA the controller runs.
 
 use std::time::Duration;
 
@@ -156,6 +157,44 @@ async fn the_pipeline_runs_over_verified_https_end_to_end() -> anyhow::Result<()
     assert!(
         format!("{err:?}").to_lowercase().contains("certificate"),
         "{err:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_reach_their_relay_only_through_the_controllers_ca() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, relay) = c.hello_installed("desk").await?;
+    // By default the relay serves HTTPS with the certificate the controller
+    // issued it, and a client pinning the controller's CA verifies it...
+    assert!(relay.url.starts_with("https://"), "{}", relay.url);
+    let readyz = format!("{}/readyz", relay.url);
+    let pinned = caravan_net::client(Some(&c.ca_file), Duration::from_secs(10))?;
+    assert!(pinned.get(&readyz).send().await?.status().is_success());
+    // ...while one that pins another CA refuses it at the handshake.
+    let other = caravan_tests::TestTls::generate(&c.dir.join("other-ca"))?;
+    let foreign = caravan_net::client(Some(&other.ca), Duration::from_secs(10))?;
+    let err = foreign.get(&readyz).send().await.unwrap_err();
+    assert!(
+        format!("{err:?}").to_lowercase().contains("certificate"),
+        "{err:?}"
+    );
+    // So does an agent given another CA: it enrolls nowhere.
+    let status = c.run_agent_once(
+        "laptop",
+        &relay,
+        &[("CARAVAN_CA_FILE", &other.ca.display().to_string())],
+    )?;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-laptop.log"))?;
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    let agents = c
+        .api::<caravan_api::v1alpha1::Agent>()
+        .list(&Default::default())
+        .await?;
+    assert!(
+        agents.items.iter().all(|a| a.spec.hostname != "laptop"),
+        "laptop did not enroll"
     );
     Ok(())
 }

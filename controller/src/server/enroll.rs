@@ -7,7 +7,8 @@
 //! enrollment (so a relay that saw the secret cannot take the identity, move
 //! it to another site or change its key); an Agent declared in Git ahead of
 //! time is claimed by the first to enroll at its own site. An agent that
-//! moves to a site that requires approval awaits it there.
+//! moves to a site that requires approval awaits it there, and a revoked
+//! agent stays revoked wherever it moves.
 
 use std::num::NonZeroU32;
 
@@ -174,29 +175,9 @@ pub async fn enroll(
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
-            let merge = |patch: serde_json::Value| {
-                let (api, name) = (api.clone(), agent.name_any());
-                async move {
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await
-                        .map_err(kube_error)
-                }
-            };
-            if agent.spec.secret_hash.is_empty() {
-                // Declared ahead of enrollment (in Git): the first to enroll
-                // at its site claims it.
-                if agent.spec.site != site {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "host ID {host_id} is declared as Agent {} of site {}: enroll it there",
-                            agent.name_any(),
-                            agent.spec.site
-                        ),
-                    ));
-                }
-                merge(serde_json::json!({ "spec": { "secretHash": secret_hash } })).await?;
-            } else if agent.spec.secret_hash != secret_hash {
+            // Everything is checked before anything is written: a refused
+            // enrollment changes nothing.
+            if !agent.spec.secret_hash.is_empty() && agent.spec.secret_hash != secret_hash {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!(
@@ -209,18 +190,47 @@ pub async fn enroll(
             if !agent.spec.public_key.is_empty() {
                 prove_key(agent, &req, &forwarded.bootstrap_token)?;
             }
+            // Declared ahead of enrollment (in Git): the first to enroll at
+            // its site claims it.
+            if agent.spec.secret_hash.is_empty() && agent.spec.site != site {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "host ID {host_id} is declared as Agent {} of site {}: enroll it there",
+                        agent.name_any(),
+                        agent.spec.site
+                    ),
+                ));
+            }
+            // Then one patch, guarded by the resourceVersion read: a
+            // concurrent change fails it instead of being mixed with it.
+            let mut spec = serde_json::Map::new();
+            let mut metadata = serde_json::json!({ "resourceVersion": agent.resource_version() });
+            if agent.spec.secret_hash.is_empty() {
+                spec.insert("secretHash".into(), secret_hash.into());
+            }
             if !req.public_key.is_empty() && agent.spec.public_key != req.public_key {
-                merge(serde_json::json!({ "spec": { "publicKey": req.public_key } })).await?;
+                spec.insert("publicKey".into(), req.public_key.clone().into());
             }
             let mut approved = agent.spec.approved;
             if agent.spec.site != site {
-                approved = !approval_required;
+                // A revoked (or unapproved) agent stays so wherever it goes;
+                // an approved one awaits approval again where that is asked.
+                approved = agent.spec.approved && !approval_required;
                 tracing::info!(agent = %agent.name_any(), from = %agent.spec.site, to = %site, approved, "agent moved site");
-                merge(serde_json::json!({
-                    "metadata": { "labels": { labels::SITE: site } },
-                    "spec": { "site": site, "approved": approved },
-                }))
-                .await?;
+                spec.insert("site".into(), site.clone().into());
+                spec.insert("approved".into(), approved.into());
+                metadata["labels"] = serde_json::json!({ labels::SITE: site });
+            }
+            if !spec.is_empty() {
+                let patch = serde_json::json!({ "metadata": metadata, "spec": spec });
+                api.patch(
+                    &agent.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(kube_error)?;
             }
             (agent.name_any(), approved)
         }

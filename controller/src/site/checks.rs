@@ -3,7 +3,9 @@
 //! running a relay for it:
 //! - the relay's Service name must be valid;
 //! - the relay image must be one the controller allows (`--allowed-relay-image`);
-//! - a child site's parent must exist;
+//! - a child site's parent must be another Site that exists and serves the
+//!   certificate the controller's CA issued it;
+//! - the relay's extra hostnames must be names, and not cluster Services;
 //! - the relay's objects (`<site>-relay`), where they exist, must be the
 //!   Site's own, or the controller would take over (and, with the Site,
 //!   delete) objects it never made.
@@ -52,19 +54,41 @@ pub fn check_name(site: &Site) -> Result<(), Refusal> {
         names::hostname(hostname).map_err(|e| {
             Refusal::new(reasons::INVALID_NAME, format!("spec.relay.hostnames: {e}"))
         })?;
+        // In-cluster names would let a Site have a certificate for another
+        // Site's (or namespace's) Service; its own are always in it.
+        if hostname.ends_with(".svc") || hostname.contains(".svc.") {
+            return Err(Refusal::new(
+                reasons::INVALID_NAME,
+                format!("spec.relay.hostnames: {hostname:?} is a cluster Service name; the relay's own are always in its certificate, and no other may be"),
+            ));
+        }
     }
     Ok(())
 }
 
-/// A child site's parent exists (`exists`): the child's relay takes its
-/// content, and its credential there, from the parent's.
-pub fn check_parent(site: &Site, exists: impl Fn(&str) -> bool) -> Result<(), Refusal> {
-    match &site.spec.parent {
-        Some(parent) if !exists(parent) => Err(Refusal::new(
+/// A child site's parent is another Site that exists (`lookup`) and serves
+/// the certificate the controller's CA issued it: the child's relay takes
+/// its content from the parent's, pinning that CA.
+pub fn check_parent(site: &Site, lookup: impl Fn(&str) -> Option<Site>) -> Result<(), Refusal> {
+    let Some(name) = &site.spec.parent else {
+        return Ok(());
+    };
+    if *name == site.name_any() {
+        return Err(Refusal::new(
             reasons::UNKNOWN_SITE,
-            format!("parent site {parent} does not exist: the relay is made once it does"),
+            format!("site {name} cannot be its own parent"),
+        ));
+    }
+    match lookup(name) {
+        None => Err(Refusal::new(
+            reasons::UNKNOWN_SITE,
+            format!("parent site {name} does not exist: the relay is made once it does"),
         )),
-        _ => Ok(()),
+        Some(parent) if parent.spec.relay.tls_secret.is_some() => Err(Refusal::new(
+            reasons::UNKNOWN_SITE,
+            format!("parent site {name} serves its own certificate (spec.relay.tlsSecret), which child relays cannot verify: they pin the controller's CA"),
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -205,21 +229,39 @@ mod tests {
         let r = check_name(&site).unwrap_err();
         assert_eq!(r.reason, reasons::INVALID_NAME);
         assert!(r.message.contains("\"Relay Berlin\""), "{}", r.message);
+        // Not another Site's Service.
+        site.spec.relay.hostnames = vec!["hq-relay.fleet.svc".into()];
+        let r = check_name(&site).unwrap_err();
+        assert!(r.message.contains("cluster Service name"), "{}", r.message);
     }
 
     #[test]
     fn a_child_site_waits_for_its_parent() {
+        let hq = Site::new("hq", Default::default());
+        let lookup = |name: &str| (name == "hq").then(|| hq.clone());
         let mut site = Site::new("branch", Default::default());
-        assert_eq!(check_parent(&site, |_| false), Ok(()), "no parent");
+        assert_eq!(check_parent(&site, |_| None), Ok(()), "no parent");
         site.spec.parent = Some("hq".into());
-        assert_eq!(check_parent(&site, |p| p == "hq"), Ok(()));
-        let r = check_parent(&site, |_| false).unwrap_err();
+        assert_eq!(check_parent(&site, lookup), Ok(()));
+        let r = check_parent(&site, |_| None).unwrap_err();
         assert_eq!(r.reason, reasons::UNKNOWN_SITE);
         assert!(
             r.message.contains("parent site hq does not exist"),
             "{}",
             r.message
         );
+        // A parent with a certificate of its own, and a site of its own.
+        let mut own = hq.clone();
+        own.spec.relay.tls_secret = Some("hq-tls".into());
+        let r = check_parent(&site, |_| Some(own.clone())).unwrap_err();
+        assert!(
+            r.message.contains("serves its own certificate"),
+            "{}",
+            r.message
+        );
+        site.spec.parent = Some("branch".into());
+        let r = check_parent(&site, |_| Some(site.clone())).unwrap_err();
+        assert!(r.message.contains("its own parent"), "{}", r.message);
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl SiteReconciler {
                     self.stores
                         .sites
                         .get(&ObjectRef::new(parent).within(&ns))
-                        .is_some()
+                        .map(|s| (*s).clone())
                 })
             })
         {
@@ -225,9 +225,12 @@ impl SiteReconciler {
             }),
             token: keys.relay_token(&ns, &name, &kid),
         };
+        // The relay reads its certificate at start: a new one (a new
+        // period, new hostnames) rolls the pods.
+        let cert_id = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(&creds.tls.0)[..4]);
         let credential_id = match &parent {
-            Some((_, parent_kid)) => format!("{kid}-{}.{parent_kid}", cert.period),
-            None => format!("{kid}-{}", cert.period),
+            Some((_, parent_kid)) => format!("{kid}-{cert_id}.{parent_kid}"),
+            None => format!("{kid}-{cert_id}"),
         };
         let params = RelayParams {
             default_image: &self.ctx.config.relay_image,
