@@ -60,13 +60,27 @@ impl Config {
                 );
             }
         }
+        let (mut bootstrap_token, mut trust_root_sha256, mut ca_file) =
+            (args.bootstrap_token, args.trust_root_sha256, args.ca_file);
+        if let Some(path) = &args.bundle {
+            let bundle = read_bundle(path)?;
+            bootstrap_token.get_or_insert(bundle.bootstrap_token);
+            trust_root_sha256.get_or_insert(bundle.trust_root_sha256);
+            if ca_file.is_none() {
+                // Kept beside the agent's state, where the client reads it.
+                std::fs::create_dir_all(&args.state_dir)?;
+                let ca = args.state_dir.join("bundle-ca.crt");
+                crate::state::write_atomic(&ca, bundle.ca.as_bytes())?;
+                ca_file = Some(ca);
+            }
+        }
         Ok(Self {
             server: args.server,
-            ca_file: args.ca_file,
+            ca_file,
             insecure: args.insecure,
             trusted_keys,
-            bootstrap_token: args.bootstrap_token,
-            trust_root_sha256: args.trust_root_sha256,
+            bootstrap_token,
+            trust_root_sha256,
             state_dir: args.state_dir,
             install_root: args.install_root,
             hostname: args.hostname.unwrap_or_else(system_hostname),
@@ -81,6 +95,21 @@ impl Config {
             once: args.once,
         })
     }
+}
+
+/// Reads an enrollment bundle (a small JSON file).
+fn read_bundle(path: &std::path::Path) -> anyhow::Result<caravan_api::trust::EnrollmentBundle> {
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut text))
+        .with_context(|| format!("reading enrollment bundle {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{} is not an enrollment bundle (from `caravan token create --bundle`)",
+            path.display()
+        )
+    })
 }
 
 fn system_hostname() -> String {

@@ -45,7 +45,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: enroll if needed, then converge forever.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what is installed and where each assignment stands.
     Status {
         #[command(flatten)]
@@ -147,6 +147,11 @@ pub struct RunArgs {
     /// rotated to). Without it, the first root offered is trusted.
     #[arg(long, env = "CARAVAN_TRUST_ROOT_SHA256")]
     pub trust_root_sha256: Option<String>,
+    /// An enrollment bundle (`caravan token create --bundle`): the bootstrap
+    /// token, the root of trust and the CA in one file, for whichever of
+    /// `--bootstrap-token`, `--trust-root-sha256` and `--ca-file` is not given.
+    #[arg(long, env = "CARAVAN_BUNDLE")]
+    pub bundle: Option<PathBuf>,
     /// Where the agent keeps its identity, records and downloads.
     #[arg(
         long,
@@ -189,7 +194,7 @@ pub struct RunArgs {
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => daemon::run(config::Config::from_args(args)?).await,
+        Command::Run(args) => daemon::run(config::Config::from_args(*args)?).await,
         Command::Status { state } => status::show(&state.open()?).await,
         Command::SelfTest {
             server,

@@ -21,6 +21,31 @@ use sha2::{Digest as _, Sha256};
 pub use crate::wire::{Envelope, EnvelopeSignature};
 use crate::{signing, wire::AgentDesired};
 
+/// What an endpoint needs to enroll at a site and to trust what it is told
+/// there, in one file: `caravan token create --bundle FILE` writes it from
+/// the Site's status, `caravan-agent run --bundle FILE` reads it. It closes
+/// trust on first use: the agent pins the root and the CA it names, not
+/// whatever its relay offers.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollmentBundle {
+    /// The bootstrap token (`<id>.<secret>`).
+    pub bootstrap_token: String,
+    /// sha256 of the controller's root of trust (`--trust-root-sha256`).
+    pub trust_root_sha256: String,
+    /// The CA (PEM) that issues the site's relay certificate (`--ca-file`).
+    pub ca: String,
+}
+
+impl std::fmt::Debug for EnrollmentBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollmentBundle")
+            .field("bootstrap_token", &"<redacted>")
+            .field("trust_root_sha256", &self.trust_root_sha256)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The payload type of an agent's desired state.
 pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
 /// The payload type of a root of trust.

@@ -95,6 +95,11 @@ pub enum TokenCommand {
         /// until it expires).
         #[arg(long)]
         max_uses: Option<u32>,
+        /// Also write an enrollment bundle to this file (mode 0600): the
+        /// token with the root of trust and the CA the site's agents pin,
+        /// for `caravan-agent run --bundle`.
+        #[arg(long)]
+        bundle: Option<std::path::PathBuf>,
         /// What the token is for.
         #[arg(long, default_value = "")]
         description: String,
@@ -130,6 +135,7 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
             ttl,
             max_uses,
             description,
+            bundle,
             namespace,
         } => {
             let sites: Api<Site> = namespaced(namespace.clone()).await?;
@@ -137,6 +143,20 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 .get_opt(&site)
                 .await?
                 .with_context(|| format!("there is no Site {site}"))?;
+            // What the bundle pins, checked before a token is made.
+            let trust = match &bundle {
+                None => None,
+                Some(_) => {
+                    let status = site_obj.status.clone().unwrap_or_default();
+                    let root = status.trust_root_sha256.with_context(|| {
+                        format!("Site {site} has no trust root in its status yet: is the controller running?")
+                    })?;
+                    let ca = status.ca.with_context(|| {
+                        format!("Site {site} has no CA in its status: it serves its own certificate (spec.relay.tlsSecret), or the controller has not looked at it yet; give agents that CA with --ca-file")
+                    })?;
+                    Some((root, ca))
+                }
+            };
             let uid = site_obj.meta().uid.clone().context("the Site has no UID")?;
             let token = TokenString::new(rand::random(), rand::random());
             let ttl = chrono::Duration::from_std(ttl).context("--ttl is too long")?;
@@ -170,6 +190,23 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     .map(|n| format!(", {n} use(s)"))
                     .unwrap_or_default()
             );
+            if let (Some(path), Some((trust_root_sha256, ca))) = (&bundle, trust) {
+                let bundle = caravan_api::trust::EnrollmentBundle {
+                    bootstrap_token: token.to_string(),
+                    trust_root_sha256,
+                    ca,
+                };
+                caravan_net::fs::write_private(
+                    path,
+                    &serde_json::to_vec_pretty(&bundle)?,
+                    caravan_net::fs::Existing::Replace,
+                )
+                .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!(
+                    "enrollment bundle written to {} (give agents --bundle {0})",
+                    path.display()
+                );
+            }
             println!("{token}");
             Ok(())
         }

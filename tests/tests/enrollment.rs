@@ -859,3 +859,73 @@ async fn an_agent_whose_renewal_is_refused_keeps_its_credential_until_it_has_a_n
     assert!(enrolled(&c, "desk").await?);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_set_up_with_a_bundle_pins_the_root_and_the_ca_it_names() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = Caravan::start("fleet").await?;
+    let _repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    wait_for("hq's status to name what its agents pin", T, || async {
+        let status = c.site("hq").await?.status.unwrap_or_default();
+        Ok(status.ca.zip(status.trust_root_sha256))
+    })
+    .await?;
+    let bundle = c.dir.join("hq.bundle.json");
+    c.cli(&[
+        "token",
+        "create",
+        "--site",
+        "hq",
+        "--bundle",
+        &bundle.display().to_string(),
+        "-n",
+        &c.namespace,
+    ])?;
+    let mode = std::fs::metadata(&bundle)?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the bundle holds a secret");
+
+    // An agent given nothing but its relay's address and the bundle.
+    let run = |host: &str, bundle: &std::path::Path| -> anyhow::Result<(bool, String)> {
+        let dir = c.dir.join("bundled").join(host);
+        let out = std::process::Command::new(caravan_tests::bin("caravan-agent")?)
+            .args(["run", "--once", "--server", &relay.url, "--hostname", host])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--install-root")
+            .arg(dir.join("root"))
+            .arg("--bundle")
+            .arg(bundle)
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        Ok((out.status.success(), log))
+    };
+    let (ok, log) = run("kiosk", &bundle)?;
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("pinned=true"),
+        "the root is pinned, not taken on first use: {log}"
+    );
+    assert!(c.dir.join("bundled/kiosk/root/hello").exists());
+
+    // A bundle naming another root, or another CA, is held to it.
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
+    let write = |name: &str, key: &str, value: String| -> anyhow::Result<std::path::PathBuf> {
+        let mut b = original.clone();
+        b[key] = value.into();
+        let path = c.dir.join(name);
+        std::fs::write(&path, serde_json::to_vec(&b)?)?;
+        Ok(path)
+    };
+    let other_root = write("root.json", "trustRootSha256", "0".repeat(64))?;
+    let (ok, log) = run("desk", &other_root)?;
+    assert!(!ok, "{log}");
+    assert!(log.contains("has the pinned sha256"), "{log}");
+    let other = caravan_tests::TestTls::generate(&c.dir.join("other-ca"))?;
+    let other_ca = write("ca.json", "ca", std::fs::read_to_string(&other.ca)?)?;
+    let (ok, log) = run("laptop", &other_ca)?;
+    assert!(!ok, "{log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    assert!(!enrolled(&c, "laptop").await?, "nothing reached the relay");
+    Ok(())
+}

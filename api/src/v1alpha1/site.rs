@@ -90,6 +90,15 @@ pub struct SiteStatus {
     /// The relay's cache, as it last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<crate::wire::RelayStats>,
+    /// The CA (PEM) that issued the relay's certificate, which the site's
+    /// agents pin (`--ca-file`); none when the Site brings its own
+    /// certificate (`spec.relay.tlsSecret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// sha256 of the controller's root of trust, which the site's agents
+    /// pin (`--trust-root-sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_root_sha256: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -317,6 +317,14 @@ impl SiteReconciler {
                 .last_seen(&key)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .or(previous.relay_last_seen),
+            // What `caravan token create --bundle` hands the site's agents.
+            ca: site
+                .spec
+                .relay
+                .tls_secret
+                .is_none()
+                .then(|| self.ctx.ca.cert_pem().to_string()),
+            trust_root_sha256: Some(self.ctx.trust.fingerprint()),
             conditions: vec![ready],
         };
         status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
