@@ -36,6 +36,8 @@ pub struct Config {
     /// Most bytes one package may unpack to (and never more than nine
     /// tenths of the free space in the install root).
     pub max_unpacked_bytes: u64,
+    /// Whom package scripts run as (`None`: the agent's own user).
+    pub script_user: Option<crate::transaction::scripts::RunAs>,
     /// Slowest a download may be before it is given up (slow retrieval).
     pub min_download_rate: crate::client::MinRate,
     /// Converge once and exit.
@@ -88,6 +90,11 @@ impl Config {
             retry_after: Duration::from_secs(args.retry_after),
             binary: args.binary,
             max_unpacked_bytes: args.max_unpacked_bytes,
+            script_user: args
+                .script_user
+                .as_deref()
+                .map(crate::transaction::scripts::RunAs::user)
+                .transpose()?,
             min_download_rate: crate::client::MinRate {
                 bytes_per_second: args.min_download_rate,
                 window: Duration::from_secs(args.download_window_seconds.max(1)),

@@ -131,6 +131,7 @@ impl Converger {
             state: &self.state,
             root: &self.config.install_root,
             max_unpacked_bytes: self.config.max_unpacked_bytes,
+            run_as: self.config.script_user.as_ref(),
         }
     }
 

@@ -179,6 +179,11 @@ pub struct RunArgs {
     /// to more (or to more than nine tenths of the free space) is refused.
     #[arg(long, env = "CARAVAN_MAX_UNPACKED_BYTES", default_value_t = 32 << 30)]
     pub max_unpacked_bytes: u64,
+    /// Run package scripts (install, uninstall, health check) as this user,
+    /// with its primary group and no other, instead of as the agent (root).
+    /// Files are still installed by the agent.
+    #[arg(long, env = "CARAVAN_SCRIPT_USER")]
+    pub script_user: Option<String>,
     /// Slowest a download may be, in bytes per second over each window of
     /// `--download-window-seconds`: a relay that trickles (or stalls) is
     /// given up on, and the download resumes at the next attempt.

@@ -63,6 +63,8 @@ pub struct Transaction<'a> {
     pub root: &'a Path,
     /// Most bytes one package may unpack to (see [`crate::policy::unpack_limits`]).
     pub max_unpacked_bytes: u64,
+    /// Whom package scripts run as (`None`: the agent's own user).
+    pub run_as: Option<&'a scripts::RunAs>,
 }
 
 /// A committed install.
@@ -142,6 +144,7 @@ impl Transaction<'_> {
             name,
             version: &to.version,
             install: &to.install,
+            run_as: self.run_as,
         };
         let mut output = String::new();
         for action in [Action::Install, Action::Health] {
@@ -182,6 +185,7 @@ impl Transaction<'_> {
                 name: package,
                 version: &record.version,
                 install: &record.install,
+                run_as: self.run_as,
             };
             let done =
                 scripts::run_for(&p, Action::Uninstall, &self.root.join(package), self.root).await;

@@ -7,6 +7,9 @@
 //! variables name, nothing of the agent's own (no bootstrap token, no
 //! proxy settings, no credentials). It runs in a process group of its own,
 //! and the package's timeout kills the whole group, whatever it started.
+//! With `--script-user` it runs as that user ([`RunAs`]: its uid, its
+//! primary group and no supplementary group, with `HOME` and `USER` set),
+//! not as the agent.
 
 use std::{
     collections::VecDeque,
@@ -53,11 +56,36 @@ impl Action {
     }
 }
 
-/// The package a script acts on.
+/// The user scripts run as, instead of the agent's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: std::path::PathBuf,
+}
+
+impl RunAs {
+    /// The system user `name`.
+    pub fn user(name: &str) -> anyhow::Result<Self> {
+        use uzers::os::unix::UserExt as _;
+        let user = uzers::get_user_by_name(name)
+            .with_context(|| format!("script user {name:?} does not exist on this endpoint"))?;
+        Ok(Self {
+            name: name.to_string(),
+            uid: user.uid(),
+            gid: user.primary_group_id(),
+            home: user.home_dir().to_path_buf(),
+        })
+    }
+}
+
+/// The package a script acts on, and whom it runs as (`None`: the agent).
 pub struct Target<'a> {
     pub name: &'a str,
     pub version: &'a str,
     pub install: &'a InstallSpec,
+    pub run_as: Option<&'a RunAs>,
 }
 
 /// The script a `script` package runs for `action`, if it has one.
@@ -103,6 +131,7 @@ pub async fn run_script(
         name,
         version,
         install,
+        run_as,
     } = *package;
     let action = action.as_str();
     let rel = Path::new(script);
@@ -143,6 +172,14 @@ pub async fn run_script(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(user) = run_as {
+        // Primary group, then user; the standard library also drops every
+        // supplementary group when root changes user.
+        cmd.gid(user.gid)
+            .uid(user.uid)
+            .env("HOME", &user.home)
+            .env("USER", &user.name);
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {action} script {script}"))?;
@@ -243,6 +280,7 @@ mod tests {
                 name: "app",
                 version: "1.2",
                 install: &spec(10),
+                run_as: None,
             },
         )
         .await
@@ -267,6 +305,7 @@ mod tests {
                 name: "app",
                 version: "1",
                 install: &spec(10),
+                run_as: None,
             },
         )
         .await
@@ -289,6 +328,7 @@ mod tests {
                 name: "app",
                 version: "1",
                 install: &spec(1),
+                run_as: None,
             },
         )
         .await
@@ -312,6 +352,7 @@ mod tests {
                 name: "app",
                 version: "1",
                 install: &spec(1),
+                run_as: None,
             },
         )
         .await
@@ -333,6 +374,7 @@ mod tests {
             name: "app",
             version: "1",
             install: &spec(10),
+            run_as: None,
         };
         let out = run_script(
             dir.path(),
@@ -365,6 +407,7 @@ mod tests {
             name: "app",
             version: "1",
             install: &spec(1),
+            run_as: None,
         };
         let e = run_script(
             dir.path(),
@@ -380,6 +423,63 @@ mod tests {
         assert!(
             !dir.path().join("late").exists(),
             "the background job outlived the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_script_runs_as_the_configured_user_and_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        // Readable and runnable by anyone, as a package directory would be.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        script(
+            dir.path(),
+            "echo \"$(id -u) $(id -g) $(id -G) $USER $HOME\"",
+        );
+        std::fs::set_permissions(
+            dir.path().join("install.sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let nobody = RunAs::user("nobody").unwrap();
+        let target = Target {
+            name: "app",
+            version: "1",
+            install: &spec(10),
+            run_as: Some(&nobody),
+        };
+        let ran = run_script(
+            dir.path(),
+            dir.path(),
+            "install.sh",
+            Action::Install,
+            &target,
+        )
+        .await;
+        if rustix::process::geteuid().is_root() {
+            let expected = format!(
+                "{0} {1} {1} nobody {2}",
+                nobody.uid,
+                nobody.gid,
+                nobody.home.display()
+            );
+            assert_eq!(ran.unwrap(), expected, "its uid, its group alone");
+        } else {
+            // Only root can run a script as another user: it says so.
+            let e = ran.unwrap_err();
+            assert!(
+                format!("{e:#}").contains("starting install script"),
+                "{e:#}"
+            );
+        }
+        let e = RunAs::user("no-such-user-here").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("\"no-such-user-here\" does not exist"),
+            "{e}"
         );
     }
 }

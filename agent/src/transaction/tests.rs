@@ -26,6 +26,7 @@ impl Endpoint {
             state: &self.state,
             root: &self.root,
             max_unpacked_bytes: 1 << 30,
+            run_as: None,
         };
         (tx, &self.root)
     }
