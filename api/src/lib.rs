@@ -35,6 +35,9 @@ pub mod labels {
     /// Annotation on a Site: each new value rotates the site's relay
     /// credential (`caravan site rotate-relay-credential`).
     pub const RELAY_CREDENTIAL_ROTATION: &str = "caravan.dev/relay-credential-rotation";
+    /// Label (value `"true"`) a Secret must carry for the controller to read
+    /// it as a GitSource's webhook secret.
+    pub const WEBHOOK_SECRET: &str = "caravan.dev/webhook-secret";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -72,6 +72,9 @@ pub mod paths {
     pub const VALIDATE_PACKAGES: &str = "/validate/packages";
     /// Controller: the admission webhook for Cabinets.
     pub const VALIDATE_CABINETS: &str = "/validate/cabinets";
+    /// Controller: a Git host's push webhook for one GitSource, authenticated
+    /// by HMAC (`X-Hub-Signature-256`) or token (`X-Gitlab-Token`).
+    pub const GIT_HOOK: &str = "/v1/hooks/git/{namespace}/{name}";
 
     /// Relay: enrollment (site bootstrap token).
     pub const ENROLL: &str = "/v1/enroll";

@@ -210,6 +210,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
     let (writers, stores) = stores::Stores::new();
     let (relays, relay_triggers) = site::RelayContacts::new();
+    let (git_syncs, git_sync_triggers) = tokio::sync::mpsc::channel(64);
     let relays = Arc::new(relays);
     let engine = engine::Engine::new(ctx.clone(), stores.clone(), blobs.clone())?;
     let server = Arc::new(server::ServerState {
@@ -220,6 +221,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stores: stores.clone(),
         polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
         enrollments: server::enroll::limiter(config.enrollments_per_second),
+        git_syncs,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {
@@ -238,7 +240,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { caravan_net::server::serve(&serve, app, shutdown).await }
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
-        Component::new("GitSource controller", gitsources.run(shutdown.clone())),
+        Component::new(
+            "GitSource controller",
+            gitsources.run(git_sync_triggers, shutdown.clone()),
+        ),
         Component::new(
             "Site controller",
             sites.run(relay_triggers, shutdown.clone()),

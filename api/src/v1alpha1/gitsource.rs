@@ -41,6 +41,22 @@ pub struct GitSourceSpec {
     /// Stop syncing without deleting anything.
     #[serde(default)]
     pub suspend: bool,
+    /// Sync as soon as the Git host says it was pushed to, not only every
+    /// interval: the host calls `POST /v1/hooks/git/<namespace>/<name>` on
+    /// the controller, signed with the secret of this Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// A Secret in the GitSource's namespace whose key `token` is the
+    /// webhook's secret (GitHub, Gitea and Forgejo sign the body with it:
+    /// `X-Hub-Signature-256`; GitLab sends it: `X-Gitlab-Token`). The
+    /// controller reads it only if it carries the label
+    /// `caravan.dev/webhook-secret: "true"`.
+    pub secret_ref: String,
 }
 
 fn default_branch() -> String {

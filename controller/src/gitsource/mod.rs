@@ -83,10 +83,24 @@ impl GitSources {
         }
     }
 
-    /// Runs the GitSource controller until shutdown.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs the GitSource controller until shutdown; `triggers` names
+    /// GitSources (namespace, name) to sync now (a push webhook).
+    pub async fn run(
+        self,
+        triggers: tokio::sync::mpsc::Receiver<(String, String)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let api = self.ctx.all::<GitSource>();
+        let triggers = futures::stream::unfold(triggers, |mut rx| async move {
+            rx.recv().await.map(|(ns, name)| {
+                (
+                    kube::runtime::reflector::ObjectRef::<GitSource>::new(&name).within(&ns),
+                    rx,
+                )
+            })
+        });
         Controller::new(api, watcher::Config::default())
+            .reconcile_on(triggers)
             .graceful_shutdown_on(shutdown.cancelled_owned())
             .run(reconcile, error_policy, Arc::new(self))
             .for_each(|outcome| async move { crate::error::log_outcome(outcome) })

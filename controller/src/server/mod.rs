@@ -3,7 +3,8 @@
 //! - [`sites`]: a site's desired state (long-poll), its relay's figures and
 //!   its agents' reports;
 //! - [`enroll`]: enrollments its relay passes on;
-//! - [`blobs`]: blobs for relays, uploads from `caravan package push`.
+//! - [`blobs`]: blobs for relays, uploads from `caravan package push`;
+//! - [`hooks`]: Git hosts' push webhooks (HMAC), for an immediate sync.
 //!
 //! Relays authenticate with their site's relay token ([`RelaySite`]); blob
 //! uploads with the upload token. Every error is JSON `{"error": "..."}`
@@ -11,6 +12,7 @@
 
 mod blobs;
 pub mod enroll;
+pub mod hooks;
 mod sites;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct ServerState {
     pub polls: Arc<caravan_net::server::PollSlots>,
     /// Enrollments per site.
     pub enrollments: enroll::EnrollmentLimiter,
+    /// GitSources (namespace, name) a webhook asks to sync now.
+    pub git_syncs: tokio::sync::mpsc::Sender<(String, String)>,
 }
 
 /// Most long-polls the relays of one site may hold open (one per replica).
@@ -73,6 +77,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(paths::SITE_DESIRED, get(sites::desired))
         .route(paths::SITE_ENROLL, post(enroll::enroll))
+        .route(
+            paths::GIT_HOOK,
+            post(hooks::git).layer(axum::extract::DefaultBodyLimit::max(hooks::HOOK_BODY_LIMIT)),
+        )
         .route(paths::SITE_STATS, post(sites::stats))
         .route(
             paths::SITE_REPORTS,
