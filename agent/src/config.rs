@@ -64,16 +64,27 @@ impl Config {
         }
         let (mut bootstrap_token, mut trust_root_sha256, mut ca_file) =
             (args.bootstrap_token, args.trust_root_sha256, args.ca_file);
-        if let Some(path) = &args.bundle {
-            let bundle = read_bundle(path)?;
-            bootstrap_token.get_or_insert(bundle.bootstrap_token);
-            trust_root_sha256.get_or_insert(bundle.trust_root_sha256);
-            if ca_file.is_none() {
-                // Kept beside the agent's state, where the client reads it.
-                std::fs::create_dir_all(&args.state_dir)?;
-                let ca = args.state_dir.join("bundle-ca.crt");
-                crate::state::write_atomic(&ca, bundle.ca.as_bytes())?;
-                ca_file = Some(ca);
+        // The bundle's CA, kept with the agent's state from its first use:
+        // pinned from then on, even once the bundle (which holds a token) is
+        // gone or `--bundle` dropped.
+        let kept_ca = args.state_dir.join("bundle-ca.crt");
+        match &args.bundle {
+            Some(path) if path.exists() || !kept_ca.exists() => {
+                let bundle = read_bundle(path)?;
+                bootstrap_token.get_or_insert(bundle.bootstrap_token);
+                trust_root_sha256.get_or_insert(bundle.trust_root_sha256);
+                if ca_file.is_none() {
+                    if !kept_ca.exists() {
+                        std::fs::create_dir_all(&args.state_dir)?;
+                        crate::state::write_atomic(&kept_ca, bundle.ca.as_bytes())?;
+                    }
+                    ca_file = Some(kept_ca);
+                }
+            }
+            _ => {
+                if ca_file.is_none() && kept_ca.exists() {
+                    ca_file = Some(kept_ca);
+                }
             }
         }
         Ok(Self {
@@ -104,9 +115,19 @@ impl Config {
     }
 }
 
-/// Reads an enrollment bundle (a small JSON file).
+/// Reads an enrollment bundle (a small JSON file), if it is the agent's
+/// own: nobody else may have written what it pins.
 fn read_bundle(path: &std::path::Path) -> anyhow::Result<caravan_api::trust::EnrollmentBundle> {
-    use std::io::Read as _;
+    use std::{io::Read as _, os::unix::fs::MetadataExt as _};
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("reading enrollment bundle {}", path.display()))?;
+    anyhow::ensure!(
+        meta.is_file()
+            && meta.uid() == rustix::process::geteuid().as_raw()
+            && meta.mode() & 0o022 == 0,
+        "enrollment bundle {} must be a file of the agent's own user that nobody else can write",
+        path.display()
+    );
     let mut text = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(64 << 10).read_to_end(&mut text))

@@ -177,19 +177,7 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 o.controller = Some(false);
                 vec![o]
             });
-            let tokens: Api<BootstrapToken> = namespaced(namespace).await?;
-            tokens
-                .create(&PostParams::default(), &record)
-                .await
-                .context("creating the BootstrapToken")?;
-            eprintln!(
-                "bootstrap token {} for site {site}, expires {}{}",
-                token.id,
-                record.spec.expires.to_rfc3339(),
-                max_uses
-                    .map(|n| format!(", {n} use(s)"))
-                    .unwrap_or_default()
-            );
+            // Written first: a token is never made without its bundle.
             if let (Some(path), Some((trust_root_sha256, ca))) = (&bundle, trust) {
                 let bundle = caravan_api::trust::EnrollmentBundle {
                     bootstrap_token: token.to_string(),
@@ -202,11 +190,29 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     caravan_net::fs::Existing::Replace,
                 )
                 .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let tokens: Api<BootstrapToken> = namespaced(namespace).await?;
+            let created = tokens.create(&PostParams::default(), &record).await;
+            if let Err(e) = created {
+                if let Some(path) = &bundle {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e).context("creating the BootstrapToken");
+            }
+            if let Some(path) = &bundle {
                 eprintln!(
                     "enrollment bundle written to {} (give agents --bundle {0})",
                     path.display()
                 );
             }
+            eprintln!(
+                "bootstrap token {} for site {site}, expires {}{}",
+                token.id,
+                record.spec.expires.to_rfc3339(),
+                max_uses
+                    .map(|n| format!(", {n} use(s)"))
+                    .unwrap_or_default()
+            );
             println!("{token}");
             Ok(())
         }

@@ -109,8 +109,9 @@ impl Ca {
         let period = (now.timestamp() - offset).div_euclid(length);
         let start = DateTime::<Utc>::from_timestamp(period * length + offset, 0)
             .context("a period in range")?;
+        // Not the bare `<site>-relay`: Sites of one name in two namespaces
+        // would share it.
         let mut names: Vec<String> = vec![
-            relay.clone(),
             format!("{relay}.{ns}"),
             format!("{relay}.{ns}.svc"),
             format!("{relay}.{ns}.svc.cluster.local"),

@@ -222,6 +222,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
         enrollments: server::enroll::limiter(config.enrollments_per_second),
         git_syncs,
+        hooks: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {

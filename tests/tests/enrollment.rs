@@ -907,9 +907,14 @@ async fn an_agent_set_up_with_a_bundle_pins_the_root_and_the_ca_it_names() -> an
         "the root is pinned, not taken on first use: {log}"
     );
     assert!(c.dir.join("bundled/kiosk/root/hello").exists());
+    // The bundle holds a token: once the agent has enrolled it may go, and
+    // the agent keeps its pins.
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
+    std::fs::remove_file(&bundle)?;
+    let (ok, log) = run("kiosk", &bundle)?;
+    assert!(ok, "{log}");
 
     // A bundle naming another root, or another CA, is held to it.
-    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
     let write = |name: &str, key: &str, value: String| -> anyhow::Result<std::path::PathBuf> {
         let mut b = original.clone();
         b[key] = value.into();

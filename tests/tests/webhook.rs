@@ -1,7 +1,8 @@
 //! A Git host's push webhook: a call signed with the GitSource's webhook
-//! secret has it synced at once; an unsigned or wrongly signed call, or one
-//! for a Secret not labelled for the controller to read, is refused and
-//! syncs nothing.
+//! secret has it synced at once; an unsigned or wrongly signed call, a
+//! ping, one for a Secret not labelled for the controller to use, another
+//! namespace or a name that is no name is refused (or answered) and syncs
+//! nothing.
 
 use std::time::Duration;
 
@@ -65,13 +66,18 @@ async fn a_signed_push_webhook_syncs_at_once_and_nothing_else_does() -> anyhow::
         }
         .send()
     };
-    // The Secret is not labelled for the controller: it is not read.
+    // The Secret is not labelled for the controller: it is not used. The
+    // caller learns no more than "not here"; the log says why.
     let res = call(Some(signed(b"s3cret"))).await?;
-    assert_eq!(res.status(), 403);
-    assert!(res
-        .text()
-        .await?
-        .contains("is not labelled caravan.dev/webhook-secret"));
+    assert_eq!(res.status(), 404);
+    let text = res.text().await?;
+    assert!(!text.contains("fleet-hook"), "{text}");
+    wait_for("the reason in the controller's log", T, || async {
+        Ok(c.logs()
+            .contains("is not labelled caravan.dev/webhook-secret")
+            .then_some(()))
+    })
+    .await?;
     secrets
         .patch(
             "fleet-hook",
@@ -81,7 +87,8 @@ async fn a_signed_push_webhook_syncs_at_once_and_nothing_else_does() -> anyhow::
             })),
         )
         .await?;
-    // Unsigned, or signed with another secret: refused.
+    // Unsigned, signed with another secret, or another GitLab token:
+    // refused.
     for (sig, words) in [
         (None, "unsigned"),
         (Some(signed(b"guess")), "does not match"),
@@ -91,6 +98,21 @@ async fn a_signed_push_webhook_syncs_at_once_and_nothing_else_does() -> anyhow::
         let text = res.text().await?;
         assert!(text.contains(words), "{text}");
     }
+    let res = caravan_tests::http()
+        .post(&url)
+        .header("X-Gitlab-Token", "guess")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 401);
+    // A signed ping is answered, and syncs nothing either.
+    let res = caravan_tests::http()
+        .post(&url)
+        .header("X-GitHub-Event", "ping")
+        .header("X-Hub-Signature-256", signed(b"s3cret"))
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         revision(&c).await?,
@@ -106,11 +128,21 @@ async fn a_signed_push_webhook_syncs_at_once_and_nothing_else_does() -> anyhow::
             .map(|_| ()))
     })
     .await?;
-    // A GitSource without a webhook takes none.
-    let res = caravan_tests::http()
-        .post(format!("{}/v1/hooks/git/{}/nope", c.api_url, c.namespace))
-        .send()
-        .await?;
-    assert_eq!(res.status(), 404);
+    // Nothing else takes webhooks: no such GitSource, a namespace the
+    // controller does not serve, a name that is no name (it would reach
+    // the API server's URL).
+    for path in [
+        format!("{}/nope", c.namespace),
+        "kube-system/fleet".to_string(),
+        format!("{}/fleet%3Fwatch%3Dtrue", c.namespace),
+    ] {
+        let res = caravan_tests::http()
+            .post(format!("{}/v1/hooks/git/{path}", c.api_url))
+            .header("X-Hub-Signature-256", signed(b"s3cret"))
+            .body(body.clone())
+            .send()
+            .await?;
+        assert_eq!(res.status(), 404, "{path}");
+    }
     Ok(())
 }

@@ -54,7 +54,7 @@ pub struct WebhookSpec {
     /// A Secret in the GitSource's namespace whose key `token` is the
     /// webhook's secret (GitHub, Gitea and Forgejo sign the body with it:
     /// `X-Hub-Signature-256`; GitLab sends it: `X-Gitlab-Token`). The
-    /// controller reads it only if it carries the label
+    /// controller uses it only if it carries the label
     /// `caravan.dev/webhook-secret: "true"`.
     pub secret_ref: String,
 }

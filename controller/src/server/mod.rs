@@ -50,6 +50,8 @@ pub struct ServerState {
     pub enrollments: enroll::EnrollmentLimiter,
     /// GitSources (namespace, name) a webhook asks to sync now.
     pub git_syncs: tokio::sync::mpsc::Sender<(String, String)>,
+    /// The webhook endpoint's call slots and last triggers.
+    pub hooks: hooks::Hooks,
 }
 
 /// Most long-polls the relays of one site may hold open (one per replica).
