@@ -173,6 +173,17 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+/// Secret keys, each mounted as the file named beside it.
+fn items(keys: &[(&str, &str)]) -> Vec<KeyToPath> {
+    keys.iter()
+        .map(|(key, path)| KeyToPath {
+            key: (*key).into(),
+            path: (*path).into(),
+            mode: None,
+        })
+        .collect()
+}
+
 fn secret_volume(name: &str, secret: &str, items: Option<Vec<KeyToPath>>) -> Volume {
     Volume {
         name: name.into(),
@@ -221,12 +232,11 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
             format!("{UPSTREAM_DIR}/{UPSTREAM_CA_KEY}"),
         ]);
         mounts.push(mount("upstream", UPSTREAM_DIR, true));
-        let item = KeyToPath {
-            key: UPSTREAM_CA_KEY.into(),
-            path: UPSTREAM_CA_KEY.into(),
-            mode: None,
-        };
-        volumes.push(secret_volume("upstream", &relay, Some(vec![item])));
+        volumes.push(secret_volume(
+            "upstream",
+            &relay,
+            Some(items(&[(UPSTREAM_CA_KEY, UPSTREAM_CA_KEY)])),
+        ));
     }
     // HTTPS always: with the Site's own certificate, or the one the
     // controller's CA issued the relay (in its Secret).
@@ -239,16 +249,14 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
     mounts.push(mount("tls", TLS_DIR, true));
     volumes.push(match &site.spec.relay.tls_secret {
         Some(tls) => secret_volume("tls", tls, None),
-        None => {
-            let items = [(TLS_CERT_KEY, "tls.crt"), (TLS_KEY_KEY, "tls.key")]
-                .map(|(key, path)| KeyToPath {
-                    key: key.into(),
-                    path: path.into(),
-                    mode: None,
-                })
-                .to_vec();
-            secret_volume("tls", &relay, Some(items))
-        }
+        None => secret_volume(
+            "tls",
+            &relay,
+            Some(items(&[
+                (TLS_CERT_KEY, "tls.crt"),
+                (TLS_KEY_KEY, "tls.key"),
+            ])),
+        ),
     });
     let mut envs = vec![
         env("CARAVAN_UPSTREAM", params.upstream_url),
@@ -269,12 +277,11 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
             format!("{CA_DIR}/{CA_KEY}"),
         ]);
         mounts.push(mount("ca", CA_DIR, true));
-        let item = KeyToPath {
-            key: CA_KEY.into(),
-            path: CA_KEY.into(),
-            mode: None,
-        };
-        volumes.push(secret_volume("ca", &relay, Some(vec![item])));
+        volumes.push(secret_volume(
+            "ca",
+            &relay,
+            Some(items(&[(CA_KEY, CA_KEY)])),
+        ));
     }
     let scheme = "HTTPS";
     let container = Container {

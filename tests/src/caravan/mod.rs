@@ -223,27 +223,24 @@ impl Caravan {
         ]);
         let controller = spawn_controller(&args, &env, &dir, &api_url).await?;
         // Agents are pinned to the controller's root, as an operator would pin them.
-        let out = std::process::Command::new(bin("caravan-controller")?)
-            .args(["--data-dir", &trust_dir, "trust-root"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "caravan-controller trust-root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let root = String::from_utf8(out.stdout)?.trim().to_string();
+        let one_off = |command: &str| -> anyhow::Result<Vec<u8>> {
+            let out = std::process::Command::new(bin("caravan-controller")?)
+                .args(["--data-dir", &trust_dir, command])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "caravan-controller {command}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(out.stdout)
+        };
+        let root = String::from_utf8(one_off("trust-root")?)?
+            .trim()
+            .to_string();
         // ...and given the controller's CA, which issues the relays'
         // certificates (and the test CA, when the Sites use it).
-        let out = std::process::Command::new(bin("caravan-controller")?)
-            .args(["--data-dir", &trust_dir, "ca"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "caravan-controller ca: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        crate::trust(&out.stdout);
-        let mut bundle = out.stdout;
+        let mut bundle = one_off("ca")?;
+        crate::trust(&bundle);
         if let Some(tls) = &tls {
             bundle.extend(std::fs::read(&tls.ca)?);
         }
