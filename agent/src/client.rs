@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use caravan_api::{
     trust::Envelope,
     wire::{
-        paths, AgentReport, EnrollRequest, EnrollResponse, RenewRequest, MAX_AGENT_DESIRED_BYTES,
+        paths, EnrollRequest, EnrollResponse, RenewRequest, MAX_AGENT_DESIRED_BYTES,
         MAX_SMALL_ANSWER_BYTES, MAX_WAIT_SECONDS,
     },
     Digest,
@@ -230,7 +230,8 @@ impl Client {
             .map_err(|source| ClientError::Body { url, error: source })
     }
 
-    pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {
+    /// Sends a signed report (`StateDir::sign_report`).
+    pub async fn report(&self, report: &Envelope) -> Result<(), ClientError> {
         let url = format!("{}{}", self.base, paths::REPORT);
         self.send(
             self.http

@@ -457,7 +457,9 @@ impl Converger {
         let mut jobs: Vec<JobState> = self.jobs.values().cloned().collect();
         jobs.sort_by(|a, b| (&a.job, &a.package).cmp(&(&b.job, &b.package)));
         let report = AgentReport {
+            // Filled in when signed.
             agent: String::new(),
+            sequence: 0,
             version: env!("CARGO_PKG_VERSION").into(),
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
@@ -467,10 +469,15 @@ impl Converger {
             desired_version: self.desired.version,
             desired_refused: self.refused.clone(),
         };
-        if let Err(e) = self.state.set_last_report(&report) {
-            tracing::warn!(error = %e, "cannot save the last report");
-        }
-        match self.client.report(&report).await {
+        let signed = match self.state.sign_report(report) {
+            Ok(signed) => signed,
+            Err(e) => {
+                self.last_delivered = None;
+                tracing::warn!(error = %format!("{e:#}"), "cannot sign the report; will retry");
+                return;
+            }
+        };
+        match self.client.report(&signed).await {
             Ok(()) => {
                 self.last_delivered = Some(Instant::now());
                 // A new agent binary that reports has proved itself.

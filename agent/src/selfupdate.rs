@@ -268,7 +268,8 @@ pub async fn self_test(
         .await
         .context("reading the desired state")?;
     if let Some(report) = state.last_report()? {
-        client.report(&report).await.context("reporting")?;
+        let signed = state.sign_report(report)?;
+        client.report(&signed).await.context("reporting")?;
     }
     println!("self-test passed: agent {} reached {server}", creds.agent);
     Ok(())

@@ -237,8 +237,24 @@ impl StateDir {
         self.read_json("last-report.json")
     }
 
-    pub fn set_last_report(&self, report: &AgentReport) -> anyhow::Result<()> {
-        self.write_json("last-report.json", report)
+    /// Signs `report` with the agent key, as the enrolled agent, under a
+    /// sequence above every report signed before (the time in milliseconds,
+    /// or one more than the last), and keeps it as the last report.
+    pub fn sign_report(
+        &self,
+        mut report: AgentReport,
+    ) -> anyhow::Result<caravan_api::trust::Envelope> {
+        let creds = self
+            .credentials()?
+            .context("not enrolled: no agent name to report as")?;
+        let last = self.last_report().ok().flatten().map_or(0, |r| r.sequence);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        report.agent = creds.agent;
+        report.sequence = now.max(last + 1);
+        self.write_json("last-report.json", &report)?;
+        Ok(caravan_api::trust::sign_report(&report, &self.agent_key()?))
     }
 
     /// A JSON file of the state directory (`name` may be in a

@@ -143,6 +143,7 @@ mod tests {
         };
         let report = AgentReport {
             agent: String::new(),
+            sequence: 0,
             version: "0".into(),
             os: "linux".into(),
             arch: "x86_64".into(),

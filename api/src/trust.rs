@@ -12,6 +12,9 @@
 //! - The controller signs each agent's whole desired state
 //!   ([`crate::wire::AgentDesired`], with a version and an expiry) under the
 //!   root's keys; see [`verify_desired`] for what an agent refuses.
+//! - Each agent signs its reports ([`crate::wire::AgentReport`], with a
+//!   sequence that only grows) with the key it enrolled with, so a relay
+//!   can neither forge nor replay one; see [`verify_report`].
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
@@ -19,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 pub use crate::wire::{Envelope, EnvelopeSignature};
-use crate::{signing, wire::AgentDesired};
+use crate::{
+    signing,
+    wire::{AgentDesired, AgentReport},
+};
 
 /// What an endpoint needs to enroll at a site and to trust what it is told
 /// there, in one file: `caravan token create --bundle FILE` writes it from
@@ -50,6 +56,8 @@ impl std::fmt::Debug for EnrollmentBundle {
 pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
 /// The payload type of a root of trust.
 pub const ROOT_TYPE: &str = "application/vnd.caravan.root.v1+json";
+/// The payload type of an agent's report.
+pub const REPORT_TYPE: &str = "application/vnd.caravan.agent-report.v1+json";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrustError {
@@ -59,7 +67,7 @@ pub enum TrustError {
     WrongType { expected: String, found: String },
     #[error("signed by {found} of the {threshold} trusted keys needed")]
     NotSigned { found: usize, threshold: usize },
-    #[error("desired state for agent {found}, not for this agent ({expected})")]
+    #[error("signed for agent {found}, not for {expected}")]
     OtherAgent { expected: String, found: String },
     #[error("desired state version {found} is older than version {accepted}, accepted already (a rollback)")]
     Rollback { accepted: u64, found: u64 },
@@ -69,6 +77,8 @@ pub enum TrustError {
     Expired { version: u64, expires: String },
     #[error("root version {found} does not follow version {current}")]
     RootOutOfOrder { current: u64, found: u64 },
+    #[error("report sequence {found} is not newer than {accepted}, accepted already (a replay, or the endpoint's clock went back)")]
+    Replayed { accepted: u64, found: u64 },
 }
 
 impl TrustError {
@@ -83,6 +93,7 @@ impl TrustError {
             Self::Equivocation { .. } => "Equivocation",
             Self::Expired { .. } => "Expired",
             Self::RootOutOfOrder { .. } => "RootOutOfOrder",
+            Self::Replayed { .. } => "Replayed",
         }
     }
 
@@ -358,6 +369,51 @@ pub fn verify_desired(
     Ok((desired, accepted))
 }
 
+/// `report`, signed with the agent's `key`.
+pub fn sign_report(report: &AgentReport, key: &SigningKey) -> Envelope {
+    let body = serde_json::to_vec(report).expect("a report serializes");
+    Envelope::sign(REPORT_TYPE, &body, &[key])
+}
+
+/// The agent a signed report says it is from, unverified: for finding the
+/// key to verify it with, never for acting on it.
+pub fn report_agent(envelope: &Envelope) -> Result<String, TrustError> {
+    #[derive(Deserialize)]
+    struct Agent {
+        agent: String,
+    }
+    let body = envelope.unverified_payload()?;
+    let a: Agent =
+        serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
+    Ok(a.agent)
+}
+
+/// The report in `envelope`, if `key` (the Agent's) signed it, it is
+/// `agent`'s, and its sequence is above `accepted` (the last one taken).
+pub fn verify_report(
+    envelope: &Envelope,
+    key: &VerifyingKey,
+    agent: &str,
+    accepted: u64,
+) -> Result<AgentReport, TrustError> {
+    let body = envelope.verify(REPORT_TYPE, std::slice::from_ref(key), 1)?;
+    let report: AgentReport =
+        serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
+    if report.agent != agent {
+        return Err(TrustError::OtherAgent {
+            expected: agent.into(),
+            found: report.agent,
+        });
+    }
+    if report.sequence <= accepted {
+        return Err(TrustError::Replayed {
+            accepted,
+            found: report.sequence,
+        });
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,5 +591,43 @@ mod tests {
         let at2 = Root::first(&r1, None).unwrap().rotate(&r2).unwrap();
         assert_eq!(at2.follow(&chain).unwrap().unwrap().0.version, 3);
         assert!(at2.follow(&chain[..2]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_report_counts_only_signed_by_its_agent_for_itself_and_newer_than_the_last() {
+        let report: AgentReport = serde_json::from_value(serde_json::json!({
+            "agent": "desk", "sequence": 10, "version": "1", "os": "linux", "arch": "x86_64",
+            "installed": [], "jobs": []
+        }))
+        .unwrap();
+        let (agent_key, other) = (key(1), key(2));
+        let signed = sign_report(&report, &agent_key);
+        let k = agent_key.verifying_key();
+        assert_eq!(report_agent(&signed).unwrap(), "desk");
+        assert_eq!(verify_report(&signed, &k, "desk", 9).unwrap(), report);
+        let reason = |r: Result<AgentReport, TrustError>| r.unwrap_err().reason();
+        // Replayed: not above the last one taken.
+        assert_eq!(reason(verify_report(&signed, &k, "desk", 10)), "Replayed");
+        // Another agent's key, or the payload changed under the signature.
+        assert_eq!(
+            reason(verify_report(&sign_report(&report, &other), &k, "desk", 0)),
+            "NotSigned"
+        );
+        let mut changed = report.clone();
+        changed.sequence = 11;
+        let spliced = Envelope {
+            payload: B64.encode(serde_json::to_vec(&changed).unwrap()),
+            ..signed.clone()
+        };
+        assert_eq!(reason(verify_report(&spliced, &k, "desk", 0)), "NotSigned");
+        // Signed by the agent, but for another: the name is the agent's to sign.
+        assert_eq!(reason(verify_report(&signed, &k, "lab", 0)), "OtherAgent");
+        // A desired-state document is not a report.
+        let desired = Envelope::sign(
+            DESIRED_TYPE,
+            &serde_json::to_vec(&report).unwrap(),
+            &[&agent_key],
+        );
+        assert_eq!(reason(verify_report(&desired, &k, "desk", 0)), "WrongType");
     }
 }

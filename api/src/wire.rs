@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `GET  /v1/site/desired` | relay token | long-poll (`If-None-Match`, `?wait=`) → [`SiteDesired`] |
 //! | `POST /v1/site/enroll` | relay token | [`SiteEnroll`] → [`EnrollForward`] |
-//! | `POST /v1/site/reports` | relay token | `Vec<AgentReport>` |
+//! | `POST /v1/site/reports` | relay token | `Vec<`[`Envelope`]`>` of [`AgentReport`] (each signed by its agent) |
 //! | `POST /v1/site/stats` | relay token | [`RelayStats`] |
 //! | `GET  /v1/blobs/sha256:<hex>` | relay token | blob bytes, `Range` + `If-Range` |
 //! | `GET  /v1/uploads/sha256:<hex>` | upload token | → [`UploadState`] |
@@ -20,7 +20,7 @@
 //! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
 //! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of `trust::Root`, oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
-//! | `POST /v1/report` | agent token | [`AgentReport`] |
+//! | `POST /v1/report` | agent token | [`Envelope`] of [`AgentReport`] (signed with the agent's key) |
 //!
 //! Every error answer is [`ErrorBody`]: `{"error": "..."}` naming the problem.
 
@@ -377,13 +377,19 @@ pub struct JobState {
     pub time: String,
 }
 
-/// An agent's full state, sent at every transition. The latest one wins.
+/// An agent's full state, sent at every transition, signed with the
+/// agent's key (`trust::sign_report`). The latest one wins.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentReport {
-    /// Filled in by the relay from the agent's credential.
-    #[serde(default)]
+    /// The agent's name (its credential's); relays refuse a report whose
+    /// name is not that of the agent sending it.
     pub agent: String,
+    /// Grows with every report the agent sends (milliseconds since the Unix
+    /// epoch, or one more than the last): the controller takes a report
+    /// only if it is above the last one taken, so none can be replayed.
+    #[serde(default)]
+    pub sequence: u64,
     pub version: String,
     pub os: String,
     pub arch: String,

@@ -223,6 +223,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         enrollments: server::enroll::limiter(config.enrollments_per_second),
         git_syncs,
         hooks: Default::default(),
+        reports: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {

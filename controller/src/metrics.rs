@@ -54,13 +54,29 @@ pub struct Metrics {
     pub blob_served_bytes: Counter,
     /// Agent reports received from relays.
     pub reports: Counter,
+    /// Agent reports refused, by reason (`Replayed`, `NotSigned`, …).
+    pub reports_refused: Family<ReasonLabel, Counter>,
     /// Recomputations of desired state and status.
     pub recomputes: Counter,
     /// Agents known to the engine.
     pub agents: Gauge,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 impl Metrics {
+    /// Counts one refused agent report.
+    pub fn report_refused(&self, reason: &str) {
+        self.reports_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts one GitSource sync.
     pub fn git_sync(&self, result: SyncResult) {
         self.git_syncs.get_or_create(&ResultLabel { result }).inc();
@@ -75,6 +91,7 @@ impl Default for Metrics {
             blob_upload_bytes: Counter::default(),
             blob_served_bytes: Counter::default(),
             reports: Counter::default(),
+            reports_refused: Family::default(),
             recomputes: Counter::default(),
             agents: Gauge::default(),
             registry: Registry::default(),
@@ -96,6 +113,11 @@ impl Default for Metrics {
             m.blob_served_bytes.clone(),
         );
         registry.register("agent_reports", "Agent reports received", m.reports.clone());
+        registry.register(
+            "agent_reports_refused",
+            "Agent reports refused (not signed by the agent, replayed, another site's), by reason",
+            m.reports_refused.clone(),
+        );
         registry.register(
             "engine_recomputes",
             "Recomputations of desired state and status",

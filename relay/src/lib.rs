@@ -104,7 +104,8 @@ pub struct Relay {
     /// The long-polls each agent holds open (at most [`POLLS_PER_AGENT`]).
     pub polls: Arc<caravan_net::server::PollSlots>,
     /// Reports on their way up (at most [`upstream::REPORT_QUEUE`]).
-    pub reports: tokio::sync::mpsc::Sender<caravan_api::wire::AgentReport>,
+    /// Signed agent reports, with the name of the agent that sent each.
+    pub reports: tokio::sync::mpsc::Sender<(String, caravan_api::wire::Envelope)>,
     pub metrics: Arc<metrics::Metrics>,
 }
 

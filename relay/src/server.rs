@@ -10,7 +10,7 @@ use axum::{
     Json, Router,
 };
 use caravan_api::{
-    wire::{paths, AgentReport, EnrollRequest, EnrollResponse, RenewRequest, SiteEnroll},
+    wire::{paths, EnrollRequest, EnrollResponse, Envelope, RenewRequest, SiteEnroll},
     Digest,
 };
 use caravan_net::{
@@ -248,21 +248,32 @@ async fn roots(State(relay): State<Arc<Relay>>, _who: Downstream) -> Result<Resp
 async fn report(
     State(relay): State<Arc<Relay>>,
     AgentName(agent): AgentName,
-    Json(mut report): Json<AgentReport>,
+    Json(report): Json<Envelope>,
 ) -> Result<StatusCode, ApiError> {
-    // An agent reports for itself only, whatever the body says.
-    report.agent = agent;
+    // An agent reports for itself only. (The signature is the controller's
+    // to check: it holds the agent's key.)
+    let named = caravan_api::trust::report_agent(&report)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("report: {e}")))?;
+    if named != agent {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            format!("a report for agent {named}: agent {agent} reports for itself only"),
+        ));
+    }
     relay.metrics.reports.inc();
-    relay.reports.try_send(report).map_err(|e| match e {
-        // The agent reports again at its next change or heartbeat.
-        tokio::sync::mpsc::error::TrySendError::Full(_) => err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay is busy passing reports up; report again later",
-        ),
-        tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-            err(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down")
-        }
-    })?;
+    relay
+        .reports
+        .try_send((agent, report))
+        .map_err(|e| match e {
+            // The agent reports again at its next change or heartbeat.
+            tokio::sync::mpsc::error::TrySendError::Full(_) => err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay is busy passing reports up; report again later",
+            ),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                err(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down")
+            }
+        })?;
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use caravan_api::{
     wire::{
-        paths, AgentReport, EnrollForward, RelayStats, SiteDesired, SiteEnroll,
+        paths, EnrollForward, Envelope, RelayStats, SiteDesired, SiteEnroll,
         MAX_SITE_DESIRED_BYTES, MAX_SMALL_ANSWER_BYTES,
     },
     Digest,
@@ -141,7 +141,7 @@ impl Upstream {
         Ok(())
     }
 
-    pub async fn reports(&self, batch: &[AgentReport]) -> Result<(), UpstreamError> {
+    pub async fn reports(&self, batch: &[Envelope]) -> Result<(), UpstreamError> {
         let url = self.url(paths::SITE_REPORTS);
         self.send(
             self.http
@@ -185,16 +185,16 @@ pub const REPORT_QUEUE: usize = 10_000;
 /// kept while the controller is unreachable, so memory stays bounded.
 pub async fn forward_reports(
     upstream: Upstream,
-    mut rx: tokio::sync::mpsc::Receiver<AgentReport>,
+    mut rx: tokio::sync::mpsc::Receiver<(String, Envelope)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut pending: HashMap<String, AgentReport> = HashMap::new();
+    let mut pending: HashMap<String, Envelope> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         if pending.is_empty() {
             match rx.recv().await {
-                Some(r) => {
-                    pending.insert(r.agent.clone(), r);
+                Some((agent, r)) => {
+                    pending.insert(agent, r);
                 }
                 None => return Ok(()),
             }
@@ -205,17 +205,21 @@ pub async fn forward_reports(
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
-                    Some(r) => { pending.insert(r.agent.clone(), r); }
+                    Some((agent, r)) => { pending.insert(agent, r); }
                     None => break,
                 },
                 () = &mut window => break,
             }
         }
-        let batch: Vec<AgentReport> = pending.values().take(MAX_REPORT_BATCH).cloned().collect();
+        let (agents, batch): (Vec<String>, Vec<Envelope>) = pending
+            .iter()
+            .take(MAX_REPORT_BATCH)
+            .map(|(a, r)| (a.clone(), r.clone()))
+            .unzip();
         match upstream.reports(&batch).await {
             Ok(()) => {
-                for r in &batch {
-                    pending.remove(&r.agent);
+                for a in &agents {
+                    pending.remove(a);
                 }
                 backoff.reset();
             }
@@ -223,8 +227,8 @@ pub async fn forward_reports(
             // retrying cannot help, and must not block the reports behind it.
             Err(e @ UpstreamError::Status { status, .. }) if status.is_client_error() => {
                 tracing::error!(error = %e, agents = batch.len(), "reports refused by upstream; dropped");
-                for r in &batch {
-                    pending.remove(&r.agent);
+                for a in &agents {
+                    pending.remove(a);
                 }
             }
             Err(e) => {

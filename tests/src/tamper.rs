@@ -1,8 +1,8 @@
 //! A tampering proxy: a real HTTP server standing between agents and their
 //! real relay, as a compromised relay or an attacker on the branch LAN
 //! would. It passes everything on, records every desired-state document it
-//! passes (per agent), and, when a test says so, answers an agent's
-//! desired-state polls with something else.
+//! passes and every report it carries up (per agent), and, when a test says
+//! so, answers an agent's desired-state polls with something else.
 
 use std::{
     collections::HashMap,
@@ -29,6 +29,8 @@ struct Shared {
     tamper: Tamper,
     /// Every desired-state body passed on, per agent, oldest first.
     seen: HashMap<String, Vec<Vec<u8>>>,
+    /// Every report body passed up, per agent, oldest first.
+    reports: HashMap<String, Vec<Vec<u8>>>,
 }
 
 /// The proxy; dropping it does not stop it (it lives as long as the test).
@@ -66,6 +68,12 @@ impl TamperProxy {
     pub fn seen(&self, agent: &str) -> Vec<Vec<u8>> {
         let shared = self.shared.lock().unwrap();
         shared.seen.get(agent).cloned().unwrap_or_default()
+    }
+
+    /// Every report agent `agent` sent through the proxy, oldest first.
+    pub fn reports(&self, agent: &str) -> Vec<Vec<u8>> {
+        let shared = self.shared.lock().unwrap();
+        shared.reports.get(agent).cloned().unwrap_or_default()
     }
 }
 
@@ -117,6 +125,14 @@ async fn serve(
         .and_then(|v| Some(v.strip_prefix("Bearer ")?.split_once('/')?.0.to_string()))
         .unwrap_or_default();
     let desired = method == "GET" && target.starts_with(caravan_api::wire::paths::DESIRED);
+    if method == "POST" && target == caravan_api::wire::paths::REPORT {
+        let mut shared = shared.lock().unwrap();
+        shared
+            .reports
+            .entry(agent.clone())
+            .or_default()
+            .push(body.clone());
+    }
     let tamper = shared.lock().unwrap().tamper.clone();
     if desired {
         match tamper {

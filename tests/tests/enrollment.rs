@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use caravan_api::v1alpha1::{Agent, BootstrapToken, Site};
 use caravan_tests::{wait_for, Caravan, Options, RelayInfo};
-use k8s_openapi::api::events::v1::Event;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -35,24 +34,7 @@ async fn enrolled(c: &Caravan, host: &str) -> anyhow::Result<bool> {
 /// Waits for a Warning Event `BootstrapToken…` on Site `site` whose note
 /// contains `words`.
 async fn refusal_event(c: &Caravan, site: &str, words: &str) -> anyhow::Result<String> {
-    wait_for(
-        &format!("an enrollment refused event with {words:?}"),
-        T,
-        || async {
-            let events = c.api::<Event>().list(&Default::default()).await?;
-            Ok(events.items.into_iter().find_map(|e| {
-                let note = e.note.unwrap_or_default();
-                (e.reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("BootstrapToken"))
-                    && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(site)
-                    && note.contains(words))
-                .then_some(note)
-            }))
-        },
-    )
-    .await
+    c.wait_warning(site, "BootstrapToken", words).await
 }
 
 /// Asserts that `host` could not enroll with `token`, for the reason `words`.
@@ -306,6 +288,16 @@ async fn an_enrollment_flood_is_held_to_the_sites_rate() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A report as agent `agent` would send it (the relay checks only whose it
+/// is; the signature is the controller's to check).
+fn own_report(agent: &str) -> caravan_api::trust::Envelope {
+    let report: caravan_api::wire::AgentReport = serde_json::from_value(serde_json::json!(
+        {"agent": agent, "version": "0", "os": "linux", "arch": "x86_64", "installed": [], "jobs": []}
+    ))
+    .expect("a report");
+    caravan_api::trust::sign_report(&report, &ed25519_dalek::SigningKey::from_bytes(&[1; 32]))
+}
+
 /// What the relay answers agent `host` (with its own credentials) for its
 /// desired state and for a report.
 async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Result<(u16, u16)> {
@@ -322,7 +314,7 @@ async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Re
     let report = http
         .post(format!("{}/v1/report", relay.url))
         .bearer_auth(token)
-        .json(&serde_json::json!({"agent": host, "version": "0", "installed": [], "jobs": []}))
+        .json(&own_report(creds["agent"].as_str().unwrap_or_default()))
         .send()
         .await?;
     Ok((desired.status().as_u16(), report.status().as_u16()))

@@ -7,7 +7,11 @@
 use std::{path::Path, time::Duration};
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
-use caravan_api::{trust::Envelope, wire::AgentDesired};
+use caravan_api::{
+    trust::Envelope,
+    v1alpha1::Agent,
+    wire::{AgentDesired, AgentReport},
+};
 use caravan_tests::{
     caravan::{Options, RelayInfo},
     fixtures::{copy_dir, desired_of},
@@ -234,7 +238,7 @@ async fn documents_cannot_be_mixed_and_matched_between_agents() -> anyhow::Resul
     proxy.set(Tamper::Serve(serde_json::to_vec(&labs)?));
     let message = c.wait_desired_state("desk", "OtherAgent").await?;
     assert!(
-        message.contains(&format!("desired state for agent {lab}")),
+        message.contains(&format!("signed for agent {lab}")),
         "{message}"
     );
     // Then lab's content under desk's signature.
@@ -248,5 +252,95 @@ async fn documents_cannot_be_mixed_and_matched_between_agents() -> anyhow::Resul
     assert!(!desk_root.join("tools").exists(), "nothing installed");
     assert_eq!(hello_version(desk_root), "1.0.0\n", "nothing lost");
     assert!(c.agents[1].install_root.join("tools").exists());
+    Ok(())
+}
+
+/// Agent `host`'s status as its Agent shows it: (installed packages, report sequence).
+async fn reported(c: &Caravan, host: &str) -> anyhow::Result<(u32, u64)> {
+    let status = c.agent_of(host).await?.status.unwrap_or_default();
+    Ok((status.installed_count, status.report_sequence.unwrap_or(0)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_or_forged_report_is_refused_and_the_agents_status_stands() -> anyhow::Result<()>
+{
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    let agent: Agent = c.agent_of("desk").await?;
+    let name = agent.metadata.name.clone().unwrap_or_default();
+    let captured: Vec<Envelope> = proxy
+        .reports(&name)
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<Result<_, _>>()?;
+    let payload = |e: &Envelope| -> anyhow::Result<AgentReport> {
+        Ok(serde_json::from_slice(&e.unverified_payload()?)?)
+    };
+    // The first report the agent sent, from before hello was installed.
+    let old = captured
+        .iter()
+        .find(|e| payload(e).is_ok_and(|r| r.installed.is_empty()))
+        .expect("a report from before the install went through the proxy")
+        .clone();
+    wait_for("desk's install reported", T, || async {
+        Ok((reported(&c, "desk").await?.0 == 1).then_some(()))
+    })
+    .await?;
+    let (_, before) = reported(&c, "desk").await?;
+    let latest = captured.last().expect("reports").clone();
+    // The latest report, made to say nothing is installed, signatures kept.
+    let mut forged = payload(&latest)?;
+    forged.installed.clear();
+    forged.sequence += 1_000_000;
+    let rewritten = Envelope {
+        payload: B64.encode(serde_json::to_vec(&forged)?),
+        ..latest.clone()
+    };
+    // The same, signed by a key of the attacker's.
+    let own_key =
+        caravan_api::trust::sign_report(&forged, &ed25519_dalek::SigningKey::from_bytes(&[9; 32]));
+
+    // The site's relay, compromised, holds the site's relay credential.
+    let secret = c
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get("hq-relay")
+        .await?;
+    let relay_token = String::from_utf8(secret.data.unwrap_or_default()["token"].0.clone())?;
+    let res = caravan_tests::http()
+        .post(format!(
+            "{}{}",
+            c.api_url,
+            caravan_api::wire::paths::SITE_REPORTS
+        ))
+        .bearer_auth(&relay_token)
+        .json(&[&old, &rewritten, &own_key])
+        .send()
+        .await?;
+    assert!(res.status().is_success(), "{}", res.status());
+
+    // Each is refused and told on the Agent, and the status stands.
+    c.wait_warning(&name, "ReportReplayed", "a replay").await?;
+    c.wait_warning(&name, "ReportNotSigned", "signed by 0 of the 1")
+        .await?;
+    let (installed, after) = reported(&c, "desk").await?;
+    assert_eq!(installed, 1, "hello still shows as installed");
+    assert!(
+        after >= before && after < forged.sequence,
+        "{before} → {after}"
+    );
+    let api = c.api_url.clone();
+    let refused = |reason: &str| {
+        let (api, name) = (
+            api.clone(),
+            format!("caravan_agent_reports_refused_total{{reason=\"{reason}\"}}"),
+        );
+        async move { caravan_tests::metric(&api, &name).await }
+    };
+    assert!(refused("Replayed").await? >= 1.0);
+    assert!(
+        refused("NotSigned").await? >= 2.0,
+        "the rewritten one and the attacker's"
+    );
+    assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
     Ok(())
 }

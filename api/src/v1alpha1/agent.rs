@@ -87,6 +87,10 @@ pub struct AgentStatus {
     /// controller's signing clock, in milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_version: Option<u64>,
+    /// Sequence of the last report taken from the agent (signed by it); an
+    /// older or equal one is refused as a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_sequence: Option<u64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -52,6 +52,8 @@ pub struct ServerState {
     pub git_syncs: tokio::sync::mpsc::Sender<(String, String)>,
     /// The webhook endpoint's call slots and last triggers.
     pub hooks: hooks::Hooks,
+    /// The last report taken from each agent, against replays.
+    pub reports: sites::ReportSequences,
 }
 
 /// Most long-polls the relays of one site may hold open (one per replica).

@@ -8,14 +8,24 @@ use axum::{
     response::Response,
     Json,
 };
+use std::collections::HashMap;
+
 use caravan_api::{
     conditions::{self, reasons},
-    v1alpha1::AgentStatus,
-    wire::{AgentReport, RelayStats, MAX_DRIFT_REPORTED},
+    signing,
+    trust::{self, TrustError},
+    v1alpha1::{Agent, AgentStatus},
+    wire::{AgentReport, Envelope, RelayStats, MAX_DRIFT_REPORTED},
 };
 use caravan_net::server::{long_poll, ApiError, Wait};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{runtime::reflector::ObjectRef, Resource as _};
+use kube::{
+    runtime::{
+        events::{Event, EventType},
+        reflector::ObjectRef,
+    },
+    Resource as _, ResourceExt as _,
+};
 
 use super::{kube_error, AppState, RelaySite};
 use crate::{field_managers, status_patch};
@@ -58,29 +68,80 @@ pub async fn stats(
     StatusCode::NO_CONTENT
 }
 
-/// Writes each reporting agent's status. Reports for agents of other sites are refused.
+/// The sequence of the last report taken from each agent (namespace, name),
+/// beside the one in its status, which the store may not show yet.
+#[derive(Default)]
+pub struct ReportSequences(std::sync::Mutex<HashMap<(String, String), u64>>);
+
+impl ReportSequences {
+    fn last(&self, key: &(String, String)) -> u64 {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn taken(&self, key: (String, String), sequence: u64) {
+        let mut map = self.0.lock().expect("not poisoned");
+        let last = map.entry(key).or_default();
+        *last = (*last).max(sequence);
+    }
+}
+
+/// Writes each reporting agent's status, from reports its agent signed.
+/// A report that is not signed by the Agent's key, is for an agent of
+/// another site, or is not newer than the last one taken (a replay) is
+/// dropped, logged, counted and told on the Agent as a Warning Event
+/// (`ReportReplayed`, `ReportNotSigned`, …); the rest of the batch still counts.
 pub async fn reports(
     State(s): State<AppState>,
     RelaySite((ns, site)): RelaySite,
-    Json(reports): Json<Vec<AgentReport>>,
+    Json(reports): Json<Vec<Envelope>>,
 ) -> Result<StatusCode, ApiError> {
     s.ctx.metrics.reports.inc_by(reports.len() as u64);
-    for report in reports {
-        let agent = s
-            .stores
-            .agents
-            .get(&ObjectRef::new(&report.agent).within(&ns));
-        let Some(agent) = agent else {
-            tracing::warn!(agent = %report.agent, %site, "report for unknown agent dropped");
+    for envelope in reports {
+        let name = match trust::report_agent(&envelope) {
+            Ok(name) => name,
+            Err(e) => {
+                s.ctx.metrics.report_refused(e.reason());
+                tracing::warn!(error = %e, %site, "malformed report dropped");
+                continue;
+            }
+        };
+        let Some(agent) = s.stores.agents.get(&ObjectRef::new(&name).within(&ns)) else {
+            s.ctx.metrics.report_refused("UnknownAgent");
+            tracing::warn!(agent = %name, %site, "report for unknown agent dropped");
             continue;
         };
         // A relay speaks only for its own site's agents (one that moved
-        // reports through its new relay); the rest of the batch still counts.
+        // reports through its new relay).
         if agent.spec.site != site {
-            tracing::warn!(agent = %report.agent, %site, "report from another site's agent dropped");
+            s.ctx.metrics.report_refused("OtherSite");
+            tracing::warn!(agent = %name, %site, "report from another site's agent dropped");
             continue;
         }
-        let accepted = desired_state_condition(&report, agent.meta().generation);
+        let key = (ns.clone(), name.clone());
+        let accepted = s.reports.last(&key).max(
+            agent
+                .status
+                .as_ref()
+                .and_then(|st| st.report_sequence)
+                .unwrap_or(0),
+        );
+        let report = signing::parse_public(&agent.spec.public_key)
+            .map_err(|e| TrustError::Malformed(format!("the Agent's publicKey: {e}")))
+            .and_then(|k| trust::verify_report(&envelope, &k, &name, accepted));
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                refuse(&s, &agent, &site, &e).await;
+                continue;
+            }
+        };
+        let sequence = report.sequence;
+        let condition = desired_state_condition(&report, agent.meta().generation);
         let status = AgentStatus {
             version: Some(report.version),
             os: Some(report.os),
@@ -92,7 +153,8 @@ pub async fn reports(
             drifted_files: report.drift.len() as u32,
             drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
             desired_version: (report.desired_version > 0).then_some(report.desired_version),
-            conditions: vec![accepted],
+            report_sequence: Some(sequence),
+            conditions: vec![condition],
         };
         status_patch::apply(
             &s.ctx.client,
@@ -102,8 +164,29 @@ pub async fn reports(
         )
         .await
         .map_err(kube_error)?;
+        s.reports.taken(key, sequence);
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A refused report: a log line, a count by reason and a Warning Event on the Agent.
+async fn refuse(s: &AppState, agent: &Agent, site: &str, e: &TrustError) {
+    s.ctx.metrics.report_refused(e.reason());
+    tracing::warn!(agent = %agent.name_any(), %site, error = %e, "report refused");
+    let event = Event {
+        type_: EventType::Warning,
+        // One reason per kind of refusal: Events of one reason are folded
+        // into the first one's note.
+        reason: format!("Report{}", e.reason()),
+        note: Some(format!(
+            "a report relayed by site {site}'s relay was refused: {e}"
+        )),
+        action: "Report".into(),
+        secondary: None,
+    };
+    if let Err(e) = s.ctx.recorder.publish(&event, &agent.object_ref(&())).await {
+        tracing::debug!(error = %e, "event not recorded");
+    }
 }
 
 /// Whether the agent acts on a signed desired state, as it reports.

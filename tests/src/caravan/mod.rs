@@ -505,6 +505,35 @@ impl Caravan {
         .map_err(|e| e.context(self.logs()))
     }
 
+    /// Waits for a Warning Event whose reason starts with `reason`, about
+    /// the object named `name`, with a note containing `words`; returns the note.
+    pub async fn wait_warning(
+        &self,
+        name: &str,
+        reason: &str,
+        words: &str,
+    ) -> anyhow::Result<String> {
+        wait_for(
+            &format!("a {reason} Warning on {name} with {words:?}"),
+            Duration::from_secs(120),
+            || async {
+                let events = self
+                    .api::<k8s_openapi::api::events::v1::Event>()
+                    .list(&Default::default())
+                    .await?;
+                Ok(events.items.into_iter().find_map(|e| {
+                    let note = e.note.unwrap_or_default();
+                    (e.reason.as_deref().is_some_and(|r| r.starts_with(reason))
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                        && note.contains(words))
+                    .then_some(note)
+                }))
+            },
+        )
+        .await
+    }
+
     pub async fn site(&self, name: &str) -> anyhow::Result<Site> {
         Ok(self.api::<Site>().get(name).await?)
     }
