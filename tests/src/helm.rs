@@ -7,8 +7,8 @@ use crate::{cache_dir, repo_root};
 /// on a loopback port, where neither the Service DNS name the chart's
 /// certificate is for nor the Service the webhook points at exist. (The TLS
 /// and webhook paths are tested with the harness's own certificate.)
-pub const HELM_TEST_VALUES: &str =
-    r#"{"persistence":{"enabled":false},"tls":{"enabled":false},"webhook":{"enabled":false}}"#;
+/// The controller manages the harness's namespace.
+pub const HELM_TEST_VALUES: &str = r#"{"persistence":{"enabled":false},"tls":{"enabled":false},"webhook":{"enabled":false},"watchNamespace":"fleet"}"#;
 
 /// Namespace the Helm release goes into.
 pub const HELM_NAMESPACE: &str = "caravan-system";

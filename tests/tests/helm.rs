@@ -4,7 +4,10 @@
 //! the chart's RBAC grants everything the controller needs.
 
 use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE, HELM_TEST_VALUES};
-use k8s_openapi::api::{apps::v1::Deployment, rbac::v1::ClusterRole};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    rbac::v1::{ClusterRole, Role},
+};
 use kube::Api;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -19,7 +22,10 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         },
     )
     .await?;
-    let role = Api::<ClusterRole>::all(c.client()).get("caravan").await?;
+    // A Role in the namespace it manages, nothing cluster-wide.
+    let role = Api::<Role>::namespaced(c.client(), "fleet")
+        .get("caravan")
+        .await?;
     assert!(
         !role
             .rules
@@ -28,6 +34,10 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
             .any(|r| r.verbs.contains(&"*".to_string())),
         "no wildcard verbs"
     );
+    assert!(Api::<ClusterRole>::all(c.client())
+        .get_opt("caravan")
+        .await?
+        .is_none());
 
     c.hello_installed("agent-1").await?;
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
@@ -93,5 +103,65 @@ fn the_default_chart_serves_https_and_registers_the_package_webhook() -> anyhow:
     ] {
         assert!(deployment.contains(arg), "{arg} missing:\n{deployment}");
     }
+    Ok(())
+}
+
+/// The chart's RBAC, rendered with `values` (JSON): every document's kind,
+/// namespace (if any) and whether it grants anything on Secrets.
+fn rendered_rbac(values: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    let rendered: std::collections::BTreeMap<String, String> = serde_json::from_str(&helm(&[
+        "template",
+        "caravan",
+        &chart,
+        "--namespace",
+        HELM_NAMESPACE,
+        "--set-json",
+        values,
+    ])?)?;
+    let rbac = &rendered["caravan/templates/rbac.yaml"];
+    let mut out = vec![];
+    for doc in rbac.split("\n---") {
+        let v: serde_json::Value = serde_yaml_ng::from_str(doc)?;
+        let secrets = v["rules"].as_array().is_some_and(|rules| {
+            rules.iter().any(|r| {
+                r["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|x| x == "secrets"))
+            })
+        });
+        out.push((
+            v["kind"].as_str().unwrap_or_default().to_string(),
+            v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            secrets,
+        ));
+    }
+    Ok(out)
+}
+
+/// By default the controller gets a Role in the one namespace it manages
+/// (Secrets there only); a ClusterRole only when asked for.
+#[test]
+fn by_default_the_controller_has_rights_in_one_namespace_only() -> anyhow::Result<()> {
+    let by_default = rendered_rbac("{}")?;
+    assert_eq!(
+        by_default,
+        [
+            ("Role".to_string(), HELM_NAMESPACE.to_string(), true),
+            ("RoleBinding".to_string(), HELM_NAMESPACE.to_string(), false),
+        ]
+    );
+    let elsewhere = rendered_rbac(r#"{"watchNamespace":"branch-offices"}"#)?;
+    assert!(
+        elsewhere
+            .iter()
+            .all(|(kind, ns, _)| kind.starts_with("Role") && ns == "branch-offices"),
+        "{elsewhere:?}"
+    );
+    let wide = rendered_rbac(r#"{"clusterWide":true}"#)?;
+    assert_eq!(wide[0].0, "ClusterRole", "{wide:?}");
     Ok(())
 }

@@ -14,3 +14,8 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 app.kubernetes.io/name: caravan-controller
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/* The namespace the controller manages: its Caravan objects, the relays of its Sites, their Secrets. Empty when cluster-wide. */}}
+{{- define "caravan.watchNamespace" -}}
+{{- if not .Values.clusterWide -}}{{ .Values.watchNamespace | default .Release.Namespace }}{{- end -}}
+{{- end -}}
