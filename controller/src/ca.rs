@@ -47,8 +47,8 @@ impl std::fmt::Debug for Ca {
     }
 }
 
-/// A relay's serving certificate and key, as PEM.
-pub struct RelayCert {
+/// A serving certificate (a relay's, the controller's) and key, as PEM.
+pub struct ServerCert {
     pub cert_pem: String,
     pub key_pem: String,
     /// Which period it is for: a new period, new pods.
@@ -97,7 +97,7 @@ impl Ca {
     /// The serving certificate of `site`'s relay for the period of `now`:
     /// for its Service names, `localhost`, `127.0.0.1` and the Site's
     /// `relay.hostnames`.
-    pub fn relay_cert(&self, site: &Site, now: DateTime<Utc>) -> anyhow::Result<RelayCert> {
+    pub fn relay_cert(&self, site: &Site, now: DateTime<Utc>) -> anyhow::Result<ServerCert> {
         let ns = site.namespace().unwrap_or_default();
         let relay = crate::site::workload::relay_name(&site.name_any());
         // Periods start at another moment for each Site, so the relays of
@@ -124,19 +124,6 @@ impl Ca {
             names.push(name.clone());
         }
         names.dedup();
-        let mut params = CertificateParams::new(names)
-            .with_context(|| format!("site {ns}/{}'s relay hostnames", site.name_any()))?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{relay}.{ns}"));
-        let (y, m, d) = ymd(start - chrono::Duration::days(1));
-        params.not_before = rcgen::date_time_ymd(y, m, d);
-        let (y, m, d) = ymd(start + chrono::Duration::days(VALIDITY_DAYS));
-        params.not_after = rcgen::date_time_ymd(y, m, d);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
         // The names are in it too: another certificate, another key (and
         // serial number, which rcgen takes from the key).
         let subject = format!(
@@ -145,15 +132,139 @@ impl Ca {
             site.relay_key_id(),
             site.spec.relay.hostnames.join(",")
         );
-        let key = key_pair(self.key.derive("relay-tls", &subject))?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .context("signing a relay certificate")?;
-        Ok(RelayCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+        let (cert_pem, key_pem) = self
+            .issue(
+                names,
+                &format!("{relay}.{ns}"),
+                start,
+                ("relay-tls", &subject),
+            )
+            .with_context(|| format!("site {ns}/{}'s relay certificate", site.name_any()))?;
+        Ok(ServerCert {
+            cert_pem,
+            key_pem,
             period,
         })
+    }
+
+    /// The controller's own serving certificate for the period of `now`
+    /// (relays reach it at the host of `--relay-upstream-url`): for
+    /// `hostnames`, `localhost` and `127.0.0.1`.
+    pub fn controller_cert(
+        &self,
+        hostnames: &[String],
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<ServerCert> {
+        let length = PERIOD_DAYS * 86_400;
+        let period = now.timestamp().div_euclid(length);
+        let start =
+            DateTime::<Utc>::from_timestamp(period * length, 0).context("a period in range")?;
+        let mut names: Vec<String> = hostnames.to_vec();
+        names.extend(LOCAL_NAMES.map(String::from));
+        names.sort();
+        names.dedup();
+        let subject = format!("controller/{period}/{}", names.join(","));
+        let (cert_pem, key_pem) = self
+            .issue(
+                names,
+                "caravan-controller",
+                start,
+                ("controller-tls", &subject),
+            )
+            .context("the controller's certificate")?;
+        Ok(ServerCert {
+            cert_pem,
+            key_pem,
+            period,
+        })
+    }
+
+    /// A serving certificate for `names`, valid from a day before `start`
+    /// for [`VALIDITY_DAYS`], whose key is derived for `(purpose, subject)`.
+    fn issue(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        start: DateTime<Utc>,
+        (purpose, subject): (&str, &str),
+    ) -> anyhow::Result<(String, String)> {
+        let mut params = CertificateParams::new(names).context("the names")?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let (y, m, d) = ymd(start - chrono::Duration::days(1));
+        params.not_before = rcgen::date_time_ymd(y, m, d);
+        let (y, m, d) = ymd(start + chrono::Duration::days(VALIDITY_DAYS));
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let key = key_pair(self.key.derive(purpose, subject))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("signing a certificate")?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The controller's own serving certificate, when it is given none: issued
+/// by its CA (which relays pin) for the names relays reach it by, and
+/// replaced while serving when its period ends.
+pub struct OwnCertificate {
+    hostnames: Vec<String>,
+    pub tls: caravan_net::server::TlsConfig,
+    period: i64,
+}
+
+impl OwnCertificate {
+    /// For the host of `upstream_url` (the URL relays are given) and `extra` names.
+    pub async fn new(ca: &Ca, upstream_url: &str, extra: &[String]) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(upstream_url)
+            .with_context(|| format!("--relay-upstream-url {upstream_url}"))?;
+        anyhow::ensure!(
+            url.scheme() == "https",
+            "--relay-upstream-url {upstream_url} is not https://: the controller serves HTTPS (with a certificate from its own CA when given none)"
+        );
+        let mut hostnames: Vec<String> = url.host_str().map(String::from).into_iter().collect();
+        for name in extra {
+            caravan_api::names::hostname(name)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--tls-hostname {name}"))?;
+            hostnames.push(name.clone());
+        }
+        let cert = ca.controller_cert(&hostnames, Utc::now())?;
+        let tls = caravan_net::server::tls_config(&cert.cert_pem, &cert.key_pem).await?;
+        tracing::info!(names = ?hostnames, "serving HTTPS with a certificate from the controller's CA");
+        Ok(Self {
+            hostnames,
+            tls,
+            period: cert.period,
+        })
+    }
+
+    /// Replaces the certificate with the next period's when it comes,
+    /// checking every hour, until `shutdown`.
+    pub async fn renew(
+        mut self,
+        ca: &Ca,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
+            let cert = ca.controller_cert(&self.hostnames, Utc::now())?;
+            if cert.period != self.period {
+                self.tls
+                    .reload_from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes())
+                    .await
+                    .context("loading the controller's new certificate")?;
+                self.period = cert.period;
+                tracing::info!(period = self.period, "serving with a new certificate");
+            }
+        }
     }
 }
 
@@ -217,5 +328,41 @@ mod tests {
         s.spec.relay.hostnames = vec!["not a name\u{1}".into()];
         let e = ca.relay_cert(&s, Utc::now()).err().unwrap();
         assert!(format!("{e:#}").contains("site fleet/berlin"), "{e:#}");
+    }
+
+    fn pem_body(pem: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_controllers_certificate_is_for_the_names_relays_reach_it_by() {
+        let ca = Ca::new(&key(1)).unwrap();
+        let now = Utc::now();
+        let names = vec!["caravan.caravan-system.svc".to_string()];
+        let a = ca.controller_cert(&names, now).unwrap();
+        assert_eq!(
+            a.cert_pem,
+            ca.controller_cert(&names, now).unwrap().cert_pem
+        );
+        // The names are in the DER as they are (dNSName is an IA5String).
+        let der = pem_body(&a.cert_pem);
+        for name in ["caravan.caravan-system.svc", "localhost"] {
+            assert!(
+                der.windows(name.len()).any(|w| w == name.as_bytes()),
+                "{name}"
+            );
+        }
+        assert_ne!(
+            a.key_pem,
+            ca.relay_cert(&site("uid-1"), now).unwrap().key_pem
+        );
+        let later = ca
+            .controller_cert(&names, now + chrono::Duration::days(PERIOD_DAYS))
+            .unwrap();
+        assert_eq!(later.period, a.period + 1);
     }
 }

@@ -64,13 +64,25 @@ pub struct Config {
     /// Data directory: cabinet blobs, Git checkouts, the token key.
     #[arg(long, env = "CARAVAN_DATA_DIR", default_value = "/var/lib/caravan")]
     pub data_dir: PathBuf,
-    /// URL relays use to reach this controller's distribution API.
+    /// URL relays use to reach this controller's distribution API
+    /// (`https://`). Given no `--tls-cert-file`, the controller serves a
+    /// certificate from its own CA for this URL's host (and
+    /// `--tls-hostname`s), and relays pin that CA.
     #[arg(
         long,
         env = "CARAVAN_RELAY_UPSTREAM_URL",
-        default_value = "http://caravan-controller.caravan-system.svc:8443"
+        default_value = "https://caravan-controller.caravan-system.svc:8443"
     )]
     pub relay_upstream_url: String,
+    /// More names for the certificate the controller issues itself (when
+    /// it is given none), besides the host of `--relay-upstream-url`,
+    /// `localhost` and `127.0.0.1`.
+    #[arg(
+        long = "tls-hostname",
+        env = "CARAVAN_TLS_HOSTNAMES",
+        value_delimiter = ','
+    )]
+    pub tls_hostnames: Vec<String>,
     /// Image of the relay Deployments when a Site does not name one.
     #[arg(
         long,
@@ -101,8 +113,9 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allow_local_git_under: Vec<PathBuf>,
-    /// CA certificate (PEM) relays use to verify this controller; handed to
-    /// every relay through its Secret.
+    /// CA certificate (PEM) relays use to verify this controller (given
+    /// `--tls-cert-file`); handed to every relay through its Secret. Without
+    /// a certificate file, relays are given the controller's own CA.
     #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
     pub relay_upstream_ca_file: Option<PathBuf>,
     /// Largest blob `caravan package push` may upload; a larger upload is
@@ -200,13 +213,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
-    let relay_upstream_ca = match &config.relay_upstream_ca_file {
-        Some(path) => Some(
+    let ctx = Arc::new(context::Context::new(client, config.clone())?);
+    // HTTPS always: with the certificate given, or one from the
+    // controller's own CA, which relays are then given to pin.
+    let own_certificate = match config.serve.tls() {
+        Some(_) => None,
+        None => Some(
+            ca::OwnCertificate::new(&ctx.ca, &config.relay_upstream_url, &config.tls_hostnames)
+                .await?,
+        ),
+    };
+    let relay_upstream_ca = match (&config.relay_upstream_ca_file, &own_certificate) {
+        (Some(path), _) => Some(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         ),
-        None => None,
+        (None, Some(_)) => Some(ctx.ca.cert_pem().to_string()),
+        (None, None) => None,
     };
-    let ctx = Arc::new(context::Context::new(client, config.clone())?);
     let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
     let (writers, stores) = stores::Stores::new();
     let (relays, relay_triggers) = site::RelayContacts::new();
@@ -236,10 +259,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
     let serve = config.serve.clone();
     let app = server::router(server);
-    let components = vec![
+    let own_tls = own_certificate.as_ref().map(|c| c.tls.clone());
+    let mut components = vec![
         Component::new("distribution API server", {
             let shutdown = shutdown.clone();
-            async move { caravan_net::server::serve(&serve, app, shutdown).await }
+            async move { caravan_net::server::serve_with(&serve, app, shutdown, own_tls).await }
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new(
@@ -252,5 +276,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         Component::new("blob garbage collection", gc.run(shutdown.clone())),
     ];
+    if let Some(own) = own_certificate {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        components.push(Component::new("certificate renewal", async move {
+            own.renew(&ctx.ca, shutdown).await
+        }));
+    }
     supervise::run(components, shutdown, supervise::shutdown_signal()).await
 }

@@ -69,6 +69,23 @@ pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<
     Ok(builder.build()?)
 }
 
+/// Displays an error with every cause after it (`a: b: c`), for a log
+/// line: a failed request's own message rarely says why (a certificate
+/// nobody trusts, a refused connection).
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Refuses a plaintext `url` (given as `flag`) unless `insecure`: what
 /// crosses a plaintext link can be read and delayed by anyone on it.
 pub fn require_https(url: &str, insecure: bool, flag: &str) -> anyhow::Result<()> {

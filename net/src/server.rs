@@ -22,6 +22,20 @@ use tower::ServiceExt as _;
 /// shutdown is asked for.
 const CONNECTION_GRACE: Duration = Duration::from_secs(5);
 
+/// TLS a server holds in memory (certificates it was issued rather than
+/// given as files), which can be replaced while it serves
+/// (`reload_from_pem`).
+pub type TlsConfig = axum_server::tls_rustls::RustlsConfig;
+
+/// A [`TlsConfig`] from a PEM certificate chain and key.
+pub async fn tls_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<TlsConfig> {
+    // Fails only if a provider is installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    TlsConfig::from_pem(cert_pem.as_bytes().to_vec(), key_pem.as_bytes().to_vec())
+        .await
+        .context("loading a TLS certificate and key")
+}
+
 /// Serves `app` as `args` say (address, HTTPS with rustls when a
 /// certificate and key are given, header read timeout) until `shutdown`
 /// (then connections get a few seconds to finish) or the server fails.
@@ -30,7 +44,32 @@ pub async fn serve<const PORT: u16>(
     app: axum::Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (addr, tls) = (args.listen, args.tls());
+    serve_with(args, app, shutdown, None).await
+}
+
+/// [`serve`], with HTTPS from `own_tls` when `args` name no certificate.
+pub async fn serve_with<const PORT: u16>(
+    args: &crate::args::ServeArgs<PORT>,
+    app: axum::Router,
+    shutdown: CancellationToken,
+    own_tls: Option<TlsConfig>,
+) -> anyhow::Result<()> {
+    let addr = args.listen;
+    let tls = match (args.tls(), own_tls) {
+        (Some((cert, key)), _) => {
+            // Fails only if a provider is installed already, which is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = TlsConfig::from_pem_file(cert, key).await.with_context(|| {
+                format!(
+                    "loading TLS certificate {} and key {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            Some(config)
+        }
+        (None, own) => own,
+    };
     let limits = Limits {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
     };
@@ -69,18 +108,7 @@ pub async fn serve<const PORT: u16>(
             limits.apply(server.http_builder());
             server.serve(app).await?
         }
-        Some((cert, key)) => {
-            // Fails only if a provider is installed already, which is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
+        Some(config) => {
             let mut server = axum_server::from_tcp(listener)?
                 .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(capped))
                 .handle(handle);

@@ -108,7 +108,7 @@ pub async fn sync(
             Ok(None) => backoff.reset(),
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "fetching desired state from upstream failed");
+                tracing::warn!(error = %caravan_net::Chain(&e), retry_in = ?delay, "fetching desired state from upstream failed");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return Ok(()),
@@ -141,7 +141,7 @@ fn prestage(cache: &Arc<Cache>, desired: &SiteDesired) {
                 tokio::time::sleep(Duration::from_secs(u64::from(minutes) * 60)).await;
             }
             if let Err(e) = cache.ensure(&digest).await {
-                tracing::warn!(blob = %digest, error = %e, "prestaging failed; agents will ask again");
+                tracing::warn!(blob = %digest, error = %caravan_net::Chain(&e), "prestaging failed; agents will ask again");
             }
         }
     });

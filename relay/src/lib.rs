@@ -80,8 +80,9 @@ pub struct Config {
     /// (the controller's CA, from the relay's Secret).
     #[arg(long, env = "CARAVAN_CONTENT_UPSTREAM_CA_FILE")]
     pub content_upstream_ca_file: Option<PathBuf>,
-    /// Allow a plaintext `http://` parent relay (`--content-upstream`):
-    /// anyone on the link could then read and delay what crosses it.
+    /// Allow a plaintext `http://` upstream (`--upstream`, the controller)
+    /// or parent relay (`--content-upstream`): anyone on the link could then
+    /// read and delay what crosses it, and take the relay's credential.
     #[arg(long, env = "CARAVAN_INSECURE")]
     pub insecure: bool,
     #[command(flatten)]
@@ -112,6 +113,7 @@ pub struct Relay {
 /// Runs the relay until shutdown is asked for, or one of its parts stops
 /// (an error).
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    caravan_net::require_https(&config.upstream, config.insecure, "--upstream")?;
     let ca = config.upstream_ca_file.as_deref();
     let upstream = upstream::Upstream::new(&config.upstream, &config.token, ca)?;
     let metrics = Arc::new(metrics::Metrics::default());

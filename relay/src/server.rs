@@ -313,7 +313,7 @@ async fn blob(
         ));
     }
     let blob = relay.cache.get(&digest).await.map_err(|e| {
-        tracing::warn!(blob = %digest, error = %e, "blob unavailable");
+        tracing::warn!(blob = %digest, error = %caravan_net::Chain(&e), "blob unavailable");
         let code = match e.as_ref() {
             CacheError::Upstream(u) => u.status(),
             CacheError::OutsideWindow { .. } => StatusCode::SERVICE_UNAVAILABLE,

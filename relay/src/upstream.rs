@@ -233,7 +233,7 @@ pub async fn forward_reports(
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, agents = batch.len(), retry_in = ?delay, "passing reports upstream failed");
+                tracing::warn!(error = %caravan_net::Chain(&e), agents = batch.len(), retry_in = ?delay, "passing reports upstream failed");
                 // Draining with the controller away: what is pending is lost.
                 if shutdown.is_cancelled() {
                     return Ok(());

@@ -3,10 +3,12 @@
 use crate::{cache_dir, repo_root};
 
 /// Values of the release the Helm test installs. No PVC (nothing binds it
-/// here), and plain HTTP without the webhook: the harness runs the controller
-/// on a loopback port, where neither the Service DNS name the chart's
-/// certificate is for nor the Service the webhook points at exist. (The TLS
-/// and webhook paths are tested with the harness's own certificate.)
+/// here), and neither the chart's certificate nor the webhook: the harness
+/// runs the controller on a loopback port, where neither the Service DNS name
+/// the chart's certificate is for nor the Service the webhook points at
+/// exist; the controller serves a certificate from its own CA instead. (The
+/// chart-certificate and webhook paths are tested with the harness's own
+/// certificate.)
 /// The controller manages the harness's namespace.
 pub const HELM_TEST_VALUES: &str = r#"{"persistence":{"enabled":false},"tls":{"enabled":false},"webhook":{"enabled":false},"watchNamespace":"fleet"}"#;
 

@@ -198,3 +198,82 @@ async fn agents_reach_their_relay_only_through_the_controllers_ca() -> anyhow::R
     );
     Ok(())
 }
+
+/// Runs `caravan-relay` with `args` for at most `secs` seconds; returns
+/// whether it exited by itself, and its log.
+fn run_relay(c: &Caravan, token: &str, args: &[&str], secs: u64) -> anyhow::Result<(bool, String)> {
+    let log = c.dir.join(format!(
+        "logs/relay-probe-{}.log",
+        caravan_tests::free_port()
+    ));
+    let mut child = std::process::Command::new(caravan_tests::bin("caravan-relay")?)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", caravan_tests::free_port()),
+        ])
+        .arg("--cache-dir")
+        .arg(c.dir.join("relay-probe"))
+        .args(args)
+        .env("CARAVAN_RELAY_TOKEN", token)
+        .env_remove("CARAVAN_INSECURE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let exited = loop {
+        if child.try_wait()?.is_some() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok((exited, std::fs::read_to_string(log)?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_reaches_the_controller_only_over_https_it_verifies() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, _relay) = c.hello_installed("desk").await?;
+    // The controller was given no certificate: it serves one from its own
+    // CA, and the relay it deploys pins that CA (from its Secret).
+    assert!(c.api_url.starts_with("https://"));
+    let d = c
+        .api::<k8s_openapi::api::apps::v1::Deployment>()
+        .get("hq-relay")
+        .await?;
+    let container = d.spec.unwrap().template.spec.unwrap().containers[0].clone();
+    let args = container.args.unwrap_or_default();
+    assert!(args.contains(&"--upstream-ca-file".to_string()), "{args:?}");
+    let secret = c
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get("hq-relay")
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    assert_eq!(
+        data["upstream-ca.crt"].0, data["ca.crt"].0,
+        "the relay pins the controller's own CA"
+    );
+    let token = String::from_utf8(data["token"].0.clone())?;
+    // Told to reach it in plaintext, a relay refuses to start...
+    let plain = c.api_url.replace("https://", "http://");
+    let (exited, log) = run_relay(&c, &token, &["--upstream", &plain], 30)?;
+    assert!(
+        exited && log.contains("--upstream") && log.contains("is plaintext HTTP"),
+        "{log}"
+    );
+    // ...and pinning another CA, it gets nothing from the controller.
+    let other = caravan_tests::TestTls::generate(&c.dir.join("other-ca"))?;
+    let other_ca = other.ca.display().to_string();
+    let (_, log) = run_relay(
+        &c,
+        &token,
+        &["--upstream", &c.api_url, "--upstream-ca-file", &other_ca],
+        5,
+    )?;
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    Ok(())
+}

@@ -96,7 +96,7 @@ impl Cache {
                 Ok(()) => break,
                 Err(e) if e.transient() && backoff.failures() + 1 < ATTEMPTS => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(blob = %digest, error = %e, at = transfer.written, retry_in = ?delay, "upstream fetch interrupted; resuming");
+                    tracing::warn!(blob = %digest, error = %caravan_net::Chain(&e), at = transfer.written, retry_in = ?delay, "upstream fetch interrupted; resuming");
                     tokio::time::sleep(delay).await;
                     // Progress made: the link works, if unsteadily.
                     if transfer.written > before {

@@ -98,10 +98,35 @@ async fn spawn_controller(
     dir: &Path,
     api_url: &str,
 ) -> anyhow::Result<Proc> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let controller = Proc::spawn("controller", &bin("caravan-controller")?, &args, env, dir)?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let controller = Proc::spawn("controller", &bin("caravan-controller")?, &argv, env, dir)?;
+    // Given no certificate, it serves one from its own CA, which exists
+    // once it has made its key at its first start: the tests trust it then.
+    let data_dir = args
+        .iter()
+        .position(|a| a == "--data-dir")
+        .and_then(|i| args.get(i + 1))
+        .context("no --data-dir")?;
+    wait_for("the controller's key", Duration::from_secs(60), || async {
+        Ok(Path::new(data_dir).join("token.key").exists().then_some(()))
+    })
+    .await?;
+    crate::trust(&controller_one_off(data_dir, "ca")?);
     wait_http_ok(&http(), &format!("{api_url}/healthz"), &controller).await?;
     Ok(controller)
+}
+
+/// Runs `caravan-controller --data-dir <data_dir> <command>` and returns its output.
+fn controller_one_off(data_dir: &str, command: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new(bin("caravan-controller")?)
+        .args(["--data-dir", data_dir, command])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "caravan-controller {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
 }
 
 impl Caravan {
@@ -138,10 +163,9 @@ impl Caravan {
             None
         };
         let port = free_port();
-        let api_url = format!(
-            "{}://127.0.0.1:{port}",
-            if tls.is_some() { "https" } else { "http" }
-        );
+        // HTTPS either way: with the test CA's certificate, or with one
+        // from the controller's own CA.
+        let api_url = format!("https://127.0.0.1:{port}");
         let data_dir = dir.join("controller").display().to_string();
         let trust_dir = data_dir.clone();
         let (args, mut env) = match install {
@@ -223,24 +247,12 @@ impl Caravan {
         ]);
         let controller = spawn_controller(&args, &env, &dir, &api_url).await?;
         // Agents are pinned to the controller's root, as an operator would pin them.
-        let one_off = |command: &str| -> anyhow::Result<Vec<u8>> {
-            let out = std::process::Command::new(bin("caravan-controller")?)
-                .args(["--data-dir", &trust_dir, command])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "caravan-controller {command}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(out.stdout)
-        };
-        let root = String::from_utf8(one_off("trust-root")?)?
+        let root = String::from_utf8(controller_one_off(&trust_dir, "trust-root")?)?
             .trim()
             .to_string();
         // ...and given the controller's CA, which issues the relays'
         // certificates (and the test CA, when the Sites use it).
-        let mut bundle = one_off("ca")?;
-        crate::trust(&bundle);
+        let mut bundle = controller_one_off(&trust_dir, "ca")?;
         if let Some(tls) = &tls {
             bundle.extend(std::fs::read(&tls.ca)?);
         }
@@ -417,7 +429,7 @@ impl Caravan {
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
-            .envs(self.tls.as_ref().map(|t| ("CARAVAN_CA_FILE", &t.ca)))
+            .env("CARAVAN_CA_FILE", &self.ca_file)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
