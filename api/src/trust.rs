@@ -405,6 +405,12 @@ pub fn verify_report(
             found: report.agent,
         });
     }
+    // Kept in the Agent's status, where integers are int64.
+    if report.sequence > i64::MAX as u64 || report.desired_version > i64::MAX as u64 {
+        return Err(TrustError::Malformed(
+            "sequence or desiredVersion beyond 2^63".into(),
+        ));
+    }
     if report.sequence <= accepted {
         return Err(TrustError::Replayed {
             accepted,

@@ -69,18 +69,28 @@ fn ymd(t: DateTime<Utc>) -> (i32, u8, u8) {
 }
 
 impl Ca {
-    /// The CA of the controller whose secret key is `key`.
+    /// The CA that issues relays their certificates (agents and child
+    /// relays pin it), of the controller whose secret key is `key`.
     pub fn new(key: &CredentialKey) -> anyhow::Result<Self> {
+        Self::derived(key, "Caravan CA", "ca")
+    }
+
+    /// The CA that issues the controller its own certificate (relays pin
+    /// it): another than the relays', so that no relay's key can pose as
+    /// the controller to other relays.
+    pub fn controller(key: &CredentialKey) -> anyhow::Result<Self> {
+        Self::derived(key, "Caravan controller CA", "controller-ca")
+    }
+
+    fn derived(key: &CredentialKey, name: &str, purpose: &str) -> anyhow::Result<Self> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Caravan CA");
+        params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = rcgen::date_time_ymd(2025, 1, 1);
         params.not_after = rcgen::date_time_ymd(2125, 1, 1);
-        let signing = key_pair(key.derive("ca", "v1"))?;
+        let signing = key_pair(key.derive(purpose, "v1"))?;
         let cert_pem = params.self_signed(&signing).context("making the CA")?.pem();
         Ok(Self {
             key: key.clone(),
@@ -208,25 +218,36 @@ impl Ca {
     }
 }
 
+/// The host of `--relay-upstream-url` as a certificate names it (an IPv6
+/// address without its brackets), after checking the URL is `https://`.
+pub fn upstream_host(upstream_url: &str) -> anyhow::Result<Option<String>> {
+    let url = reqwest::Url::parse(upstream_url)
+        .with_context(|| format!("--relay-upstream-url {upstream_url}"))?;
+    anyhow::ensure!(
+        url.scheme() == "https",
+        "--relay-upstream-url {upstream_url} is not https://: the controller serves HTTPS only, and relays refuse plaintext"
+    );
+    Ok(url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string()))
+}
+
 /// The controller's own serving certificate, when it is given none: issued
 /// by its CA (which relays pin) for the names relays reach it by, and
 /// replaced while serving when its period ends.
 pub struct OwnCertificate {
+    /// [`Ca::controller`].
+    ca: Ca,
     hostnames: Vec<String>,
     pub tls: caravan_net::server::TlsConfig,
     period: i64,
 }
 
 impl OwnCertificate {
-    /// For the host of `upstream_url` (the URL relays are given) and `extra` names.
-    pub async fn new(ca: &Ca, upstream_url: &str, extra: &[String]) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(upstream_url)
-            .with_context(|| format!("--relay-upstream-url {upstream_url}"))?;
-        anyhow::ensure!(
-            url.scheme() == "https",
-            "--relay-upstream-url {upstream_url} is not https://: the controller serves HTTPS (with a certificate from its own CA when given none)"
-        );
-        let mut hostnames: Vec<String> = url.host_str().map(String::from).into_iter().collect();
+    /// Issued by `ca` ([`Ca::controller`]) for the host of `upstream_url`
+    /// (the URL relays are given) and `extra` names.
+    pub async fn new(ca: Ca, upstream_url: &str, extra: &[String]) -> anyhow::Result<Self> {
+        let mut hostnames: Vec<String> = upstream_host(upstream_url)?.into_iter().collect();
         for name in extra {
             caravan_api::names::hostname(name)
                 .map_err(anyhow::Error::msg)
@@ -237,6 +258,7 @@ impl OwnCertificate {
         let tls = caravan_net::server::tls_config(&cert.cert_pem, &cert.key_pem).await?;
         tracing::info!(names = ?hostnames, "serving HTTPS with a certificate from the controller's CA");
         Ok(Self {
+            ca,
             hostnames,
             tls,
             period: cert.period,
@@ -247,7 +269,6 @@ impl OwnCertificate {
     /// checking every hour, until `shutdown`.
     pub async fn renew(
         mut self,
-        ca: &Ca,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<()> {
         loop {
@@ -255,7 +276,7 @@ impl OwnCertificate {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
             }
-            let cert = ca.controller_cert(&self.hostnames, Utc::now())?;
+            let cert = self.ca.controller_cert(&self.hostnames, Utc::now())?;
             if cert.period != self.period {
                 self.tls
                     .reload_from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes())
@@ -340,7 +361,14 @@ mod tests {
 
     #[test]
     fn the_controllers_certificate_is_for_the_names_relays_reach_it_by() {
-        let ca = Ca::new(&key(1)).unwrap();
+        let ca = Ca::controller(&key(1)).unwrap();
+        // Not the relays' CA: no relay's key can pose as the controller.
+        assert_ne!(ca.cert_pem(), Ca::new(&key(1)).unwrap().cert_pem());
+        assert_eq!(
+            upstream_host("https://[fd00::1]:8443").unwrap().as_deref(),
+            Some("fd00::1")
+        );
+        assert!(upstream_host("http://caravan:8443").is_err());
         let now = Utc::now();
         let names = vec!["caravan.caravan-system.svc".to_string()];
         let a = ca.controller_cert(&names, now).unwrap();

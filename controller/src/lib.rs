@@ -113,10 +113,14 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allow_local_git_under: Vec<PathBuf>,
-    /// CA certificate (PEM) relays use to verify this controller (given
-    /// `--tls-cert-file`); handed to every relay through its Secret. Without
-    /// a certificate file, relays are given the controller's own CA.
-    #[arg(long, env = "CARAVAN_RELAY_UPSTREAM_CA_FILE")]
+    /// CA certificate (PEM) relays use to verify the certificate of
+    /// `--tls-cert-file`; handed to every relay through its Secret. Without a
+    /// certificate file, relays are given the controller's own CA.
+    #[arg(
+        long,
+        env = "CARAVAN_RELAY_UPSTREAM_CA_FILE",
+        requires = "tls_cert_file"
+    )]
     pub relay_upstream_ca_file: Option<PathBuf>,
     /// Largest blob `caravan package push` may upload; a larger upload is
     /// refused as it arrives.
@@ -168,7 +172,14 @@ pub enum Command {
     RotateTrustRoot,
     /// Print the certificate (PEM) of the CA that issues relays their TLS
     /// certificates, for agents' `--ca-file`.
-    Ca,
+    Ca {
+        /// Print instead the CA that issues the controller its own
+        /// certificate (when it is given none): for clients of the
+        /// controller (`caravan package push --ca-file`, a standalone
+        /// relay's `--upstream-ca-file`).
+        #[arg(long)]
+        controller: bool,
+    },
 }
 
 /// The file in the data directory holding the controller's secret key.
@@ -185,7 +196,7 @@ impl Config {
 pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
     let dir = config.trust_dir();
     match command {
-        Command::Ca => {
+        Command::Ca { controller } => {
             // Never a new key here: that would print a CA nobody uses.
             let path = config.data_dir.join(TOKEN_KEY);
             anyhow::ensure!(
@@ -194,7 +205,11 @@ pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
                 path.display()
             );
             let key = credentials::CredentialKey::load_or_create(&path)?;
-            print!("{}", ca::Ca::new(&key)?.cert_pem());
+            let ca = match controller {
+                true => ca::Ca::controller(&key)?,
+                false => ca::Ca::new(&key)?,
+            };
+            print!("{}", ca.cert_pem());
             return Ok(());
         }
         Command::TrustRoot => {}
@@ -216,20 +231,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
     // HTTPS always: with the certificate given, or one from the
     // controller's own CA, which relays are then given to pin.
-    let own_certificate = match config.serve.tls() {
-        Some(_) => None,
-        None => Some(
-            ca::OwnCertificate::new(&ctx.ca, &config.relay_upstream_url, &config.tls_hostnames)
-                .await?,
-        ),
-    };
-    let relay_upstream_ca = match (&config.relay_upstream_ca_file, &own_certificate) {
-        (Some(path), _) => Some(
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        ),
-        (None, Some(_)) => Some(ctx.ca.cert_pem().to_string()),
-        (None, None) => None,
-    };
+    ca::upstream_host(&config.relay_upstream_url)?;
+    let (own_certificate, relay_upstream_ca) =
+        match (config.serve.tls(), &config.relay_upstream_ca_file) {
+            (Some(_), Some(path)) => (
+                None,
+                Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+            ),
+            // A certificate from a CA relays find among the web PKI roots.
+            (Some(_), None) => (None, None),
+            (None, _) => {
+                let ca = ca::Ca::controller(&ctx.credentials)?;
+                let pem = ca.cert_pem().to_string();
+                let own =
+                    ca::OwnCertificate::new(ca, &config.relay_upstream_url, &config.tls_hostnames)
+                        .await?;
+                (Some(own), Some(pem))
+            }
+        };
     let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
     let (writers, stores) = stores::Stores::new();
     let (relays, relay_triggers) = site::RelayContacts::new();
@@ -277,10 +299,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Component::new("blob garbage collection", gc.run(shutdown.clone())),
     ];
     if let Some(own) = own_certificate {
-        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-        components.push(Component::new("certificate renewal", async move {
-            own.renew(&ctx.ca, shutdown).await
-        }));
+        components.push(Component::new(
+            "certificate renewal",
+            own.renew(shutdown.clone()),
+        ));
     }
     supervise::run(components, shutdown, supervise::shutdown_signal()).await
 }

@@ -110,3 +110,13 @@ pub fn desired_of(body: &[u8]) -> anyhow::Result<caravan_api::wire::AgentDesired
     let envelope: caravan_api::trust::Envelope = serde_json::from_slice(body)?;
     Ok(serde_json::from_slice(&envelope.unverified_payload()?)?)
 }
+
+/// A report as agent `agent` would send its relay, signed with a key of the
+/// test's (a relay checks only whose it is; the controller refuses it).
+pub fn report_as(agent: &str) -> caravan_api::trust::Envelope {
+    let report: caravan_api::wire::AgentReport = serde_json::from_value(serde_json::json!(
+        {"agent": agent, "version": "0", "os": "linux", "arch": "x86_64", "installed": [], "jobs": []}
+    ))
+    .expect("a report");
+    caravan_api::trust::sign_report(&report, &ed25519_dalek::SigningKey::from_bytes(&[1; 32]))
+}

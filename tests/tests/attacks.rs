@@ -321,3 +321,88 @@ async fn a_deleted_version_cannot_come_back_with_other_content() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM"))?;
+    Ok(kib / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_flood_while_the_controller_is_away_fills_the_relays_queue_and_no_more(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_repo, relay) = c.hello_installed("desk").await?;
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.agents[0].state_dir.join("credentials.json"),
+    )?)?;
+    let (agent, token) = (
+        creds["agent"].as_str().unwrap_or_default().to_string(),
+        creds["token"].as_str().unwrap_or_default().to_string(),
+    );
+    // With the controller away, reports cannot go up: they queue at the relay.
+    c.controller.kill();
+    let body = serde_json::to_vec(&caravan_tests::report_as(&agent))?;
+    let url = format!("{}{}", relay.url, caravan_api::wire::paths::REPORT);
+    let (mut accepted, mut busy) = (0usize, None);
+    let limit = caravan_relay::upstream::REPORT_QUEUE * 3;
+    while busy.is_none() && accepted < limit {
+        let batch = (0..32).map(|_| {
+            caravan_tests::http()
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        });
+        for res in futures::future::join_all(batch).await {
+            let res = res?;
+            match res.status().as_u16() {
+                202 => accepted += 1,
+                503 => busy = Some(res.text().await?),
+                other => anyhow::bail!("unexpected {other}: {}", res.text().await?),
+            }
+        }
+    }
+    let busy = busy.ok_or_else(|| anyhow::anyhow!("{accepted} reports taken, none refused"))?;
+    assert!(busy.contains("report again later"), "{busy}");
+    assert!(
+        accepted >= caravan_relay::upstream::REPORT_QUEUE,
+        "{accepted} taken before the queue was full"
+    );
+    // The relay holds its ground: bounded memory, still serving the agent.
+    let peak = peak_mib(c.relays[0].pid())?;
+    assert!(peak < 256.0, "relay peak {peak:.0} MiB");
+    let desired = caravan_tests::http()
+        .get(format!(
+            "{}{}",
+            relay.url,
+            caravan_api::wire::paths::DESIRED
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(desired.status().as_u16(), 200);
+    // Once the controller is back, the queue drains (the made-up reports are
+    // refused there) and the relay takes reports again.
+    c.restart_controller().await?;
+    wait_for("the relay to take reports again", T, || async {
+        let res = caravan_tests::http()
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        Ok((res.status().as_u16() == 202).then_some(()))
+    })
+    .await?;
+    c.wait_warning(&agent, "ReportNotSigned", "signed by 0")
+        .await?;
+    Ok(())
+}

@@ -288,16 +288,6 @@ async fn an_enrollment_flood_is_held_to_the_sites_rate() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A report as agent `agent` would send it (the relay checks only whose it
-/// is; the signature is the controller's to check).
-fn own_report(agent: &str) -> caravan_api::trust::Envelope {
-    let report: caravan_api::wire::AgentReport = serde_json::from_value(serde_json::json!(
-        {"agent": agent, "version": "0", "os": "linux", "arch": "x86_64", "installed": [], "jobs": []}
-    ))
-    .expect("a report");
-    caravan_api::trust::sign_report(&report, &ed25519_dalek::SigningKey::from_bytes(&[1; 32]))
-}
-
 /// What the relay answers agent `host` (with its own credentials) for its
 /// desired state and for a report.
 async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Result<(u16, u16)> {
@@ -314,7 +304,9 @@ async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Re
     let report = http
         .post(format!("{}/v1/report", relay.url))
         .bearer_auth(token)
-        .json(&own_report(creds["agent"].as_str().unwrap_or_default()))
+        .json(&caravan_tests::report_as(
+            creds["agent"].as_str().unwrap_or_default(),
+        ))
         .send()
         .await?;
     Ok((desired.status().as_u16(), report.status().as_u16()))

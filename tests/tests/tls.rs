@@ -237,9 +237,9 @@ fn run_relay(c: &Caravan, token: &str, args: &[&str], secs: u64) -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_reaches_the_controller_only_over_https_it_verifies() -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
-    let (_repo, _relay) = c.hello_installed("desk").await?;
+    let (_repo, relay) = c.hello_installed("desk").await?;
     // The controller was given no certificate: it serves one from its own
-    // CA, and the relay it deploys pins that CA (from its Secret).
+    // controller CA, and the relay it deploys pins that CA (from its Secret).
     assert!(c.api_url.starts_with("https://"));
     let d = c
         .api::<k8s_openapi::api::apps::v1::Deployment>()
@@ -254,8 +254,13 @@ async fn a_relay_reaches_the_controller_only_over_https_it_verifies() -> anyhow:
         .await?;
     let data = secret.data.unwrap_or_default();
     assert_eq!(
+        data["upstream-ca.crt"].0,
+        std::fs::read(&c.controller_ca_file)?,
+        "the relay pins the CA of the controller's own certificate"
+    );
+    assert_ne!(
         data["upstream-ca.crt"].0, data["ca.crt"].0,
-        "the relay pins the controller's own CA"
+        "which is not the CA of the relays' certificates"
     );
     let token = String::from_utf8(data["token"].0.clone())?;
     // Told to reach it in plaintext, a relay refuses to start...
@@ -272,6 +277,21 @@ async fn a_relay_reaches_the_controller_only_over_https_it_verifies() -> anyhow:
         &c,
         &token,
         &["--upstream", &c.api_url, "--upstream-ca-file", &other_ca],
+        5,
+    )?;
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    // Nor can another relay (its key, its certificate from the relays' CA)
+    // pose as the controller to it.
+    let controller_ca = c.controller_ca_file.display().to_string();
+    let (_, log) = run_relay(
+        &c,
+        &token,
+        &[
+            "--upstream",
+            &relay.url,
+            "--upstream-ca-file",
+            &controller_ca,
+        ],
         5,
     )?;
     assert!(log.to_lowercase().contains("certificate"), "{log}");

@@ -17,5 +17,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The namespace the controller manages: its Caravan objects, the relays of its Sites, their Secrets. Empty when cluster-wide. */}}
 {{- define "caravan.watchNamespace" -}}
+{{- if hasKey .Values "watchReleaseNamespaceOnly" -}}{{ fail "watchReleaseNamespaceOnly is gone: the controller manages one namespace by default (watchNamespace); set clusterWide: true for every namespace" }}{{- end -}}
+{{- if and .Values.clusterWide .Values.watchNamespace -}}{{ fail "set either watchNamespace or clusterWide, not both" }}{{- end -}}
 {{- if not .Values.clusterWide -}}{{ .Values.watchNamespace | default .Release.Namespace }}{{- end -}}
 {{- end -}}

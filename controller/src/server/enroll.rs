@@ -222,9 +222,27 @@ pub async fn enroll(
                 spec.insert("approved".into(), approved.into());
                 metadata["labels"] = serde_json::json!({ labels::SITE: site });
             }
+            let new_key = spec.contains_key("publicKey");
             if !spec.is_empty() {
                 let patch = serde_json::json!({ "metadata": metadata, "spec": spec });
                 api.patch(
+                    &agent.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(kube_error)?;
+            }
+            // Reports signed with the new key count from their own sequence
+            // on (a restored machine's clock may be behind the old one's).
+            if new_key
+                && agent
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.report_sequence.is_some())
+            {
+                let patch = serde_json::json!({ "status": { "reportSequence": null } });
+                api.patch_status(
                     &agent.name_any(),
                     &PatchParams::default(),
                     &Patch::Merge(&patch),

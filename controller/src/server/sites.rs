@@ -27,7 +27,7 @@ use kube::{
     Resource as _, ResourceExt as _,
 };
 
-use super::{kube_error, AppState, RelaySite};
+use super::{AppState, RelaySite};
 use crate::{field_managers, status_patch};
 
 /// Largest report batch accepted (a relay sends at most `MAX_REPORT_BATCH` reports).
@@ -68,105 +68,171 @@ pub async fn stats(
     StatusCode::NO_CONTENT
 }
 
-/// The sequence of the last report taken from each agent (namespace, name),
-/// beside the one in its status, which the store may not show yet.
+/// The sequence of the last report taken from each agent (by its UID and
+/// key, so an Agent made anew or a new key starts afresh), beside the one in
+/// its status, which the store may not show yet.
 #[derive(Default)]
 pub struct ReportSequences(std::sync::Mutex<HashMap<(String, String), u64>>);
 
+type AgentKey = (String, String);
+
 impl ReportSequences {
-    fn last(&self, key: &(String, String)) -> u64 {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .get(key)
-            .copied()
-            .unwrap_or(0)
+    fn last(&self, key: &AgentKey) -> u64 {
+        let map = self.0.lock().expect("not poisoned");
+        map.get(key).copied().unwrap_or(0)
     }
 
-    fn taken(&self, key: (String, String), sequence: u64) {
+    /// Takes `sequence` for the agent if it is above the last one taken
+    /// (checked and set at once, so two deliveries racing cannot both pass);
+    /// returns the one it replaces.
+    fn reserve(&self, key: &AgentKey, sequence: u64) -> Option<u64> {
         let mut map = self.0.lock().expect("not poisoned");
-        let last = map.entry(key).or_default();
-        *last = (*last).max(sequence);
+        let last = map.entry(key.clone()).or_default();
+        (*last < sequence).then(|| std::mem::replace(last, sequence))
     }
+
+    /// Gives back a sequence whose status was not written.
+    fn release(&self, key: &AgentKey, sequence: u64, previous: u64) {
+        let mut map = self.0.lock().expect("not poisoned");
+        if let Some(last) = map.get_mut(key).filter(|l| **l == sequence) {
+            *last = previous;
+        }
+    }
+}
+
+/// What became of one report of a batch.
+enum Outcome {
+    Taken,
+    /// The last report taken, delivered again (a relay retrying): nothing to do.
+    Duplicate,
+    Refused,
+    /// The status could not be written now: the relay should send it again.
+    Retry,
 }
 
 /// Writes each reporting agent's status, from reports its agent signed.
 /// A report that is not signed by the Agent's key, is for an agent of
-/// another site, or is not newer than the last one taken (a replay) is
-/// dropped, logged, counted and told on the Agent as a Warning Event
-/// (`ReportReplayed`, `ReportNotSigned`, …); the rest of the batch still counts.
+/// another site, or is older than the last one taken (a replay) is dropped,
+/// logged, counted and told on the Agent as a Warning Event
+/// (`ReportReplayed`, `ReportNotSigned`, …); the rest of the batch still
+/// counts. If a status could not be written, the answer is `503` and the
+/// relay sends the batch again (what was taken is then a duplicate).
 pub async fn reports(
     State(s): State<AppState>,
     RelaySite((ns, site)): RelaySite,
     Json(reports): Json<Vec<Envelope>>,
 ) -> Result<StatusCode, ApiError> {
     s.ctx.metrics.reports.inc_by(reports.len() as u64);
+    let mut retry = 0;
     for envelope in reports {
-        let name = match trust::report_agent(&envelope) {
-            Ok(name) => name,
-            Err(e) => {
-                s.ctx.metrics.report_refused(e.reason());
-                tracing::warn!(error = %e, %site, "malformed report dropped");
-                continue;
-            }
-        };
-        let Some(agent) = s.stores.agents.get(&ObjectRef::new(&name).within(&ns)) else {
-            s.ctx.metrics.report_refused("UnknownAgent");
-            tracing::warn!(agent = %name, %site, "report for unknown agent dropped");
-            continue;
-        };
-        // A relay speaks only for its own site's agents (one that moved
-        // reports through its new relay).
-        if agent.spec.site != site {
-            s.ctx.metrics.report_refused("OtherSite");
-            tracing::warn!(agent = %name, %site, "report from another site's agent dropped");
-            continue;
+        if let Outcome::Retry = report(&s, &ns, &site, &envelope).await {
+            retry += 1;
         }
-        let key = (ns.clone(), name.clone());
-        let accepted = s.reports.last(&key).max(
-            agent
-                .status
-                .as_ref()
-                .and_then(|st| st.report_sequence)
-                .unwrap_or(0),
-        );
-        let report = signing::parse_public(&agent.spec.public_key)
-            .map_err(|e| TrustError::Malformed(format!("the Agent's publicKey: {e}")))
-            .and_then(|k| trust::verify_report(&envelope, &k, &name, accepted));
-        let report = match report {
-            Ok(report) => report,
-            Err(e) => {
-                refuse(&s, &agent, &site, &e).await;
-                continue;
-            }
-        };
-        let sequence = report.sequence;
-        let condition = desired_state_condition(&report, agent.meta().generation);
-        let status = AgentStatus {
-            version: Some(report.version),
-            os: Some(report.os),
-            arch: Some(report.arch),
-            last_seen: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-            installed_count: report.installed.len() as u32,
-            installed: report.installed,
-            jobs: report.jobs,
-            drifted_files: report.drift.len() as u32,
-            drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
-            desired_version: (report.desired_version > 0).then_some(report.desired_version),
-            report_sequence: Some(sequence),
-            conditions: vec![condition],
-        };
-        status_patch::apply(
-            &s.ctx.client,
-            agent.as_ref(),
-            status,
-            field_managers::REPORTS,
-        )
-        .await
-        .map_err(kube_error)?;
-        s.reports.taken(key, sequence);
     }
-    Ok(StatusCode::NO_CONTENT)
+    match retry {
+        0 => Ok(StatusCode::NO_CONTENT),
+        n => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{n} agent status(es) could not be written now; send them again"),
+        )),
+    }
+}
+
+async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outcome {
+    let name = match trust::report_agent(envelope) {
+        Ok(name) => name,
+        Err(e) => {
+            s.ctx.metrics.report_refused(e.reason());
+            tracing::warn!(error = %e, %site, "malformed report dropped");
+            return Outcome::Refused;
+        }
+    };
+    let Some(agent) = s.stores.agents.get(&ObjectRef::new(&name).within(ns)) else {
+        s.ctx.metrics.report_refused("UnknownAgent");
+        tracing::warn!(agent = %name, %site, "report for unknown agent dropped");
+        return Outcome::Refused;
+    };
+    // A relay speaks only for its own site's agents (one that moved
+    // reports through its new relay).
+    if agent.spec.site != site {
+        s.ctx.metrics.report_refused("OtherSite");
+        tracing::warn!(agent = %name, %site, "report from another site's agent dropped");
+        return Outcome::Refused;
+    }
+    let key = (
+        agent.uid().unwrap_or_default(),
+        agent.spec.public_key.clone(),
+    );
+    let accepted = s.reports.last(&key).max(
+        agent
+            .status
+            .as_ref()
+            .and_then(|st| st.report_sequence)
+            .unwrap_or(0),
+    );
+    let verified = match agent.spec.public_key.as_str() {
+        "" => Err(TrustError::Malformed(
+            "the Agent has no publicKey: it has not enrolled with a key (enroll it again)".into(),
+        )),
+        k => signing::parse_public(k)
+            .map_err(|e| TrustError::Malformed(format!("the Agent's publicKey: {e}")))
+            .and_then(|k| trust::verify_report(envelope, &k, &name, accepted)),
+    };
+    let report = match verified {
+        Ok(report) => report,
+        Err(TrustError::Replayed { accepted, found }) if found == accepted => {
+            return Outcome::Duplicate
+        }
+        Err(e) => {
+            refuse(s, &agent, site, &e).await;
+            return Outcome::Refused;
+        }
+    };
+    let sequence = report.sequence;
+    let Some(previous) = s.reports.reserve(&key, sequence) else {
+        // Another delivery of a newer report won the race.
+        return Outcome::Duplicate;
+    };
+    let condition = desired_state_condition(&report, agent.meta().generation);
+    let status = AgentStatus {
+        version: Some(report.version),
+        os: Some(report.os),
+        arch: Some(report.arch),
+        last_seen: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        installed_count: report.installed.len() as u32,
+        installed: report.installed,
+        jobs: report.jobs,
+        drifted_files: report.drift.len() as u32,
+        drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
+        desired_version: (report.desired_version > 0).then_some(report.desired_version),
+        report_sequence: Some(sequence),
+        conditions: vec![condition],
+    };
+    match status_patch::apply(
+        &s.ctx.client,
+        agent.as_ref(),
+        status,
+        field_managers::REPORTS,
+    )
+    .await
+    {
+        Ok(_) => Outcome::Taken,
+        // The API server refuses this status for good (a value out of range):
+        // sending it again cannot help.
+        Err(kube::Error::Api(e))
+            if (400..500).contains(&e.code) && e.code != 409 && e.code != 429 =>
+        {
+            s.reports.release(&key, sequence, previous);
+            s.ctx.metrics.report_refused("Invalid");
+            tracing::warn!(agent = %name, %site, error = %e, "report refused by the API server");
+            Outcome::Refused
+        }
+        Err(e) => {
+            s.reports.release(&key, sequence, previous);
+            tracing::warn!(agent = %name, %site, error = %e, "agent status not written; the relay will send it again");
+            Outcome::Retry
+        }
+    }
 }
 
 /// A refused report: a log line, a count by reason and a Warning Event on the Agent.
@@ -211,4 +277,31 @@ fn desired_state_condition(report: &AgentReport, generation: Option<i64>) -> Con
         message,
         generation,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_sequence_is_taken_once_and_given_back_if_its_status_was_not_written() {
+        let seqs = ReportSequences::default();
+        let desk = ("uid-1".to_string(), "ed25519:k".to_string());
+        assert_eq!(seqs.reserve(&desk, 10), Some(0));
+        // The same or an older one again (racing deliveries): not taken.
+        assert_eq!(seqs.reserve(&desk, 10), None);
+        assert_eq!(seqs.reserve(&desk, 9), None);
+        assert_eq!(seqs.reserve(&desk, 12), Some(10));
+        // 12's status could not be written: 12 can be taken again.
+        seqs.release(&desk, 12, 10);
+        assert_eq!(seqs.last(&desk), 10);
+        assert_eq!(seqs.reserve(&desk, 12), Some(10));
+        // A release that comes after a newer one was taken changes nothing.
+        assert_eq!(seqs.reserve(&desk, 13), Some(12));
+        seqs.release(&desk, 12, 10);
+        assert_eq!(seqs.last(&desk), 13);
+        // Another key (the Agent enrolled again with one) starts afresh.
+        let rekeyed = ("uid-1".to_string(), "ed25519:other".to_string());
+        assert_eq!(seqs.reserve(&rekeyed, 1), Some(0));
+    }
 }

@@ -40,7 +40,7 @@ async fn run(size_mib: u64) -> anyhow::Result<Row> {
         .arg(&manifests)
         .env("CARAVAN_SERVER", &c.api_url)
         .env("CARAVAN_UPLOAD_TOKEN", &c.upload_token)
-        .env("CARAVAN_CA_FILE", &c.ca_file)
+        .env("CARAVAN_CA_FILE", &c.controller_ca_file)
         .stdout(std::process::Stdio::null())
         .spawn()?;
     let mut cli_peak: f64 = 0.0;

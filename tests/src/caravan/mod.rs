@@ -64,6 +64,9 @@ pub struct Caravan {
     /// The CAs agents pin (`--ca-file`): the controller's, and the test CA
     /// when Caravan runs with it.
     pub ca_file: PathBuf,
+    /// The CA that issued the controller's certificate (its own controller
+    /// CA, or the test CA): for the CLI's `--ca-file`.
+    pub controller_ca_file: PathBuf,
     /// The binary agents run from (default: the build's `caravan-agent`).
     pub agent_bin: Option<PathBuf>,
     /// Extra arguments for every relay started from now on.
@@ -111,15 +114,18 @@ async fn spawn_controller(
         Ok(Path::new(data_dir).join("token.key").exists().then_some(()))
     })
     .await?;
-    crate::trust(&controller_one_off(data_dir, "ca")?);
+    let ca = controller_one_off(data_dir, "ca --controller")?;
+    std::fs::write(dir.join("controller-ca.crt"), &ca)?;
+    crate::trust(&ca);
     wait_http_ok(&http(), &format!("{api_url}/healthz"), &controller).await?;
     Ok(controller)
 }
 
-/// Runs `caravan-controller --data-dir <data_dir> <command>` and returns its output.
+/// Runs `caravan-controller --data-dir <data_dir> <command…>` and returns its output.
 fn controller_one_off(data_dir: &str, command: &str) -> anyhow::Result<Vec<u8>> {
     let out = std::process::Command::new(bin("caravan-controller")?)
-        .args(["--data-dir", data_dir, command])
+        .args(["--data-dir", data_dir])
+        .args(command.split(' '))
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -253,16 +259,22 @@ impl Caravan {
         // ...and given the controller's CA, which issues the relays'
         // certificates (and the test CA, when the Sites use it).
         let mut bundle = controller_one_off(&trust_dir, "ca")?;
+        crate::trust(&bundle);
         if let Some(tls) = &tls {
             bundle.extend(std::fs::read(&tls.ca)?);
         }
         let ca_file = dir.join("ca.crt");
         std::fs::write(&ca_file, bundle)?;
+        let controller_ca_file = match &tls {
+            Some(tls) => tls.ca.clone(),
+            None => dir.join("controller-ca.crt"),
+        };
         Ok(Self {
             controller_cmd: (args, env),
             tls,
             agent_args: vec!["--trust-root-sha256".into(), root],
             ca_file,
+            controller_ca_file,
             agent_bin: None,
             relay_urls: Default::default(),
             relay_args: vec![],
@@ -429,7 +441,7 @@ impl Caravan {
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
-            .env("CARAVAN_CA_FILE", &self.ca_file)
+            .env("CARAVAN_CA_FILE", &self.controller_ca_file)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
