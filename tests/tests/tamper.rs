@@ -265,7 +265,7 @@ async fn reported(c: &Caravan, host: &str) -> anyhow::Result<(u32, u64)> {
 async fn a_replayed_or_forged_report_is_refused_and_the_agents_status_stands() -> anyhow::Result<()>
 {
     let mut c = Caravan::start("fleet").await?;
-    let (_repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
+    let (_repo, relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
     let agent: Agent = c.agent_of("desk").await?;
     let name = agent.metadata.name.clone().unwrap_or_default();
     let captured: Vec<Envelope> = proxy
@@ -342,5 +342,18 @@ async fn a_replayed_or_forged_report_is_refused_and_the_agents_status_stands() -
         "the rewritten one and the attacker's"
     );
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
+
+    // An agent reporting as another is turned away by its relay.
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        c.agents[0].state_dir.join("credentials.json"),
+    )?)?;
+    let res = caravan_tests::http()
+        .post(format!("{}{}", relay.url, caravan_api::wire::paths::REPORT))
+        .bearer_auth(creds["token"].as_str().unwrap_or_default())
+        .json(&caravan_tests::report_as("lab-1234"))
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 403);
+    assert!(res.text().await?.contains("reports for itself only"));
     Ok(())
 }
