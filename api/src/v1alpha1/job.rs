@@ -129,7 +129,10 @@ pub struct DistributionJobStatus {
     /// Per-site rollup, by site name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteRollup>,
-    /// Destinations that failed and why.
+    /// The first destinations that failed (at most 20, by agent name) and
+    /// why, each reason cut at 512 bytes: `failed` counts them all, and each
+    /// Agent's status has the whole story, so the job stays small however
+    /// many fail.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<DestinationFailure>,
     #[serde(default)]
@@ -144,6 +147,11 @@ pub struct SiteRollup {
     pub failed: u32,
     pub pending: u32,
 }
+
+/// Most destinations a job's status lists under `failures`.
+pub const MAX_FAILURES_LISTED: usize = 20;
+/// Longest failure reason a job's status keeps, in bytes.
+pub const MAX_FAILURE_REASON_BYTES: usize = 512;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct DestinationFailure {

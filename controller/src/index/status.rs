@@ -49,6 +49,19 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
     }
 }
 
+/// `text`, cut at `max` bytes (on a character boundary).
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Agents by `(namespace, name)`.
 pub type AgentIndex<'a> = HashMap<ObjectKey, &'a Agent>;
 
@@ -86,6 +99,12 @@ pub fn job_status(
         r.total += 1;
         st.total += 1;
         match outcome(agent, assignments) {
+            // Done with what resolved, but not with the job: a package it
+            // names does not exist (yet).
+            Outcome::Succeeded if !plan.unresolved.is_empty() => {
+                r.pending += 1;
+                st.pending += 1;
+            }
             Outcome::Succeeded => {
                 r.succeeded += 1;
                 st.succeeded += 1;
@@ -93,12 +112,14 @@ pub fn job_status(
             Outcome::Failed(package, reason) => {
                 r.failed += 1;
                 st.failed += 1;
-                st.failures.push(DestinationFailure {
-                    agent: name.clone(),
-                    site,
-                    package,
-                    reason,
-                });
+                if st.failures.len() < MAX_FAILURES_LISTED {
+                    st.failures.push(DestinationFailure {
+                        agent: name.clone(),
+                        site,
+                        package,
+                        reason: cut(reason, MAX_FAILURE_REASON_BYTES),
+                    });
+                }
             }
             Outcome::Pending => {
                 r.pending += 1;

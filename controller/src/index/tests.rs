@@ -354,3 +354,60 @@ fn packages_of_one_digest_in_two_cabinets_stand_apart() {
         (reasons::ARTIFACT_UNAVAILABLE, "404 Not Found")
     );
 }
+
+#[test]
+fn a_job_whose_package_does_not_exist_never_shows_succeeded() {
+    // hello resolves and is installed everywhere; nope does not exist.
+    let jobs = all([job("j", &["hello", "nope"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let agents =
+        all([agent("a1", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, "")]);
+    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    assert_eq!(
+        (st.succeeded, st.pending, st.progress.as_str()),
+        (0, 1, "0/1")
+    );
+    assert_ne!(st.phase, JobPhase::Succeeded);
+    assert_eq!(
+        condition(&st.conditions, conditions::COMPLETE).status,
+        "False"
+    );
+    assert_eq!(condition(&st.conditions, conditions::READY).status, "False");
+    assert_eq!(
+        condition(&st.conditions, conditions::RESOLVED_REFS).status,
+        "False"
+    );
+}
+
+#[test]
+fn three_thousand_failures_keep_the_job_status_small() {
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let tail = "x".repeat(2048);
+    let agents = all((0..3000).map(|i| {
+        agent(&format!("a{i:04}"), "hq").reporting(
+            "j",
+            "hello",
+            digest,
+            AssignmentPhase::Failed,
+            &tail,
+        )
+    }));
+    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    assert_eq!((st.failed, st.phase), (3000, JobPhase::Failed));
+    assert_eq!(st.failures.len(), MAX_FAILURES_LISTED);
+    assert_eq!(st.failures[0].agent, "a0000", "the first by agent name");
+    assert!(st
+        .failures
+        .iter()
+        .all(|f| f.reason.len() <= MAX_FAILURE_REASON_BYTES + '…'.len_utf8()));
+    let bytes = serde_json::to_vec(&st).unwrap().len();
+    assert!(bytes < 100 << 10, "{bytes} bytes");
+    assert!(condition(&st.conditions, conditions::FAILED)
+        .message
+        .contains("3000 destination(s) failed"));
+}
