@@ -282,11 +282,19 @@ impl Converger {
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                tracing::warn!(job = %a.job, package = %a.package, error = %msg, "assignment failed");
+                // Checked again after the same pause (nothing is downloaded
+                // for it): an endpoint does not often change its OS.
                 self.retry_at
                     .insert(key(&a), Instant::now() + self.config.retry_after);
-                self.set_phase(&a, AssignmentPhase::Failed, &msg);
-                false
+                if e.downcast_ref::<policy::NotApplicable>().is_some() {
+                    tracing::info!(job = %a.job, package = %a.package, reason = %msg, "not applicable here");
+                    self.set_phase(&a, AssignmentPhase::NotApplicable, &msg);
+                    true
+                } else {
+                    tracing::warn!(job = %a.job, package = %a.package, error = %msg, "assignment failed");
+                    self.set_phase(&a, AssignmentPhase::Failed, &msg);
+                    false
+                }
             }
         };
         self.report(installed).await;

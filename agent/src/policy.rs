@@ -56,24 +56,43 @@ pub fn check_signature(a: &Assignment, trusted: &[VerifyingKey]) -> anyhow::Resu
     Ok(())
 }
 
-/// Checks what the package asks of the endpoint, before anything is downloaded.
-pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
+/// The package is not for this endpoint (its `os` or `arch`): not a
+/// failure, the destination is NotApplicable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotApplicable(pub String);
+
+/// Whether the package is for this endpoint's OS and architecture.
+pub fn applicable(a: &Assignment) -> Result<(), NotApplicable> {
     let Some(req) = &a.install.requirements else {
         return Ok(());
     };
     let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
-    anyhow::ensure!(
-        req.os.is_empty() || req.os.iter().any(|o| o == os),
-        "requirement not met: package {} needs os {} (this endpoint runs {os})",
-        a.package,
-        req.os.join(" or ")
-    );
-    anyhow::ensure!(
-        req.arch.is_empty() || req.arch.iter().any(|x| x == arch),
-        "requirement not met: package {} needs arch {} (this endpoint is {arch})",
-        a.package,
-        req.arch.join(" or ")
-    );
+    if !(req.os.is_empty() || req.os.iter().any(|o| o == os)) {
+        return Err(NotApplicable(format!(
+            "requirement not met: package {} needs os {} (this endpoint runs {os})",
+            a.package,
+            req.os.join(" or ")
+        )));
+    }
+    if !(req.arch.is_empty() || req.arch.iter().any(|x| x == arch)) {
+        return Err(NotApplicable(format!(
+            "requirement not met: package {} needs arch {} (this endpoint is {arch})",
+            a.package,
+            req.arch.join(" or ")
+        )));
+    }
+    Ok(())
+}
+
+/// Checks what the package asks of the endpoint, before anything is
+/// downloaded: os and arch ([`applicable`]), then free disk (a failure,
+/// which may pass later).
+pub fn check_requirements(a: &Assignment, root: &Path) -> anyhow::Result<()> {
+    applicable(a)?;
+    let Some(req) = &a.install.requirements else {
+        return Ok(());
+    };
     if let Some(min) = req.min_free_disk_bytes {
         std::fs::create_dir_all(root)?;
         let free = free_bytes(root)?;

@@ -357,6 +357,9 @@ pub enum AssignmentPhase {
     Removing,
     Succeeded,
     Failed,
+    /// The endpoint does not meet the package's `os`/`arch` requirements:
+    /// nothing to do here, and the job is complete without it.
+    NotApplicable,
 }
 
 /// Where one assignment stands on one agent.

@@ -115,7 +115,8 @@ pub struct DistributionJobStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub phase: JobPhase,
-    /// `succeeded/total`, for `kubectl get`.
+    /// `succeeded/applicable`, for `kubectl get` (destinations NotApplicable
+    /// left out).
     #[serde(default)]
     pub progress: String,
     #[serde(default)]
@@ -126,6 +127,10 @@ pub struct DistributionJobStatus {
     pub failed: u32,
     #[serde(default)]
     pub pending: u32,
+    /// Destinations the job's packages are not for (their `os`/`arch`
+    /// requirements): the job is complete without them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_applicable: u32,
     /// Per-site rollup, by site name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteRollup>,
@@ -140,12 +145,19 @@ pub struct DistributionJobStatus {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct SiteRollup {
     pub site: String,
     pub total: u32,
     pub succeeded: u32,
     pub failed: u32,
     pub pending: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_applicable: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Most destinations a job's status lists under `failures`.

@@ -22,6 +22,8 @@ enum Outcome {
     Succeeded,
     Failed(String, String),
     Pending,
+    /// Every package is for another OS or architecture.
+    NotApplicable,
 }
 
 fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
@@ -29,20 +31,23 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
         .and_then(|a| a.status.as_ref())
         .map(|s| s.jobs.as_slice())
         .unwrap_or_default();
-    let mut done = 0;
+    let (mut done, mut not_applicable) = (0, 0);
     for a in assignments {
         let state = reported.iter().find(|s| {
             s.job == a.job && s.package == a.package && s.digest == a.digest && s.action == a.action
         });
         match state.map(|s| (s.phase, &s.message)) {
             Some((AssignmentPhase::Succeeded, _)) => done += 1,
+            Some((AssignmentPhase::NotApplicable, _)) => not_applicable += 1,
             Some((AssignmentPhase::Failed, msg)) => {
                 return Outcome::Failed(a.package.clone(), msg.clone())
             }
             _ => {}
         }
     }
-    if done == assignments.len() {
+    if !assignments.is_empty() && not_applicable == assignments.len() {
+        Outcome::NotApplicable
+    } else if done + not_applicable == assignments.len() {
         Outcome::Succeeded
     } else {
         Outcome::Pending
@@ -125,15 +130,20 @@ pub fn job_status(
                 r.pending += 1;
                 st.pending += 1;
             }
+            Outcome::NotApplicable => {
+                r.not_applicable += 1;
+                st.not_applicable += 1;
+            }
         }
     }
     st.sites = rollup.into_values().collect();
-    st.progress = format!("{}/{}", st.succeeded, st.total);
+    let applicable = st.total - st.not_applicable;
+    st.progress = format!("{}/{applicable}", st.succeeded);
     st.phase = if job.spec.suspend {
         JobPhase::Suspended
-    } else if st.total > 0 && st.succeeded == st.total {
+    } else if st.total > 0 && st.succeeded == applicable {
         JobPhase::Succeeded
-    } else if st.total > 0 && st.succeeded + st.failed == st.total {
+    } else if st.total > 0 && st.succeeded + st.failed == applicable {
         JobPhase::Failed
     } else if st.succeeded + st.failed > 0 {
         JobPhase::Progressing
@@ -181,8 +191,8 @@ pub fn job_status(
                 reasons::PROGRESSING
             },
             format!(
-                "{} of {} destinations succeeded, {} failed",
-                st.succeeded, st.total, st.failed
+                "{} of {applicable} destinations succeeded, {} failed, {} not applicable",
+                st.succeeded, st.failed, st.not_applicable
             ),
             generation,
         ));
@@ -195,7 +205,7 @@ pub fn job_status(
         } else {
             reasons::PROGRESSING
         },
-        format!("{}/{} destinations succeeded", st.succeeded, st.total),
+        format!("{}/{applicable} destinations succeeded", st.succeeded),
         generation,
     ));
     conds.push(match st.failures.first() {

@@ -411,3 +411,36 @@ fn three_thousand_failures_keep_the_job_status_small() {
         .message
         .contains("3000 destination(s) failed"));
 }
+
+#[test]
+fn a_destination_the_package_is_not_for_is_not_applicable_and_the_job_completes() {
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let agents = all([
+        agent("linux", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("plan9", "hq").reporting(
+            "j",
+            "hello",
+            digest,
+            AssignmentPhase::NotApplicable,
+            "requirement not met: package hello needs os linux (this endpoint runs plan9)",
+        ),
+    ]);
+    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    assert_eq!(
+        (st.total, st.succeeded, st.failed, st.not_applicable),
+        (2, 1, 0, 1)
+    );
+    assert_eq!(
+        (st.phase, st.progress.as_str()),
+        (JobPhase::Succeeded, "1/1")
+    );
+    assert!(st.failures.is_empty());
+    assert_eq!(st.sites[0].not_applicable, 1);
+    assert_eq!(
+        condition(&st.conditions, conditions::COMPLETE).status,
+        "True"
+    );
+}
