@@ -40,6 +40,7 @@ pub mod reasons {
     pub const UNKNOWN_PACKAGE: &str = "UnknownPackage";
     pub const UNKNOWN_SITE: &str = "UnknownSite";
     pub const UNKNOWN_AGENT: &str = "UnknownAgent";
+    pub const INVALID_SELECTOR: &str = "InvalidSelector";
     pub const RESOLVED: &str = "Resolved";
     pub const NO_DESTINATIONS: &str = "NoDestinations";
     pub const DESTINATIONS_FAILED: &str = "DestinationsFailed";

@@ -5,6 +5,7 @@
 pub mod conditions;
 pub mod digest;
 pub mod names;
+pub mod selector;
 pub mod signing;
 pub mod trust;
 pub mod v1alpha1;

@@ -1,5 +1,3 @@
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -75,15 +73,34 @@ pub enum JobAction {
 
 /// Destinations are the union of the agents of the listed sites (optionally
 /// with every site below them: an "all lower clients" job), the agents
-/// matching `agentSelector`, and the agents named in `agents`.
+/// matching `agentSelector`, and the agents named in `agents`, less the
+/// agents `exclude` names or selects. An agent that enrolls or starts
+/// matching later joins the job.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destinations {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteDestination>,
-    /// Agents whose labels match all of these.
+    /// Agents whose labels match this label selector (`matchLabels`, and
+    /// `matchExpressions` with `In`, `NotIn`, `Exists`, `DoesNotExist`, as
+    /// Kubernetes has them; an empty selector matches every agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_selector: Option<BTreeMap<String, String>>,
+    pub agent_selector: Option<crate::selector::LabelSelector>,
+    /// Agents by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// Agents left out, whatever above picks them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude: Option<Exclusions>,
+}
+
+/// Agents a job leaves out.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Exclusions {
+    /// Agents whose labels match this label selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_selector: Option<crate::selector::LabelSelector>,
     /// Agents by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,

@@ -8,6 +8,7 @@ use caravan_api::{
     wire::{AssignmentPhase, JobState},
     Digest,
 };
+use kube::ResourceExt as _;
 
 pub const NS: &str = "ns";
 
@@ -69,6 +70,8 @@ pub fn agent(name: &str, site: &str) -> Agent {
 
 pub trait AgentFixture {
     fn unapproved(self) -> Self;
+    /// The agent carries label `key: value` too.
+    fn labelled(self, key: &str, value: &str) -> Self;
     /// The agent reports `phase` for job `ns/<job>`'s package `package` at `digest`.
     fn reporting(
         self,
@@ -83,6 +86,11 @@ pub trait AgentFixture {
 impl AgentFixture for Agent {
     fn unapproved(mut self) -> Self {
         self.spec.approved = false;
+        self
+    }
+
+    fn labelled(mut self, key: &str, value: &str) -> Self {
+        self.labels_mut().insert(key.into(), value.into());
         self
     }
 

@@ -10,7 +10,7 @@
 //!   DistributionJob ──packages──▶ Package ──cabinet──▶ Cabinet (store, trusted keys)
 //!         │                          └─ artifact digest ─▶ blob in the store
 //!         └─destinations─┬─ sites (includeLower: every site below) ─┐
-//!                        ├─ agentSelector (labels)                   ├─▶ Agent ──site──▶ Site ──parent──▶ Site …
+//!                        ├─ agentSelector (selector)                 ├─▶ Agent ──site──▶ Site ──parent──▶ Site …
 //!                        └─ agents (by name)                         ┘
 //! ```
 //!

@@ -9,6 +9,7 @@ use std::{
 
 use caravan_api::{
     conditions::reasons,
+    selector,
     v1alpha1::*,
     wire::{AgentDesired, Assignment},
     Digest,
@@ -189,16 +190,31 @@ fn resolve_job(
             format!("agent {name} not found in namespace {ns}"),
         ));
     }
+    // A selector that is not one is a problem, and selects nobody (an
+    // exclusion that is not one leaves every agent out: nothing is
+    // installed where the administrator meant to hold it back).
+    let exclude = dest.exclude.clone().unwrap_or_default();
+    for (what, sel) in [
+        ("agentSelector", &dest.agent_selector),
+        ("exclude.agentSelector", &exclude.agent_selector),
+    ] {
+        if let Some(Err(e)) = sel.as_ref().map(selector::validate) {
+            plan.problems
+                .push((reasons::INVALID_SELECTOR, format!("{what}: {e}")));
+        }
+    }
+    let matches = |sel: &Option<selector::LabelSelector>, a: &Agent, invalid: bool| {
+        sel.as_ref()
+            .is_some_and(|s| selector::matches(s, a.labels()).unwrap_or(invalid))
+    };
+    let named =
+        |names: &[String], a: &Agent| names.iter().any(|n| a.meta().name.as_ref() == Some(n));
     let selected = |a: &Agent| {
-        target_sites.contains(&a.spec.site)
-            || dest
-                .agents
-                .iter()
-                .any(|n| a.meta().name.as_ref() == Some(n))
-            || dest.agent_selector.as_ref().is_some_and(|sel| {
-                let labels = a.labels();
-                sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-            })
+        (target_sites.contains(&a.spec.site)
+            || named(&dest.agents, a)
+            || matches(&dest.agent_selector, a, false))
+            && !named(&exclude.agents, a)
+            && !matches(&exclude.agent_selector, a, true)
     };
     let assignments: Vec<Assignment> = chosen
         .iter()

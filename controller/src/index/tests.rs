@@ -6,6 +6,8 @@ use caravan_api::{
     wire::AssignmentPhase,
 };
 
+use caravan_api::selector;
+
 use super::{fixtures::*, status::*, *};
 
 fn condition<'a>(
@@ -443,4 +445,76 @@ fn a_destination_the_package_is_not_for_is_not_applicable_and_the_job_completes(
         condition(&st.conditions, conditions::COMPLETE).status,
         "True"
     );
+}
+
+#[test]
+fn selectors_with_expressions_and_exclusions_pick_the_destinations() {
+    let agents = all([
+        agent("kiosk-1", "hq")
+            .labelled("os", "linux")
+            .labelled("role", "kiosk"),
+        agent("kiosk-2", "branch")
+            .labelled("os", "linux")
+            .labelled("role", "kiosk"),
+        agent("desk-1", "hq").labelled("os", "windows"),
+        agent("lab-1", "hq").labelled("os", "freebsd"),
+        // Enrolled later: it matches, so the job reaches it too.
+        agent("kiosk-3", "hq")
+            .labelled("os", "linux")
+            .labelled("role", "kiosk"),
+    ]);
+    let mut j = job("j", &["hello"]).to_site("hq");
+    let requirement = |key: &str, op: &str, values: &[&str]| selector::LabelSelectorRequirement {
+        key: key.into(),
+        operator: op.into(),
+        values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+    };
+    // Every agent of hq, and Linux or FreeBSD agents anywhere, but no
+    // Windows machine and not kiosk-3.
+    j.spec.destinations.agent_selector = Some(selector::LabelSelector {
+        match_expressions: Some(vec![requirement("os", "In", &["linux", "freebsd"])]),
+        ..Default::default()
+    });
+    j.spec.destinations.exclude = Some(Exclusions {
+        agent_selector: Some(selector::LabelSelector {
+            match_expressions: Some(vec![requirement("os", "In", &["windows"])]),
+            ..Default::default()
+        }),
+        agents: vec!["kiosk-3".into()],
+    });
+    let sites = all([site("hq"), site("branch")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let jp = &plan.jobs[&key("j")];
+    assert!(jp.problems.is_empty(), "{:?}", jp.problems);
+    assert_eq!(
+        jp.targets.keys().collect::<Vec<_>>(),
+        ["kiosk-1", "kiosk-2", "lab-1"]
+    );
+
+    // A selector that is not one: a problem, and it selects nobody; an
+    // exclusion that is not one leaves everyone out.
+    j.spec.destinations.agent_selector = Some(selector::LabelSelector {
+        match_expressions: Some(vec![requirement("os", "Like", &["lin*"])]),
+        ..Default::default()
+    });
+    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let jp = &plan.jobs[&key("j")];
+    assert_eq!(jp.problems[0].0, reasons::INVALID_SELECTOR);
+    assert!(
+        jp.problems[0]
+            .1
+            .contains("agentSelector: key os: unknown operator"),
+        "{:?}",
+        jp.problems
+    );
+    assert_eq!(
+        jp.targets.keys().collect::<Vec<_>>(),
+        ["kiosk-1", "lab-1"],
+        "hq's, less the Windows machine and kiosk-3"
+    );
+    j.spec.destinations.exclude.as_mut().unwrap().agent_selector =
+        j.spec.destinations.agent_selector.clone();
+    let plan = Plan::compute(&sites, &agents, &all([j]), &packages, &[]);
+    assert!(plan.jobs[&key("j")].targets.is_empty());
 }
