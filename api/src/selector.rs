@@ -1,7 +1,9 @@
 //! Kubernetes label selectors (`matchLabels` and `matchExpressions`), as a
 //! DistributionJob aims at agents: the semantics of the API server's own
-//! (`In`, `NotIn`, `Exists`, `DoesNotExist`; every requirement must hold; an
-//! empty selector matches everything).
+//! (`In`, `NotIn`, `Exists`, `DoesNotExist`; every requirement must hold) —
+//! except that an empty selector is refused instead of matching everything:
+//! a selector written in another shape (`{role: kiosk}`, whose unknown
+//! fields the API server prunes) must not become "every agent".
 
 use std::collections::BTreeMap;
 
@@ -31,9 +33,22 @@ pub fn matches(
     Ok(by_label && by_expression)
 }
 
-/// Refuses what the API server would: an unknown operator, `In`/`NotIn`
-/// without values, `Exists`/`DoesNotExist` with values.
+/// Refuses what the API server would (an unknown operator, `In`/`NotIn`
+/// without values, `Exists`/`DoesNotExist` with values), and an empty
+/// selector.
 pub fn validate(selector: &LabelSelector) -> Result<(), String> {
+    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(|e| e.is_empty());
+    if empty {
+        return Err(
+            "an empty selector (no matchLabels, no matchExpressions) would pick every agent: \
+             give it labels, or name the sites"
+                .into(),
+        );
+    }
     for r in selector.match_expressions.iter().flatten() {
         let has_values = r.values.as_ref().is_some_and(|v| !v.is_empty());
         match (r.operator.as_str(), has_values) {
@@ -101,7 +116,6 @@ mod tests {
         fn m(s: &LabelSelector, l: &BTreeMap<String, String>) -> bool {
             matches(s, l).unwrap()
         }
-        assert!(m(&selector(&[], &[]), &kiosk), "empty selects all");
         assert!(m(&selector(&[("role", "kiosk")], &[]), &kiosk));
         assert!(!m(&selector(&[("role", "kiosk")], &[]), &desk));
         let linuxish = selector(&[], &[("os", "In", &["linux", "freebsd"])]);
@@ -127,5 +141,6 @@ mod tests {
         assert!(e(selector(&[], &[("os", "Like", &["l*"])])).contains("unknown operator \"Like\""));
         assert!(e(selector(&[], &[("os", "In", &[])])).contains("needs values"));
         assert!(e(selector(&[], &[("os", "Exists", &["x"])])).contains("takes no values"));
+        assert!(e(selector(&[], &[])).contains("an empty selector"));
     }
 }

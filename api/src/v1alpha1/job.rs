@@ -83,7 +83,8 @@ pub struct Destinations {
     pub sites: Vec<SiteDestination>,
     /// Agents whose labels match this label selector (`matchLabels`, and
     /// `matchExpressions` with `In`, `NotIn`, `Exists`, `DoesNotExist`, as
-    /// Kubernetes has them; an empty selector matches every agent).
+    /// Kubernetes has them). An empty selector is refused, not "every
+    /// agent": name the sites for that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_selector: Option<crate::selector::LabelSelector>,
     /// Agents by name.

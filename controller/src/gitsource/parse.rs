@@ -204,7 +204,40 @@ impl Kind {
                 }
                 Ok(())
             }
-            Kind::DistributionJob => check::<v1::DistributionJob>(value).map(drop),
+            Kind::DistributionJob => {
+                let j = check::<v1::DistributionJob>(value)?;
+                let exclude = j.spec.destinations.exclude.unwrap_or_default();
+                for (path, sel) in [
+                    (
+                        "/spec/destinations/agentSelector",
+                        j.spec.destinations.agent_selector,
+                    ),
+                    (
+                        "/spec/destinations/exclude/agentSelector",
+                        exclude.agent_selector,
+                    ),
+                ] {
+                    let field = path.trim_start_matches('/').replace('/', ".");
+                    // Fields a label selector does not have (`{role: kiosk}`
+                    // instead of `{matchLabels: {role: kiosk}}`) would be
+                    // dropped, leaving an empty selector.
+                    if let Some(object) = value.pointer(path).and_then(|v| v.as_object()) {
+                        if let Some(k) = object
+                            .keys()
+                            .find(|k| *k != "matchLabels" && *k != "matchExpressions")
+                        {
+                            return Err(format!(
+                                "{field}: unknown field `{k}`: a label selector has matchLabels and matchExpressions (e.g. {{matchLabels: {{{k}: …}}}})"
+                            ));
+                        }
+                    }
+                    if let Some(sel) = sel {
+                        caravan_api::selector::validate(&sel)
+                            .map_err(|e| format!("{field}: {e}"))?;
+                    }
+                }
+                Ok(())
+            }
             Kind::Agent => check::<v1::Agent>(value).map(drop),
         }
     }
@@ -444,6 +477,37 @@ spec:
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_selector_in_another_shape_or_empty_is_refused_not_taken_for_every_agent() {
+        let job = |selector: &str| {
+            format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: j}}\nspec:\n  packages: [{{name: hello}}]\n  destinations: {selector}\n")
+        };
+        let e =
+            parse_file("j.yaml", &job("{agentSelector: {role: kiosk}}"), "ns", "s").unwrap_err();
+        assert!(
+            e.message
+                .contains("spec.destinations.agentSelector: unknown field `role`"),
+            "{}",
+            e.message
+        );
+        let e = parse_file(
+            "j.yaml",
+            &job("{sites: [{name: hq}], exclude: {agentSelector: {}}}"),
+            "ns",
+            "s",
+        )
+        .unwrap_err();
+        assert!(
+            e.message
+                .contains("spec.destinations.exclude.agentSelector: an empty selector"),
+            "{}",
+            e.message
+        );
+        let ok =
+            job("{agentSelector: {matchExpressions: [{key: os, operator: In, values: [linux]}]}}");
+        parse_file("j.yaml", &ok, "ns", "s").unwrap();
     }
 
     #[test]
