@@ -338,13 +338,7 @@ async fn a_report_flood_while_the_controller_is_away_fills_the_relays_queue_and_
 ) -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
     let (_repo, relay) = c.hello_installed("desk").await?;
-    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        c.agents[0].state_dir.join("credentials.json"),
-    )?)?;
-    let (agent, token) = (
-        creds["agent"].as_str().unwrap_or_default().to_string(),
-        creds["token"].as_str().unwrap_or_default().to_string(),
-    );
+    let (agent, token) = c.agents[0].credentials()?;
     // With the controller away, reports cannot go up: they queue at the relay.
     c.controller.kill();
     let body = serde_json::to_vec(&caravan_tests::report_as(&agent))?;

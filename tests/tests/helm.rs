@@ -77,14 +77,7 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
 /// registers the package webhook with that CA.
 #[test]
 fn the_default_chart_serves_https_and_registers_the_package_webhook() -> anyhow::Result<()> {
-    let chart = repo_root().join("charts/caravan").display().to_string();
-    let rendered: std::collections::BTreeMap<String, String> = serde_json::from_str(&helm(&[
-        "template",
-        "caravan",
-        &chart,
-        "--namespace",
-        HELM_NAMESPACE,
-    ])?)?;
+    let rendered = rendered("{}")?;
     let tls = &rendered["caravan/templates/tls.yaml"];
     assert!(
         tls.contains("kind: ValidatingWebhookConfiguration")
@@ -106,11 +99,11 @@ fn the_default_chart_serves_https_and_registers_the_package_webhook() -> anyhow:
     Ok(())
 }
 
-/// The chart's RBAC, rendered with `values` (JSON): every document's kind,
-/// namespace (if any) and whether it grants anything on Secrets.
-fn rendered_rbac(values: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
+/// `charts/caravan` rendered with `values` (JSON) into the release
+/// namespace: each template's output by its path.
+fn rendered(values: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let chart = repo_root().join("charts/caravan").display().to_string();
-    let rendered: std::collections::BTreeMap<String, String> = serde_json::from_str(&helm(&[
+    Ok(serde_json::from_str(&helm(&[
         "template",
         "caravan",
         &chart,
@@ -118,7 +111,13 @@ fn rendered_rbac(values: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
         HELM_NAMESPACE,
         "--set-json",
         values,
-    ])?)?;
+    ])?)?)
+}
+
+/// The chart's RBAC, rendered with `values` (JSON): every document's kind,
+/// namespace (if any) and whether it grants anything on Secrets.
+fn rendered_rbac(values: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
+    let rendered = rendered(values)?;
     let rbac = &rendered["caravan/templates/rbac.yaml"];
     let mut out = vec![];
     for doc in rbac.split("\n---") {

@@ -344,12 +344,10 @@ async fn a_replayed_or_forged_report_is_refused_and_the_agents_status_stands() -
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
 
     // An agent reporting as another is turned away by its relay.
-    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        c.agents[0].state_dir.join("credentials.json"),
-    )?)?;
+    let (_, token) = c.agents[0].credentials()?;
     let res = caravan_tests::http()
         .post(format!("{}{}", relay.url, caravan_api::wire::paths::REPORT))
-        .bearer_auth(creds["token"].as_str().unwrap_or_default())
+        .bearer_auth(token)
         .json(&caravan_tests::report_as("lab-1234"))
         .send()
         .await?;

@@ -17,6 +17,19 @@ pub struct AgentProc {
     pub install_root: PathBuf,
 }
 
+impl AgentProc {
+    /// The agent's name and credential, as it keeps them in its state directory.
+    pub fn credentials(&self) -> anyhow::Result<(String, String)> {
+        let creds: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.state_dir.join("credentials.json"))?)?;
+        let field = |k: &str| creds[k].as_str().map(String::from);
+        Ok((
+            field("agent").context("no agent in credentials.json")?,
+            field("token").context("no token in credentials.json")?,
+        ))
+    }
+}
+
 /// A relay started the way a kubelet would start the Site's Deployment.
 #[derive(Clone, Debug)]
 pub struct RelayInfo {
