@@ -66,6 +66,15 @@ pub struct Config {
     /// beyond it, never one being served (default: no limit).
     #[arg(long, env = "CARAVAN_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// Most agent reports waiting to be passed up (while the controller is
+    /// slow or away); agents beyond them are told to report again later.
+    #[arg(
+        long,
+        env = "CARAVAN_REPORT_QUEUE",
+        default_value_t = upstream::REPORT_QUEUE,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub report_queue: usize,
     /// How often the relay reports its cache figures to the controller (Site status).
     #[arg(long, env = "CARAVAN_STATS_INTERVAL_SECONDS", default_value_t = 30)]
     pub stats_interval_seconds: u64,
@@ -104,7 +113,7 @@ pub struct Relay {
     pub state: watch::Receiver<Option<Arc<SiteState>>>,
     /// The long-polls each agent holds open (at most [`POLLS_PER_AGENT`]).
     pub polls: Arc<caravan_net::server::PollSlots>,
-    /// Reports on their way up (at most [`upstream::REPORT_QUEUE`]).
+    /// Reports on their way up (at most `--report-queue`).
     /// Signed agent reports, with the name of the agent that sent each.
     pub reports: tokio::sync::mpsc::Sender<(String, caravan_api::wire::Envelope)>,
     pub metrics: Arc<metrics::Metrics>,
@@ -138,7 +147,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("opening cache {}", config.cache_dir.display()))?;
     let cache = Arc::new(cache);
-    let (reports, reports_rx) = tokio::sync::mpsc::channel(upstream::REPORT_QUEUE);
+    let (reports, reports_rx) = tokio::sync::mpsc::channel(config.report_queue);
     let (state, state_rx) = watch::channel(None);
     let relay = Arc::new(Relay {
         token: config.token.clone(),

@@ -175,8 +175,9 @@ impl Upstream {
 /// Most reports sent upstream in one request.
 pub const MAX_REPORT_BATCH: usize = 500;
 
-/// Most reports waiting to be passed up; agents beyond it are told to report
-/// again later, so a flood of reports cannot exhaust the relay's memory.
+/// Most reports waiting to be passed up by default (`--report-queue`);
+/// agents beyond it are told to report again later, so a flood of reports
+/// cannot exhaust the relay's memory.
 pub const REPORT_QUEUE: usize = 10_000;
 
 /// Passes agent reports up in batches until every sender is gone (the

@@ -52,8 +52,23 @@ impl Cluster {
                 apiserver.display()
             );
         }
+        // Ports are picked free and then bound by etcd and the API server: on
+        // a busy machine another process can take one in between. A second
+        // attempt, with new ports, from scratch, rides that out.
         let dir = dir.join("cluster");
-        std::fs::create_dir_all(&dir)?;
+        match Self::start_local(&apiserver, &dir).await {
+            Ok(cluster) => Ok(cluster),
+            Err(e) => {
+                eprintln!("cluster did not start, trying again with other ports: {e:#}");
+                let _ = std::fs::remove_dir_all(&dir);
+                Self::start_local(&apiserver, &dir).await
+            }
+        }
+    }
+
+    /// Starts etcd and `apiserver` in `dir`.
+    async fn start_local(apiserver: &Path, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let etcd = Proc::spawn(
@@ -76,7 +91,7 @@ impl Cluster {
                 "warn",
             ],
             &[],
-            &dir,
+            dir,
         )?;
         let key = dir.join("sa.key");
         let status = std::process::Command::new("openssl")
@@ -95,7 +110,7 @@ impl Cluster {
         let key_s = key.display().to_string();
         let api = Proc::spawn(
             "kube-apiserver",
-            &apiserver,
+            apiserver,
             &[
                 "--etcd-servers",
                 &etcd_url,
@@ -124,7 +139,7 @@ impl Cluster {
                 "0",
             ],
             &[],
-            &dir,
+            dir,
         )?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
@@ -151,7 +166,13 @@ impl Cluster {
             },
         )
         .await
-        .map_err(|e| e.context(procs[0].log_tail(30)))?;
+        .map_err(|e| {
+            e.context(format!(
+                "{}{}",
+                procs[0].log_tail(30),
+                procs[1].log_tail(15)
+            ))
+        })?;
         Ok(Self {
             kubeconfig,
             client,
