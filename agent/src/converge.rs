@@ -2,8 +2,14 @@
 //! finds drift, plans, and then, in the desired state's order, downloads,
 //! verifies and installs (or removes) what the plan says, through the
 //! install [`transaction`]. Every transition is reported to the relay, and
-//! a heartbeat report keeps `lastSeen` fresh. A failed assignment is tried
-//! again after `retry_after`.
+//! a heartbeat report keeps `lastSeen` fresh.
+//!
+//! A failed install is tried again after `retry_after`, doubling with each
+//! failure, as many times as its job allows (`retries`); then it stays
+//! Failed until the job's retry generation for this agent rises. The count
+//! is kept in the state directory, so a restart does not reset it. A
+//! download that fails is not counted: it is tried again after
+//! `retry_after` until it arrives (the relay may not have the blob yet).
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -40,6 +46,8 @@ pub struct Converger {
     jobs: HashMap<Key, JobState>,
     /// When each failed assignment may be tried again.
     retry_at: HashMap<Key, Instant>,
+    /// The failed installs of each assignment, as kept in the state directory.
+    attempts: Attempts,
     /// When the last report reached the relay; `None` until one has, or after one failed.
     last_delivered: Option<Instant>,
     /// Files of installed packages no longer as installed, as last found.
@@ -51,6 +59,56 @@ pub struct Converger {
     /// Why the desired state last served is refused (or the accepted one
     /// expired), if it is: reported until a good one comes.
     refused: Option<Refusal>,
+}
+
+/// File of the state directory that counts failed installs.
+const ATTEMPTS: &str = "attempts.json";
+/// Longest pause before a failed install is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// The failed installs of one assignment.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq)]
+struct Failures {
+    /// Installs tried and failed since the last success or retry generation.
+    count: u32,
+    /// The job's retry generation they were counted under.
+    generation: u32,
+    /// What the last one said (an install script's output tail).
+    message: String,
+}
+
+/// Failed installs by assignment (`<job> <package> <fingerprint>`).
+type Attempts = std::collections::BTreeMap<String, Failures>;
+
+/// The key of `a`'s failures: a changed assignment (another version,
+/// signature or install step) is counted afresh; a changed limit, retry
+/// generation or precedence is not a change of what is installed.
+fn attempts_key(a: &Assignment) -> String {
+    let what = Assignment {
+        retries: 0,
+        retry_generation: 0,
+        superseded_by: None,
+        ..a.clone()
+    };
+    let fingerprint = Digest::of(&serde_json::to_vec(&what).unwrap_or_default());
+    format!("{} {} {}", a.job, a.package, fingerprint.hex())
+}
+
+/// A download that did not complete: tried again, not counted as an attempt.
+#[derive(Debug)]
+struct DownloadFailed;
+
+impl std::fmt::Display for DownloadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("download failed")
+    }
+}
+
+/// The pause before the next try after `failures` failed installs.
+fn backoff(retry_after: Duration, failures: u32) -> Duration {
+    retry_after
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
 }
 
 /// What the agent found on the endpoint, for the plan.
@@ -69,6 +127,7 @@ enum Act {
 impl Converger {
     pub fn new(config: Config, state: StateDir, client: Client) -> anyhow::Result<Self> {
         Ok(Self {
+            attempts: state.json(ATTEMPTS)?.unwrap_or_default(),
             on_probation: selfupdate::on_probation(&state)?,
             client,
             config,
@@ -88,8 +147,49 @@ impl Converger {
         let current: HashSet<Key> = desired.assignments.iter().map(key).collect();
         self.jobs.retain(|k, _| current.contains(k));
         self.retry_at.retain(|k, _| current.contains(k));
+        // Forget the failures of assignments gone, and count afresh those
+        // of a new retry generation (which are tried again at once).
+        let mut attempts = std::mem::take(&mut self.attempts);
+        let before = attempts.clone();
+        let by_key: HashMap<String, &Assignment> = desired
+            .assignments
+            .iter()
+            .map(|a| (attempts_key(a), a))
+            .collect();
+        attempts.retain(|k, f| {
+            by_key
+                .get(k)
+                .is_some_and(|a| a.retry_generation <= f.generation)
+        });
+        for a in desired.assignments.iter() {
+            if before
+                .get(&attempts_key(a))
+                .is_some_and(|f| a.retry_generation > f.generation)
+            {
+                tracing::info!(job = %a.job, package = %a.package, generation = a.retry_generation, "re-running a failed install");
+                self.retry_at.remove(&key(a));
+                self.jobs.remove(&key(a));
+            }
+        }
+        self.attempts = attempts;
+        if self.attempts != before {
+            self.save_attempts();
+        }
         self.desired = desired;
         self.refused = None;
+    }
+
+    fn save_attempts(&self) {
+        if let Err(e) = self.state.set_json(ATTEMPTS, Some(&self.attempts)) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot record failed installs");
+        }
+    }
+
+    /// Whether `a` failed as often as its job allows.
+    fn given_up(&self, a: &Assignment) -> Option<&Failures> {
+        self.attempts
+            .get(&attempts_key(a))
+            .filter(|f| f.count > a.retries)
     }
 
     /// Records why the desired state served is refused; the agent goes on
@@ -150,6 +250,13 @@ impl Converger {
                 .iter()
                 .filter(|(_, t)| now < **t)
                 .map(|(k, _)| k.clone())
+                .chain(
+                    self.desired
+                        .assignments
+                        .iter()
+                        .filter(|a| self.given_up(a).is_some())
+                        .map(key),
+                )
                 .collect(),
         }
     }
@@ -199,18 +306,24 @@ impl Converger {
             let mut act = None;
             while act.is_none() && next < plan.decisions.len() {
                 match &plan.decisions[next] {
-                    Decision::Wait(_) => ok = false,
+                    Decision::Wait(a) => {
+                        ok = false;
+                        // Given up before a restart: said again.
+                        if !self.jobs.contains_key(&key(a)) {
+                            if let Some(f) = self.given_up(a).cloned() {
+                                self.fail(a, &f.message, f.count, None);
+                                touched = true;
+                            }
+                        }
+                    }
                     Decision::Queued(_) => {}
                     Decision::Done(a) => touched |= self.settle(a, AssignmentPhase::Succeeded, ""),
-                    Decision::Conflict {
-                        assignment,
-                        installer,
-                    } => {
+                    Decision::Conflict { assignment, winner } => {
                         let msg = format!(
-                            "package {} is installed by job {installer}",
+                            "job {winner} takes precedence for package {}",
                             assignment.package
                         );
-                        touched |= self.settle(assignment, AssignmentPhase::Failed, &msg);
+                        touched |= self.settle(assignment, AssignmentPhase::Conflict, &msg);
                     }
                     Decision::Install(a, why) => act = Some(Act::Install((*a).clone(), *why)),
                     Decision::Uninstall(a) => act = Some(Act::Uninstall((*a).clone())),
@@ -277,24 +390,39 @@ impl Converger {
         let ok = match result {
             Ok(output) => {
                 self.retry_at.remove(&key(&a));
+                if self.attempts.remove(&attempts_key(&a)).is_some() {
+                    self.save_attempts();
+                }
                 self.set_phase(&a, AssignmentPhase::Succeeded, &output);
+                true
+            }
+            Err(e) if e.downcast_ref::<policy::NotApplicable>().is_some() => {
+                let msg = format!("{e:#}");
+                // Checked again after a pause (nothing is downloaded for
+                // it): an endpoint does not often change its OS.
+                self.retry_at
+                    .insert(key(&a), Instant::now() + self.config.retry_after);
+                tracing::info!(job = %a.job, package = %a.package, reason = %msg, "not applicable here");
+                self.set_phase(&a, AssignmentPhase::NotApplicable, &msg);
                 true
             }
             Err(e) => {
                 let msg = format!("{e:#}");
-                // Checked again after the same pause (nothing is downloaded
-                // for it): an endpoint does not often change its OS.
-                self.retry_at
-                    .insert(key(&a), Instant::now() + self.config.retry_after);
-                if e.downcast_ref::<policy::NotApplicable>().is_some() {
-                    tracing::info!(job = %a.job, package = %a.package, reason = %msg, "not applicable here");
-                    self.set_phase(&a, AssignmentPhase::NotApplicable, &msg);
-                    true
+                let failures = self.attempts.entry(attempts_key(&a)).or_default();
+                let pause = if e.downcast_ref::<DownloadFailed>().is_some() {
+                    Some(self.config.retry_after)
                 } else {
-                    tracing::warn!(job = %a.job, package = %a.package, error = %msg, "assignment failed");
-                    self.set_phase(&a, AssignmentPhase::Failed, &msg);
-                    false
-                }
+                    failures.count += 1;
+                    failures.generation = failures.generation.max(a.retry_generation);
+                    failures.message = msg.clone();
+                    (failures.count <= a.retries)
+                        .then(|| backoff(self.config.retry_after, failures.count))
+                };
+                let count = failures.count;
+                self.save_attempts();
+                tracing::warn!(job = %a.job, package = %a.package, error = %msg, attempts = count, retry_in = ?pause, "assignment failed");
+                self.fail(&a, &msg, count, pause);
+                false
             }
         };
         self.report(installed).await;
@@ -347,8 +475,31 @@ impl Converger {
                 phase,
                 message: message.to_string(),
                 time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                attempts: 0,
+                retry_at: None,
             },
         );
+    }
+
+    /// Records a failure of `a`: tried again after `pause`, or (`None`) final.
+    fn fail(&mut self, a: &Assignment, message: &str, attempts: u32, pause: Option<Duration>) {
+        self.set_phase(a, AssignmentPhase::Failed, message);
+        match pause {
+            Some(pause) => {
+                self.retry_at.insert(key(a), Instant::now() + pause);
+            }
+            None => {
+                self.retry_at.remove(&key(a));
+            }
+        }
+        if let Some(s) = self.jobs.get_mut(&key(a)) {
+            s.attempts = attempts;
+            s.retry_at = pause
+                .and_then(|p| chrono::Duration::from_std(p).ok())
+                .map(|p| {
+                    (chrono::Utc::now() + p).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                });
+        }
     }
 
     async fn transition(&mut self, a: &Assignment, phase: AssignmentPhase, installed: &Installed) {
@@ -373,7 +524,9 @@ impl Converger {
         self.transition(a, AssignmentPhase::Downloading, installed)
             .await;
         let blob = self.state.download(&a.digest);
-        self.download(a, &blob).await?;
+        self.download(a, &blob)
+            .await
+            .map_err(|e| e.context(DownloadFailed))?;
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;
         let record = InstalledRecord {
@@ -504,5 +657,39 @@ impl Converger {
                 tracing::warn!(error = %e, "report not delivered; will resend");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_between_tries_doubles_up_to_an_hour() {
+        let s = Duration::from_secs;
+        let pauses: Vec<_> = (1..=4).map(|n| backoff(s(2), n)).collect();
+        assert_eq!(pauses, [s(2), s(4), s(8), s(16)]);
+        assert_eq!(backoff(s(60), 40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_changed_assignment_is_counted_afresh_but_a_new_limit_or_generation_is_not() {
+        let a: Assignment = serde_json::from_value(serde_json::json!({
+            "job": "ns/j", "action": "install", "package": "p", "version": "1",
+            "digest": Digest::of(b"p"), "size": 1, "install": {}, "retries": 2,
+        }))
+        .unwrap();
+        let same = Assignment {
+            retries: 5,
+            retry_generation: 3,
+            superseded_by: Some("ns/k".into()),
+            ..a.clone()
+        };
+        assert_eq!(attempts_key(&a), attempts_key(&same));
+        let signed = Assignment {
+            require_signature: true,
+            ..a.clone()
+        };
+        assert_ne!(attempts_key(&a), attempts_key(&signed));
     }
 }

@@ -2,9 +2,12 @@
 //! function of the desired state, what is installed and what the agent
 //! found on the endpoint. `converge.rs` carries the plan out.
 //!
-//! - One install per package: the first job (in job order) that installs a
-//!   package wins; other jobs' installs of it wait their turn, and an
-//!   uninstall of it fails, naming the job that installs it.
+//! - One job per package: the controller marks the assignments of jobs
+//!   that lose a package to another (`supersededBy`, see the job's
+//!   `priority`), and they are reported as `Conflict`, naming the winner.
+//!   Should two installs of a package still meet, the first (in job order)
+//!   wins and the others wait their turn; an uninstall of a package a job
+//!   installs is a conflict too.
 //! - An install is done when the package is installed at that digest and in
 //!   place in the install root, unless its files drifted and the job asks
 //!   for repair.
@@ -61,10 +64,10 @@ pub enum Decision<'a> {
     Wait(&'a Assignment),
     /// Another job installs the package first: this install waits its turn.
     Queued(&'a Assignment),
-    /// An uninstall of a package another job installs: it cannot win.
+    /// Another job has the package: nothing is done for this one.
     Conflict {
         assignment: &'a Assignment,
-        installer: &'a str,
+        winner: &'a str,
     },
     Install(&'a Assignment, Why),
     Uninstall(&'a Assignment),
@@ -86,13 +89,19 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     let mut wanted: BTreeMap<&str, &Assignment> = BTreeMap::new();
     for a in assignments
         .iter()
-        .filter(|a| a.action == JobAction::Install)
+        .filter(|a| a.action == JobAction::Install && a.superseded_by.is_none())
     {
         wanted.entry(a.package.as_str()).or_insert(a);
     }
     let decisions = assignments
         .iter()
         .map(|a| {
+            if let Some(winner) = &a.superseded_by {
+                return Decision::Conflict {
+                    assignment: a,
+                    winner,
+                };
+            }
             if s.waiting.contains(&key(a)) {
                 return Decision::Wait(a);
             }
@@ -120,7 +129,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                 JobAction::Uninstall => match wanted.get(a.package.as_str()) {
                     Some(w) => Decision::Conflict {
                         assignment: a,
-                        installer: &w.job,
+                        winner: &w.job,
                     },
                     None if !s.installed.contains_key(&a.package) => Decision::Done(a),
                     None => Decision::Uninstall(a),
@@ -243,10 +252,37 @@ mod tests {
                 Decision::Queued(&a[1]),
                 Decision::Conflict {
                     assignment: &a[2],
-                    installer: "ns/a"
+                    winner: "ns/a"
                 },
             ]
         );
+    }
+
+    #[test]
+    fn an_assignment_the_controller_marks_superseded_is_a_conflict_and_leaves_the_winner_alone() {
+        // The uninstall job takes precedence: the install is superseded, and
+        // what is installed is removed as the winner asks.
+        let mut c = Case::new(
+            vec![
+                install("a", "hello", "2"),
+                assignment("u", JobAction::Uninstall, "hello", "1"),
+            ],
+            &[("hello", "1")],
+        );
+        c.desired.assignments[0].superseded_by = Some("ns/u".into());
+        let a = &c.desired.assignments;
+        let p = c.plan();
+        assert_eq!(
+            p.decisions,
+            [
+                Decision::Conflict {
+                    assignment: &a[0],
+                    winner: "ns/u"
+                },
+                Decision::Uninstall(&a[1]),
+            ]
+        );
+        assert_eq!(p.removals, ["hello"], "a superseded install keeps nothing");
     }
 
     #[test]

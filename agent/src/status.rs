@@ -63,16 +63,13 @@ pub fn render(
         out.push_str("assignments:\n");
         for j in &report.jobs {
             let phase = match (j.phase, progress) {
-                (AssignmentPhase::Failed, _) => {
-                    format!("Failed (tried again shortly): {}", j.message)
-                }
                 (AssignmentPhase::Downloading, Some(p)) if p.digest == j.digest => format!(
                     "Downloading {}% ({:.1} of {:.1} MiB)",
                     (p.received * 100).checked_div(p.total).unwrap_or(0),
                     p.received as f64 / 1048576.0,
                     p.total as f64 / 1048576.0
                 ),
-                (p, _) => format!("{p:?}"),
+                _ => j.summary(),
             };
             out.push_str(&format!(
                 "  {} {:?} {}: {}\n",
@@ -140,6 +137,8 @@ mod tests {
             phase,
             message: message.into(),
             time: String::new(),
+            attempts: 2,
+            retry_at: Some("2026-12-06T10:00:00Z".into()),
         };
         let report = AgentReport {
             agent: String::new(),
@@ -197,7 +196,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("ns/j Install bad: Failed (tried again shortly): digest mismatch"),
+            text.contains(
+                "ns/j Install bad: Failed 2 time(s) (tried again at 2026-12-06T10:00:00Z): digest mismatch"
+            ),
             "{text}"
         );
         assert!(text.contains("ns/j Install hello: Succeeded"), "{text}");

@@ -44,6 +44,8 @@ pub mod reasons {
     pub const RESOLVED: &str = "Resolved";
     pub const NO_DESTINATIONS: &str = "NoDestinations";
     pub const DESTINATIONS_FAILED: &str = "DestinationsFailed";
+    /// A job that takes precedence has a package on some destinations.
+    pub const CONFLICT: &str = "Conflict";
     pub const RELAY_CONNECTED: &str = "RelayConnected";
     pub const RELAY_NOT_CONNECTED: &str = "RelayNotConnected";
     pub const ENROLLED: &str = "Enrolled";

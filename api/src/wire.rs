@@ -131,6 +131,24 @@ pub struct Assignment {
     /// The job allows installing a lower version than the one installed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_downgrade: bool,
+    /// How many times a failed install is tried again before it stays
+    /// Failed (the job's `spec.retries`).
+    #[serde(default)]
+    pub retries: u32,
+    /// The job's retry generation for this agent (0 if its `spec.retry`
+    /// does not reach the agent): a value above the last one the agent saw
+    /// re-runs a failed install with its attempts counted afresh.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_generation: u32,
+    /// Another job that takes precedence has this package on the agent
+    /// (`<namespace>/<job name>`): nothing is done for this assignment, and
+    /// the agent reports it as `Conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Assignment {
@@ -360,6 +378,8 @@ pub enum AssignmentPhase {
     /// The endpoint does not meet the package's `os`/`arch` requirements:
     /// nothing to do here, and the job is complete without it.
     NotApplicable,
+    /// Another job that takes precedence has the package on this agent.
+    Conflict,
 }
 
 /// Where one assignment stands on one agent.
@@ -378,6 +398,38 @@ pub struct JobState {
     pub message: String,
     /// RFC 3339 time of the last transition.
     pub time: String,
+    /// Installs tried and failed (counted afresh on a retry generation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// A failed install is tried again at this RFC 3339 time; a Failed
+    /// state without it is final until the job is re-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
+}
+
+impl JobState {
+    /// The phase, and for a failure how often it was tried and whether it
+    /// will be again, then the message: how the agent's `status` and
+    /// `caravan job status` show it.
+    pub fn summary(&self) -> String {
+        let phase = match (self.phase, &self.retry_at) {
+            (AssignmentPhase::Failed, Some(at)) if self.attempts == 0 => {
+                format!("Failed (tried again at {at})")
+            }
+            (AssignmentPhase::Failed, Some(at)) => {
+                format!("Failed {} time(s) (tried again at {at})", self.attempts)
+            }
+            (AssignmentPhase::Failed, None) => format!(
+                "Failed {} time(s) (re-run it with `caravan job retry`)",
+                self.attempts
+            ),
+            (phase, _) => format!("{phase:?}"),
+        };
+        match self.message.lines().last() {
+            Some(last) => format!("{phase}: {last}"),
+            None => phase,
+        }
+    }
 }
 
 /// An agent's full state, sent at every transition, signed with the

@@ -1,6 +1,7 @@
 //! `caravan`: the operator's command line.
 
 mod cluster;
+mod job;
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,9 @@ enum Command {
     /// Approve or revoke enrolled agents.
     #[command(subcommand)]
     Agent(cluster::AgentCommand),
+    /// Distribution jobs: status as a tree, re-run failures, pause, resume.
+    #[command(subcommand)]
+    Job(job::JobCommand),
     /// Sites: rotate a relay's credential.
     #[command(subcommand)]
     Site(cluster::SiteCommand),
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(command) => cluster::token(command).await,
         Command::Agent(command) => cluster::agent(command).await,
         Command::Site(command) => cluster::site(command).await,
+        Command::Job(command) => job::run(command).await,
         Command::Key(KeyCommand::Generate { out }) => {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");

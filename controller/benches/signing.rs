@@ -55,6 +55,9 @@ fn documents(
                 require_signature: true,
                 repair: false,
                 allow_downgrade: false,
+                retries: 2,
+                retry_generation: 0,
+                superseded_by: None,
             }
         })
         .collect();

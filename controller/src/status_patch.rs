@@ -181,6 +181,7 @@ mod tests {
                     site: "hq".into(),
                     package: "p".into(),
                     reason: "r".into(),
+                    retry_at: None,
                 })
                 .collect(),
             conditions: vec![condition],

@@ -40,6 +40,51 @@ pub struct DistributionJobSpec {
     /// so nobody can push an old, vulnerable version by replaying a job.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_downgrade: bool,
+    /// Decides between jobs that disagree about a package on one agent
+    /// (another version, or install against uninstall): the highest
+    /// priority wins, then the newest job (by creation time), then the
+    /// first by name. The losing job's destinations are `Conflict`, naming
+    /// the winner, on the job and on the Agent.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub priority: i32,
+    /// How many times an endpoint tries a failed install again (with a
+    /// backoff that doubles from the agent's `--retry-after`) before the
+    /// destination stays Failed until it is re-run (`retry`). A download
+    /// that fails is not counted: it is tried again until it arrives.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Re-run the destinations that failed: raise `generation` (what
+    /// `caravan job retry` does) and every destination in scope whose
+    /// install failed tries again, with its attempts counted afresh.
+    /// Destinations that succeeded are not touched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+/// The default of `spec.retries`: two more tries after the first.
+pub const DEFAULT_RETRIES: u32 = 2;
+
+fn default_retries() -> u32 {
+    DEFAULT_RETRIES
+}
+
+fn is_zero_i32(n: &i32) -> bool {
+    *n == 0
+}
+
+/// A request to re-run a job's failed destinations.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    /// Raise it to re-run: each agent in scope re-runs its failed installs
+    /// once for every new value it sees.
+    pub generation: u32,
+    /// Only the agents of these sites (and of the sites below them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    /// Only these agents (with `sites`: the agents of either).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
 }
 
 /// A package by name, at one version or (without `version`) the highest one.
@@ -48,6 +93,24 @@ pub struct PackageRef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+}
+
+impl PackageRef {
+    /// The package this reference picks from `packages` (those of the
+    /// job's namespace): its version, or the highest one.
+    pub fn choose<'a, P>(
+        &self,
+        packages: impl IntoIterator<Item = &'a P>,
+        spec: impl Fn(&P) -> &super::PackageSpec,
+    ) -> Option<&'a P> {
+        packages
+            .into_iter()
+            .filter(|p| {
+                let s = spec(p);
+                s.name == self.name && self.version.as_ref().is_none_or(|v| &s.version == v)
+            })
+            .max_by(|a, b| crate::version::cmp(&spec(a).version, &spec(b).version))
+    }
 }
 
 #[derive(
@@ -123,6 +186,9 @@ pub enum JobPhase {
     Progressing,
     Succeeded,
     Failed,
+    /// Every destination is settled, and on some another job that takes
+    /// precedence has the package (see `spec.priority`).
+    Conflict,
     Suspended,
 }
 
@@ -141,14 +207,25 @@ pub struct DistributionJobStatus {
     pub total: u32,
     #[serde(default)]
     pub succeeded: u32,
+    /// Destinations whose install failed, whether or not it is tried again.
     #[serde(default)]
     pub failed: u32,
+    /// Of those, the ones an agent tries again (with backoff, up to
+    /// `spec.retries`; a failed download is always tried again): the rest
+    /// stay failed until the job is re-run (`spec.retry`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retrying: u32,
     #[serde(default)]
     pub pending: u32,
     /// Destinations the job's packages are not for (their `os`/`arch`
     /// requirements): the job is complete without them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_applicable: u32,
+    /// Destinations where another job that takes precedence has the
+    /// package (`spec.priority`): the first is named in the `Ready`
+    /// condition, each one on its Agent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conflict: u32,
     /// Per-site rollup, by site name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteRollup>,
@@ -172,6 +249,8 @@ pub struct SiteRollup {
     pub pending: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_applicable: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub conflict: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -184,9 +263,13 @@ pub const MAX_FAILURES_LISTED: usize = 20;
 pub const MAX_FAILURE_REASON_BYTES: usize = 512;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct DestinationFailure {
     pub agent: String,
     pub site: String,
     pub package: String,
     pub reason: String,
+    /// When the agent tries again (RFC 3339); none: it gave up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
 }

@@ -113,6 +113,8 @@ impl AgentFixture for Agent {
                 phase,
                 message: message.into(),
                 time: String::new(),
+                attempts: 0,
+                retry_at: None,
             });
         self
     }
@@ -189,6 +191,9 @@ pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
             suspend: false,
             repair: false,
             allow_downgrade: false,
+            priority: 0,
+            retries: DEFAULT_RETRIES,
+            retry: None,
         },
     );
     j.metadata = meta(name);
@@ -201,6 +206,11 @@ pub trait JobFixture {
     fn to_site_and_lower(self, site: &str) -> Self;
     fn to_agent(self, agent: &str) -> Self;
     fn suspended(self) -> Self;
+    fn at_version(self, package: &str, version: &str) -> Self;
+    fn uninstalling(self) -> Self;
+    fn with_priority(self, priority: i32) -> Self;
+    /// Created at `hh:mm` on the fixtures' day.
+    fn created_at(self, time: &str) -> Self;
 }
 
 impl JobFixture for DistributionJob {
@@ -227,6 +237,30 @@ impl JobFixture for DistributionJob {
 
     fn suspended(mut self) -> Self {
         self.spec.suspend = true;
+        self
+    }
+
+    fn at_version(mut self, package: &str, version: &str) -> Self {
+        for r in self.spec.packages.iter_mut().filter(|r| r.name == package) {
+            r.version = Some(version.into());
+        }
+        self
+    }
+
+    fn uninstalling(mut self) -> Self {
+        self.spec.action = JobAction::Uninstall;
+        self
+    }
+
+    fn with_priority(mut self, priority: i32) -> Self {
+        self.spec.priority = priority;
+        self
+    }
+
+    fn created_at(mut self, time: &str) -> Self {
+        let t = format!("2026-12-01T{time}:00Z").parse().expect("hh:mm");
+        self.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t));
         self
     }
 }

@@ -43,6 +43,9 @@ pub struct JobPlan {
     pub digests: Vec<Digest>,
     /// `(reason, message)` of each reference that did not resolve.
     pub problems: Vec<(&'static str, String)>,
+    /// Agent name → the package another job that takes precedence has on
+    /// that agent, and that job (`<namespace>/<name>`).
+    pub conflicts: BTreeMap<String, (String, String)>,
 }
 
 impl Plan {
@@ -79,9 +82,16 @@ impl Plan {
         let mut jobs: Vec<_> = jobs.iter().collect();
         // A fixed order, so that the same inputs always give the same desired state.
         jobs.sort_by_key(|j| key_of(j.as_ref()));
-        for job in jobs {
+        let mut resolved: Vec<_> = jobs
+            .iter()
+            .map(|job| {
+                let ns = job.namespace().unwrap_or_default();
+                resolve_job(job, &ns, sites, agents, packages, cabinets)
+            })
+            .collect();
+        settle_conflicts(&jobs, &mut resolved);
+        for (job, job_plan) in jobs.into_iter().zip(resolved) {
             let (ns, name) = key_of(job.as_ref());
-            let job_plan = resolve_job(job, &ns, sites, agents, packages, cabinets);
             for (agent, assignments) in &job_plan.targets {
                 let Some(site) = site_of.get(&(ns.clone(), agent.clone())) else {
                     continue;
@@ -113,6 +123,81 @@ impl Plan {
     }
 }
 
+/// Where jobs disagree about a package on one agent (another version, or
+/// install against uninstall), the one that takes precedence keeps it —
+/// the highest `priority`, then the newest, then the first by name — and
+/// the others' assignments of it there are marked superseded by it.
+/// Suspended jobs take no part: they only hold what they installed.
+fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
+    // (namespace, agent, package) → every job's claim on it.
+    let mut claims: BTreeMap<(String, &str, &str), Vec<Claim>> = BTreeMap::new();
+    for (j, (job, plan)) in jobs.iter().zip(plans.iter()).enumerate() {
+        if job.spec.suspend {
+            continue;
+        }
+        let ns = job.namespace().unwrap_or_default();
+        for (agent, assignments) in &plan.targets {
+            for (i, a) in assignments.iter().enumerate() {
+                claims
+                    .entry((ns.clone(), agent, &a.package))
+                    .or_default()
+                    .push((j, i));
+            }
+        }
+    }
+    let precedence = |j: usize| {
+        let job = jobs[j];
+        (
+            job.spec.priority,
+            job.meta().creation_timestamp.clone(),
+            std::cmp::Reverse(job.name_any()),
+        )
+    };
+    let mut superseded = Vec::new();
+    for ((_, agent, _), claims) in claims.iter().filter(|(_, c)| c.len() > 1) {
+        let &(w, wi) = claims
+            .iter()
+            .max_by_key(|(j, _)| precedence(*j))
+            .expect("two claims or more");
+        let winner = &plans[w].targets[*agent][wi];
+        for &(j, i) in claims.iter().filter(|(j, _)| *j != w) {
+            let a = &plans[j].targets[*agent][i];
+            let agrees = a.action == winner.action
+                && (a.action == JobAction::Uninstall || a.digest == winner.digest);
+            if !agrees {
+                superseded.push((j, agent.to_string(), i, winner.job.clone()));
+            }
+        }
+    }
+    for (j, agent, i, winner) in superseded {
+        let plan = &mut plans[j];
+        let a = &mut plan.targets.get_mut(&agent).expect("claimed")[i];
+        a.superseded_by = Some(winner.clone());
+        let package = a.package.clone();
+        plan.conflicts.entry(agent).or_insert((package, winner));
+    }
+}
+
+/// A job's claim on a package: the job's index, the assignment's position.
+type Claim = (usize, usize);
+
+/// `name` and every site below it, recursively, in namespace `ns`.
+fn with_lower(sites: &[Arc<Site>], ns: &str, name: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::from([name.to_string()]);
+    let mut frontier = vec![name.to_string()];
+    while let Some(parent) = frontier.pop() {
+        for s in sites
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(ns))
+        {
+            if s.spec.parent.as_deref() == Some(&parent) && found.insert(s.name_any()) {
+                frontier.push(s.name_any());
+            }
+        }
+    }
+    found
+}
+
 fn resolve_job(
     job: &DistributionJob,
     ns: &str,
@@ -127,12 +212,8 @@ fn resolve_job(
 
     let mut chosen = Vec::new();
     for r in &job.spec.packages {
-        let candidates = packages
-            .iter()
-            .filter(|p| in_ns(&|| p.namespace()) && p.spec.name == r.name)
-            .filter(|p| r.version.as_ref().is_none_or(|v| &p.spec.version == v));
-        match candidates.max_by(|a, b| caravan_api::version::cmp(&a.spec.version, &b.spec.version))
-        {
+        let in_namespace = packages.iter().filter(|p| in_ns(&|| p.namespace()));
+        match r.choose(in_namespace, |p| &p.spec) {
             Some(p) => chosen.push(p.clone()),
             None => {
                 plan.unresolved.push(r.name.clone());
@@ -163,19 +244,10 @@ fn resolve_job(
             ));
             continue;
         }
-        target_sites.insert(d.name.clone());
         if d.include_lower {
-            // Every site whose chain of parents reaches d.name.
-            let mut frontier = vec![d.name.clone()];
-            while let Some(parent) = frontier.pop() {
-                for s in sites.iter().filter(|s| in_ns(&|| s.namespace())) {
-                    if s.spec.parent.as_deref() == Some(&parent)
-                        && target_sites.insert(s.name_any())
-                    {
-                        frontier.push(s.name_any());
-                    }
-                }
-            }
+            target_sites.extend(with_lower(sites, ns, &d.name));
+        } else {
+            target_sites.insert(d.name.clone());
         }
     }
     let dest = &job.spec.destinations;
@@ -229,6 +301,9 @@ fn resolve_job(
             signatures: p.spec.signatures.clone(),
             repair: job.spec.repair,
             allow_downgrade: job.spec.allow_downgrade,
+            retries: job.spec.retries,
+            retry_generation: 0,
+            superseded_by: None,
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet
@@ -240,11 +315,31 @@ fn resolve_job(
         plan.digests = assignments.iter().map(|a| a.digest).collect();
     }
     plan.sites = target_sites.clone();
+    // A retry reaches the agents it names and those of its sites (and
+    // below); one that names neither reaches every destination.
+    let retry = job.spec.retry.as_ref().map(|r| {
+        let sites: BTreeSet<String> = r
+            .sites
+            .iter()
+            .flat_map(|s| with_lower(sites, ns, s))
+            .collect();
+        let everyone = r.sites.is_empty() && r.agents.is_empty();
+        let reaches =
+            move |a: &Agent| everyone || sites.contains(&a.spec.site) || named(&r.agents, a);
+        (r.generation, reaches)
+    });
     for a in agents
         .iter()
         .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))
     {
-        plan.targets.insert(a.name_any(), assignments.clone());
+        let mut mine = assignments.clone();
+        if let Some((generation, reaches)) = &retry {
+            if reaches(a) {
+                mine.iter_mut()
+                    .for_each(|m| m.retry_generation = *generation);
+            }
+        }
+        plan.targets.insert(a.name_any(), mine);
     }
     plan
 }

@@ -20,10 +20,13 @@ use super::{key_of, plan::JobPlan, ObjectKey};
 /// Where one target agent stands for one job.
 enum Outcome {
     Succeeded,
-    Failed(String, String),
+    /// (package, reason, when it is tried again if it is).
+    Failed(String, String, Option<String>),
     Pending,
     /// Every package is for another OS or architecture.
     NotApplicable,
+    /// Another job that takes precedence has a package: (package, that job).
+    Conflict(String, String),
 }
 
 fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
@@ -40,7 +43,8 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
             Some((AssignmentPhase::Succeeded, _)) => done += 1,
             Some((AssignmentPhase::NotApplicable, _)) => not_applicable += 1,
             Some((AssignmentPhase::Failed, msg)) => {
-                return Outcome::Failed(a.package.clone(), msg.clone())
+                let retry_at = state.and_then(|s| s.retry_at.clone());
+                return Outcome::Failed(a.package.clone(), msg.clone(), retry_at);
             }
             _ => {}
         }
@@ -92,6 +96,7 @@ pub fn job_status(
         ..Default::default()
     };
     let mut rollup: BTreeMap<String, SiteRollup> = BTreeMap::new();
+    let mut first_conflict = None;
     for (name, assignments) in &plan.targets {
         let agent = agents
             .get(&(ns.clone().unwrap_or_default(), name.clone()))
@@ -103,7 +108,11 @@ pub fn job_status(
         });
         r.total += 1;
         st.total += 1;
-        match outcome(agent, assignments) {
+        let outcome = match plan.conflicts.get(name) {
+            Some((package, winner)) => Outcome::Conflict(package.clone(), winner.clone()),
+            None => outcome(agent, assignments),
+        };
+        match outcome {
             // Done with what resolved, but not with the job: a package it
             // names does not exist (yet).
             Outcome::Succeeded if !plan.unresolved.is_empty() => {
@@ -114,15 +123,17 @@ pub fn job_status(
                 r.succeeded += 1;
                 st.succeeded += 1;
             }
-            Outcome::Failed(package, reason) => {
+            Outcome::Failed(package, reason, retry_at) => {
                 r.failed += 1;
                 st.failed += 1;
+                st.retrying += u32::from(retry_at.is_some());
                 if st.failures.len() < MAX_FAILURES_LISTED {
                     st.failures.push(DestinationFailure {
                         agent: name.clone(),
                         site,
                         package,
                         reason: cut(reason, MAX_FAILURE_REASON_BYTES),
+                        retry_at,
                     });
                 }
             }
@@ -134,18 +145,26 @@ pub fn job_status(
                 r.not_applicable += 1;
                 st.not_applicable += 1;
             }
+            Outcome::Conflict(package, winner) => {
+                r.conflict += 1;
+                st.conflict += 1;
+                first_conflict.get_or_insert((name.clone(), package, winner));
+            }
         }
     }
     st.sites = rollup.into_values().collect();
     let applicable = st.total - st.not_applicable;
     st.progress = format!("{}/{applicable}", st.succeeded);
+    let settled = st.succeeded + st.failed + st.conflict;
     st.phase = if job.spec.suspend {
         JobPhase::Suspended
     } else if st.total > 0 && st.succeeded == applicable {
         JobPhase::Succeeded
-    } else if st.total > 0 && st.succeeded + st.failed == applicable {
+    } else if st.total > 0 && settled == applicable && st.failed > 0 {
         JobPhase::Failed
-    } else if st.succeeded + st.failed > 0 {
+    } else if st.total > 0 && settled == applicable {
+        JobPhase::Conflict
+    } else if settled > 0 {
         JobPhase::Progressing
     } else {
         JobPhase::Pending
@@ -180,6 +199,18 @@ pub fn job_status(
             "no enrolled agent matches the destinations",
             generation,
         ));
+    } else if let Some((agent, package, winner)) = &first_conflict {
+        conds.push(conditions::new(
+            conditions::READY,
+            false,
+            reasons::CONFLICT,
+            format!(
+                "{} destination(s) lose a package to a job that takes precedence; first: agent \
+                 {agent} has package {package} from job {winner}",
+                st.conflict
+            ),
+            generation,
+        ));
     } else {
         let ok = st.phase == JobPhase::Succeeded;
         conds.push(conditions::new(
@@ -191,8 +222,9 @@ pub fn job_status(
                 reasons::PROGRESSING
             },
             format!(
-                "{} of {applicable} destinations succeeded, {} failed, {} not applicable",
-                st.succeeded, st.failed, st.not_applicable
+                "{} of {applicable} destinations succeeded, {} failed ({} to be tried again), {} \
+                 not applicable",
+                st.succeeded, st.failed, st.retrying, st.not_applicable
             ),
             generation,
         ));

@@ -7,6 +7,7 @@ use caravan_api::{
 };
 
 use caravan_api::selector;
+use kube::ResourceExt as _;
 
 use super::{fixtures::*, status::*, *};
 
@@ -517,4 +518,163 @@ fn selectors_with_expressions_and_exclusions_pick_the_destinations() {
         j.spec.destinations.agent_selector.clone();
     let plan = Plan::compute(&sites, &agents, &all([j]), &packages, &[]);
     assert!(plan.jobs[&key("j")].targets.is_empty());
+}
+
+#[test]
+fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_loser_shows_conflict()
+{
+    let sites = all([site("hq")]);
+    let agents = all([agent("a1", "hq"), agent("a2", "hq")]);
+    let packages = all([package("hello", "1.0.0"), package("hello", "2.0.0")]);
+    let old = job("old", &["hello"])
+        .at_version("hello", "1.0.0")
+        .to_site("hq")
+        .created_at("09:00");
+    let new = job("new", &["hello"])
+        .at_version("hello", "2.0.0")
+        .to_agent("a1")
+        .created_at("10:00");
+    let status_of = |jobs: &[Arc<DistributionJob>], name: &str| {
+        let plan = Plan::compute(&sites, &agents, jobs, &packages, &[]);
+        let job = jobs.iter().find(|j| j.name_any() == name).unwrap();
+        (
+            job_status(job, plan.jobs.get(&key(name)), &agent_index(&agents)),
+            plan,
+        )
+    };
+
+    // The newest job wins on a1, where both reach; a2 is old's alone.
+    let jobs = all([old.clone(), new.clone()]);
+    let (st, plan) = status_of(&jobs, "old");
+    let a1 = &plan.by_site[&key("hq")]["a1"].assignments;
+    assert_eq!(
+        a1.iter()
+            .map(|a| (a.job.as_str(), a.superseded_by.as_deref()))
+            .collect::<Vec<_>>(),
+        [("ns/new", None), ("ns/old", Some("ns/new"))]
+    );
+    assert!(plan.by_site[&key("hq")]["a2"].assignments[0]
+        .superseded_by
+        .is_none());
+    assert_eq!((st.total, st.conflict, st.pending), (2, 1, 1));
+    assert_eq!(st.sites[0].conflict, 1);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(ready.reason, reasons::CONFLICT);
+    assert!(
+        ready
+            .message
+            .contains("agent a1 has package hello from job ns/new"),
+        "{}",
+        ready.message
+    );
+    let (st, _) = status_of(&jobs, "new");
+    assert_eq!(st.conflict, 0, "the winner has no conflict");
+
+    // An explicit priority beats age.
+    let jobs = all([old.clone().with_priority(10), new.clone()]);
+    let (st, _) = status_of(&jobs, "new");
+    assert_eq!(st.conflict, 1);
+    let (st, _) = status_of(&jobs, "old");
+    assert_eq!(st.conflict, 0);
+
+    // Settled with a conflict and nothing else left: the job says so.
+    let agents_done = all([agent("a1", "hq")]);
+    let jobs = all([old.clone(), new.clone()]);
+    let plan = Plan::compute(&sites, &agents_done, &jobs, &packages, &[]);
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("old")),
+        &agent_index(&agents_done),
+    );
+    assert_eq!(
+        (st.phase, st.progress.as_str()),
+        (JobPhase::Conflict, "0/1")
+    );
+
+    // Jobs that agree (the same version) do not conflict; an uninstall
+    // against an install does, and a suspended job takes no part.
+    let same = job("same", &["hello"])
+        .at_version("hello", "2.0.0")
+        .to_agent("a1")
+        .created_at("11:00");
+    let jobs = all([new.clone(), same]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    assert!(plan.jobs.values().all(|jp| jp.conflicts.is_empty()));
+    let remove = job("remove", &["hello"])
+        .uninstalling()
+        .to_agent("a1")
+        .created_at("11:00");
+    let jobs = all([new.clone(), remove.clone()]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    assert_eq!(
+        plan.jobs[&key("new")].conflicts["a1"],
+        ("hello".to_string(), "ns/remove".to_string())
+    );
+    let jobs = all([new, remove.suspended()]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    assert!(plan.jobs.values().all(|jp| jp.conflicts.is_empty()));
+}
+
+#[test]
+fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_tried_again() {
+    let sites = all([
+        site("hq"),
+        site("east").below("hq"),
+        site("east-1").below("east"),
+        site("west").below("hq"),
+    ]);
+    let digest = digest_of("hello", "1.0.0");
+    let failed = |name: &str, site: &str| {
+        agent(name, site).reporting("j", "hello", digest, AssignmentPhase::Failed, "exit 1")
+    };
+    let mut retrying = failed("w1", "west");
+    retrying.status.as_mut().unwrap().jobs[0].retry_at = Some("2026-12-06T10:00:00Z".into());
+    let agents = all([
+        failed("h1", "hq"),
+        failed("e1", "east-1"),
+        retrying,
+        failed("w2", "west"),
+    ]);
+    let packages = all([package("hello", "1.0.0")]);
+    let mut j = job("j", &["hello"]).to_site_and_lower("hq");
+    let generations = |j: &DistributionJob| {
+        let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+        plan.jobs[&key("j")]
+            .targets
+            .iter()
+            .map(|(a, asg)| (a.clone(), asg[0].retry_generation))
+            .collect::<Vec<_>>()
+    };
+    let gens = |v: [u32; 4]| {
+        ["e1", "h1", "w1", "w2"]
+            .into_iter()
+            .map(String::from)
+            .zip(v)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(generations(&j), gens([0, 0, 0, 0]));
+    j.spec.retry = Some(Retry {
+        generation: 3,
+        ..Default::default()
+    });
+    assert_eq!(generations(&j), gens([3, 3, 3, 3]), "no scope: everyone");
+    j.spec.retry = Some(Retry {
+        generation: 4,
+        sites: vec!["east".into()],
+        agents: vec!["w2".into()],
+    });
+    assert_eq!(
+        generations(&j),
+        gens([4, 0, 0, 4]),
+        "east and below, and w2 by name"
+    );
+
+    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let st = job_status(&j, plan.jobs.get(&key("j")), &agent_index(&agents));
+    assert_eq!((st.failed, st.retrying, st.pending), (4, 1, 0));
+    let w1 = st.failures.iter().find(|f| f.agent == "w1").unwrap();
+    assert_eq!(w1.retry_at.as_deref(), Some("2026-12-06T10:00:00Z"));
+    assert!(condition(&st.conditions, conditions::READY)
+        .message
+        .contains("4 failed (1 to be tried again)"));
 }

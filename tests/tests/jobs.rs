@@ -1,0 +1,300 @@
+//! Distribution jobs as an operator runs them: a failing install gives up at
+//! its job's limit, `caravan job retry` re-runs only the failures,
+//! `caravan job status` shows the tree, pause and resume (and Git keeps the
+//! fields it declares); jobs that disagree about a package settle it by
+//! precedence, the loser showing Conflict; a job naming a missing package
+//! never shows Succeeded.
+
+use std::{path::Path, time::Duration};
+
+use caravan_api::{
+    conditions,
+    v1alpha1::{DistributionJob, JobPhase},
+    wire::AssignmentPhase,
+};
+use caravan_tests::{wait_for, Caravan};
+
+const T: Duration = Duration::from_secs(120);
+
+/// How many times the `flaky` install script ran on the agent whose
+/// install root is `root`.
+fn runs(root: &Path) -> usize {
+    std::fs::read_to_string(root.with_file_name("flaky-runs"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_install_gives_up_at_its_limit_and_retry_reruns_only_the_failures(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("jobs").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages").display().to_string();
+    // Succeeds where the agent's directory holds `flaky-ok`; counts its runs.
+    let src = c.dir.join("src/flaky");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("install.sh"),
+        "#!/bin/sh\necho run >> \"$CARAVAN_INSTALL_ROOT/../flaky-runs\"\n\
+         test -e \"$CARAVAN_INSTALL_ROOT/../flaky-ok\" || { echo 'license server unreachable' >&2; exit 7; }\n",
+    )?;
+    c.cli(&[
+        "package",
+        "push",
+        &src.display().to_string(),
+        "--name",
+        "flaky",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests,
+        "--install",
+        "script",
+    ])?;
+    // Git declares `suspend`: pausing is Git's business for this job.
+    repo.write(
+        "fleet/flaky-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: flaky}\n\
+         spec:\n  packages: [{name: flaky}]\n  destinations: {sites: [{name: hq}]}\n  retries: 1\n  suspend: false\n",
+    )?;
+    repo.commit("flaky for hq, one retry")?;
+    let relay = c.start_relay("hq").await?;
+    for name in ["good", "bad"] {
+        let (_, root) = c.agent_dirs(name);
+        std::fs::create_dir_all(root.parent().unwrap())?;
+        if name == "good" {
+            std::fs::write(root.with_file_name("flaky-ok"), "")?;
+        }
+        c.start_agent(name, &relay)?;
+    }
+    let (_, good) = c.agent_dirs("good");
+    let (_, bad) = c.agent_dirs("bad");
+
+    // The first try and one retry (after the agent's 2 s, doubled), then
+    // the destination is Failed for good: nothing retries forever.
+    let job = wait_for("flaky to give up on one agent", T, || async {
+        let j = c.api::<DistributionJob>().get("flaky").await?;
+        let st = j.status.clone().unwrap_or_default();
+        let done = (st.phase, st.progress.as_str(), st.retrying) == (JobPhase::Failed, "1/2", 0);
+        Ok(done.then_some(j))
+    })
+    .await?;
+    let failure = &job.status.unwrap().failures[0];
+    assert_eq!(
+        failure.agent,
+        c.agent_of("bad").await?.metadata.name.unwrap()
+    );
+    assert!(
+        failure.reason.contains("license server unreachable"),
+        "{}",
+        failure.reason
+    );
+    assert_eq!(runs(&bad), 2, "the first try and one retry");
+    let state = c
+        .agent_of("bad")
+        .await?
+        .status
+        .unwrap_or_default()
+        .jobs
+        .into_iter()
+        .find(|j| j.package == "flaky")
+        .unwrap();
+    assert_eq!(
+        (state.phase, state.attempts, state.retry_at),
+        (AssignmentPhase::Failed, 2, None)
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(runs(&bad), 2, "given up: not tried again");
+    assert_eq!(runs(&good), 1);
+
+    // The tree names each destination's state and reason.
+    let tree = c.cli(&["job", "status", "flaky", "-n", &c.namespace])?;
+    let bad_name = c.agent_of("bad").await?.metadata.name.unwrap();
+    let good_name = c.agent_of("good").await?.metadata.name.unwrap();
+    assert!(
+        tree.starts_with("job flaky: Failed 1/2 succeeded, 1 failed\nsite hq: 1/2, 1 failed\n"),
+        "{tree}"
+    );
+    assert!(
+        tree.contains(&format!("  agent {bad_name}: Failed 2 time(s) (re-run it with `caravan job retry`): package flaky 1.0.0 rolled back"))
+            && tree.contains("license server unreachable"),
+        "{tree}"
+    );
+    assert!(
+        tree.contains(&format!("  agent {good_name}: Succeeded")),
+        "{tree}"
+    );
+    let failed = c.cli(&["job", "status", "flaky", "--failed", "-n", &c.namespace])?;
+    assert!(
+        failed.contains(&bad_name) && !failed.contains(&good_name),
+        "{failed}"
+    );
+
+    // Fixed on the endpoint, re-run: only the failure runs again.
+    std::fs::write(bad.with_file_name("flaky-ok"), "")?;
+    c.cli(&["job", "retry", "flaky", "-n", &c.namespace])?;
+    c.wait_job("flaky", "Succeeded", "2/2", T).await?;
+    assert_eq!(
+        (runs(&bad), runs(&good)),
+        (3, 1),
+        "succeeded agents' scripts do not run again"
+    );
+    let job = c.api::<DistributionJob>().get("flaky").await?;
+    assert_eq!(job.spec.retry.map(|r| r.generation), Some(1));
+
+    // Pause and resume write `suspend` as the CLI, unless Git declares it.
+    let err = c
+        .cli(&["job", "pause", "flaky", "-n", &c.namespace])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("spec.suspend of DistributionJob flaky is declared in Git"),
+        "{err}"
+    );
+    c.cli(&["job", "pause", "hello-everywhere", "-n", &c.namespace])?;
+    wait_for("hello-everywhere to be suspended", T, || async {
+        let j = c.api::<DistributionJob>().get("hello-everywhere").await?;
+        Ok((j.status.unwrap_or_default().phase == JobPhase::Suspended).then_some(()))
+    })
+    .await?;
+    // A sync of Git later leaves the CLI's field alone.
+    repo.write("fleet/note.txt", "a commit that changes nothing declared\n")?;
+    repo.commit("touch")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        c.api::<DistributionJob>()
+            .get("hello-everywhere")
+            .await?
+            .spec
+            .suspend
+    );
+    c.cli(&["job", "resume", "hello-everywhere", "-n", &c.namespace])?;
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_that_disagree_settle_by_precedence_and_a_missing_package_never_succeeds(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("conflict").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages");
+    let v2 = c.dir.join("src/hello-2");
+    caravan_tests::copy_dir(
+        &caravan_tests::repo_root().join("examples/packages/hello"),
+        &v2,
+    )?;
+    std::fs::write(v2.join("VERSION"), "2.0.0\n")?;
+    c.push_package(&v2, "hello", "2.0.0", &manifests)?;
+    // hello-everywhere takes the highest version, 2.0.0; `pinned`, newer,
+    // holds hello at 1.0.0 on hq's agents. `ghost` names nothing that exists.
+    repo.write(
+        "fleet/pinned-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: pinned}\n\
+         spec:\n  packages: [{name: hello, version: 1.0.0}]\n  destinations: {sites: [{name: hq}]}\n",
+    )?;
+    repo.write(
+        "fleet/ghost-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: ghost}\n\
+         spec:\n  packages: [{name: ghost}]\n  destinations: {sites: [{name: hq}]}\n",
+    )?;
+    // Creation times have seconds: one later than hello-everywhere's.
+    wait_for("hello-everywhere to be applied", T, || async {
+        Ok(c.api::<DistributionJob>()
+            .get_opt("hello-everywhere")
+            .await?)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    repo.commit("hello 2.0.0, a pin to 1.0.0, and a job for a package nobody pushed")?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("agent-1", &relay)?;
+
+    c.wait_job("pinned", "Succeeded", "1/1", T).await?;
+    let lost = c.wait_job("hello-everywhere", "Conflict", "0/1", T).await?;
+    let ready = lost
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == conditions::READY)
+        .unwrap();
+    assert_eq!(ready.reason, "Conflict");
+    assert!(
+        ready
+            .message
+            .contains("has package hello from job conflict/pinned"),
+        "{}",
+        ready.message
+    );
+    wait_installed(&c, "agent-1", "1.0.0").await?;
+    // The Agent says so too, naming the winner.
+    let state =
+        wait_for("the agent to report the conflict", T, || async {
+            let a = c.agent_of("agent-1").await?;
+            Ok(a.status.unwrap_or_default().jobs.into_iter().find(|j| {
+                j.job == "conflict/hello-everywhere" && j.phase == AssignmentPhase::Conflict
+            }))
+        })
+        .await?;
+    assert!(
+        state
+            .message
+            .contains("job conflict/pinned takes precedence"),
+        "{}",
+        state.message
+    );
+
+    // A priority beats age: hello-everywhere wins, 2.0.0 goes in.
+    repo.write(
+        "fleet/job.yaml",
+        &std::fs::read_to_string(caravan_tests::repo_root().join("examples/fleet/job.yaml"))?
+            .replace("  action: install\n", "  action: install\n  priority: 10\n"),
+    )?;
+    repo.commit("hello-everywhere takes precedence")?;
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    c.wait_job("pinned", "Conflict", "0/1", T).await?;
+    wait_installed(&c, "agent-1", "2.0.0").await?;
+
+    // The job whose package does not exist never counts the agent, done
+    // with everything else, as Succeeded.
+    let ghost = c.api::<DistributionJob>().get("ghost").await?;
+    let st = ghost.status.unwrap();
+    assert_eq!(
+        (st.phase, st.succeeded, st.pending),
+        (JobPhase::Pending, 0, 1)
+    );
+    let resolved = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::RESOLVED_REFS)
+        .unwrap();
+    assert!(
+        resolved.message.contains("package ghost not found"),
+        "{}",
+        resolved.message
+    );
+    let complete = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::COMPLETE)
+        .unwrap();
+    assert_eq!(complete.status, "False");
+    Ok(())
+}
+
+/// Waits until the endpoint `host` has hello `version` installed.
+async fn wait_installed(c: &Caravan, host: &str, version: &str) -> anyhow::Result<()> {
+    wait_for(&format!("hello {version} on {host}"), T, || async {
+        let a = c.agent_of(host).await?;
+        Ok(a.status
+            .unwrap_or_default()
+            .installed
+            .iter()
+            .any(|p| p.name == "hello" && p.version == version)
+            .then_some(()))
+    })
+    .await
+}
