@@ -27,6 +27,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub install_root: PathBuf,
     pub hostname: String,
+    /// What the agent says about the endpoint (read once at start).
+    pub facts: caravan_api::facts::Facts,
     /// Longest a poll waits for a change, in seconds.
     pub poll_wait: u64,
     /// How long a failed assignment waits before it is tried again.
@@ -87,6 +89,8 @@ impl Config {
                 }
             }
         }
+        let facts = caravan_api::facts::Facts::of_this_machine(args.labels.into_iter().collect());
+        caravan_api::facts::check(&facts).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
         Ok(Self {
             server: args.server,
             ca_file,
@@ -97,6 +101,7 @@ impl Config {
             state_dir: args.state_dir,
             install_root: args.install_root,
             hostname: args.hostname.unwrap_or_else(system_hostname),
+            facts,
             poll_wait: args.poll_wait,
             retry_after: Duration::from_secs(args.retry_after),
             binary: args.binary,

@@ -4,12 +4,11 @@
 //! install [`transaction`]. Every transition is reported to the relay, and
 //! a heartbeat report keeps `lastSeen` fresh.
 //!
-//! A failed install is tried again after `retry_after`, doubling with each
-//! failure, as many times as its job allows (`retries`); then it stays
-//! Failed until the job's retry generation for this agent rises. The count
-//! is kept in the state directory, so a restart does not reset it. A
-//! download that fails is not counted: it is tried again after
-//! `retry_after` until it arrives (the relay may not have the blob yet).
+//! A failed install is tried again after a pause that doubles, as many
+//! times as its job allows, then given up until the job re-runs it (see
+//! [`crate::attempts`]). A download that fails is not counted: it is tried
+//! again after `retry_after` until it arrives (the relay may not have the
+//! blob yet).
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -25,6 +24,7 @@ use caravan_api::{
 };
 
 use crate::{
+    attempts::Attempts,
     client::Client,
     config::Config,
     drift::Baseline,
@@ -61,39 +61,6 @@ pub struct Converger {
     refused: Option<Refusal>,
 }
 
-/// File of the state directory that counts failed installs.
-const ATTEMPTS: &str = "attempts.json";
-/// Longest pause before a failed install is tried again.
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-
-/// The failed installs of one assignment.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default, PartialEq)]
-struct Failures {
-    /// Installs tried and failed since the last success or retry generation.
-    count: u32,
-    /// The job's retry generation they were counted under.
-    generation: u32,
-    /// What the last one said (an install script's output tail).
-    message: String,
-}
-
-/// Failed installs by assignment (`<job> <package> <fingerprint>`).
-type Attempts = std::collections::BTreeMap<String, Failures>;
-
-/// The key of `a`'s failures: a changed assignment (another version,
-/// signature or install step) is counted afresh; a changed limit, retry
-/// generation or precedence is not a change of what is installed.
-fn attempts_key(a: &Assignment) -> String {
-    let what = Assignment {
-        retries: 0,
-        retry_generation: 0,
-        superseded_by: None,
-        ..a.clone()
-    };
-    let fingerprint = Digest::of(&serde_json::to_vec(&what).unwrap_or_default());
-    format!("{} {} {}", a.job, a.package, fingerprint.hex())
-}
-
 /// A download that did not complete: tried again, not counted as an attempt.
 #[derive(Debug)]
 struct DownloadFailed;
@@ -102,13 +69,6 @@ impl std::fmt::Display for DownloadFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("download failed")
     }
-}
-
-/// The pause before the next try after `failures` failed installs.
-fn backoff(retry_after: Duration, failures: u32) -> Duration {
-    retry_after
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF)
 }
 
 /// What the agent found on the endpoint, for the plan.
@@ -127,7 +87,7 @@ enum Act {
 impl Converger {
     pub fn new(config: Config, state: StateDir, client: Client) -> anyhow::Result<Self> {
         Ok(Self {
-            attempts: state.json(ATTEMPTS)?.unwrap_or_default(),
+            attempts: Attempts::load(&state),
             on_probation: selfupdate::on_probation(&state)?,
             client,
             config,
@@ -148,48 +108,18 @@ impl Converger {
         self.jobs.retain(|k, _| current.contains(k));
         self.retry_at.retain(|k, _| current.contains(k));
         // Forget the failures of assignments gone, and count afresh those
-        // of a new retry generation (which are tried again at once).
-        let mut attempts = std::mem::take(&mut self.attempts);
-        let before = attempts.clone();
-        let by_key: HashMap<String, &Assignment> = desired
-            .assignments
-            .iter()
-            .map(|a| (attempts_key(a), a))
-            .collect();
-        attempts.retain(|k, f| {
-            by_key
-                .get(k)
-                .is_some_and(|a| a.retry_generation <= f.generation)
-        });
-        for a in desired.assignments.iter() {
-            if before
-                .get(&attempts_key(a))
-                .is_some_and(|f| a.retry_generation > f.generation)
-            {
-                tracing::info!(job = %a.job, package = %a.package, generation = a.retry_generation, "re-running a failed install");
-                self.retry_at.remove(&key(a));
-                self.jobs.remove(&key(a));
-            }
+        // a new retry generation re-runs (tried again at once).
+        let (rerun, changed) = self.attempts.follow(&desired.assignments);
+        for a in rerun {
+            tracing::info!(job = %a.job, package = %a.package, generation = a.retry_generation, "re-running a failed install");
+            self.retry_at.remove(&key(a));
+            self.jobs.remove(&key(a));
         }
-        self.attempts = attempts;
-        if self.attempts != before {
-            self.save_attempts();
+        if changed {
+            self.attempts.save(&self.state);
         }
         self.desired = desired;
         self.refused = None;
-    }
-
-    fn save_attempts(&self) {
-        if let Err(e) = self.state.set_json(ATTEMPTS, Some(&self.attempts)) {
-            tracing::warn!(error = %format!("{e:#}"), "cannot record failed installs");
-        }
-    }
-
-    /// Whether `a` failed as often as its job allows.
-    fn given_up(&self, a: &Assignment) -> Option<&Failures> {
-        self.attempts
-            .get(&attempts_key(a))
-            .filter(|f| f.count > a.retries)
     }
 
     /// Records why the desired state served is refused; the agent goes on
@@ -220,7 +150,9 @@ impl Converger {
         let now = Instant::now();
         self.retry_at
             .values()
+            .filter(|t| **t > now)
             .map(|t| t.saturating_duration_since(now).as_secs() + 1)
+            .chain(self.attempts.next_due(unix_now()).map(|s| s + 1))
             .min()
             .unwrap_or(max)
             .min(max)
@@ -254,7 +186,7 @@ impl Converger {
                     self.desired
                         .assignments
                         .iter()
-                        .filter(|a| self.given_up(a).is_some())
+                        .filter(|a| self.attempts.waiting(a, unix_now()))
                         .map(key),
                 )
                 .collect(),
@@ -308,15 +240,19 @@ impl Converger {
                 match &plan.decisions[next] {
                     Decision::Wait(a) => {
                         ok = false;
-                        // Given up before a restart: said again.
-                        if !self.jobs.contains_key(&key(a)) {
-                            if let Some(f) = self.given_up(a).cloned() {
+                        // Given up before a restart, or while it lost to
+                        // another job: said again.
+                        let said = self.jobs.get(&key(a)).map(|s| s.phase);
+                        if said != Some(AssignmentPhase::Failed) {
+                            if let Some(f) = self.attempts.given_up(a).cloned() {
                                 self.fail(a, &f.message, f.count, None);
                                 touched = true;
                             }
                         }
                     }
-                    Decision::Queued(_) => {}
+                    Decision::Queued(a) => {
+                        self.retry_at.remove(&key(a));
+                    }
                     Decision::Done(a) => touched |= self.settle(a, AssignmentPhase::Succeeded, ""),
                     Decision::Conflict { assignment, winner } => {
                         let msg = format!(
@@ -355,7 +291,12 @@ impl Converger {
 
     /// Records `phase` for `a` unless it is there already; returns whether it changed.
     fn settle(&mut self, a: &Assignment, phase: AssignmentPhase, message: &str) -> bool {
-        let changed = self.jobs.get(&key(a)).map(|s| s.phase) != Some(phase);
+        // Settled: no retry of it is due.
+        self.retry_at.remove(&key(a));
+        let changed = self
+            .jobs
+            .get(&key(a))
+            .is_none_or(|s| s.phase != phase || s.message != message);
         if changed {
             self.set_phase(a, phase, message);
         }
@@ -390,8 +331,8 @@ impl Converger {
         let ok = match result {
             Ok(output) => {
                 self.retry_at.remove(&key(&a));
-                if self.attempts.remove(&attempts_key(&a)).is_some() {
-                    self.save_attempts();
+                if self.attempts.succeeded(&a) {
+                    self.attempts.save(&self.state);
                 }
                 self.set_phase(&a, AssignmentPhase::Succeeded, &output);
                 true
@@ -406,21 +347,21 @@ impl Converger {
                 self.set_phase(&a, AssignmentPhase::NotApplicable, &msg);
                 true
             }
+            Err(e) if e.downcast_ref::<DownloadFailed>().is_some() => {
+                let msg = format!("{e:#}");
+                let pause = self.config.retry_after;
+                tracing::warn!(job = %a.job, package = %a.package, error = %msg, retry_in = ?pause, "download failed");
+                self.fail(&a, &msg, 0, Some(pause));
+                self.retry_at.insert(key(&a), Instant::now() + pause);
+                false
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
-                let failures = self.attempts.entry(attempts_key(&a)).or_default();
-                let pause = if e.downcast_ref::<DownloadFailed>().is_some() {
-                    Some(self.config.retry_after)
-                } else {
-                    failures.count += 1;
-                    failures.generation = failures.generation.max(a.retry_generation);
-                    failures.message = msg.clone();
-                    (failures.count <= a.retries)
-                        .then(|| backoff(self.config.retry_after, failures.count))
-                };
-                let count = failures.count;
-                self.save_attempts();
-                tracing::warn!(job = %a.job, package = %a.package, error = %msg, attempts = count, retry_in = ?pause, "assignment failed");
+                let (count, pause) =
+                    self.attempts
+                        .failed(&a, &msg, self.config.retry_after, unix_now());
+                self.attempts.save(&self.state);
+                tracing::warn!(job = %a.job, package = %a.package, error = %msg, attempts = count, retry_in = ?pause, "install failed");
                 self.fail(&a, &msg, count, pause);
                 false
             }
@@ -481,17 +422,12 @@ impl Converger {
         );
     }
 
-    /// Records a failure of `a`: tried again after `pause`, or (`None`) final.
+    /// Records a failure of `a` for its report: tried again after `pause`,
+    /// or (`None`) given up. (Who waits keeps the time: `attempts` for an
+    /// install, `retry_at` for a download.)
     fn fail(&mut self, a: &Assignment, message: &str, attempts: u32, pause: Option<Duration>) {
         self.set_phase(a, AssignmentPhase::Failed, message);
-        match pause {
-            Some(pause) => {
-                self.retry_at.insert(key(a), Instant::now() + pause);
-            }
-            None => {
-                self.retry_at.remove(&key(a));
-            }
-        }
+        self.retry_at.remove(&key(a));
         if let Some(s) = self.jobs.get_mut(&key(a)) {
             s.attempts = attempts;
             s.retry_at = pause
@@ -629,6 +565,7 @@ impl Converger {
             drift: self.drift.clone(),
             desired_version: self.desired.version,
             desired_refused: self.refused.clone(),
+            facts: self.config.facts.clone(),
         };
         let signed = match self.state.sign_report(report) {
             Ok(signed) => signed,
@@ -660,36 +597,9 @@ impl Converger {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pause_between_tries_doubles_up_to_an_hour() {
-        let s = Duration::from_secs;
-        let pauses: Vec<_> = (1..=4).map(|n| backoff(s(2), n)).collect();
-        assert_eq!(pauses, [s(2), s(4), s(8), s(16)]);
-        assert_eq!(backoff(s(60), 40), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn a_changed_assignment_is_counted_afresh_but_a_new_limit_or_generation_is_not() {
-        let a: Assignment = serde_json::from_value(serde_json::json!({
-            "job": "ns/j", "action": "install", "package": "p", "version": "1",
-            "digest": Digest::of(b"p"), "size": 1, "install": {}, "retries": 2,
-        }))
-        .unwrap();
-        let same = Assignment {
-            retries: 5,
-            retry_generation: 3,
-            superseded_by: Some("ns/k".into()),
-            ..a.clone()
-        };
-        assert_eq!(attempts_key(&a), attempts_key(&same));
-        let signed = Assignment {
-            require_signature: true,
-            ..a.clone()
-        };
-        assert_ne!(attempts_key(&a), attempts_key(&signed));
-    }
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -77,6 +77,7 @@ pub async fn enroll(config: &Config, state: &StateDir, client: &mut Client) -> a
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            facts: config.facts.clone(),
         };
         match client.enroll(&token, &req).await {
             Ok(r) => break r,

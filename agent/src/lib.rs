@@ -14,6 +14,7 @@
 //! - [`drift`], [`selfupdate`], [`backup`], [`status`]: the rest of what an
 //!   endpoint needs; [`state`] is the state directory they all keep files in.
 
+pub mod attempts;
 pub mod backup;
 pub mod client;
 pub mod config;
@@ -165,6 +166,12 @@ pub struct RunArgs {
     /// Host name to enroll with (default: the system's).
     #[arg(long, env = "CARAVAN_HOSTNAME")]
     pub hostname: Option<String>,
+    /// A label for jobs to select this endpoint by (`role=kiosk`,
+    /// repeatable; comma-separated in the variable): it lands on the Agent
+    /// as `agent.caravan.dev/role: kiosk`. The OS, architecture,
+    /// distribution, its version and the host name are labels already.
+    #[arg(long = "label", env = "CARAVAN_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     /// Longest a poll waits for a change, in seconds.
     #[arg(long, env = "CARAVAN_POLL_WAIT", default_value_t = 30)]
     pub poll_wait: u64,
@@ -234,6 +241,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `name=value` (or `name`, with an empty value), checked as a label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text.split_once('=').unwrap_or((text, ""));
+    caravan_api::facts::check_declared(name, value)?;
+    Ok((name.to_string(), value.to_string()))
 }
 
 #[cfg(test)]

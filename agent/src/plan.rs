@@ -102,9 +102,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                     winner,
                 };
             }
-            if s.waiting.contains(&key(a)) {
-                return Decision::Wait(a);
-            }
+            let waiting = s.waiting.contains(&key(a));
             match a.action {
                 JobAction::Install => {
                     let at_digest = s
@@ -115,11 +113,15 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                     let live =
                         a.install.method == InstallMethod::Agent || s.live.contains(&a.package);
                     let repair = a.repair && s.drifted.contains(&a.package);
+                    // Another job installs another version first (one that
+                    // installs the same one takes this one along).
                     let queued = wanted
                         .get(a.package.as_str())
-                        .is_some_and(|w| w.job != a.job);
+                        .is_some_and(|w| w.job != a.job && w.digest != a.digest);
                     match (at_digest, live, repair) {
+                        // Reached, whoever installed it: even while waiting.
                         (true, true, false) => Decision::Done(a),
+                        _ if waiting => Decision::Wait(a),
                         _ if queued => Decision::Queued(a),
                         (true, false, _) => Decision::Install(a, Why::Missing),
                         (true, true, true) => Decision::Install(a, Why::Repair),
@@ -132,6 +134,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                         winner: &w.job,
                     },
                     None if !s.installed.contains_key(&a.package) => Decision::Done(a),
+                    None if waiting => Decision::Wait(a),
                     None => Decision::Uninstall(a),
                 },
             }
@@ -326,12 +329,32 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_assignment_waits_for_its_retry() {
+    fn a_failed_assignment_waits_for_its_retry_unless_it_is_reached_already() {
         let mut c = Case::new(vec![install("j", "hello", "1")], &[]);
         c.waiting.insert(key(&c.desired.assignments[0]));
         assert_eq!(
             c.plan().decisions,
             [Decision::Wait(&c.desired.assignments[0])]
+        );
+        c.installed = installed(&[("hello", "1")]);
+        c.live.insert("hello".into());
+        assert_eq!(
+            c.plan().decisions,
+            [Decision::Done(&c.desired.assignments[0])]
+        );
+    }
+
+    #[test]
+    fn a_job_installing_the_same_version_as_one_that_gave_up_installs_it_itself() {
+        let mut c = Case::new(
+            vec![install("a", "hello", "1"), install("b", "hello", "1")],
+            &[],
+        );
+        c.waiting.insert(key(&c.desired.assignments[0]));
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [Decision::Wait(&a[0]), Decision::Install(&a[1], Why::New)]
         );
     }
 

@@ -160,6 +160,7 @@ mod tests {
             drift: vec![],
             desired_version: 0,
             desired_refused: None,
+            facts: Default::default(),
         };
         let progress = Progress {
             package: "big".into(),

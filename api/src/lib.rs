@@ -4,6 +4,7 @@
 
 pub mod conditions;
 pub mod digest;
+pub mod facts;
 pub mod names;
 pub mod selector;
 pub mod signing;

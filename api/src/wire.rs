@@ -133,13 +133,17 @@ pub struct Assignment {
     pub allow_downgrade: bool,
     /// How many times a failed install is tried again before it stays
     /// Failed (the job's `spec.retries`).
-    #[serde(default)]
+    #[serde(default = "crate::v1alpha1::default_retries")]
     pub retries: u32,
-    /// The job's retry generation for this agent (0 if its `spec.retry`
-    /// does not reach the agent): a value above the last one the agent saw
-    /// re-runs a failed install with its attempts counted afresh.
+    /// The job's retry generation (`spec.retry.generation`): a value other
+    /// than the one an install's failures were counted under re-runs it,
+    /// with its attempts counted afresh…
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retry_generation: u32,
+    /// …unless the job's retry does not reach this agent (its `sites` and
+    /// `agents`): then the new generation is only recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_excluded: bool,
     /// Another job that takes precedence has this package on the agent
     /// (`<namespace>/<job name>`): nothing is done for this assignment, and
     /// the agent reports it as `Conflict`.
@@ -277,6 +281,9 @@ pub struct EnrollRequest {
     /// so the host secret alone (which a relay sees) is not enough.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<KeyProof>,
+    /// What the agent says about its endpoint (the Agent's labels).
+    #[serde(default)]
+    pub facts: crate::facts::Facts,
 }
 
 impl std::fmt::Debug for EnrollRequest {
@@ -290,6 +297,7 @@ impl std::fmt::Debug for EnrollRequest {
             .field("secret", &"<redacted>")
             .field("public_key", &self.public_key)
             .field("proof", &self.proof)
+            .field("facts", &self.facts)
             .finish()
     }
 }
@@ -380,6 +388,10 @@ pub enum AssignmentPhase {
     NotApplicable,
     /// Another job that takes precedence has the package on this agent.
     Conflict,
+    /// A phase a newer agent reports that this version does not know:
+    /// taken as not done yet, so its report still counts.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Where one assignment stands on one agent.
@@ -460,6 +472,9 @@ pub struct AgentReport {
     /// Why the agent refuses the desired state it was last served, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_refused: Option<Refusal>,
+    /// What the agent says about its endpoint (kept on the Agent as labels).
+    #[serde(default)]
+    pub facts: crate::facts::Facts,
 }
 
 /// Why an agent refuses its desired state (see `trust::TrustError`).
@@ -545,6 +560,12 @@ pub struct EnvelopeSignature {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_phase_from_a_newer_agent_does_not_make_its_report_unreadable() {
+        let phase: AssignmentPhase = serde_json::from_str("\"Deferred\"").unwrap();
+        assert_eq!(phase, AssignmentPhase::Unknown);
+    }
 
     #[test]
     fn client_paths_match_the_server_routes() {

@@ -193,30 +193,39 @@ impl Cluster {
         Ok(render(&job, &sites, &agents, &packages, failed_only))
     }
 
+    /// The changes of one kind, filling `writer`'s store.
+    fn changes<K>(
+        &self,
+        writer: reflector::store::Writer<K>,
+    ) -> futures::stream::BoxStream<'static, Result<(), watcher::Error>>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+        <K as kube::Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let stream = watcher(self.api::<K>(), watcher::Config::default()).default_backoff();
+        reflector(writer, stream)
+            .touched_objects()
+            .map(|r| r.map(drop))
+            .boxed()
+    }
+
     /// Prints the tree, then again after every burst of changes.
     async fn watch(&self, name: &str, failed_only: bool) -> anyhow::Result<()> {
         let (jobs, jobs_w) = reflector::store::<DistributionJob>();
         let (sites, sites_w) = reflector::store::<Site>();
         let (agents, agents_w) = reflector::store::<Agent>();
         let (packages, packages_w) = reflector::store::<Package>();
-        let config = watcher::Config::default();
         let changes = futures::stream::select_all([
-            reflector(jobs_w, watcher(self.api(), config.clone()))
-                .touched_objects()
-                .map(|r| r.map(drop))
-                .boxed(),
-            reflector(sites_w, watcher(self.api(), config.clone()))
-                .touched_objects()
-                .map(|r| r.map(drop))
-                .boxed(),
-            reflector(agents_w, watcher(self.api(), config.clone()))
-                .touched_objects()
-                .map(|r| r.map(drop))
-                .boxed(),
-            reflector(packages_w, watcher(self.api(), config))
-                .touched_objects()
-                .map(|r| r.map(drop))
-                .boxed(),
+            self.changes(jobs_w),
+            self.changes(sites_w),
+            self.changes(agents_w),
+            self.changes(packages_w),
         ]);
         futures::pin_mut!(changes);
         let mut shown = String::new();
@@ -271,7 +280,7 @@ fn rank(phase: AssignmentPhase) -> u8 {
         AssignmentPhase::Conflict => 1,
         AssignmentPhase::Installing | AssignmentPhase::Removing => 2,
         AssignmentPhase::Downloading => 3,
-        AssignmentPhase::Pending => 4,
+        AssignmentPhase::Pending | AssignmentPhase::Unknown => 4,
         AssignmentPhase::NotApplicable => 5,
         AssignmentPhase::Succeeded => 6,
     }
@@ -370,7 +379,14 @@ pub fn render(
         .map(|s| (s, String::new()))
         .collect();
     let mut visited = BTreeSet::new();
-    while let Some((site, indent)) = stack.pop() {
+    // Sites whose parents loop reach no root: each is shown as one.
+    let next_root = |visited: &BTreeSet<&str>| {
+        shown
+            .iter()
+            .find(|s| !visited.contains(*s))
+            .map(|s| (*s, String::new()))
+    };
+    while let Some((site, indent)) = stack.pop().or_else(|| next_root(&visited)) {
         if !visited.insert(site) {
             continue;
         }
@@ -504,6 +520,16 @@ mod tests {
              \x20     agent e2: Failed 3 time(s) (re-run it with `caravan job retry`): exit status 3\n\
              \x20     1 agent(s) not reported yet\n"
         );
+        // Sites whose parents loop are still shown, each once.
+        let looped = [
+            site("hq", Some("east-1")),
+            site("east", Some("hq")),
+            site("east-1", Some("east")),
+        ];
+        let text = render(&job, &looped, &agents, &packages, false);
+        for s in ["site hq:", "site east:", "site east-1:"] {
+            assert_eq!(text.matches(s).count(), 1, "{text}");
+        }
         let failed = render(&job, &sites, &agents, &packages, true);
         assert!(failed.contains("agent e2: Failed"), "{failed}");
         assert!(!failed.contains("agent h1"), "{failed}");

@@ -57,6 +57,7 @@ fn documents(
                 allow_downgrade: false,
                 retries: 2,
                 retry_generation: 0,
+                retry_excluded: false,
                 superseded_by: None,
             }
         })

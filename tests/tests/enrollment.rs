@@ -690,6 +690,7 @@ async fn a_relay_that_saw_the_host_secret_cannot_take_the_identity() -> anyhow::
                 ),
             }),
             public_key,
+            facts: Default::default(),
         }
     };
     let http = caravan_tests::http();

@@ -130,7 +130,37 @@ async fn a_failing_install_gives_up_at_its_limit_and_retry_reruns_only_the_failu
         "{failed}"
     );
 
-    // Fixed on the endpoint, re-run: only the failure runs again.
+    // Fixed on the endpoint, re-run: only the failure runs again, and a
+    // watching operator sees it happen.
+    let mut watch = std::process::Command::new(caravan_tests::bin("caravan")?)
+        .args(["job", "status", "flaky", "--watch", "-n", &c.namespace])
+        .env("KUBECONFIG", &c.cluster.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(c.dir.join("watch.err"))?)
+        .spawn()?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (seen, stdout) = (seen.clone(), watch.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut seen = seen.lock().unwrap();
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+    };
+    wait_for("the watch to show the failure", T, || async {
+        Ok(seen
+            .lock()
+            .unwrap()
+            .contains("job flaky: Failed 1/2")
+            .then_some(()))
+    })
+    .await?;
     std::fs::write(bad.with_file_name("flaky-ok"), "")?;
     c.cli(&["job", "retry", "flaky", "-n", &c.namespace])?;
     c.wait_job("flaky", "Succeeded", "2/2", T).await?;
@@ -141,6 +171,31 @@ async fn a_failing_install_gives_up_at_its_limit_and_retry_reruns_only_the_failu
     );
     let job = c.api::<DistributionJob>().get("flaky").await?;
     assert_eq!(job.spec.retry.map(|r| r.generation), Some(1));
+    let both = wait_for(
+        "the watch to show the failure, then the success",
+        T,
+        || async {
+            let seen = seen.lock().unwrap().clone();
+            Ok((seen.contains("job flaky: Failed 1/2")
+                && seen.contains("job flaky: Succeeded 2/2"))
+            .then_some(seen))
+        },
+    )
+    .await;
+    watch.kill()?;
+    watch.wait()?;
+    reader.join().unwrap();
+    let seen = both.map_err(|e| {
+        let err = std::fs::read_to_string(c.dir.join("watch.err")).unwrap_or_default();
+        e.context(format!(
+            "watch printed: {}\nstderr: {err}",
+            seen.lock().unwrap()
+        ))
+    })?;
+    assert!(
+        seen.find("Failed 1/2") < seen.find("Succeeded 2/2"),
+        "in that order: {seen}"
+    );
 
     // Pause and resume write `suspend` as the CLI, unless Git declares it.
     let err = c
@@ -297,4 +352,136 @@ async fn wait_installed(c: &Caravan, host: &str, version: &str) -> anyhow::Resul
             .then_some(()))
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_three_level_tree_jobs_reach_exactly_their_agents_and_a_selector_picks_up_a_late_one(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("tree").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages");
+    // hq → east → east-1, and hq → west.
+    for (site, parent) in [("east", "hq"), ("east-1", "east"), ("west", "hq")] {
+        repo.write(
+            &format!("fleet/{site}-site.yaml"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {site}}}\nspec: {{parent: {parent}}}\n"),
+        )?;
+    }
+    let tools = c.dir.join("src/tools");
+    std::fs::create_dir_all(&tools)?;
+    std::fs::write(tools.join("README"), "tools for the east\n")?;
+    c.push_package(&tools, "tools", "1.0.0", &manifests)?;
+    let exotic = c.dir.join("src/exotic");
+    std::fs::create_dir_all(&exotic)?;
+    std::fs::write(exotic.join("README"), "for another OS\n")?;
+    c.cli(&[
+        "package",
+        "push",
+        &exotic.display().to_string(),
+        "--name",
+        "exotic",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &manifests.display().to_string(),
+        "--os",
+        "plan9",
+    ])?;
+    let job = |name: &str, package: &str, destinations: &str| {
+        repo.write(
+            &format!("fleet/{name}-job.yaml"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {name}}}\nspec:\n  packages: [{{name: {package}}}]\n  destinations:\n{destinations}"),
+        )
+    };
+    // An all-lower-clients job from the middle of the tree.
+    job(
+        "east-tools",
+        "tools",
+        "    sites: [{name: east, includeLower: true}]\n",
+    )?;
+    // Kiosks, by the label their own configuration declares and the OS
+    // their agent reports: nobody yet.
+    job(
+        "kiosk-app",
+        "tools",
+        "    agentSelector:\n      matchExpressions:\n      - {key: agent.caravan.dev/role, operator: In, values: [kiosk]}\n      - {key: caravan.dev/os, operator: In, values: [linux]}\n",
+    )?;
+    job(
+        "exotic",
+        "exotic",
+        "    sites: [{name: hq, includeLower: true}]\n",
+    )?;
+    repo.commit("A tree of sites and three jobs")?;
+    let mut relays = std::collections::BTreeMap::new();
+    for site in ["hq", "east", "east-1", "west"] {
+        relays.insert(site, c.start_relay(site).await?);
+        c.start_agent(&format!("at-{site}"), &relays[site])?;
+    }
+    c.wait_job("hello-everywhere", "Succeeded", "4/4", T)
+        .await?;
+    let east = c.wait_job("east-tools", "Succeeded", "2/2", T).await?;
+    assert_eq!(
+        east.status.unwrap().total,
+        2,
+        "the agents of east and east-1 only"
+    );
+    for (host, has) in [
+        ("at-hq", false),
+        ("at-east", true),
+        ("at-east-1", true),
+        ("at-west", false),
+    ] {
+        let installed = c.agent_of(host).await?.status.unwrap_or_default().installed;
+        assert_eq!(installed.iter().any(|p| p.name == "tools"), has, "{host}");
+    }
+    let tree = c.cli(&["job", "status", "east-tools", "-n", &c.namespace])?;
+    assert!(
+        tree.contains("site hq: no destinations\n  site east: 1/1\n")
+            && tree.contains("\n    site east-1: 1/1\n"),
+        "{tree}"
+    );
+    // A package for another OS: not applicable anywhere, and the job completes.
+    let exotic = c.wait_job("exotic", "Succeeded", "0/0", T).await?;
+    assert_eq!(exotic.status.unwrap().not_applicable, 4);
+
+    let kiosk = c.api::<DistributionJob>().get("kiosk-app").await?;
+    assert_eq!(kiosk.status.unwrap_or_default().total, 0);
+    // A kiosk enrolls late at west, saying what it is in its own configuration.
+    c.agent_args
+        .extend(["--label".to_string(), "role=kiosk".to_string()]);
+    c.start_agent("kiosk-1", &relays["west"])?;
+    c.wait_job("kiosk-app", "Succeeded", "1/1", T).await?;
+    let agent = c.agent_of("kiosk-1").await?;
+    let labels = agent.metadata.labels.unwrap_or_default();
+    let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let facts = caravan_api::facts::os_release;
+    assert_eq!(
+        labels.get("agent.caravan.dev/role").map(String::as_str),
+        Some("kiosk")
+    );
+    assert_eq!(
+        labels.get("caravan.dev/os").map(String::as_str),
+        Some(std::env::consts::OS)
+    );
+    assert_eq!(
+        labels.get("caravan.dev/arch").map(String::as_str),
+        Some(std::env::consts::ARCH)
+    );
+    assert_eq!(
+        labels.get("caravan.dev/hostname").map(String::as_str),
+        Some("kiosk-1")
+    );
+    assert_eq!(
+        labels.get("caravan.dev/distro"),
+        facts(&release, "ID").as_ref()
+    );
+    assert_eq!(
+        labels.get("caravan.dev/os-version"),
+        facts(&release, "VERSION_ID").as_ref()
+    );
+    assert!(
+        !labels.contains_key("role"),
+        "an endpoint never sets an administrator's label"
+    );
+    Ok(())
 }

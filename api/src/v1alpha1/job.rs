@@ -64,7 +64,8 @@ pub struct DistributionJobSpec {
 /// The default of `spec.retries`: two more tries after the first.
 pub const DEFAULT_RETRIES: u32 = 2;
 
-fn default_retries() -> u32 {
+/// `spec.retries` when a job does not say.
+pub fn default_retries() -> u32 {
     DEFAULT_RETRIES
 }
 

@@ -43,9 +43,6 @@ pub struct JobPlan {
     pub digests: Vec<Digest>,
     /// `(reason, message)` of each reference that did not resolve.
     pub problems: Vec<(&'static str, String)>,
-    /// Agent name → the package another job that takes precedence has on
-    /// that agent, and that job (`<namespace>/<name>`).
-    pub conflicts: BTreeMap<String, (String, String)>,
 }
 
 impl Plan {
@@ -127,14 +124,12 @@ impl Plan {
 /// install against uninstall), the one that takes precedence keeps it —
 /// the highest `priority`, then the newest, then the first by name — and
 /// the others' assignments of it there are marked superseded by it.
-/// Suspended jobs take no part: they only hold what they installed.
+/// A suspended job takes part as it is: pausing the winner changes
+/// nothing installed (its packages are held), it does not hand them over.
 fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
     // (namespace, agent, package) → every job's claim on it.
     let mut claims: BTreeMap<(String, &str, &str), Vec<Claim>> = BTreeMap::new();
     for (j, (job, plan)) in jobs.iter().zip(plans.iter()).enumerate() {
-        if job.spec.suspend {
-            continue;
-        }
         let ns = job.namespace().unwrap_or_default();
         for (agent, assignments) in &plan.targets {
             for (i, a) in assignments.iter().enumerate() {
@@ -170,11 +165,7 @@ fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
         }
     }
     for (j, agent, i, winner) in superseded {
-        let plan = &mut plans[j];
-        let a = &mut plan.targets.get_mut(&agent).expect("claimed")[i];
-        a.superseded_by = Some(winner.clone());
-        let package = a.package.clone();
-        plan.conflicts.entry(agent).or_insert((package, winner));
+        plans[j].targets.get_mut(&agent).expect("claimed")[i].superseded_by = Some(winner);
     }
 }
 
@@ -302,7 +293,8 @@ fn resolve_job(
             repair: job.spec.repair,
             allow_downgrade: job.spec.allow_downgrade,
             retries: job.spec.retries,
-            retry_generation: 0,
+            retry_generation: job.spec.retry.as_ref().map_or(0, |r| r.generation),
+            retry_excluded: false,
             superseded_by: None,
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
@@ -324,20 +316,15 @@ fn resolve_job(
             .flat_map(|s| with_lower(sites, ns, s))
             .collect();
         let everyone = r.sites.is_empty() && r.agents.is_empty();
-        let reaches =
-            move |a: &Agent| everyone || sites.contains(&a.spec.site) || named(&r.agents, a);
-        (r.generation, reaches)
+        move |a: &Agent| everyone || sites.contains(&a.spec.site) || named(&r.agents, a)
     });
     for a in agents
         .iter()
         .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))
     {
         let mut mine = assignments.clone();
-        if let Some((generation, reaches)) = &retry {
-            if reaches(a) {
-                mine.iter_mut()
-                    .for_each(|m| m.retry_generation = *generation);
-            }
+        if retry.as_ref().is_some_and(|reaches| !reaches(a)) {
+            mine.iter_mut().for_each(|m| m.retry_excluded = true);
         }
         plan.targets.insert(a.name_any(), mine);
     }

@@ -34,8 +34,15 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
         .and_then(|a| a.status.as_ref())
         .map(|s| s.jobs.as_slice())
         .unwrap_or_default();
-    let (mut done, mut not_applicable) = (0, 0);
+    let (mut done, mut not_applicable, mut lost) = (0, 0, 0);
+    let mut conflict = None;
     for a in assignments {
+        // Another job has this package here: nothing to wait for.
+        if let Some(winner) = &a.superseded_by {
+            lost += 1;
+            conflict.get_or_insert_with(|| (a.package.clone(), winner.clone()));
+            continue;
+        }
         let state = reported.iter().find(|s| {
             s.job == a.job && s.package == a.package && s.digest == a.digest && s.action == a.action
         });
@@ -49,12 +56,14 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
             _ => {}
         }
     }
-    if !assignments.is_empty() && not_applicable == assignments.len() {
-        Outcome::NotApplicable
-    } else if done + not_applicable == assignments.len() {
-        Outcome::Succeeded
-    } else {
+    if done + not_applicable + lost < assignments.len() {
         Outcome::Pending
+    } else if let Some((package, winner)) = conflict {
+        Outcome::Conflict(package, winner)
+    } else if !assignments.is_empty() && not_applicable == assignments.len() {
+        Outcome::NotApplicable
+    } else {
+        Outcome::Succeeded
     }
 }
 
@@ -108,11 +117,7 @@ pub fn job_status(
         });
         r.total += 1;
         st.total += 1;
-        let outcome = match plan.conflicts.get(name) {
-            Some((package, winner)) => Outcome::Conflict(package.clone(), winner.clone()),
-            None => outcome(agent, assignments),
-        };
-        match outcome {
+        match outcome(agent, assignments) {
             // Done with what resolved, but not with the job: a package it
             // names does not exist (yet).
             Outcome::Succeeded if !plan.unresolved.is_empty() => {

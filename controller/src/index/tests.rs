@@ -592,27 +592,84 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
     );
 
     // Jobs that agree (the same version) do not conflict; an uninstall
-    // against an install does, and a suspended job takes no part.
+    // against an install does, and a suspended winner keeps winning (pausing
+    // it changes nothing installed).
+    let superseded = |plan: &Plan, job: &str| -> Vec<(String, String)> {
+        plan.jobs[&key(job)]
+            .targets
+            .iter()
+            .flat_map(|(agent, asg)| {
+                asg.iter()
+                    .filter_map(|a| Some((agent.clone(), a.superseded_by.clone()?)))
+            })
+            .collect()
+    };
     let same = job("same", &["hello"])
         .at_version("hello", "2.0.0")
         .to_agent("a1")
         .created_at("11:00");
     let jobs = all([new.clone(), same]);
     let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
-    assert!(plan.jobs.values().all(|jp| jp.conflicts.is_empty()));
+    assert!(superseded(&plan, "new").is_empty() && superseded(&plan, "same").is_empty());
     let remove = job("remove", &["hello"])
         .uninstalling()
         .to_agent("a1")
         .created_at("11:00");
     let jobs = all([new.clone(), remove.clone()]);
     let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
-    assert_eq!(
-        plan.jobs[&key("new")].conflicts["a1"],
-        ("hello".to_string(), "ns/remove".to_string())
-    );
+    let lost = [("a1".to_string(), "ns/remove".to_string())];
+    assert_eq!(superseded(&plan, "new"), lost);
     let jobs = all([new, remove.suspended()]);
     let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
-    assert!(plan.jobs.values().all(|jp| jp.conflicts.is_empty()));
+    assert_eq!(superseded(&plan, "new"), lost);
+}
+
+#[test]
+fn a_package_lost_to_another_job_does_not_hide_the_other_packages_of_the_job() {
+    let sites = all([site("hq")]);
+    let packages = all([
+        package("hello", "1.0.0"),
+        package("hello", "2.0.0"),
+        package("tools", "1.0.0"),
+    ]);
+    let jobs = all([
+        job("pinned", &["hello"])
+            .at_version("hello", "1.0.0")
+            .to_site("hq")
+            .with_priority(5),
+        job("both", &["hello", "tools"]).to_site("hq"),
+    ]);
+    let tools = digest_of("tools", "1.0.0");
+    let status_with = |agent: Agent| {
+        let agents = all([agent]);
+        let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+        job_status(&jobs[1], plan.jobs.get(&key("both")), &agent_index(&agents))
+    };
+    // tools still installing: the destination is not settled yet.
+    let st = status_with(agent("a1", "hq"));
+    assert_eq!(
+        (st.phase, st.pending, st.conflict),
+        (JobPhase::Pending, 1, 0)
+    );
+    // tools failed: a failure, counted and listed, not hidden by the conflict.
+    let st = status_with(agent("a1", "hq").reporting(
+        "both",
+        "tools",
+        tools,
+        AssignmentPhase::Failed,
+        "exit 3",
+    ));
+    assert_eq!((st.phase, st.failed, st.conflict), (JobPhase::Failed, 1, 0));
+    assert_eq!(st.failures[0].package, "tools");
+    // tools done: settled, with hello lost to the pin.
+    let st = status_with(agent("a1", "hq").reporting(
+        "both",
+        "tools",
+        tools,
+        AssignmentPhase::Succeeded,
+        "",
+    ));
+    assert_eq!((st.phase, st.conflict), (JobPhase::Conflict, 1));
 }
 
 #[test]
@@ -637,27 +694,28 @@ fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_trie
     ]);
     let packages = all([package("hello", "1.0.0")]);
     let mut j = job("j", &["hello"]).to_site_and_lower("hq");
+    // (agent, generation, excluded from the retry)
     let generations = |j: &DistributionJob| {
         let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
         plan.jobs[&key("j")]
             .targets
             .iter()
-            .map(|(a, asg)| (a.clone(), asg[0].retry_generation))
+            .map(|(a, asg)| (a.clone(), asg[0].retry_generation, asg[0].retry_excluded))
             .collect::<Vec<_>>()
     };
-    let gens = |v: [u32; 4]| {
+    let gens = |g: u32, excluded: [bool; 4]| {
         ["e1", "h1", "w1", "w2"]
             .into_iter()
-            .map(String::from)
-            .zip(v)
+            .zip(excluded)
+            .map(|(a, x)| (a.to_string(), g, x))
             .collect::<Vec<_>>()
     };
-    assert_eq!(generations(&j), gens([0, 0, 0, 0]));
+    assert_eq!(generations(&j), gens(0, [false; 4]));
     j.spec.retry = Some(Retry {
         generation: 3,
         ..Default::default()
     });
-    assert_eq!(generations(&j), gens([3, 3, 3, 3]), "no scope: everyone");
+    assert_eq!(generations(&j), gens(3, [false; 4]), "no scope: everyone");
     j.spec.retry = Some(Retry {
         generation: 4,
         sites: vec!["east".into()],
@@ -665,7 +723,7 @@ fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_trie
     });
     assert_eq!(
         generations(&j),
-        gens([4, 0, 0, 4]),
+        gens(4, [false, true, true, false]),
         "east and below, and w2 by name"
     );
 

@@ -140,6 +140,9 @@ pub async fn enroll(
             "secret must be at least 32 characters",
         ));
     }
+    caravan_api::facts::check(&req.facts).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    // What the agent says about its endpoint, as the Agent's labels.
+    let facts = caravan_api::facts::labels(&req.os, &req.arch, &req.hostname, &req.facts);
     if !req.public_key.is_empty() && caravan_api::signing::parse_public(&req.public_key).is_err() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -222,8 +225,16 @@ pub async fn enroll(
                 spec.insert("approved".into(), approved.into());
                 metadata["labels"] = serde_json::json!({ labels::SITE: site });
             }
+            let relabel = caravan_api::facts::patch(agent.labels(), &facts);
+            if let Some(relabel) = &relabel {
+                let labels = metadata["labels"].as_object_mut();
+                match labels {
+                    Some(l) => l.extend(relabel.clone()),
+                    None => metadata["labels"] = relabel.clone().into(),
+                }
+            }
             let new_key = spec.contains_key("publicKey");
-            if !spec.is_empty() {
+            if !spec.is_empty() || relabel.is_some() {
                 let patch = serde_json::json!({ "metadata": metadata, "spec": spec });
                 api.patch(
                     &agent.name_any(),
@@ -255,11 +266,14 @@ pub async fn enroll(
         None => {
             let approved = !approval_required;
             let mut name = agent_name(&req.hostname, host_id, 8);
+            let mut agent_labels = facts.clone();
+            agent_labels.insert(labels::HOST_ID.into(), host_id.into());
+            agent_labels.insert(labels::SITE.into(), site.clone());
             let new_agent = |name: &str| -> Result<Agent, ApiError> {
                 serde_json::from_value(serde_json::json!({
                     "apiVersion": API_VERSION,
                     "kind": "Agent",
-                    "metadata": { "name": name, "namespace": ns, "labels": { labels::HOST_ID: host_id, labels::SITE: site } },
+                    "metadata": { "name": name, "namespace": ns, "labels": agent_labels },
                     "spec": { "site": site, "hostId": host_id, "hostname": req.hostname, "approved": approved, "secretHash": secret_hash, "publicKey": req.public_key },
                 }))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))

@@ -8,7 +8,7 @@ use axum::{
     response::Response,
     Json,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use caravan_api::{
     conditions::{self, reasons},
@@ -20,6 +20,7 @@ use caravan_api::{
 use caravan_net::server::{long_poll, ApiError, Wait};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
+    api::{Patch, PatchParams},
     runtime::{
         events::{Event, EventType},
         reflector::ObjectRef,
@@ -194,6 +195,14 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
         return Outcome::Duplicate;
     };
     let condition = desired_state_condition(&report, agent.meta().generation);
+    let facts = caravan_api::facts::check(&report.facts).map(|()| {
+        caravan_api::facts::labels(
+            &report.os,
+            &report.arch,
+            &agent.spec.hostname,
+            &report.facts,
+        )
+    });
     let status = AgentStatus {
         version: Some(report.version),
         os: Some(report.os),
@@ -216,7 +225,10 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
     )
     .await
     {
-        Ok(_) => Outcome::Taken,
+        Ok(_) => {
+            relabel(s, &agent, facts).await;
+            Outcome::Taken
+        }
         // The API server refuses this status for good (a value out of range):
         // sending it again cannot help.
         Err(kube::Error::Api(e))
@@ -232,6 +244,35 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
             tracing::warn!(agent = %name, %site, error = %e, "agent status not written; the relay will send it again");
             Outcome::Retry
         }
+    }
+}
+
+/// Keeps the Agent's fact labels as its report says (an extra write only
+/// when they changed: an upgraded OS, a new label in the agent's
+/// configuration). A failure is logged: the next report tries again.
+async fn relabel(s: &AppState, agent: &Agent, facts: Result<BTreeMap<String, String>, String>) {
+    let wanted = match facts {
+        Ok(wanted) => wanted,
+        Err(e) => {
+            tracing::warn!(agent = %agent.name_any(), error = %e, "labels the agent declares refused");
+            return;
+        }
+    };
+    let Some(patch) = caravan_api::facts::patch(agent.labels(), &wanted) else {
+        return;
+    };
+    let patch = serde_json::json!({ "metadata": { "labels": patch } });
+    if let Err(e) = s
+        .ctx
+        .namespaced::<Agent>(&agent.namespace().unwrap_or_default())
+        .patch(
+            &agent.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(agent = %agent.name_any(), error = %e, "agent labels not written");
     }
 }
 
