@@ -12,13 +12,14 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use caravan_api::{
     names,
-    v1alpha1::InstallMethod,
+    v1alpha1::{InstallMethod, JobAction},
     wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, JobState, Refusal},
     Digest,
 };
@@ -80,6 +81,8 @@ struct Facts {
 
 /// An install or removal the plan asks for.
 enum Act {
+    /// Download (and verify) ahead of the job's start.
+    Prefetch(Assignment),
     Install(Assignment, Why),
     Uninstall(Assignment),
 }
@@ -148,11 +151,22 @@ impl Converger {
     /// How long the next poll may wait: no longer than the next retry is due.
     pub fn next_wait(&self, max: u64) -> u64 {
         let now = Instant::now();
+        let wall = chrono::Utc::now();
+        // A job's start or deadline, when it comes.
+        let schedules = self
+            .desired
+            .assignments
+            .iter()
+            .flat_map(|a| [a.schedule.not_before, a.schedule.deadline])
+            .flatten()
+            .filter_map(|t| (t - wall).to_std().ok())
+            .map(|d| d.as_secs() + 1);
         self.retry_at
             .values()
             .filter(|t| **t > now)
             .map(|t| t.saturating_duration_since(now).as_secs() + 1)
             .chain(self.attempts.next_due(unix_now()).map(|s| s + 1))
+            .chain(schedules)
             .min()
             .unwrap_or(max)
             .min(max)
@@ -234,6 +248,7 @@ impl Converger {
                 live: &facts.live,
                 drifted: &facts.drifted,
                 waiting: &facts.waiting,
+                now: chrono::Utc::now(),
             });
             let mut act = None;
             while act.is_none() && next < plan.decisions.len() {
@@ -260,6 +275,30 @@ impl Converger {
                             assignment.package
                         );
                         touched |= self.settle(assignment, AssignmentPhase::Conflict, &msg);
+                    }
+                    Decision::Expired(a) => {
+                        let msg = format!(
+                            "not started by the job's deadline {}",
+                            a.schedule.deadline.map(rfc3339).unwrap_or_default()
+                        );
+                        touched |= self.settle(a, AssignmentPhase::Expired, &msg);
+                    }
+                    Decision::Early(a) => {
+                        let phase = self.jobs.get(&key(a)).map(|s| s.phase);
+                        match a.action {
+                            // Downloaded ahead once; then it waits.
+                            JobAction::Install if phase != Some(AssignmentPhase::Downloaded) => {
+                                act = Some(Act::Prefetch((*a).clone()))
+                            }
+                            JobAction::Install => {}
+                            JobAction::Uninstall => {
+                                let msg = format!(
+                                    "removed from {}",
+                                    a.schedule.not_before.map(rfc3339).unwrap_or_default()
+                                );
+                                touched |= self.settle(a, AssignmentPhase::Pending, &msg);
+                            }
+                        }
                     }
                     Decision::Install(a, why) => act = Some(Act::Install((*a).clone(), *why)),
                     Decision::Uninstall(a) => act = Some(Act::Uninstall((*a).clone())),
@@ -318,18 +357,32 @@ impl Converger {
                     Why::New => {}
                 }
                 let result = self.install(&a, installed).await;
-                (a, result)
+                (a, result.map(Some))
+            }
+            Act::Prefetch(a) => {
+                let result = self.prefetch(&a, installed).await;
+                (a, result.map(|()| None))
             }
             Act::Uninstall(a) => {
                 let result = self
                     .remove(&a.package, installed)
                     .await
-                    .map(|()| String::new());
+                    .map(|()| Some(String::new()));
                 (a, result)
             }
         };
         let ok = match result {
-            Ok(output) => {
+            // Downloaded ahead: it installs from the job's start.
+            Ok(None) => {
+                self.retry_at.remove(&key(&a));
+                let msg = format!(
+                    "installs from {}",
+                    a.schedule.not_before.map(rfc3339).unwrap_or_default()
+                );
+                self.set_phase(&a, AssignmentPhase::Downloaded, &msg);
+                true
+            }
+            Ok(Some(output)) => {
                 self.retry_at.remove(&key(&a));
                 if self.attempts.succeeded(&a) {
                     self.attempts.save(&self.state);
@@ -443,13 +496,9 @@ impl Converger {
         self.report(installed).await;
     }
 
-    /// Checks, downloads, verifies and installs one package; returns what
-    /// to report (an install script's output tail).
-    async fn install(
-        &mut self,
-        a: &Assignment,
-        installed: &mut Installed,
-    ) -> anyhow::Result<String> {
+    /// Checks one package against the endpoint's policy, then downloads and
+    /// verifies it (resuming, or only checking what is there); returns where.
+    async fn fetch(&mut self, a: &Assignment, installed: &Installed) -> anyhow::Result<PathBuf> {
         let have = installed.get(&a.package).map(|r| r.version.as_str());
         policy::check(
             a,
@@ -463,6 +512,25 @@ impl Converger {
         self.download(a, &blob)
             .await
             .map_err(|e| e.context(DownloadFailed))?;
+        Ok(blob)
+    }
+
+    /// Fetches one package ahead of its job's start; the download stays for
+    /// the install.
+    async fn prefetch(&mut self, a: &Assignment, installed: &Installed) -> anyhow::Result<()> {
+        self.fetch(a, installed).await?;
+        tracing::info!(package = %a.package, version = %a.version, "downloaded ahead of the job's start");
+        Ok(())
+    }
+
+    /// Fetches and installs one package; returns what to report (an
+    /// install script's output tail).
+    async fn install(
+        &mut self,
+        a: &Assignment,
+        installed: &mut Installed,
+    ) -> anyhow::Result<String> {
+        let blob = self.fetch(a, installed).await?;
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;
         let record = InstalledRecord {
@@ -602,4 +670,9 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// A time as reports show it.
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

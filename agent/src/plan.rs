@@ -42,6 +42,8 @@ pub struct Situation<'a> {
     pub drifted: &'a BTreeSet<String>,
     /// Assignments that failed a moment ago and wait for their retry.
     pub waiting: &'a HashSet<Key>,
+    /// The time: a job's schedule starts (`notBefore`) and ends (`deadline`).
+    pub now: chrono::DateTime<chrono::Utc>,
 }
 
 /// Why an install runs.
@@ -64,6 +66,10 @@ pub enum Decision<'a> {
     Wait(&'a Assignment),
     /// Another job installs the package first: this install waits its turn.
     Queued(&'a Assignment),
+    /// Before the job's `notBefore`: an install downloads ahead, and waits.
+    Early(&'a Assignment),
+    /// Not started by the job's deadline: it will not be.
+    Expired(&'a Assignment),
     /// Another job has the package: nothing is done for this one.
     Conflict {
         assignment: &'a Assignment,
@@ -93,7 +99,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     {
         wanted.entry(a.package.as_str()).or_insert(a);
     }
-    let decisions = assignments
+    let decisions: Vec<_> = assignments
         .iter()
         .map(|a| {
             if let Some(winner) = &a.superseded_by {
@@ -123,8 +129,11 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                         (true, true, false) => Decision::Done(a),
                         _ if waiting => Decision::Wait(a),
                         _ if queued => Decision::Queued(a),
+                        // Putting back what the job installed is not bound by its schedule.
                         (true, false, _) => Decision::Install(a, Why::Missing),
                         (true, true, true) => Decision::Install(a, Why::Repair),
+                        (false, ..) if a.schedule.expired(s.now) => Decision::Expired(a),
+                        (false, ..) if a.schedule.early(s.now) => Decision::Early(a),
                         (false, ..) => Decision::Install(a, Why::New),
                     }
                 }
@@ -135,15 +144,32 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                     },
                     None if !s.installed.contains_key(&a.package) => Decision::Done(a),
                     None if waiting => Decision::Wait(a),
+                    None if a.schedule.expired(s.now) => Decision::Expired(a),
+                    None if a.schedule.early(s.now) => Decision::Early(a),
                     None => Decision::Uninstall(a),
                 },
             }
         })
         .collect();
+    // A removal a job schedules waits for its hours (and an expired one
+    // for the next job): nothing removes the package before.
+    let scheduled: BTreeSet<&str> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Early(a) | Decision::Expired(a) if a.action == JobAction::Uninstall => {
+                Some(a.package.as_str())
+            }
+            _ => None,
+        })
+        .collect();
     let removals = s
         .installed
         .keys()
-        .filter(|p| !wanted.contains_key(p.as_str()) && !s.desired.hold.contains(p))
+        .filter(|p| {
+            !wanted.contains_key(p.as_str())
+                && !s.desired.hold.contains(p)
+                && !scheduled.contains(p.as_str())
+        })
         .map(String::as_str)
         .collect();
     Plan {
@@ -163,6 +189,10 @@ mod tests {
             "digest": Digest::of(format!("{package}-{version}").as_bytes()), "size": 1, "install": {},
         }))
         .unwrap()
+    }
+
+    fn at(time: &str) -> chrono::DateTime<chrono::Utc> {
+        format!("2026-12-01T{time}:00Z").parse().unwrap()
     }
 
     fn install(job: &str, package: &str, version: &str) -> Assignment {
@@ -193,6 +223,7 @@ mod tests {
         live: BTreeSet<String>,
         drifted: BTreeSet<String>,
         waiting: HashSet<Key>,
+        now: chrono::DateTime<chrono::Utc>,
     }
 
     impl Case {
@@ -208,6 +239,7 @@ mod tests {
                 installed,
                 drifted: BTreeSet::new(),
                 waiting: HashSet::new(),
+                now: at("12:00"),
             }
         }
 
@@ -218,6 +250,7 @@ mod tests {
                 live: &self.live,
                 drifted: &self.drifted,
                 waiting: &self.waiting,
+                now: self.now,
             })
         }
     }
@@ -368,5 +401,46 @@ mod tests {
         assert_eq!(c.plan().removals, ["old"]);
         c.desired.frozen = true;
         assert_eq!(c.plan(), Plan::default());
+    }
+
+    #[test]
+    fn a_schedule_holds_new_installs_and_removals_to_its_hours() {
+        let mut c = Case::new(
+            vec![
+                install("j", "hello", "2"),
+                assignment("u", JobAction::Uninstall, "old", "1"),
+                install("k", "tools", "1"),
+            ],
+            &[("old", "1"), ("tools", "1")],
+        );
+        for a in &mut c.desired.assignments {
+            a.schedule.not_before = Some(at("13:00"));
+            a.schedule.deadline = Some(at("14:00"));
+        }
+        c.live.remove("tools");
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Early(&a[0]),
+                Decision::Early(&a[1]),
+                Decision::Install(&a[2], Why::Missing),
+            ],
+            "before the start; putting back what is installed is not held"
+        );
+        assert!(c.plan().removals.is_empty(), "the removal waits too");
+        c.now = at("13:00");
+        assert_eq!(
+            c.plan().decisions[..2],
+            [
+                Decision::Install(&a[0], Why::New),
+                Decision::Uninstall(&a[1])
+            ]
+        );
+        c.now = at("14:00");
+        assert_eq!(
+            c.plan().decisions[..2],
+            [Decision::Expired(&a[0]), Decision::Expired(&a[1])]
+        );
     }
 }

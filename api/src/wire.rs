@@ -149,6 +149,11 @@ pub struct Assignment {
     /// the agent reports it as `Conflict`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<String>,
+    /// The job's schedule (`notBefore`, `deadline`): the agent downloads
+    /// before its start, installs (or removes) only from it on, and starts
+    /// nothing after its deadline (reporting `Expired`).
+    #[serde(default, flatten)]
+    pub schedule: crate::v1alpha1::Schedule,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -388,6 +393,10 @@ pub enum AssignmentPhase {
     NotApplicable,
     /// Another job that takes precedence has the package on this agent.
     Conflict,
+    /// Downloaded and verified, waiting for the job's `notBefore`.
+    Downloaded,
+    /// Not done by the job's deadline: nothing more is started for it.
+    Expired,
     /// A phase a newer agent reports that this version does not know:
     /// taken as not done yet, so its report still counts.
     #[serde(other)]

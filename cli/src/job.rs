@@ -33,7 +33,7 @@ pub enum JobCommand {
     /// destination agent with its state and reason.
     Status {
         name: String,
-        /// Only the destinations that failed (or lost to another job).
+        /// Only the destinations that failed, lost to another job or expired.
         #[arg(long)]
         failed: bool,
         /// Print the tree again whenever it changes, until interrupted.
@@ -277,12 +277,14 @@ fn plain<T: Clone>(v: Vec<std::sync::Arc<T>>) -> Vec<T> {
 fn rank(phase: AssignmentPhase) -> u8 {
     match phase {
         AssignmentPhase::Failed => 0,
-        AssignmentPhase::Conflict => 1,
-        AssignmentPhase::Installing | AssignmentPhase::Removing => 2,
-        AssignmentPhase::Downloading => 3,
-        AssignmentPhase::Pending | AssignmentPhase::Unknown => 4,
-        AssignmentPhase::NotApplicable => 5,
-        AssignmentPhase::Succeeded => 6,
+        AssignmentPhase::Expired => 1,
+        AssignmentPhase::Conflict => 2,
+        AssignmentPhase::Installing | AssignmentPhase::Removing => 3,
+        AssignmentPhase::Downloading => 4,
+        AssignmentPhase::Downloaded => 5,
+        AssignmentPhase::Pending | AssignmentPhase::Unknown => 6,
+        AssignmentPhase::NotApplicable => 7,
+        AssignmentPhase::Succeeded => 8,
     }
 }
 
@@ -325,8 +327,10 @@ pub fn render(
     }
     for (n, what) in [
         (status.conflict, "in conflict"),
+        (status.expired, "expired"),
         (status.not_applicable, "not applicable"),
         (status.pending, "pending"),
+        (status.downloaded, "of them downloaded ahead"),
     ] {
         if n > 0 {
             out.push_str(&format!(", {n} {what}"));
@@ -394,7 +398,11 @@ pub fn render(
         let line = match r {
             Some(r) => {
                 let mut l = format!("{}/{}", r.succeeded, r.total - r.not_applicable);
-                for (n, what) in [(r.failed, "failed"), (r.conflict, "in conflict")] {
+                for (n, what) in [
+                    (r.failed, "failed"),
+                    (r.conflict, "in conflict"),
+                    (r.expired, "expired"),
+                ] {
                     if n > 0 {
                         l.push_str(&format!(", {n} {what}"));
                     }
@@ -407,7 +415,10 @@ pub fn render(
         let inner = format!("{indent}  ");
         let mine = by_site.get(site).map(Vec::as_slice).unwrap_or_default();
         for (agent, s) in mine {
-            let bad = matches!(s.phase, AssignmentPhase::Failed | AssignmentPhase::Conflict);
+            let bad = matches!(
+                s.phase,
+                AssignmentPhase::Failed | AssignmentPhase::Conflict | AssignmentPhase::Expired
+            );
             if failed_only && !bad {
                 continue;
             }

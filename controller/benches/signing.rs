@@ -59,6 +59,7 @@ fn documents(
                 retry_generation: 0,
                 retry_excluded: false,
                 superseded_by: None,
+                schedule: Default::default(),
             }
         })
         .collect();

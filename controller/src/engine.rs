@@ -7,7 +7,8 @@
 //! 3. signs each agent's part ([`crate::trust::Signer`]) and publishes
 //!    every site's desired state on a watch channel, which the
 //!    distribution API serves to relays (only when a document changed);
-//!    it wakes, changes or not, when a document is due to be signed anew;
+//!    it wakes, changes or not, when a document is due to be signed anew
+//!    and when a job's schedule starts or ends (`notBefore`, `deadline`);
 //! 4. writes the status of every job, package and cabinet that changed
 //!    ([`status_patch`]), at most once per debounce interval, so status
 //!    writes stay bounded however many agents report. Writes that fail
@@ -98,6 +99,7 @@ impl Engine {
         let mut changes = stream::select_all(streams);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut retry_at: Option<Instant> = None;
+        let mut boundary_at: Option<Instant> = None;
         loop {
             // Take the whole burst of changes before recomputing, but recompute
             // at least every MAX_DELAY however busy the cluster is.
@@ -109,7 +111,10 @@ impl Engine {
                 }
             }
             if self.stores.ready() {
-                let failed = self.recompute().await;
+                let (failed, boundary) = self.recompute().await;
+                boundary_at = boundary.map(|t| {
+                    Instant::now() + (t - chrono::Utc::now()).to_std().unwrap_or_default()
+                });
                 retry_at = if failed == 0 {
                     backoff.reset();
                     None
@@ -126,7 +131,11 @@ impl Engine {
                 .expect("lock poisoned")
                 .next_refresh()
                 .map(|t| Instant::now() + (t - chrono::Utc::now()).to_std().unwrap_or_default());
-            let wake_at = retry_at.into_iter().chain(refresh_at).min();
+            let wake_at = retry_at
+                .into_iter()
+                .chain(refresh_at)
+                .chain(boundary_at)
+                .min();
             tokio::select! {
                 change = changes.next() => if change.is_none() {
                     anyhow::bail!("watch streams ended");
@@ -138,8 +147,9 @@ impl Engine {
     }
 
     /// Computes desired states and statuses from the caches and publishes
-    /// them. Returns how many status writes failed.
-    async fn recompute(&self) -> usize {
+    /// them. Returns how many status writes failed, and when a job's
+    /// schedule next starts or ends (to compute again then).
+    async fn recompute(&self) -> (usize, Option<chrono::DateTime<chrono::Utc>>) {
         let s = &self.stores;
         let (sites, agents, jobs, packages, cabinets) = (
             s.sites.state(),
@@ -164,7 +174,9 @@ impl Engine {
             tracing::warn!(error = %e, "the ledger of published packages was not written");
         }
         let artifacts = self.survey(&packages, &cabinets).await;
+        let now = chrono::Utc::now();
         let out = index::compute(&index::Inputs {
+            now,
             sites: &sites,
             agents: &agents,
             jobs: &jobs,
@@ -186,7 +198,10 @@ impl Engine {
             }
             changed
         });
-        self.write(out.jobs).await + self.write(out.packages).await + self.write(out.cabinets).await
+        let failed = self.write(out.jobs).await
+            + self.write(out.packages).await
+            + self.write(out.cabinets).await;
+        (failed, index::next_boundary(&jobs, now))
     }
 
     /// Writes each status that changed; returns how many writes failed.

@@ -444,8 +444,14 @@ async fn on_a_three_level_tree_jobs_reach_exactly_their_agents_and_a_selector_pi
     let exotic = c.wait_job("exotic", "Succeeded", "0/0", T).await?;
     assert_eq!(exotic.status.unwrap().not_applicable, 4);
 
-    let kiosk = c.api::<DistributionJob>().get("kiosk-app").await?;
-    assert_eq!(kiosk.status.unwrap_or_default().total, 0);
+    // Nobody yet: the job says so.
+    wait_for("kiosk-app to have no destinations", T, || async {
+        let j = c.api::<DistributionJob>().get("kiosk-app").await?;
+        let st = j.status.unwrap_or_default();
+        let ready = st.conditions.iter().find(|c| c.type_ == conditions::READY);
+        Ok((st.total == 0 && ready.is_some_and(|r| r.reason == "NoDestinations")).then_some(()))
+    })
+    .await?;
     // A kiosk enrolls late at west, saying what it is in its own configuration.
     c.agent_args
         .extend(["--label".to_string(), "role=kiosk".to_string()]);
@@ -484,4 +490,128 @@ async fn on_a_three_level_tree_jobs_reach_exactly_their_agents_and_a_selector_pi
         "an endpoint never sets an administrator's label"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_did_not_reach(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("schedule").await?;
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("on", &relay)?;
+    c.start_agent("off", &relay)?;
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+    // One endpoint is switched off before the job comes.
+    c.agents[1].proc.kill();
+    let src = c.dir.join("src/timed");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("README"), "installed in its hours\n")?;
+    c.push_package(&src, "timed", "1.0.0", &repo.work.join("fleet/packages"))?;
+    let now = chrono::Utc::now();
+    let not_before = now + chrono::Duration::seconds(25);
+    let deadline = now + chrono::Duration::seconds(45);
+    let time =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    repo.write(
+        "fleet/timed-job.yaml",
+        &format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: timed}}\n\
+             spec:\n  packages: [{{name: timed}}]\n  destinations: {{sites: [{{name: hq}}]}}\n  \
+             schedule: {{notBefore: \"{}\", deadline: \"{}\"}}\n",
+            time(not_before),
+            time(deadline)
+        ),
+    )?;
+    repo.commit("timed, installed from in 25 s, until 45 s")?;
+    // Before the start: downloaded and verified, not installed.
+    let ahead = wait_for("the package downloaded ahead", T, || async {
+        Ok(timed_state(&c, "on")
+            .await?
+            .filter(|s| s.phase == AssignmentPhase::Downloaded))
+    })
+    .await?;
+    assert!(
+        chrono::Utc::now() < not_before,
+        "downloaded before the start"
+    );
+    assert!(
+        ahead
+            .message
+            .contains(&format!("installs from {}", time(not_before))),
+        "{}",
+        ahead.message
+    );
+    let digest = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .get("timed-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .digest;
+    assert!(c.agents[0]
+        .state_dir
+        .join(format!("downloads/{}.part", digest.hex()))
+        .exists());
+    assert!(
+        !c.agents[0].install_root.join("timed").exists(),
+        "not installed before the start"
+    );
+    wait_for("the job to count it downloaded ahead", T, || async {
+        let job = c.api::<DistributionJob>().get("timed").await?;
+        Ok((job.status.unwrap_or_default().downloaded == 1).then_some(()))
+    })
+    .await?;
+
+    // From the start: installed (in its hours).
+    let done = wait_for("the install from the start", T, || async {
+        Ok(timed_state(&c, "on")
+            .await?
+            .filter(|s| s.phase == AssignmentPhase::Succeeded))
+    })
+    .await?;
+    assert!(
+        done.time.as_str() >= time(not_before).as_str(),
+        "{} is before the start",
+        done.time
+    );
+    assert!(c.agents[0].install_root.join("timed/README").exists());
+
+    // After the deadline: the endpoint that was off is Expired, and when it
+    // comes back it installs nothing.
+    let job = c.wait_job("timed", "Expired", "1/2", T).await?;
+    assert_eq!(job.status.unwrap().expired, 1);
+    let (state_dir, root) = c.agent_dirs("off");
+    c.agents[1].proc = c.spawn_agent("off", &relay, &state_dir, &root)?;
+    let expired = wait_for("the late endpoint to report the job expired", T, || async {
+        Ok(timed_state(&c, "off")
+            .await?
+            .filter(|s| s.phase == AssignmentPhase::Expired))
+    })
+    .await?;
+    assert!(
+        expired
+            .message
+            .contains("not started by the job's deadline"),
+        "{}",
+        expired.message
+    );
+    assert!(
+        !root.join("timed").exists(),
+        "nothing started after the deadline"
+    );
+    Ok(())
+}
+
+/// The state the endpoint `host` reports for package `timed`.
+async fn timed_state(
+    c: &Caravan,
+    host: &str,
+) -> anyhow::Result<Option<caravan_api::wire::JobState>> {
+    let a = c.agent_of(host).await?;
+    Ok(a.status
+        .unwrap_or_default()
+        .jobs
+        .into_iter()
+        .find(|j| j.package == "timed"))
 }

@@ -59,6 +59,37 @@ pub struct DistributionJobSpec {
     /// Destinations that succeeded are not touched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// When the job may act.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+/// When a job's installs (and removals) may run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// No install starts before this time (RFC 3339). Agents download the
+    /// package before it, so the time is spent installing, not downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// No install starts after this time: destinations not done by then end
+    /// as Expired (an install under way finishes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Schedule {
+    /// Whether the deadline has passed at `now`.
+    pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// Whether `now` is before the start.
+    pub fn early(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.not_before.is_some_and(|t| now < t)
+    }
 }
 
 /// The default of `spec.retries`: two more tries after the first.
@@ -190,6 +221,8 @@ pub enum JobPhase {
     /// Every destination is settled, and on some another job that takes
     /// precedence has the package (see `spec.priority`).
     Conflict,
+    /// Every destination is settled, and some were not done by the deadline.
+    Expired,
     Suspended,
 }
 
@@ -227,6 +260,13 @@ pub struct DistributionJobStatus {
     /// condition, each one on its Agent.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub conflict: u32,
+    /// Destinations not done by `spec.schedule.deadline`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expired: u32,
+    /// Of the pending destinations, those with the packages downloaded,
+    /// waiting for `spec.schedule.notBefore`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub downloaded: u32,
     /// Per-site rollup, by site name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteRollup>,
@@ -252,6 +292,8 @@ pub struct SiteRollup {
     pub not_applicable: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub conflict: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expired: u32,
 }
 
 fn is_zero(n: &u32) -> bool {

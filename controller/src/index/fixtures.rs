@@ -12,6 +12,16 @@ use kube::ResourceExt as _;
 
 pub const NS: &str = "ns";
 
+/// The time the tests compute for: noon on the fixtures' day.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    at("12:00")
+}
+
+/// `hh:mm` on the fixtures' day.
+pub fn at(time: &str) -> chrono::DateTime<chrono::Utc> {
+    format!("2026-12-01T{time}:00Z").parse().expect("hh:mm")
+}
+
 fn meta(name: &str) -> kube::api::ObjectMeta {
     kube::api::ObjectMeta {
         name: Some(name.into()),
@@ -194,6 +204,7 @@ pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
             priority: 0,
             retries: DEFAULT_RETRIES,
             retry: None,
+            schedule: None,
         },
     );
     j.metadata = meta(name);
@@ -211,6 +222,8 @@ pub trait JobFixture {
     fn with_priority(self, priority: i32) -> Self;
     /// Created at `hh:mm` on the fixtures' day.
     fn created_at(self, time: &str) -> Self;
+    /// Installs from `not_before` to `deadline` (`hh:mm`) on the fixtures' day.
+    fn scheduled(self, not_before: Option<&str>, deadline: Option<&str>) -> Self;
 }
 
 impl JobFixture for DistributionJob {
@@ -257,8 +270,16 @@ impl JobFixture for DistributionJob {
         self
     }
 
+    fn scheduled(mut self, not_before: Option<&str>, deadline: Option<&str>) -> Self {
+        self.spec.schedule = Some(Schedule {
+            not_before: not_before.map(at),
+            deadline: deadline.map(at),
+        });
+        self
+    }
+
     fn created_at(mut self, time: &str) -> Self {
-        let t = format!("2026-12-01T{time}:00Z").parse().expect("hh:mm");
+        let t = at(time).to_rfc3339().parse().expect("a time");
         self.metadata.creation_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t));
         self

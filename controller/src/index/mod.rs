@@ -58,6 +58,8 @@ pub struct Inputs<'a> {
     pub cabinets: &'a [Arc<Cabinet>],
     /// Where each package's artifact stands in the store.
     pub artifacts: &'a Artifacts,
+    /// The time to compute for (schedules, deadlines).
+    pub now: status::Now,
 }
 
 /// Everything the index computes.
@@ -77,13 +79,15 @@ pub fn compute(inputs: &Inputs) -> Outputs {
         packages,
         cabinets,
         artifacts,
+        now,
     } = *inputs;
     let mut plan = Plan::compute(sites, agents, jobs, packages, cabinets);
     let agent_index = status::agent_index(agents);
     let jobs_status = jobs
         .iter()
         .map(|job| {
-            let st = status::job_status(job, plan.jobs.get(&key_of(job.as_ref())), &agent_index);
+            let st =
+                status::job_status(job, plan.jobs.get(&key_of(job.as_ref())), &agent_index, now);
             (job.clone(), st)
         })
         .collect();
@@ -99,4 +103,16 @@ pub fn compute(inputs: &Inputs) -> Outputs {
             .map(|c| (c.clone(), status::cabinet_status(c, packages, artifacts)))
             .collect(),
     }
+}
+
+/// The next time after `now` a job's schedule starts or ends (its
+/// `notBefore` or `deadline`): the status changes then without any object
+/// changing, so the engine recomputes at that time.
+pub fn next_boundary(jobs: &[Arc<DistributionJob>], now: status::Now) -> Option<status::Now> {
+    jobs.iter()
+        .filter_map(|j| j.spec.schedule.as_ref())
+        .flat_map(|s| [s.not_before, s.deadline])
+        .flatten()
+        .filter(|t| *t > now)
+        .min()
 }

@@ -296,6 +296,7 @@ fn resolve_job(
             retry_generation: job.spec.retry.as_ref().map_or(0, |r| r.generation),
             retry_excluded: false,
             superseded_by: None,
+            schedule: job.spec.schedule.clone().unwrap_or_default(),
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet

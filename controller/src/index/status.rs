@@ -17,24 +17,31 @@ use kube::{Resource, ResourceExt};
 
 use super::{key_of, plan::JobPlan, ObjectKey};
 
+/// The time the status is computed for.
+pub type Now = chrono::DateTime<chrono::Utc>;
+
 /// Where one target agent stands for one job.
 enum Outcome {
     Succeeded,
     /// (package, reason, when it is tried again if it is).
     Failed(String, String, Option<String>),
     Pending,
+    /// Pending, with every package left downloaded, waiting for `notBefore`.
+    Downloaded,
+    /// Not done by the deadline.
+    Expired,
     /// Every package is for another OS or architecture.
     NotApplicable,
     /// Another job that takes precedence has a package: (package, that job).
     Conflict(String, String),
 }
 
-fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
+fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> Outcome {
     let reported = agent
         .and_then(|a| a.status.as_ref())
         .map(|s| s.jobs.as_slice())
         .unwrap_or_default();
-    let (mut done, mut not_applicable, mut lost) = (0, 0, 0);
+    let (mut done, mut not_applicable, mut lost, mut expired, mut downloaded) = (0, 0, 0, 0, 0);
     let mut conflict = None;
     for a in assignments {
         // Another job has this package here: nothing to wait for.
@@ -53,11 +60,22 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment]) -> Outcome {
                 let retry_at = state.and_then(|s| s.retry_at.clone());
                 return Outcome::Failed(a.package.clone(), msg.clone(), retry_at);
             }
+            Some((AssignmentPhase::Expired, _)) => expired += 1,
+            // Started before the deadline: it finishes.
+            Some((AssignmentPhase::Installing | AssignmentPhase::Removing, _)) => {}
+            // Not started, and too late to (whether the agent said so yet or not).
+            _ if a.schedule.expired(now) => expired += 1,
+            Some((AssignmentPhase::Downloaded, _)) => downloaded += 1,
             _ => {}
         }
     }
-    if done + not_applicable + lost < assignments.len() {
+    let unsettled = assignments.len() - done - not_applicable - lost - expired;
+    if unsettled > 0 && unsettled == downloaded {
+        Outcome::Downloaded
+    } else if unsettled > 0 {
         Outcome::Pending
+    } else if expired > 0 {
+        Outcome::Expired
     } else if let Some((package, winner)) = conflict {
         Outcome::Conflict(package, winner)
     } else if !assignments.is_empty() && not_applicable == assignments.len() {
@@ -95,6 +113,7 @@ pub fn job_status(
     job: &DistributionJob,
     plan: Option<&JobPlan>,
     agents: &AgentIndex,
+    now: Now,
 ) -> DistributionJobStatus {
     let generation = job.meta().generation;
     let empty = JobPlan::default();
@@ -117,7 +136,7 @@ pub fn job_status(
         });
         r.total += 1;
         st.total += 1;
-        match outcome(agent, assignments) {
+        match outcome(agent, assignments, now) {
             // Done with what resolved, but not with the job: a package it
             // names does not exist (yet).
             Outcome::Succeeded if !plan.unresolved.is_empty() => {
@@ -146,6 +165,15 @@ pub fn job_status(
                 r.pending += 1;
                 st.pending += 1;
             }
+            Outcome::Downloaded => {
+                r.pending += 1;
+                st.pending += 1;
+                st.downloaded += 1;
+            }
+            Outcome::Expired => {
+                r.expired += 1;
+                st.expired += 1;
+            }
             Outcome::NotApplicable => {
                 r.not_applicable += 1;
                 st.not_applicable += 1;
@@ -160,13 +188,15 @@ pub fn job_status(
     st.sites = rollup.into_values().collect();
     let applicable = st.total - st.not_applicable;
     st.progress = format!("{}/{applicable}", st.succeeded);
-    let settled = st.succeeded + st.failed + st.conflict;
+    let settled = st.succeeded + st.failed + st.conflict + st.expired;
     st.phase = if job.spec.suspend {
         JobPhase::Suspended
     } else if st.total > 0 && st.succeeded == applicable {
         JobPhase::Succeeded
     } else if st.total > 0 && settled == applicable && st.failed > 0 {
         JobPhase::Failed
+    } else if st.total > 0 && settled == applicable && st.expired > 0 {
+        JobPhase::Expired
     } else if st.total > 0 && settled == applicable {
         JobPhase::Conflict
     } else if settled > 0 {
@@ -228,8 +258,23 @@ pub fn job_status(
             },
             format!(
                 "{} of {applicable} destinations succeeded, {} failed ({} to be tried again), {} \
-                 not applicable",
-                st.succeeded, st.failed, st.retrying, st.not_applicable
+                 not applicable{}{}",
+                st.succeeded,
+                st.failed,
+                st.retrying,
+                st.not_applicable,
+                match st.expired {
+                    0 => String::new(),
+                    n => format!(", {n} expired at the deadline"),
+                },
+                match job.spec.schedule.as_ref().and_then(|s| s.not_before) {
+                    Some(t) if now < t => format!(
+                        "; installs start at {} ({} downloaded ahead)",
+                        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        st.downloaded
+                    ),
+                    _ => String::new(),
+                }
             ),
             generation,
         ));

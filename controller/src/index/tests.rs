@@ -68,7 +68,7 @@ fn unknown_references_become_problems_not_panics() {
             reasons::UNKNOWN_AGENT
         ]
     );
-    let status = job_status(&jobs[0], Some(jp), &agent_index(&[]));
+    let status = job_status(&jobs[0], Some(jp), &agent_index(&[]), now());
     let resolved = condition(&status.conditions, conditions::RESOLVED_REFS);
     assert_eq!(resolved.status, "False");
     assert!(
@@ -97,7 +97,12 @@ fn job_status_counts_only_reports_for_the_current_digest() {
         agent("a3", "hq").reporting("j", "hello", older, AssignmentPhase::Succeeded, ""),
     ]);
     let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
-    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        now(),
+    );
     assert_eq!(
         (st.total, st.succeeded, st.failed, st.pending),
         (3, 1, 1, 1)
@@ -116,7 +121,12 @@ fn a_destination_that_recovered_leaves_no_failure_in_the_status() {
     let status_with = |phase, message: &str| {
         let agents = all([agent("a1", "hq").reporting("j", "hello", digest, phase, message)]);
         let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
-        job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents))
+        job_status(
+            &jobs[0],
+            plan.jobs.get(&key("j")),
+            &agent_index(&agents),
+            now(),
+        )
     };
     let failed = status_with(AssignmentPhase::Failed, "digest mismatch");
     assert_eq!((failed.phase, failed.failures.len()), (JobPhase::Failed, 1));
@@ -305,6 +315,7 @@ fn the_index_gives_every_site_a_document_and_every_object_a_status() {
     let cabinets = all([cabinet("main")]);
     let artifacts = HashMap::new();
     let out = compute(&Inputs {
+        now: now(),
         sites: &sites,
         agents: &agents,
         jobs: &jobs,
@@ -367,7 +378,12 @@ fn a_job_whose_package_does_not_exist_never_shows_succeeded() {
     let agents =
         all([agent("a1", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, "")]);
     let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
-    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        now(),
+    );
     assert_eq!(
         (st.succeeded, st.pending, st.progress.as_str()),
         (0, 1, "0/1")
@@ -400,7 +416,12 @@ fn three_thousand_failures_keep_the_job_status_small() {
         )
     }));
     let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
-    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        now(),
+    );
     assert_eq!((st.failed, st.phase), (3000, JobPhase::Failed));
     assert_eq!(st.failures.len(), MAX_FAILURES_LISTED);
     assert_eq!(st.failures[0].agent, "a0000", "the first by agent name");
@@ -431,7 +452,12 @@ fn a_destination_the_package_is_not_for_is_not_applicable_and_the_job_completes(
         ),
     ]);
     let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
-    let st = job_status(&jobs[0], plan.jobs.get(&key("j")), &agent_index(&agents));
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        now(),
+    );
     assert_eq!(
         (st.total, st.succeeded, st.failed, st.not_applicable),
         (2, 1, 0, 1)
@@ -538,7 +564,7 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
         let plan = Plan::compute(&sites, &agents, jobs, &packages, &[]);
         let job = jobs.iter().find(|j| j.name_any() == name).unwrap();
         (
-            job_status(job, plan.jobs.get(&key(name)), &agent_index(&agents)),
+            job_status(job, plan.jobs.get(&key(name)), &agent_index(&agents), now()),
             plan,
         )
     };
@@ -585,6 +611,7 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
         &jobs[0],
         plan.jobs.get(&key("old")),
         &agent_index(&agents_done),
+        now(),
     );
     assert_eq!(
         (st.phase, st.progress.as_str()),
@@ -643,7 +670,12 @@ fn a_package_lost_to_another_job_does_not_hide_the_other_packages_of_the_job() {
     let status_with = |agent: Agent| {
         let agents = all([agent]);
         let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
-        job_status(&jobs[1], plan.jobs.get(&key("both")), &agent_index(&agents))
+        job_status(
+            &jobs[1],
+            plan.jobs.get(&key("both")),
+            &agent_index(&agents),
+            now(),
+        )
     };
     // tools still installing: the destination is not settled yet.
     let st = status_with(agent("a1", "hq"));
@@ -728,11 +760,77 @@ fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_trie
     );
 
     let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
-    let st = job_status(&j, plan.jobs.get(&key("j")), &agent_index(&agents));
+    let st = job_status(&j, plan.jobs.get(&key("j")), &agent_index(&agents), now());
     assert_eq!((st.failed, st.retrying, st.pending), (4, 1, 0));
     let w1 = st.failures.iter().find(|f| f.agent == "w1").unwrap();
     assert_eq!(w1.retry_at.as_deref(), Some("2026-12-06T10:00:00Z"));
     assert!(condition(&st.conditions, conditions::READY)
         .message
         .contains("4 failed (1 to be tried again)"));
+}
+
+#[test]
+fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its_deadline() {
+    let sites = all([site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let j = job("j", &["hello"])
+        .to_site("hq")
+        .scheduled(Some("13:00"), Some("14:00"));
+    let jobs = all([j]);
+    let agents = all([
+        agent("done", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("ready", "hq").reporting("j", "hello", digest, AssignmentPhase::Downloaded, ""),
+        agent("busy", "hq").reporting("j", "hello", digest, AssignmentPhase::Installing, ""),
+        agent("away", "hq"),
+    ]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let a = &plan.jobs[&key("j")].targets["away"][0];
+    assert_eq!(
+        (a.schedule.not_before, a.schedule.deadline),
+        (Some(at("13:00")), Some(at("14:00")))
+    );
+    let status_at = |t: &str| {
+        job_status(
+            &jobs[0],
+            plan.jobs.get(&key("j")),
+            &agent_index(&agents),
+            at(t),
+        )
+    };
+
+    // Before the start: pending, one downloaded ahead, and the start told.
+    let st = status_at("12:00");
+    assert_eq!(
+        (st.phase, st.pending, st.downloaded, st.expired),
+        (JobPhase::Progressing, 3, 1, 0)
+    );
+    assert!(condition(&st.conditions, conditions::READY)
+        .message
+        .contains("installs start at 2026-12-01T13:00:00Z (1 downloaded ahead)"));
+    // After the deadline: what had not started expired; the install under way finishes.
+    let st = status_at("14:00");
+    assert_eq!((st.succeeded, st.expired, st.pending), (1, 2, 1));
+    assert_eq!(st.sites[0].expired, 2);
+    let agents = all([
+        agent("done", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("ready", "hq").reporting("j", "hello", digest, AssignmentPhase::Expired, ""),
+        agent("busy", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("away", "hq"),
+    ]);
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        at("15:00"),
+    );
+    assert_eq!(
+        (st.phase, st.progress.as_str(), st.expired),
+        (JobPhase::Expired, "2/4", 2)
+    );
+
+    // The engine computes again when a schedule starts or ends.
+    assert_eq!(next_boundary(&jobs, at("12:00")), Some(at("13:00")));
+    assert_eq!(next_boundary(&jobs, at("13:00")), Some(at("14:00")));
+    assert_eq!(next_boundary(&jobs, at("14:00")), None);
 }
