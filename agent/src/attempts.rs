@@ -12,8 +12,9 @@
 //!   counted under starts afresh — unless the retry does not reach this agent
 //!   (`retryExcluded`), which only records the new generation.
 //! - A changed assignment (another version, signature or install step) is
-//!   another key: counted afresh. A changed limit is not: raising `retries`
-//!   gives a given-up install more tries.
+//!   another key: counted afresh. A changed limit or schedule is not:
+//!   raising `retries` gives a given-up install more tries, and only a retry
+//!   generation re-runs what was given up.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -53,6 +54,7 @@ fn key(a: &Assignment) -> String {
         retry_generation: 0,
         retry_excluded: false,
         superseded_by: None,
+        schedule: Default::default(),
         ..a.clone()
     };
     let fingerprint = Digest::of(&serde_json::to_vec(&what).unwrap_or_default());
@@ -245,6 +247,10 @@ mod tests {
             retry_generation: 3,
             retry_excluded: true,
             superseded_by: Some("ns/k".into()),
+            schedule: caravan_api::v1alpha1::Schedule {
+                not_before: Some(chrono::Utc::now()),
+                deadline: None,
+            },
             ..a.clone()
         };
         assert_eq!(key(&a), key(&same));

@@ -89,7 +89,16 @@ impl Config {
                 }
             }
         }
-        let facts = caravan_api::facts::Facts::of_this_machine(args.labels.into_iter().collect());
+        // (An empty entry, as `CARAVAN_LABELS=` or a trailing comma gives, is none.)
+        let labels = args
+            .labels
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty())
+            .map(crate::parse_label)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--label: {e}"))?;
+        let facts = caravan_api::facts::Facts::of_this_machine(labels);
         caravan_api::facts::check(&facts).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
         Ok(Self {
             server: args.server,

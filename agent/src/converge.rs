@@ -72,6 +72,24 @@ impl std::fmt::Display for DownloadFailed {
     }
 }
 
+/// The deadline passed while the package downloaded: it is not installed.
+#[derive(Debug)]
+struct DeadlinePassed;
+
+impl std::fmt::Display for DeadlinePassed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the job's deadline passed while the package downloaded")
+    }
+}
+
+/// Why an assignment is Expired.
+fn expired_message(a: &Assignment) -> String {
+    format!(
+        "not started by the job's deadline {}",
+        a.schedule.deadline.map(rfc3339).unwrap_or_default()
+    )
+}
+
 /// What the agent found on the endpoint, for the plan.
 struct Facts {
     live: BTreeSet<String>,
@@ -277,11 +295,12 @@ impl Converger {
                         touched |= self.settle(assignment, AssignmentPhase::Conflict, &msg);
                     }
                     Decision::Expired(a) => {
-                        let msg = format!(
-                            "not started by the job's deadline {}",
-                            a.schedule.deadline.map(rfc3339).unwrap_or_default()
-                        );
-                        touched |= self.settle(a, AssignmentPhase::Expired, &msg);
+                        // Not for this endpoint is not expired.
+                        let phase = self.jobs.get(&key(a)).map(|s| s.phase);
+                        if phase != Some(AssignmentPhase::NotApplicable) {
+                            touched |=
+                                self.settle(a, AssignmentPhase::Expired, &expired_message(a));
+                        }
                     }
                     Decision::Early(a) => {
                         let phase = self.jobs.get(&key(a)).map(|s| s.phase);
@@ -313,6 +332,10 @@ impl Converger {
                 }
             }
         };
+        // Downloads no assignment needs any more (a job changed or gone
+        // after its package was downloaded ahead) are deleted.
+        let needed: HashSet<Digest> = desired.assignments.iter().map(|a| a.digest).collect();
+        self.state.prune_downloads(&needed);
         // Remove what no job wants any more (held packages stay as they are).
         for package in removals {
             touched = true;
@@ -388,6 +411,11 @@ impl Converger {
                     self.attempts.save(&self.state);
                 }
                 self.set_phase(&a, AssignmentPhase::Succeeded, &output);
+                true
+            }
+            Err(e) if e.downcast_ref::<DeadlinePassed>().is_some() => {
+                tracing::info!(job = %a.job, package = %a.package, "deadline passed during the download; not installed");
+                self.set_phase(&a, AssignmentPhase::Expired, &expired_message(&a));
                 true
             }
             Err(e) if e.downcast_ref::<policy::NotApplicable>().is_some() => {
@@ -531,6 +559,10 @@ impl Converger {
         installed: &mut Installed,
     ) -> anyhow::Result<String> {
         let blob = self.fetch(a, installed).await?;
+        // A long download may end after the deadline: nothing starts then.
+        if a.schedule.expired(chrono::Utc::now()) {
+            return Err(anyhow::Error::msg(DeadlinePassed));
+        }
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;
         let record = InstalledRecord {

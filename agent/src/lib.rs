@@ -170,8 +170,8 @@ pub struct RunArgs {
     /// repeatable; comma-separated in the variable): it lands on the Agent
     /// as `agent.caravan.dev/role: kiosk`. The OS, architecture,
     /// distribution, its version and the host name are labels already.
-    #[arg(long = "label", env = "CARAVAN_LABELS", value_delimiter = ',', value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
+    #[arg(long = "label", env = "CARAVAN_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Longest a poll waits for a change, in seconds.
     #[arg(long, env = "CARAVAN_POLL_WAIT", default_value_t = 30)]
     pub poll_wait: u64,
@@ -244,7 +244,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `name=value` (or `name`, with an empty value), checked as a label.
-fn parse_label(text: &str) -> Result<(String, String), String> {
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
     let (name, value) = text.split_once('=').unwrap_or((text, ""));
     caravan_api::facts::check_declared(name, value)?;
     Ok((name.to_string(), value.to_string()))

@@ -99,6 +99,25 @@ impl StateDir {
         self.downloads().join(format!("{}.part", digest.hex()))
     }
 
+    /// Deletes the partial downloads (`<hex>.part`) of versions not in
+    /// `needed`; anything else in the directory is left alone.
+    pub fn prune_downloads(&self, needed: &std::collections::HashSet<Digest>) {
+        let Ok(entries) = std::fs::read_dir(self.downloads()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".part")) else {
+                continue;
+            };
+            let keep = needed.iter().any(|d| d.hex() == hex);
+            if !keep {
+                tracing::info!(file = %entry.path().display(), "deleting a download no job needs");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// The host's stable identity, created on first start.
     pub fn host_id(&self) -> anyhow::Result<String> {
         self.random_once("host-id", 16)

@@ -41,6 +41,8 @@ pub mod reasons {
     pub const UNKNOWN_SITE: &str = "UnknownSite";
     pub const UNKNOWN_AGENT: &str = "UnknownAgent";
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// A job's schedule ends before it starts.
+    pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
     pub const RESOLVED: &str = "Resolved";
     pub const NO_DESTINATIONS: &str = "NoDestinations";
     pub const DESTINATIONS_FAILED: &str = "DestinationsFailed";

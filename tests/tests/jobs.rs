@@ -524,6 +524,29 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
         ),
     )?;
     repo.commit("timed, installed from in 25 s, until 45 s")?;
+    // A time that is not one is refused when written (with kubectl too),
+    // never left for the controller to choke on.
+    let bad = c.dir.join("bad-time.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: bad-time}\n\
+         spec:\n  packages: [{name: timed}]\n  destinations: {sites: [{name: hq}]}\n  \
+         schedule: {notBefore: \"tonight at ten\"}\n",
+    )?;
+    let refused = c
+        .cluster
+        .kubectl(&[
+            "apply",
+            "-n",
+            &c.namespace,
+            "-f",
+            &bad.display().to_string(),
+        ])
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("spec.schedule.notBefore"),
+        "{refused}"
+    );
     // Before the start: downloaded and verified, not installed.
     let ahead = wait_for("the package downloaded ahead", T, || async {
         Ok(timed_state(&c, "on")

@@ -71,13 +71,19 @@ pub struct Schedule {
     /// No install starts before this time (RFC 3339). Agents download the
     /// package before it, so the time is spent installing, not downloading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<String>")]
+    #[schemars(schema_with = "date_time")]
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,
     /// No install starts after this time: destinations not done by then end
     /// as Expired (an install under way finishes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<String>")]
+    #[schemars(schema_with = "date_time")]
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// An RFC 3339 time, as the API server checks it: a time it cannot read is
+/// refused when written, never left for the controller to choke on.
+fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "format": "date-time" })
 }
 
 impl Schedule {

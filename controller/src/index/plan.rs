@@ -221,6 +221,18 @@ fn resolve_job(
         }
     }
 
+    if let Some(Schedule {
+        not_before: Some(start),
+        deadline: Some(end),
+    }) = &job.spec.schedule
+    {
+        if end <= start {
+            plan.problems.push((
+                reasons::INVALID_SCHEDULE,
+                format!("schedule.deadline {end} is not after schedule.notBefore {start}: every destination expires"),
+            ));
+        }
+    }
     let site_names: BTreeSet<String> = sites
         .iter()
         .filter(|s| in_ns(&|| s.namespace()))

@@ -60,7 +60,8 @@ fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> Outco
                 let retry_at = state.and_then(|s| s.retry_at.clone());
                 return Outcome::Failed(a.package.clone(), msg.clone(), retry_at);
             }
-            Some((AssignmentPhase::Expired, _)) => expired += 1,
+            // (Reported before a deadline was moved later: not expired now.)
+            Some((AssignmentPhase::Expired, _)) if a.schedule.expired(now) => expired += 1,
             // Started before the deadline: it finishes.
             Some((AssignmentPhase::Installing | AssignmentPhase::Removing, _)) => {}
             // Not started, and too late to (whether the agent said so yet or not).
@@ -140,8 +141,14 @@ pub fn job_status(
             // Done with what resolved, but not with the job: a package it
             // names does not exist (yet).
             Outcome::Succeeded if !plan.unresolved.is_empty() => {
-                r.pending += 1;
-                st.pending += 1;
+                let past = job.spec.schedule.as_ref().is_some_and(|s| s.expired(now));
+                if past {
+                    r.expired += 1;
+                    st.expired += 1;
+                } else {
+                    r.pending += 1;
+                    st.pending += 1;
+                }
             }
             Outcome::Succeeded => {
                 r.succeeded += 1;

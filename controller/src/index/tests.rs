@@ -829,6 +829,30 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
         (JobPhase::Expired, "2/4", 2)
     );
 
+    // A deadline that is not after the start is a problem, named.
+    let bad = job("bad", &["hello"])
+        .to_site("hq")
+        .scheduled(Some("13:00"), Some("13:00"));
+    let plan = Plan::compute(&sites, &agents, &all([bad]), &packages, &[]);
+    assert_eq!(
+        plan.jobs[&key("bad")].problems[0].0,
+        reasons::INVALID_SCHEDULE
+    );
+    // A report of Expired made before the deadline moved later does not count.
+    let later = job("j", &["hello"])
+        .to_site("hq")
+        .scheduled(None, Some("16:00"));
+    let agents =
+        all([agent("ready", "hq").reporting("j", "hello", digest, AssignmentPhase::Expired, "")]);
+    let jobs_later = all([later]);
+    let plan = Plan::compute(&sites, &agents, &jobs_later, &packages, &[]);
+    let st = job_status(
+        &jobs_later[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        at("15:00"),
+    );
+    assert_eq!((st.expired, st.pending), (0, 1));
     // The engine computes again when a schedule starts or ends.
     assert_eq!(next_boundary(&jobs, at("12:00")), Some(at("13:00")));
     assert_eq!(next_boundary(&jobs, at("13:00")), Some(at("14:00")));

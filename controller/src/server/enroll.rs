@@ -225,6 +225,10 @@ pub async fn enroll(
                 spec.insert("approved".into(), approved.into());
                 metadata["labels"] = serde_json::json!({ labels::SITE: site });
             }
+            // Renamed machines keep their Agent, under the new host name.
+            if !req.hostname.is_empty() && agent.spec.hostname != req.hostname {
+                spec.insert("hostname".into(), req.hostname.clone().into());
+            }
             let relabel = caravan_api::facts::patch(agent.labels(), &facts);
             if let Some(relabel) = &relabel {
                 let labels = metadata["labels"].as_object_mut();
