@@ -82,6 +82,11 @@ async fn demo() -> anyhow::Result<()> {
         println!("$ kubectl get {kind} -n caravan");
         println!("{}", c.cluster.kubectl(&["get", kind, "-n", "caravan"])?);
     }
+    println!("$ caravan job status hello-everywhere -n caravan");
+    println!(
+        "{}",
+        c.cli(&["job", "status", "hello-everywhere", "-n", "caravan"])?
+    );
     println!("demo converged in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
