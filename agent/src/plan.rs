@@ -1,6 +1,6 @@
 //! The decision, for each assignment, of what to do about it: a pure
 //! function of the desired state, what is installed and what the agent
-//! found on the endpoint. `converge.rs` carries the plan out.
+//! found on the endpoint. `converge` carries the plan out.
 //!
 //! - One job per package: the controller marks the assignments of jobs
 //!   that lose a package to another (`supersededBy`, see the job's

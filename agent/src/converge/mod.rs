@@ -1,8 +1,8 @@
 //! Convergence: carrying out the [`plan`] for the desired state. Each pass
 //! finds drift, plans, and then, in the desired state's order, downloads,
 //! verifies and installs (or removes) what the plan says, through the
-//! install [`transaction`]. Every transition is reported to the relay, and
-//! a heartbeat report keeps `lastSeen` fresh.
+//! install [`transaction`] (`install`). Every transition is reported to the
+//! relay, and a heartbeat report keeps `lastSeen` fresh (`report`).
 //!
 //! A failed install is tried again after a pause that doubles, as many
 //! times as its job allows, then given up until the job re-runs it (see
@@ -10,17 +10,17 @@
 //! again after `retry_after` until it arrives (the relay may not have the
 //! blob yet).
 
+mod install;
+mod report;
+
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    path::PathBuf,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use anyhow::Context as _;
 use caravan_api::{
-    names,
-    v1alpha1::{InstallMethod, JobAction},
-    wire::{AgentDesired, AgentReport, Assignment, AssignmentPhase, Drift, JobState, Refusal},
+    v1alpha1::JobAction,
+    wire::{AgentDesired, Assignment, AssignmentPhase, Drift, JobState, Refusal},
     Digest,
 };
 
@@ -31,12 +31,9 @@ use crate::{
     drift::Baseline,
     plan::{self, key, Decision, Key, Why},
     policy, selfupdate,
-    state::{Installed, InstalledRecord, Progress, StateDir},
-    transaction::{self, Transaction},
+    state::{Installed, StateDir},
+    transaction,
 };
-
-/// Longest time between two reports, so `lastSeen` stays fresh.
-const HEARTBEAT: Duration = Duration::from_secs(300);
 
 pub struct Converger {
     pub client: Client,
@@ -188,15 +185,6 @@ impl Converger {
             .min()
             .unwrap_or(max)
             .min(max)
-    }
-
-    fn transaction(&self) -> Transaction<'_> {
-        Transaction {
-            state: &self.state,
-            root: &self.config.install_root,
-            max_unpacked_bytes: self.config.max_unpacked_bytes,
-            run_as: self.config.script_user.as_ref(),
-        }
     }
 
     fn facts(&self, installed: &Installed) -> Facts {
@@ -479,221 +467,6 @@ impl Converger {
             }
         }
         drift
-    }
-
-    /// A report failed to arrive, or the heartbeat interval passed.
-    fn report_due(&self) -> bool {
-        self.last_delivered.is_none_or(|t| t.elapsed() > HEARTBEAT)
-    }
-
-    fn set_phase(&mut self, a: &Assignment, phase: AssignmentPhase, message: &str) {
-        self.jobs.insert(
-            key(a),
-            JobState {
-                job: a.job.clone(),
-                package: a.package.clone(),
-                digest: a.digest,
-                action: a.action,
-                phase,
-                message: message.to_string(),
-                time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                attempts: 0,
-                retry_at: None,
-            },
-        );
-    }
-
-    /// Records a failure of `a` for its report: tried again after `pause`,
-    /// or (`None`) given up. (Who waits keeps the time: `attempts` for an
-    /// install, `retry_at` for a download.)
-    fn fail(&mut self, a: &Assignment, message: &str, attempts: u32, pause: Option<Duration>) {
-        self.set_phase(a, AssignmentPhase::Failed, message);
-        self.retry_at.remove(&key(a));
-        if let Some(s) = self.jobs.get_mut(&key(a)) {
-            s.attempts = attempts;
-            s.retry_at = pause
-                .and_then(|p| chrono::Duration::from_std(p).ok())
-                .map(|p| {
-                    (chrono::Utc::now() + p).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                });
-        }
-    }
-
-    async fn transition(&mut self, a: &Assignment, phase: AssignmentPhase, installed: &Installed) {
-        self.set_phase(a, phase, "");
-        self.report(installed).await;
-    }
-
-    /// Checks one package against the endpoint's policy, then downloads and
-    /// verifies it (resuming, or only checking what is there); returns where.
-    async fn fetch(&mut self, a: &Assignment, installed: &Installed) -> anyhow::Result<PathBuf> {
-        let have = installed.get(&a.package).map(|r| r.version.as_str());
-        policy::check(
-            a,
-            have,
-            &self.config.trusted_keys,
-            &self.config.install_root,
-        )?;
-        self.transition(a, AssignmentPhase::Downloading, installed)
-            .await;
-        let blob = self.state.download(&a.digest);
-        self.download(a, &blob)
-            .await
-            .map_err(|e| e.context(DownloadFailed))?;
-        Ok(blob)
-    }
-
-    /// Fetches one package ahead of its job's start; the download stays for
-    /// the install.
-    async fn prefetch(&mut self, a: &Assignment, installed: &Installed) -> anyhow::Result<()> {
-        self.fetch(a, installed).await?;
-        tracing::info!(package = %a.package, version = %a.version, "downloaded ahead of the job's start");
-        Ok(())
-    }
-
-    /// Fetches and installs one package; returns what to report (an
-    /// install script's output tail).
-    async fn install(
-        &mut self,
-        a: &Assignment,
-        installed: &mut Installed,
-    ) -> anyhow::Result<String> {
-        let blob = self.fetch(a, installed).await?;
-        // A long download may end after the deadline: nothing starts then.
-        if a.schedule.expired(chrono::Utc::now()) {
-            return Err(anyhow::Error::msg(DeadlinePassed));
-        }
-        self.transition(a, AssignmentPhase::Installing, installed)
-            .await;
-        let record = InstalledRecord {
-            name: a.package.clone(),
-            version: a.version.clone(),
-            digest: a.digest,
-            job: a.job.clone(),
-            install: a.install.clone(),
-        };
-        if a.install.method == InstallMethod::Agent {
-            return self.update_self(a, &blob, record, installed).await;
-        }
-        let done = self
-            .transaction()
-            .install(&blob, &record, installed)
-            .await?;
-        self.baselines.insert(a.digest, done.baseline);
-        self.drift.retain(|d| d.package != a.package);
-        let _ = std::fs::remove_file(&blob);
-        tracing::info!(package = %a.package, version = %a.version, "installed");
-        Ok(done.output)
-    }
-
-    /// Downloads the archive of `a` to `blob` (resuming what is there),
-    /// size and digest verified, with its progress for `caravan-agent status`.
-    async fn download(&self, a: &Assignment, blob: &std::path::Path) -> anyhow::Result<()> {
-        let mut shown = Progress {
-            package: a.package.clone(),
-            version: a.version.clone(),
-            digest: a.digest,
-            received: 0,
-            total: a.size,
-        };
-        let mut last = Instant::now();
-        let state = &self.state;
-        let downloaded = self
-            .client
-            .download(&a.digest, a.size, blob, |received| {
-                // A few times a second at most.
-                if last.elapsed() >= Duration::from_millis(250) || received == a.size {
-                    shown.received = received;
-                    state.set_progress(Some(&shown));
-                    last = Instant::now();
-                }
-            })
-            .await;
-        self.state.set_progress(None);
-        downloaded.with_context(|| format!("package {} {} ({})", a.package, a.version, a.digest))
-    }
-
-    /// A new agent binary: tried out, switched in, recorded, then restarted into.
-    async fn update_self(
-        &mut self,
-        a: &Assignment,
-        blob: &std::path::Path,
-        record: InstalledRecord,
-        installed: &mut Installed,
-    ) -> anyhow::Result<String> {
-        if let Some(reason) = selfupdate::refusal(&self.state, &a.digest)? {
-            anyhow::bail!("{reason}");
-        }
-        let next = selfupdate::prepare(blob, &self.state, &self.config).await?;
-        let previous = installed.get(&a.package).cloned();
-        selfupdate::switch(&next, &self.state, &a.package, &a.digest, previous)?;
-        installed.insert(a.package.clone(), record);
-        self.state.set_installed(installed)?;
-        let _ = std::fs::remove_file(blob);
-        self.set_phase(
-            a,
-            AssignmentPhase::Succeeded,
-            "restarted into the new agent",
-        );
-        self.report(installed).await;
-        Err(selfupdate::restart())
-    }
-
-    async fn remove(&mut self, package: &str, installed: &mut Installed) -> anyhow::Result<()> {
-        names::package_name(package).map_err(anyhow::Error::msg)?;
-        if !installed.contains_key(package) {
-            return Ok(());
-        }
-        self.transaction().uninstall(package, installed).await?;
-        self.drift.retain(|d| d.package != package);
-        tracing::info!(%package, "removed");
-        Ok(())
-    }
-
-    async fn report(&mut self, installed: &Installed) {
-        let mut jobs: Vec<JobState> = self.jobs.values().cloned().collect();
-        jobs.sort_by(|a, b| (&a.job, &a.package).cmp(&(&b.job, &b.package)));
-        let report = AgentReport {
-            // Filled in when signed.
-            agent: String::new(),
-            sequence: 0,
-            version: env!("CARGO_PKG_VERSION").into(),
-            os: std::env::consts::OS.into(),
-            arch: std::env::consts::ARCH.into(),
-            installed: installed.values().map(Into::into).collect(),
-            jobs,
-            drift: self.drift.clone(),
-            desired_version: self.desired.version,
-            desired_refused: self.refused.clone(),
-            facts: self.config.facts.clone(),
-        };
-        let signed = match self.state.sign_report(report) {
-            Ok(signed) => signed,
-            Err(e) => {
-                self.last_delivered = None;
-                tracing::warn!(error = %format!("{e:#}"), "cannot sign the report; will retry");
-                return;
-            }
-        };
-        match self.client.report(&signed).await {
-            Ok(()) => {
-                self.last_delivered = Some(Instant::now());
-                // A new agent binary that reports has proved itself.
-                if self.on_probation {
-                    match selfupdate::confirm(&self.state) {
-                        Ok(()) => self.on_probation = false,
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "confirming the self-update")
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                // The next poll sends the full state again.
-                self.last_delivered = None;
-                tracing::warn!(error = %e, "report not delivered; will resend");
-            }
-        }
     }
 }
 
