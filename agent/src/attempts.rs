@@ -249,7 +249,8 @@ mod tests {
             superseded_by: Some("ns/k".into()),
             schedule: caravan_api::v1alpha1::Schedule {
                 not_before: Some(chrono::Utc::now()),
-                deadline: None,
+                windows: vec![Default::default()],
+                ..Default::default()
             },
             ..a.clone()
         };

@@ -44,6 +44,8 @@ pub struct Situation<'a> {
     pub waiting: &'a HashSet<Key>,
     /// The time: a job's schedule starts (`notBefore`) and ends (`deadline`).
     pub now: chrono::DateTime<chrono::Utc>,
+    /// The endpoint's time zone, for maintenance windows in local time.
+    pub zone: &'a jiff::tz::TimeZone,
 }
 
 /// Why an install runs.
@@ -66,10 +68,13 @@ pub enum Decision<'a> {
     Wait(&'a Assignment),
     /// Another job installs the package first: this install waits its turn.
     Queued(&'a Assignment),
-    /// Before the job's `notBefore`: an install downloads ahead, and waits.
-    Early(&'a Assignment),
+    /// Before the job's `notBefore`, or outside its maintenance windows:
+    /// an install downloads ahead, and waits until the time given.
+    Early(&'a Assignment, chrono::DateTime<chrono::Utc>),
     /// Not started by the job's deadline: it will not be.
     Expired(&'a Assignment),
+    /// The job's schedule cannot be read (said why): nothing starts.
+    Unreadable(&'a Assignment, String),
     /// Another job has the package: nothing is done for this one.
     Conflict {
         assignment: &'a Assignment,
@@ -85,6 +90,19 @@ pub struct Plan<'a> {
     pub decisions: Vec<Decision<'a>>,
     /// Installed packages no job installs any more, to remove.
     pub removals: Vec<&'a str>,
+}
+
+/// What the job's schedule says about starting `a` now: nothing when it
+/// may start, else what to do instead.
+fn held<'a>(a: &'a Assignment, s: &Situation) -> Option<Decision<'a>> {
+    if a.schedule.expired(s.now) {
+        return Some(Decision::Expired(a));
+    }
+    match a.schedule.starts(s.now, s.zone) {
+        Ok(None) => None,
+        Ok(Some(t)) => Some(Decision::Early(a, t)),
+        Err(e) => Some(Decision::Unreadable(a, e.to_string())),
+    }
 }
 
 pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
@@ -132,9 +150,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                         // Putting back what the job installed is not bound by its schedule.
                         (true, false, _) => Decision::Install(a, Why::Missing),
                         (true, true, true) => Decision::Install(a, Why::Repair),
-                        (false, ..) if a.schedule.expired(s.now) => Decision::Expired(a),
-                        (false, ..) if a.schedule.early(s.now) => Decision::Early(a),
-                        (false, ..) => Decision::Install(a, Why::New),
+                        (false, ..) => held(a, s).unwrap_or(Decision::Install(a, Why::New)),
                     }
                 }
                 JobAction::Uninstall => match wanted.get(a.package.as_str()) {
@@ -144,9 +160,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                     },
                     None if !s.installed.contains_key(&a.package) => Decision::Done(a),
                     None if waiting => Decision::Wait(a),
-                    None if a.schedule.expired(s.now) => Decision::Expired(a),
-                    None if a.schedule.early(s.now) => Decision::Early(a),
-                    None => Decision::Uninstall(a),
+                    None => held(a, s).unwrap_or(Decision::Uninstall(a)),
                 },
             }
         })
@@ -156,7 +170,9 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     let scheduled: BTreeSet<&str> = decisions
         .iter()
         .filter_map(|d| match d {
-            Decision::Early(a) | Decision::Expired(a) if a.action == JobAction::Uninstall => {
+            Decision::Early(a, _) | Decision::Expired(a) | Decision::Unreadable(a, _)
+                if a.action == JobAction::Uninstall =>
+            {
                 Some(a.package.as_str())
             }
             _ => None,
@@ -224,6 +240,7 @@ mod tests {
         drifted: BTreeSet<String>,
         waiting: HashSet<Key>,
         now: chrono::DateTime<chrono::Utc>,
+        zone: jiff::tz::TimeZone,
     }
 
     impl Case {
@@ -240,6 +257,7 @@ mod tests {
                 drifted: BTreeSet::new(),
                 waiting: HashSet::new(),
                 now: at("12:00"),
+                zone: jiff::tz::TimeZone::UTC,
             }
         }
 
@@ -251,6 +269,7 @@ mod tests {
                 drifted: &self.drifted,
                 waiting: &self.waiting,
                 now: self.now,
+                zone: &self.zone,
             })
         }
     }
@@ -422,8 +441,8 @@ mod tests {
         assert_eq!(
             c.plan().decisions,
             [
-                Decision::Early(&a[0]),
-                Decision::Early(&a[1]),
+                Decision::Early(&a[0], at("13:00")),
+                Decision::Early(&a[1], at("13:00")),
                 Decision::Install(&a[2], Why::Missing),
             ],
             "before the start; putting back what is installed is not held"
@@ -442,5 +461,61 @@ mod tests {
             c.plan().decisions[..2],
             [Decision::Expired(&a[0]), Decision::Expired(&a[1])]
         );
+    }
+
+    #[test]
+    fn a_maintenance_window_holds_new_installs_until_it_opens_in_the_endpoints_time() {
+        let mut c = Case::new(
+            vec![
+                install("j", "hello", "2"),
+                assignment("u", JobAction::Uninstall, "old", "1"),
+            ],
+            &[("old", "1")],
+        );
+        for a in &mut c.desired.assignments {
+            // 14:00 local time, for an hour.
+            a.schedule.windows = vec![caravan_api::v1alpha1::Window {
+                cron: "0 14 * * *".into(),
+                duration: "1h".into(),
+                time_zone: None,
+            }];
+        }
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Early(&a[0], at("14:00")),
+                Decision::Early(&a[1], at("14:00")),
+            ]
+        );
+        assert!(c.plan().removals.is_empty(), "the removal waits too");
+        // Two hours east of UTC, the window opened at 12:00 UTC.
+        c.zone = jiff::tz::TimeZone::fixed(jiff::tz::offset(2));
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Install(&a[0], Why::New),
+                Decision::Uninstall(&a[1])
+            ]
+        );
+    }
+
+    #[test]
+    fn a_schedule_that_cannot_be_read_starts_nothing_and_says_why() {
+        let mut c = Case::new(vec![install("j", "hello", "2")], &[]);
+        c.desired.assignments[0].schedule.windows = vec![caravan_api::v1alpha1::Window {
+            cron: "at night".into(),
+            duration: "1h".into(),
+            time_zone: None,
+        }];
+        match &c.plan().decisions[..] {
+            [Decision::Unreadable(_, why)] => {
+                assert!(
+                    why.starts_with("schedule.windows[0].cron \"at night\""),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

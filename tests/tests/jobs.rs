@@ -549,7 +549,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
     );
     // Before the start: downloaded and verified, not installed.
     let ahead = wait_for("the package downloaded ahead", T, || async {
-        Ok(timed_state(&c, "on")
+        Ok(package_state(&c, "on", "timed")
             .await?
             .filter(|s| s.phase == AssignmentPhase::Downloaded))
     })
@@ -588,7 +588,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
 
     // From the start: installed (in its hours).
     let done = wait_for("the install from the start", T, || async {
-        Ok(timed_state(&c, "on")
+        Ok(package_state(&c, "on", "timed")
             .await?
             .filter(|s| s.phase == AssignmentPhase::Succeeded))
     })
@@ -607,7 +607,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
     let (state_dir, root) = c.agent_dirs("off");
     c.agents[1].proc = c.spawn_agent("off", &relay, &state_dir, &root)?;
     let expired = wait_for("the late endpoint to report the job expired", T, || async {
-        Ok(timed_state(&c, "off")
+        Ok(package_state(&c, "off", "timed")
             .await?
             .filter(|s| s.phase == AssignmentPhase::Expired))
     })
@@ -626,15 +626,129 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
     Ok(())
 }
 
-/// The state the endpoint `host` reports for package `timed`.
-async fn timed_state(
+/// The state the endpoint `host` reports for `package`.
+async fn package_state(
     c: &Caravan,
     host: &str,
+    package: &str,
 ) -> anyhow::Result<Option<caravan_api::wire::JobState>> {
     let a = c.agent_of(host).await?;
     Ok(a.status
         .unwrap_or_default()
         .jobs
         .into_iter()
-        .find(|j| j.package == "timed"))
+        .find(|j| j.package == package))
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_maintenance_window_in_local_time_holds_the_install_but_not_the_download(
+) -> anyhow::Result<()> {
+    use chrono::Timelike as _;
+    let mut c = Caravan::start("window").await?;
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    // One endpoint three hours east of UTC, one at UTC.
+    for (host, tz) in [("east", "Etc/GMT-3"), ("west", "UTC")] {
+        c.agent_env
+            .insert(host.into(), vec![("TZ".into(), tz.into())]);
+        c.start_agent(host, &relay)?;
+    }
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+    let src = c.dir.join("src/nightly");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("README"), "installed in the window\n")?;
+    c.push_package(&src, "nightly", "1.0.0", &repo.work.join("fleet/packages"))?;
+    // A window that opens in 40 s on the eastern endpoint's clock, for
+    // ten minutes (in the endpoint's local time: no time zone named).
+    let opens = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 40, 0).unwrap();
+    let local = opens + chrono::Duration::hours(3);
+    let cron = format!(
+        "{} {} {} * * *",
+        local.second(),
+        local.minute(),
+        local.hour()
+    );
+    repo.write(
+        "fleet/nightly-job.yaml",
+        &format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: nightly}}\n\
+             spec:\n  packages: [{{name: nightly}}]\n  destinations: {{sites: [{{name: hq}}]}}\n  \
+             schedule:\n    windows: [{{cron: \"{cron}\", duration: 10m}}]\n"
+        ),
+    )?;
+    repo.commit("nightly, in a maintenance window")?;
+
+    // Both download ahead and wait, each for the window on its own clock.
+    let downloaded = |host: &'static str| {
+        let c = &c;
+        async move {
+            wait_for("the package downloaded ahead", T, || async {
+                Ok(package_state(c, host, "nightly")
+                    .await?
+                    .filter(|s| s.phase == AssignmentPhase::Downloaded))
+            })
+            .await
+        }
+    };
+    let east = downloaded("east").await?;
+    assert!(chrono::Utc::now() < opens, "downloaded before the window");
+    let says = |when| format!("installs in the maintenance window from {}", rfc3339(when));
+    assert!(east.message.contains(&says(opens)), "{}", east.message);
+    let west = downloaded("west").await?;
+    let west_opens = opens + chrono::Duration::hours(3);
+    assert!(west.message.contains(&says(west_opens)), "{}", west.message);
+    let digest = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .get("nightly-1.0.0")
+        .await?
+        .spec
+        .artifact
+        .digest;
+    for a in &c.agents {
+        assert!(
+            a.state_dir
+                .join(format!("downloads/{}.part", digest.hex()))
+                .exists(),
+            "{} has the blob before the window",
+            a.name
+        );
+        assert!(!a.install_root.join("nightly").exists());
+    }
+
+    // Inside its window the eastern endpoint installs; the other waits.
+    let done = wait_for("the install in the window", T, || async {
+        Ok(package_state(&c, "east", "nightly")
+            .await?
+            .filter(|s| s.phase == AssignmentPhase::Succeeded))
+    })
+    .await?;
+    assert!(
+        done.time.as_str() >= rfc3339(opens).as_str(),
+        "{} is before the window",
+        done.time
+    );
+    let job = c.wait_job("nightly", "Progressing", "1/2", T).await?;
+    let status = job.status.unwrap_or_default();
+    assert_eq!(status.downloaded, 1);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .unwrap();
+    assert!(
+        ready
+            .message
+            .contains("installs run in maintenance windows (1 downloaded"),
+        "{}",
+        ready.message
+    );
+    let west = package_state(&c, "west", "nightly").await?.unwrap();
+    assert_eq!(west.phase, AssignmentPhase::Downloaded);
+    assert!(!c.agents[1].install_root.join("nightly").exists());
+    Ok(())
 }

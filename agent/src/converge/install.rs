@@ -15,8 +15,9 @@ use caravan_api::{
     wire::{Assignment, AssignmentPhase},
 };
 
-use super::{Converger, DeadlinePassed, DownloadFailed};
+use super::{Converger, DownloadFailed, Held};
 use crate::{
+    plan::Why,
     policy, selfupdate,
     state::{Installed, InstalledRecord, Progress},
     transaction::Transaction,
@@ -72,12 +73,20 @@ impl Converger {
     pub(super) async fn install(
         &mut self,
         a: &Assignment,
+        why: Why,
         installed: &mut Installed,
     ) -> anyhow::Result<String> {
         let blob = self.fetch(a, installed).await?;
-        // A long download may end after the deadline: nothing starts then.
-        if a.schedule.expired(chrono::Utc::now()) {
-            return Err(anyhow::Error::msg(DeadlinePassed));
+        // A long download may end after the deadline, or once the window
+        // closed: a new install does not start then.
+        if why == Why::New {
+            let now = chrono::Utc::now();
+            if a.schedule.expired(now) {
+                return Err(anyhow::Error::msg(Held::DeadlinePassed));
+            }
+            if let Ok(Some(t)) = a.schedule.starts(now, &jiff::tz::TimeZone::system()) {
+                return Err(anyhow::Error::msg(Held::Until(t)));
+            }
         }
         self.transition(a, AssignmentPhase::Installing, installed)
             .await;

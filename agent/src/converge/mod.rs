@@ -69,13 +69,43 @@ impl std::fmt::Display for DownloadFailed {
     }
 }
 
-/// The deadline passed while the package downloaded: it is not installed.
+/// The job's schedule does not let an install start once its package is
+/// downloaded (a long download ended after the deadline, or outside the
+/// maintenance windows).
 #[derive(Debug)]
-struct DeadlinePassed;
+enum Held {
+    DeadlinePassed,
+    /// It installs from then.
+    Until(Time),
+}
 
-impl std::fmt::Display for DeadlinePassed {
+impl std::fmt::Display for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the job's deadline passed while the package downloaded")
+        match self {
+            Held::DeadlinePassed => {
+                f.write_str("the job's deadline passed while the package downloaded")
+            }
+            Held::Until(t) => write!(
+                f,
+                "no maintenance window is open: installs from {}",
+                rfc3339(*t)
+            ),
+        }
+    }
+}
+
+type Time = chrono::DateTime<chrono::Utc>;
+
+/// What a package waiting for its job's start says.
+fn starts_message(a: &Assignment, t: Time) -> String {
+    let verb = match a.action {
+        JobAction::Install => "installs",
+        JobAction::Uninstall => "removed",
+    };
+    match (t == Time::MAX_UTC, a.schedule.windows.is_empty()) {
+        (true, _) => "no maintenance window of the job opens again".into(),
+        (false, true) => format!("{verb} from {}", rfc3339(t)),
+        (false, false) => format!("{verb} in the maintenance window from {}", rfc3339(t)),
     }
 }
 
@@ -96,8 +126,8 @@ struct Facts {
 
 /// An install or removal the plan asks for.
 enum Act {
-    /// Download (and verify) ahead of the job's start.
-    Prefetch(Assignment),
+    /// Download (and verify) ahead of the job's start (at the time given).
+    Prefetch(Assignment, Time),
     Install(Assignment, Why),
     Uninstall(Assignment),
 }
@@ -168,11 +198,17 @@ impl Converger {
         let now = Instant::now();
         let wall = chrono::Utc::now();
         // A job's start or deadline, when it comes.
+        let zone = jiff::tz::TimeZone::system();
         let schedules = self
             .desired
             .assignments
             .iter()
-            .flat_map(|a| [a.schedule.not_before, a.schedule.deadline])
+            .flat_map(|a| {
+                [
+                    a.schedule.starts(wall, &zone).ok().flatten(),
+                    a.schedule.deadline,
+                ]
+            })
             .flatten()
             .filter_map(|t| (t - wall).to_std().ok())
             .map(|d| d.as_secs() + 1);
@@ -246,6 +282,7 @@ impl Converger {
         // The assignments are taken in order; after each install or removal
         // the plan is made again from what is installed now.
         let mut next = 0;
+        let zone = jiff::tz::TimeZone::system();
         let removals: Vec<String> = loop {
             let facts = self.facts(&installed);
             let plan = plan::plan(&plan::Situation {
@@ -255,6 +292,7 @@ impl Converger {
                 drifted: &facts.drifted,
                 waiting: &facts.waiting,
                 now: chrono::Utc::now(),
+                zone: &zone,
             });
             let mut act = None;
             while act.is_none() && next < plan.decisions.len() {
@@ -290,21 +328,27 @@ impl Converger {
                                 self.settle(a, AssignmentPhase::Expired, &expired_message(a));
                         }
                     }
-                    Decision::Early(a) => {
+                    Decision::Early(a, t) => {
                         let phase = self.jobs.get(&key(a)).map(|s| s.phase);
+                        let msg = starts_message(a, *t);
                         match a.action {
                             // Downloaded ahead once; then it waits.
                             JobAction::Install if phase != Some(AssignmentPhase::Downloaded) => {
-                                act = Some(Act::Prefetch((*a).clone()))
+                                act = Some(Act::Prefetch((*a).clone(), *t))
                             }
-                            JobAction::Install => {}
+                            JobAction::Install => {
+                                touched |= self.settle(a, AssignmentPhase::Downloaded, &msg)
+                            }
                             JobAction::Uninstall => {
-                                let msg = format!(
-                                    "removed from {}",
-                                    a.schedule.not_before.map(rfc3339).unwrap_or_default()
-                                );
-                                touched |= self.settle(a, AssignmentPhase::Pending, &msg);
+                                touched |= self.settle(a, AssignmentPhase::Pending, &msg)
                             }
+                        }
+                    }
+                    Decision::Unreadable(a, why) => {
+                        ok = false;
+                        if self.settle(a, AssignmentPhase::Failed, why) {
+                            tracing::warn!(job = %a.job, package = %a.package, error = %why, "schedule unreadable");
+                            touched = true;
                         }
                     }
                     Decision::Install(a, why) => act = Some(Act::Install((*a).clone(), *why)),
@@ -367,33 +411,23 @@ impl Converger {
                     }
                     Why::New => {}
                 }
-                let result = self.install(&a, installed).await;
-                (a, result.map(Some))
+                let result = self.install(&a, why, installed).await;
+                (a, result)
             }
-            Act::Prefetch(a) => {
+            Act::Prefetch(a, t) => {
                 let result = self.prefetch(&a, installed).await;
-                (a, result.map(|()| None))
+                (a, result.and(Err(anyhow::Error::msg(Held::Until(t)))))
             }
             Act::Uninstall(a) => {
                 let result = self
                     .remove(&a.package, installed)
                     .await
-                    .map(|()| Some(String::new()));
+                    .map(|()| String::new());
                 (a, result)
             }
         };
         let ok = match result {
-            // Downloaded ahead: it installs from the job's start.
-            Ok(None) => {
-                self.retry_at.remove(&key(&a));
-                let msg = format!(
-                    "installs from {}",
-                    a.schedule.not_before.map(rfc3339).unwrap_or_default()
-                );
-                self.set_phase(&a, AssignmentPhase::Downloaded, &msg);
-                true
-            }
-            Ok(Some(output)) => {
+            Ok(output) => {
                 self.retry_at.remove(&key(&a));
                 if self.attempts.succeeded(&a) {
                     self.attempts.save(&self.state);
@@ -401,9 +435,18 @@ impl Converger {
                 self.set_phase(&a, AssignmentPhase::Succeeded, &output);
                 true
             }
-            Err(e) if e.downcast_ref::<DeadlinePassed>().is_some() => {
-                tracing::info!(job = %a.job, package = %a.package, "deadline passed during the download; not installed");
-                self.set_phase(&a, AssignmentPhase::Expired, &expired_message(&a));
+            Err(e) if e.is::<Held>() => {
+                self.retry_at.remove(&key(&a));
+                match e.downcast_ref::<Held>() {
+                    // Downloaded ahead: it installs from the job's start.
+                    Some(Held::Until(t)) => {
+                        self.set_phase(&a, AssignmentPhase::Downloaded, &starts_message(&a, *t))
+                    }
+                    _ => {
+                        tracing::info!(job = %a.job, package = %a.package, "deadline passed during the download; not installed");
+                        self.set_phase(&a, AssignmentPhase::Expired, &expired_message(&a));
+                    }
+                }
                 true
             }
             Err(e) if e.downcast_ref::<policy::NotApplicable>().is_some() => {

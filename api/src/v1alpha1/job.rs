@@ -61,41 +61,7 @@ pub struct DistributionJobSpec {
     pub retry: Option<Retry>,
     /// When the job may act.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<Schedule>,
-}
-
-/// When a job's installs (and removals) may run.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Schedule {
-    /// No install starts before this time (RFC 3339). Agents download the
-    /// package before it, so the time is spent installing, not downloading.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "date_time")]
-    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
-    /// No install starts after this time: destinations not done by then end
-    /// as Expired (an install under way finishes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "date_time")]
-    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// An RFC 3339 time, as the API server checks it: a time it cannot read is
-/// refused when written, never left for the controller to choke on.
-fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({ "type": "string", "format": "date-time" })
-}
-
-impl Schedule {
-    /// Whether the deadline has passed at `now`.
-    pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
-        self.deadline.is_some_and(|d| now >= d)
-    }
-
-    /// Whether `now` is before the start.
-    pub fn early(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
-        self.not_before.is_some_and(|t| now < t)
-    }
+    pub schedule: Option<super::Schedule>,
 }
 
 /// The default of `spec.retries`: two more tries after the first.

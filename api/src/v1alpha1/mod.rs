@@ -6,6 +6,7 @@ mod cabinet;
 mod gitsource;
 mod job;
 mod package;
+mod schedule;
 mod site;
 
 pub use agent::*;
@@ -14,6 +15,7 @@ pub use cabinet::*;
 pub use gitsource::*;
 pub use job::*;
 pub use package::*;
+pub use schedule::*;
 pub use site::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -274,6 +274,7 @@ impl JobFixture for DistributionJob {
         self.spec.schedule = Some(Schedule {
             not_before: not_before.map(at),
             deadline: deadline.map(at),
+            ..Default::default()
         });
         self
     }

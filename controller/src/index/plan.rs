@@ -221,16 +221,18 @@ fn resolve_job(
         }
     }
 
-    if let Some(Schedule {
-        not_before: Some(start),
-        deadline: Some(end),
-    }) = &job.spec.schedule
-    {
-        if end <= start {
-            plan.problems.push((
-                reasons::INVALID_SCHEDULE,
-                format!("schedule.deadline {end} is not after schedule.notBefore {start}: every destination expires"),
-            ));
+    if let Some(schedule) = &job.spec.schedule {
+        if let (Some(start), Some(end)) = (schedule.not_before, schedule.deadline) {
+            if end <= start {
+                plan.problems.push((
+                    reasons::INVALID_SCHEDULE,
+                    format!("schedule.deadline {end} is not after schedule.notBefore {start}: every destination expires"),
+                ));
+            }
+        }
+        if let Err(e) = schedule.check() {
+            plan.problems
+                .push((reasons::INVALID_SCHEDULE, format!("{e}: nothing installs")));
         }
     }
     let site_names: BTreeSet<String> = sites

@@ -274,10 +274,24 @@ pub fn job_status(
                     0 => String::new(),
                     n => format!(", {n} expired at the deadline"),
                 },
-                match job.spec.schedule.as_ref().and_then(|s| s.not_before) {
-                    Some(t) if now < t => format!(
-                        "; installs start at {} ({} downloaded ahead)",
+                match job
+                    .spec
+                    .schedule
+                    .as_ref()
+                    .map(|s| { (s.not_before.filter(|t| now < *t), !s.windows.is_empty()) })
+                {
+                    Some((Some(t), windows)) => format!(
+                        "; installs start at {}{} ({} downloaded ahead)",
                         t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        if windows {
+                            ", in maintenance windows"
+                        } else {
+                            ""
+                        },
+                        st.downloaded
+                    ),
+                    Some((None, true)) => format!(
+                        "; installs run in maintenance windows ({} downloaded, waiting for one)",
                         st.downloaded
                     ),
                     _ => String::new(),

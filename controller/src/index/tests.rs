@@ -838,6 +838,43 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
         plan.jobs[&key("bad")].problems[0].0,
         reasons::INVALID_SCHEDULE
     );
+    // So is a maintenance window that cannot be read, and the job says the
+    // installs wait for the windows.
+    let mut windowed = job("win", &["hello"]).to_site("hq");
+    windowed.spec.schedule = Some(Schedule {
+        windows: vec![Window {
+            cron: "0 2 * * *".into(),
+            duration: "forever".into(),
+            time_zone: None,
+        }],
+        ..Default::default()
+    });
+    let windowed = all([windowed]);
+    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[]);
+    let (reason, message) = &plan.jobs[&key("win")].problems[0];
+    assert_eq!(*reason, reasons::INVALID_SCHEDULE);
+    assert!(
+        message.starts_with("schedule.windows[0].duration \"forever\": "),
+        "{message}"
+    );
+    let mut windowed = (*windowed[0]).clone();
+    windowed.spec.schedule.as_mut().unwrap().windows[0].duration = "2h".into();
+    let windowed = all([windowed]);
+    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[]);
+    assert!(plan.jobs[&key("win")].problems.is_empty());
+    let st = job_status(
+        &windowed[0],
+        plan.jobs.get(&key("win")),
+        &agent_index(&agents),
+        at("12:00"),
+    );
+    assert!(
+        condition(&st.conditions, conditions::READY)
+            .message
+            .contains("installs run in maintenance windows (0 downloaded, waiting for one)"),
+        "{:?}",
+        st.conditions
+    );
     // A report of Expired made before the deadline moved later does not count.
     let later = job("j", &["hello"])
         .to_site("hq")

@@ -61,6 +61,8 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// Extra environment of the agent of each host (e.g. its `TZ`).
+    pub agent_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
     /// The CAs agents pin (`--ca-file`): the controller's, and the test CA
     /// when Caravan runs with it.
     pub ca_file: PathBuf,
@@ -273,6 +275,7 @@ impl Caravan {
             controller_cmd: (args, env),
             tls,
             agent_args: vec!["--trust-root-sha256".into(), root],
+            agent_env: Default::default(),
             ca_file,
             controller_ca_file,
             agent_bin: None,

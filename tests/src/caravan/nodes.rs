@@ -238,7 +238,7 @@ impl Caravan {
         .map(String::from)
         .to_vec();
         args.extend(self.agent_args.iter().cloned());
-        let env = vec![
+        let mut env = vec![
             (
                 "CARAVAN_BOOTSTRAP_TOKEN".to_string(),
                 relay.bootstrap_token.clone(),
@@ -248,6 +248,7 @@ impl Caravan {
                 self.ca_file.display().to_string(),
             ),
         ];
+        env.extend(self.agent_env.get(name).into_iter().flatten().cloned());
         (args, env)
     }
 }
