@@ -16,6 +16,12 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const COMPLETE: &str = "Complete";
 /// DistributionJob: at least one destination failed.
 pub const FAILED: &str = "Failed";
+/// DistributionJob: destinations are still being reached (the rollout is
+/// neither paused nor done).
+pub const PROGRESSING: &str = "Progressing";
+/// DistributionJob: no batch starts: the rollout paused at its failure
+/// threshold, or the job is suspended.
+pub const PAUSED: &str = "Paused";
 /// Package: signed by a key its cabinet trusts.
 pub const SIGNED: &str = "Signed";
 /// Agent: acts on a desired state the controller signed for it, current
@@ -41,8 +47,16 @@ pub mod reasons {
     pub const UNKNOWN_SITE: &str = "UnknownSite";
     pub const UNKNOWN_AGENT: &str = "UnknownAgent";
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
-    /// A job's schedule ends before it starts.
+    /// A job's schedule ends before it starts, or cannot be read.
     pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
+    /// A job's rollout cannot be read: nobody new gets the job.
+    pub const INVALID_ROLLOUT: &str = "InvalidRollout";
+    /// A job's rollout paused: too many of a batch failed.
+    pub const FAILURE_THRESHOLD: &str = "FailureThreshold";
+    /// Every destination of a job is settled (succeeded or not).
+    pub const FINISHED: &str = "Finished";
+    /// A job's rollout went on with its next batch when told to.
+    pub const RESUMED: &str = "Resumed";
     pub const RESOLVED: &str = "Resolved";
     pub const NO_DESTINATIONS: &str = "NoDestinations";
     pub const DESTINATIONS_FAILED: &str = "DestinationsFailed";

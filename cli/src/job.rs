@@ -3,8 +3,10 @@
 //! re-running its failures; pausing and resuming it.
 //!
 //! `retry`, `pause` and `resume` write their one field with server-side
-//! apply as `caravan-cli`, never forcing: a field Git declares belongs to
-//! the Git sync, and the command says to change it in Git instead.
+//! apply, each as a field manager of its own (`caravan-cli-retry`, …: one
+//! command's apply never drops the field another wrote), never forcing: a
+//! field Git declares belongs to the Git sync, and the command says to
+//! change it in Git instead.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,8 +26,15 @@ use kube::{
     Api, Client, Resource as _, ResourceExt as _,
 };
 
-/// Field manager of what the command line writes.
-const FIELD_MANAGER: &str = "caravan-cli";
+/// The field manager each command writes its field as.
+fn field_manager(field: &str) -> String {
+    let short = match field {
+        "spec.retry" => "retry",
+        "spec.suspend" => "suspend",
+        _ => "resume",
+    };
+    format!("caravan-cli-{short}")
+}
 
 #[derive(Subcommand)]
 pub enum JobCommand {
@@ -61,9 +70,15 @@ pub enum JobCommand {
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
-    /// Hand the job to agents again.
+    /// Hand the job to agents again, and go on with the next batch of a
+    /// rollout paused at its failure threshold (raises
+    /// `spec.rollout.resume`).
     Resume {
         name: String,
+        /// Start the next batch even though the rollout is not paused (the
+        /// batch under way is not waited for: some of it may be offline).
+        #[arg(long)]
+        next_batch: bool,
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
@@ -103,23 +118,53 @@ pub async fn run(command: JobCommand) -> anyhow::Result<()> {
             eprintln!("job {name}: failed destinations re-run (retry generation {generation})");
             Ok(())
         }
-        JobCommand::Pause { name, namespace } => suspend(name, namespace, true).await,
-        JobCommand::Resume { name, namespace } => suspend(name, namespace, false).await,
+        JobCommand::Pause { name, namespace } => {
+            let c = Cluster::connect(namespace).await?;
+            c.job(&name).await?;
+            c.apply(
+                &name,
+                serde_json::json!({ "suspend": true }),
+                "spec.suspend",
+            )
+            .await?;
+            eprintln!("job {name} paused");
+            Ok(())
+        }
+        JobCommand::Resume {
+            name,
+            next_batch,
+            namespace,
+        } => {
+            let c = Cluster::connect(namespace).await?;
+            let job = c.job(&name).await?;
+            if job.spec.suspend {
+                c.apply(
+                    &name,
+                    serde_json::json!({ "suspend": false }),
+                    "spec.suspend",
+                )
+                .await?;
+                eprintln!("job {name} resumed");
+            }
+            let rollout = job.status.as_ref().and_then(|s| s.rollout.as_ref());
+            if let Some(why) = rollout.and_then(|r| r.paused.as_ref()) {
+                eprintln!("job {name}: the rollout paused: {why}");
+            }
+            if next_batch || rollout.is_some_and(|r| r.paused.is_some()) {
+                let resume = job.spec.rollout.as_ref().map_or(0, |r| r.resume) + 1;
+                c.apply(
+                    &name,
+                    serde_json::json!({ "rollout": { "resume": resume } }),
+                    "spec.rollout.resume",
+                )
+                .await?;
+                eprintln!("job {name}: the rollout goes on with its next batch (resume {resume})");
+            } else if !job.spec.suspend {
+                eprintln!("job {name} is neither suspended nor paused: nothing to resume");
+            }
+            Ok(())
+        }
     }
-}
-
-/// Pauses (`suspend`) or resumes a job.
-async fn suspend(name: String, namespace: Option<String>, suspend: bool) -> anyhow::Result<()> {
-    let c = Cluster::connect(namespace).await?;
-    c.job(&name).await?;
-    c.apply(
-        &name,
-        serde_json::json!({ "suspend": suspend }),
-        "spec.suspend",
-    )
-    .await?;
-    eprintln!("job {name} {}", if suspend { "paused" } else { "resumed" });
-    Ok(())
 }
 
 struct Cluster {
@@ -169,7 +214,7 @@ impl Cluster {
             .api::<DistributionJob>()
             .patch(
                 name,
-                &PatchParams::apply(FIELD_MANAGER),
+                &PatchParams::apply(&field_manager(field)),
                 &Patch::Apply(&patch),
             )
             .await
@@ -336,7 +381,19 @@ pub fn render(
             out.push_str(&format!(", {n} {what}"));
         }
     }
+    let rollout = status.rollout.as_ref().filter(|r| r.batches > 1);
+    if let Some(r) = rollout {
+        out.push_str(&format!(
+            "; batch {}/{}, {} have the job",
+            r.batch, r.batches, r.released
+        ));
+    }
     out.push('\n');
+    if let Some(why) = rollout.and_then(|r| r.paused.as_ref()) {
+        out.push_str(&format!(
+            "rollout paused: {why} (go on with `caravan job resume`)\n"
+        ));
+    }
     // Each destination agent's worst state for the job, by site.
     let mut by_site: BTreeMap<&str, Vec<(&str, &JobState)>> = BTreeMap::new();
     for a in agents {
@@ -545,5 +602,23 @@ mod tests {
         assert!(failed.contains("agent e2: Failed"), "{failed}");
         assert!(!failed.contains("agent h1"), "{failed}");
         assert!(!failed.contains("not reported"), "{failed}");
+        // A paused rollout says where it stands, and why.
+        let mut paused = job.clone();
+        paused.status.as_mut().unwrap().rollout = Some(caravan_api::v1alpha1::RolloutStatus {
+            batch: 2,
+            batches: 3,
+            released: 3,
+            paused: Some("1 of the 2 finished destinations of batch 2 failed (threshold 1)".into()),
+            ..Default::default()
+        });
+        let text = render(&paused, &sites, &agents, &packages, false);
+        assert!(
+            text.starts_with(
+                "job j: Progressing 2/4 succeeded, 1 failed, 1 pending; batch 2/3, 3 have the job\n\
+                 rollout paused: 1 of the 2 finished destinations of batch 2 failed (threshold 1) \
+                 (go on with `caravan job resume`)\nsite hq: 1/1\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -235,6 +235,16 @@ impl Engine {
             .await
             {
                 Ok(Written::Written(after)) => {
+                    for event in K::events(obj.status(), &next) {
+                        if let Err(e) = self
+                            .ctx
+                            .recorder
+                            .publish(&event, &obj.object_ref(&()))
+                            .await
+                        {
+                            tracing::debug!(error = %e, "event not recorded");
+                        }
+                    }
                     let left = (wrote.0, fingerprint(after.as_ref()));
                     self.written
                         .lock()

@@ -19,6 +19,7 @@ use caravan_api::{conditions, v1alpha1::*};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     api::{Patch, PatchParams},
+    runtime::events::Event,
     Resource, ResourceExt,
 };
 use serde::Serialize;
@@ -37,10 +38,12 @@ pub trait HasStatus:
     fn conditions(status: &mut Self::Status) -> &mut Vec<Condition>;
     /// Records the generation the status was computed from, where the kind has the field.
     fn observe(status: &mut Self::Status, generation: Option<i64>);
+    /// The Events a change of status from `old` to `new` is worth.
+    fn events(old: Option<&Self::Status>, new: &Self::Status) -> Vec<Event>;
 }
 
 macro_rules! has_status {
-    ($($kind:ty => $status:ty $(, observed: $observed:ident)?);* $(;)?) => {$(
+    ($($kind:ty => $status:ty $(, observed: $observed:ident)? $(, events: $events:path)?);* $(;)?) => {$(
         impl HasStatus for $kind {
             type Status = $status;
             fn status(&self) -> Option<&$status> {
@@ -53,6 +56,11 @@ macro_rules! has_status {
             fn observe(status: &mut $status, generation: Option<i64>) {
                 $(status.$observed = generation;)?
             }
+            #[allow(unused_variables, unreachable_code)]
+            fn events(old: Option<&$status>, new: &$status) -> Vec<Event> {
+                $(return $events(old, new);)?
+                Vec::new()
+            }
         }
     )*};
 }
@@ -61,7 +69,8 @@ has_status!(
     GitSource => GitSourceStatus, observed: observed_generation;
     Cabinet => CabinetStatus, observed: observed_generation;
     Package => PackageStatus, observed: observed_generation;
-    DistributionJob => DistributionJobStatus, observed: observed_generation;
+    DistributionJob => DistributionJobStatus, observed: observed_generation,
+        events: crate::index::status::job_events;
     Site => SiteStatus, observed: observed_generation;
     // Agent status comes from reports, not from the spec.
     Agent => AgentStatus;

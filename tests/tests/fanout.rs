@@ -22,7 +22,8 @@ async fn package_for_hq(
     c.push_package(&src, "shared", "1.0.0", &repo.work.join("fleet/packages"))?;
     repo.write(
         "fleet/shared-job.yaml",
-        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: shared}\nspec:\n  packages: [{name: shared}]\n  destinations: {sites: [{name: hq}]}\n",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: shared}\nspec:\n  packages: [{name: shared}]\n  destinations: {sites: [{name: hq}]}\n  \
+         rollout: {batches: [{size: 100%}]}\n",
     )?;
     repo.commit("shared for hq")?;
     wait_for("package shared", Duration::from_secs(60), || async {

@@ -29,7 +29,6 @@ async fn a_failing_install_gives_up_at_its_limit_and_retry_reruns_only_the_failu
 ) -> anyhow::Result<()> {
     let mut c = Caravan::start("jobs").await?;
     let repo = c.seed_example_fleet().await?;
-    let manifests = repo.work.join("fleet/packages").display().to_string();
     // Succeeds where the agent's directory holds `flaky-ok`; counts its runs.
     let src = c.dir.join("src/flaky");
     std::fs::create_dir_all(&src)?;
@@ -38,24 +37,18 @@ async fn a_failing_install_gives_up_at_its_limit_and_retry_reruns_only_the_failu
         "#!/bin/sh\necho run >> \"$CARAVAN_INSTALL_ROOT/../flaky-runs\"\n\
          test -e \"$CARAVAN_INSTALL_ROOT/../flaky-ok\" || { echo 'license server unreachable' >&2; exit 7; }\n",
     )?;
-    c.cli(&[
-        "package",
-        "push",
-        &src.display().to_string(),
-        "--name",
+    c.push_package_with(
+        &src,
         "flaky",
-        "--version",
         "1.0.0",
-        "--manifest-dir",
-        &manifests,
-        "--install",
-        "script",
-    ])?;
+        &repo.work.join("fleet/packages"),
+        &["--install", "script"],
+    )?;
     // Git declares `suspend`: pausing is Git's business for this job.
     repo.write(
         "fleet/flaky-job.yaml",
         "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: flaky}\n\
-         spec:\n  packages: [{name: flaky}]\n  destinations: {sites: [{name: hq}]}\n  retries: 1\n  suspend: false\n",
+         spec:\n  packages: [{name: flaky}]\n  destinations: {sites: [{name: hq}]}\n  retries: 1\n  suspend: false\n  rollout: {batches: [{size: 100%}]}\n",
     )?;
     repo.commit("flaky for hq, one retry")?;
     let relay = c.start_relay("hq").await?;
@@ -247,7 +240,8 @@ async fn jobs_that_disagree_settle_by_precedence_and_a_missing_package_never_suc
     repo.write(
         "fleet/pinned-job.yaml",
         "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: pinned}\n\
-         spec:\n  packages: [{name: hello, version: 1.0.0}]\n  destinations: {sites: [{name: hq}]}\n",
+         spec:\n  packages: [{name: hello, version: 1.0.0}]\n  destinations: {sites: [{name: hq}]}\n  \
+         rollout: {batches: [{size: 100%}]}\n",
     )?;
     repo.write(
         "fleet/ghost-job.yaml",
@@ -390,7 +384,7 @@ async fn on_a_three_level_tree_jobs_reach_exactly_their_agents_and_a_selector_pi
     let job = |name: &str, package: &str, destinations: &str| {
         repo.write(
             &format!("fleet/{name}-job.yaml"),
-            &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {name}}}\nspec:\n  packages: [{{name: {package}}}]\n  destinations:\n{destinations}"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {name}}}\nspec:\n  packages: [{{name: {package}}}]\n  rollout: {{batches: [{{size: 100%}}]}}\n  destinations:\n{destinations}"),
         )
     };
     // An all-lower-clients job from the middle of the tree.
@@ -518,7 +512,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
         &format!(
             "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: timed}}\n\
              spec:\n  packages: [{{name: timed}}]\n  destinations: {{sites: [{{name: hq}}]}}\n  \
-             schedule: {{notBefore: \"{}\", deadline: \"{}\"}}\n",
+             schedule: {{notBefore: \"{}\", deadline: \"{}\"}}\n  rollout: {{batches: [{{size: 100%}}]}}\n",
             time(not_before),
             time(deadline)
         ),
@@ -678,7 +672,8 @@ async fn a_maintenance_window_in_local_time_holds_the_install_but_not_the_downlo
         &format!(
             "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: nightly}}\n\
              spec:\n  packages: [{{name: nightly}}]\n  destinations: {{sites: [{{name: hq}}]}}\n  \
-             schedule:\n    windows: [{{cron: \"{cron}\", duration: 10m}}]\n"
+             schedule:\n    windows: [{{cron: \"{cron}\", duration: 10m}}]\n  \
+             rollout: {{batches: [{{size: 100%}}]}}\n"
         ),
     )?;
     repo.commit("nightly, in a maintenance window")?;
@@ -750,5 +745,119 @@ async fn a_maintenance_window_in_local_time_holds_the_install_but_not_the_downlo
     let west = package_state(&c, "west", "nightly").await?.unwrap();
     assert_eq!(west.phase, AssignmentPhase::Downloaded);
     assert!(!c.agents[1].install_root.join("nightly").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_is_gated_by_default_pausing_at_the_first_failure_until_resumed() -> anyhow::Result<()>
+{
+    let mut c = Caravan::start("rollout").await?;
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    let hosts = ["r1", "r2", "r3", "r4"];
+    for host in hosts {
+        c.start_agent(host, &relay)?;
+    }
+    c.wait_job("hello-everywhere", "Succeeded", "4/4", T)
+        .await?;
+    // Fails until the endpoint holds `canary-ok`; counts its runs.
+    let src = c.dir.join("src/canary");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("install.sh"),
+        "#!/bin/sh\necho run >> \"$CARAVAN_INSTALL_ROOT/../canary-runs\"\n\
+         test -e \"$CARAVAN_INSTALL_ROOT/../canary-ok\" || { echo 'missing dependency' >&2; exit 3; }\n",
+    )?;
+    c.push_package_with(
+        &src,
+        "canary",
+        "1.0.0",
+        &repo.work.join("fleet/packages"),
+        &["--install", "script"],
+    )?;
+    // No `rollout`: gated, as every new job is.
+    repo.write(
+        "fleet/canary-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: canary}\n\
+         spec:\n  packages: [{name: canary}]\n  destinations: {sites: [{name: hq}]}\n  retries: 0\n",
+    )?;
+    repo.commit("canary for hq, gated")?;
+    let runs = |c: &Caravan| -> usize {
+        hosts
+            .iter()
+            .map(|h| {
+                let (_, root) = c.agent_dirs(h);
+                std::fs::read_to_string(root.with_file_name("canary-runs"))
+                    .map(|s| s.lines().count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+
+    // The first destination fails: the rollout pauses, and nobody else
+    // ran the script.
+    let job = c.wait_job("canary", "Paused", "0/4", T).await?;
+    let status = job.status.unwrap_or_default();
+    let rollout = status.rollout.clone().unwrap();
+    let why = "1 of the 1 finished destinations of batch 1 failed (threshold 10%)";
+    assert_eq!(
+        (rollout.batch, rollout.batches, rollout.released),
+        (1, 3, 1)
+    );
+    assert_eq!(rollout.paused.as_deref(), Some(why));
+    let paused = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::PAUSED)
+        .unwrap();
+    assert_eq!(
+        (paused.status.as_str(), paused.reason.as_str()),
+        ("True", conditions::reasons::FAILURE_THRESHOLD)
+    );
+    assert!(paused.message.starts_with(why), "{}", paused.message);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(runs(&c), 1, "only the first batch ran it");
+    let table = c
+        .cluster
+        .kubectl(&["get", "dj", "canary", "-n", &c.namespace])?;
+    let (head, row) = table.split_once('\n').unwrap();
+    assert!(head.contains("BATCH"), "{table}");
+    assert!(row.contains("Paused") && row.contains(" 1 "), "{table}");
+    let events = c.cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &c.namespace,
+        "--field-selector",
+        "involvedObject.name=canary",
+    ])?;
+    assert!(events.contains("RolloutPaused"), "{events}");
+
+    // Fixed on the endpoints and resumed: the rest get it (the failure
+    // stays failed until it is re-run).
+    for host in hosts {
+        let (_, root) = c.agent_dirs(host);
+        std::fs::write(root.with_file_name("canary-ok"), "")?;
+    }
+    c.cli(&["job", "resume", "canary", "-n", &c.namespace])?;
+    let job = c.wait_job("canary", "Failed", "3/4", T).await?;
+    let rollout = job.status.unwrap_or_default().rollout.unwrap();
+    assert_eq!(
+        (rollout.batch, rollout.paused, rollout.resumed),
+        (3, None, 1)
+    );
+    assert_eq!(runs(&c), 4);
+    let events = c.cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &c.namespace,
+        "--field-selector",
+        "involvedObject.name=canary",
+    ])?;
+    assert!(events.contains("RolloutResumed"), "{events}");
+    c.cli(&["job", "retry", "canary", "-n", &c.namespace])?;
+    c.wait_job("canary", "Succeeded", "4/4", T).await?;
+    assert_eq!(runs(&c), 5, "the failure ran again, nothing else");
     Ok(())
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Succeeded","type":"string","jsonPath":".status.progress"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
+    printcolumn = r#"{"name":"Batch","type":"integer","jsonPath":".status.rollout.batch"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -62,6 +63,11 @@ pub struct DistributionJobSpec {
     /// When the job may act.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<super::Schedule>,
+    /// How the job reaches its destinations: in batches, pausing when too
+    /// many fail. Without it: gated (one destination, then 10%, then the
+    /// rest, pausing when 10% of a batch failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::Rollout>,
 }
 
 /// The default of `spec.retries`: two more tries after the first.
@@ -196,6 +202,9 @@ pub enum JobPhase {
     /// Every destination is settled, and some were not done by the deadline.
     Expired,
     Suspended,
+    /// The rollout paused at its failure threshold (`status.rollout.paused`
+    /// says why): the next batch waits for `spec.rollout.resume`.
+    Paused,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -239,6 +248,9 @@ pub struct DistributionJobStatus {
     /// waiting for `spec.schedule.notBefore`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downloaded: u32,
+    /// Where the rollout stands: the batch under way, whether it paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::RolloutStatus>,
     /// Per-site rollup, by site name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteRollup>,

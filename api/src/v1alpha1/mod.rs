@@ -6,6 +6,7 @@ mod cabinet;
 mod gitsource;
 mod job;
 mod package;
+mod rollout;
 mod schedule;
 mod site;
 
@@ -15,6 +16,7 @@ pub use cabinet::*;
 pub use gitsource::*;
 pub use job::*;
 pub use package::*;
+pub use rollout::*;
 pub use schedule::*;
 pub use site::*;
 

@@ -52,7 +52,7 @@ pub struct Window {
 
 /// An RFC 3339 time, as the API server checks it: a time it cannot read is
 /// refused when written, never left for the controller to choke on.
-fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(super) fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "type": "string", "format": "date-time" })
 }
 

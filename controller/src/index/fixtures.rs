@@ -8,6 +8,7 @@ use caravan_api::{
     wire::{AssignmentPhase, JobState},
     Digest,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt as _;
 
 pub const NS: &str = "ns";
@@ -205,6 +206,14 @@ pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
             retries: DEFAULT_RETRIES,
             retry: None,
             schedule: None,
+            // Everyone at once, unless a test says otherwise.
+            rollout: Some(Rollout {
+                batches: vec![Batch {
+                    size: Some(IntOrString::String("100%".into())),
+                    sites: vec![],
+                }],
+                ..Default::default()
+            }),
         },
     );
     j.metadata = meta(name);

@@ -20,7 +20,9 @@
 //! function of plain values, tested as such (`tests.rs`).
 
 pub mod desired;
+mod outcome;
 pub mod plan;
+mod rollout;
 pub mod status;
 
 #[cfg(test)]
@@ -36,6 +38,9 @@ use kube::Resource;
 pub use desired::{DesiredIndex, Unsigned};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
+
+/// The time the index is computed for.
+pub type Now = chrono::DateTime<chrono::Utc>;
 
 /// A namespaced object by `(namespace, name)`.
 pub type ObjectKey = (String, String);
@@ -59,7 +64,7 @@ pub struct Inputs<'a> {
     /// Where each package's artifact stands in the store.
     pub artifacts: &'a Artifacts,
     /// The time to compute for (schedules, deadlines).
-    pub now: status::Now,
+    pub now: Now,
 }
 
 /// Everything the index computes.
@@ -81,7 +86,7 @@ pub fn compute(inputs: &Inputs) -> Outputs {
         artifacts,
         now,
     } = *inputs;
-    let mut plan = Plan::compute(sites, agents, jobs, packages, cabinets);
+    let mut plan = Plan::compute(sites, agents, jobs, packages, cabinets, now);
     let agent_index = status::agent_index(agents);
     let jobs_status = jobs
         .iter()
@@ -106,12 +111,22 @@ pub fn compute(inputs: &Inputs) -> Outputs {
 }
 
 /// The next time after `now` a job's schedule starts or ends (its
-/// `notBefore` or `deadline`): the status changes then without any object
-/// changing, so the engine recomputes at that time.
-pub fn next_boundary(jobs: &[Arc<DistributionJob>], now: status::Now) -> Option<status::Now> {
+/// `notBefore` or `deadline`), or its rollout's wait between batches ends:
+/// the status changes then without any object changing, so the engine
+/// recomputes at that time.
+pub fn next_boundary(jobs: &[Arc<DistributionJob>], now: Now) -> Option<Now> {
     jobs.iter()
-        .filter_map(|j| j.spec.schedule.as_ref())
-        .flat_map(|s| [s.not_before, s.deadline])
+        .flat_map(|j| {
+            let schedule = j.spec.schedule.as_ref();
+            let wait = Rollout::plan(j.spec.rollout.as_ref())
+                .ok()
+                .and_then(|p| rollout::wakes(j, &p));
+            [
+                schedule.and_then(|s| s.not_before),
+                schedule.and_then(|s| s.deadline),
+                wait,
+            ]
+        })
         .flatten()
         .filter(|t| *t > now)
         .min()

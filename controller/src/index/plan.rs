@@ -16,7 +16,11 @@ use caravan_api::{
 };
 use kube::{Resource, ResourceExt};
 
-use super::{key_of, ObjectKey, SiteKey};
+use super::{
+    key_of,
+    rollout::{self, Destination, Gate},
+    Now, ObjectKey, SiteKey,
+};
 
 /// What every job resolves to, and every agent's desired state.
 #[derive(Default, Debug)]
@@ -43,6 +47,12 @@ pub struct JobPlan {
     pub digests: Vec<Digest>,
     /// `(reason, message)` of each reference that did not resolve.
     pub problems: Vec<(&'static str, String)>,
+    /// The packages (by digest) the job has: another set starts its
+    /// rollout again.
+    pub revision: String,
+    /// Who has the job so far and where its rollout stands (`None`: the
+    /// rollout cannot be read, and nobody new gets the job).
+    pub rollout: Option<Gate>,
 }
 
 impl Plan {
@@ -52,6 +62,7 @@ impl Plan {
         jobs: &[Arc<DistributionJob>],
         packages: &[Arc<Package>],
         cabinets: &[Arc<Cabinet>],
+        now: Now,
     ) -> Self {
         let mut plan = Plan::default();
         // Every served agent's entry, and where to find it by (namespace,
@@ -87,6 +98,42 @@ impl Plan {
             })
             .collect();
         settle_conflicts(&jobs, &mut resolved);
+        let by_name: HashMap<ObjectKey, &Agent> = agents
+            .iter()
+            .map(|a| (key_of(a.as_ref()), a.as_ref()))
+            .collect();
+        for (job, job_plan) in jobs.iter().zip(resolved.iter_mut()) {
+            let ns = job.namespace().unwrap_or_default();
+            match Rollout::plan(job.spec.rollout.as_ref()) {
+                Ok(rollout) => {
+                    let destinations: Vec<Destination> = job_plan
+                        .targets
+                        .iter()
+                        .map(|(name, assignments)| {
+                            let agent = by_name.get(&(ns.clone(), name.clone())).copied();
+                            Destination {
+                                agent: name,
+                                site: agent.map_or("", |a| &a.spec.site),
+                                progress: rollout::progress(agent, assignments, now),
+                            }
+                        })
+                        .collect();
+                    let gate = rollout::gate(
+                        job,
+                        &rollout,
+                        &destinations,
+                        |s| with_lower(sites, &ns, s),
+                        &job_plan.revision,
+                        now,
+                    );
+                    job_plan.rollout = Some(gate);
+                }
+                Err(e) => job_plan.problems.push((
+                    reasons::INVALID_ROLLOUT,
+                    format!("{e}: nobody new gets the job"),
+                )),
+            }
+        }
         for (job, job_plan) in jobs.into_iter().zip(resolved) {
             let (ns, name) = key_of(job.as_ref());
             for (agent, assignments) in &job_plan.targets {
@@ -100,8 +147,14 @@ impl Plan {
                 else {
                     continue;
                 };
-                if job.spec.suspend {
-                    // A suspended job keeps what it installed where it is.
+                let released = job_plan
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|g| g.released.contains(agent));
+                if job.spec.suspend || !released {
+                    // A suspended job keeps what it installed where it is
+                    // (and one that did not reach the agent yet holds what
+                    // is there, so another job losing it removes nothing).
                     entry
                         .hold
                         .extend(job.spec.packages.iter().map(|p| p.name.clone()));
@@ -321,6 +374,11 @@ fn resolve_job(
     if job.spec.action == JobAction::Install {
         plan.digests = assignments.iter().map(|a| a.digest).collect();
     }
+    let packages: String = assignments
+        .iter()
+        .map(|a| format!("{:?} {} {}\n", a.action, a.package, a.digest))
+        .collect();
+    plan.revision = Digest::of(packages.as_bytes()).hex()[..16].to_string();
     plan.sites = target_sites.clone();
     // A retry reaches the agents it names and those of its sites (and
     // below); one that names neither reaches every destination.

@@ -11,79 +11,91 @@ use caravan_api::{
     conditions::{self, reasons},
     signing,
     v1alpha1::*,
-    wire::{Assignment, AssignmentPhase},
 };
-use kube::{Resource, ResourceExt};
+use kube::{
+    runtime::events::{Event, EventType},
+    Resource, ResourceExt,
+};
 
-use super::{key_of, plan::JobPlan, ObjectKey};
+use super::{
+    key_of,
+    outcome::{outcome, Outcome},
+    plan::JobPlan,
+    Now, ObjectKey,
+};
 
-/// The time the status is computed for.
-pub type Now = chrono::DateTime<chrono::Utc>;
-
-/// Where one target agent stands for one job.
-enum Outcome {
-    Succeeded,
-    /// (package, reason, when it is tried again if it is).
-    Failed(String, String, Option<String>),
-    Pending,
-    /// Pending, with every package left downloaded, waiting for `notBefore`.
-    Downloaded,
-    /// Not done by the deadline.
-    Expired,
-    /// Every package is for another OS or architecture.
-    NotApplicable,
-    /// Another job that takes precedence has a package: (package, that job).
-    Conflict(String, String),
-}
-
-fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> Outcome {
-    let reported = agent
-        .and_then(|a| a.status.as_ref())
-        .map(|s| s.jobs.as_slice())
-        .unwrap_or_default();
-    let (mut done, mut not_applicable, mut lost, mut expired, mut downloaded) = (0, 0, 0, 0, 0);
-    let mut conflict = None;
-    for a in assignments {
-        // Another job has this package here: nothing to wait for.
-        if let Some(winner) = &a.superseded_by {
-            lost += 1;
-            conflict.get_or_insert_with(|| (a.package.clone(), winner.clone()));
-            continue;
-        }
-        let state = reported.iter().find(|s| {
-            s.job == a.job && s.package == a.package && s.digest == a.digest && s.action == a.action
-        });
-        match state.map(|s| (s.phase, &s.message)) {
-            Some((AssignmentPhase::Succeeded, _)) => done += 1,
-            Some((AssignmentPhase::NotApplicable, _)) => not_applicable += 1,
-            Some((AssignmentPhase::Failed, msg)) => {
-                let retry_at = state.and_then(|s| s.retry_at.clone());
-                return Outcome::Failed(a.package.clone(), msg.clone(), retry_at);
-            }
-            // (Reported before a deadline was moved later: not expired now.)
-            Some((AssignmentPhase::Expired, _)) if a.schedule.expired(now) => expired += 1,
-            // Started before the deadline: it finishes.
-            Some((AssignmentPhase::Installing | AssignmentPhase::Removing, _)) => {}
-            // Not started, and too late to (whether the agent said so yet or not).
-            _ if a.schedule.expired(now) => expired += 1,
-            Some((AssignmentPhase::Downloaded, _)) => downloaded += 1,
+/// The Events a job's change of status from `old` to `new` is worth: its
+/// rollout pausing, going on (resumed, or a batch started), and the job
+/// completing or failing. Each batch's are told apart by their action, so
+/// that one batch's Event is not folded into another's.
+pub fn job_events(old: Option<&DistributionJobStatus>, new: &DistributionJobStatus) -> Vec<Event> {
+    let event = |type_, reason: &str, action: String, note: String| Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action,
+        secondary: None,
+    };
+    let mut events = Vec::new();
+    let before = old.and_then(|o| o.rollout.as_ref());
+    if let Some(r) = &new.rollout {
+        let batch = format!("Batch{}", r.batch);
+        let was_paused = before.is_some_and(|b| b.paused.is_some() && b.revision == r.revision);
+        match &r.paused {
+            Some(why) if !was_paused => events.push(event(
+                EventType::Warning,
+                "RolloutPaused",
+                batch.clone(),
+                format!("{why}; raise spec.rollout.resume (caravan job resume) to go on"),
+            )),
+            None if was_paused => events.push(event(
+                EventType::Normal,
+                "RolloutResumed",
+                batch.clone(),
+                format!("resumed: batch {} of {} under way", r.batch, r.batches),
+            )),
             _ => {}
         }
+        if before.is_some_and(|b| b.revision == r.revision && b.batch < r.batch) {
+            events.push(event(
+                EventType::Normal,
+                "BatchStarted",
+                batch,
+                format!(
+                    "batch {} of {} started: {} of {} destinations have the job",
+                    r.batch, r.batches, r.released, new.total
+                ),
+            ));
+        }
     }
-    let unsettled = assignments.len() - done - not_applicable - lost - expired;
-    if unsettled > 0 && unsettled == downloaded {
-        Outcome::Downloaded
-    } else if unsettled > 0 {
-        Outcome::Pending
-    } else if expired > 0 {
-        Outcome::Expired
-    } else if let Some((package, winner)) = conflict {
-        Outcome::Conflict(package, winner)
-    } else if !assignments.is_empty() && not_applicable == assignments.len() {
-        Outcome::NotApplicable
-    } else {
-        Outcome::Succeeded
+    let was = old.map(|o| o.phase);
+    if new.phase == JobPhase::Succeeded && was != Some(JobPhase::Succeeded) {
+        events.push(event(
+            EventType::Normal,
+            "Complete",
+            "Complete".into(),
+            format!("{} destinations succeeded", new.progress),
+        ));
     }
+    if new.phase == JobPhase::Failed && was != Some(JobPhase::Failed) {
+        let first = new
+            .failures
+            .first()
+            .map(|f| {
+                format!(
+                    "; first: agent {} package {}: {}",
+                    f.agent, f.package, f.reason
+                )
+            })
+            .unwrap_or_default();
+        events.push(event(
+            EventType::Warning,
+            "Failed",
+            "Fail".into(),
+            format!("{} destination(s) failed{first}", new.failed),
+        ));
+    }
+    events
 }
 
 /// `text`, cut at `max` bytes (on a character boundary).
@@ -193,9 +205,12 @@ pub fn job_status(
         }
     }
     st.sites = rollup.into_values().collect();
+    st.rollout = plan.rollout.as_ref().map(|g| g.status.clone());
+    let paused = st.rollout.as_ref().and_then(|r| r.paused.clone());
     let applicable = st.total - st.not_applicable;
     st.progress = format!("{}/{applicable}", st.succeeded);
     let settled = st.succeeded + st.failed + st.conflict + st.expired;
+    let all_settled = st.total > 0 && settled == applicable;
     st.phase = if job.spec.suspend {
         JobPhase::Suspended
     } else if st.total > 0 && st.succeeded == applicable {
@@ -206,6 +221,8 @@ pub fn job_status(
         JobPhase::Expired
     } else if st.total > 0 && settled == applicable {
         JobPhase::Conflict
+    } else if paused.is_some() {
+        JobPhase::Paused
     } else if settled > 0 {
         JobPhase::Progressing
     } else {
@@ -309,6 +326,48 @@ pub fn job_status(
             reasons::PROGRESSING
         },
         format!("{}/{applicable} destinations succeeded", st.succeeded),
+        generation,
+    ));
+    conds.push(match (&paused, job.spec.suspend) {
+        (_, true) => conditions::new(
+            conditions::PAUSED,
+            true,
+            reasons::SUSPENDED,
+            "the job is suspended (spec.suspend): nobody new gets it",
+            generation,
+        ),
+        (Some(why), false) => conditions::new(
+            conditions::PAUSED,
+            true,
+            reasons::FAILURE_THRESHOLD,
+            format!("{why}; the next batch waits for spec.rollout.resume to be raised (caravan job resume)"),
+            generation,
+        ),
+        (None, false) => conditions::new(
+            conditions::PAUSED,
+            false,
+            reasons::PROGRESSING,
+            "the rollout is not paused",
+            generation,
+        ),
+    });
+    let progressing = !all_settled && paused.is_none() && !job.spec.suspend;
+    conds.push(conditions::new(
+        conditions::PROGRESSING,
+        progressing,
+        match () {
+            _ if progressing => reasons::PROGRESSING,
+            _ if job.spec.suspend => reasons::SUSPENDED,
+            _ if paused.is_some() => reasons::FAILURE_THRESHOLD,
+            _ => reasons::FINISHED,
+        },
+        match &st.rollout {
+            Some(r) => format!(
+                "batch {} of {}: {} of {} destinations have the job",
+                r.batch, r.batches, r.released, st.total
+            ),
+            None => format!("{} of {} destinations settled", settled, st.total),
+        },
         generation,
     ));
     conds.push(match st.failures.first() {

@@ -122,7 +122,7 @@ impl Setup {
             .push_package(&src, "big", "1.0.0", &self.repo.work.join("fleet/packages"))?;
         self.repo.write(
             "fleet/big-job.yaml",
-            "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: big}\nspec:\n  packages: [{name: big}]\n  destinations: {sites: [{name: hq}]}\n",
+            "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: big}\nspec:\n  packages: [{name: big}]\n  destinations: {sites: [{name: hq}]}\n  rollout: {batches: [{size: 100%}]}\n",
         )?;
         self.repo.commit("big for hq")?;
         wait_for("package big", Duration::from_secs(120), || async {

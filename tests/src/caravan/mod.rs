@@ -419,11 +419,23 @@ impl Caravan {
         version: &str,
         manifest_dir: &Path,
     ) -> anyhow::Result<String> {
+        self.push_package_with(dir, name, version, manifest_dir, &[])
+    }
+
+    /// [`Self::push_package`] with `extra` arguments (`--install script`, …).
+    pub fn push_package_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        version: &str,
+        manifest_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
         let (dir, manifest_dir) = (
             dir.display().to_string(),
             manifest_dir.display().to_string(),
         );
-        self.cli(&[
+        let mut args = vec![
             "package",
             "push",
             &dir,
@@ -433,7 +445,9 @@ impl Caravan {
             version,
             "--manifest-dir",
             &manifest_dir,
-        ])
+        ];
+        args.extend(extra);
+        self.cli(&args)
     }
 
     /// Runs the `caravan` CLI against this installation's controller and

@@ -11,6 +11,8 @@ use kube::ResourceExt as _;
 
 use super::{fixtures::*, status::*, *};
 
+mod rollout;
+
 fn condition<'a>(
     conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     type_: &str,
@@ -36,7 +38,7 @@ fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
     ]);
     let packages = all([package("hello", "1.9.0"), package("hello", "1.10.0")]);
     let jobs = all([job("j", &["hello"]).to_site_and_lower("hq")]);
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
     let jp = &plan.jobs[&key("j")];
     assert!(jp.problems.is_empty());
     assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
@@ -57,6 +59,7 @@ fn unknown_references_become_problems_not_panics() {
         &jobs,
         &[],
         &[],
+        at("12:00"),
     );
     let jp = &plan.jobs[&key("j")];
     let reasons: Vec<_> = jp.problems.iter().map(|p| p.0).collect();
@@ -96,7 +99,14 @@ fn job_status_counts_only_reports_for_the_current_digest() {
         // An older version's success does not count.
         agent("a3", "hq").reporting("j", "hello", older, AssignmentPhase::Succeeded, ""),
     ]);
-    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &agents,
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let st = job_status(
         &jobs[0],
         plan.jobs.get(&key("j")),
@@ -120,7 +130,14 @@ fn a_destination_that_recovered_leaves_no_failure_in_the_status() {
     let digest = digest_of("hello", "1.0.0");
     let status_with = |phase, message: &str| {
         let agents = all([agent("a1", "hq").reporting("j", "hello", digest, phase, message)]);
-        let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+        let plan = Plan::compute(
+            &all([site("hq")]),
+            &agents,
+            &jobs,
+            &packages,
+            &[],
+            at("12:00"),
+        );
         job_status(
             &jobs[0],
             plan.jobs.get(&key("j")),
@@ -155,7 +172,14 @@ fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_
         job("typo", &["helo"]).to_site("hq"),
     ]);
     let packages = all([package("hello", "1.0.0")]);
-    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &agents,
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let hq = &plan.by_site[&key("hq")];
     assert!(hq["a1"].assignments.is_empty(), "nothing new is handed out");
     assert_eq!(
@@ -184,7 +208,7 @@ fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
         job("h", &["hello"]).to_site("hq"),
         job("off", &["hello"]).to_site("berlin").suspended(),
     ]);
-    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
     let index = desired::desired(&sites, &jobs, &mut plan);
     let doc = |s: &str| &index[&key(s)];
     let (hello, tools) = (digest_of("hello", "1.0.0"), digest_of("tools", "2.0"));
@@ -202,7 +226,7 @@ fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
     );
     assert!(doc("kreuzberg").lower.is_empty());
     // The same inputs give the same documents, byte for byte.
-    let mut again = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    let mut again = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
     assert_eq!(index, desired::desired(&sites, &jobs, &mut again));
 }
 
@@ -211,7 +235,7 @@ fn a_site_whose_parent_chain_loops_does_not_hang_the_index() {
     let sites = all([site("a").below("b"), site("b").below("a")]);
     let jobs = all([job("j", &["hello"]).to_site("a")]);
     let packages = all([package("hello", "1")]);
-    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[]);
+    let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
     let index = desired::desired(&sites, &jobs, &mut plan);
     assert_eq!(index[&key("b")].lower, [digest_of("hello", "1")]);
 }
@@ -377,7 +401,14 @@ fn a_job_whose_package_does_not_exist_never_shows_succeeded() {
     let digest = digest_of("hello", "1.0.0");
     let agents =
         all([agent("a1", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, "")]);
-    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &agents,
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let st = job_status(
         &jobs[0],
         plan.jobs.get(&key("j")),
@@ -415,7 +446,14 @@ fn three_thousand_failures_keep_the_job_status_small() {
             &tail,
         )
     }));
-    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &agents,
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let st = job_status(
         &jobs[0],
         plan.jobs.get(&key("j")),
@@ -451,7 +489,14 @@ fn a_destination_the_package_is_not_for_is_not_applicable_and_the_job_completes(
             "requirement not met: package hello needs os linux (this endpoint runs plan9)",
         ),
     ]);
-    let plan = Plan::compute(&all([site("hq")]), &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &agents,
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let st = job_status(
         &jobs[0],
         plan.jobs.get(&key("j")),
@@ -511,7 +556,14 @@ fn selectors_with_expressions_and_exclusions_pick_the_destinations() {
     });
     let sites = all([site("hq"), site("branch")]);
     let packages = all([package("hello", "1.0.0")]);
-    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let plan = Plan::compute(
+        &sites,
+        &agents,
+        &all([j.clone()]),
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let jp = &plan.jobs[&key("j")];
     assert!(jp.problems.is_empty(), "{:?}", jp.problems);
     assert_eq!(
@@ -525,7 +577,14 @@ fn selectors_with_expressions_and_exclusions_pick_the_destinations() {
         match_expressions: Some(vec![requirement("os", "Like", &["lin*"])]),
         ..Default::default()
     });
-    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let plan = Plan::compute(
+        &sites,
+        &agents,
+        &all([j.clone()]),
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let jp = &plan.jobs[&key("j")];
     assert_eq!(jp.problems[0].0, reasons::INVALID_SELECTOR);
     assert!(
@@ -542,7 +601,7 @@ fn selectors_with_expressions_and_exclusions_pick_the_destinations() {
     );
     j.spec.destinations.exclude.as_mut().unwrap().agent_selector =
         j.spec.destinations.agent_selector.clone();
-    let plan = Plan::compute(&sites, &agents, &all([j]), &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &all([j]), &packages, &[], at("12:00"));
     assert!(plan.jobs[&key("j")].targets.is_empty());
 }
 
@@ -561,7 +620,7 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
         .to_agent("a1")
         .created_at("10:00");
     let status_of = |jobs: &[Arc<DistributionJob>], name: &str| {
-        let plan = Plan::compute(&sites, &agents, jobs, &packages, &[]);
+        let plan = Plan::compute(&sites, &agents, jobs, &packages, &[], at("12:00"));
         let job = jobs.iter().find(|j| j.name_any() == name).unwrap();
         (
             job_status(job, plan.jobs.get(&key(name)), &agent_index(&agents), now()),
@@ -606,7 +665,7 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
     // Settled with a conflict and nothing else left: the job says so.
     let agents_done = all([agent("a1", "hq")]);
     let jobs = all([old.clone(), new.clone()]);
-    let plan = Plan::compute(&sites, &agents_done, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents_done, &jobs, &packages, &[], at("12:00"));
     let st = job_status(
         &jobs[0],
         plan.jobs.get(&key("old")),
@@ -636,18 +695,18 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
         .to_agent("a1")
         .created_at("11:00");
     let jobs = all([new.clone(), same]);
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
     assert!(superseded(&plan, "new").is_empty() && superseded(&plan, "same").is_empty());
     let remove = job("remove", &["hello"])
         .uninstalling()
         .to_agent("a1")
         .created_at("11:00");
     let jobs = all([new.clone(), remove.clone()]);
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
     let lost = [("a1".to_string(), "ns/remove".to_string())];
     assert_eq!(superseded(&plan, "new"), lost);
     let jobs = all([new, remove.suspended()]);
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
     assert_eq!(superseded(&plan, "new"), lost);
 }
 
@@ -669,7 +728,7 @@ fn a_package_lost_to_another_job_does_not_hide_the_other_packages_of_the_job() {
     let tools = digest_of("tools", "1.0.0");
     let status_with = |agent: Agent| {
         let agents = all([agent]);
-        let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+        let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
         job_status(
             &jobs[1],
             plan.jobs.get(&key("both")),
@@ -728,7 +787,14 @@ fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_trie
     let mut j = job("j", &["hello"]).to_site_and_lower("hq");
     // (agent, generation, excluded from the retry)
     let generations = |j: &DistributionJob| {
-        let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+        let plan = Plan::compute(
+            &sites,
+            &agents,
+            &all([j.clone()]),
+            &packages,
+            &[],
+            at("12:00"),
+        );
         plan.jobs[&key("j")]
             .targets
             .iter()
@@ -759,7 +825,14 @@ fn a_retry_reaches_the_agents_of_its_scope_and_a_failure_says_whether_it_is_trie
         "east and below, and w2 by name"
     );
 
-    let plan = Plan::compute(&sites, &agents, &all([j.clone()]), &packages, &[]);
+    let plan = Plan::compute(
+        &sites,
+        &agents,
+        &all([j.clone()]),
+        &packages,
+        &[],
+        at("12:00"),
+    );
     let st = job_status(&j, plan.jobs.get(&key("j")), &agent_index(&agents), now());
     assert_eq!((st.failed, st.retrying, st.pending), (4, 1, 0));
     let w1 = st.failures.iter().find(|f| f.agent == "w1").unwrap();
@@ -784,7 +857,7 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
         agent("busy", "hq").reporting("j", "hello", digest, AssignmentPhase::Installing, ""),
         agent("away", "hq"),
     ]);
-    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
     let a = &plan.jobs[&key("j")].targets["away"][0];
     assert_eq!(
         (a.schedule.not_before, a.schedule.deadline),
@@ -833,7 +906,7 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
     let bad = job("bad", &["hello"])
         .to_site("hq")
         .scheduled(Some("13:00"), Some("13:00"));
-    let plan = Plan::compute(&sites, &agents, &all([bad]), &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &all([bad]), &packages, &[], at("12:00"));
     assert_eq!(
         plan.jobs[&key("bad")].problems[0].0,
         reasons::INVALID_SCHEDULE
@@ -850,7 +923,7 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
         ..Default::default()
     });
     let windowed = all([windowed]);
-    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[], at("12:00"));
     let (reason, message) = &plan.jobs[&key("win")].problems[0];
     assert_eq!(*reason, reasons::INVALID_SCHEDULE);
     assert!(
@@ -860,7 +933,7 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
     let mut windowed = (*windowed[0]).clone();
     windowed.spec.schedule.as_mut().unwrap().windows[0].duration = "2h".into();
     let windowed = all([windowed]);
-    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &windowed, &packages, &[], at("12:00"));
     assert!(plan.jobs[&key("win")].problems.is_empty());
     let st = job_status(
         &windowed[0],
@@ -882,7 +955,7 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
     let agents =
         all([agent("ready", "hq").reporting("j", "hello", digest, AssignmentPhase::Expired, "")]);
     let jobs_later = all([later]);
-    let plan = Plan::compute(&sites, &agents, &jobs_later, &packages, &[]);
+    let plan = Plan::compute(&sites, &agents, &jobs_later, &packages, &[], at("12:00"));
     let st = job_status(
         &jobs_later[0],
         plan.jobs.get(&key("j")),
