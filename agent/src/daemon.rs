@@ -12,6 +12,7 @@ use caravan_api::trust::{Envelope, TrustError};
 use caravan_net::Backoff;
 
 use crate::{
+    choices,
     client::{Client, ClientError},
     config::Config,
     converge::Converger,
@@ -49,7 +50,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 );
             }
         }
-        match agent.client.desired(etag.as_deref(), wait).await {
+        // A choice of the endpoint's user (`caravan-agent install|defer`)
+        // is acted on at once, not at the end of the long poll.
+        let polled = tokio::select! {
+            r = agent.client.desired(etag.as_deref(), wait) => Some(r),
+            () = changed(agent.state.path().join(choices::FILE)) => None,
+        };
+        let Some(polled) = polled else {
+            tracing::info!("the endpoint's user made a choice");
+            agent.converge().await;
+            wait = agent.next_wait(agent.until_expiry(config.poll_wait));
+            continue;
+        };
+        match polled {
             Ok(Some((new_etag, envelope))) => {
                 etag = Some(new_etag);
                 let refused = judge(&mut trust, &mut agent, &envelope).await?;
@@ -117,6 +130,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         // Wake when the accepted state expires, to stop acting on it.
         wait = agent.next_wait(agent.until_expiry(config.poll_wait));
+    }
+}
+
+/// Resolves once the file at `path` changes (checked every second).
+async fn changed(path: std::path::PathBuf) {
+    let stamp = || std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let before = stamp();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if stamp() != before {
+            return;
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod attempts;
 pub mod backup;
+pub mod choices;
 pub mod client;
 pub mod config;
 pub mod converge;
@@ -49,6 +50,27 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show what is installed and where each assignment stands.
     Status {
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// List the optional packages jobs offer this endpoint.
+    Available {
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Install an optional package a job offers (the running agent does it
+    /// at once, and its job counts it).
+    Install {
+        /// The package's name, as `available` lists it.
+        name: String,
+        #[command(flatten)]
+        state: StateDirArg,
+    },
+    /// Put a job's required installs off, as often and as long as the job
+    /// allows (`spec.deferral`), never past its deadline.
+    Defer {
+        /// The job's name (or `namespace/name`).
+        job: String,
         #[command(flatten)]
         state: StateDirArg,
     },
@@ -208,6 +230,38 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(config::Config::from_args(*args)?).await,
         Command::Status { state } => status::show(&state.open()?).await,
+        Command::Available { state } => {
+            let state = state.open()?;
+            let desired = accepted(&state)?;
+            print!(
+                "{}",
+                choices::render_available(&desired, &choices::Choices::load(&state))
+            );
+            Ok(())
+        }
+        Command::Install { name, state } => {
+            let state = state.open()?;
+            let desired = accepted(&state)?;
+            let mut c = choices::Choices::load(&state);
+            c.choose(&name, &desired).map_err(anyhow::Error::msg)?;
+            c.save(&state)?;
+            println!("{name} is chosen: the running agent installs it");
+            Ok(())
+        }
+        Command::Defer { job, state } => {
+            let state = state.open()?;
+            let desired = accepted(&state)?;
+            let mut c = choices::Choices::load(&state);
+            let (job, until) = c
+                .defer(&job, &desired, chrono::Utc::now())
+                .map_err(anyhow::Error::msg)?;
+            c.save(&state)?;
+            println!(
+                "job {job} is put off until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            Ok(())
+        }
         Command::SelfTest {
             server,
             state_dir,
@@ -241,6 +295,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The desired state the running agent last accepted.
+fn accepted(state: &state::StateDir) -> anyhow::Result<caravan_api::wire::AgentDesired> {
+    state.json(choices::DESIRED)?.ok_or_else(|| {
+        anyhow::anyhow!("the agent has accepted no desired state yet: is it enrolled and running?")
+    })
 }
 
 /// `name=value` (or `name`, with an empty value), checked as a label.

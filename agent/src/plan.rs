@@ -13,6 +13,9 @@
 //!   for repair.
 //! - Installed packages no job installs any more are removed, unless held
 //!   (a suspended job, or a job whose package reference does not resolve).
+//! - An optional job's package installs only once the endpoint's user chose
+//!   it (`Available` until then); a required install the user put off waits
+//!   for the deferral to end (the deadline still expires it).
 //! - A frozen state (an agent not approved, or not known yet) changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -23,7 +26,7 @@ use caravan_api::{
     Digest,
 };
 
-use crate::state::Installed;
+use crate::{choices::Choices, state::Installed};
 
 /// One assignment's identity: job, package and digest.
 pub type Key = (String, String, Digest);
@@ -46,6 +49,8 @@ pub struct Situation<'a> {
     pub now: chrono::DateTime<chrono::Utc>,
     /// The endpoint's time zone, for maintenance windows in local time.
     pub zone: &'a jiff::tz::TimeZone,
+    /// What the endpoint's user chose: optional packages, deferrals.
+    pub choices: &'a Choices,
 }
 
 /// Why an install runs.
@@ -75,6 +80,10 @@ pub enum Decision<'a> {
     Expired(&'a Assignment),
     /// The job's schedule cannot be read (said why): nothing starts.
     Unreadable(&'a Assignment, String),
+    /// Offered by an optional job, not chosen by the endpoint's user.
+    Available(&'a Assignment),
+    /// Put off by the endpoint's user until the time given.
+    Deferred(&'a Assignment, chrono::DateTime<chrono::Utc>),
     /// Another job has the package: nothing is done for this one.
     Conflict {
         assignment: &'a Assignment,
@@ -98,6 +107,9 @@ fn held<'a>(a: &'a Assignment, s: &Situation) -> Option<Decision<'a>> {
     if a.schedule.expired(s.now) {
         return Some(Decision::Expired(a));
     }
+    if let Some(until) = s.choices.deferred_until(a, s.now) {
+        return Some(Decision::Deferred(a, until));
+    }
     match a.schedule.starts(s.now, s.zone) {
         Ok(None) => None,
         Ok(Some(t)) => Some(Decision::Early(a, t)),
@@ -111,10 +123,12 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     }
     let assignments = &s.desired.assignments;
     let mut wanted: BTreeMap<&str, &Assignment> = BTreeMap::new();
-    for a in assignments
-        .iter()
-        .filter(|a| a.action == JobAction::Install && a.superseded_by.is_none())
-    {
+    // (An optional package no one chose installs nothing.)
+    for a in assignments.iter().filter(|a| {
+        a.action == JobAction::Install
+            && a.superseded_by.is_none()
+            && (!a.optional || s.choices.chosen(a))
+    }) {
         wanted.entry(a.package.as_str()).or_insert(a);
     }
     let decisions: Vec<_> = assignments
@@ -145,6 +159,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
                     match (at_digest, live, repair) {
                         // Reached, whoever installed it: even while waiting.
                         (true, true, false) => Decision::Done(a),
+                        _ if a.optional && !s.choices.chosen(a) => Decision::Available(a),
                         _ if waiting => Decision::Wait(a),
                         _ if queued => Decision::Queued(a),
                         // Putting back what the job installed is not bound by its schedule.
@@ -170,7 +185,10 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     let scheduled: BTreeSet<&str> = decisions
         .iter()
         .filter_map(|d| match d {
-            Decision::Early(a, _) | Decision::Expired(a) | Decision::Unreadable(a, _)
+            Decision::Early(a, _)
+            | Decision::Expired(a)
+            | Decision::Unreadable(a, _)
+            | Decision::Deferred(a, _)
                 if a.action == JobAction::Uninstall =>
             {
                 Some(a.package.as_str())
@@ -241,6 +259,7 @@ mod tests {
         waiting: HashSet<Key>,
         now: chrono::DateTime<chrono::Utc>,
         zone: jiff::tz::TimeZone,
+        choices: Choices,
     }
 
     impl Case {
@@ -258,6 +277,7 @@ mod tests {
                 waiting: HashSet::new(),
                 now: at("12:00"),
                 zone: jiff::tz::TimeZone::UTC,
+                choices: Choices::default(),
             }
         }
 
@@ -270,6 +290,7 @@ mod tests {
                 waiting: &self.waiting,
                 now: self.now,
                 zone: &self.zone,
+                choices: &self.choices,
             })
         }
     }
@@ -517,5 +538,62 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_optional_package_installs_once_chosen_and_a_deferral_holds_an_install() {
+        let mut c = Case::new(
+            vec![
+                install("extras", "gimp", "2"),
+                install("base", "hello", "1"),
+            ],
+            &[],
+        );
+        c.desired.assignments[0].optional = true;
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Available(&a[0]),
+                Decision::Install(&a[1], Why::New)
+            ]
+        );
+        c.choices.install.insert("gimp".into());
+        c.choices.deferred.insert(
+            "ns/base".into(),
+            crate::choices::Deferred {
+                count: 1,
+                until: at("13:00"),
+            },
+        );
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Install(&a[0], Why::New),
+                Decision::Deferred(&a[1], at("13:00"))
+            ]
+        );
+        c.now = at("13:00");
+        assert_eq!(c.plan().decisions[1], Decision::Install(&a[1], Why::New));
+    }
+
+    #[test]
+    fn an_optional_package_nobody_chose_holds_back_no_other_job_and_is_not_kept() {
+        // Another job installs another version: not queued behind the offer.
+        let mut c = Case::new(
+            vec![install("extras", "gimp", "2"), install("base", "gimp", "1")],
+            &[("tools", "1")],
+        );
+        c.desired.assignments[0].optional = true;
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Available(&a[0]),
+                Decision::Install(&a[1], Why::New)
+            ]
+        );
+        assert_eq!(c.plan().removals, ["tools"]);
     }
 }

@@ -154,6 +154,14 @@ pub struct Assignment {
     /// nothing after its deadline (reporting `Expired`).
     #[serde(default, flatten)]
     pub schedule: crate::v1alpha1::Schedule,
+    /// Offered, not pushed: installed only once the endpoint's user chose
+    /// it (`caravan-agent install NAME`); until then `Available`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+    /// How the endpoint's user may put this install off
+    /// (`caravan-agent defer JOB`), if at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferral: Option<crate::v1alpha1::Deferral>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -397,6 +405,10 @@ pub enum AssignmentPhase {
     Downloaded,
     /// Not done by the job's deadline: nothing more is started for it.
     Expired,
+    /// Offered by an optional job, not chosen on the endpoint.
+    Available,
+    /// Put off by the endpoint's user (`caravan-agent defer`), until a time.
+    Deferred,
     /// A phase a newer agent reports that this version does not know:
     /// taken as not done yet, so its report still counts.
     #[serde(other)]
@@ -572,7 +584,7 @@ mod tests {
 
     #[test]
     fn a_phase_from_a_newer_agent_does_not_make_its_report_unreadable() {
-        let phase: AssignmentPhase = serde_json::from_str("\"Deferred\"").unwrap();
+        let phase: AssignmentPhase = serde_json::from_str("\"Hibernating\"").unwrap();
         assert_eq!(phase, AssignmentPhase::Unknown);
     }
 

@@ -26,6 +26,20 @@ use kube::{
     Api, Client, Resource as _, ResourceExt as _,
 };
 
+/// Whether a server-side apply conflict names no manager but
+/// `caravan-cli`, which earlier releases of this command wrote as.
+fn conflicts_only_with_old_cli(message: &str) -> bool {
+    let mut managers = message
+        .split("with \"")
+        .skip(1)
+        .map(|rest| rest.split('"').next());
+    let first = managers.next();
+    first == Some(Some(LEGACY_FIELD_MANAGER)) && managers.all(|m| m == Some(LEGACY_FIELD_MANAGER))
+}
+
+/// The field manager of every command before each had its own.
+const LEGACY_FIELD_MANAGER: &str = "caravan-cli";
+
 /// The field manager each command writes its field as.
 fn field_manager(field: &str) -> String {
     let short = match field {
@@ -210,15 +224,24 @@ impl Cluster {
             "metadata": { "name": name },
             "spec": spec,
         });
-        match self
-            .api::<DistributionJob>()
-            .patch(
-                name,
-                &PatchParams::apply(&field_manager(field)),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        let manager = field_manager(field);
+        let api = self.api::<DistributionJob>();
+        let mut result = api
+            .patch(name, &PatchParams::apply(&manager), &Patch::Apply(&patch))
+            .await;
+        // Written by an earlier release as `caravan-cli`: ours to take over.
+        if let Err(kube::Error::Api(e)) = &result {
+            if e.code == 409 && conflicts_only_with_old_cli(&e.message) {
+                result = api
+                    .patch(
+                        name,
+                        &PatchParams::apply(&manager).force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await;
+            }
+        }
+        match result {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => anyhow::bail!(
                 "{field} of DistributionJob {name} is declared in Git (or by another manager: {}): \
@@ -326,9 +349,9 @@ fn rank(phase: AssignmentPhase) -> u8 {
         AssignmentPhase::Conflict => 2,
         AssignmentPhase::Installing | AssignmentPhase::Removing => 3,
         AssignmentPhase::Downloading => 4,
-        AssignmentPhase::Downloaded => 5,
+        AssignmentPhase::Downloaded | AssignmentPhase::Deferred => 5,
         AssignmentPhase::Pending | AssignmentPhase::Unknown => 6,
-        AssignmentPhase::NotApplicable => 7,
+        AssignmentPhase::NotApplicable | AssignmentPhase::Available => 7,
         AssignmentPhase::Succeeded => 8,
     }
 }
@@ -376,6 +399,8 @@ pub fn render(
         (status.not_applicable, "not applicable"),
         (status.pending, "pending"),
         (status.downloaded, "of them downloaded ahead"),
+        (status.deferred, "of them put off by their user"),
+        (status.available, "with the packages on offer"),
     ] {
         if n > 0 {
             out.push_str(&format!(", {n} {what}"));
@@ -545,6 +570,23 @@ mod tests {
                       "artifact": { "digest": Digest::of(version.as_bytes()), "size": 1 } },
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn only_a_conflict_with_the_old_cli_manager_is_taken_over() {
+        assert!(conflicts_only_with_old_cli(
+            "Apply failed with 1 conflict: conflict with \"caravan-cli\": .spec.suspend"
+        ));
+        assert!(!conflicts_only_with_old_cli(
+            "Apply failed with 1 conflict: conflict with \"caravan\": .spec.suspend"
+        ));
+        assert!(!conflicts_only_with_old_cli(
+            "Apply failed with 2 conflicts: conflicts with \"caravan-cli\":\n- .spec.suspend\n\
+             conflicts with \"kubectl-edit\":\n- .spec.retry"
+        ));
+        assert!(!conflicts_only_with_old_cli(
+            "Operation cannot be fulfilled"
+        ));
     }
 
     #[test]

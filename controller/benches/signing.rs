@@ -60,6 +60,8 @@ fn documents(
                 retry_excluded: false,
                 superseded_by: None,
                 schedule: Default::default(),
+                optional: false,
+                deferral: None,
             }
         })
         .collect();

@@ -542,12 +542,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
         "{refused}"
     );
     // Before the start: downloaded and verified, not installed.
-    let ahead = wait_for("the package downloaded ahead", T, || async {
-        Ok(package_state(&c, "on", "timed")
-            .await?
-            .filter(|s| s.phase == AssignmentPhase::Downloaded))
-    })
-    .await?;
+    let ahead = wait_phase(&c, "on", "timed", AssignmentPhase::Downloaded).await?;
     assert!(
         chrono::Utc::now() < not_before,
         "downloaded before the start"
@@ -581,12 +576,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
     .await?;
 
     // From the start: installed (in its hours).
-    let done = wait_for("the install from the start", T, || async {
-        Ok(package_state(&c, "on", "timed")
-            .await?
-            .filter(|s| s.phase == AssignmentPhase::Succeeded))
-    })
-    .await?;
+    let done = wait_phase(&c, "on", "timed", AssignmentPhase::Succeeded).await?;
     assert!(
         done.time.as_str() >= time(not_before).as_str(),
         "{} is before the start",
@@ -600,12 +590,7 @@ async fn a_schedule_downloads_ahead_installs_from_its_start_and_expires_what_it_
     assert_eq!(job.status.unwrap().expired, 1);
     let (state_dir, root) = c.agent_dirs("off");
     c.agents[1].proc = c.spawn_agent("off", &relay, &state_dir, &root)?;
-    let expired = wait_for("the late endpoint to report the job expired", T, || async {
-        Ok(package_state(&c, "off", "timed")
-            .await?
-            .filter(|s| s.phase == AssignmentPhase::Expired))
-    })
-    .await?;
+    let expired = wait_phase(&c, "off", "timed", AssignmentPhase::Expired).await?;
     assert!(
         expired
             .message
@@ -632,6 +617,22 @@ async fn package_state(
         .jobs
         .into_iter()
         .find(|j| j.package == package))
+}
+
+/// Waits until the endpoint `host` reports `phase` for `package`.
+async fn wait_phase(
+    c: &Caravan,
+    host: &str,
+    package: &str,
+    phase: AssignmentPhase,
+) -> anyhow::Result<caravan_api::wire::JobState> {
+    let what = format!("{host} to report {package} {phase:?}");
+    wait_for(&what, T, || async {
+        Ok(package_state(c, host, package)
+            .await?
+            .filter(|s| s.phase == phase))
+    })
+    .await
 }
 
 fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
@@ -679,17 +680,7 @@ async fn a_maintenance_window_in_local_time_holds_the_install_but_not_the_downlo
     repo.commit("nightly, in a maintenance window")?;
 
     // Both download ahead and wait, each for the window on its own clock.
-    let downloaded = |host: &'static str| {
-        let c = &c;
-        async move {
-            wait_for("the package downloaded ahead", T, || async {
-                Ok(package_state(c, host, "nightly")
-                    .await?
-                    .filter(|s| s.phase == AssignmentPhase::Downloaded))
-            })
-            .await
-        }
-    };
+    let downloaded = |host| wait_phase(&c, host, "nightly", AssignmentPhase::Downloaded);
     let east = downloaded("east").await?;
     assert!(chrono::Utc::now() < opens, "downloaded before the window");
     let says = |when| format!("installs in the maintenance window from {}", rfc3339(when));
@@ -716,12 +707,7 @@ async fn a_maintenance_window_in_local_time_holds_the_install_but_not_the_downlo
     }
 
     // Inside its window the eastern endpoint installs; the other waits.
-    let done = wait_for("the install in the window", T, || async {
-        Ok(package_state(&c, "east", "nightly")
-            .await?
-            .filter(|s| s.phase == AssignmentPhase::Succeeded))
-    })
-    .await?;
+    let done = wait_phase(&c, "east", "nightly", AssignmentPhase::Succeeded).await?;
     assert!(
         done.time.as_str() >= rfc3339(opens).as_str(),
         "{} is before the window",
@@ -859,5 +845,127 @@ async fn a_job_is_gated_by_default_pausing_at_the_first_failure_until_resumed() 
     c.cli(&["job", "retry", "canary", "-n", &c.namespace])?;
     c.wait_job("canary", "Succeeded", "4/4", T).await?;
     assert_eq!(runs(&c), 5, "the failure ran again, nothing else");
+    Ok(())
+}
+
+/// Runs `caravan-agent ARGS --state-dir …` for endpoint `host`; its output,
+/// or what it said when it failed.
+fn on_endpoint(c: &Caravan, host: &str, args: &[&str]) -> anyhow::Result<Result<String, String>> {
+    let (state, _) = c.agent_dirs(host);
+    let out = std::process::Command::new(caravan_tests::bin("caravan-agent")?)
+        .args(args)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()?;
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Ok(match out.status.success() {
+        true => Ok(text(out.stdout)),
+        false => Err(text(out.stderr)),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_optional_package_installs_only_when_chosen_and_a_deferral_holds_until_its_end(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("choices").await?;
+    let repo = c.seed_example_fleet().await?;
+    let relay = c.start_relay("hq").await?;
+    for host in ["pick", "skip"] {
+        c.start_agent(host, &relay)?;
+    }
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+    let manifests = repo.work.join("fleet/packages");
+    for name in ["extras", "office", "patch"] {
+        let src = c.dir.join("src").join(name);
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("README"), format!("{name}\n"))?;
+        c.push_package(&src, name, "1.0.0", &manifests)?;
+    }
+    let now = chrono::Utc::now();
+    let job = |name: &str, rest: &str| {
+        repo.write(
+            &format!("fleet/{name}-job.yaml"),
+            &format!(
+                "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: {name}}}\n\
+                 spec:\n  packages: [{{name: {name}}}]\n  destinations: {{sites: [{{name: hq}}]}}\n  \
+                 rollout: {{batches: [{{size: 100%}}]}}\n{rest}"
+            ),
+        )
+    };
+    job("extras", "  optional: true\n")?;
+    job(
+        "office",
+        &format!(
+            "  deferral: {{limit: 1, delay: 25s}}\n  schedule: {{notBefore: \"{}\"}}\n",
+            rfc3339(now + chrono::Duration::seconds(20))
+        ),
+    )?;
+    job(
+        "patch",
+        &format!(
+            "  deferral: {{limit: 3, delay: 1h}}\n  schedule: {{deadline: \"{}\"}}\n",
+            rfc3339(now + chrono::Duration::minutes(10))
+        ),
+    )?;
+    repo.commit("extras on offer, office that can wait, an urgent patch")?;
+
+    // Offered, not installed, until chosen on the endpoint.
+    let job = c.wait_job("extras", "Available", "0/2", T).await?;
+    assert_eq!(job.status.unwrap_or_default().available, 2);
+    let offered = on_endpoint(&c, "pick", &["available"])?.unwrap();
+    assert!(
+        offered.starts_with(&format!("extras 1.0.0 (job {}/extras)", c.namespace)),
+        "{offered}"
+    );
+    let refused = on_endpoint(&c, "pick", &["install", "hello"])?.unwrap_err();
+    assert!(
+        refused.contains("no job offers package hello here"),
+        "{refused}"
+    );
+
+    // The user of one endpoint puts office off (once: its limit).
+    wait_phase(&c, "pick", "office", AssignmentPhase::Downloaded).await?;
+    let said = on_endpoint(&c, "pick", &["defer", "office"])?.unwrap();
+    let until: chrono::DateTime<chrono::Utc> = said
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{said}: {e}"))?;
+    let again = on_endpoint(&c, "pick", &["defer", "office"])?.unwrap_err();
+    assert!(
+        again.contains("put off 1 time(s): that is its limit"),
+        "{again}"
+    );
+    // The deadline wins over a deferral that would end after it.
+    let late = on_endpoint(&c, "pick", &["defer", "patch"])?.unwrap_err();
+    assert!(late.contains("must install by its deadline"), "{late}");
+
+    // Chosen: installed at once, and the job counts it.
+    on_endpoint(&c, "pick", &["install", "extras"])?.unwrap();
+    let job = c.wait_job("extras", "Available", "1/2", T).await?;
+    assert_eq!(job.status.unwrap_or_default().available, 1);
+    assert!(c.agents[0].install_root.join("extras/README").exists());
+    assert!(!c.agents[1].install_root.join("extras").exists());
+
+    // Office: the other endpoint installs it from its start; the deferred
+    // one waits for its deferral to end, then installs it.
+    let deferred = wait_phase(&c, "pick", "office", AssignmentPhase::Deferred).await?;
+    assert!(deferred
+        .message
+        .contains("put off by the endpoint's user until"));
+    wait_phase(&c, "skip", "office", AssignmentPhase::Succeeded).await?;
+    if chrono::Utc::now() < until {
+        assert!(!c.agents[0].install_root.join("office").exists());
+    }
+    let done = wait_phase(&c, "pick", "office", AssignmentPhase::Succeeded).await?;
+    assert!(
+        done.time.as_str() >= rfc3339(until).as_str(),
+        "installed at {} before the deferral ended at {until}",
+        done.time
+    );
+    c.wait_job("office", "Succeeded", "2/2", T).await?;
     Ok(())
 }

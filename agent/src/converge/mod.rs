@@ -26,6 +26,7 @@ use caravan_api::{
 
 use crate::{
     attempts::Attempts,
+    choices::{self, Choices},
     client::Client,
     config::Config,
     drift::Baseline,
@@ -166,6 +167,14 @@ impl Converger {
         if changed {
             self.attempts.save(&self.state);
         }
+        // For `caravan-agent available|install|defer`, which check the
+        // user's choices against it.
+        if let Err(e) = self.state.set_json(choices::DESIRED, Some(&desired)) {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the accepted desired state was not kept"
+            );
+        }
         self.desired = desired;
         self.refused = None;
     }
@@ -199,6 +208,7 @@ impl Converger {
         let wall = chrono::Utc::now();
         // A job's start or deadline, when it comes.
         let zone = jiff::tz::TimeZone::system();
+        let choices = Choices::load(&self.state);
         let schedules = self
             .desired
             .assignments
@@ -207,6 +217,7 @@ impl Converger {
                 [
                     a.schedule.starts(wall, &zone).ok().flatten(),
                     a.schedule.deadline,
+                    choices.deferred_until(a, wall),
                 ]
             })
             .flatten()
@@ -283,6 +294,7 @@ impl Converger {
         // the plan is made again from what is installed now.
         let mut next = 0;
         let zone = jiff::tz::TimeZone::system();
+        let choices = Choices::load(&self.state);
         let removals: Vec<String> = loop {
             let facts = self.facts(&installed);
             let plan = plan::plan(&plan::Situation {
@@ -293,6 +305,7 @@ impl Converger {
                 waiting: &facts.waiting,
                 now: chrono::Utc::now(),
                 zone: &zone,
+                choices: &choices,
             });
             let mut act = None;
             while act.is_none() && next < plan.decisions.len() {
@@ -343,6 +356,16 @@ impl Converger {
                                 touched |= self.settle(a, AssignmentPhase::Pending, &msg)
                             }
                         }
+                    }
+                    Decision::Available(a) => {
+                        let msg =
+                            format!("offered: `caravan-agent install {}` installs it", a.package);
+                        touched |= self.settle(a, AssignmentPhase::Available, &msg);
+                    }
+                    Decision::Deferred(a, until) => {
+                        let msg =
+                            format!("put off by the endpoint's user until {}", rfc3339(*until));
+                        touched |= self.settle(a, AssignmentPhase::Deferred, &msg);
                     }
                     Decision::Unreadable(a, why) => {
                         ok = false;

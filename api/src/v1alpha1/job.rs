@@ -63,11 +63,49 @@ pub struct DistributionJobSpec {
     /// When the job may act.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<super::Schedule>,
+    /// Offer the packages instead of pushing them: an endpoint installs one
+    /// when its user asks (`caravan-agent install NAME`, listed by
+    /// `caravan-agent available`), and the job counts it; the others are
+    /// `Available`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+    /// Let the endpoint's user put a required install off a few times
+    /// (`caravan-agent defer JOB`), never past the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferral: Option<Deferral>,
     /// How the job reaches its destinations: in batches, pausing when too
     /// many fail. Without it: gated (one destination, then 10%, then the
     /// rest, pausing when 10% of a batch failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::Rollout>,
+}
+
+/// How an endpoint's user may put a required install off.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Deferral {
+    /// How many times, on each endpoint.
+    #[schemars(range(max = 100))]
+    pub limit: u32,
+    /// How long each time (`4h`, `30m`): a deferral that would end after
+    /// the job's deadline is refused, so the deadline still holds.
+    #[schemars(length(min = 1, max = 32))]
+    pub delay: String,
+}
+
+impl Deferral {
+    /// The delay, read (positive, at most a week).
+    pub fn delay(&self) -> Result<chrono::Duration, String> {
+        let bad = |why: String| format!("deferral.delay {:?}: {why}", self.delay);
+        let d: jiff::SignedDuration = self
+            .delay
+            .parse()
+            .map_err(|e: jiff::Error| bad(e.to_string()))?;
+        if !d.is_positive() || d > jiff::SignedDuration::from_hours(24 * 7) {
+            return Err(bad("more than nothing and at most a week".into()));
+        }
+        chrono::Duration::from_std(d.unsigned_abs()).map_err(|e| bad(e.to_string()))
+    }
 }
 
 /// The default of `spec.retries`: two more tries after the first.
@@ -201,6 +239,9 @@ pub enum JobPhase {
     Conflict,
     /// Every destination is settled, and some were not done by the deadline.
     Expired,
+    /// Every destination is settled, and some have the optional packages on
+    /// offer, not chosen (`status.available`).
+    Available,
     Suspended,
     /// The rollout paused at its failure threshold (`status.rollout.paused`
     /// says why): the next batch waits for `spec.rollout.resume`.
@@ -248,6 +289,14 @@ pub struct DistributionJobStatus {
     /// waiting for `spec.schedule.notBefore`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downloaded: u32,
+    /// Of the pending destinations, those whose user put the install off
+    /// (`spec.deferral`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferred: u32,
+    /// Destinations where an optional job's packages are offered and not
+    /// chosen (`spec.optional`): settled, not failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub available: u32,
     /// Where the rollout stands: the batch under way, whether it paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::RolloutStatus>,
@@ -278,6 +327,8 @@ pub struct SiteRollup {
     pub conflict: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expired: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub available: u32,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -190,6 +190,14 @@ impl Rollout {
         } else {
             &r.batches
         };
+        if let Some(last) = batches.last().filter(|b| !b.sites.is_empty()) {
+            return Err(format!(
+                "rollout.batches[{}].sites {:?}: the last batch takes every destination left, \
+                 whatever its sites",
+                batches.len() - 1,
+                last.sites
+            ));
+        }
         let batches = batches
             .iter()
             .enumerate()
@@ -213,8 +221,8 @@ impl Rollout {
                 let d: jiff::SignedDuration = w
                     .parse()
                     .map_err(|e: jiff::Error| format!("rollout.wait {w:?}: {e}"))?;
-                if d.is_negative() {
-                    return Err(format!("rollout.wait {w:?}: a wait is not negative"));
+                if d.is_negative() || d > jiff::SignedDuration::from_hours(24 * 30) {
+                    return Err(format!("rollout.wait {w:?}: from nothing to 30 days"));
                 }
                 Some(
                     chrono::Duration::from_std(d.unsigned_abs())
@@ -298,6 +306,14 @@ mod tests {
             ("failureThreshold: -1", "rollout.failureThreshold -1"),
             ("wait: soon", "rollout.wait \"soon\""),
             ("wait: '-5m'", "rollout.wait \"-5m\""),
+            (
+                "wait: 3000000000h",
+                "rollout.wait \"3000000000h\": from nothing to 30 days",
+            ),
+            (
+                "batches: [{size: 1}, {sites: [eu]}]",
+                "rollout.batches[1].sites [\"eu\"]",
+            ),
         ] {
             let e = parse(yaml).unwrap_err();
             assert!(e.contains(field), "{yaml}: {e}");

@@ -134,7 +134,11 @@ impl Window {
         let at = t.to_zoned(p.zone.clone().unwrap_or_else(|| local.clone()));
         // Opened last at or before `t`, and still open?
         if let Ok(opened) = p.cron.find_previous_occurrence(&at, true) {
-            if opened.timestamp() + p.duration > t {
+            if opened
+                .timestamp()
+                .checked_add(p.duration)
+                .is_ok_and(|closes| closes > t)
+            {
                 return Some(t);
             }
         }

@@ -206,6 +206,8 @@ pub fn job(name: &str, packages: &[&str]) -> DistributionJob {
             retries: DEFAULT_RETRIES,
             retry: None,
             schedule: None,
+            optional: false,
+            deferral: None,
             // Everyone at once, unless a test says otherwise.
             rollout: Some(Rollout {
                 batches: vec![Batch {

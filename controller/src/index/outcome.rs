@@ -16,6 +16,10 @@ pub enum Outcome {
     Pending,
     /// Pending, with every package left downloaded, waiting for `notBefore`.
     Downloaded,
+    /// Pending: the endpoint's user put an install off.
+    Deferred,
+    /// Settled, with optional packages on offer and not chosen.
+    Available,
     /// Not done by the deadline.
     Expired,
     /// Every package is for another OS or architecture.
@@ -30,6 +34,7 @@ pub fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> O
         .map(|s| s.jobs.as_slice())
         .unwrap_or_default();
     let (mut done, mut not_applicable, mut lost, mut expired, mut downloaded) = (0, 0, 0, 0, 0);
+    let (mut available, mut deferred) = (0, 0);
     let mut conflict = None;
     for a in assignments {
         // Another job has this package here: nothing to wait for.
@@ -55,11 +60,15 @@ pub fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> O
             // Not started, and too late to (whether the agent said so yet or not).
             _ if a.schedule.expired(now) => expired += 1,
             Some((AssignmentPhase::Downloaded, _)) => downloaded += 1,
+            Some((AssignmentPhase::Available, _)) => available += 1,
+            Some((AssignmentPhase::Deferred, _)) => deferred += 1,
             _ => {}
         }
     }
-    let unsettled = assignments.len() - done - not_applicable - lost - expired;
-    if unsettled > 0 && unsettled == downloaded {
+    let unsettled = assignments.len() - done - not_applicable - lost - expired - available;
+    if unsettled > 0 && deferred > 0 {
+        Outcome::Deferred
+    } else if unsettled > 0 && unsettled == downloaded {
         Outcome::Downloaded
     } else if unsettled > 0 {
         Outcome::Pending
@@ -67,6 +76,8 @@ pub fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> O
         Outcome::Expired
     } else if let Some((package, winner)) = conflict {
         Outcome::Conflict(package, winner)
+    } else if available > 0 {
+        Outcome::Available
     } else if !assignments.is_empty() && not_applicable == assignments.len() {
         Outcome::NotApplicable
     } else {

@@ -104,35 +104,54 @@ impl Plan {
             .collect();
         for (job, job_plan) in jobs.iter().zip(resolved.iter_mut()) {
             let ns = job.namespace().unwrap_or_default();
-            match Rollout::plan(job.spec.rollout.as_ref()) {
-                Ok(rollout) => {
-                    let destinations: Vec<Destination> = job_plan
-                        .targets
+            let destinations: Vec<Destination> = job_plan
+                .targets
+                .iter()
+                .map(|(name, assignments)| {
+                    let agent = by_name.get(&(ns.clone(), name.clone())).copied();
+                    Destination {
+                        agent: name,
+                        site: agent.map_or("", |a| &a.spec.site),
+                        progress: rollout::progress(agent, assignments, now),
+                    }
+                })
+                .collect();
+            let rollout = Rollout::plan(job.spec.rollout.as_ref()).and_then(|r| {
+                let known = |s: &String| {
+                    sites
                         .iter()
-                        .map(|(name, assignments)| {
-                            let agent = by_name.get(&(ns.clone(), name.clone())).copied();
-                            Destination {
-                                agent: name,
-                                site: agent.map_or("", |a| &a.spec.site),
-                                progress: rollout::progress(agent, assignments, now),
-                            }
-                        })
-                        .collect();
-                    let gate = rollout::gate(
-                        job,
-                        &rollout,
-                        &destinations,
-                        |s| with_lower(sites, &ns, s),
-                        &job_plan.revision,
-                        now,
-                    );
-                    job_plan.rollout = Some(gate);
+                        .any(|x| x.namespace().as_deref() == Some(&ns) && x.name_any() == *s)
+                };
+                match r
+                    .batches
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, b)| b.sites.iter().find(|s| !known(s)).map(|s| (i, s)))
+                {
+                    Some((i, s)) => Err(format!(
+                        "rollout.batches[{i}].sites: site {s} not found in namespace {ns}"
+                    )),
+                    None => Ok(r),
                 }
-                Err(e) => job_plan.problems.push((
-                    reasons::INVALID_ROLLOUT,
-                    format!("{e}: nobody new gets the job"),
-                )),
-            }
+            });
+            let gate = match rollout {
+                Ok(rollout) => rollout::gate(
+                    job,
+                    &rollout,
+                    &destinations,
+                    |s| with_lower(sites, &ns, s),
+                    &job_plan.revision,
+                    now,
+                ),
+                Err(e) => {
+                    job_plan.problems.push((
+                        reasons::INVALID_ROLLOUT,
+                        format!("{e}: the rollout stands still"),
+                    ));
+                    rollout::frozen(job, &destinations)
+                }
+            };
+            job_plan.rollout = Some(gate);
         }
         for (job, job_plan) in jobs.into_iter().zip(resolved) {
             let (ns, name) = key_of(job.as_ref());
@@ -155,9 +174,20 @@ impl Plan {
                     // A suspended job keeps what it installed where it is
                     // (and one that did not reach the agent yet holds what
                     // is there, so another job losing it removes nothing).
+                    // (What the agent reports the job installed, too: a
+                    // package the job dropped is not removed before the
+                    // rollout reaches the agent.)
+                    let reported = by_name
+                        .get(&(ns.clone(), agent.clone()))
+                        .and_then(|a| a.status.as_ref())
+                        .into_iter()
+                        .flat_map(|s| s.jobs.iter())
+                        .filter(|j| j.job == format!("{ns}/{name}"))
+                        .map(|j| j.package.clone());
                     entry
                         .hold
                         .extend(job.spec.packages.iter().map(|p| p.name.clone()));
+                    entry.hold.extend(reported);
                 } else {
                     entry.assignments.extend(assignments.iter().cloned());
                     entry.hold.extend(job_plan.unresolved.iter().cloned());
@@ -288,6 +318,12 @@ fn resolve_job(
                 .push((reasons::INVALID_SCHEDULE, format!("{e}: nothing installs")));
         }
     }
+    if let Some(Err(e)) = job.spec.deferral.as_ref().map(|d| d.delay()) {
+        plan.problems.push((
+            reasons::INVALID_SCHEDULE,
+            format!("{e}: nothing is deferred"),
+        ));
+    }
     let site_names: BTreeSet<String> = sites
         .iter()
         .filter(|s| in_ns(&|| s.namespace()))
@@ -364,6 +400,8 @@ fn resolve_job(
             retry_excluded: false,
             superseded_by: None,
             schedule: job.spec.schedule.clone().unwrap_or_default(),
+            optional: job.spec.optional,
+            deferral: job.spec.deferral.clone(),
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet

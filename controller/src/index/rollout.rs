@@ -49,18 +49,23 @@ pub enum Progress {
 pub fn progress(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> Progress {
     let started = agent.and_then(|a| a.status.as_ref()).is_some_and(|s| {
         s.jobs.iter().any(|j| {
-            assignments
-                .iter()
-                .any(|a| a.job == j.job && a.package == j.package && a.digest == j.digest)
+            assignments.iter().any(|a| {
+                a.job == j.job
+                    && a.package == j.package
+                    && a.digest == j.digest
+                    && a.action == j.action
+            })
         })
     });
     match outcome(agent, assignments, now) {
         Outcome::Succeeded => Progress::Succeeded,
         Outcome::Failed(_, _, None) => Progress::Failed,
         Outcome::Failed(..) => Progress::Running,
-        Outcome::Pending | Outcome::Downloaded if started => Progress::Running,
-        Outcome::Pending | Outcome::Downloaded => Progress::NotStarted,
-        Outcome::Expired | Outcome::NotApplicable | Outcome::Conflict(..) => Progress::Settled,
+        Outcome::Pending | Outcome::Downloaded | Outcome::Deferred if started => Progress::Running,
+        Outcome::Pending | Outcome::Downloaded | Outcome::Deferred => Progress::NotStarted,
+        Outcome::Expired | Outcome::NotApplicable | Outcome::Conflict(..) | Outcome::Available => {
+            Progress::Settled
+        }
     }
 }
 
@@ -100,7 +105,9 @@ pub fn gate(
         .iter()
         .map(|d| (Digest::of(format!("{job_key}/{}", d.agent).as_bytes()), d))
         .collect();
-    order.sort_by_key(|(h, d)| (*h, d.agent));
+    // Those that started first: an agent enrolling later never takes
+    // their place in a batch.
+    order.sort_by_key(|(h, d)| (d.progress == Progress::NotStarted, *h, d.agent));
     let order: Vec<&Destination> = order.into_iter().map(|(_, d)| d).collect();
 
     // The members of each batch.
@@ -121,7 +128,14 @@ pub fn gate(
         } else {
             b.size.of(pool.len() as u32) as usize
         };
-        let mut have = pool.iter().filter(|d| taken.contains(d.agent)).count();
+        // A destination with nothing to do (not applicable, lost to
+        // another job) is taken but does not count: the batch takes the
+        // next, so that it is tried somewhere.
+        let counts = |d: &Destination| d.progress != Progress::Settled;
+        let mut have = pool
+            .iter()
+            .filter(|d| taken.contains(d.agent) && counts(d))
+            .count();
         let mut members = Vec::new();
         for d in pool {
             if have >= want {
@@ -129,7 +143,7 @@ pub fn gate(
             }
             if taken.insert(d.agent) {
                 members.push(d);
-                have += 1;
+                have += usize::from(counts(d));
             }
         }
         batches.push(members);
@@ -150,9 +164,11 @@ pub fn gate(
     st.batches = n as u32;
     st.batch = st.batch.clamp(1, n as u32);
     st.revision = revision.to_string();
+    // Raised: go on. Lowered (a revert in Git): only noted.
+    let advance_now = plan.resume > st.resumed;
+    st.resumed = plan.resume;
     let mut advance = false;
-    if plan.resume != st.resumed {
-        st.resumed = plan.resume;
+    if advance_now {
         st.paused = None;
         advance = true;
     }
@@ -168,8 +184,10 @@ pub fn gate(
         let count = |f: &dyn Fn(Progress) -> bool| members.iter().filter(|d| f(d.progress)).count();
         let failed = count(&|p| p == Progress::Failed);
         let finished = count(&|p| matches!(p, Progress::Succeeded | Progress::Failed));
-        let done = finished + count(&|p| p == Progress::Settled);
-        let enough = finished >= (plan.min_completed as usize).min(members.len());
+        let settled = count(&|p| p == Progress::Settled);
+        let done = finished + settled;
+        // (Of the members with something to do.)
+        let enough = finished >= (plan.min_completed as usize).min(members.len() - settled);
         // (The last batch has everyone left: pausing it holds nobody back.)
         let breached = failed > 0
             && enough
@@ -187,7 +205,8 @@ pub fn gate(
         }
         if done == members.len() && (st.batch as usize) < n {
             let since = *st.finished_at.get_or_insert(now);
-            if plan.wait.is_none_or(|w| now >= since + w) {
+            let next = plan.wait.map(|w| since.checked_add_signed(w));
+            if next.is_none_or(|t| t.is_some_and(|t| now >= t)) {
                 advance = true;
                 continue;
             }
@@ -213,9 +232,29 @@ pub fn gate(
     }
 }
 
+/// The gate of a job whose rollout cannot be read: it stands where the
+/// job's status left it, and only the destinations that started keep the
+/// job (nothing is taken back, nobody new gets it).
+pub fn frozen(job: &DistributionJob, destinations: &[Destination]) -> Gate {
+    let released: BTreeSet<String> = destinations
+        .iter()
+        .filter(|d| !matches!(d.progress, Progress::NotStarted | Progress::Settled))
+        .map(|d| d.agent.to_string())
+        .collect();
+    let mut status = job
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .unwrap_or_default();
+    status.released = released.len() as u32;
+    Gate { released, status }
+}
+
 /// When a job's rollout next starts a batch by itself: a `wait` between
 /// batches ending.
 pub fn wakes(job: &DistributionJob, plan: &RolloutPlan) -> Option<Now> {
     let st = job.status.as_ref()?.rollout.as_ref()?;
-    Some(st.finished_at? + plan.wait?).filter(|_| st.paused.is_none())
+    st.finished_at?
+        .checked_add_signed(plan.wait?)
+        .filter(|_| st.paused.is_none())
 }

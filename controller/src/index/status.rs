@@ -189,6 +189,15 @@ pub fn job_status(
                 st.pending += 1;
                 st.downloaded += 1;
             }
+            Outcome::Deferred => {
+                r.pending += 1;
+                st.pending += 1;
+                st.deferred += 1;
+            }
+            Outcome::Available => {
+                r.available += 1;
+                st.available += 1;
+            }
             Outcome::Expired => {
                 r.expired += 1;
                 st.expired += 1;
@@ -209,7 +218,7 @@ pub fn job_status(
     let paused = st.rollout.as_ref().and_then(|r| r.paused.clone());
     let applicable = st.total - st.not_applicable;
     st.progress = format!("{}/{applicable}", st.succeeded);
-    let settled = st.succeeded + st.failed + st.conflict + st.expired;
+    let settled = st.succeeded + st.failed + st.conflict + st.expired + st.available;
     let all_settled = st.total > 0 && settled == applicable;
     st.phase = if job.spec.suspend {
         JobPhase::Suspended
@@ -219,6 +228,8 @@ pub fn job_status(
         JobPhase::Failed
     } else if st.total > 0 && settled == applicable && st.expired > 0 {
         JobPhase::Expired
+    } else if st.total > 0 && settled == applicable && st.available > 0 {
+        JobPhase::Available
     } else if st.total > 0 && settled == applicable {
         JobPhase::Conflict
     } else if paused.is_some() {
@@ -271,7 +282,8 @@ pub fn job_status(
             generation,
         ));
     } else {
-        let ok = st.phase == JobPhase::Succeeded;
+        // (An optional job is done once its packages are offered.)
+        let ok = matches!(st.phase, JobPhase::Succeeded | JobPhase::Available);
         conds.push(conditions::new(
             conditions::READY,
             ok,
@@ -287,10 +299,15 @@ pub fn job_status(
                 st.failed,
                 st.retrying,
                 st.not_applicable,
-                match st.expired {
-                    0 => String::new(),
-                    n => format!(", {n} expired at the deadline"),
-                },
+                [
+                    (st.expired, "expired at the deadline"),
+                    (st.available, "with the packages on offer"),
+                    (st.deferred, "put off by their user"),
+                ]
+                .iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, what)| format!(", {n} {what}"))
+                .collect::<String>(),
                 match job
                     .spec
                     .schedule
@@ -319,8 +336,8 @@ pub fn job_status(
     }
     conds.push(conditions::new(
         conditions::COMPLETE,
-        st.phase == JobPhase::Succeeded,
-        if st.phase == JobPhase::Succeeded {
+        matches!(st.phase, JobPhase::Succeeded | JobPhase::Available),
+        if matches!(st.phase, JobPhase::Succeeded | JobPhase::Available) {
             reasons::SUCCEEDED
         } else {
             reasons::PROGRESSING

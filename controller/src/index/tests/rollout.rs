@@ -154,7 +154,7 @@ fn a_job_without_a_rollout_reaches_one_destination_then_ten_percent_then_the_res
     assert!(r.released().is_superset(&first));
     assert_eq!(r.reasons(), ["BatchStarted"]);
     let second: Vec<String> = r.released().difference(&first).cloned().collect();
-    w.report(&second[0], AssignmentPhase::NotApplicable, false);
+    w.report(&second[0], AssignmentPhase::Succeeded, false);
     let r = w.round();
     assert_eq!((r.rollout().batch, r.released().len()), (3, 20));
     assert_eq!(w.round().reasons(), Vec::<&str>::new(), "told once");
@@ -207,12 +207,76 @@ fn a_rollout_pauses_at_its_failure_threshold_and_resume_goes_on_with_the_next_ba
     );
     assert_eq!(r.reasons(), ["RolloutResumed", "BatchStarted"]);
     assert_eq!(r.status.phase, JobPhase::Progressing);
-    // The gate counts each batch afresh: one success of batch 2 does not
+    // The gate counts each batch afresh: two successes of batch 2 do not
     // pause it for batch 1's failure.
+    let first: BTreeSet<String> = first.into_iter().collect();
+    let second: Vec<String> = r.released().difference(&first).cloned().collect();
+    w.report(&second[0], AssignmentPhase::Succeeded, false);
+    w.report(&second[1], AssignmentPhase::Succeeded, false);
     assert!(w.round().rollout().paused.is_none());
+    // Lowered (a revert in Git): noted, nothing moves.
+    w.job.spec.rollout.as_mut().unwrap().resume = 0;
+    let r = w.round();
+    assert_eq!((r.rollout().batch, r.rollout().resumed), (2, 0));
     // A resume while a batch is under way does not wait for it.
-    w.job.spec.rollout.as_mut().unwrap().resume = 2;
+    w.job.spec.rollout.as_mut().unwrap().resume = 1;
     assert_eq!(w.round().released().len(), 10);
+}
+
+#[test]
+fn a_destination_with_nothing_to_do_does_not_fill_a_batch_and_a_started_one_keeps_its_place() {
+    let mut w = World::new(all([site("hq")]), agents(10, "hq"), None);
+    let first: Vec<String> = w.round().released().into_iter().collect();
+    // The first is not applicable: the first batch takes the next one, so
+    // the package is tried somewhere before 10% get it.
+    w.report(&first[0], AssignmentPhase::NotApplicable, false);
+    let r = w.round();
+    assert_eq!((r.rollout().batch, r.released().len()), (1, 2));
+    let second: Vec<String> = r
+        .released()
+        .into_iter()
+        .filter(|a| *a != first[0])
+        .collect();
+    w.report(&second[0], AssignmentPhase::Installing, false);
+    // Agents that enroll later, whatever their place in the order, do not
+    // take the place of the one that started.
+    w.agents
+        .extend((0..40).map(|i| agent(&format!("late-{i:02}"), "hq")));
+    let r = w.round();
+    assert!(r.released().contains(&second[0]));
+    assert_eq!((r.rollout().batch, r.released().len()), (1, 2));
+}
+
+#[test]
+fn a_rollout_made_unreadable_stands_still_and_takes_nothing_back() {
+    let mut w = World::new(
+        all([site("hq")]),
+        agents(4, "hq"),
+        Some(rollout(&["1", "100%"])),
+    );
+    let first = w.round().released();
+    let a = first.first().unwrap().clone();
+    w.report(&a, AssignmentPhase::Installing, false);
+    w.round();
+    // An unknown site in a batch, then a size that is not one.
+    let mut bad = rollout(&["1", "100%"]);
+    bad.batches[0].sites = vec!["atlantis".into()];
+    w.job.spec.rollout = Some(bad);
+    let r = w.round();
+    let refs = condition(&r.status.conditions, conditions::RESOLVED_REFS);
+    assert_eq!(refs.reason, reasons::INVALID_ROLLOUT);
+    assert!(
+        refs.message
+            .starts_with("rollout.batches[0].sites: site atlantis not found"),
+        "{}",
+        refs.message
+    );
+    assert_eq!(r.released(), first, "the one that started keeps the job");
+    assert_eq!(r.rollout().batch, 1, "where it stood");
+    w.report(&a, AssignmentPhase::Succeeded, false);
+    assert_eq!(w.round().released(), first, "and nothing moves");
+    w.job.spec.rollout = Some(rollout(&["1", "100%"]));
+    assert_eq!(w.round().released().len(), 4);
 }
 
 #[test]
