@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent bench-signing
+.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent bench-job bench-signing
 
 setup:
 	bash scripts/setup.sh
@@ -36,6 +36,12 @@ bench-package: setup
 bench-agent: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-agent
+
+# Figures: a job to 200 real agents — API writes per agent per job and the
+# time from the commit to the last agent's Succeeded (all at once, gated).
+bench-job: setup
+	$(CARGO) build --release --workspace --bins
+	./target/release/caravan-bench-job
 
 # Figures: what signing desired state costs — controller documents per
 # second (changed and unchanged) against serializing them unsigned, and the

@@ -398,6 +398,8 @@ pub fn render(
         (status.expired, "expired"),
         (status.not_applicable, "not applicable"),
         (status.pending, "pending"),
+        (status.downloading, "of them downloading"),
+        (status.installing, "of them installing"),
         (status.downloaded, "of them downloaded ahead"),
         (status.deferred, "of them put off by their user"),
         (status.available, "with the packages on offer"),

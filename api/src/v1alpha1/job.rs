@@ -289,6 +289,13 @@ pub struct DistributionJobStatus {
     /// waiting for `spec.schedule.notBefore`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub downloaded: u32,
+    /// Of the pending destinations, those downloading a package.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub downloading: u32,
+    /// Of the pending destinations, those installing (or removing) a
+    /// package.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub installing: u32,
     /// Of the pending destinations, those whose user put the install off
     /// (`spec.deferral`).
     #[serde(default, skip_serializing_if = "is_zero")]

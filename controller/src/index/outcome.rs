@@ -18,6 +18,10 @@ pub enum Outcome {
     Downloaded,
     /// Pending: the endpoint's user put an install off.
     Deferred,
+    /// Pending, a package downloading.
+    Downloading,
+    /// Pending, a package installing (or being removed).
+    Installing,
     /// Settled, with optional packages on offer and not chosen.
     Available,
     /// Not done by the deadline.
@@ -34,7 +38,7 @@ pub fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> O
         .map(|s| s.jobs.as_slice())
         .unwrap_or_default();
     let (mut done, mut not_applicable, mut lost, mut expired, mut downloaded) = (0, 0, 0, 0, 0);
-    let (mut available, mut deferred) = (0, 0);
+    let (mut available, mut deferred, mut downloading, mut installing) = (0, 0, 0, 0);
     let mut conflict = None;
     for a in assignments {
         // Another job has this package here: nothing to wait for.
@@ -56,17 +60,22 @@ pub fn outcome(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> O
             // (Reported before a deadline was moved later: not expired now.)
             Some((AssignmentPhase::Expired, _)) if a.schedule.expired(now) => expired += 1,
             // Started before the deadline: it finishes.
-            Some((AssignmentPhase::Installing | AssignmentPhase::Removing, _)) => {}
+            Some((AssignmentPhase::Installing | AssignmentPhase::Removing, _)) => installing += 1,
             // Not started, and too late to (whether the agent said so yet or not).
             _ if a.schedule.expired(now) => expired += 1,
             Some((AssignmentPhase::Downloaded, _)) => downloaded += 1,
             Some((AssignmentPhase::Available, _)) => available += 1,
             Some((AssignmentPhase::Deferred, _)) => deferred += 1,
+            Some((AssignmentPhase::Downloading, _)) => downloading += 1,
             _ => {}
         }
     }
     let unsettled = assignments.len() - done - not_applicable - lost - expired - available;
-    if unsettled > 0 && deferred > 0 {
+    if unsettled > 0 && installing > 0 {
+        Outcome::Installing
+    } else if unsettled > 0 && downloading > 0 {
+        Outcome::Downloading
+    } else if unsettled > 0 && deferred > 0 {
         Outcome::Deferred
     } else if unsettled > 0 && unsettled == downloaded {
         Outcome::Downloaded

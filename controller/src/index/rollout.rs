@@ -61,6 +61,7 @@ pub fn progress(agent: Option<&Agent>, assignments: &[Assignment], now: Now) -> 
         Outcome::Succeeded => Progress::Succeeded,
         Outcome::Failed(_, _, None) => Progress::Failed,
         Outcome::Failed(..) => Progress::Running,
+        Outcome::Downloading | Outcome::Installing => Progress::Running,
         Outcome::Pending | Outcome::Downloaded | Outcome::Deferred if started => Progress::Running,
         Outcome::Pending | Outcome::Downloaded | Outcome::Deferred => Progress::NotStarted,
         Outcome::Expired | Outcome::NotApplicable | Outcome::Conflict(..) | Outcome::Available => {

@@ -194,6 +194,16 @@ pub fn job_status(
                 st.pending += 1;
                 st.deferred += 1;
             }
+            Outcome::Downloading => {
+                r.pending += 1;
+                st.pending += 1;
+                st.downloading += 1;
+            }
+            Outcome::Installing => {
+                r.pending += 1;
+                st.pending += 1;
+                st.installing += 1;
+            }
             Outcome::Available => {
                 r.available += 1;
                 st.available += 1;

@@ -61,6 +61,8 @@ pub struct Caravan {
     pub tls: Option<TestTls>,
     /// Extra arguments for every agent started from now on.
     pub agent_args: Vec<String>,
+    /// How long agents started from now on long-poll (`--poll-wait`).
+    pub agent_poll_wait: u64,
     /// Extra environment of the agent of each host (e.g. its `TZ`).
     pub agent_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
     /// The CAs agents pin (`--ca-file`): the controller's, and the test CA
@@ -276,6 +278,7 @@ impl Caravan {
             tls,
             agent_args: vec!["--trust-root-sha256".into(), root],
             agent_env: Default::default(),
+            agent_poll_wait: 10,
             ca_file,
             controller_ca_file,
             agent_bin: None,

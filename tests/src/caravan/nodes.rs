@@ -220,6 +220,7 @@ impl Caravan {
         state_dir: &Path,
         install_root: &Path,
     ) -> (Vec<String>, Vec<(String, String)>) {
+        let poll_wait = self.agent_poll_wait.to_string();
         let mut args: Vec<String> = [
             "run",
             "--server",
@@ -231,7 +232,7 @@ impl Caravan {
             "--hostname",
             name,
             "--poll-wait",
-            "10",
+            &poll_wait,
             "--retry-after",
             "2",
         ]

@@ -968,3 +968,35 @@ fn a_schedule_holds_installs_until_its_start_and_expires_what_is_not_done_by_its
     assert_eq!(next_boundary(&jobs, at("13:00")), Some(at("14:00")));
     assert_eq!(next_boundary(&jobs, at("14:00")), None);
 }
+
+#[test]
+fn pending_destinations_are_counted_by_what_they_are_doing() {
+    let sites = all([site("hq")]);
+    let packages = all([package("hello", "1.0.0")]);
+    let digest = digest_of("hello", "1.0.0");
+    let jobs = all([job("j", &["hello"]).to_site("hq")]);
+    let agents = all([
+        agent("a1", "hq").reporting("j", "hello", digest, AssignmentPhase::Downloading, ""),
+        agent("a2", "hq").reporting("j", "hello", digest, AssignmentPhase::Installing, ""),
+        agent("a3", "hq").reporting("j", "hello", digest, AssignmentPhase::Deferred, ""),
+        agent("a4", "hq").reporting("j", "hello", digest, AssignmentPhase::Succeeded, ""),
+        agent("a5", "hq"),
+    ]);
+    let plan = Plan::compute(&sites, &agents, &jobs, &packages, &[], at("12:00"));
+    let st = job_status(
+        &jobs[0],
+        plan.jobs.get(&key("j")),
+        &agent_index(&agents),
+        at("12:00"),
+    );
+    assert_eq!(
+        (
+            st.pending,
+            st.downloading,
+            st.installing,
+            st.deferred,
+            st.succeeded
+        ),
+        (4, 1, 1, 1, 1)
+    );
+}
