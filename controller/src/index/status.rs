@@ -121,6 +121,18 @@ pub fn agent_index(agents: &[Arc<Agent>]) -> AgentIndex<'_> {
         .collect()
 }
 
+/// The counter a destination adds one to, in its job's status and its
+/// site's rollup alike.
+enum Tally {
+    Succeeded,
+    Failed,
+    Pending,
+    Available,
+    Expired,
+    NotApplicable,
+    Conflict,
+}
+
 /// The status of `job`, from its plan and what its target agents reported.
 pub fn job_status(
     job: &DistributionJob,
@@ -149,26 +161,19 @@ pub fn job_status(
         });
         r.total += 1;
         st.total += 1;
-        match outcome(agent, assignments, now) {
+        // Each destination counts once in the job and its site (`Tally`),
+        // and a pending one also by what it is doing (the job only).
+        let tally = match outcome(agent, assignments, now) {
             // Done with what resolved, but not with the job: a package it
             // names does not exist (yet).
             Outcome::Succeeded if !plan.unresolved.is_empty() => {
-                let past = job.spec.schedule.as_ref().is_some_and(|s| s.expired(now));
-                if past {
-                    r.expired += 1;
-                    st.expired += 1;
-                } else {
-                    r.pending += 1;
-                    st.pending += 1;
+                match job.spec.schedule.as_ref().is_some_and(|s| s.expired(now)) {
+                    true => Tally::Expired,
+                    false => Tally::Pending,
                 }
             }
-            Outcome::Succeeded => {
-                r.succeeded += 1;
-                st.succeeded += 1;
-            }
+            Outcome::Succeeded => Tally::Succeeded,
             Outcome::Failed(package, reason, retry_at) => {
-                r.failed += 1;
-                st.failed += 1;
                 st.retrying += u32::from(retry_at.is_some());
                 if st.failures.len() < MAX_FAILURES_LISTED {
                     st.failures.push(DestinationFailure {
@@ -179,49 +184,44 @@ pub fn job_status(
                         retry_at,
                     });
                 }
+                Tally::Failed
             }
-            Outcome::Pending => {
-                r.pending += 1;
-                st.pending += 1;
-            }
+            Outcome::Pending => Tally::Pending,
             Outcome::Downloaded => {
-                r.pending += 1;
-                st.pending += 1;
                 st.downloaded += 1;
+                Tally::Pending
             }
             Outcome::Deferred => {
-                r.pending += 1;
-                st.pending += 1;
                 st.deferred += 1;
+                Tally::Pending
             }
             Outcome::Downloading => {
-                r.pending += 1;
-                st.pending += 1;
                 st.downloading += 1;
+                Tally::Pending
             }
             Outcome::Installing => {
-                r.pending += 1;
-                st.pending += 1;
                 st.installing += 1;
+                Tally::Pending
             }
-            Outcome::Available => {
-                r.available += 1;
-                st.available += 1;
-            }
-            Outcome::Expired => {
-                r.expired += 1;
-                st.expired += 1;
-            }
-            Outcome::NotApplicable => {
-                r.not_applicable += 1;
-                st.not_applicable += 1;
-            }
+            Outcome::Available => Tally::Available,
+            Outcome::Expired => Tally::Expired,
+            Outcome::NotApplicable => Tally::NotApplicable,
             Outcome::Conflict(package, winner) => {
-                r.conflict += 1;
-                st.conflict += 1;
                 first_conflict.get_or_insert((name.clone(), package, winner));
+                Tally::Conflict
             }
-        }
+        };
+        let (job_count, site_count) = match tally {
+            Tally::Succeeded => (&mut st.succeeded, &mut r.succeeded),
+            Tally::Failed => (&mut st.failed, &mut r.failed),
+            Tally::Pending => (&mut st.pending, &mut r.pending),
+            Tally::Available => (&mut st.available, &mut r.available),
+            Tally::Expired => (&mut st.expired, &mut r.expired),
+            Tally::NotApplicable => (&mut st.not_applicable, &mut r.not_applicable),
+            Tally::Conflict => (&mut st.conflict, &mut r.conflict),
+        };
+        *job_count += 1;
+        *site_count += 1;
     }
     st.sites = rollup.into_values().collect();
     st.rollout = plan.rollout.as_ref().map(|g| g.status.clone());
