@@ -128,6 +128,7 @@ mod tests {
             digest,
             job: "ns/j".into(),
             install: Default::default(),
+            detected: false,
         };
         state
             .set_installed(&Installed::from([("hello".into(), record)]))

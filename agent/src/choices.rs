@@ -59,9 +59,12 @@ impl Choices {
         state.set_json(FILE, Some(self))
     }
 
-    /// Whether the user chose the optional package of `a`.
+    /// Whether the user chose the optional package of `a` (or, for a
+    /// package it brings because others require it, one of those).
     pub fn chosen(&self, a: &Assignment) -> bool {
-        self.install.contains(&a.package)
+        std::iter::once(&a.package)
+            .chain(&a.required_by)
+            .any(|p| self.install.contains(p))
     }
 
     /// Until when the user put `a` off, seen at `now`, if they did.
@@ -135,10 +138,13 @@ impl Choices {
 
 /// The optional installs `desired` offers.
 pub fn offered(desired: &AgentDesired) -> impl Iterator<Item = &Assignment> {
-    desired
-        .assignments
-        .iter()
-        .filter(|a| a.optional && a.action == JobAction::Install && a.superseded_by.is_none())
+    desired.assignments.iter().filter(|a| {
+        a.optional
+                && a.action == JobAction::Install
+                && a.superseded_by.is_none()
+                // Comes with the packages that require it.
+                && a.required_by.is_empty()
+    })
 }
 
 /// `caravan-agent available`: the optional packages offered here, and

@@ -210,6 +210,7 @@ mod tests {
             digest: new,
             job: "ns/j".into(),
             install: Default::default(),
+            detected: false,
         };
         Baseline::prune(&state, &Installed::from([("app".into(), record)])).unwrap();
         assert!(Baseline::load(&state, &old).unwrap().is_none());

@@ -21,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod converge;
 pub mod daemon;
+pub mod detect;
 pub mod drift;
 pub mod enroll;
 pub mod failpoint;

@@ -16,6 +16,12 @@
 //! - An optional job's package installs only once the endpoint's user chose
 //!   it (`Available` until then); a required install the user put off waits
 //!   for the deferral to end (the deadline still expires it).
+//! - A job's packages install (or go) in its order, and one that has not
+//!   (failed, or waiting for its retry) stops the rest of the job there;
+//!   a package whose `requires` are not installed at a version in range
+//!   waits for them too (the controller puts them before it in the job).
+//! - Nothing is removed while an installed package that stays requires it;
+//!   removals go dependents first.
 //! - A frozen state (an agent not approved, or not known yet) changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -45,6 +51,9 @@ pub struct Situation<'a> {
     pub drifted: &'a BTreeSet<String>,
     /// Assignments that failed a moment ago and wait for their retry.
     pub waiting: &'a HashSet<Key>,
+    /// Assignments found not applicable to this endpoint: they stop none of
+    /// their job's other packages.
+    pub not_applicable: &'a HashSet<Key>,
     /// The time: a job's schedule starts (`notBefore`) and ends (`deadline`).
     pub now: chrono::DateTime<chrono::Utc>,
     /// The endpoint's time zone, for maintenance windows in local time.
@@ -84,6 +93,10 @@ pub enum Decision<'a> {
     Available(&'a Assignment),
     /// Put off by the endpoint's user until the time given.
     Deferred(&'a Assignment, chrono::DateTime<chrono::Utc>),
+    /// Not started: something before it is not there (said what).
+    Blocked(&'a Assignment, String),
+    /// Not for this endpoint: what it requires is not (said why).
+    NotApplicable(&'a Assignment, String),
     /// Another job has the package: nothing is done for this one.
     Conflict {
         assignment: &'a Assignment,
@@ -131,7 +144,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
     }) {
         wanted.entry(a.package.as_str()).or_insert(a);
     }
-    let decisions: Vec<_> = assignments
+    let mut decisions: Vec<_> = assignments
         .iter()
         .map(|a| {
             if let Some(winner) = &a.superseded_by {
@@ -180,6 +193,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
             }
         })
         .collect();
+    block(&mut decisions, s, &wanted);
     // A removal a job schedules waits for its hours (and an expired one
     // for the next job): nothing removes the package before.
     let scheduled: BTreeSet<&str> = decisions
@@ -189,6 +203,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
             | Decision::Expired(a)
             | Decision::Unreadable(a, _)
             | Decision::Deferred(a, _)
+            | Decision::Blocked(a, _)
                 if a.action == JobAction::Uninstall =>
             {
                 Some(a.package.as_str())
@@ -196,7 +211,7 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
             _ => None,
         })
         .collect();
-    let removals = s
+    let unwanted: Vec<&str> = s
         .installed
         .keys()
         .filter(|p| {
@@ -208,7 +223,186 @@ pub fn plan<'a>(s: &Situation<'a>) -> Plan<'a> {
         .collect();
     Plan {
         decisions,
-        removals,
+        removals: removal_order(unwanted, s.installed),
+    }
+}
+
+/// The installed packages that require `package` (at the version installed).
+fn dependents<'i>(package: &'i str, installed: &'i Installed) -> impl Iterator<Item = &'i str> {
+    let version = installed.get(package).map(|r| r.version.as_str());
+    installed
+        .values()
+        .filter(move |r| {
+            r.install
+                .requires
+                .iter()
+                .any(|d| d.name == package && version.is_some_and(|v| d.admits(v).unwrap_or(true)))
+        })
+        .map(|r| r.name.as_str())
+}
+
+/// `unwanted` without what a package that stays requires, dependents
+/// before what they require.
+fn removal_order<'a>(mut unwanted: Vec<&'a str>, installed: &Installed) -> Vec<&'a str> {
+    // What stays keeps what it requires, and so on down.
+    loop {
+        let kept: Vec<usize> = (0..unwanted.len())
+            .filter(|&i| dependents(unwanted[i], installed).any(|d| !unwanted.contains(&d)))
+            .collect();
+        if kept.is_empty() {
+            break;
+        }
+        for i in kept.into_iter().rev() {
+            tracing::debug!(
+                package = unwanted[i],
+                "kept: a package that stays requires it"
+            );
+            unwanted.remove(i);
+        }
+    }
+    let mut order = Vec::with_capacity(unwanted.len());
+    while !unwanted.is_empty() {
+        // Those no other removal requires go first (in a cycle, any).
+        let next = (0..unwanted.len())
+            .find(|&i| {
+                !dependents(unwanted[i], installed)
+                    .any(|d| d != unwanted[i] && unwanted.contains(&d))
+            })
+            .unwrap_or(0);
+        order.push(unwanted.remove(next));
+    }
+    order
+}
+
+/// Stops what must wait: a job's install or removal while one before it in
+/// the job has not happened (its failure stops the rest); an install whose
+/// `requires` are not installed at a version in range (not applicable here
+/// when what it requires is not), or that would leave an installed package
+/// that stays out of its range; a removal of a package another installed
+/// one requires (dependents go first).
+fn block(decisions: &mut [Decision<'_>], s: &Situation, wanted: &BTreeMap<&str, &Assignment>) {
+    let mut verdicts = Vec::with_capacity(decisions.len());
+    for (i, d) in decisions.iter().enumerate() {
+        let a = match d {
+            Decision::Install(a, Why::New) | Decision::Uninstall(a) => *a,
+            _ => {
+                verdicts.push(None);
+                continue;
+            }
+        };
+        let before = decisions[..i]
+            .iter()
+            .find(|e| {
+                let b = assignment(e);
+                b.job == a.job
+                    && !s.not_applicable.contains(&key(b))
+                    && !matches!(
+                        e,
+                        Decision::Done(_) | Decision::Conflict { .. } | Decision::Available(_)
+                    )
+            })
+            .map(assignment);
+        let verdict = match (before, a.action) {
+            (Some(b), _) => Some(Blocked::Wait(format!(
+                "not started: package {} before it in the job is not {} yet",
+                b.package,
+                match b.action {
+                    JobAction::Install => "installed",
+                    JobAction::Uninstall => "removed",
+                }
+            ))),
+            (None, JobAction::Install) => unmet(a, s).or_else(|| breaks(a, s, wanted)),
+            (None, JobAction::Uninstall) => dependents(&a.package, s.installed)
+                .find(|d| *d != a.package)
+                .map(|d| {
+                    Blocked::Wait(format!(
+                        "not removed: package {d} installed here requires it"
+                    ))
+                }),
+        };
+        verdicts.push(verdict);
+    }
+    for (d, verdict) in decisions.iter_mut().zip(verdicts) {
+        match verdict {
+            Some(Blocked::Wait(why)) => *d = Decision::Blocked(assignment(d), why),
+            Some(Blocked::NotApplicable(why)) => *d = Decision::NotApplicable(assignment(d), why),
+            None => {}
+        }
+    }
+}
+
+enum Blocked {
+    Wait(String),
+    NotApplicable(String),
+}
+
+/// What `a` requires that is not installed at a version in range.
+fn unmet(a: &Assignment, s: &Situation) -> Option<Blocked> {
+    a.install.requires.iter().find_map(|d| {
+        let have = s.installed.get(&d.name);
+        // The job's own assignment of it, found not for this endpoint.
+        let inapplicable =
+            s.desired.assignments.iter().any(|o| {
+                o.job == a.job && o.package == d.name && s.not_applicable.contains(&key(o))
+            });
+        match have.map(|r| d.admits(&r.version)) {
+            Some(Ok(true)) => None,
+            _ if inapplicable => Some(Blocked::NotApplicable(format!(
+                "it requires {d}, which is not for this endpoint"
+            ))),
+            Some(_) => Some(Blocked::Wait(format!(
+                "not started: it requires {d}, and {} {} is installed",
+                d.name,
+                have.map_or("", |r| r.version.as_str())
+            ))),
+            None => Some(Blocked::Wait(format!(
+                "not started: it requires {d}, not installed yet"
+            ))),
+        }
+    })
+}
+
+/// An installed package that stays (at the version a job wants, or held)
+/// and requires `a`'s package in a range `a`'s version is not in.
+fn breaks(a: &Assignment, s: &Situation, wanted: &BTreeMap<&str, &Assignment>) -> Option<Blocked> {
+    s.installed
+        .values()
+        .filter(|r| r.name != a.package)
+        .find_map(|r| {
+            let requires = match wanted.get(r.name.as_str()) {
+                Some(w) => &w.install.requires,
+                None if s.desired.hold.contains(&r.name) => &r.install.requires,
+                // Going.
+                None => return None,
+            };
+            requires
+                .iter()
+                .find(|d| d.name == a.package && !d.admits(&a.version).unwrap_or(false))
+                .map(|d| {
+                    Blocked::Wait(format!(
+                        "not started: package {} installed here requires {d}",
+                        r.name
+                    ))
+                })
+        })
+}
+
+/// The assignment a decision is about.
+fn assignment<'a>(d: &Decision<'a>) -> &'a Assignment {
+    match d {
+        Decision::Done(a)
+        | Decision::Wait(a)
+        | Decision::Queued(a)
+        | Decision::Early(a, _)
+        | Decision::Expired(a)
+        | Decision::Unreadable(a, _)
+        | Decision::Available(a)
+        | Decision::Deferred(a, _)
+        | Decision::Blocked(a, _)
+        | Decision::NotApplicable(a, _)
+        | Decision::Install(a, _)
+        | Decision::Uninstall(a) => a,
+        Decision::Conflict { assignment, .. } => assignment,
     }
 }
 
@@ -243,6 +437,7 @@ mod tests {
                     digest: Digest::of(format!("{p}-{v}").as_bytes()),
                     job: "ns/old".into(),
                     install: Default::default(),
+                    detected: false,
                 };
                 (p.to_string(), r)
             })
@@ -257,6 +452,7 @@ mod tests {
         live: BTreeSet<String>,
         drifted: BTreeSet<String>,
         waiting: HashSet<Key>,
+        not_applicable: HashSet<Key>,
         now: chrono::DateTime<chrono::Utc>,
         zone: jiff::tz::TimeZone,
         choices: Choices,
@@ -275,6 +471,7 @@ mod tests {
                 installed,
                 drifted: BTreeSet::new(),
                 waiting: HashSet::new(),
+                not_applicable: HashSet::new(),
                 now: at("12:00"),
                 zone: jiff::tz::TimeZone::UTC,
                 choices: Choices::default(),
@@ -288,6 +485,7 @@ mod tests {
                 live: &self.live,
                 drifted: &self.drifted,
                 waiting: &self.waiting,
+                not_applicable: &self.not_applicable,
                 now: self.now,
                 zone: &self.zone,
                 choices: &self.choices,
@@ -576,6 +774,191 @@ mod tests {
         );
         c.now = at("13:00");
         assert_eq!(c.plan().decisions[1], Decision::Install(&a[1], Why::New));
+    }
+
+    fn requiring(mut a: Assignment, name: &str, range: &str) -> Assignment {
+        a.install.requires.push(caravan_api::v1alpha1::Dependency {
+            name: name.into(),
+            version: Some(range.into()),
+        });
+        a
+    }
+
+    #[test]
+    fn a_jobs_packages_go_in_order_and_one_not_there_stops_the_rest() {
+        let mut c = Case::new(
+            vec![
+                install("j", "libfoo", "1.2.0"),
+                requiring(install("j", "app", "2"), "libfoo", "^1.2"),
+                install("j", "tools", "1"),
+                install("other", "hello", "1"),
+            ],
+            &[],
+        );
+        c.desired.assignments[0].required_by = vec!["app".into()];
+        let a = &c.desired.assignments;
+        let not_yet =
+            |p: &str| format!("not started: package {p} before it in the job is not installed yet");
+        assert_eq!(
+            c.plan().decisions,
+            [
+                Decision::Install(&a[0], Why::New),
+                Decision::Blocked(&a[1], not_yet("libfoo")),
+                Decision::Blocked(&a[2], not_yet("libfoo")),
+                Decision::Install(&a[3], Why::New),
+            ]
+        );
+        // libfoo failed: it stops the rest of its job, not the other job.
+        c.waiting.insert(key(&a[0]));
+        let d = c.plan().decisions;
+        assert_eq!(d[0], Decision::Wait(&a[0]));
+        assert_eq!(d[2], Decision::Blocked(&a[2], not_yet("libfoo")));
+        assert_eq!(d[3], Decision::Install(&a[3], Why::New));
+        // libfoo not for this endpoint: neither is app; tools goes on.
+        c.not_applicable.insert(key(&a[0]));
+        let d = c.plan().decisions;
+        let why = "it requires libfoo ^1.2, which is not for this endpoint";
+        assert_eq!(d[1], Decision::NotApplicable(&a[1], why.into()));
+        c.not_applicable.insert(key(&a[1]));
+        assert_eq!(c.plan().decisions[2], Decision::Install(&a[2], Why::New));
+        // An old libfoo, out of range, does not do either.
+        c.not_applicable.clear();
+        c.installed = installed(&[("libfoo", "1.0.0")]);
+        c.waiting.insert(key(&a[0]));
+        let needs = "not started: it requires libfoo ^1.2, and libfoo 1.0.0 is installed";
+        c.desired.assignments.swap(0, 1);
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions[0],
+            Decision::Blocked(&a[0], needs.into())
+        );
+        c.desired.assignments.swap(0, 1);
+        let a = &c.desired.assignments;
+        // Installed in range (by this job or another): app goes.
+        c.waiting.clear();
+        c.not_applicable.clear();
+        c.installed = installed(&[("libfoo", "1.2.0")]);
+        c.live = c.installed.keys().cloned().collect();
+        let d = c.plan().decisions;
+        assert_eq!(d[0], Decision::Done(&a[0]));
+        assert_eq!(d[1], Decision::Install(&a[1], Why::New));
+    }
+
+    #[test]
+    fn what_an_installed_package_requires_stays_and_dependents_go_first() {
+        let mut c = Case::new(
+            vec![
+                install("j", "web", "1"),
+                assignment("u", JobAction::Uninstall, "libbar", "1"),
+            ],
+            &[
+                ("web", "1"),
+                ("viewer", "1"),
+                ("libfoo", "1.0.0"),
+                ("libbar", "1"),
+                ("zlib", "1"),
+            ],
+        );
+        let require = |c: &mut Case, who: &str, what: &str| {
+            let r = c.installed.get_mut(who).unwrap();
+            r.install.requires.push(caravan_api::v1alpha1::Dependency {
+                name: what.into(),
+                version: None,
+            });
+        };
+        // viewer (going) requires libfoo and zlib; web (staying) requires zlib and libbar.
+        require(&mut c, "viewer", "libfoo");
+        require(&mut c, "viewer", "zlib");
+        require(&mut c, "web", "zlib");
+        require(&mut c, "web", "libbar");
+        let p = c.plan();
+        assert_eq!(p.removals, ["viewer", "libfoo"]);
+        let a = &c.desired.assignments;
+        assert_eq!(
+            p.decisions[1],
+            Decision::Blocked(
+                &a[1],
+                "not removed: package web installed here requires it".into()
+            )
+        );
+    }
+
+    #[test]
+    fn nothing_moves_a_package_out_of_the_range_of_one_that_stays_or_removes_it_first() {
+        let mut c = Case::new(
+            vec![
+                requiring(install("apps", "app", "1"), "libfoo", "^1"),
+                install("libs", "libfoo", "2.0.0"),
+                assignment("clean", JobAction::Uninstall, "libfoo", "1.4.0"),
+            ],
+            &[("app", "1"), ("libfoo", "1.4.0")],
+        );
+        c.installed.get_mut("app").unwrap().install = c.desired.assignments[0].install.clone();
+        c.desired.assignments[0].digest = c.installed["app"].digest;
+        let a = &c.desired.assignments;
+        let d = c.plan().decisions;
+        assert_eq!(d[0], Decision::Done(&a[0]));
+        assert_eq!(
+            d[1],
+            Decision::Blocked(
+                &a[1],
+                "not started: package app installed here requires libfoo ^1".into()
+            )
+        );
+        // (The uninstall loses to the install, and would wait for app too.)
+        assert!(matches!(d[2], Decision::Conflict { .. }));
+        c.desired.assignments.remove(1);
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions[1],
+            Decision::Blocked(
+                &a[1],
+                "not removed: package app installed here requires it".into()
+            )
+        );
+        // app upgraded by its job to a version that takes libfoo 2: it may go.
+        let mut c2 = Case::new(
+            vec![
+                install("libs", "libfoo", "2.0.0"),
+                requiring(install("apps", "app", "2"), "libfoo", "^2"),
+            ],
+            &[("app", "1"), ("libfoo", "1.4.0")],
+        );
+        c2.installed.get_mut("app").unwrap().install.requires =
+            requiring(install("apps", "app", "1"), "libfoo", "^1")
+                .install
+                .requires;
+        let a = &c2.desired.assignments;
+        assert_eq!(c2.plan().decisions[0], Decision::Install(&a[0], Why::New));
+    }
+
+    #[test]
+    fn an_optional_jobs_dependency_comes_with_the_package_chosen() {
+        let mut c = Case::new(
+            vec![
+                install("extras", "libgfx", "1"),
+                requiring(install("extras", "gimp", "2"), "libgfx", "*"),
+            ],
+            &[],
+        );
+        for a in c.desired.assignments.iter_mut() {
+            a.optional = true;
+        }
+        c.desired.assignments[0].required_by = vec!["gimp".into()];
+        let a = &c.desired.assignments;
+        assert_eq!(
+            c.plan().decisions,
+            [Decision::Available(&a[0]), Decision::Available(&a[1])]
+        );
+        assert_eq!(
+            crate::choices::offered(&c.desired)
+                .map(|a| a.package.as_str())
+                .collect::<Vec<_>>(),
+            ["gimp"]
+        );
+        c.choices.install.insert("gimp".into());
+        let a = &c.desired.assignments;
+        assert_eq!(c.plan().decisions[0], Decision::Install(&a[0], Why::New));
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct InstalledRecord {
     /// How it was installed (its uninstall script, if any).
     #[serde(default)]
     pub install: caravan_api::v1alpha1::InstallSpec,
+    /// Found present by the package's detection rules: Caravan put no
+    /// files in the install root for it, and removing it only forgets it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detected: bool,
 }
 
 impl From<&InstalledRecord> for InstalledPackage {
@@ -55,6 +59,7 @@ impl From<&InstalledRecord> for InstalledPackage {
             name: r.name.clone(),
             version: r.version.clone(),
             digest: r.digest,
+            detected: r.detected,
         }
     }
 }

@@ -49,7 +49,11 @@ pub fn render(
         out.push_str("  (nothing)\n");
     }
     for r in installed.values() {
-        out.push_str(&format!("  {} {} {}\n", r.name, r.version, r.digest));
+        let found = match r.detected {
+            true => " (found present, not installed by Caravan)",
+            false => "",
+        };
+        out.push_str(&format!("  {} {} {}{found}\n", r.name, r.version, r.digest));
     }
     if let Some(j) = interrupted {
         out.push_str(&format!(
@@ -128,6 +132,7 @@ mod tests {
             digest: hello,
             job: "ns/j".into(),
             install: Default::default(),
+            detected: false,
         };
         let state = |package: &str, digest, phase, message: &str| JobState {
             job: "ns/j".into(),

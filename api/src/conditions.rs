@@ -47,6 +47,9 @@ pub mod reasons {
     pub const UNKNOWN_SITE: &str = "UnknownSite";
     pub const UNKNOWN_AGENT: &str = "UnknownAgent";
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// A job's package requires packages that cannot be resolved, or
+    /// declares what cannot be read: it is not installed.
+    pub const UNRESOLVED_DEPENDENCY: &str = "UnresolvedDependency";
     /// A job's schedule ends before it starts, or cannot be read.
     pub const INVALID_SCHEDULE: &str = "InvalidSchedule";
     /// A job's rollout cannot be read: nobody new gets the job.

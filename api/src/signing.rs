@@ -238,6 +238,44 @@ mod tests {
             wrong,
             "another health check"
         );
+        // Every part of the install spec is signed: a signature over the
+        // spec without it does not hold for the spec with it.
+        let spec = |v| serde_json::from_value::<InstallSpec>(v).unwrap();
+        for (what, without, with) in [
+            (
+                "a dependency",
+                serde_json::json!({}),
+                serde_json::json!({"requires": [{"name": "libc"}]}),
+            ),
+            (
+                "a detection rule",
+                serde_json::json!({}),
+                serde_json::json!({"detect": [{"command": ["/bin/true"]}]}),
+            ),
+            (
+                "an uninstall before upgrades",
+                serde_json::json!({"method": "script", "script": {}}),
+                serde_json::json!({"method": "script", "script": {"uninstallOnUpgrade": true}}),
+            ),
+        ] {
+            let (without, with) = (spec(without), spec(with));
+            let sig = sign(
+                &key,
+                &Signed {
+                    install: &without,
+                    ..pkg
+                },
+            );
+            let held = verify(
+                &[public],
+                &[sig],
+                &Signed {
+                    install: &with,
+                    ..pkg
+                },
+            );
+            assert_eq!(held, wrong, "{what}");
+        }
         let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
         assert_eq!(
             verify(&[other], &[sig], &pkg),

@@ -162,6 +162,11 @@ pub struct Assignment {
     /// (`caravan-agent defer JOB`), if at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferral: Option<crate::v1alpha1::Deferral>,
+    /// Installed for these packages of the job, which require it
+    /// (`install.requires`), rather than named by the job; an optional
+    /// job's dependency installs once one of them is chosen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_by: Vec<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -386,6 +391,10 @@ pub struct InstalledPackage {
     pub name: String,
     pub version: String,
     pub digest: Digest,
+    /// Found present by the package's detection rules, not installed by
+    /// Caravan (which will not remove it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detected: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]

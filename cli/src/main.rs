@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use caravan_api::{
     signing,
     v1alpha1::{
-        Artifact, InstallMethod, InstallSpec, Package, PackageSpec, Requirements, ScriptSpec,
-        AGENT_BINARY,
+        Artifact, Dependency, DetectionRule, InstallMethod, InstallSpec, Package, PackageSpec,
+        Requirements, ScriptSpec, AGENT_BINARY,
     },
     wire::{paths, UploadState},
 };
@@ -109,6 +109,24 @@ struct BuildArgs {
     /// Free bytes the package needs in the install root besides itself.
     #[arg(long)]
     min_free_disk: Option<u64>,
+    /// A package this one needs installed first, as `NAME` or
+    /// `NAME@RANGE` (`libfoo@>=1.2, <2`); repeatable.
+    #[arg(long = "requires", value_name = "NAME[@RANGE]")]
+    requires: Vec<String>,
+    /// Detection: this file (absolute path) is present, with this digest if
+    /// given as `PATH=sha256:HEX`; repeatable, every rule must hold.
+    #[arg(long = "detect-file", value_name = "PATH[=DIGEST]")]
+    detect_file: Vec<String>,
+    /// Detection: this file's first line is the package version.
+    #[arg(long = "detect-version-file", value_name = "PATH")]
+    detect_version_file: Vec<String>,
+    /// Detection: this shell command exits 0 (run with `/bin/sh -c`).
+    #[arg(long = "detect-command", value_name = "COMMAND")]
+    detect_command: Vec<String>,
+    /// On upgrade, run this version's uninstall script before the new
+    /// version installs (with `--install script`).
+    #[arg(long)]
+    uninstall_on_upgrade: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +140,12 @@ enum Method {
 impl BuildArgs {
     /// Catches a package that could not install before it is built.
     fn check(&self) -> anyhow::Result<()> {
+        self.install_spec()?.check().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            !self.uninstall_on_upgrade
+                || (self.install == Method::Script && self.uninstall_script.is_some()),
+            "--uninstall-on-upgrade needs --install script and an --uninstall-script to run"
+        );
         if let Some(check) = &self.health_check {
             anyhow::ensure!(
                 self.dir.join(check).is_file(),
@@ -148,13 +172,54 @@ impl BuildArgs {
         Ok(())
     }
 
-    fn install_spec(&self) -> InstallSpec {
+    fn install_spec(&self) -> anyhow::Result<InstallSpec> {
         let requirements = Requirements {
             os: self.os.clone(),
             arch: self.arch.clone(),
             min_free_disk_bytes: self.min_free_disk,
         };
-        InstallSpec {
+        let requires = self
+            .requires
+            .iter()
+            .map(|r| match r.split_once('@') {
+                Some((name, range)) => Dependency {
+                    name: name.trim().into(),
+                    version: Some(range.trim().into()),
+                },
+                None => Dependency {
+                    name: r.trim().into(),
+                    version: None,
+                },
+            })
+            .collect();
+        let mut detect = Vec::new();
+        for f in &self.detect_file {
+            let (path, digest) = match f.rsplit_once('=') {
+                Some((path, digest)) => (
+                    path,
+                    Some(
+                        digest
+                            .parse()
+                            .map_err(|e| anyhow::anyhow!("--detect-file {f}: {e}"))?,
+                    ),
+                ),
+                None => (f.as_str(), None),
+            };
+            detect.push(DetectionRule {
+                file: Some(path.into()),
+                digest,
+                ..Default::default()
+            });
+        }
+        detect.extend(self.detect_version_file.iter().map(|p| DetectionRule {
+            version_file: Some(p.clone()),
+            ..Default::default()
+        }));
+        detect.extend(self.detect_command.iter().map(|c| DetectionRule {
+            command: vec!["/bin/sh".into(), "-c".into(), c.clone()],
+            ..Default::default()
+        }));
+        Ok(InstallSpec {
             method: match self.install {
                 Method::Archive => InstallMethod::Archive,
                 Method::Script => InstallMethod::Script,
@@ -164,10 +229,13 @@ impl BuildArgs {
                 install: self.install_script.clone(),
                 uninstall: self.uninstall_script.clone(),
                 timeout_seconds: self.script_timeout,
+                uninstall_on_upgrade: self.uninstall_on_upgrade,
             }),
             requirements: (requirements != Requirements::default()).then_some(requirements),
             health_check: self.health_check.clone(),
-        }
+            requires,
+            detect,
+        })
     }
 }
 
@@ -322,7 +390,7 @@ fn package_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<Str
             name: args.name.clone(),
             version: args.version.clone(),
             artifact: artifact.clone(),
-            install: args.install_spec(),
+            install: args.install_spec()?,
             description: None,
             signatures: vec![],
         },

@@ -62,6 +62,7 @@ fn documents(
                 schedule: Default::default(),
                 optional: false,
                 deferral: None,
+                required_by: vec![],
             }
         })
         .collect();

@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 digest: a.digest,
                 job: a.job.clone(),
                 install: a.install.clone(),
+                detected: false,
             };
             (a.package.clone(), r)
         })
@@ -52,12 +53,17 @@ fuzz_target!(|data: &[u8]| {
     let live = installed.keys().cloned().collect();
     let drifted = Default::default();
     let waiting = Default::default();
+    let not_applicable = Default::default();
     let p = plan(&Situation {
         desired: &desired,
         installed: &installed,
         live: &live,
         drifted: &drifted,
         waiting: &waiting,
+        not_applicable: &not_applicable,
+        now: chrono::Utc::now(),
+        zone: &jiff::tz::TimeZone::UTC,
+        choices: &Default::default(),
     });
     assert!(desired.frozen || p.decisions.len() == desired.assignments.len());
 });

@@ -3,7 +3,8 @@
 //! `caravan job status` shows the tree, pause and resume (and Git keeps the
 //! fields it declares); jobs that disagree about a package settle it by
 //! precedence, the loser showing Conflict; a job naming a missing package
-//! never shows Succeeded.
+//! never shows Succeeded; a package's dependencies install before it, and
+//! a detection rule recognises software already there.
 
 use std::{path::Path, time::Duration};
 
@@ -967,5 +968,145 @@ async fn an_optional_package_installs_only_when_chosen_and_a_deferral_holds_unti
         done.time
     );
     c.wait_job("office", "Succeeded", "2/2", T).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dependencies_install_first_and_a_detection_rule_recognises_preinstalled_software(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("requires").await?;
+    let repo = c.seed_example_fleet().await?;
+    let manifests = repo.work.join("fleet/packages");
+    // Each script notes itself in the agent's `order` file.
+    let note = |name: &str| {
+        format!("#!/bin/sh\necho \"$CARAVAN_ACTION {name} $CARAVAN_PACKAGE_VERSION\" >> \"$CARAVAN_INSTALL_ROOT/../order\"\n")
+    };
+    let scripts = ["--install", "script", "--uninstall-script", "uninstall.sh"];
+    for version in ["1.1.0", "1.4.0", "2.0.0"] {
+        let src = c.dir.join("src/libfoo").join(version);
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("install.sh"), note("libfoo"))?;
+        std::fs::write(src.join("uninstall.sh"), note("libfoo"))?;
+        c.push_package_with(&src, "libfoo", version, &manifests, &scripts)?;
+    }
+    // viewer needs libfoo 1.2 or later below 2, and is recognised (without
+    // being installed) where the vendor's build is there: its binary, by
+    // digest, and the endpoint's own record of it.
+    let vendor = c.dir.join("vendor-app");
+    std::fs::write(&vendor, b"the vendor's app 2.0.0 build")?;
+    let digest = caravan_api::Digest::of(b"the vendor's app 2.0.0 build");
+    let src = c.dir.join("src/viewer");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("install.sh"),
+        format!(
+            "{}test -e \"$CARAVAN_INSTALL_ROOT/libfoo/install.sh\" || {{ echo 'libfoo missing' >&2; exit 9; }}\n",
+            note("viewer")
+        ),
+    )?;
+    std::fs::write(src.join("uninstall.sh"), note("viewer"))?;
+    let detect_file = format!("{}={digest}", vendor.display());
+    c.push_package_with(
+        &src,
+        "viewer",
+        "2.0.0",
+        &manifests,
+        &[
+            "--install",
+            "script",
+            "--uninstall-script",
+            "uninstall.sh",
+            "--requires",
+            "libfoo@>=1.2, <2",
+            "--detect-file",
+            &detect_file,
+            "--detect-command",
+            "test -e \"$CARAVAN_INSTALL_ROOT/../vendor-installed\"",
+        ],
+    )?;
+    let relay = c.start_relay("hq").await?;
+    for host in ["fresh", "vendor"] {
+        let (_, root) = c.agent_dirs(host);
+        std::fs::create_dir_all(root.parent().unwrap())?;
+        if host == "vendor" {
+            std::fs::write(root.with_file_name("vendor-installed"), "")?;
+        }
+        c.start_agent(host, &relay)?;
+    }
+    repo.write(
+        "fleet/app-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: app}\n\
+         spec:\n  packages: [{name: viewer}]\n  destinations: {sites: [{name: hq}]}\n  \
+         rollout: {batches: [{size: 100%}]}\n",
+    )?;
+    repo.commit("app for hq")?;
+    c.wait_job("app", "Succeeded", "2/2", T).await?;
+
+    let order = |host: &str| {
+        let (_, root) = c.agent_dirs(host);
+        std::fs::read_to_string(root.with_file_name("order")).unwrap_or_default()
+    };
+    // The highest libfoo in range, before viewer.
+    assert_eq!(
+        order("fresh"),
+        "install libfoo 1.4.0\ninstall viewer 2.0.0\n"
+    );
+    // viewer was there already: recognised, not installed again.
+    assert_eq!(order("vendor"), "install libfoo 1.4.0\n");
+    let viewer = wait_phase(&c, "vendor", "viewer", AssignmentPhase::Succeeded).await?;
+    assert!(
+        viewer
+            .message
+            .starts_with("already present, not installed by Caravan: ")
+            && viewer.message.contains(&format!("has digest {digest}")),
+        "{}",
+        viewer.message
+    );
+    // (Besides the example fleet's hello.)
+    let installed = |a: caravan_api::v1alpha1::Agent| {
+        a.status
+            .unwrap_or_default()
+            .installed
+            .into_iter()
+            .filter(|p| p.name != "hello")
+            .map(|p| (p.name, p.version, p.detected))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        installed(c.agent_of("vendor").await?),
+        [
+            ("libfoo".into(), "1.4.0".into(), false),
+            ("viewer".into(), "2.0.0".into(), true)
+        ]
+    );
+    assert!(!c.agents[1].install_root.join("viewer").exists());
+
+    // The job gone: Caravan removes what it installed, and only forgets
+    // what it found.
+    repo.remove("fleet/app-job.yaml")?;
+    repo.commit("app no more")?;
+    wait_for(
+        "both endpoints to have neither viewer nor libfoo",
+        T,
+        || async {
+            let mut empty = true;
+            for host in ["fresh", "vendor"] {
+                empty &= installed(c.agent_of(host).await?).is_empty();
+            }
+            Ok(empty.then_some(()))
+        },
+    )
+    .await?;
+    // What requires goes before what it requires; the vendor's viewer is
+    // forgotten, its uninstall script never run.
+    assert_eq!(
+        order("fresh"),
+        "install libfoo 1.4.0\ninstall viewer 2.0.0\nuninstall viewer 2.0.0\nuninstall libfoo 1.4.0\n"
+    );
+    assert_eq!(
+        order("vendor"),
+        "install libfoo 1.4.0\nuninstall libfoo 1.4.0\n"
+    );
+    assert!(!c.agents[0].install_root.join("viewer").exists());
     Ok(())
 }

@@ -17,6 +17,7 @@ use caravan_api::{
 
 use super::{Converger, DownloadFailed, Held};
 use crate::{
+    detect,
     plan::Why,
     policy, selfupdate,
     state::{Installed, InstalledRecord, Progress},
@@ -76,6 +77,12 @@ impl Converger {
         why: Why,
         installed: &mut Installed,
     ) -> anyhow::Result<String> {
+        // (Caravan has no version of it, or only one it found present.)
+        if why == Why::New && installed.get(&a.package).is_none_or(|r| r.detected) {
+            if let Some(found) = self.detect(a, installed).await? {
+                return Ok(found);
+            }
+        }
         let blob = self.fetch(a, installed).await?;
         // A long download may end after the deadline, or once the window
         // closed: a new install does not start then.
@@ -96,6 +103,7 @@ impl Converger {
             digest: a.digest,
             job: a.job.clone(),
             install: a.install.clone(),
+            detected: false,
         };
         if a.install.method == InstallMethod::Agent {
             return self.update_self(a, &blob, record, installed).await;
@@ -109,6 +117,54 @@ impl Converger {
         let _ = std::fs::remove_file(&blob);
         tracing::info!(package = %a.package, version = %a.version, "installed");
         Ok(done.output)
+    }
+
+    /// Whether the package's detection rules find its version here already
+    /// (checked against the endpoint's policy first, as its install would
+    /// be): if so it is recorded as installed, detected, and what was
+    /// found is returned.
+    async fn detect(
+        &mut self,
+        a: &Assignment,
+        installed: &mut Installed,
+    ) -> anyhow::Result<Option<String>> {
+        if a.install.detect.is_empty() {
+            return Ok(None);
+        }
+        policy::check(
+            a,
+            None,
+            &self.config.trusted_keys,
+            &self.config.install_root,
+        )?;
+        let run_as = self.config.script_user.as_ref();
+        let Some(found) = detect::present(
+            &a.install.detect,
+            &a.package,
+            &a.version,
+            &self.config.install_root,
+            run_as,
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        installed.insert(
+            a.package.clone(),
+            InstalledRecord {
+                name: a.package.clone(),
+                version: a.version.clone(),
+                digest: a.digest,
+                job: a.job.clone(),
+                install: a.install.clone(),
+                detected: true,
+            },
+        );
+        self.state.set_installed(installed)?;
+        tracing::info!(package = %a.package, version = %a.version, %found, "already present; not installed again");
+        Ok(Some(format!(
+            "already present, not installed by Caravan: {found}"
+        )))
     }
 
     /// Downloads the archive of `a` to `blob` (resuming what is there),

@@ -123,6 +123,7 @@ struct Facts {
     live: BTreeSet<String>,
     drifted: BTreeSet<String>,
     waiting: HashSet<Key>,
+    not_applicable: HashSet<Key>,
 }
 
 /// An install or removal the plan asks for.
@@ -240,7 +241,8 @@ impl Converger {
         Facts {
             live: installed
                 .values()
-                .filter(|r| transaction::is_live(root, &r.name, &r.digest))
+                // (A version found present has no files of Caravan's.)
+                .filter(|r| r.detected || transaction::is_live(root, &r.name, &r.digest))
                 .map(|r| r.name.clone())
                 .collect(),
             drifted: self.drift.iter().map(|d| d.package.clone()).collect(),
@@ -256,6 +258,12 @@ impl Converger {
                         .filter(|a| self.attempts.waiting(a, unix_now()))
                         .map(key),
                 )
+                .collect(),
+            not_applicable: self
+                .jobs
+                .iter()
+                .filter(|(_, s)| s.phase == AssignmentPhase::NotApplicable)
+                .map(|(k, _)| k.clone())
                 .collect(),
         }
     }
@@ -303,6 +311,7 @@ impl Converger {
                 live: &facts.live,
                 drifted: &facts.drifted,
                 waiting: &facts.waiting,
+                not_applicable: &facts.not_applicable,
                 now: chrono::Utc::now(),
                 zone: &zone,
                 choices: &choices,
@@ -362,6 +371,12 @@ impl Converger {
                             format!("offered: `caravan-agent install {}` installs it", a.package);
                         touched |= self.settle(a, AssignmentPhase::Available, &msg);
                     }
+                    Decision::Blocked(a, why) => {
+                        touched |= self.settle(a, AssignmentPhase::Pending, why);
+                    }
+                    Decision::NotApplicable(a, why) => {
+                        touched |= self.settle(a, AssignmentPhase::NotApplicable, why);
+                    }
                     Decision::Deferred(a, until) => {
                         let msg =
                             format!("put off by the endpoint's user until {}", rfc3339(*until));
@@ -391,13 +406,26 @@ impl Converger {
         // after its package was downloaded ahead) are deleted.
         let needed: HashSet<Digest> = desired.assignments.iter().map(|a| a.digest).collect();
         self.state.prune_downloads(&needed);
-        // Remove what no job wants any more (held packages stay as they are).
+        // Remove what no job wants any more (held packages stay as they
+        // are), dependents first: what one that failed to go requires stays.
+        let mut failed: Vec<String> = Vec::new();
         for package in removals {
+            let needed = failed.iter().any(|f| {
+                installed
+                    .get(f)
+                    .is_some_and(|r| r.install.requires.iter().any(|d| d.name == package))
+            });
+            if needed {
+                // Stays, and so does what it requires.
+                failed.push(package);
+                continue;
+            }
             touched = true;
             tracing::info!(%package, "removing package no longer desired");
             if let Err(e) = self.remove(&package, &mut installed).await {
                 ok = false;
                 tracing::warn!(%package, error = %format!("{e:#}"), "removal failed");
+                failed.push(package);
             }
         }
         if touched || self.report_due() {
@@ -442,10 +470,16 @@ impl Converger {
                 (a, result.and(Err(anyhow::Error::msg(Held::Until(t)))))
             }
             Act::Uninstall(a) => {
+                let found = installed.get(&a.package).is_some_and(|r| r.detected);
                 let result = self
                     .remove(&a.package, installed)
                     .await
-                    .map(|()| String::new());
+                    .map(|()| match found {
+                        true => "forgotten: it was found present, not installed by Caravan, \
+                             and is left as it is"
+                            .to_string(),
+                        false => String::new(),
+                    });
                 (a, result)
             }
         };

@@ -26,6 +26,9 @@ pub enum Step {
     Swapped,
     /// The install script has finished: only bookkeeping is left.
     Configured,
+    /// The uninstall script of the version an upgrade replaces is running
+    /// (it asked for that: `uninstallOnUpgrade`); nothing is staged yet.
+    Replacing,
     /// The uninstall script is running.
     Unconfiguring,
     /// The uninstall script has finished: the files go.
@@ -38,6 +41,7 @@ impl Step {
         match self {
             Self::Staging | Self::Swapped => "rolled back to the previous version",
             Self::Configured => "finished (the install script had run)",
+            Self::Replacing => "left at the previous version; the upgrade runs again",
             Self::Unconfiguring => "left installed; the uninstall runs again",
             Self::Removing => "finished (the uninstall script had run)",
         }

@@ -13,6 +13,14 @@
 //!    journal `Configured`;
 //! 4. U is deleted, `installed.json` names V, the journal is cleared.
 //!
+//! Should U ask for it (`uninstallOnUpgrade`), U's uninstall script runs
+//! first (journal `Replacing`), and if V then fails, U's install script
+//! runs again once U's files are back.
+//!
+//! A version the package's detection rules found (`detected`) has no files
+//! in the install root: an install over it is a first install, and its
+//! removal only forgets it.
+//!
 //! An uninstall: journal `Unconfiguring`, the uninstall script runs;
 //! journal `Removing`, the files go, `installed.json` forgets the package,
 //! the journal is cleared.
@@ -35,6 +43,11 @@
 //!   business: a rollback restores the package's files, not the system.
 //! - A script killed halfway by a crash runs again (for an install, from
 //!   U after the rollback): scripts should be idempotent.
+//! - An upgrade killed after the old version's uninstall script ran
+//!   (`uninstallOnUpgrade`) comes back with the old version's files but
+//!   not set up again: the upgrade, tried again, runs that script again
+//!   first; should the job have changed meanwhile, the old version stays
+//!   unconfigured until its next install.
 //! - Durability needs a filesystem that honours fsync and rename; the
 //!   install root and the state directory may be on different filesystems,
 //!   but each version must be on the install root's.
@@ -98,15 +111,54 @@ impl Transaction<'_> {
         journal::write(self.state, Some(&entry))
     }
 
-    /// Puts the version before the change back and ends the change.
-    async fn roll_back(&self, package: &str, installed: &Installed) -> anyhow::Result<()> {
-        let (root, package) = (self.root.to_path_buf(), package.to_string());
-        let previous = installed.get(&package).map(|r| r.digest);
+    /// Puts the version before the change back (and, if its uninstall
+    /// script ran for the upgrade, its install script again) and ends the
+    /// change. `Err` only when that cannot be done.
+    async fn roll_back(
+        &self,
+        package: &str,
+        installed: &Installed,
+        replaced: Option<&InstalledRecord>,
+    ) -> anyhow::Result<()> {
+        let (root, name) = (self.root.to_path_buf(), package.to_string());
+        let previous = on_disk(installed, package).map(|r| r.digest);
         blocking("rollback task", move || {
-            layout::roll_back(&root, &package, previous.as_ref())
+            layout::roll_back(&root, &name, previous.as_ref())
         })
         .await?;
-        journal::write(self.state, None)
+        journal::write(self.state, None)?;
+        if let Some(old) = replaced {
+            let target = self.target(old, None);
+            scripts::run_for(
+                &target,
+                Action::Install,
+                &self.root.join(package),
+                self.root,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "package {package} {} is back, but not set up again",
+                    old.version
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The scripts of `record`, run as this transaction's user.
+    fn target<'r>(
+        &'r self,
+        record: &'r InstalledRecord,
+        upgrade_to: Option<&'r str>,
+    ) -> Target<'r> {
+        Target {
+            name: &record.name,
+            version: &record.version,
+            install: &record.install,
+            run_as: self.run_as,
+            upgrade_to,
+        }
     }
 
     /// Installs `to` from the verified archive `blob` (see the module docs),
@@ -118,8 +170,32 @@ impl Transaction<'_> {
         installed: &mut Installed,
     ) -> anyhow::Result<Installation> {
         let name = &to.name;
-        let previous = installed.get(name).map(|r| r.digest);
+        let old = on_disk(installed, name).cloned();
+        let previous = old.as_ref().map(|r| r.digest);
         let limits = crate::policy::unpack_limits(self.root, self.max_unpacked_bytes)?;
+        // The version replaced goes first, if it asks to.
+        let replaced = old.filter(|r| {
+            r.digest != to.digest
+                && r.install
+                    .script
+                    .as_ref()
+                    .is_some_and(|s| s.uninstall_on_upgrade)
+                && scripts::script_for(&r.install, Action::Uninstall).is_some()
+        });
+        if let Some(old) = &replaced {
+            self.journal(name, Step::Replacing, Some(to))?;
+            let target = self.target(old, Some(&to.version));
+            let done =
+                scripts::run_for(&target, Action::Uninstall, &self.root.join(name), self.root)
+                    .await;
+            if let Err(e) = done {
+                journal::write(self.state, None)?;
+                return Err(e.context(format!(
+                    "package {name} kept at {}: its uninstall script failed before the upgrade to {}",
+                    old.version, to.version
+                )));
+            }
+        }
         self.journal(name, Step::Staging, Some(to))?;
         let (b, r, n, d) = (
             blob.to_path_buf(),
@@ -132,28 +208,25 @@ impl Transaction<'_> {
         })
         .await;
         if let Err(e) = staged {
-            self.roll_back(name, installed).await?;
-            return Err(e.context(format!("installing package {name} {}", to.version)));
+            let e = e.context(format!("installing package {name} {}", to.version));
+            let rollback = self.roll_back(name, installed, replaced.as_ref()).await;
+            return Err(after(e, rollback));
         }
         self.journal(name, Step::Swapped, Some(to))?;
         failpoint::hit("swapped");
         // The install script, then the health check: either failing puts
         // the previous version (or nothing) back.
         let dir = self.root.join(name);
-        let package = Target {
-            name,
-            version: &to.version,
-            install: &to.install,
-            run_as: self.run_as,
-        };
+        let package = self.target(to, None);
         let mut output = String::new();
         for action in [Action::Install, Action::Health] {
             match scripts::run_for(&package, action, &dir, self.root).await {
                 Ok(tail) if action == Action::Install => output = tail,
                 Ok(_) => {}
                 Err(e) => {
-                    self.roll_back(name, installed).await?;
-                    return Err(e.context(format!("package {name} {} rolled back", to.version)));
+                    let e = e.context(format!("package {name} {} rolled back", to.version));
+                    let rollback = self.roll_back(name, installed, replaced.as_ref()).await;
+                    return Err(after(e, rollback));
                 }
             }
         }
@@ -178,15 +251,15 @@ impl Transaction<'_> {
         let Some(record) = installed.get(package).cloned() else {
             return Ok(());
         };
+        if record.detected {
+            // Not Caravan's to remove: forgotten, left as found.
+            installed.remove(package);
+            return self.commit(installed);
+        }
         if scripts::script_for(&record.install, Action::Uninstall).is_some() {
             self.journal(package, Step::Unconfiguring, None)?;
             failpoint::hit("unconfiguring");
-            let p = Target {
-                name: package,
-                version: &record.version,
-                install: &record.install,
-                run_as: self.run_as,
-            };
+            let p = self.target(&record, None);
             let done =
                 scripts::run_for(&p, Action::Uninstall, &self.root.join(package), self.root).await;
             if let Err(e) = done {
@@ -211,12 +284,26 @@ impl Transaction<'_> {
     }
 }
 
+/// The failure `e`, and what else went wrong putting things back after it.
+fn after(e: anyhow::Error, rollback: anyhow::Result<()>) -> anyhow::Error {
+    match rollback {
+        Ok(()) => e,
+        Err(r) => anyhow::anyhow!("{e:#}; then, putting it back: {r:#}"),
+    }
+}
+
+/// The installed version of `package` whose files Caravan put in the install
+/// root (not one it only detected).
+fn on_disk<'i>(installed: &'i Installed, package: &str) -> Option<&'i InstalledRecord> {
+    installed.get(package).filter(|r| !r.detected)
+}
+
 /// What [`recover`] does about a change interrupted at `step`.
 fn recovery(step: Step, to: Option<&InstalledRecord>) -> Recovery<'_> {
     match (step, to) {
         (Step::Staging | Step::Swapped, _) => Recovery::RollBack,
         (Step::Configured, Some(to)) => Recovery::Commit(to),
-        (Step::Unconfiguring, _) => Recovery::Nothing,
+        (Step::Unconfiguring | Step::Replacing, _) => Recovery::Nothing,
         (Step::Removing, _) | (Step::Configured, None) => Recovery::Remove,
     }
 }
@@ -243,7 +330,7 @@ pub fn recover(state: &StateDir, root: &Path) -> anyhow::Result<Option<String>> 
     let package = &entry.package;
     match recovery(entry.step, entry.to.as_ref()) {
         Recovery::RollBack => {
-            let previous = installed.get(package).map(|r| r.digest);
+            let previous = on_disk(&installed, package).map(|r| r.digest);
             layout::roll_back(root, package, previous.as_ref())?;
         }
         Recovery::Commit(to) => {

@@ -86,6 +86,9 @@ pub struct Target<'a> {
     pub version: &'a str,
     pub install: &'a InstallSpec,
     pub run_as: Option<&'a RunAs>,
+    /// For the uninstall script of a version being replaced: the version
+    /// replacing it (`CARAVAN_UPGRADE_TO`).
+    pub upgrade_to: Option<&'a str>,
 }
 
 /// The script a `script` package runs for `action`, if it has one.
@@ -132,6 +135,7 @@ pub async fn run_script(
         version,
         install,
         run_as,
+        upgrade_to,
     } = *package;
     let action = action.as_str();
     let rel = Path::new(script);
@@ -152,33 +156,20 @@ pub async fn run_script(
             .map_or(600, |s| s.timeout_seconds)
             .into(),
     );
-    let mut cmd = if is_executable(&path) {
-        tokio::process::Command::new(&path)
-    } else {
-        let mut c = tokio::process::Command::new("/bin/sh");
-        c.arg(&path);
-        c
+    let mut cmd = match is_executable(&path) {
+        true => command(path.as_os_str(), &[], run_as),
+        false => command("/bin/sh".as_ref(), &[path.as_os_str()], run_as),
     };
     cmd.current_dir(dir)
-        .env_clear()
-        .envs(ENVIRONMENT)
         .env("CARAVAN_PACKAGE_NAME", name)
         .env("CARAVAN_PACKAGE_VERSION", version)
         .env("CARAVAN_PACKAGE_DIR", dir)
         .env("CARAVAN_INSTALL_ROOT", root)
         .env("CARAVAN_ACTION", action)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(user) = run_as {
-        // Primary group, then user; the standard library also drops every
-        // supplementary group when root changes user.
-        cmd.gid(user.gid)
-            .uid(user.uid)
-            .env("HOME", &user.home)
-            .env("USER", &user.name);
+        .stderr(Stdio::piped());
+    if let Some(to) = upgrade_to {
+        cmd.env("CARAVAN_UPGRADE_TO", to);
     }
     let mut child = cmd
         .spawn()
@@ -191,17 +182,7 @@ pub async fn run_script(
     if let Some(err) = child.stderr.take() {
         readers.push(tokio::spawn(collect(err, tail.clone())));
     }
-    let group = child
-        .id()
-        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
-    let ended = tokio::time::timeout(timeout, child.wait()).await;
-    if ended.is_err() {
-        // The script and everything it started.
-        if let Some(group) = group {
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-        let _ = child.kill().await;
-    }
+    let ended = wait(&mut child, timeout).await;
     for r in readers {
         // A grandchild may hold the pipes open; do not wait for it.
         let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
@@ -226,6 +207,50 @@ pub async fn run_script(
             Ok(output)
         }
     }
+}
+
+/// `program` with `args`, as the scripts' user (`None`: the agent's), with
+/// only the scripts' environment, no input, in a process group of its own.
+pub fn command(
+    program: &std::ffi::OsStr,
+    args: &[&std::ffi::OsStr],
+    run_as: Option<&RunAs>,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(ENVIRONMENT)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(user) = run_as {
+        // Primary group, then user; the standard library also drops every
+        // supplementary group when root changes user.
+        cmd.gid(user.gid)
+            .uid(user.uid)
+            .env("HOME", &user.home)
+            .env("USER", &user.name);
+    }
+    cmd
+}
+
+/// Waits for `child` at most `timeout`, then kills it and everything it
+/// started (its process group). `Err` when it timed out.
+pub async fn wait(
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+) -> Result<std::io::Result<std::process::ExitStatus>, tokio::time::error::Elapsed> {
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    let ended = tokio::time::timeout(timeout, child.wait()).await;
+    if ended.is_err() {
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill().await;
+    }
+    ended
 }
 
 /// Reads a pipe to its end, keeping the last `OUTPUT_TAIL` bytes.
@@ -257,9 +282,9 @@ mod tests {
                 install: "install.sh".into(),
                 uninstall: None,
                 timeout_seconds,
+                uninstall_on_upgrade: false,
             }),
-            requirements: None,
-            health_check: None,
+            ..Default::default()
         }
     }
 
@@ -281,6 +306,7 @@ mod tests {
                 version: "1.2",
                 install: &spec(10),
                 run_as: None,
+                upgrade_to: None,
             },
         )
         .await
@@ -306,6 +332,7 @@ mod tests {
                 version: "1",
                 install: &spec(10),
                 run_as: None,
+                upgrade_to: None,
             },
         )
         .await
@@ -329,6 +356,7 @@ mod tests {
                 version: "1",
                 install: &spec(1),
                 run_as: None,
+                upgrade_to: None,
             },
         )
         .await
@@ -353,6 +381,7 @@ mod tests {
                 version: "1",
                 install: &spec(1),
                 run_as: None,
+                upgrade_to: None,
             },
         )
         .await
@@ -375,6 +404,7 @@ mod tests {
             version: "1",
             install: &spec(10),
             run_as: None,
+            upgrade_to: None,
         };
         let out = run_script(
             dir.path(),
@@ -408,6 +438,7 @@ mod tests {
             version: "1",
             install: &spec(1),
             run_as: None,
+            upgrade_to: None,
         };
         let e = run_script(
             dir.path(),
@@ -450,6 +481,7 @@ mod tests {
             version: "1",
             install: &spec(10),
             run_as: Some(&nobody),
+            upgrade_to: None,
         };
         let ran = run_script(
             dir.path(),

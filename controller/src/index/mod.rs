@@ -22,6 +22,7 @@
 pub mod desired;
 mod outcome;
 pub mod plan;
+mod requires;
 mod rollout;
 pub mod status;
 

@@ -17,7 +17,7 @@ use caravan_api::{
 use kube::{Resource, ResourceExt};
 
 use super::{
-    key_of,
+    key_of, requires,
     rollout::{self, Destination, Gate},
     Now, ObjectKey, SiteKey,
 };
@@ -206,7 +206,9 @@ impl Plan {
 /// Where jobs disagree about a package on one agent (another version, or
 /// install against uninstall), the one that takes precedence keeps it —
 /// the highest `priority`, then the newest, then the first by name — and
-/// the others' assignments of it there are marked superseded by it.
+/// the others' assignments of it there are marked superseded by it; but a
+/// job that only needs it as a dependency leaves it to the winner when the
+/// winner's version is in range (and says so when it is not).
 /// A suspended job takes part as it is: pausing the winner changes
 /// nothing installed (its packages are held), it does not hand them over.
 fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
@@ -232,6 +234,8 @@ fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
         )
     };
     let mut superseded = Vec::new();
+    let mut met = Vec::new();
+    let mut problems = Vec::new();
     for ((_, agent, _), claims) in claims.iter().filter(|(_, c)| c.len() > 1) {
         let &(w, wi) = claims
             .iter()
@@ -239,16 +243,60 @@ fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
             .expect("two claims or more");
         let winner = &plans[w].targets[*agent][wi];
         for &(j, i) in claims.iter().filter(|(j, _)| *j != w) {
-            let a = &plans[j].targets[*agent][i];
+            let mine = &plans[j].targets[*agent];
+            let a = &mine[i];
             let agrees = a.action == winner.action
                 && (a.action == JobAction::Uninstall || a.digest == winner.digest);
-            if !agrees {
+            if agrees {
+                continue;
+            }
+            // A dependency the winner's version meets (in range for every
+            // package of the job that requires it) is left to the winner,
+            // its rollout and its suspension: the job's packages wait for it.
+            let ranges = || {
+                mine.iter()
+                    .filter(|d| a.required_by.contains(&d.package))
+                    .flat_map(|d| &d.install.requires)
+                    .filter(|r| r.name == a.package)
+            };
+            if a.required_by.is_empty() {
+                superseded.push((j, agent.to_string(), i, winner.job.clone()));
+            } else if winner.action == JobAction::Install
+                && ranges().all(|r| r.admits(&winner.version).unwrap_or(false))
+            {
+                met.push((j, agent.to_string(), i));
+            } else {
+                let problem = format!(
+                    "package {} requires {}, but job {} takes precedence with {} {}",
+                    a.required_by.join(", "),
+                    ranges()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    winner.job,
+                    a.package,
+                    match winner.action {
+                        JobAction::Install => winner.version.as_str(),
+                        JobAction::Uninstall => "uninstalled",
+                    }
+                );
+                problems.push((j, problem));
                 superseded.push((j, agent.to_string(), i, winner.job.clone()));
             }
         }
     }
     for (j, agent, i, winner) in superseded {
         plans[j].targets.get_mut(&agent).expect("claimed")[i].superseded_by = Some(winner);
+    }
+    for (j, problem) in problems {
+        if !plans[j].problems.iter().any(|(_, p)| *p == problem) {
+            plans[j].problems.push((reasons::CONFLICT, problem));
+        }
+    }
+    // Dropped last, from the end, so the positions above hold.
+    met.sort();
+    for (j, agent, i) in met.into_iter().rev() {
+        plans[j].targets.get_mut(&agent).expect("claimed").remove(i);
     }
 }
 
@@ -382,9 +430,35 @@ fn resolve_job(
             && !named(&exclude.agents, a)
             && !matches(&exclude.agent_selector, a, true)
     };
+    // An install brings the packages its packages require, first.
+    let chosen: Vec<(&Package, Vec<String>)> = match job.spec.action {
+        JobAction::Install => {
+            let named: Vec<&Package> = chosen.iter().map(|p| p.as_ref()).collect();
+            let pool: Vec<&Package> = packages
+                .iter()
+                .filter(|p| in_ns(&|| p.namespace()))
+                .map(|p| p.as_ref())
+                .collect();
+            let (order, failed) = requires::resolve(&named, &pool);
+            for (p, why) in failed {
+                plan.unresolved.push(p.spec.name.clone());
+                plan.problems.push((reasons::UNRESOLVED_DEPENDENCY, why));
+            }
+            order
+                .into_iter()
+                .map(|r| (r.package, r.required_by))
+                .collect()
+        }
+        JobAction::Uninstall => {
+            requires::dependents_first(chosen.iter().map(|p| p.as_ref()).collect())
+                .into_iter()
+                .map(|p| (p, vec![]))
+                .collect()
+        }
+    };
     let assignments: Vec<Assignment> = chosen
-        .iter()
-        .map(|p| Assignment {
+        .into_iter()
+        .map(|(p, required_by)| Assignment {
             job: job_key.clone(),
             action: job.spec.action,
             package: p.spec.name.clone(),
@@ -402,6 +476,7 @@ fn resolve_job(
             schedule: job.spec.schedule.clone().unwrap_or_default(),
             optional: job.spec.optional,
             deferral: job.spec.deferral.clone(),
+            required_by,
             require_signature: cabinets.iter().any(|c| {
                 in_ns(&|| c.namespace())
                     && c.name_any() == p.spec.cabinet

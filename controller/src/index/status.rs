@@ -522,10 +522,18 @@ pub fn package_status(
         });
     }
     let require = cabinet.is_some_and(|c| c.spec.require_signatures);
+    let unreadable = p.spec.install.check().err();
     let ready = match (&artifact, &signed) {
         (Err((reason, msg)), _) => {
             conditions::new(conditions::READY, false, reason, msg.clone(), generation)
         }
+        (Ok(_), _) if unreadable.is_some() => conditions::new(
+            conditions::READY,
+            false,
+            reasons::INVALID_MANIFEST,
+            format!("{}: no job installs it", unreadable.unwrap_or_default()),
+            generation,
+        ),
         (Ok(_), Some(Err(e))) if require => conditions::new(
             conditions::READY,
             false,

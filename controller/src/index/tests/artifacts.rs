@@ -101,6 +101,33 @@ fn a_cabinet_that_requires_signatures_keeps_an_unsigned_package_from_being_ready
 }
 
 #[test]
+fn a_package_whose_detection_rule_cannot_be_read_is_not_ready_and_says_which() {
+    let mut p = package("hello", "1.0.0");
+    p.spec.install.detect = vec![DetectionRule {
+        file: Some("opt/hello".into()),
+        ..Default::default()
+    }];
+    let st = package_status(
+        &p,
+        &all([cabinet("main")]),
+        &HashMap::from([(key("hello-1.0.0"), ArtifactState::Stored(10))]),
+    );
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(
+        (
+            ready.status.as_str(),
+            ready.reason.as_str(),
+            ready.message.as_str()
+        ),
+        (
+            "False",
+            reasons::INVALID_MANIFEST,
+            "install.detect[0]: path \"opt/hello\" is not absolute: no job installs it"
+        )
+    );
+}
+
+#[test]
 fn packages_of_one_digest_in_two_cabinets_stand_apart() {
     let builtin = package("hello", "1.0.0");
     let mut mirrored = package("hello", "1.0.0");

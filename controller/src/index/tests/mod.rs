@@ -82,6 +82,140 @@ fn unknown_references_become_problems_not_panics() {
 }
 
 #[test]
+fn a_job_installs_what_its_packages_require_first_and_holds_a_package_it_cannot_resolve() {
+    let mut app = package("app", "2.0.0");
+    app.spec.install.requires = vec![Dependency {
+        name: "libfoo".into(),
+        version: Some("^1.2".into()),
+    }];
+    let mut web = package("web", "1.0.0");
+    web.spec.install.requires = vec![Dependency {
+        name: "libbar".into(),
+        version: None,
+    }];
+    let packages = all([
+        app,
+        web,
+        package("libfoo", "1.3.0"),
+        package("libfoo", "2.0.0"),
+    ]);
+    let jobs = all([job("j", &["web", "app"]).to_site("hq")]);
+    let plan = Plan::compute(
+        &all([site("hq")]),
+        &all([agent("a1", "hq")]),
+        &jobs,
+        &packages,
+        &[],
+        at("12:00"),
+    );
+    let jp = &plan.jobs[&key("j")];
+    let got: Vec<_> = jp.targets["a1"]
+        .iter()
+        .map(|a| {
+            (
+                a.package.as_str(),
+                a.version.as_str(),
+                a.required_by.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("libfoo", "1.3.0", vec!["app".to_string()]),
+            ("app", "2.0.0", vec![])
+        ]
+    );
+    assert_eq!(
+        jp.digests,
+        [digest_of("libfoo", "1.3.0"), digest_of("app", "2.0.0")]
+    );
+    assert_eq!(jp.unresolved, ["web"]);
+    assert_eq!(
+        jp.problems,
+        [(
+            reasons::UNRESOLVED_DEPENDENCY,
+            "package web 1.0.0 requires libbar: no package libbar in the namespace".to_string()
+        )]
+    );
+    let status = job_status(&jobs[0], Some(jp), &agent_index(&[]), now());
+    let resolved = condition(&status.conditions, conditions::RESOLVED_REFS);
+    assert_eq!(
+        (resolved.status.as_str(), resolved.reason.as_str()),
+        ("False", reasons::UNRESOLVED_DEPENDENCY)
+    );
+}
+
+#[test]
+fn a_dependency_is_left_to_a_job_that_wins_it_with_a_version_in_range_and_conflicts_when_not() {
+    let needing = |range: &str| {
+        let mut app = package("app", "1.0.0");
+        app.spec.install.requires = vec![Dependency {
+            name: "libfoo".into(),
+            version: Some(range.into()),
+        }];
+        app
+    };
+    let plan_with = |range: &str| {
+        let packages = all([
+            needing(range),
+            package("libfoo", "1.3.0"),
+            package("libfoo", "1.5.0"),
+        ]);
+        // base pins libfoo 1.3.0 and takes precedence; apps needs a libfoo.
+        let jobs = all([
+            job("base", &["libfoo"])
+                .at_version("libfoo", "1.3.0")
+                .to_site("hq")
+                .with_priority(10),
+            job("apps", &["app"]).to_site("hq"),
+        ]);
+        let plan = Plan::compute(
+            &all([site("hq")]),
+            &all([agent("a1", "hq")]),
+            &jobs,
+            &packages,
+            &[],
+            at("12:00"),
+        );
+        let jp = &plan.jobs[&key("apps")];
+        let targets = jp.targets["a1"]
+            .iter()
+            .map(|a| {
+                (
+                    a.package.clone(),
+                    a.version.clone(),
+                    a.superseded_by.clone(),
+                )
+            })
+            .collect::<Vec<_>>();
+        (targets, jp.problems.clone())
+    };
+    // 1.3.0 will do: apps leaves libfoo to base (its rollout, its
+    // suspension); app waits on the endpoint until base installed it.
+    let (targets, problems) = plan_with("^1.2");
+    assert_eq!(targets, [("app".into(), "1.0.0".into(), None)]);
+    assert!(problems.is_empty(), "{problems:?}");
+    // It will not: the dependency conflicts, and the job says why.
+    let (targets, problems) = plan_with(">=1.4");
+    assert_eq!(
+        targets,
+        [
+            ("libfoo".into(), "1.5.0".into(), Some("ns/base".into())),
+            ("app".into(), "1.0.0".into(), None)
+        ]
+    );
+    assert_eq!(
+        problems,
+        [(
+            reasons::CONFLICT,
+            "package app requires libfoo >=1.4, but job ns/base takes precedence with libfoo 1.3.0"
+                .to_string()
+        )]
+    );
+}
+
+#[test]
 fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_it() {
     let agents = all([agent("a1", "hq"), agent("a2", "hq").unapproved()]);
     let jobs = all([
