@@ -16,7 +16,9 @@ SUDO=
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
 need_pkgs=()
-for p in etcd-server pkg-config libssl-dev openssl curl ca-certificates python3-venv; do
+# docker-registry (the CNCF distribution registry) and apache2-utils
+# (htpasswd): the oci cabinet tests run a real registry.
+for p in etcd-server pkg-config libssl-dev openssl curl ca-certificates python3-venv docker-registry apache2-utils; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 command -v kubectl >/dev/null 2>&1 || need_pkgs+=(kubernetes-client)
@@ -25,7 +27,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
-# etcd-server starts a system etcd on :2379 on install; tests run their own.
+# etcd-server starts a system etcd on :2379 on install, docker-registry a
+# registry on :5000; tests run their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
   $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
 fi

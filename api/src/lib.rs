@@ -40,6 +40,9 @@ pub mod labels {
     /// Label (value `"true"`) a Secret must carry for the controller to read
     /// it as a GitSource's webhook secret.
     pub const WEBHOOK_SECRET: &str = "caravan.dev/webhook-secret";
+    /// Label (value `"true"`) a Secret must carry for the controller to read
+    /// it as an `oci` cabinet's registry credentials.
+    pub const REGISTRY_CREDENTIALS: &str = "caravan.dev/registry-credentials";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -31,6 +31,7 @@ pub fn pack(dir: &Path, out: &Path) -> anyhow::Result<Artifact> {
     Ok(Artifact {
         digest: Digest::from_hasher(hashing.hasher),
         size: hashing.size,
+        manifest: None,
     })
 }
 

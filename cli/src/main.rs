@@ -261,16 +261,83 @@ enum PackageCommand {
     Push {
         #[command(flatten)]
         args: BuildArgs,
-        /// The controller's distribution API.
-        #[arg(long, env = "CARAVAN_SERVER")]
-        server: String,
+        /// The controller's distribution API (for a built-in cabinet).
+        #[arg(long, env = "CARAVAN_SERVER", required_unless_present = "registry")]
+        server: Option<String>,
         /// Upload token of the controller.
-        #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
-        token: String,
+        #[arg(
+            long,
+            env = "CARAVAN_UPLOAD_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "registry"
+        )]
+        token: Option<String>,
         /// CA certificate (PEM) to verify the controller's HTTPS certificate with.
         #[arg(long, env = "CARAVAN_CA_FILE")]
         ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
+}
+
+/// Where an `oci` cabinet's registry is, and how to sign in to push.
+#[derive(clap::Args, Clone)]
+struct RegistryArgs {
+    /// Push to this OCI repository (`host[:port]/name`, the `oci` cabinet's
+    /// `store.repository`; the package goes to `<it>/<package name>`,
+    /// tagged with its version) instead of the controller's store.
+    #[arg(long, env = "CARAVAN_REGISTRY")]
+    registry: Option<String>,
+    /// CA certificates (PEM) that sign the registry's certificate, trusted alone.
+    #[arg(long, env = "CARAVAN_REGISTRY_CA_FILE")]
+    registry_ca_file: Option<PathBuf>,
+    /// User name to push as (with CARAVAN_REGISTRY_PASSWORD).
+    #[arg(long, env = "CARAVAN_REGISTRY_USERNAME")]
+    registry_username: Option<String>,
+    #[arg(
+        long,
+        env = "CARAVAN_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    registry_password: Option<String>,
+    /// A bearer token to push with, instead of a user name and password.
+    #[arg(
+        long,
+        env = "CARAVAN_REGISTRY_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    registry_token: Option<String>,
+}
+
+impl RegistryArgs {
+    /// The repository of package `name` in the registry, if one is given.
+    fn registry(&self, name: &str) -> anyhow::Result<Option<caravan_net::oci::Registry>> {
+        use caravan_net::oci::{Credentials, Registry, Repository};
+        let Some(repo) = &self.registry else {
+            return Ok(None);
+        };
+        let repo = repo
+            .parse::<Repository>()
+            .and_then(|r| r.package(name))
+            .map_err(anyhow::Error::msg)?;
+        let http = caravan_net::client(
+            self.registry_ca_file.as_deref(),
+            std::time::Duration::from_secs(60),
+        )?;
+        let credentials = match (&self.registry_token, &self.registry_username) {
+            (Some(t), _) => Some(Credentials::Token(t.clone())),
+            (None, Some(u)) => Some(Credentials::Basic {
+                username: u.clone(),
+                password: self.registry_password.clone().context(
+                    "--registry-username needs the password in CARAVAN_REGISTRY_PASSWORD",
+                )?,
+            }),
+            (None, None) => None,
+        };
+        Ok(Some(Registry::new(repo, http, credentials)))
+    }
 }
 
 #[tokio::main]
@@ -343,13 +410,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             token,
             ca_file,
+            registry,
         }) => {
             let tmp = tempfile::NamedTempFile::new()?;
             args.check()?;
+            let registry = registry.registry(&args.name)?;
             // The manifest is written only once its blob is in the cabinet.
-            let artifact = pack(&args.dir, tmp.path())
+            let mut artifact = pack(&args.dir, tmp.path())
                 .with_context(|| format!("packing {}", args.dir.display()))?;
-            upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?;
+            match (registry, server, token) {
+                (Some(registry), ..) => {
+                    let config = serde_json::to_vec(&signing::Signed::of_spec(&PackageSpec {
+                        artifact: artifact.clone(),
+                        install: args.install_spec()?,
+                        ..spec_of(&args)
+                    }))?;
+                    artifact.manifest = Some(
+                        push_to_registry(&registry, &args, &artifact, &config, tmp.path()).await?,
+                    );
+                }
+                (None, Some(server), Some(token)) => {
+                    upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?
+                }
+                _ => anyhow::bail!(
+                    "give --server and --token (a built-in cabinet) or --registry (an oci one)"
+                ),
+            }
             write_manifest(&args, &artifact)?;
             println!(
                 "pushed {} {} to cabinet {} ({}, {} bytes)",
@@ -386,19 +472,33 @@ fn package_manifest(args: &BuildArgs, artifact: &Artifact) -> anyhow::Result<Str
     let mut pkg = Package::new(
         &format!("{}-{}", args.name, args.version).to_ascii_lowercase(),
         PackageSpec {
-            cabinet: args.cabinet.clone(),
-            name: args.name.clone(),
-            version: args.version.clone(),
             artifact: artifact.clone(),
             install: args.install_spec()?,
-            description: None,
-            signatures: vec![],
+            ..spec_of(args)
         },
     );
     if let Some(key) = &args.sign_key {
         pkg.spec.signatures.push(sign_spec(&pkg.spec, key)?);
     }
     Ok(serde_yaml_ng::to_string(&pkg)?)
+}
+
+/// The spec of the package `args` build (with an empty artifact and the
+/// default install spec: the caller fills them in).
+fn spec_of(args: &BuildArgs) -> PackageSpec {
+    PackageSpec {
+        cabinet: args.cabinet.clone(),
+        name: args.name.clone(),
+        version: args.version.clone(),
+        artifact: Artifact {
+            digest: caravan_api::Digest::of(b""),
+            size: 0,
+            manifest: None,
+        },
+        install: Default::default(),
+        description: None,
+        signatures: vec![],
+    }
 }
 
 /// Signs a package's metadata (name, version, artifact, install spec) with
@@ -409,6 +509,45 @@ fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageS
     let key = signing::parse_private(&text)
         .with_context(|| format!("{} is not a private key", key.display()))?;
     Ok(signing::sign(&key, &signing::Signed::of_spec(spec)))
+}
+
+/// Pushes the archive at `path` to `registry` as a package artifact tagged
+/// with its version (which must not name another one already); returns the
+/// manifest's digest.
+async fn push_to_registry(
+    registry: &caravan_net::oci::Registry,
+    args: &BuildArgs,
+    artifact: &Artifact,
+    config: &[u8],
+    path: &Path,
+) -> anyhow::Result<caravan_api::Digest> {
+    use caravan_net::oci::{Descriptor, Manifest, LAYER_MEDIA_TYPE};
+    registry
+        .push_blob_file(path, &artifact.digest, artifact.size)
+        .await?;
+    registry.push_blob_bytes(config).await?;
+    let layer = Descriptor {
+        media_type: LAYER_MEDIA_TYPE.into(),
+        digest: artifact.digest,
+        size: artifact.size,
+        annotations: [(
+            "org.opencontainers.image.title".to_string(),
+            format!("{}-{}.tar.zst", args.name, args.version),
+        )]
+        .into(),
+    };
+    let manifest = Manifest::package(config, layer, &args.name, &args.version);
+    let digest = caravan_api::Digest::of(&serde_json::to_vec(&manifest)?);
+    // A version is pushed once: its tag never moves to another build.
+    match registry.tag(&args.version).await? {
+        Some(d) if d != digest => anyhow::bail!(
+            "{}: tag {} names another artifact ({d}); a version is published once: give this build a new version",
+            registry.repository(),
+            args.version
+        ),
+        _ => {}
+    }
+    Ok(registry.put_manifest(&args.version, &manifest).await?)
 }
 
 /// Streams the archive to the controller's store. An upload that breaks off

@@ -76,3 +76,27 @@ impl Context {
         kube::Api::namespaced(self.client.clone(), ns)
     }
 }
+
+/// The data of Secret `name` in `ns`, a `what` Secret, if it carries the
+/// opt-in `label` (value `"true"`): the controller reads no other Secret a
+/// manifest names.
+pub async fn labelled_secret(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    label: &str,
+    what: &str,
+) -> Result<std::collections::BTreeMap<String, k8s_openapi::ByteString>, String> {
+    use kube::ResourceExt as _;
+    let secret = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading Secret {name}: {e}"))?
+        .ok_or_else(|| format!("{what} Secret {name} does not exist"))?;
+    if secret.labels().get(label).map(String::as_str) != Some("true") {
+        return Err(format!(
+            "Secret {name} is not labelled {label}: \"true\", so it is not used"
+        ));
+    }
+    Ok(secret.data.unwrap_or_default())
+}

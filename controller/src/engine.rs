@@ -20,7 +20,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use caravan_api::{
-    v1alpha1::{Cabinet, Package},
+    v1alpha1::{Cabinet, Package, StoreType},
     Digest,
 };
 use caravan_net::Backoff;
@@ -30,7 +30,11 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cabinet::{pull::Pulls, BlobStore},
+    cabinet::{
+        pull::{Pulls, Source},
+        registry::OciSource,
+        BlobStore,
+    },
     context::Context,
     field_managers,
     index::{self, ArtifactState, Artifacts, DesiredIndex},
@@ -69,11 +73,12 @@ impl Engine {
     pub fn new(ctx: Arc<Context>, stores: Stores, blobs: Arc<BlobStore>) -> anyhow::Result<Self> {
         let http = caravan_net::client(None, Duration::from_secs(60))?;
         let ttl = Duration::from_secs(ctx.config.desired_state_ttl_seconds);
+        let kube = ctx.client.clone();
         Ok(Self {
             signer: std::sync::Mutex::new(Signer::new(&ctx.trust, ttl)),
             ctx,
             stores,
-            pulls: Pulls::new(blobs.clone(), http),
+            pulls: Pulls::new(blobs.clone(), http, kube),
             blobs,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             written: Default::default(),
@@ -277,12 +282,21 @@ impl Engine {
             let state = match size {
                 Some(size) => ArtifactState::Stored(size),
                 None => {
-                    let url = cabinets
+                    let cabinet = cabinets
                         .iter()
-                        .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet)
-                        .and_then(|c| c.spec.store.artifact_url(&digest));
-                    match url {
-                        Some(url) => self.pulls.ensure(digest, &url, p.spec.artifact.size),
+                        .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
+                    let source = cabinet.and_then(|c| match c.spec.store.type_ {
+                        StoreType::Builtin => None,
+                        StoreType::Http => c.spec.store.artifact_url(&digest).map(Source::Http),
+                        StoreType::Oci => Some(Source::Oci(OciSource {
+                            namespace: c.namespace().unwrap_or_default(),
+                            store: c.spec.store.clone(),
+                            package: p.spec.name.clone(),
+                            manifest: p.spec.artifact.manifest,
+                        })),
+                    });
+                    match source {
+                        Some(source) => self.pulls.ensure(digest, source, p.spec.artifact.size),
                         None => ArtifactState::Missing,
                     }
                 }

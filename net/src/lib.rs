@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod body;
 pub mod document;
 pub mod fs;
+pub mod oci;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
@@ -47,19 +48,29 @@ pub fn init_logging(json: bool) {
 /// CA can be rolled over), it trusts those alone — pinned, not added to the
 /// web PKI roots, so no other CA in the world can vouch for the server.
 pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    let pem = match ca_file {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let what = ca_file.map(|p| format!("CA file {}", p.display()));
+    client_trusting(pem.as_deref().zip(what.as_deref()), read_timeout)
+}
+
+/// [`client`] trusting the CAs of `ca` alone: PEM certificates, and what
+/// they are called in an error.
+pub fn client_trusting(
+    ca: Option<(&[u8], &str)>,
+    read_timeout: Duration,
+) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(read_timeout);
-    if let Some(path) = ca_file {
-        let pem =
-            std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("CA file {} is not PEM certificates", path.display()))?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "CA file {} holds no certificate",
-            path.display()
-        );
+    if let Some((pem, what)) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .with_context(|| format!("{what} is not PEM certificates"))?;
+        anyhow::ensure!(!certs.is_empty(), "{what} holds no certificate");
         builder = certs
             .into_iter()
             .fold(builder.tls_built_in_root_certs(false), |b, c| {

@@ -22,6 +22,7 @@ pub mod fixtures;
 pub mod git;
 pub mod helm;
 pub mod procs;
+pub mod registry;
 pub mod tamper;
 pub mod waits;
 

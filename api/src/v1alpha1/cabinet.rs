@@ -53,11 +53,29 @@ pub struct CabinetStore {
     /// push` uploads into it). `http`: a read-only HTTP(S) server holding
     /// each artifact at `<url>/sha256/<hex digest>`; the controller fetches
     /// it once, verifies size and digest, and serves it from its store.
+    /// `oci`: a repository of an OCI registry (`caravan package push`
+    /// pushes each package there as an artifact tagged with its version);
+    /// the controller fetches the manifest the Package pins and its layer,
+    /// verified, and serves it from its store.
     #[serde(rename = "type")]
     pub type_: StoreType,
     /// Base URL of an `http` store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The repository of an `oci` store: `[https://]host[:port]/name`
+    /// (`http://` only for a registry without TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// A Secret in the cabinet's namespace with the controller's (pull)
+    /// credentials for an `oci` store: `username` and `password`, or
+    /// `token`. It must carry the label `caravan.dev/registry-credentials:
+    /// "true"`. Without it, the registry is read anonymously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// PEM certificates of the CAs that sign the registry's certificate,
+    /// trusted alone for it (instead of the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 impl Default for CabinetStore {
@@ -65,18 +83,26 @@ impl Default for CabinetStore {
         Self {
             type_: StoreType::Builtin,
             url: None,
+            repository: None,
+            credentials_secret: None,
+            ca_bundle: None,
         }
     }
 }
 
 impl CabinetStore {
-    /// Where an `http` store keeps the artifact with this digest.
+    /// Where an `http` or `oci` store keeps the artifact with this digest
+    /// (for an `oci` store, as `<repository>@<digest>`).
     pub fn artifact_url(&self, digest: &crate::Digest) -> Option<String> {
         match self.type_ {
             StoreType::Http => self
                 .url
                 .as_ref()
                 .map(|u| format!("{}/sha256/{}", u.trim_end_matches('/'), digest.hex())),
+            StoreType::Oci => self
+                .repository
+                .as_ref()
+                .map(|r| format!("{}@{digest}", r.trim_end_matches('/'))),
             StoreType::Builtin => None,
         }
     }
@@ -87,6 +113,7 @@ impl CabinetStore {
 pub enum StoreType {
     Builtin,
     Http,
+    Oci,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

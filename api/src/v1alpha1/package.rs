@@ -48,6 +48,10 @@ pub struct Artifact {
     pub digest: crate::Digest,
     /// Size in bytes.
     pub size: u64,
+    /// In an `oci` cabinet: the digest of the artifact's manifest, whose one
+    /// layer is the artifact. The tag may move; this does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<crate::Digest>,
 }
 
 /// How an agent installs a package. Either way the archive is first

@@ -1,5 +1,5 @@
-//! Fetching the artifacts of `http` cabinets into the store. The engine
-//! asks for every artifact an `http` cabinet holds that the store lacks
+//! Fetching the artifacts of `http` and `oci` cabinets into the store. The
+//! engine asks for every artifact such a cabinet holds that the store lacks
 //! ([`Pulls::ensure`]); each is fetched once, by a task of its own, its
 //! size and digest verified before it enters the store. A failed fetch is
 //! reported (and tried again after a while); a finished one wakes the
@@ -14,7 +14,7 @@ use std::{
 use caravan_api::Digest;
 use tokio::sync::Notify;
 
-use super::BlobStore;
+use super::{registry::OciSource, BlobStore};
 use crate::index::ArtifactState;
 
 /// A failed fetch is tried again after this long.
@@ -26,28 +26,40 @@ enum Pull {
     Failed { message: String, at: Instant },
 }
 
-/// The fetches from `http` cabinets, owned by the engine.
+/// Where a cabinet keeps an artifact the store lacks.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// An `http` cabinet: at this URL.
+    Http(String),
+    /// An `oci` cabinet.
+    Oci(OciSource),
+}
+
+/// The fetches from `http` and `oci` cabinets, owned by the engine.
 pub struct Pulls {
     blobs: Arc<BlobStore>,
     http: reqwest::Client,
+    /// For the registry credentials of `oci` cabinets.
+    kube: kube::Client,
     pulls: Arc<Mutex<HashMap<Digest, Pull>>>,
     done: Arc<Notify>,
 }
 
 impl Pulls {
-    pub fn new(blobs: Arc<BlobStore>, http: reqwest::Client) -> Self {
+    pub fn new(blobs: Arc<BlobStore>, http: reqwest::Client, kube: kube::Client) -> Self {
         Self {
             blobs,
             http,
+            kube,
             pulls: Default::default(),
             done: Default::default(),
         }
     }
 
-    /// Where the fetch of `digest` (`size` bytes) from `url` stands,
+    /// Where the fetch of `digest` (`size` bytes) from `source` stands,
     /// starting it unless it runs already or failed a moment ago. Only for
     /// artifacts the store lacks.
-    pub fn ensure(&self, digest: Digest, url: &str, size: u64) -> ArtifactState {
+    pub fn ensure(&self, digest: Digest, source: Source, size: u64) -> ArtifactState {
         let mut pulls = self.pulls.lock().expect("lock poisoned");
         match pulls.get(&digest) {
             Some(Pull::Failed { at, .. }) if at.elapsed() > RETRY => {}
@@ -58,19 +70,22 @@ impl Pulls {
             None => {}
         }
         pulls.insert(digest, Pull::Running);
-        let (blobs, http, all, done) = (
+        let (blobs, http, kube, all, done) = (
             self.blobs.clone(),
             self.http.clone(),
+            self.kube.clone(),
             self.pulls.clone(),
             self.done.clone(),
         );
-        let url = url.to_string();
         tokio::spawn(async move {
-            let result = blobs.pull(&digest, &url, size, &http).await;
+            let result = match &source {
+                Source::Http(url) => blobs.pull(&digest, url, size, &http).await,
+                Source::Oci(oci) => oci.fetch(&kube, &blobs, &digest, size).await,
+            };
             let mut pulls = all.lock().expect("lock poisoned");
             match result {
                 Ok(_) => {
-                    tracing::info!(%url, "artifact fetched and verified");
+                    tracing::info!(%digest, ?source, "artifact fetched and verified");
                     pulls.remove(&digest);
                 }
                 Err(message) => {

@@ -176,16 +176,28 @@ impl BlobStore {
         if !res.status().is_success() {
             return Err(format!("fetching {url}: {}", res.status()));
         }
+        self.take(digest, size, res, url).await
+    }
+
+    /// Stores the blob a successful response `res` (from `from`) streams,
+    /// verifying its size and digest.
+    pub async fn take(
+        &self,
+        digest: &Digest,
+        size: u64,
+        res: reqwest::Response,
+        from: &str,
+    ) -> Result<u64, String> {
         if let Some(len) = res.content_length().filter(|len| *len != size) {
-            return Err(format!("{url} is {len} bytes; the Package says {size}"));
+            return Err(format!("{from} is {len} bytes; the Package says {size}"));
         }
         let got = self
             .put(digest, 0, size, res.bytes_stream())
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| format!("{from}: {e}"))?;
         if got != size {
             let _ = tokio::fs::remove_file(self.path(digest)).await;
-            return Err(format!("{url} is {got} bytes; the Package says {size}"));
+            return Err(format!("{from} is {got} bytes; the Package says {size}"));
         }
         Ok(got)
     }

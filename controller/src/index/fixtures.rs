@@ -147,6 +147,7 @@ pub fn package(name: &str, version: &str) -> Package {
             artifact: Artifact {
                 digest: digest_of(name, version),
                 size: 10,
+                manifest: None,
             },
             install: Default::default(),
             signatures: vec![],
@@ -180,6 +181,7 @@ impl CabinetFixture for Cabinet {
         self.spec.store = CabinetStore {
             type_: StoreType::Http,
             url: Some(url.into()),
+            ..Default::default()
         };
         self
     }

@@ -573,9 +573,20 @@ pub fn cabinet_status(
         .iter()
         .filter(|p| p.namespace() == c.namespace() && p.spec.cabinet == c.name_any())
         .collect();
-    let ready = match (c.spec.store.type_, c.spec.store.url.as_deref()) {
-        (StoreType::Http, url) => {
-            let url = url.unwrap_or_default();
+    let store = &c.spec.store;
+    let remote = match store.type_ {
+        StoreType::Http => Some(format!(
+            "http store {}",
+            store.url.as_deref().unwrap_or_default()
+        )),
+        StoreType::Oci => Some(format!(
+            "oci store {}",
+            store.repository.as_deref().unwrap_or_default()
+        )),
+        StoreType::Builtin => None,
+    };
+    let ready = match remote {
+        Some(url) => {
             let state = |p: &Package| artifacts.get(&key_of(p));
             let fetched = mine
                 .iter()
@@ -591,19 +602,19 @@ pub fn cabinet_status(
                     conditions::READY,
                     true,
                     reasons::SUCCEEDED,
-                    format!("http store {url}: {counts}"),
+                    format!("{url}: {counts}"),
                     generation,
                 ),
                 Some(m) => conditions::new(
                     conditions::READY,
                     false,
                     reasons::ARTIFACT_UNAVAILABLE,
-                    format!("http store {url}: {counts}; {m}"),
+                    format!("{url}: {counts}; {m}"),
                     generation,
                 ),
             }
         }
-        (StoreType::Builtin, _) => conditions::new(
+        None => conditions::new(
             conditions::READY,
             true,
             reasons::SUCCEEDED,

@@ -29,8 +29,6 @@ use caravan_api::{labels, names, v1alpha1::GitSource};
 use caravan_net::server::ApiError;
 use futures::StreamExt as _;
 use hmac::{Hmac, Mac as _};
-use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt as _;
 use sha2::{Digest as _, Sha256};
 
 use super::AppState;
@@ -132,28 +130,15 @@ async fn webhook_key(s: &AppState, ns: &str, name: &str) -> Result<Vec<u8>, Stri
         .as_ref()
         .map(|w| w.secret_ref.clone())
         .ok_or("the GitSource has no spec.webhook")?;
-    let secret = s
-        .ctx
-        .namespaced::<Secret>(ns)
-        .get_opt(&secret_name)
-        .await
-        .map_err(|e| format!("reading Secret {secret_name}: {e}"))?
-        .ok_or_else(|| format!("webhook Secret {secret_name} does not exist"))?;
-    if secret
-        .labels()
-        .get(labels::WEBHOOK_SECRET)
-        .map(String::as_str)
-        != Some("true")
-    {
-        return Err(format!(
-            "Secret {secret_name} is not labelled {}: \"true\", so it is not used",
-            labels::WEBHOOK_SECRET
-        ));
-    }
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("token"))
+    let data = crate::context::labelled_secret(
+        &s.ctx.client,
+        ns,
+        &secret_name,
+        labels::WEBHOOK_SECRET,
+        "webhook",
+    )
+    .await?;
+    data.get("token")
         .map(|t| t.0.clone())
         .filter(|k| !k.is_empty())
         .ok_or_else(|| format!("Secret {secret_name} has no key token"))

@@ -456,8 +456,14 @@ impl Caravan {
     /// Runs the `caravan` CLI against this installation's controller and
     /// cluster (as its administrator).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.cli_with(args, &[])
+    }
+
+    /// [`Self::cli`] with more environment variables.
+    pub fn cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
         let out = std::process::Command::new(bin("caravan")?)
             .args(args)
+            .envs(env.iter().copied())
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)

@@ -1,0 +1,103 @@
+//! `oci` cabinets: the artifact of a Package, fetched from its registry —
+//! the manifest the Package pins (its digest checked), then the one layer
+//! it names, which must be the Package's artifact (size and digest checked
+//! again as it enters the store).
+
+use caravan_api::{labels, v1alpha1::CabinetStore, Digest};
+use caravan_net::oci::{Credentials, Registry, Repository};
+
+use super::BlobStore;
+
+/// Where an `oci` cabinet's artifact is: the cabinet's store and namespace,
+/// and the manifest the Package pins.
+#[derive(Clone, Debug)]
+pub struct OciSource {
+    pub namespace: String,
+    pub store: CabinetStore,
+    /// The package's name: its repository is `<store.repository>/<name>`.
+    pub package: String,
+    pub manifest: Option<Digest>,
+}
+
+impl OciSource {
+    /// Fetches artifact `digest` (`size` bytes) into `blobs`, verified.
+    pub async fn fetch(
+        &self,
+        kube: &kube::Client,
+        blobs: &BlobStore,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<u64, String> {
+        let pinned = self.manifest.ok_or(
+            "the Package pins no artifact.manifest (push it with `caravan package push --registry`, which pins it)",
+        )?;
+        let registry = self.registry(kube).await?;
+        let manifest = registry
+            .manifest(&pinned)
+            .await
+            .map_err(|e| e.to_string())?;
+        let layer = manifest
+            .archive()
+            .map_err(|e| format!("{}: manifest {pinned}: {e}", registry.repository()))?;
+        if layer.digest != *digest || layer.size != size {
+            return Err(format!(
+                "{}: manifest {pinned} holds {} ({} bytes), not the Package's artifact {digest} ({size} bytes)",
+                registry.repository(),
+                layer.digest,
+                layer.size
+            ));
+        }
+        let res = registry.blob(digest).await.map_err(|e| e.to_string())?;
+        let from = format!("{} blob {digest}", registry.repository());
+        blobs.take(digest, size, res, &from).await
+    }
+
+    /// The cabinet's registry, signed in with its credentials, if any.
+    async fn registry(&self, kube: &kube::Client) -> Result<Registry, String> {
+        let repo: Repository = self
+            .store
+            .repository
+            .as_deref()
+            .ok_or("an oci cabinet names no store.repository")?
+            .parse::<Repository>()?
+            .package(&self.package)?;
+        let ca = self
+            .store
+            .ca_bundle
+            .as_deref()
+            .map(|pem| (pem.as_bytes(), "store.caBundle"));
+        let http = caravan_net::client_trusting(ca, std::time::Duration::from_secs(60))
+            .map_err(|e| format!("{e:#}"))?;
+        let credentials = match &self.store.credentials_secret {
+            Some(name) => Some(credentials(kube, &self.namespace, name).await?),
+            None => None,
+        };
+        Ok(Registry::new(repo, http, credentials))
+    }
+}
+
+/// The registry credentials in Secret `name` (labelled for it).
+async fn credentials(kube: &kube::Client, ns: &str, name: &str) -> Result<Credentials, String> {
+    let data = crate::context::labelled_secret(
+        kube,
+        ns,
+        name,
+        labels::REGISTRY_CREDENTIALS,
+        "credentials",
+    )
+    .await?;
+    let text = |key: &str| {
+        data.get(key).map(|v| {
+            String::from_utf8_lossy(&v.0)
+                .trim_end_matches('\n')
+                .to_string()
+        })
+    };
+    match (text("username"), text("password"), text("token")) {
+        (_, _, Some(token)) => Ok(Credentials::Token(token)),
+        (Some(username), Some(password), None) => Ok(Credentials::Basic { username, password }),
+        _ => Err(format!(
+            "Secret {name} holds neither `username` and `password` nor `token`"
+        )),
+    }
+}

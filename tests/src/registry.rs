@@ -1,0 +1,86 @@
+//! A real OCI registry on loopback: Debian's `docker-registry` (the CNCF
+//! `distribution` registry), serving TLS with a test CA and asking for
+//! basic credentials (an `htpasswd` file, bcrypt).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+
+use crate::{fixtures::TestTls, free_port, procs::Proc, wait_for};
+
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    /// The CA that signed its certificate (PEM file).
+    pub ca_file: std::path::PathBuf,
+    /// Where it keeps its blobs and manifests.
+    pub root: std::path::PathBuf,
+    pub username: String,
+    pub password: String,
+    _proc: Proc,
+}
+
+impl Registry {
+    /// Starts one in `dir`, with user `caravan`.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let tls = TestTls::generate(&dir.join("tls"))?;
+        let (username, password) = ("caravan".to_string(), "registry-secret".to_string());
+        let out = std::process::Command::new("htpasswd")
+            .args(["-Bbn", &username, &password])
+            .output()
+            .context("htpasswd (apache2-utils): run scripts/setup.sh")?;
+        anyhow::ensure!(out.status.success(), "htpasswd failed");
+        std::fs::write(dir.join("htpasswd"), out.stdout)?;
+        let root = dir.join("data");
+        let host = format!("127.0.0.1:{}", free_port());
+        let config = format!(
+            "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {root}}}\n  delete: {{enabled: true}}\n\
+             http:\n  addr: {host}\n  tls: {{certificate: {cert}, key: {key}}}\n\
+             auth:\n  htpasswd: {{realm: caravan-test, path: {htpasswd}}}\n",
+            root = root.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+            htpasswd = dir.join("htpasswd").display(),
+        );
+        std::fs::write(dir.join("config.yml"), config)?;
+        let proc = Proc::spawn(
+            "registry",
+            Path::new("/usr/bin/docker-registry"),
+            &["serve", &dir.join("config.yml").display().to_string()],
+            &[],
+            dir,
+        )?;
+        let http = caravan_net::client(Some(&tls.ca), Duration::from_secs(10))?;
+        let url = format!("https://{host}/v2/");
+        // Up once it asks for credentials.
+        wait_for(
+            "the registry to answer",
+            Duration::from_secs(30),
+            || async {
+                Ok(http
+                    .get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
+                    .map(|_| ()))
+            },
+        )
+        .await
+        .map_err(|e| e.context(proc.log_tail(30)))?;
+        Ok(Self {
+            host,
+            ca_file: tls.ca,
+            root,
+            username,
+            password,
+            _proc: proc,
+        })
+    }
+
+    /// The repository `name` in it, as a Cabinet names it.
+    pub fn repository(&self, name: &str) -> String {
+        format!("{}/{name}", self.host)
+    }
+}

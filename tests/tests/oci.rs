@@ -1,0 +1,224 @@
+//! A cabinet in a real OCI registry (Debian's `docker-registry`, TLS and
+//! basic auth on loopback): `caravan package push --registry` pushes the
+//! package as an artifact and pins its manifest and layer digests in Git;
+//! the controller fetches them with its own credentials, verified, and
+//! agents install it through their relay. A wrong credential, a missing
+//! repository and a layer replaced in the registry each get a condition
+//! that names the problem, and nothing unverified is served.
+
+use std::time::Duration;
+
+use caravan_api::{
+    conditions,
+    v1alpha1::{Cabinet, Package},
+    Digest,
+};
+use caravan_tests::{registry::Registry, wait_for, Caravan};
+
+const T: Duration = Duration::from_secs(120);
+
+/// The Ready condition of `obj`'s status conditions: (status, message).
+fn ready(conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> (String, String) {
+    conds
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map(|c| (c.status.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyhow::Result<()> {
+    let mut c = Caravan::start("oci").await?;
+    let repo = c.seed_example_fleet().await?;
+    let registry = Registry::start(&c.dir.join("registry")).await?;
+    let ca = std::fs::read_to_string(&registry.ca_file)?;
+    let ns = c.namespace.clone();
+    // The controller's pull credentials (a Secret, never in Git), and a
+    // wrong one.
+    for (name, password) in [
+        ("registry-pull", registry.password.as_str()),
+        ("registry-wrong", "nope"),
+    ] {
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
+             stringData: {{username: {}, password: {password}}}\n",
+            registry.username
+        );
+        let file = c.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, secret)?;
+        c.cluster
+            .kubectl(&["apply", "-f", &file.display().to_string()])?;
+    }
+    let cabinet = |name: &str, repository: &str, secret: &str| {
+        let ca = ca
+            .lines()
+            .map(|l| format!("      {l}\n"))
+            .collect::<String>();
+        format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: {name}}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: {secret}\n    caBundle: |\n{ca}",
+            registry.repository(repository)
+        )
+    };
+    repo.write(
+        "fleet/vault.yaml",
+        &cabinet("vault", "caravan/packages", "registry-pull"),
+    )?;
+    repo.write(
+        "fleet/locked.yaml",
+        &cabinet("locked", "caravan/locked", "registry-wrong"),
+    )?;
+    repo.write(
+        "fleet/elsewhere.yaml",
+        &cabinet("elsewhere", "caravan/missing", "registry-pull"),
+    )?;
+
+    let manifests = repo.work.join("fleet/packages");
+    let outside = c.dir.join("unpublished");
+    let ca_file = registry.ca_file.display().to_string();
+    let push = |name: &str, cabinet: &str, repository: &str, dir: &std::path::Path| {
+        let src = c.dir.join("src").join(name);
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("README"), format!("{name} from the registry\n"))?;
+        c.cli_with(
+            &[
+                "package",
+                "push",
+                &src.display().to_string(),
+                "--name",
+                name,
+                "--version",
+                "1.0.0",
+                "--cabinet",
+                cabinet,
+                "--manifest-dir",
+                &dir.display().to_string(),
+                "--registry",
+                &registry.repository(repository),
+                "--registry-ca-file",
+                &ca_file,
+                "--registry-username",
+                &registry.username,
+            ],
+            &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)],
+        )
+    };
+    push("tools", "vault", "caravan/packages", &manifests)?;
+    push("secret-tools", "locked", "caravan/locked", &manifests)?;
+    // Pushed to one repository, declared in a cabinet whose repository
+    // does not exist.
+    push("lost", "elsewhere", "caravan/packages", &manifests)?;
+    push("tampered", "vault", "caravan/packages", &outside)?;
+
+    // The manifest pins both digests.
+    let tools: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(
+        manifests.join("tools-1.0.0.yaml"),
+    )?)?;
+    let pinned = tools
+        .spec
+        .artifact
+        .manifest
+        .expect("the manifest digest is pinned");
+    let blob = |d: &Digest| {
+        registry
+            .root
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&d.hex()[..2])
+            .join(d.hex())
+            .join("data")
+    };
+    // In a repository of its own, tagged with its version.
+    assert!(registry
+        .root
+        .join("docker/registry/v2/repositories/caravan/packages/tools/_manifests/tags/1.0.0")
+        .is_dir());
+    let stored = std::fs::read(blob(&pinned))?;
+    assert_eq!(Digest::of(&stored), pinned);
+    let manifest: caravan_net::oci::Manifest = serde_json::from_slice(&stored)?;
+    assert_eq!(
+        manifest.archive().map_err(anyhow::Error::msg)?.digest,
+        tools.spec.artifact.digest
+    );
+
+    // A version is published once: the same build again is fine, another
+    // one under the same tag is refused.
+    push("tools", "vault", "caravan/packages", &outside)?;
+    std::fs::write(c.dir.join("src/tools/EXTRA"), "changed")?;
+    let again = push("tools", "vault", "caravan/packages", &outside).unwrap_err();
+    assert!(
+        format!("{again:#}").contains("tag 1.0.0 names another artifact"),
+        "{again:#}"
+    );
+
+    // Someone replaces the layer of `tampered` in the registry's storage;
+    // then it is published.
+    let tampered: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(
+        outside.join("tampered-1.0.0.yaml"),
+    )?)?;
+    let layer = blob(&tampered.spec.artifact.digest);
+    let mut bytes = std::fs::read(&layer)?;
+    bytes[0] ^= 0xff;
+    std::fs::write(&layer, bytes)?;
+    std::fs::copy(
+        outside.join("tampered-1.0.0.yaml"),
+        manifests.join("tampered-1.0.0.yaml"),
+    )?;
+    repo.write(
+        "fleet/tools-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: tools}\n\
+         spec:\n  packages: [{name: tools}]\n  destinations: {sites: [{name: hq}]}\n  rollout: {batches: [{size: 100%}]}\n",
+    )?;
+    repo.commit("Cabinets in the registry; tools for hq")?;
+
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("laptop", &relay)?;
+    c.wait_job("tools", "Succeeded", "1/1", T).await?;
+    assert_eq!(
+        std::fs::read_to_string(c.agents[0].install_root.join("tools/README"))?,
+        "tools from the registry\n"
+    );
+
+    let cabinets = c.api::<Cabinet>();
+    let condition_of = |name: &'static str| {
+        let cabinets = cabinets.clone();
+        async move {
+            let cab = cabinets.get(name).await?;
+            Ok::<_, anyhow::Error>(ready(&cab.status.unwrap_or_default().conditions))
+        }
+    };
+    // Wrong credentials, a repository that is not there: said so.
+    let (status, message) = wait_for("cabinet locked to say why", T, || async {
+        let r = condition_of("locked").await?;
+        Ok((r.0 == "False").then_some(r))
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("the registry refused the credentials (401 Unauthorized)"),
+        "{message}"
+    );
+    let (_, message) = wait_for("cabinet elsewhere to say why", T, || async {
+        let r = condition_of("elsewhere").await?;
+        Ok((r.0 == "False").then_some(r))
+    })
+    .await?;
+    assert!(
+        message.contains("caravan/missing/lost") && message.contains("not found (404 Not Found)"),
+        "{message}"
+    );
+    // The replaced layer never enters the store.
+    let packages = c.api::<Package>();
+    let (_, message) = wait_for("the tampered package to be refused", T, || async {
+        let p = packages.get("tampered-1.0.0").await?;
+        let r = ready(&p.status.unwrap_or_default().conditions);
+        Ok((r.0 == "False" && r.1.contains("digest")).then_some(r))
+    })
+    .await?;
+    assert!(message.contains("digest mismatch"), "{message}");
+    let vault = condition_of("vault").await?;
+    assert_eq!(vault.0, "False", "{vault:?}");
+    assert!(
+        vault.1.contains("1 of 2 artifacts fetched and verified"),
+        "{vault:?}"
+    );
+    Ok(())
+}
