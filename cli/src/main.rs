@@ -291,24 +291,11 @@ struct RegistryArgs {
     /// CA certificates (PEM) that sign the registry's certificate, trusted alone.
     #[arg(long, env = "CARAVAN_REGISTRY_CA_FILE")]
     registry_ca_file: Option<PathBuf>,
-    /// User name to push as (with CARAVAN_REGISTRY_PASSWORD).
+    /// User name to push as, its password in the environment variable
+    /// CARAVAN_REGISTRY_PASSWORD (or a bearer token in CARAVAN_REGISTRY_TOKEN
+    /// instead; secrets are never taken on the command line).
     #[arg(long, env = "CARAVAN_REGISTRY_USERNAME")]
     registry_username: Option<String>,
-    #[arg(
-        long,
-        env = "CARAVAN_REGISTRY_PASSWORD",
-        hide_env_values = true,
-        hide = true
-    )]
-    registry_password: Option<String>,
-    /// A bearer token to push with, instead of a user name and password.
-    #[arg(
-        long,
-        env = "CARAVAN_REGISTRY_TOKEN",
-        hide_env_values = true,
-        hide = true
-    )]
-    registry_token: Option<String>,
 }
 
 impl RegistryArgs {
@@ -326,11 +313,12 @@ impl RegistryArgs {
             self.registry_ca_file.as_deref(),
             std::time::Duration::from_secs(60),
         )?;
-        let credentials = match (&self.registry_token, &self.registry_username) {
-            (Some(t), _) => Some(Credentials::Token(t.clone())),
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let credentials = match (env("CARAVAN_REGISTRY_TOKEN"), &self.registry_username) {
+            (Some(t), _) => Some(Credentials::Token(t)),
             (None, Some(u)) => Some(Credentials::Basic {
                 username: u.clone(),
-                password: self.registry_password.clone().context(
+                password: env("CARAVAN_REGISTRY_PASSWORD").context(
                     "--registry-username needs the password in CARAVAN_REGISTRY_PASSWORD",
                 )?,
             }),
@@ -521,11 +509,7 @@ async fn push_to_registry(
     config: &[u8],
     path: &Path,
 ) -> anyhow::Result<caravan_api::Digest> {
-    use caravan_net::oci::{Descriptor, Manifest, LAYER_MEDIA_TYPE};
-    registry
-        .push_blob_file(path, &artifact.digest, artifact.size)
-        .await?;
-    registry.push_blob_bytes(config).await?;
+    use caravan_net::oci::{Descriptor, LAYER_MEDIA_TYPE};
     let layer = Descriptor {
         media_type: LAYER_MEDIA_TYPE.into(),
         digest: artifact.digest,
@@ -536,18 +520,9 @@ async fn push_to_registry(
         )]
         .into(),
     };
-    let manifest = Manifest::package(config, layer, &args.name, &args.version);
-    let digest = caravan_api::Digest::of(&serde_json::to_vec(&manifest)?);
-    // A version is pushed once: its tag never moves to another build.
-    match registry.tag(&args.version).await? {
-        Some(d) if d != digest => anyhow::bail!(
-            "{}: tag {} names another artifact ({d}); a version is published once: give this build a new version",
-            registry.repository(),
-            args.version
-        ),
-        _ => {}
-    }
-    Ok(registry.put_manifest(&args.version, &manifest).await?)
+    Ok(registry
+        .push_package(path, layer, config, &args.name, &args.version)
+        .await?)
 }
 
 /// Streams the archive to the controller's store. An upload that breaks off

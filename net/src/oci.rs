@@ -91,6 +91,24 @@ impl Manifest {
     }
 }
 
+/// The tag a package version is pushed under: the version itself, which
+/// must be one (letters, digits, `_`, `.`, `-`; 128 at most; not starting
+/// with `.` or `-`).
+pub fn tag(version: &str) -> Result<&str, String> {
+    let ok = !version.is_empty()
+        && version.len() <= 128
+        && !version.starts_with(['.', '-'])
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    match ok {
+        true => Ok(version),
+        false => Err(format!(
+            "version {version:?} cannot be a registry tag (letters, digits, _ . - only, at most 128): give the package another version"
+        )),
+    }
+}
+
 /// A repository in a registry: `[https://]host[:port]/name` (`http://` for a
 /// registry without TLS, named so on purpose).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,7 +222,7 @@ pub enum OciError {
         status: StatusCode,
         detail: String,
     },
-    #[error("{repo}: {what}: {source}")]
+    #[error("{repo}: {what}: {}", crate::Chain(.source))]
     Transport {
         repo: String,
         what: String,
@@ -271,21 +289,25 @@ impl Registry {
     }
 
     /// Sends the request `build` makes, signing in (and sending it again)
-    /// when the registry asks. A request with a streamed body is sent once:
-    /// sign in before with a request without one.
+    /// when the registry asks. `build` gives `None` when it cannot make the
+    /// request again (a streamed body): the refusal is returned as it is,
+    /// so sign in before with a request without one.
     async fn send(
         &self,
         what: &str,
         access: Access,
-        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+        build: impl Fn(&reqwest::Client) -> Option<RequestBuilder>,
     ) -> Result<Response, OciError> {
         let transport = |source| OciError::Transport {
             repo: self.repo.to_string(),
             what: what.to_string(),
             source,
         };
-        for attempt in 0..2 {
-            let mut req = build(&self.http);
+        let mut refused = None;
+        for _ in 0..2 {
+            let Some(mut req) = build(&self.http) else {
+                break;
+            };
             let auth = self
                 .auth
                 .lock()
@@ -296,7 +318,9 @@ impl Registry {
                 req = req.header(header::AUTHORIZATION, auth);
             }
             let res = req.send().await.map_err(transport)?;
-            if res.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+            // A token given is used as it is, never traded for another.
+            let fixed = matches!(self.credentials, Some(Credentials::Token(_)));
+            if res.status() != StatusCode::UNAUTHORIZED || refused.is_some() || fixed {
                 return Ok(res);
             }
             let challenge = res
@@ -312,8 +336,9 @@ impl Registry {
                 .lock()
                 .expect("lock poisoned")
                 .insert(access, auth);
+            refused = Some(res);
         }
-        unreachable!("the loop returns")
+        Ok(refused.expect("sent at least once, or built nothing after a refusal"))
     }
 
     /// The `Authorization` header a `WWW-Authenticate` challenge asks for:
@@ -339,14 +364,24 @@ impl Registry {
             )),
             _ => None,
         };
+        // Credentials never cross plain http.
+        let plain = |url: &str| !url.starts_with("https://");
         for c in &challenges {
             if c.scheme.eq_ignore_ascii_case("basic") {
+                if basic.is_some() && plain(&self.repo.base) {
+                    return Err(self.invalid("refusing to send credentials over plain http".into()));
+                }
                 return Ok(basic);
             }
             if c.scheme.eq_ignore_ascii_case("bearer") {
                 let Some(realm) = param(c, "realm") else {
                     continue;
                 };
+                if basic.is_some() && plain(&realm) {
+                    return Err(self.invalid(format!(
+                        "refusing to send credentials to token realm {realm} over plain http"
+                    )));
+                }
                 let mut query = vec![(
                     "scope".to_string(),
                     format!("repository:{}:{}", self.repo.name, access.scope()),
@@ -404,7 +439,7 @@ impl Registry {
             #[serde(default)]
             message: String,
         }
-        let detail = match serde_json::from_slice::<Errors>(&body) {
+        let mut detail = match serde_json::from_slice::<Errors>(&body) {
             Ok(e) if !e.errors.is_empty() => format!(
                 ": {}",
                 e.errors
@@ -415,6 +450,14 @@ impl Registry {
             ),
             _ => String::new(),
         };
+        if detail.len() > 512 {
+            let cut = (0..=512)
+                .rev()
+                .find(|i| detail.is_char_boundary(*i))
+                .unwrap_or(0);
+            detail.truncate(cut);
+            detail.push('…');
+        }
         let (repo, what) = (self.repo.to_string(), what.to_string());
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OciError::Unauthorized {
@@ -445,60 +488,78 @@ impl Registry {
         }
     }
 
-    /// The size of blob `digest` in the repository, if it is there.
-    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, OciError> {
+    /// The size of blob `digest` in the repository, if it is there (asked
+    /// with `access`: a push asks with its own).
+    async fn blob_size(&self, digest: &Digest, access: Access) -> Result<Option<u64>, OciError> {
         let url = self.url(&format!("blobs/{digest}"));
         let what = format!("blob {digest}");
-        let res = self.send(&what, Access::Pull, |h| h.head(&url)).await?;
+        let res = self.send(&what, access, |h| Some(h.head(&url))).await?;
         if res.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         let res = self.ok(&what, res).await?;
-        Ok(res.content_length())
+        // (Read from the header: a HEAD answer has no body to measure.)
+        Ok(res
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
     }
 
-    /// Uploads blob `digest` (`size` bytes) from the file at `path`,
-    /// streamed, unless the repository has it already.
-    pub async fn push_blob_file(
+    /// Pushes a package: its archive (the file at `path`, `archive` its
+    /// digest and size, streamed) and `config`, then its manifest tagged
+    /// `version` — refused before anything is uploaded when the tag cannot
+    /// be one or already names another build. Returns the manifest's digest.
+    pub async fn push_package(
         &self,
         path: &Path,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<(), OciError> {
-        if self.blob_size(digest).await? == Some(size) {
-            return Ok(());
+        archive: Descriptor,
+        config: &[u8],
+        name: &str,
+        version: &str,
+    ) -> Result<Digest, OciError> {
+        let tag = tag(version).map_err(|e| self.invalid(e))?;
+        let manifest = Manifest::package(config, archive.clone(), name, version);
+        let digest = Digest::of(&serde_json::to_vec(&manifest).expect("a manifest serializes"));
+        match self.tag_as(tag, Access::Push).await? {
+            Some(d) if d != digest => {
+                return Err(self.invalid(format!(
+                    "tag {tag} names another artifact ({d}); a version is published once: give this build a new version"
+                )))
+            }
+            _ => {}
         }
-        let location = self.start_upload(digest).await?;
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| self.invalid(format!("reading {}: {e}", path.display())))?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-        self.finish_upload(&location, digest, size, body).await
-    }
-
-    /// Uploads the small blob `bytes` unless the repository has it already.
-    pub async fn push_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, OciError> {
-        let digest = Digest::of(bytes);
-        if self.blob_size(&digest).await? != Some(bytes.len() as u64) {
-            let location = self.start_upload(&digest).await?;
+        if self.blob_size(&archive.digest, Access::Push).await? != Some(archive.size) {
+            let location = self.start_upload(&archive.digest).await?;
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| self.invalid(format!("reading {}: {e}", path.display())))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            self.finish_upload(&location, &archive.digest, archive.size, body)
+                .await?;
+        }
+        let config_digest = Digest::of(config);
+        if self.blob_size(&config_digest, Access::Push).await? != Some(config.len() as u64) {
+            let location = self.start_upload(&config_digest).await?;
             self.finish_upload(
                 &location,
-                &digest,
-                bytes.len() as u64,
-                bytes.to_vec().into(),
+                &config_digest,
+                config.len() as u64,
+                config.to_vec().into(),
             )
             .await?;
         }
-        Ok(digest)
+        self.put_manifest(tag, &manifest).await
     }
 
-    /// Opens an upload session (signing in for push); returns where to send it.
+    /// Opens an upload session (signing in for push); returns where to
+    /// send it, which must be this registry.
     async fn start_upload(&self, digest: &Digest) -> Result<String, OciError> {
         let url = self.url("blobs/uploads/");
         let what = format!("upload of blob {digest}");
         let res = self
             .send(&what, Access::Push, |h| {
-                h.post(&url).header(header::CONTENT_LENGTH, 0)
+                Some(h.post(&url).header(header::CONTENT_LENGTH, 0))
             })
             .await?;
         let res = self.ok(&what, res).await?;
@@ -507,11 +568,18 @@ impl Registry {
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| self.invalid(format!("{what}: the registry gave no upload location")))?;
-        // Relative to the registry, or absolute.
-        Ok(match location.starts_with('/') {
+        // Relative to the registry, or absolute on it: the credentials go
+        // nowhere else.
+        let location = match location.starts_with('/') {
             true => format!("{}{location}", self.repo.base),
             false => location.to_string(),
-        })
+        };
+        if !location.starts_with(&format!("{}/", self.repo.base)) {
+            return Err(self.invalid(format!(
+                "{what}: the registry sends the upload elsewhere ({location}); refused"
+            )));
+        }
+        Ok(location)
     }
 
     async fn finish_upload(
@@ -524,17 +592,17 @@ impl Registry {
         let what = format!("upload of blob {digest}");
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={digest}");
+        // Sent once: a streamed body cannot be sent again.
         let body = std::sync::Mutex::new(Some(body));
         let res = self
             .send(&what, Access::Push, |h| {
-                let req = h
-                    .put(&url)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .header(header::CONTENT_LENGTH, size);
-                match body.lock().expect("lock poisoned").take() {
-                    Some(b) => req.body(b),
-                    None => req,
-                }
+                let b = body.lock().expect("lock poisoned").take()?;
+                Some(
+                    h.put(&url)
+                        .header(header::CONTENT_TYPE, "application/octet-stream")
+                        .header(header::CONTENT_LENGTH, size)
+                        .body(b),
+                )
             })
             .await?;
         self.ok(&what, res).await.map(|_| ())
@@ -552,9 +620,11 @@ impl Registry {
         let what = format!("manifest {reference}");
         let res = self
             .send(&what, Access::Push, |h| {
-                h.put(&url)
-                    .header(header::CONTENT_TYPE, MANIFEST_MEDIA_TYPE)
-                    .body(body.clone())
+                Some(
+                    h.put(&url)
+                        .header(header::CONTENT_TYPE, MANIFEST_MEDIA_TYPE)
+                        .body(body.clone()),
+                )
             })
             .await?;
         self.ok(&what, res).await?;
@@ -567,7 +637,7 @@ impl Registry {
         let what = format!("manifest {digest}");
         let res = self
             .send(&what, Access::Pull, |h| {
-                h.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE)
+                Some(h.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE))
             })
             .await?;
         let res = self.ok(&what, res).await?;
@@ -586,11 +656,15 @@ impl Registry {
 
     /// The digest of the manifest `tag` names now, if the tag exists.
     pub async fn tag(&self, tag: &str) -> Result<Option<Digest>, OciError> {
+        self.tag_as(tag, Access::Pull).await
+    }
+
+    async fn tag_as(&self, tag: &str, access: Access) -> Result<Option<Digest>, OciError> {
         let url = self.url(&format!("manifests/{tag}"));
         let what = format!("tag {tag}");
         let res = self
-            .send(&what, Access::Pull, |h| {
-                h.head(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE)
+            .send(&what, access, |h| {
+                Some(h.head(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE))
             })
             .await?;
         if res.status() == StatusCode::NOT_FOUND {
@@ -617,7 +691,7 @@ impl Registry {
         let url = self.url(&format!("blobs/{digest}"));
         let what = format!("blob {digest}");
         let res = self
-            .send(&what, Access::Pull, |h| h.request(Method::GET, &url))
+            .send(&what, Access::Pull, |h| Some(h.request(Method::GET, &url)))
             .await?;
         self.ok(&what, res).await
     }
@@ -677,8 +751,8 @@ mod tests {
     }
 
     /// A registry that asks for a bearer token from its realm, as Harbor,
-    /// GHCR or Docker Hub do: the token service wants the basic
-    /// credentials and the scope; the registry wants the token.
+    /// GHCR or Docker Hub do: the token service wants the scope and the
+    /// service; the registry wants the token.
     #[tokio::test]
     async fn a_bearer_challenge_is_answered_with_a_token_from_its_realm() {
         use axum::{extract::Query, http::HeaderMap, routing::get, Router};
@@ -706,9 +780,8 @@ mod tests {
                 get(move |q: Query<BTreeMap<String, String>>, h: HeaderMap| {
                     let issued = issued.clone();
                     async move {
-                        // "ci:pw", as the client was given.
-                        let basic = h.get("authorization").map(|v| v.to_str().unwrap().to_string());
-                        if basic.as_deref() != Some("Basic Y2k6cHc=")
+                        // Anonymous: no credentials over plain http.
+                        if h.contains_key("authorization")
                             || q.get("scope").map(String::as_str) != Some("repository:team/hello:pull")
                             || q.get("service").map(String::as_str) != Some("registry.test")
                         {
@@ -738,11 +811,7 @@ mod tests {
             );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let repo: Repository = format!("http://{addr}/team/hello").parse().unwrap();
-        let credentials = Credentials::Basic {
-            username: "ci".into(),
-            password: "pw".into(),
-        };
-        let registry = Registry::new(repo, reqwest::Client::new(), Some(credentials));
+        let registry = Registry::new(repo.clone(), reqwest::Client::new(), None);
         assert_eq!(registry.manifest(&digest).await.unwrap(), manifest);
         // The token is kept: asked for once.
         assert_eq!(registry.manifest(&digest).await.unwrap(), manifest);
@@ -756,11 +825,55 @@ mod tests {
             )),
             "{e}"
         );
-        // Without credentials the token service refuses: said so.
-        let anonymous = Registry::new(registry.repo.clone(), reqwest::Client::new(), None);
-        let e = anonymous.manifest(&digest).await.unwrap_err().to_string();
+        // Credentials are not sent to a realm over plain http.
+        let credentials = Credentials::Basic {
+            username: "ci".into(),
+            password: "pw".into(),
+        };
+        let signed = Registry::new(repo, reqwest::Client::new(), Some(credentials));
+        let e = signed.manifest(&digest).await.unwrap_err().to_string();
         assert!(
-            e.contains("refused the credentials (401 Unauthorized)"),
+            e.contains("refusing to send credentials to token realm"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_version_is_a_tag_only_if_a_registry_takes_it() {
+        assert_eq!(tag("1.0.0-rc_1"), Ok("1.0.0-rc_1"));
+        for bad in ["1.0.0+build", "", "-1", "a/b", &"9".repeat(129)] {
+            let e = tag(bad).unwrap_err();
+            assert!(e.contains("cannot be a registry tag"), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_never_cross_plain_http() {
+        use axum::{http::HeaderMap, routing::get, Router};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/v2/x/manifests/{reference}",
+            get(|| async {
+                let mut h = HeaderMap::new();
+                h.insert("www-authenticate", r#"Basic realm="x""#.parse().unwrap());
+                (axum::http::StatusCode::UNAUTHORIZED, h)
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let repo: Repository = format!("http://{addr}/x").parse().unwrap();
+        let credentials = Credentials::Basic {
+            username: "ci".into(),
+            password: "pw".into(),
+        };
+        let registry = Registry::new(repo, reqwest::Client::new(), Some(credentials));
+        let e = registry
+            .manifest(&Digest::of(b"m"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing to send credentials over plain http"),
             "{e}"
         );
     }

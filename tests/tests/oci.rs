@@ -33,15 +33,24 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     let registry = Registry::start(&c.dir.join("registry")).await?;
     let ca = std::fs::read_to_string(&registry.ca_file)?;
     let ns = c.namespace.clone();
-    // The controller's pull credentials (a Secret, never in Git), and a
-    // wrong one.
-    for (name, password) in [
-        ("registry-pull", registry.password.as_str()),
-        ("registry-wrong", "nope"),
+    // The controller's pull credentials (a Secret, never in Git), a wrong
+    // one, and the right one but said to be for another registry.
+    for (name, password, host) in [
+        (
+            "registry-pull",
+            registry.password.as_str(),
+            registry.host.as_str(),
+        ),
+        ("registry-wrong", "nope", registry.host.as_str()),
+        (
+            "registry-other",
+            registry.password.as_str(),
+            "registry.example.com",
+        ),
     ] {
         let secret = format!(
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
-             stringData: {{username: {}, password: {password}}}\n",
+             stringData: {{registry: \"{host}\", username: {}, password: {password}}}\n",
             registry.username
         );
         let file = c.dir.join(format!("{name}.yaml"));
@@ -70,6 +79,10 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     repo.write(
         "fleet/elsewhere.yaml",
         &cabinet("elsewhere", "caravan/missing", "registry-pull"),
+    )?;
+    repo.write(
+        "fleet/borrowed.yaml",
+        &cabinet("borrowed", "caravan/borrowed", "registry-other"),
     )?;
 
     let manifests = repo.work.join("fleet/packages");
@@ -107,6 +120,7 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     // Pushed to one repository, declared in a cabinet whose repository
     // does not exist.
     push("lost", "elsewhere", "caravan/packages", &manifests)?;
+    push("borrowed", "borrowed", "caravan/borrowed", &manifests)?;
     push("tampered", "vault", "caravan/packages", &outside)?;
 
     // The manifest pins both digests.
@@ -203,6 +217,15 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     .await?;
     assert!(
         message.contains("caravan/missing/lost") && message.contains("not found (404 Not Found)"),
+        "{message}"
+    );
+    let (_, message) = wait_for("cabinet borrowed to say why", T, || async {
+        let r = condition_of("borrowed").await?;
+        Ok((r.0 == "False").then_some(r))
+    })
+    .await?;
+    assert!(
+        message.contains("holds credentials for registry registry.example.com, not 127.0.0.1:"),
         "{message}"
     );
     // The replaced layer never enters the store.

@@ -67,9 +67,11 @@ pub struct CabinetStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
     /// A Secret in the cabinet's namespace with the controller's (pull)
-    /// credentials for an `oci` store: `username` and `password`, or
-    /// `token`. It must carry the label `caravan.dev/registry-credentials:
-    /// "true"`. Without it, the registry is read anonymously.
+    /// credentials for an `oci` store: `registry` (the `host[:port]` they
+    /// are for, which must be the repository's), and `username` and
+    /// `password`, or `token`. It must carry the label
+    /// `caravan.dev/registry-credentials: "true"`. Without it, the
+    /// registry is read anonymously.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
     /// PEM certificates of the CAs that sign the registry's certificate,

@@ -68,16 +68,24 @@ impl OciSource {
             .map(|pem| (pem.as_bytes(), "store.caBundle"));
         let http = caravan_net::client_trusting(ca, std::time::Duration::from_secs(60))
             .map_err(|e| format!("{e:#}"))?;
+        let host = repo.base.split_once("://").map_or("", |(_, h)| h);
         let credentials = match &self.store.credentials_secret {
-            Some(name) => Some(credentials(kube, &self.namespace, name).await?),
+            Some(name) => Some(credentials(kube, &self.namespace, name, host).await?),
             None => None,
         };
         Ok(Registry::new(repo, http, credentials))
     }
 }
 
-/// The registry credentials in Secret `name` (labelled for it).
-async fn credentials(kube: &kube::Client, ns: &str, name: &str) -> Result<Credentials, String> {
+/// The registry credentials in Secret `name` (labelled for it), which must
+/// say they are for registry `host` (its `registry` key): a Cabinet cannot
+/// send them to a registry of its choosing.
+async fn credentials(
+    kube: &kube::Client,
+    ns: &str,
+    name: &str,
+    host: &str,
+) -> Result<Credentials, String> {
     let data = crate::context::labelled_secret(
         kube,
         ns,
@@ -93,6 +101,19 @@ async fn credentials(kube: &kube::Client, ns: &str, name: &str) -> Result<Creden
                 .to_string()
         })
     };
+    match text("registry") {
+        Some(h) if h == host => {}
+        Some(h) => {
+            return Err(format!(
+                "Secret {name} holds credentials for registry {h}, not {host}: not sent there"
+            ))
+        }
+        None => {
+            return Err(format!(
+                "Secret {name} names no `registry` (the host[:port] its credentials are for)"
+            ))
+        }
+    }
     match (text("username"), text("password"), text("token")) {
         (_, _, Some(token)) => Ok(Credentials::Token(token)),
         (Some(username), Some(password), None) => Ok(Credentials::Basic { username, password }),
