@@ -190,13 +190,31 @@ impl Kind {
                 {
                     return Err(format!("spec.store.url: an http store needs an http:// or https:// URL, not {url:?}"));
                 }
+                if c.spec.store.type_ == v1::StoreType::Oci {
+                    c.spec
+                        .store
+                        .repository
+                        .as_deref()
+                        .ok_or("spec.store.repository: an oci store needs one".to_string())?
+                        .parse::<caravan_net::oci::Repository>()
+                        .map_err(|e| format!("spec.store.repository: {e}"))?;
+                }
+                if let Some(pem) = &c.spec.store.ca_bundle {
+                    match reqwest::Certificate::from_pem_bundle(pem.as_bytes()) {
+                        Ok(certs) if !certs.is_empty() => {}
+                        _ => return Err("spec.store.caBundle: not PEM certificates".into()),
+                    }
+                }
                 for k in &c.spec.trusted_keys {
                     caravan_api::signing::parse_public(&k.public_key)
                         .map_err(|e| format!("spec.trustedKeys[{}]: {e}", k.name))?;
                 }
                 Ok(())
             }
-            Kind::Package => check::<v1::Package>(value).map(drop),
+            Kind::Package => {
+                let p = check::<v1::Package>(value)?;
+                p.spec.install.check().map_err(|e| format!("spec.{e}"))
+            }
             Kind::Site => {
                 let s = check::<v1::Site>(value)?;
                 if s.spec.parent.as_deref() == Some(&s.name_any()) {
@@ -508,6 +526,43 @@ spec:
         let ok =
             job("{agentSelector: {matchExpressions: [{key: os, operator: In, values: [linux]}]}}");
         parse_file("j.yaml", &ok, "ns", "s").unwrap();
+    }
+
+    #[test]
+    fn an_oci_cabinet_and_a_package_that_cannot_be_read_are_refused_naming_the_field() {
+        let cabinet = |store: &str| {
+            format!("apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: c}}\nspec:\n  store: {store}\n")
+        };
+        let ok = cabinet("{type: oci, repository: registry.example.com/caravan/packages}");
+        assert!(parse_file("c.yaml", &ok, "ns", "s").is_ok());
+        for (store, says) in [
+            (
+                "{type: oci}",
+                "spec.store.repository: an oci store needs one",
+            ),
+            (
+                "{type: oci, repository: registry.example.com/Caravan}",
+                "spec.store.repository: repository",
+            ),
+            (
+                "{type: oci, repository: r.example.com/x, caBundle: nope}",
+                "spec.store.caBundle: not PEM certificates",
+            ),
+        ] {
+            let e = parse_file("c.yaml", &cabinet(store), "ns", "s").unwrap_err();
+            assert!(e.message.contains(says), "{store}: {}", e.message);
+        }
+        let text = PACKAGE.replace(
+            "  cabinet: main\n",
+            "  cabinet: main\n  install: {requires: [{name: libc, version: '>>1'}]}\n",
+        );
+        let e = parse_file("p.yaml", &text, "ns", "s").unwrap_err();
+        assert!(
+            e.message
+                .contains("spec.install.requires[0].version: version range"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
