@@ -52,6 +52,35 @@ enum Command {
     /// Sites: rotate a relay's credential.
     #[command(subcommand)]
     Site(cluster::SiteCommand),
+    /// Cabinets: copy one's packages into an OCI registry.
+    #[command(subcommand)]
+    Cabinet(CabinetCommand),
+}
+
+#[derive(Subcommand)]
+enum CabinetCommand {
+    /// Copy the packages of CABINET (their manifests in --manifest-dir) from
+    /// the controller's store into an OCI registry, the same digests, and
+    /// pin each artifact's manifest in its Package manifest; then make the
+    /// Cabinet an `oci` one with that repository.
+    Copy {
+        /// The cabinet whose packages to copy.
+        cabinet: String,
+        /// The directory of Package manifests (your Git working tree).
+        #[arg(long, default_value = ".")]
+        manifest_dir: PathBuf,
+        /// The controller's distribution API.
+        #[arg(long, env = "CARAVAN_SERVER")]
+        server: String,
+        /// Upload token of the controller (it reads the blobs too).
+        #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
+        token: String,
+        /// CA certificate (PEM) to verify the controller's HTTPS certificate with.
+        #[arg(long, env = "CARAVAN_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -345,6 +374,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(command) => cluster::agent(command).await,
         Command::Site(command) => cluster::site(command).await,
         Command::Job(command) => job::run(command).await,
+        Command::Cabinet(CabinetCommand::Copy {
+            cabinet,
+            manifest_dir,
+            server,
+            token,
+            ca_file,
+            registry,
+        }) => {
+            copy_cabinet(
+                &cabinet,
+                &manifest_dir,
+                &server,
+                &token,
+                ca_file.as_deref(),
+                &registry,
+            )
+            .await
+        }
         Command::Key(KeyCommand::Generate { out }) => {
             let key = SigningKey::from_bytes(&rand::random());
             let private = out.with_extension("key");
@@ -408,14 +455,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("packing {}", args.dir.display()))?;
             match (registry, server, token) {
                 (Some(registry), ..) => {
-                    let config = serde_json::to_vec(&signing::Signed::of_spec(&PackageSpec {
+                    let spec = PackageSpec {
                         artifact: artifact.clone(),
                         install: args.install_spec()?,
                         ..spec_of(&args)
-                    }))?;
-                    artifact.manifest = Some(
-                        push_to_registry(&registry, &args, &artifact, &config, tmp.path()).await?,
-                    );
+                    };
+                    artifact.manifest = Some(push_to_registry(&registry, &spec, tmp.path()).await?);
                 }
                 (None, Some(server), Some(token)) => {
                     upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?
@@ -499,30 +544,115 @@ fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageS
     Ok(signing::sign(&key, &signing::Signed::of_spec(spec)))
 }
 
-/// Pushes the archive at `path` to `registry` as a package artifact tagged
-/// with its version (which must not name another one already); returns the
-/// manifest's digest.
+/// Pushes the archive at `path` of package `spec` to `registry` as an
+/// artifact tagged with its version (which must not name another one
+/// already), its signed metadata as config; returns the manifest's digest.
 async fn push_to_registry(
     registry: &caravan_net::oci::Registry,
-    args: &BuildArgs,
-    artifact: &Artifact,
-    config: &[u8],
+    spec: &PackageSpec,
     path: &Path,
 ) -> anyhow::Result<caravan_api::Digest> {
     use caravan_net::oci::{Descriptor, LAYER_MEDIA_TYPE};
+    let config = serde_json::to_vec(&signing::Signed::of_spec(spec))?;
     let layer = Descriptor {
         media_type: LAYER_MEDIA_TYPE.into(),
-        digest: artifact.digest,
-        size: artifact.size,
+        digest: spec.artifact.digest,
+        size: spec.artifact.size,
         annotations: [(
             "org.opencontainers.image.title".to_string(),
-            format!("{}-{}.tar.zst", args.name, args.version),
+            format!("{}-{}.tar.zst", spec.name, spec.version),
         )]
         .into(),
     };
     Ok(registry
-        .push_package(path, layer, config, &args.name, &args.version)
+        .push_package(path, layer, &config, &spec.name, &spec.version)
         .await?)
+}
+
+/// `caravan cabinet copy`: every Package manifest of `cabinet` in `dir`
+/// that pins no registry manifest yet: its blob read from the controller
+/// (verified), pushed to the registry, the manifest digest pinned.
+async fn copy_cabinet(
+    cabinet: &str,
+    dir: &Path,
+    server: &str,
+    token: &str,
+    ca_file: Option<&Path>,
+    registry: &RegistryArgs,
+) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncWriteExt as _;
+    let http = caravan_net::client(ca_file, std::time::Duration::from_secs(60))?;
+    let mut copied = 0;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        let Ok(mut pkg) = serde_yaml_ng::from_str::<Package>(&text) else {
+            continue;
+        };
+        if pkg.spec.cabinet != cabinet || pkg.spec.artifact.manifest.is_some() {
+            continue;
+        }
+        let spec = &pkg.spec;
+        let reg = registry
+            .registry(&spec.name)?
+            .context("give the registry to copy into (--registry)")?;
+        // The blob, from the controller's store, checked as it comes.
+        let url = format!(
+            "{server}{}",
+            caravan_api::wire::paths::blob(&spec.artifact.digest)
+        );
+        let res = http.get(&url).bearer_auth(token).send().await?;
+        anyhow::ensure!(
+            res.status().is_success(),
+            "{url}: {}: {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        );
+        let tmp = tempfile::NamedTempFile::new()?;
+        let mut out = tokio::fs::File::create(tmp.path()).await?;
+        let (mut hasher, mut size) = (sha2::Sha256::new(), 0u64);
+        let mut body = res.bytes_stream();
+        use futures::StreamExt as _;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            anyhow::ensure!(
+                size <= spec.artifact.size,
+                "{url}: more than the Package's {} bytes",
+                spec.artifact.size
+            );
+            hasher.update(&chunk);
+            out.write_all(&chunk).await?;
+        }
+        out.flush().await?;
+        let got = caravan_api::Digest::from_hasher(hasher);
+        anyhow::ensure!(
+            got == spec.artifact.digest && size == spec.artifact.size,
+            "{url}: got {got} ({size} bytes), the Package says {} ({} bytes)",
+            spec.artifact.digest,
+            spec.artifact.size
+        );
+        let manifest = push_to_registry(&reg, spec, tmp.path()).await?;
+        println!(
+            "copied {} {} ({}) to {}@{manifest}",
+            spec.name,
+            spec.version,
+            spec.artifact.digest,
+            reg.repository()
+        );
+        pkg.spec.artifact.manifest = Some(manifest);
+        std::fs::write(&file, serde_yaml_ng::to_string(&pkg)?)
+            .with_context(|| format!("writing {}", file.display()))?;
+        copied += 1;
+    }
+    println!("{copied} package(s) of cabinet {cabinet} copied; now make it `type: oci` with that repository");
+    Ok(())
 }
 
 /// Streams the archive to the controller's store. An upload that breaks off

@@ -4,7 +4,8 @@
 //! the controller fetches them with its own credentials, verified, and
 //! agents install it through their relay. A wrong credential, a missing
 //! repository and a layer replaced in the registry each get a condition
-//! that names the problem, and nothing unverified is served.
+//! that names the problem, and nothing unverified is served. A built-in
+//! cabinet moves into a registry with `caravan cabinet copy`.
 
 use std::time::Duration;
 
@@ -242,6 +243,131 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     assert!(
         vault.1.contains("1 of 2 artifacts fetched and verified"),
         "{vault:?}"
+    );
+    Ok(())
+}
+
+/// Every file named `name` below `dir`.
+fn find(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(find(&path, name));
+        } else if entry.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builtin_cabinet_moves_into_a_registry_keeping_every_digest() -> anyhow::Result<()> {
+    let mut c = Caravan::start("oci-copy").await?;
+    let repo = c.seed_example_fleet().await?;
+    let registry = Registry::start(&c.dir.join("registry")).await?;
+    let relay = c.start_relay("hq").await?;
+    c.start_agent("first", &relay)?;
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    let manifests = repo.work.join("fleet/packages");
+    let before: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(
+        manifests.join("hello-1.0.0.yaml"),
+    )?)?;
+
+    // Copied from the controller's store into the registry; the manifest
+    // gains the pin and keeps its digest.
+    let ca_file = registry.ca_file.display().to_string();
+    let out = c.cli_with(
+        &[
+            "cabinet",
+            "copy",
+            "main",
+            "--manifest-dir",
+            &manifests.display().to_string(),
+            "--registry",
+            &registry.repository("caravan/main"),
+            "--registry-ca-file",
+            &ca_file,
+            "--registry-username",
+            &registry.username,
+        ],
+        &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)],
+    )?;
+    assert!(out.contains("1 package(s) of cabinet main copied"), "{out}");
+    let after: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(
+        manifests.join("hello-1.0.0.yaml"),
+    )?)?;
+    assert_eq!(after.spec.artifact.digest, before.spec.artifact.digest);
+    assert_eq!(after.spec.signatures, before.spec.signatures);
+    let pinned = after.spec.artifact.manifest.expect("pinned");
+    let layer = find(&registry.root, "data")
+        .into_iter()
+        .find(|p| {
+            p.parent()
+                .is_some_and(|d| d.ends_with(before.spec.artifact.digest.hex()))
+        })
+        .expect("the layer is in the registry");
+    assert_eq!(
+        Digest::of(&std::fs::read(layer)?),
+        before.spec.artifact.digest
+    );
+    let manifest = find(&registry.root, "data")
+        .into_iter()
+        .find(|p| p.parent().is_some_and(|d| d.ends_with(pinned.hex())))
+        .expect("the pinned manifest is in the registry");
+    assert_eq!(Digest::of(&std::fs::read(manifest)?), pinned);
+
+    // The Cabinet becomes an oci one; the controller's copy goes; a new
+    // agent still installs hello, now fetched from the registry.
+    let ns = c.namespace.clone();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: pull\n  namespace: {ns}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
+         stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
+        registry.host, registry.username, registry.password
+    );
+    let file = c.dir.join("pull.yaml");
+    std::fs::write(&file, secret)?;
+    c.cluster
+        .kubectl(&["apply", "-f", &file.display().to_string()])?;
+    let ca = std::fs::read_to_string(&registry.ca_file)?
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect::<String>();
+    repo.write(
+        "fleet/cabinet.yaml",
+        &format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: main}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: pull\n    caBundle: |\n{ca}",
+            registry.repository("caravan/main")
+        ),
+    )?;
+    repo.commit("Cabinet main lives in the registry now")?;
+    let cabinets = c.api::<Cabinet>();
+    wait_for("cabinet main to be an oci one", T, || async {
+        let cab = cabinets.get("main").await?;
+        let (status, message) = ready(&cab.status.unwrap_or_default().conditions);
+        Ok((status == "True" && message.starts_with("oci store")).then_some(()))
+    })
+    .await?;
+    let stored = find(&c.dir, &before.spec.artifact.digest.hex())
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("blobs/sha256")))
+        .collect::<Vec<_>>();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    std::fs::remove_file(&stored[0])?;
+    c.start_agent("second", &relay)?;
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+    assert!(stored[0].exists(), "fetched again, from the registry");
+    let p = c.api::<Package>().get("hello-1.0.0").await?;
+    let (_, message) = ready(&p.status.unwrap_or_default().conditions);
+    assert!(
+        message.starts_with(&format!(
+            "artifact fetched from {}@{}",
+            registry.repository("caravan/main"),
+            before.spec.artifact.digest
+        )),
+        "{message}"
     );
     Ok(())
 }

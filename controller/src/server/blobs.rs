@@ -1,6 +1,8 @@
-//! Blobs: served to relays (only those of their site and the sites below),
-//! and uploaded by `caravan package push` (upload token; resumable; the
-//! digest is verified before a blob enters the store).
+//! Blobs: served to relays (only those of their site and the sites below)
+//! and to the publisher holding the upload token (any: `caravan cabinet
+//! copy` moves them to a registry), and uploaded by `caravan package push`
+//! (upload token; resumable; the digest is verified before a blob enters
+//! the store).
 
 use axum::{
     body::Body,
@@ -18,14 +20,41 @@ use caravan_net::{
 use super::{parse_digest, AppState, RelaySite};
 use crate::{cabinet::StoreError, context::Context};
 
+/// Who reads a blob.
+pub enum Reader {
+    /// A relay: only the blobs its site's agents are assigned.
+    Relay(RelaySite),
+    /// The publisher (upload token): any.
+    Publisher,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        if check_upload_token(&state.ctx, &parts.headers).is_ok() {
+            return Ok(Self::Publisher);
+        }
+        RelaySite::from_request_parts(parts, state)
+            .await
+            .map(Self::Relay)
+    }
+}
+
 /// Serves a blob from the store; `Range` and `If-Range` are honoured.
 pub async fn get(
     State(s): State<AppState>,
-    RelaySite(site): RelaySite,
+    reader: Reader,
     Path(digest): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(&digest)?;
+    let site = match reader {
+        Reader::Relay(RelaySite(site)) => site,
+        Reader::Publisher => return serve_stored(&s, &digest, req).await,
+    };
     // A relay gets only the blobs its site's agents are assigned.
     let assigned = s
         .desired
@@ -42,14 +71,22 @@ pub async fn get(
             ),
         ));
     }
-    let path = s.blobs.path(&digest);
-    if s.blobs.size(&digest).await.is_none() {
+    serve_stored(&s, &digest, req).await
+}
+
+async fn serve_stored(
+    s: &AppState,
+    digest: &caravan_api::Digest,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let path = s.blobs.path(digest);
+    if s.blobs.size(digest).await.is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("blob {digest} is not in the store"),
         ));
     }
-    let (res, len) = serve_blob(&path, &digest, caravan_net::server::blob_chunk(1), req).await?;
+    let (res, len) = serve_blob(&path, digest, caravan_net::server::blob_chunk(1), req).await?;
     s.ctx.metrics.blob_served_bytes.inc_by(len);
     Ok(res)
 }
