@@ -25,7 +25,7 @@ use caravan_api::{
 };
 use caravan_net::Backoff;
 use futures::{stream, StreamExt};
-use kube::ResourceExt;
+use kube::{Resource as _, ResourceExt};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -73,12 +73,12 @@ impl Engine {
     pub fn new(ctx: Arc<Context>, stores: Stores, blobs: Arc<BlobStore>) -> anyhow::Result<Self> {
         let http = caravan_net::client(None, Duration::from_secs(60))?;
         let ttl = Duration::from_secs(ctx.config.desired_state_ttl_seconds);
-        let kube = ctx.client.clone();
+        let (kube, recorder) = (ctx.client.clone(), ctx.recorder.clone());
         Ok(Self {
             signer: std::sync::Mutex::new(Signer::new(&ctx.trust, ttl)),
             ctx,
             stores,
-            pulls: Pulls::new(blobs.clone(), http, kube),
+            pulls: Pulls::new(blobs.clone(), http, kube, recorder),
             blobs,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             written: Default::default(),
@@ -288,12 +288,16 @@ impl Engine {
                     let source = cabinet.and_then(|c| match c.spec.store.type_ {
                         StoreType::Builtin => None,
                         StoreType::Http => c.spec.store.artifact_url(&digest).map(Source::Http),
-                        StoreType::Oci => Some(Source::Oci(OciSource {
-                            namespace: c.namespace().unwrap_or_default(),
-                            store: c.spec.store.clone(),
-                            package: p.spec.name.clone(),
-                            manifest: p.spec.artifact.manifest,
-                        })),
+                        StoreType::Oci => Some(Source::Oci(Box::new((
+                            OciSource {
+                                namespace: c.namespace().unwrap_or_default(),
+                                store: c.spec.store.clone(),
+                                package: p.spec.name.clone(),
+                                version: p.spec.version.clone(),
+                                manifest: p.spec.artifact.manifest,
+                            },
+                            p.object_ref(&()),
+                        )))),
                     });
                     match source {
                         Some(source) => self.pulls.ensure(digest, source, p.spec.artifact.size),

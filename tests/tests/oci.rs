@@ -164,6 +164,26 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
         "{again:#}"
     );
 
+    // Someone moves tag 1.0.0 of tools to another manifest: the pinned one
+    // is still what is fetched, and the Package hears of it.
+    let tag_mover = caravan_net::oci::Registry::new(
+        registry
+            .repository("caravan/packages/tools")
+            .parse()
+            .map_err(anyhow::Error::msg)?,
+        caravan_net::client(Some(&registry.ca_file), Duration::from_secs(10))?,
+        Some(caravan_net::oci::Credentials::Basic {
+            username: registry.username.clone(),
+            password: registry.password.clone(),
+        }),
+    );
+    let mut moved = manifest.clone();
+    moved
+        .annotations
+        .insert("moved".into(), "by someone else".into());
+    let moved = tag_mover.put_manifest("1.0.0", &moved).await?;
+    assert_ne!(moved, pinned);
+
     // Someone replaces the layer of `tampered` in the registry's storage;
     // then it is published.
     let tampered: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(
@@ -192,6 +212,20 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
         "tools from the registry\n"
     );
 
+    let events = c.cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "reason=TagMoved",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])?;
+    assert!(
+        events.contains(&format!("tag 1.0.0 of https://{}/caravan/packages/tools names {moved}, not the pinned manifest {pinned}", registry.host)),
+        "{events}"
+    );
     let cabinets = c.api::<Cabinet>();
     let condition_of = |name: &'static str| {
         let cabinets = cabinets.clone();

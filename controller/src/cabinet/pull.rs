@@ -14,7 +14,13 @@ use std::{
 use caravan_api::Digest;
 use tokio::sync::Notify;
 
-use super::{registry::OciSource, BlobStore};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+
+use super::{
+    registry::{Fetched, OciSource},
+    BlobStore,
+};
 use crate::index::ArtifactState;
 
 /// A failed fetch is tried again after this long.
@@ -31,8 +37,8 @@ enum Pull {
 pub enum Source {
     /// An `http` cabinet: at this URL.
     Http(String),
-    /// An `oci` cabinet.
-    Oci(OciSource),
+    /// An `oci` cabinet, for this Package (which hears of a moved tag).
+    Oci(Box<(OciSource, ObjectReference)>),
 }
 
 /// The fetches from `http` and `oci` cabinets, owned by the engine.
@@ -41,16 +47,24 @@ pub struct Pulls {
     http: reqwest::Client,
     /// For the registry credentials of `oci` cabinets.
     kube: kube::Client,
+    /// For the Events on Packages whose tag moved.
+    recorder: Recorder,
     pulls: Arc<Mutex<HashMap<Digest, Pull>>>,
     done: Arc<Notify>,
 }
 
 impl Pulls {
-    pub fn new(blobs: Arc<BlobStore>, http: reqwest::Client, kube: kube::Client) -> Self {
+    pub fn new(
+        blobs: Arc<BlobStore>,
+        http: reqwest::Client,
+        kube: kube::Client,
+        recorder: Recorder,
+    ) -> Self {
         Self {
             blobs,
             http,
             kube,
+            recorder,
             pulls: Default::default(),
             done: Default::default(),
         }
@@ -70,17 +84,37 @@ impl Pulls {
             None => {}
         }
         pulls.insert(digest, Pull::Running);
-        let (blobs, http, kube, all, done) = (
+        let (blobs, http, kube, recorder, all, done) = (
             self.blobs.clone(),
             self.http.clone(),
             self.kube.clone(),
+            self.recorder.clone(),
             self.pulls.clone(),
             self.done.clone(),
         );
         tokio::spawn(async move {
             let result = match &source {
                 Source::Http(url) => blobs.pull(&digest, url, size, &http).await,
-                Source::Oci(oci) => oci.fetch(&kube, &blobs, &digest, size).await,
+                Source::Oci(oci) => match oci.0.fetch(&kube, &blobs, &digest, size).await {
+                    Ok(Fetched {
+                        size,
+                        tag_moved: Some(note),
+                    }) => {
+                        tracing::warn!(%note, "tag moved");
+                        let event = Event {
+                            type_: EventType::Warning,
+                            reason: "TagMoved".into(),
+                            note: Some(note),
+                            action: "Fetch".into(),
+                            secondary: None,
+                        };
+                        if let Err(e) = recorder.publish(&event, &oci.1).await {
+                            tracing::debug!(error = %e, "event not recorded");
+                        }
+                        Ok(size)
+                    }
+                    other => other.map(|f| f.size),
+                },
             };
             let mut pulls = all.lock().expect("lock poisoned");
             match result {

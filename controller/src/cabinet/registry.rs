@@ -16,7 +16,17 @@ pub struct OciSource {
     pub store: CabinetStore,
     /// The package's name: its repository is `<store.repository>/<name>`.
     pub package: String,
+    /// Its version: the tag it was pushed under.
+    pub version: String,
     pub manifest: Option<Digest>,
+}
+
+/// A fetched artifact, and what the registry said besides.
+pub struct Fetched {
+    pub size: u64,
+    /// The version's tag names another manifest than the one pinned (which
+    /// is what was fetched): said why.
+    pub tag_moved: Option<String>,
 }
 
 impl OciSource {
@@ -27,7 +37,7 @@ impl OciSource {
         blobs: &BlobStore,
         digest: &Digest,
         size: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<Fetched, String> {
         let pinned = self.manifest.ok_or(
             "the Package pins no artifact.manifest (push it with `caravan package push --registry`, which pins it)",
         )?;
@@ -49,7 +59,22 @@ impl OciSource {
         }
         let res = registry.blob(digest).await.map_err(|e| e.to_string())?;
         let from = format!("{} blob {digest}", registry.repository());
-        blobs.take(digest, size, res, &from).await
+        let size = blobs.take(digest, size, res, &from).await?;
+        // Never followed: said, if the tag moved (or went).
+        let tag_moved = match registry.tag(&self.version).await {
+            Ok(Some(now)) if now == pinned => None,
+            Ok(now) => Some(format!(
+                "tag {} of {} names {}, not the pinned manifest {pinned}; the pinned one is used",
+                self.version,
+                registry.repository(),
+                now.map_or("nothing".to_string(), |d| d.to_string())
+            )),
+            Err(e) => {
+                tracing::debug!(error = %e, "tag not checked");
+                None
+            }
+        };
+        Ok(Fetched { size, tag_moved })
     }
 
     /// The cabinet's registry, signed in with its credentials, if any.
