@@ -27,6 +27,8 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.caravan.package.layer.v1.tar
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The most of a manifest (or a registry's error) that is read.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// How long a manifest, a tag or a token may take to arrive.
+pub const SMALL_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An OCI image manifest, as far as Caravan writes and reads one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -329,7 +331,8 @@ impl Registry {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let Some(auth) = self.sign_in(&challenge, access).await? else {
+            let signing_in = self.sign_in(&challenge, access);
+            let Some(auth) = self.bounded("signing in", signing_in).await? else {
                 return Ok(res);
             };
             self.auth
@@ -633,17 +636,10 @@ impl Registry {
 
     /// The manifest `digest`, read only if its bytes have that digest.
     pub async fn manifest(&self, digest: &Digest) -> Result<Manifest, OciError> {
-        let url = self.url(&format!("manifests/{digest}"));
         let what = format!("manifest {digest}");
-        let res = self
-            .send(&what, Access::Pull, |h| {
-                Some(h.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE))
-            })
+        let body = self
+            .bounded(&what, self.read_manifest(&digest.to_string()))
             .await?;
-        let res = self.ok(&what, res).await?;
-        let body = crate::body::read_capped(res, MAX_MANIFEST_BYTES)
-            .await
-            .map_err(|e| self.invalid(format!("{what}: {e}")))?;
         let got = Digest::of(&body);
         if got != *digest {
             return Err(self.invalid(format!(
@@ -654,9 +650,43 @@ impl Registry {
             .map_err(|e| self.invalid(format!("{what}: not an image manifest: {e}")))
     }
 
+    /// The bytes of the manifest `reference` names (at most
+    /// [`MAX_MANIFEST_BYTES`]).
+    async fn read_manifest(&self, reference: &str) -> Result<bytes::Bytes, OciError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let what = format!("manifest {reference}");
+        let res = self
+            .send(&what, Access::Pull, |h| {
+                Some(h.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE))
+            })
+            .await?;
+        let res = self.ok(&what, res).await?;
+        crate::body::read_capped(res, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(|e| self.invalid(format!("{what}: {e}")))
+    }
+
+    /// `fut`, given up after [`SMALL_REQUEST_TIMEOUT`]: a registry that
+    /// trickles a manifest or a token does not hold a fetch for ever.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, OciError>>,
+    ) -> Result<T, OciError> {
+        tokio::time::timeout(SMALL_REQUEST_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.invalid(format!(
+                    "{what}: no answer within {}s",
+                    SMALL_REQUEST_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
     /// The digest of the manifest `tag` names now, if the tag exists.
     pub async fn tag(&self, tag: &str) -> Result<Option<Digest>, OciError> {
-        self.tag_as(tag, Access::Pull).await
+        self.bounded(&format!("tag {tag}"), self.tag_as(tag, Access::Pull))
+            .await
     }
 
     async fn tag_as(&self, tag: &str, access: Access) -> Result<Option<Digest>, OciError> {
@@ -671,15 +701,14 @@ impl Registry {
             return Ok(None);
         }
         let res = self.ok(&what, res).await?;
-        let digest = res
+        let Some(digest) = res
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                self.invalid(format!(
-                    "{what}: the registry gave no Docker-Content-Digest"
-                ))
-            })?;
+        else {
+            // Not every registry says: the manifest's own bytes do.
+            return Ok(Some(Digest::of(&self.read_manifest(tag).await?)));
+        };
         digest
             .parse()
             .map(Some)
@@ -813,8 +842,10 @@ mod tests {
         let repo: Repository = format!("http://{addr}/team/hello").parse().unwrap();
         let registry = Registry::new(repo.clone(), reqwest::Client::new(), None);
         assert_eq!(registry.manifest(&digest).await.unwrap(), manifest);
-        // The token is kept: asked for once.
+        // The token is kept: asked for once. (And a registry that does not
+        // say a tag's digest has the manifest hashed.)
         assert_eq!(registry.manifest(&digest).await.unwrap(), manifest);
+        assert_eq!(registry.tag("1").await.unwrap(), Some(digest));
         assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Another digest than the one asked for is refused.
         let other = Digest::of(b"another manifest");
