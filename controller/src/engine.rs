@@ -287,7 +287,11 @@ impl Engine {
                         .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
                     let source = cabinet.and_then(|c| match c.spec.store.type_ {
                         StoreType::Builtin => None,
-                        StoreType::Http => c.spec.store.artifact_url(&digest).map(Source::Http),
+                        StoreType::Http => c
+                            .spec
+                            .store
+                            .artifact_url(&p.spec.name, &digest)
+                            .map(Source::Http),
                         StoreType::Oci => Some(Source::Oci(Box::new((
                             OciSource {
                                 namespace: c.namespace().unwrap_or_default(),

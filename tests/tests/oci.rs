@@ -397,7 +397,7 @@ async fn a_builtin_cabinet_moves_into_a_registry_keeping_every_digest() -> anyho
     let (_, message) = ready(&p.status.unwrap_or_default().conditions);
     assert!(
         message.starts_with(&format!(
-            "artifact fetched from {}@{}",
+            "artifact fetched from {}/hello@{}",
             registry.repository("caravan/main"),
             before.spec.artifact.digest
         )),

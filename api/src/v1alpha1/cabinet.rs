@@ -93,9 +93,10 @@ impl Default for CabinetStore {
 }
 
 impl CabinetStore {
-    /// Where an `http` or `oci` store keeps the artifact with this digest
-    /// (for an `oci` store, as `<repository>@<digest>`).
-    pub fn artifact_url(&self, digest: &crate::Digest) -> Option<String> {
+    /// Where an `http` or `oci` store keeps the artifact of package `name`
+    /// with this digest (for an `oci` store, as
+    /// `<repository>/<name>@<digest>`).
+    pub fn artifact_url(&self, name: &str, digest: &crate::Digest) -> Option<String> {
         match self.type_ {
             StoreType::Http => self
                 .url
@@ -104,7 +105,7 @@ impl CabinetStore {
             StoreType::Oci => self
                 .repository
                 .as_ref()
-                .map(|r| format!("{}@{digest}", r.trim_end_matches('/'))),
+                .map(|r| format!("{}/{name}@{digest}", r.trim_end_matches('/'))),
             StoreType::Builtin => None,
         }
     }

@@ -456,7 +456,7 @@ pub fn package_status(
             format!("cabinet {} not found", p.spec.cabinet),
         )),
         (Some(c), ArtifactState::Stored(size)) if *size == p.spec.artifact.size => {
-            Ok(match c.spec.store.artifact_url(digest) {
+            Ok(match c.spec.store.artifact_url(&p.spec.name, digest) {
                 Some(url) => format!("artifact fetched from {url}, size and digest verified"),
                 None => format!("artifact {digest} stored"),
             })
@@ -472,7 +472,10 @@ pub fn package_status(
             reasons::ARTIFACT_FETCHING,
             format!(
                 "fetching {}",
-                c.spec.store.artifact_url(digest).unwrap_or_default()
+                c.spec
+                    .store
+                    .artifact_url(&p.spec.name, digest)
+                    .unwrap_or_default()
             ),
         )),
         (Some(_), ArtifactState::FetchFailed(message)) => {
