@@ -725,10 +725,14 @@ async fn upload(
             Ok(res) => {
                 let status = res.status();
                 let msg = caravan_net::error_message(res).await;
-                // Refusals (a wrong digest, a bad token) do not get better by retrying.
-                if status.is_client_error() && status != reqwest::StatusCode::RANGE_NOT_SATISFIABLE
-                    || attempt >= ATTEMPTS
-                {
+                // Refusals (a wrong digest, a bad token) do not get better by
+                // retrying; another upload of the same blob (409) finishes,
+                // and a wrong offset is asked again.
+                let retried = [
+                    reqwest::StatusCode::RANGE_NOT_SATISFIABLE,
+                    reqwest::StatusCode::CONFLICT,
+                ];
+                if status.is_client_error() && !retried.contains(&status) || attempt >= ATTEMPTS {
                     anyhow::bail!("upload to {blob_url} failed: {status}: {msg}");
                 }
                 eprintln!("upload to {blob_url}: {status}: {msg}; retrying");

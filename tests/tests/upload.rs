@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
+use caravan_api::v1alpha1::Package;
 use caravan_tests::{wait_for, Caravan};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,5 +123,214 @@ async fn an_interrupted_upload_is_resumed_by_the_next_push() -> anyhow::Result<(
         stored, bytes,
         "the resumed blob is the archive, byte for byte"
     );
+    Ok(())
+}
+
+/// Two controller replicas on one data directory (one ReadWriteMany volume):
+/// packages pushed through either, the same build through both at once,
+/// Packages created and deleted, and both replicas' collectors running every
+/// second with a 10 s grace. No blob is lost or truncated, and what no
+/// Package references any more goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_the_builtin_store_while_packages_are_pushed_and_collected(
+) -> anyhow::Result<()> {
+    let c = Caravan::start("fleet").await?;
+    let (_replica, replica_url) = c.start_replica().await?;
+    let servers = [c.api_url.clone(), replica_url.clone()];
+    let manifests = c.dir.join("manifests");
+    let source = |name: &str, seed: u64, len: usize| -> anyhow::Result<()> {
+        let src = c.dir.join("src").join(name);
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("data.bin"), caravan_tests::noise(len, seed))?;
+        Ok(())
+    };
+    // Pushes a package through `server`, its manifest into `manifests/<to>`.
+    let push = |name: &str, server: &str, to: &str| -> anyhow::Result<(Package, String)> {
+        let src = c.dir.join("src").join(name).display().to_string();
+        let dir = manifests.join(to);
+        let dir_s = dir.display().to_string();
+        let args = [
+            "package",
+            "push",
+            &src,
+            "--name",
+            name,
+            "--version",
+            "1.0.0",
+            "--manifest-dir",
+            &dir_s,
+        ];
+        c.cli_with(&args, &[("CARAVAN_SERVER", server)])?;
+        let file = dir.join(format!("{name}-1.0.0.yaml"));
+        let package = serde_yaml_ng::from_str(&std::fs::read_to_string(&file)?)?;
+        Ok((package, file.display().to_string()))
+    };
+    let kubectl = |verb: &str, file: &str| c.cluster.kubectl(&[verb, "-n", "fleet", "-f", file]);
+
+    let (mut kept, mut dropped) = (vec![], vec![]);
+
+    // Two uploads of one blob overlapping for sure, one through each
+    // replica: the first sends half and pauses; the second, starting then,
+    // is turned away (409) rather than writing over it, and the blob the
+    // first completes is whole.
+    source("overlap", 300, 4_000_000)?;
+    let (src, dir) = (c.dir.join("src/overlap"), manifests.join("built"));
+    let (src, out, dir) = (
+        src.display().to_string(),
+        c.dir.join("overlap.tar.zst").display().to_string(),
+        dir.display().to_string(),
+    );
+    c.cli(&[
+        "package",
+        "build",
+        &src,
+        "--name",
+        "overlap",
+        "--version",
+        "1.0.0",
+        "--manifest-dir",
+        &dir,
+        "--out",
+        &out,
+    ])?;
+    let bytes = std::fs::read(&out)?;
+    let file = format!("{dir}/overlap-1.0.0.yaml");
+    let overlap: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(&file)?)?;
+    let blob = caravan_api::wire::paths::blob(&overlap.spec.artifact.digest);
+    let http = caravan_tests::http();
+    let slow_put = |server: &str, pause: Duration| {
+        let half = bytes.len() / 2;
+        let (first, rest) = (bytes[..half].to_vec(), bytes[half..].to_vec());
+        let body = futures::stream::iter([(first, Duration::ZERO), (rest, pause)]).then(
+            |(chunk, pause)| async move {
+                tokio::time::sleep(pause).await;
+                Ok::<_, std::io::Error>(chunk)
+            },
+        );
+        http.put(format!("{server}{blob}"))
+            .bearer_auth(&c.upload_token)
+            .header("Content-Length", bytes.len())
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+    };
+    let (first, second) = tokio::join!(slow_put(&servers[0], Duration::from_secs(3)), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        slow_put(&servers[1], Duration::from_secs(1)).await
+    });
+    let second = second?;
+    assert_eq!(second.status(), 409, "{}", second.text().await?);
+    assert_eq!(first?.status(), 201);
+    kubectl("apply", &file)?;
+    kept.push((overlap, file));
+
+    for round in 0..3u64 {
+        // One build pushed through both replicas at the same moment: one
+        // waits for the other (409) and then finds it there.
+        let shared = format!("shared{round}");
+        source(&shared, 200 + 2 * round, 6_000_000)?;
+        let both: Vec<_> = std::thread::scope(|s| {
+            let pushes: Vec<_> = servers
+                .iter()
+                .enumerate()
+                .map(|(i, server)| {
+                    let (shared, push) = (&shared, &push);
+                    s.spawn(move || push(shared, server, &format!("via{i}")))
+                })
+                .collect();
+            pushes.into_iter().map(|p| p.join().unwrap()).collect()
+        });
+        let mut both = both.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        assert_eq!(both[0].0.spec.artifact, both[1].0.spec.artifact);
+        let shared = both.remove(0);
+        kubectl("apply", &shared.1)?;
+        kept.push(shared);
+        for i in 0..4u64 {
+            let name = format!("p{round}x{i}");
+            source(&name, 1000 + 20 * round + 2 * i, 300_000)?;
+            let p = push(&name, &servers[(i % 2) as usize], "via0")?;
+            if i % 2 == 0 {
+                kubectl("apply", &p.1)?;
+                kept.push(p);
+            } else {
+                dropped.push(p);
+            }
+        }
+        // A Package of the round before is deleted: its blob becomes garbage.
+        if round > 0 {
+            let victim = kept.remove(0);
+            kubectl("delete", &victim.1)?;
+            dropped.push(victim);
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let (kept, dropped): (Vec<Package>, Vec<Package>) = (
+        kept.into_iter().map(|p| p.0).collect(),
+        dropped.into_iter().map(|p| p.0).collect(),
+    );
+
+    let fetch = |server: String, digest: caravan_api::Digest| {
+        let req = http
+            .get(format!(
+                "{server}{}",
+                caravan_api::wire::paths::blob(&digest)
+            ))
+            .bearer_auth(&c.upload_token);
+        async move { anyhow::Ok(req.send().await?) }
+    };
+    // The garbage goes, through whichever replica collects it first...
+    for p in &dropped {
+        let digest = p.spec.artifact.digest;
+        wait_for(
+            &format!("{} collected", p.spec.name),
+            Duration::from_secs(90),
+            || async {
+                let gone = fetch(servers[0].clone(), digest).await?.status() == 404
+                    && fetch(servers[1].clone(), digest).await?.status() == 404;
+                Ok(gone.then_some(()))
+            },
+        )
+        .await?;
+    }
+    // ...while every referenced blob is whole, from either replica.
+    for p in &kept {
+        for server in &servers {
+            let res = fetch(server.clone(), p.spec.artifact.digest).await?;
+            anyhow::ensure!(
+                res.status().is_success(),
+                "{}: {}",
+                p.spec.name,
+                res.status()
+            );
+            let body = res.bytes().await?;
+            assert_eq!(
+                body.len() as u64,
+                p.spec.artifact.size,
+                "{} truncated",
+                p.spec.name
+            );
+            assert_eq!(
+                caravan_api::Digest::of(&body),
+                p.spec.artifact.digest,
+                "{}",
+                p.spec.name
+            );
+        }
+    }
+    // The store holds exactly the referenced blobs, each under its own
+    // digest, and no upload part or lock file is left.
+    let store = c.dir.join("controller/blobs");
+    let mut stored: Vec<String> = std::fs::read_dir(store.join("sha256"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    stored.sort();
+    let mut expected: Vec<String> = kept.iter().map(|p| p.spec.artifact.digest.hex()).collect();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(stored, expected);
+    for hex in &stored {
+        let bytes = std::fs::read(store.join("sha256").join(hex))?;
+        assert_eq!(caravan_api::Digest::of(&bytes).hex(), *hex);
+    }
+    assert_eq!(std::fs::read_dir(store.join("uploads"))?.count(), 0);
     Ok(())
 }

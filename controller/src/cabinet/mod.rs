@@ -5,6 +5,7 @@
 //! no Package references any more ([`gc::Collector`]).
 
 pub mod gc;
+mod lock;
 pub mod pull;
 pub mod registry;
 mod store;

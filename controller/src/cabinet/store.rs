@@ -2,17 +2,21 @@
 //! `<root>/sha256/<hex>`. A blob is written to a temporary file while its
 //! sha256 is computed and renamed into place only if it matches the digest it
 //! was uploaded under, so the store never holds a blob under a wrong name.
+//! Several controller replicas may share one store: every change to a blob
+//! is made under its [`BlobLock`].
 
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::Mutex,
+    time::{Duration, SystemTime},
 };
 
 use caravan_api::Digest;
 use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use super::lock::BlobLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -36,22 +40,23 @@ pub enum StoreError {
     },
 }
 
+/// Wraps an I/O error on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { path, source }
+}
+
 /// The built-in store. Uploads are resumable: an interrupted one keeps what
 /// arrived in `<root>/uploads/<hex>`, and a later upload of the same blob can
-/// continue at that offset.
+/// continue at that offset (through any replica).
 #[derive(Debug)]
 pub struct BlobStore {
     root: PathBuf,
-    /// Blobs being uploaded right now (one upload per blob at a time).
-    uploading: Mutex<HashSet<Digest>>,
 }
 
 impl BlobStore {
     pub fn new(root: PathBuf) -> Self {
-        Self {
-            root,
-            uploading: Mutex::new(HashSet::new()),
-        }
+        Self { root }
     }
 
     /// Where the blob lives.
@@ -78,6 +83,36 @@ impl BlobStore {
             .map_or(0, |m| m.len())
     }
 
+    /// Takes the lock of `digest`'s blob (`None`: somebody holds it).
+    async fn lock(&self, digest: &Digest) -> Result<Option<BlobLock>, StoreError> {
+        let dir = self.root.join("uploads");
+        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+        let path = self.partial(digest);
+        BlobLock::try_take(path.clone()).await.map_err(io(&path))
+    }
+
+    /// The size of the stored blob, for a push about to reference it: its
+    /// grace before garbage collection starts again, under its lock, so a
+    /// collector cannot remove it between this answer and the push's
+    /// commit. `None` while it is absent or somebody else holds its lock
+    /// (an upload: the pusher then resumes or waits for that one).
+    pub async fn present(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let Some(lock) = self.lock(digest).await? else {
+            return Ok(None);
+        };
+        let path = self.path(digest);
+        let size = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => {
+                file.set_modified(SystemTime::now()).map_err(io(&path))?;
+                Some(file.metadata().map_err(io(&path))?.len())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        lock.remove_if_empty().map_err(io(lock.path()))?;
+        Ok(size)
+    }
+
     /// Streams `body` into the store under `digest`, continuing an interrupted
     /// upload at `offset` (0: from the start), and verifies the digest of the
     /// whole blob before it enters the store. A blob growing past `max`
@@ -93,15 +128,14 @@ impl BlobStore {
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let _guard = UploadGuard::take(&self.uploading, digest)?;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
-        };
-        for dir in [self.root.join("sha256"), self.root.join("uploads")] {
-            tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        }
-        let partial = self.partial(digest);
+        let blobs = self.root.join("sha256");
+        tokio::fs::create_dir_all(&blobs)
+            .await
+            .map_err(io(&blobs))?;
+        // Held until the blob is in place: no other upload of it, through
+        // this replica or another, writes the same file meanwhile.
+        let lock = self.lock(digest).await?.ok_or(StoreError::Busy)?;
+        let partial = lock.path().to_path_buf();
         let (mut hasher, mut size) = if offset > 0 {
             let (hasher, stored) = caravan_net::hash_partial(&partial)
                 .await
@@ -114,9 +148,11 @@ impl BlobStore {
             }
             (hasher, stored)
         } else {
+            lock.file().set_len(0).map_err(io(&partial))?;
             (Sha256::new(), 0)
         };
-        let mut file = caravan_net::open_partial(&partial, offset > 0)
+        let mut file = tokio::fs::File::from_std(lock.file().try_clone().map_err(io(&partial))?);
+        file.seek(std::io::SeekFrom::Start(size))
             .await
             .map_err(io(&partial))?;
         while let Some(chunk) = body.next().await {
@@ -203,88 +239,96 @@ impl BlobStore {
     }
 }
 
-/// Marks a blob as being uploaded until dropped.
-struct UploadGuard<'a> {
-    set: &'a Mutex<HashSet<Digest>>,
-    digest: Digest,
-}
-
-impl<'a> UploadGuard<'a> {
-    fn take(set: &'a Mutex<HashSet<Digest>>, digest: &Digest) -> Result<Self, StoreError> {
-        if !set.lock().expect("lock poisoned").insert(*digest) {
-            return Err(StoreError::Busy);
-        }
-        Ok(Self {
-            set,
-            digest: *digest,
-        })
-    }
-}
-
-impl Drop for UploadGuard<'_> {
-    fn drop(&mut self) {
-        self.set.lock().expect("lock poisoned").remove(&self.digest);
-    }
-}
-
 impl BlobStore {
     /// Removes what interrupted uploads left that nobody resumed within
-    /// `grace` (an upload in progress keeps its part). Returns how many.
-    pub async fn remove_stale_uploads(&self, grace: std::time::Duration) -> std::io::Result<usize> {
+    /// `grace` (an upload in progress, here or at another replica, holds the
+    /// lock and keeps its part). Returns how many.
+    pub async fn remove_stale_uploads(&self, grace: Duration) -> std::io::Result<usize> {
         let mut removed = 0;
-        let mut dir = match tokio::fs::read_dir(self.root.join("uploads")).await {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        while let Some(entry) = dir.next_entry().await? {
-            let age = entry
-                .metadata()
-                .await?
-                .modified()?
-                .elapsed()
-                .unwrap_or_default();
-            let uploading = Digest::from_hex(&entry.file_name().to_string_lossy())
-                .is_ok_and(|d| self.uploading.lock().expect("lock poisoned").contains(&d));
-            if age >= grace && !uploading {
-                tokio::fs::remove_file(entry.path()).await?;
+        for (digest, age) in aged_entries(&self.root.join("uploads")).await? {
+            if age < grace {
+                continue;
+            }
+            let Some(lock) = self.lock(&digest).await.map_err(std::io::Error::other)? else {
+                continue;
+            };
+            // Look again under the lock: an upload may have written since.
+            if age_of(lock.file().metadata()?) >= grace {
+                remove_if_there(lock.path())?;
                 removed += 1;
             }
         }
         Ok(removed)
     }
 
-    /// Removes blobs not in `keep` whose last change is older than `grace`.
-    /// Returns the digests removed.
+    /// Removes blobs not in `keep` whose last change (upload, or a push
+    /// finding them present) is older than `grace`. Returns the digests
+    /// removed.
     pub async fn remove_unreferenced(
         &self,
         keep: &HashSet<Digest>,
-        grace: std::time::Duration,
+        grace: Duration,
     ) -> std::io::Result<Vec<Digest>> {
         let mut removed = Vec::new();
-        let mut dir = match tokio::fs::read_dir(self.root.join("sha256")).await {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-            Err(e) => return Err(e),
-        };
-        while let Some(entry) = dir.next_entry().await? {
-            // Only blobs: anything else in there is not the store's to remove.
-            let Ok(digest) = Digest::from_hex(&entry.file_name().to_string_lossy()) else {
+        for (digest, age) in aged_entries(&self.root.join("sha256")).await? {
+            if keep.contains(&digest) || age < grace {
                 continue;
+            }
+            let Some(lock) = self.lock(&digest).await.map_err(std::io::Error::other)? else {
+                continue; // being uploaded again, or looked at by another replica
             };
-            let age = entry
-                .metadata()
-                .await?
-                .modified()?
-                .elapsed()
-                .unwrap_or_default();
-            if !keep.contains(&digest) && age >= grace {
+            // Under the lock, look again: a push may have just found it.
+            let path = self.path(&digest);
+            let still_old = match std::fs::metadata(&path) {
+                Ok(m) => age_of(m) >= grace,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            if still_old {
                 // A relay still reading it keeps its open file; new requests get 404.
-                tokio::fs::remove_file(entry.path()).await?;
+                remove_if_there(&path)?;
                 removed.push(digest);
             }
+            lock.remove_if_empty()?;
         }
         Ok(removed)
+    }
+}
+
+/// The entries of `dir` named by a digest (anything else in there is not
+/// the store's), with the time since each last changed.
+async fn aged_entries(dir: &Path) -> std::io::Result<Vec<(Digest, Duration)>> {
+    let mut found = Vec::new();
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    while let Some(entry) = entries.next_entry().await? {
+        let Ok(digest) = Digest::from_hex(&entry.file_name().to_string_lossy()) else {
+            continue;
+        };
+        match entry.metadata().await {
+            Ok(m) => found.push((digest, age_of(m))),
+            // Gone meanwhile (another replica's collector, a finished upload).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
+fn age_of(m: std::fs::Metadata) -> Duration {
+    m.modified()
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default()
+}
+
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -415,5 +459,95 @@ mod tests {
             1
         );
         assert_eq!(store.upload_offset(&digest).await, 0);
+    }
+
+    /// Sets the blob's last change `ago` in the past.
+    fn age(path: &Path, ago: Duration) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    #[tokio::test]
+    async fn two_replicas_sharing_a_store_never_write_one_blob_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two controllers on one volume: two stores over one directory.
+        let (a, b) = (
+            BlobStore::new(dir.path().to_path_buf()),
+            BlobStore::new(dir.path().to_path_buf()),
+        );
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let digest = Digest::of(&data);
+        // a's upload has sent its first half and waits for the rest.
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<bytes::Bytes, String>>();
+        tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(&data[..25_000])))
+            .unwrap();
+        let upload = tokio::spawn({
+            let a = BlobStore::new(dir.path().to_path_buf());
+            async move { a.put(&digest, 0, u64::MAX, rx).await }
+        });
+        while a.upload_offset(&digest).await < 25_000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // b may neither start over, nor resume, nor call it present.
+        assert!(matches!(
+            b.put(&digest, 0, u64::MAX, body(&data)).await,
+            Err(StoreError::Busy)
+        ));
+        assert!(matches!(
+            b.put(&digest, 25_000, u64::MAX, body(&data[25_000..]))
+                .await,
+            Err(StoreError::Busy)
+        ));
+        assert_eq!(b.present(&digest).await.unwrap(), None);
+        // Nor may b's collector take the part being written, however old.
+        age(&a.partial(&digest), Duration::from_secs(7200));
+        assert_eq!(b.remove_stale_uploads(Duration::ZERO).await.unwrap(), 0);
+        tx.unbounded_send(Ok(bytes::Bytes::copy_from_slice(&data[25_000..])))
+            .unwrap();
+        drop(tx);
+        assert_eq!(upload.await.unwrap().unwrap(), 50_000);
+        assert_eq!(b.present(&digest).await.unwrap(), Some(50_000));
+        assert_eq!(std::fs::read(b.path(&digest)).unwrap(), data);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("uploads"))
+                .unwrap()
+                .count(),
+            0,
+            "no lock file is left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_push_finding_a_blob_present_keeps_it_from_the_collector() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf());
+        let (found, forgotten) = (Digest::of(b"found again"), Digest::of(b"forgotten"));
+        for (d, data) in [(found, &b"found again"[..]), (forgotten, &b"forgotten"[..])] {
+            store.put(&d, 0, u64::MAX, body(data)).await.unwrap();
+            age(&store.path(&d), Duration::from_secs(7200));
+        }
+        // A push of `found` asks whether it is there: its grace starts again.
+        assert_eq!(store.present(&found).await.unwrap(), Some(11));
+        let hour = Duration::from_secs(3600);
+        let removed = store
+            .remove_unreferenced(&HashSet::new(), hour)
+            .await
+            .unwrap();
+        assert_eq!(removed, [forgotten]);
+        assert!(store.size(&found).await.is_some());
+        // While another replica holds a blob's lock, it is not removed.
+        age(&store.path(&found), Duration::from_secs(7200));
+        let held = store.lock(&found).await.unwrap().unwrap();
+        let removed = store
+            .remove_unreferenced(&HashSet::new(), hour)
+            .await
+            .unwrap();
+        assert!(removed.is_empty());
+        drop(held);
+        let removed = store
+            .remove_unreferenced(&HashSet::new(), hour)
+            .await
+            .unwrap();
+        assert_eq!(removed, [found]);
     }
 }

@@ -117,16 +117,18 @@ pub async fn upload_state(
 ) -> Result<Json<UploadState>, ApiError> {
     check_upload_token(&s.ctx, &headers)?;
     let digest = parse_digest(&digest)?;
-    Ok(Json(match s.blobs.size(&digest).await {
-        Some(size) => UploadState {
-            complete: true,
-            offset: size,
+    Ok(Json(
+        match s.blobs.present(&digest).await.map_err(store_error)? {
+            Some(size) => UploadState {
+                complete: true,
+                offset: size,
+            },
+            None => UploadState {
+                complete: false,
+                offset: s.blobs.upload_offset(&digest).await,
+            },
         },
-        None => UploadState {
-            complete: false,
-            offset: s.blobs.upload_offset(&digest).await,
-        },
-    }))
+    ))
 }
 
 /// Stores an uploaded blob; refused unless its bytes hash to the digest in
@@ -138,10 +140,9 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    use StoreError as E;
     check_upload_token(&s.ctx, &headers)?;
     let digest = parse_digest(&digest)?;
-    if let Some(size) = s.blobs.size(&digest).await {
+    if let Some(size) = s.blobs.present(&digest).await.map_err(store_error)? {
         let existing = serde_json::json!({ "digest": digest, "size": size, "existed": true });
         return Ok((StatusCode::OK, Json(existing)).into_response());
     }
@@ -155,33 +156,28 @@ pub async fn put(
         })?,
     };
     let max = s.ctx.config.max_upload_bytes;
-    match s
+    let size = s
         .blobs
         .put(&digest, offset, max, body.into_data_stream())
         .await
-    {
-        Ok(size) => {
-            tracing::info!(%digest, size, resumed_at = offset, "blob stored");
-            s.ctx.metrics.blob_upload_bytes.inc_by(size - offset);
-            let stored = serde_json::json!({ "digest": digest, "size": size, "existed": false });
-            Ok((StatusCode::CREATED, Json(stored)).into_response())
-        }
-        Err(e @ (E::DigestMismatch { .. } | E::Interrupted { .. })) => {
-            Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
-        }
-        Err(e @ E::Offset { .. }) => Err(ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            e.to_string(),
-        )),
-        Err(e @ E::Busy) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
-        Err(e @ E::TooLarge { .. }) => {
-            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))
-        }
-        Err(e @ E::Io { .. }) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-        )),
-    }
+        .map_err(store_error)?;
+    tracing::info!(%digest, size, resumed_at = offset, "blob stored");
+    s.ctx.metrics.blob_upload_bytes.inc_by(size - offset);
+    let stored = serde_json::json!({ "digest": digest, "size": size, "existed": false });
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+/// The answer to an upload the store refused.
+fn store_error(e: StoreError) -> ApiError {
+    use StoreError as E;
+    let status = match e {
+        E::DigestMismatch { .. } | E::Interrupted { .. } => StatusCode::BAD_REQUEST,
+        E::Offset { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        E::Busy => StatusCode::CONFLICT,
+        E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
 }
 
 /// The first byte of `bytes <first>-<last>/<size>`.

@@ -100,13 +100,14 @@ pub struct Options {
 
 /// Starts the controller and waits until it answers.
 async fn spawn_controller(
+    name: &str,
     args: &[String],
     env: &[(String, String)],
     dir: &Path,
     api_url: &str,
 ) -> anyhow::Result<Proc> {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let controller = Proc::spawn("controller", &bin("caravan-controller")?, &argv, env, dir)?;
+    let controller = Proc::spawn(name, &bin("caravan-controller")?, &argv, env, dir)?;
     // Given no certificate, it serves one from its own CA, which exists
     // once it has made its key at its first start: the tests trust it then.
     let data_dir = args
@@ -255,7 +256,7 @@ impl Caravan {
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("RUST_LOG".to_string(), "info,kube=error".to_string()),
         ]);
-        let controller = spawn_controller(&args, &env, &dir, &api_url).await?;
+        let controller = spawn_controller("controller", &args, &env, &dir, &api_url).await?;
         // Agents are pinned to the controller's root, as an operator would pin them.
         let root = String::from_utf8(controller_one_off(&trust_dir, "trust-root")?)?
             .trim()
@@ -325,8 +326,20 @@ impl Caravan {
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.controller.kill();
         let (args, env) = &self.controller_cmd;
-        self.controller = spawn_controller(args, env, &self.dir, &self.api_url).await?;
+        self.controller =
+            spawn_controller("controller", args, env, &self.dir, &self.api_url).await?;
         Ok(())
+    }
+
+    /// Starts another replica of the controller on the same data directory
+    /// (as on a shared volume), serving at the returned URL.
+    pub async fn start_replica(&self) -> anyhow::Result<(Proc, String)> {
+        let port = free_port();
+        let url = format!("https://127.0.0.1:{port}");
+        let (args, env) = &self.controller_cmd;
+        let args = override_args(args.clone(), &[("--listen", format!("127.0.0.1:{port}"))]);
+        let replica = spawn_controller("controller-replica", &args, env, &self.dir, &url).await?;
+        Ok((replica, url))
     }
 
     pub fn api<K>(&self) -> Api<K>
@@ -463,11 +476,11 @@ impl Caravan {
     pub fn cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
         let out = std::process::Command::new(bin("caravan")?)
             .args(args)
-            .envs(env.iter().copied())
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
             .env("CARAVAN_CA_FILE", &self.controller_ca_file)
+            .envs(env.iter().copied())
             .output()?;
         anyhow::ensure!(
             out.status.success(),
