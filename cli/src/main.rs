@@ -1,5 +1,6 @@
 //! `caravan`: the operator's command line.
 
+mod cabinet;
 mod cluster;
 mod job;
 
@@ -12,7 +13,6 @@ use caravan_api::{
         Artifact, Dependency, DetectionRule, InstallMethod, InstallSpec, Package, PackageSpec,
         Requirements, ScriptSpec, AGENT_BINARY,
     },
-    wire::{paths, UploadState},
 };
 use caravan_archive::pack;
 use caravan_net::fs::{write_private, Existing};
@@ -79,7 +79,7 @@ enum CabinetCommand {
         #[arg(long, env = "CARAVAN_CA_FILE")]
         ca_file: Option<PathBuf>,
         #[command(flatten)]
-        registry: RegistryArgs,
+        registry: cabinet::RegistryArgs,
     },
 }
 
@@ -291,70 +291,21 @@ enum PackageCommand {
         #[command(flatten)]
         args: BuildArgs,
         /// The controller's distribution API (for a built-in cabinet).
-        #[arg(long, env = "CARAVAN_SERVER", required_unless_present = "registry")]
+        #[arg(long, env = "CARAVAN_SERVER")]
         server: Option<String>,
         /// Upload token of the controller.
-        #[arg(
-            long,
-            env = "CARAVAN_UPLOAD_TOKEN",
-            hide_env_values = true,
-            required_unless_present = "registry"
-        )]
+        #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// CA certificate (PEM) to verify the controller's HTTPS certificate with.
         #[arg(long, env = "CARAVAN_CA_FILE")]
         ca_file: Option<PathBuf>,
         #[command(flatten)]
-        registry: RegistryArgs,
+        registry: cabinet::RegistryArgs,
+        /// Namespace of the Cabinet, asked what it is unless --registry is
+        /// given (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
     },
-}
-
-/// Where an `oci` cabinet's registry is, and how to sign in to push.
-#[derive(clap::Args, Clone)]
-struct RegistryArgs {
-    /// Push to this OCI repository (`host[:port]/name`, the `oci` cabinet's
-    /// `store.repository`; the package goes to `<it>/<package name>`,
-    /// tagged with its version) instead of the controller's store.
-    #[arg(long, env = "CARAVAN_REGISTRY")]
-    registry: Option<String>,
-    /// CA certificates (PEM) that sign the registry's certificate, trusted alone.
-    #[arg(long, env = "CARAVAN_REGISTRY_CA_FILE")]
-    registry_ca_file: Option<PathBuf>,
-    /// User name to push as, its password in the environment variable
-    /// CARAVAN_REGISTRY_PASSWORD (or a bearer token in CARAVAN_REGISTRY_TOKEN
-    /// instead; secrets are never taken on the command line).
-    #[arg(long, env = "CARAVAN_REGISTRY_USERNAME")]
-    registry_username: Option<String>,
-}
-
-impl RegistryArgs {
-    /// The repository of package `name` in the registry, if one is given.
-    fn registry(&self, name: &str) -> anyhow::Result<Option<caravan_net::oci::Registry>> {
-        use caravan_net::oci::{Credentials, Registry, Repository};
-        let Some(repo) = &self.registry else {
-            return Ok(None);
-        };
-        let repo = repo
-            .parse::<Repository>()
-            .and_then(|r| r.package(name))
-            .map_err(anyhow::Error::msg)?;
-        let http = caravan_net::client(
-            self.registry_ca_file.as_deref(),
-            std::time::Duration::from_secs(60),
-        )?;
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let credentials = match (env("CARAVAN_REGISTRY_TOKEN"), &self.registry_username) {
-            (Some(t), _) => Some(Credentials::Token(t)),
-            (None, Some(u)) => Some(Credentials::Basic {
-                username: u.clone(),
-                password: env("CARAVAN_REGISTRY_PASSWORD").context(
-                    "--registry-username needs the password in CARAVAN_REGISTRY_PASSWORD",
-                )?,
-            }),
-            (None, None) => None,
-        };
-        Ok(Some(Registry::new(repo, http, credentials)))
-    }
 }
 
 #[tokio::main]
@@ -382,7 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_file,
             registry,
         }) => {
-            copy_cabinet(
+            cabinet::copy_cabinet(
                 &cabinet,
                 &manifest_dir,
                 &server,
@@ -446,28 +397,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             token,
             ca_file,
             registry,
+            namespace,
         }) => {
             let tmp = tempfile::NamedTempFile::new()?;
             args.check()?;
-            let registry = registry.registry(&args.name)?;
+            let store = cabinet::StoreArgs {
+                server,
+                token,
+                ca_file,
+            };
+            let to =
+                cabinet::Destination::of(&args.cabinet, namespace, &args.name, store, &registry)
+                    .await?;
             // The manifest is written only once its blob is in the cabinet.
             let mut artifact = pack(&args.dir, tmp.path())
                 .with_context(|| format!("packing {}", args.dir.display()))?;
-            match (registry, server, token) {
-                (Some(registry), ..) => {
+            match to {
+                cabinet::Destination::Registry(registry) => {
                     let spec = PackageSpec {
                         artifact: artifact.clone(),
                         install: args.install_spec()?,
                         ..spec_of(&args)
                     };
-                    artifact.manifest = Some(push_to_registry(&registry, &spec, tmp.path()).await?);
+                    artifact.manifest =
+                        Some(cabinet::push_to_registry(&registry, &spec, tmp.path()).await?);
                 }
-                (None, Some(server), Some(token)) => {
-                    upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path()).await?
+                cabinet::Destination::Store {
+                    server,
+                    token,
+                    ca_file,
+                } => {
+                    cabinet::upload(&server, &token, ca_file.as_deref(), &artifact, tmp.path())
+                        .await?
                 }
-                _ => anyhow::bail!(
-                    "give --server and --token (a built-in cabinet) or --registry (an oci one)"
-                ),
             }
             write_manifest(&args, &artifact)?;
             println!(
@@ -542,206 +504,4 @@ fn sign_spec(spec: &PackageSpec, key: &Path) -> anyhow::Result<signing::PackageS
     let key = signing::parse_private(&text)
         .with_context(|| format!("{} is not a private key", key.display()))?;
     Ok(signing::sign(&key, &signing::Signed::of_spec(spec)))
-}
-
-/// Pushes the archive at `path` of package `spec` to `registry` as an
-/// artifact tagged with its version (which must not name another one
-/// already), its signed metadata as config; returns the manifest's digest.
-async fn push_to_registry(
-    registry: &caravan_net::oci::Registry,
-    spec: &PackageSpec,
-    path: &Path,
-) -> anyhow::Result<caravan_api::Digest> {
-    use caravan_net::oci::{Descriptor, LAYER_MEDIA_TYPE};
-    let config = serde_json::to_vec(&signing::Signed::of_spec(spec))?;
-    let layer = Descriptor {
-        media_type: LAYER_MEDIA_TYPE.into(),
-        digest: spec.artifact.digest,
-        size: spec.artifact.size,
-        annotations: [(
-            "org.opencontainers.image.title".to_string(),
-            format!("{}-{}.tar.zst", spec.name, spec.version),
-        )]
-        .into(),
-    };
-    Ok(registry
-        .push_package(path, layer, &config, &spec.name, &spec.version)
-        .await?)
-}
-
-/// `caravan cabinet copy`: every Package manifest of `cabinet` in `dir`
-/// that pins no registry manifest yet: its blob read from the controller
-/// (verified), pushed to the registry, the manifest digest pinned.
-async fn copy_cabinet(
-    cabinet: &str,
-    dir: &Path,
-    server: &str,
-    token: &str,
-    ca_file: Option<&Path>,
-    registry: &RegistryArgs,
-) -> anyhow::Result<()> {
-    use sha2::Digest as _;
-    use tokio::io::AsyncWriteExt as _;
-    let http = caravan_net::client(ca_file, std::time::Duration::from_secs(60))?;
-    let mut copied = 0;
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        let Ok(mut pkg) = serde_yaml_ng::from_str::<Package>(&text) else {
-            continue;
-        };
-        if pkg.spec.cabinet != cabinet || pkg.spec.artifact.manifest.is_some() {
-            continue;
-        }
-        let spec = &pkg.spec;
-        let reg = registry
-            .registry(&spec.name)?
-            .context("give the registry to copy into (--registry)")?;
-        // The blob, from the controller's store, checked as it comes.
-        let url = format!(
-            "{server}{}",
-            caravan_api::wire::paths::blob(&spec.artifact.digest)
-        );
-        let res = http.get(&url).bearer_auth(token).send().await?;
-        anyhow::ensure!(
-            res.status().is_success(),
-            "{url}: {}: {}",
-            res.status(),
-            res.text().await.unwrap_or_default()
-        );
-        let tmp = tempfile::NamedTempFile::new()?;
-        let mut out = tokio::fs::File::create(tmp.path()).await?;
-        let (mut hasher, mut size) = (sha2::Sha256::new(), 0u64);
-        let mut body = res.bytes_stream();
-        use futures::StreamExt as _;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            size += chunk.len() as u64;
-            anyhow::ensure!(
-                size <= spec.artifact.size,
-                "{url}: more than the Package's {} bytes",
-                spec.artifact.size
-            );
-            hasher.update(&chunk);
-            out.write_all(&chunk).await?;
-        }
-        out.flush().await?;
-        let got = caravan_api::Digest::from_hasher(hasher);
-        anyhow::ensure!(
-            got == spec.artifact.digest && size == spec.artifact.size,
-            "{url}: got {got} ({size} bytes), the Package says {} ({} bytes)",
-            spec.artifact.digest,
-            spec.artifact.size
-        );
-        let manifest = push_to_registry(&reg, spec, tmp.path()).await?;
-        println!(
-            "copied {} {} ({}) to {}@{manifest}",
-            spec.name,
-            spec.version,
-            spec.artifact.digest,
-            reg.repository()
-        );
-        pkg.spec.artifact.manifest = Some(manifest);
-        std::fs::write(&file, serde_yaml_ng::to_string(&pkg)?)
-            .with_context(|| format!("writing {}", file.display()))?;
-        copied += 1;
-    }
-    println!("{copied} package(s) of cabinet {cabinet} copied; now make it `type: oci` with that repository");
-    Ok(())
-}
-
-/// Streams the archive to the controller's store. An upload that breaks off
-/// is resumed where the store says it stopped (it keeps what arrived), up to
-/// a few times; a later `push` of the same package resumes too, since builds
-/// are reproducible.
-async fn upload(
-    server: &str,
-    token: &str,
-    ca_file: Option<&Path>,
-    artifact: &Artifact,
-    file: &Path,
-) -> anyhow::Result<()> {
-    use tokio::io::AsyncSeekExt;
-    let client = caravan_net::client(ca_file, std::time::Duration::from_secs(120))?;
-    let server = server.trim_end_matches('/');
-    let (blob_url, state_url) = (
-        format!("{server}{}", paths::blob(&artifact.digest)),
-        format!("{server}{}", paths::upload(&artifact.digest)),
-    );
-    // A few tries, each resuming where the last broke off.
-    const ATTEMPTS: u32 = 5;
-    let mut backoff = caravan_net::Backoff::new(
-        std::time::Duration::from_millis(500),
-        std::time::Duration::from_secs(8),
-    );
-    loop {
-        let attempt = backoff.failures() + 1;
-        let res = client
-            .get(&state_url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .with_context(|| format!("asking {state_url}"))?;
-        if !res.status().is_success() {
-            let status = res.status();
-            anyhow::bail!(
-                "{state_url}: {status}: {}",
-                caravan_net::error_message(res).await
-            );
-        }
-        let state: UploadState =
-            caravan_net::body::json_capped(res, caravan_api::wire::MAX_SMALL_ANSWER_BYTES).await?;
-        if state.complete {
-            return Ok(());
-        }
-        let offset = state.offset.min(artifact.size);
-        if offset > 0 {
-            println!("resuming the upload at byte {offset} of {}", artifact.size);
-        }
-        let mut f = tokio::fs::File::open(file).await?;
-        f.seek(std::io::SeekFrom::Start(offset)).await?;
-        let mut req = client
-            .put(&blob_url)
-            .bearer_auth(token)
-            .header(reqwest::header::CONTENT_LENGTH, artifact.size - offset)
-            .body(reqwest::Body::wrap_stream(
-                tokio_util::io::ReaderStream::new(f),
-            ));
-        if offset > 0 {
-            let range = format!(
-                "bytes {offset}-{}/{}",
-                artifact.size.saturating_sub(1),
-                artifact.size
-            );
-            req = req.header(reqwest::header::CONTENT_RANGE, range);
-        }
-        match req.send().await {
-            Ok(res) if res.status().is_success() => return Ok(()),
-            Ok(res) => {
-                let status = res.status();
-                let msg = caravan_net::error_message(res).await;
-                // Refusals (a wrong digest, a bad token) do not get better by
-                // retrying; another upload of the same blob (409) finishes,
-                // and a wrong offset is asked again.
-                let retried = [
-                    reqwest::StatusCode::RANGE_NOT_SATISFIABLE,
-                    reqwest::StatusCode::CONFLICT,
-                ];
-                if status.is_client_error() && !retried.contains(&status) || attempt >= ATTEMPTS {
-                    anyhow::bail!("upload to {blob_url} failed: {status}: {msg}");
-                }
-                eprintln!("upload to {blob_url}: {status}: {msg}; retrying");
-            }
-            Err(e) if attempt < ATTEMPTS => {
-                eprintln!("upload to {blob_url} broke off ({e}); resuming")
-            }
-            Err(e) => return Err(e).with_context(|| format!("uploading to {blob_url}")),
-        }
-        backoff.wait().await;
-    }
 }

@@ -212,6 +212,45 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
         "tools from the registry\n"
     );
 
+    // With the Cabinet in the cluster, `push --cabinet` finds the registry
+    // (and the CA to trust) there: only the pusher's own credentials are given.
+    let src = c.dir.join("src/extras");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("README"), "extras\n")?;
+    let out = c.cli_with(
+        &[
+            "package",
+            "push",
+            &src.display().to_string(),
+            "--name",
+            "extras",
+            "--version",
+            "2.0.0",
+            "--cabinet",
+            "vault",
+            "-n",
+            &ns,
+            "--manifest-dir",
+            &outside.display().to_string(),
+            "--registry-username",
+            &registry.username,
+        ],
+        &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)],
+    )?;
+    assert!(
+        out.contains("cabinet vault is in registry repository"),
+        "{out}"
+    );
+    let extras: Package =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(outside.join("extras-2.0.0.yaml"))?)?;
+    let manifest = extras.spec.artifact.manifest.expect("pinned");
+    assert_eq!(
+        std::fs::read_to_string(registry.root.join(
+            "docker/registry/v2/repositories/caravan/packages/extras/_manifests/tags/2.0.0/current/link"
+        ))?,
+        manifest.to_string()
+    );
+
     let events = c.cluster.kubectl(&[
         "get",
         "events",

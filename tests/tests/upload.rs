@@ -198,25 +198,31 @@ async fn two_replicas_share_the_builtin_store_while_packages_are_pushed_and_coll
     let overlap: Package = serde_yaml_ng::from_str(&std::fs::read_to_string(&file)?)?;
     let blob = caravan_api::wire::paths::blob(&overlap.spec.artifact.digest);
     let http = caravan_tests::http();
-    let slow_put = |server: &str, pause: Duration| {
-        let half = bytes.len() / 2;
-        let (first, rest) = (bytes[..half].to_vec(), bytes[half..].to_vec());
-        let body = futures::stream::iter([(first, Duration::ZERO), (rest, pause)]).then(
-            |(chunk, pause)| async move {
-                tokio::time::sleep(pause).await;
-                Ok::<_, std::io::Error>(chunk)
-            },
-        );
-        http.put(format!("{server}{blob}"))
-            .bearer_auth(&c.upload_token)
-            .header("Content-Length", bytes.len())
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-    };
-    let (first, second) = tokio::join!(slow_put(&servers[0], Duration::from_secs(3)), async {
+    let url = |server: &str| format!("{server}{blob}");
+    let half = bytes.len() / 2;
+    let (first, rest) = (bytes[..half].to_vec(), bytes[half..].to_vec());
+    let body = futures::stream::iter([(first, Duration::ZERO), (rest, Duration::from_secs(3))])
+        .then(|(chunk, pause)| async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, std::io::Error>(chunk)
+        });
+    let first = http
+        .put(url(&servers[0]))
+        .bearer_auth(&c.upload_token)
+        .header("Content-Length", bytes.len())
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    // The second upload's first 64 KiB (small enough to be sent whole
+    // though the answer comes before the body is read).
+    let second = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        slow_put(&servers[1], Duration::from_secs(1)).await
-    });
+        http.put(url(&servers[1]))
+            .bearer_auth(&c.upload_token)
+            .body(bytes[..64 << 10].to_vec())
+            .send()
+            .await
+    };
+    let (first, second) = tokio::join!(first, second);
     let second = second?;
     assert_eq!(second.status(), 409, "{}", second.text().await?);
     assert_eq!(first?.status(), 201);
