@@ -252,6 +252,23 @@ pub struct SiteDesired<A = Envelope> {
     /// one: the relay renews an agent's credential for proof it holds it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agent_keys: BTreeMap<String, String>,
+    /// Blobs the relay fetches from an OCI registry rather than from its
+    /// upstream (those of `oci` cabinets whose layers come from relays;
+    /// only in the documents of top-level sites).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<Digest, BlobSource>,
+}
+
+/// Where in an OCI registry a relay fetches a blob.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BlobSource {
+    /// The package's repository (`https://host[:port]/name`); the blob is
+    /// its layer, fetched by digest (and verified against it).
+    pub repository: String,
+    /// PEM certificates of the CAs trusted alone for the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 impl<A> Default for SiteDesired<A> {
@@ -264,6 +281,7 @@ impl<A> Default for SiteDesired<A> {
             lower: vec![],
             agent_keys: BTreeMap::new(),
             roots: vec![],
+            sources: BTreeMap::new(),
         }
     }
 }

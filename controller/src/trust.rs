@@ -222,6 +222,7 @@ impl Signer {
                 lower: site.lower,
                 roots: self.roots.clone(),
                 agent_keys: site.agent_keys,
+                sources: site.sources,
             };
             index
                 .sites

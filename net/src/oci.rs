@@ -201,6 +201,65 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credentials {
+    /// The credentials a Docker `config.json` (the format of a
+    /// `kubernetes.io/dockerconfigjson` Secret) holds for registry `host`
+    /// (`host[:port]`): `auth` (base64 of `user:password`), `username` and
+    /// `password`, or `registrytoken`. Keys may carry a scheme or a path
+    /// (`https://index.docker.io/v1/`).
+    pub fn from_docker_config(config: &[u8], host: &str) -> Result<Option<Self>, String> {
+        use base64::Engine as _;
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            auths: BTreeMap<String, Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            auth: Option<String>,
+            username: Option<String>,
+            password: Option<String>,
+            registrytoken: Option<String>,
+        }
+        let config: Config =
+            serde_json::from_slice(config).map_err(|e| format!("not a Docker config.json: {e}"))?;
+        let key_host = |k: &str| {
+            let k = k.split_once("://").map_or(k, |(_, rest)| rest);
+            k.split('/').next().unwrap_or_default().to_string()
+        };
+        let Some(entry) = config
+            .auths
+            .into_iter()
+            .find_map(|(k, e)| (key_host(&k) == host).then_some(e))
+        else {
+            return Ok(None);
+        };
+        let bad = |what: &str| format!("the entry for {host}: {what}");
+        if let Some(token) = entry.registrytoken.filter(|t| !t.is_empty()) {
+            return Ok(Some(Self::Token(token)));
+        }
+        let (username, password) = match (entry.auth, entry.username, entry.password) {
+            (Some(auth), ..) if !auth.is_empty() => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|_| bad("`auth` is not base64"))?;
+                let decoded = String::from_utf8(decoded).map_err(|_| bad("`auth` is not text"))?;
+                let (u, p) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| bad("`auth` is not user:password"))?;
+                (u.to_string(), p.to_string())
+            }
+            (_, Some(u), Some(p)) => (u, p),
+            _ => {
+                return Err(bad(
+                    "neither `auth`, `username` and `password`, nor `registrytoken`",
+                ))
+            }
+        };
+        Ok(Some(Self::Basic { username, password }))
+    }
+}
+
 /// What went wrong talking to a registry, said plainly.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
@@ -715,12 +774,19 @@ impl Registry {
             .map_err(|e| self.invalid(format!("{what}: digest {digest:?}: {e}")))
     }
 
-    /// Blob `digest`, streaming (verify it as it arrives).
-    pub async fn blob(&self, digest: &Digest) -> Result<Response, OciError> {
+    /// Blob `digest`, streaming (verify it as it arrives), from byte
+    /// `offset` on (`206 Partial Content` when the registry resumes).
+    pub async fn blob(&self, digest: &Digest, offset: u64) -> Result<Response, OciError> {
         let url = self.url(&format!("blobs/{digest}"));
         let what = format!("blob {digest}");
         let res = self
-            .send(&what, Access::Pull, |h| Some(h.request(Method::GET, &url)))
+            .send(&what, Access::Pull, |h| {
+                let req = h.request(Method::GET, &url);
+                Some(match offset {
+                    0 => req,
+                    _ => req.header(reqwest::header::RANGE, format!("bytes={offset}-")),
+                })
+            })
             .await?;
         self.ok(&what, res).await
     }
@@ -729,6 +795,39 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_read_from_a_docker_config_for_their_registry_alone() {
+        let config = br#"{"auths": {
+            "https://registry.example.com:5000/v1/": {"auth": "Y2k6czNjcmV0"},
+            "ghcr.io": {"username": "bot", "password": "pw"},
+            "token.example.com": {"registrytoken": "t0k"},
+            "broken.example.com": {"auth": "not base64!"}
+        }}"#;
+        let basic = |u: &str, p: &str| {
+            Some(Credentials::Basic {
+                username: u.into(),
+                password: p.into(),
+            })
+        };
+        let read = |host| Credentials::from_docker_config(config, host);
+        assert_eq!(
+            read("registry.example.com:5000").unwrap(),
+            basic("ci", "s3cret")
+        );
+        assert_eq!(read("ghcr.io").unwrap(), basic("bot", "pw"));
+        assert_eq!(
+            read("token.example.com").unwrap(),
+            Some(Credentials::Token("t0k".into()))
+        );
+        assert_eq!(read("registry.example.com").unwrap(), None, "another port");
+        let e = read("broken.example.com").unwrap_err();
+        assert!(
+            e.contains("broken.example.com") && e.contains("base64"),
+            "{e}"
+        );
+        assert!(Credentials::from_docker_config(b"{", "x").is_err());
+    }
 
     #[test]
     fn repositories_are_read_with_https_by_default_and_bad_names_refused() {

@@ -101,6 +101,7 @@ pub async fn sync(
                 tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
                 etag = Some(new_etag);
                 drop_unwanted(&cache, &desired).await;
+                cache.registries.set(desired.sources.clone());
                 prestage(&cache, &desired);
                 state.send_replace(Some(Arc::new(SiteState::new(desired))));
                 backoff.reset();

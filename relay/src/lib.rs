@@ -12,6 +12,7 @@ pub mod cache;
 pub mod desired;
 pub mod metrics;
 pub mod ratelimit;
+pub mod registry;
 pub mod server;
 pub mod upstream;
 pub mod window;
@@ -94,6 +95,12 @@ pub struct Config {
     /// read and delay what crosses it, and take the relay's credential.
     #[arg(long, env = "CARAVAN_INSECURE")]
     pub insecure: bool,
+    /// Credentials for the registries of `oci` cabinets whose layers relays
+    /// fetch: a Docker `config.json` (a `kubernetes.io/dockerconfigjson`
+    /// Secret's `.dockerconfigjson`). Without it, registries are read
+    /// anonymously. Give it pull access only.
+    #[arg(long, env = "CARAVAN_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
 }
@@ -138,9 +145,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_bytes: config.cache_max_bytes,
         window: config.transfer_window,
     };
+    // A child site's relay fetches everything from its parent's.
+    let registries = match &config.content_upstream {
+        None => registry::Registries::new(config.registry_auth_file.as_deref())?,
+        Some(_) => registry::Registries::default(),
+    };
     let cache = cache::Cache::open(
         config.cache_dir.clone(),
         content,
+        registries,
         metrics.upstream_bytes.clone(),
         limits,
     )

@@ -83,4 +83,22 @@ impl Registry {
     pub fn repository(&self, name: &str) -> String {
         format!("{}/{name}", self.host)
     }
+
+    /// A Docker `config.json` with the registry's credentials.
+    pub fn docker_config(&self) -> String {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.username, self.password));
+        format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, self.host)
+    }
+
+    /// How many requests the registry answered whose log line holds all of
+    /// `fragments` (method, path…).
+    pub fn requests(&self, fragments: &[&str]) -> anyhow::Result<usize> {
+        let log = std::fs::read_to_string(&self._proc.log)?;
+        Ok(log
+            .lines()
+            .filter(|l| l.contains("response completed") && fragments.iter().all(|f| l.contains(f)))
+            .count())
+    }
 }

@@ -432,15 +432,115 @@ async fn a_builtin_cabinet_moves_into_a_registry_keeping_every_digest() -> anyho
     c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
         .await?;
     assert!(stored[0].exists(), "fetched again, from the registry");
-    let p = c.api::<Package>().get("hello-1.0.0").await?;
-    let (_, message) = ready(&p.status.unwrap_or_default().conditions);
-    assert!(
-        message.starts_with(&format!(
-            "artifact fetched from {}/hello@{}",
-            registry.repository("caravan/main"),
-            before.spec.artifact.digest
-        )),
-        "{message}"
+    // The Package's status is written after the fetch, maybe after the install.
+    let packages = c.api::<Package>();
+    let fetched = format!(
+        "artifact fetched from {}/hello@{}",
+        registry.repository("caravan/main"),
+        before.spec.artifact.digest
     );
+    wait_for("hello's status to say where it came from", T, || async {
+        let p = packages.get("hello-1.0.0").await?;
+        let (_, message) = ready(&p.status.unwrap_or_default().conditions);
+        Ok(message.starts_with(&fetched).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// A cabinet whose layers relays fetch: the controller checks the pinned
+/// manifest only and never holds the layer; the relays of two top-level
+/// sites each fetch it from the registry once, signed in with their own
+/// `--registry-auth-file`, and their agents install it.
+#[tokio::test(flavor = "multi_thread")]
+async fn relays_fetch_the_layers_from_the_registry_once_per_site() -> anyhow::Result<()> {
+    let mut c = Caravan::start("oci").await?;
+    let repo = c.seed_example_fleet().await?;
+    let registry = Registry::start(&c.dir.join("registry")).await?;
+    let ns = c.namespace.clone();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-pull\n  namespace: {ns}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
+         stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
+        registry.host, registry.username, registry.password
+    );
+    let file = c.dir.join("registry-pull.yaml");
+    std::fs::write(&file, secret)?;
+    c.cluster
+        .kubectl(&["apply", "-f", &file.display().to_string()])?;
+    let auth = c.dir.join("relay-registry-auth.json");
+    std::fs::write(&auth, registry.docker_config())?;
+    c.relay_args = vec!["--registry-auth-file".into(), auth.display().to_string()];
+
+    let ca: String = std::fs::read_to_string(&registry.ca_file)?
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    repo.write(
+        "fleet/direct.yaml",
+        &format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: direct}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: registry-pull\n    layersFrom: Relays\n    caBundle: |\n{ca}",
+            registry.repository("caravan/direct")
+        ),
+    )?;
+    repo.write(
+        "fleet/branch.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec:\n  relay: {replicas: 1}\n",
+    )?;
+    repo.write(
+        "fleet/tools-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: tools}\n\
+         spec:\n  packages: [{name: tools}]\n  destinations: {sites: [{name: hq}, {name: branch}]}\n  rollout: {batches: [{size: 100%}]}\n",
+    )?;
+    let src = c.dir.join("src/tools");
+    std::fs::create_dir_all(&src)?;
+    caravan_tests::write_noise(&src.join("tool.bin"), 3_000_000)?;
+    let ca_file = registry.ca_file.display().to_string();
+    c.cli_with(
+        &[
+            "package",
+            "push",
+            &src.display().to_string(),
+            "--name",
+            "tools",
+            "--version",
+            "1.0.0",
+            "--cabinet",
+            "direct",
+            "--manifest-dir",
+            &repo.work.join("fleet/packages").display().to_string(),
+            "--registry",
+            &registry.repository("caravan/direct"),
+            "--registry-ca-file",
+            &ca_file,
+            "--registry-username",
+            &registry.username,
+        ],
+        &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)],
+    )?;
+    repo.commit("tools in a registry whose layers relays fetch, for hq and branch")?;
+
+    for site in ["hq", "branch"] {
+        let relay = c.start_relay(site).await?;
+        c.start_agent(&format!("{site}-desk"), &relay)?;
+    }
+    c.wait_job("tools", "Succeeded", "2/2", T).await?;
+    let tools = c.api::<Package>().get("tools-1.0.0").await?;
+    let (status, message) = ready(&tools.status.unwrap_or_default().conditions);
+    assert_eq!(status, "True");
+    assert!(message.contains("relays fetch it from there"), "{message}");
+    let digest = tools.spec.artifact.digest;
+    for agent in &c.agents {
+        let installed = std::fs::read(agent.install_root.join("tools/tool.bin"))?;
+        assert_eq!(installed.len(), 3_000_000, "{}", agent.name);
+    }
+    // The layer never went through the controller...
+    assert!(!c
+        .dir
+        .join("controller/blobs/sha256")
+        .join(digest.hex())
+        .exists());
+    // ...and crossed from the registry once per site.
+    let layer_gets = registry.requests(&["GET", &format!("blobs/{digest}")])?;
+    assert_eq!(layer_gets, 2, "one fetch per site");
     Ok(())
 }

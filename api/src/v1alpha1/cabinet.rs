@@ -78,6 +78,27 @@ pub struct CabinetStore {
     /// trusted alone for it (instead of the system's roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+    /// Who fetches an `oci` store's layers. `Controller` (the default): the
+    /// controller fetches each into its store and relays fetch it from
+    /// there. `Relays`: the controller only checks the pinned manifest; the
+    /// relay of each top-level site fetches the layer from the registry
+    /// itself (signed in with its own `--registry-auth-file`, verified as it
+    /// arrives), so no layer passes through the controller, and child sites
+    /// fetch it from their parent's relay as always.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub layers_from: LayersFrom,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// Who fetches an `oci` store's layers from the registry.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LayersFrom {
+    #[default]
+    Controller,
+    Relays,
 }
 
 impl Default for CabinetStore {
@@ -88,6 +109,7 @@ impl Default for CabinetStore {
             repository: None,
             credentials_secret: None,
             ca_bundle: None,
+            layers_from: LayersFrom::Controller,
         }
     }
 }

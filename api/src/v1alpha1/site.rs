@@ -49,6 +49,12 @@ pub struct RelaySpec {
     /// names, `localhost` and `127.0.0.1` are always in it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret with the relay's own (pull)
+    /// credentials for registries of `oci` cabinets whose layers relays
+    /// fetch (`layersFrom: Relays`), mounted as its `--registry-auth-file`.
+    /// Only a top-level site's relay fetches from registries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth_secret: Option<String>,
 }
 
 impl Default for RelaySpec {
@@ -58,6 +64,7 @@ impl Default for RelaySpec {
             image: None,
             tls_secret: None,
             hostnames: Vec::new(),
+            registry_auth_secret: None,
         }
     }
 }

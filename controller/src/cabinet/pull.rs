@@ -29,7 +29,13 @@ const RETRY: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 enum Pull {
     Running,
-    Failed { message: String, at: Instant },
+    Failed {
+        message: String,
+        at: Instant,
+    },
+    /// The registry's pinned manifest names the artifact (`size` bytes);
+    /// relays fetch its layer.
+    Verified(u64),
 }
 
 /// Where a cabinet keeps an artifact the store lacks.
@@ -74,6 +80,7 @@ impl Pulls {
     /// starting it unless it runs already or failed a moment ago. Only for
     /// artifacts the store lacks.
     pub fn ensure(&self, digest: Digest, source: Source, size: u64) -> ArtifactState {
+        let verify_only = matches!(&source, Source::Oci(oci) if oci.0.layers_from_relays());
         let mut pulls = self.pulls.lock().expect("lock poisoned");
         match pulls.get(&digest) {
             Some(Pull::Failed { at, .. }) if at.elapsed() > RETRY => {}
@@ -81,7 +88,8 @@ impl Pulls {
                 return ArtifactState::FetchFailed(message.clone())
             }
             Some(Pull::Running) => return ArtifactState::Fetching,
-            None => {}
+            Some(Pull::Verified(size)) if verify_only => return ArtifactState::InRegistry(*size),
+            Some(Pull::Verified(_)) | None => {}
         }
         pulls.insert(digest, Pull::Running);
         let (blobs, http, kube, recorder, all, done) = (
@@ -95,7 +103,11 @@ impl Pulls {
         tokio::spawn(async move {
             let result = match &source {
                 Source::Http(url) => blobs.pull(&digest, url, size, &http).await,
-                Source::Oci(oci) => match oci.0.fetch(&kube, &blobs, &digest, size).await {
+                Source::Oci(oci) => match oci
+                    .0
+                    .fetch(&kube, (!verify_only).then_some(&*blobs), &digest, size)
+                    .await
+                {
                     Ok(Fetched {
                         size,
                         tag_moved: Some(note),
@@ -118,6 +130,10 @@ impl Pulls {
             };
             let mut pulls = all.lock().expect("lock poisoned");
             match result {
+                Ok(size) if verify_only => {
+                    tracing::info!(%digest, ?source, "artifact verified in the registry; relays fetch it");
+                    pulls.insert(digest, Pull::Verified(size));
+                }
                 Ok(_) => {
                     tracing::info!(%digest, ?source, "artifact fetched and verified");
                     pulls.remove(&digest);

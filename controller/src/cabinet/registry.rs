@@ -3,7 +3,11 @@
 //! it names, which must be the Package's artifact (size and digest checked
 //! again as it enters the store).
 
-use caravan_api::{labels, v1alpha1::CabinetStore, Digest};
+use caravan_api::{
+    labels,
+    v1alpha1::{CabinetStore, LayersFrom},
+    Digest,
+};
 use caravan_net::oci::{Credentials, Registry, Repository};
 
 use super::BlobStore;
@@ -30,11 +34,19 @@ pub struct Fetched {
 }
 
 impl OciSource {
-    /// Fetches artifact `digest` (`size` bytes) into `blobs`, verified.
+    /// Whether the cabinet's relays fetch its layers (the controller only
+    /// checks the manifest).
+    pub fn layers_from_relays(&self) -> bool {
+        self.store.layers_from == LayersFrom::Relays
+    }
+
+    /// Fetches artifact `digest` (`size` bytes) into `blobs`, verified; with
+    /// no `blobs` (layers from relays), only checks that the pinned
+    /// manifest names it.
     pub async fn fetch(
         &self,
         kube: &kube::Client,
-        blobs: &BlobStore,
+        blobs: Option<&BlobStore>,
         digest: &Digest,
         size: u64,
     ) -> Result<Fetched, String> {
@@ -57,9 +69,11 @@ impl OciSource {
                 layer.size
             ));
         }
-        let res = registry.blob(digest).await.map_err(|e| e.to_string())?;
-        let from = format!("{} blob {digest}", registry.repository());
-        let size = blobs.take(digest, size, res, &from).await?;
+        if let Some(blobs) = blobs {
+            let res = registry.blob(digest, 0).await.map_err(|e| e.to_string())?;
+            let from = format!("{} blob {digest}", registry.repository());
+            blobs.take(digest, size, res, &from).await?;
+        }
         // Never followed: said, if the tag moved (or went).
         let tag_moved = match registry.tag(&self.version).await {
             Ok(Some(now)) if now == pinned => None,

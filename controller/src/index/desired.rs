@@ -9,14 +9,19 @@ use std::{
 };
 
 use caravan_api::{
-    v1alpha1::{DistributionJob, Site},
-    wire::{AgentDesired, SiteDesired},
+    v1alpha1::{Cabinet, DistributionJob, Package, Site},
+    wire::{AgentDesired, BlobSource, SiteDesired},
     Digest,
 };
 use caravan_net::Document;
 use kube::ResourceExt;
 
-use super::{key_of, plan::Plan, SiteKey};
+use super::{
+    key_of,
+    plan::Plan,
+    status::{ArtifactState, Artifacts},
+    SiteKey,
+};
 
 /// Every site's desired state, its agents' parts not signed yet.
 pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
@@ -40,8 +45,14 @@ impl DesiredIndex {
 }
 
 /// Builds every site's document from the plan (whose per-site agent
-/// states it takes).
-pub fn desired(sites: &[Arc<Site>], jobs: &[Arc<DistributionJob>], plan: &mut Plan) -> Unsigned {
+/// states it takes); top-level sites are told which blobs to fetch from a
+/// registry (`sources`).
+pub fn desired(
+    sites: &[Arc<Site>],
+    jobs: &[Arc<DistributionJob>],
+    plan: &mut Plan,
+    sources: &HashMap<Digest, BlobSource>,
+) -> Unsigned {
     let mut desired: Unsigned = sites
         .iter()
         .map(|s| {
@@ -94,7 +105,51 @@ pub fn desired(sites: &[Arc<Site>], jobs: &[Arc<DistributionJob>], plan: &mut Pl
             d.lower = digests.into_iter().collect();
         }
     }
+    // Relays of top-level sites fetch from the registry what its cabinet
+    // says relays fetch; those below fetch it from them.
+    for (_, d) in desired
+        .iter_mut()
+        .filter(|(k, _)| !parents.contains_key(*k))
+    {
+        d.sources = d
+            .all_digests()
+            .filter_map(|digest| Some((*digest, sources.get(digest)?.clone())))
+            .collect();
+    }
     desired
+}
+
+/// Where relays fetch the artifacts of `oci` cabinets whose layers come from
+/// relays: each package's repository, for the artifacts verified there.
+pub fn sources(
+    packages: &[Arc<Package>],
+    cabinets: &[Arc<Cabinet>],
+    artifacts: &Artifacts,
+) -> HashMap<Digest, BlobSource> {
+    packages
+        .iter()
+        .filter(|p| {
+            matches!(
+                artifacts.get(&key_of(p.as_ref())),
+                Some(ArtifactState::InRegistry(_))
+            )
+        })
+        .filter_map(|p| {
+            let c = cabinets
+                .iter()
+                .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet)?;
+            let store = &c.spec.store;
+            let source = BlobSource {
+                repository: format!(
+                    "{}/{}",
+                    store.repository.as_deref()?.trim_end_matches('/'),
+                    p.spec.name
+                ),
+                ca_bundle: store.ca_bundle.clone(),
+            };
+            Some((p.spec.artifact.digest, source))
+        })
+        .collect()
 }
 
 /// The blobs of a site's agents, for the relay (which does not open the

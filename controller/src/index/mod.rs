@@ -98,7 +98,12 @@ pub fn compute(inputs: &Inputs) -> Outputs {
         })
         .collect();
     Outputs {
-        desired: desired::desired(sites, jobs, &mut plan),
+        desired: desired::desired(
+            sites,
+            jobs,
+            &mut plan,
+            &desired::sources(packages, cabinets, artifacts),
+        ),
         jobs: jobs_status,
         packages: packages
             .iter()

@@ -431,6 +431,9 @@ pub enum ArtifactState {
     FetchFailed(String),
     /// Not in the store.
     Missing,
+    /// Not in the store, and need not be: the registry's pinned manifest
+    /// names it (this many bytes), and relays fetch it from there.
+    InRegistry(u64),
 }
 
 /// Where each package's artifact stands, by package (two packages of one
@@ -461,7 +464,16 @@ pub fn package_status(
                 None => format!("artifact {digest} stored"),
             })
         }
-        (Some(_), ArtifactState::Stored(size)) => Err((
+        (Some(c), ArtifactState::InRegistry(size)) if *size == p.spec.artifact.size => {
+            Ok(format!(
+                "artifact {} verified in the registry (pinned manifest, layer digest and size); relays fetch it from there",
+                c.spec
+                    .store
+                    .artifact_url(&p.spec.name, digest)
+                    .unwrap_or_default()
+            ))
+        }
+        (Some(_), ArtifactState::Stored(size) | ArtifactState::InRegistry(size)) => Err((
             reasons::ARTIFACT_MISSING,
             format!(
                 "stored artifact is {size} bytes, manifest says {}",
@@ -593,13 +605,26 @@ pub fn cabinet_status(
             let state = |p: &Package| artifacts.get(&key_of(p));
             let fetched = mine
                 .iter()
-                .filter(|p| matches!(state(p), Some(ArtifactState::Stored(_))))
+                .filter(|p| {
+                    matches!(
+                        state(p),
+                        Some(ArtifactState::Stored(_) | ArtifactState::InRegistry(_))
+                    )
+                })
                 .count();
             let failed = mine.iter().find_map(|p| match state(p) {
                 Some(ArtifactState::FetchFailed(m)) => Some(m),
                 _ => None,
             });
-            let counts = format!("{fetched} of {} artifacts fetched and verified", mine.len());
+            let counts = match store.layers_from {
+                LayersFrom::Controller => {
+                    format!("{fetched} of {} artifacts fetched and verified", mine.len())
+                }
+                LayersFrom::Relays => format!(
+                    "{fetched} of {} artifacts verified in the registry (relays fetch the layers)",
+                    mine.len()
+                ),
+            };
             match failed {
                 None => conditions::new(
                     conditions::READY,

@@ -42,6 +42,8 @@ const UPSTREAM_DIR: &str = "/etc/caravan/upstream";
 const TLS_DIR: &str = "/etc/caravan/tls";
 /// Where the controller's CA is mounted (child sites' relays).
 const CA_DIR: &str = "/etc/caravan/ca";
+/// Where the relay's registry credentials are mounted (top-level sites).
+const REGISTRY_AUTH_DIR: &str = "/etc/caravan/registry";
 /// The non-root user the relay runs as.
 const RELAY_UID: i64 = 65532;
 
@@ -283,6 +285,18 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
             Some(items(&[(CA_KEY, CA_KEY)])),
         ));
     }
+    if let (None, Some(auth)) = (&site.spec.parent, &site.spec.relay.registry_auth_secret) {
+        args.extend([
+            "--registry-auth-file".into(),
+            format!("{REGISTRY_AUTH_DIR}/config.json"),
+        ]);
+        mounts.push(mount("registry-auth", REGISTRY_AUTH_DIR, true));
+        volumes.push(secret_volume(
+            "registry-auth",
+            auth,
+            Some(items(&[(".dockerconfigjson", "config.json")])),
+        ));
+    }
     let scheme = "HTTPS";
     let container = Container {
         name: "relay".into(),
@@ -420,6 +434,41 @@ mod tests {
                 (e.name.clone(), v)
             })
             .collect()
+    }
+
+    #[test]
+    fn a_top_level_relay_gets_its_registry_credentials_and_a_child_none() {
+        let mut spec = SiteSpec::default();
+        spec.relay.registry_auth_secret = Some("relay-pull".into());
+        let (s, owner) = site("hq", spec.clone());
+        let d = deployment(&s, &owner, &PARAMS);
+        let args = container(&d).args.clone().unwrap().join(" ");
+        assert!(
+            args.contains("--registry-auth-file /etc/caravan/registry/config.json"),
+            "{args}"
+        );
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let auth = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "registry-auth")
+            .and_then(|v| v.secret.as_ref())
+            .unwrap();
+        assert_eq!(auth.secret_name.as_deref(), Some("relay-pull"));
+        let items: Vec<_> = auth
+            .items
+            .iter()
+            .flatten()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect();
+        assert_eq!(items, [(".dockerconfigjson", "config.json")]);
+        // A child site's relay fetches from its parent's: no credentials.
+        spec.parent = Some("hq".into());
+        let (s, owner) = site("branch", spec);
+        let d = deployment(&s, &owner, &PARAMS);
+        let args = container(&d).args.clone().unwrap().join(" ");
+        assert!(!args.contains("--registry-auth-file"), "{args}");
     }
 
     #[test]

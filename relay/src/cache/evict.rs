@@ -166,9 +166,15 @@ mod tests {
             ..Default::default()
         };
         Arc::new(
-            Cache::open(dir.to_path_buf(), upstream, Default::default(), limits)
-                .await
-                .unwrap(),
+            Cache::open(
+                dir.to_path_buf(),
+                upstream,
+                Default::default(),
+                Default::default(),
+                limits,
+            )
+            .await
+            .unwrap(),
         )
     }
 

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::{io::AsyncWriteExt, sync::watch};
 
 use super::{reader::Progress, Cache};
-use crate::{upstream::UpstreamError, window::Window};
+use crate::{registry::RegistryError, upstream::UpstreamError, window::Window};
 
 /// Attempts a fetch makes, each resuming where the last broke off, before it fails.
 const ATTEMPTS: u32 = 6;
@@ -20,6 +20,8 @@ const ATTEMPTS: u32 = 6;
 pub enum CacheError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("digest mismatch: upstream sent {actual} for blob {expected}; not cached")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("upstream transfer of {digest} broke off: {source}")]
@@ -57,6 +59,7 @@ impl CacheError {
             | Self::Transfer { .. }
             | Self::Short { .. } => true,
             Self::Upstream(UpstreamError::Status { status, .. }) => status.is_server_error(),
+            Self::Registry(e) => e.transient(),
             _ => false,
         }
     }
@@ -141,7 +144,11 @@ impl Cache {
             path: partial.clone(),
             source,
         };
-        let res = match self.upstream.blob(t.digest, t.written).await {
+        let (res, from) = match self.registries.blob(t.digest, t.written).await {
+            Some(res) => (Ok(res?), "the registry"),
+            None => (self.upstream.blob(t.digest, t.written).await, "upstream"),
+        };
+        let res = match res {
             // What an earlier process left is as long as the blob or longer: start over.
             Err(UpstreamError::Status { status, .. })
                 if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && t.file.is_none() =>
@@ -168,7 +175,7 @@ impl Cache {
                 return Err(CacheError::Restarted { digest: *t.digest });
             }
         } else {
-            tracing::info!(blob = %t.digest, resume_from = t.written, len, "fetching blob from upstream");
+            tracing::info!(blob = %t.digest, resume_from = t.written, len, "fetching blob from {from}");
             let file = caravan_net::open_partial(&partial, resumed)
                 .await
                 .map_err(io)?;

@@ -28,11 +28,13 @@ pub use fetch::CacheError;
 pub use reader::Reader;
 use reader::{Inflight, Progress};
 
-use crate::{ratelimit::RateLimit, upstream::Upstream, window::Window};
+use crate::{ratelimit::RateLimit, registry::Registries, upstream::Upstream, window::Window};
 
 pub struct Cache {
     dir: PathBuf,
     upstream: Upstream,
+    /// Blobs fetched from a registry instead of `upstream`.
+    pub registries: Registries,
     inflight: Mutex<HashMap<Digest, Inflight>>,
     upstream_bytes: prometheus_client::metrics::counter::Counter,
     /// Limit on the bytes per second fetched from upstream, if any.
@@ -64,6 +66,7 @@ impl Cache {
     pub async fn open(
         dir: PathBuf,
         upstream: Upstream,
+        registries: Registries,
         upstream_bytes: prometheus_client::metrics::counter::Counter,
         limits: Limits,
     ) -> std::io::Result<Self> {
@@ -72,6 +75,7 @@ impl Cache {
         Ok(Self {
             dir,
             upstream,
+            registries,
             inflight: Mutex::new(HashMap::new()),
             upstream_bytes,
             limit: limits.rate,

@@ -173,6 +173,7 @@ mod tests {
                 dir.to_path_buf(),
                 upstream,
                 Default::default(),
+                Default::default(),
                 Limits::default(),
             )
             .await

@@ -158,3 +158,69 @@ fn packages_of_one_digest_in_two_cabinets_stand_apart() {
         (reasons::ARTIFACT_UNAVAILABLE, "404 Not Found")
     );
 }
+
+#[test]
+fn relays_are_sent_to_the_registry_only_for_artifacts_verified_there() {
+    let oci = |name: &str, layers_from| {
+        let mut c = cabinet(name);
+        c.spec.store = CabinetStore {
+            type_: StoreType::Oci,
+            repository: Some("registry.example.com/caravan/".into()),
+            ca_bundle: Some("PEM".into()),
+            layers_from,
+            ..Default::default()
+        };
+        c
+    };
+    let cabinets = all([
+        oci("direct", LayersFrom::Relays),
+        oci("through", LayersFrom::Controller),
+    ]);
+    let in_cabinet = |name: &str, cabinet: &str| {
+        let mut p = package(name, "1");
+        p.spec.cabinet = cabinet.into();
+        p
+    };
+    let packages = all([
+        in_cabinet("a", "direct"),
+        in_cabinet("b", "direct"),
+        in_cabinet("c", "through"),
+    ]);
+    let artifacts: Artifacts = HashMap::from([
+        (key("a-1"), ArtifactState::InRegistry(10)),
+        (
+            key("b-1"),
+            ArtifactState::FetchFailed("manifest not found".into()),
+        ),
+        (key("c-1"), ArtifactState::Stored(10)),
+    ]);
+    let sources = super::super::desired::sources(&packages, &cabinets, &artifacts);
+    assert_eq!(
+        sources,
+        HashMap::from([(
+            digest_of("a", "1"),
+            caravan_api::wire::BlobSource {
+                repository: "registry.example.com/caravan/a".into(),
+                ca_bundle: Some("PEM".into()),
+            }
+        )])
+    );
+    // The package is ready, and the cabinet says who fetches the layers.
+    let st = package_status(&packages[0], &cabinets, &artifacts);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(ready.status, "True", "{}", ready.message);
+    assert!(
+        ready.message.contains("relays fetch it from there"),
+        "{}",
+        ready.message
+    );
+    let st = cabinet_status(&cabinets[0], &packages, &artifacts);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert!(
+        ready
+            .message
+            .contains("1 of 2 artifacts verified in the registry (relays fetch the layers)"),
+        "{}",
+        ready.message
+    );
+}

@@ -260,9 +260,25 @@ fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
         job("off", &["hello"]).to_site("berlin").suspended(),
     ]);
     let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
-    let index = desired::desired(&sites, &jobs, &mut plan);
+    // tools comes from a registry, fetched by the relays that reach it first.
+    let tools = digest_of("tools", "2.0");
+    let source = caravan_api::wire::BlobSource {
+        repository: "https://registry.example.com/caravan/tools".into(),
+        ca_bundle: None,
+    };
+    let sources = HashMap::from([(tools, source.clone())]);
+    let index = desired::desired(&sites, &jobs, &mut plan, &sources);
     let doc = |s: &str| &index[&key(s)];
-    let (hello, tools) = (digest_of("hello", "1.0.0"), digest_of("tools", "2.0"));
+    let hello = digest_of("hello", "1.0.0");
+    assert_eq!(
+        doc("hq").sources,
+        [(tools, source)].into(),
+        "the top-level site fetches it from the registry"
+    );
+    assert!(
+        doc("berlin").sources.is_empty() && doc("kreuzberg").sources.is_empty(),
+        "the sites below fetch it from their parent's relay"
+    );
     assert_eq!(doc("kreuzberg").prestage, [tools]);
     assert!(
         doc("berlin").prestage.is_empty(),
@@ -278,7 +294,7 @@ fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
     assert!(doc("kreuzberg").lower.is_empty());
     // The same inputs give the same documents, byte for byte.
     let mut again = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
-    assert_eq!(index, desired::desired(&sites, &jobs, &mut again));
+    assert_eq!(index, desired::desired(&sites, &jobs, &mut again, &sources));
 }
 
 #[test]
@@ -287,7 +303,7 @@ fn a_site_whose_parent_chain_loops_does_not_hang_the_index() {
     let jobs = all([job("j", &["hello"]).to_site("a")]);
     let packages = all([package("hello", "1")]);
     let mut plan = Plan::compute(&sites, &[], &jobs, &packages, &[], at("12:00"));
-    let index = desired::desired(&sites, &jobs, &mut plan);
+    let index = desired::desired(&sites, &jobs, &mut plan, &HashMap::new());
     assert_eq!(index[&key("b")].lower, [digest_of("hello", "1")]);
 }
 
