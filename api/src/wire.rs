@@ -266,6 +266,8 @@ pub struct BlobSource {
     /// The package's repository (`https://host[:port]/name`); the blob is
     /// its layer, fetched by digest (and verified against it).
     pub repository: String,
+    /// The blob's size: the registry's answer must be this long.
+    pub size: u64,
     /// PEM certificates of the CAs trusted alone for the registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,

@@ -30,9 +30,20 @@ pub struct RegistryArgs {
     /// instead; secrets are never taken on the command line).
     #[arg(long, env = "CARAVAN_REGISTRY_USERNAME")]
     registry_username: Option<String>,
+    /// The registry (`host[:port]`) the credentials are for, when the
+    /// repository comes from the Cabinet in the cluster (which anyone who
+    /// may commit one chooses): they are sent nowhere else.
+    #[arg(long, env = "CARAVAN_REGISTRY_HOST")]
+    registry_host: Option<String>,
 }
 
 impl RegistryArgs {
+    /// Whether the pusher gave credentials (a user name, or a token).
+    fn has_credentials(&self) -> bool {
+        self.registry_username.is_some()
+            || std::env::var("CARAVAN_REGISTRY_TOKEN").is_ok_and(|t| !t.is_empty())
+    }
+
     /// The repository of package `name` in the registry the command line
     /// names, if it names one.
     pub fn registry(&self, name: &str) -> anyhow::Result<Option<caravan_net::oci::Registry>> {
@@ -114,14 +125,17 @@ impl Destination {
         if let Some(registry) = registry.registry(name)? {
             return Ok(Self::Registry(registry));
         }
+        // No cluster configured: the controller's store. A cluster that
+        // cannot be asked (refused, away) is an error, not a reason to push
+        // somewhere else than the cabinet.
         let found = match kube::Client::try_default().await {
             Ok(client) => {
                 let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
-                kube::Api::<Cabinet>::namespaced(client, &ns)
+                let found = kube::Api::<Cabinet>::namespaced(client, &ns)
                     .get_opt(cabinet)
                     .await
-                    .with_context(|| format!("reading Cabinet {cabinet} in namespace {ns}"))
-                    .map(|c| c.map(|c| (c, ns)))
+                    .with_context(|| format!("reading Cabinet {cabinet} in namespace {ns}"))?;
+                Ok(found.map(|c| (c, ns.clone())).ok_or(ns))
             }
             Err(e) => Err(anyhow::Error::new(e).context("no cluster to ask (kubeconfig)")),
         };
@@ -142,8 +156,12 @@ impl Destination {
         }
         };
         let (found, ns) = match found {
-            Ok(Some(found)) => found,
-            Ok(None) => return builtin(format!("there is no Cabinet {cabinet} in the cluster")),
+            Ok(Ok(found)) => found,
+            Ok(Err(ns)) => {
+                // Not declared yet (a first push before the commit that declares it).
+                eprintln!("there is no Cabinet {cabinet} in namespace {ns} (yet): pushing to the controller's store");
+                return builtin(format!("there is no Cabinet {cabinet} in namespace {ns}"));
+            }
             Err(e) => return builtin(format!("{e:#}")),
         };
         let spec = &found.spec.store;
@@ -153,9 +171,18 @@ impl Destination {
                 let repository = spec.repository.as_deref().with_context(|| {
                     format!("Cabinet {ns}/{cabinet} is of type oci but names no repository")
                 })?;
-                let registry = registry.open(repository, spec.ca_bundle.as_deref(), name)?;
+                let opened = registry.open(repository, spec.ca_bundle.as_deref(), name)?;
+                // Whoever may commit a Cabinet chooses its repository: the
+                // pusher's credentials go only to the host they are bound to.
+                let base = &opened.repository().base;
+                let host = base.split_once("://").map_or(base.as_str(), |(_, h)| h);
+                if registry.has_credentials() && registry.registry_host.as_deref() != Some(host) {
+                    anyhow::bail!(
+                        "cabinet {cabinet} is in registry {host}: give --registry-host {host} to send your registry credentials there"
+                    );
+                }
                 println!("cabinet {cabinet} is in registry repository {repository}");
-                Ok(Self::Registry(registry))
+                Ok(Self::Registry(opened))
             }
             StoreType::Http => anyhow::bail!(
                 "cabinet {cabinet} is an http store ({}): Caravan only reads it; put the archive \
@@ -301,8 +328,9 @@ pub async fn upload(
         std::time::Duration::from_millis(500),
         std::time::Duration::from_secs(8),
     );
+    // Where another upload of the blob stood when ours was turned away (409).
+    let mut waiting: Option<u64> = None;
     loop {
-        let attempt = backoff.failures() + 1;
         let res = client
             .get(&state_url)
             .bearer_auth(token)
@@ -322,7 +350,13 @@ pub async fn upload(
             return Ok(());
         }
         let offset = state.offset.min(artifact.size);
-        if offset > 0 {
+        // Another upload of the blob that moved on since the last look is
+        // waited for, however long it takes.
+        if waiting.is_some_and(|at| offset > at) {
+            backoff.reset();
+        }
+        let attempt = backoff.failures() + 1;
+        if offset > 0 && waiting.is_none() {
             println!("resuming the upload at byte {offset} of {}", artifact.size);
         }
         let mut f = tokio::fs::File::open(file).await?;
@@ -357,6 +391,7 @@ pub async fn upload(
                 if status.is_client_error() && !retried.contains(&status) || attempt >= ATTEMPTS {
                     anyhow::bail!("upload to {blob_url} failed: {status}: {msg}");
                 }
+                waiting = (status == reqwest::StatusCode::CONFLICT).then_some(offset);
                 eprintln!("upload to {blob_url}: {status}: {msg}; retrying");
             }
             Err(e) if attempt < ATTEMPTS => {

@@ -279,35 +279,36 @@ impl Engine {
                     .entry(digest)
                     .or_insert(self.blobs.size(&digest).await),
             };
-            let state = match size {
-                Some(size) => ArtifactState::Stored(size),
-                None => {
-                    let cabinet = cabinets
-                        .iter()
-                        .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
-                    let source = cabinet.and_then(|c| match c.spec.store.type_ {
-                        StoreType::Builtin => None,
-                        StoreType::Http => c
-                            .spec
-                            .store
-                            .artifact_url(&p.spec.name, &digest)
-                            .map(Source::Http),
-                        StoreType::Oci => Some(Source::Oci(Box::new((
-                            OciSource {
-                                namespace: c.namespace().unwrap_or_default(),
-                                store: c.spec.store.clone(),
-                                package: p.spec.name.clone(),
-                                version: p.spec.version.clone(),
-                                manifest: p.spec.artifact.manifest,
-                            },
-                            p.object_ref(&()),
-                        )))),
-                    });
-                    match source {
-                        Some(source) => self.pulls.ensure(digest, source, p.spec.artifact.size),
-                        None => ArtifactState::Missing,
-                    }
-                }
+            let cabinet = cabinets
+                .iter()
+                .find(|c| c.namespace() == p.namespace() && c.name_any() == p.spec.cabinet);
+            // Where the cabinet keeps it, for what the store lacks — and for
+            // every artifact of a cabinet whose layers relays fetch (even
+            // one the store holds from before: relays are sent to the registry).
+            let source = cabinet.and_then(|c| match c.spec.store.type_ {
+                StoreType::Builtin => None,
+                StoreType::Http => c
+                    .spec
+                    .store
+                    .artifact_url(&p.spec.name, &digest)
+                    .map(Source::Http),
+                StoreType::Oci => Some(Source::Oci(Box::new((
+                    OciSource {
+                        namespace: c.namespace().unwrap_or_default(),
+                        store: c.spec.store.clone(),
+                        package: p.spec.name.clone(),
+                        version: p.spec.version.clone(),
+                        manifest: p.spec.artifact.manifest,
+                    },
+                    p.object_ref(&()),
+                )))),
+            });
+            let relays_fetch =
+                matches!(&source, Some(Source::Oci(oci)) if oci.0.layers_from_relays());
+            let state = match (size, source) {
+                (Some(size), _) if !relays_fetch => ArtifactState::Stored(size),
+                (_, Some(source)) => self.pulls.ensure(digest, source, p.spec.artifact.size),
+                (_, None) => ArtifactState::Missing,
             };
             artifacts.insert(index::key_of(p.as_ref()), state);
         }

@@ -227,10 +227,23 @@ async fn a_site_cannot_borrow_the_controllers_privileges() -> anyhow::Result<()>
         "fleet/lagos.yaml",
         &site("lagos", "  relay: {replicas: 1}\n"),
     )?;
-    repo.commit("Two sites asking for more than a relay")?;
+    // A user's Secret handed to a relay as its registry credentials.
+    repo.write(
+        "fleet/borrower.yaml",
+        &site(
+            "borrower",
+            "  relay: {replicas: 1, registryAuthSecret: lagos-relay}\n",
+        ),
+    )?;
+    repo.commit("Three sites asking for more than a relay")?;
     for (name, reason, words) in [
         ("miner", "ImageNotAllowed", "evil.example.com/miner"),
         ("lagos", "ObjectNotOwned", "Secret lagos-relay exists"),
+        (
+            "borrower",
+            "WorkloadRefused",
+            "Secret lagos-relay is not labelled caravan.dev/registry-credentials",
+        ),
     ] {
         let stalled = wait_for(&format!("site {name} to stall"), T, || async {
             let s = c.api::<Site>().get_opt(name).await?;

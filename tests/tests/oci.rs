@@ -217,11 +217,12 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     let src = c.dir.join("src/extras");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("README"), "extras\n")?;
-    let out = c.cli_with(
-        &[
+    let (src_s, outside_s) = (src.display().to_string(), outside.display().to_string());
+    let push_extras = |extra: &[&str]| {
+        let mut args = vec![
             "package",
             "push",
-            &src.display().to_string(),
+            &src_s,
             "--name",
             "extras",
             "--version",
@@ -231,12 +232,20 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
             "-n",
             &ns,
             "--manifest-dir",
-            &outside.display().to_string(),
+            &outside_s,
             "--registry-username",
             &registry.username,
-        ],
-        &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)],
-    )?;
+        ];
+        args.extend(extra);
+        c.cli_with(&args, &[("CARAVAN_REGISTRY_PASSWORD", &registry.password)])
+    };
+    // The credentials go only to the registry they are bound to.
+    let refused = push_extras(&[]).unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("give --registry-host {}", registry.host)),
+        "{refused}"
+    );
+    let out = push_extras(&["--registry-host", &registry.host])?;
     assert!(
         out.contains("cabinet vault is in registry repository"),
         "{out}"

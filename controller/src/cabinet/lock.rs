@@ -50,8 +50,10 @@ impl BlobLock {
             }
             // The one who held it before may have renamed this file into
             // the store or removed it: the lock is the path's only while the
-            // path still names the file locked.
-            match std::fs::metadata(&path) {
+            // path still names the file locked. Looked up by opening it
+            // (which an NFS client checks with the server), not from a
+            // possibly cached `stat`.
+            match File::open(&path).and_then(|f| f.metadata()) {
                 Ok(now) if same_file(&now, &file.metadata()?) => {
                     return Ok(Some(Self { file, path }))
                 }

@@ -26,16 +26,28 @@ use crate::index::ArtifactState;
 /// A failed fetch is tried again after this long.
 const RETRY: Duration = Duration::from_secs(30);
 
+/// A verified artifact whose layers relays fetch is checked again this often
+/// (a manifest deleted from the registry shows on the Package).
+const REVERIFY: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Debug)]
 enum Pull {
-    Running,
+    /// Being fetched, or checked; `verified`: checked again, and still taken
+    /// as verified (`size` bytes) meanwhile.
+    Running {
+        verified: Option<u64>,
+    },
     Failed {
         message: String,
         at: Instant,
     },
-    /// The registry's pinned manifest names the artifact (`size` bytes);
+    /// The pinned manifest in `source` names the artifact (`size` bytes);
     /// relays fetch its layer.
-    Verified(u64),
+    Verified {
+        size: u64,
+        source: String,
+        at: Instant,
+    },
 }
 
 /// Where a cabinet keeps an artifact the store lacks.
@@ -45,6 +57,25 @@ pub enum Source {
     Http(String),
     /// An `oci` cabinet, for this Package (which hears of a moved tag).
     Oci(Box<(OciSource, ObjectReference)>),
+}
+
+impl Source {
+    /// Where exactly the artifact is (an `oci` one: its repository and the
+    /// pinned manifest), to tell a check of one place from another's.
+    fn key(&self) -> String {
+        match self {
+            Self::Http(url) => url.clone(),
+            Self::Oci(oci) => {
+                let o = &oci.0;
+                format!(
+                    "{}/{}@{}",
+                    o.store.repository.as_deref().unwrap_or_default(),
+                    o.package,
+                    o.manifest.map(|m| m.to_string()).unwrap_or_default()
+                )
+            }
+        }
+    }
 }
 
 /// The fetches from `http` and `oci` cabinets, owned by the engine.
@@ -81,17 +112,29 @@ impl Pulls {
     /// artifacts the store lacks.
     pub fn ensure(&self, digest: Digest, source: Source, size: u64) -> ArtifactState {
         let verify_only = matches!(&source, Source::Oci(oci) if oci.0.layers_from_relays());
+        let key = source.key();
         let mut pulls = self.pulls.lock().expect("lock poisoned");
+        let mut verified = None;
         match pulls.get(&digest) {
             Some(Pull::Failed { at, .. }) if at.elapsed() > RETRY => {}
             Some(Pull::Failed { message, .. }) => {
                 return ArtifactState::FetchFailed(message.clone())
             }
-            Some(Pull::Running) => return ArtifactState::Fetching,
-            Some(Pull::Verified(size)) if verify_only => return ArtifactState::InRegistry(*size),
-            Some(Pull::Verified(_)) | None => {}
+            Some(Pull::Running {
+                verified: Some(size),
+            }) if verify_only => return ArtifactState::InRegistry(*size),
+            Some(Pull::Running { .. }) => return ArtifactState::Fetching,
+            // Verified where the Package says now: taken as it is for a
+            // while, then checked again (still taken meanwhile).
+            Some(Pull::Verified { size, source, at }) if verify_only && *source == key => {
+                if at.elapsed() < REVERIFY {
+                    return ArtifactState::InRegistry(*size);
+                }
+                verified = Some(*size);
+            }
+            Some(Pull::Verified { .. }) | None => {}
         }
-        pulls.insert(digest, Pull::Running);
+        pulls.insert(digest, Pull::Running { verified });
         let (blobs, http, kube, recorder, all, done) = (
             self.blobs.clone(),
             self.http.clone(),
@@ -132,7 +175,14 @@ impl Pulls {
             match result {
                 Ok(size) if verify_only => {
                     tracing::info!(%digest, ?source, "artifact verified in the registry; relays fetch it");
-                    pulls.insert(digest, Pull::Verified(size));
+                    pulls.insert(
+                        digest,
+                        Pull::Verified {
+                            size,
+                            source: key,
+                            at: Instant::now(),
+                        },
+                    );
                 }
                 Ok(_) => {
                     tracing::info!(%digest, ?source, "artifact fetched and verified");
@@ -151,7 +201,10 @@ impl Pulls {
             }
             done.notify_one();
         });
-        ArtifactState::Fetching
+        match verified {
+            Some(size) => ArtifactState::InRegistry(size),
+            None => ArtifactState::Fetching,
+        }
     }
 
     /// Resolves when a fetch has finished since the last call.

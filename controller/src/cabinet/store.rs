@@ -136,11 +136,17 @@ impl BlobStore {
         // this replica or another, writes the same file meanwhile.
         let lock = self.lock(digest).await?.ok_or(StoreError::Busy)?;
         let partial = lock.path().to_path_buf();
+        // Stored meanwhile (through another replica): nothing to write.
+        if let Ok(m) = std::fs::File::open(self.path(digest)).and_then(|f| f.metadata()) {
+            lock.remove_if_empty().map_err(io(&partial))?;
+            return Ok(m.len());
+        }
         let (mut hasher, mut size) = if offset > 0 {
             let (hasher, stored) = caravan_net::hash_partial(&partial)
                 .await
                 .map_err(io(&partial))?;
             if stored != offset {
+                lock.remove_if_empty().map_err(io(&partial))?;
                 return Err(StoreError::Offset {
                     requested: offset,
                     stored,
@@ -256,6 +262,8 @@ impl BlobStore {
             if age_of(lock.file().metadata()?) >= grace {
                 remove_if_there(lock.path())?;
                 removed += 1;
+            } else {
+                lock.remove_if_empty()?;
             }
         }
         Ok(removed)
@@ -277,19 +285,23 @@ impl BlobStore {
             let Some(lock) = self.lock(&digest).await.map_err(std::io::Error::other)? else {
                 continue; // being uploaded again, or looked at by another replica
             };
-            // Under the lock, look again: a push may have just found it.
+            // Under the lock, look again (opening it: an NFS client then
+            // asks the server): a push may have just found it.
             let path = self.path(&digest);
-            let still_old = match std::fs::metadata(&path) {
-                Ok(m) => age_of(m) >= grace,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => return Err(e),
+            let still_old = match std::fs::File::open(&path).and_then(|f| f.metadata()) {
+                Ok(m) => Ok(age_of(m) >= grace),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
             };
-            if still_old {
-                // A relay still reading it keeps its open file; new requests get 404.
-                remove_if_there(&path)?;
+            // A relay still reading it keeps its open file; new requests get 404.
+            let gone = match still_old {
+                Ok(true) => remove_if_there(&path).map(|()| true),
+                other => other,
+            };
+            lock.remove_if_empty()?;
+            if gone? {
                 removed.push(digest);
             }
-            lock.remove_if_empty()?;
         }
         Ok(removed)
     }

@@ -145,6 +145,7 @@ pub fn sources(
                     store.repository.as_deref()?.trim_end_matches('/'),
                     p.spec.name
                 ),
+                size: p.spec.artifact.size,
                 ca_bundle: store.ca_bundle.clone(),
             };
             Some((p.spec.artifact.digest, source))

@@ -182,6 +182,38 @@ pub async fn check_owned(ctx: &Context, site: &Site) -> Result<Result<(), Refusa
     Ok(Ok(()))
 }
 
+/// The Secret a top-level site's relay signs in to registries with is one
+/// meant for it: labelled `caravan.dev/registry-credentials: "true"` (as the
+/// controller's own registry Secrets are), with a `.dockerconfigjson`. A
+/// Site commit cannot hand its relay any other Secret of the namespace.
+pub async fn check_registry_auth(ctx: &Context, site: &Site) -> Result<(), Refusal> {
+    let Some(name) = &site.spec.relay.registry_auth_secret else {
+        return Ok(());
+    };
+    let ns = site.namespace().unwrap_or_default();
+    let refused = |e: String| {
+        Refusal::new(
+            reasons::WORKLOAD_REFUSED,
+            format!("spec.relay.registryAuthSecret: {e}"),
+        )
+    };
+    let data = crate::context::labelled_secret(
+        &ctx.client,
+        &ns,
+        name,
+        caravan_api::labels::REGISTRY_CREDENTIALS,
+        "registry credentials",
+    )
+    .await
+    .map_err(refused)?;
+    if !data.contains_key(".dockerconfigjson") {
+        return Err(refused(format!(
+            "Secret {name} holds no .dockerconfigjson (make it with `kubectl create secret docker-registry`)"
+        )));
+    }
+    Ok(())
+}
+
 /// Sites whose relay objects were checked to be their own (by UID): checked
 /// once, then the controller knows it made them.
 #[derive(Default)]

@@ -167,6 +167,11 @@ impl SiteReconciler {
                 return Ok(Some(r));
             }
         }
+        if site.spec.parent.is_none() {
+            if let Err(r) = checks::check_registry_auth(&self.ctx, site).await {
+                return Ok(Some(r));
+            }
+        }
         Ok(None)
     }
 

@@ -51,6 +51,17 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// Whether the range asked for was refused (416).
+    fn range_not_satisfiable(&self) -> bool {
+        match self {
+            Self::Upstream(UpstreamError::Status { status, .. }) => {
+                *status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE
+            }
+            Self::Registry(e) => e.range_not_satisfiable(),
+            _ => false,
+        }
+    }
+
     /// Whether trying again may succeed: upstream was away or broke off, as
     /// opposed to refusing the request or sending a wrong blob.
     fn transient(&self) -> bool {
@@ -133,6 +144,19 @@ impl Cache {
         Ok(path)
     }
 
+    /// Asks for the blob from byte `offset`: from the registry the site's
+    /// desired state names for it, else from upstream. Also says which.
+    async fn request(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<(reqwest::Response, &'static str), CacheError> {
+        match self.registries.blob(digest, offset).await {
+            Some(res) => Ok((res?, "the registry")),
+            None => Ok((self.upstream.blob(digest, offset).await?, "upstream")),
+        }
+    }
+
     /// One upstream request of a fetch: appends what it sends to the partial file.
     async fn transfer(
         &self,
@@ -144,17 +168,11 @@ impl Cache {
             path: partial.clone(),
             source,
         };
-        let (res, from) = match self.registries.blob(t.digest, t.written).await {
-            Some(res) => (Ok(res?), "the registry"),
-            None => (self.upstream.blob(t.digest, t.written).await, "upstream"),
-        };
-        let res = match res {
+        let (res, from) = match self.request(t.digest, t.written).await {
             // What an earlier process left is as long as the blob or longer: start over.
-            Err(UpstreamError::Status { status, .. })
-                if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE && t.file.is_none() =>
-            {
+            Err(e) if e.range_not_satisfiable() && t.file.is_none() => {
                 t.restart();
-                self.upstream.blob(t.digest, 0).await?
+                self.request(t.digest, 0).await?
             }
             r => r?,
         };

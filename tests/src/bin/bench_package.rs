@@ -1,7 +1,11 @@
 //! `caravan-bench-package`: pushes and distributes one large package and
 //! prints throughput and peak memory of the CLI (build + push), the
 //! controller (store), the relay and the agent, for 100 MiB and 1 GiB, so
-//! that memory can be seen to stay flat as the package grows.
+//! that memory can be seen to stay flat as the package grows. Each size is
+//! run three ways: the built-in cabinet, an `oci` cabinet in a registry on
+//! loopback (Debian's `docker-registry`, TLS and basic auth) whose layers the
+//! controller fetches, and one whose layers the relay fetches
+//! (`layersFrom: Relays`).
 //!
 //! Run it on release builds: `make bench-package` (or
 //! `cargo build --release --workspace --bins && target/release/caravan-bench-package [MiB ...]`).
@@ -9,11 +13,32 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use caravan_tests::{bin, procs::peak_mib, Caravan};
+use caravan_tests::{bin, procs::peak_mib, registry::Registry, Caravan};
 
 const MIB: u64 = 1 << 20;
 
+/// Where the package is pushed, and who fetches it from there.
+#[derive(Clone, Copy, PartialEq)]
+enum Cabinet {
+    Builtin,
+    /// A registry; the controller fetches the layer.
+    Oci,
+    /// A registry; the relay fetches the layer.
+    OciRelays,
+}
+
+impl Cabinet {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Builtin => "builtin",
+            Self::Oci => "oci",
+            Self::OciRelays => "oci-relays",
+        }
+    }
+}
+
 struct Row {
+    cabinet: Cabinet,
     size_mib: u64,
     push_secs: f64,
     cli_peak: f64,
@@ -23,26 +48,78 @@ struct Row {
     agent_peak: f64,
 }
 
-async fn run(size_mib: u64) -> anyhow::Result<Row> {
+/// An `oci` Cabinet `registry` in `registry`, with the controller's pull
+/// Secret applied and the relays' credentials given.
+async fn oci_cabinet(
+    c: &mut Caravan,
+    registry: &Registry,
+    layers_from: &str,
+) -> anyhow::Result<String> {
+    let secret = c.dir.join("registry-pull.yaml");
+    std::fs::write(
+        &secret,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-pull\n  namespace: {}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
+             stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
+            c.namespace, registry.host, registry.username, registry.password
+        ),
+    )?;
+    c.cluster
+        .kubectl(&["apply", "-f", &secret.display().to_string()])?;
+    let auth = c.dir.join("relay-registry-auth.json");
+    std::fs::write(&auth, registry.docker_config())?;
+    c.relay_args = vec!["--registry-auth-file".into(), auth.display().to_string()];
+    let ca: String = std::fs::read_to_string(&registry.ca_file)?
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    Ok(format!(
+        "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: registry}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: registry-pull\n    layersFrom: {layers_from}\n    caBundle: |\n{ca}",
+        registry.repository("caravan/bench")
+    ))
+}
+
+async fn run(size_mib: u64, cabinet: Cabinet) -> anyhow::Result<Row> {
     let mut c = Caravan::start("bench").await?;
     let repo = c.seed_example_fleet().await?;
     let src = c.dir.join("big");
     std::fs::create_dir_all(&src)?;
     caravan_tests::write_noise(&src.join("data.bin"), size_mib * MIB)?;
     let manifests = repo.work.join("fleet/packages");
+    let registry = match cabinet {
+        Cabinet::Builtin => None,
+        Cabinet::Oci | Cabinet::OciRelays => {
+            let registry = Registry::start(&c.dir.join("registry")).await?;
+            let from = match cabinet {
+                Cabinet::OciRelays => "Relays",
+                _ => "Controller",
+            };
+            let yaml = oci_cabinet(&mut c, &registry, from).await?;
+            repo.write("fleet/registry.yaml", &yaml)?;
+            Some(registry)
+        }
+    };
 
     // Build + push, sampling the CLI's peak memory while it runs.
     let start = Instant::now();
-    let mut cli = std::process::Command::new(bin("caravan")?)
-        .args(["package", "push"])
+    let mut cli = std::process::Command::new(bin("caravan")?);
+    cli.args(["package", "push"])
         .arg(&src)
         .args(["--name", "big", "--version", "1.0.0", "--manifest-dir"])
         .arg(&manifests)
         .env("CARAVAN_SERVER", &c.api_url)
         .env("CARAVAN_UPLOAD_TOKEN", &c.upload_token)
         .env("CARAVAN_CA_FILE", &c.controller_ca_file)
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+        .stdout(std::process::Stdio::null());
+    if let Some(registry) = &registry {
+        cli.args(["--cabinet", "registry", "--registry"])
+            .arg(registry.repository("caravan/bench"))
+            .arg("--registry-ca-file")
+            .arg(&registry.ca_file)
+            .args(["--registry-username", &registry.username])
+            .env("CARAVAN_REGISTRY_PASSWORD", &registry.password);
+    }
+    let mut cli = cli.spawn()?;
     let mut cli_peak: f64 = 0.0;
     let status = loop {
         cli_peak = cli_peak.max(peak_mib(cli.id()));
@@ -68,6 +145,7 @@ async fn run(size_mib: u64) -> anyhow::Result<Row> {
     let installed = std::fs::metadata(c.agents[0].install_root.join("big/data.bin"))?.len();
     anyhow::ensure!(installed == size_mib * MIB, "installed {installed} bytes");
     Ok(Row {
+        cabinet,
         size_mib,
         push_secs,
         cli_peak,
@@ -92,7 +170,8 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("caravan-bench-package: build+push, then distribute to one agent through one relay (binaries in {})", caravan_tests::bin_dir().display());
     println!(
-        "{:>9} | {:>12} {:>12} {:>15} | {:>15} {:>13} {:>13}",
+        "{:>10} {:>9} | {:>12} {:>12} {:>15} | {:>15} {:>13} {:>13}",
+        "cabinet",
         "size MiB",
         "push MiB/s",
         "CLI peak MiB",
@@ -102,33 +181,44 @@ async fn main() -> anyhow::Result<()> {
         "agent pk MiB"
     );
     let mut rows = Vec::new();
-    for size in sizes {
-        let r = run(size)
-            .await
-            .with_context(|| format!("benchmark of {size} MiB"))?;
-        println!(
-            "{:>9} | {:>12.1} {:>12.1} {:>15.1} | {:>15.1} {:>13.1} {:>13.1}",
-            r.size_mib,
-            r.size_mib as f64 / r.push_secs,
-            r.cli_peak,
-            r.controller_peak,
-            r.size_mib as f64 / r.distribute_secs,
-            r.relay_peak,
-            r.agent_peak
-        );
-        rows.push(r);
+    for cabinet in [Cabinet::Builtin, Cabinet::Oci, Cabinet::OciRelays] {
+        for &size in &sizes {
+            let r = run(size, cabinet)
+                .await
+                .with_context(|| format!("benchmark of {size} MiB, {}", cabinet.label()))?;
+            print_row(&r);
+            rows.push(r);
+        }
     }
-    if let [small, .., large] = rows.as_slice() {
-        println!(
-            "peak memory, {} MiB vs {} MiB package ({}x the data): CLI {:.2}x, controller {:.2}x, relay {:.2}x, agent {:.2}x",
-            large.size_mib,
-            small.size_mib,
-            large.size_mib / small.size_mib.max(1),
-            large.cli_peak / small.cli_peak,
-            large.controller_peak / small.controller_peak,
-            large.relay_peak / small.relay_peak,
-            large.agent_peak / small.agent_peak
-        );
+    for cabinet in [Cabinet::Builtin, Cabinet::Oci, Cabinet::OciRelays] {
+        let mine: Vec<_> = rows.iter().filter(|r| r.cabinet == cabinet).collect();
+        if let [small, .., large] = mine.as_slice() {
+            println!(
+                "{}: peak memory, {} MiB vs {} MiB package ({}x the data): CLI {:.2}x, controller {:.2}x, relay {:.2}x, agent {:.2}x",
+                cabinet.label(),
+                large.size_mib,
+                small.size_mib,
+                large.size_mib / small.size_mib.max(1),
+                large.cli_peak / small.cli_peak,
+                large.controller_peak / small.controller_peak,
+                large.relay_peak / small.relay_peak,
+                large.agent_peak / small.agent_peak
+            );
+        }
     }
     Ok(())
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "{:>10} {:>9} | {:>12.1} {:>12.1} {:>15.1} | {:>15.1} {:>13.1} {:>13.1}",
+        r.cabinet.label(),
+        r.size_mib,
+        r.size_mib as f64 / r.push_secs,
+        r.cli_peak,
+        r.controller_peak,
+        r.size_mib as f64 / r.distribute_secs,
+        r.relay_peak,
+        r.agent_peak
+    );
 }

@@ -201,6 +201,7 @@ fn relays_are_sent_to_the_registry_only_for_artifacts_verified_there() {
             digest_of("a", "1"),
             caravan_api::wire::BlobSource {
                 repository: "registry.example.com/caravan/a".into(),
+                size: 10,
                 ca_bundle: Some("PEM".into()),
             }
         )])

@@ -264,6 +264,7 @@ fn relays_prestage_their_jobs_blobs_and_serve_those_of_the_sites_below() {
     let tools = digest_of("tools", "2.0");
     let source = caravan_api::wire::BlobSource {
         repository: "https://registry.example.com/caravan/tools".into(),
+        size: 10,
         ca_bundle: None,
     };
     let sources = HashMap::from([(tools, source.clone())]);
