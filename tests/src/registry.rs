@@ -84,6 +84,41 @@ impl Registry {
         format!("{}/{name}", self.host)
     }
 
+    /// Sets `c` up for an `oci` cabinet in this registry: the controller's
+    /// pull Secret `registry-pull` applied, its relays given the registry's
+    /// credentials. Returns the YAML of Cabinet `name` in `repository`
+    /// whose layers come from `layers_from` (`Controller` or `Relays`).
+    pub fn connect(
+        &self,
+        c: &mut crate::Caravan,
+        name: &str,
+        repository: &str,
+        layers_from: &str,
+    ) -> anyhow::Result<String> {
+        let secret = c.dir.join("registry-pull.yaml");
+        std::fs::write(
+            &secret,
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-pull\n  namespace: {}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
+                 stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
+                c.namespace, self.host, self.username, self.password
+            ),
+        )?;
+        c.cluster
+            .kubectl(&["apply", "-f", &secret.display().to_string()])?;
+        let auth = c.dir.join("relay-registry-auth.json");
+        std::fs::write(&auth, self.docker_config())?;
+        c.relay_args = vec!["--registry-auth-file".into(), auth.display().to_string()];
+        let ca: String = std::fs::read_to_string(&self.ca_file)?
+            .lines()
+            .map(|l| format!("      {l}\n"))
+            .collect();
+        Ok(format!(
+            "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: {name}}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: registry-pull\n    layersFrom: {layers_from}\n    caBundle: |\n{ca}",
+            self.repository(repository)
+        ))
+    }
+
     /// A Docker `config.json` with the registry's credentials.
     pub fn docker_config(&self) -> String {
         use base64::Engine as _;

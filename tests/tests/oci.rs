@@ -466,31 +466,8 @@ async fn relays_fetch_the_layers_from_the_registry_once_per_site() -> anyhow::Re
     let mut c = Caravan::start("oci").await?;
     let repo = c.seed_example_fleet().await?;
     let registry = Registry::start(&c.dir.join("registry")).await?;
-    let ns = c.namespace.clone();
-    let secret = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-pull\n  namespace: {ns}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
-         stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
-        registry.host, registry.username, registry.password
-    );
-    let file = c.dir.join("registry-pull.yaml");
-    std::fs::write(&file, secret)?;
-    c.cluster
-        .kubectl(&["apply", "-f", &file.display().to_string()])?;
-    let auth = c.dir.join("relay-registry-auth.json");
-    std::fs::write(&auth, registry.docker_config())?;
-    c.relay_args = vec!["--registry-auth-file".into(), auth.display().to_string()];
-
-    let ca: String = std::fs::read_to_string(&registry.ca_file)?
-        .lines()
-        .map(|l| format!("      {l}\n"))
-        .collect();
-    repo.write(
-        "fleet/direct.yaml",
-        &format!(
-            "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: direct}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: registry-pull\n    layersFrom: Relays\n    caBundle: |\n{ca}",
-            registry.repository("caravan/direct")
-        ),
-    )?;
+    let cabinet = registry.connect(&mut c, "direct", "caravan/direct", "Relays")?;
+    repo.write("fleet/direct.yaml", &cabinet)?;
     repo.write(
         "fleet/branch.yaml",
         "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec:\n  relay: {replicas: 1}\n",

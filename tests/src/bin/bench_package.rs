@@ -48,37 +48,6 @@ struct Row {
     agent_peak: f64,
 }
 
-/// An `oci` Cabinet `registry` in `registry`, with the controller's pull
-/// Secret applied and the relays' credentials given.
-async fn oci_cabinet(
-    c: &mut Caravan,
-    registry: &Registry,
-    layers_from: &str,
-) -> anyhow::Result<String> {
-    let secret = c.dir.join("registry-pull.yaml");
-    std::fs::write(
-        &secret,
-        format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-pull\n  namespace: {}\n  labels: {{caravan.dev/registry-credentials: \"true\"}}\n\
-             stringData: {{registry: \"{}\", username: {}, password: {}}}\n",
-            c.namespace, registry.host, registry.username, registry.password
-        ),
-    )?;
-    c.cluster
-        .kubectl(&["apply", "-f", &secret.display().to_string()])?;
-    let auth = c.dir.join("relay-registry-auth.json");
-    std::fs::write(&auth, registry.docker_config())?;
-    c.relay_args = vec!["--registry-auth-file".into(), auth.display().to_string()];
-    let ca: String = std::fs::read_to_string(&registry.ca_file)?
-        .lines()
-        .map(|l| format!("      {l}\n"))
-        .collect();
-    Ok(format!(
-        "apiVersion: caravan.dev/v1alpha1\nkind: Cabinet\nmetadata: {{name: registry}}\nspec:\n  store:\n    type: oci\n    repository: {}\n    credentialsSecret: registry-pull\n    layersFrom: {layers_from}\n    caBundle: |\n{ca}",
-        registry.repository("caravan/bench")
-    ))
-}
-
 async fn run(size_mib: u64, cabinet: Cabinet) -> anyhow::Result<Row> {
     let mut c = Caravan::start("bench").await?;
     let repo = c.seed_example_fleet().await?;
@@ -94,7 +63,7 @@ async fn run(size_mib: u64, cabinet: Cabinet) -> anyhow::Result<Row> {
                 Cabinet::OciRelays => "Relays",
                 _ => "Controller",
             };
-            let yaml = oci_cabinet(&mut c, &registry, from).await?;
+            let yaml = registry.connect(&mut c, "registry", "caravan/bench", from)?;
             repo.write("fleet/registry.yaml", &yaml)?;
             Some(registry)
         }
