@@ -28,7 +28,9 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Figures: build and push a 100 MiB and a 1 GiB package, distribute them, and
-# print throughput and peak memory of every process (release builds).
+# print throughput and peak memory of every process (release builds), for the
+# built-in cabinet and an OCI registry on loopback (layers fetched by the
+# controller, or by the relay).
 bench-package: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-package
