@@ -99,8 +99,15 @@ impl Engine {
             Some(((), pulls))
         })
         .boxed();
+        // The registries of oci cabinets are probed again now and then.
+        let probes = stream::unfold((), |()| async {
+            tokio::time::sleep(crate::cabinet::pull::PROBE_EVERY).await;
+            Some(((), ()))
+        })
+        .boxed();
         let mut streams: Vec<stream::BoxStream<'_, ()>> = writers.watch(&self.ctx);
         streams.push(fetched);
+        streams.push(probes);
         let mut changes = stream::select_all(streams);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut retry_at: Option<Instant> = None;
@@ -179,6 +186,7 @@ impl Engine {
             tracing::warn!(error = %e, "the ledger of published packages was not written");
         }
         let artifacts = self.survey(&packages, &cabinets).await;
+        let unreachable = self.probe(&cabinets);
         let now = chrono::Utc::now();
         let out = index::compute(&index::Inputs {
             now,
@@ -188,6 +196,7 @@ impl Engine {
             packages: &packages,
             cabinets: &cabinets,
             artifacts: &artifacts,
+            unreachable: &unreachable,
         });
         self.ctx.metrics.recomputes.inc();
         self.ctx.metrics.agents.set(agents.len() as i64);
@@ -264,6 +273,26 @@ impl Engine {
             }
         }
         failed
+    }
+
+    /// Why the registries of `oci` cabinets cannot be used, as their last
+    /// probes found (probing those due).
+    fn probe(&self, cabinets: &[Arc<Cabinet>]) -> index::status::Unreachable {
+        cabinets
+            .iter()
+            .filter(|c| c.spec.store.type_ == StoreType::Oci)
+            .filter_map(|c| {
+                let source = OciSource {
+                    namespace: c.namespace().unwrap_or_default(),
+                    store: c.spec.store.clone(),
+                    package: String::new(),
+                    version: String::new(),
+                    manifest: None,
+                };
+                let why = self.pulls.unreachable(&c.name_any(), source)?;
+                Some((index::key_of(c.as_ref()), why))
+            })
+            .collect()
     }
 
     /// Where each package's artifact stands in the store; asks for the

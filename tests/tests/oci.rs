@@ -85,6 +85,11 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
         "fleet/borrowed.yaml",
         &cabinet("borrowed", "caravan/borrowed", "registry-other"),
     )?;
+    // No package in it yet: its registry is asked all the same.
+    repo.write(
+        "fleet/idle.yaml",
+        &cabinet("idle", "caravan/idle", "registry-wrong"),
+    )?;
 
     let manifests = repo.work.join("fleet/packages");
     let outside = c.dir.join("unpublished");
@@ -291,6 +296,16 @@ async fn packages_in_an_oci_registry_are_pinned_verified_and_installed() -> anyh
     assert_eq!(status, "False");
     assert!(
         message.contains("the registry refused the credentials (401 Unauthorized)"),
+        "{message}"
+    );
+    let (_, message) = wait_for("cabinet idle to say why", T, || async {
+        let r = condition_of("idle").await?;
+        Ok((r.0 == "False").then_some(r))
+    })
+    .await?;
+    assert!(
+        message.contains("0 of 0 artifacts")
+            && message.contains("the registry refused the credentials (401 Unauthorized)"),
         "{message}"
     );
     let (_, message) = wait_for("cabinet elsewhere to say why", T, || async {

@@ -78,6 +78,19 @@ impl Source {
     }
 }
 
+/// An `oci` cabinet's registry is asked this often whether it answers and
+/// takes the cabinet's credentials (even with no package to fetch).
+pub const PROBE_EVERY: Duration = Duration::from_secs(300);
+
+/// The probes of a cabinet's registry: whether one runs, when the last
+/// ended, and what it found wrong.
+#[derive(Default)]
+struct Probe {
+    running: bool,
+    ended: Option<Instant>,
+    error: Option<String>,
+}
+
 /// The fetches from `http` and `oci` cabinets, owned by the engine.
 pub struct Pulls {
     blobs: Arc<BlobStore>,
@@ -87,6 +100,8 @@ pub struct Pulls {
     /// For the Events on Packages whose tag moved.
     recorder: Recorder,
     pulls: Arc<Mutex<HashMap<Digest, Pull>>>,
+    /// By cabinet and what it says of its registry.
+    probes: Arc<Mutex<HashMap<String, Probe>>>,
     done: Arc<Notify>,
 }
 
@@ -103,6 +118,7 @@ impl Pulls {
             kube,
             recorder,
             pulls: Default::default(),
+            probes: Default::default(),
             done: Default::default(),
         }
     }
@@ -205,6 +221,42 @@ impl Pulls {
             Some(size) => ArtifactState::InRegistry(size),
             None => ArtifactState::Fetching,
         }
+    }
+
+    /// Why the registry of the `oci` cabinet `source` (no package) cannot
+    /// be used, as its last probe found; probes it again every
+    /// [`PROBE_EVERY`] (at once when the cabinet's registry, Secret or CA
+    /// changed), the engine woken with the answer.
+    pub fn unreachable(&self, cabinet: &str, source: OciSource) -> Option<String> {
+        let prefix = format!("{}/{cabinet}|", source.namespace);
+        let key = format!(
+            "{prefix}{:?}|{:?}|{:?}",
+            source.store.repository, source.store.credentials_secret, source.store.ca_bundle
+        );
+        let mut probes = self.probes.lock().expect("lock poisoned");
+        // What was found of the cabinet as it was before goes.
+        probes.retain(|k, _| !k.starts_with(&prefix) || *k == key);
+        let probe = probes.entry(key.clone()).or_default();
+        let due = !probe.running && probe.ended.is_none_or(|t| t.elapsed() > PROBE_EVERY);
+        if due {
+            probe.running = true;
+            let (kube, all, done) = (self.kube.clone(), self.probes.clone(), self.done.clone());
+            tokio::spawn(async move {
+                let result = source.probe(&kube).await;
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "cabinet registry probe failed");
+                }
+                if let Some(p) = all.lock().expect("lock poisoned").get_mut(&key) {
+                    *p = Probe {
+                        running: false,
+                        ended: Some(Instant::now()),
+                        error: result.err(),
+                    };
+                }
+                done.notify_one();
+            });
+        }
+        probe.error.clone()
     }
 
     /// Resolves when a fetch has finished since the last call.

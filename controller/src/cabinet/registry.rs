@@ -91,6 +91,18 @@ impl OciSource {
         Ok(Fetched { size, tag_moved })
     }
 
+    /// Whether the registry answers and takes the cabinet's credentials:
+    /// asks for a tag in the cabinet's repository (that it is not there is
+    /// an answer). For a source with no `package`.
+    pub async fn probe(&self, kube: &kube::Client) -> Result<(), String> {
+        let registry = self.registry(kube).await?;
+        registry
+            .tag("caravan-probe")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// The cabinet's registry, signed in with its credentials, if any.
     async fn registry(&self, kube: &kube::Client) -> Result<Registry, String> {
         let repo: Repository = self
@@ -98,8 +110,12 @@ impl OciSource {
             .repository
             .as_deref()
             .ok_or("an oci cabinet names no store.repository")?
-            .parse::<Repository>()?
-            .package(&self.package)?;
+            .parse::<Repository>()?;
+        // The cabinet's own repository for a probe; a package's below it.
+        let repo = match self.package.as_str() {
+            "" => repo,
+            name => repo.package(name)?,
+        };
         let ca = self
             .store
             .ca_bundle

@@ -64,6 +64,8 @@ pub struct Inputs<'a> {
     pub cabinets: &'a [Arc<Cabinet>],
     /// Where each package's artifact stands in the store.
     pub artifacts: &'a Artifacts,
+    /// Why the registries of `oci` cabinets cannot be used, where they cannot.
+    pub unreachable: &'a status::Unreachable,
     /// The time to compute for (schedules, deadlines).
     pub now: Now,
 }
@@ -85,6 +87,7 @@ pub fn compute(inputs: &Inputs) -> Outputs {
         packages,
         cabinets,
         artifacts,
+        unreachable,
         now,
     } = *inputs;
     let mut plan = Plan::compute(sites, agents, jobs, packages, cabinets, now);
@@ -111,7 +114,10 @@ pub fn compute(inputs: &Inputs) -> Outputs {
             .collect(),
         cabinets: cabinets
             .iter()
-            .map(|c| (c.clone(), status::cabinet_status(c, packages, artifacts)))
+            .map(|c| {
+                let st = status::cabinet_status(c, packages, artifacts, unreachable);
+                (c.clone(), st)
+            })
             .collect(),
     }
 }

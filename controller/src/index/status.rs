@@ -436,6 +436,10 @@ pub enum ArtifactState {
     InRegistry(u64),
 }
 
+/// Why the registry of an `oci` cabinet cannot be used, by cabinet (as its
+/// last probe found).
+pub type Unreachable = HashMap<ObjectKey, String>;
+
 /// Where each package's artifact stands, by package (two packages of one
 /// digest in different cabinets stand apart: one may be fetched, the other pushed).
 pub type Artifacts = HashMap<ObjectKey, ArtifactState>;
@@ -582,6 +586,7 @@ pub fn cabinet_status(
     c: &Cabinet,
     packages: &[Arc<Package>],
     artifacts: &Artifacts,
+    unreachable: &Unreachable,
 ) -> CabinetStatus {
     let generation = c.meta().generation;
     let mine: Vec<_> = packages
@@ -612,10 +617,15 @@ pub fn cabinet_status(
                     )
                 })
                 .count();
-            let failed = mine.iter().find_map(|p| match state(p) {
-                Some(ArtifactState::FetchFailed(m)) => Some(m),
-                _ => None,
-            });
+            // The registry refusing or away comes first; then a fetch that failed.
+            let failed = unreachable
+                .get(&key_of(c))
+                .into_iter()
+                .chain(mine.iter().filter_map(|p| match state(p) {
+                    Some(ArtifactState::FetchFailed(m)) => Some(m),
+                    _ => None,
+                }))
+                .next();
             let counts = match store.layers_from {
                 LayersFrom::Controller => {
                     format!("{fetched} of {} artifacts fetched and verified", mine.len())

@@ -22,7 +22,7 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
         (key("a-1"), ArtifactState::Stored(10)),
         (key("b-1"), ArtifactState::Fetching),
     ]);
-    let st = cabinet_status(&http, &packages, &artifacts);
+    let st = cabinet_status(&http, &packages, &artifacts, &HashMap::new());
     let ready = condition(&st.conditions, conditions::READY);
     assert_eq!(ready.status, "True");
     assert_eq!(
@@ -36,7 +36,7 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
             "fetching https://files.example.com/pkgs/sha256/…: 404 Not Found".into(),
         ),
     );
-    let st = cabinet_status(&http, &packages, &artifacts);
+    let st = cabinet_status(&http, &packages, &artifacts, &HashMap::new());
     let ready = condition(&st.conditions, conditions::READY);
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
@@ -44,7 +44,7 @@ fn an_http_cabinet_is_ready_only_while_its_artifacts_can_be_fetched() {
     );
     assert!(ready.message.contains("404 Not Found"), "{}", ready.message);
     assert_eq!((st.packages, st.bytes), (2, 20));
-    let builtin = cabinet_status(&cabinet("main"), &packages, &artifacts);
+    let builtin = cabinet_status(&cabinet("main"), &packages, &artifacts, &HashMap::new());
     assert_eq!(
         builtin.packages, 0,
         "packages of other cabinets do not count"
@@ -215,7 +215,7 @@ fn relays_are_sent_to_the_registry_only_for_artifacts_verified_there() {
         "{}",
         ready.message
     );
-    let st = cabinet_status(&cabinets[0], &packages, &artifacts);
+    let st = cabinet_status(&cabinets[0], &packages, &artifacts, &HashMap::new());
     let ready = condition(&st.conditions, conditions::READY);
     assert!(
         ready
@@ -223,5 +223,31 @@ fn relays_are_sent_to_the_registry_only_for_artifacts_verified_there() {
             .contains("1 of 2 artifacts verified in the registry (relays fetch the layers)"),
         "{}",
         ready.message
+    );
+}
+
+#[test]
+fn an_oci_cabinet_whose_registry_refuses_it_is_not_ready_with_no_package_to_fetch() {
+    let mut idle = cabinet("idle");
+    idle.spec.store = CabinetStore {
+        type_: StoreType::Oci,
+        repository: Some("registry.example.com/caravan".into()),
+        ..Default::default()
+    };
+    let fine = cabinet_status(&idle, &[], &HashMap::new(), &HashMap::new());
+    assert_eq!(
+        condition(&fine.conditions, conditions::READY).status,
+        "True"
+    );
+    let refused =
+        "registry.example.com/caravan: the registry refused the credentials (401 Unauthorized)";
+    let unreachable = HashMap::from([(key("idle"), refused.to_string())]);
+    let st = cabinet_status(&idle, &[], &HashMap::new(), &unreachable);
+    let ready = condition(&st.conditions, conditions::READY);
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, reasons::ARTIFACT_UNAVAILABLE);
+    assert_eq!(
+        ready.message,
+        format!("oci store registry.example.com/caravan: 0 of 0 artifacts fetched and verified; {refused}")
     );
 }

@@ -324,6 +324,7 @@ fn the_index_gives_every_site_a_document_and_every_object_a_status() {
         packages: &packages,
         cabinets: &cabinets,
         artifacts: &artifacts,
+        unreachable: &HashMap::new(),
     });
     assert_eq!(out.desired.len(), 2);
     let empty = &out.desired[&key("empty")];
