@@ -237,7 +237,12 @@ impl Pulls {
         // What was found of the cabinet as it was before goes.
         probes.retain(|k, _| !k.starts_with(&prefix) || *k == key);
         let probe = probes.entry(key.clone()).or_default();
-        let due = !probe.running && probe.ended.is_none_or(|t| t.elapsed() > PROBE_EVERY);
+        // (A little early rather than a whole period late: the engine's
+        // wake-ups come every PROBE_EVERY.)
+        let due = !probe.running
+            && probe
+                .ended
+                .is_none_or(|t| t.elapsed() + Duration::from_secs(30) > PROBE_EVERY);
         if due {
             probe.running = true;
             let (kube, all, done) = (self.kube.clone(), self.probes.clone(), self.done.clone());
