@@ -101,4 +101,61 @@ mod tests {
             "crds/ holds a file no type produces"
         );
     }
+
+    /// `kubectl explain` has something to say of every field: each has a
+    /// type and a description.
+    #[test]
+    fn every_crd_field_has_a_type_and_a_description() {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+            JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+        };
+        fn walk(schema: &JSONSchemaProps, path: &str, missing: &mut Vec<String>) {
+            for (name, field) in schema.properties.iter().flatten() {
+                let here = format!("{path}.{name}");
+                if field.description.as_deref().is_none_or(str::is_empty) {
+                    missing.push(format!("{here}: no description"));
+                }
+                let typed = field.type_.is_some()
+                    || field.x_kubernetes_int_or_string == Some(true)
+                    || field.x_kubernetes_preserve_unknown_fields == Some(true)
+                    || field.any_of.is_some()
+                    || field.one_of.is_some();
+                if !typed {
+                    missing.push(format!("{here}: no type"));
+                }
+                walk(field, &here, missing);
+            }
+            match &schema.items {
+                Some(JSONSchemaPropsOrArray::Schema(items)) => {
+                    walk(items, &format!("{path}[]"), missing)
+                }
+                Some(JSONSchemaPropsOrArray::Schemas(all)) => all
+                    .iter()
+                    .for_each(|s| walk(s, &format!("{path}[]"), missing)),
+                None => {}
+            }
+            if let Some(JSONSchemaPropsOrBool::Schema(values)) = &schema.additional_properties {
+                walk(values, &format!("{path}{{}}"), missing);
+            }
+            for sub in schema.any_of.iter().chain(&schema.one_of).flatten() {
+                walk(sub, path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        for crd in crate::v1alpha1::crds() {
+            for version in &crd.spec.versions {
+                let schema = version
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.open_api_v3_schema.as_ref());
+                walk(schema.unwrap(), &crd.spec.names.kind, &mut missing);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "{} fields:\n{}",
+            missing.len(),
+            missing.join("\n")
+        );
+    }
 }

@@ -408,8 +408,11 @@ pub struct EnrollResponse {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstalledPackage {
+    /// The package's name.
     pub name: String,
+    /// Its version.
     pub version: String,
+    /// The digest of the artifact installed.
     pub digest: Digest,
     /// Found present by the package's detection rules, not installed by
     /// Caravan (which will not remove it).
@@ -450,12 +453,16 @@ pub enum AssignmentPhase {
 pub struct JobState {
     /// `<namespace>/<job name>`.
     pub job: String,
+    /// The package the assignment is about.
     pub package: String,
     /// Digest of the artifact this state is about; state for another digest
     /// (an older version) does not count for the job.
     pub digest: Digest,
+    /// What the job asks: install or uninstall.
     pub action: JobAction,
+    /// Where it stands on the endpoint.
     pub phase: AssignmentPhase,
+    /// What happened last, in words (an error names its cause).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// RFC 3339 time of the last transition.
@@ -543,9 +550,11 @@ pub const MAX_DRIFT_REPORTED: usize = 50;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Drift {
+    /// The package whose files changed.
     pub package: String,
     /// Path inside the package.
     pub path: String,
+    /// How the file changed: modified, missing, or its mode.
     pub change: DriftChange,
 }
 
@@ -569,7 +578,9 @@ pub struct RelayStats {
     pub upstream_bytes: u64,
     /// Bytes served to agents and child relays since the relay started.
     pub served_bytes: u64,
+    /// Requests the cache answered since the relay started.
     pub cache_hits: u64,
+    /// Requests that had to be fetched upstream since the relay started.
     pub cache_misses: u64,
 }
 

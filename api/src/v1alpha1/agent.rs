@@ -30,6 +30,7 @@ pub struct AgentSpec {
     pub site: String,
     /// Stable host identity, kept in the agent's state directory.
     pub host_id: String,
+    /// The endpoint's host name, as it enrolled.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hostname: String,
     /// Only approved agents are served: one that is not (a new agent of a
@@ -57,21 +58,26 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// What the agent last reported, and what the controller found of it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
     /// Agent software version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Operating system (`linux`, `windows`, `macos`), as reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os: Option<String>,
+    /// CPU architecture (`x86_64`, `aarch64`), as reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
     /// Last report received (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
+    /// How many packages are installed (or found present).
     #[serde(default)]
     pub installed_count: u32,
+    /// The packages installed (or found present), as last reported.
     #[serde(default)]
     pub installed: Vec<InstalledPackage>,
     /// State of each job assignment, as last reported.
@@ -91,6 +97,7 @@ pub struct AgentStatus {
     /// older or equal one is refused as a replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_sequence: Option<u64>,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

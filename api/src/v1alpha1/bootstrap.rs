@@ -51,6 +51,7 @@ pub struct BootstrapTokenSpec {
     pub description: String,
 }
 
+/// How the token has been used.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootstrapTokenStatus {

@@ -141,9 +141,11 @@ pub enum StoreType {
     Oci,
 }
 
+/// What the cabinet holds and whether its store works.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CabinetStatus {
+    /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Packages stored in this cabinet.
@@ -152,6 +154,7 @@ pub struct CabinetStatus {
     /// Total size of their artifacts.
     #[serde(default)]
     pub bytes: u64,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -72,9 +72,11 @@ fn default_true() -> bool {
     true
 }
 
+/// What was last fetched and applied from the repository.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GitSourceStatus {
+    /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Commit whose manifests are applied now.
@@ -89,6 +91,7 @@ pub struct GitSourceStatus {
     /// Problems found in the last attempted revision, one per file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<ManifestError>,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -138,7 +138,9 @@ pub struct Retry {
 /// A package by name, at one version or (without `version`) the highest one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct PackageRef {
+    /// The package's name (`spec.name` of its Packages).
     pub name: String,
+    /// The version to install; without it, the highest the cluster has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
 }
@@ -190,6 +192,7 @@ pub enum JobAction {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destinations {
+    /// Sites whose agents get the job (with `includeLower`, the sites below too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SiteDestination>,
     /// Agents whose labels match this label selector (`matchLabels`, and
@@ -221,6 +224,7 @@ pub struct Exclusions {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteDestination {
+    /// The Site's name.
     pub name: String,
     /// Also every site below this one, recursively.
     #[serde(default)]
@@ -248,19 +252,24 @@ pub enum JobPhase {
     Paused,
 }
 
+/// Where the job stands at every destination.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DistributionJobStatus {
+    /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where the job stands as a whole: Pending, Progressing, Paused, Succeeded, Failed, Conflict, Expired…
     #[serde(default)]
     pub phase: JobPhase,
     /// `succeeded/applicable`, for `kubectl get` (destinations NotApplicable
     /// left out).
     #[serde(default)]
     pub progress: String,
+    /// Destinations: agents the job is aimed at.
     #[serde(default)]
     pub total: u32,
+    /// Destinations with every package of the job as it asks.
     #[serde(default)]
     pub succeeded: u32,
     /// Destinations whose install failed, whether or not it is tried again.
@@ -271,6 +280,7 @@ pub struct DistributionJobStatus {
     /// stay failed until the job is re-run (`spec.retry`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retrying: u32,
+    /// Destinations not done yet (waiting, downloading, installing, deferred).
     #[serde(default)]
     pub pending: u32,
     /// Destinations the job's packages are not for (their `os`/`arch`
@@ -316,6 +326,7 @@ pub struct DistributionJobStatus {
     /// many fail.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<DestinationFailure>,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
@@ -323,17 +334,26 @@ pub struct DistributionJobStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteRollup {
+    /// The site's name.
     pub site: String,
+    /// Destinations at this site.
     pub total: u32,
+    /// Of them, those done.
     pub succeeded: u32,
+    /// Of them, those that failed.
     pub failed: u32,
+    /// Of them, those not done yet.
     pub pending: u32,
+    /// Of them, those the packages are not for.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_applicable: u32,
+    /// Of them, those another job takes precedence at.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub conflict: u32,
+    /// Of them, those not done by the deadline.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expired: u32,
+    /// Of them, those offered an optional package not chosen.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub available: u32,
 }
@@ -350,9 +370,13 @@ pub const MAX_FAILURE_REASON_BYTES: usize = 512;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationFailure {
+    /// The Agent's name.
     pub agent: String,
+    /// Its site.
     pub site: String,
+    /// The package that failed there.
     pub package: String,
+    /// Why, as the agent reported it (cut at 512 bytes).
     pub reason: String,
     /// When the agent tries again (RFC 3339); none: it gave up.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -37,6 +37,7 @@ pub struct PackageSpec {
     /// (`caravan package sign`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<crate::signing::PackageSignature>,
+    /// What the package is, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
@@ -256,14 +257,17 @@ pub struct Requirements {
     pub min_free_disk_bytes: Option<u64>,
 }
 
+/// Whether the artifact is there, verified, and signed as its cabinet requires.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PackageStatus {
+    /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The artifact is present in its cabinet with the declared digest and size.
     #[serde(default)]
     pub artifact_available: bool,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

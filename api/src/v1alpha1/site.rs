@@ -24,8 +24,10 @@ pub struct SiteSpec {
     /// The site above this one, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The relay the controller runs for the site (a Deployment and Service named `<site>-relay`).
     #[serde(default)]
     pub relay: RelaySpec,
+    /// How agents join the site.
     #[serde(default)]
     pub enrollment: EnrollmentSpec,
 }
@@ -33,6 +35,7 @@ pub struct SiteSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RelaySpec {
+    /// Relay pods (default 1).
     #[serde(default = "one")]
     pub replicas: i32,
     /// Relay image; the controller's default when empty. Only images the
@@ -83,9 +86,11 @@ pub struct EnrollmentSpec {
     pub require_approval: bool,
 }
 
+/// The site's agents and its relay, as the controller last saw them.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteStatus {
+    /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Agents enrolled at this site.
@@ -106,6 +111,7 @@ pub struct SiteStatus {
     /// pin (`--trust-root-sha256`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_root_sha256: Option<String>,
+    /// The latest observations of the object's state (`Ready`, and the kind's own).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }
