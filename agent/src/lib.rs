@@ -43,6 +43,8 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: caravan_net::args::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]

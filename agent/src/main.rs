@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let cli = caravan_agent::Cli::parse();
-    caravan_net::init_logging(false);
+    cli.log.init();
     match caravan_agent::main(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

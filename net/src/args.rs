@@ -53,8 +53,9 @@ impl<const PORT: u16> ServeArgs<PORT> {
 /// How a binary logs.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LogArgs {
-    /// Log as JSON lines.
-    #[arg(long, env = "CARAVAN_LOG_JSON")]
+    /// Log as JSON lines (one object per event: timestamp, level, fields,
+    /// target), for log collectors.
+    #[arg(long, global = true, env = "CARAVAN_LOG_JSON")]
     pub log_json: bool,
 }
 
