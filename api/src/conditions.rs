@@ -34,6 +34,15 @@ pub mod reasons {
     pub const PROGRESSING: &str = "Progressing";
     pub const INVALID_MANIFEST: &str = "InvalidManifest";
     pub const FETCH_FAILED: &str = "FetchFailed";
+    /// The Git host refused the GitSource's credentials, asked for some its
+    /// Secret lacks, or the Secret cannot be used.
+    pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";
+    /// The Git host's certificate or SSH host key is not trusted.
+    pub const HOST_NOT_TRUSTED: &str = "HostNotTrusted";
+    /// A GitSource's `ref` is not a valid branch, tag, range or commit.
+    pub const INVALID_REF: &str = "InvalidRef";
+    /// The branch, tag, range or commit is not in the repository.
+    pub const REVISION_NOT_FOUND: &str = "RevisionNotFound";
     /// A GitSource names a repository it may not (see `--allow-local-git-under`).
     pub const URL_NOT_ALLOWED: &str = "URLNotAllowed";
     pub const APPLY_FAILED: &str = "ApplyFailed";

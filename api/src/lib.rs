@@ -43,6 +43,9 @@ pub mod labels {
     /// Label (value `"true"`) a Secret must carry for the controller to read
     /// it as an `oci` cabinet's registry credentials.
     pub const REGISTRY_CREDENTIALS: &str = "caravan.dev/registry-credentials";
+    /// Label (value `"true"`) a Secret must carry for the controller to read
+    /// it as a GitSource's credentials or signing keys.
+    pub const GIT_CREDENTIALS: &str = "caravan.dev/git-credentials";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

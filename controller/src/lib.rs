@@ -113,6 +113,10 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allow_local_git_under: Vec<PathBuf>,
+    /// Most bytes one Git fetch may receive; a larger repository fails to
+    /// sync with a message saying so.
+    #[arg(long, env = "CARAVAN_GIT_FETCH_LIMIT_BYTES", default_value_t = 256 << 20)]
+    pub git_fetch_limit_bytes: u64,
     /// CA certificate (PEM) relays use to verify the certificate of
     /// `--tls-cert-file`; handed to every relay through its Secret. Without a
     /// certificate file, relays are given the controller's own CA.

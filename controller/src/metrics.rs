@@ -11,6 +11,9 @@ use prometheus_client::{
 pub enum SyncResult {
     /// The revision was applied.
     Applied,
+    /// Neither the revision nor the objects in the cluster changed: nothing
+    /// was applied.
+    Unchanged,
     /// The revision was refused (invalid manifests, or the API server refused them).
     Refused,
     /// The repository could not be fetched.
@@ -18,12 +21,18 @@ pub enum SyncResult {
 }
 
 impl SyncResult {
-    pub const ALL: [Self; 3] = [Self::Applied, Self::Refused, Self::FetchFailed];
+    pub const ALL: [Self; 4] = [
+        Self::Applied,
+        Self::Unchanged,
+        Self::Refused,
+        Self::FetchFailed,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Applied => "applied",
+            Self::Unchanged => "unchanged",
             Self::Refused => "refused",
             Self::FetchFailed => "fetch_failed",
         }

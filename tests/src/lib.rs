@@ -20,6 +20,7 @@ pub mod caravan;
 pub mod cluster;
 pub mod fixtures;
 pub mod git;
+pub mod githost;
 pub mod helm;
 pub mod procs;
 pub mod registry;

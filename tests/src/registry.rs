@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 
-use crate::{fixtures::TestTls, free_port, procs::Proc, wait_for};
+use crate::{fixtures::TestTls, free_port, procs::Proc};
 
 pub struct Registry {
     /// `127.0.0.1:PORT`.
@@ -54,21 +54,10 @@ impl Registry {
         let http = caravan_net::client(Some(&tls.ca), Duration::from_secs(10))?;
         let url = format!("https://{host}/v2/");
         // Up once it asks for credentials.
-        wait_for(
-            "the registry to answer",
-            Duration::from_secs(30),
-            || async {
-                Ok(http
-                    .get(&url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == reqwest::StatusCode::UNAUTHORIZED)
-                    .map(|_| ()))
-            },
-        )
-        .await
-        .map_err(|e| e.context(proc.log_tail(30)))?;
+        crate::waits::wait_http(&http, &url, &proc, |s| {
+            s == reqwest::StatusCode::UNAUTHORIZED
+        })
+        .await?;
         Ok(Self {
             host,
             ca_file: tls.ca,

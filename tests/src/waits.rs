@@ -33,6 +33,17 @@ where
 
 /// Waits until `url` answers 2xx; on time-out, shows the process's log.
 pub async fn wait_http_ok(client: &reqwest::Client, url: &str, proc: &Proc) -> anyhow::Result<()> {
+    wait_http(client, url, proc, |s| s.is_success()).await
+}
+
+/// Waits until `url` answers with a status `wanted` takes (a server that
+/// asks for credentials: `401`); on time-out, shows the process's log.
+pub async fn wait_http(
+    client: &reqwest::Client,
+    url: &str,
+    proc: &Proc,
+    wanted: impl Fn(reqwest::StatusCode) -> bool,
+) -> anyhow::Result<()> {
     wait_for(
         &format!("{url} to answer"),
         Duration::from_secs(60),
@@ -42,7 +53,7 @@ pub async fn wait_http_ok(client: &reqwest::Client, url: &str, proc: &Proc) -> a
                 .send()
                 .await
                 .ok()
-                .filter(|r| r.status().is_success())
+                .filter(|r| wanted(r.status()))
                 .map(|_| ()))
         },
     )

@@ -58,9 +58,19 @@ fn api(ctx: &Context, ns: &str, kind: Kind) -> Api<DynamicObject> {
     Api::namespaced_with(ctx.client.clone(), ns, &kind.resource())
 }
 
-/// Dry-runs every object, then applies them all.
-pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<(), Refusal> {
+/// An object as applied: what tells whether someone changed it since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub kind: Kind,
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+}
+
+/// Dry-runs every object, then applies them all; returns them as applied.
+pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<Vec<Stamp>, Refusal> {
     let params = PatchParams::apply(field_managers::APPLY).force();
+    let mut stamps = vec![];
     for dry_run in [true, false] {
         let params = if dry_run {
             params.clone().dry_run()
@@ -69,17 +79,27 @@ pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<(),
         };
         let mut refusal = Refusal::default();
         for m in declared {
-            if let Err(e) = api(ctx, ns, m.kind)
+            match api(ctx, ns, m.kind)
                 .patch(&m.name, &params, &Patch::Apply(&m.object))
                 .await
             {
-                let message = format!("{} {:?}: {}", m.kind.name(), m.name, api_error_message(&e));
-                refusal.add(&m.file, message, &e);
+                Ok(applied) if !dry_run => stamps.push(Stamp {
+                    kind: m.kind,
+                    name: m.name.clone(),
+                    uid: applied.metadata.uid.unwrap_or_default(),
+                    generation: applied.metadata.generation.unwrap_or_default(),
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    let message =
+                        format!("{} {:?}: {}", m.kind.name(), m.name, api_error_message(&e));
+                    refusal.add(&m.file, message, &e);
+                }
             }
         }
         refusal.into_result()?;
     }
-    Ok(())
+    Ok(stamps)
 }
 
 /// Deletes what source `source` applied earlier and `declared` no longer holds.

@@ -1,12 +1,25 @@
 //! Fetching a GitSource's repository with git2 into a bare repository of its
 //! own under the data directory, and reading the manifest files of the
-//! revision to apply.
+//! revision to apply. Credentials go only to the host of `url`; SSH hosts
+//! must be in `known_hosts`, HTTPS hosts must have a certificate from the
+//! system's roots or the Secret's `ca.crt`; a fetch is bounded in time and
+//! bytes, and shallow where the transport allows.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-use caravan_api::v1alpha1::GitSourceSpec;
+use caravan_api::{
+    conditions::reasons,
+    v1alpha1::{GitRef, GitSourceSpec},
+};
 
-use crate::error::Error;
+use super::{
+    access::{self, Access, Remote},
+    signature,
+};
+use crate::error::{Error, ErrorClass};
 
 /// Manifest files of a revision: path relative to the repository root, contents.
 pub type Files = Vec<(String, Vec<u8>)>;
@@ -59,36 +72,399 @@ pub fn check_url(url: &str, local_roots: &[PathBuf]) -> Result<(), String> {
     ))
 }
 
-/// Fetches the source and returns the commit id and every `*.yaml`/`*.yml` file
-/// under its path (paths relative to the repository root).
-pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Files), Error> {
+/// What a fetch found: the commit to apply, the ref it was found at
+/// (`branch main`, `tag v1.4.0`…) and its manifest files.
+pub struct Fetched {
+    pub commit: String,
+    pub found_at: String,
+    pub files: Files,
+}
+
+/// Why a fetch found nothing to apply.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub message: String,
+    /// Whether trying again soon may help (a network error), or only a
+    /// change in Git or in the Secret can.
+    pub class: ErrorClass,
+}
+
+impl Refused {
+    fn stalled(reason: &'static str, message: String) -> Self {
+        Self {
+            reason,
+            message,
+            class: ErrorClass::Stalled,
+        }
+    }
+}
+
+/// Bounds on one fetch.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub timeout: Duration,
+    /// Most bytes of objects a fetch may receive.
+    pub max_bytes: u64,
+}
+
+/// libgit2's socket timeouts are process-wide: a host that stops answering
+/// fails the fetch instead of holding its thread forever.
+fn set_socket_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: libgit2's global options are written once, through this
+        // `Once`, which every fetch passes before it touches libgit2, and
+        // nothing else in the controller uses libgit2.
+        #[allow(unsafe_code)]
+        let set = unsafe {
+            git2::opts::set_server_connect_timeout_in_milliseconds(15_000)
+                .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(30_000))
+        };
+        if let Err(e) = set {
+            tracing::warn!(error = %e, "git socket timeouts not set");
+        }
+    });
+}
+
+/// What the callbacks saw, to tell why libgit2 gave up.
+#[derive(Default)]
+struct Seen {
+    /// The host refused the credentials given (or asked for some there are not).
+    credentials: Option<String>,
+    /// The host's certificate or key is not trusted.
+    untrusted: Option<String>,
+    /// A limit was passed.
+    limit: Option<String>,
+}
+
+/// Fetches the revision `spec.ref` names into the bare repository `dir`,
+/// checks its signature when `signers` are given, and reads every
+/// `*.yaml`/`*.yml` file under `spec.path` (paths relative to the
+/// repository root).
+pub fn fetch(
+    dir: &Path,
+    spec: &GitSourceSpec,
+    access: &Access,
+    signers: &[ssh_key::PublicKey],
+    limits: Limits,
+) -> Result<Fetched, Refused> {
+    set_socket_timeouts();
+    let io = |e: Error| Refused {
+        reason: reasons::FETCH_FAILED,
+        message: e.to_string(),
+        class: ErrorClass::Transient,
+    };
     let repo = match git2::Repository::open_bare(dir) {
         Ok(r) => r,
         Err(_) => {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            git2::Repository::init_bare(dir)?
+            std::fs::create_dir_all(dir).map_err(|e| io(Error::io(dir, e)))?;
+            git2::Repository::init_bare(dir).map_err(|e| io(e.into()))?
         }
     };
-    let local_ref = format!("refs/caravan/{}", spec.branch);
-    let refspec = format!("+refs/heads/{}:{local_ref}", spec.branch);
-    let mut remote = repo.remote_anonymous(&spec.url)?;
-    remote
-        .fetch(&[&refspec], None, None)
-        .map_err(|source| Error::GitFetch {
-            url: spec.url.clone(),
-            source,
-        })?;
-    let commit = match &spec.commit {
-        Some(c) => repo.revparse_single(c)?.peel_to_commit()?,
-        None => repo.find_reference(&local_ref)?.peel_to_commit()?,
-    };
+    let wanted = Wanted::of(&spec.reference)?;
+    let remote_at = Remote::parse(&spec.url);
+    let seen = std::cell::RefCell::new(Seen::default());
+    let mut options = git2::FetchOptions::new();
+    options
+        .remote_callbacks(callbacks(remote_at.as_ref(), access, &seen, limits))
+        .download_tags(git2::AutotagOption::None)
+        .prune(git2::FetchPrune::On)
+        .proxy_options({
+            let mut p = git2::ProxyOptions::new();
+            p.auto();
+            p
+        });
+    // Only the tip is needed, except to find a pinned commit on its branch.
+    // (libgit2 cannot fetch shallow from a local repository.)
+    if remote_at.is_some() && spec.reference.commit.is_none() {
+        options.depth(1);
+    }
+    let mut remote = repo.remote_anonymous(&spec.url).map_err(|e| io(e.into()))?;
+    if let Err(e) = remote.fetch(&[wanted.refspec()], Some(&mut options), None) {
+        let seen = std::mem::take(&mut *seen.borrow_mut());
+        let shown = redact(&spec.url);
+        return Err(match (seen.credentials, seen.untrusted, seen.limit) {
+            (Some(why), ..) => Refused::stalled(
+                reasons::AUTHENTICATION_FAILED,
+                format!("{shown}: {why}"),
+            ),
+            (_, Some(why), _) => Refused::stalled(reasons::HOST_NOT_TRUSTED, format!("{shown}: {why}")),
+            (.., Some(why)) => Refused {
+                reason: reasons::FETCH_FAILED,
+                message: format!("fetching {shown}: {why}"),
+                class: ErrorClass::Transient,
+            },
+            // libgit2 keeps the class of a certificate it (with OpenSSL and
+            // the system's roots) refused, not the code.
+            _ if e.class() == git2::ErrorClass::Ssl => Refused::stalled(
+                reasons::HOST_NOT_TRUSTED,
+                match access.ca {
+                    None => format!(
+                        "fetching {shown}: {} (signed by a private CA? put it in the Secret's `ca.crt`)",
+                        e.message()
+                    ),
+                    Some(_) => format!("fetching {shown}: {}", e.message()),
+                },
+            ),
+            _ => Refused {
+                reason: reasons::FETCH_FAILED,
+                message: format!("fetching {shown} ({}): {}", wanted.describe(), e.message()),
+                class: ErrorClass::Transient,
+            },
+        });
+    }
+    let (commit, found_at) = wanted.resolve(&repo)?;
+    if !signers.is_empty() {
+        signature::verify_commit(&repo, commit.id(), signers)
+            .map_err(|why| Refused::stalled(reasons::SIGNATURE_INVALID, why))?;
+    }
+    let files = read_files(&repo, &commit, &spec.path).map_err(|e| {
+        Refused::stalled(
+            reasons::INVALID_MANIFEST,
+            format!("reading {} of commit {}: {e}", spec.path, commit.id()),
+        )
+    })?;
+    Ok(Fetched {
+        commit: commit.id().to_string(),
+        found_at,
+        files,
+    })
+}
+
+/// The callbacks that decide what the Git host gets and is trusted with.
+fn callbacks<'a>(
+    remote: Option<&'a Remote>,
+    access: &'a Access,
+    seen: &'a std::cell::RefCell<Seen>,
+    limits: Limits,
+) -> git2::RemoteCallbacks<'a> {
+    let mut cb = git2::RemoteCallbacks::new();
+    let mut asked = 0;
+    cb.credentials(move |url, user_from_url, allowed| {
+        asked += 1;
+        let refuse = |why: String| {
+            seen.borrow_mut().credentials = Some(why.clone());
+            Err(git2::Error::from_str(&why))
+        };
+        if asked > 1 {
+            return refuse("the Git host refused the credentials of the Secret".into());
+        }
+        let Some(remote) = remote.filter(|r| r.same_host(url) || r.ssh) else {
+            return refuse(format!("credentials are sent only to the host of `url`, not to {}", redact(url)));
+        };
+        if allowed.contains(git2::CredentialType::SSH_KEY) {
+            let Some(identity) = &access.identity else {
+                return refuse("the Git host asks for an SSH key: put one in the Secret's `identity` (spec.secretRef)".into());
+            };
+            let user = user_from_url
+                .map(str::to_string)
+                .or_else(|| remote.user.clone())
+                .or_else(|| access.username.clone())
+                .unwrap_or_else(|| "git".into());
+            return git2::Cred::ssh_key_from_memory(&user, None, identity, None).or_else(|e| {
+                refuse(format!("the Secret's `identity` is not a usable SSH private key: {}", e.message()))
+            });
+        }
+        if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+            let Some(password) = &access.password else {
+                return refuse("the Git host asks for a username and password: put them in the Secret's `username` and `password` (spec.secretRef)".into());
+            };
+            let user = access.username.as_deref().unwrap_or("git");
+            return git2::Cred::userpass_plaintext(user, password);
+        }
+        refuse(format!("the Git host asks for credentials of a kind Caravan does not have ({allowed:?})"))
+    });
+    cb.certificate_check(move |cert, host| {
+        let untrusted = |why: String| {
+            seen.borrow_mut().untrusted = Some(why.clone());
+            Err(git2::Error::from_str(&why))
+        };
+        if let Some(hostkey) = cert.as_hostkey() {
+            let Some(remote) = remote else {
+                return untrusted(format!("an SSH host key from {host} for a repository that is not remote"));
+            };
+            let Some(known) = &access.known_hosts else {
+                return untrusted(format!("no `known_hosts` in the Secret (spec.secretRef): the host key of {} cannot be checked", remote.known_hosts_name()));
+            };
+            let Some(key) = hostkey.hostkey() else {
+                return untrusted(format!("{host} sent no host key"));
+            };
+            return match access::check_host_key(known, &remote.known_hosts_name(), key) {
+                Ok(()) => Ok(git2::CertificateCheckStatus::CertificateOk),
+                Err(why) => untrusted(why),
+            };
+        }
+        match (cert.as_x509(), &access.ca) {
+            (Some(x509), Some(ca)) => match access::check_certificate(ca, x509.data(), host) {
+                Ok(()) => Ok(git2::CertificateCheckStatus::CertificateOk),
+                Err(why) => untrusted(why),
+            },
+            // The system's roots, as libgit2 checked them.
+            _ => Ok(git2::CertificateCheckStatus::CertificatePassthrough),
+        }
+    });
+    let started = Instant::now();
+    cb.transfer_progress(move |p| {
+        let why = if p.received_bytes() as u64 > limits.max_bytes {
+            Some(format!(
+                "the repository is larger than the controller takes ({} MiB, --git-fetch-limit-bytes)",
+                limits.max_bytes >> 20
+            ))
+        } else if started.elapsed() > limits.timeout {
+            Some(format!(
+                "the fetch took longer than {} s (spec.timeoutSeconds)",
+                limits.timeout.as_secs()
+            ))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                seen.borrow_mut().limit = Some(why);
+                false
+            }
+            None => true,
+        }
+    });
+    cb
+}
+
+/// The revision a GitSource's ref names, and how it is fetched.
+enum Wanted<'a> {
+    Branch(&'a str),
+    Tag(&'a str),
+    Semver(semver::VersionReq, &'a str),
+    Commit(git2::Oid, &'a str),
+}
+
+const LOCAL: &str = "refs/caravan";
+
+impl<'a> Wanted<'a> {
+    fn of(r: &'a GitRef) -> Result<Self, Refused> {
+        let invalid = |what: String| Refused::stalled(reasons::INVALID_REF, what);
+        let name_ok = |prefix: &str, name: &str| {
+            !name.contains(['*', ':']) && git2::Reference::is_valid_name(&format!("{prefix}{name}"))
+        };
+        if !name_ok("refs/heads/", &r.branch) {
+            return Err(invalid(format!(
+                "ref.branch {:?} is not a branch name",
+                r.branch
+            )));
+        }
+        if let Some(commit) = &r.commit {
+            let id = (commit.len() == 40)
+                .then(|| git2::Oid::from_str(commit).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "ref.commit {commit:?} is not a full commit id (40 hex digits)"
+                    ))
+                })?;
+            return Ok(Self::Commit(id, &r.branch));
+        }
+        if let Some(range) = &r.semver {
+            let req = semver::VersionReq::parse(range)
+                .map_err(|e| invalid(format!("ref.semver {range:?} is not a semver range: {e}")))?;
+            return Ok(Self::Semver(req, range));
+        }
+        if let Some(tag) = &r.tag {
+            if !name_ok("refs/tags/", tag) {
+                return Err(invalid(format!("ref.tag {tag:?} is not a tag name")));
+            }
+            return Ok(Self::Tag(tag));
+        }
+        Ok(Self::Branch(&r.branch))
+    }
+
+    fn refspec(&self) -> String {
+        match self {
+            Self::Branch(b) | Self::Commit(_, b) => format!("+refs/heads/{b}:{LOCAL}/heads/{b}"),
+            Self::Tag(t) => format!("+refs/tags/{t}:{LOCAL}/tags/{t}"),
+            Self::Semver(..) => format!("+refs/tags/*:{LOCAL}/tags/*"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Branch(b) => format!("branch {b}"),
+            Self::Tag(t) => format!("tag {t}"),
+            Self::Semver(_, range) => format!("semver {range}"),
+            Self::Commit(id, b) => format!("commit {} on branch {b}", &id.to_string()[..12]),
+        }
+    }
+
+    /// The commit to apply, and where it was found.
+    fn resolve<'r>(
+        &self,
+        repo: &'r git2::Repository,
+    ) -> Result<(git2::Commit<'r>, String), Refused> {
+        let not_found = |why: String| Refused::stalled(reasons::REVISION_NOT_FOUND, why);
+        let peel = |name: &str| {
+            repo.find_reference(name)
+                .and_then(|r| r.peel_to_commit())
+                .map_err(|_| not_found(format!("{} not found in the repository", self.describe())))
+        };
+        match self {
+            Self::Branch(b) => Ok((peel(&format!("{LOCAL}/heads/{b}"))?, self.describe())),
+            Self::Tag(t) => Ok((peel(&format!("{LOCAL}/tags/{t}"))?, self.describe())),
+            Self::Commit(id, b) => {
+                let tip = peel(&format!("{LOCAL}/heads/{b}"))?;
+                let on_branch =
+                    tip.id() == *id || repo.graph_descendant_of(tip.id(), *id).unwrap_or(false);
+                if !on_branch {
+                    return Err(not_found(format!(
+                        "{} is not on branch {b}",
+                        self.describe()
+                    )));
+                }
+                let commit = repo
+                    .find_commit(*id)
+                    .map_err(|e| not_found(format!("{}: {}", self.describe(), e.message())))?;
+                Ok((commit, self.describe()))
+            }
+            Self::Semver(req, range) => {
+                let tags = repo
+                    .references_glob(&format!("{LOCAL}/tags/*"))
+                    .map_err(|e| not_found(e.message().to_string()))?;
+                let best = tags
+                    .filter_map(Result::ok)
+                    .filter_map(|r| {
+                        let tag = r
+                            .name()
+                            .ok()?
+                            .strip_prefix(&format!("{LOCAL}/tags/"))?
+                            .to_string();
+                        let v =
+                            semver::Version::parse(tag.strip_prefix('v').unwrap_or(&tag)).ok()?;
+                        req.matches(&v).then_some((v, tag))
+                    })
+                    .max();
+                let Some((_, tag)) = best else {
+                    return Err(not_found(format!("no tag matches semver {range}")));
+                };
+                Ok((
+                    peel(&format!("{LOCAL}/tags/{tag}"))?,
+                    format!("tag {tag} (semver {range})"),
+                ))
+            }
+        }
+    }
+}
+
+/// Every manifest file under `path` in `commit`.
+fn read_files(
+    repo: &git2::Repository,
+    commit: &git2::Commit,
+    path: &str,
+) -> Result<Files, git2::Error> {
     let root = commit.tree()?;
-    let path = spec.path.trim_matches('/');
+    let path = path.trim_matches('/');
     let (tree, prefix) = if path.is_empty() || path == "." {
         (root, String::new())
     } else {
         let entry = root.get_path(Path::new(path))?;
-        (entry.to_object(&repo)?.peel_to_tree()?, format!("{path}/"))
+        (entry.to_object(repo)?.peel_to_tree()?, format!("{path}/"))
     };
     let mut files = Vec::new();
     let mut failure = None;
@@ -97,7 +473,7 @@ pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Files), Error>
         if entry.kind() == Some(git2::ObjectType::Blob)
             && (name.ends_with(".yaml") || name.ends_with(".yml"))
         {
-            match entry.to_object(&repo).and_then(|o| o.peel_to_blob()) {
+            match entry.to_object(repo).and_then(|o| o.peel_to_blob()) {
                 Ok(blob) => files.push((format!("{prefix}{dir}{name}"), blob.content().to_vec())),
                 Err(e) => {
                     failure = Some(e);
@@ -108,10 +484,10 @@ pub fn fetch(dir: &Path, spec: &GitSourceSpec) -> Result<(String, Files), Error>
         git2::TreeWalkResult::Ok
     })?;
     if let Some(e) = failure {
-        return Err(e.into());
+        return Err(e);
     }
     files.sort();
-    Ok((commit.id().to_string(), files))
+    Ok(files)
 }
 
 /// The URL without any credentials in it, for messages.
@@ -129,6 +505,226 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A repository with `fleet/site.yaml` in three commits on `main`, tags
+    /// `v1.0.0`, `v1.2.0` (annotated), `2.0.0` and `junk`; the last commit
+    /// is SSH-signed by `signer` (seed 1).
+    struct Upstream {
+        _dir: tempfile::TempDir,
+        url: String,
+        commits: Vec<git2::Oid>,
+        aside: git2::Oid,
+    }
+
+    fn signer(seed: u8) -> ssh_key::PrivateKey {
+        ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]))
+    }
+
+    fn upstream() -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init_bare(dir.path().join("fleet.git")).unwrap();
+        let sig = git2::Signature::now("t", "t@caravan.invalid").unwrap();
+        let mut commits: Vec<git2::Oid> = vec![];
+        for (i, tag) in ["v1.0.0", "v1.2.0", "2.0.0"].iter().enumerate() {
+            let blob = repo.blob(format!("site {i}\n").as_bytes()).unwrap();
+            let mut inner = repo.treebuilder(None).unwrap();
+            inner.insert("site.yaml", blob, 0o100644).unwrap();
+            let inner = inner.write().unwrap();
+            let mut root = repo.treebuilder(None).unwrap();
+            root.insert("fleet", inner, 0o040000).unwrap();
+            let tree = repo.find_tree(root.write().unwrap()).unwrap();
+            let parents: Vec<_> = commits
+                .last()
+                .map(|c| repo.find_commit(*c).unwrap())
+                .into_iter()
+                .collect();
+            let parents: Vec<_> = parents.iter().collect();
+            let id = if i == 2 {
+                let buf = repo
+                    .commit_create_buffer(&sig, &sig, "signed", &tree, &parents)
+                    .unwrap();
+                let armored = signer(1)
+                    .sign("git", ssh_key::HashAlg::Sha512, &buf)
+                    .unwrap()
+                    .to_pem(ssh_key::LineEnding::LF)
+                    .unwrap();
+                let id = repo
+                    .commit_signed(buf.as_str().unwrap(), &armored, None)
+                    .unwrap();
+                repo.reference("refs/heads/main", id, true, "signed")
+                    .unwrap();
+                id
+            } else {
+                repo.commit(Some("refs/heads/main"), &sig, &sig, "c", &tree, &parents)
+                    .unwrap()
+            };
+            let obj = repo.find_object(id, None).unwrap();
+            if i == 1 {
+                repo.tag(tag, &obj, &sig, "annotated", false).unwrap();
+            } else {
+                repo.tag_lightweight(tag, &obj, false).unwrap();
+            }
+            commits.push(id);
+        }
+        let first = repo.find_object(commits[0], None).unwrap();
+        repo.tag_lightweight("junk", &first, false).unwrap();
+        // A commit on another branch only.
+        let tree = repo.find_commit(commits[0]).unwrap().tree().unwrap();
+        let aside = repo
+            .commit(Some("refs/heads/aside"), &sig, &sig, "aside", &tree, &[])
+            .unwrap();
+        Upstream {
+            url: format!("file://{}", dir.path().join("fleet.git").display()),
+            _dir: dir,
+            commits,
+            aside,
+        }
+    }
+
+    fn spec(url: &str, reference: serde_json::Value) -> GitSourceSpec {
+        serde_json::from_value(serde_json::json!({"url": url, "ref": reference, "path": "fleet"}))
+            .unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        timeout: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+    };
+
+    fn fetch_ref(up: &Upstream, reference: serde_json::Value) -> Result<Fetched, Refused> {
+        let into = tempfile::tempdir().unwrap();
+        fetch(
+            into.path(),
+            &spec(&up.url, reference),
+            &Access::default(),
+            &[],
+            LIMITS,
+        )
+    }
+
+    #[test]
+    fn a_ref_is_a_branch_a_tag_a_semver_range_or_a_commit() {
+        let up = upstream();
+        let got = |r| fetch_ref(&up, r).map(|f| (f.commit, f.found_at)).unwrap();
+        let c = |i: usize| up.commits[i].to_string();
+        assert_eq!(got(serde_json::json!({})), (c(2), "branch main".into()));
+        assert_eq!(
+            got(serde_json::json!({"tag": "v1.2.0"})),
+            (c(1), "tag v1.2.0".into()),
+            "annotated tags peel to their commit"
+        );
+        assert_eq!(
+            got(serde_json::json!({"tag": "v1.0.0"})),
+            (c(0), "tag v1.0.0".into())
+        );
+        assert_eq!(
+            got(serde_json::json!({"semver": ">=1.0, <2"})),
+            (c(1), "tag v1.2.0 (semver >=1.0, <2)".into()),
+            "the highest tag in range, `v` or not; `junk` ignored"
+        );
+        assert_eq!(got(serde_json::json!({"semver": "*"})).0, c(2));
+        assert_eq!(
+            got(serde_json::json!({"commit": c(1), "semver": "*"})).0,
+            c(1),
+            "commit wins"
+        );
+        let files = fetch_ref(&up, serde_json::json!({"commit": c(0)}))
+            .unwrap()
+            .files;
+        assert_eq!(
+            files,
+            vec![("fleet/site.yaml".to_string(), b"site 0\n".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_ref_that_is_wrong_or_not_there_is_refused_naming_it() {
+        let up = upstream();
+        let refused = |r| fetch_ref(&up, r).err().expect("refused");
+        let e = refused(serde_json::json!({"commit": up.aside.to_string()}));
+        assert_eq!(e.reason, reasons::REVISION_NOT_FOUND);
+        assert!(e.message.contains("is not on branch main"), "{}", e.message);
+        let e = refused(serde_json::json!({"commit": "abc123"}));
+        assert_eq!(e.reason, reasons::INVALID_REF);
+        assert!(e.message.contains("not a full commit id"), "{}", e.message);
+        let e = refused(serde_json::json!({"semver": ">=3"}));
+        assert_eq!(
+            (e.reason, e.message.as_str()),
+            (reasons::REVISION_NOT_FOUND, "no tag matches semver >=3")
+        );
+        let e = refused(serde_json::json!({"semver": "one"}));
+        assert_eq!(e.reason, reasons::INVALID_REF);
+        let e = refused(serde_json::json!({"tag": "v9"}));
+        assert_eq!(
+            (e.reason, e.message.as_str()),
+            (
+                reasons::REVISION_NOT_FOUND,
+                "tag v9 not found in the repository"
+            )
+        );
+        let e = refused(serde_json::json!({"branch": "gone"}));
+        assert_eq!(e.message, "branch gone not found in the repository");
+        for bad in ["main:refs/heads/x", "*", "a..b", "-x/.lock"] {
+            let e = refused(serde_json::json!({"branch": bad}));
+            assert_eq!(e.reason, reasons::INVALID_REF, "{bad}: {}", e.message);
+        }
+        assert_eq!(
+            refused(serde_json::json!({"tag": "v*"})).reason,
+            reasons::INVALID_REF
+        );
+    }
+
+    #[test]
+    fn only_commits_signed_by_a_listed_key_are_applied() {
+        let up = upstream();
+        let into = tempfile::tempdir().unwrap();
+        let run = |reference, keys: &[ssh_key::PublicKey]| {
+            fetch(
+                into.path(),
+                &spec(&up.url, reference),
+                &Access::default(),
+                keys,
+                LIMITS,
+            )
+        };
+        let alice = [signer(1).public_key().clone()];
+        let signed = run(serde_json::json!({}), &alice).unwrap();
+        assert_eq!(signed.commit, up.commits[2].to_string());
+        let e = run(serde_json::json!({"tag": "v1.0.0"}), &alice)
+            .err()
+            .unwrap();
+        assert_eq!(e.reason, reasons::SIGNATURE_INVALID);
+        assert!(e.message.ends_with("is not signed"), "{}", e.message);
+        let e = run(serde_json::json!({}), &[signer(2).public_key().clone()])
+            .err()
+            .unwrap();
+        assert!(e.message.contains("not a signing key"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_repository_larger_than_the_limit_is_not_fetched() {
+        let up = upstream();
+        let into = tempfile::tempdir().unwrap();
+        let small = Limits {
+            max_bytes: 16,
+            ..LIMITS
+        };
+        let e = fetch(
+            into.path(),
+            &spec(&up.url, serde_json::json!({})),
+            &Access::default(),
+            &[],
+            small,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.reason, reasons::FETCH_FAILED);
+        assert!(
+            e.message.contains("larger than the controller takes"),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn credentials_in_urls_never_reach_messages() {

@@ -1,7 +1,10 @@
 //! GitSource sync: a revision is applied whole or not at all. A reconcile
 //! is a list of steps, then one summary:
-//! 1. [`fetch`]: fetch the repository with git2, read the manifest files of
-//!    the revision (a failure is transient: retried with a backoff);
+//! 1. [`fetch`]: fetch the revision `ref` names with git2 (with the
+//!    credentials and trust of [`access`]), check its [`signature`] when
+//!    asked, read its manifest files (a network failure is retried with a
+//!    backoff); the same commit, with nothing in the cluster changed since
+//!    it was applied, stops here;
 //! 2. [`parse`]: validate every object and the package identity rules (a
 //!    problem stalls the source until a new commit);
 //! 3. [`apply`]: dry-run, then apply every object with server-side apply;
@@ -13,11 +16,17 @@
 //! A revision with any problem applies nothing: the last good revision stays
 //! in place and `Ready=False` names the file and the problem.
 
+pub mod access;
 pub mod apply;
 pub mod fetch;
 pub mod parse;
+pub mod signature;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use caravan_api::{
     conditions::{self, reasons},
@@ -51,12 +60,30 @@ pub struct GitSources {
     ctx: Arc<Context>,
     stores: Stores,
     retries: Retries<GitSource>,
+    /// What each GitSource (namespace, name) last applied.
+    applied: Mutex<HashMap<(String, String), Applied>>,
+}
+
+/// A revision as applied, to tell whether it needs applying again.
+#[derive(Clone, Debug)]
+struct Applied {
+    commit: String,
+    /// The GitSource's generation it was applied for.
+    generation: Option<i64>,
+    objects: Vec<apply::Stamp>,
 }
 
 /// What one sync came to.
 enum Synced {
     Suspended,
-    Applied { commit: String, objects: usize },
+    Applied {
+        commit: String,
+        /// The ref the commit was found at.
+        found_at: String,
+        objects: usize,
+        /// Nothing was applied: neither the commit nor the cluster changed.
+        unchanged: bool,
+    },
     Failed(Failure),
 }
 
@@ -80,6 +107,7 @@ impl GitSources {
             ctx,
             stores,
             retries: Retries::default(),
+            applied: Mutex::default(),
         }
     }
 
@@ -126,28 +154,38 @@ impl GitSources {
                 class: ErrorClass::Stalled,
             });
         }
-        let dir = self.ctx.config.data_dir.join("git").join(&ns).join(&name);
-        let spec = gs.spec.clone();
-        let fetched = tokio::task::spawn_blocking(move || fetch::fetch(&dir, &spec))
-            .await
-            .unwrap_or_else(|e| Err(Error::io("git fetch task", std::io::Error::other(e))));
-        let (commit, files) = match fetched {
-            Ok(x) => x,
-            Err(e) => {
+        let fetched = match self.fetch(gs, &ns, &name).await {
+            Ok(f) => f,
+            Err(refused) => {
                 return Synced::Failed(Failure {
                     commit: None,
                     result: SyncResult::FetchFailed,
-                    reason: reasons::FETCH_FAILED,
+                    reason: refused.reason,
                     errors: vec![],
-                    message: Some(format!(
-                        "fetching {} ({}): {e}",
-                        fetch::redact(&gs.spec.url),
-                        gs.spec.branch
-                    )),
-                    class: ErrorClass::Transient,
+                    message: Some(refused.message),
+                    class: refused.class,
                 })
             }
         };
+        let fetch::Fetched {
+            commit,
+            found_at,
+            files,
+        } = fetched;
+        let key = (ns.clone(), name.clone());
+        let last = self.applied.lock().unwrap().get(&key).cloned();
+        if let Some(last) =
+            last.filter(|l| l.commit == commit && l.generation == gs.metadata.generation)
+        {
+            if self.unchanged(&ns, &name, &last.objects) {
+                return Synced::Applied {
+                    commit,
+                    found_at,
+                    objects: last.objects.len(),
+                    unchanged: true,
+                };
+            }
+        }
         let failed = |reason, errors, class| {
             Synced::Failed(Failure {
                 commit: Some(commit.clone()),
@@ -162,18 +200,114 @@ impl GitSources {
             Ok(d) => d,
             Err(errors) => return failed(reasons::INVALID_MANIFEST, errors, ErrorClass::Stalled),
         };
-        if let Err(r) = apply::apply(&self.ctx, &ns, &declared).await {
-            return failed(reasons::APPLY_FAILED, r.errors, r.class);
-        }
+        self.applied.lock().unwrap().remove(&key);
+        let stamps = match apply::apply(&self.ctx, &ns, &declared).await {
+            Ok(s) => s,
+            Err(r) => return failed(reasons::APPLY_FAILED, r.errors, r.class),
+        };
         if gs.spec.prune {
             if let Err(r) = apply::prune(&self.ctx, &ns, &name, &declared).await {
                 return failed(reasons::APPLY_FAILED, r.errors, r.class);
             }
         }
+        self.applied.lock().unwrap().insert(
+            key,
+            Applied {
+                commit: commit.clone(),
+                generation: gs.metadata.generation,
+                objects: stamps,
+            },
+        );
         Synced::Applied {
             commit,
+            found_at,
             objects: declared.len(),
+            unchanged: false,
         }
+    }
+
+    /// Step 1: the Secrets the GitSource names, then the fetch (on a
+    /// blocking thread: libgit2 blocks).
+    async fn fetch(
+        &self,
+        gs: &GitSource,
+        ns: &str,
+        name: &str,
+    ) -> Result<fetch::Fetched, fetch::Refused> {
+        let secret_refused = |message: String| fetch::Refused {
+            reason: reasons::AUTHENTICATION_FAILED,
+            message,
+            class: ErrorClass::Stalled,
+        };
+        let access = access::Access::read(&self.ctx.client, ns, gs.spec.secret_ref.as_deref())
+            .await
+            .map_err(|e| secret_refused(format!("spec.secretRef: {e}")))?;
+        let signers = match &gs.spec.verify {
+            Some(v) => access::signers(&self.ctx.client, ns, &v.secret_ref)
+                .await
+                .map_err(|e| fetch::Refused {
+                    reason: reasons::SIGNATURE_INVALID,
+                    message: format!("spec.verify.secretRef: {e}"),
+                    class: ErrorClass::Stalled,
+                })?,
+            None => vec![],
+        };
+        let dir = self.ctx.config.data_dir.join("git").join(ns).join(name);
+        let spec = gs.spec.clone();
+        let limits = fetch::Limits {
+            timeout: Duration::from_secs(gs.spec.timeout_seconds.max(1).into()),
+            max_bytes: self.ctx.config.git_fetch_limit_bytes,
+        };
+        tokio::task::spawn_blocking(move || fetch::fetch(&dir, &spec, &access, &signers, limits))
+            .await
+            .unwrap_or_else(|e| {
+                Err(fetch::Refused {
+                    reason: reasons::FETCH_FAILED,
+                    message: format!("the fetch stopped: {e}"),
+                    class: ErrorClass::Transient,
+                })
+            })
+    }
+
+    /// The metadata of an object of a kind a GitSource applies, as cached.
+    fn meta(&self, kind: Kind, ns: &str, name: &str) -> Option<kube::api::ObjectMeta> {
+        fn get<K>(
+            store: &kube::runtime::reflector::Store<K>,
+            ns: &str,
+            name: &str,
+        ) -> Option<kube::api::ObjectMeta>
+        where
+            K: kube::Resource<DynamicType = ()> + Clone + 'static,
+        {
+            let key = kube::runtime::reflector::ObjectRef::<K>::new(name).within(ns);
+            store.get(&key).map(|o| o.meta().clone())
+        }
+        let s = &self.stores;
+        match kind {
+            Kind::Cabinet => get(&s.cabinets, ns, name),
+            Kind::Package => get(&s.packages, ns, name),
+            Kind::Site => get(&s.sites, ns, name),
+            Kind::DistributionJob => get(&s.jobs, ns, name),
+            Kind::Agent => get(&s.agents, ns, name),
+        }
+    }
+
+    /// Whether every object a GitSource applied is still as it left it:
+    /// there, the same object (uid), its spec not changed (generation),
+    /// still marked as the source's.
+    fn unchanged(&self, ns: &str, source: &str, objects: &[apply::Stamp]) -> bool {
+        objects.iter().all(|o| {
+            let now = self.meta(o.kind, ns, &o.name);
+            now.is_some_and(|m| {
+                m.uid.as_deref() == Some(o.uid.as_str())
+                    && m.generation == Some(o.generation)
+                    && m.labels
+                        .as_ref()
+                        .and_then(|l| l.get(caravan_api::labels::SOURCE))
+                        .map(String::as_str)
+                        == Some(source)
+            })
+        })
     }
 
     /// Step 2: every object of the revision, valid, and its Packages true to
@@ -266,19 +400,32 @@ fn summary(gs: &GitSource, synced: Synced) -> Summary {
                 retry: None,
             }
         }
-        Synced::Applied { commit, objects } => {
-            let msg = format!("applied revision {}: {objects} objects", short(&commit));
+        Synced::Applied {
+            commit,
+            found_at,
+            objects,
+            unchanged,
+        } => {
+            let msg = format!(
+                "applied revision {} ({found_at}): {objects} objects",
+                short(&commit)
+            );
             let changed = status.last_applied_revision.as_deref() != Some(commit.as_str());
             let event = changed.then(|| event(EventType::Normal, "Applied", "Apply", msg.clone()));
             status.last_attempted_revision = Some(commit.clone());
             status.last_applied_revision = Some(commit);
+            status.last_applied_ref = Some(found_at);
             status.applied_objects = objects as u32;
             status.errors.clear();
             status.conditions = vec![ready(true, reasons::SUCCEEDED, &msg)];
             Summary {
                 status,
                 event,
-                result: Some(SyncResult::Applied),
+                result: Some(if unchanged {
+                    SyncResult::Unchanged
+                } else {
+                    SyncResult::Applied
+                }),
                 retry: None,
             }
         }
@@ -394,7 +541,9 @@ mod tests {
             &source(None),
             Synced::Applied {
                 commit: commit.into(),
+                found_at: "branch main".into(),
                 objects: 4,
+                unchanged: false,
             },
         )
         .status
@@ -406,13 +555,18 @@ mod tests {
             &source(None),
             Synced::Applied {
                 commit: "a".repeat(40),
+                found_at: "branch main".into(),
                 objects: 4,
+                unchanged: false,
             },
         );
         let ready = condition(&s.status, conditions::READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.message.as_str()),
-            ("True", "applied revision aaaaaaaaaaaa: 4 objects")
+            (
+                "True",
+                "applied revision aaaaaaaaaaaa (branch main): 4 objects"
+            )
         );
         assert_eq!(s.status.observed_generation, Some(3));
         assert!(s.event.is_some() && s.retry.is_none());
@@ -421,7 +575,9 @@ mod tests {
             &source(Some(s.status)),
             Synced::Applied {
                 commit: "a".repeat(40),
+                found_at: "branch main".into(),
                 objects: 4,
+                unchanged: false,
             },
         );
         assert!(again.event.is_none(), "the same revision again is no news");

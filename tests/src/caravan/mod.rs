@@ -360,10 +360,23 @@ impl Caravan {
         path: &str,
         interval: u32,
     ) -> anyhow::Result<()> {
+        self.apply_git_source(
+            name,
+            serde_json::json!({"url": url, "ref": {"branch": "main"}, "path": path, "intervalSeconds": interval}),
+        )
+        .await
+    }
+
+    /// Declares (or changes) GitSource `name` with `spec`.
+    pub async fn apply_git_source(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> anyhow::Result<()> {
         let gs: GitSource = serde_json::from_value(serde_json::json!({
             "apiVersion": "caravan.dev/v1alpha1", "kind": "GitSource",
             "metadata": {"name": name, "namespace": self.namespace},
-            "spec": {"url": url, "branch": "main", "path": path, "intervalSeconds": interval},
+            "spec": spec,
         }))?;
         self.api::<GitSource>()
             .patch(
