@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint fuzz bench-package bench-relay bench-agent bench-job bench-signing
+.PHONY: demo test setup build crds lint images fuzz bench-package bench-relay bench-agent bench-job bench-signing
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,15 @@ test: setup build lint
 
 crds:
 	$(CARGO) run -q -p caravan-api --bin crdgen
+
+# The controller's and the relay's OCI images, from the release binaries,
+# without a container engine (scripts/image.sh; `docker build` with the
+# Dockerfile makes the same). Push: skopeo copy oci:target/images:TAG docker://…
+images: setup
+	$(CARGO) build --release -p caravan-controller -p caravan-relay
+	rm -rf target/images/controller target/images/relay
+	bash scripts/image.sh target/release/caravan-controller target/images/controller
+	bash scripts/image.sh target/release/caravan-relay target/images/relay
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -22,6 +22,20 @@ pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` string of every Caravan manifest.
 pub const API_VERSION: &str = "caravan.dev/v1alpha1";
 
+/// Caravan's release (the workspace's version): images and charts follow it.
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
+
+/// Where Caravan's images are published (tagged with [`RELEASE`]).
+pub mod images {
+    pub const CONTROLLER: &str = "ghcr.io/caravan-dev/caravan-controller";
+    pub const RELAY: &str = "ghcr.io/caravan-dev/caravan-relay";
+
+    /// The relay image of this release.
+    pub fn relay() -> String {
+        format!("{RELAY}:{}", super::RELEASE)
+    }
+}
+
 /// Label keys and annotations Caravan sets.
 pub mod labels {
     /// Set on every object applied from a GitSource: `<gitsource name>`.

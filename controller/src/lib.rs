@@ -87,7 +87,7 @@ pub struct Config {
     #[arg(
         long,
         env = "CARAVAN_RELAY_IMAGE",
-        default_value = "ghcr.io/caravan-dev/caravan-relay:0.1.0"
+        default_value_t = caravan_api::images::relay()
     )]
     pub relay_image: String,
     /// Image repositories a Site may run its relay from besides that of

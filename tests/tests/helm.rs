@@ -46,7 +46,7 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
     let kubeconfig = c.cluster.kubeconfig.display().to_string();
     let chart = repo_root().join("charts/caravan").display().to_string();
     let mut values: serde_json::Value = serde_json::from_str(HELM_TEST_VALUES)?;
-    values["relay"] = serde_json::json!({"image": "registry.example/caravan-relay:test"});
+    values["relay"] = serde_json::json!({"image": {"repository": "registry.example/caravan-relay", "tag": "test"}});
     let values = values.to_string();
     helm(&[
         "upgrade",

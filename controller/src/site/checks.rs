@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn only_allowed_relay_images_run() {
-        let default = "ghcr.io/caravan-dev/caravan-relay:0.1.0";
+        let default = &caravan_api::images::relay();
         let allowed = [
             "registry.local:5000/mirror/caravan-relay".to_string(),
             "internal.example.com/caravan/".to_string(),
