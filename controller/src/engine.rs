@@ -38,6 +38,7 @@ use crate::{
     context::Context,
     field_managers,
     index::{self, ArtifactState, Artifacts, DesiredIndex},
+    leader::Leading,
     status_patch::{self, HasStatus, Written},
     stores::{Stores, Writers},
     trust::Signer,
@@ -57,6 +58,9 @@ pub struct Engine {
     signer: std::sync::Mutex<Signer>,
     /// Per object: the status last written and the status that write left.
     written: std::sync::Mutex<HashMap<(String, index::ObjectKey), (u64, u64)>>,
+    /// Only the leader writes status and fetches artifacts into the store;
+    /// every replica computes and signs desired state.
+    leading: Leading,
 }
 
 /// A fingerprint of a status, to remember what was written.
@@ -70,7 +74,12 @@ fn fingerprint<S: serde::Serialize>(status: Option<&S>) -> u64 {
 }
 
 impl Engine {
-    pub fn new(ctx: Arc<Context>, stores: Stores, blobs: Arc<BlobStore>) -> anyhow::Result<Self> {
+    pub fn new(
+        ctx: Arc<Context>,
+        stores: Stores,
+        blobs: Arc<BlobStore>,
+        leading: Leading,
+    ) -> anyhow::Result<Self> {
         let http = caravan_net::client(None, Duration::from_secs(60))?;
         let ttl = Duration::from_secs(ctx.config.desired_state_ttl_seconds);
         let (kube, recorder) = (ctx.client.clone(), ctx.recorder.clone());
@@ -82,6 +91,7 @@ impl Engine {
             blobs,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             written: Default::default(),
+            leading,
         })
     }
 
@@ -105,9 +115,13 @@ impl Engine {
             Some(((), ()))
         })
         .boxed();
+        // Leading from now on: write what the followers' view left unwritten.
+        let mut leading = self.leading.clone();
+        let gained = stream::once(async move { leading.acquired().await.unwrap_or(()) }).boxed();
         let mut streams: Vec<stream::BoxStream<'_, ()>> = writers.watch(&self.ctx);
         streams.push(fetched);
         streams.push(probes);
+        streams.push(gained);
         let mut changes = stream::select_all(streams);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut retry_at: Option<Instant> = None;
@@ -212,9 +226,13 @@ impl Engine {
             }
             changed
         });
-        let failed = self.write(out.jobs).await
-            + self.write(out.packages).await
-            + self.write(out.cabinets).await;
+        let failed = if self.leading.now() {
+            self.write(out.jobs).await
+                + self.write(out.packages).await
+                + self.write(out.cabinets).await
+        } else {
+            0
+        };
         (failed, index::next_boundary(&jobs, now))
     }
 
@@ -336,6 +354,9 @@ impl Engine {
                 matches!(&source, Some(Source::Oci(oci)) if oci.0.layers_from_relays());
             let state = match (size, source) {
                 (Some(size), _) if !relays_fetch => ArtifactState::Stored(size),
+                // The leader fetches into the shared store; a follower sees
+                // the blob there once the leader's status says so.
+                (None, Some(_)) if !relays_fetch && !self.leading.now() => ArtifactState::Fetching,
                 (_, Some(source)) => self.pulls.ensure(digest, source, p.spec.artifact.size),
                 (_, None) => ArtifactState::Missing,
             };

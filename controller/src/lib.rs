@@ -26,6 +26,7 @@ pub mod error;
 pub mod gitsource;
 pub mod identity;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod site;
@@ -158,6 +159,27 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub enrollments_per_second: u32,
+    /// Contend for leadership with other replicas on a Lease: only the
+    /// leader reconciles and writes status, every replica serves relays.
+    /// `false` only where one replica runs.
+    #[arg(long, env = "CARAVAN_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// This replica's name in the election (in a pod: the pod's name).
+    #[arg(long, env = "CARAVAN_POD_NAME")]
+    pub leader_election_identity: Option<String>,
+    /// Namespace of the election's Lease (default: `--namespace`, else
+    /// `default`).
+    #[arg(long, env = "CARAVAN_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// How long a leader that stopped renewing the Lease (a crashed
+    /// replica) keeps it before another replica takes over.
+    #[arg(
+        long,
+        env = "CARAVAN_LEADER_ELECTION_LEASE_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(3..)
+    )]
+    pub leader_election_lease_seconds: u64,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
     #[command(subcommand)]
@@ -184,6 +206,15 @@ pub enum Command {
         #[arg(long)]
         controller: bool,
     },
+}
+
+/// This machine's name: a pod's name in Kubernetes.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("caravan-controller-{}", std::process::id()))
 }
 
 /// The file in the data directory holding the controller's secret key.
@@ -258,10 +289,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
     let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
     let (writers, stores) = stores::Stores::new();
-    let (relays, relay_triggers) = site::RelayContacts::new();
+    let replica = config
+        .leader_election_identity
+        .clone()
+        .unwrap_or_else(hostname);
+    let presence = config
+        .leader_election
+        .then(|| site::Presence::new(ctx.client.clone(), replica.clone(), stores.sites.clone()));
+    let (relays, relay_triggers) = site::RelayContacts::new(presence);
     let (git_syncs, git_sync_triggers) = tokio::sync::mpsc::channel(64);
     let relays = Arc::new(relays);
-    let engine = engine::Engine::new(ctx.clone(), stores.clone(), blobs.clone())?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (leading, election) = if config.leader_election {
+        let ns = config
+            .leader_election_namespace
+            .clone()
+            .or_else(|| config.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        let (leading, election) = leader::elect(
+            ctx.client.clone(),
+            &ns,
+            &replica,
+            config.leader_election_lease_seconds,
+            shutdown.clone(),
+        )
+        .await
+        .context("starting the leader election")?;
+        (leading, Some(election))
+    } else {
+        (leader::Leading::always(), None)
+    };
+    let engine = engine::Engine::new(ctx.clone(), stores.clone(), blobs.clone(), leading.clone())?;
     let server = Arc::new(server::ServerState {
         ctx: ctx.clone(),
         desired: engine.subscribe(),
@@ -274,7 +332,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hooks: Default::default(),
         reports: Default::default(),
     });
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let gc = cabinet::gc::Collector {
         blobs,
         packages: stores.packages.clone(),
@@ -293,15 +350,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new(
-            "GitSource controller",
-            gitsources.run(git_sync_triggers, shutdown.clone()),
-        ),
-        Component::new(
-            "Site controller",
-            sites.run(relay_triggers, shutdown.clone()),
+            "GitSource and Site controllers (on the leader)",
+            leader::lead(leading, shutdown.clone(), {
+                let shutdown = shutdown.clone();
+                async move {
+                    tokio::try_join!(
+                        gitsources.run(git_sync_triggers, shutdown.clone()),
+                        sites.run(relay_triggers, shutdown),
+                    )
+                    .map(|_| ())
+                }
+            }),
         ),
         Component::new("blob garbage collection", gc.run(shutdown.clone())),
     ];
+    if let Some(election) = election {
+        components.push(Component::new("leader election", election));
+    }
     if let Some(own) = own_certificate {
         components.push(Component::new(
             "certificate renewal",

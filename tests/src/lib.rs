@@ -24,6 +24,7 @@ pub mod githost;
 pub mod helm;
 pub mod procs;
 pub mod registry;
+pub mod service;
 pub mod tamper;
 pub mod waits;
 

@@ -27,6 +27,7 @@ use caravan_api::{
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::Deployment,
+    coordination::v1::Lease,
     core::v1::{Secret, Service},
 };
 use kube::{
@@ -38,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
-pub use relays::{RelayContacts, RELAY_STALE_SECONDS};
+pub use relays::{Presence, RelayContacts, RELAY_STALE_SECONDS};
 use workload::{relay_name, RelayCredentials, RelayParams};
 
 use crate::{
@@ -101,7 +102,9 @@ impl SiteReconciler {
         let ctx = self.ctx.clone();
         Controller::new(ctx.all::<Site>(), watcher::Config::default())
             .owns(ctx.all::<Deployment>(), relay_objects.clone())
-            .owns(ctx.all::<Service>(), relay_objects)
+            .owns(ctx.all::<Service>(), relay_objects.clone())
+            // A relay heard by another replica.
+            .owns(ctx.all::<Lease>(), relay_objects)
             .reconcile_on(triggers)
             .graceful_shutdown_on(shutdown.cancelled_owned())
             .run(
@@ -292,7 +295,8 @@ impl SiteReconciler {
             .filter(|a| a.namespace().as_ref() == Some(&key.0) && a.spec.site == key.1)
             .count() as u32;
         let generation = site.meta().generation;
-        let ready = if self.relays.connected(&key) {
+        let heard = self.relays.heard(&key).await;
+        let ready = if heard.connected() {
             conditions::new(
                 conditions::READY,
                 true,
@@ -316,10 +320,9 @@ impl SiteReconciler {
         let status = SiteStatus {
             observed_generation: generation,
             agents,
-            relay: self.relays.stats(&key),
-            relay_last_seen: self
-                .relays
-                .last_seen(&key)
+            relay: heard.stats,
+            relay_last_seen: heard
+                .last_seen
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .or(previous.relay_last_seen),
             // What `caravan token create --bundle` hands the site's agents.

@@ -3,14 +3,108 @@
 //! The distribution API records both; the Site reconciler reads them into
 //! the Site's status, and is asked to look again ([`RelayContacts::new`]'s
 //! receiver) when a relay connects after a silence or its figures change.
+//!
+//! A relay may talk to any replica of the controller, and only the leader
+//! reconciles Sites: every replica also writes what it saw into the relay's
+//! presence Lease (`<site>-relay`, owned by the Site; [`Presence`]), at most
+//! every [`PUBLISH_EVERY`] per site, and the leader reads the Lease too.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
-use caravan_api::wire::RelayStats;
+use caravan_api::{v1alpha1::Site, wire::RelayStats};
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::reflector::{ObjectRef, Store},
+};
 use tokio::sync::mpsc;
 
+use super::workload::{presence_lease, relay_name, RELAY_STATS};
 use crate::index::SiteKey;
+
+/// Least time between two writes of one relay's presence by one replica
+/// (a relay that keeps talking renews it this often).
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(30);
+/// Least time between writes when only the relay's figures changed.
+const PUBLISH_STATS_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes relays' presence Leases for this replica.
+pub struct Presence {
+    pub client: kube::Client,
+    /// This replica's name (the Lease's holder).
+    pub replica: String,
+    /// The Sites, for the Leases' owner.
+    pub sites: Store<Site>,
+    published: Mutex<HashMap<SiteKey, Instant>>,
+}
+
+impl Presence {
+    pub fn new(client: kube::Client, replica: String, sites: Store<Site>) -> Self {
+        Self {
+            client,
+            replica,
+            sites,
+            published: Mutex::default(),
+        }
+    }
+
+    /// Writes the presence of `site`'s relay if due (`every` since the last).
+    fn publish(&self, site: &SiteKey, stats: Option<RelayStats>, every: Duration) {
+        {
+            let mut published = self.published.lock().expect("lock poisoned");
+            if published.get(site).is_some_and(|t| t.elapsed() < every) {
+                return;
+            }
+            published.insert(site.clone(), Instant::now());
+        }
+        let Some(obj) = self
+            .sites
+            .get(&ObjectRef::<Site>::new(&site.1).within(&site.0))
+        else {
+            return;
+        };
+        let Some(owner) = kube::Resource::controller_owner_ref(obj.as_ref(), &()) else {
+            return;
+        };
+        let lease = presence_lease(
+            &obj,
+            &owner,
+            &self.replica,
+            stats.as_ref(),
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let api = kube::Api::<Lease>::namespaced(self.client.clone(), &site.0);
+        let name = relay_name(&site.1);
+        tokio::spawn(async move {
+            let params = PatchParams::apply("caravan-relay-presence").force();
+            if let Err(e) = api.patch(&name, &params, &Patch::Apply(&lease)).await {
+                tracing::warn!(lease = %name, error = %e, "relay presence not written");
+            }
+        });
+    }
+
+    /// When the relay of `site` last talked to any replica, and what it
+    /// said about its cache then, as its Lease says.
+    pub async fn read(&self, site: &SiteKey) -> Option<(DateTime<Utc>, Option<RelayStats>)> {
+        let api = kube::Api::<Lease>::namespaced(self.client.clone(), &site.0);
+        let lease = api.get_opt(&relay_name(&site.1)).await.ok()??;
+        let renewed = lease.spec?.renew_time?.0;
+        let at = DateTime::<Utc>::from_timestamp(
+            renewed.as_second(),
+            renewed.subsec_nanosecond() as u32,
+        )?;
+        let stats = lease
+            .metadata
+            .annotations
+            .and_then(|a| serde_json::from_str(a.get(RELAY_STATS)?).ok());
+        Some((at, stats))
+    }
+}
 
 /// A relay silent for longer than this is reported not ready.
 pub const RELAY_STALE_SECONDS: i64 = 90;
@@ -22,16 +116,19 @@ pub struct RelayContacts {
     seen: Mutex<HashMap<SiteKey, DateTime<Utc>>>,
     stats: Mutex<HashMap<SiteKey, RelayStats>>,
     trigger: mpsc::Sender<SiteKey>,
+    /// Shares the contacts with the other replicas (none: one replica).
+    presence: Option<Presence>,
 }
 
 impl RelayContacts {
     /// The contacts, and the sites whose Site the reconciler should look at again.
-    pub fn new() -> (Self, mpsc::Receiver<SiteKey>) {
+    pub fn new(presence: Option<Presence>) -> (Self, mpsc::Receiver<SiteKey>) {
         let (trigger, rx) = mpsc::channel(TRIGGERS);
         let contacts = Self {
             seen: Default::default(),
             stats: Default::default(),
             trigger,
+            presence,
         };
         (contacts, rx)
     }
@@ -50,6 +147,9 @@ impl RelayContacts {
         if stale {
             self.poke(site);
         }
+        if let Some(p) = &self.presence {
+            p.publish(site, self.stats(site), PUBLISH_EVERY);
+        }
     }
 
     /// Keeps what a relay says about its cache; a change has the Site reconciled.
@@ -62,6 +162,9 @@ impl RelayContacts {
             != Some(stats);
         if changed {
             self.poke(site);
+            if let Some(p) = &self.presence {
+                p.publish(site, Some(stats), PUBLISH_STATS_EVERY);
+            }
         }
     }
 
@@ -72,20 +175,48 @@ impl RelayContacts {
         let _ = self.trigger.try_send(site.clone());
     }
 
-    /// When the relay of `site` last talked to us.
-    pub fn last_seen(&self, site: &SiteKey) -> Option<DateTime<Utc>> {
+    /// When the relay of `site` last talked to this replica.
+    fn last_seen(&self, site: &SiteKey) -> Option<DateTime<Utc>> {
         self.seen.lock().expect("lock poisoned").get(site).copied()
     }
 
-    /// Whether the relay of `site` talked to us recently.
-    pub fn connected(&self, site: &SiteKey) -> bool {
-        self.last_seen(site)
-            .is_some_and(|t| Utc::now() - t < chrono::Duration::seconds(RELAY_STALE_SECONDS))
+    /// What the relay of `site` last said about its cache to this replica.
+    fn stats(&self, site: &SiteKey) -> Option<RelayStats> {
+        self.stats.lock().expect("lock poisoned").get(site).copied()
     }
 
-    /// What the relay of `site` last said about its cache.
-    pub fn stats(&self, site: &SiteKey) -> Option<RelayStats> {
-        self.stats.lock().expect("lock poisoned").get(site).copied()
+    /// When the relay of `site` last talked to any replica (this one, or
+    /// another as the presence Lease says), and what it said about its
+    /// cache then.
+    pub async fn heard(&self, site: &SiteKey) -> Heard {
+        let here = self.last_seen(site).map(|t| (t, self.stats(site)));
+        let there = match &self.presence {
+            Some(p) => p.read(site).await,
+            None => None,
+        };
+        let newest = match (here, there) {
+            (Some(h), Some(t)) => Some(if h.0 >= t.0 { h } else { t }),
+            (h, t) => h.or(t),
+        };
+        Heard {
+            last_seen: newest.map(|n| n.0),
+            stats: newest.and_then(|n| n.1),
+        }
+    }
+}
+
+/// What the replicas heard from a site's relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Heard {
+    pub last_seen: Option<DateTime<Utc>>,
+    pub stats: Option<RelayStats>,
+}
+
+impl Heard {
+    /// Whether the relay talked to a replica recently.
+    pub fn connected(&self) -> bool {
+        self.last_seen
+            .is_some_and(|t| Utc::now() - t < chrono::Duration::seconds(RELAY_STALE_SECONDS))
     }
 }
 
@@ -93,11 +224,11 @@ impl RelayContacts {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_first_contact_and_changed_figures_have_the_site_reconciled_but_chatter_does_not() {
-        let (contacts, mut rx) = RelayContacts::new();
+    #[tokio::test]
+    async fn a_first_contact_and_changed_figures_have_the_site_reconciled_but_chatter_does_not() {
+        let (contacts, mut rx) = RelayContacts::new(None);
         let hq: SiteKey = ("ns".into(), "hq".into());
-        assert!(!contacts.connected(&hq));
+        assert!(!contacts.heard(&hq).await.connected());
         contacts.contact(&hq);
         contacts.contact(&hq);
         assert_eq!(rx.try_recv(), Ok(hq.clone()));
@@ -105,7 +236,7 @@ mod tests {
             rx.try_recv().is_err(),
             "a relay that keeps talking is no news"
         );
-        assert!(contacts.connected(&hq));
+        assert!(contacts.heard(&hq).await.connected());
         let stats = RelayStats {
             cache_bytes: 10,
             ..Default::default()
@@ -114,6 +245,6 @@ mod tests {
         contacts.set_stats(&hq, stats);
         assert_eq!(rx.try_recv(), Ok(hq.clone()));
         assert!(rx.try_recv().is_err());
-        assert_eq!(contacts.stats(&hq), Some(stats));
+        assert_eq!(contacts.heard(&hq).await.stats, Some(stats));
     }
 }

@@ -1,7 +1,8 @@
 //! The objects a Site's relay runs as, built as typed `k8s-openapi` values by
 //! pure functions: a Secret with the relay's credentials, a Deployment and a
 //! Service, all named `<site>-relay` and owned by the Site (garbage-collected
-//! with it).
+//! with it) — and the Lease in which the controller's replicas record when
+//! the relay last talked to them.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +47,40 @@ const CA_DIR: &str = "/etc/caravan/ca";
 const REGISTRY_AUTH_DIR: &str = "/etc/caravan/registry";
 /// The non-root user the relay runs as.
 const RELAY_UID: i64 = 65532;
+
+/// Annotation of a relay's presence Lease: what the relay last said about
+/// its cache (JSON).
+pub const RELAY_STATS: &str = "caravan.dev/relay-stats";
+
+/// The relay's presence: the replica that served it last (`holderIdentity`)
+/// at `now` (`renewTime`), with what it said about its cache.
+pub fn presence_lease(
+    site: &Site,
+    owner: &OwnerReference,
+    replica: &str,
+    stats: Option<&caravan_api::wire::RelayStats>,
+    now: k8s_openapi::jiff::Timestamp,
+) -> k8s_openapi::api::coordination::v1::Lease {
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
+    };
+    let mut metadata = meta(site, owner);
+    metadata.annotations = stats.and_then(|s| {
+        Some(BTreeMap::from([(
+            RELAY_STATS.to_string(),
+            serde_json::to_string(s).ok()?,
+        )]))
+    });
+    k8s_openapi::api::coordination::v1::Lease {
+        metadata,
+        spec: Some(LeaseSpec {
+            holder_identity: Some(replica.to_string()),
+            renew_time: Some(MicroTime(now)),
+            lease_duration_seconds: Some(super::RELAY_STALE_SECONDS as i32),
+            ..Default::default()
+        }),
+    }
+}
 
 /// Name shared by a site's relay Deployment, Service and Secret.
 pub fn relay_name(site: &str) -> String {

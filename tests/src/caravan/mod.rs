@@ -28,7 +28,9 @@ use crate::{
     helm::{helm, HELM_NAMESPACE, HELM_TEST_VALUES},
     http,
     procs::Proc,
-    repo_root, wait_for,
+    repo_root,
+    service::Service,
+    wait_for,
     waits::wait_http_ok,
     TestTls,
 };
@@ -81,6 +83,8 @@ pub struct Caravan {
     pub relay_plaintext: bool,
     /// URL of each started relay, by site.
     pub relay_urls: std::collections::HashMap<String, String>,
+    /// What relays reach the controller through, if not its own port.
+    pub service: Option<Service>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -96,6 +100,9 @@ pub struct Options {
     pub desired_state_ttl_seconds: Option<u64>,
     /// Enrollments each site may make per second (default: the controller's).
     pub enrollments_per_second: Option<u32>,
+    /// Relays reach the controller through a [`Service`] (to which
+    /// [`Caravan::start_replica`] adds its replica), not at its own port.
+    pub service: bool,
 }
 
 /// Starts the controller and waits until it answers.
@@ -153,6 +160,7 @@ impl Caravan {
             tls,
             desired_state_ttl_seconds,
             enrollments_per_second,
+            service,
         } = options;
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
         let dir = tmp.path().to_path_buf();
@@ -177,6 +185,18 @@ impl Caravan {
         // HTTPS either way: with the test CA's certificate, or with one
         // from the controller's own CA.
         let api_url = format!("https://127.0.0.1:{port}");
+        let service = match service {
+            true => {
+                let s = Service::start().await?;
+                s.add(([127, 0, 0, 1], port).into());
+                Some(s)
+            }
+            false => None,
+        };
+        let upstream_url = match &service {
+            Some(s) => format!("https://127.0.0.1:{}", s.port),
+            None => api_url.clone(),
+        };
         let data_dir = dir.join("controller").display().to_string();
         let trust_dir = data_dir.clone();
         let (args, mut env) = match install {
@@ -222,7 +242,11 @@ impl Caravan {
         let mut flags = vec![
             ("--listen", format!("127.0.0.1:{port}")),
             ("--data-dir", data_dir),
-            ("--relay-upstream-url", api_url.clone()),
+            ("--relay-upstream-url", upstream_url),
+            // Each process its own name in the leader election; a crashed
+            // leader is replaced within 10 s.
+            ("--leader-election-identity", "controller".to_string()),
+            ("--leader-election-lease-seconds", "10".to_string()),
             // Unreferenced blobs go 10 s after upload, checked every second.
             ("--blob-gc-interval-seconds", "1".to_string()),
             ("--blob-grace-seconds", "10".to_string()),
@@ -286,6 +310,7 @@ impl Caravan {
             relay_urls: Default::default(),
             relay_args: vec![],
             relay_plaintext: false,
+            service,
 
             dir,
             namespace: namespace.into(),
@@ -337,8 +362,17 @@ impl Caravan {
         let port = free_port();
         let url = format!("https://127.0.0.1:{port}");
         let (args, env) = &self.controller_cmd;
-        let args = override_args(args.clone(), &[("--listen", format!("127.0.0.1:{port}"))]);
+        let args = override_args(
+            args.clone(),
+            &[
+                ("--listen", format!("127.0.0.1:{port}")),
+                ("--leader-election-identity", "controller-replica".into()),
+            ],
+        );
         let replica = spawn_controller("controller-replica", &args, env, &self.dir, &url).await?;
+        if let Some(s) = &self.service {
+            s.add(([127, 0, 0, 1], port).into());
+        }
         Ok((replica, url))
     }
 
