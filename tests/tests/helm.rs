@@ -164,3 +164,67 @@ fn by_default_the_controller_has_rights_in_one_namespace_only() -> anyhow::Resul
     assert_eq!(wide[0].0, "ClusterRole", "{wide:?}");
     Ok(())
 }
+
+#[test]
+fn the_charts_lint_clean_and_their_schemas_refuse_wrong_values_by_name() -> anyhow::Result<()> {
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    let lint = helm(&["lint", &chart])?;
+    assert!(!lint.contains("[2]") && !lint.contains("[3]"), "{lint}");
+    for (values, says) in [
+        (
+            r#"{"replicaCount":"two"}"#,
+            "/replicaCount': got string, want integer",
+        ),
+        (
+            r#"{"replicas":2}"#,
+            "additional properties 'replicas' not allowed",
+        ),
+        (r#"{"service":{"port":70000}}"#, "/service/port"),
+        (
+            r#"{"relay":{"upstreamURL":"http://controller:8443"}}"#,
+            "/relay/upstreamURL",
+        ),
+        (
+            r#"{"replicaCount":2}"#,
+            "replicaCount > 1 needs persistence.accessMode: ReadWriteMany",
+        ),
+    ] {
+        let e = rendered(values).unwrap_err().to_string();
+        assert!(e.contains(says), "{values}: {e}");
+    }
+    // Several replicas: rolling updates, a disruption budget, the pod's
+    // name in the election; a ServiceMonitor when asked for.
+    let r = rendered(
+        r#"{"replicaCount":3,"persistence":{"accessMode":"ReadWriteMany"},"serviceMonitor":{"enabled":true}}"#,
+    )?;
+    let deployment = &r["caravan/templates/deployment.yaml"];
+    for part in [
+        "replicas: 3",
+        "type: RollingUpdate",
+        "CARAVAN_POD_NAME",
+        "fieldPath: metadata.name",
+    ] {
+        assert!(deployment.contains(part), "{part}:\n{deployment}");
+    }
+    assert!(r["caravan/templates/pdb.yaml"].contains("kind: PodDisruptionBudget"));
+    let monitor = &r["caravan/templates/servicemonitor.yaml"];
+    assert!(
+        monitor.contains("kind: ServiceMonitor") && monitor.contains("path: /metrics"),
+        "{monitor}"
+    );
+    let notes = &r["caravan/templates/NOTES.txt"];
+    for command in [
+        "kubectl -n caravan-system rollout status deployment/caravan",
+        "examples/gitsource.yaml",
+        "kubectl get -n caravan-system caravan",
+    ] {
+        assert!(notes.contains(command), "{command}:\n{notes}");
+    }
+    let single = rendered("{}")?;
+    assert!(
+        single["caravan/templates/pdb.yaml"].trim().is_empty(),
+        "no budget for one replica"
+    );
+    assert!(single["caravan/templates/deployment.yaml"].contains("type: Recreate"));
+    Ok(())
+}
