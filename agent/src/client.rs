@@ -36,6 +36,13 @@ pub enum ClientError {
     },
     #[error("relay answered {status}: {message}")]
     Status { status: StatusCode, message: String },
+    /// The relay says to come back later (`503` with `Retry-After`): outside
+    /// its transfer window, say. Nothing failed.
+    #[error("{message}")]
+    Waiting {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     #[error("digest mismatch: downloaded bytes have {actual}, expected {expected}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("size mismatch: downloaded {actual} bytes, expected {expected}")]
@@ -157,7 +164,17 @@ impl Client {
         if status.is_success() || status == StatusCode::NOT_MODIFIED {
             return Ok(res);
         }
+        let retry_after = res
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let message = caravan_net::error_message(res).await;
+        if let (StatusCode::SERVICE_UNAVAILABLE, Some(secs)) = (status, retry_after) {
+            return Err(ClientError::Waiting {
+                message,
+                retry_after: std::time::Duration::from_secs(secs),
+            });
+        }
         if status == StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized(message));
         }

@@ -80,6 +80,8 @@ pub mod reasons {
     pub const SIGNATURE_VERIFIED: &str = "SignatureVerified";
     pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
     pub const INVALID_NAME: &str = "InvalidName";
+    /// A Site's relay settings (url, cache, bandwidth, window) cannot be used.
+    pub const INVALID_RELAY_SETTINGS: &str = "InvalidRelaySettings";
     /// The API server refused an object the controller derives from the spec.
     pub const WORKLOAD_REFUSED: &str = "WorkloadRefused";
     /// A Site asks for a relay image the controller does not allow.

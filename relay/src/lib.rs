@@ -27,6 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use desired::SiteState;
 
+/// A number of bytes, plain or as a Kubernetes quantity (`10Mi`, `50Gi`).
+fn bytes(s: &str) -> Result<u64, String> {
+    caravan_api::v1alpha1::quantity_bytes(s)
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "caravan-relay", version, about)]
 pub struct Config {
@@ -56,16 +61,20 @@ pub struct Config {
     /// (desired state, enrollment, reports) still goes to `--upstream`.
     #[arg(long, env = "CARAVAN_CONTENT_UPSTREAM", requires = "content_token")]
     pub content_upstream: Option<String>,
-    /// Most bytes per second all upstream fetches take together (default: no limit).
-    #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT")]
+    /// Most bytes per second all upstream fetches take together, in bytes
+    /// or as a quantity (`2Mi`) (default: no limit).
+    #[arg(long, env = "CARAVAN_UPSTREAM_RATE_LIMIT", value_parser = bytes)]
     pub upstream_rate_limit: Option<u64>,
     /// Start upstream fetches only inside this daily window, `HH:MM-HH:MM`
-    /// in UTC (it may cross midnight). Default: any time.
+    /// (it may cross midnight) in UTC or in the time zone that follows
+    /// (`22:00-06:00 Europe/Berlin`); agents wait for it, told when it
+    /// opens. Default: any time.
     #[arg(long, env = "CARAVAN_TRANSFER_WINDOW")]
     pub transfer_window: Option<window::Window>,
-    /// Largest total size of the cache: least recently used blobs are evicted
-    /// beyond it, never one being served (default: no limit).
-    #[arg(long, env = "CARAVAN_CACHE_MAX_BYTES")]
+    /// Largest total size of the cache, in bytes or as a quantity (`45Gi`):
+    /// least recently used blobs are evicted beyond it, never one being
+    /// served (default: no limit).
+    #[arg(long, env = "CARAVAN_CACHE_MAX_BYTES", value_parser = bytes)]
     pub cache_max_bytes: Option<u64>,
     /// Most agent reports waiting to be passed up (while the controller is
     /// slow or away); agents beyond them are told to report again later.
@@ -143,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let limits = cache::Limits {
         rate: config.upstream_rate_limit.map(ratelimit::RateLimit::new),
         max_bytes: config.cache_max_bytes,
-        window: config.transfer_window,
+        window: config.transfer_window.clone(),
     };
     // A child site's relay fetches everything from its parent's.
     let registries = match &config.content_upstream {

@@ -312,15 +312,26 @@ async fn blob(
             format!("blob {digest} is not assigned to {whom}"),
         ));
     }
-    let blob = relay.cache.get(&digest).await.map_err(|e| {
-        tracing::warn!(blob = %digest, error = %caravan_net::Chain(&e), "blob unavailable");
-        let code = match e.as_ref() {
-            CacheError::Upstream(u) => u.status(),
-            CacheError::OutsideWindow { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        err(code, e.to_string())
-    })?;
+    let blob = match relay.cache.get(&digest).await {
+        Ok(blob) => blob,
+        Err(e) => {
+            let code = match e.as_ref() {
+                // Not a failure: the agent waits, told when the window opens.
+                CacheError::OutsideWindow { minutes, .. } => {
+                    let mut res =
+                        err(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+                    let retry = (u64::from(*minutes) * 60).max(1);
+                    res.headers_mut()
+                        .insert(http::header::RETRY_AFTER, retry.into());
+                    return Ok(res);
+                }
+                CacheError::Upstream(u) => u.status(),
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            tracing::warn!(blob = %digest, error = %caravan_net::Chain(&e), "blob unavailable");
+            return Err(err(code, e.to_string()));
+        }
+    };
     if blob.hit {
         &relay.metrics.cache_hits
     } else {

@@ -1,31 +1,51 @@
-//! A daily transfer window (UTC), `HH:MM-HH:MM`, possibly across midnight:
-//! outside it the relay starts no upstream fetch, so a branch on a thin link
-//! fills its cache when the link is free.
+//! A daily transfer window, `HH:MM-HH:MM` (possibly across midnight) in a
+//! time zone (UTC unless named): outside it the relay starts no upstream
+//! fetch, so a branch on a thin link fills its cache when the link is free,
+//! and its agents are told to wait until it opens.
 
 use std::{fmt, str::FromStr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use jiff::{tz::TimeZone, Timestamp};
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct Window {
-    /// Minutes after midnight, UTC.
+    /// Minutes after midnight, in `zone`.
     start: u32,
     end: u32,
+    zone: TimeZone,
+    /// How the zone was named (`Europe/Berlin`, `UTC`).
+    zone_name: String,
 }
 
 impl FromStr for Window {
     type Err = String;
+    /// `22:00-06:00` (UTC) or `22:00-06:00 Europe/Berlin`.
     fn from_str(s: &str) -> Result<Self, String> {
         let minutes = |t: &str| -> Option<u32> {
             let (h, m) = t.trim().split_once(':')?;
             let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
             (h < 24 && m < 60).then_some(h * 60 + m)
         };
-        let bad = || format!("transfer window {s:?} must look like 22:00-06:00 (UTC)");
-        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let bad = || {
+            format!("transfer window {s:?} must look like 22:00-06:00, optionally followed by a time zone (22:00-06:00 Europe/Berlin)")
+        };
+        let (span, zone_name) = match s.trim().split_once(' ') {
+            Some((span, zone)) => (span, zone.trim()),
+            None => (s.trim(), "UTC"),
+        };
+        let (a, b) = span.split_once('-').ok_or_else(bad)?;
         let (start, end) = (minutes(a).ok_or_else(bad)?, minutes(b).ok_or_else(bad)?);
         if start == end {
             return Err(format!("transfer window {s:?} is empty"));
         }
-        Ok(Self { start, end })
+        let zone = TimeZone::get(zone_name)
+            .map_err(|e| format!("transfer window {s:?}: time zone {zone_name:?}: {e}"))?;
+        Ok(Self {
+            start,
+            end,
+            zone,
+            zone_name: zone_name.to_string(),
+        })
     }
 }
 
@@ -33,18 +53,19 @@ impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:02}:{:02}-{:02}:{:02} UTC",
+            "{:02}:{:02}-{:02}:{:02} {}",
             self.start / 60,
             self.start % 60,
             self.end / 60,
-            self.end % 60
+            self.end % 60,
+            self.zone_name
         )
     }
 }
 
 impl Window {
-    /// `None` when `minute` (of the day, UTC) is inside the window, else the
-    /// minutes until it opens.
+    /// `None` when `minute` (of the day, in the window's zone) is inside
+    /// the window, else the minutes until it opens.
     pub fn opens_in(&self, minute: u32) -> Option<u32> {
         let inside = if self.start < self.end {
             (self.start..self.end).contains(&minute)
@@ -54,12 +75,25 @@ impl Window {
         (!inside).then(|| (self.start + 1440 - minute) % 1440)
     }
 
+    /// The same at `now`.
+    pub fn opens_in_at(&self, now: Timestamp) -> Option<u32> {
+        let local = now.to_zoned(self.zone.clone());
+        self.opens_in(local.hour() as u32 * 60 + local.minute() as u32)
+    }
+
     /// The same for the current time.
     pub fn opens_in_now(&self) -> Option<u32> {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.opens_in(((secs / 60) % 1440) as u32)
+        self.opens_in_at(Timestamp::now())
+    }
+
+    /// When it opens, as people there say it: `22:00 Europe/Berlin`.
+    pub fn opening(&self) -> String {
+        format!(
+            "{:02}:{:02} {}",
+            self.start / 60,
+            self.start % 60,
+            self.zone_name
+        )
     }
 }
 
@@ -80,5 +114,28 @@ mod tests {
         assert_eq!(lunch.to_string(), "12:00-13:00 UTC");
         assert!("25:00-01:00".parse::<Window>().is_err());
         assert!("10:00-10:00".parse::<Window>().is_err());
+    }
+
+    #[test]
+    fn a_window_is_read_in_its_time_zone() {
+        let berlin: Window = "22:00-06:00 Europe/Berlin".parse().unwrap();
+        assert_eq!(berlin.to_string(), "22:00-06:00 Europe/Berlin");
+        assert_eq!(berlin.opening(), "22:00 Europe/Berlin");
+        // 21:30 UTC in January is 22:30 in Berlin: open.
+        let winter: Timestamp = "2026-01-15T21:30:00Z".parse().unwrap();
+        assert_eq!(berlin.opens_in_at(winter), None);
+        // 20:30 UTC in July is 22:30 in Berlin (summer time): open; 19:30 is not.
+        let summer: Timestamp = "2026-07-15T20:30:00Z".parse().unwrap();
+        assert_eq!(berlin.opens_in_at(summer), None);
+        let early: Timestamp = "2026-07-15T19:30:00Z".parse().unwrap();
+        assert_eq!(berlin.opens_in_at(early), Some(30));
+        let utc: Window = "22:00-06:00".parse().unwrap();
+        assert_eq!(
+            utc.opens_in_at(summer),
+            Some(90),
+            "the same hours in UTC differ"
+        );
+        let e = "22:00-06:00 Mars/Olympus".parse::<Window>().unwrap_err();
+        assert!(e.contains("time zone"), "{e}");
     }
 }

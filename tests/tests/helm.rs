@@ -1,7 +1,9 @@
 //! The Helm chart installs Caravan for real: CRDs, RBAC, the controller
 //! Deployment. The controller is then run the way a kubelet would run that
 //! Deployment, as the chart's ServiceAccount, so the pipeline only works if
-//! the chart's RBAC grants everything the controller needs.
+//! the chart's RBAC grants everything the controller needs. The relay chart
+//! installs a branch's relay the same way, and the branch's agents converge
+//! through it.
 
 use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE, HELM_TEST_VALUES};
 use k8s_openapi::api::{
@@ -220,11 +222,127 @@ fn the_charts_lint_clean_and_their_schemas_refuse_wrong_values_by_name() -> anyh
     ] {
         assert!(notes.contains(command), "{command}:\n{notes}");
     }
+    // The relay chart, for a branch.
+    let relay = repo_root()
+        .join("charts/caravan-relay")
+        .display()
+        .to_string();
+    let base = r#"{"upstreamURL":"https://controller:8443","relayToken":"t""#;
+    let lint = helm(&["lint", &relay, "--set-json", &format!("{base}}}")])?;
+    assert!(!lint.contains("[2]") && !lint.contains("[3]"), "{lint}");
+    for (extra, says) in [
+        (r#","transferWindow":"10pm"}"#, "/transferWindow"),
+        (r#","bandwidth":"2 MB/s"}"#, "/bandwidth"),
+        (
+            r#","contentUpstream":{"url":"https://hq:8080"}}"#,
+            "needs contentUpstream.token",
+        ),
+        (
+            r#","contentUpstream":{"url":"http://hq:8080","token":"c"}}"#,
+            "contentUpstream.url is plaintext",
+        ),
+    ] {
+        let values = format!("{base}{extra}");
+        let e = helm(&["template", "berlin", &relay, "--set-json", &values])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{values}: {e}");
+    }
     let single = rendered("{}")?;
     assert!(
         single["caravan/templates/pdb.yaml"].trim().is_empty(),
         "no budget for one replica"
     );
     assert!(single["caravan/templates/deployment.yaml"].contains("type: Recreate"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_branch_relay_from_the_relay_chart_serves_its_agents_from_the_parent_relay(
+) -> anyhow::Result<()> {
+    use caravan_api::v1alpha1::Site;
+    use caravan_tests::wait_for;
+    use chrono::Timelike as _;
+    use k8s_openapi::api::core::v1::Secret;
+    const T: std::time::Duration = std::time::Duration::from_secs(120);
+
+    let mut c = Caravan::start("branch").await?;
+    let repo = c.seed_example_fleet().await?;
+    // Berlin, below hq, runs its relay outside the cluster: none in it.
+    repo.write(
+        "fleet/berlin.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: berlin}\nspec:\n  parent: hq\n  relay: {replicas: 0}\n",
+    )?;
+    repo.commit("Berlin, below hq")?;
+    let hq = c.start_relay("hq").await?;
+    // What the branch's administrator is handed: the Site's relay Secret
+    // (its credentials, and the CA of hq relay's certificate) and the CA
+    // of the controller's.
+    let secret = wait_for("berlin's relay credentials", T, || async {
+        let s = c.api::<Secret>().get_opt("berlin-relay").await?;
+        Ok(s.and_then(|s| s.data)
+            .filter(|d| d.contains_key("content-token")))
+    })
+    .await?;
+    let relay_ca = String::from_utf8(secret["ca.crt"].0.clone())?;
+    let controller_ca = std::fs::read_to_string(&c.controller_ca_file)?;
+    // Berlin serves its agents with a certificate of its own CA, which they pin.
+    let tls = caravan_tests::TestTls::generate(&c.dir.join("berlin-tls"))?;
+    c.create_tls_secret("berlin-tls", &tls).await?;
+    caravan_tests::trust(&std::fs::read(&tls.ca)?);
+    let mut bundle = std::fs::read(&c.ca_file)?;
+    bundle.extend(std::fs::read(&tls.ca)?);
+    std::fs::write(&c.ca_file, bundle)?;
+    let now = chrono::Utc::now();
+    let hm = |minutes: i64| {
+        let t = now + chrono::Duration::minutes(minutes);
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    };
+    let window = format!("{}-{} UTC", hm(-30), hm(90));
+    let values = serde_json::json!({
+        "upstreamURL": c.api_url, "upstreamCA": controller_ca, "existingSecret": "berlin-relay",
+        "contentUpstream": {"url": hq.url, "ca": relay_ca},
+        "tls": {"existingSecret": "berlin-tls"},
+        "cache": {"persistent": false, "size": "1Gi", "limit": "900Mi"},
+        "bandwidth": "50Mi", "transferWindow": window,
+    });
+    let out = helm(&[
+        "install",
+        "berlin",
+        &repo_root()
+            .join("charts/caravan-relay")
+            .display()
+            .to_string(),
+        "--namespace",
+        &c.namespace,
+        "--kubeconfig",
+        &c.cluster.kubeconfig.display().to_string(),
+        "--set-json",
+        &values.to_string(),
+    ])?;
+    assert!(out.contains("install: release berlin"), "{out}");
+    let berlin = c
+        .start_relay_deployed("berlin", "berlin-caravan-relay")
+        .await?;
+    assert!(berlin.url.starts_with("https://"), "served over TLS");
+    c.start_agent("desk-berlin", &berlin)?;
+    let (_, root) = c.agent_dirs("desk-berlin");
+    wait_for("hello installed in Berlin", T, || async {
+        Ok(root.join("hello/bin/hello").exists().then_some(()))
+    })
+    .await?;
+    // The blob crossed the link from hq's relay, which fetched it once.
+    let served = caravan_tests::metric(&hq.url, "caravan_relay_served_bytes_total").await?;
+    assert!(served > 0.0, "hq's relay served berlin's relay");
+    wait_for("Berlin's Site to see its relay", T, || async {
+        let s = c.api::<Site>().get("berlin").await?;
+        Ok(s.status
+            .unwrap_or_default()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -27,7 +27,7 @@ use caravan_api::{
 use crate::{
     attempts::Attempts,
     choices::{self, Choices},
-    client::Client,
+    client::{Client, ClientError},
     config::Config,
     drift::Baseline,
     plan::{self, key, Decision, Key, Why},
@@ -68,6 +68,18 @@ impl std::fmt::Display for DownloadFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("download failed")
     }
+}
+
+/// What the relay said while asking the agent to wait, and for how long.
+fn waiting(e: &anyhow::Error) -> Option<(String, std::time::Duration)> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<ClientError>()? {
+            ClientError::Waiting {
+                message,
+                retry_after,
+            } => Some((message.clone(), *retry_after)),
+            _ => None,
+        })
 }
 
 /// The job's schedule does not let an install start once its package is
@@ -515,6 +527,17 @@ impl Converger {
                 tracing::info!(job = %a.job, package = %a.package, reason = %msg, "not applicable here");
                 self.set_phase(&a, AssignmentPhase::NotApplicable, &msg);
                 true
+            }
+            Err(e) if waiting(&e).is_some() => {
+                // The relay asks to wait (its transfer window): still
+                // downloading, not failed; asked again when it says, at
+                // least every `retry_after`.
+                let (msg, after) = waiting(&e).unwrap_or_default();
+                let pause = after.clamp(std::time::Duration::from_secs(1), self.config.retry_after);
+                tracing::info!(job = %a.job, package = %a.package, reason = %msg, retry_in = ?pause, "download waits");
+                self.set_phase(&a, AssignmentPhase::Downloading, &msg);
+                self.retry_at.insert(key(&a), Instant::now() + pause);
+                false
             }
             Err(e) if e.downcast_ref::<DownloadFailed>().is_some() => {
                 let msg = format!("{e:#}");

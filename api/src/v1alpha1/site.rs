@@ -58,6 +58,97 @@ pub struct RelaySpec {
     /// Only a top-level site's relay fetches from registries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_auth_secret: Option<String>,
+    /// The URL the relays of the sites below reach this site's relay at
+    /// (`https://`, verified with the controller's CA): for a relay run
+    /// outside the cluster (`charts/caravan-relay`), its address there. The
+    /// relay's Service in the cluster when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The relay's blob cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+    /// Most bytes per second the relay's upstream fetches take together, as
+    /// a quantity (`10Mi`: 10 MiB/s); no limit when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+    /// A daily window outside which the relay fetches nothing from
+    /// upstream (agents wait for it, told when it opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_window: Option<TransferWindow>,
+}
+
+/// The relay's blob cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Largest size of the cache, as a quantity (`50Gi`): least recently
+    /// used blobs are evicted beyond nine tenths of it, and the cache volume
+    /// is limited to it.
+    pub size: String,
+}
+
+/// A daily window, which may cross midnight.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferWindow {
+    /// When it opens, `HH:MM`.
+    pub start: String,
+    /// When it closes, `HH:MM`.
+    pub end: String,
+    /// The IANA time zone the times are in (`Europe/Berlin`); UTC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+impl RelaySpec {
+    /// Whether `url`, `cache`, `bandwidth` and `transferWindow` can be
+    /// used; else what is wrong, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.url {
+            if !url.starts_with("https://") {
+                return Err(format!("relay.url {url:?} must be https://"));
+            }
+        }
+        if let Some(c) = &self.cache {
+            quantity_bytes(&c.size).map_err(|e| format!("relay.cache.size: {e}"))?;
+        }
+        if let Some(b) = &self.bandwidth {
+            quantity_bytes(b).map_err(|e| format!("relay.bandwidth: {e}"))?;
+        }
+        if let Some(w) = &self.transfer_window {
+            let minutes = |t: &str| -> Option<u32> {
+                let (h, m) = t.split_once(':')?;
+                let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+                (h < 24 && m < 60 && t.len() == 5).then_some(h * 60 + m)
+            };
+            let (Some(start), Some(end)) = (minutes(&w.start), minutes(&w.end)) else {
+                return Err(format!(
+                    "relay.transferWindow: start {:?} and end {:?} must be HH:MM",
+                    w.start, w.end
+                ));
+            };
+            if start == end {
+                return Err("relay.transferWindow is empty (start = end)".into());
+            }
+            if let Some(tz) = &w.time_zone {
+                jiff::tz::TimeZone::get(tz)
+                    .map_err(|e| format!("relay.transferWindow.timeZone {tz:?}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TransferWindow {
+    /// As the relay's `--transfer-window` takes it: `22:00-06:00 Europe/Berlin`.
+    pub fn to_arg(&self) -> String {
+        format!(
+            "{}-{} {}",
+            self.start,
+            self.end,
+            self.time_zone.as_deref().unwrap_or("UTC")
+        )
+    }
 }
 
 impl Default for RelaySpec {
@@ -68,8 +159,46 @@ impl Default for RelaySpec {
             tls_secret: None,
             hostnames: Vec::new(),
             registry_auth_secret: None,
+            url: None,
+            cache: None,
+            bandwidth: None,
+            transfer_window: None,
         }
     }
+}
+
+/// Bytes in a Kubernetes quantity of bytes (`512`, `10Mi`, `50Gi`, `1G`,
+/// `1.5Gi`). Returns what is wrong.
+pub fn quantity_bytes(q: &str) -> Result<u64, String> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let scale: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{q:?} is not a quantity of bytes (like 512, 10Mi, 50Gi or 1G)"
+            ))
+        }
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{q:?} is not a quantity of bytes (like 512, 10Mi, 50Gi or 1G)"))?;
+    let bytes = n * scale as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{q:?} is not a positive number of bytes"));
+    }
+    Ok(bytes as u64)
 }
 
 fn one() -> i32 {
@@ -140,6 +269,55 @@ impl Site {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_settings_that_cannot_be_used_are_named() {
+        let ok: RelaySpec = serde_json::from_value(serde_json::json!({
+            "url": "https://relay.berlin.example.com:8080", "cache": {"size": "50Gi"}, "bandwidth": "10Mi",
+            "transferWindow": {"start": "22:00", "end": "06:00", "timeZone": "Europe/Berlin"},
+        }))
+        .unwrap();
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(
+            ok.transfer_window.as_ref().unwrap().to_arg(),
+            "22:00-06:00 Europe/Berlin"
+        );
+        for (patch, says) in [
+            (serde_json::json!({"url": "http://relay:8080"}), "relay.url"),
+            (
+                serde_json::json!({"cache": {"size": "lots"}}),
+                "relay.cache.size",
+            ),
+            (
+                serde_json::json!({"bandwidth": "10 MB/s"}),
+                "relay.bandwidth",
+            ),
+            (
+                serde_json::json!({"transferWindow": {"start": "22", "end": "06:00"}}),
+                "must be HH:MM",
+            ),
+            (
+                serde_json::json!({"transferWindow": {"start": "22:00", "end": "06:00", "timeZone": "Mars/Base"}}),
+                "timeZone",
+            ),
+        ] {
+            let spec: RelaySpec = serde_json::from_value(patch).unwrap();
+            let e = spec.check().unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn quantities_of_bytes_are_read_as_kubernetes_writes_them() {
+        assert_eq!(quantity_bytes("512"), Ok(512));
+        assert_eq!(quantity_bytes("10Mi"), Ok(10 << 20));
+        assert_eq!(quantity_bytes("50Gi"), Ok(50 << 30));
+        assert_eq!(quantity_bytes("1G"), Ok(1_000_000_000));
+        assert_eq!(quantity_bytes("1.5Gi"), Ok(3 << 29));
+        for bad in ["", "Gi", "10 MB", "-1Gi", "0", "ten"] {
+            assert!(quantity_bytes(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn each_rotation_and_each_new_site_gives_the_relay_credential_a_new_key_id() {

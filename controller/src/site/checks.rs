@@ -105,6 +105,14 @@ fn repository(image: &str) -> &str {
 /// The images a Site may run its relay with: those of the repositories
 /// `allowed` names (an entry ending in `/` allows everything beneath it),
 /// and always the repository of the controller's default relay image.
+/// The relay's settings (url, cache size, bandwidth, transfer window) can be used.
+pub fn check_settings(site: &Site) -> Result<(), Refusal> {
+    site.spec
+        .relay
+        .check()
+        .map_err(|e| Refusal::new(reasons::INVALID_RELAY_SETTINGS, e))
+}
+
 pub fn check_image(site: &Site, default: &str, allowed: &[String]) -> Result<(), Refusal> {
     let Some(image) = &site.spec.relay.image else {
         return Ok(());

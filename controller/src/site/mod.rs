@@ -150,6 +150,7 @@ impl SiteReconciler {
         let config = &self.ctx.config;
         let ns = site.namespace().unwrap_or_default();
         if let Err(r) = checks::check_name(site)
+            .and_then(|()| checks::check_settings(site))
             .and_then(|()| {
                 checks::check_image(site, &config.relay_image, &config.allowed_relay_images)
             })
@@ -240,10 +241,18 @@ impl SiteReconciler {
             Some((_, parent_kid)) => format!("{kid}-{cert_id}.{parent_kid}"),
             None => format!("{kid}-{cert_id}"),
         };
+        let parent_site = site.spec.parent.as_ref().and_then(|p| {
+            self.stores
+                .sites
+                .get(&ObjectRef::<Site>::new(p).within(&ns))
+        });
         let params = RelayParams {
             default_image: &self.ctx.config.relay_image,
             upstream_url: &self.ctx.config.relay_upstream_url,
             upstream_ca: self.upstream_ca.as_deref(),
+            parent_url: parent_site
+                .as_ref()
+                .and_then(|p| p.spec.relay.url.as_deref()),
             credential_id: &credential_id,
             ca: self.ctx.ca.cert_pem(),
         };

@@ -18,6 +18,7 @@ use k8s_openapi::{
         },
     },
     apimachinery::pkg::{
+        api::resource::Quantity,
         apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
         util::intstr::IntOrString,
     },
@@ -95,6 +96,8 @@ pub struct RelayParams<'a> {
     pub upstream_url: &'a str,
     /// PEM of the CA the relay verifies the controller with, if any.
     pub upstream_ca: Option<&'a str>,
+    /// Where the parent site's relay says it is (`spec.relay.url`), if it does.
+    pub parent_url: Option<&'a str>,
     /// The key IDs of the relay's credentials and its certificate's period
     /// (and, for a child site, its parent's key ID): when one changes, the
     /// pods roll.
@@ -257,10 +260,33 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
         "--cache-dir".into(),
         CACHE_DIR.into(),
     ];
+    let spec = &site.spec.relay;
+    // The cache volume is limited to the Site's cache size; the relay
+    // evicts beyond nine tenths of it, before the kubelet would evict the pod.
+    let cache_bytes = spec
+        .cache
+        .as_ref()
+        .and_then(|c| caravan_api::v1alpha1::quantity_bytes(&c.size).ok());
+    if let Some(bytes) = cache_bytes {
+        args.extend(["--cache-max-bytes".into(), (bytes / 10 * 9).to_string()]);
+    }
+    if let Some(rate) = spec
+        .bandwidth
+        .as_deref()
+        .and_then(|b| caravan_api::v1alpha1::quantity_bytes(b).ok())
+    {
+        args.extend(["--upstream-rate-limit".into(), rate.to_string()]);
+    }
+    if let Some(w) = &spec.transfer_window {
+        args.extend(["--transfer-window".into(), w.to_arg()]);
+    }
     let mut mounts = vec![mount("cache", CACHE_DIR, false)];
     let mut volumes = vec![Volume {
         name: "cache".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: cache_bytes.map(|b| Quantity(b.to_string())),
+            ..Default::default()
+        }),
         ..Default::default()
     }];
     if params.upstream_ca.is_some() {
@@ -302,7 +328,10 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
     // A child site's relay takes content from its parent's relay, over
     // HTTPS verified with the controller's CA alone.
     if let Some(parent) = &site.spec.parent {
-        let url = format!("https://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent));
+        let url = match params.parent_url {
+            Some(url) => url.to_string(),
+            None => format!("https://{}.{ns}.svc:{RELAY_PORT}", relay_name(parent)),
+        };
         envs.push(env("CARAVAN_CONTENT_UPSTREAM", url));
         envs.push(env_from_secret(
             "CARAVAN_CONTENT_TOKEN",
@@ -438,6 +467,7 @@ mod tests {
         default_image: "relay:1",
         upstream_url: "https://controller:8443",
         upstream_ca: None,
+        parent_url: None,
         credential_id: "0a1b2c",
         ca: "CA PEM",
     };
@@ -620,6 +650,76 @@ mod tests {
             ["ca.crt", "content-token", "tls.crt", "tls.key", "token"]
         );
         assert_eq!(data[CA_KEY], "CA PEM");
+    }
+
+    #[test]
+    fn the_sites_cache_bandwidth_window_and_parent_address_reach_the_relay() {
+        let mut spec: SiteSpec = serde_json::from_value(serde_json::json!({
+            "parent": "hq",
+            "relay": {
+                "cache": {"size": "10Gi"}, "bandwidth": "2Mi",
+                "transferWindow": {"start": "22:00", "end": "06:00", "timeZone": "Europe/Berlin"},
+            },
+        }))
+        .unwrap();
+        let (s, owner) = site("berlin", spec.clone());
+        let params = RelayParams {
+            parent_url: Some("https://relay.hq.example.com:8443"),
+            ..PARAMS
+        };
+        let d = deployment(&s, &owner, &params);
+        let c = container(&d);
+        let args = c.args.clone().unwrap().join(" ");
+        for part in [
+            "--cache-max-bytes 9663676416",
+            "--upstream-rate-limit 2097152",
+            "--transfer-window 22:00-06:00 Europe/Berlin",
+        ] {
+            assert!(args.contains(part), "{part}: {args}");
+        }
+        let content = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CARAVAN_CONTENT_UPSTREAM");
+        assert_eq!(
+            content.and_then(|e| e.value.as_deref()),
+            Some("https://relay.hq.example.com:8443"),
+            "the parent's declared address"
+        );
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let cache = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "cache")
+            .unwrap();
+        assert_eq!(
+            cache.empty_dir.as_ref().unwrap().size_limit,
+            Some(Quantity((10u64 << 30).to_string()))
+        );
+        // Without an address, the parent's Service in the cluster.
+        let d = deployment(&s, &owner, &PARAMS);
+        let content = container(&d)
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "CARAVAN_CONTENT_UPSTREAM");
+        assert_eq!(
+            content.and_then(|e| e.value).as_deref(),
+            Some("https://hq-relay.ns.svc:8080")
+        );
+        spec.relay = Default::default();
+        let (s, owner) = site("plain", spec);
+        let d = deployment(&s, &owner, &PARAMS);
+        let args = container(&d).args.clone().unwrap().join(" ");
+        assert!(
+            !args.contains("--cache-max-bytes") && !args.contains("--transfer-window"),
+            "{args}"
+        );
     }
 
     #[test]

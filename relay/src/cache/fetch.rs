@@ -38,7 +38,7 @@ pub enum CacheError {
         "upstream sent {digest} anew instead of resuming it; fetching it again from the start"
     )]
     Restarted { digest: Digest },
-    #[error("blob not cached yet, and upstream fetches wait for the transfer window {window} (opens in {minutes} min)")]
+    #[error("waiting for the transfer window, opens {} (in {minutes} min): the relay fetches the blob then", window.opening())]
     OutsideWindow { window: Window, minutes: u32 },
     #[error("fetch task failed: {0}")]
     Task(String),
@@ -83,8 +83,9 @@ impl Cache {
         digest: &Digest,
         progress: &watch::Sender<Progress>,
     ) -> Result<PathBuf, CacheError> {
-        if let Some(window) = self.window {
+        if let Some(window) = &self.window {
             if let Some(minutes) = window.opens_in_now() {
+                let window = window.clone();
                 return Err(CacheError::OutsideWindow { window, minutes });
             }
         }

@@ -96,8 +96,8 @@ impl Cache {
     }
 
     /// The transfer window, if any.
-    pub fn window(&self) -> Option<Window> {
-        self.window
+    pub fn window(&self) -> Option<&Window> {
+        self.window.as_ref()
     }
 
     /// The path of the cached blob, after fetching it if needed (prestaging).

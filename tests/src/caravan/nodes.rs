@@ -70,11 +70,32 @@ impl Caravan {
     }
 
     async fn start_relay_on(&mut self, site: &str, port: u16) -> anyhow::Result<RelayInfo> {
+        self.start_relay_from(site, &format!("{site}-relay"), port)
+            .await
+    }
+
+    /// Starts the relay of `site` as Deployment `deployment` (one the
+    /// controller made, or a `charts/caravan-relay` release) says, on a
+    /// free port.
+    pub async fn start_relay_deployed(
+        &mut self,
+        site: &str,
+        deployment: &str,
+    ) -> anyhow::Result<RelayInfo> {
+        self.start_relay_from(site, deployment, free_port()).await
+    }
+
+    async fn start_relay_from(
+        &mut self,
+        site: &str,
+        deployment: &str,
+        port: u16,
+    ) -> anyhow::Result<RelayInfo> {
         let (args, env) = self
             .cluster
             .container_command(
                 &self.namespace,
-                &format!("{site}-relay"),
+                deployment,
                 &self.dir.join(format!("node/relay-{site}")),
             )
             .await?;
@@ -84,7 +105,7 @@ impl Caravan {
         // address becomes the loopback address the parent was started on.
         let mut env = env;
         for (k, v) in &mut env {
-            if k == "CARAVAN_CONTENT_UPSTREAM" {
+            if k == "CARAVAN_CONTENT_UPSTREAM" && v.contains(".svc") {
                 let host = v.split("://").nth(1).unwrap_or_default();
                 let parent = host
                     .split('.')
