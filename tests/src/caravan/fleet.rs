@@ -7,9 +7,8 @@ use super::Caravan;
 
 impl Caravan {
     /// Seeds a Git repository from `examples/`: the fleet manifests under
-    /// `fleet/` and the `hello` example package pushed as version 1.0.0, then
-    /// declares a GitSource for it that syncs every 2 seconds.
-    pub async fn seed_example_fleet(&self) -> anyhow::Result<git::GitRepo> {
+    /// `fleet/` and the `hello` example package pushed as version 1.0.0.
+    pub async fn example_fleet(&self) -> anyhow::Result<git::GitRepo> {
         let repo = git::GitRepo::create(&self.dir.join("git"))?;
         let examples = repo_root().join("examples");
         for entry in std::fs::read_dir(examples.join("fleet"))? {
@@ -37,6 +36,12 @@ impl Caravan {
             &repo.work.join("fleet/packages"),
         )?;
         repo.commit("Declare the fleet: cabinet, hq site, hello 1.0.0 for everyone")?;
+        Ok(repo)
+    }
+
+    /// [`Self::example_fleet`], synced by a GitSource `fleet` every 2 s.
+    pub async fn seed_example_fleet(&self) -> anyhow::Result<git::GitRepo> {
+        let repo = self.example_fleet().await?;
         self.add_git_source("fleet", &repo.url(), "fleet", 2)
             .await?;
         Ok(repo)
