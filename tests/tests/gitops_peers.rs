@@ -14,10 +14,13 @@ use kube::{api::ListParams, Resource, ResourceExt};
 const T: Duration = Duration::from_secs(120);
 const PEER: &str = "kustomize-controller";
 
+/// A field manager and the top-level fields it owns.
+type Managed = (String, Vec<String>);
+
 /// Who manages what in `obj`: each manager and the top-level fields it
 /// owns (`f:spec`, `f:status`, …; API servers before 1.22 do not name the
 /// subresource).
-fn managers<K: Resource>(obj: &K) -> Vec<(String, Vec<String>)> {
+fn managers<K: Resource>(obj: &K) -> Vec<Managed> {
     obj.meta()
         .managed_fields
         .iter()
@@ -81,7 +84,7 @@ async fn manifests_applied_by_another_gitops_tool_are_served_and_neither_fought_
     let cabinet = c.api::<Cabinet>().get("main").await?;
     let packages = c.api::<Package>().list(&ListParams::default()).await?;
     assert!(!packages.items.is_empty());
-    let mut all: Vec<(String, Vec<(String, Vec<String>)>, bool)> = vec![
+    let mut all: Vec<(String, Vec<Managed>, bool)> = vec![
         (
             job.name_any(),
             managers(&job),
