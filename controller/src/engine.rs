@@ -212,8 +212,28 @@ impl Engine {
             artifacts: &artifacts,
             unreachable: &unreachable,
         });
-        self.ctx.metrics.recomputes.inc();
-        self.ctx.metrics.agents.set(agents.len() as i64);
+        let m = &self.ctx.metrics;
+        m.recomputes.inc();
+        m.agents.set(agents.len() as i64);
+        m.leading.set(i64::from(self.leading.now()));
+        m.job_destinations.clear();
+        for (job, st) in &out.jobs {
+            for (phase, n) in [
+                ("succeeded", st.succeeded),
+                ("failed", st.failed),
+                ("pending", st.pending),
+                ("not_applicable", st.not_applicable),
+                ("conflict", st.conflict),
+                ("expired", st.expired),
+            ] {
+                let labels = crate::metrics::JobPhaseLabels {
+                    namespace: job.namespace().unwrap_or_default(),
+                    job: job.name_any(),
+                    phase,
+                };
+                m.job_destinations.get_or_create(&labels).set(i64::from(n));
+            }
+        }
         let desired = self
             .signer
             .lock()

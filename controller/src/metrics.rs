@@ -69,6 +69,27 @@ pub struct Metrics {
     pub recomputes: Counter,
     /// Agents known to the engine.
     pub agents: Gauge,
+    /// Destinations of each job by where they stand.
+    pub job_destinations: Family<JobPhaseLabels, Gauge>,
+    /// When the commit each GitSource last fetched was made (Unix
+    /// seconds): `time() - ` it is how old the revision in Git is.
+    pub git_revision_time: Family<SourceLabels, Gauge>,
+    /// 1 while this replica leads (reconciles and writes status).
+    pub leading: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobPhaseLabels {
+    pub namespace: String,
+    pub job: String,
+    /// `succeeded`, `failed`, `pending`, `not_applicable`, `conflict`, `expired`.
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,6 +105,12 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    fn report_refused_init(&self, reason: &str) {
+        let _ = self.reports_refused.get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        });
     }
 
     /// Counts one GitSource sync.
@@ -103,8 +130,16 @@ impl Default for Metrics {
             reports_refused: Family::default(),
             recomputes: Counter::default(),
             agents: Gauge::default(),
+            job_destinations: Family::default(),
+            git_revision_time: Family::default(),
+            leading: Gauge::default(),
             registry: Registry::default(),
         };
+        // Series that exist from the start (at 0), so dashboards and alerts
+        // see them before the first refusal.
+        for reason in ["UnknownAgent", "OtherSite", "Invalid"] {
+            m.report_refused_init(reason);
+        }
         let results: Vec<&str> = SyncResult::ALL.map(SyncResult::as_str).to_vec();
         registry.register(
             "gitsource_syncs",
@@ -133,6 +168,21 @@ impl Default for Metrics {
             m.recomputes.clone(),
         );
         registry.register("agents", "Agents known to the controller", m.agents.clone());
+        registry.register(
+            "job_destinations",
+            "Destinations of each job by phase",
+            m.job_destinations.clone(),
+        );
+        registry.register(
+            "gitsource_revision_timestamp_seconds",
+            "When the commit each GitSource last fetched was made",
+            m.git_revision_time.clone(),
+        );
+        registry.register(
+            "leading",
+            "1 while this replica leads (reconciles and writes status)",
+            m.leading.clone(),
+        );
         Self { registry, ..m }
     }
 }

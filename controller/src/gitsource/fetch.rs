@@ -77,6 +77,8 @@ pub fn check_url(url: &str, local_roots: &[PathBuf]) -> Result<(), String> {
 pub struct Fetched {
     pub commit: String,
     pub found_at: String,
+    /// When the commit was made (Unix seconds).
+    pub committed_at: i64,
     pub files: Files,
 }
 
@@ -228,6 +230,7 @@ pub fn fetch(
     Ok(Fetched {
         commit: commit.id().to_string(),
         found_at,
+        committed_at: commit.time().seconds(),
         files,
     })
 }

@@ -170,8 +170,17 @@ impl GitSources {
         let fetch::Fetched {
             commit,
             found_at,
+            committed_at,
             files,
         } = fetched;
+        self.ctx
+            .metrics
+            .git_revision_time
+            .get_or_create(&crate::metrics::SourceLabels {
+                namespace: ns.clone(),
+                name: name.clone(),
+            })
+            .set(committed_at);
         let key = (ns.clone(), name.clone());
         let last = self.applied.lock().unwrap().get(&key).cloned();
         if let Some(last) =

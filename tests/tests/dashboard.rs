@@ -1,0 +1,109 @@
+//! The Grafana dashboard in the chart: its JSON loads, the chart ships it
+//! as a ConfigMap for Grafana's sidecar, and every metric its queries name
+//! is one the controller or a relay exports (read from their `/metrics`
+//! after a job ran).
+
+use std::collections::BTreeSet;
+
+use caravan_tests::{helm, repo_root, Caravan, HELM_NAMESPACE};
+
+/// The `caravan_…` metric names in every query of the dashboard.
+fn queried() -> anyhow::Result<BTreeSet<String>> {
+    let text = std::fs::read_to_string(repo_root().join("charts/caravan/dashboards/caravan.json"))?;
+    let dashboard: serde_json::Value = serde_json::from_str(&text)?;
+    let mut exprs = vec![];
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(q) = v["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut names = BTreeSet::new();
+    for e in exprs {
+        for (i, _) in e.match_indices("caravan_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    Ok(names)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_dashboard_queries_is_exported() -> anyhow::Result<()> {
+    let names = queried()?;
+    assert!(names.len() >= 10, "{names:?}");
+    let mut c = Caravan::start("dashboard").await?;
+    let (_, relay) = c.hello_installed("desk").await?;
+    let mut exported = String::new();
+    for base in [&c.api_url, &relay.url] {
+        exported += &caravan_tests::http()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+    }
+    // Every family the binaries declare (one with no sample yet, like
+    // refused reports, is still exported), under the names Prometheus
+    // stores its samples by.
+    let mut samples = BTreeSet::new();
+    for l in exported.lines() {
+        let mut words = l.split(' ');
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            match kind {
+                "counter" => {
+                    samples.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        samples.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    samples.insert(name.to_string());
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !samples.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\n{exported}"
+    );
+
+    // The chart ships it for Grafana's sidecar.
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    let rendered: std::collections::BTreeMap<String, String> = serde_json::from_str(&helm(&[
+        "template",
+        "caravan",
+        &chart,
+        "--namespace",
+        HELM_NAMESPACE,
+        "--set-json",
+        r#"{"dashboard":{"enabled":true}}"#,
+    ])?)?;
+    let cm = &rendered["caravan/templates/dashboard.yaml"];
+    assert!(
+        cm.contains("grafana_dashboard: \"1\"") && cm.contains("\"uid\": \"caravan-overview\""),
+        "{cm}"
+    );
+    Ok(())
+}
