@@ -67,11 +67,14 @@ macro_rules! has_status {
 
 has_status!(
     GitSource => GitSourceStatus, observed: observed_generation;
-    Cabinet => CabinetStatus, observed: observed_generation;
-    Package => PackageStatus, observed: observed_generation;
+    Cabinet => CabinetStatus, observed: observed_generation,
+        events: crate::index::status::cabinet_events;
+    Package => PackageStatus, observed: observed_generation,
+        events: crate::index::status::package_events;
     DistributionJob => DistributionJobStatus, observed: observed_generation,
         events: crate::index::status::job_events;
-    Site => SiteStatus, observed: observed_generation;
+    Site => SiteStatus, observed: observed_generation,
+        events: crate::index::status::site_events;
     // Agent status comes from reports, not from the spec.
     Agent => AgentStatus;
 );

@@ -1,7 +1,9 @@
-//! The Grafana dashboard in the chart: its JSON loads, the chart ships it
-//! as a ConfigMap for Grafana's sidecar, and every metric its queries name
-//! is one the controller or a relay exports (read from their `/metrics`
-//! after a job ran).
+//! What an operator watches. The Grafana dashboard in the chart: its JSON
+//! loads, the chart ships it as a ConfigMap for Grafana's sidecar, and every
+//! metric its queries name is one the controller or a relay exports (read
+//! from their `/metrics` after a job ran). And the Events the same run
+//! leaves on its objects: the relay connected, the artifact verified, the
+//! agent enrolled, the job complete.
 
 use std::collections::BTreeSet;
 
@@ -88,6 +90,38 @@ async fn every_metric_the_dashboard_queries_is_exported() -> anyhow::Result<()> 
         missing.is_empty(),
         "queried but not exported: {missing:?}\n{exported}"
     );
+
+    // The transitions, as Events on their objects.
+    let events = c
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&Default::default())
+        .await?;
+    let seen: BTreeSet<(String, String)> = events
+        .items
+        .iter()
+        .map(|e| {
+            (
+                e.regarding
+                    .as_ref()
+                    .and_then(|r| r.kind.clone())
+                    .unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (kind, reason) in [
+        ("Site", "RelayConnected"),
+        ("Package", "ArtifactVerified"),
+        ("Cabinet", "CabinetReady"),
+        ("Agent", "Enrolled"),
+        ("DistributionJob", "Complete"),
+        ("GitSource", "Applied"),
+    ] {
+        assert!(
+            seen.contains(&(kind.to_string(), reason.to_string())),
+            "no {reason} Event on a {kind}: {seen:?}"
+        );
+    }
 
     // The chart ships it for Grafana's sidecar.
     let chart = repo_root().join("charts/caravan").display().to_string();

@@ -282,18 +282,41 @@ pub async fn enroll(
                 }))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
             };
-            match api.create(&PostParams::default(), &new_agent(&name)?).await {
-                Ok(_) => {}
+            let created = match api.create(&PostParams::default(), &new_agent(&name)?).await {
+                Ok(a) => a,
                 // Another machine with a similar name and host ID prefix: use the whole host ID.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     name = agent_name(&req.hostname, host_id, host_id.len());
                     api.create(&PostParams::default(), &new_agent(&name)?)
                         .await
-                        .map_err(kube_error)?;
+                        .map_err(kube_error)?
                 }
                 Err(e) => return Err(kube_error(e)),
-            }
+            };
             tracing::info!(agent = %name, %site, bootstrap_token = %token_id, approved, "agent enrolled");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Enrolled".into(),
+                note: Some(format!(
+                    "host {} enrolled at site {site} with bootstrap token {token_id}{}",
+                    req.hostname,
+                    if approved {
+                        ""
+                    } else {
+                        "; it awaits approval (caravan agent approve)"
+                    }
+                )),
+                action: "Enroll".into(),
+                secondary: None,
+            };
+            if let Err(e) = s
+                .ctx
+                .recorder
+                .publish(&event, &created.object_ref(&()))
+                .await
+            {
+                tracing::debug!(error = %e, "event not recorded");
+            }
             (name, approved)
         }
     };

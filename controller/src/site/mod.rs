@@ -344,7 +344,21 @@ impl SiteReconciler {
             trust_root_sha256: Some(self.ctx.trust.fingerprint()),
             conditions: vec![ready],
         };
-        status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        let events = <Site as status_patch::HasStatus>::events(site.status.as_ref(), &status);
+        let written =
+            status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
+        if matches!(written, status_patch::Written::Written(_)) {
+            for event in events {
+                if let Err(e) = self
+                    .ctx
+                    .recorder
+                    .publish(&event, &site.object_ref(&()))
+                    .await
+                {
+                    tracing::debug!(error = %e, "event not recorded");
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -27,6 +27,67 @@ mod artifacts;
 
 pub use artifacts::*;
 
+/// An Event when an object's `Ready` condition changes between `old` and
+/// `new` (or first appears): `up` when it becomes True, a Warning `down`
+/// with the condition's message when it becomes False.
+pub fn ready_transition(
+    old: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    up: &str,
+    down: &str,
+) -> Vec<Event> {
+    let ready = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        cs.iter()
+            .find(|c| c.type_ == conditions::READY)
+            .map(|c| (c.status == "True", c.message.clone()))
+    };
+    let (was, now) = (old.and_then(ready), ready(new));
+    match now {
+        Some((is, message)) if was.as_ref().map(|w| w.0) != Some(is) => vec![Event {
+            type_: if is {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: (if is { up } else { down }).into(),
+            note: Some(message),
+            action: "Reconcile".into(),
+            secondary: None,
+        }],
+        _ => vec![],
+    }
+}
+
+/// A package's artifact verified, or unavailable.
+pub fn package_events(old: Option<&PackageStatus>, new: &PackageStatus) -> Vec<Event> {
+    ready_transition(
+        old.map(|o| o.conditions.as_slice()),
+        &new.conditions,
+        "ArtifactVerified",
+        "ArtifactUnavailable",
+    )
+}
+
+/// A cabinet's store usable, or not.
+pub fn cabinet_events(old: Option<&CabinetStatus>, new: &CabinetStatus) -> Vec<Event> {
+    ready_transition(
+        old.map(|o| o.conditions.as_slice()),
+        &new.conditions,
+        "CabinetReady",
+        "CabinetNotReady",
+    )
+}
+
+/// A site's relay connected, or lost.
+pub fn site_events(old: Option<&SiteStatus>, new: &SiteStatus) -> Vec<Event> {
+    ready_transition(
+        old.map(|o| o.conditions.as_slice()),
+        &new.conditions,
+        "RelayConnected",
+        "RelayLost",
+    )
+}
+
 /// The Events a job's change of status from `old` to `new` is worth: its
 /// rollout pausing, going on (resumed, or a batch started), and the job
 /// completing or failing. Each batch's are told apart by their action, so
@@ -421,4 +482,44 @@ pub fn job_status(
     });
     st.conditions = conds;
     st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(
+        status: bool,
+        message: &str,
+    ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        vec![conditions::new(
+            conditions::READY,
+            status,
+            "R",
+            message,
+            Some(1),
+        )]
+    }
+
+    #[test]
+    fn a_ready_condition_that_changes_is_an_event_and_one_that_stays_is_not() {
+        let up = ready_transition(None, &ready(true, "relay is connected"), "Up", "Down");
+        assert_eq!((up.len(), up[0].reason.as_str()), (1, "Up"));
+        assert_eq!(up[0].type_, EventType::Normal);
+        let down = ready_transition(
+            Some(&ready(true, "")),
+            &ready(false, "relay silent"),
+            "Up",
+            "Down",
+        );
+        assert_eq!(
+            (down[0].reason.as_str(), down[0].type_),
+            ("Down", EventType::Warning)
+        );
+        assert_eq!(down[0].note.as_deref(), Some("relay silent"));
+        assert!(
+            ready_transition(Some(&ready(true, "a")), &ready(true, "b"), "Up", "Down").is_empty()
+        );
+        assert!(ready_transition(Some(&ready(true, "a")), &[], "Up", "Down").is_empty());
+    }
 }
