@@ -137,7 +137,11 @@ impl Engine {
                 }
             }
             if self.stores.ready() {
+                let started = std::time::Instant::now();
                 let (failed, boundary) = self.recompute().await;
+                self.ctx
+                    .metrics
+                    .reconciled("Engine", started.elapsed(), failed == 0);
                 boundary_at = boundary.map(|t| {
                     Instant::now() + (t - chrono::Utc::now()).to_std().unwrap_or_default()
                 });
@@ -216,6 +220,25 @@ impl Engine {
         m.recomputes.inc();
         m.agents.set(agents.len() as i64);
         m.leading.set(i64::from(self.leading.now()));
+        let mut seen: HashMap<&str, i64> = crate::metrics::AgeLabel::ALL
+            .iter()
+            .map(|w| (*w, 0))
+            .collect();
+        for a in &agents {
+            let last = a
+                .status
+                .as_ref()
+                .and_then(|s| s.last_seen.as_deref())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            let label =
+                crate::metrics::AgeLabel::of(last.map(|t| now - t.with_timezone(&chrono::Utc)));
+            *seen.entry(label.within).or_default() += 1;
+        }
+        for (within, n) in seen {
+            m.agents_last_seen
+                .get_or_create(&crate::metrics::AgeLabel { within })
+                .set(n);
+        }
         m.job_destinations.clear();
         for (job, st) in &out.jobs {
             for (phase, n) in [

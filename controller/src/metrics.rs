@@ -2,7 +2,12 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::Registry,
 };
 
@@ -76,6 +81,51 @@ pub struct Metrics {
     pub git_revision_time: Family<SourceLabels, Gauge>,
     /// 1 while this replica leads (reconciles and writes status).
     pub leading: Gauge,
+    /// Agents by when they last reported (`5m`, `1h`, `1d`, `older`, `never`).
+    pub agents_last_seen: Family<AgeLabel, Gauge>,
+    /// Reconciles by kind and result (`ok`, `error`).
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    /// How long reconciles take, by kind (`Engine`: one recomputation of
+    /// every job's, package's and cabinet's status and desired state).
+    pub reconcile_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgeLabel {
+    /// Seen within: `5m`, `1h`, `1d`; else `older`, or `never`.
+    pub within: &'static str,
+}
+
+impl AgeLabel {
+    /// The label for an agent last seen `age` ago (none: never).
+    pub fn of(age: Option<chrono::Duration>) -> Self {
+        let within = match age.map(|a| a.num_seconds()) {
+            None => "never",
+            Some(s) if s <= 300 => "5m",
+            Some(s) if s <= 3600 => "1h",
+            Some(s) if s <= 86400 => "1d",
+            Some(_) => "older",
+        };
+        Self { within }
+    }
+
+    pub const ALL: [&'static str; 5] = ["5m", "1h", "1d", "older", "never"];
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+fn reconcile_histogram() -> Histogram {
+    // 5 ms to ~40 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +163,17 @@ impl Metrics {
         });
     }
 
+    /// Counts one reconcile of a `kind` that took `took`.
+    pub fn reconciled(&self, kind: &'static str, took: std::time::Duration, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles
+            .get_or_create(&ReconcileLabels { kind, result })
+            .inc();
+        self.reconcile_seconds
+            .get_or_create(&KindLabel { kind })
+            .observe(took.as_secs_f64());
+    }
+
     /// Counts one GitSource sync.
     pub fn git_sync(&self, result: SyncResult) {
         self.git_syncs.get_or_create(&ResultLabel { result }).inc();
@@ -133,6 +194,9 @@ impl Default for Metrics {
             job_destinations: Family::default(),
             git_revision_time: Family::default(),
             leading: Gauge::default(),
+            agents_last_seen: Family::default(),
+            reconciles: Family::default(),
+            reconcile_seconds: Family::new_with_constructor(reconcile_histogram),
             registry: Registry::default(),
         };
         // Series that exist from the start (at 0), so dashboards and alerts
@@ -179,6 +243,21 @@ impl Default for Metrics {
             m.git_revision_time.clone(),
         );
         registry.register(
+            "agents_last_seen",
+            "Agents by when they last reported",
+            m.agents_last_seen.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciles by kind and result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reconciles take, by kind",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
             "leading",
             "1 while this replica leads (reconciles and writes status)",
             m.leading.clone(),
@@ -200,6 +279,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_are_counted_by_how_long_ago_they_reported() {
+        let of = |s: Option<i64>| AgeLabel::of(s.map(chrono::Duration::seconds)).within;
+        assert_eq!(
+            [
+                of(Some(10)),
+                of(Some(301)),
+                of(Some(7200)),
+                of(Some(90000)),
+                of(None)
+            ],
+            AgeLabel::ALL
+        );
+    }
 
     #[test]
     fn the_sync_help_names_exactly_the_results_the_counter_is_labelled_with() {

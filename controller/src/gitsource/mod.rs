@@ -482,10 +482,18 @@ fn summary(gs: &GitSource, synced: Synced) -> Summary {
 
 #[instrument(skip_all, fields(namespace = gs.namespace(), gitsource = %gs.name_any()))]
 async fn reconcile(gs: Arc<GitSource>, this: Arc<GitSources>) -> Result<Action, Error> {
-    gs.namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let synced = this.sync(&gs).await;
-    this.summarize(&gs, synced).await
+    let started = std::time::Instant::now();
+    let done = async {
+        gs.namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let synced = this.sync(&gs).await;
+        this.summarize(&gs, synced).await
+    }
+    .await;
+    this.ctx
+        .metrics
+        .reconciled("GitSource", started.elapsed(), done.is_ok());
+    done
 }
 
 /// A GitSource is looked at again at least every interval whatever failed:

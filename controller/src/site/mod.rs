@@ -120,27 +120,36 @@ impl SiteReconciler {
 
 #[instrument(skip_all, fields(namespace = site.namespace(), site = %site.name_any()))]
 async fn reconcile(site: Arc<Site>, this: Arc<SiteReconciler>) -> Result<Action, Error> {
-    let action = match this.refusal(&site).await? {
+    let started = std::time::Instant::now();
+    let done = reconcile_steps(&site, &this).await;
+    this.ctx
+        .metrics
+        .reconciled("Site", started.elapsed(), done.is_ok());
+    done
+}
+
+async fn reconcile_steps(site: &Site, this: &SiteReconciler) -> Result<Action, Error> {
+    let action = match this.refusal(site).await? {
         Some(r) => {
-            this.stall(&site, r.reason, &r.message).await?;
+            this.stall(site, r.reason, &r.message).await?;
             Action::requeue(STALLED_RECHECK)
         }
-        None => match this.apply_workload(&site).await {
+        None => match this.apply_workload(site).await {
             // The same spec would be refused again: say so and wait for a change.
             Err(e) if e.class() == ErrorClass::Stalled => {
                 let message = format!("the relay's objects were refused: {e}");
-                this.stall(&site, reasons::WORKLOAD_REFUSED, &message)
+                this.stall(site, reasons::WORKLOAD_REFUSED, &message)
                     .await?;
                 Action::requeue(STALLED_RECHECK)
             }
             Err(e) => return Err(e),
             Ok(()) => {
-                this.summarize(&site).await?;
+                this.summarize(site).await?;
                 Action::requeue(RESYNC)
             }
         },
     };
-    this.retries.succeeded(&site);
+    this.retries.succeeded(site);
     Ok(action)
 }
 
