@@ -69,6 +69,12 @@ pub async fn elect(
     Leading,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
+    // Its own client, whose requests time out: a renewal that hangs must
+    // fail (and this replica stop leading) before another may take over.
+    let mut config = kube::Config::infer().await?;
+    config.read_timeout = Some(Duration::from_secs((lease_seconds / 3).max(1)));
+    config.write_timeout = config.read_timeout;
+    let client = kube::Client::try_from(config).unwrap_or(client);
     let manager = LeaseManagerBuilder::new(client, LEASE)
         .with_namespace(namespace)
         .with_identity(identity)
@@ -98,6 +104,8 @@ pub async fn elect(
                 () = shutdown.cancelled() => break,
             }
         }
+        // Nothing more is written as leader from here on.
+        tx.send_replace(false);
         match tokio::time::timeout(Duration::from_secs(5), manager.release()).await {
             Ok(Ok(())) => tracing::info!(lease = LEASE, "Lease released"),
             Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease failed"),

@@ -1,7 +1,8 @@
 //! GitSources on real Git hosts on loopback: `git http-backend` behind
 //! nginx (TLS from a private CA, basic auth) and `sshd` (a key, the host
 //! key in `known_hosts`). The right credentials sync, new commits are
-//! fetched again (shallow); a wrong password, an untrusted certificate, a
+//! fetched again (shallow), and a commit pinned behind the shallow history
+//! is fetched by deepening it; a wrong password, an untrusted certificate, a
 //! host key that is not the listed one and an unsigned commit where
 //! signatures are required are each refused with a condition that says so;
 //! the same commit is not applied again unless the cluster drifted.
@@ -62,7 +63,7 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
     let repo = GitRepo::create(&repos)?;
     repo.write("fleet/https/hq.yaml", &site("https-hq"))?;
     repo.write("fleet/ssh/hq.yaml", &site("ssh-hq"))?;
-    repo.commit("Headquarters")?;
+    let first = repo.commit("Headquarters")?;
     let https = GitHttps::start(&c.dir.join("https"), &repos).await?;
     let ssh = GitSsh::start(&c.dir.join("ssh")).await?;
     let ca = std::fs::read_to_string(&https.ca_file)?;
@@ -106,6 +107,20 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
         let checkout = c.dir.join(format!("controller/git/{}/{name}", c.namespace));
         assert!(checkout.join("shallow").exists(), "{name}: fetched shallow");
     }
+    // Pinned to the first commit, beyond the shallow checkout's history:
+    // deepened, applied, and the later Site pruned.
+    c.apply_git_source(
+        "over-ssh",
+        serde_json::json!({"url": ssh_url, "path": "fleet/ssh", "intervalSeconds": 1, "secretRef": "ssh-creds", "ref": {"commit": first}}),
+    )
+    .await?;
+    wait_for("the pinned commit applied", T, || async {
+        let gs = c.api::<GitSource>().get("over-ssh").await?;
+        let at = gs.status.and_then(|s| s.last_applied_revision);
+        let gone = c.api::<Site>().get_opt("ssh-branch").await?.is_none();
+        Ok((at.as_deref() == Some(first.as_str()) && gone).then_some(()))
+    })
+    .await?;
 
     // The same commit again with nothing changed in the cluster is not
     // applied again; a Site edited by hand is (and put back as in Git).

@@ -187,8 +187,12 @@ fn the_charts_lint_clean_and_their_schemas_refuse_wrong_values_by_name() -> anyh
             "/relay/upstreamURL",
         ),
         (
+            r#"{"replicaCount":2,"persistence":{"enabled":false}}"#,
+            "replicaCount > 1 needs persistence.enabled",
+        ),
+        (
             r#"{"replicaCount":2}"#,
-            "replicaCount > 1 needs persistence.accessMode: ReadWriteMany",
+            "replicaCount > 1 needs persistence.enabled with persistence.accessMode: ReadWriteMany",
         ),
     ] {
         let e = rendered(values).unwrap_err().to_string();
@@ -197,7 +201,7 @@ fn the_charts_lint_clean_and_their_schemas_refuse_wrong_values_by_name() -> anyh
     // Several replicas: rolling updates, a disruption budget, the pod's
     // name in the election; a ServiceMonitor when asked for.
     let r = rendered(
-        r#"{"replicaCount":3,"persistence":{"accessMode":"ReadWriteMany"},"serviceMonitor":{"enabled":true}}"#,
+        r#"{"replicaCount":3,"persistence":{"accessMode":"ReadWriteMany"},"serviceMonitor":{"enabled":true,"interval":"1m30s"}}"#,
     )?;
     let deployment = &r["caravan/templates/deployment.yaml"];
     for part in [

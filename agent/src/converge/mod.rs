@@ -533,7 +533,9 @@ impl Converger {
                 // downloading, not failed; asked again when it says, at
                 // least every `retry_after`.
                 let (msg, after) = waiting(&e).unwrap_or_default();
-                let pause = after.clamp(std::time::Duration::from_secs(1), self.config.retry_after);
+                let pause = after
+                    .min(self.config.retry_after)
+                    .max(std::time::Duration::from_secs(1));
                 tracing::info!(job = %a.job, package = %a.package, reason = %msg, retry_in = ?pause, "download waits");
                 self.set_phase(&a, AssignmentPhase::Downloading, &msg);
                 self.retry_at.insert(key(&a), Instant::now() + pause);

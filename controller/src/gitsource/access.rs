@@ -129,6 +129,20 @@ impl Remote {
     /// `https://…`, `ssh://…` or scp-like `[user@]host:path`; `None` for a
     /// local repository.
     pub fn parse(url: &str) -> Option<Self> {
+        // scp-like `host:path` reads as a URL scheme `host`: look at it first.
+        if !url.contains("://") && !url.starts_with('/') {
+            let (authority, _) = url.split_once(':')?;
+            let (user, host) = match authority.rsplit_once('@') {
+                Some((u, h)) => (Some(u.to_string()), h),
+                None => (None, authority),
+            };
+            return Some(Self {
+                ssh: true,
+                host: host.to_ascii_lowercase(),
+                port: None,
+                user,
+            });
+        }
         if let Ok(u) = url::Url::parse(url) {
             if !matches!(u.scheme(), "https" | "ssh") {
                 return None;
@@ -140,17 +154,7 @@ impl Remote {
                 user: Some(u.username().to_string()).filter(|u| !u.is_empty()),
             });
         }
-        let (authority, _) = url.split_once(':')?;
-        let (user, host) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u.to_string()), h),
-            None => (None, authority),
-        };
-        Some(Self {
-            ssh: true,
-            host: host.to_ascii_lowercase(),
-            port: None,
-            user,
-        })
+        None
     }
 
     /// The name a `known_hosts` line lists this host under.
@@ -284,6 +288,12 @@ mod tests {
             (true, "127.0.0.1", Some(2222), Some("git"))
         );
         assert_eq!(r.known_hosts_name(), "[127.0.0.1]:2222");
+        let r = Remote::parse("github.com:acme/fleet.git").unwrap();
+        assert_eq!(
+            (r.ssh, r.host.as_str(), r.user),
+            (true, "github.com", None),
+            "scp-like, no user"
+        );
         let r = Remote::parse("git@GitHub.com:acme/fleet.git").unwrap();
         assert_eq!(
             (r.host.as_str(), r.known_hosts_name()),

@@ -3,7 +3,7 @@
 //! source applied earlier and Git no longer holds is pruned. A refusal in
 //! the dry run applies nothing and names the file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use caravan_api::{labels, v1alpha1::ManifestError};
 use kube::{
@@ -65,6 +65,22 @@ pub struct Stamp {
     pub name: String,
     pub uid: String,
     pub generation: i64,
+    /// The labels and annotations Git declares for it (edits to them do
+    /// not change the generation).
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The string map at `metadata.<field>` of a declared object.
+fn declared_map(object: &serde_json::Value, field: &str) -> BTreeMap<String, String> {
+    object["metadata"][field]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Dry-runs every object, then applies them all; returns them as applied.
@@ -88,6 +104,8 @@ pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<Vec
                     name: m.name.clone(),
                     uid: applied.metadata.uid.unwrap_or_default(),
                     generation: applied.metadata.generation.unwrap_or_default(),
+                    labels: declared_map(&m.object, "labels"),
+                    annotations: declared_map(&m.object, "annotations"),
                 }),
                 Ok(_) => {}
                 Err(e) => {

@@ -181,6 +181,10 @@ pub fn fetch(
     // (libgit2 cannot fetch shallow from a local repository.)
     if remote_at.is_some() && spec.reference.commit.is_none() {
         options.depth(1);
+    } else if spec.reference.commit.is_some() && repo.is_shallow() {
+        // A pinned commit needs the branch's history: deepen what an
+        // earlier shallow fetch left (libgit2's "unshallow").
+        options.depth(i32::MAX);
     }
     let mut remote = repo.remote_anonymous(&spec.url).map_err(|e| io(e.into()))?;
     if let Err(e) = remote.fetch(&[wanted.refspec()], Some(&mut options), None) {
@@ -245,6 +249,14 @@ fn callbacks<'a>(
     let mut cb = git2::RemoteCallbacks::new();
     let mut asked = 0;
     cb.credentials(move |url, user_from_url, allowed| {
+        // SSH asks for the user name alone first: not an attempt.
+        if allowed == git2::CredentialType::USERNAME {
+            let user = remote
+                .and_then(|r| r.user.clone())
+                .or_else(|| access.username.clone())
+                .unwrap_or_else(|| "git".into());
+            return git2::Cred::username(&user);
+        }
         asked += 1;
         let refuse = |why: String| {
             seen.borrow_mut().credentials = Some(why.clone());

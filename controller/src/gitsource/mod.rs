@@ -267,15 +267,26 @@ impl GitSources {
             timeout: Duration::from_secs(gs.spec.timeout_seconds.max(1).into()),
             max_bytes: self.ctx.config.git_fetch_limit_bytes,
         };
-        tokio::task::spawn_blocking(move || fetch::fetch(&dir, &spec, &access, &signers, limits))
-            .await
-            .unwrap_or_else(|e| {
-                Err(fetch::Refused {
-                    reason: reasons::FETCH_FAILED,
-                    message: format!("the fetch stopped: {e}"),
-                    class: ErrorClass::Transient,
-                })
-            })
+        let fetching = tokio::task::spawn_blocking(move || {
+            fetch::fetch(&dir, &spec, &access, &signers, limits)
+        });
+        // The fetch checks its deadline as data arrives; a host that
+        // trickles nothing else is given up on here (the fetch's thread
+        // ends at its next socket timeout).
+        let failed = |message: String| fetch::Refused {
+            reason: reasons::FETCH_FAILED,
+            message,
+            class: ErrorClass::Transient,
+        };
+        match tokio::time::timeout(limits.timeout + Duration::from_secs(30), fetching).await {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(e)) => Err(failed(format!("the fetch stopped: {e}"))),
+            Err(_) => Err(failed(format!(
+                "fetching {}: no answer within {} s (spec.timeoutSeconds)",
+                fetch::redact(&gs.spec.url),
+                limits.timeout.as_secs()
+            ))),
+        }
     }
 
     /// The metadata of an object of a kind a GitSource applies, as cached.
@@ -303,10 +314,18 @@ impl GitSources {
 
     /// Whether every object a GitSource applied is still as it left it:
     /// there, the same object (uid), its spec not changed (generation),
-    /// still marked as the source's.
+    /// still marked as the source's, with the labels and annotations Git
+    /// gives it.
     fn unchanged(&self, ns: &str, source: &str, objects: &[apply::Stamp]) -> bool {
         objects.iter().all(|o| {
             let now = self.meta(o.kind, ns, &o.name);
+            let holds =
+                |declared: &std::collections::BTreeMap<String, String>,
+                 now: Option<&std::collections::BTreeMap<String, String>>| {
+                    declared
+                        .iter()
+                        .all(|(k, v)| now.and_then(|n| n.get(k)) == Some(v))
+                };
             now.is_some_and(|m| {
                 m.uid.as_deref() == Some(o.uid.as_str())
                     && m.generation == Some(o.generation)
@@ -315,6 +334,8 @@ impl GitSources {
                         .and_then(|l| l.get(caravan_api::labels::SOURCE))
                         .map(String::as_str)
                         == Some(source)
+                    && holds(&o.labels, m.labels.as_ref())
+                    && holds(&o.annotations, m.annotations.as_ref())
             })
         })
     }
