@@ -49,6 +49,16 @@ impl GitRepo {
 
     /// Commits every change in the working tree and pushes `main`. Returns the commit id.
     pub fn commit(&self, message: &str) -> anyhow::Result<String> {
+        let id = self.commit_unpushed(message)?;
+        self.repo
+            .find_remote("origin")?
+            .push(&["+refs/heads/main:refs/heads/main"], None)?;
+        Ok(id)
+    }
+
+    /// Commits every change in the working tree without pushing it (the
+    /// next [`Self::commit`] pushes both). Returns the commit id.
+    pub fn commit_unpushed(&self, message: &str) -> anyhow::Result<String> {
         let mut index = self.repo.index()?;
         index.add_all(["*"], git2::IndexAddOption::DEFAULT, None)?;
         index.update_all(["*"], None)?;
@@ -60,9 +70,6 @@ impl GitRepo {
         let id = self
             .repo
             .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)?;
-        self.repo
-            .find_remote("origin")?
-            .push(&["+refs/heads/main:refs/heads/main"], None)?;
         Ok(id.to_string())
     }
 }

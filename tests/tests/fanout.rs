@@ -1,6 +1,6 @@
 //! Many agents asking a relay for the same blob cause one upstream fetch,
 //! which they all get while it arrives, and a relay outside its transfer
-//! window fetches nothing and says why.
+//! window fetches nothing while its agents wait, told when it opens.
 
 use std::time::Duration;
 
@@ -116,7 +116,8 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn outside_its_transfer_window_a_relay_fetches_nothing_and_says_why() -> anyhow::Result<()> {
+async fn outside_its_transfer_window_a_relay_fetches_nothing_and_its_agents_wait_told_when_it_opens(
+) -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
     let repo = c.seed_example_fleet().await?;
     // A window that opens in an hour and lasts an hour.
@@ -133,11 +134,41 @@ async fn outside_its_transfer_window_a_relay_fetches_nothing_and_says_why() -> a
     let relay = c.start_relay("hq").await?;
     c.start_agent("agent-1", &relay)?;
     package_for_hq(&c, &repo, 1000).await?;
-    let reason = &c.wait_failed("shared").await?;
-    assert!(
-        reason.contains("transfer window") && reason.contains("opens in"),
-        "{reason}"
+    // The agent waits, saying when the window opens; nothing failed.
+    let says = format!(
+        "waiting for the transfer window, opens {} UTC",
+        hhmm(now + 60)
     );
+    let state = caravan_tests::wait_for(
+        "the agent to wait for the window",
+        Duration::from_secs(120),
+        || async {
+            let agents = c
+                .api::<caravan_api::v1alpha1::Agent>()
+                .list(&Default::default())
+                .await?;
+            Ok(agents.items.into_iter().find_map(|a| {
+                a.status?
+                    .jobs
+                    .into_iter()
+                    .find(|j| j.package == "shared" && j.message.contains(&says))
+            }))
+        },
+    )
+    .await?;
+    assert_eq!(
+        state.phase,
+        caravan_api::wire::AssignmentPhase::Downloading,
+        "{state:?}"
+    );
+    let jobs = c
+        .api::<caravan_api::v1alpha1::DistributionJob>()
+        .list(&Default::default())
+        .await?;
+    for j in jobs.items {
+        let st = j.status.unwrap_or_default();
+        assert!(st.failures.is_empty() && st.failed == 0, "{st:?}");
+    }
     assert_eq!(
         metric(&relay.url, "caravan_relay_upstream_bytes_total").await?,
         0.0

@@ -63,7 +63,7 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
     let repo = GitRepo::create(&repos)?;
     repo.write("fleet/https/hq.yaml", &site("https-hq"))?;
     repo.write("fleet/ssh/hq.yaml", &site("ssh-hq"))?;
-    let first = repo.commit("Headquarters")?;
+    repo.commit("Headquarters")?;
     let https = GitHttps::start(&c.dir.join("https"), &repos).await?;
     let ssh = GitSsh::start(&c.dir.join("ssh")).await?;
     let ca = std::fs::read_to_string(&https.ca_file)?;
@@ -97,28 +97,50 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
     site_exists(&c, "https-branch").await?;
     site_exists(&c, "ssh-branch").await?;
     for name in ["over-https", "over-ssh"] {
-        let rev = c
-            .api::<GitSource>()
-            .get(name)
-            .await?
-            .status
-            .and_then(|s| s.last_applied_revision);
-        assert_eq!(rev.as_deref(), Some(second.as_str()), "{name}");
+        // The status follows the objects it applied.
+        wait_for(&format!("{name} at the second commit"), T, || async {
+            let rev = c
+                .api::<GitSource>()
+                .get(name)
+                .await?
+                .status
+                .and_then(|s| s.last_applied_revision);
+            Ok((rev.as_deref() == Some(second.as_str())).then_some(()))
+        })
+        .await?;
         let checkout = c.dir.join(format!("controller/git/{}/{name}", c.namespace));
         assert!(checkout.join("shallow").exists(), "{name}: fetched shallow");
     }
-    // Pinned to the first commit, beyond the shallow checkout's history:
+    // Two more commits pushed at once: the shallow fetch gets only the
+    // last. Pinned to the one before it, which the checkout never held:
     // deepened, applied, and the later Site pruned.
+    repo.write("fleet/ssh/third.yaml", &site("ssh-third"))?;
+    let third = repo.commit_unpushed("A third site")?;
+    repo.write("fleet/ssh/fourth.yaml", &site("ssh-fourth"))?;
+    let fourth = repo.commit("A fourth site")?;
+    wait_for("over-ssh at the fourth commit", T, || async {
+        let gs = c.api::<GitSource>().get("over-ssh").await?;
+        let at = gs.status.and_then(|s| s.last_applied_revision);
+        Ok((at.as_deref() == Some(fourth.as_str())).then_some(()))
+    })
+    .await?;
+    let checkout = c
+        .dir
+        .join(format!("controller/git/{}/over-ssh", c.namespace));
+    let held = git2::Repository::open_bare(&checkout)?
+        .find_commit(git2::Oid::from_str(&third)?)
+        .is_ok();
+    assert!(!held, "the shallow checkout does not hold the third commit");
     c.apply_git_source(
         "over-ssh",
-        serde_json::json!({"url": ssh_url, "path": "fleet/ssh", "intervalSeconds": 1, "secretRef": "ssh-creds", "ref": {"commit": first}}),
+        serde_json::json!({"url": ssh_url, "path": "fleet/ssh", "intervalSeconds": 1, "secretRef": "ssh-creds", "ref": {"commit": third}}),
     )
     .await?;
     wait_for("the pinned commit applied", T, || async {
         let gs = c.api::<GitSource>().get("over-ssh").await?;
         let at = gs.status.and_then(|s| s.last_applied_revision);
-        let gone = c.api::<Site>().get_opt("ssh-branch").await?.is_none();
-        Ok((at.as_deref() == Some(first.as_str()) && gone).then_some(()))
+        let gone = c.api::<Site>().get_opt("ssh-fourth").await?.is_none();
+        Ok((at.as_deref() == Some(third.as_str()) && gone).then_some(()))
     })
     .await?;
 
