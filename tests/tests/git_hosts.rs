@@ -73,7 +73,8 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
     secret(
         &c,
         "https-creds",
-        serde_json::json!({"username": https.username, "password": https.password, "ca.crt": ca}),
+        serde_json::json!({"username": https.username, "password": https.password, "ca.crt": ca,
+            "host": https.base.trim_start_matches("https://")}),
     )
     .await?;
     secret(
@@ -166,6 +167,18 @@ async fn gitsources_sync_from_https_and_ssh_hosts_with_credentials_and_refuse_wh
         Ok((s.spec.relay.replicas == 1).then_some(()))
     })
     .await?;
+
+    // The same host under another name: the Secret is bound to its host,
+    // so its password goes nowhere else.
+    let elsewhere = https_url.replace("127.0.0.1", "localhost");
+    c.apply_git_source(
+        "elsewhere",
+        serde_json::json!({"url": elsewhere, "path": "fleet/https", "secretRef": "https-creds"}),
+    )
+    .await?;
+    let (reason, msg) = ready(&c, "elsewhere", "False").await?;
+    assert_eq!(reason, "AuthenticationFailed", "{msg}");
+    assert!(msg.contains("is for host 127.0.0.1:"), "{msg}");
 
     // A wrong password: refused, and the condition says so (never the password).
     secret(

@@ -47,7 +47,8 @@ pub struct GitSourceSpec {
     /// A Secret in the GitSource's namespace with what the Git host asks
     /// for: `username` and `password` (a token goes in `password`) for
     /// HTTPS, `identity` (an OpenSSH private key) and `known_hosts` for SSH,
-    /// and `ca.crt` for an HTTPS host whose certificate a private CA signed.
+    /// and `ca.crt` for an HTTPS host whose certificate a private CA signed;
+    /// `host` (`host[:port]`) binds it to that host whatever `url` says.
     /// The controller uses it only if it carries the label
     /// `caravan.dev/git-credentials: "true"`, and sends the password only to
     /// the host in `url`.

@@ -25,6 +25,30 @@ pub struct Access {
     /// The CA (PEM) an HTTPS host's certificate must chain to, instead of
     /// the system's roots.
     pub ca: Option<Vec<CertificateDer<'static>>>,
+    /// The host (`host` or `host:port`) the Secret is for: given, it is
+    /// used for no other, whatever a GitSource's `url` says.
+    pub host: Option<String>,
+}
+
+impl Access {
+    /// Whether the Secret may be used for `remote` (it names no host, or
+    /// this one).
+    pub fn check_host(&self, remote: Option<&Remote>) -> Result<(), String> {
+        let Some(host) = &self.host else {
+            return Ok(());
+        };
+        let at = remote.map(|r| match r.port {
+            Some(p) => format!("{}:{p}", r.host),
+            None => r.host.clone(),
+        });
+        match at {
+            Some(at) if at.eq_ignore_ascii_case(host) => Ok(()),
+            at => Err(format!(
+                "the credentials Secret is for host {host}, not {}: not used",
+                at.as_deref().unwrap_or("a local repository")
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for Access {
@@ -36,6 +60,7 @@ impl std::fmt::Debug for Access {
             .field("identity", &self.identity.as_ref().map(|_| "***"))
             .field("known_hosts", &self.known_hosts.is_some())
             .field("ca", &self.ca.as_ref().map(Vec::len))
+            .field("host", &self.host)
             .finish()
     }
 }
@@ -67,6 +92,7 @@ impl Access {
             identity: text("identity")?,
             known_hosts: text("known_hosts")?,
             ca,
+            host: text("host")?.map(|h| h.trim().to_string()),
         })
     }
 }
@@ -310,6 +336,37 @@ mod tests {
             "another port is another host"
         );
         assert_eq!(Remote::parse("file:///srv/fleet.git"), None);
+    }
+
+    #[test]
+    fn a_secret_bound_to_a_host_is_used_for_no_other() {
+        let bound = Access {
+            host: Some("git.example.com:8443".into()),
+            ..Default::default()
+        };
+        let at = |url: &str| Remote::parse(url);
+        assert_eq!(
+            bound.check_host(at("https://git.example.com:8443/fleet.git").as_ref()),
+            Ok(())
+        );
+        let e = bound
+            .check_host(at("https://evil.example.com:8443/fleet.git").as_ref())
+            .unwrap_err();
+        assert!(
+            e.contains("is for host git.example.com:8443, not evil.example.com:8443"),
+            "{e}"
+        );
+        assert!(
+            bound
+                .check_host(at("https://git.example.com/fleet.git").as_ref())
+                .is_err(),
+            "another port"
+        );
+        assert!(bound.check_host(None).is_err());
+        assert_eq!(
+            Access::default().check_host(at("https://any.example.com/x").as_ref()),
+            Ok(())
+        );
     }
 
     #[test]

@@ -166,6 +166,12 @@ pub fn fetch(
     };
     let wanted = Wanted::of(&spec.reference)?;
     let remote_at = Remote::parse(&spec.url);
+    access.check_host(remote_at.as_ref()).map_err(|why| {
+        Refused::stalled(
+            reasons::AUTHENTICATION_FAILED,
+            format!("spec.secretRef: {why}"),
+        )
+    })?;
     let seen = std::cell::RefCell::new(Seen::default());
     let mut options = git2::FetchOptions::new();
     options
