@@ -20,6 +20,7 @@ pub mod access;
 pub mod apply;
 pub mod fetch;
 pub mod parse;
+mod revision;
 pub mod signature;
 
 use std::{
