@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod body;
 pub mod document;
 pub mod fs;
+pub mod lock;
 pub mod oci;
 #[cfg(feature = "server")]
 pub mod server;

@@ -252,11 +252,14 @@ impl Cluster {
 
     /// Plays the node for a Deployment: waits for it and returns its first
     /// container's arguments and environment, Secret references resolved.
+    /// Secret volumes are written under `node_dir`; a PersistentVolumeClaim
+    /// is the directory `claims_dir/<claim>`, shared by every pod mounting it.
     pub async fn container_command(
         &self,
         namespace: &str,
         deployment: &str,
         node_dir: &Path,
+        claims_dir: &Path,
     ) -> anyhow::Result<(Vec<String>, Vec<(String, String)>)> {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
         let d = wait_for(
@@ -297,8 +300,21 @@ impl Cluster {
         // Secret volumes: written under `node_dir`, and the arguments that
         // point into their mount paths rewritten to match.
         let mut args = container.args.unwrap_or_default();
+        let mut rewrite = |mount_path: &str, local: &Path| {
+            for a in &mut args {
+                if let Some(rest) = a.strip_prefix(mount_path) {
+                    *a = format!("{}{rest}", local.display());
+                }
+            }
+        };
         for m in container.volume_mounts.unwrap_or_default() {
             let volume = pod.volumes.iter().flatten().find(|v| v.name == m.name);
+            if let Some(claim) = volume.and_then(|v| v.persistent_volume_claim.as_ref()) {
+                let local = claims_dir.join(&claim.claim_name);
+                std::fs::create_dir_all(&local)?;
+                rewrite(&m.mount_path, &local);
+                continue;
+            }
             let Some(sv) = volume.and_then(|v| v.secret.as_ref()) else {
                 continue;
             };
@@ -321,11 +337,7 @@ impl Cluster {
                     .with_context(|| format!("secret has no key {key}"))?;
                 std::fs::write(local.join(path), &bytes.0)?;
             }
-            for a in &mut args {
-                if let Some(rest) = a.strip_prefix(m.mount_path.as_str()) {
-                    *a = format!("{}{rest}", local.display());
-                }
-            }
+            rewrite(&m.mount_path, &local);
         }
         Ok((args, env))
     }

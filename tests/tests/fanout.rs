@@ -1,6 +1,7 @@
 //! Many agents asking a relay for the same blob cause one upstream fetch,
-//! which they all get while it arrives, and a relay outside its transfer
-//! window fetches nothing while its agents wait, told when it opens.
+//! which they all get while it arrives; the relays of one site sharing a
+//! cache claim fetch each blob once between them; and a relay outside its
+//! transfer window fetches nothing while its agents wait, told when it opens.
 
 use std::time::Duration;
 
@@ -32,13 +33,9 @@ async fn package_for_hq(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed_to_all(
-) -> anyhow::Result<()> {
-    let mut c = Caravan::start("fleet").await?;
-    let repo = c.seed_example_fleet().await?;
-    // Fifty endpoints of site hq, as the controller would have enrolled them.
-    for i in 0..50 {
+/// Enrolls `n` endpoints `kiosk-<i>` at site hq, as the controller would have.
+async fn enroll_kiosks(c: &Caravan, n: usize) -> anyhow::Result<()> {
+    for i in 0..n {
         let agent: Agent = serde_json::from_value(serde_json::json!({
             "apiVersion": "caravan.dev/v1alpha1", "kind": "Agent",
             "metadata": { "name": format!("kiosk-{i}"), "namespace": "fleet" },
@@ -48,43 +45,66 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
             .create(&PostParams::default(), &agent)
             .await?;
     }
+    Ok(())
+}
+
+/// Kiosk `i` downloads `pkg`'s blob from the relay at `relay_url`, once it
+/// is assigned there: the blob's sha256, and whether the first bytes came
+/// before the blob was in `cache_dir`.
+async fn download(
+    c: &Caravan,
+    relay_url: &str,
+    cache_dir: &std::path::Path,
+    pkg: &Package,
+    i: usize,
+) -> anyhow::Result<(String, bool)> {
+    let secret = c.api::<Secret>().get("hq-relay").await?;
+    let relay_token = String::from_utf8(secret.data.unwrap_or_default()["token"].0.clone())?;
+    let token = caravan_net::agent_tokens::issue(&relay_token, &format!("kiosk-{i}"), None);
+    let http = caravan_tests::http();
+    let url = format!("{relay_url}/v1/blobs/{}", pkg.spec.artifact.digest);
+    let cached = cache_dir
+        .join("sha256")
+        .join(pkg.spec.artifact.digest.hex());
+    // Until the relay has the new desired state, the blob is not assigned yet.
+    let mut res = wait_for(
+        "the blob to be assigned",
+        Duration::from_secs(60),
+        || async {
+            let res = http.get(&url).bearer_auth(&token).send().await?;
+            Ok((res.status() != reqwest::StatusCode::FORBIDDEN).then_some(res))
+        },
+    )
+    .await?;
+    anyhow::ensure!(res.status().is_success(), "{}", res.status());
+    let mut hasher = Sha256::new();
+    let mut before_cached = None;
+    while let Some(chunk) = res.chunk().await? {
+        before_cached.get_or_insert_with(|| !cached.exists());
+        hasher.update(&chunk);
+    }
+    Ok((hex::encode(hasher.finalize()), before_cached == Some(true)))
+}
+
+/// The size of the example package `hello`, which relays of hq prestage.
+async fn hello_size(c: &Caravan) -> anyhow::Result<f64> {
+    let hello = c.api::<Package>().get("hello-1.0.0").await?;
+    Ok(hello.spec.artifact.size as f64)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed_to_all(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    enroll_kiosks(&c, 50).await?;
     // A slow upstream (1 MB/s), so the requests arrive while the fetch runs.
     c.relay_args = vec!["--upstream-rate-limit".into(), "1000000".into()];
     let relay = c.start_relay("hq").await?;
     let pkg = package_for_hq(&c, &repo, 4_000_000).await?;
-    let secret = c.api::<Secret>().get("hq-relay").await?;
-    let relay_token = String::from_utf8(secret.data.unwrap()["token"].0.clone())?;
-
-    let http = caravan_tests::http();
-    let url = format!("{}/v1/blobs/{}", relay.url, pkg.spec.artifact.digest);
-    let expected = pkg.spec.artifact.digest.hex();
-    let cached = relay.cache_dir.join("sha256").join(&expected);
-    let downloads = (0..50).map(|i| {
-        let (http, url, cached) = (http.clone(), url.clone(), cached.clone());
-        let token = caravan_net::agent_tokens::issue(&relay_token, &format!("kiosk-{i}"), None);
-        async move {
-            // Until the relay has the new desired state, the blob is not assigned yet.
-            let res = wait_for(
-                "the blob to be assigned",
-                Duration::from_secs(60),
-                || async {
-                    let res = http.get(&url).bearer_auth(&token).send().await?;
-                    Ok((res.status() != reqwest::StatusCode::FORBIDDEN).then_some(res))
-                },
-            )
-            .await?;
-            anyhow::ensure!(res.status().is_success(), "{}", res.status());
-            let mut res = res;
-            let mut hasher = Sha256::new();
-            let mut before_cached = None;
-            while let Some(chunk) = res.chunk().await? {
-                before_cached.get_or_insert_with(|| !cached.exists());
-                hasher.update(&chunk);
-            }
-            Ok::<_, anyhow::Error>((hex::encode(hasher.finalize()), before_cached == Some(true)))
-        }
-    });
+    let downloads = (0..50).map(|i| download(&c, &relay.url, &relay.cache_dir, &pkg, i));
     let got = futures::future::try_join_all(downloads).await?;
+    let expected = pkg.spec.artifact.digest.hex();
     assert!(
         got.iter().all(|(d, _)| *d == expected),
         "every agent got the right bytes"
@@ -96,21 +116,78 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
     );
     let size = pkg.spec.artifact.size as f64;
     // The relay also prestaged the example package its site's job sends.
-    let hello = c
-        .api::<Package>()
-        .get("hello-1.0.0")
-        .await?
-        .spec
-        .artifact
-        .size as f64;
     assert_eq!(
         metric(&relay.url, "caravan_relay_upstream_bytes_total").await?,
-        size + hello,
+        size + hello_size(&c).await?,
         "one upstream fetch each"
     );
     assert_eq!(
         metric(&relay.url, "caravan_relay_served_bytes_total").await?,
         50.0 * size
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relay_replicas_sharing_a_cache_claim_fetch_each_blob_once_between_them(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    enroll_kiosks(&c, 20).await?;
+    let site = std::fs::read_to_string(repo.work.join("fleet/site.yaml"))?;
+    repo.write(
+        "fleet/site.yaml",
+        &site.replace(
+            "    replicas: 1\n",
+            "    replicas: 2\n    cache: {size: 1Gi, claimName: hq-cache}\n",
+        ),
+    )?;
+    repo.commit("hq: two relays on one cache")?;
+    let deployments = c.api::<k8s_openapi::api::apps::v1::Deployment>();
+    wait_for(
+        "hq-relay with two replicas",
+        Duration::from_secs(60),
+        || async {
+            let d = deployments.get_opt("hq-relay").await?;
+            Ok(d.filter(|d| d.spec.as_ref().and_then(|s| s.replicas) == Some(2)))
+        },
+    )
+    .await?;
+    // Both fetch slowly (1 MB/s), so both have agents asking while the blob arrives.
+    c.relay_args = vec!["--upstream-rate-limit".into(), "1000000".into()];
+    let relays = [
+        c.start_relay("hq").await?,
+        c.start_relay_replica("hq", 1).await?,
+    ];
+    assert_eq!(
+        relays[0].cache_dir, relays[1].cache_dir,
+        "the pods mount the same claim"
+    );
+    let pkg = package_for_hq(&c, &repo, 3_000_000).await?;
+    let downloads = (0..20).map(|i| {
+        let relay = &relays[i % 2];
+        download(&c, &relay.url, &relay.cache_dir, &pkg, i)
+    });
+    let got = futures::future::try_join_all(downloads).await?;
+    let expected = pkg.spec.artifact.digest.hex();
+    assert!(
+        got.iter().all(|(d, _)| *d == expected),
+        "every agent got the right bytes from either relay"
+    );
+    let size = pkg.spec.artifact.size as f64;
+    let mut upstream = 0.0;
+    for relay in &relays {
+        upstream += metric(&relay.url, "caravan_relay_upstream_bytes_total").await?;
+        assert_eq!(
+            metric(&relay.url, "caravan_relay_served_bytes_total").await?,
+            10.0 * size,
+            "each relay served its ten agents"
+        );
+    }
+    assert_eq!(
+        upstream,
+        size + hello_size(&c).await?,
+        "both relays prestage both blobs, yet each crossed the upstream link once"
     );
     Ok(())
 }

@@ -245,12 +245,30 @@ fn the_charts_lint_clean_and_their_schemas_refuse_wrong_values_by_name() -> anyh
             r#","contentUpstream":{"url":"http://hq:8080","token":"c"}}"#,
             "contentUpstream.url is plaintext",
         ),
+        (
+            r#","replicaCount":2}"#,
+            "replicaCount > 1 needs cache.persistent with cache.accessMode: ReadWriteMany",
+        ),
+        (
+            r#","cache":{"accessMode":"ReadOnlyMany"}}"#,
+            "/cache/accessMode",
+        ),
     ] {
         let values = format!("{base}{extra}");
         let e = helm(&["template", "berlin", &relay, "--set-json", &values])
             .unwrap_err()
             .to_string();
         assert!(e.contains(says), "{values}: {e}");
+    }
+    // Several relays on one ReadWriteMany cache claim.
+    let values = format!(r#"{base},"replicaCount":2,"cache":{{"accessMode":"ReadWriteMany"}}}}"#);
+    let two = helm(&["template", "berlin", &relay, "--set-json", &values])?;
+    for part in [
+        "replicas: 2",
+        "type: RollingUpdate",
+        r#"accessModes: [\"ReadWriteMany\"]"#,
+    ] {
+        assert!(two.contains(part), "{part}:\n{two}");
     }
     let single = rendered("{}")?;
     assert!(

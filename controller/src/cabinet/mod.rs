@@ -5,7 +5,6 @@
 //! no Package references any more ([`gc::Collector`]).
 
 pub mod gc;
-mod lock;
 pub mod pull;
 pub mod registry;
 mod store;

@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-use super::lock::BlobLock;
+use caravan_net::lock::BlobLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

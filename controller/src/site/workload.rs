@@ -12,9 +12,9 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
             Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-            HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret,
-            SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-            ServiceSpec, Volume, VolumeMount,
+            HTTPGetAction, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+            PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, SecretVolumeSource,
+            SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -280,15 +280,31 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
     if let Some(w) = &spec.transfer_window {
         args.extend(["--transfer-window".into(), w.to_arg()]);
     }
-    let mut mounts = vec![mount("cache", CACHE_DIR, false)];
-    let mut volumes = vec![Volume {
-        name: "cache".into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            size_limit: cache_bytes.map(|b| Quantity(b.to_string())),
+    // On the Site's claim, shared by the replicas (they fetch each blob once
+    // between them), else an emptyDir of each pod. The two volumes have
+    // different names: server-side apply replaces a volume by name, but
+    // does not drop an `emptyDir: {}` it applied before from a volume that
+    // becomes a claim (the API server then refuses two volume types).
+    let cache = match spec.cache.as_ref().and_then(|c| c.claim_name.clone()) {
+        Some(claim_name) => Volume {
+            name: "cache-claim".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name,
+                read_only: None,
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    }];
+        },
+        None => Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: cache_bytes.map(|b| Quantity(b.to_string())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let mut mounts = vec![mount(&cache.name, CACHE_DIR, false)];
+    let mut volumes = vec![cache];
     if params.upstream_ca.is_some() {
         args.extend([
             "--upstream-ca-file".into(),
@@ -700,6 +716,26 @@ mod tests {
             cache.empty_dir.as_ref().unwrap().size_limit,
             Some(Quantity((10u64 << 30).to_string()))
         );
+        // On a claim, shared by the replicas.
+        let mut shared = spec.clone();
+        shared.relay.replicas = 2;
+        shared.relay.cache.as_mut().unwrap().claim_name = Some("berlin-cache".into());
+        let (s2, owner2) = site("berlin", shared);
+        let d2 = deployment(&s2, &owner2, &params);
+        let pod2 = d2.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let cache2 = &pod2.volumes.as_ref().unwrap()[0];
+        assert_eq!(cache2.name, "cache-claim");
+        let mount2 = &pod2.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount2.name.as_str(), mount2.mount_path.as_str()),
+            ("cache-claim", CACHE_DIR)
+        );
+        assert_eq!(
+            cache2.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "berlin-cache"
+        );
+        assert!(cache2.empty_dir.is_none());
+        assert_eq!(d2.spec.as_ref().unwrap().replicas, Some(2));
         // Without an address, the parent's Service in the cluster.
         let d = deployment(&s, &owner, &PARAMS);
         let content = container(&d)

@@ -122,8 +122,9 @@ impl Cache {
     }
 
     /// Drops the cached blobs not in `keep` (the digests the site's agents
-    /// are assigned), what interrupted fetches of others left, and anything
-    /// else in the cache's directories. An agent still downloading one keeps
+    /// are assigned), what interrupted fetches of others left (but not what
+    /// another relay on the directory is fetching), and anything else in
+    /// the cache's directories. An agent still downloading one keeps
     /// its open file.
     pub async fn retain(&self, keep: &HashSet<&Digest>) -> std::io::Result<Vec<String>> {
         let mut removed = Vec::new();
@@ -131,7 +132,15 @@ impl Cache {
             let mut dir = tokio::fs::read_dir(self.dir.join(sub)).await?;
             while let Some(entry) = dir.next_entry().await? {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let wanted = match Digest::from_hex(&name) {
+                // `<hex>`, and in `partial` also `<hex>.lock` and `<hex>.len`.
+                let hex = match sub {
+                    "partial" => name
+                        .strip_suffix(".lock")
+                        .or_else(|| name.strip_suffix(".len"))
+                        .unwrap_or(&name),
+                    _ => &name,
+                };
+                let wanted = match Digest::from_hex(hex) {
                     Ok(d) => {
                         keep.contains(&d)
                             || self
@@ -139,6 +148,7 @@ impl Cache {
                                 .lock()
                                 .expect("lock poisoned")
                                 .contains_key(&d)
+                            || self.fetching_elsewhere(&d).await?
                     }
                     Err(_) => false,
                 };
@@ -157,31 +167,12 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    use crate::{cache::Limits, upstream::Upstream};
-
-    async fn cache(dir: &std::path::Path, max_bytes: Option<u64>) -> Arc<Cache> {
-        let upstream = Upstream::new("http://127.0.0.1:9", "token", None).unwrap();
-        let limits = Limits {
-            max_bytes,
-            ..Default::default()
-        };
-        Arc::new(
-            Cache::open(
-                dir.to_path_buf(),
-                upstream,
-                Default::default(),
-                Default::default(),
-                limits,
-            )
-            .await
-            .unwrap(),
-        )
-    }
+    use crate::cache::test_cache;
 
     #[tokio::test]
     async fn the_size_limit_evicts_the_least_recently_used_blob_but_never_one_being_served() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache(dir.path(), Some(250)).await;
+        let cache = test_cache(dir.path(), Some(250)).await;
         let [a, b, c, d, e] = ["a", "b", "c", "d", "e"].map(|s| Digest::of(s.as_bytes()));
         for digest in [a, b, c, d] {
             std::fs::write(cache.path(&digest), [0u8; 100]).unwrap();
@@ -210,18 +201,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn blobs_no_agent_needs_leave_the_cache_with_their_partial_files() {
+    async fn blobs_no_agent_needs_leave_the_cache_with_their_partial_files_unless_another_relay_fetches_them(
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache(dir.path(), None).await;
+        let cache = test_cache(dir.path(), None).await;
         let [kept, dropped] = ["kept", "dropped"].map(|s| Digest::of(s.as_bytes()));
         std::fs::write(cache.path(&kept), "kept").unwrap();
         std::fs::write(cache.path(&dropped), "dropped").unwrap();
         std::fs::write(cache.partial(&dropped), "drop").unwrap();
+        std::fs::write(cache.lock_path(&dropped), "").unwrap();
         std::fs::write(dir.path().join("sha256/stray"), "?").unwrap();
+        // Another relay on the directory is fetching this one: it stays.
+        let elsewhere = Digest::of(b"elsewhere");
+        let _lock = caravan_net::lock::BlobLock::try_take(cache.lock_path(&elsewhere))
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::write(cache.partial(&elsewhere), "else").unwrap();
+        std::fs::write(cache.len_path(&elsewhere), "8").unwrap();
         let mut removed = cache.retain(&HashSet::from([&kept])).await.unwrap();
         removed.sort();
-        assert_eq!(removed, [dropped.hex(), dropped.hex(), "stray".to_string()]);
+        let mut expected = [
+            dropped.hex(),
+            dropped.hex(),
+            format!("{}.lock", dropped.hex()),
+            "stray".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(removed, expected);
         assert!(cache.path(&kept).exists());
+        assert!(cache.partial(&elsewhere).exists() && cache.len_path(&elsewhere).exists());
         assert_eq!(cache.bytes().await.unwrap(), 4);
     }
 }

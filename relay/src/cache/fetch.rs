@@ -198,6 +198,14 @@ impl Cache {
             let file = caravan_net::open_partial(&partial, resumed)
                 .await
                 .map_err(io)?;
+            // For relays on the same cache directory following this fetch.
+            let len_path = self.len_path(t.digest);
+            tokio::fs::write(&len_path, len.to_string())
+                .await
+                .map_err(|source| CacheError::Io {
+                    path: len_path,
+                    source,
+                })?;
             t.file = Some((file, len));
             progress.send_replace(Progress::Arriving {
                 len,

@@ -6,11 +6,14 @@
 //! resuming again. Responses stream the blob from that file while it
 //! arrives ([`reader`]); it enters the cache only after its sha256 matches.
 //! What no agent needs any more is dropped, and a size limit evicts the
-//! least recently used blobs, never one being served ([`evict`]).
+//! least recently used blobs, never one being served ([`evict`]). Relays
+//! sharing the cache directory fetch each blob once between them
+//! ([`shared`]).
 
 mod evict;
 mod fetch;
 mod reader;
+mod shared;
 
 use std::{
     collections::HashMap,
@@ -156,7 +159,10 @@ impl Cache {
         let (progress, progress_rx) = watch::channel(Progress::Starting);
         let (cache, digest) = (Arc::clone(self), *digest);
         let task = tokio::spawn(async move {
-            let result = cache.fetch(&digest, &progress).await.map_err(Arc::new);
+            let result = cache
+                .fetch_shared(&digest, &progress)
+                .await
+                .map_err(Arc::new);
             if result.is_ok() {
                 match cache.enforce_limit(&digest).await {
                     Ok(evicted) => evicted
@@ -185,4 +191,23 @@ impl Cache {
         inflight.insert(digest, fetch.clone());
         Err(fetch)
     }
+}
+
+/// A cache in `dir` for unit tests, whose upstream is unreachable (it can
+/// only serve what is there, or what another relay on `dir` fetches).
+#[cfg(test)]
+pub(crate) async fn test_cache(dir: &std::path::Path, max_bytes: Option<u64>) -> Arc<Cache> {
+    let upstream = Upstream::new("http://127.0.0.1:9", "token", None).unwrap();
+    let limits = Limits {
+        max_bytes,
+        ..Default::default()
+    };
+    let cache = Cache::open(
+        dir.to_path_buf(),
+        upstream,
+        Default::default(),
+        Default::default(),
+        limits,
+    );
+    Arc::new(cache.await.unwrap())
 }

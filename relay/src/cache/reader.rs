@@ -161,25 +161,7 @@ mod tests {
     use futures::{FutureExt, StreamExt};
     use std::io::Write;
 
-    use crate::{
-        cache::{Cache, Limits},
-        upstream::Upstream,
-    };
-
-    async fn cache(dir: &std::path::Path) -> Arc<Cache> {
-        let upstream = Upstream::new("http://127.0.0.1:9", "token", None).unwrap();
-        Arc::new(
-            Cache::open(
-                dir.to_path_buf(),
-                upstream,
-                Default::default(),
-                Default::default(),
-                Limits::default(),
-            )
-            .await
-            .unwrap(),
-        )
-    }
+    use crate::cache::test_cache;
 
     fn blob(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
@@ -233,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn a_cached_blob_is_read_exactly_over_the_asked_range() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache(dir.path()).await;
+        let cache = test_cache(dir.path(), None).await;
         let data = blob(1 << 20);
         let digest = caravan_api::Digest::of(&data);
         std::fs::write(cache.path(&digest), &data).unwrap();
@@ -249,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn an_arriving_blob_is_streamed_as_it_is_written_and_whole_at_the_end() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache(dir.path()).await;
+        let cache = test_cache(dir.path(), None).await;
         let data = blob(300_000);
         let digest = caravan_api::Digest::of(&data);
         let (
@@ -279,7 +261,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fetch_ends_the_stream_with_an_error_not_a_short_blob() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache(dir.path()).await;
+        let cache = test_cache(dir.path(), None).await;
         let data = blob(100_000);
         let digest = caravan_api::Digest::of(&data);
         let (

@@ -227,7 +227,12 @@ impl Caravan {
                 eprintln!("{out}");
                 cluster.wait_crds().await?;
                 cluster
-                    .container_command(HELM_NAMESPACE, "caravan", &dir.join("node/controller"))
+                    .container_command(
+                        HELM_NAMESPACE,
+                        "caravan",
+                        &dir.join("node/controller"),
+                        &dir.join("claims"),
+                    )
                     .await?
             }
         };

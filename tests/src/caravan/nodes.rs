@@ -70,7 +70,20 @@ impl Caravan {
     }
 
     async fn start_relay_on(&mut self, site: &str, port: u16) -> anyhow::Result<RelayInfo> {
-        self.start_relay_from(site, &format!("{site}-relay"), port)
+        self.start_relay_from(site, &format!("{site}-relay"), port, 0)
+            .await
+    }
+
+    /// Starts replica `replica` (1, 2, ...) of the relay of `site` beside
+    /// the one [`Self::start_relay`] started: another pod of the Site's
+    /// Deployment, on its own port, with its own `emptyDir` or the claim
+    /// they share.
+    pub async fn start_relay_replica(
+        &mut self,
+        site: &str,
+        replica: usize,
+    ) -> anyhow::Result<RelayInfo> {
+        self.start_relay_from(site, &format!("{site}-relay"), free_port(), replica)
             .await
     }
 
@@ -82,7 +95,8 @@ impl Caravan {
         site: &str,
         deployment: &str,
     ) -> anyhow::Result<RelayInfo> {
-        self.start_relay_from(site, deployment, free_port()).await
+        self.start_relay_from(site, deployment, free_port(), 0)
+            .await
     }
 
     async fn start_relay_from(
@@ -90,13 +104,20 @@ impl Caravan {
         site: &str,
         deployment: &str,
         port: u16,
+        replica: usize,
     ) -> anyhow::Result<RelayInfo> {
+        let name = match replica {
+            0 => format!("relay-{site}"),
+            n => format!("relay-{site}-{n}"),
+        };
+        let claims = self.dir.join("claims");
         let (args, env) = self
             .cluster
             .container_command(
                 &self.namespace,
                 deployment,
-                &self.dir.join(format!("node/relay-{site}")),
+                &self.dir.join("node").join(&name),
+                &claims,
             )
             .await?;
         // What the site's administrator hands the endpoints to enroll with.
@@ -118,7 +139,13 @@ impl Caravan {
                     })?;
             }
         }
-        let cache_dir = self.dir.join(format!("relay-{site}"));
+        // The cache: on a claim, as the Deployment says; else the pod's own
+        // emptyDir (kept across restarts of the relay here).
+        let on_claim = |a: &String| a.starts_with(&claims.display().to_string());
+        let cache_dir = match args.iter().skip_while(|a| *a != "--cache-dir").nth(1) {
+            Some(dir) if on_claim(dir) => PathBuf::from(dir),
+            _ => self.dir.join(&name),
+        };
         // The container's own arguments, with the node-local listen address and cache.
         let args = override_args(
             args,
@@ -140,13 +167,7 @@ impl Caravan {
                 args.drain(i..(i + 2).min(args.len()));
             }
         }
-        let proc = Proc::spawn(
-            &format!("relay-{site}"),
-            &bin("caravan-relay")?,
-            &args,
-            &env,
-            &self.dir,
-        )?;
+        let proc = Proc::spawn(&name, &bin("caravan-relay")?, &args, &env, &self.dir)?;
         let scheme = if args.contains(&"--tls-cert-file") {
             "https"
         } else {
@@ -155,7 +176,9 @@ impl Caravan {
         let url = format!("{scheme}://127.0.0.1:{port}");
         wait_http_ok(&http(), &format!("{url}/readyz"), &proc).await?;
         self.relays.push(proc);
-        self.relay_urls.insert(site.to_string(), url.clone());
+        if replica == 0 {
+            self.relay_urls.insert(site.to_string(), url.clone());
+        }
         Ok(RelayInfo {
             url,
             cache_dir,

@@ -1,12 +1,13 @@
-//! The per-blob lock that keeps the built-in store whole when several
-//! controller replicas share it (one ReadWriteMany volume). Whatever changes
-//! a blob holds its lock: an upload from its first byte until the blob is
-//! renamed into place, a push finding the blob present (its grace starts
-//! again), and the collector removing it. The lock is an exclusive `flock`
-//! on `<root>/uploads/<hex>`, the file an upload of the blob writes; the
-//! kernel drops it when the holder dies, so a crashed replica leaves no
-//! stale lock, and Linux's NFS client turns it into an NFS lock every
-//! client sees.
+//! A per-blob lock on a volume several processes share: the controller's
+//! built-in store under its replicas (one ReadWriteMany volume), and a
+//! relay's cache under the replicas of a site's relay. Whatever changes a
+//! blob holds its lock — in the store, an upload from its first byte until
+//! the blob is renamed into place, a push finding the blob present (its
+//! grace starts again) and the collector removing it; in a relay's cache,
+//! the fetch from upstream. The lock is an exclusive `flock` on a file
+//! next to the blob (an upload's own file, in the store); the kernel drops
+//! it when the holder dies, so a crashed process leaves no stale lock, and
+//! Linux's NFS client turns it into an NFS lock every client sees.
 
 use std::{
     fs::{File, OpenOptions, TryLockError},
@@ -19,7 +20,7 @@ use std::{
 /// before it counts as held by somebody else.
 const ATTEMPTS: usize = 16;
 
-/// A held lock (released when dropped). Its file is the upload's file.
+/// A held lock (released when dropped).
 #[derive(Debug)]
 pub struct BlobLock {
     file: File,
@@ -65,7 +66,7 @@ impl BlobLock {
         Ok(None)
     }
 
-    /// The locked file (what an upload writes).
+    /// The locked file (in the store, what an upload writes).
     pub fn file(&self) -> &File {
         &self.file
     }
