@@ -42,6 +42,8 @@ pub struct Config {
     pub script_user: Option<crate::transaction::scripts::RunAs>,
     /// Slowest a download may be before it is given up (slow retrieval).
     pub min_download_rate: crate::client::MinRate,
+    /// Where the agent's figures go (Prometheus text format), if anywhere.
+    pub metrics_file: Option<PathBuf>,
     /// Converge once and exit.
     pub once: bool,
 }
@@ -124,6 +126,7 @@ impl Config {
                 bytes_per_second: args.min_download_rate,
                 window: Duration::from_secs(args.download_window_seconds.max(1)),
             },
+            metrics_file: args.metrics_file,
             once: args.once,
         })
     }

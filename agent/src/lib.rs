@@ -25,6 +25,7 @@ pub mod detect;
 pub mod drift;
 pub mod enroll;
 pub mod failpoint;
+pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod selfupdate;
@@ -224,6 +225,12 @@ pub struct RunArgs {
     /// The window `--min-download-rate` is measured over, in seconds.
     #[arg(long, env = "CARAVAN_DOWNLOAD_WINDOW_SECONDS", default_value_t = client::MinRate::DEFAULT.window.as_secs())]
     pub download_window_seconds: u64,
+    /// Write the agent's figures (assignments by phase, installed packages,
+    /// drift, desired state, last report taken) to this file in
+    /// Prometheus's text format after every report, for node_exporter's
+    /// textfile collector (`<dir>/caravan.prom`); the agent opens no port.
+    #[arg(long, env = "CARAVAN_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
     pub once: bool,

@@ -10,7 +10,8 @@
 //!    it wakes, changes or not, when a document is due to be signed anew
 //!    and when a job's schedule starts or ends (`notBefore`, `deadline`);
 //! 4. writes the status of every job, package and cabinet that changed
-//!    ([`status_patch`]), at most once per debounce interval, so status
+//!    ([`status_patch`], with the Events the change is worth; agents
+//!    approved or revoked get theirs), at most once per debounce interval, so status
 //!    writes stay bounded however many agents report. Writes that fail
 //!    are retried with a backoff, without waiting for another change; a
 //!    status written once is not written again while the object stays as
@@ -20,12 +21,12 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use caravan_api::{
-    v1alpha1::{Cabinet, Package, StoreType},
+    v1alpha1::{Agent, Cabinet, Package, StoreType},
     Digest,
 };
 use caravan_net::Backoff;
 use futures::{stream, StreamExt};
-use kube::{Resource as _, ResourceExt};
+use kube::{runtime::events::Event, Resource, ResourceExt};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +62,8 @@ pub struct Engine {
     /// Only the leader writes status and fetches artifacts into the store;
     /// every replica computes and signs desired state.
     leading: Leading,
+    /// Whether each agent was approved when last seen (for its Events).
+    approvals: std::sync::Mutex<HashMap<index::ObjectKey, bool>>,
 }
 
 /// A fingerprint of a status, to remember what was written.
@@ -91,6 +94,7 @@ impl Engine {
             blobs,
             desired: watch::channel(Arc::new(DesiredIndex::default())).0,
             written: Default::default(),
+            approvals: Default::default(),
             leading,
         })
     }
@@ -269,7 +273,11 @@ impl Engine {
             }
             changed
         });
+        let approvals = self.approval_events(&agents);
         let failed = if self.leading.now() {
+            for (agent, event) in approvals {
+                self.publish(&event, agent.as_ref()).await;
+            }
             self.write(out.jobs).await
                 + self.write(out.packages).await
                 + self.write(out.cabinets).await
@@ -277,6 +285,31 @@ impl Engine {
             0
         };
         (failed, index::next_boundary(&jobs, now))
+    }
+
+    /// Records `event` about `obj` (a lost Event is only logged).
+    async fn publish<K: Resource<DynamicType = ()>>(&self, event: &Event, obj: &K) {
+        if let Err(e) = self.ctx.recorder.publish(event, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+
+    /// The agents approved or revoked since the last computation, with
+    /// their Events; remembers what each is now.
+    fn approval_events(&self, agents: &[Arc<Agent>]) -> Vec<(Arc<Agent>, Event)> {
+        let mut approvals = self.approvals.lock().expect("lock poisoned");
+        let mut now = HashMap::with_capacity(agents.len());
+        let mut events = Vec::new();
+        for a in agents {
+            let key = index::key_of(a.as_ref());
+            let was = approvals.get(&key).copied();
+            if let Some(event) = index::status::approval_event(was, a.spec.approved) {
+                events.push((a.clone(), event));
+            }
+            now.insert(key, a.spec.approved);
+        }
+        *approvals = now;
+        events
     }
 
     /// Writes each status that changed; returns how many writes failed.
@@ -311,14 +344,7 @@ impl Engine {
             {
                 Ok(Written::Written(after)) => {
                     for event in K::events(obj.status(), &next) {
-                        if let Err(e) = self
-                            .ctx
-                            .recorder
-                            .publish(&event, &obj.object_ref(&()))
-                            .await
-                        {
-                            tracing::debug!(error = %e, "event not recorded");
-                        }
+                        self.publish(&event, obj.as_ref()).await;
                     }
                     let left = (wrote.0, fingerprint(after.as_ref()));
                     self.written

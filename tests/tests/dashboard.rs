@@ -1,13 +1,14 @@
 //! What an operator watches. The Grafana dashboard in the chart: its JSON
 //! loads, the chart ships it as a ConfigMap for Grafana's sidecar, and every
-//! metric its queries name is one the controller or a relay exports (read
-//! from their `/metrics` after a job ran). And the Events the same run
-//! leaves on its objects: the relay connected, the artifact verified, the
-//! agent enrolled, the job complete.
+//! metric its queries name is one the controller, a relay or an agent
+//! exports (read from their `/metrics`, and the agent's `--metrics-file`,
+//! after a job ran). And the Events the same run leaves on its objects: the
+//! relay connected, the artifact verified, the agent enrolled, the job
+//! complete.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
-use caravan_tests::{helm, repo_root, Caravan, HELM_NAMESPACE};
+use caravan_tests::{helm, repo_root, wait_for, Caravan, HELM_NAMESPACE};
 
 /// The `caravan_…` metric names in every query of the dashboard.
 fn queried() -> anyhow::Result<BTreeSet<String>> {
@@ -58,6 +59,26 @@ async fn every_metric_the_dashboard_queries_is_exported() -> anyhow::Result<()> 
             .text()
             .await?;
     }
+    // The agent's, as node_exporter's textfile collector would serve them:
+    // the install it reported, and the relay took the report.
+    let agent = wait_for("the agent's figures", Duration::from_secs(30), || async {
+        let text = std::fs::read_to_string(c.agent_metrics_file("desk")).unwrap_or_default();
+        Ok(text
+            .contains(r#"caravan_agent_assignments{phase="Succeeded"} 1"#)
+            .then_some(text))
+    })
+    .await?;
+    let delivered = agent
+        .lines()
+        .find_map(|l| l.strip_prefix("caravan_agent_report_delivered_timestamp_seconds "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_default();
+    assert!(delivered > 1_700_000_000, "{agent}");
+    assert!(
+        agent.contains("caravan_agent_installed_packages 1"),
+        "{agent}"
+    );
+    exported += &agent;
     // Every family the binaries declare (one with no sample yet, like
     // refused reports, is still exported), under the names Prometheus
     // stores its samples by.

@@ -368,6 +368,8 @@ async fn an_agent_waits_for_approval_and_is_cut_off_when_revoked_or_deleted() ->
         Ok((relay_answers(&c, &relay, "kiosk").await? == (403, 403)).then_some(()))
     })
     .await?;
+    c.wait_warning(&name, "Revoked", "keeps what it has installed")
+        .await?;
     repo.remove("fleet/job.yaml")?;
     repo.commit("hello leaves the fleet")?;
     wait_for("the job to go", T, || async {

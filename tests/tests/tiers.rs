@@ -1,7 +1,8 @@
 //! A three-level tree of sites (hq → region → branch): the branch relay takes
-//! content from the region relay, which takes it from hq's, which takes it
-//! from the controller, so each blob crosses each link exactly once, while
-//! control traffic still goes to the controller.
+//! content from the region relay (at the address the region's Site
+//! declares, over HTTPS), which takes it from hq's (at its Service), which
+//! takes it from the controller, so each blob crosses each link exactly
+//! once, while control traffic still goes to the controller.
 
 use std::time::Duration;
 
@@ -13,17 +14,43 @@ use k8s_openapi::api::core::v1::Secret;
 async fn each_blob_crosses_each_link_of_a_three_level_tree_once() -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
     let repo = c.seed_example_fleet().await?;
-    for (site, parent) in [("region", "hq"), ("branch", "region")] {
+    // The region's relay declares the address the sites below reach it at
+    // (as one run outside the cluster would); hq's is reached at its Service.
+    let region_port = caravan_tests::procs::free_port();
+    for (site, spec) in [
+        (
+            "region",
+            format!("{{parent: hq, relay: {{url: \"https://localhost:{region_port}\"}}}}"),
+        ),
+        ("branch", "{parent: region}".to_string()),
+    ] {
         repo.write(
             &format!("fleet/{site}-site.yaml"),
-            &format!("apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {site}}}\nspec: {{parent: {parent}}}\n"),
+            &format!("apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {site}}}\nspec: {spec}\n"),
         )?;
     }
     repo.commit("Two sites below hq")?;
     c.relay_args = vec!["--stats-interval-seconds".into(), "1".into()];
     let hq = c.start_relay("hq").await?;
-    let region = c.start_relay("region").await?;
+    let region = c.start_relay_at("region", region_port).await?;
     let branch = c.start_relay("branch").await?;
+    let (args, env) = c
+        .cluster
+        .container_command(
+            &c.namespace,
+            "branch-relay",
+            &c.dir.join("node/inspect"),
+            &c.dir.join("claims"),
+        )
+        .await?;
+    assert!(
+        env.contains(&(
+            "CARAVAN_CONTENT_UPSTREAM".into(),
+            format!("https://localhost:{region_port}")
+        )),
+        "the branch relay reaches the region's at its declared address: {env:?}"
+    );
+    assert!(args.contains(&"--content-upstream-ca-file".to_string()));
     c.start_agent("at-hq", &hq)?;
     c.start_agent("at-branch", &branch)?;
     // hello-everywhere targets hq and every site below it.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use caravan_api::wire::{AgentReport, Assignment, AssignmentPhase, JobState};
 
 use super::Converger;
-use crate::{plan::key, selfupdate, state::Installed};
+use crate::{metrics, plan::key, selfupdate, state::Installed};
 
 /// Longest time between two reports, so `lastSeen` stays fresh.
 const HEARTBEAT: Duration = Duration::from_secs(300);
@@ -84,6 +84,7 @@ impl Converger {
             desired_refused: self.refused.clone(),
             facts: self.config.facts.clone(),
         };
+        let figures = self.config.metrics_file.as_ref().map(|_| report.clone());
         let signed = match self.state.sign_report(report) {
             Ok(signed) => signed,
             Err(e) => {
@@ -109,6 +110,14 @@ impl Converger {
                 // The next poll sends the full state again.
                 self.last_delivered = None;
                 tracing::warn!(error = %e, "report not delivered; will resend");
+            }
+        }
+        if let (Some(path), Some(report)) = (&self.config.metrics_file, figures) {
+            let delivered = self
+                .last_delivered
+                .map(|t| std::time::SystemTime::now() - t.elapsed());
+            if let Err(e) = metrics::write(path, &metrics::encode(&report, delivered)) {
+                tracing::warn!(path = %path.display(), error = %e, "the metrics file was not written");
             }
         }
     }

@@ -48,6 +48,11 @@ impl Caravan {
         self.start_relay_on(site, free_port()).await
     }
 
+    /// [`Self::start_relay`] on `port` (one the Site declares in `relay.url`).
+    pub async fn start_relay_at(&mut self, site: &str, port: u16) -> anyhow::Result<RelayInfo> {
+        self.start_relay_on(site, port).await
+    }
+
     /// Stops the relay of `site` and starts it again from its Deployment as
     /// it is now (a pod rolled), on the same address and cache.
     pub async fn restart_relay(&mut self, site: &str) -> anyhow::Result<RelayInfo> {
@@ -256,6 +261,11 @@ impl Caravan {
         (dir.join("state"), dir.join("root"))
     }
 
+    /// Where agent `name` writes its figures (`--metrics-file`).
+    pub fn agent_metrics_file(&self, name: &str) -> PathBuf {
+        self.dir.join("agents").join(name).join("caravan.prom")
+    }
+
     /// The arguments and environment of `caravan-agent run` for `name`.
     fn agent_invocation(
         &self,
@@ -279,6 +289,8 @@ impl Caravan {
             &poll_wait,
             "--retry-after",
             "2",
+            "--metrics-file",
+            &self.agent_metrics_file(name).display().to_string(),
         ]
         .map(String::from)
         .to_vec();

@@ -88,6 +88,32 @@ pub fn site_events(old: Option<&SiteStatus>, new: &SiteStatus) -> Vec<Event> {
     )
 }
 
+/// An agent let in again (`Approved`) or cut off (`Revoked`), when its
+/// `spec.approved` goes from `was` to `now`. A first sight (`was` unknown)
+/// is worth nothing: enrollment has its own Event.
+pub fn approval_event(was: Option<bool>, now: bool) -> Option<Event> {
+    let (type_, reason, note) = match (was?, now) {
+        (false, true) => (
+            EventType::Normal,
+            "Approved",
+            "approved: its relay serves it from its next request on",
+        ),
+        (true, false) => (
+            EventType::Warning,
+            "Revoked",
+            "revoked: its relay turns it away from its next request on; it keeps what it has installed",
+        ),
+        _ => return None,
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    })
+}
+
 /// The Events a job's change of status from `old` to `new` is worth: its
 /// rollout pausing, going on (resumed, or a batch started), and the job
 /// completing or failing. Each batch's are told apart by their action, so
@@ -487,6 +513,27 @@ pub fn job_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_revoked_or_approved_again_is_worth_an_event_and_a_first_sight_is_not() {
+        let reason = |was, now| approval_event(was, now).map(|e| (e.type_, e.reason));
+        assert_eq!(
+            reason(Some(true), false),
+            Some((EventType::Warning, "Revoked".to_string()))
+        );
+        assert_eq!(
+            reason(Some(false), true),
+            Some((EventType::Normal, "Approved".to_string()))
+        );
+        for (was, now) in [
+            (None, true),
+            (None, false),
+            (Some(true), true),
+            (Some(false), false),
+        ] {
+            assert_eq!(reason(was, now), None, "{was:?} -> {now}");
+        }
+    }
 
     fn ready(
         status: bool,
