@@ -275,12 +275,17 @@ impl Engine {
         });
         let approvals = self.approval_events(&agents);
         let failed = if self.leading.now() {
-            for (agent, event) in approvals {
-                self.publish(&event, agent.as_ref()).await;
-            }
-            self.write(out.jobs).await
+            let failed = self.write(out.jobs).await
                 + self.write(out.packages).await
-                + self.write(out.cabinets).await
+                + self.write(out.cabinets).await;
+            // After the status writes, a few at a time (a mass approval
+            // delays nothing else).
+            stream::iter(approvals)
+                .for_each_concurrent(16, |(agent, event)| async move {
+                    self.publish(&event, agent.as_ref()).await;
+                })
+                .await;
+            failed
         } else {
             0
         };

@@ -75,10 +75,22 @@ impl Window {
         (!inside).then(|| (self.start + 1440 - minute) % 1440)
     }
 
-    /// The same at `now`.
+    /// The same at `now`, counted to the next opening in the zone's own
+    /// calendar: a daylight-saving change before it makes the wait an hour
+    /// shorter or longer than the clock faces say.
     pub fn opens_in_at(&self, now: Timestamp) -> Option<u32> {
         let local = now.to_zoned(self.zone.clone());
-        self.opens_in(local.hour() as u32 * 60 + local.minute() as u32)
+        let wall = self.opens_in(local.hour() as u32 * 60 + local.minute() as u32)?;
+        let (h, m) = ((self.start / 60) as i8, (self.start % 60) as i8);
+        let opening = |date: jiff::civil::Date| date.at(h, m, 0, 0).to_zoned(self.zone.clone());
+        let next = match opening(local.date()) {
+            Ok(today) if today.timestamp() > now => Ok(today),
+            _ => local.date().tomorrow().and_then(opening),
+        };
+        Some(next.map_or(wall, |next| {
+            let seconds = next.timestamp().as_second() - now.as_second();
+            u32::try_from((seconds + 59) / 60).unwrap_or(wall)
+        }))
     }
 
     /// The same for the current time.
@@ -137,5 +149,20 @@ mod tests {
         );
         let e = "22:00-06:00 Mars/Olympus".parse::<Window>().unwrap_err();
         assert!(e.contains("time zone"), "{e}");
+    }
+
+    #[test]
+    fn the_wait_counts_the_daylight_saving_change_before_the_window_opens() {
+        let morning: Window = "08:00-09:00 Europe/Berlin".parse().unwrap();
+        // 22:00 in Berlin on the night clocks go forward (02:00 → 03:00):
+        // ten hours on the clock face, nine in fact.
+        let spring: Timestamp = "2026-03-28T21:00:00Z".parse().unwrap();
+        assert_eq!(morning.opens_in_at(spring), Some(9 * 60));
+        // ...and eleven when they go back.
+        let autumn: Timestamp = "2026-10-24T20:00:00Z".parse().unwrap();
+        assert_eq!(morning.opens_in_at(autumn), Some(11 * 60));
+        // Later the same day: no change in between.
+        let day: Timestamp = "2026-03-29T05:30:00Z".parse().unwrap();
+        assert_eq!(morning.opens_in_at(day), Some(30));
     }
 }

@@ -139,7 +139,7 @@ async fn two_relay_replicas_sharing_a_cache_claim_fetch_each_blob_once_between_t
         "fleet/site.yaml",
         &site.replace(
             "    replicas: 1\n",
-            "    replicas: 2\n    cache: {size: 1Gi, claimName: hq-cache}\n",
+            "    replicas: 2\n    cache: {size: 1Gi, persistent: true}\n",
         ),
     )?;
     repo.commit("hq: two relays on one cache")?;
@@ -174,6 +174,14 @@ async fn two_relay_replicas_sharing_a_cache_claim_fetch_each_blob_once_between_t
         got.iter().all(|(d, _)| *d == expected),
         "every agent got the right bytes from either relay"
     );
+    for (r, relay) in relays.iter().enumerate() {
+        let early = got.iter().skip(r).step_by(2).filter(|(_, early)| *early);
+        assert!(
+            early.count() > 0,
+            "agents of {} got bytes while the blob arrived",
+            relay.url
+        );
+    }
     let size = pkg.spec.artifact.size as f64;
     let mut upstream = 0.0;
     for relay in &relays {

@@ -32,11 +32,15 @@ async fn big_package_for_hq(c: &Caravan) -> anyhow::Result<(Vec<u8>, u64)> {
     Ok((data, size))
 }
 
-/// Bytes in the relay's partial file (of the one blob being fetched).
+/// Bytes in the relay's partial file (of the one blob being fetched; not
+/// its `.lock` or `.len` beside it).
 fn partial_len(cache_dir: &std::path::Path) -> u64 {
     std::fs::read_dir(cache_dir.join("partial"))
         .ok()
-        .and_then(|d| d.filter_map(|e| e.ok()).next())
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .find(|e| !e.file_name().to_string_lossy().contains('.'))
+        })
         .and_then(|e| e.metadata().ok())
         .map_or(0, |m| m.len())
 }

@@ -49,6 +49,9 @@ pub struct Converger {
     attempts: Attempts,
     /// When the last report reached the relay; `None` until one has, or after one failed.
     last_delivered: Option<Instant>,
+    /// When a report was last taken by the relay, for the metrics (kept
+    /// when one fails, unlike `last_delivered`).
+    delivered_at: Option<std::time::SystemTime>,
     /// Files of installed packages no longer as installed, as last found.
     drift: Vec<Drift>,
     /// The baselines of installed versions, read once from the state directory.
@@ -160,6 +163,7 @@ impl Converger {
             jobs: HashMap::new(),
             retry_at: HashMap::new(),
             last_delivered: None,
+            delivered_at: None,
             drift: Vec::new(),
             baselines: HashMap::new(),
         })

@@ -96,6 +96,7 @@ impl Converger {
         match self.client.report(&signed).await {
             Ok(()) => {
                 self.last_delivered = Some(Instant::now());
+                self.delivered_at = Some(std::time::SystemTime::now());
                 // A new agent binary that reports has proved itself.
                 if self.on_probation {
                     match selfupdate::confirm(&self.state) {
@@ -113,10 +114,7 @@ impl Converger {
             }
         }
         if let (Some(path), Some(report)) = (&self.config.metrics_file, figures) {
-            let delivered = self
-                .last_delivered
-                .map(|t| std::time::SystemTime::now() - t.elapsed());
-            if let Err(e) = metrics::write(path, &metrics::encode(&report, delivered)) {
+            if let Err(e) = metrics::write(path, &metrics::encode(&report, self.delivered_at)) {
                 tracing::warn!(path = %path.display(), error = %e, "the metrics file was not written");
             }
         }

@@ -85,12 +85,20 @@ pub struct CacheSpec {
     /// used blobs are evicted beyond nine tenths of it, and the cache volume
     /// is limited to it.
     pub size: String,
-    /// A PersistentVolumeClaim in the Site's namespace to keep the cache on
-    /// instead of an `emptyDir`, so it outlives the relay's pods. Replicas
-    /// sharing one claim (`ReadWriteMany`) fetch each blob from upstream
-    /// once between them; on `emptyDir`s each replica fetches its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim_name: Option<String>,
+    /// Keep the cache on the PersistentVolumeClaim `<site>-relay-cache` in
+    /// the Site's namespace (declare it beside the Site) instead of an
+    /// `emptyDir`, so it outlives the relay's pods. Replicas share it (it
+    /// must then be `ReadWriteMany`) and fetch each blob from upstream once
+    /// between them; on `emptyDir`s each replica fetches its own. The name
+    /// is fixed so that a Site can mount no other claim.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persistent: bool,
+}
+
+/// The PersistentVolumeClaim a Site's relay keeps its cache on with
+/// `relay.cache.persistent`.
+pub fn relay_cache_claim(site: &str) -> String {
+    format!("{site}-relay-cache")
 }
 
 /// A daily window, which may cross midnight.
@@ -117,20 +125,6 @@ impl RelaySpec {
         }
         if let Some(c) = &self.cache {
             quantity_bytes(&c.size).map_err(|e| format!("relay.cache.size: {e}"))?;
-            if let Some(claim) = &c.claim_name {
-                let valid = !claim.is_empty()
-                    && claim.len() <= 253
-                    && claim.chars().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
-                    })
-                    && claim.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && claim.ends_with(|c: char| c.is_ascii_alphanumeric());
-                if !valid {
-                    return Err(format!(
-                        "relay.cache.claimName {claim:?} is not a PersistentVolumeClaim name"
-                    ));
-                }
-            }
         }
         if let Some(b) = &self.bandwidth {
             quantity_bytes(b).map_err(|e| format!("relay.bandwidth: {e}"))?;
@@ -293,7 +287,7 @@ mod tests {
     #[test]
     fn relay_settings_that_cannot_be_used_are_named() {
         let ok: RelaySpec = serde_json::from_value(serde_json::json!({
-            "url": "https://relay.berlin.example.com:8080", "cache": {"size": "50Gi", "claimName": "berlin-cache"}, "bandwidth": "10Mi",
+            "url": "https://relay.berlin.example.com:8080", "cache": {"size": "50Gi", "persistent": true}, "bandwidth": "10Mi",
             "transferWindow": {"start": "22:00", "end": "06:00", "timeZone": "Europe/Berlin"},
         }))
         .unwrap();
@@ -307,10 +301,6 @@ mod tests {
             (
                 serde_json::json!({"cache": {"size": "lots"}}),
                 "relay.cache.size",
-            ),
-            (
-                serde_json::json!({"cache": {"size": "1Gi", "claimName": "Shared Cache"}}),
-                "relay.cache.claimName",
             ),
             (
                 serde_json::json!({"bandwidth": "10 MB/s"}),

@@ -14,13 +14,10 @@ use caravan_api::{conditions::reasons, v1alpha1::GitSourceSpec};
 
 use super::{
     access::{self, Access, Remote},
-    revision::{read_files, Wanted},
+    revision::{read_files, Files, Refused, Wanted},
     signature,
 };
 use crate::error::{Error, ErrorClass};
-
-/// Manifest files of a revision: path relative to the repository root, contents.
-pub type Files = Vec<(String, Vec<u8>)>;
 
 /// Which repositories a GitSource may name: `https://` and `ssh://` URLs and
 /// `[user@]host:path`; a local repository (`file://` or an absolute path)
@@ -78,26 +75,6 @@ pub struct Fetched {
     /// When the commit was made (Unix seconds).
     pub committed_at: i64,
     pub files: Files,
-}
-
-/// Why a fetch found nothing to apply.
-#[derive(Debug)]
-pub struct Refused {
-    pub reason: &'static str,
-    pub message: String,
-    /// Whether trying again soon may help (a network error), or only a
-    /// change in Git or in the Secret can.
-    pub class: ErrorClass,
-}
-
-impl Refused {
-    pub(super) fn stalled(reason: &'static str, message: String) -> Self {
-        Self {
-            reason,
-            message,
-            class: ErrorClass::Stalled,
-        }
-    }
 }
 
 /// Bounds on one fetch.

@@ -243,8 +243,8 @@ impl GitSources {
         gs: &GitSource,
         ns: &str,
         name: &str,
-    ) -> Result<fetch::Fetched, fetch::Refused> {
-        let secret_refused = |message: String| fetch::Refused {
+    ) -> Result<fetch::Fetched, revision::Refused> {
+        let secret_refused = |message: String| revision::Refused {
             reason: reasons::AUTHENTICATION_FAILED,
             message,
             class: ErrorClass::Stalled,
@@ -255,7 +255,7 @@ impl GitSources {
         let signers = match &gs.spec.verify {
             Some(v) => access::signers(&self.ctx.client, ns, &v.secret_ref)
                 .await
-                .map_err(|e| fetch::Refused {
+                .map_err(|e| revision::Refused {
                     reason: reasons::SIGNATURE_INVALID,
                     message: format!("spec.verify.secretRef: {e}"),
                     class: ErrorClass::Stalled,
@@ -274,7 +274,7 @@ impl GitSources {
         // The fetch checks its deadline as data arrives; a host that
         // trickles nothing else is given up on here (the fetch's thread
         // ends at its next socket timeout).
-        let failed = |message: String| fetch::Refused {
+        let failed = |message: String| revision::Refused {
             reason: reasons::FETCH_FAILED,
             message,
             class: ErrorClass::Transient,
@@ -347,7 +347,7 @@ impl GitSources {
         &self,
         ns: &str,
         source: &str,
-        files: &fetch::Files,
+        files: &revision::Files,
     ) -> Result<Vec<Declared>, Vec<ManifestError>> {
         let declared = parse_revision(files, ns, source)?;
         let existing: Vec<_> = self

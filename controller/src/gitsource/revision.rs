@@ -6,7 +6,30 @@ use std::path::Path;
 
 use caravan_api::{conditions::reasons, v1alpha1::GitRef};
 
-use super::fetch::{Files, Refused};
+use crate::error::ErrorClass;
+
+/// Manifest files of a revision: path relative to the repository root, contents.
+pub type Files = Vec<(String, Vec<u8>)>;
+
+/// Why a fetch found nothing to apply.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub message: String,
+    /// Whether trying again soon may help (a network error), or only a
+    /// change in Git or in the Secret can.
+    pub class: ErrorClass,
+}
+
+impl Refused {
+    pub(super) fn stalled(reason: &'static str, message: String) -> Self {
+        Self {
+            reason,
+            message,
+            class: ErrorClass::Stalled,
+        }
+    }
+}
 
 /// The revision a GitSource's ref names, and how it is fetched.
 pub(super) enum Wanted<'a> {

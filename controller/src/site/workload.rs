@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use caravan_api::{labels, v1alpha1::Site, wire::paths};
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy},
         core::v1::{
             Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
             HTTPGetAction, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext,
@@ -285,7 +285,9 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
     // different names: server-side apply replaces a volume by name, but
     // does not drop an `emptyDir: {}` it applied before from a volume that
     // becomes a claim (the API server then refuses two volume types).
-    let cache = match spec.cache.as_ref().and_then(|c| c.claim_name.clone()) {
+    let persistent = spec.cache.as_ref().is_some_and(|c| c.persistent);
+    let cache = match persistent.then(|| caravan_api::v1alpha1::relay_cache_claim(&site.name_any()))
+    {
         Some(claim_name) => Volume {
             name: "cache-claim".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -413,6 +415,12 @@ pub fn deployment(site: &Site, owner: &OwnerReference, params: &RelayParams) -> 
         metadata: meta(site, owner),
         spec: Some(DeploymentSpec {
             replicas: Some(site.spec.relay.replicas),
+            // One pod on a claim: the old one lets go of it before the new
+            // one mounts it (a ReadWriteOnce claim attaches to one node).
+            strategy: (persistent && site.spec.relay.replicas <= 1).then(|| DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                rolling_update: None,
+            }),
             selector: LabelSelector {
                 match_labels: Some(selector(site)),
                 ..Default::default()
@@ -719,7 +727,7 @@ mod tests {
         // On a claim, shared by the replicas.
         let mut shared = spec.clone();
         shared.relay.replicas = 2;
-        shared.relay.cache.as_mut().unwrap().claim_name = Some("berlin-cache".into());
+        shared.relay.cache.as_mut().unwrap().persistent = true;
         let (s2, owner2) = site("berlin", shared);
         let d2 = deployment(&s2, &owner2, &params);
         let pod2 = d2.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -732,10 +740,24 @@ mod tests {
         );
         assert_eq!(
             cache2.persistent_volume_claim.as_ref().unwrap().claim_name,
-            "berlin-cache"
+            "berlin-relay-cache",
+            "the Site's own claim, never another"
         );
         assert!(cache2.empty_dir.is_none());
         assert_eq!(d2.spec.as_ref().unwrap().replicas, Some(2));
+        assert!(
+            d2.spec.as_ref().unwrap().strategy.is_none(),
+            "replicas on a shared claim roll"
+        );
+        let mut one = s2.spec.clone();
+        one.relay.replicas = 1;
+        let (s1, owner1) = site("berlin", one);
+        let d1 = deployment(&s1, &owner1, &params);
+        assert_eq!(
+            d1.spec.unwrap().strategy.unwrap().type_.as_deref(),
+            Some("Recreate"),
+            "one pod lets go of its claim before the next mounts it"
+        );
         // Without an address, the parent's Service in the cluster.
         let d = deployment(&s, &owner, &PARAMS);
         let content = container(&d)

@@ -4,11 +4,12 @@
 //! reading ([`Lease`]).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{atomic::Ordering, Arc},
 };
 
 use caravan_api::Digest;
+use caravan_net::lock::BlobLock;
 
 use super::Cache;
 
@@ -122,41 +123,55 @@ impl Cache {
     }
 
     /// Drops the cached blobs not in `keep` (the digests the site's agents
-    /// are assigned), what interrupted fetches of others left (but not what
-    /// another relay on the directory is fetching), and anything else in
-    /// the cache's directories. An agent still downloading one keeps
-    /// its open file.
+    /// are assigned), what interrupted fetches of others left, and anything
+    /// else in the cache's directories. What fetches left goes under the
+    /// blob's lock, so never what another relay on the directory is
+    /// fetching. An agent still downloading a blob keeps its open file.
     pub async fn retain(&self, keep: &HashSet<&Digest>) -> std::io::Result<Vec<String>> {
+        let wanted = |d: &Digest| {
+            keep.contains(d) || self.inflight.lock().expect("lock poisoned").contains_key(d)
+        };
         let mut removed = Vec::new();
-        for sub in ["sha256", "partial"] {
-            let mut dir = tokio::fs::read_dir(self.dir.join(sub)).await?;
-            while let Some(entry) = dir.next_entry().await? {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                // `<hex>`, and in `partial` also `<hex>.lock` and `<hex>.len`.
-                let hex = match sub {
-                    "partial" => name
-                        .strip_suffix(".lock")
-                        .or_else(|| name.strip_suffix(".len"))
-                        .unwrap_or(&name),
-                    _ => &name,
-                };
-                let wanted = match Digest::from_hex(hex) {
-                    Ok(d) => {
-                        keep.contains(&d)
-                            || self
-                                .inflight
-                                .lock()
-                                .expect("lock poisoned")
-                                .contains_key(&d)
-                            || self.fetching_elsewhere(&d).await?
-                    }
-                    Err(_) => false,
-                };
-                if !wanted {
+        let mut dir = tokio::fs::read_dir(self.dir.join("sha256")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !Digest::from_hex(&name).is_ok_and(|d| wanted(&d)) {
+                tokio::fs::remove_file(entry.path()).await?;
+                removed.push(name);
+            }
+        }
+        // `partial/<hex>`, `<hex>.len` and `<hex>.lock`, by blob.
+        let mut left: HashMap<Digest, Vec<String>> = HashMap::new();
+        let mut dir = tokio::fs::read_dir(self.dir.join("partial")).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let hex = name
+                .strip_suffix(".lock")
+                .or_else(|| name.strip_suffix(".len"))
+                .unwrap_or(&name);
+            match Digest::from_hex(hex) {
+                Ok(d) if wanted(&d) => {}
+                Ok(d) => left.entry(d).or_default().push(name),
+                Err(_) => {
                     tokio::fs::remove_file(entry.path()).await?;
                     removed.push(name);
                 }
             }
+        }
+        for (digest, names) in left {
+            let Some(lock) = BlobLock::try_take(self.lock_path(&digest)).await? else {
+                continue; // another relay on the directory is fetching it
+            };
+            for name in &names {
+                if !name.ends_with(".lock") {
+                    match tokio::fs::remove_file(self.dir.join("partial").join(name)).await {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+            lock.remove_if_empty()?;
+            removed.extend(names);
         }
         Ok(removed)
     }

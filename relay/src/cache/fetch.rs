@@ -40,6 +40,8 @@ pub enum CacheError {
     Restarted { digest: Digest },
     #[error("waiting for the transfer window, opens {} (in {minutes} min): the relay fetches the blob then", window.opening())]
     OutsideWindow { window: Window, minutes: u32 },
+    #[error("the relay on the same cache that was fetching {digest} stopped before it was complete; asking again fetches it here")]
+    FollowedFetchStopped { digest: Digest },
     #[error("fetch task failed: {0}")]
     Task(String),
     #[error("cache {path}: {source}")]
@@ -200,7 +202,7 @@ impl Cache {
                 .map_err(io)?;
             // For relays on the same cache directory following this fetch.
             let len_path = self.len_path(t.digest);
-            tokio::fs::write(&len_path, len.to_string())
+            tokio::fs::write(&len_path, super::shared::format_len(len))
                 .await
                 .map_err(|source| CacheError::Io {
                     path: len_path,

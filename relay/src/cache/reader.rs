@@ -35,9 +35,10 @@ pub(super) struct Inflight {
 
 /// A blob as a response reads it: from the cache, or from its partial file
 /// as far as it has arrived. The digest of an arriving blob is checked at
-/// the end (by the relay before caching it, and by the agent), and a failed
-/// fetch ends the stream with an error, so a reader never takes a wrong blob
-/// for a complete one.
+/// the end (by the relay before caching it, and by the agent): its last
+/// bytes are sent only once the relay found it right, and a failed fetch
+/// ends the stream with an error, so a reader never takes a wrong blob for a
+/// complete one.
 pub struct Reader {
     file: Arc<std::fs::File>,
     pub len: u64,
@@ -137,7 +138,8 @@ impl Reader {
                 Progress::Arriving { written, .. } => written,
                 Progress::Over => break,
             };
-            if available > pos {
+            // The last bytes go out only once the blob is verified.
+            if available > pos && available < self.len {
                 return Ok(available);
             }
             if fetch.progress.changed().await.is_err() {
@@ -287,5 +289,32 @@ mod tests {
         progress.send_replace(Progress::Over);
         let e = response.await.unwrap().unwrap_err();
         assert!(e.to_string().contains("ended at byte 40000"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_last_bytes_of_an_arriving_blob_wait_for_its_verdict() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = test_cache(dir.path(), None).await;
+        let data = blob(50_000);
+        let digest = caravan_api::Digest::of(&data);
+        let (mut fake, reader) = fetch(&dir.path().join("partial/z"), data.len() as u64);
+        fake.writer.write_all(&data).unwrap();
+        fake.progress.send_replace(Progress::Arriving {
+            len: data.len() as u64,
+            written: data.len() as u64,
+        });
+        let response = tokio::spawn(read_all(reader, 0..data.len() as u64, cache.lease(&digest)));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !response.is_finished(),
+            "all bytes are there, but not yet found right"
+        );
+        let _ = fake.done.send(Err(Arc::new(CacheError::DigestMismatch {
+            expected: digest,
+            actual: caravan_api::Digest::of(b"other"),
+        })));
+        fake.progress.send_replace(Progress::Over);
+        let e = response.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("digest mismatch"), "{e}");
     }
 }
