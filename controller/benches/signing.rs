@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
 
     let site = index.sites.values().next().expect("a site");
     let (name, envelope) = site.value.agents.iter().next().expect("an agent");
+    let envelope = &*envelope.0;
     let signed_bytes = serde_json::to_vec(envelope)?.len();
     let (root, _) = pin(&site.value.roots, None)?;
     let rounds = 2_000;

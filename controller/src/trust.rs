@@ -26,7 +26,7 @@ use ed25519_dalek::SigningKey;
 
 use crate::{
     error::{Error, Result},
-    index::{DesiredIndex, SiteKey},
+    index::{DesiredIndex, SignedPart, SiteKey},
 };
 
 /// The controller's signing key and the chain of roots that vouches for it.
@@ -136,7 +136,7 @@ struct Signed {
     /// sha256 of the document without version and expiry.
     content: [u8; 32],
     expires: DateTime<Utc>,
-    envelope: Envelope,
+    envelope: SignedPart,
 }
 
 /// Signs each agent's desired state, reusing a signature while it is
@@ -169,7 +169,7 @@ impl Signer {
     }
 
     /// `desired` signed for agent `name` of namespace `ns`.
-    fn sign(&mut self, ns: &str, mut desired: AgentDesired, now: DateTime<Utc>) -> Envelope {
+    fn sign(&mut self, ns: &str, mut desired: AgentDesired, now: DateTime<Utc>) -> SignedPart {
         desired.version = 0;
         desired.expires.clear();
         let content = Self::content(&desired);
@@ -185,7 +185,11 @@ impl Signer {
         desired.version = version;
         desired.expires = expires.to_rfc3339_opts(SecondsFormat::Millis, true);
         let body = serde_json::to_vec(&desired).expect("wire types serialize");
-        let envelope = Envelope::sign(DESIRED_TYPE, &body, &[&self.key]);
+        let envelope = SignedPart(std::sync::Arc::new(Envelope::sign(
+            DESIRED_TYPE,
+            &body,
+            &[&self.key],
+        )));
         self.signed.insert(
             key,
             Signed {
@@ -271,10 +275,12 @@ mod tests {
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
         let t0 = Utc::now();
         let agent = |index: &DesiredIndex| {
-            index.sites[&("ns".to_string(), "hq".to_string())]
-                .value
-                .agents["a1"]
-                .clone()
+            Envelope::clone(
+                &index.sites[&("ns".to_string(), "hq".to_string())]
+                    .value
+                    .agents["a1"]
+                    .0,
+            )
         };
         let first = agent(&signer.sign_sites(site(&[desired("a1", "x")]), t0));
         let (d1, accepted) = verify_desired(&first, &root, "a1", None, t0).unwrap();
@@ -315,7 +321,7 @@ mod tests {
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
         let index = signer.sign_sites(site(&[desired("a1", "x")]), now);
         let doc = &index.sites[&("ns".to_string(), "hq".to_string())].value;
-        let envelope = &doc.agents["a1"];
+        let envelope = &*doc.agents["a1"].0;
         assert!(
             verify_desired(envelope, &root1, "a1", None, now).is_err(),
             "root 1's key does not sign any more"

@@ -10,7 +10,7 @@ use std::{
 
 use caravan_api::{
     v1alpha1::{Cabinet, DistributionJob, Package, Site},
-    wire::{AgentDesired, BlobSource, SiteDesired},
+    wire::{AgentDesired, BlobSource, Envelope, SiteDesired},
     Digest,
 };
 use caravan_net::Document;
@@ -30,7 +30,19 @@ pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
 /// the `Signer` of the `trust` module).
 #[derive(Default, Debug)]
 pub struct DesiredIndex {
-    pub sites: HashMap<SiteKey, Arc<Document<SiteDesired>>>,
+    pub sites: HashMap<SiteKey, Arc<Document<SiteDesired<SignedPart>>>>,
+}
+
+/// An agent's signed document, shared by the signer's record of it and by
+/// the site document that serves it: one copy in memory, however often the
+/// index is computed (serialized as the envelope itself).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignedPart(pub Arc<Envelope>);
+
+impl serde::Serialize for SignedPart {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl DesiredIndex {

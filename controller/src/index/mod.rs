@@ -36,7 +36,7 @@ use std::sync::Arc;
 use caravan_api::v1alpha1::*;
 use kube::Resource;
 
-pub use desired::{DesiredIndex, Unsigned};
+pub use desired::{DesiredIndex, SignedPart, Unsigned};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
 
