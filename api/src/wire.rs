@@ -104,7 +104,21 @@ pub mod paths {
     pub fn poll(path: &str, wait: u64) -> String {
         format!("{path}?{}={wait}", super::WAIT_PARAM)
     }
+
+    /// A relay's long-poll of its site's desired state that takes answers
+    /// as changes since the revision it holds ([`super::SiteDesired::since`]).
+    pub fn site_desired_poll(wait: u64) -> String {
+        format!("{}&{}=true", poll(SITE_DESIRED, wait), super::DELTAS_PARAM)
+    }
 }
+
+/// Query parameter: the relay applies answers that hold only what changed
+/// since the revision it names in `If-None-Match` (a relay that does not ask
+/// always gets the whole desired state).
+pub const DELTAS_PARAM: &str = "deltas";
+/// Most removed agents a site's feed remembers for answers of changes: a
+/// relay further behind gets the whole desired state.
+pub const MAX_REMOVALS_KEPT: usize = 4096;
 
 /// One package an agent must have installed (or removed) for one job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -227,6 +241,12 @@ impl AgentDesired {
 /// What every agent of one site must have, keyed by agent name: each
 /// agent's [`AgentDesired`] signed by the controller (`A` = [`Envelope`]),
 /// as served; the controller's index computes it unsigned first.
+///
+/// To a relay that asks for them ([`DELTAS_PARAM`]) and holds an earlier
+/// revision, the controller answers with changes: `since` names the revision
+/// they apply to, `agents` and `agent_keys` hold only the agents whose
+/// document or key changed (an agent's entry is replaced whole), `removed`
+/// the agents no longer served; every other field is whole.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteDesired<A = Envelope> {
@@ -257,6 +277,13 @@ pub struct SiteDesired<A = Envelope> {
     /// only in the documents of top-level sites).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sources: BTreeMap<Digest, BlobSource>,
+    /// An answer of changes: the revision (ETag) they apply to. None: the
+    /// whole desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// In an answer of changes: the agents no longer served since `since`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// Where in an OCI registry a relay fetches a blob.
@@ -284,6 +311,8 @@ impl<A> Default for SiteDesired<A> {
             agent_keys: BTreeMap::new(),
             roots: vec![],
             sources: BTreeMap::new(),
+            since: None,
+            removed: vec![],
         }
     }
 }
@@ -292,6 +321,31 @@ impl<A> SiteDesired<A> {
     /// Every blob the site's relay keeps: its agents', its jobs' and its lower sites'.
     pub fn all_digests(&self) -> impl Iterator<Item = &Digest> {
         self.blobs.iter().chain(&self.prestage).chain(&self.lower)
+    }
+
+    /// The same desired state with each agent's part made by `f` from its
+    /// name, its part and its key (if it has one).
+    pub fn map_agents<B>(self, mut f: impl FnMut(&str, A, Option<&String>) -> B) -> SiteDesired<B> {
+        let agents = self
+            .agents
+            .into_iter()
+            .map(|(name, a)| {
+                let b = f(&name, a, self.agent_keys.get(&name));
+                (name, b)
+            })
+            .collect();
+        SiteDesired {
+            site: self.site,
+            agents,
+            blobs: self.blobs,
+            prestage: self.prestage,
+            lower: self.lower,
+            roots: self.roots,
+            agent_keys: self.agent_keys,
+            sources: self.sources,
+            since: self.since,
+            removed: self.removed,
+        }
     }
 }
 

@@ -15,10 +15,13 @@ use caravan_api::{
     signing,
     trust::{pin, verify_desired},
     v1alpha1::{InstallSpec, JobAction},
-    wire::{AgentDesired, Assignment, SiteDesired},
+    wire::{AgentDesired, Assignment, Envelope, SiteDesired},
     Digest,
 };
-use caravan_controller::trust::{Signer, TrustKeys};
+use caravan_controller::{
+    index::DesiredIndex,
+    trust::{Signer, TrustKeys},
+};
 use ed25519_dalek::SigningKey;
 
 const SITES: usize = 10;
@@ -113,18 +116,47 @@ fn main() -> anyhow::Result<()> {
 
     let mut signer = Signer::new(&keys, std::time::Duration::from_secs(7 * 86400));
     let again = docs.clone();
+    let mut one_changed = docs.clone();
     let start = Instant::now();
-    let index = signer.sign_sites(docs, now);
+    let signed = signer.sign_sites(docs, now);
+    let (key, site) = signed.iter().next().expect("a site");
+    let (key, (name, envelope)) = (key.clone(), site.agents.iter().next().expect("an agent"));
+    let (name, envelope, roots) = (
+        name.clone(),
+        Envelope::clone(&envelope.0),
+        site.roots.clone(),
+    );
+    let index = DesiredIndex::default().next(signed).expect("new sites");
     let cold = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    black_box(signer.sign_sites(again, now));
+    assert!(index.next(signer.sign_sites(again, now)).is_none());
     let warm = start.elapsed().as_secs_f64();
 
-    let site = index.sites.values().next().expect("a site");
-    let (name, envelope) = site.value.agents.iter().next().expect("an agent");
-    let envelope = &*envelope.0;
+    // A relay's answers: the whole site, or one agent's change since the
+    // revision it holds (its document changed, everything else as it was).
+    let feed = &index.sites[&key];
+    let start = Instant::now();
+    let (etag, whole) = feed.answer(None, true).expect("an answer");
+    let whole_answer = start.elapsed().as_secs_f64();
+    one_changed
+        .get_mut(&key)
+        .and_then(|s| s.agents.get_mut(&name))
+        .expect("the agent")
+        .hold
+        .push("changed".into());
+    let start = Instant::now();
+    let changed = index
+        .next(signer.sign_sites(one_changed, now))
+        .expect("one agent changed");
+    let (_, delta) = changed.sites[&key]
+        .answer(Some(&etag), true)
+        .expect("an answer");
+    let one_change = start.elapsed().as_secs_f64();
+
+    let envelope = &envelope;
+    let name = name.as_str();
     let signed_bytes = serde_json::to_vec(envelope)?.len();
-    let (root, _) = pin(&site.value.roots, None)?;
+    let (root, _) = pin(&roots, None)?;
     let rounds = 2_000;
     let start = Instant::now();
     for _ in 0..rounds {
@@ -171,6 +203,17 @@ fn main() -> anyhow::Result<()> {
             secs * 1e6 / agents as f64
         );
     }
+    println!(
+        "relay answer, whole site ({} agents): {:.1} ms, {} bytes",
+        agents / SITES,
+        whole_answer * 1e3,
+        whole.len()
+    );
+    println!(
+        "one agent changed: recompute every site + its relay's answer {:.1} ms, {} bytes",
+        one_change * 1e3,
+        delta.len()
+    );
     println!("agent: verify one document {:.1} µs", verify * 1e6);
     println!(
         "report: {} bytes signed; agent signs one in {:.1} µs, controller verifies one in {:.1} µs ({:.0}/s)",

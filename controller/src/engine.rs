@@ -261,18 +261,19 @@ impl Engine {
                 m.job_destinations.get_or_create(&labels).set(i64::from(n));
             }
         }
-        let desired = self
+        let signed = self
             .signer
             .lock()
             .expect("lock poisoned")
             .sign_sites(out.desired, chrono::Utc::now());
-        self.desired.send_if_modified(|current| {
-            let changed = current.differs_from(&desired);
-            if changed {
-                *current = Arc::new(desired);
-            }
-            changed
-        });
+        self.desired
+            .send_if_modified(|current| match current.next(signed) {
+                Some(next) => {
+                    *current = Arc::new(next);
+                    true
+                }
+                None => false,
+            });
         let approvals = self.approval_events(&agents);
         let failed = if self.leading.now() {
             let failed = self.write(out.jobs).await

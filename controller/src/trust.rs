@@ -20,13 +20,12 @@ use caravan_api::{
     trust::{Envelope, Root, DESIRED_TYPE},
     wire::{AgentDesired, SiteDesired},
 };
-use caravan_net::Document;
 use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::SigningKey;
 
 use crate::{
     error::{Error, Result},
-    index::{DesiredIndex, SignedPart, SiteKey},
+    index::{SignedPart, SiteKey},
 };
 
 /// The controller's signing key and the chain of roots that vouches for it.
@@ -201,39 +200,26 @@ impl Signer {
         envelope
     }
 
-    /// Every site's desired state, each agent's part signed, as served.
+    /// Every site's desired state, each agent's part signed.
     pub fn sign_sites(
         &mut self,
         sites: HashMap<SiteKey, SiteDesired<AgentDesired>>,
         now: DateTime<Utc>,
-    ) -> DesiredIndex {
+    ) -> HashMap<SiteKey, SiteDesired<SignedPart>> {
         let mut live = HashSet::new();
-        let mut index = DesiredIndex::default();
-        for (key, site) in sites {
-            let agents = site
-                .agents
-                .into_values()
-                .map(|d| {
-                    live.insert((key.0.clone(), d.agent.clone()));
-                    (d.agent.clone(), self.sign(&key.0, d, now))
-                })
-                .collect();
-            let signed = SiteDesired {
-                site: site.site,
-                agents,
-                blobs: site.blobs,
-                prestage: site.prestage,
-                lower: site.lower,
-                roots: self.roots.clone(),
-                agent_keys: site.agent_keys,
-                sources: site.sources,
-            };
-            index
-                .sites
-                .insert(key, std::sync::Arc::new(Document::new(signed)));
-        }
+        let signed = sites
+            .into_iter()
+            .map(|(key, site)| {
+                let mut signed = site.map_agents(|name, d, _| {
+                    live.insert((key.0.clone(), name.to_string()));
+                    self.sign(&key.0, d, now)
+                });
+                signed.roots = self.roots.clone();
+                (key, signed)
+            })
+            .collect();
         self.signed.retain(|k, _| live.contains(k));
-        index
+        signed
     }
 
     /// When the first document is due to be signed anew.
@@ -274,13 +260,8 @@ mod tests {
         let (root, _) = pin(&keys.roots, None).unwrap();
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
         let t0 = Utc::now();
-        let agent = |index: &DesiredIndex| {
-            Envelope::clone(
-                &index.sites[&("ns".to_string(), "hq".to_string())]
-                    .value
-                    .agents["a1"]
-                    .0,
-            )
+        let agent = |signed: &HashMap<SiteKey, SiteDesired<SignedPart>>| {
+            Envelope::clone(&signed[&("ns".to_string(), "hq".to_string())].agents["a1"].0)
         };
         let first = agent(&signer.sign_sites(site(&[desired("a1", "x")]), t0));
         let (d1, accepted) = verify_desired(&first, &root, "a1", None, t0).unwrap();
@@ -319,8 +300,8 @@ mod tests {
         assert_eq!(keys.roots.len(), 2);
         let now = Utc::now();
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
-        let index = signer.sign_sites(site(&[desired("a1", "x")]), now);
-        let doc = &index.sites[&("ns".to_string(), "hq".to_string())].value;
+        let signed = signer.sign_sites(site(&[desired("a1", "x")]), now);
+        let doc = &signed[&("ns".to_string(), "hq".to_string())];
         let envelope = &*doc.agents["a1"].0;
         assert!(
             verify_desired(envelope, &root1, "a1", None, now).is_err(),

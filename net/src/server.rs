@@ -375,14 +375,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Wait {
 }
 
 /// Answers a long-poll for a document published through `rx`: at once when
-/// `current` gives an ETag other than the request's `If-None-Match`, else as
-/// soon as it changes, else `304 Not Modified` after `wait`.
-/// `current` returns the document's ETag and body, or an error to answer.
+/// it differs from the request's `If-None-Match`, else as soon as it changes,
+/// else `304 Not Modified` after `wait`. `answer` is given the current value
+/// and the ETag the client holds, and returns `None` when the client is up
+/// to date, else the ETag and body to answer with (which may depend on what
+/// the client holds), or an error to answer.
 pub async fn long_poll<T>(
     mut rx: watch::Receiver<T>,
     headers: &HeaderMap,
     Wait(wait): Wait,
-    mut current: impl FnMut(&T) -> Result<(String, bytes::Bytes), ApiError>,
+    mut answer: impl FnMut(&T, Option<&str>) -> Result<Option<(String, bytes::Bytes)>, ApiError>,
 ) -> Result<Response, ApiError> {
     let known = headers
         .get(header::IF_NONE_MATCH)
@@ -390,8 +392,7 @@ pub async fn long_poll<T>(
         .map(str::to_owned);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let (etag, body) = current(&rx.borrow_and_update())?;
-        if known.as_deref() != Some(etag.as_str()) {
+        if let Some((etag, body)) = answer(&rx.borrow_and_update(), known.as_deref())? {
             return Ok((
                 [
                     (header::ETAG, etag),
@@ -408,9 +409,20 @@ pub async fn long_poll<T>(
                 Ok(Ok(()))
             );
         if !changed {
+            let etag = known.unwrap_or_default();
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
         }
     }
+}
+
+/// [`long_poll`]'s answer for a document whose body does not depend on what
+/// the client holds.
+pub fn changed(
+    etag: &str,
+    body: &bytes::Bytes,
+    known: Option<&str>,
+) -> Option<(String, bytes::Bytes)> {
+    (known != Some(etag)).then(|| (etag.to_string(), body.clone()))
 }
 
 /// Bytes the blob responses of a server may hold in memory together.

@@ -71,6 +71,35 @@ impl SiteState {
         }
     }
 
+    /// This state with `changes` applied: an answer of changes since it
+    /// (see [`SiteDesired::since`]). Only the agents that changed are read.
+    pub fn apply(&self, mut changes: SiteDesired) -> Self {
+        let mut agents = self.agents.clone();
+        let mut keys = self.desired.agent_keys.clone();
+        for name in std::mem::take(&mut changes.removed) {
+            agents.remove(&name);
+            keys.remove(&name);
+        }
+        // An agent's entry is replaced whole: a key it no longer has goes.
+        for (name, envelope) in std::mem::take(&mut changes.agents) {
+            keys.remove(&name);
+            agents.insert(name, Arc::new(AgentPart::new(envelope)));
+        }
+        keys.append(&mut changes.agent_keys);
+        changes.agent_keys = keys;
+        changes.since = None;
+        let roots = match changes.roots == self.roots.value {
+            true => self.roots.clone(),
+            false => Arc::new(Document::new(std::mem::take(&mut changes.roots))),
+        };
+        changes.roots.clear();
+        Self {
+            desired: changes,
+            agents,
+            roots,
+        }
+    }
+
     /// What `agent` must have; `None` for an agent the controller does not
     /// serve here (awaiting approval, revoked, deleted, or of another site).
     pub fn agent(&self, agent: &str) -> Option<Arc<AgentPart>> {
@@ -98,12 +127,26 @@ pub async fn sync(
         };
         match answer {
             Ok(Some((new_etag, desired))) => {
-                tracing::info!(site = %desired.site, agents = desired.agents.len(), etag = %new_etag, "desired state updated");
+                let changed = desired.agents.len() + desired.removed.len();
+                let held = state.borrow().clone();
+                let next = match (&desired.since, held) {
+                    (None, _) => SiteState::new(desired),
+                    (Some(since), Some(held)) if Some(since) == etag.as_ref() => {
+                        held.apply(desired)
+                    }
+                    (Some(since), _) => {
+                        // Not what this relay holds: ask for the whole state.
+                        tracing::warn!(%since, held = ?etag, "changes for another revision of the desired state; asking for all of it");
+                        etag = None;
+                        continue;
+                    }
+                };
+                tracing::info!(site = %next.desired.site, agents = next.agents.len(), changed, etag = %new_etag, "desired state updated");
                 etag = Some(new_etag);
-                drop_unwanted(&cache, &desired).await;
-                cache.registries.set(desired.sources.clone());
-                prestage(&cache, &desired);
-                state.send_replace(Some(Arc::new(SiteState::new(desired))));
+                drop_unwanted(&cache, &next.desired).await;
+                cache.registries.set(next.desired.sources.clone());
+                prestage(&cache, &next.desired);
+                state.send_replace(Some(Arc::new(next)));
                 backoff.reset();
             }
             Ok(None) => backoff.reset(),
@@ -194,5 +237,68 @@ mod tests {
         assert!(a2.blobs.is_empty());
         assert_ne!(a1.document.etag, a2.document.etag);
         assert!(state.agent("new-one").is_none(), "a stranger is not served");
+    }
+
+    #[test]
+    fn changes_apply_to_the_state_they_were_made_for() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let part = |agent: &str, hold: &str| {
+            let d = AgentDesired {
+                agent: agent.into(),
+                hold: vec![hold.into()],
+                ..Default::default()
+            };
+            Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(&d).unwrap(), &[&key])
+        };
+        let site = |agents: &[(&str, &str)], keys: &[&str]| SiteDesired {
+            site: "hq".into(),
+            roots: vec![caravan_api::trust::Root::signed(1, &[&key])],
+            agents: agents
+                .iter()
+                .map(|(a, h)| (a.to_string(), part(a, h)))
+                .collect(),
+            agent_keys: keys
+                .iter()
+                .map(|a| (a.to_string(), format!("ed25519:{a}")))
+                .collect(),
+            blobs: vec![Digest::of(keys.concat().as_bytes())],
+            ..Default::default()
+        };
+        let held = SiteState::new(site(
+            &[("a1", "x"), ("a2", "x"), ("a3", "x")],
+            &["a1", "a2", "a3"],
+        ));
+        // a2 changes and loses its key, a3 leaves, a4 arrives.
+        let mut changes = site(&[("a2", "y"), ("a4", "x")], &["a4"]);
+        changes.blobs = vec![Digest::of(b"a1a4")];
+        changes.since = Some("\"r1\"".into());
+        changes.removed = vec!["a3".into()];
+        let applied = held.apply(changes);
+        let whole = SiteState::new(site(
+            &[("a1", "x"), ("a2", "y"), ("a4", "x")],
+            &["a1", "a4"],
+        ));
+        let etags = |s: &SiteState| {
+            let mut e: Vec<_> = s
+                .agents
+                .iter()
+                .map(|(n, p)| (n.clone(), p.document.etag.clone()))
+                .collect();
+            e.sort();
+            e
+        };
+        assert_eq!(etags(&applied), etags(&whole));
+        assert_eq!(
+            applied.desired, whole.desired,
+            "keys and blobs as in the whole state"
+        );
+        assert!(
+            Arc::ptr_eq(&applied.roots, &held.roots),
+            "unchanged roots are kept"
+        );
+        assert!(
+            Arc::ptr_eq(&applied.agents["a1"], &held.agents["a1"]),
+            "a1 is not read again"
+        );
     }
 }

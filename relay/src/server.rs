@@ -15,7 +15,7 @@ use caravan_api::{
 };
 use caravan_net::{
     agent_tokens as tokens,
-    server::{bearer, long_poll, serve_stream, ApiError, Wait},
+    server::{bearer, changed, long_poll, serve_stream, ApiError, Wait},
 };
 
 use crate::{cache::CacheError, Relay, SiteState};
@@ -222,13 +222,13 @@ async fn desired(
     } else {
         Some(relay.polls.take(&agent)?)
     };
-    long_poll(relay.state.clone(), &headers, wait, |state| {
+    long_poll(relay.state.clone(), &headers, wait, |state, known| {
         // Revoked while it waits: turned away at once.
         let doc = state
             .as_ref()
             .and_then(|s| s.agent(&agent))
             .ok_or_else(|| not_served(&agent))?;
-        Ok((doc.document.etag.clone(), doc.document.body.clone()))
+        Ok(changed(&doc.document.etag, &doc.document.body, known))
     })
     .await
 }

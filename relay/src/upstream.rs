@@ -94,13 +94,14 @@ impl Upstream {
         })
     }
 
-    /// Long-polls the site's desired state. `Ok(None)`: unchanged.
+    /// Long-polls the site's desired state, taking answers of changes since
+    /// `etag`. `Ok(None)`: unchanged.
     pub async fn desired(
         &self,
         etag: Option<&str>,
         wait: u64,
     ) -> Result<Option<(String, SiteDesired)>, UpstreamError> {
-        let url = self.url(&paths::poll(paths::SITE_DESIRED, wait));
+        let url = self.url(&paths::site_desired_poll(wait));
         let res = self
             .send(
                 caravan_net::poll_request(&self.http, &url, etag, wait),

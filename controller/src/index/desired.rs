@@ -10,10 +10,9 @@ use std::{
 
 use caravan_api::{
     v1alpha1::{Cabinet, DistributionJob, Package, Site},
-    wire::{AgentDesired, BlobSource, Envelope, SiteDesired},
+    wire::{AgentDesired, BlobSource, SiteDesired},
     Digest,
 };
-use caravan_net::Document;
 use kube::ResourceExt;
 
 use super::{
@@ -25,36 +24,6 @@ use super::{
 
 /// Every site's desired state, its agents' parts not signed yet.
 pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
-
-/// Desired state of every site, as served to relays (signed: see
-/// the `Signer` of the `trust` module).
-#[derive(Default, Debug)]
-pub struct DesiredIndex {
-    pub sites: HashMap<SiteKey, Arc<Document<SiteDesired<SignedPart>>>>,
-}
-
-/// An agent's signed document, shared by the signer's record of it and by
-/// the site document that serves it: one copy in memory, however often the
-/// index is computed (serialized as the envelope itself).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SignedPart(pub Arc<Envelope>);
-
-impl serde::Serialize for SignedPart {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
-    }
-}
-
-impl DesiredIndex {
-    /// Whether `other` serves any site differently.
-    pub fn differs_from(&self, other: &Self) -> bool {
-        self.sites.len() != other.sites.len()
-            || other
-                .sites
-                .iter()
-                .any(|(k, v)| self.sites.get(k).is_none_or(|c| c.etag != v.etag))
-    }
-}
 
 /// Builds every site's document from the plan (whose per-site agent
 /// states it takes); top-level sites are told which blobs to fetch from a

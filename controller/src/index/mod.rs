@@ -1,7 +1,7 @@
 //! The distribution index: from the cached objects (and where each artifact
 //! stands in the store) it computes, with no I/O,
 //! - every site's desired state, as its relay serves it to each agent
-//!   ([`desired`]), and
+//!   ([`desired`]), served to relays revision by revision ([`feed`]), and
 //! - the status of every job, package and cabinet ([`status`]).
 //!
 //! The relations it follows:
@@ -20,6 +20,7 @@
 //! function of plain values, tested as such (`tests.rs`).
 
 pub mod desired;
+pub mod feed;
 mod outcome;
 pub mod plan;
 mod requires;
@@ -36,7 +37,8 @@ use std::sync::Arc;
 use caravan_api::v1alpha1::*;
 use kube::Resource;
 
-pub use desired::{DesiredIndex, SignedPart, Unsigned};
+pub use desired::Unsigned;
+pub use feed::{DesiredIndex, SignedPart, SiteFeed};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
 

@@ -61,7 +61,7 @@ pub async fn get(
         .borrow()
         .sites
         .get(&site)
-        .is_some_and(|doc| doc.value.all_digests().any(|d| *d == digest));
+        .is_some_and(|feed| feed.desired().all_digests().any(|d| *d == digest));
     if !assigned {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

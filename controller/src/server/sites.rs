@@ -15,7 +15,7 @@ use caravan_api::{
     signing,
     trust::{self, TrustError},
     v1alpha1::{Agent, AgentStatus},
-    wire::{AgentReport, Envelope, RelayStats, MAX_DRIFT_REPORTED},
+    wire::{AgentReport, Envelope, RelayStats, DELTAS_PARAM, MAX_DRIFT_REPORTED},
 };
 use caravan_net::server::{long_poll, ApiError, Wait};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -35,11 +35,13 @@ use crate::{field_managers, status_patch};
 pub const REPORTS_BODY_LIMIT: usize = 32 << 20;
 
 /// Long-poll: answers at once when the site's state differs from the
-/// `If-None-Match` revision, else when it changes, else 304 after `wait` seconds.
+/// `If-None-Match` revision, else when it changes, else 304 after `wait`
+/// seconds; with changes since that revision when the relay takes them.
 pub async fn desired(
     State(s): State<AppState>,
     RelaySite(site): RelaySite,
     wait: Wait,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // Only a poll that waits holds a connection open.
@@ -47,14 +49,18 @@ pub async fn desired(
         true => None,
         false => Some(s.polls.take(&format!("site {}/{}", site.0, site.1))?),
     };
-    long_poll(s.desired.clone(), &headers, wait, |index| {
-        let doc = index.sites.get(&site).ok_or_else(|| {
+    // A relay that applies changes gets them rather than the whole state.
+    let deltas = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == format!("{DELTAS_PARAM}=true")));
+    long_poll(s.desired.clone(), &headers, wait, |index, known| {
+        let feed = index.sites.get(&site).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("site {}/{} does not exist", site.0, site.1),
             )
         })?;
-        Ok((doc.etag.clone(), doc.body.clone()))
+        Ok(feed.answer(known, deltas))
     })
     .await
 }

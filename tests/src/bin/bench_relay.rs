@@ -11,7 +11,8 @@
 //! caravan-bench-relay fanout [CLIENTS=1000] [SIZE_MIB=100]
 //!     concurrent downloads of a cold blob: upstream bytes, wall time, peak memory
 //! caravan-bench-relay longpoll [AGENTS=20000]
-//!     agents long-polling: memory per waiting agent, desired-state change to answer
+//!     agents long-polling: memory per waiting agent; a change for one agent
+//!     and one for all: change to answer, long-polls answered, CPU spent
 //! ```
 //!
 //! With no arguments it runs all four with their defaults (`make bench-relay`).
@@ -457,13 +458,16 @@ async fn fanout(clients: usize, size_mib: u64) -> anyhow::Result<()> {
 }
 
 /// One simulated agent on a raw HTTP/1.1 connection: reads its desired
-/// state, then long-polls for a change. Returns when the answer came.
+/// state, then long-polls with its ETag, sending `(agent, when)` on
+/// `answers` for every new state, and waits again.
 async fn poller(
+    agent: usize,
     addr: std::net::SocketAddr,
     token: String,
     connecting: Arc<tokio::sync::Semaphore>,
     parked: Arc<AtomicUsize>,
-) -> anyhow::Result<Instant> {
+    answers: tokio::sync::mpsc::UnboundedSender<(usize, Instant)>,
+) -> anyhow::Result<()> {
     let permit = connecting.acquire().await?;
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let mut conn = BufReader::new(stream);
@@ -476,21 +480,28 @@ async fn poller(
         )
     };
     conn.get_mut().write_all(ask(None).as_bytes()).await?;
-    let (status, etag) = read_response(&mut conn).await?;
+    let (status, mut etag) = read_response(&mut conn).await?;
     anyhow::ensure!(status == 200, "desired state: {status}");
-    conn.get_mut()
-        .write_all(ask(Some(&etag)).as_bytes())
-        .await?;
-    drop(permit);
-    parked.fetch_add(1, Ordering::Relaxed);
-    conn.fill_buf().await?;
-    let answered = Instant::now();
-    let (status, new_etag) = read_response(&mut conn).await?;
-    anyhow::ensure!(
-        status == 200 && new_etag != etag,
-        "long-poll answered {status}"
-    );
-    Ok(answered)
+    let mut first = Some(permit);
+    loop {
+        conn.get_mut()
+            .write_all(ask(Some(&etag)).as_bytes())
+            .await?;
+        if first.take().is_some() {
+            parked.fetch_add(1, Ordering::Relaxed);
+        }
+        conn.fill_buf().await?;
+        let answered = Instant::now();
+        let (status, new_etag) = read_response(&mut conn).await?;
+        anyhow::ensure!(
+            status == 200 && new_etag != etag,
+            "long-poll answered {status}"
+        );
+        etag = new_etag;
+        if answers.send((agent, answered)).is_err() {
+            return Ok(());
+        }
+    }
 }
 
 /// Reads one HTTP/1.1 response; returns its status and ETag, skipping the body.
@@ -557,49 +568,94 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
 
     let addr: std::net::SocketAddr = s.relay.url.trim_start_matches("http://").parse()?;
     let parked = Arc::new(AtomicUsize::new(0));
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
     let mut pollers = tokio::task::JoinSet::new();
     let connecting = Arc::new(tokio::sync::Semaphore::new(256));
     for i in 0..agents {
         let token = s.token(&format!("lp-{i}"));
-        pollers.spawn(poller(addr, token, connecting.clone(), parked.clone()));
+        let (connecting, parked, tx) = (connecting.clone(), parked.clone(), tx.clone());
+        pollers.spawn(poller(i, addr, token, connecting, parked, tx));
     }
+    drop(tx);
     while parked.load(Ordering::Relaxed) < agents {
         // A poller that ended before the change failed: say why.
         if let Some(r) = pollers.try_join_next() {
             r??;
-            anyhow::bail!("a long-poll was answered before anything changed");
+            anyhow::bail!("a poller ended before anything changed");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
+    anyhow::ensure!(
+        answers.try_recv().is_err(),
+        "a long-poll was answered before anything changed"
+    );
     let waiting_rss = memory_mib(s.relay_pid, "VmRSS");
+    let controller_pid = s.c.controller.pid();
+    let cpu = || (cpu_seconds(controller_pid), cpu_seconds(s.relay_pid));
 
-    // The change: a new job for the site, straight into the API server.
-    let job: DistributionJob = serde_json::from_value(serde_json::json!({
-        "apiVersion": "caravan.dev/v1alpha1", "kind": "DistributionJob",
-        "metadata": { "name": "lp-change", "namespace": "bench" },
-        "spec": { "packages": [{"name": "hello"}], "destinations": {"sites": [{"name": SITE}]} },
-    }))?;
-    let changed = Instant::now();
-    s.c.api::<DistributionJob>()
-        .create(&Default::default(), &job)
-        .await?;
-    let mut latencies = Vec::with_capacity(agents);
-    while let Some(r) = pollers.join_next().await {
-        latencies.push(r??.duration_since(changed).as_secs_f64() * 1000.0);
+    // A change that concerns one agent (a job naming it): only its
+    // long-poll is answered, the others keep waiting.
+    let job = |name: &str, destinations: serde_json::Value| {
+        serde_json::from_value::<DistributionJob>(serde_json::json!({
+            "apiVersion": "caravan.dev/v1alpha1", "kind": "DistributionJob",
+            "metadata": { "name": name, "namespace": "bench" },
+            "spec": {
+                "packages": [{"name": "hello"}],
+                "destinations": destinations,
+                "rollout": {"batches": [{"size": "100%"}]},
+            },
+        }))
+    };
+    let jobs = s.c.api::<DistributionJob>();
+    let (cpu0, changed) = (cpu(), Instant::now());
+    let one = job("lp-one", serde_json::json!({"agents": ["lp-0"]}))?;
+    jobs.create(&Default::default(), &one).await?;
+    let (agent, at) = answers.recv().await.context("the pollers ended")?;
+    anyhow::ensure!(agent == 0, "agent lp-{agent} was answered, not lp-0");
+    let one = at.duration_since(changed).as_secs_f64() * 1000.0;
+    // Whatever else the change costs, it has the time to happen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu1 = cpu();
+    let mut others = 0;
+    while answers.try_recv().is_ok() {
+        others += 1;
     }
+
+    // A change that concerns every agent: a new job for the site.
+    let changed = Instant::now();
+    let site = job("lp-site", serde_json::json!({"sites": [{"name": SITE}]}))?;
+    jobs.create(&Default::default(), &site).await?;
+    let mut latencies = Vec::with_capacity(agents);
+    while latencies.len() < agents {
+        let (_, at) = answers.recv().await.context("the pollers ended")?;
+        latencies.push(at.duration_since(changed).as_secs_f64() * 1000.0);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu2 = cpu();
+    pollers.abort_all();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!("\n## longpoll: {agents} agents long-polling one relay; a job for one of them, then one for their site\n");
+    println!("| relay RSS idle MiB | with agents waiting MiB | KiB per waiting agent |\n|---:|---:|---:|");
     println!(
-        "\n## longpoll: {agents} agents long-polling one relay, then a new job for their site\n"
-    );
-    println!("| relay RSS idle MiB | with agents waiting MiB | KiB per waiting agent | change→answer p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {idle_rss:.1} | {waiting_rss:.1} | {:.1} | {:.0} | {:.0} | {:.0} |",
+        "| {idle_rss:.1} | {waiting_rss:.1} | {:.1} |",
         (waiting_rss - idle_rss) * 1024.0 / agents as f64,
+    );
+    println!("\n| change | long-polls answered | change→answer p50 ms | p99 ms | max ms | controller CPU s | relay CPU s |\n|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| a job for one agent | {} | {one:.0} | {one:.0} | {one:.0} | {:.2} | {:.2} |",
+        1 + others,
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1
+    );
+    println!(
+        "| a job for the site | {agents} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
         pct(0.5),
         pct(0.99),
-        latencies[latencies.len() - 1]
+        latencies[latencies.len() - 1],
+        cpu2.0 - cpu1.0,
+        cpu2.1 - cpu1.1
     );
     Ok(())
 }
