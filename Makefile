@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup build crds lint images fuzz bench-package bench-relay bench-agent bench-job bench-signing bench-control-plane
+.PHONY: demo test setup build crds lint images fuzz bench-package bench-relay bench-agent bench-job bench-signing bench-control-plane bench-fleet bench-index
 
 setup:
 	bash scripts/setup.sh
@@ -59,6 +59,18 @@ bench-job: setup
 bench-control-plane: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/caravan-bench-control-plane
+
+# Figures: 10,000 simulated agents that speak the real protocol (4 generator
+# processes) and a job for all of them — commit to each agent's report (p50,
+# p99), API writes per agent, memory per agent of the relay and controller.
+bench-fleet: setup
+	$(CARGO) build --release --workspace --bins
+	./target/release/caravan-bench-fleet
+
+# Figures: one computation of the controller's index with 20,000 agents —
+# first, with nothing changed, and after a change that concerns one agent.
+bench-index:
+	$(CARGO) bench -p caravan-controller --features fixtures --bench index
 
 # Figures: what signing desired state costs — controller documents per
 # second (changed and unchanged) against serializing them unsigned, and the

@@ -15,10 +15,16 @@ pub struct Document<T> {
 
 impl<T: Serialize> Document<T> {
     pub fn new(value: T) -> Self {
-        let body = bytes::Bytes::from(serde_json::to_vec(&value).expect("wire types serialize"));
-        let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
+        let (body, etag) = serialize(&value);
         Self { value, body, etag }
     }
+}
+
+/// `value` serialized, and a strong validator (ETag) of those bytes.
+pub fn serialize<T: Serialize>(value: &T) -> (bytes::Bytes, String) {
+    let body = bytes::Bytes::from(serde_json::to_vec(value).expect("wire types serialize"));
+    let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
+    (body, etag)
 }
 
 #[cfg(test)]

@@ -228,7 +228,7 @@ async fn desired(
             .as_ref()
             .and_then(|s| s.agent(&agent))
             .ok_or_else(|| not_served(&agent))?;
-        Ok(changed(&doc.document.etag, &doc.document.body, known))
+        Ok(changed(&doc.etag, &doc.body, known))
     })
     .await
 }

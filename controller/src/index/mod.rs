@@ -27,8 +27,8 @@ mod requires;
 mod rollout;
 pub mod status;
 
-#[cfg(test)]
-mod fixtures;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 #[cfg(test)]
 mod tests;
 

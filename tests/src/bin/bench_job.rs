@@ -8,10 +8,7 @@
 //! `make bench-job` (release builds), or
 //! `target/release/caravan-bench-job [AGENTS=200] [POLL_WAIT_SECONDS=10]`.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use caravan_tests::{caravan::Options, Caravan};
@@ -74,14 +71,14 @@ async fn main() -> anyhow::Result<()> {
                  spec:\n  packages: [{{name: {name}}}]\n  destinations: {{sites: [{{name: hq}}]}}\n{rollout}"
             ),
         )?;
-        let before = writes(&c)?;
+        let before = c.api_writes()?;
         let committed = Instant::now();
         repo.commit(&format!("{name} for hq"))?;
         c.wait_job(name, "Succeeded", &all, T).await?;
         let secs = committed.elapsed().as_secs_f64();
         // Reports and status writes still in flight.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = writes(&c)?;
+        let after = c.api_writes()?;
         let delta = |f: &dyn Fn(&str) -> bool| -> f64 {
             after
                 .iter()
@@ -103,31 +100,4 @@ async fn main() -> anyhow::Result<()> {
          kube-apiserver; writes are POST/PUT/PATCH/DELETE by resource from its `/metrics`.)"
     );
     Ok(())
-}
-
-/// The API server's write requests so far, by `resource/subresource`.
-fn writes(c: &Caravan) -> anyhow::Result<BTreeMap<String, f64>> {
-    let metrics = c.cluster.kubectl(&["get", "--raw", "/metrics"])?;
-    let mut out = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|v| v.trim_end_matches('"'))
-                .unwrap_or_default()
-        };
-        if !matches!(label("verb"), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
-            continue;
-        }
-        let key = format!("{}/{}", label("resource"), label("subresource"));
-        *out.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
-    }
-    Ok(out)
 }

@@ -593,6 +593,14 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
     let waiting_rss = memory_mib(s.relay_pid, "VmRSS");
     let controller_pid = s.c.controller.pid();
     let cpu = || (cpu_seconds(controller_pid), cpu_seconds(s.relay_pid));
+    // The controller's recomputes: how many, and their time in all.
+    let engine = || async {
+        let m = |name: &'static str| caravan_tests::waits::metric(&s.c.api_url, name);
+        anyhow::Ok((
+            m(r#"caravan_reconcile_duration_seconds_count{kind="Engine"}"#).await?,
+            m(r#"caravan_reconcile_duration_seconds_sum{kind="Engine"}"#).await?,
+        ))
+    };
 
     // A change that concerns one agent (a job naming it): only its
     // long-poll is answered, the others keep waiting.
@@ -608,7 +616,7 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
         }))
     };
     let jobs = s.c.api::<DistributionJob>();
-    let (cpu0, changed) = (cpu(), Instant::now());
+    let (cpu0, engine0, changed) = (cpu(), engine().await?, Instant::now());
     let one = job("lp-one", serde_json::json!({"agents": ["lp-0"]}))?;
     jobs.create(&Default::default(), &one).await?;
     let (agent, at) = answers.recv().await.context("the pollers ended")?;
@@ -616,7 +624,7 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
     let one = at.duration_since(changed).as_secs_f64() * 1000.0;
     // Whatever else the change costs, it has the time to happen.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let cpu1 = cpu();
+    let (cpu1, engine1) = (cpu(), engine().await?);
     let mut others = 0;
     while answers.try_recv().is_ok() {
         others += 1;
@@ -632,7 +640,7 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
         latencies.push(at.duration_since(changed).as_secs_f64() * 1000.0);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let cpu2 = cpu();
+    let (cpu2, engine2) = (cpu(), engine().await?);
     pollers.abort_all();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
@@ -642,19 +650,28 @@ async fn longpoll(agents: usize) -> anyhow::Result<()> {
         "| {idle_rss:.1} | {waiting_rss:.1} | {:.1} |",
         (waiting_rss - idle_rss) * 1024.0 / agents as f64,
     );
-    println!("\n| change | long-polls answered | change→answer p50 ms | p99 ms | max ms | controller CPU s | relay CPU s |\n|---|---:|---:|---:|---:|---:|---:|");
+    println!("\n| change | long-polls answered | change→answer p50 ms | p99 ms | max ms | controller CPU s | recomputes, ms each | relay CPU s |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    let recomputes = |(n0, s0): (f64, f64), (n1, s1): (f64, f64)| {
+        format!(
+            "{}, {:.0}",
+            n1 - n0,
+            (s1 - s0) * 1000.0 / (n1 - n0).max(1.0)
+        )
+    };
     println!(
-        "| a job for one agent | {} | {one:.0} | {one:.0} | {one:.0} | {:.2} | {:.2} |",
+        "| a job for one agent | {} | {one:.0} | {one:.0} | {one:.0} | {:.2} | {} | {:.2} |",
         1 + others,
         cpu1.0 - cpu0.0,
+        recomputes(engine0, engine1),
         cpu1.1 - cpu0.1
     );
     println!(
-        "| a job for the site | {agents} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+        "| a job for the site | {agents} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {:.2} |",
         pct(0.5),
         pct(0.99),
         latencies[latencies.len() - 1],
         cpu2.0 - cpu1.0,
+        recomputes(engine1, engine2),
         cpu2.1 - cpu1.1
     );
     Ok(())

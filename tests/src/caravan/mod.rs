@@ -562,6 +562,34 @@ impl Caravan {
         Ok(failure.context("a failed job names its failure")?.reason)
     }
 
+    /// The API server's write requests so far (POST, PUT, PATCH, DELETE,
+    /// APPLY), by `resource/subresource`, from its own `/metrics`.
+    pub fn api_writes(&self) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+        let metrics = self.cluster.kubectl(&["get", "--raw", "/metrics"])?;
+        let mut out = std::collections::BTreeMap::new();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"'))
+                    .unwrap_or_default()
+            };
+            if !matches!(label("verb"), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
+                continue;
+            }
+            let key = format!("{}/{}", label("resource"), label("subresource"));
+            *out.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        Ok(out)
+    }
+
     /// Waits until `job` reports `phase` with `succeeded` of `total`.
     pub async fn wait_job(
         &self,

@@ -1,0 +1,532 @@
+//! `caravan-bench-fleet`: a fleet of simulated agents that speak the real
+//! protocol to a real relay, controller and kube-apiserver — thousands per
+//! process, in several processes — and a job for all of them.
+//!
+//! Each simulated agent is an Agent object with its own ed25519 key and its
+//! own HTTP connection to the relay. It pins the controller's root, reads
+//! and long-polls its desired state, verifies each document's signature
+//! (rollback and expiry included), downloads each assigned blob and checks
+//! its digest and size, and sends reports it signs, with a sequence that
+//! only grows. It installs nothing (no scripts run): it is the protocol's
+//! load, not an endpoint's work. `--fail PERCENT` makes that share of the
+//! agents report their installs as failed; `--think MS` waits up to that
+//! long (at random) before acting on a new document.
+//!
+//! ```text
+//! caravan-bench-fleet [AGENTS=10000] [PROCESSES=4] [POLL_WAIT_SECONDS=60] [--fail PERCENT] [--think MS]
+//! ```
+//!
+//! The fleet first installs the example package (the warm-up); then a job
+//! for a new package is committed to Git, everyone at once. Prints the time
+//! from the commit to each agent's report of success (p50, p99, max; from
+//! the agents' own clocks, all on this machine), the API server's writes
+//! per agent, and the memory of the relay, the controller and the
+//! generators per agent (`make bench-fleet`).
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use caravan_api::{
+    signing,
+    trust::{self, Accepted, Root},
+    v1alpha1::{Agent, JobAction},
+    wire::{
+        paths, AgentReport, AssignmentPhase, Envelope, InstalledPackage, JobState,
+        MAX_AGENT_DESIRED_BYTES,
+    },
+};
+use caravan_tests::{procs::memory_mib, Caravan};
+use ed25519_dalek::SigningKey;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use sha2::Digest as _;
+use tokio::io::AsyncBufReadExt;
+
+const SITE: &str = "hq";
+const T: Duration = Duration::from_secs(1800);
+/// The environment variable that hands the relay's token to generators.
+const TOKEN_ENV: &str = "CARAVAN_BENCH_RELAY_TOKEN";
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Agent `i`'s name and key (the same in the bench and its generators).
+fn identity(i: usize) -> (String, SigningKey) {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    (format!("sim-{i:06}"), SigningKey::from_bytes(&seed))
+}
+
+/// Options of the simulated agents.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    wait: u64,
+    fail_percent: u64,
+    think_ms: u64,
+}
+
+impl Behaviour {
+    fn args(&self) -> Vec<String> {
+        vec![
+            self.wait.to_string(),
+            self.fail_percent.to_string(),
+            self.think_ms.to_string(),
+        ]
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Every simulated agent is a socket.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("generate") {
+        let n = |i: usize| -> anyhow::Result<u64> {
+            args.get(i)
+                .context("generate URL FIRST COUNT WAIT FAIL THINK")?
+                .parse()
+                .with_context(|| format!("argument {i}: a number"))
+        };
+        let behaviour = Behaviour {
+            wait: n(4)?,
+            fail_percent: n(5)?,
+            think_ms: n(6)?,
+        };
+        return generate(&args[1], n(2)? as usize, n(3)? as usize, behaviour).await;
+    }
+    let mut positional = vec![];
+    let mut behaviour = Behaviour {
+        wait: 60,
+        fail_percent: 0,
+        think_ms: 0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--fail" => behaviour.fail_percent = it.next().context("--fail PERCENT")?.parse()?,
+            "--think" => behaviour.think_ms = it.next().context("--think MS")?.parse()?,
+            n => positional.push(
+                n.parse::<u64>()
+                    .with_context(|| format!("{n:?}: a number"))?,
+            ),
+        }
+    }
+    let agents = positional.first().copied().unwrap_or(10_000) as usize;
+    let processes = positional.get(1).copied().unwrap_or(4).max(1) as usize;
+    behaviour.wait = positional.get(2).copied().unwrap_or(60);
+    bench(agents, processes, behaviour).await
+}
+
+/// One generator process's agents, from `first`, `count` of them.
+async fn generate(relay: &str, first: usize, count: usize, b: Behaviour) -> anyhow::Result<()> {
+    let secret = std::env::var(TOKEN_ENV).with_context(|| format!("{TOKEN_ENV} not set"))?;
+    let token = |name: &str| caravan_net::agent_tokens::issue(&secret, name, None);
+    // The controller's roots, pinned on first sight (as an agent without a
+    // pin in its enrollment bundle does).
+    let (name, _) = identity(first);
+    let chain: Vec<Envelope> = reqwest::Client::new()
+        .get(format!("{relay}{}", paths::ROOTS))
+        .bearer_auth(token(&name))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let (root, _) = trust::pin(&chain, None)?;
+    let root = Arc::new(root);
+    let mut agents = tokio::task::JoinSet::new();
+    for i in first..first + count {
+        let (name, key) = identity(i);
+        let fails = fails(i, b);
+        let sim = Simulated {
+            token: token(&name),
+            name,
+            key,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(b.wait + 60))
+                .build()?,
+            relay: relay.to_string(),
+            root: root.clone(),
+            fails,
+            think_ms: b.think_ms,
+        };
+        agents.spawn(sim.run(b.wait));
+        // Do not storm the relay with thousands of connections at once.
+        if i % 64 == 63 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!("started {count}");
+    while let Some(r) = agents.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+struct Simulated {
+    name: String,
+    key: SigningKey,
+    token: String,
+    http: reqwest::Client,
+    relay: String,
+    root: Arc<Root>,
+    fails: bool,
+    think_ms: u64,
+}
+
+impl Simulated {
+    /// Reads and long-polls its desired state, acting on every new one,
+    /// until an error it cannot go on from.
+    async fn run(self, wait: u64) -> anyhow::Result<()> {
+        let (mut etag, mut accepted) = (None::<String>, None::<Accepted>);
+        let mut installed: BTreeMap<String, InstalledPackage> = BTreeMap::new();
+        let mut jobs: Vec<JobState> = vec![];
+        let mut sequence = 0;
+        let mut parked = false;
+        loop {
+            let url = match etag {
+                Some(_) => format!("{}{}", self.relay, paths::poll(paths::DESIRED, wait)),
+                None => format!("{}{}", self.relay, paths::DESIRED),
+            };
+            let mut req = self.http.get(&url).bearer_auth(&self.token);
+            if let Some(e) = &etag {
+                req = req.header(reqwest::header::IF_NONE_MATCH, e);
+            }
+            if etag.is_some() && !parked {
+                parked = true;
+                println!("parked {}", self.name);
+            }
+            let Some((new_etag, envelope)) =
+                caravan_net::poll_answer::<Envelope>(req.send().await?, MAX_AGENT_DESIRED_BYTES)
+                    .await?
+            else {
+                continue;
+            };
+            let (desired, acc) = trust::verify_desired(
+                &envelope,
+                &self.root,
+                &self.name,
+                accepted.as_ref(),
+                chrono::Utc::now(),
+            )
+            .with_context(|| format!("{}: desired state refused", self.name))?;
+            if self.think_ms > 0 {
+                let ms = rand::random::<u64>() % self.think_ms;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let mut done = vec![];
+            let new: Vec<_> = desired
+                .assignments
+                .iter()
+                .filter(|a| {
+                    a.action == JobAction::Install
+                        && a.superseded_by.is_none()
+                        && installed
+                            .get(&a.package)
+                            .is_none_or(|p| p.digest != a.digest)
+                        && !jobs.iter().any(|j| j.job == a.job && j.digest == a.digest)
+                })
+                .collect();
+            for a in new {
+                let phase = match self.fails {
+                    true => AssignmentPhase::Failed,
+                    false => {
+                        self.fetch(a).await?;
+                        installed.insert(
+                            a.package.clone(),
+                            InstalledPackage {
+                                name: a.package.clone(),
+                                version: a.version.clone(),
+                                digest: a.digest,
+                                detected: false,
+                            },
+                        );
+                        AssignmentPhase::Succeeded
+                    }
+                };
+                jobs.retain(|j| !(j.job == a.job && j.package == a.package));
+                jobs.push(JobState {
+                    job: a.job.clone(),
+                    package: a.package.clone(),
+                    digest: a.digest,
+                    action: a.action,
+                    phase,
+                    message: match self.fails {
+                        true => "simulated failure".into(),
+                        false => String::new(),
+                    },
+                    time: chrono::Utc::now().to_rfc3339(),
+                    attempts: 1,
+                    retry_at: None,
+                });
+                done.push(a.job.clone());
+            }
+            sequence = unix_ms().max(sequence + 1);
+            let report = AgentReport {
+                agent: self.name.clone(),
+                sequence,
+                version: caravan_api::RELEASE.into(),
+                os: std::env::consts::OS.into(),
+                arch: std::env::consts::ARCH.into(),
+                installed: installed.values().cloned().collect(),
+                jobs: jobs.clone(),
+                drift: vec![],
+                desired_version: desired.version,
+                desired_refused: None,
+                facts: Default::default(),
+            };
+            let signed = trust::sign_report(&report, &self.key);
+            self.http
+                .post(format!("{}{}", self.relay, paths::REPORT))
+                .bearer_auth(&self.token)
+                .json(&signed)
+                .send()
+                .await?
+                .error_for_status()
+                .with_context(|| format!("{}: report", self.name))?;
+            let at = unix_ms();
+            for job in done {
+                println!("done {job} {} {at} {}", self.name, self.fails);
+            }
+            (etag, accepted) = (Some(new_etag), Some(acc));
+        }
+    }
+
+    /// Downloads an assigned blob, checking its size and digest.
+    async fn fetch(&self, a: &caravan_api::wire::Assignment) -> anyhow::Result<()> {
+        let res = self
+            .http
+            .get(format!("{}{}", self.relay, paths::blob(&a.digest)))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut body = res.bytes_stream();
+        let (mut hash, mut len) = (sha2::Sha256::new(), 0u64);
+        while let Some(chunk) = body.try_next().await? {
+            len += chunk.len() as u64;
+            anyhow::ensure!(len <= a.size, "blob {} longer than {}", a.digest, a.size);
+            hash.update(&chunk);
+        }
+        anyhow::ensure!(
+            len == a.size,
+            "blob {}: {len} of {} bytes",
+            a.digest,
+            a.size
+        );
+        anyhow::ensure!(
+            hex::encode(hash.finalize()) == a.digest.hex(),
+            "blob {}: digest mismatch",
+            a.digest
+        );
+        Ok(())
+    }
+}
+
+/// What the generators say, line by line.
+enum Said {
+    Parked,
+    Done { job: String, at_ms: u64 },
+}
+
+async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<()> {
+    let mut c = Caravan::start("bench").await?;
+    let repo = c.seed_example_fleet().await?;
+    // The simulated agents' Agent objects, each with its key.
+    let api = c.api::<Agent>();
+    futures::stream::iter(0..agents)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let (name, key) = identity(i);
+                let agent: Agent = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "caravan.dev/v1alpha1", "kind": "Agent",
+                    "metadata": { "name": name, "namespace": "bench" },
+                    "spec": {
+                        "site": SITE,
+                        "hostId": format!("host-{name}"),
+                        "hostname": name,
+                        "publicKey": signing::encode_public(&key.verifying_key()),
+                    },
+                }))?;
+                api.create(&Default::default(), &agent).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<()>()
+        .await?;
+    c.relay_plaintext = true;
+    let relay = c.start_relay(SITE).await?;
+    let relay_pid = c.relays[0].pid();
+    let secret = c.api::<Secret>().get(&format!("{SITE}-relay")).await?;
+    let relay_token = String::from_utf8(secret.data.context("relay Secret")?["token"].0.clone())?;
+
+    // The generators, their lines gathered into one channel.
+    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+    let mut generators = vec![];
+    let per = agents.div_ceil(processes);
+    for p in 0..processes {
+        let first = p * per;
+        let count = per.min(agents.saturating_sub(first));
+        if count == 0 {
+            break;
+        }
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.arg("generate")
+            .arg(&relay.url)
+            .args([first.to_string(), count.to_string()])
+            .args(b.args())
+            .env(TOKEN_ENV, &relay_token)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let words: Vec<&str> = line.split(' ').collect();
+                let msg = match words[..] {
+                    ["parked", _] => Said::Parked,
+                    ["done", job, _, at, _] => Said::Done {
+                        job: job.to_string(),
+                        at_ms: at.parse().unwrap_or(0),
+                    },
+                    _ => continue,
+                };
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        generators.push(child);
+    }
+    drop(tx);
+    let started = Instant::now();
+    let failing = (0..agents).filter(|i| fails(*i, b)).count();
+    let all = format!("{}/{agents}", agents - failing);
+    let (mut parked, mut warm) = (0, 0);
+    while parked < agents || warm < agents {
+        match tokio::time::timeout(T, said.recv()).await {
+            Ok(Some(Said::Parked)) => parked += 1,
+            Ok(Some(Said::Done { job, .. })) if job.ends_with("/hello-everywhere") => warm += 1,
+            Ok(Some(_)) => {}
+            _ => anyhow::bail!("the generators stopped: {parked} parked, {warm} installed hello"),
+        }
+    }
+    let warm_secs = started.elapsed().as_secs_f64();
+    c.wait_job("hello-everywhere", expected_phase(b), &all, T)
+        .await?;
+    // Reports and status writes of the warm-up settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_before = memory_mib(c.controller.pid(), "VmRSS");
+    let relay_rss = memory_mib(relay_pid, "VmRSS");
+    let generators_rss: f64 = generators
+        .iter()
+        .filter_map(|g| g.id())
+        .map(|pid| memory_mib(pid, "VmRSS"))
+        .sum();
+
+    // The measured job: a new package for everyone at once.
+    let src = c.dir.join("src/fleet-pkg");
+    std::fs::create_dir_all(&src)?;
+    caravan_tests::write_noise(&src.join("data.bin"), 64 << 10)?;
+    c.push_package(
+        &src,
+        "fleet-pkg",
+        "1.0.0",
+        &repo.work.join("fleet/packages"),
+    )?;
+    repo.write(
+        "fleet/fleet-job.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: fleet}\n\
+         spec:\n  packages: [{name: fleet-pkg}]\n  destinations: {sites: [{name: hq}]}\n  \
+         rollout: {batches: [{size: 100%}]}\n",
+    )?;
+    let before = c.api_writes()?;
+    let committed = unix_ms();
+    repo.commit("fleet-pkg for hq")?;
+    let mut latencies = Vec::with_capacity(agents);
+    while latencies.len() < agents {
+        match tokio::time::timeout(T, said.recv()).await {
+            Ok(Some(Said::Done { job, at_ms })) if job.ends_with("/fleet") => {
+                latencies.push(at_ms.saturating_sub(committed) as f64 / 1000.0)
+            }
+            Ok(Some(_)) => {}
+            _ => anyhow::bail!(
+                "the generators stopped: {} of {agents} done",
+                latencies.len()
+            ),
+        }
+    }
+    let job = c.wait_job("fleet", expected_phase(b), &all, T).await;
+    let status_secs = (unix_ms() - committed) as f64 / 1000.0;
+    job?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = c.api_writes()?;
+    let delta = |f: &dyn Fn(&str) -> bool| -> f64 {
+        after
+            .iter()
+            .filter(|(k, _)| f(k))
+            .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
+            .sum::<f64>()
+            / agents as f64
+    };
+    let rss_after = memory_mib(c.controller.pid(), "VmRSS");
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    let kib_per = |mib: f64| mib * 1024.0 / agents as f64;
+
+    println!(
+        "\n## fleet: {agents} simulated agents in {} processes behind one relay, poll wait {} s{}{}\n",
+        generators.len(),
+        b.wait,
+        if b.fail_percent > 0 { format!(", {}% failing", b.fail_percent) } else { String::new() },
+        if b.think_ms > 0 { format!(", think up to {} ms", b.think_ms) } else { String::new() },
+    );
+    println!("warm-up (connect, install the example package): {warm_secs:.1} s\n");
+    println!(
+        "| commit → agent's report p50 s | p99 s | max s | commit → job {} s | API writes per agent (Agents) | all API writes per agent |\n|---:|---:|---:|---:|---:|---:|",
+        expected_phase(b)
+    );
+    println!(
+        "| {:.1} | {:.1} | {:.1} | {status_secs:.1} | {:.2} | {:.2} |",
+        pct(0.5),
+        pct(0.99),
+        latencies[latencies.len() - 1],
+        delta(&|k| k.starts_with("agents")),
+        delta(&|_| true),
+    );
+    println!(
+        "\n| relay RSS MiB (KiB per agent) | controller RSS MiB before → after the job | generators RSS MiB (KiB per agent) |\n|---:|---:|---:|"
+    );
+    println!(
+        "| {relay_rss:.0} ({:.1}) | {rss_before:.0} → {rss_after:.0} | {generators_rss:.0} ({:.1}) |",
+        kib_per(relay_rss),
+        kib_per(generators_rss)
+    );
+    Ok(())
+}
+
+/// Whether agent `i` fails its installs (a spread `fail_percent` of them).
+fn fails(i: usize, b: Behaviour) -> bool {
+    (i as u64 * 7919) % 100 < b.fail_percent
+}
+
+/// The phase the jobs end in: Failed when some agents fail.
+fn expected_phase(b: Behaviour) -> &'static str {
+    match b.fail_percent {
+        0 => "Succeeded",
+        _ => "Failed",
+    }
+}
