@@ -10,6 +10,8 @@ use axum::{
 };
 use std::collections::{BTreeMap, HashMap};
 
+use futures::StreamExt as _;
+
 use caravan_api::{
     conditions::{self, reasons},
     signing,
@@ -30,6 +32,9 @@ use kube::{
 
 use super::{AppState, RelaySite};
 use crate::{field_managers, status_patch};
+
+/// Status writes of one report batch in flight at once.
+const REPORT_WRITES_IN_FLIGHT: usize = 16;
 
 /// Largest report batch accepted (a relay sends at most `MAX_REPORT_BATCH` reports).
 pub const REPORTS_BODY_LIMIT: usize = 32 << 20;
@@ -130,12 +135,27 @@ pub async fn reports(
     Json(reports): Json<Vec<Envelope>>,
 ) -> Result<StatusCode, ApiError> {
     s.ctx.metrics.reports.inc_by(reports.len() as u64);
-    let mut retry = 0;
-    for envelope in reports {
-        if let Outcome::Retry = report(&s, &ns, &site, &envelope).await {
-            retry += 1;
-        }
+    // Different agents' status writes go to the API server side by side;
+    // one agent's reports (a relay sends only its latest), in their order.
+    let mut by_agent: BTreeMap<String, Vec<Envelope>> = BTreeMap::new();
+    for (i, envelope) in reports.into_iter().enumerate() {
+        let name = trust::report_agent(&envelope).unwrap_or_else(|_| format!("#{i}"));
+        by_agent.entry(name).or_default().push(envelope);
     }
+    let (s, ns, site) = (&s, &ns, &site);
+    let retry: usize = futures::stream::iter(by_agent.into_values())
+        .map(|envelopes| async move {
+            let mut retry = 0;
+            for envelope in &envelopes {
+                if let Outcome::Retry = report(s, ns, site, envelope).await {
+                    retry += 1;
+                }
+            }
+            retry
+        })
+        .buffer_unordered(REPORT_WRITES_IN_FLIGHT)
+        .fold(0, |sum, n| std::future::ready(sum + n))
+        .await;
     match retry {
         0 => Ok(StatusCode::NO_CONTENT),
         n => Err(ApiError::new(

@@ -206,11 +206,21 @@ impl Simulated {
                 parked = true;
                 println!("parked {}", self.name);
             }
-            let Some((new_etag, envelope)) =
-                caravan_net::poll_answer::<Envelope>(req.send().await?, MAX_AGENT_DESIRED_BYTES)
-                    .await?
-            else {
-                continue;
+            let answer = match req.send().await.and_then(|r| r.error_for_status()) {
+                Ok(res) => caravan_net::poll_answer::<Envelope>(res, MAX_AGENT_DESIRED_BYTES)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            let (new_etag, envelope) = match answer {
+                Ok(Some(answer)) => answer,
+                Ok(None) => continue,
+                // Not served yet, or the relay is busy: as an agent does,
+                // ask again a little later.
+                Err(e) => {
+                    self.trouble(&e).await;
+                    continue;
+                }
             };
             let (desired, acc) = trust::verify_desired(
                 &envelope,
@@ -241,7 +251,7 @@ impl Simulated {
                 let phase = match self.fails {
                     true => AssignmentPhase::Failed,
                     false => {
-                        self.fetch(a).await?;
+                        self.fetch_retrying(a).await?;
                         installed.insert(
                             a.package.clone(),
                             InstalledPackage {
@@ -286,20 +296,48 @@ impl Simulated {
                 facts: Default::default(),
             };
             let signed = trust::sign_report(&report, &self.key);
-            self.http
-                .post(format!("{}{}", self.relay, paths::REPORT))
-                .bearer_auth(&self.token)
-                .json(&signed)
-                .send()
-                .await?
-                .error_for_status()
-                .with_context(|| format!("{}: report", self.name))?;
+            loop {
+                let sent = self
+                    .http
+                    .post(format!("{}{}", self.relay, paths::REPORT))
+                    .bearer_auth(&self.token)
+                    .json(&signed)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                match sent {
+                    Ok(_) => break,
+                    Err(e) => self.trouble(&e.into()).await,
+                }
+            }
             let at = unix_ms();
             for job in done {
                 println!("done {job} {} {at} {}", self.name, self.fails);
             }
             (etag, accepted) = (Some(new_etag), Some(acc));
         }
+    }
+
+    /// [`Self::fetch`], again while it fails (as an agent does: the relay
+    /// may not have the blob yet), up to a minute.
+    async fn fetch_retrying(&self, a: &caravan_api::wire::Assignment) -> anyhow::Result<()> {
+        for _ in 0..30 {
+            match self.fetch(a).await {
+                Ok(()) => return Ok(()),
+                Err(e) => self.trouble(&e).await,
+            }
+        }
+        self.fetch(a).await
+    }
+
+    /// Says what went wrong (counted by the bench) and waits 2 s.
+    async fn trouble(&self, e: &anyhow::Error) {
+        // The agent's name left out, so that alike troubles count together.
+        let why = format!("{e:#}")
+            .replace('\n', " ")
+            .replace(&self.name, "<agent>");
+        println!("trouble {} {why}", self.name);
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
     /// Downloads an assigned blob, checking its size and digest.
@@ -336,7 +374,14 @@ impl Simulated {
 /// What the generators say, line by line.
 enum Said {
     Parked,
-    Done { job: String, at_ms: u64 },
+    Done {
+        job: String,
+        at_ms: u64,
+    },
+    /// A request failed and is tried again (its message).
+    Trouble(String),
+    /// A generator ended: it never does unless it failed.
+    Exited,
 }
 
 async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<()> {
@@ -395,19 +440,25 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
         let tx = tx.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                let words: Vec<&str> = line.split(' ').collect();
+                let words: Vec<&str> = line.splitn(3, ' ').collect();
                 let msg = match words[..] {
                     ["parked", _] => Said::Parked,
-                    ["done", job, _, at, _] => Said::Done {
+                    ["done", job, rest] => Said::Done {
                         job: job.to_string(),
-                        at_ms: at.parse().unwrap_or(0),
+                        at_ms: rest
+                            .split(' ')
+                            .nth(1)
+                            .and_then(|t| t.parse().ok())
+                            .unwrap_or(0),
                     },
+                    ["trouble", _, why] => Said::Trouble(why.to_string()),
                     _ => continue,
                 };
                 if tx.send(msg).is_err() {
                     return;
                 }
             }
+            let _ = tx.send(Said::Exited);
         });
         generators.push(child);
     }
@@ -416,14 +467,19 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
     let failing = (0..agents).filter(|i| fails(*i, b)).count();
     let all = format!("{}/{agents}", agents - failing);
     let (mut parked, mut warm) = (0, 0);
+    let mut troubles = Troubles::default();
     while parked < agents || warm < agents {
         match tokio::time::timeout(T, said.recv()).await {
             Ok(Some(Said::Parked)) => parked += 1,
             Ok(Some(Said::Done { job, .. })) if job.ends_with("/hello-everywhere") => warm += 1,
-            Ok(Some(_)) => {}
-            _ => anyhow::bail!("the generators stopped: {parked} parked, {warm} installed hello"),
+            Ok(Some(Said::Trouble(why))) => troubles.add(why),
+            Ok(Some(Said::Done { .. })) => {}
+            _ => anyhow::bail!(
+                "the generators stopped: {parked} parked, {warm} installed hello; tried again: {troubles}"
+            ),
         }
     }
+    let warm_troubles = std::mem::take(&mut troubles);
     let warm_secs = started.elapsed().as_secs_f64();
     c.wait_job("hello-everywhere", expected_phase(b), &all, T)
         .await?;
@@ -462,9 +518,10 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
             Ok(Some(Said::Done { job, at_ms })) if job.ends_with("/fleet") => {
                 latencies.push(at_ms.saturating_sub(committed) as f64 / 1000.0)
             }
-            Ok(Some(_)) => {}
+            Ok(Some(Said::Trouble(why))) => troubles.add(why),
+            Ok(Some(Said::Done { .. } | Said::Parked)) => {}
             _ => anyhow::bail!(
-                "the generators stopped: {} of {agents} done",
+                "the generators stopped: {} of {agents} done; tried again: {troubles}",
                 latencies.len()
             ),
         }
@@ -494,7 +551,10 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
         if b.fail_percent > 0 { format!(", {}% failing", b.fail_percent) } else { String::new() },
         if b.think_ms > 0 { format!(", think up to {} ms", b.think_ms) } else { String::new() },
     );
-    println!("warm-up (connect, install the example package): {warm_secs:.1} s\n");
+    println!(
+        "warm-up (connect, install the example package): {warm_secs:.1} s; requests tried again: {warm_troubles}"
+    );
+    println!("during the job, requests tried again: {troubles}\n");
     println!(
         "| commit → agent's report p50 s | p99 s | max s | commit → job {} s | API writes per agent (Agents) | all API writes per agent |\n|---:|---:|---:|---:|---:|---:|",
         expected_phase(b)
@@ -516,6 +576,28 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
         kib_per(generators_rss)
     );
     Ok(())
+}
+
+/// Failed requests the agents tried again, by what went wrong.
+#[derive(Default)]
+struct Troubles(BTreeMap<String, usize>);
+
+impl Troubles {
+    fn add(&mut self, why: String) {
+        // Alike but for the agent or blob named.
+        let key: String = why.chars().take(100).collect();
+        *self.0.entry(key).or_default() += 1;
+    }
+}
+
+impl std::fmt::Display for Troubles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: usize = self.0.values().sum();
+        match self.0.iter().max_by_key(|(_, n)| **n) {
+            None => write!(f, "none"),
+            Some((why, n)) => write!(f, "{total} (most often, {n}x: {why})"),
+        }
+    }
 }
 
 /// Whether agent `i` fails its installs (a spread `fail_percent` of them).
