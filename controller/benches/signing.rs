@@ -136,7 +136,10 @@ fn main() -> anyhow::Result<()> {
     // revision it holds (its document changed, everything else as it was).
     let feed = &index.sites[&key];
     let start = Instant::now();
-    let (etag, whole) = feed.answer(None, true).expect("an answer");
+    let (etag, whole) = feed
+        .answer(None, true, || Some(()))
+        .expect("leave to make it")
+        .expect("an answer");
     let whole_answer = start.elapsed().as_secs_f64();
     one_changed
         .get_mut(&key)
@@ -149,7 +152,8 @@ fn main() -> anyhow::Result<()> {
         .next(signer.sign_sites(one_changed, now))
         .expect("one agent changed");
     let (_, delta) = changed.sites[&key]
-        .answer(Some(&etag), true)
+        .answer(Some(&etag), true, || Some(()))
+        .expect("changes need no leave")
         .expect("an answer");
     let one_change = start.elapsed().as_secs_f64();
 

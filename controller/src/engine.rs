@@ -266,14 +266,12 @@ impl Engine {
             .lock()
             .expect("lock poisoned")
             .sign_sites(out.desired, chrono::Utc::now());
-        self.desired
-            .send_if_modified(|current| match current.next(signed) {
-                Some(next) => {
-                    *current = Arc::new(next);
-                    true
-                }
-                None => false,
-            });
+        // Compared outside the channel's lock (the engine is its only
+        // writer), so long-polls are not held up meanwhile.
+        let next = self.desired.borrow().next(signed);
+        if let Some(next) = next {
+            self.desired.send_replace(Arc::new(next));
+        }
         let approvals = self.approval_events(&agents);
         let failed = if self.leading.now() {
             let failed = self.write(out.jobs).await

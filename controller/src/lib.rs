@@ -327,6 +327,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         relays: relays.clone(),
         stores: stores.clone(),
         polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
+        whole_answers: tokio::sync::Semaphore::new(server::WHOLE_ANSWERS),
         enrollments: server::enroll::limiter(config.enrollments_per_second),
         git_syncs,
         hooks: Default::default(),

@@ -380,7 +380,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Wait {
 /// and the ETag the client holds, and returns `None` when the client is up
 /// to date, else the ETag and body to answer with (which may depend on what
 /// the client holds), or an error to answer.
-pub async fn long_poll<T>(
+pub async fn long_poll<T: Clone>(
     mut rx: watch::Receiver<T>,
     headers: &HeaderMap,
     Wait(wait): Wait,
@@ -392,7 +392,9 @@ pub async fn long_poll<T>(
         .map(str::to_owned);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        if let Some((etag, body)) = answer(&rx.borrow_and_update(), known.as_deref())? {
+        // A copy (an `Arc`): the channel is not held while answering.
+        let value = rx.borrow_and_update().clone();
+        if let Some((etag, body)) = answer(&value, known.as_deref())? {
             return Ok((
                 [
                     (header::ETAG, etag),

@@ -95,6 +95,10 @@ impl DesiredIndex {
     }
 }
 
+/// Too many whole desired states are being made: ask again shortly.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Busy;
+
 /// One site's desired state, the revision it is at, and enough history to
 /// answer a relay with what changed since an earlier one.
 #[derive(Debug)]
@@ -192,11 +196,18 @@ impl SiteFeed {
     /// What to answer a relay holding `known`: `None` if that is this
     /// revision; else this revision's ETag and, for a relay that takes
     /// changes (`deltas`) and holds a revision this feed can answer from,
-    /// the changes since; else the whole desired state.
-    pub fn answer(&self, known: Option<&str>, deltas: bool) -> Option<(String, bytes::Bytes)> {
+    /// the changes since; else the whole desired state, if `whole` grants
+    /// the making of one (it is every agent's document, serialized for the
+    /// request) — else [`Busy`].
+    pub fn answer<P>(
+        &self,
+        known: Option<&str>,
+        deltas: bool,
+        whole: impl FnOnce() -> Option<P>,
+    ) -> Result<Option<(String, bytes::Bytes)>, Busy> {
         let etag = self.etag();
         if known == Some(etag.as_str()) {
-            return None;
+            return Ok(None);
         }
         let since = known
             .filter(|_| deltas)
@@ -204,10 +215,13 @@ impl SiteFeed {
             .filter(|since| (self.horizon..self.revision).contains(since));
         let body = match since {
             Some(since) => serde_json::to_vec(&self.changes(since, known)),
-            None => serde_json::to_vec(&self.desired),
+            None => {
+                let _permit = whole().ok_or(Busy)?;
+                serde_json::to_vec(&self.desired)
+            }
         };
         let body = body.expect("wire types serialize");
-        Some((etag, body.into()))
+        Ok(Some((etag, body.into())))
     }
 
     /// The changes since revision `since` (named `etag` to the relay).
@@ -283,6 +297,10 @@ mod tests {
         HashMap::from([(key(), d)])
     }
 
+    fn grant() -> Option<()> {
+        Some(())
+    }
+
     fn read(body: &[u8]) -> SiteDesired {
         serde_json::from_slice(body).unwrap()
     }
@@ -294,10 +312,13 @@ mod tests {
             .next(site(&[("a1", &a), ("a2", &b), ("a3", &c)]))
             .unwrap();
         let f1 = &i1.sites[&key()];
-        let (etag1, whole) = f1.answer(None, true).unwrap();
+        let (etag1, whole) = f1.answer(None, true, grant).unwrap().unwrap();
         let whole = read(&whole);
         assert_eq!((whole.since, whole.agents.len()), (None, 3));
-        assert!(f1.answer(Some(&etag1), true).is_none(), "up to date");
+        assert!(
+            f1.answer(Some(&etag1), true, grant).unwrap().is_none(),
+            "up to date"
+        );
 
         // The same documents again: nothing is served differently.
         assert!(i1
@@ -308,7 +329,7 @@ mod tests {
         let b2 = part("b2");
         let i2 = i1.next(site(&[("a1", &a), ("a2", &b2)])).unwrap();
         let f2 = &i2.sites[&key()];
-        let (etag2, delta) = f2.answer(Some(&etag1), true).unwrap();
+        let (etag2, delta) = f2.answer(Some(&etag1), true, grant).unwrap().unwrap();
         assert_ne!(etag1, etag2);
         let delta = read(&delta);
         assert_eq!(delta.since.as_deref(), Some(etag1.as_str()));
@@ -325,12 +346,18 @@ mod tests {
             .agent_keys
             .insert("a2".into(), "ed25519:new".into());
         let i3 = i2.next(rekeyed).unwrap();
-        let (_, delta) = i3.sites[&key()].answer(Some(&etag2), true).unwrap();
+        let (_, delta) = i3.sites[&key()]
+            .answer(Some(&etag2), true, grant)
+            .unwrap()
+            .unwrap();
         let delta = read(&delta);
         assert_eq!(delta.agent_keys["a2"], "ed25519:new");
         assert!(delta.removed.is_empty());
         // From two revisions back: both changes, a3 still removed.
-        let (_, delta) = i3.sites[&key()].answer(Some(&etag1), true).unwrap();
+        let (_, delta) = i3.sites[&key()]
+            .answer(Some(&etag1), true, grant)
+            .unwrap()
+            .unwrap();
         let delta = read(&delta);
         assert_eq!(delta.agents.keys().collect::<Vec<_>>(), ["a2"]);
         assert_eq!(delta.removed, ["a3"]);
@@ -342,21 +369,32 @@ mod tests {
             (Some("\"00000000000000ff-1\""), true),
             (Some("\"garbage\""), true),
         ] {
-            let (_, body) = i3.sites[&key()].answer(known, deltas).unwrap();
+            let (_, body) = i3.sites[&key()]
+                .answer(known, deltas, grant)
+                .unwrap()
+                .unwrap();
             let body = read(&body);
             assert_eq!((body.since, body.agents.len()), (None, 2), "{known:?}");
         }
+        // Without leave to make a whole state the relay is told to ask
+        // again; changes need none.
+        let busy = || None::<()>;
+        assert_eq!(i3.sites[&key()].answer(None, true, busy), Err(Busy));
+        assert!(i3.sites[&key()].answer(Some(&etag1), true, busy).is_ok());
     }
 
     #[test]
     fn a_site_made_anew_and_a_relay_too_far_behind_get_the_whole_state() {
         let a = part("a");
         let i1 = DesiredIndex::default().next(site(&[("a1", &a)])).unwrap();
-        let (etag1, _) = i1.sites[&key()].answer(None, true).unwrap();
+        let (etag1, _) = i1.sites[&key()].answer(None, true, grant).unwrap().unwrap();
         // The site goes, and comes back: revisions are never reused.
         let i2 = i1.next(HashMap::new()).unwrap();
         let i3 = i2.next(site(&[("a1", &a)])).unwrap();
-        let (etag3, body) = i3.sites[&key()].answer(Some(&etag1), true).unwrap();
+        let (etag3, body) = i3.sites[&key()]
+            .answer(Some(&etag1), true, grant)
+            .unwrap()
+            .unwrap();
         assert_ne!(etag1, etag3);
         assert_eq!(
             read(&body).since,
@@ -371,19 +409,19 @@ mod tests {
             .collect();
         let all: Vec<(&str, &SignedPart)> = many.iter().map(|(n, p)| (n.as_str(), p)).collect();
         let i4 = i3.next(site(&all)).unwrap();
-        let (before, _) = i4.sites[&key()].answer(None, true).unwrap();
+        let (before, _) = i4.sites[&key()].answer(None, true, grant).unwrap().unwrap();
         let i5 = i4.next(site(&all[..1])).unwrap();
-        let (after, _) = i5.sites[&key()].answer(None, true).unwrap();
+        let (after, _) = i5.sites[&key()].answer(None, true, grant).unwrap().unwrap();
         let i6 = i5.next(site(&[])).unwrap();
         let feed = &i6.sites[&key()];
         assert_eq!(feed.removed.len(), MAX_REMOVALS_KEPT);
-        let (_, body) = feed.answer(Some(&before), true).unwrap();
+        let (_, body) = feed.answer(Some(&before), true, grant).unwrap().unwrap();
         assert_eq!(
             read(&body).since,
             None,
             "some of its removals were forgotten"
         );
-        let (_, body) = feed.answer(Some(&after), true).unwrap();
+        let (_, body) = feed.answer(Some(&after), true, grant).unwrap().unwrap();
         assert_eq!(read(&body).removed, ["x0"]);
     }
 }

@@ -54,7 +54,15 @@ pub struct ServerState {
     pub hooks: hooks::Hooks,
     /// The last report taken from each agent, against replays.
     pub reports: sites::ReportSequences,
+    /// Whole site desired states being serialized at once (at most
+    /// [`WHOLE_ANSWERS`]): each is every agent's document of a site, made
+    /// for the request (nothing is kept serialized).
+    pub whole_answers: tokio::sync::Semaphore,
 }
+
+/// Most whole site desired states serialized at once; a relay asking for
+/// one beyond that is told to ask again (503).
+pub const WHOLE_ANSWERS: usize = 2;
 
 /// Most long-polls the relays of one site may hold open (one per replica).
 pub const POLLS_PER_SITE: usize = 32;

@@ -65,7 +65,13 @@ pub async fn desired(
                 format!("site {}/{} does not exist", site.0, site.1),
             )
         })?;
-        Ok(feed.answer(known, deltas))
+        feed.answer(known, deltas, || s.whole_answers.try_acquire().ok())
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "other relays' whole desired states are being made: ask again shortly",
+                )
+            })
     })
     .await
 }
@@ -95,12 +101,18 @@ impl ReportSequences {
     }
 
     /// Takes `sequence` for the agent if it is above the last one taken
-    /// (checked and set at once, so two deliveries racing cannot both pass);
-    /// returns the one it replaces.
-    fn reserve(&self, key: &AgentKey, sequence: u64) -> Option<u64> {
+    /// (checked and set at once, so two deliveries racing cannot both pass),
+    /// until the reservation is kept; given back otherwise.
+    fn reserve(&self, key: &AgentKey, sequence: u64) -> Option<Reservation<'_>> {
         let mut map = self.0.lock().expect("not poisoned");
         let last = map.entry(key.clone()).or_default();
-        (*last < sequence).then(|| std::mem::replace(last, sequence))
+        (*last < sequence).then(|| Reservation {
+            sequences: self,
+            key: key.clone(),
+            sequence,
+            previous: std::mem::replace(last, sequence),
+            kept: false,
+        })
     }
 
     /// Gives back a sequence whose status was not written.
@@ -108,6 +120,33 @@ impl ReportSequences {
         let mut map = self.0.lock().expect("not poisoned");
         if let Some(last) = map.get_mut(key).filter(|l| **l == sequence) {
             *last = previous;
+        }
+    }
+}
+
+/// A report's sequence, taken for its agent while its status is written:
+/// given back unless kept — the write failed, or never finished because the
+/// relay's request was dropped (else the relay's retry would be taken for a
+/// duplicate and the status lost).
+struct Reservation<'a> {
+    sequences: &'a ReportSequences,
+    key: AgentKey,
+    sequence: u64,
+    previous: u64,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.sequences
+                .release(&self.key, self.sequence, self.previous);
         }
     }
 }
@@ -216,7 +255,7 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
         }
     };
     let sequence = report.sequence;
-    let Some(previous) = s.reports.reserve(&key, sequence) else {
+    let Some(reservation) = s.reports.reserve(&key, sequence) else {
         // Another delivery of a newer report won the race.
         return Outcome::Duplicate;
     };
@@ -252,6 +291,7 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
     .await
     {
         Ok(_) => {
+            reservation.keep();
             relabel(s, &agent, facts).await;
             Outcome::Taken
         }
@@ -260,13 +300,13 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
         Err(kube::Error::Api(e))
             if (400..500).contains(&e.code) && e.code != 409 && e.code != 429 =>
         {
-            s.reports.release(&key, sequence, previous);
+            drop(reservation);
             s.ctx.metrics.report_refused("Invalid");
             tracing::warn!(agent = %name, %site, error = %e, "report refused by the API server");
             Outcome::Refused
         }
         Err(e) => {
-            s.reports.release(&key, sequence, previous);
+            drop(reservation);
             tracing::warn!(agent = %name, %site, error = %e, "agent status not written; the relay will send it again");
             Outcome::Retry
         }
@@ -354,21 +394,35 @@ mod tests {
     fn a_report_sequence_is_taken_once_and_given_back_if_its_status_was_not_written() {
         let seqs = ReportSequences::default();
         let desk = ("uid-1".to_string(), "ed25519:k".to_string());
-        assert_eq!(seqs.reserve(&desk, 10), Some(0));
-        // The same or an older one again (racing deliveries): not taken.
-        assert_eq!(seqs.reserve(&desk, 10), None);
-        assert_eq!(seqs.reserve(&desk, 9), None);
-        assert_eq!(seqs.reserve(&desk, 12), Some(10));
-        // 12's status could not be written: 12 can be taken again.
-        seqs.release(&desk, 12, 10);
+        let taken = |r: Option<Reservation<'_>>| r.map(|r| r.previous);
+        seqs.reserve(&desk, 10).unwrap().keep();
         assert_eq!(seqs.last(&desk), 10);
-        assert_eq!(seqs.reserve(&desk, 12), Some(10));
+        // The same or an older one again (racing deliveries): not taken.
+        assert!(seqs.reserve(&desk, 10).is_none());
+        assert!(seqs.reserve(&desk, 9).is_none());
+        // 12's status could not be written (or its request was dropped
+        // midway): given back, 12 can be taken again.
+        let twelve = seqs.reserve(&desk, 12).unwrap();
+        assert_eq!(seqs.last(&desk), 12);
+        drop(twelve);
+        assert_eq!(seqs.last(&desk), 10);
+        let twelve = seqs.reserve(&desk, 12).unwrap();
         // A release that comes after a newer one was taken changes nothing.
-        assert_eq!(seqs.reserve(&desk, 13), Some(12));
-        seqs.release(&desk, 12, 10);
+        assert_eq!(taken(seqs.reserve(&desk, 13)), Some(12));
+        drop(twelve);
+        assert_eq!(seqs.last(&desk), 10, "13 was not kept either");
+        seqs.reserve(&desk, 13).unwrap().keep();
+        let twelve_late = Reservation {
+            sequences: &seqs,
+            key: desk.clone(),
+            sequence: 12,
+            previous: 10,
+            kept: false,
+        };
+        drop(twelve_late);
         assert_eq!(seqs.last(&desk), 13);
         // Another key (the Agent enrolled again with one) starts afresh.
         let rekeyed = ("uid-1".to_string(), "ed25519:other".to_string());
-        assert_eq!(seqs.reserve(&rekeyed, 1), Some(0));
+        assert_eq!(taken(seqs.reserve(&rekeyed, 1)), Some(0));
     }
 }
