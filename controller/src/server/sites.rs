@@ -177,16 +177,21 @@ pub async fn reports(
     // Different agents' status writes go to the API server side by side;
     // one agent's reports (a relay sends only its latest), in their order.
     let mut by_agent: BTreeMap<String, Vec<Envelope>> = BTreeMap::new();
-    for (i, envelope) in reports.into_iter().enumerate() {
-        let name = trust::report_agent(&envelope).unwrap_or_else(|_| format!("#{i}"));
-        by_agent.entry(name).or_default().push(envelope);
+    for envelope in reports {
+        match trust::report_agent(&envelope) {
+            Ok(name) => by_agent.entry(name).or_default().push(envelope),
+            Err(e) => {
+                s.ctx.metrics.report_refused(e.reason());
+                tracing::warn!(error = %e, %site, "malformed report dropped");
+            }
+        }
     }
     let (s, ns, site) = (&s, &ns, &site);
-    let retry: usize = futures::stream::iter(by_agent.into_values())
-        .map(|envelopes| async move {
+    let retry: usize = futures::stream::iter(by_agent)
+        .map(|(name, envelopes)| async move {
             let mut retry = 0;
             for envelope in &envelopes {
-                if let Outcome::Retry = report(s, ns, site, envelope).await {
+                if let Outcome::Retry = report(s, ns, site, &name, envelope).await {
                     retry += 1;
                 }
             }
@@ -204,16 +209,10 @@ pub async fn reports(
     }
 }
 
-async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outcome {
-    let name = match trust::report_agent(envelope) {
-        Ok(name) => name,
-        Err(e) => {
-            s.ctx.metrics.report_refused(e.reason());
-            tracing::warn!(error = %e, %site, "malformed report dropped");
-            return Outcome::Refused;
-        }
-    };
-    let Some(agent) = s.stores.agents.get(&ObjectRef::new(&name).within(ns)) else {
+/// Writes the status of agent `name` (as its report says, unverified yet)
+/// from `envelope`.
+async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envelope) -> Outcome {
+    let Some(agent) = s.stores.agents.get(&ObjectRef::new(name).within(ns)) else {
         s.ctx.metrics.report_refused("UnknownAgent");
         tracing::warn!(agent = %name, %site, "report for unknown agent dropped");
         return Outcome::Refused;
@@ -242,7 +241,7 @@ async fn report(s: &AppState, ns: &str, site: &str, envelope: &Envelope) -> Outc
         )),
         k => signing::parse_public(k)
             .map_err(|e| TrustError::Malformed(format!("the Agent's publicKey: {e}")))
-            .and_then(|k| trust::verify_report(envelope, &k, &name, accepted)),
+            .and_then(|k| trust::verify_report(envelope, &k, name, accepted)),
     };
     let report = match verified {
         Ok(report) => report,

@@ -531,14 +531,7 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
     job?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = c.api_writes()?;
-    let delta = |f: &dyn Fn(&str) -> bool| -> f64 {
-        after
-            .iter()
-            .filter(|(k, _)| f(k))
-            .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
-            .sum::<f64>()
-            / agents as f64
-    };
+    let delta = |f: &dyn Fn(&str) -> bool| after.since(&before, f) / agents as f64;
     let rss_after = memory_mib(c.controller.pid(), "VmRSS");
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];

@@ -79,13 +79,7 @@ async fn main() -> anyhow::Result<()> {
         // Reports and status writes still in flight.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = c.api_writes()?;
-        let delta = |f: &dyn Fn(&str) -> bool| -> f64 {
-            after
-                .iter()
-                .filter(|(k, _)| f(k))
-                .map(|(k, v)| v - before.get(k).copied().unwrap_or(0.0))
-                .sum()
-        };
+        let delta = |f: &dyn Fn(&str) -> bool| after.since(&before, f);
         let per_agent = |n: f64| n / agents as f64;
         println!(
             "| {name} | {secs:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",

@@ -564,7 +564,7 @@ impl Caravan {
 
     /// The API server's write requests so far (POST, PUT, PATCH, DELETE,
     /// APPLY), by `resource/subresource`, from its own `/metrics`.
-    pub fn api_writes(&self) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    pub fn api_writes(&self) -> anyhow::Result<ApiWrites> {
         let metrics = self.cluster.kubectl(&["get", "--raw", "/metrics"])?;
         let mut out = std::collections::BTreeMap::new();
         for line in metrics.lines() {
@@ -587,7 +587,7 @@ impl Caravan {
             let key = format!("{}/{}", label("resource"), label("subresource"));
             *out.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
         }
-        Ok(out)
+        Ok(ApiWrites(out))
     }
 
     /// Waits until `job` reports `phase` with `succeeded` of `total`.
@@ -691,5 +691,20 @@ impl Caravan {
             out.push_str(&a.proc.log_tail(15));
         }
         out
+    }
+}
+
+/// The API server's write requests, by `resource/subresource`
+/// ([`Caravan::api_writes`]).
+pub struct ApiWrites(pub std::collections::BTreeMap<String, f64>);
+
+impl ApiWrites {
+    /// The writes since `before` to the resources `which` picks.
+    pub fn since(&self, before: &Self, which: impl Fn(&str) -> bool) -> f64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| which(k))
+            .map(|(k, v)| v - before.0.get(k).copied().unwrap_or(0.0))
+            .sum()
     }
 }
