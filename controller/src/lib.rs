@@ -347,7 +347,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut components = vec![
         Component::new("distribution API server", {
             let shutdown = shutdown.clone();
-            async move { caravan_net::server::serve_with(&serve, app, shutdown, own_tls).await }
+            async move { caravan_net::server::serve_with(&serve, app, shutdown, own_tls, None).await }
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new(

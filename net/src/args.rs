@@ -26,7 +26,7 @@ pub struct ServeArgs<const PORT: u16> {
     #[arg(
         long,
         env = "CARAVAN_HEADER_READ_TIMEOUT_SECONDS",
-        default_value_t = 30
+        default_value_t = HEADER_READ_TIMEOUT_SECONDS
     )]
     pub header_read_timeout_seconds: u64,
     /// A request body (an upload, a report) that sends nothing for this
@@ -65,6 +65,10 @@ impl LogArgs {
         crate::init_logging(self.log_json);
     }
 }
+
+/// How long a server waits for a request's headers by default, on an idle
+/// kept-alive connection too.
+pub const HEADER_READ_TIMEOUT_SECONDS: u64 = 30;
 
 #[cfg(test)]
 mod tests {

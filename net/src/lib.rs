@@ -59,6 +59,12 @@ pub fn client(ca_file: Option<&Path>, read_timeout: Duration) -> anyhow::Result<
     client_trusting(pem.as_deref().zip(what.as_deref()), read_timeout)
 }
 
+/// How long a client keeps an idle connection for its next request: less
+/// than servers wait for one, so it never sends a request on a connection
+/// the server is closing at that moment.
+pub const IDLE_CONNECTION: Duration =
+    Duration::from_secs(args::HEADER_READ_TIMEOUT_SECONDS * 2 / 3);
+
 /// [`client`] trusting the CAs of `ca` alone: PEM certificates, and what
 /// they are called in an error.
 pub fn client_trusting(
@@ -67,7 +73,8 @@ pub fn client_trusting(
 ) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
-        .read_timeout(read_timeout);
+        .read_timeout(read_timeout)
+        .pool_idle_timeout(IDLE_CONNECTION);
     if let Some((pem, what)) = ca {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .with_context(|| format!("{what} is not PEM certificates"))?;

@@ -184,12 +184,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(upstream = %config.upstream, "relay starting");
     let shutdown = CancellationToken::new();
     let serve = config.serve.clone();
-    let app = server::router(relay);
+    let app = server::router(relay.clone());
     let stats_interval = Duration::from_secs(config.stats_interval_seconds.max(1));
     let components = vec![
         Component::new("agent API server", {
             let shutdown = shutdown.clone();
-            async move { caravan_net::server::serve(&serve, app, shutdown).await }
+            async move {
+                caravan_net::server::serve_with(&serve, app, shutdown, None, Some(relay)).await
+            }
         }),
         Component::new(
             "desired state sync",

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// Blob requests that needed (or waited for) an upstream fetch.
     pub cache_misses: Counter,
+    /// Blob responses sent from the cache file with `sendfile(2)`.
+    pub zero_copy_responses: Counter,
     pub enrollments: Counter,
     /// Agent credentials renewed for proof of the agent's key.
     pub renewals: Counter,
@@ -40,6 +42,11 @@ impl Metrics {
             "cache_misses",
             "Blob requests that needed an upstream fetch",
             self.cache_misses.clone(),
+        );
+        r.register(
+            "zero_copy_responses",
+            "Blob responses sent from the cache file with sendfile(2)",
+            self.zero_copy_responses.clone(),
         );
         r.register("enrollments", "Agents enrolled", self.enrollments.clone());
         r.register(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::{
     extract::{FromRequestParts, Path, Request, State},
-    http::{request::Parts, HeaderMap, StatusCode},
+    http::{header, request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
@@ -15,8 +15,11 @@ use caravan_api::{
 };
 use caravan_net::{
     agent_tokens as tokens,
-    server::{bearer, changed, long_poll, serve_stream, ApiError, Wait},
+    server::{
+        bearer, blob_head, changed, long_poll, serve_stream, ApiError, FileAnswer, Shortcuts, Wait,
+    },
 };
+use futures::future::BoxFuture;
 
 use crate::{cache::CacheError, Relay, SiteState};
 
@@ -88,14 +91,117 @@ pub enum Downstream {
 impl FromRequestParts<Arc<Relay>> for Downstream {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)
-            .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        Self::of(relay, &parts.headers)
+    }
+}
+
+impl Downstream {
+    /// Who sent `headers`, by its bearer token.
+    fn of(relay: &Relay, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let token =
+            bearer(headers).ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
         let name = tokens::verify(&relay.token, token, tokens::unix_now())
             .map_err(|e| err(StatusCode::UNAUTHORIZED, e.to_string()))?;
         Ok(match name.strip_prefix(tokens::CHILD_RELAY) {
             Some(site) => Self::ChildRelay(site.to_string()),
             None => Self::Agent(name.to_string()),
         })
+    }
+
+    /// `Ok` if blob `digest` is theirs: an agent's own, or one of the
+    /// sites below for a child site's relay.
+    fn may_have(&self, relay: &Relay, digest: &Digest) -> Result<(), ApiError> {
+        let state = relay.state.borrow();
+        let state = state.as_ref();
+        let (assigned, whom) = match self {
+            Self::Agent(agent) => (
+                state
+                    .and_then(|s| s.agent(agent))
+                    .is_some_and(|a| a.blobs.contains(digest)),
+                format!("agent {agent}"),
+            ),
+            Self::ChildRelay(site) => (
+                state.is_some_and(|s| s.desired.lower.contains(digest)),
+                format!("the sites below (relay of {site})"),
+            ),
+        };
+        match assigned {
+            true => Ok(()),
+            false => Err(err(
+                StatusCode::FORBIDDEN,
+                format!("blob {digest} is not assigned to {whom}"),
+            )),
+        }
+    }
+}
+
+/// The requests a relay answers outside hyper: blobs in its cache, sent
+/// from the file, and long-polls with nothing new yet, waiting in little
+/// memory. Anything else about them (errors, blobs still arriving) is left
+/// to the routes above.
+impl Shortcuts for Relay {
+    fn file(&self, req: &Parts) -> Option<FileAnswer> {
+        let (before, after) = paths::BLOB.split_once("{digest}")?;
+        let digest: Digest = req
+            .uri
+            .path()
+            .strip_prefix(before)?
+            .strip_suffix(after)?
+            .parse()
+            .ok()?;
+        let who = Downstream::of(self, &req.headers).ok()?;
+        who.may_have(self, &digest).ok()?;
+        // Taken before the file is opened: the blob is not evicted meanwhile.
+        let lease = self.cache.lease(&digest);
+        let file = self.cache.cached(&digest)?;
+        let len = file.metadata().ok()?.len();
+        let (head, range) = blob_head(&digest, len, &req.headers);
+        self.metrics.cache_hits.inc();
+        self.metrics.zero_copy_responses.inc();
+        self.metrics.served_bytes.inc_by(range.end - range.start);
+        Some(FileAnswer {
+            head,
+            file,
+            range,
+            hold: Box::new(lease),
+        })
+    }
+
+    fn park(&self, req: &Parts) -> Option<BoxFuture<'static, ()>> {
+        if req.method != http::Method::GET || req.uri.path() != paths::DESIRED {
+            return None;
+        }
+        let Wait(wait) = Wait::of(req).ok()?;
+        let Downstream::Agent(agent) = Downstream::of(self, &req.headers).ok()? else {
+            return None;
+        };
+        let known = req
+            .headers
+            .get(header::IF_NONE_MATCH)?
+            .to_str()
+            .ok()?
+            .to_owned();
+        // Parked only while the agent holds its current document (a revoked
+        // agent's poll is answered, and refused, at once).
+        let up_to_date = {
+            let agent = agent.clone();
+            move |state: &Option<Arc<SiteState>>| {
+                state
+                    .as_ref()
+                    .and_then(|s| s.agent(&agent))
+                    .is_some_and(|doc| doc.etag == known)
+            }
+        };
+        let mut state = self.state.clone();
+        if wait.is_zero() || !up_to_date(&state.borrow_and_update()) {
+            return None;
+        }
+        let slot = self.polls.take(&agent).ok()?;
+        Some(Box::pin(async move {
+            let _slot = slot;
+            let changed = state.wait_for(|s| !up_to_date(s));
+            let _ = tokio::time::timeout(wait, changed).await;
+        }))
     }
 }
 
@@ -290,28 +396,7 @@ async fn blob(
             err(StatusCode::BAD_REQUEST, e.to_string())
         })?;
     // An agent gets only its own blobs; a child site's relay only those of the sites below.
-    let (assigned, whom) = {
-        let state = relay.state.borrow();
-        let state = state.as_ref();
-        match &who {
-            Downstream::Agent(agent) => (
-                state
-                    .and_then(|s| s.agent(agent))
-                    .is_some_and(|a| a.blobs.contains(&digest)),
-                format!("agent {agent}"),
-            ),
-            Downstream::ChildRelay(site) => (
-                state.is_some_and(|s| s.desired.lower.contains(&digest)),
-                format!("the sites below (relay of {site})"),
-            ),
-        }
-    };
-    if !assigned {
-        return Err(err(
-            StatusCode::FORBIDDEN,
-            format!("blob {digest} is not assigned to {whom}"),
-        ));
-    }
+    who.may_have(&relay, &digest)?;
     let blob = match relay.cache.get(&digest).await {
         Ok(blob) => blob,
         Err(e) => {

@@ -86,9 +86,8 @@ async fn a_restored_agent_is_the_same_agent_and_keeps_what_is_installed() -> any
     // Reports are stamped to the second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let no_token = caravan_tests::RelayInfo {
-        url: relay.url.clone(),
-        cache_dir: relay.cache_dir.clone(),
         bootstrap_token: String::new(),
+        ..relay.clone()
     };
     let _agent = c.spawn_agent("laptop", &no_token, &state, &root)?;
     wait_for(

@@ -100,6 +100,8 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
     enroll_kiosks(&c, 50).await?;
     // A slow upstream (1 MB/s), so the requests arrive while the fetch runs.
     c.relay_args = vec!["--upstream-rate-limit".into(), "1000000".into()];
+    // Plain HTTP, where a cached blob is sent from its file (`sendfile`).
+    c.relay_plaintext = true;
     let relay = c.start_relay("hq").await?;
     let pkg = package_for_hq(&c, &repo, 4_000_000).await?;
     let downloads = (0..50).map(|i| download(&c, &relay.url, &relay.cache_dir, &pkg, i));
@@ -125,6 +127,31 @@ async fn fifty_agents_asking_for_one_cold_blob_cause_one_upstream_fetch_streamed
         metric(&relay.url, "caravan_relay_served_bytes_total").await?,
         50.0 * size
     );
+    // Once cached, the blob goes from its file to the socket: whole, and a
+    // range of it, the same bytes as streamed.
+    let zero_copy = "caravan_relay_zero_copy_responses_total";
+    assert_eq!(metric(&relay.url, zero_copy).await?, 0.0, "all streamed");
+    let (digest, early) = download(&c, &relay.url, &relay.cache_dir, &pkg, 7).await?;
+    assert_eq!((digest.as_str(), early), (expected.as_str(), false));
+    let secret = c.api::<Secret>().get("hq-relay").await?;
+    let relay_token = String::from_utf8(secret.data.unwrap_or_default()["token"].0.clone())?;
+    let res = caravan_tests::http()
+        .get(format!(
+            "{}/v1/blobs/{}",
+            relay.url, pkg.spec.artifact.digest
+        ))
+        .bearer_auth(caravan_net::agent_tokens::issue(
+            &relay_token,
+            "kiosk-3",
+            None,
+        ))
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 206);
+    let cached = std::fs::read(relay.cache_dir.join("sha256").join(&expected))?;
+    assert_eq!(&res.bytes().await?[..], &cached[1000..2000]);
+    assert_eq!(metric(&relay.url, zero_copy).await?, 2.0);
     Ok(())
 }
 

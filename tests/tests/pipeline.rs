@@ -161,9 +161,8 @@ async fn a_commit_reaches_three_agents_then_upgrades_then_is_removed() -> anyhow
         "a stopped agent changes nothing"
     );
     let relay_info = caravan_tests::RelayInfo {
-        url: relay.url.clone(),
-        cache_dir: relay.cache_dir.clone(),
         bootstrap_token: String::new(),
+        ..relay.clone()
     };
     let a3 = &c.agents[2];
     let restarted = c.spawn_agent("agent-3", &relay_info, &a3.state_dir, &a3.install_root)?;

@@ -140,6 +140,16 @@ impl Cache {
         }
     }
 
+    /// The blob's file, if it is in the cache now.
+    pub fn cached(&self, digest: &Digest) -> Option<std::fs::File> {
+        let file = std::fs::File::open(self.path(digest)).ok()?;
+        self.used
+            .lock()
+            .expect("lock poisoned")
+            .insert(*digest, SystemTime::now());
+        Some(file)
+    }
+
     /// `Ok` with the path of a cached blob, else the fetch of it: the one in
     /// progress, or a new one. A fetch runs as a task of its own, so it
     /// completes (or fails cleanly) even if every requester goes away.

@@ -153,6 +153,7 @@ async fn generate(relay: &str, first: usize, count: usize, b: Behaviour) -> anyh
             key,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(1)
+                .pool_idle_timeout(caravan_net::IDLE_CONNECTION)
                 .timeout(Duration::from_secs(b.wait + 60))
                 .build()?,
             relay: relay.to_string(),

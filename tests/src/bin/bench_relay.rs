@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! caravan-bench-relay large [SIZE_MIB=1024] [CLIENTS=64]
-//!     the same cached blob to concurrent clients, relay vs nginx (same file):
-//!     throughput and server CPU-seconds per GiB
+//!     the same cached blob to concurrent clients, relay vs nginx (same file),
+//!     over plain HTTP and over HTTPS: throughput and server CPU-seconds per GiB
 //! caravan-bench-relay small [SECONDS=5] [CLIENTS=32]
 //!     desired-state answers and 304 revalidations per server CPU-second,
 //!     relay vs nginx serving a static file of the same bytes
@@ -89,13 +89,24 @@ struct Setup {
 }
 
 impl Setup {
+    /// A relay serving plain HTTP, as nginx does where they are compared.
     async fn start(agents: usize, prefix: &str, relay_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(agents, prefix, relay_args, false).await
+    }
+
+    /// A relay serving HTTPS (with the certificate the chart gives it) if
+    /// `https`, else plain HTTP.
+    async fn start_with(
+        agents: usize,
+        prefix: &str,
+        relay_args: &[&str],
+        https: bool,
+    ) -> anyhow::Result<Self> {
         let mut c = Caravan::start("bench").await?;
         let repo = c.seed_example_fleet().await?;
         create_agents(&c, prefix, agents).await?;
         c.relay_args = relay_args.iter().map(|a| a.to_string()).collect();
-        // Compared with nginx serving plaintext: the relay does too.
-        c.relay_plaintext = true;
+        c.relay_plaintext = !https;
         c.agent_args.push("--insecure".into());
         let relay = c.start_relay(SITE).await?;
         let secret = c.api::<Secret>().get(&format!("{SITE}-relay")).await?;
@@ -132,12 +143,15 @@ impl Setup {
         .await
     }
 
-    /// The URL of a blob at the relay, once the relay serves it to `agent`.
+    /// The URL of a blob at the relay, once the relay serves it to `agent`
+    /// from its cache (fetched whole and verified).
     async fn blob_url(&self, pkg: &Package, agent: &str) -> anyhow::Result<String> {
-        let url = format!("{}/v1/blobs/{}", self.relay.url, pkg.spec.artifact.digest);
+        let digest = &pkg.spec.artifact.digest;
+        let url = format!("{}/v1/blobs/{digest}", self.relay.url);
         let token = self.token(agent);
+        let cached = self.relay.cache_dir.join("sha256").join(digest.hex());
         wait_for(
-            "the relay to serve the blob",
+            "the relay to serve the blob from its cache",
             Duration::from_secs(600),
             || async {
                 let res = caravan_tests::http()
@@ -145,14 +159,15 @@ impl Setup {
                     .bearer_auth(&token)
                     .send()
                     .await?;
-                Ok(res.status().is_success().then_some(()))
+                Ok((res.status().is_success() && cached.exists()).then_some(()))
             },
         )
         .await?;
         Ok(url)
     }
 
-    /// Starts nginx serving `root` (its config under the Caravan directory).
+    /// Starts nginx serving `root` (its config under the Caravan directory),
+    /// over HTTPS with the relay's certificate if the relay serves HTTPS.
     async fn nginx(&self, root: &Path) -> anyhow::Result<(Proc, String)> {
         let nginx = Path::new("/usr/sbin/nginx");
         anyhow::ensure!(
@@ -163,10 +178,21 @@ impl Setup {
         let dir = self.c.dir.join("nginx");
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("nginx.conf");
+        let (listen, scheme) = match &self.relay.tls {
+            Some((cert, key)) => (
+                format!(
+                    "listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};",
+                    cert.display(),
+                    openssl_key(key, &dir)?.display()
+                ),
+                "https",
+            ),
+            None => (format!("listen 127.0.0.1:{port};"), "http"),
+        };
         std::fs::write(
             &conf,
             format!(
-                "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+                "user root;\nworker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  server {{ {listen} root {root}; }}\n}}\n",
                 d = dir.display(),
                 root = root.display()
             ),
@@ -183,7 +209,7 @@ impl Setup {
             &[],
             &self.c.dir,
         )?;
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("{scheme}://127.0.0.1:{port}");
         wait_for("nginx", Duration::from_secs(30), || async {
             Ok(caravan_tests::http()
                 .get(&url)
@@ -195,6 +221,31 @@ impl Setup {
         .await?;
         Ok((proc, url))
     }
+}
+
+/// The relay's Ed25519 key in a form Debian's OpenSSL 3.0 reads (PKCS#8
+/// v1: without the public key, which it does not parse), written in `dir`.
+fn openssl_key(key: &Path, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _, KeypairBytes};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pem = std::fs::read_to_string(key)?;
+    let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut pair = KeypairBytes::from_pkcs8_der(&b64.decode(der)?)
+        .map_err(|e| anyhow::anyhow!("the relay's key: {e}"))?;
+    pair.public_key = None;
+    let der = pair
+        .to_pkcs8_der()
+        .map_err(|e| anyhow::anyhow!("the relay's key: {e}"))?;
+    let path = dir.join("tls.key");
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            b64.encode(der.as_bytes())
+        ),
+    )?;
+    Ok(path)
 }
 
 /// Creates Agent objects `<prefix>-0` .. at hq, as enrollment would.
@@ -243,14 +294,22 @@ async fn download_all(url: &str, token: Option<&str>, clients: usize) -> anyhow:
 }
 
 async fn large(size_mib: u64, clients: usize) -> anyhow::Result<()> {
-    let s = Setup::start(1, "client", &[]).await?;
+    for https in [false, true] {
+        large_over(size_mib, clients, https).await?;
+    }
+    Ok(())
+}
+
+async fn large_over(size_mib: u64, clients: usize, https: bool) -> anyhow::Result<()> {
+    let s = Setup::start_with(1, "client", &[], https).await?;
     let pkg = s.big_package(size_mib).await?;
     let relay_url = s.blob_url(&pkg, "client-0").await?;
     let token = s.token("client-0");
     let (nginx, nginx_base) = s.nginx(&s.relay.cache_dir.join("sha256")).await?;
     let nginx_url = format!("{nginx_base}/{}", pkg.spec.artifact.digest.hex());
 
-    println!("\n## large: {clients} concurrent clients each download the same cached {size_mib} MiB blob\n");
+    let over = if https { "HTTPS" } else { "plain HTTP" };
+    println!("\n## large, {over}: {clients} concurrent clients each download the same cached {size_mib} MiB blob\n");
     println!("| server | GiB/s | seconds | CPU s per GiB |\n|---|---:|---:|---:|");
     let mut results = Vec::new();
     for (name, pid, url, token) in [

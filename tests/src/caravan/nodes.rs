@@ -38,6 +38,8 @@ pub struct RelayInfo {
     /// A bootstrap token of the site (`caravan token create`, 24 h, any
     /// number of uses).
     pub bootstrap_token: String,
+    /// The certificate and key files the relay serves HTTPS with, if it does.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Caravan {
@@ -173,11 +175,12 @@ impl Caravan {
             }
         }
         let proc = Proc::spawn(&name, &bin("caravan-relay")?, &args, &env, &self.dir)?;
-        let scheme = if args.contains(&"--tls-cert-file") {
-            "https"
-        } else {
-            "http"
+        let file = |flag: &str| {
+            let at = args.iter().position(|a| *a == flag)?;
+            args.get(at + 1).map(PathBuf::from)
         };
+        let tls = file("--tls-cert-file").zip(file("--tls-key-file"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{port}");
         wait_http_ok(&http(), &format!("{url}/readyz"), &proc).await?;
         self.relays.push(proc);
@@ -188,6 +191,7 @@ impl Caravan {
             url,
             cache_dir,
             bootstrap_token,
+            tls,
         })
     }
 
