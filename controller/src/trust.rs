@@ -130,6 +130,36 @@ impl TrustKeys {
     }
 }
 
+/// One agent's part on its way through [`Signer::sign_sites`].
+enum Part {
+    Unsigned(AgentDesired),
+    /// Unchanged: last round's document.
+    Reused(SignedPart),
+    /// To sign: the content's hash, then a version and an expiry.
+    Changed {
+        desired: AgentDesired,
+        content: [u8; 32],
+    },
+    /// Signed this round (then kept, and [`Part::Reused`]).
+    New(Signed),
+}
+
+/// Runs `f` on every item, the items split between the machine's cores.
+fn on_every_core<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Below this, threads cost more than they save.
+    const ALONE: usize = 256;
+    if cores == 1 || items.len() <= ALONE {
+        return items.iter_mut().for_each(f);
+    }
+    let chunk = items.len().div_ceil(cores);
+    std::thread::scope(|scope| {
+        for items in items.chunks_mut(chunk) {
+            scope.spawn(|| items.iter_mut().for_each(&f));
+        }
+    });
+}
+
 /// One agent's last signed document.
 struct Signed {
     /// sha256 of the document without version and expiry.
@@ -167,59 +197,100 @@ impl Signer {
         sha2::Sha256::digest(body).into()
     }
 
-    /// `desired` signed for agent `name` of namespace `ns`.
-    fn sign(&mut self, ns: &str, mut desired: AgentDesired, now: DateTime<Utc>) -> SignedPart {
+    /// Every site's desired state, each agent's part signed. The documents
+    /// are hashed (to find the unchanged ones) and signed on every core;
+    /// versions are handed out in between, one at a time.
+    pub fn sign_sites(
+        &mut self,
+        sites: HashMap<SiteKey, SiteDesired<AgentDesired>>,
+        now: DateTime<Utc>,
+    ) -> HashMap<SiteKey, SiteDesired<SignedPart>> {
+        let mut sites: Vec<(SiteKey, SiteDesired<Part>)> = sites
+            .into_iter()
+            .map(|(key, site)| (key, site.map_agents(|_, d, _| Part::Unsigned(d))))
+            .collect();
+        let mut parts: Vec<(&str, &str, &mut Part)> = sites
+            .iter_mut()
+            .flat_map(|(key, site)| {
+                let ns = key.0.as_str();
+                site.agents
+                    .iter_mut()
+                    .map(move |(name, part)| (ns, name.as_str(), part))
+            })
+            .collect();
+        on_every_core(&mut parts, |(ns, name, part)| {
+            self.reuse(ns, name, part, now)
+        });
+        for (_, _, part) in &mut parts {
+            if let Part::Changed { desired, .. } = part {
+                let version = (now.timestamp_millis().max(0) as u64).max(self.last_version + 1);
+                self.last_version = version;
+                desired.version = version;
+                desired.expires = (now + self.ttl).to_rfc3339_opts(SecondsFormat::Millis, true);
+            }
+        }
+        on_every_core(&mut parts, |(_, _, part)| self.sign(part, now));
+        let mut live = HashSet::new();
+        for (ns, name, part) in parts {
+            let key = (ns.to_string(), name.to_string());
+            if let Part::New(signed) = part {
+                let reused = Part::Reused(signed.envelope.clone());
+                if let Part::New(signed) = std::mem::replace(part, reused) {
+                    self.signed.insert(key.clone(), signed);
+                }
+            }
+            live.insert(key);
+        }
+        self.signed.retain(|k, _| live.contains(k));
+        sites
+            .into_iter()
+            .map(|(key, site)| {
+                let mut signed = site.map_agents(|_, part, _| match part {
+                    Part::Reused(envelope) => envelope,
+                    _ => unreachable!("every part is signed by now"),
+                });
+                signed.roots = self.roots.clone();
+                (key, signed)
+            })
+            .collect()
+    }
+
+    /// Takes the signature of `part` (agent `name` of namespace `ns`) from
+    /// the last round if its content is unchanged and it is not half-way to
+    /// its expiry, else marks it changed.
+    fn reuse(&self, ns: &str, name: &str, part: &mut Part, now: DateTime<Utc>) {
+        let Part::Unsigned(desired) = part else {
+            return;
+        };
+        let mut desired = std::mem::take(desired);
         desired.version = 0;
         desired.expires.clear();
         let content = Self::content(&desired);
-        let key = (ns.to_string(), desired.agent.clone());
-        if let Some(s) = self.signed.get(&key) {
-            if s.content == content && s.expires - now > self.ttl / 2 {
-                return s.envelope.clone();
+        let key = (ns.to_string(), name.to_string());
+        *part = match self.signed.get(&key) {
+            Some(s) if s.content == content && s.expires - now > self.ttl / 2 => {
+                Part::Reused(s.envelope.clone())
             }
-        }
-        let version = (now.timestamp_millis().max(0) as u64).max(self.last_version + 1);
-        self.last_version = version;
-        let expires = now + self.ttl;
-        desired.version = version;
-        desired.expires = expires.to_rfc3339_opts(SecondsFormat::Millis, true);
+            _ => Part::Changed { desired, content },
+        };
+    }
+
+    /// Signs a changed part (its version and expiry already set).
+    fn sign(&self, part: &mut Part, now: DateTime<Utc>) {
+        let Part::Changed { desired, content } = part else {
+            return;
+        };
         let body = serde_json::to_vec(&desired).expect("wire types serialize");
         let envelope = SignedPart(std::sync::Arc::new(Envelope::sign(
             DESIRED_TYPE,
             &body,
             &[&self.key],
         )));
-        self.signed.insert(
-            key,
-            Signed {
-                content,
-                expires,
-                envelope: envelope.clone(),
-            },
-        );
-        envelope
-    }
-
-    /// Every site's desired state, each agent's part signed.
-    pub fn sign_sites(
-        &mut self,
-        sites: HashMap<SiteKey, SiteDesired<AgentDesired>>,
-        now: DateTime<Utc>,
-    ) -> HashMap<SiteKey, SiteDesired<SignedPart>> {
-        let mut live = HashSet::new();
-        let signed = sites
-            .into_iter()
-            .map(|(key, site)| {
-                let mut signed = site.map_agents(|name, d, _| {
-                    live.insert((key.0.clone(), name.to_string()));
-                    self.sign(&key.0, d, now)
-                });
-                signed.roots = self.roots.clone();
-                (key, signed)
-            })
-            .collect();
-        self.signed.retain(|k, _| live.contains(k));
-        signed
+        *part = Part::New(Signed {
+            content: *content,
+            expires: now + self.ttl,
+            envelope,
+        });
     }
 
     /// When the first document is due to be signed anew.
@@ -288,6 +359,45 @@ mod tests {
         // An agent gone is forgotten.
         signer.sign_sites(site(&[]), t2);
         assert_eq!(signer.next_refresh(), None);
+    }
+
+    #[test]
+    fn a_fleet_is_signed_on_every_core_each_agent_its_own_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = TrustKeys::load_or_create(dir.path()).unwrap();
+        let (root, _) = pin(&keys.roots, None).unwrap();
+        let mut signer = Signer::new(&keys, Duration::from_secs(100));
+        let now = Utc::now();
+        // More agents than one thread takes alone.
+        let fleet = |changed: &str| {
+            let agents: Vec<_> = (0..1000)
+                .map(|i| {
+                    let name = format!("a{i}");
+                    let hold = if name == changed { "new" } else { "old" };
+                    desired(&name, &format!("{hold}-{i}"))
+                })
+                .collect();
+            site(&agents)
+        };
+        let docs = |signed: &HashMap<SiteKey, SiteDesired<SignedPart>>| {
+            signed[&("ns".to_string(), "hq".to_string())].agents.clone()
+        };
+        let first = docs(&signer.sign_sites(fleet(""), now));
+        let mut versions = HashSet::new();
+        for (name, doc) in &first {
+            let (d, _) = verify_desired(&doc.0, &root, name, None, now).unwrap();
+            assert_eq!(d.hold, [format!("old-{}", &name[1..])]);
+            versions.insert(d.version);
+        }
+        assert_eq!(versions.len(), 1000, "every document its own version");
+        // One agent changed: only its document is signed anew.
+        let second = docs(&signer.sign_sites(fleet("a7"), now));
+        for (name, doc) in &second {
+            let same = std::sync::Arc::ptr_eq(&doc.0, &first[name].0);
+            assert_eq!(same, name != "a7", "{name}");
+        }
+        let (d, _) = verify_desired(&second["a7"].0, &root, "a7", None, now).unwrap();
+        assert!(d.hold == ["new-7"] && d.version > versions.into_iter().max().unwrap());
     }
 
     #[test]
