@@ -10,9 +10,18 @@
 //! releases the Lease, so another takes over at once. A leader that dies
 //! without releasing it is replaced once the Lease expires
 //! (`--leader-election-lease-seconds`).
+//!
+//! A renewal that fails (a dropped connection, an API server too busy to
+//! answer in time) does not end leadership by itself: the leader reads the
+//! Lease, keeps leading while the Lease names it and has not expired, and
+//! keeps renewing; it stops leading only if no renewal lands before the
+//! Lease it last saw runs out (less a margin). Restarting the leader over
+//! one lost request would throw away its caches of every object — at
+//! 100,000 Agents, a reload that loads the API server when it is busiest.
 
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -55,10 +64,82 @@ impl Leading {
     }
 }
 
+type Timestamp = k8s_openapi::jiff::Timestamp;
+
+/// How often a leader reads the Lease back while the renewal it expects
+/// has not landed.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Until when `lease` is held by `identity` (its last renewal plus its
+/// duration), if it names `identity` as holder.
+fn held_until(lease: &Lease, identity: &str) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = spec.renew_time.as_ref()?.0;
+    let seconds = i64::from(spec.lease_duration_seconds?);
+    renewed
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds))
+        .ok()
+}
+
+/// A leader's hold on the Lease as it last read it back: it leads while
+/// the Lease names it with more than `margin` left (room for the clocks of
+/// replicas to differ), whatever became of its renewal requests.
+#[derive(Debug)]
+struct Hold {
+    until: Timestamp,
+    margin: Duration,
+}
+
+impl Hold {
+    /// After reading the Lease back at `now` (`Err`: the read failed):
+    /// how long until the next read, or `None` to stop leading (another
+    /// holds it, or no renewal landed before the margin).
+    fn next(
+        &mut self,
+        read: Result<Option<&Lease>, ()>,
+        identity: &str,
+        now: Timestamp,
+    ) -> Option<Duration> {
+        let renewed = match read {
+            Ok(lease) => Some(lease.and_then(|l| held_until(l, identity))?)
+                .filter(|until| *until > self.until),
+            Err(()) => None,
+        };
+        if let Some(until) = renewed {
+            self.until = until;
+        }
+        self.due(renewed.is_some(), now)
+    }
+
+    /// When to read the Lease back: a second before the margin after a
+    /// renewal (the next one, due a third of the Lease before it ends,
+    /// has landed by then), every [`POLL`] while it has not.
+    fn due(&self, renewed: bool, now: Timestamp) -> Option<Duration> {
+        let left = Duration::try_from(self.until.duration_since(now)).ok()?;
+        let left = left.checked_sub(self.margin).filter(|d| !d.is_zero())?;
+        Some(match renewed {
+            true => left.saturating_sub(Duration::from_secs(1)).max(POLL),
+            false => POLL.min(left),
+        })
+    }
+}
+
+/// The Lease as the API server has it, if it answers in time.
+async fn read(leases: &kube::Api<Lease>, within: Duration) -> Result<Option<Lease>, ()> {
+    match tokio::time::timeout(within, leases.get_opt(LEASE)).await {
+        Ok(Ok(lease)) => Ok(lease),
+        _ => Err(()),
+    }
+}
+
 /// Contends for the Lease in `namespace` as `identity`. Returns whether
 /// this replica leads, and the election to run until `shutdown` (then it
 /// releases the Lease if held, so another replica takes over at once). A
-/// leader that cannot renew the Lease stops leading.
+/// leader reads the Lease back before each renewal is due and stops
+/// leading if it no longer names it or no renewal landed in time.
 pub async fn elect(
     client: kube::Client,
     namespace: &str,
@@ -69,43 +150,74 @@ pub async fn elect(
     Leading,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
-    // Its own client, whose requests time out: a renewal that hangs must
-    // fail (and this replica stop leading) before another may take over.
-    let mut config = kube::Config::infer().await?;
-    config.read_timeout = Some(Duration::from_secs((lease_seconds / 3).max(1)));
-    config.write_timeout = config.read_timeout;
-    let client = kube::Client::try_from(config).unwrap_or(client);
+    let grace = (lease_seconds / 3).max(1);
+    let margin = Duration::from_secs(grace) / 2;
+    let leases = kube::Api::<Lease>::namespaced(client.clone(), namespace);
+    let identity_owned = identity.to_string();
     let manager = LeaseManagerBuilder::new(client, LEASE)
         .with_namespace(namespace)
         .with_identity(identity)
         .with_duration(lease_seconds)
-        .with_grace((lease_seconds / 3).max(1))
+        .with_grace(grace)
         .with_field_manager(format!("caravan-leader-{identity}"))
         .build()
         .await?;
     let (tx, rx) = watch::channel(false);
     let election = async move {
+        let identity = identity_owned;
+        let mut hold: Option<(Hold, tokio::time::Instant)> = None;
+        // Kept across reads of the Lease, so that they never cut a renewal
+        // short.
+        let mut changes = Box::pin(manager.changed());
         loop {
+            let read_at = hold.as_ref().map(|(_, at)| *at);
             tokio::select! {
-                changed = manager.changed() => match changed {
+                changed = &mut changes => match changed {
                     Ok(leads) => {
                         tracing::info!(leading = leads, lease = LEASE, "leadership changed");
-                        tx.send_replace(leads);
+                        hold = None;
+                        if leads {
+                            // Just taken: held for the Lease's duration, or
+                            // at least its last third.
+                            let now = Timestamp::now();
+                            let lease = read(&leases, margin).await.ok().flatten();
+                            let until = lease.and_then(|l| held_until(&l, &identity)).unwrap_or_else(|| {
+                                now + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64)
+                            });
+                            let h = Hold { until, margin };
+                            // (Read back soon if it already looks too late.)
+                            let next = h.due(true, now).unwrap_or(POLL);
+                            hold = Some((h, tokio::time::Instant::now() + next));
+                        }
+                        tx.send_replace(hold.is_some());
+                        changes.set(manager.changed());
                     }
                     Err(e) => {
-                        if tx.send_replace(false) {
-                            tracing::error!(error = %e, lease = LEASE, "the Lease cannot be renewed: no longer leading");
-                        } else {
-                            tracing::warn!(error = %e, lease = LEASE, "leader election");
-                        }
+                        // A renewal failed (the manager tries again): the
+                        // Lease read back decides whether this replica leads.
+                        tracing::warn!(error = %e, lease = LEASE, leading = *tx.borrow(), "leader election");
                         tokio::time::sleep(Duration::from_secs(1)).await;
+                        changes.set(manager.changed());
                     }
                 },
+                () = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
+                    let lease = read(&leases, margin / 2).await;
+                    let Some((h, _)) = hold.as_mut() else { continue };
+                    match h.next(lease.as_ref().map(Option::as_ref).map_err(|_| ()), &identity, Timestamp::now()) {
+                        Some(next) => hold.as_mut().expect("held").1 = tokio::time::Instant::now() + next,
+                        None => {
+                            tracing::error!(lease = LEASE, until = %h.until, "the Lease was not renewed in time or is held by another: no longer leading");
+                            hold = None;
+                            tx.send_replace(false);
+                        }
+                    }
+                }
                 () = shutdown.cancelled() => break,
             }
         }
         // Nothing more is written as leader from here on.
         tx.send_replace(false);
+        drop(changes);
         match tokio::time::timeout(Duration::from_secs(5), manager.release()).await {
             Ok(Ok(())) => tracing::info!(lease = LEASE, "Lease released"),
             Ok(Err(e)) => tracing::warn!(error = %e, "releasing the Lease failed"),
@@ -141,5 +253,77 @@ where
                 anyhow::bail!("lost the {LEASE} Lease to another replica: exiting to restart as a follower")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
+        jiff::Timestamp,
+    };
+
+    use super::*;
+
+    fn lease(holder: &str, renewed: Timestamp, seconds: i32) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(seconds),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_holds_for_its_holder_until_its_renewal_plus_its_duration() {
+        let renewed = Timestamp::from_second(1_000_000).unwrap();
+        let l = lease("a", renewed, 15);
+        assert_eq!(
+            held_until(&l, "a"),
+            Some(Timestamp::from_second(1_000_015).unwrap())
+        );
+        // Another replica's Lease, or one never renewed, holds nothing for us.
+        assert_eq!(held_until(&l, "b"), None);
+        let mut never = l.clone();
+        never.spec.as_mut().unwrap().renew_time = None;
+        assert_eq!(held_until(&never, "a"), None);
+    }
+
+    #[test]
+    fn a_leader_leads_while_the_lease_read_back_names_it_and_stops_a_margin_before_it_ends() {
+        let at = |s: i64| Timestamp::from_second(s).unwrap();
+        let margin = Duration::from_millis(2500);
+        // Taken at 0 for 15 s: read back a second before the margin.
+        let mut hold = Hold {
+            until: at(15),
+            margin,
+        };
+        assert_eq!(hold.due(true, at(0)), Some(Duration::from_millis(11_500)));
+        // Renewed at 10 (due a third before the end): read again 1 s
+        // before the new margin.
+        let renewed = lease("me", at(10), 15);
+        assert_eq!(
+            hold.next(Ok(Some(&renewed)), "me", at(11)),
+            Some(Duration::from_millis(10_500))
+        );
+        assert_eq!(hold.until, at(25));
+        // The renewal due at 20 fails and so does a read: poll while time
+        // is left, stop at the margin (22.5) whatever the reads say.
+        assert_eq!(hold.next(Err(()), "me", at(21)), Some(POLL));
+        assert_eq!(hold.next(Ok(Some(&renewed)), "me", at(22)), Some(POLL));
+        assert_eq!(hold.next(Err(()), "me", at(23)), None);
+        // A renewal that lands late, before the margin, keeps it leading.
+        let late = lease("me", at(22), 15);
+        assert_eq!(
+            hold.next(Ok(Some(&late)), "me", at(22)),
+            Some(Duration::from_millis(11_500))
+        );
+        // The Lease held by another, or gone: stop at once.
+        let taken = lease("other", at(30), 15);
+        assert_eq!(hold.next(Ok(Some(&taken)), "me", at(31)), None);
+        assert_eq!(hold.next(Ok(None), "me", at(31)), None);
     }
 }

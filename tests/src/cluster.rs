@@ -27,6 +27,8 @@ use crate::{cache_dir, free_port, procs::Proc, wait_for};
 pub struct Cluster {
     pub kubeconfig: PathBuf,
     pub client: Client,
+    /// etcd's database file, where this cluster started its own etcd.
+    pub etcd_db: Option<PathBuf>,
     _procs: Vec<Proc>,
 }
 
@@ -39,6 +41,7 @@ impl Cluster {
             return Ok(Self {
                 kubeconfig,
                 client,
+                etcd_db: None,
                 _procs: vec![],
             });
         }
@@ -176,6 +179,7 @@ impl Cluster {
         Ok(Self {
             kubeconfig,
             client,
+            etcd_db: Some(dir.join("etcd/member/snap/db")),
             _procs: procs,
         })
     }

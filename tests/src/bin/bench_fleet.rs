@@ -1,5 +1,5 @@
 //! `caravan-bench-fleet`: a fleet of simulated agents that speak the real
-//! protocol to a real relay, controller and kube-apiserver — thousands per
+//! protocol to real relays, controller and kube-apiserver — thousands per
 //! process, in several processes — and a job for all of them.
 //!
 //! Each simulated agent is an Agent object with its own ed25519 key and its
@@ -13,15 +13,22 @@
 //! long (at random) before acting on a new document.
 //!
 //! ```text
-//! caravan-bench-fleet [AGENTS=10000] [PROCESSES=4] [POLL_WAIT_SECONDS=60] [--fail PERCENT] [--think MS]
+//! caravan-bench-fleet [AGENTS=10000] [PROCESSES=4] [POLL_WAIT_SECONDS=60] [--sites N] [--fail PERCENT] [--think MS]
 //! ```
+//!
+//! `--sites N` spreads the agents evenly over `hq` and `N - 1` branch sites
+//! below it (whose relays fetch from hq's). A site whose agents one relay
+//! process cannot hold runs more replicas of its relay
+//! ([`AGENTS_PER_RELAY`]), as a Site declares; every relay process gets at
+//! least one generator process of its own.
 //!
 //! The fleet first installs the example package (the warm-up); then a job
 //! for a new package is committed to Git, everyone at once. Prints the time
 //! from the commit to each agent's report of success (p50, p99, max; from
 //! the agents' own clocks, all on this machine), the API server's writes
 //! per agent, and the memory of the relay, the controller and the
-//! generators per agent (`make bench-fleet`).
+//! generators per agent, the API server's health during the job (`/readyz`,
+//! its request latencies) and the size of etcd (`make bench-fleet`).
 
 use std::{
     collections::BTreeMap,
@@ -39,14 +46,20 @@ use caravan_api::{
         MAX_AGENT_DESIRED_BYTES,
     },
 };
-use caravan_tests::{procs::memory_mib, Caravan};
+use caravan_tests::{
+    caravan::{READ_VERBS, WRITE_VERBS},
+    procs::memory_mib,
+    Caravan,
+};
 use ed25519_dalek::SigningKey;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use sha2::Digest as _;
 use tokio::io::AsyncBufReadExt;
 
-const SITE: &str = "hq";
+/// The most simulated agents one relay process serves: each waiting agent
+/// is a socket, and a process here may hold 20,000 files.
+const AGENTS_PER_RELAY: usize = 10_000;
 const T: Duration = Duration::from_secs(1800);
 /// The environment variable that hands the relay's token to generators.
 const TOKEN_ENV: &str = "CARAVAN_BENCH_RELAY_TOKEN";
@@ -109,21 +122,95 @@ async fn main() -> anyhow::Result<()> {
         fail_percent: 0,
         think_ms: 0,
     };
+    let mut sites = 1;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--fail" => behaviour.fail_percent = it.next().context("--fail PERCENT")?.parse()?,
             "--think" => behaviour.think_ms = it.next().context("--think MS")?.parse()?,
+            "--sites" => sites = it.next().context("--sites N")?.parse()?,
             n => positional.push(
                 n.parse::<u64>()
                     .with_context(|| format!("{n:?}: a number"))?,
             ),
         }
     }
-    let agents = positional.first().copied().unwrap_or(10_000) as usize;
+    let layout = Layout {
+        agents: positional.first().copied().unwrap_or(10_000) as usize,
+        sites: sites.max(1),
+    };
     let processes = positional.get(1).copied().unwrap_or(4).max(1) as usize;
     behaviour.wait = positional.get(2).copied().unwrap_or(60);
-    bench(agents, processes, behaviour).await
+    bench(layout, processes, behaviour).await
+}
+
+/// Where the simulated agents are: evenly over `sites` sites, `hq` and
+/// branches below it, in blocks (agent `i` at site `i / per_site`).
+#[derive(Clone, Copy)]
+struct Layout {
+    agents: usize,
+    sites: usize,
+}
+
+impl Layout {
+    fn site(s: usize) -> String {
+        match s {
+            0 => "hq".into(),
+            s => format!("branch-{s}"),
+        }
+    }
+
+    fn per_site(&self) -> usize {
+        self.agents.div_ceil(self.sites)
+    }
+
+    /// The site of agent `i`.
+    fn site_of(&self, i: usize) -> String {
+        Self::site(i / self.per_site())
+    }
+
+    /// The agents of site `s`.
+    fn agents_of(&self, s: usize) -> std::ops::Range<usize> {
+        let per = self.per_site();
+        (s * per).min(self.agents)..((s + 1) * per).min(self.agents)
+    }
+
+    /// How many relay processes each site runs.
+    fn replicas(&self) -> usize {
+        self.per_site().div_ceil(AGENTS_PER_RELAY).max(1)
+    }
+
+    /// The Site manifests: hq's example with its replicas, and each
+    /// branch below hq.
+    fn manifests(&self, hq: &str) -> Vec<(String, String)> {
+        let replicas = format!("replicas: {}\n", self.replicas());
+        let mut out = vec![(
+            "fleet/site.yaml".into(),
+            hq.replace("replicas: 1\n", &replicas),
+        )];
+        for s in 1..self.sites {
+            out.push((
+                format!("fleet/site-{}.yaml", Self::site(s)),
+                format!(
+                    "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {{name: {}}}\n\
+                     spec:\n  parent: hq\n  relay:\n    {replicas}",
+                    Self::site(s)
+                ),
+            ));
+        }
+        out
+    }
+}
+
+/// Splits `range` into `n` near-equal consecutive parts.
+fn split(range: std::ops::Range<usize>, n: usize) -> Vec<std::ops::Range<usize>> {
+    let per = range.len().div_ceil(n.max(1)).max(1);
+    (0..n)
+        .map(|k| {
+            (range.start + k * per).min(range.end)..(range.start + (k + 1) * per).min(range.end)
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// One generator process's agents, from `first`, `count` of them.
@@ -385,9 +472,16 @@ enum Said {
     Exited,
 }
 
-async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<()> {
+async fn bench(layout: Layout, processes: usize, b: Behaviour) -> anyhow::Result<()> {
+    let agents = layout.agents;
     let mut c = Caravan::start("bench").await?;
     let repo = c.seed_example_fleet().await?;
+    // The sites, each with the relay replicas its agents need.
+    let hq = std::fs::read_to_string(repo.work.join("fleet/site.yaml"))?;
+    for (path, text) in layout.manifests(&hq) {
+        repo.write(&path, &text)?;
+    }
+    repo.commit("The fleet's sites")?;
     // The simulated agents' Agent objects, each with its key.
     let api = c.api::<Agent>();
     futures::stream::iter(0..agents)
@@ -399,7 +493,7 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
                     "apiVersion": "caravan.dev/v1alpha1", "kind": "Agent",
                     "metadata": { "name": name, "namespace": "bench" },
                     "spec": {
-                        "site": SITE,
+                        "site": layout.site_of(i),
                         "hostId": format!("host-{name}"),
                         "hostname": name,
                         "publicKey": signing::encode_public(&key.verifying_key()),
@@ -412,56 +506,73 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
         .buffer_unordered(32)
         .try_collect::<()>()
         .await?;
+    // Every relay process (hq's first: the branches' fetch from it), with
+    // the agents it serves.
     c.relay_plaintext = true;
-    let relay = c.start_relay(SITE).await?;
-    let relay_pid = c.relays[0].pid();
-    let secret = c.api::<Secret>().get(&format!("{SITE}-relay")).await?;
-    let relay_token = String::from_utf8(secret.data.context("relay Secret")?["token"].0.clone())?;
+    let mut relays = vec![];
+    for s in 0..layout.sites {
+        let site = Layout::site(s);
+        let secret = c.api::<Secret>().get(&format!("{site}-relay")).await?;
+        let token = String::from_utf8(secret.data.context("relay Secret")?["token"].0.clone())?;
+        if s > 0 {
+            // The branches fetch from hq's relay, which serves plain HTTP here.
+            c.relay_args = vec!["--insecure".into()];
+        }
+        for (r, served) in split(layout.agents_of(s), layout.replicas())
+            .into_iter()
+            .enumerate()
+        {
+            let relay = match r {
+                0 => c.start_relay(&site).await?,
+                r => c.start_relay_replica(&site, r).await?,
+            };
+            let pid = c.relays.last().context("a relay started")?.pid();
+            relays.push((relay.url, pid, token.clone(), served));
+        }
+    }
+    let generators_per_relay = processes.div_ceil(relays.len()).max(1);
 
     // The generators, their lines gathered into one channel.
     let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
     let mut generators = vec![];
-    let per = agents.div_ceil(processes);
-    for p in 0..processes {
-        let first = p * per;
-        let count = per.min(agents.saturating_sub(first));
-        if count == 0 {
-            break;
-        }
-        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-        cmd.arg("generate")
-            .arg(&relay.url)
-            .args([first.to_string(), count.to_string()])
-            .args(b.args())
-            .env(TOKEN_ENV, &relay_token)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let words: Vec<&str> = line.splitn(3, ' ').collect();
-                let msg = match words[..] {
-                    ["parked", _] => Said::Parked,
-                    ["done", job, rest] => Said::Done {
-                        job: job.to_string(),
-                        at_ms: rest
-                            .split(' ')
-                            .nth(1)
-                            .and_then(|t| t.parse().ok())
-                            .unwrap_or(0),
-                    },
-                    ["trouble", _, why] => Said::Trouble(why.to_string()),
-                    _ => continue,
-                };
-                if tx.send(msg).is_err() {
-                    return;
+    for (url, _, token, served) in &relays {
+        for part in split(served.clone(), generators_per_relay) {
+            let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+            cmd.arg("generate")
+                .arg(url)
+                .args([part.start.to_string(), part.len().to_string()])
+                .args(b.args())
+                .env(TOKEN_ENV, token)
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd.spawn()?;
+            let mut lines =
+                tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let words: Vec<&str> = line.splitn(3, ' ').collect();
+                    let msg = match words[..] {
+                        ["parked", _] => Said::Parked,
+                        ["done", job, rest] => Said::Done {
+                            job: job.to_string(),
+                            at_ms: rest
+                                .split(' ')
+                                .nth(1)
+                                .and_then(|t| t.parse().ok())
+                                .unwrap_or(0),
+                        },
+                        ["trouble", _, why] => Said::Trouble(why.to_string()),
+                        _ => continue,
+                    };
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
                 }
-            }
-            let _ = tx.send(Said::Exited);
-        });
-        generators.push(child);
+                let _ = tx.send(Said::Exited);
+            });
+            generators.push(child);
+        }
     }
     drop(tx);
     let started = Instant::now();
@@ -487,7 +598,10 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
     // Reports and status writes of the warm-up settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_before = memory_mib(c.controller.pid(), "VmRSS");
-    let relay_rss = memory_mib(relay_pid, "VmRSS");
+    let relays_rss: f64 = relays
+        .iter()
+        .map(|(_, pid, ..)| memory_mib(*pid, "VmRSS"))
+        .sum();
     let generators_rss: f64 = generators
         .iter()
         .filter_map(|g| g.id())
@@ -507,12 +621,15 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
     repo.write(
         "fleet/fleet-job.yaml",
         "apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {name: fleet}\n\
-         spec:\n  packages: [{name: fleet-pkg}]\n  destinations: {sites: [{name: hq}]}\n  \
+         spec:\n  packages: [{name: fleet-pkg}]\n  destinations: {sites: [{name: hq, includeLower: true}]}\n  \
          rollout: {batches: [{size: 100%}]}\n",
     )?;
-    let before = c.api_writes()?;
+    let before = c.api_metrics()?;
+    // The API server's health while the job runs: /readyz every second.
+    let health = Arc::new(std::sync::Mutex::new(Readiness::default()));
+    let asking = tokio::spawn(readiness(c.cluster.client.clone(), health.clone()));
     let committed = unix_ms();
-    repo.commit("fleet-pkg for hq")?;
+    repo.commit("fleet-pkg for every site")?;
     let mut latencies = Vec::with_capacity(agents);
     while latencies.len() < agents {
         match tokio::time::timeout(T, said.recv()).await {
@@ -531,15 +648,26 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
     let status_secs = (unix_ms() - committed) as f64 / 1000.0;
     job?;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = c.api_writes()?;
-    let delta = |f: &dyn Fn(&str) -> bool| after.since(&before, f) / agents as f64;
+    asking.abort();
+    let health = std::mem::take(&mut *health.lock().expect("lock poisoned"));
+    let after = c.api_metrics()?;
+    let delta = |f: &dyn Fn(&str) -> bool| after.writes_since(&before, f) / agents as f64;
+    let latency = |verbs, q| after.latency_since(&before, verbs, q);
+    let etcd_mib = c
+        .cluster
+        .etcd_db
+        .as_ref()
+        .and_then(|db| std::fs::metadata(db).ok())
+        .map_or(0.0, |m| m.len() as f64 / (1 << 20) as f64);
     let rss_after = memory_mib(c.controller.pid(), "VmRSS");
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let kib_per = |mib: f64| mib * 1024.0 / agents as f64;
 
     println!(
-        "\n## fleet: {agents} simulated agents in {} processes behind one relay, poll wait {} s{}{}\n",
+        "\n## fleet: {agents} simulated agents at {} sites ({} relay processes) by {} generator processes, poll wait {} s{}{}\n",
+        layout.sites,
+        relays.len(),
         generators.len(),
         b.wait,
         if b.fail_percent > 0 { format!(", {}% failing", b.fail_percent) } else { String::new() },
@@ -562,14 +690,54 @@ async fn bench(agents: usize, processes: usize, b: Behaviour) -> anyhow::Result<
         delta(&|_| true),
     );
     println!(
-        "\n| relay RSS MiB (KiB per agent) | controller RSS MiB before → after the job | generators RSS MiB (KiB per agent) |\n|---:|---:|---:|"
+        "\n| relays RSS MiB (KiB per agent) | controller RSS MiB before → after the job | generators RSS MiB (KiB per agent) | etcd MiB |\n|---:|---:|---:|---:|"
     );
     println!(
-        "| {relay_rss:.0} ({:.1}) | {rss_before:.0} → {rss_after:.0} | {generators_rss:.0} ({:.1}) |",
-        kib_per(relay_rss),
+        "| {relays_rss:.0} ({:.1}) | {rss_before:.0} → {rss_after:.0} | {generators_rss:.0} ({:.1}) | {etcd_mib:.0} |",
+        kib_per(relays_rss),
         kib_per(generators_rss)
     );
+    println!(
+        "\nAPI server during the job: /readyz {} of {} ok, slowest answer {} ms; request latency p50 / p99 (histogram bucket bounds): writes {} / {} s, reads {} / {} s",
+        health.ok,
+        health.asked,
+        health.slowest_ms,
+        latency(WRITE_VERBS, 0.5),
+        latency(WRITE_VERBS, 0.99),
+        latency(READ_VERBS, 0.5),
+        latency(READ_VERBS, 0.99),
+    );
     Ok(())
+}
+
+/// How the API server answered `/readyz` ([`readiness`]).
+#[derive(Default)]
+struct Readiness {
+    asked: usize,
+    ok: usize,
+    slowest_ms: u128,
+}
+
+/// Asks the API server's `/readyz` every second, adding to `found`, until
+/// aborted.
+async fn readiness(client: kube::Client, found: Arc<std::sync::Mutex<Readiness>>) {
+    loop {
+        let asked = Instant::now();
+        let ok = match http::Request::get("/readyz").body(Vec::new()) {
+            Ok(req) => client
+                .request_text(req)
+                .await
+                .is_ok_and(|t| t.trim() == "ok"),
+            Err(_) => false,
+        };
+        {
+            let mut f = found.lock().expect("lock poisoned");
+            f.asked += 1;
+            f.ok += usize::from(ok);
+            f.slowest_ms = f.slowest_ms.max(asked.elapsed().as_millis());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Failed requests the agents tried again, by what went wrong.

@@ -71,15 +71,15 @@ async fn main() -> anyhow::Result<()> {
                  spec:\n  packages: [{{name: {name}}}]\n  destinations: {{sites: [{{name: hq}}]}}\n{rollout}"
             ),
         )?;
-        let before = c.api_writes()?;
+        let before = c.api_metrics()?;
         let committed = Instant::now();
         repo.commit(&format!("{name} for hq"))?;
         c.wait_job(name, "Succeeded", &all, T).await?;
         let secs = committed.elapsed().as_secs_f64();
         // Reports and status writes still in flight.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = c.api_writes()?;
-        let delta = |f: &dyn Fn(&str) -> bool| after.since(&before, f);
+        let after = c.api_metrics()?;
+        let delta = |f: &dyn Fn(&str) -> bool| after.writes_since(&before, f);
         let per_agent = |n: f64| n / agents as f64;
         println!(
             "| {name} | {secs:.1} | {:.2} | {:.2} | {:.0} | {:.0} |",

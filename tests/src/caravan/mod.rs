@@ -562,32 +562,11 @@ impl Caravan {
         Ok(failure.context("a failed job names its failure")?.reason)
     }
 
-    /// The API server's write requests so far (POST, PUT, PATCH, DELETE,
-    /// APPLY), by `resource/subresource`, from its own `/metrics`.
-    pub fn api_writes(&self) -> anyhow::Result<ApiWrites> {
-        let metrics = self.cluster.kubectl(&["get", "--raw", "/metrics"])?;
-        let mut out = std::collections::BTreeMap::new();
-        for line in metrics.lines() {
-            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-                continue;
-            };
-            let Some((labels, value)) = rest.rsplit_once("} ") else {
-                continue;
-            };
-            let label = |name: &str| {
-                labels
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                    .map(|v| v.trim_end_matches('"'))
-                    .unwrap_or_default()
-            };
-            if !matches!(label("verb"), "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
-                continue;
-            }
-            let key = format!("{}/{}", label("resource"), label("subresource"));
-            *out.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
-        }
-        Ok(ApiWrites(out))
+    /// The API server's own `/metrics`, as they stand now.
+    pub fn api_metrics(&self) -> anyhow::Result<ApiMetrics> {
+        Ok(ApiMetrics(
+            self.cluster.kubectl(&["get", "--raw", "/metrics"])?,
+        ))
     }
 
     /// Waits until `job` reports `phase` with `succeeded` of `total`.
@@ -694,17 +673,77 @@ impl Caravan {
     }
 }
 
-/// The API server's write requests, by `resource/subresource`
-/// ([`Caravan::api_writes`]).
-pub struct ApiWrites(pub std::collections::BTreeMap<String, f64>);
+/// A snapshot of the API server's `/metrics` ([`Caravan::api_metrics`]);
+/// figures over a span of time are one snapshot taken since another.
+pub struct ApiMetrics(String);
 
-impl ApiWrites {
-    /// The writes since `before` to the resources `which` picks.
-    pub fn since(&self, before: &Self, which: impl Fn(&str) -> bool) -> f64 {
-        self.0
+/// The verbs that write (`apiserver_request_total`'s `verb` label).
+pub const WRITE_VERBS: &[&str] = &["POST", "PUT", "PATCH", "DELETE", "APPLY"];
+/// The verbs that read, but for watches.
+pub const READ_VERBS: &[&str] = &["GET", "LIST"];
+
+impl ApiMetrics {
+    /// Every sample of metric `name`: its labels, read by name, and value.
+    fn samples<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = (impl Fn(&str) -> &'a str, f64)> + 'a {
+        self.0.lines().filter_map(move |line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let label = move |l: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(l)?.strip_prefix("=\""))
+                    .map(|v| v.trim_end_matches('"'))
+                    .unwrap_or_default()
+            };
+            Some((label, value.trim().parse::<f64>().unwrap_or(0.0)))
+        })
+    }
+
+    /// The writes (POST, PUT, PATCH, DELETE, APPLY) since `before` to the
+    /// resources `which` picks, by `resource/subresource`.
+    pub fn writes_since(&self, before: &Self, which: impl Fn(&str) -> bool) -> f64 {
+        let count = |m: &Self| -> f64 {
+            m.samples("apiserver_request_total")
+                .filter(|(l, _)| WRITE_VERBS.contains(&l("verb")))
+                .filter(|(l, _)| which(&format!("{}/{}", l("resource"), l("subresource"))))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        count(self) - count(before)
+    }
+
+    /// Quantile `q` of the latencies of the requests with `verbs` since
+    /// `before` (`apiserver_request_duration_seconds`): the upper bound, in
+    /// seconds, of the histogram bucket it falls in.
+    pub fn latency_since(&self, before: &Self, verbs: &[&str], q: f64) -> f64 {
+        let buckets = |m: &Self| {
+            let mut by_le = std::collections::BTreeMap::<u64, f64>::new();
+            for (l, v) in m.samples("apiserver_request_duration_seconds_bucket") {
+                if verbs.contains(&l("verb")) {
+                    let le = l("le").parse::<f64>().unwrap_or(f64::INFINITY);
+                    *by_le.entry(le.to_bits()).or_default() += v;
+                }
+            }
+            by_le
+        };
+        let (now, then) = (buckets(self), buckets(before));
+        // Positive floats order as their bits do.
+        let counts: Vec<(f64, f64)> = now
             .iter()
-            .filter(|(k, _)| which(k))
-            .map(|(k, v)| v - before.0.get(k).copied().unwrap_or(0.0))
-            .sum()
+            .map(|(le, n)| {
+                (
+                    f64::from_bits(*le),
+                    n - then.get(le).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        let total = counts.last().map_or(0.0, |(_, n)| *n);
+        counts
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map_or(0.0, |(le, _)| *le)
     }
 }
