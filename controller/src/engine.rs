@@ -210,16 +210,34 @@ impl Engine {
         let artifacts = self.survey(&packages, &cabinets).await;
         let unreachable = self.probe(&cabinets);
         let now = chrono::Utc::now();
-        let out = index::compute(&index::Inputs {
-            now,
-            sites: &sites,
-            agents: &agents,
-            jobs: &jobs,
-            packages: &packages,
-            cabinets: &cabinets,
-            artifacts: &artifacts,
-            unreachable: &unreachable,
+        // Computing and signing take seconds at 100,000 agents: off the
+        // async workers, so that relays' requests, reports, watches and the
+        // Lease's renewals go on meanwhile (a leader whose renewals starved
+        // behind the computation stopped leading).
+        let (out, next) = tokio::task::block_in_place(|| {
+            let mut out = index::compute(&index::Inputs {
+                now,
+                sites: &sites,
+                agents: &agents,
+                jobs: &jobs,
+                packages: &packages,
+                cabinets: &cabinets,
+                artifacts: &artifacts,
+                unreachable: &unreachable,
+            });
+            let signed = self
+                .signer
+                .lock()
+                .expect("lock poisoned")
+                .sign_sites(std::mem::take(&mut out.desired), chrono::Utc::now());
+            // Compared outside the channel's lock (the engine is its only
+            // writer), so long-polls are not held up meanwhile.
+            let next = self.desired.borrow().next(signed);
+            (out, next)
         });
+        if let Some(next) = next {
+            self.desired.send_replace(Arc::new(next));
+        }
         let m = &self.ctx.metrics;
         m.recomputes.inc();
         m.agents.set(agents.len() as i64);
@@ -260,17 +278,6 @@ impl Engine {
                 };
                 m.job_destinations.get_or_create(&labels).set(i64::from(n));
             }
-        }
-        let signed = self
-            .signer
-            .lock()
-            .expect("lock poisoned")
-            .sign_sites(out.desired, chrono::Utc::now());
-        // Compared outside the channel's lock (the engine is its only
-        // writer), so long-polls are not held up meanwhile.
-        let next = self.desired.borrow().next(signed);
-        if let Some(next) = next {
-            self.desired.send_replace(Arc::new(next));
         }
         let approvals = self.approval_events(&agents);
         let failed = if self.leading.now() {

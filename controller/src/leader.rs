@@ -11,11 +11,12 @@
 //! without releasing it is replaced once the Lease expires
 //! (`--leader-election-lease-seconds`).
 //!
-//! A renewal that fails (a dropped connection, an API server too busy to
-//! answer in time) does not end leadership by itself: the leader reads the
-//! Lease, keeps leading while the Lease names it and has not expired, and
-//! keeps renewing; it stops leading only if no renewal lands before the
-//! Lease it last saw runs out (less a margin). Restarting the leader over
+//! The leader renews the Lease every third of its duration and reads it
+//! back before the last renewal it saw runs out: a renewal that fails (a
+//! dropped connection, an API server too busy to answer in time) does not
+//! end leadership by itself; the leader stops leading when the Lease names
+//! another, or when no renewal landed before the Lease it last saw runs
+//! out, less a sixth of it. Restarting the leader over
 //! one lost request would throw away its caches of every object — at
 //! 100,000 Agents, a reload that loads the API server when it is busiest.
 
@@ -85,8 +86,9 @@ fn held_until(lease: &Lease, identity: &str) -> Option<Timestamp> {
 }
 
 /// A leader's hold on the Lease as it last read it back: it leads while
-/// the Lease names it with more than `margin` left (room for the clocks of
-/// replicas to differ), whatever became of its renewal requests.
+/// the Lease names it with more than `margin` left (a sixth of the Lease:
+/// room for the clocks of replicas to differ), whatever became of its
+/// renewal requests.
 #[derive(Debug)]
 struct Hold {
     until: Timestamp,
@@ -115,8 +117,8 @@ impl Hold {
     }
 
     /// When to read the Lease back: a second before the margin after a
-    /// renewal (the next one, due a third of the Lease before it ends,
-    /// has landed by then), every [`POLL`] while it has not.
+    /// renewal (the next ones, due every third of the Lease, have landed
+    /// by then), every [`POLL`] while none has.
     fn due(&self, renewed: bool, now: Timestamp) -> Option<Duration> {
         let left = Duration::try_from(self.until.duration_since(now)).ok()?;
         let left = left.checked_sub(self.margin).filter(|d| !d.is_zero())?;
@@ -150,8 +152,12 @@ pub async fn elect(
     Leading,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
-    let grace = (lease_seconds / 3).max(1);
-    let margin = Duration::from_secs(grace) / 2;
+    // Renewed every third of the Lease (as client-go's leaders retry well
+    // within theirs): a renewal the API server is slow to take (seen for
+    // seconds while 100,000 Agents were being created) has two thirds of
+    // the Lease to land, less the margin.
+    let grace = (lease_seconds * 2 / 3).max(1);
+    let margin = Duration::from_secs(lease_seconds) / 6;
     let leases = kube::Api::<Lease>::namespaced(client.clone(), namespace);
     let identity_owned = identity.to_string();
     let manager = LeaseManagerBuilder::new(client, LEASE)
