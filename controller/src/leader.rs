@@ -142,8 +142,12 @@ async fn read(leases: &kube::Api<Lease>, within: Duration) -> Result<Option<Leas
 /// releases the Lease if held, so another replica takes over at once). A
 /// leader reads the Lease back before each renewal is due and stops
 /// leading if it no longer names it or no renewal landed in time.
+///
+/// The election runs on a thread of its own, with its own runtime and API
+/// client: however busy the controller's workers are (computing and signing
+/// for 100,000 agents, verifying a relay's batch of reports), its renewals
+/// are not held up behind them.
 pub async fn elect(
-    client: kube::Client,
     namespace: &str,
     identity: &str,
     lease_seconds: u64,
@@ -152,25 +156,91 @@ pub async fn elect(
     Leading,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
-    // Renewed every third of the Lease (as client-go's leaders retry well
-    // within theirs): a renewal the API server is slow to take (seen for
-    // seconds while 100,000 Agents were being created) has two thirds of
-    // the Lease to land, less the margin.
-    let grace = (lease_seconds * 2 / 3).max(1);
-    let margin = Duration::from_secs(lease_seconds) / 6;
-    let leases = kube::Api::<Lease>::namespaced(client.clone(), namespace);
-    let identity_owned = identity.to_string();
-    let manager = LeaseManagerBuilder::new(client, LEASE)
-        .with_namespace(namespace)
-        .with_identity(identity)
-        .with_duration(lease_seconds)
-        .with_grace(grace)
-        .with_field_manager(format!("caravan-leader-{identity}"))
-        .build()
-        .await?;
     let (tx, rx) = watch::channel(false);
+    let (started, on_start) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let (done, on_done) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let (namespace, identity) = (namespace.to_string(), identity.to_string());
+    std::thread::Builder::new()
+        .name("leader-election".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = started.send(Err(e.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let contender = match Contender::new(&namespace, &identity, lease_seconds).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(()));
+                let _ = done.send(contender.run(tx, shutdown).await);
+            });
+        })?;
+    on_start
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the election's thread ended")))?;
     let election = async move {
-        let identity = identity_owned;
+        on_done
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the election's thread ended")))
+    };
+    Ok((Leading(Some(rx)), election))
+}
+
+/// One replica's side of the election, on the election's own runtime.
+struct Contender {
+    manager: kube_lease_manager::LeaseManager,
+    leases: kube::Api<Lease>,
+    identity: String,
+    /// How long before the Lease ends the manager renews it.
+    grace: u64,
+    /// See [`Hold`].
+    margin: Duration,
+}
+
+impl Contender {
+    async fn new(namespace: &str, identity: &str, lease_seconds: u64) -> anyhow::Result<Self> {
+        let client = kube::Client::try_default().await?;
+        // Renewed every third of the Lease (as client-go's leaders retry
+        // well within theirs): a renewal the API server is slow to take has
+        // two thirds of the Lease to land, less the margin.
+        let grace = (lease_seconds * 2 / 3).max(1);
+        let manager = LeaseManagerBuilder::new(client.clone(), LEASE)
+            .with_namespace(namespace)
+            .with_identity(identity)
+            .with_duration(lease_seconds)
+            .with_grace(grace)
+            .with_field_manager(format!("caravan-leader-{identity}"))
+            .build()
+            .await?;
+        Ok(Self {
+            manager,
+            leases: kube::Api::namespaced(client, namespace),
+            identity: identity.to_string(),
+            grace,
+            margin: Duration::from_secs(lease_seconds) / 6,
+        })
+    }
+
+    /// Contends, and leads while it may, until `shutdown`; then releases
+    /// the Lease if held.
+    async fn run(self, tx: watch::Sender<bool>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            manager,
+            leases,
+            identity,
+            grace,
+            margin,
+        } = self;
         let mut hold: Option<(Hold, tokio::time::Instant)> = None;
         // Kept across reads of the Lease, so that they never cut a renewal
         // short.
@@ -230,8 +300,7 @@ pub async fn elect(
             Err(_) => tracing::warn!("releasing the Lease took too long"),
         }
         Ok(())
-    };
-    Ok((Leading(Some(rx)), election))
+    }
 }
 
 /// Runs `work` once this replica leads, and fails when it stops leading

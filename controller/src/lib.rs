@@ -307,7 +307,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .or_else(|| config.namespace.clone())
             .unwrap_or_else(|| "default".into());
         let (leading, election) = leader::elect(
-            ctx.client.clone(),
             &ns,
             &replica,
             config.leader_election_lease_seconds,
