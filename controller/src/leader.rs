@@ -16,9 +16,10 @@
 //! dropped connection, an API server too busy to answer in time) does not
 //! end leadership by itself; the leader stops leading when the Lease names
 //! another, or when no renewal landed before the Lease it last saw runs
-//! out, less a sixth of it. Restarting the leader over
-//! one lost request would throw away its caches of every object — at
-//! 100,000 Agents, a reload that loads the API server when it is busiest.
+//! out, less a sixth of it. Restarting the leader over one lost request
+//! would throw away its caches of every object — at 100,000 Agents, a
+//! reload that loads the API server when it is busiest. The election runs
+//! on a thread of its own (see [`elect`]).
 
 use std::time::Duration;
 
@@ -116,12 +117,19 @@ impl Hold {
         self.due(renewed.is_some(), now)
     }
 
+    /// How long this replica may lead on from `now` unless it sees a
+    /// renewal.
+    fn left(&self, now: Timestamp) -> Duration {
+        Duration::try_from(self.until.duration_since(now))
+            .unwrap_or_default()
+            .saturating_sub(self.margin)
+    }
+
     /// When to read the Lease back: a second before the margin after a
     /// renewal (the next ones, due every third of the Lease, have landed
     /// by then), every [`POLL`] while none has.
     fn due(&self, renewed: bool, now: Timestamp) -> Option<Duration> {
-        let left = Duration::try_from(self.until.duration_since(now)).ok()?;
-        let left = left.checked_sub(self.margin).filter(|d| !d.is_zero())?;
+        let left = Some(self.left(now)).filter(|d| !d.is_zero())?;
         Some(match renewed {
             true => left.saturating_sub(Duration::from_secs(1)).max(POLL),
             false => POLL.min(left),
@@ -129,10 +137,15 @@ impl Hold {
     }
 }
 
-/// The Lease as the API server has it, if it answers in time.
+/// The Lease as the API server's cache has it (resourceVersion 0), if it
+/// answers `within`. Under load a quorum read took seconds; a Lease seen a
+/// little late shows an earlier renewal, which only makes the leader stop
+/// sooner.
 async fn read(leases: &kube::Api<Lease>, within: Duration) -> Result<Option<Lease>, ()> {
-    match tokio::time::timeout(within, leases.get_opt(LEASE)).await {
-        Ok(Ok(lease)) => Ok(lease),
+    let cached = kube::api::GetParams::any();
+    match tokio::time::timeout(within, leases.get_with(LEASE, &cached)).await {
+        Ok(Ok(lease)) => Ok(Some(lease)),
+        Ok(Err(kube::Error::Api(e))) if e.code == 404 => Ok(None),
         _ => Err(()),
     }
 }
@@ -277,7 +290,13 @@ impl Contender {
                     }
                 },
                 () = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
-                    let lease = read(&leases, margin / 2).await;
+                    // A read may take until this replica must stop anyway.
+                    let within = hold.as_ref().map_or(POLL, |(h, _)| h.left(Timestamp::now()).max(POLL));
+                    let lease = read(&leases, within).await;
+                    tracing::debug!(
+                        read = ?lease.as_ref().map(|l| l.as_ref().and_then(|l| held_until(l, &identity))),
+                        "the Lease read back"
+                    );
                     let Some((h, _)) = hold.as_mut() else { continue };
                     match h.next(lease.as_ref().map(Option::as_ref).map_err(|_| ()), &identity, Timestamp::now()) {
                         Some(next) => hold.as_mut().expect("held").1 = tokio::time::Instant::now() + next,

@@ -283,7 +283,11 @@ impl Caravan {
             .context("no upload token")?;
         env.extend([
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
-            ("RUST_LOG".to_string(), "info,kube=error".to_string()),
+            (
+                "RUST_LOG".to_string(),
+                std::env::var("CARAVAN_CONTROLLER_LOG")
+                    .unwrap_or_else(|_| "info,kube=error".to_string()),
+            ),
         ]);
         let controller = spawn_controller("controller", &args, &env, &dir, &api_url).await?;
         // Agents are pinned to the controller's root, as an operator would pin them.
