@@ -94,6 +94,8 @@ fn held_until(lease: &Lease, identity: &str) -> Option<Timestamp> {
 struct Hold {
     until: Timestamp,
     margin: Duration,
+    /// How often the Lease is renewed.
+    every: Duration,
 }
 
 impl Hold {
@@ -125,13 +127,13 @@ impl Hold {
             .saturating_sub(self.margin)
     }
 
-    /// When to read the Lease back: a second before the margin after a
-    /// renewal (the next ones, due every third of the Lease, have landed
-    /// by then), every [`POLL`] while none has.
+    /// When to read the Lease back: just after the next renewal is due
+    /// (so that a read slow to answer has the rest of the Lease, less the
+    /// margin, to do so), every [`POLL`] while no renewal shows.
     fn due(&self, renewed: bool, now: Timestamp) -> Option<Duration> {
         let left = Some(self.left(now)).filter(|d| !d.is_zero())?;
         Some(match renewed {
-            true => left.saturating_sub(Duration::from_secs(1)).max(POLL),
+            true => (self.every + Duration::from_millis(500)).min(left),
             false => POLL.min(left),
         })
     }
@@ -218,6 +220,8 @@ struct Contender {
     grace: u64,
     /// See [`Hold`].
     margin: Duration,
+    /// How often the manager renews the Lease.
+    every: Duration,
 }
 
 impl Contender {
@@ -241,6 +245,7 @@ impl Contender {
             identity: identity.to_string(),
             grace,
             margin: Duration::from_secs(lease_seconds) / 6,
+            every: Duration::from_secs(lease_seconds - grace),
         })
     }
 
@@ -253,6 +258,7 @@ impl Contender {
             identity,
             grace,
             margin,
+            every,
         } = self;
         let mut hold: Option<(Hold, tokio::time::Instant)> = None;
         // Kept across reads of the Lease, so that they never cut a renewal
@@ -273,7 +279,11 @@ impl Contender {
                             let until = lease.and_then(|l| held_until(&l, &identity)).unwrap_or_else(|| {
                                 now + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64)
                             });
-                            let h = Hold { until, margin };
+                            let h = Hold {
+                                until,
+                                margin,
+                                every,
+                            };
                             // (Read back soon if it already looks too late.)
                             let next = h.due(true, now).unwrap_or(POLL);
                             hold = Some((h, tokio::time::Instant::now() + next));
@@ -389,32 +399,34 @@ mod tests {
     #[test]
     fn a_leader_leads_while_the_lease_read_back_names_it_and_stops_a_margin_before_it_ends() {
         let at = |s: i64| Timestamp::from_second(s).unwrap();
-        let margin = Duration::from_millis(2500);
-        // Taken at 0 for 15 s: read back a second before the margin.
+        // A 15 s Lease renewed every 5 s, a margin of 2.5 s.
         let mut hold = Hold {
             until: at(15),
-            margin,
+            margin: Duration::from_millis(2500),
+            every: Duration::from_secs(5),
         };
-        assert_eq!(hold.due(true, at(0)), Some(Duration::from_millis(11_500)));
-        // Renewed at 10 (due a third before the end): read again 1 s
-        // before the new margin.
-        let renewed = lease("me", at(10), 15);
+        // Taken at 0: read back just after the next renewal is due.
+        assert_eq!(hold.due(true, at(0)), Some(Duration::from_millis(5500)));
+        // It shows: read again after the next.
+        let renewed = lease("me", at(5), 15);
         assert_eq!(
-            hold.next(Ok(Some(&renewed)), "me", at(11)),
-            Some(Duration::from_millis(10_500))
+            hold.next(Ok(Some(&renewed)), "me", at(6)),
+            Some(Duration::from_millis(5500))
         );
-        assert_eq!(hold.until, at(25));
-        // The renewal due at 20 fails and so does a read: poll while time
-        // is left, stop at the margin (22.5) whatever the reads say.
-        assert_eq!(hold.next(Err(()), "me", at(21)), Some(POLL));
-        assert_eq!(hold.next(Ok(Some(&renewed)), "me", at(22)), Some(POLL));
-        assert_eq!(hold.next(Err(()), "me", at(23)), None);
-        // A renewal that lands late, before the margin, keeps it leading.
-        let late = lease("me", at(22), 15);
+        assert_eq!(hold.until, at(20));
+        // The renewals due at 10 and 15 fail and so do reads: poll while
+        // time is left, stop at the margin (17.5) whatever the reads say.
+        assert_eq!(hold.next(Err(()), "me", at(12)), Some(POLL));
+        assert_eq!(hold.next(Ok(Some(&renewed)), "me", at(17)), Some(POLL));
+        assert_eq!(hold.next(Err(()), "me", at(18)), None);
+        // A renewal that lands late, before the margin, keeps it leading,
+        // read back at the latest at the new margin.
+        let late = lease("me", at(17), 15);
         assert_eq!(
-            hold.next(Ok(Some(&late)), "me", at(22)),
-            Some(Duration::from_millis(11_500))
+            hold.next(Ok(Some(&late)), "me", at(17)),
+            Some(Duration::from_millis(5500))
         );
+        assert_eq!(hold.left(at(29)), Duration::from_millis(500));
         // The Lease held by another, or gone: stop at once.
         let taken = lease("other", at(30), 15);
         assert_eq!(hold.next(Ok(Some(&taken)), "me", at(31)), None);
