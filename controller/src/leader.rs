@@ -99,24 +99,17 @@ struct Hold {
 }
 
 impl Hold {
-    /// After reading the Lease back at `now` (`Err`: the read failed):
-    /// how long until the next read, or `None` to stop leading (another
-    /// holds it, or no renewal landed before the margin).
-    fn next(
-        &mut self,
-        read: Result<Option<&Lease>, ()>,
-        identity: &str,
-        now: Timestamp,
-    ) -> Option<Duration> {
-        let renewed = match read {
-            Ok(lease) => Some(lease.and_then(|l| held_until(l, identity))?)
-                .filter(|until| *until > self.until),
-            Err(()) => None,
+    /// Takes what a read of the Lease found (`Err`: the read failed):
+    /// whether it shows a renewal not seen before, or `None` if the Lease
+    /// is gone or names another.
+    fn seen(&mut self, read: Result<Option<&Lease>, ()>, identity: &str) -> Option<bool> {
+        let Ok(lease) = read else {
+            return Some(false);
         };
-        if let Some(until) = renewed {
-            self.until = until;
-        }
-        self.due(renewed.is_some(), now)
+        let until = held_until(lease?, identity)?;
+        let renewed = until > self.until;
+        self.until = self.until.max(until);
+        Some(renewed)
     }
 
     /// How long this replica may lead on from `now` unless it sees a
@@ -127,15 +120,13 @@ impl Hold {
             .saturating_sub(self.margin)
     }
 
-    /// When to read the Lease back: just after the next renewal is due
-    /// (so that a read slow to answer has the rest of the Lease, less the
-    /// margin, to do so), every [`POLL`] while no renewal shows.
-    fn due(&self, renewed: bool, now: Timestamp) -> Option<Duration> {
-        let left = Some(self.left(now)).filter(|d| !d.is_zero())?;
-        Some(match renewed {
-            true => (self.every + Duration::from_millis(500)).min(left),
-            false => POLL.min(left),
-        })
+    /// How long after a read to read again: half the renewal interval
+    /// after one that showed a renewal, [`POLL`] after one that did not.
+    fn next_read(&self, renewed: bool) -> Duration {
+        match renewed {
+            true => self.every / 2,
+            false => POLL,
+        }
     }
 }
 
@@ -260,62 +251,67 @@ impl Contender {
             margin,
             every,
         } = self;
-        let mut hold: Option<(Hold, tokio::time::Instant)> = None;
-        // Kept across reads of the Lease, so that they never cut a renewal
-        // short.
+        let mut hold: Option<Hold> = None;
+        // The next read of the Lease, and the one under way: reads run
+        // beside the renewals and may take as long as the API server
+        // takes; only the margin decides.
+        let mut read_at = tokio::time::Instant::now();
+        let mut reading: Option<futures::future::BoxFuture<'_, Result<Option<Lease>, ()>>> = None;
+        // Kept across the loop, so that nothing cuts a renewal short.
         let mut changes = Box::pin(manager.changed());
         loop {
-            let read_at = hold.as_ref().map(|(_, at)| *at);
+            let stop_at = hold
+                .as_ref()
+                .map(|h| tokio::time::Instant::now() + h.left(Timestamp::now()));
             tokio::select! {
-                changed = &mut changes => match changed {
-                    Ok(leads) => {
-                        tracing::info!(leading = leads, lease = LEASE, "leadership changed");
-                        hold = None;
-                        if leads {
-                            // Just taken: held for the Lease's duration, or
-                            // at least its last third.
-                            let now = Timestamp::now();
-                            let lease = read(&leases, margin).await.ok().flatten();
-                            let until = lease.and_then(|l| held_until(&l, &identity)).unwrap_or_else(|| {
-                                now + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64)
-                            });
-                            let h = Hold {
-                                until,
+                changed = &mut changes => {
+                    changes.set(manager.changed());
+                    match changed {
+                        Ok(leads) => {
+                            tracing::info!(leading = leads, lease = LEASE, "leadership changed");
+                            // Just taken: held at least for the time the
+                            // renewal grace leaves, until a read shows more.
+                            hold = leads.then(|| Hold {
+                                until: Timestamp::now()
+                                    + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64),
                                 margin,
                                 every,
-                            };
-                            // (Read back soon if it already looks too late.)
-                            let next = h.due(true, now).unwrap_or(POLL);
-                            hold = Some((h, tokio::time::Instant::now() + next));
+                            });
+                            read_at = tokio::time::Instant::now();
+                            tx.send_replace(leads);
                         }
-                        tx.send_replace(hold.is_some());
-                        changes.set(manager.changed());
-                    }
-                    Err(e) => {
-                        // A renewal failed (the manager tries again): the
-                        // Lease read back decides whether this replica leads.
-                        tracing::warn!(error = %e, lease = LEASE, leading = *tx.borrow(), "leader election");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        changes.set(manager.changed());
+                        Err(e) => {
+                            // A renewal failed (the manager tries again):
+                            // the Lease read back decides whether this
+                            // replica leads.
+                            tracing::warn!(error = %e, lease = LEASE, leading = *tx.borrow(), "leader election");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
                 },
-                () = tokio::time::sleep_until(read_at.unwrap_or_else(tokio::time::Instant::now)), if read_at.is_some() => {
-                    // A read may take until this replica must stop anyway.
-                    let within = hold.as_ref().map_or(POLL, |(h, _)| h.left(Timestamp::now()).max(POLL));
-                    let lease = read(&leases, within).await;
-                    tracing::debug!(
-                        read = ?lease.as_ref().map(|l| l.as_ref().and_then(|l| held_until(l, &identity))),
-                        "the Lease read back"
-                    );
-                    let Some((h, _)) = hold.as_mut() else { continue };
-                    match h.next(lease.as_ref().map(Option::as_ref).map_err(|_| ()), &identity, Timestamp::now()) {
-                        Some(next) => hold.as_mut().expect("held").1 = tokio::time::Instant::now() + next,
+                () = tokio::time::sleep_until(read_at), if hold.is_some() && reading.is_none() => {
+                    reading = Some(Box::pin(read(&leases, every)));
+                }
+                lease = async { reading.as_mut().expect("reading").await }, if reading.is_some() => {
+                    reading = None;
+                    let Some(h) = hold.as_mut() else { continue };
+                    match h.seen(lease.as_ref().map(Option::as_ref).map_err(|_| ()), &identity) {
+                        Some(renewed) => {
+                            tracing::debug!(until = %h.until, renewed, "the Lease read back");
+                            read_at = tokio::time::Instant::now() + h.next_read(renewed);
+                        }
                         None => {
-                            tracing::error!(lease = LEASE, until = %h.until, "the Lease was not renewed in time or is held by another: no longer leading");
+                            tracing::error!(lease = LEASE, "the Lease names another replica: no longer leading");
                             hold = None;
                             tx.send_replace(false);
                         }
                     }
+                }
+                () = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() => {
+                    tracing::error!(lease = LEASE, until = %hold.as_ref().map(|h| h.until).unwrap_or_default(), "no renewal of the Lease seen before its margin: no longer leading");
+                    hold = None;
+                    reading = None;
+                    tx.send_replace(false);
                 }
                 () = shutdown.cancelled() => break,
             }
@@ -405,31 +401,30 @@ mod tests {
             margin: Duration::from_millis(2500),
             every: Duration::from_secs(5),
         };
-        // Taken at 0: read back just after the next renewal is due.
-        assert_eq!(hold.due(true, at(0)), Some(Duration::from_millis(5500)));
-        // It shows: read again after the next.
+        assert_eq!(hold.left(at(0)), Duration::from_millis(12_500));
+        // A read showing a renewal extends the hold; read again half a
+        // renewal later.
         let renewed = lease("me", at(5), 15);
+        assert_eq!(hold.seen(Ok(Some(&renewed)), "me"), Some(true));
+        assert_eq!(hold.until, at(20));
+        assert_eq!(hold.next_read(true), Duration::from_millis(2500));
+        // Reads that fail, or show no later renewal (or an earlier one,
+        // from a lagging cache), leave it as it is: poll; the hold runs out
+        // at the margin whatever they say.
+        assert_eq!(hold.seen(Err(()), "me"), Some(false));
+        assert_eq!(hold.seen(Ok(Some(&renewed)), "me"), Some(false));
         assert_eq!(
-            hold.next(Ok(Some(&renewed)), "me", at(6)),
-            Some(Duration::from_millis(5500))
+            hold.seen(Ok(Some(&lease("me", at(1), 15))), "me"),
+            Some(false)
         );
         assert_eq!(hold.until, at(20));
-        // The renewals due at 10 and 15 fail and so do reads: poll while
-        // time is left, stop at the margin (17.5) whatever the reads say.
-        assert_eq!(hold.next(Err(()), "me", at(12)), Some(POLL));
-        assert_eq!(hold.next(Ok(Some(&renewed)), "me", at(17)), Some(POLL));
-        assert_eq!(hold.next(Err(()), "me", at(18)), None);
-        // A renewal that lands late, before the margin, keeps it leading,
-        // read back at the latest at the new margin.
-        let late = lease("me", at(17), 15);
-        assert_eq!(
-            hold.next(Ok(Some(&late)), "me", at(17)),
-            Some(Duration::from_millis(5500))
-        );
-        assert_eq!(hold.left(at(29)), Duration::from_millis(500));
+        assert_eq!(hold.next_read(false), POLL);
+        assert_eq!(hold.left(at(17)), Duration::from_millis(500));
+        assert_eq!(hold.left(at(18)), Duration::ZERO);
+        assert_eq!(hold.left(at(30)), Duration::ZERO);
         // The Lease held by another, or gone: stop at once.
         let taken = lease("other", at(30), 15);
-        assert_eq!(hold.next(Ok(Some(&taken)), "me", at(31)), None);
-        assert_eq!(hold.next(Ok(None), "me", at(31)), None);
+        assert_eq!(hold.seen(Ok(Some(&taken)), "me"), None);
+        assert_eq!(hold.seen(Ok(None), "me"), None);
     }
 }
