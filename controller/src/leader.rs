@@ -12,7 +12,8 @@
 //! (`--leader-election-lease-seconds`).
 //!
 //! The leader renews the Lease every third of its duration and reads it
-//! back before the last renewal it saw runs out: a renewal that fails (a
+//! back (it leads from the first read that shows the Lease as its own, so
+//! that its hold is the renewal's, not a guess): a renewal that fails (a
 //! dropped connection, an API server too busy to answer in time) does not
 //! end leadership by itself; the leader stops leading when the Lease names
 //! another, or when no renewal landed before the Lease it last saw runs
@@ -92,7 +93,10 @@ fn held_until(lease: &Lease, identity: &str) -> Option<Timestamp> {
 /// renewal requests.
 #[derive(Debug)]
 struct Hold {
-    until: Timestamp,
+    /// `None` until a read shows the Lease as this replica's: only then
+    /// does it lead (the acquisition's own renewTime, stamped before its
+    /// requests, is all the Lease is good for).
+    until: Option<Timestamp>,
     margin: Duration,
     /// How often the Lease is renewed.
     every: Duration,
@@ -100,24 +104,34 @@ struct Hold {
 
 impl Hold {
     /// Takes what a read of the Lease found (`Err`: the read failed):
-    /// whether it shows a renewal not seen before, or `None` if the Lease
-    /// is gone or names another.
+    /// whether it shows a renewal not seen before (the first that names
+    /// this replica included), or `None` if a Lease seen as this replica's
+    /// is gone or names another. (Before that, a cache that still shows the
+    /// Lease as it was before the acquisition is only not caught up.)
     fn seen(&mut self, read: Result<Option<&Lease>, ()>, identity: &str) -> Option<bool> {
         let Ok(lease) = read else {
             return Some(false);
         };
-        let until = held_until(lease?, identity)?;
-        let renewed = until > self.until;
-        self.until = self.until.max(until);
+        let Some(until) = lease.and_then(|l| held_until(l, identity)) else {
+            return match self.until {
+                Some(_) => None,
+                None => Some(false),
+            };
+        };
+        let renewed = self.until.is_none_or(|u| until > u);
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
         Some(renewed)
     }
 
     /// How long this replica may lead on from `now` unless it sees a
-    /// renewal.
-    fn left(&self, now: Timestamp) -> Duration {
-        Duration::try_from(self.until.duration_since(now))
-            .unwrap_or_default()
-            .saturating_sub(self.margin)
+    /// renewal (`None` while no read has shown the Lease as its own).
+    fn left(&self, now: Timestamp) -> Option<Duration> {
+        let until = self.until?;
+        Some(
+            Duration::try_from(until.duration_since(now))
+                .unwrap_or_default()
+                .saturating_sub(self.margin),
+        )
     }
 
     /// How long after a read to read again: half the renewal interval
@@ -207,8 +221,6 @@ struct Contender {
     manager: kube_lease_manager::LeaseManager,
     leases: kube::Api<Lease>,
     identity: String,
-    /// How long before the Lease ends the manager renews it.
-    grace: u64,
     /// See [`Hold`].
     margin: Duration,
     /// How often the manager renews the Lease.
@@ -234,7 +246,6 @@ impl Contender {
             manager,
             leases: kube::Api::namespaced(client, namespace),
             identity: identity.to_string(),
-            grace,
             margin: Duration::from_secs(lease_seconds) / 6,
             every: Duration::from_secs(lease_seconds - grace),
         })
@@ -247,7 +258,6 @@ impl Contender {
             manager,
             leases,
             identity,
-            grace,
             margin,
             every,
         } = self;
@@ -258,47 +268,62 @@ impl Contender {
         let mut read_at = tokio::time::Instant::now();
         let mut reading: Option<futures::future::BoxFuture<'_, Result<Option<Lease>, ()>>> = None;
         // Kept across the loop, so that nothing cuts a renewal short.
-        let mut changes = Box::pin(manager.changed());
+        let mut changes: futures::future::BoxFuture<'_, kube_lease_manager::Result<bool>> =
+            Box::pin(manager.changed());
         loop {
             let stop_at = hold
                 .as_ref()
-                .map(|h| tokio::time::Instant::now() + h.left(Timestamp::now()));
+                .and_then(|h| h.left(Timestamp::now()))
+                .map(|left| tokio::time::Instant::now() + left);
             tokio::select! {
-                changed = &mut changes => {
-                    changes.set(manager.changed());
-                    match changed {
-                        Ok(leads) => {
-                            tracing::info!(leading = leads, lease = LEASE, "leadership changed");
-                            // Just taken: held at least for the time the
-                            // renewal grace leaves, until a read shows more.
-                            hold = leads.then(|| Hold {
-                                until: Timestamp::now()
-                                    + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64),
-                                margin,
-                                every,
-                            });
-                            read_at = tokio::time::Instant::now();
-                            tx.send_replace(leads);
-                        }
-                        Err(e) => {
-                            // A renewal failed (the manager tries again):
-                            // the Lease read back decides whether this
-                            // replica leads.
-                            tracing::warn!(error = %e, lease = LEASE, leading = *tx.borrow(), "leader election");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                // The margin first: nothing read late extends a hold that
+                // ran out.
+                biased;
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() => {
+                    tracing::error!(lease = LEASE, until = ?hold.as_ref().and_then(|h| h.until), "no renewal of the Lease seen before its margin: no longer leading");
+                    hold = None;
+                    reading = None;
+                    tx.send_replace(false);
+                }
+                changed = &mut changes => match changed {
+                    Ok(leads) => {
+                        tracing::info!(leading = leads, lease = LEASE, "the Lease changed hands");
+                        changes = Box::pin(manager.changed());
+                        // Taken: leading once a read shows it so.
+                        hold = leads.then_some(Hold {
+                            until: None,
+                            margin,
+                            every,
+                        });
+                        read_at = tokio::time::Instant::now();
+                        if !leads {
+                            tx.send_replace(false);
                         }
                     }
+                    Err(e) => {
+                        // A renewal failed: the manager tries again in a
+                        // second; the Lease read back decides whether this
+                        // replica leads meanwhile.
+                        tracing::warn!(error = %e, lease = LEASE, leading = *tx.borrow(), "leader election");
+                        changes = Box::pin(async {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            manager.changed().await
+                        });
+                    }
                 },
-                () = tokio::time::sleep_until(read_at), if hold.is_some() && reading.is_none() => {
-                    reading = Some(Box::pin(read(&leases, every)));
-                }
                 lease = async { reading.as_mut().expect("reading").await }, if reading.is_some() => {
                     reading = None;
                     let Some(h) = hold.as_mut() else { continue };
+                    let confirmed = h.until.is_some();
                     match h.seen(lease.as_ref().map(Option::as_ref).map_err(|_| ()), &identity) {
                         Some(renewed) => {
-                            tracing::debug!(until = %h.until, renewed, "the Lease read back");
+                            tracing::debug!(until = ?h.until, renewed, "the Lease read back");
                             read_at = tokio::time::Instant::now() + h.next_read(renewed);
+                            if !confirmed && h.until.is_some() {
+                                tracing::info!(lease = LEASE, "leading");
+                                tx.send_replace(true);
+                            }
                         }
                         None => {
                             tracing::error!(lease = LEASE, "the Lease names another replica: no longer leading");
@@ -307,13 +332,9 @@ impl Contender {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() => {
-                    tracing::error!(lease = LEASE, until = %hold.as_ref().map(|h| h.until).unwrap_or_default(), "no renewal of the Lease seen before its margin: no longer leading");
-                    hold = None;
-                    reading = None;
-                    tx.send_replace(false);
+                () = tokio::time::sleep_until(read_at), if hold.is_some() && reading.is_none() => {
+                    reading = Some(Box::pin(read(&leases, every)));
                 }
-                () = shutdown.cancelled() => break,
             }
         }
         // Nothing more is written as leader from here on.
@@ -395,18 +416,33 @@ mod tests {
     #[test]
     fn a_leader_leads_while_the_lease_read_back_names_it_and_stops_a_margin_before_it_ends() {
         let at = |s: i64| Timestamp::from_second(s).unwrap();
-        // A 15 s Lease renewed every 5 s, a margin of 2.5 s.
+        // A 15 s Lease renewed every 5 s, a margin of 2.5 s, just taken.
         let mut hold = Hold {
-            until: at(15),
+            until: None,
             margin: Duration::from_millis(2500),
             every: Duration::from_secs(5),
         };
-        assert_eq!(hold.left(at(0)), Duration::from_millis(12_500));
+        // It leads only once a read shows the Lease as its own; before,
+        // a cache still showing the previous holder, or none, is only
+        // behind, and a failed read is no answer.
+        assert_eq!(hold.left(at(0)), None);
+        let before = lease("other", at(-20), 15);
+        assert_eq!(hold.seen(Ok(Some(&before)), "me"), Some(false));
+        assert_eq!(hold.seen(Ok(None), "me"), Some(false));
+        assert_eq!(hold.seen(Err(()), "me"), Some(false));
+        assert_eq!(hold.left(at(0)), None);
+        // The acquisition's renewal (at 0) read back: held until 15, led
+        // until the margin.
+        assert_eq!(
+            hold.seen(Ok(Some(&lease("me", at(0), 15))), "me"),
+            Some(true)
+        );
+        assert_eq!(hold.left(at(1)), Some(Duration::from_millis(11_500)));
         // A read showing a renewal extends the hold; read again half a
         // renewal later.
         let renewed = lease("me", at(5), 15);
         assert_eq!(hold.seen(Ok(Some(&renewed)), "me"), Some(true));
-        assert_eq!(hold.until, at(20));
+        assert_eq!(hold.until, Some(at(20)));
         assert_eq!(hold.next_read(true), Duration::from_millis(2500));
         // Reads that fail, or show no later renewal (or an earlier one,
         // from a lagging cache), leave it as it is: poll; the hold runs out
@@ -417,12 +453,12 @@ mod tests {
             hold.seen(Ok(Some(&lease("me", at(1), 15))), "me"),
             Some(false)
         );
-        assert_eq!(hold.until, at(20));
+        assert_eq!(hold.until, Some(at(20)));
         assert_eq!(hold.next_read(false), POLL);
-        assert_eq!(hold.left(at(17)), Duration::from_millis(500));
-        assert_eq!(hold.left(at(18)), Duration::ZERO);
-        assert_eq!(hold.left(at(30)), Duration::ZERO);
-        // The Lease held by another, or gone: stop at once.
+        assert_eq!(hold.left(at(17)), Some(Duration::from_millis(500)));
+        assert_eq!(hold.left(at(18)), Some(Duration::ZERO));
+        assert_eq!(hold.left(at(30)), Some(Duration::ZERO));
+        // Once its own, the Lease held by another, or gone: stop at once.
         let taken = lease("other", at(30), 15);
         assert_eq!(hold.seen(Ok(Some(&taken)), "me"), None);
         assert_eq!(hold.seen(Ok(None), "me"), None);
