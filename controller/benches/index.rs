@@ -120,7 +120,9 @@ fn main() -> anyhow::Result<()> {
         served: DesiredIndex::default(),
     };
 
+    let rss_fleet = rss_mib();
     let mut rows = vec![("first computation", engine.compute(&fleet))];
+    let rss_index = rss_mib();
     rows.push(("nothing changed", engine.compute(&fleet)));
     // A job for one agent.
     let mut jobs = fleet.jobs.clone();
@@ -154,5 +156,21 @@ fn main() -> anyhow::Result<()> {
             s.changed
         );
     }
+    println!(
+        "\nRSS: {rss_fleet:.0} MiB with the caches, {rss_index:.0} MiB with the index served too ({:.1} KiB per agent)",
+        (rss_index - rss_fleet) * 1024.0 / agents as f64
+    );
     Ok(())
+}
+
+/// This process's resident memory.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -327,6 +327,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stores: stores.clone(),
         polls: caravan_net::server::PollSlots::new(server::POLLS_PER_SITE),
         whole_answers: tokio::sync::Semaphore::new(server::WHOLE_ANSWERS),
+        status_writes: tokio::sync::Semaphore::new(server::STATUS_WRITES),
         enrollments: server::enroll::limiter(config.enrollments_per_second),
         git_syncs,
         hooks: Default::default(),

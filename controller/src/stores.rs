@@ -11,7 +11,7 @@ use kube::{
         reflector::{self, store::Writer, Store},
         watcher, WatchStreamExt,
     },
-    Resource,
+    Resource, ResourceExt,
 };
 
 use crate::context::Context;
@@ -98,6 +98,9 @@ where
 {
     watcher(ctx.all::<K>(), watcher::Config::default())
         .default_backoff()
+        // Nothing reads who set which field from the caches, and it is most
+        // of a cached Agent's memory (every status field, per manager).
+        .modify(|obj| obj.managed_fields_mut().clear())
         .reflect(writer)
         .filter_map(|event| async move {
             match event {

@@ -33,6 +33,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The process id of `name` (`etcd`, `kube-apiserver`), where this
+    /// cluster started its own.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self._procs.iter().find(|p| p.name == name).map(Proc::pid)
+    }
+
     /// Starts etcd and kube-apiserver under `dir`, or uses `CARAVAN_TEST_KUBECONFIG`.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         if let Ok(path) = std::env::var("CARAVAN_TEST_KUBECONFIG") {

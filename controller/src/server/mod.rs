@@ -58,7 +58,16 @@ pub struct ServerState {
     /// [`WHOLE_ANSWERS`]): each is every agent's document of a site, made
     /// for the request (nothing is kept serialized).
     pub whole_answers: tokio::sync::Semaphore,
+    /// Agent status writes in flight, from every relay's report batches
+    /// together (at most [`STATUS_WRITES`]).
+    pub status_writes: tokio::sync::Semaphore,
 }
+
+/// Most Agent status writes in flight at once, whatever the number of
+/// relays reporting. Each waits for etcd's commit: beyond what etcd
+/// commits at once, more in flight only lengthens the queue in which
+/// everything else (the leader's Lease renewals among them) waits.
+pub const STATUS_WRITES: usize = 16;
 
 /// Most whole site desired states serialized at once; a relay asking for
 /// one beyond that is told to ask again (503).

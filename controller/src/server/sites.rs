@@ -33,9 +33,6 @@ use kube::{
 use super::{AppState, RelaySite};
 use crate::{field_managers, status_patch};
 
-/// Status writes of one report batch in flight at once.
-const REPORT_WRITES_IN_FLIGHT: usize = 16;
-
 /// Largest report batch accepted (a relay sends at most `MAX_REPORT_BATCH` reports).
 pub const REPORTS_BODY_LIMIT: usize = 32 << 20;
 
@@ -189,6 +186,10 @@ pub async fn reports(
     let (s, ns, site) = (&s, &ns, &site);
     let retry: usize = futures::stream::iter(by_agent)
         .map(|(name, envelopes)| async move {
+            // A slot among every relay's status writes (see `STATUS_WRITES`).
+            let Ok(_slot) = s.status_writes.acquire().await else {
+                return envelopes.len();
+            };
             let mut retry = 0;
             for envelope in &envelopes {
                 if let Outcome::Retry = report(s, ns, site, &name, envelope).await {
@@ -197,7 +198,7 @@ pub async fn reports(
             }
             retry
         })
-        .buffer_unordered(REPORT_WRITES_IN_FLIGHT)
+        .buffer_unordered(super::STATUS_WRITES)
         .fold(0, |sum, n| std::future::ready(sum + n))
         .await;
     match retry {

@@ -47,7 +47,7 @@ use caravan_api::{
     },
 };
 use caravan_tests::{
-    caravan::{READ_VERBS, WRITE_VERBS},
+    caravan::{Options, READ_VERBS, WRITE_VERBS},
     procs::memory_mib,
     Caravan,
 };
@@ -220,7 +220,14 @@ async fn generate(relay: &str, first: usize, count: usize, b: Behaviour) -> anyh
     // The controller's roots, pinned on first sight (as an agent without a
     // pin in its enrollment bundle does).
     let (name, _) = identity(first);
-    let chain: Vec<Envelope> = reqwest::Client::new()
+    // One client for all: each request in flight has a connection of its
+    // own (as each agent has), without a TLS configuration and pool per
+    // agent (tens of KiB each).
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(caravan_net::IDLE_CONNECTION)
+        .timeout(Duration::from_secs(b.wait + 60))
+        .build()?;
+    let chain: Vec<Envelope> = http
         .get(format!("{relay}{}", paths::ROOTS))
         .bearer_auth(token(&name))
         .send()
@@ -238,11 +245,7 @@ async fn generate(relay: &str, first: usize, count: usize, b: Behaviour) -> anyh
             token: token(&name),
             name,
             key,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .pool_idle_timeout(caravan_net::IDLE_CONNECTION)
-                .timeout(Duration::from_secs(b.wait + 60))
-                .build()?,
+            http: http.clone(),
             relay: relay.to_string(),
             root: root.clone(),
             fails,
@@ -474,7 +477,11 @@ enum Said {
 
 async fn bench(layout: Layout, processes: usize, b: Behaviour) -> anyhow::Result<()> {
     let agents = layout.agents;
-    let mut c = Caravan::start("bench").await?;
+    let options = Options {
+        default_lease: true,
+        ..Default::default()
+    };
+    let mut c = Caravan::start_with("bench", options).await?;
     let repo = c.seed_example_fleet().await?;
     // The sites, each with the relay replicas its agents need.
     let hq = std::fs::read_to_string(repo.work.join("fleet/site.yaml"))?;
@@ -660,6 +667,10 @@ async fn bench(layout: Layout, processes: usize, b: Behaviour) -> anyhow::Result
         .and_then(|db| std::fs::metadata(db).ok())
         .map_or(0.0, |m| m.len() as f64 / (1 << 20) as f64);
     let rss_after = memory_mib(c.controller.pid(), "VmRSS");
+    let rss_peak = memory_mib(c.controller.pid(), "VmHWM");
+    let (api_rss, api_peak) = c.cluster.pid("kube-apiserver").map_or((0.0, 0.0), |pid| {
+        (memory_mib(pid, "VmRSS"), memory_mib(pid, "VmHWM"))
+    });
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let kib_per = |mib: f64| mib * 1024.0 / agents as f64;
@@ -690,10 +701,10 @@ async fn bench(layout: Layout, processes: usize, b: Behaviour) -> anyhow::Result
         delta(&|_| true),
     );
     println!(
-        "\n| relays RSS MiB (KiB per agent) | controller RSS MiB before → after the job | generators RSS MiB (KiB per agent) | etcd MiB |\n|---:|---:|---:|---:|"
+        "\n| relays RSS MiB (KiB per agent) | controller RSS MiB before → after the job (peak) | API server RSS MiB (peak) | generators RSS MiB (KiB per agent) | etcd MiB |\n|---:|---:|---:|---:|---:|"
     );
     println!(
-        "| {relays_rss:.0} ({:.1}) | {rss_before:.0} → {rss_after:.0} | {generators_rss:.0} ({:.1}) | {etcd_mib:.0} |",
+        "| {relays_rss:.0} ({:.1}) | {rss_before:.0} → {rss_after:.0} ({rss_peak:.0}) | {api_rss:.0} ({api_peak:.0}) | {generators_rss:.0} ({:.1}) | {etcd_mib:.0} |",
         kib_per(relays_rss),
         kib_per(generators_rss)
     );

@@ -100,6 +100,9 @@ pub struct Options {
     pub desired_state_ttl_seconds: Option<u64>,
     /// Enrollments each site may make per second (default: the controller's).
     pub enrollments_per_second: Option<u32>,
+    /// The leader's Lease is the controller's default, not the tests' 10 s
+    /// (with which a crashed leader is replaced sooner): what benchmarks run.
+    pub default_lease: bool,
     /// Relays reach the controller through a [`Service`] (to which
     /// [`Caravan::start_replica`] adds its replica), not at its own port.
     pub service: bool,
@@ -160,6 +163,7 @@ impl Caravan {
             tls,
             desired_state_ttl_seconds,
             enrollments_per_second,
+            default_lease,
             service,
         } = options;
         let tmp = tempfile::Builder::new().prefix("caravan-").tempdir()?;
@@ -248,10 +252,8 @@ impl Caravan {
             ("--listen", format!("127.0.0.1:{port}")),
             ("--data-dir", data_dir),
             ("--relay-upstream-url", upstream_url),
-            // Each process its own name in the leader election; a crashed
-            // leader is replaced within 10 s.
+            // Each process its own name in the leader election.
             ("--leader-election-identity", "controller".to_string()),
-            ("--leader-election-lease-seconds", "10".to_string()),
             // Unreferenced blobs go 10 s after upload, checked every second.
             ("--blob-gc-interval-seconds", "1".to_string()),
             ("--blob-grace-seconds", "10".to_string()),
@@ -261,6 +263,9 @@ impl Caravan {
                 dir.join("git").display().to_string(),
             ),
         ];
+        if !default_lease {
+            flags.push(("--leader-election-lease-seconds", "10".to_string()));
+        }
         if let Some(ttl) = desired_state_ttl_seconds {
             flags.push(("--desired-state-ttl-seconds", ttl.to_string()));
         }
