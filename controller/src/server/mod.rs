@@ -63,8 +63,8 @@ pub struct ServerState {
     pub status_writes: tokio::sync::Semaphore,
 }
 
-/// Most Agent status writes in flight at once, whatever the number of
-/// relays reporting. Each waits for etcd's commit: beyond what etcd
+/// Most Agent status writes from reports in flight at once in this
+/// process, whatever the number of relays reporting. Each waits for etcd's commit: beyond what etcd
 /// commits at once, more in flight only lengthens the queue in which
 /// everything else (the leader's Lease renewals among them) waits.
 pub const STATUS_WRITES: usize = 16;

@@ -186,10 +186,6 @@ pub async fn reports(
     let (s, ns, site) = (&s, &ns, &site);
     let retry: usize = futures::stream::iter(by_agent)
         .map(|(name, envelopes)| async move {
-            // A slot among every relay's status writes (see `STATUS_WRITES`).
-            let Ok(_slot) = s.status_writes.acquire().await else {
-                return envelopes.len();
-            };
             let mut retry = 0;
             for envelope in &envelopes {
                 if let Outcome::Retry = report(s, ns, site, &name, envelope).await {
@@ -281,6 +277,11 @@ async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envel
         desired_version: (report.desired_version > 0).then_some(report.desired_version),
         report_sequence: Some(sequence),
         conditions: vec![condition],
+    };
+    // A slot among every relay's status writes (`STATUS_WRITES`), taken
+    // only now: a refused report's Event does not hold one.
+    let Ok(_slot) = s.status_writes.acquire().await else {
+        return Outcome::Retry;
     };
     match status_patch::apply(
         &s.ctx.client,
