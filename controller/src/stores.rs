@@ -96,7 +96,14 @@ where
         + Sync
         + 'static,
 {
-    watcher(ctx.all::<K>(), watcher::Config::default())
+    // Lists come from the API server's watch cache (`resourceVersion=0`),
+    // as client-go's informers take theirs: with 100,000 Agents changing a
+    // hundred times a second, the cache's window of events is a second or
+    // two, so a watch that falls behind must list again, and a consistent
+    // list read from etcd 500 at a time outlived etcd's compaction (its
+    // continue token expired after minutes of paging) and started over.
+    let config = watcher::Config::default().any_semantic();
+    watcher(ctx.all::<K>(), config)
         .default_backoff()
         // Nothing reads who set which field from the caches, and it is most
         // of a cached Agent's memory (every status field, per manager).

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use caravan_api::{labels, v1alpha1::ManifestError};
 use kube::{
-    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions},
     Api, ResourceExt,
 };
 
@@ -128,7 +128,14 @@ pub async fn prune(
     declared: &[Declared],
 ) -> Result<(), Refusal> {
     let wanted: BTreeSet<_> = declared.iter().map(|m| (m.kind, m.name.as_str())).collect();
-    let selector = ListParams::default().labels(&format!("{}={source}", labels::SOURCE));
+    // From the API server's watch cache: a consistent list would read every
+    // object of the kind from etcd to filter by label (at 100,000 Agents,
+    // minutes per sync under load). A stale list defers a prune to the next
+    // sync; each delete is conditional on the object being as listed (one
+    // another source took over since is not deleted).
+    let selector = ListParams::default()
+        .labels(&format!("{}={source}", labels::SOURCE))
+        .match_any();
     let mut refusal = Refusal::default();
     for kind in Kind::ALL {
         let list = match api(ctx, ns, kind).list_metadata(&selector).await {
@@ -147,11 +154,19 @@ pub async fn prune(
             let name = obj.name_any();
             if !wanted.contains(&(kind, name.as_str())) {
                 tracing::info!(kind = kind.name(), %name, "pruning object removed from Git");
-                if let Err(e) = api(ctx, ns, kind)
-                    .delete(&name, &DeleteParams::background())
+                let as_listed = Preconditions {
+                    resource_version: obj.resource_version(),
+                    uid: obj.uid(),
+                };
+                match api(ctx, ns, kind)
+                    .delete(&name, &DeleteParams::background().preconditions(as_listed))
                     .await
                 {
-                    tracing::warn!(kind = kind.name(), %name, error = %e, "prune failed");
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                        tracing::info!(kind = kind.name(), %name, "changed or gone since listed; not pruned now");
+                    }
+                    Err(e) => tracing::warn!(kind = kind.name(), %name, error = %e, "prune failed"),
                 }
             }
         }
