@@ -20,8 +20,9 @@ need_pkgs=()
 # (htpasswd): the oci cabinet tests run a real registry. libssh2-1-dev: git2's
 # ssh transport. nginx-light, fcgiwrap and openssh-server: the Git hosts
 # (git http-backend over HTTPS, sshd) the GitSource tests run. umoci and
-# skopeo: images built and pushed without a container engine.
-for p in etcd-server pkg-config libssl-dev libssh2-1-dev openssl curl ca-certificates python3-venv docker-registry apache2-utils nginx-light fcgiwrap openssh-server git umoci skopeo; do
+# skopeo: images built and pushed without a container engine. make and gcc:
+# jemalloc, the controller's allocator, is built from its C sources.
+for p in make gcc etcd-server pkg-config libssl-dev libssh2-1-dev openssl curl ca-certificates python3-venv docker-registry apache2-utils nginx-light fcgiwrap openssh-server git umoci skopeo; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 command -v kubectl >/dev/null 2>&1 || need_pkgs+=(kubernetes-client)
