@@ -326,7 +326,7 @@ impl Contender {
                             }
                         }
                         None => {
-                            tracing::error!(lease = LEASE, "the Lease names another replica: no longer leading");
+                            tracing::error!(lease = LEASE, "the Lease names another replica or is gone: no longer leading");
                             hold = None;
                             tx.send_replace(false);
                         }

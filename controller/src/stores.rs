@@ -105,8 +105,8 @@ where
     let config = watcher::Config::default().any_semantic();
     watcher(ctx.all::<K>(), config)
         .default_backoff()
-        // Nothing reads who set which field from the caches, and it is most
-        // of a cached Agent's memory (every status field, per manager).
+        // Nothing reads who set which field from the caches, and it is a
+        // large part of a cached Agent (every status field, per manager).
         .modify(|obj| obj.managed_fields_mut().clear())
         .reflect(writer)
         .filter_map(|event| async move {

@@ -29,14 +29,14 @@ pub struct Cluster {
     pub client: Client,
     /// etcd's database file, where this cluster started its own etcd.
     pub etcd_db: Option<PathBuf>,
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
 }
 
 impl Cluster {
     /// The process id of `name` (`etcd`, `kube-apiserver`), where this
     /// cluster started its own.
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self._procs.iter().find(|p| p.name == name).map(Proc::pid)
+        self.procs.iter().find(|p| p.name == name).map(Proc::pid)
     }
 
     /// Starts etcd and kube-apiserver under `dir`, or uses `CARAVAN_TEST_KUBECONFIG`.
@@ -48,7 +48,7 @@ impl Cluster {
                 kubeconfig,
                 client,
                 etcd_db: None,
-                _procs: vec![],
+                procs: vec![],
             });
         }
         let k8s_bin = std::env::var("CARAVAN_K8S_BIN")
@@ -186,7 +186,7 @@ impl Cluster {
             kubeconfig,
             client,
             etcd_db: Some(dir.join("etcd/member/snap/db")),
-            _procs: procs,
+            procs,
         })
     }
 

@@ -64,9 +64,10 @@ pub struct ServerState {
 }
 
 /// Most Agent status writes from reports in flight at once in this
-/// process, whatever the number of relays reporting. Each waits for etcd's commit: beyond what etcd
-/// commits at once, more in flight only lengthens the queue in which
-/// everything else (the leader's Lease renewals among them) waits.
+/// process, whatever the number of relays reporting. Each waits for etcd's
+/// commit: beyond what etcd commits at once, more in flight only lengthens
+/// the queue in which everything else (the leader's Lease renewals among
+/// them) waits.
 pub const STATUS_WRITES: usize = 16;
 
 /// Most whole site desired states serialized at once; a relay asking for
