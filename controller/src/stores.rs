@@ -86,6 +86,15 @@ impl Writers {
     }
 }
 
+/// How the caches list: from the API server's watch cache, unpaged (see
+/// [`reflect`]).
+fn cache_lists() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    }
+}
+
 fn reflect<K>(ctx: &Context, writer: Writer<K>) -> BoxStream<'static, ()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -102,8 +111,9 @@ where
     // two, so a watch that falls behind must list again, and a consistent
     // list read from etcd 500 at a time outlived etcd's compaction (its
     // continue token expired after minutes of paging) and started over.
-    let config = watcher::Config::default().any_semantic();
-    watcher(ctx.all::<K>(), config)
+    // Unpaged: a list with a limit is sent without `resourceVersion=0`
+    // (kube-core's `ListParams`), i.e. read from etcd again.
+    watcher(ctx.all::<K>(), cache_lists())
         .default_backoff()
         // Nothing reads who set which field from the caches, and it is a
         // large part of a cached Agent (every status field, per manager).
@@ -119,4 +129,24 @@ where
             }
         })
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ListParams;
+
+    #[test]
+    fn the_caches_list_from_the_api_servers_watch_cache() {
+        let config = super::cache_lists();
+        // The list the watcher sends: any resourceVersion, its page size.
+        let list = ListParams {
+            limit: config.page_size,
+            ..ListParams::default().match_any()
+        };
+        let request = kube::core::Request::new("/apis/caravan.dev/v1alpha1/agents")
+            .list(&list)
+            .unwrap();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        assert!(query.contains("resourceVersion=0"), "{query}");
+    }
 }
