@@ -19,7 +19,7 @@ use caravan_api::{
     Digest,
 };
 use caravan_controller::{
-    index::DesiredIndex,
+    index::{AgentPlan, Assigned, DesiredIndex},
     trust::{Signer, TrustKeys},
 };
 use ed25519_dalek::SigningKey;
@@ -29,7 +29,7 @@ const SITES: usize = 10;
 fn documents(
     agents: usize,
     assignments: usize,
-) -> HashMap<(String, String), SiteDesired<AgentDesired>> {
+) -> HashMap<(String, String), SiteDesired<AgentPlan>> {
     let release = SigningKey::from_bytes(&[9; 32]);
     let packages: Vec<Assignment> = (0..assignments)
         .map(|i| {
@@ -69,13 +69,15 @@ fn documents(
             }
         })
         .collect();
-    let mut sites: HashMap<_, SiteDesired<AgentDesired>> = HashMap::new();
+    // Shared by every agent, as a job's assignments are.
+    let packages = Assigned::new(packages);
+    let mut sites: HashMap<_, SiteDesired<AgentPlan>> = HashMap::new();
     for n in 0..agents {
         let site = format!("site-{}", n % SITES);
         let agent = format!("endpoint-{n:06}");
-        let doc = AgentDesired {
+        let doc = AgentPlan {
             agent: agent.clone(),
-            assignments: packages.clone(),
+            assigned: vec![packages.clone()],
             ..Default::default()
         };
         sites
@@ -103,16 +105,21 @@ fn main() -> anyhow::Result<()> {
     let now = chrono::Utc::now();
 
     // Peer: the same site documents serialized unsigned, as served before.
+    let unsigned_docs: Vec<SiteDesired<AgentDesired>> = docs
+        .values()
+        .map(|s| s.clone().map_agents(|_, plan, _| plan.desired()))
+        .collect();
     let start = Instant::now();
-    for site in docs.values() {
+    for site in &unsigned_docs {
         black_box(serde_json::to_vec(site)?);
     }
     let unsigned = start.elapsed().as_secs_f64();
-    let unsigned_bytes: usize = docs
-        .values()
+    let unsigned_bytes: usize = unsigned_docs
+        .iter()
         .flat_map(|s| s.agents.values())
         .map(|d| serde_json::to_vec(d).map(|b| b.len()).unwrap_or(0))
         .sum();
+    drop(unsigned_docs);
 
     let mut signer = Signer::new(&keys, std::time::Duration::from_secs(7 * 86400));
     let again = docs.clone();

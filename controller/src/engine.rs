@@ -1,5 +1,6 @@
 //! The distribution engine: the one task that owns the [`index`]. It runs
-//! the reflectors that fill the caches ([`crate::stores`]), and after every
+//! the reflectors that fill the caches ([`crate::stores`]) in a task of
+//! their own (read however long a computation takes), and after every
 //! burst of changes
 //! 1. surveys where each package's artifact stands in the store, asking
 //!    for the fetch of those an `http` cabinet holds that the store lacks;
@@ -28,7 +29,7 @@ use caravan_net::Backoff;
 use futures::{stream, StreamExt};
 use kube::{runtime::events::Event, Resource, ResourceExt};
 use tokio::{sync::watch, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     cabinet::{
@@ -63,7 +64,7 @@ pub struct Engine {
     /// every replica computes and signs desired state.
     leading: Leading,
     /// Whether each agent was approved when last seen (for its Events).
-    approvals: std::sync::Mutex<HashMap<index::ObjectKey, bool>>,
+    approvals: std::sync::Mutex<index::ByName<bool>>,
 }
 
 /// A fingerprint of a status, to remember what was written.
@@ -122,8 +123,24 @@ impl Engine {
         // Leading from now on: write what the followers' view left unwritten.
         let mut leading = self.leading.clone();
         let gained = stream::once(async move { leading.acquired().await.unwrap_or(()) }).boxed();
-        let mut streams: Vec<stream::BoxStream<'_, ()>> = writers.watch(&self.ctx);
-        streams.push(fetched);
+        // The caches are filled by a task of their own, which reads every
+        // watch as fast as events come, computation or not: a watch left
+        // unread while the index is computed (a second or more at 100,000
+        // Agents) falls behind the API server's window of events, expires,
+        // and everything is listed again. The engine hears that something
+        // changed (once, however much did).
+        let (changed, cache_changes) = tokio::sync::mpsc::channel(1);
+        let mut reflectors = AbortOnDropHandle::new(tokio::spawn(
+            stream::select_all(writers.watch(&self.ctx)).for_each(move |()| {
+                let _ = changed.try_send(());
+                async {}
+            }),
+        ));
+        let cache_changes = stream::unfold(cache_changes, |mut rx| async move {
+            rx.recv().await.map(|()| ((), rx))
+        })
+        .boxed();
+        let mut streams: Vec<stream::BoxStream<'_, ()>> = vec![cache_changes, fetched];
         streams.push(probes);
         streams.push(gained);
         let mut changes = stream::select_all(streams);
@@ -174,6 +191,7 @@ impl Engine {
                 change = changes.next() => if change.is_none() {
                     anyhow::bail!("watch streams ended");
                 },
+                ended = &mut reflectors => anyhow::bail!("the caches' watches ended: {ended:?}"),
                 () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
@@ -309,17 +327,18 @@ impl Engine {
     /// their Events; remembers what each is now.
     fn approval_events(&self, agents: &[Arc<Agent>]) -> Vec<(Arc<Agent>, Event)> {
         let mut approvals = self.approvals.lock().expect("lock poisoned");
-        let mut now = HashMap::with_capacity(agents.len());
+        let mut last = std::mem::take(&mut *approvals);
         let mut events = Vec::new();
         for a in agents {
-            let key = index::key_of(a.as_ref());
-            let was = approvals.get(&key).copied();
-            if let Some(event) = index::status::approval_event(was, a.spec.approved) {
+            let (ns, name) = (index::namespace(a.as_ref()), index::name(a.as_ref()));
+            let was = last.take(ns, name);
+            let event = index::status::approval_event(was.as_ref().map(|w| w.1), a.spec.approved);
+            if let Some(event) = event {
                 events.push((a.clone(), event));
             }
-            now.insert(key, a.spec.approved);
+            let name = was.map_or_else(|| name.to_string(), |w| w.0);
+            approvals.insert(ns, name, a.spec.approved);
         }
-        *approvals = now;
         events
     }
 

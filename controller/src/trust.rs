@@ -11,7 +11,7 @@
 //!   version, so a healthy fleet never holds an expired document.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -25,7 +25,7 @@ use ed25519_dalek::SigningKey;
 
 use crate::{
     error::{Error, Result},
-    index::{SignedPart, SiteKey},
+    index::{AgentPlan, ByName, SignedPart, SiteKey},
 };
 
 /// The controller's signing key and the chain of roots that vouches for it.
@@ -132,10 +132,11 @@ impl TrustKeys {
 
 /// One agent's part on its way through [`Signer::sign_sites`].
 enum Part {
-    Unsigned(AgentDesired),
+    Unsigned(AgentPlan),
     /// Unchanged: last round's document.
     Reused(SignedPart),
-    /// To sign: the content's hash, then a version and an expiry.
+    /// To sign: the document and its content's hash, then a version and
+    /// an expiry.
     Changed {
         desired: AgentDesired,
         content: [u8; 32],
@@ -162,7 +163,8 @@ fn on_every_core<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
 
 /// One agent's last signed document.
 struct Signed {
-    /// sha256 of the document without version and expiry.
+    /// The hash of the document without version and expiry
+    /// ([`AgentPlan::content`]).
     content: [u8; 32],
     expires: DateTime<Utc>,
     envelope: SignedPart,
@@ -174,8 +176,7 @@ pub struct Signer {
     key: SigningKey,
     roots: Vec<Envelope>,
     ttl: chrono::Duration,
-    /// Per `(namespace, agent)`.
-    signed: HashMap<(String, String), Signed>,
+    signed: ByName<Signed>,
     /// The last version handed out: versions only ever grow.
     last_version: u64,
 }
@@ -186,23 +187,18 @@ impl Signer {
             key: keys.key.clone(),
             roots: keys.roots.clone(),
             ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(7)),
-            signed: HashMap::new(),
+            signed: ByName::default(),
             last_version: 0,
         }
     }
 
-    fn content(desired: &AgentDesired) -> [u8; 32] {
-        use sha2::Digest as _;
-        let body = serde_json::to_vec(desired).expect("wire types serialize");
-        sha2::Sha256::digest(body).into()
-    }
-
-    /// Every site's desired state, each agent's part signed. The documents
-    /// are hashed (to find the unchanged ones) and signed on every core;
-    /// versions are handed out in between, one at a time.
+    /// Every site's desired state, each agent's part signed. The parts
+    /// are hashed (to find the unchanged ones, whose documents are not even
+    /// made) and the changed ones signed on every core; versions are handed
+    /// out in between, one at a time.
     pub fn sign_sites(
         &mut self,
-        sites: HashMap<SiteKey, SiteDesired<AgentDesired>>,
+        sites: HashMap<SiteKey, SiteDesired<AgentPlan>>,
         now: DateTime<Utc>,
     ) -> HashMap<SiteKey, SiteDesired<SignedPart>> {
         let mut sites: Vec<(SiteKey, SiteDesired<Part>)> = sites
@@ -230,18 +226,25 @@ impl Signer {
             }
         }
         on_every_core(&mut parts, |(_, _, part)| self.sign(part, now));
-        let mut live = HashSet::new();
+        // This round's record: last round's entries moved over (those of the
+        // agents gone stay behind), the new ones put in.
+        let mut last = std::mem::take(&mut self.signed);
         for (ns, name, part) in parts {
-            let key = (ns.to_string(), name.to_string());
-            if let Part::New(signed) = part {
-                let reused = Part::Reused(signed.envelope.clone());
-                if let Part::New(signed) = std::mem::replace(part, reused) {
-                    self.signed.insert(key.clone(), signed);
+            let (name, signed) = match part {
+                Part::New(signed) => {
+                    let reused = Part::Reused(signed.envelope.clone());
+                    let Part::New(signed) = std::mem::replace(part, reused) else {
+                        unreachable!("matched as new")
+                    };
+                    (name.to_string(), signed)
                 }
-            }
-            live.insert(key);
+                _ => match last.take(ns, name) {
+                    Some(kept) => kept,
+                    None => continue,
+                },
+            };
+            self.signed.insert(ns, name, signed);
         }
-        self.signed.retain(|k, _| live.contains(k));
         sites
             .into_iter()
             .map(|(key, site)| {
@@ -257,21 +260,20 @@ impl Signer {
 
     /// Takes the signature of `part` (agent `name` of namespace `ns`) from
     /// the last round if its content is unchanged and it is not half-way to
-    /// its expiry, else marks it changed.
+    /// its expiry, else makes its document and marks it changed.
     fn reuse(&self, ns: &str, name: &str, part: &mut Part, now: DateTime<Utc>) {
-        let Part::Unsigned(desired) = part else {
+        let Part::Unsigned(plan) = part else {
             return;
         };
-        let mut desired = std::mem::take(desired);
-        desired.version = 0;
-        desired.expires.clear();
-        let content = Self::content(&desired);
-        let key = (ns.to_string(), name.to_string());
-        *part = match self.signed.get(&key) {
+        let content = plan.content();
+        *part = match self.signed.get(ns, name) {
             Some(s) if s.content == content && s.expires - now > self.ttl / 2 => {
                 Part::Reused(s.envelope.clone())
             }
-            _ => Part::Changed { desired, content },
+            _ => Part::Changed {
+                desired: plan.desired(),
+                content,
+            },
         };
     }
 
@@ -304,15 +306,15 @@ mod tests {
     use super::*;
     use caravan_api::trust::{pin, verify_desired};
 
-    fn desired(agent: &str, hold: &str) -> AgentDesired {
-        AgentDesired {
+    fn desired(agent: &str, hold: &str) -> AgentPlan {
+        AgentPlan {
             agent: agent.into(),
             hold: vec![hold.into()],
             ..Default::default()
         }
     }
 
-    fn site(agents: &[AgentDesired]) -> HashMap<SiteKey, SiteDesired<AgentDesired>> {
+    fn site(agents: &[AgentPlan]) -> HashMap<SiteKey, SiteDesired<AgentPlan>> {
         let site = SiteDesired {
             site: "hq".into(),
             agents: agents
@@ -383,7 +385,7 @@ mod tests {
             signed[&("ns".to_string(), "hq".to_string())].agents.clone()
         };
         let first = docs(&signer.sign_sites(fleet(""), now));
-        let mut versions = HashSet::new();
+        let mut versions = std::collections::HashSet::new();
         for (name, doc) in &first {
             let (d, _) = verify_desired(&doc.0, &root, name, None, now).unwrap();
             assert_eq!(d.hold, [format!("old-{}", &name[1..])]);

@@ -4,16 +4,17 @@
 //! relays fetch them from this one, so each blob crosses each link once).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{Arc, OnceLock},
 };
 
 use caravan_api::{
     v1alpha1::{Cabinet, DistributionJob, Package, Site},
-    wire::{AgentDesired, BlobSource, SiteDesired},
+    wire::{AgentDesired, Assignment, BlobSource, SiteDesired},
     Digest,
 };
 use kube::ResourceExt;
+use sha2::Digest as _;
 
 use super::{
     key_of,
@@ -23,7 +24,116 @@ use super::{
 };
 
 /// Every site's desired state, its agents' parts not signed yet.
-pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentDesired>>;
+pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentPlan>>;
+
+/// A job's assignments as every agent that has them as they are shares
+/// them: a job's packages are copied once per job, not once per agent
+/// (an agent whose list differs — retry excluded, a package lost to another
+/// job — has a copy of its own, made by [`Assigned::edit`]). The hash of its
+/// content is computed once, when first asked for.
+#[derive(Debug, Default)]
+pub struct Assigned {
+    list: Vec<Assignment>,
+    content: OnceLock<[u8; 32]>,
+}
+
+impl Assigned {
+    pub fn new(list: Vec<Assignment>) -> Arc<Self> {
+        Arc::new(Self {
+            list,
+            content: OnceLock::new(),
+        })
+    }
+
+    /// sha256 of the list as sent.
+    pub fn content(&self) -> [u8; 32] {
+        *self.content.get_or_init(|| {
+            let body = serde_json::to_vec(&self.list).expect("wire types serialize");
+            sha2::Sha256::digest(body).into()
+        })
+    }
+
+    /// The list of `this` to change: copied first if it is shared.
+    pub fn edit(this: &mut Arc<Self>) -> &mut Vec<Assignment> {
+        let me = Arc::make_mut(this);
+        me.content = OnceLock::new();
+        &mut me.list
+    }
+}
+
+/// A copy to edit: its content is hashed anew.
+impl Clone for Assigned {
+    fn clone(&self) -> Self {
+        Self {
+            list: self.list.clone(),
+            content: OnceLock::new(),
+        }
+    }
+}
+
+impl PartialEq for Assigned {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
+    }
+}
+
+impl std::ops::Deref for Assigned {
+    type Target = [Assignment];
+    fn deref(&self) -> &[Assignment] {
+        &self.list
+    }
+}
+
+/// One agent's desired state as the plan leaves it: the assignments of the
+/// jobs it has, shared with them, and the packages to hold. Its document
+/// ([`AgentDesired`]) is made, and signed, only when its [`content`]
+/// changed (`trust::Signer`): an agent nothing changed for costs a hash of
+/// a few dozen bytes.
+///
+/// [`content`]: AgentPlan::content
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentPlan {
+    pub agent: String,
+    /// The assignments, job by job.
+    pub assigned: Vec<Arc<Assigned>>,
+    /// Package names to leave as they are, sorted.
+    pub hold: Vec<String>,
+}
+
+impl AgentPlan {
+    pub fn assignments(&self) -> impl Iterator<Item = &Assignment> {
+        self.assigned.iter().flat_map(|a| a.iter())
+    }
+
+    /// A hash of the document: two plans whose documents differ differ in
+    /// it (every part is written with its length).
+    pub fn content(&self) -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        let len = |n: usize| (n as u64).to_le_bytes();
+        h.update(len(self.agent.len()));
+        h.update(&self.agent);
+        h.update(len(self.hold.len()));
+        for hold in &self.hold {
+            h.update(len(hold.len()));
+            h.update(hold);
+        }
+        h.update(len(self.assigned.len()));
+        for a in &self.assigned {
+            h.update(a.content());
+        }
+        h.finalize().into()
+    }
+
+    /// The document (unsigned: no version nor expiry yet).
+    pub fn desired(&self) -> AgentDesired {
+        AgentDesired {
+            agent: self.agent.clone(),
+            assignments: self.assignments().cloned().collect(),
+            hold: self.hold.clone(),
+            ..Default::default()
+        }
+    }
+}
 
 /// Builds every site's document from the plan (whose per-site agent
 /// states it takes); top-level sites are told which blobs to fetch from a
@@ -135,14 +245,82 @@ pub fn sources(
 }
 
 /// The blobs of a site's agents, for the relay (which does not open the
-/// signed documents to know what to keep).
-fn blobs_of(agents: &BTreeMap<String, AgentDesired>) -> Vec<Digest> {
+/// signed documents to know what to keep); each shared list read once.
+fn blobs_of(agents: &BTreeMap<String, AgentPlan>) -> Vec<Digest> {
+    let mut lists = HashSet::new();
     let mut blobs: Vec<Digest> = agents
         .values()
-        .flat_map(|a| &a.assignments)
-        .map(|a| a.digest)
+        .flat_map(|a| &a.assigned)
+        .filter(|list| lists.insert(Arc::as_ptr(list)))
+        .flat_map(|list| list.iter().map(|a| a.digest))
         .collect();
     blobs.sort();
     blobs.dedup();
     blobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::fixtures::*;
+    use caravan_api::wire::Assignment;
+
+    fn assignment(package: &str) -> Assignment {
+        serde_json::from_value(serde_json::json!({
+            "job": "ns/j",
+            "action": caravan_api::v1alpha1::JobAction::Install,
+            "package": package,
+            "version": "1.0.0",
+            "digest": digest_of(package, "1.0.0"),
+            "size": 10,
+            "install": caravan_api::v1alpha1::InstallSpec::default(),
+        }))
+        .unwrap()
+    }
+
+    fn plan(agent: &str, assigned: &[&Arc<Assigned>], hold: &[&str]) -> AgentPlan {
+        AgentPlan {
+            agent: agent.into(),
+            assigned: assigned.iter().map(|a| Arc::clone(a)).collect(),
+            hold: hold.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_agent_plans_content_changes_with_its_document_and_only_then() {
+        let shared = Assigned::new(vec![assignment("hello")]);
+        let same = Assigned::new(vec![assignment("hello")]);
+        let a1 = plan("a1", &[&shared], &[]);
+        // The same document from another (equal) list: the same content.
+        assert_eq!(a1.content(), plan("a1", &[&same], &[]).content());
+        // Every part of the document counts: agent, lists, holds.
+        let others = [
+            plan("a2", &[&shared], &[]),
+            plan("a1", &[], &[]),
+            plan("a1", &[&shared, &shared], &[]),
+            plan("a1", &[&shared], &["hello"]),
+            plan("a1", &[&shared], &["hel", "lo"]),
+            plan("a1", &[&Assigned::new(vec![assignment("tools")])], &[]),
+        ];
+        for other in &others {
+            assert_ne!(a1.content(), other.content(), "{other:?}");
+        }
+        // An agent's own copy, edited, changes its content and no one else's.
+        let mut mine = shared.clone();
+        Assigned::edit(&mut mine)[0].superseded_by = Some("ns/other".into());
+        assert_ne!(plan("a1", &[&mine], &[]).content(), a1.content());
+        assert_eq!(shared[0].superseded_by, None);
+        assert_eq!(plan("a1", &[&shared], &[]).content(), a1.content());
+        // The document is the lists' assignments in order, and the holds.
+        let two = plan("a1", &[&shared, &mine], &["x"]).desired();
+        assert_eq!(two.assignments.len(), 2);
+        assert_eq!(
+            two.assignments[1].superseded_by.as_deref(),
+            Some("ns/other")
+        );
+        assert_eq!(
+            (two.agent.as_str(), two.hold.as_slice()),
+            ("a1", &["x".to_string()][..])
+        );
+    }
 }

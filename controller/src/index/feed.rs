@@ -133,24 +133,31 @@ impl SiteFeed {
     fn next(&self, desired: SiteDesired<SignedPart>, revision: u64) -> Option<Self> {
         let old = &self.desired;
         let mut agents_changed = false;
+        // Old and new agents side by side, both in name order.
+        let (mut olds, mut old_keys) = (
+            old.agents.iter().peekable(),
+            old.agent_keys.iter().peekable(),
+        );
+        let mut gone: Vec<&String> = Vec::new();
         let desired = desired.map_agents(|name, part, key| {
-            let same = old.agents.get(name).is_some_and(|s| {
-                Arc::ptr_eq(&s.part.0, &part.0) && old.agent_keys.get(name) == key
-            });
-            let changed = match same {
-                true => old.agents[name].changed,
-                false => {
+            while let Some((n, _)) = olds.next_if(|(n, _)| n.as_str() < name) {
+                gone.push(n);
+            }
+            let prev = olds.next_if(|(n, _)| n.as_str() == name).map(|(_, s)| s);
+            while old_keys.next_if(|(n, _)| n.as_str() < name).is_some() {}
+            let old_key = old_keys
+                .next_if(|(n, _)| n.as_str() == name)
+                .map(|(_, k)| k);
+            let changed = match prev {
+                Some(s) if Arc::ptr_eq(&s.part.0, &part.0) && old_key == key => s.changed,
+                _ => {
                     agents_changed = true;
                     revision
                 }
             };
             Served { part, changed }
         });
-        let gone: Vec<&String> = old
-            .agents
-            .keys()
-            .filter(|name| !desired.agents.contains_key(*name))
-            .collect();
+        gone.extend(olds.map(|(n, _)| n));
         let site_changed = desired.blobs != old.blobs
             || desired.prestage != old.prestage
             || desired.lower != old.lower

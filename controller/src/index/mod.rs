@@ -32,12 +32,12 @@ pub mod fixtures;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use caravan_api::v1alpha1::*;
 use kube::Resource;
 
-pub use desired::Unsigned;
+pub use desired::{AgentPlan, Assigned, Unsigned};
 pub use feed::{DesiredIndex, SignedPart, SiteFeed};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
@@ -55,6 +55,54 @@ pub fn key_of<K: Resource>(o: &K) -> ObjectKey {
         o.meta().namespace.clone().unwrap_or_default(),
         o.meta().name.clone().unwrap_or_default(),
     )
+}
+
+/// An object's namespace, borrowed (empty if it has none).
+pub fn namespace<K: Resource>(o: &K) -> &str {
+    o.meta().namespace.as_deref().unwrap_or_default()
+}
+
+/// An object's name, borrowed.
+pub fn name<K: Resource>(o: &K) -> &str {
+    o.meta().name.as_deref().unwrap_or_default()
+}
+
+/// A map by namespace and name whose entries are found, taken and put back
+/// without copying either: what the engine keeps per agent from one
+/// computation to the next (each computation moves into a new map what is
+/// still there, and what is gone stays behind).
+#[derive(Debug)]
+pub struct ByName<V>(HashMap<String, HashMap<String, V>>);
+
+impl<V> Default for ByName<V> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<V> ByName<V> {
+    pub fn get(&self, ns: &str, name: &str) -> Option<&V> {
+        self.0.get(ns)?.get(name)
+    }
+
+    /// The entry of `name` in `ns`, taken out with its name.
+    pub fn take(&mut self, ns: &str, name: &str) -> Option<(String, V)> {
+        self.0.get_mut(ns)?.remove_entry(name)
+    }
+
+    pub fn insert(&mut self, ns: &str, name: String, value: V) {
+        match self.0.get_mut(ns) {
+            Some(names) => drop(names.insert(name, value)),
+            None => drop(
+                self.0
+                    .insert(ns.to_string(), HashMap::from([(name, value)])),
+            ),
+        }
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.values().flat_map(|names| names.values())
+    }
 }
 
 /// Everything the index reads.

@@ -3,21 +3,16 @@
 //! must have as a result.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
-use caravan_api::{
-    conditions::reasons,
-    selector,
-    v1alpha1::*,
-    wire::{AgentDesired, Assignment},
-    Digest,
-};
+use caravan_api::{conditions::reasons, selector, v1alpha1::*, wire::Assignment, Digest};
 use kube::{Resource, ResourceExt};
 
 use super::{
-    key_of, requires,
+    desired::{AgentPlan, Assigned},
+    key_of, name, namespace, requires,
     rollout::{self, Destination, Gate},
     Now, ObjectKey, SiteKey,
 };
@@ -27,7 +22,7 @@ use super::{
 pub struct Plan {
     /// Per site, per agent name: what the agent must have. Every known agent
     /// has an entry, so an agent no job targets gets an explicit empty state.
-    pub by_site: HashMap<SiteKey, BTreeMap<String, AgentDesired>>,
+    pub by_site: HashMap<SiteKey, BTreeMap<String, AgentPlan>>,
     /// Per site, per agent name: the public key of each served agent that
     /// enrolled with one.
     pub agent_keys: HashMap<SiteKey, BTreeMap<String, String>>,
@@ -37,8 +32,9 @@ pub struct Plan {
 
 #[derive(Default, Debug)]
 pub struct JobPlan {
-    /// Agent name → the assignments this job gives it.
-    pub targets: BTreeMap<String, Vec<Assignment>>,
+    /// Agent name → the assignments this job gives it (shared by the
+    /// agents that have them as they are).
+    pub targets: BTreeMap<String, Arc<Assigned>>,
     /// Names of the packages whose reference did not resolve.
     pub unresolved: Vec<String>,
     /// Sites the job is aimed at (with those below, where it says so).
@@ -64,28 +60,33 @@ impl Plan {
         cabinets: &[Arc<Cabinet>],
         now: Now,
     ) -> Self {
-        let mut plan = Plan::default();
-        // Every served agent's entry, and where to find it by (namespace,
-        // name). An agent not approved (awaiting approval, or revoked) has
-        // none: its relay turns it away, and it keeps what it has.
-        let mut site_of = HashMap::new();
+        // Agents by (namespace, name), borrowed: nothing is copied per agent
+        // to find one.
+        let by_name: HashMap<(&str, &str), &Agent> = agents
+            .iter()
+            .map(|a| ((namespace(a.as_ref()), name(a.as_ref())), a.as_ref()))
+            .collect();
+        // Every served agent's entry, by (namespace, site). An agent not
+        // approved (awaiting approval, or revoked) has none: its relay turns
+        // it away, and it keeps what it has.
+        let mut served: HashMap<(&str, &str), BTreeMap<String, AgentPlan>> = HashMap::new();
+        let mut agent_keys: HashMap<(&str, &str), BTreeMap<String, String>> = HashMap::new();
         for a in agents.iter().filter(|a| a.spec.approved) {
-            let (ns, name) = key_of(a.as_ref());
-            let entry = AgentDesired {
-                agent: name.clone(),
+            let (ns, name) = (namespace(a.as_ref()), name(a.as_ref()));
+            let entry = AgentPlan {
+                agent: name.to_string(),
                 ..Default::default()
             };
-            plan.by_site
-                .entry((ns.clone(), a.spec.site.clone()))
+            served
+                .entry((ns, a.spec.site.as_str()))
                 .or_default()
-                .insert(name.clone(), entry);
+                .insert(name.to_string(), entry);
             if !a.spec.public_key.is_empty() {
-                plan.agent_keys
-                    .entry((ns.clone(), a.spec.site.clone()))
+                agent_keys
+                    .entry((ns, a.spec.site.as_str()))
                     .or_default()
-                    .insert(name.clone(), a.spec.public_key.clone());
+                    .insert(name.to_string(), a.spec.public_key.clone());
             }
-            site_of.insert((ns, name), a.spec.site.clone());
         }
         let mut jobs: Vec<_> = jobs.iter().collect();
         // A fixed order, so that the same inputs always give the same desired state.
@@ -93,22 +94,24 @@ impl Plan {
         let mut resolved: Vec<_> = jobs
             .iter()
             .map(|job| {
-                let ns = job.namespace().unwrap_or_default();
-                resolve_job(job, &ns, sites, agents, packages, cabinets)
+                resolve_job(
+                    job,
+                    namespace(job.as_ref()),
+                    sites,
+                    agents,
+                    packages,
+                    cabinets,
+                )
             })
             .collect();
         settle_conflicts(&jobs, &mut resolved);
-        let by_name: HashMap<ObjectKey, &Agent> = agents
-            .iter()
-            .map(|a| (key_of(a.as_ref()), a.as_ref()))
-            .collect();
         for (job, job_plan) in jobs.iter().zip(resolved.iter_mut()) {
-            let ns = job.namespace().unwrap_or_default();
+            let ns = namespace(job.as_ref());
             let destinations: Vec<Destination> = job_plan
                 .targets
                 .iter()
                 .map(|(name, assignments)| {
-                    let agent = by_name.get(&(ns.clone(), name.clone())).copied();
+                    let agent = by_name.get(&(ns, name.as_str())).copied();
                     Destination {
                         agent: name,
                         site: agent.map_or("", |a| &a.spec.site),
@@ -120,7 +123,7 @@ impl Plan {
                 let known = |s: &String| {
                     sites
                         .iter()
-                        .any(|x| x.namespace().as_deref() == Some(&ns) && x.name_any() == *s)
+                        .any(|x| x.namespace().as_deref() == Some(ns) && x.name_any() == *s)
                 };
                 match r
                     .batches
@@ -139,7 +142,7 @@ impl Plan {
                     job,
                     &rollout,
                     &destinations,
-                    |s| with_lower(sites, &ns, s),
+                    |s| with_lower(sites, ns, s),
                     &job_plan.revision,
                     now,
                 ),
@@ -153,16 +156,20 @@ impl Plan {
             };
             job_plan.rollout = Some(gate);
         }
+        let mut plan = Plan::default();
         for (job, job_plan) in jobs.into_iter().zip(resolved) {
-            let (ns, name) = key_of(job.as_ref());
+            let (ns, name) = (namespace(job.as_ref()), name(job.as_ref()));
+            let job_key = format!("{ns}/{name}");
             for (agent, assignments) in &job_plan.targets {
-                let Some(site) = site_of.get(&(ns.clone(), agent.clone())) else {
+                let Some(a) = by_name
+                    .get(&(ns, agent.as_str()))
+                    .filter(|a| a.spec.approved)
+                else {
                     continue;
                 };
-                let Some(entry) = plan
-                    .by_site
-                    .get_mut(&(ns.clone(), site.clone()))
-                    .and_then(|m| m.get_mut(agent))
+                let Some(entry) = served
+                    .get_mut(&(ns, a.spec.site.as_str()))
+                    .and_then(|m| m.get_mut(agent.as_str()))
                 else {
                     continue;
                 };
@@ -177,24 +184,30 @@ impl Plan {
                     // (What the agent reports the job installed, too: a
                     // package the job dropped is not removed before the
                     // rollout reaches the agent.)
-                    let reported = by_name
-                        .get(&(ns.clone(), agent.clone()))
-                        .and_then(|a| a.status.as_ref())
+                    let reported = a
+                        .status
+                        .as_ref()
                         .into_iter()
                         .flat_map(|s| s.jobs.iter())
-                        .filter(|j| j.job == format!("{ns}/{name}"))
+                        .filter(|j| j.job == job_key)
                         .map(|j| j.package.clone());
                     entry
                         .hold
                         .extend(job.spec.packages.iter().map(|p| p.name.clone()));
                     entry.hold.extend(reported);
                 } else {
-                    entry.assignments.extend(assignments.iter().cloned());
+                    if !assignments.is_empty() {
+                        entry.assigned.push(assignments.clone());
+                    }
                     entry.hold.extend(job_plan.unresolved.iter().cloned());
                 }
             }
-            plan.jobs.insert((ns, name), job_plan);
+            plan.jobs
+                .insert((ns.to_string(), name.to_string()), job_plan);
         }
+        let owned = |(ns, site): (&str, &str)| (ns.to_string(), site.to_string());
+        plan.by_site = served.into_iter().map(|(k, v)| (owned(k), v)).collect();
+        plan.agent_keys = agent_keys.into_iter().map(|(k, v)| (owned(k), v)).collect();
         for entry in plan.by_site.values_mut().flat_map(|m| m.values_mut()) {
             entry.hold.sort();
             entry.hold.dedup();
@@ -212,14 +225,24 @@ impl Plan {
 /// A suspended job takes part as it is: pausing the winner changes
 /// nothing installed (its packages are held), it does not hand them over.
 fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
+    // Only an agent two jobs or more target can be claimed twice.
+    let mut jobs_of: HashMap<(&str, &str), u32> = HashMap::new();
+    for (job, plan) in jobs.iter().zip(plans.iter()) {
+        for agent in plan.targets.keys() {
+            *jobs_of.entry((namespace(job.as_ref()), agent)).or_default() += 1;
+        }
+    }
     // (namespace, agent, package) → every job's claim on it.
-    let mut claims: BTreeMap<(String, &str, &str), Vec<Claim>> = BTreeMap::new();
+    let mut claims: BTreeMap<(&str, &str, &str), Vec<Claim>> = BTreeMap::new();
     for (j, (job, plan)) in jobs.iter().zip(plans.iter()).enumerate() {
-        let ns = job.namespace().unwrap_or_default();
+        let ns = namespace(job.as_ref());
         for (agent, assignments) in &plan.targets {
+            if jobs_of[&(ns, agent.as_str())] < 2 {
+                continue;
+            }
             for (i, a) in assignments.iter().enumerate() {
                 claims
-                    .entry((ns.clone(), agent, &a.package))
+                    .entry((ns, agent, &a.package))
                     .or_default()
                     .push((j, i));
             }
@@ -286,7 +309,8 @@ fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
         }
     }
     for (j, agent, i, winner) in superseded {
-        plans[j].targets.get_mut(&agent).expect("claimed")[i].superseded_by = Some(winner);
+        Assigned::edit(plans[j].targets.get_mut(&agent).expect("claimed"))[i].superseded_by =
+            Some(winner);
     }
     for (j, problem) in problems {
         if !plans[j].problems.iter().any(|(_, p)| *p == problem) {
@@ -296,7 +320,7 @@ fn settle_conflicts(jobs: &[&Arc<DistributionJob>], plans: &mut [JobPlan]) {
     // Dropped last, from the end, so the positions above hold.
     met.sort();
     for (j, agent, i) in met.into_iter().rev() {
-        plans[j].targets.get_mut(&agent).expect("claimed").remove(i);
+        Assigned::edit(plans[j].targets.get_mut(&agent).expect("claimed")).remove(i);
     }
 }
 
@@ -330,11 +354,10 @@ fn resolve_job(
 ) -> JobPlan {
     let mut plan = JobPlan::default();
     let job_key = format!("{ns}/{}", job.name_any());
-    let in_ns = |o: &dyn Fn() -> Option<String>| o().as_deref() == Some(ns);
 
     let mut chosen = Vec::new();
     for r in &job.spec.packages {
-        let in_namespace = packages.iter().filter(|p| in_ns(&|| p.namespace()));
+        let in_namespace = packages.iter().filter(|p| namespace(p.as_ref()) == ns);
         match r.choose(in_namespace, |p| &p.spec) {
             Some(p) => chosen.push(p.clone()),
             None => {
@@ -374,7 +397,7 @@ fn resolve_job(
     }
     let site_names: BTreeSet<String> = sites
         .iter()
-        .filter(|s| in_ns(&|| s.namespace()))
+        .filter(|s| namespace(s.as_ref()) == ns)
         .map(|s| s.name_any())
         .collect();
     let mut target_sites = BTreeSet::new();
@@ -393,12 +416,19 @@ fn resolve_job(
         }
     }
     let dest = &job.spec.destinations;
-    let agent_names: BTreeSet<String> = agents
+    let agent_names: HashSet<&str> = match dest.agents.is_empty() {
+        true => HashSet::new(),
+        false => agents
+            .iter()
+            .filter(|a| namespace(a.as_ref()) == ns)
+            .map(|a| name(a.as_ref()))
+            .collect(),
+    };
+    for name in dest
+        .agents
         .iter()
-        .filter(|a| in_ns(&|| a.namespace()))
-        .map(|a| a.name_any())
-        .collect();
-    for name in dest.agents.iter().filter(|n| !agent_names.contains(*n)) {
+        .filter(|n| !agent_names.contains(n.as_str()))
+    {
         plan.problems.push((
             reasons::UNKNOWN_AGENT,
             format!("agent {name} not found in namespace {ns}"),
@@ -436,7 +466,7 @@ fn resolve_job(
             let named: Vec<&Package> = chosen.iter().map(|p| p.as_ref()).collect();
             let pool: Vec<&Package> = packages
                 .iter()
-                .filter(|p| in_ns(&|| p.namespace()))
+                .filter(|p| namespace(p.as_ref()) == ns)
                 .map(|p| p.as_ref())
                 .collect();
             let (order, failed) = requires::resolve(&named, &pool);
@@ -478,7 +508,7 @@ fn resolve_job(
             deferral: job.spec.deferral.clone(),
             required_by,
             require_signature: cabinets.iter().any(|c| {
-                in_ns(&|| c.namespace())
+                namespace(c.as_ref()) == ns
                     && c.name_any() == p.spec.cabinet
                     && c.spec.require_signatures
             }),
@@ -504,15 +534,29 @@ fn resolve_job(
         let everyone = r.sites.is_empty() && r.agents.is_empty();
         move |a: &Agent| everyone || sites.contains(&a.spec.site) || named(&r.agents, a)
     });
+    // Shared by every target: one list for those a retry reaches (or
+    // every one), another for those it does not.
+    let excluded = Assigned::new(
+        assignments
+            .iter()
+            .cloned()
+            .map(|a| Assignment {
+                retry_excluded: true,
+                ..a
+            })
+            .collect(),
+    );
+    let assignments = Assigned::new(assignments);
     for a in agents
         .iter()
-        .filter(|a| in_ns(&|| a.namespace()) && a.spec.approved && selected(a))
+        .filter(|a| namespace(a.as_ref()) == ns && a.spec.approved && selected(a))
     {
-        let mut mine = assignments.clone();
-        if retry.as_ref().is_some_and(|reaches| !reaches(a)) {
-            mine.iter_mut().for_each(|m| m.retry_excluded = true);
-        }
-        plan.targets.insert(a.name_any(), mine);
+        let mine = match retry.as_ref().is_some_and(|reaches| !reaches(a)) {
+            true => &excluded,
+            false => &assignments,
+        };
+        plan.targets
+            .insert(name(a.as_ref()).to_string(), mine.clone());
     }
     plan
 }

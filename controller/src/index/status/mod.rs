@@ -13,14 +13,14 @@ use caravan_api::{
 };
 use kube::{
     runtime::events::{Event, EventType},
-    Resource, ResourceExt,
+    Resource,
 };
 
 use super::{
-    key_of,
+    name, namespace,
     outcome::{outcome, Outcome},
     plan::JobPlan,
-    Now, ObjectKey,
+    Now,
 };
 
 mod artifacts;
@@ -202,12 +202,12 @@ fn cut(mut text: String, max: usize) -> String {
 }
 
 /// Agents by `(namespace, name)`.
-pub type AgentIndex<'a> = HashMap<ObjectKey, &'a Agent>;
+pub type AgentIndex<'a> = HashMap<(&'a str, &'a str), &'a Agent>;
 
 pub fn agent_index(agents: &[Arc<Agent>]) -> AgentIndex<'_> {
     agents
         .iter()
-        .map(|a| (key_of(a.as_ref()), a.as_ref()))
+        .map(|a| ((namespace(a.as_ref()), name(a.as_ref())), a.as_ref()))
         .collect()
 }
 
@@ -233,20 +233,18 @@ pub fn job_status(
     let generation = job.meta().generation;
     let empty = JobPlan::default();
     let plan = plan.unwrap_or(&empty);
-    let ns = job.namespace();
+    let ns = namespace(job);
     let mut st = DistributionJobStatus {
         observed_generation: generation,
         ..Default::default()
     };
-    let mut rollup: BTreeMap<String, SiteRollup> = BTreeMap::new();
+    let mut rollup: BTreeMap<&str, SiteRollup> = BTreeMap::new();
     let mut first_conflict = None;
     for (name, assignments) in &plan.targets {
-        let agent = agents
-            .get(&(ns.clone().unwrap_or_default(), name.clone()))
-            .copied();
-        let site = agent.map(|a| a.spec.site.clone()).unwrap_or_default();
-        let r = rollup.entry(site.clone()).or_insert_with(|| SiteRollup {
-            site: site.clone(),
+        let agent = agents.get(&(ns, name.as_str())).copied();
+        let site = agent.map_or("", |a| a.spec.site.as_str());
+        let r = rollup.entry(site).or_insert_with(|| SiteRollup {
+            site: site.to_string(),
             ..Default::default()
         });
         r.total += 1;
@@ -268,7 +266,7 @@ pub fn job_status(
                 if st.failures.len() < MAX_FAILURES_LISTED {
                     st.failures.push(DestinationFailure {
                         agent: name.clone(),
-                        site,
+                        site: site.to_string(),
                         package,
                         reason: cut(reason, MAX_FAILURE_REASON_BYTES),
                         retry_at,

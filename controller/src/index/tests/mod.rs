@@ -44,10 +44,10 @@ fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
     assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
     assert_eq!(jp.targets["a2"][0].version, "1.10.0");
     assert_eq!(
-        plan.by_site[&key("kreuzberg")]["a2"].assignments[0].job,
+        plan.by_site[&key("kreuzberg")]["a2"].desired().assignments[0].job,
         "ns/j"
     );
-    assert!(plan.by_site[&key("paris")]["a3"].assignments.is_empty());
+    assert!(plan.by_site[&key("paris")]["a3"].assigned.is_empty());
 }
 
 #[test]
@@ -232,13 +232,13 @@ fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_
         at("12:00"),
     );
     let hq = &plan.by_site[&key("hq")];
-    assert!(hq["a1"].assignments.is_empty(), "nothing new is handed out");
+    assert!(hq["a1"].assigned.is_empty(), "nothing new is handed out");
     assert_eq!(
         hq["a1"].hold,
         ["hello", "helo"],
         "but nothing is taken away"
     );
-    assert!(!hq["a1"].frozen);
+    assert!(!hq["a1"].desired().frozen);
     assert!(
         !hq.contains_key("a2"),
         "an unapproved agent is not served: its relay turns it away"
@@ -330,8 +330,9 @@ fn the_index_gives_every_site_a_document_and_every_object_a_status() {
     let empty = &out.desired[&key("empty")];
     assert!(empty.agents.is_empty() && empty.blobs.is_empty());
     let hq = &out.desired[&key("hq")];
-    assert_eq!(hq.agents["a1"].assignments[0].package, "hello");
-    assert_eq!(hq.blobs, [hq.agents["a1"].assignments[0].digest]);
+    let a1 = hq.agents["a1"].desired();
+    assert_eq!(a1.assignments[0].package, "hello");
+    assert_eq!(hq.blobs, [a1.assignments[0].digest]);
     assert_eq!(
         (out.jobs.len(), out.packages.len(), out.cabinets.len()),
         (1, 1, 1)

@@ -84,7 +84,7 @@ impl Round {
             .by_site
             .values()
             .flat_map(|m| m.iter())
-            .filter(|(_, d)| !d.assignments.is_empty())
+            .filter(|(_, d)| d.assignments().next().is_some())
             .map(|(name, _)| name.clone())
             .collect()
     }
