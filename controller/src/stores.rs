@@ -1,5 +1,6 @@
 //! The controller's caches of the five kinds the distribution engine watches.
-//! The engine fills them (it runs the reflectors, see [`Writers::watch`]);
+//! A task of the engine's fills them (it runs the reflectors, see
+//! [`Writers::watch`]);
 //! everything else only reads them: the Git sync (package identity), the
 //! Site reconciler (agent counts), the distribution API (reports, the
 //! admission webhook) and the blob garbage collector.
@@ -112,7 +113,10 @@ where
     // list read from etcd 500 at a time outlived etcd's compaction (its
     // continue token expired after minutes of paging) and started over.
     // Unpaged: a list with a limit is sent without `resourceVersion=0`
-    // (kube-core's `ListParams`), i.e. read from etcd again.
+    // (kube-core's `ListParams`), i.e. read from etcd again. (With several
+    // API servers, one behind the others can answer a relist with an older
+    // state, for as long as it is behind; client-go's informers take that
+    // risk for their first list too.)
     watcher(ctx.all::<K>(), cache_lists())
         .default_backoff()
         // Nothing reads who set which field from the caches, and it is a

@@ -238,10 +238,11 @@ impl Signer {
                     };
                     (name.to_string(), signed)
                 }
-                _ => match last.take(ns, name) {
-                    Some(kept) => kept,
-                    None => continue,
-                },
+                // (Reused from last round's record, so it is there: each
+                // agent is in one site, once.)
+                _ => last
+                    .take(ns, name)
+                    .expect("a reused part has last round's record"),
             };
             self.signed.insert(ns, name, signed);
         }

@@ -26,11 +26,11 @@ use super::{
 /// Every site's desired state, its agents' parts not signed yet.
 pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentPlan>>;
 
-/// A job's assignments as every agent that has them as they are shares
-/// them: a job's packages are copied once per job, not once per agent
-/// (an agent whose list differs — retry excluded, a package lost to another
-/// job — has a copy of its own, made by [`Assigned::edit`]). The hash of its
-/// content is computed once, when first asked for.
+/// A job's assignments, one list shared by every agent that has them
+/// unchanged: they are copied once per job, not once per agent. An agent
+/// whose list differs (excluded from a retry, a package lost to another
+/// job) has a copy of its own, made by [`Assigned::edit`]. The hash of the
+/// list is computed once, when first asked for.
 #[derive(Debug, Default)]
 pub struct Assigned {
     list: Vec<Assignment>,
@@ -124,13 +124,18 @@ impl AgentPlan {
         h.finalize().into()
     }
 
-    /// The document (unsigned: no version nor expiry yet).
+    /// The document (unsigned: no version nor expiry yet). Every field is
+    /// named: one added to the document must be added to [`content`] too.
+    ///
+    /// [`content`]: AgentPlan::content
     pub fn desired(&self) -> AgentDesired {
         AgentDesired {
             agent: self.agent.clone(),
             assignments: self.assignments().cloned().collect(),
             hold: self.hold.clone(),
-            ..Default::default()
+            frozen: false,
+            version: 0,
+            expires: String::new(),
         }
     }
 }

@@ -391,6 +391,27 @@ mod tests {
     }
 
     #[test]
+    fn agents_that_join_or_leave_anywhere_in_name_order_are_each_told() {
+        let (a, b, c, d) = (part("a"), part("b"), part("c"), part("d"));
+        let i1 = DesiredIndex::default()
+            .next(site(&[("b1", &b), ("c1", &c), ("d1", &d)]))
+            .unwrap();
+        let (etag1, _) = i1.sites[&key()].answer(None, true, grant).unwrap().unwrap();
+        // a0 joins before every name and c2 between two; c1 leaves from the
+        // middle (c2 has its document); b1 and d1 are as they were.
+        let i2 = i1
+            .next(site(&[("a0", &a), ("b1", &b), ("c2", &c), ("d1", &d)]))
+            .unwrap();
+        let (_, delta) = i2.sites[&key()]
+            .answer(Some(&etag1), true, grant)
+            .unwrap()
+            .unwrap();
+        let delta = read(&delta);
+        assert_eq!(delta.agents.keys().collect::<Vec<_>>(), ["a0", "c2"]);
+        assert_eq!(delta.removed, ["c1"]);
+    }
+
+    #[test]
     fn a_site_made_anew_and_a_relay_too_far_behind_get_the_whole_state() {
         let a = part("a");
         let i1 = DesiredIndex::default().next(site(&[("a1", &a)])).unwrap();

@@ -72,20 +72,20 @@ impl Plan {
         let mut served: HashMap<(&str, &str), BTreeMap<String, AgentPlan>> = HashMap::new();
         let mut agent_keys: HashMap<(&str, &str), BTreeMap<String, String>> = HashMap::new();
         for a in agents.iter().filter(|a| a.spec.approved) {
-            let (ns, name) = (namespace(a.as_ref()), name(a.as_ref()));
+            let (ns, agent) = (namespace(a.as_ref()), name(a.as_ref()));
             let entry = AgentPlan {
-                agent: name.to_string(),
+                agent: agent.to_string(),
                 ..Default::default()
             };
             served
                 .entry((ns, a.spec.site.as_str()))
                 .or_default()
-                .insert(name.to_string(), entry);
+                .insert(agent.to_string(), entry);
             if !a.spec.public_key.is_empty() {
                 agent_keys
                     .entry((ns, a.spec.site.as_str()))
                     .or_default()
-                    .insert(name.to_string(), a.spec.public_key.clone());
+                    .insert(agent.to_string(), a.spec.public_key.clone());
             }
         }
         let mut jobs: Vec<_> = jobs.iter().collect();
@@ -158,8 +158,8 @@ impl Plan {
         }
         let mut plan = Plan::default();
         for (job, job_plan) in jobs.into_iter().zip(resolved) {
-            let (ns, name) = (namespace(job.as_ref()), name(job.as_ref()));
-            let job_key = format!("{ns}/{name}");
+            let (ns, job_name) = (namespace(job.as_ref()), name(job.as_ref()));
+            let job_key = format!("{ns}/{job_name}");
             for (agent, assignments) in &job_plan.targets {
                 let Some(a) = by_name
                     .get(&(ns, agent.as_str()))
@@ -203,7 +203,7 @@ impl Plan {
                 }
             }
             plan.jobs
-                .insert((ns.to_string(), name.to_string()), job_plan);
+                .insert((ns.to_string(), job_name.to_string()), job_plan);
         }
         let owned = |(ns, site): (&str, &str)| (ns.to_string(), site.to_string());
         plan.by_site = served.into_iter().map(|(k, v)| (owned(k), v)).collect();
@@ -536,24 +536,21 @@ fn resolve_job(
     });
     // Shared by every target: one list for those a retry reaches (or
     // every one), another for those it does not.
-    let excluded = Assigned::new(
-        assignments
-            .iter()
-            .cloned()
-            .map(|a| Assignment {
-                retry_excluded: true,
-                ..a
-            })
-            .collect(),
-    );
+    let excluded = retry.as_ref().map(|_| {
+        let excluded = assignments.iter().cloned().map(|a| Assignment {
+            retry_excluded: true,
+            ..a
+        });
+        Assigned::new(excluded.collect())
+    });
     let assignments = Assigned::new(assignments);
     for a in agents
         .iter()
         .filter(|a| namespace(a.as_ref()) == ns && a.spec.approved && selected(a))
     {
-        let mine = match retry.as_ref().is_some_and(|reaches| !reaches(a)) {
-            true => &excluded,
-            false => &assignments,
+        let mine = match (&retry, &excluded) {
+            (Some(reaches), Some(excluded)) if !reaches(a) => excluded,
+            _ => &assignments,
         };
         plan.targets
             .insert(name(a.as_ref()).to_string(), mine.clone());

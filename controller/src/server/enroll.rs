@@ -283,8 +283,20 @@ pub async fn enroll(
             };
             let created = match api.create(&PostParams::default(), &new_agent(&name)?).await {
                 Ok(a) => a,
-                // Another machine with a similar name and host ID prefix: use the whole host ID.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // This machine's other enrollment, at the same moment:
+                    // the next try finds its Agent.
+                    let taken = api.get_opt(&name).await.map_err(kube_error)?;
+                    if taken.is_some_and(|a| of_host(&a, host_id)) {
+                        return Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "host ID {host_id} is being enrolled by another request; retry"
+                            ),
+                        ));
+                    }
+                    // Another machine with a similar name and host ID
+                    // prefix: use the whole host ID.
                     name = agent_name(&req.hostname, host_id, host_id.len());
                     api.create(&PostParams::default(), &new_agent(&name)?)
                         .await
@@ -359,14 +371,19 @@ fn prove_key(agent: &Agent, req: &EnrollRequest, bootstrap_token: &str) -> Resul
         .map_err(|_| refuse("the enrollment is not signed with it".into()))
 }
 
-/// `<sanitized hostname>-<first n of host ID>`: readable and stable.
-/// The Agent of `host_id` in namespace `ns` (its `caravan.dev/host-id`
-/// label), if there is one. Not a list by label, which reads every Agent
-/// from etcd to filter them in the API server — seconds at 100,000 Agents,
-/// for each enrollment. First the names an enrollment gives it (a read
-/// each: the same machine enrolling twice at once finds its first try's
-/// Agent), then the controller's cache (an Agent declared in Git under
-/// another name, a machine renamed since), read again to be current.
+/// Whether `agent` is that of host ID `host_id` (its `caravan.dev/host-id` label).
+fn of_host(agent: &Agent, host_id: &str) -> bool {
+    agent.labels().get(labels::HOST_ID).map(String::as_str) == Some(host_id)
+}
+
+/// The Agent of `host_id` in namespace `ns`, if there is one (the oldest,
+/// should there be two). Not a list by label, which reads every Agent from
+/// etcd to filter them in the API server — seconds at 100,000 Agents, for
+/// each enrollment. First the names an enrollment gives it (a read each,
+/// current: a restart, a restored backup), then the controller's cache (an
+/// Agent declared in Git under another name, a machine renamed since),
+/// read again to be current. The cache trails the API server by its watch
+/// (THREAT_MODEL.md says what that allows).
 async fn find_agent(
     s: &AppState,
     api: &kube::Api<Agent>,
@@ -374,12 +391,12 @@ async fn find_agent(
     hostname: &str,
     host_id: &str,
 ) -> Result<Option<Agent>, kube::Error> {
-    let of_host = |a: &Agent| a.labels().get(labels::HOST_ID).map(String::as_str) == Some(host_id);
-    for n in [8, host_id.len()] {
-        if let Some(a) = api.get_opt(&agent_name(hostname, host_id, n)).await? {
-            if of_host(&a) {
-                return Ok(Some(a));
-            }
+    let mut names = vec![agent_name(hostname, host_id, 8)];
+    names.push(agent_name(hostname, host_id, host_id.len()));
+    names.dedup();
+    for name in &names {
+        if let Some(a) = api.get_opt(name).await?.filter(|a| of_host(a, host_id)) {
+            return Ok(Some(a));
         }
     }
     if !s.stores.ready() {
@@ -391,13 +408,20 @@ async fn find_agent(
     let cached = s
         .stores
         .agents
-        .find(|a| a.metadata.namespace.as_deref() == Some(ns) && of_host(a));
+        .state()
+        .into_iter()
+        .filter(|a| a.metadata.namespace.as_deref() == Some(ns) && of_host(a, host_id))
+        .min_by_key(|a| (a.metadata.creation_timestamp.clone(), a.name_any()));
     match cached {
-        Some(a) => Ok(api.get_opt(&a.name_any()).await?.filter(of_host)),
+        Some(a) => Ok(api
+            .get_opt(&a.name_any())
+            .await?
+            .filter(|a| of_host(a, host_id))),
         None => Ok(None),
     }
 }
 
+/// `<sanitized hostname>-<first n of host ID>`: readable and stable.
 fn agent_name(hostname: &str, host_id: &str, n: usize) -> String {
     let mut base: String = hostname
         .to_ascii_lowercase()
