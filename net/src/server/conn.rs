@@ -66,7 +66,8 @@ pub trait Shortcuts: Send + Sync + 'static {
 pub struct FileAnswer {
     /// Status and headers (`Content-Length` the length of `range`).
     pub head: Response<()>,
-    pub file: std::fs::File,
+    /// (Shared, perhaps, with other answers: it is read at offsets.)
+    pub file: std::sync::Arc<std::fs::File>,
     pub range: std::ops::Range<u64>,
     /// Kept until the body is sent (a cache lease, say).
     pub hold: Box<dyn Send>,
@@ -338,7 +339,7 @@ async fn send_file(socket: &TcpStream, answer: FileAnswer, close: bool) -> io::R
     while offset < range.end {
         let count = usize::try_from(range.end - offset).unwrap_or(usize::MAX);
         let n = socket_io(socket, || {
-            rustix::fs::sendfile(socket, &file, Some(&mut offset), count)
+            rustix::fs::sendfile(socket, &*file, Some(&mut offset), count)
         })
         .await?;
         if n == 0 {
@@ -602,7 +603,7 @@ mod tests {
                     super::super::blob_head(&Digest::of(&data), data.len() as u64, &req.headers);
                 FileAnswer {
                     head,
-                    file: std::fs::File::open(&self.file).unwrap(),
+                    file: std::sync::Arc::new(std::fs::File::open(&self.file).unwrap()),
                     range,
                     hold: Box::new(Dropped(self.dropped.clone())),
                 }

@@ -17,8 +17,9 @@ mod shared;
 
 use std::{
     collections::HashMap,
+    fs::File,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::SystemTime,
 };
 
@@ -52,6 +53,11 @@ pub struct Cache {
     in_use: Mutex<HashMap<Digest, usize>>,
     /// Responses reading blobs now, all together.
     serving: std::sync::atomic::AtomicUsize,
+    /// The open file of each cached blob being sent, shared by the
+    /// responses that send it (each reads at its own offsets): a blob sent
+    /// to 10,000 agents at once is one open file, not 10,000 against the
+    /// process's limit. Closed when the last response ends.
+    open: Mutex<HashMap<Digest, Weak<File>>>,
 }
 
 /// How a cache fetches and how big it may grow.
@@ -87,7 +93,21 @@ impl Cache {
             used: Mutex::new(HashMap::new()),
             in_use: Mutex::new(HashMap::new()),
             serving: Default::default(),
+            open: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The cached blob's file: the one open already, if a response is
+    /// sending it, else opened now.
+    fn file(&self, digest: &Digest) -> std::io::Result<Arc<File>> {
+        let mut open = self.open.lock().expect("lock poisoned");
+        if let Some(file) = open.get(digest).and_then(Weak::upgrade) {
+            return Ok(file);
+        }
+        let file = Arc::new(File::open(self.path(digest))?);
+        open.retain(|_, f| f.strong_count() > 0);
+        open.insert(*digest, Arc::downgrade(&file));
+        Ok(file)
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
@@ -115,7 +135,7 @@ impl Cache {
     /// upstream (once upstream has started sending it).
     pub async fn get(self: &Arc<Self>, digest: &Digest) -> Result<Reader, Arc<CacheError>> {
         let mut fetch = match self.start(digest).await {
-            Ok(path) => return Reader::cached(path, true).map_err(Arc::new),
+            Ok(path) => return Reader::cached(self.file(digest), path, true).map_err(Arc::new),
             Err(fetch) => fetch,
         };
         let len = loop {
@@ -135,14 +155,14 @@ impl Cache {
             // Over already (complete and moved into the cache, or failed).
             _ => {
                 let path = fetch.result.await?;
-                Reader::cached(path, false).map_err(Arc::new)
+                Reader::cached(self.file(digest), path, false).map_err(Arc::new)
             }
         }
     }
 
     /// The blob's file, if it is in the cache now.
-    pub fn cached(&self, digest: &Digest) -> Option<std::fs::File> {
-        let file = std::fs::File::open(self.path(digest)).ok()?;
+    pub fn cached(&self, digest: &Digest) -> Option<Arc<File>> {
+        let file = self.file(digest).ok()?;
         self.used
             .lock()
             .expect("lock poisoned")

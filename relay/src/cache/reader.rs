@@ -50,16 +50,20 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// A blob in the cache.
-    pub(super) fn cached(path: PathBuf, hit: bool) -> Result<Self, CacheError> {
+    /// A blob in the cache, `file` as opened from `path`.
+    pub(super) fn cached(
+        file: std::io::Result<Arc<std::fs::File>>,
+        path: PathBuf,
+        hit: bool,
+    ) -> Result<Self, CacheError> {
         let io = |source| CacheError::Io {
             path: path.clone(),
             source,
         };
-        let file = std::fs::File::open(&path).map_err(io)?;
+        let file = file.map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         Ok(Self {
-            file: Arc::new(file),
+            file,
             len,
             hit,
             fetch: None,
@@ -221,13 +225,39 @@ mod tests {
         let data = blob(1 << 20);
         let digest = caravan_api::Digest::of(&data);
         std::fs::write(cache.path(&digest), &data).unwrap();
-        let reader = Reader::cached(cache.path(&digest), true).unwrap();
+        let reader = Reader::cached(cache.file(&digest), cache.path(&digest), true).unwrap();
         assert_eq!((reader.len, reader.hit), (1 << 20, true));
         let got = read_all(reader, 1000..600_000, cache.lease(&digest))
             .await
             .unwrap();
         assert_eq!(got, &data[1000..600_000]);
         assert_eq!(cache.serving(), 0, "the lease ends with the response");
+    }
+
+    #[tokio::test]
+    async fn a_blob_sent_to_many_at_once_is_one_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = test_cache(dir.path(), None).await;
+        let data = blob(1000);
+        let digest = caravan_api::Digest::of(&data);
+        std::fs::write(cache.path(&digest), &data).unwrap();
+        let open_files = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open_files();
+        // Zero-copy answers and streamed ones alike.
+        let sent: Vec<_> = (0..100).map(|_| cache.cached(&digest).unwrap()).collect();
+        let mut streamed = vec![];
+        for _ in 0..100 {
+            streamed.push(cache.get(&digest).await.unwrap());
+        }
+        assert_eq!(open_files(), before + 1);
+        drop((sent, streamed));
+        assert_eq!(open_files(), before, "closed with the last answer");
+        // And opened again for the next.
+        let again = cache.get(&digest).await.unwrap();
+        let got = read_all(again, 0..1000, cache.lease(&digest))
+            .await
+            .unwrap();
+        assert_eq!(got, data);
     }
 
     #[tokio::test]
