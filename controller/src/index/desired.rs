@@ -31,7 +31,7 @@ pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentPlan>>;
 /// whose list differs (excluded from a retry, a package lost to another
 /// job) has a copy of its own, made by [`Assigned::edit`]. The hash of the
 /// list is computed once, when first asked for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Assigned {
     list: Vec<Assignment>,
     content: OnceLock<[u8; 32]>,

@@ -51,10 +51,7 @@ pub type ObjectKey = (String, String);
 pub type SiteKey = ObjectKey;
 
 pub fn key_of<K: Resource>(o: &K) -> ObjectKey {
-    (
-        o.meta().namespace.clone().unwrap_or_default(),
-        o.meta().name.clone().unwrap_or_default(),
-    )
+    (namespace(o).to_string(), name(o).to_string())
 }
 
 /// An object's namespace, borrowed (empty if it has none).

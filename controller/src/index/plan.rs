@@ -123,7 +123,7 @@ impl Plan {
                 let known = |s: &String| {
                     sites
                         .iter()
-                        .any(|x| x.namespace().as_deref() == Some(ns) && x.name_any() == *s)
+                        .any(|x| namespace(x.as_ref()) == ns && name(x.as_ref()) == s)
                 };
                 match r
                     .batches

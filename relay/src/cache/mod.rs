@@ -135,7 +135,7 @@ impl Cache {
     /// upstream (once upstream has started sending it).
     pub async fn get(self: &Arc<Self>, digest: &Digest) -> Result<Reader, Arc<CacheError>> {
         let mut fetch = match self.start(digest).await {
-            Ok(path) => return Reader::cached(self.file(digest), path, true).map_err(Arc::new),
+            Ok(_) => return self.reader(digest, true).map_err(Arc::new),
             Err(fetch) => fetch,
         };
         let len = loop {
@@ -154,10 +154,15 @@ impl Cache {
             Ok(file) if len > 0 => Ok(Reader::arriving(file, len, fetch)),
             // Over already (complete and moved into the cache, or failed).
             _ => {
-                let path = fetch.result.await?;
-                Reader::cached(self.file(digest), path, false).map_err(Arc::new)
+                fetch.result.await?;
+                self.reader(digest, false).map_err(Arc::new)
             }
         }
+    }
+
+    /// A reader of the cached blob.
+    fn reader(&self, digest: &Digest, hit: bool) -> Result<Reader, CacheError> {
+        Reader::cached(self.file(digest), self.path(digest), hit)
     }
 
     /// The blob's file, if it is in the cache now.

@@ -225,7 +225,7 @@ mod tests {
         let data = blob(1 << 20);
         let digest = caravan_api::Digest::of(&data);
         std::fs::write(cache.path(&digest), &data).unwrap();
-        let reader = Reader::cached(cache.file(&digest), cache.path(&digest), true).unwrap();
+        let reader = cache.reader(&digest, true).unwrap();
         assert_eq!((reader.len, reader.hit), (1 << 20, true));
         let got = read_all(reader, 1000..600_000, cache.lease(&digest))
             .await
