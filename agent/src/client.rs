@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use caravan_api::{
     trust::Envelope,
     wire::{
-        paths, EnrollRequest, EnrollResponse, RenewRequest, MAX_AGENT_DESIRED_BYTES,
+        paths, AgentServed, EnrollRequest, EnrollResponse, RenewRequest, MAX_AGENT_DESIRED_BYTES,
         MAX_SMALL_ANSWER_BYTES, MAX_WAIT_SECONDS,
     },
     Digest,
@@ -229,12 +229,13 @@ impl Client {
             .map_err(|source| ClientError::Body { url, error: source })
     }
 
-    /// Long-polls the agent's signed desired state; `Ok(None)` when unchanged.
+    /// Long-polls the agent's signed desired state (and the assignment
+    /// lists it names); `Ok(None)` when unchanged.
     pub async fn desired(
         &self,
         etag: Option<&str>,
         wait: u64,
-    ) -> Result<Option<(String, Envelope)>, ClientError> {
+    ) -> Result<Option<(String, AgentServed)>, ClientError> {
         let url = format!("{}{}", self.base, paths::poll(paths::DESIRED, wait));
         let res = self
             .send(

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use caravan_api::trust::{Envelope, TrustError};
+use caravan_api::{trust::TrustError, wire::AgentServed};
 use caravan_net::Backoff;
 
 use crate::{
@@ -63,9 +63,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             continue;
         };
         match polled {
-            Ok(Some((new_etag, envelope))) => {
+            Ok(Some((new_etag, served))) => {
                 etag = Some(new_etag);
-                let refused = judge(&mut trust, &mut agent, &envelope).await?;
+                let refused = judge(&mut trust, &mut agent, &served).await?;
                 let ok = agent.converge().await;
                 if config.once {
                     if let Some(e) = refused {
@@ -176,7 +176,7 @@ async fn ensure_trust(config: &Config, state: &StateDir, client: &Client) -> any
 async fn judge(
     trust: &mut Trust,
     agent: &mut Converger,
-    envelope: &Envelope,
+    served: &AgentServed,
 ) -> anyhow::Result<Option<TrustError>> {
     let me = agent
         .state
@@ -184,8 +184,10 @@ async fn judge(
         .map(|c| c.agent)
         .context("enrolled, but the credentials are gone")?;
     let now = chrono::Utc::now();
-    let mut verdict = trust.judge(envelope, &me, now);
-    if matches!(verdict, Err(TrustError::NotSigned { .. })) && !envelope.signatures.is_empty() {
+    let mut verdict = trust.judge(served, &me, now);
+    if matches!(verdict, Err(TrustError::NotSigned { .. }))
+        && !served.document.signatures.is_empty()
+    {
         // Signed by a key this agent does not know: perhaps the controller
         // rotated its root. Follow the chain the relay offers, if it holds.
         match agent
@@ -198,7 +200,7 @@ async fn judge(
             Ok(true) => {
                 trust.save(&agent.state)?;
                 tracing::info!(root = %caravan_api::trust::fingerprint(&trust.root)?, "followed the controller's root rotation");
-                verdict = trust.judge(envelope, &me, now);
+                verdict = trust.judge(served, &me, now);
             }
             Ok(false) => {}
             Err(e) => {

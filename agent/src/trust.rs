@@ -8,7 +8,7 @@
 
 use caravan_api::{
     trust::{self, Accepted, Envelope, Root, TrustError},
-    wire::AgentDesired,
+    wire::{AgentDesired, AgentDocument, AgentServed},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -76,22 +76,23 @@ impl Trust {
     /// caller saves `self`, which now remembers the version.
     pub fn judge(
         &mut self,
-        envelope: &Envelope,
+        served: &AgentServed,
         agent: &str,
         now: DateTime<Utc>,
     ) -> Result<Verdict, TrustError> {
         let root = self.root()?;
-        match trust::verify_desired(envelope, &root, agent, self.accepted.as_ref(), now) {
+        match trust::verify_desired(served, &root, agent, self.accepted.as_ref(), now) {
             Ok((desired, accepted)) => {
                 self.accepted = Some(accepted);
                 Ok(Verdict::Accept(desired))
             }
-            Err(TrustError::NotSigned { .. }) if envelope.signatures.is_empty() => {
-                let frozen = envelope
+            Err(TrustError::NotSigned { .. }) if served.document.signatures.is_empty() => {
+                let frozen = served
+                    .document
                     .unverified_payload()
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<AgentDesired>(&b).ok())
-                    .is_some_and(|d| d == AgentDesired::frozen(agent));
+                    .and_then(|b| serde_json::from_slice::<AgentDocument>(&b).ok())
+                    .is_some_and(|d| d == AgentDocument::frozen(agent));
                 if frozen {
                     Ok(Verdict::NotDescribed)
                 } else {
@@ -123,8 +124,12 @@ mod tests {
     use caravan_api::trust::DESIRED_TYPE;
     use ed25519_dalek::SigningKey;
 
-    fn signed(d: &AgentDesired, key: &SigningKey) -> Envelope {
-        Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), &[key])
+    /// `d` as a relay serves it, signed by `keys`.
+    fn served(d: &AgentDocument, keys: &[&SigningKey]) -> AgentServed {
+        AgentServed {
+            document: Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), keys),
+            lists: Default::default(),
+        }
     }
 
     #[test]
@@ -132,13 +137,7 @@ mod tests {
         let key = SigningKey::from_bytes(&[3; 32]);
         let mut trust = Trust::pin(&[Root::signed(1, &[&key])], None).unwrap();
         let now = Utc::now();
-        let frozen = |agent: &str| {
-            Envelope::sign(
-                DESIRED_TYPE,
-                &serde_json::to_vec(&AgentDesired::frozen(agent)).unwrap(),
-                &[],
-            )
-        };
+        let frozen = |agent: &str| served(&AgentDocument::frozen(agent), &[]);
         assert!(matches!(
             trust.judge(&frozen("a1"), "a1", now),
             Ok(Verdict::NotDescribed)
@@ -146,23 +145,21 @@ mod tests {
         // Another agent's frozen document, or an unsigned one asking for
         // anything at all, is refused.
         assert!(trust.judge(&frozen("a2"), "a1", now).is_err());
-        let d = AgentDesired {
+        let d = AgentDocument {
             agent: "a1".into(),
             version: 7,
             expires: (now + chrono::Duration::hours(1)).to_rfc3339(),
             ..Default::default()
         };
-        let unsigned = Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(&d).unwrap(), &[]);
         assert!(matches!(
-            trust.judge(&unsigned, "a1", now),
+            trust.judge(&served(&d, &[]), "a1", now),
             Err(TrustError::NotSigned { .. })
         ));
-        assert!(matches!(
-            trust.judge(&signed(&d, &key), "a1", now),
-            Ok(Verdict::Accept(_))
-        ));
+        let Ok(Verdict::Accept(accepted)) = trust.judge(&served(&d, &[&key]), "a1", now) else {
+            panic!("a signed document is accepted")
+        };
         assert_eq!(trust.accepted.as_ref().unwrap().version, 7);
-        assert!(expired(&d, now).is_none());
-        assert!(expired(&d, now + chrono::Duration::hours(2)).is_some());
+        assert!(expired(&accepted, now).is_none());
+        assert!(expired(&accepted, now + chrono::Duration::hours(2)).is_some());
     }
 }

@@ -53,6 +53,11 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The blob's strong HTTP validator: its hex digits, quoted.
     pub fn etag(&self) -> String {
         format!("\"{}\"", self.hex())

@@ -10,7 +10,8 @@
 //!   agent pins one at enrollment and follows a rotation only through a
 //!   chain of roots, each signed by the keys of the one before and its own.
 //! - The controller signs each agent's whole desired state
-//!   ([`crate::wire::AgentDesired`], with a version and an expiry) under the
+//!   ([`crate::wire::AgentDocument`], with a version and an expiry, naming
+//!   its assignment lists by digest) under the
 //!   root's keys; see [`verify_desired`] for what an agent refuses.
 //! - Each agent signs its reports ([`crate::wire::AgentReport`], with a
 //!   sequence that only grows) with the key it enrolled with, so a relay
@@ -24,8 +25,10 @@ use sha2::{Digest as _, Sha256};
 pub use crate::wire::{Envelope, EnvelopeSignature};
 use crate::{
     signing,
-    wire::{AgentDesired, AgentReport},
+    wire::{AgentDesired, AgentDocument, AgentReport, AgentServed, AssignmentList, ListError},
+    Digest,
 };
+use std::collections::BTreeMap;
 
 /// What an endpoint needs to enroll at a site and to trust what it is told
 /// there, in one file: `caravan token create --bundle FILE` writes it from
@@ -79,6 +82,14 @@ pub enum TrustError {
     RootOutOfOrder { current: u64, found: u64 },
     #[error("report sequence {found} is not newer than {accepted}, accepted already (a replay, or the endpoint's clock went back)")]
     Replayed { accepted: u64, found: u64 },
+    #[error("desired state version {version} names assignment list {list}, which was not served with it (withheld)")]
+    ListWithheld { version: u64, list: Digest },
+    #[error("assignment list {list} of desired state version {version} was refused: {error}")]
+    ListRefused {
+        version: u64,
+        list: Digest,
+        error: ListError,
+    },
 }
 
 impl TrustError {
@@ -94,6 +105,8 @@ impl TrustError {
             Self::Expired { .. } => "Expired",
             Self::RootOutOfOrder { .. } => "RootOutOfOrder",
             Self::Replayed { .. } => "Replayed",
+            Self::ListWithheld { .. } => "ListWithheld",
+            Self::ListRefused { .. } => "ListRefused",
         }
     }
 
@@ -315,58 +328,91 @@ pub struct Accepted {
     pub payload_sha256: String,
 }
 
-/// The desired state in `envelope`, if it is signed under `root`, for
-/// `agent`, not older than what was `accepted` (a rollback), not a second
-/// content under an accepted version, and not expired at `now`. Returns it
-/// and what to remember as accepted.
+/// The desired state `served`, if its document is signed under `root`,
+/// for `agent`, not older than what was `accepted` (a rollback), not a
+/// second content under an accepted version, and not expired at `now`, and
+/// every assignment list it names was served with it, unchanged. Returns it
+/// (the lists put in) and what to remember as accepted.
 pub fn verify_desired(
-    envelope: &Envelope,
+    served: &AgentServed,
     root: &Root,
     agent: &str,
     accepted: Option<&Accepted>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(AgentDesired, Accepted), TrustError> {
-    let body = envelope.verify(
+    let body = served.document.verify(
         DESIRED_TYPE,
         &root.verifying_keys()?,
         root.threshold as usize,
     )?;
-    let desired: AgentDesired =
+    let document: AgentDocument =
         serde_json::from_slice(&body).map_err(|e| TrustError::Malformed(e.to_string()))?;
-    if desired.agent != agent {
+    if document.agent != agent {
         return Err(TrustError::OtherAgent {
             expected: agent.into(),
-            found: desired.agent,
+            found: document.agent,
         });
     }
     let sha = hex::encode(Sha256::digest(&body));
+    let version = document.version;
     if let Some(a) = accepted {
-        if desired.version < a.version {
+        if version < a.version {
             return Err(TrustError::Rollback {
                 accepted: a.version,
-                found: desired.version,
+                found: version,
             });
         }
-        if desired.version == a.version && sha != a.payload_sha256 {
-            return Err(TrustError::Equivocation {
-                version: desired.version,
-            });
+        if version == a.version && sha != a.payload_sha256 {
+            return Err(TrustError::Equivocation { version });
         }
     }
-    let expired = chrono::DateTime::parse_from_rfc3339(&desired.expires)
+    let expired = chrono::DateTime::parse_from_rfc3339(&document.expires)
         .map(|t| t <= now)
         .unwrap_or(true);
     if expired {
         return Err(TrustError::Expired {
-            version: desired.version,
-            expires: desired.expires,
+            version,
+            expires: document.expires,
         });
     }
+    let desired = with_lists(document, &served.lists)?;
     let accepted = Accepted {
-        version: desired.version,
+        version,
         payload_sha256: sha,
     };
     Ok((desired, accepted))
+}
+
+/// `document` with the assignment lists it names put in, each checked
+/// against its digest (the document itself is not checked here: see
+/// [`verify_desired`]).
+pub fn with_lists(
+    document: AgentDocument,
+    lists: &BTreeMap<Digest, AssignmentList>,
+) -> Result<AgentDesired, TrustError> {
+    let version = document.version;
+    let mut assignments = Vec::new();
+    for &list in &document.lists {
+        let served = lists
+            .get(&list)
+            .ok_or(TrustError::ListWithheld { version, list })?;
+        let opened = served
+            .open(&list)
+            .map_err(|error| TrustError::ListRefused {
+                version,
+                list,
+                error,
+            })?;
+        assignments.extend(opened);
+    }
+    Ok(AgentDesired {
+        agent: document.agent,
+        assignments,
+        hold: document.hold,
+        frozen: document.frozen,
+        version,
+        expires: document.expires,
+    })
 }
 
 /// `report`, signed with the agent's `key`.
@@ -428,8 +474,8 @@ mod tests {
         SigningKey::from_bytes(&[n; 32])
     }
 
-    fn desired(agent: &str, version: u64, expires: &str) -> AgentDesired {
-        AgentDesired {
+    fn desired(agent: &str, version: u64, expires: &str) -> AgentDocument {
+        AgentDocument {
             agent: agent.into(),
             version,
             expires: expires.into(),
@@ -437,8 +483,11 @@ mod tests {
         }
     }
 
-    fn sign(d: &AgentDesired, k: &SigningKey) -> Envelope {
-        Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), &[k])
+    fn sign(d: &AgentDocument, k: &SigningKey) -> AgentServed {
+        AgentServed {
+            document: Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), &[k]),
+            lists: Default::default(),
+        }
     }
 
     const LATER: &str = "2100-01-01T00:00:00Z";
@@ -466,18 +515,18 @@ mod tests {
         let e = verify_desired(&doc, &root, "a2", None, now);
         assert!(matches!(e, Err(TrustError::OtherAgent { .. })), "{e:?}");
         let mut retyped = doc.clone();
-        retyped.payload_type = ROOT_TYPE.into();
+        retyped.document.payload_type = ROOT_TYPE.into();
         assert!(matches!(
             verify_desired(&retyped, &root, "a1", None, now),
             Err(TrustError::WrongType { .. })
         ));
         let mut tampered = doc.clone();
-        let mut body = B64.decode(&tampered.payload).unwrap();
+        let mut body = B64.decode(&tampered.document.payload).unwrap();
         body[5] ^= 1;
-        tampered.payload = B64.encode(body);
+        tampered.document.payload = B64.encode(body);
         assert!(verify_desired(&tampered, &root, "a1", None, now).is_err());
         let mut unsigned = doc.clone();
-        unsigned.signatures.clear();
+        unsigned.document.signatures.clear();
         assert!(matches!(
             verify_desired(&unsigned, &root, "a1", None, now),
             Err(TrustError::NotSigned { .. })
@@ -531,6 +580,63 @@ mod tests {
             now,
         );
         assert!(matches!(e, Err(TrustError::Expired { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn every_list_a_document_names_must_be_served_unchanged() {
+        use crate::wire::{Assignment, AssignmentList};
+        let k = key(1);
+        let root = Root::first(&Root::signed(1, &[&k]), None).unwrap();
+        let now = chrono::Utc::now();
+        let list = |package: &str| {
+            let a: Assignment = serde_json::from_value(serde_json::json!({
+                "job": "ns/j", "action": "install", "package": package, "version": "1",
+                "digest": Digest::of(package.as_bytes()), "size": 1, "install": {},
+            }))
+            .unwrap();
+            AssignmentList::new(&[a])
+        };
+        let ((d1, l1), (d2, l2)) = (list("one"), list("two"));
+        let mut doc = desired("a1", 5, LATER);
+        doc.lists = vec![d2, d1];
+        let mut served = sign(&doc, &k);
+        served.lists = [(d1, l1.clone()), (d2, l2.clone())].into();
+        let (d, _) = verify_desired(&served, &root, "a1", None, now).unwrap();
+        let packages: Vec<_> = d.assignments.iter().map(|a| a.package.as_str()).collect();
+        assert_eq!(packages, ["two", "one"], "in the document's order");
+        // Withheld.
+        let mut withheld = served.clone();
+        withheld.lists.remove(&d1);
+        let e = verify_desired(&withheld, &root, "a1", None, now).unwrap_err();
+        assert_eq!(
+            e,
+            TrustError::ListWithheld {
+                version: 5,
+                list: d1
+            }
+        );
+        assert!(e.to_string().contains(&d1.to_string()), "{e}");
+        // Another list under the digest, or the list's bytes changed.
+        let mut swapped = served.clone();
+        swapped.lists.insert(d1, l2.clone());
+        let e = verify_desired(&swapped, &root, "a1", None, now).unwrap_err();
+        assert!(
+            matches!(e, TrustError::ListRefused { list, error: ListError::Tampered, .. } if list == d1),
+            "{e:?}"
+        );
+        let touched = l1.json().replace("one", "evil");
+        let mut touched_served = served.clone();
+        touched_served
+            .lists
+            .insert(d1, serde_json::from_str(&touched).unwrap());
+        assert!(matches!(
+            verify_desired(&touched_served, &root, "a1", None, now),
+            Err(TrustError::ListRefused { .. })
+        ));
+        // Lists the document does not name change nothing.
+        let mut extra = served.clone();
+        extra.lists.insert(Digest::of(b"x"), l2);
+        assert_eq!(verify_desired(&extra, &root, "a1", None, now).unwrap().0, d);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! |---|---|---|
 //! | `POST /v1/enroll` | a BootstrapToken of the site (checked by the controller) | [`EnrollRequest`] → [`EnrollResponse`] |
 //! | `POST /v1/renew` | proof of the agent's key | [`RenewRequest`] → [`EnrollResponse`] |
-//! | `GET  /v1/desired` | agent token | long-poll → [`Envelope`] of [`AgentDesired`] (signed by the controller) |
+//! | `GET  /v1/desired` | agent token | long-poll → [`AgentServed`]: an [`Envelope`] of [`AgentDocument`] (signed by the controller) and the lists it names |
 //! | `GET  /v1/roots` | agent token | → `Vec<`[`Envelope`]`>` of `trust::Root`, oldest first |
 //! | `GET  /v1/blobs/sha256:<hex>` | agent token (its own blobs), child relay token (the lower sites' blobs) | blob bytes, `Range` + `If-Range` |
 //! | `POST /v1/report` | agent token | [`Envelope`] of [`AgentReport`] (signed with the agent's key) |
@@ -200,7 +200,9 @@ impl Assignment {
     }
 }
 
-/// Everything assigned to one agent.
+/// Everything assigned to one agent, as the agent acts on it: its signed
+/// [`AgentDocument`] with the assignment lists it names put in, each
+/// verified against its digest (`trust::verify_desired`).
 ///
 /// An agent removes a package it installed only when no assignment installs
 /// it and it is not held: a suspended job, or a job whose package reference
@@ -238,20 +240,136 @@ impl AgentDesired {
     }
 }
 
+/// What the controller signs for one agent: its [`AgentDesired`] with the
+/// assignments named by the digests of their lists rather than carried. A
+/// job's list is the same for most of its agents: it is made, sent to each
+/// relay and kept there once, and a change that reaches every agent of a
+/// site re-signs a few hundred bytes per agent, not every assignment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentDocument {
+    pub agent: String,
+    /// The agent's assignments: the lists ([`AssignmentList`]) with these
+    /// digests, in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lists: Vec<Digest>,
+    /// As in [`AgentDesired`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold: Vec<String>,
+    /// As in [`AgentDesired`].
+    #[serde(default)]
+    pub frozen: bool,
+    /// As in [`AgentDesired`].
+    #[serde(default)]
+    pub version: u64,
+    /// As in [`AgentDesired`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expires: String,
+}
+
+impl AgentDocument {
+    /// The document of an agent the controller has not described (yet).
+    pub fn frozen(agent: &str) -> Self {
+        Self {
+            agent: agent.to_string(),
+            frozen: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// A list of assignments (`[Assignment]` in JSON) as sent: the exact bytes
+/// whose sha256 is the digest that names it, passed on by relays untouched.
+#[derive(Clone, Debug)]
+pub struct AssignmentList(std::sync::Arc<serde_json::value::RawValue>);
+
+impl AssignmentList {
+    /// The list as sent, and its digest.
+    pub fn new(list: &[Assignment]) -> (Digest, Self) {
+        let json = serde_json::to_string(list).expect("wire types serialize");
+        let digest = Digest::of(json.as_bytes());
+        let raw = serde_json::value::RawValue::from_string(json).expect("serialized as JSON");
+        (digest, Self(raw.into()))
+    }
+
+    /// The bytes the digest is of.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The list, if these bytes are the list named `digest`.
+    pub fn open(&self, digest: &Digest) -> Result<Vec<Assignment>, ListError> {
+        if Digest::of(self.json().as_bytes()) != *digest {
+            return Err(ListError::Tampered);
+        }
+        serde_json::from_str(self.json()).map_err(|e| ListError::Malformed(e.to_string()))
+    }
+}
+
+/// Why an [`AssignmentList`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    #[error("its bytes do not hash to its digest")]
+    Tampered,
+    #[error("not a list of assignments: {0}")]
+    Malformed(String),
+}
+
+impl PartialEq for AssignmentList {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Eq for AssignmentList {}
+
+impl Serialize for AssignmentList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AssignmentList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(|raw| Self(raw.into()))
+    }
+}
+
+/// An agent's desired state as its relay serves it (`GET /v1/desired`):
+/// the document the controller signed for the agent, and the assignment
+/// lists it names, which the agent checks against their digests. (A relay
+/// writes it from the parts it keeps: `D` and `L` as borrowed there.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentServed<D = Envelope, L = BTreeMap<Digest, AssignmentList>> {
+    /// An [`Envelope`] of the agent's [`AgentDocument`].
+    pub document: D,
+    /// The lists by digest.
+    #[serde(default)]
+    pub lists: L,
+}
+
 /// What every agent of one site must have, keyed by agent name: each
-/// agent's [`AgentDesired`] signed by the controller (`A` = [`Envelope`]),
-/// as served; the controller's index computes it unsigned first.
+/// agent's [`AgentDocument`] signed by the controller (`A` = [`Envelope`]),
+/// as served, and the assignment lists they name; the controller's index
+/// computes it unsigned first.
 ///
 /// To a relay that asks for them ([`DELTAS_PARAM`]) and holds an earlier
 /// revision, the controller answers with changes: `since` names the revision
 /// they apply to, `agents` and `agent_keys` hold only the agents whose
-/// document or key changed (an agent's entry is replaced whole), `removed`
-/// the agents no longer served; every other field is whole.
+/// document or key changed (an agent's entry is replaced whole), `lists`
+/// the lists their documents name, `removed` the agents no longer served;
+/// every other field is whole. A relay keeps the lists its agents'
+/// documents name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SiteDesired<A = Envelope> {
     pub site: String,
     pub agents: BTreeMap<String, A>,
+    /// The assignment lists the agents' documents name, each once (in an
+    /// answer of changes: those the changed agents' documents name).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lists: BTreeMap<Digest, AssignmentList>,
     /// Every blob assigned to the site's agents (the relay need not open
     /// the signed documents to know what to keep).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -305,6 +423,7 @@ impl<A> Default for SiteDesired<A> {
         Self {
             site: String::new(),
             agents: BTreeMap::new(),
+            lists: BTreeMap::new(),
             blobs: vec![],
             prestage: vec![],
             lower: vec![],
@@ -337,6 +456,7 @@ impl<A> SiteDesired<A> {
         SiteDesired {
             site: self.site,
             agents,
+            lists: self.lists,
             blobs: self.blobs,
             prestage: self.prestage,
             lower: self.lower,

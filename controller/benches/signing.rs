@@ -2,8 +2,10 @@
 //! throughput in documents per second — for documents that changed (an
 //! ed25519 signature each) and for unchanged ones (a content hash each,
 //! the signature reused) — against the peer of serializing the same
-//! documents unsigned, as the controller did before; the agent's time
-//! to verify one document; and what a signed report costs the agent that
+//! documents unsigned with their assignments in them, as the controller
+//! did before it signed them, and before they named their jobs'
+//! assignment lists by digest; the agent's time to verify one document
+//! (its lists included); and what a signed report costs the agent that
 //! signs it and the controller that verifies it.
 //!
 //! `cargo bench -p caravan-controller --bench signing [-- AGENTS ASSIGNMENTS]`
@@ -15,7 +17,7 @@ use caravan_api::{
     signing,
     trust::{pin, verify_desired},
     v1alpha1::{InstallSpec, JobAction},
-    wire::{AgentDesired, Assignment, Envelope, SiteDesired},
+    wire::{AgentDesired, AgentServed, Assignment, SiteDesired},
     Digest,
 };
 use caravan_controller::{
@@ -104,10 +106,18 @@ fn main() -> anyhow::Result<()> {
     let docs = documents(agents, assignments);
     let now = chrono::Utc::now();
 
-    // Peer: the same site documents serialized unsigned, as served before.
+    // Peer: the same site documents serialized unsigned, each with its
+    // assignments, as served before.
     let unsigned_docs: Vec<SiteDesired<AgentDesired>> = docs
         .values()
-        .map(|s| s.clone().map_agents(|_, plan, _| plan.desired()))
+        .map(|s| {
+            s.clone().map_agents(|_, plan, _| AgentDesired {
+                agent: plan.agent.clone(),
+                assignments: plan.assignments().cloned().collect(),
+                hold: plan.hold.clone(),
+                ..Default::default()
+            })
+        })
         .collect();
     let start = Instant::now();
     for site in &unsigned_docs {
@@ -128,11 +138,17 @@ fn main() -> anyhow::Result<()> {
     let signed = signer.sign_sites(docs, now);
     let (key, site) = signed.iter().next().expect("a site");
     let (key, (name, envelope)) = (key.clone(), site.agents.iter().next().expect("an agent"));
-    let (name, envelope, roots) = (
-        name.clone(),
-        Envelope::clone(&envelope.0),
-        site.roots.clone(),
-    );
+    // What its relay serves the agent: its document and the lists it names.
+    let served = AgentServed {
+        document: envelope.0.envelope.clone(),
+        lists: envelope
+            .0
+            .lists
+            .iter()
+            .map(|d| (*d, site.lists[d].clone()))
+            .collect(),
+    };
+    let (name, roots) = (name.clone(), site.roots.clone());
     let index = DesiredIndex::default().next(signed).expect("new sites");
     let cold = start.elapsed().as_secs_f64();
     let start = Instant::now();
@@ -164,14 +180,14 @@ fn main() -> anyhow::Result<()> {
         .expect("an answer");
     let one_change = start.elapsed().as_secs_f64();
 
-    let envelope = &envelope;
     let name = name.as_str();
-    let signed_bytes = serde_json::to_vec(envelope)?.len();
+    let signed_bytes = serde_json::to_vec(&served.document)?.len();
+    let served_bytes = serde_json::to_vec(&served)?.len();
     let (root, _) = pin(&roots, None)?;
     let rounds = 2_000;
     let start = Instant::now();
     for _ in 0..rounds {
-        black_box(verify_desired(envelope, &root, name, None, now)?);
+        black_box(verify_desired(&served, &root, name, None, now)?);
     }
     let verify = start.elapsed().as_secs_f64() / rounds as f64;
 
@@ -199,7 +215,7 @@ fn main() -> anyhow::Result<()> {
 
     println!("{agents} agents in {SITES} sites, {assignments} assignments each");
     println!(
-        "document: {} bytes unsigned, {signed_bytes} bytes signed (DSSE envelope)",
+        "document: {} bytes unsigned with its assignments (peer), {signed_bytes} bytes signed (DSSE envelope naming its lists), {served_bytes} bytes served to the agent with its lists",
         unsigned_bytes / agents
     );
     println!("{:<42} {:>10} {:>12}", "controller", "docs/s", "µs per doc");

@@ -18,14 +18,14 @@ use std::{
 
 use caravan_api::{
     trust::{Envelope, Root, DESIRED_TYPE},
-    wire::{AgentDesired, SiteDesired},
+    wire::{AgentDocument, SiteDesired},
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::SigningKey;
 
 use crate::{
     error::{Error, Result},
-    index::{AgentPlan, ByName, SignedPart, SiteKey},
+    index::{AgentPlan, ByName, SignedDocument, SignedPart, SiteKey},
 };
 
 /// The controller's signing key and the chain of roots that vouches for it.
@@ -138,7 +138,7 @@ enum Part {
     /// To sign: the document and its content's hash, then a version and
     /// an expiry.
     Changed {
-        desired: AgentDesired,
+        document: AgentDocument,
         content: [u8; 32],
     },
     /// Signed this round (then kept, and [`Part::Reused`]).
@@ -218,11 +218,11 @@ impl Signer {
             self.reuse(ns, name, part, now)
         });
         for (_, _, part) in &mut parts {
-            if let Part::Changed { desired, .. } = part {
+            if let Part::Changed { document, .. } = part {
                 let version = (now.timestamp_millis().max(0) as u64).max(self.last_version + 1);
                 self.last_version = version;
-                desired.version = version;
-                desired.expires = (now + self.ttl).to_rfc3339_opts(SecondsFormat::Millis, true);
+                document.version = version;
+                document.expires = (now + self.ttl).to_rfc3339_opts(SecondsFormat::Millis, true);
             }
         }
         on_every_core(&mut parts, |(_, _, part)| self.sign(part, now));
@@ -272,7 +272,7 @@ impl Signer {
                 Part::Reused(s.envelope.clone())
             }
             _ => Part::Changed {
-                desired: plan.desired(),
+                document: plan.document(),
                 content,
             },
         };
@@ -280,15 +280,14 @@ impl Signer {
 
     /// Signs a changed part (its version and expiry already set).
     fn sign(&self, part: &mut Part, now: DateTime<Utc>) {
-        let Part::Changed { desired, content } = part else {
+        let Part::Changed { document, content } = part else {
             return;
         };
-        let body = serde_json::to_vec(&desired).expect("wire types serialize");
-        let envelope = SignedPart(std::sync::Arc::new(Envelope::sign(
-            DESIRED_TYPE,
-            &body,
-            &[&self.key],
-        )));
+        let body = serde_json::to_vec(&document).expect("wire types serialize");
+        let envelope = SignedPart(std::sync::Arc::new(SignedDocument {
+            envelope: Envelope::sign(DESIRED_TYPE, &body, &[&self.key]),
+            lists: std::mem::take(&mut document.lists),
+        }));
         *part = Part::New(Signed {
             content: *content,
             expires: now + self.ttl,
@@ -305,7 +304,18 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caravan_api::trust::{pin, verify_desired};
+    use caravan_api::{
+        trust::{pin, verify_desired},
+        wire::AgentServed,
+    };
+
+    /// What a relay serves of `part` (these documents name no lists).
+    fn served(part: &SignedPart) -> AgentServed {
+        AgentServed {
+            document: part.0.envelope.clone(),
+            lists: Default::default(),
+        }
+    }
 
     fn desired(agent: &str, hold: &str) -> AgentPlan {
         AgentPlan {
@@ -335,7 +345,7 @@ mod tests {
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
         let t0 = Utc::now();
         let agent = |signed: &HashMap<SiteKey, SiteDesired<SignedPart>>| {
-            Envelope::clone(&signed[&("ns".to_string(), "hq".to_string())].agents["a1"].0)
+            served(&signed[&("ns".to_string(), "hq".to_string())].agents["a1"])
         };
         let first = agent(&signer.sign_sites(site(&[desired("a1", "x")]), t0));
         let (d1, accepted) = verify_desired(&first, &root, "a1", None, t0).unwrap();
@@ -388,7 +398,7 @@ mod tests {
         let first = docs(&signer.sign_sites(fleet(""), now));
         let mut versions = std::collections::HashSet::new();
         for (name, doc) in &first {
-            let (d, _) = verify_desired(&doc.0, &root, name, None, now).unwrap();
+            let (d, _) = verify_desired(&served(doc), &root, name, None, now).unwrap();
             assert_eq!(d.hold, [format!("old-{}", &name[1..])]);
             versions.insert(d.version);
         }
@@ -399,7 +409,7 @@ mod tests {
             let same = std::sync::Arc::ptr_eq(&doc.0, &first[name].0);
             assert_eq!(same, name != "a7", "{name}");
         }
-        let (d, _) = verify_desired(&second["a7"].0, &root, "a7", None, now).unwrap();
+        let (d, _) = verify_desired(&served(&second["a7"]), &root, "a7", None, now).unwrap();
         assert!(d.hold == ["new-7"] && d.version > versions.into_iter().max().unwrap());
     }
 
@@ -415,7 +425,7 @@ mod tests {
         let mut signer = Signer::new(&keys, Duration::from_secs(100));
         let signed = signer.sign_sites(site(&[desired("a1", "x")]), now);
         let doc = &signed[&("ns".to_string(), "hq".to_string())];
-        let envelope = &*doc.agents["a1"].0;
+        let envelope = &served(&doc.agents["a1"]);
         assert!(
             verify_desired(envelope, &root1, "a1", None, now).is_err(),
             "root 1's key does not sign any more"

@@ -1,6 +1,6 @@
 //! Any bytes a relay (or anything posing as one) sends an agent as its
-//! desired state are refused: no document verifies that the controller's
-//! key did not sign. And any payload the controller could sign prints and
+//! desired state (a document and the assignment lists it names) are
+//! refused: no document verifies that the controller's key did not sign. And any payload the controller could sign prints and
 //! parses back to itself, and the agent's plan over it never panics,
 //! whatever it holds.
 #![no_main]
@@ -10,8 +10,8 @@ use caravan_agent::{
     state::{Installed, InstalledRecord},
 };
 use caravan_api::{
-    trust::{verify_desired, Envelope, Root},
-    wire::AgentDesired,
+    trust::{verify_desired, Root},
+    wire::{AgentDesired, AgentServed},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -24,8 +24,8 @@ fn root() -> &'static Root {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(data) {
-        let verdict = verify_desired(&envelope, root(), "a1", None, chrono::Utc::now());
+    if let Ok(served) = serde_json::from_slice::<AgentServed>(data) {
+        let verdict = verify_desired(&served, root(), "a1", None, chrono::Utc::now());
         assert!(verdict.is_err(), "a document nobody signed was taken");
     }
     let Ok(desired) = serde_json::from_slice::<AgentDesired>(data) else {

@@ -23,8 +23,13 @@ impl<T: Serialize> Document<T> {
 /// `value` serialized, and a strong validator (ETag) of those bytes.
 pub fn serialize<T: Serialize>(value: &T) -> (bytes::Bytes, String) {
     let body = bytes::Bytes::from(serde_json::to_vec(value).expect("wire types serialize"));
-    let etag = format!("\"{}\"", &hex::encode(Sha256::digest(&body))[..32]);
+    let etag = etag_of(&body);
     (body, etag)
+}
+
+/// A strong validator (ETag) of `body`.
+pub fn etag_of(body: &[u8]) -> String {
+    format!("\"{}\"", &hex::encode(Sha256::digest(body))[..32])
 }
 
 #[cfg(test)]

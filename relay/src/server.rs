@@ -334,7 +334,7 @@ async fn desired(
             .as_ref()
             .and_then(|s| s.agent(&agent))
             .ok_or_else(|| not_served(&agent))?;
-        Ok(changed(&doc.etag, &doc.body, known))
+        Ok(changed(&doc.etag, || doc.body(), known))
     })
     .await
 }

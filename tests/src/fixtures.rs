@@ -104,11 +104,13 @@ pub fn write_noise(path: &Path, len: u64) -> anyhow::Result<()> {
     Ok(f.flush()?)
 }
 
-/// The desired state inside a signed document, as a relay serves it to an
-/// agent (read, not verified: what a test looks at, never acts on).
+/// The desired state a relay serves an agent: the signed document and the
+/// assignment lists it names, put together (the lists checked against their
+/// digests, the signature not: what a test looks at, never acts on).
 pub fn desired_of(body: &[u8]) -> anyhow::Result<caravan_api::wire::AgentDesired> {
-    let envelope: caravan_api::trust::Envelope = serde_json::from_slice(body)?;
-    Ok(serde_json::from_slice(&envelope.unverified_payload()?)?)
+    let served: caravan_api::wire::AgentServed = serde_json::from_slice(body)?;
+    let document = serde_json::from_slice(&served.document.unverified_payload()?)?;
+    Ok(caravan_api::trust::with_lists(document, &served.lists)?)
 }
 
 /// A report as agent `agent` would send its relay, signed with a key of the

@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use caravan_api::trust::{Envelope, Root, DESIRED_TYPE};
+use caravan_api::{
+    trust::{Envelope, Root, DESIRED_TYPE},
+    wire::{AgentServed, Assignment, AssignmentList},
+    Digest,
+};
 use caravan_tests::{bin, Proc};
 use ed25519_dalek::SigningKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +31,11 @@ enum Evil {
     /// A signed document assigning a 1 MB blob, then the blob a byte at a
     /// time, five bytes a second (slow retrieval).
     Trickle,
+    /// A signed document, served with an assignment list of the relay's
+    /// own under the digest the document names.
+    ForgedList,
+    /// A signed document, served without the list it names.
+    WithheldList,
 }
 
 /// Blob requests the evil relay answered (nextest runs each test in a process of its own).
@@ -43,20 +52,41 @@ fn root() -> Envelope {
     Root::signed(1, &[&controller_key()])
 }
 
-fn document(signer: Option<&SigningKey>, size: u64) -> String {
+/// The assignment list the controller would sign for: a script package
+/// of `size` bytes.
+fn list(size: u64) -> AssignmentList {
+    let assignment: Assignment = serde_json::from_value(serde_json::json!({
+        "job": "ns/j", "action": "install", "package": "payload", "version": "1",
+        "digest": DIGEST, "size": size,
+        "install": {"method": "script", "script": {"install": "install.sh"}}
+    }))
+    .unwrap();
+    AssignmentList::new(&[assignment]).1
+}
+
+/// A document naming the list of `size`, signed by `signer`, served with
+/// `served` under that list's digest (or with no list).
+fn document(signer: Option<&SigningKey>, size: u64, served: Option<AssignmentList>) -> String {
+    let genuine = list(size);
+    let digest = Digest::of(genuine.json().as_bytes());
     let desired = serde_json::json!({
         "agent": "victim",
         "version": 1,
         "expires": "2100-01-01T00:00:00Z",
-        "assignments": [{
-            "job": "ns/j", "action": "install", "package": "payload", "version": "1",
-            "digest": DIGEST, "size": size,
-            "install": {"method": "script", "script": {"install": "install.sh"}}
-        }]
+        "lists": [digest],
     });
     let keys: Vec<&SigningKey> = signer.into_iter().collect();
     let envelope = Envelope::sign(DESIRED_TYPE, &serde_json::to_vec(&desired).unwrap(), &keys);
-    serde_json::to_string(&envelope).unwrap()
+    let served: AgentServed = AgentServed {
+        document: envelope,
+        lists: served.map(|l| (digest, l)).into_iter().collect(),
+    };
+    serde_json::to_string(&served).unwrap()
+}
+
+/// [`document`] as the controller would have it served.
+fn honest(signer: Option<&SigningKey>, size: u64) -> String {
+    document(signer, size, Some(list(size)))
 }
 
 async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<()> {
@@ -98,15 +128,26 @@ async fn answer(mut conn: tokio::net::TcpStream, evil: Evil) -> std::io::Result<
                 while conn.write_all(&filler).await.is_ok() {}
             }
             Evil::EndlessBlob | Evil::ForeignRoot => {
-                conn.write_all(json(document(Some(&controller_key()), 10)).as_bytes())
+                conn.write_all(json(honest(Some(&controller_key()), 10)).as_bytes())
                     .await?;
             }
             Evil::Trickle => {
-                conn.write_all(json(document(Some(&controller_key()), 1_000_000)).as_bytes())
+                conn.write_all(json(honest(Some(&controller_key()), 1_000_000)).as_bytes())
                     .await?;
             }
             Evil::Invented => {
-                conn.write_all(json(document(None, 10)).as_bytes()).await?;
+                conn.write_all(json(honest(None, 10)).as_bytes()).await?;
+            }
+            Evil::ForgedList => {
+                // The same package, installed by a script of the relay's choosing.
+                let forged = list(10).json().replace("install.sh", "implant.sh");
+                let forged = serde_json::from_str(&forged).unwrap();
+                let body = document(Some(&controller_key()), 10, Some(forged));
+                conn.write_all(json(body).as_bytes()).await?;
+            }
+            Evil::WithheldList => {
+                let body = document(Some(&controller_key()), 10, None);
+                conn.write_all(json(body).as_bytes()).await?;
             }
         }
     } else if line.contains("/v1/blobs/") {
@@ -218,6 +259,36 @@ async fn a_document_the_relay_made_up_is_refused_unopened() -> anyhow::Result<()
         log.contains("desired state refused: signed by 0 of the 1 trusted keys needed"),
         "{log}"
     );
+    assert_eq!(
+        BLOB_REQUESTS.load(Ordering::SeqCst),
+        0,
+        "nothing downloaded"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_assignment_list_the_relay_rewrote_or_withheld_is_refused_by_its_digest(
+) -> anyhow::Result<()> {
+    let digest = Digest::of(list(10).json().as_bytes());
+    for (evil, refusal) in [
+        (
+            Evil::ForgedList,
+            format!("assignment list {digest} of desired state version 1 was refused: its bytes do not hash to its digest"),
+        ),
+        (
+            Evil::WithheldList,
+            format!("desired state version 1 names assignment list {digest}, which was not served with it (withheld)"),
+        ),
+    ] {
+        let server = evil_relay(evil).await?;
+        let (ok, log) = run_agent(&server).await?;
+        assert!(!ok, "{log}");
+        assert!(
+            log.contains(&format!("desired state refused: {refusal}")),
+            "{log}"
+        );
+    }
     assert_eq!(
         BLOB_REQUESTS.load(Ordering::SeqCst),
         0,

@@ -10,7 +10,8 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use caravan_api::{
     trust::Envelope,
     v1alpha1::Agent,
-    wire::{AgentDesired, AgentReport},
+    wire::{AgentDocument, AgentReport, AgentServed, Assignment, AssignmentList},
+    Digest,
 };
 use caravan_tests::{
     caravan::{Options, RelayInfo},
@@ -62,22 +63,49 @@ async fn relay_document(c: &Caravan, relay: &RelayInfo, i: usize) -> anyhow::Res
     Ok(res.bytes().await?.to_vec())
 }
 
-/// The last document the proxy passed to `host`'s agent.
-async fn last_document(c: &Caravan, proxy: &TamperProxy, host: &str) -> anyhow::Result<Envelope> {
+/// The last document (and lists) the proxy passed to `host`'s agent.
+async fn last_document(
+    c: &Caravan,
+    proxy: &TamperProxy,
+    host: &str,
+) -> anyhow::Result<AgentServed> {
     let name = c.agent_of(host).await?.metadata.name.unwrap_or_default();
     let body = proxy.seen(&name).pop().expect("the agent has polled");
     Ok(serde_json::from_slice(&body)?)
 }
 
-/// `envelope` with its payload changed by `edit`, its signatures kept.
-fn rewritten(envelope: &Envelope, edit: impl FnOnce(&mut AgentDesired)) -> anyhow::Result<Vec<u8>> {
-    let mut desired: AgentDesired = serde_json::from_slice(&envelope.unverified_payload()?)?;
-    edit(&mut desired);
-    let forged = Envelope {
-        payload: B64.encode(serde_json::to_vec(&desired)?),
-        ..envelope.clone()
+/// `served` with its signed document's payload changed by `edit`, its
+/// signatures kept.
+fn rewritten(
+    served: &AgentServed,
+    edit: impl FnOnce(&mut AgentDocument),
+) -> anyhow::Result<Vec<u8>> {
+    let mut document: AgentDocument =
+        serde_json::from_slice(&served.document.unverified_payload()?)?;
+    edit(&mut document);
+    let forged = AgentServed {
+        document: Envelope {
+            payload: B64.encode(serde_json::to_vec(&document)?),
+            ..served.document.clone()
+        },
+        ..served.clone()
     };
     Ok(serde_json::to_vec(&forged)?)
+}
+
+/// `served` with the first assignment list its document names changed by
+/// `edit`, under the same digest; and that digest.
+fn list_rewritten(
+    served: &AgentServed,
+    edit: impl FnOnce(&mut Vec<Assignment>),
+) -> anyhow::Result<(Vec<u8>, Digest)> {
+    let document: AgentDocument = serde_json::from_slice(&served.document.unverified_payload()?)?;
+    let digest = document.lists[0];
+    let mut list = served.lists[&digest].open(&digest)?;
+    edit(&mut list);
+    let mut forged = served.clone();
+    forged.lists.insert(digest, AssignmentList::new(&list).1);
+    Ok((serde_json::to_vec(&forged)?, digest))
 }
 
 /// Pushes hello at `version` (its VERSION file says so) and commits it.
@@ -99,9 +127,10 @@ async fn a_relay_cannot_make_an_agent_install_software_git_did_not_declare() -> 
     let mut c = Caravan::start("fleet").await?;
     let (_repo, _relay, proxy) = behind_a_proxy(&mut c, &["desk"]).await?;
     let real = last_document(&c, &proxy, "desk").await?;
-    // Another package, installed by a script the relay chose, no signature asked.
-    let forged = rewritten(&real, |d| {
-        let mut implant = d.assignments[0].clone();
+    // Another package, installed by a script the relay chose, no signature
+    // asked: in a list of the relay's own, named in the signed document...
+    let implant = |list: &mut Vec<Assignment>| {
+        let mut implant = list[0].clone();
         implant.package = "implant".into();
         implant.job = "fleet/implant".into();
         implant.require_signature = false;
@@ -109,15 +138,42 @@ async fn a_relay_cannot_make_an_agent_install_software_git_did_not_declare() -> 
             "method": "script", "script": {"install": "bin/hello"}
         }))
         .unwrap();
-        d.assignments.push(implant);
+        list.push(implant);
+    };
+    let mut own = real.lists.values().next().expect("a list").open(&{
+        let d: AgentDocument = serde_json::from_slice(&real.document.unverified_payload()?)?;
+        d.lists[0]
+    })?;
+    implant(&mut own);
+    let (digest, list) = AssignmentList::new(&own);
+    let forged = rewritten(&real, |d| {
+        d.lists.push(digest);
         d.version += 1;
     })?;
-    proxy.set(Tamper::Serve(forged));
+    let mut forged: AgentServed = serde_json::from_slice(&forged)?;
+    forged.lists.insert(digest, list);
+    proxy.set(Tamper::Serve(serde_json::to_vec(&forged)?));
     let message = c.wait_desired_state("desk", "NotSigned").await?;
     assert!(
         message.contains("signed by 0 of the 1 trusted keys"),
         "{message}"
     );
+    // ...or added to the list the signed document names, under its digest.
+    let (forged, digest) = list_rewritten(&real, implant)?;
+    proxy.set(Tamper::Serve(forged));
+    let message = c.wait_desired_state("desk", "ListRefused").await?;
+    assert!(
+        message.contains(&format!(
+            "assignment list {digest} of desired state version"
+        )) && message.contains("its bytes do not hash to its digest"),
+        "{message}"
+    );
+    // ...or the list withheld, so that the agent might act on less.
+    let mut withheld = real.clone();
+    withheld.lists.clear();
+    proxy.set(Tamper::Serve(serde_json::to_vec(&withheld)?));
+    let message = c.wait_desired_state("desk", "ListWithheld").await?;
+    assert!(message.contains(&digest.to_string()), "{message}");
     let root = &c.agents[0].install_root;
     assert!(!root.join("implant").exists(), "nothing installed");
     assert_eq!(hello_version(root), "1.0.0\n", "nothing lost");
@@ -138,22 +194,22 @@ async fn a_rewritten_install_spec_is_refused() -> anyhow::Result<()> {
             .iter()
             .any(|a| a.version == "1.1.0");
         Ok(fresh
-            .then(|| serde_json::from_slice::<Envelope>(&body))
+            .then(|| serde_json::from_slice::<AgentServed>(&body))
             .transpose()?)
     })
     .await?;
     // The same package and version, now installed by a script with a
     // health check of the relay's choosing.
-    let forged = rewritten(&real, |d| {
-        d.assignments[0].install = serde_json::from_value(serde_json::json!({
+    let (forged, _) = list_rewritten(&real, |list| {
+        list[0].install = serde_json::from_value(serde_json::json!({
             "method": "script", "script": {"install": "bin/hello"}, "healthCheck": "etc/anything"
         }))
         .unwrap();
     })?;
     proxy.set(Tamper::Serve(forged));
-    let message = c.wait_desired_state("desk", "NotSigned").await?;
+    let message = c.wait_desired_state("desk", "ListRefused").await?;
     assert!(
-        message.contains("signed by 0 of the 1 trusted keys"),
+        message.contains("its bytes do not hash to its digest"),
         "{message}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -242,8 +298,11 @@ async fn documents_cannot_be_mixed_and_matched_between_agents() -> anyhow::Resul
         "{message}"
     );
     // Then lab's content under desk's signature.
-    let spliced = Envelope {
-        signatures: desks.signatures.clone(),
+    let spliced = AgentServed {
+        document: Envelope {
+            signatures: desks.document.signatures.clone(),
+            ..labs.document.clone()
+        },
         ..labs.clone()
     };
     proxy.set(Tamper::Serve(serde_json::to_vec(&spliced)?));

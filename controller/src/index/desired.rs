@@ -10,7 +10,7 @@ use std::{
 
 use caravan_api::{
     v1alpha1::{Cabinet, DistributionJob, Package, Site},
-    wire::{AgentDesired, Assignment, BlobSource, SiteDesired},
+    wire::{AgentDocument, Assignment, AssignmentList, BlobSource, SiteDesired},
     Digest,
 };
 use kube::ResourceExt;
@@ -29,34 +29,37 @@ pub type Unsigned = HashMap<SiteKey, SiteDesired<AgentPlan>>;
 /// A job's assignments, one list shared by every agent that has them
 /// unchanged: they are copied once per job, not once per agent. An agent
 /// whose list differs (excluded from a retry, a package lost to another
-/// job) has a copy of its own, made by [`Assigned::edit`]. The hash of the
-/// list is computed once, when first asked for.
+/// job) has a copy of its own, made by [`Assigned::edit`]. The list as sent
+/// (and its digest, which names it in agents' documents) is made once,
+/// when first asked for.
 #[derive(Debug)]
 pub struct Assigned {
     list: Vec<Assignment>,
-    content: OnceLock<[u8; 32]>,
+    sent: OnceLock<(Digest, AssignmentList)>,
 }
 
 impl Assigned {
     pub fn new(list: Vec<Assignment>) -> Arc<Self> {
         Arc::new(Self {
             list,
-            content: OnceLock::new(),
+            sent: OnceLock::new(),
         })
     }
 
-    /// sha256 of the list as sent.
-    pub fn content(&self) -> [u8; 32] {
-        *self.content.get_or_init(|| {
-            let body = serde_json::to_vec(&self.list).expect("wire types serialize");
-            sha2::Sha256::digest(body).into()
-        })
+    /// The list as sent, and its digest.
+    pub fn sent(&self) -> &(Digest, AssignmentList) {
+        self.sent.get_or_init(|| AssignmentList::new(&self.list))
+    }
+
+    /// The digest of the list as sent.
+    pub fn digest(&self) -> Digest {
+        self.sent().0
     }
 
     /// The list of `this` to change: copied first if it is shared.
     pub fn edit(this: &mut Arc<Self>) -> &mut Vec<Assignment> {
         let me = Arc::make_mut(this);
-        me.content = OnceLock::new();
+        me.sent = OnceLock::new();
         &mut me.list
     }
 }
@@ -66,7 +69,7 @@ impl Clone for Assigned {
     fn clone(&self) -> Self {
         Self {
             list: self.list.clone(),
-            content: OnceLock::new(),
+            sent: OnceLock::new(),
         }
     }
 }
@@ -86,7 +89,7 @@ impl std::ops::Deref for Assigned {
 
 /// One agent's desired state as the plan leaves it: the assignments of the
 /// jobs it has, shared with them, and the packages to hold. Its document
-/// ([`AgentDesired`]) is made, and signed, only when its [`content`]
+/// ([`AgentDocument`]) is made, and signed, only when its [`content`]
 /// changed (`trust::Signer`): an agent nothing changed for costs a hash of
 /// a few dozen bytes.
 ///
@@ -119,7 +122,7 @@ impl AgentPlan {
         }
         h.update(len(self.assigned.len()));
         for a in &self.assigned {
-            h.update(a.content());
+            h.update(a.digest().as_bytes());
         }
         h.finalize().into()
     }
@@ -128,10 +131,10 @@ impl AgentPlan {
     /// named: one added to the document must be added to [`content`] too.
     ///
     /// [`content`]: AgentPlan::content
-    pub fn desired(&self) -> AgentDesired {
-        AgentDesired {
+    pub fn document(&self) -> AgentDocument {
+        AgentDocument {
             agent: self.agent.clone(),
-            assignments: self.assignments().cloned().collect(),
+            lists: self.assigned.iter().map(|a| a.digest()).collect(),
             hold: self.hold.clone(),
             frozen: false,
             version: 0,
@@ -154,9 +157,11 @@ pub fn desired(
         .map(|s| {
             let key = key_of(s.as_ref());
             let agents = plan.by_site.remove(&key).unwrap_or_default();
+            let (lists, blobs) = lists_of(&agents);
             let d = SiteDesired {
                 site: s.name_any(),
-                blobs: blobs_of(&agents),
+                lists,
+                blobs,
                 agents,
                 agent_keys: plan.agent_keys.remove(&key).unwrap_or_default(),
                 ..Default::default()
@@ -249,19 +254,27 @@ pub fn sources(
         .collect()
 }
 
-/// The blobs of a site's agents, for the relay (which does not open the
-/// signed documents to know what to keep); each shared list read once.
-fn blobs_of(agents: &BTreeMap<String, AgentPlan>) -> Vec<Digest> {
-    let mut lists = HashSet::new();
-    let mut blobs: Vec<Digest> = agents
-        .values()
-        .flat_map(|a| &a.assigned)
-        .filter(|list| lists.insert(Arc::as_ptr(list)))
-        .flat_map(|list| list.iter().map(|a| a.digest))
-        .collect();
+/// The assignment lists of a site's agents, each once, and their blobs
+/// (for the relay, which does not open the lists to know what to keep);
+/// each shared list read once.
+fn lists_of(
+    agents: &BTreeMap<String, AgentPlan>,
+) -> (BTreeMap<Digest, AssignmentList>, Vec<Digest>) {
+    let mut seen = HashSet::new();
+    let mut lists = BTreeMap::new();
+    let mut blobs = Vec::new();
+    for list in agents.values().flat_map(|a| &a.assigned) {
+        if !seen.insert(Arc::as_ptr(list)) {
+            continue;
+        }
+        let (digest, sent) = list.sent();
+        if lists.insert(*digest, sent.clone()).is_none() {
+            blobs.extend(list.iter().map(|a| a.digest));
+        }
+    }
     blobs.sort();
     blobs.dedup();
-    blobs
+    (lists, blobs)
 }
 
 #[cfg(test)]
@@ -316,16 +329,31 @@ mod tests {
         assert_ne!(plan("a1", &[&mine], &[]).content(), a1.content());
         assert_eq!(shared[0].superseded_by, None);
         assert_eq!(plan("a1", &[&shared], &[]).content(), a1.content());
-        // The document is the lists' assignments in order, and the holds.
-        let two = plan("a1", &[&shared, &mine], &["x"]).desired();
-        assert_eq!(two.assignments.len(), 2);
+        // The document names the lists in order, and the holds; the site
+        // carries each list once, as hashed.
+        let two = plan("a1", &[&shared, &mine], &["x"]);
+        let doc = two.document();
+        assert_eq!(doc.lists, [shared.digest(), mine.digest()]);
+        assert_ne!(shared.digest(), mine.digest());
         assert_eq!(
-            two.assignments[1].superseded_by.as_deref(),
-            Some("ns/other")
-        );
-        assert_eq!(
-            (two.agent.as_str(), two.hold.as_slice()),
+            (doc.agent.as_str(), doc.hold.as_slice()),
             ("a1", &["x".to_string()][..])
         );
+        let agents = BTreeMap::from([
+            ("a1".to_string(), two),
+            ("a2".to_string(), plan("a2", &[&same], &[])),
+        ]);
+        let (lists, blobs) = lists_of(&agents);
+        assert_eq!(lists.len(), 2, "{lists:?}");
+        for (digest, list) in &lists {
+            assert_eq!(Digest::of(list.json().as_bytes()), *digest);
+        }
+        assert_eq!(
+            lists[&mine.digest()].open(&mine.digest()).unwrap()[0]
+                .superseded_by
+                .as_deref(),
+            Some("ns/other")
+        );
+        assert_eq!(blobs, [digest_of("hello", "1.0.0")]);
     }
 }

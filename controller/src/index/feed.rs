@@ -10,7 +10,10 @@ use std::{
     sync::Arc,
 };
 
-use caravan_api::wire::{Envelope, SiteDesired, MAX_REMOVALS_KEPT};
+use caravan_api::{
+    wire::{Envelope, SiteDesired, MAX_REMOVALS_KEPT},
+    Digest,
+};
 
 use super::SiteKey;
 
@@ -18,11 +21,18 @@ use super::SiteKey;
 /// the site feeds that serve it: one copy in memory, however often the
 /// index is computed (serialized as the envelope itself).
 #[derive(Clone, Debug, PartialEq)]
-pub struct SignedPart(pub Arc<Envelope>);
+pub struct SignedPart(pub Arc<SignedDocument>);
+
+/// An agent's signed document and the assignment lists it names.
+#[derive(Debug, PartialEq)]
+pub struct SignedDocument {
+    pub envelope: Envelope,
+    pub lists: Vec<Digest>,
+}
 
 impl serde::Serialize for SignedPart {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        self.0.envelope.serialize(serializer)
     }
 }
 
@@ -158,6 +168,7 @@ impl SiteFeed {
             Served { part, changed }
         });
         gone.extend(olds.map(|(n, _)| n));
+        // (The lists follow from the agents' documents.)
         let site_changed = desired.blobs != old.blobs
             || desired.prestage != old.prestage
             || desired.lower != old.lower
@@ -252,9 +263,15 @@ impl SiteFeed {
             .filter(|(at, name)| *at > since && !d.agents.contains_key(name))
             .map(|(_, name)| name.clone())
             .collect();
+        let lists = agents
+            .values()
+            .flat_map(|s| &s.part.0.lists)
+            .filter_map(|digest| Some((*digest, d.lists.get(digest)?.clone())))
+            .collect();
         SiteDesired {
             site: d.site.clone(),
             agents,
+            lists,
             blobs: d.blobs.clone(),
             prestage: d.prestage.clone(),
             lower: d.lower.clone(),
@@ -270,7 +287,7 @@ impl SiteFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caravan_api::trust::DESIRED_TYPE;
+    use caravan_api::{trust::DESIRED_TYPE, wire::AssignmentList};
 
     type Signed = HashMap<SiteKey, SiteDesired<SignedPart>>;
 
@@ -279,18 +296,36 @@ mod tests {
     }
 
     fn part(body: &str) -> SignedPart {
-        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        SignedPart(Arc::new(Envelope::sign(
-            DESIRED_TYPE,
-            body.as_bytes(),
-            &[&key],
-        )))
+        listing(body, &[])
     }
 
-    /// A site whose agents have these parts (and a key each).
+    /// The assignment list `json` (any JSON will do here), and its digest.
+    fn list(json: &str) -> (Digest, AssignmentList) {
+        (
+            Digest::of(json.as_bytes()),
+            serde_json::from_str(json).unwrap(),
+        )
+    }
+
+    /// A document naming these lists.
+    fn listing(body: &str, lists: &[&str]) -> SignedPart {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        SignedPart(Arc::new(SignedDocument {
+            envelope: Envelope::sign(DESIRED_TYPE, body.as_bytes(), &[&key]),
+            lists: lists.iter().map(|l| list(l).0).collect(),
+        }))
+    }
+
+    /// A site whose agents have these parts (and a key each), with the
+    /// lists they name (each of whose digest is that of `[n]`, n < 10).
     fn site(agents: &[(&str, &SignedPart)]) -> Signed {
+        let lists = (0..10)
+            .map(|n| list(&format!("[{n}]")))
+            .filter(|(digest, _)| agents.iter().any(|(_, p)| p.0.lists.contains(digest)))
+            .collect();
         let d = SiteDesired {
             site: "hq".into(),
+            lists,
             agents: agents
                 .iter()
                 .map(|(n, p)| (n.to_string(), (*p).clone()))
@@ -341,7 +376,7 @@ mod tests {
         let delta = read(&delta);
         assert_eq!(delta.since.as_deref(), Some(etag1.as_str()));
         assert_eq!(delta.agents.keys().collect::<Vec<_>>(), ["a2"]);
-        assert_eq!(delta.agents["a2"], *b2.0);
+        assert_eq!(delta.agents["a2"], b2.0.envelope);
         assert_eq!(delta.agent_keys.keys().collect::<Vec<_>>(), ["a2"]);
         assert_eq!(delta.removed, ["a3"]);
 
@@ -388,6 +423,30 @@ mod tests {
         let busy = || None::<()>;
         assert_eq!(i3.sites[&key()].answer(None, true, busy), Err(Busy));
         assert!(i3.sites[&key()].answer(Some(&etag1), true, busy).is_ok());
+    }
+
+    #[test]
+    fn changes_carry_the_lists_the_changed_documents_name() {
+        let (a, b) = (listing("a", &["[1]"]), listing("b", &["[1]", "[2]"]));
+        let i1 = DesiredIndex::default()
+            .next(site(&[("a1", &a), ("a2", &b)]))
+            .unwrap();
+        let (etag1, whole) = i1.sites[&key()].answer(None, true, grant).unwrap().unwrap();
+        let whole = read(&whole);
+        assert_eq!(whole.lists.len(), 2);
+        for (digest, l) in &whole.lists {
+            assert_eq!(Digest::of(l.json().as_bytes()), *digest, "sent as hashed");
+        }
+        // a2 now names [3] alone: the change carries it, not a1's [1].
+        let b2 = listing("b2", &["[3]"]);
+        let i2 = i1.next(site(&[("a1", &a), ("a2", &b2)])).unwrap();
+        let (_, delta) = i2.sites[&key()]
+            .answer(Some(&etag1), true, grant)
+            .unwrap()
+            .unwrap();
+        let delta = read(&delta);
+        assert_eq!(delta.lists.keys().collect::<Vec<_>>(), [&list("[3]").0]);
+        assert_eq!(delta.lists[&list("[3]").0].json(), "[3]");
     }
 
     #[test]

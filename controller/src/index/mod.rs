@@ -38,7 +38,7 @@ use caravan_api::v1alpha1::*;
 use kube::Resource;
 
 pub use desired::{AgentPlan, Assigned, Unsigned};
-pub use feed::{DesiredIndex, SignedPart, SiteFeed};
+pub use feed::{DesiredIndex, SignedDocument, SignedPart, SiteFeed};
 pub use plan::{JobPlan, Plan};
 pub use status::{ArtifactState, Artifacts};
 

@@ -384,13 +384,13 @@ pub async fn long_poll<T: Clone>(
 }
 
 /// [`long_poll`]'s answer for a document whose body does not depend on what
-/// the client holds.
+/// the client holds: `body` is made only if the client's is not `etag`.
 pub fn changed(
     etag: &str,
-    body: &bytes::Bytes,
+    body: impl FnOnce() -> bytes::Bytes,
     known: Option<&str>,
 ) -> Option<(String, bytes::Bytes)> {
-    (known != Some(etag)).then(|| (etag.to_string(), body.clone()))
+    (known != Some(etag)).then(|| (etag.to_string(), body()))
 }
 
 /// Bytes the blob responses of a server may hold in memory together.

@@ -42,7 +42,7 @@ use caravan_api::{
     trust::{self, Accepted, Root},
     v1alpha1::{Agent, JobAction},
     wire::{
-        paths, AgentReport, AssignmentPhase, Envelope, InstalledPackage, JobState,
+        paths, AgentReport, AgentServed, AssignmentPhase, Envelope, InstalledPackage, JobState,
         MAX_AGENT_DESIRED_BYTES,
     },
 };
@@ -298,12 +298,12 @@ impl Simulated {
                 println!("parked {}", self.name);
             }
             let answer = match req.send().await.and_then(|r| r.error_for_status()) {
-                Ok(res) => caravan_net::poll_answer::<Envelope>(res, MAX_AGENT_DESIRED_BYTES)
+                Ok(res) => caravan_net::poll_answer::<AgentServed>(res, MAX_AGENT_DESIRED_BYTES)
                     .await
                     .map_err(anyhow::Error::from),
                 Err(e) => Err(e.into()),
             };
-            let (new_etag, envelope) = match answer {
+            let (new_etag, served) = match answer {
                 Ok(Some(answer)) => answer,
                 Ok(None) => continue,
                 // Not served yet, or the relay is busy: as an agent does,
@@ -314,7 +314,7 @@ impl Simulated {
                 }
             };
             let (desired, acc) = trust::verify_desired(
-                &envelope,
+                &served,
                 &self.root,
                 &self.name,
                 accepted.as_ref(),

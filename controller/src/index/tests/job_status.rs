@@ -245,14 +245,14 @@ fn jobs_that_disagree_about_a_package_settle_it_by_priority_then_age_and_the_los
     // The newest job wins on a1, where both reach; a2 is old's alone.
     let jobs = all([old.clone(), new.clone()]);
     let (st, plan) = status_of(&jobs, "old");
-    let a1 = &plan.by_site[&key("hq")]["a1"].desired().assignments;
+    let a1 = &plan.by_site[&key("hq")]["a1"];
     assert_eq!(
-        a1.iter()
+        a1.assignments()
             .map(|a| (a.job.as_str(), a.superseded_by.as_deref()))
             .collect::<Vec<_>>(),
         [("ns/new", None), ("ns/old", Some("ns/new"))]
     );
-    assert!(plan.by_site[&key("hq")]["a2"].desired().assignments[0]
+    assert!(plan.by_site[&key("hq")]["a2"].assigned[0][0]
         .superseded_by
         .is_none());
     assert_eq!((st.total, st.conflict, st.pending), (2, 1, 1));

@@ -44,7 +44,7 @@ fn an_all_lower_clients_job_reaches_every_site_below_and_the_highest_version() {
     assert_eq!(jp.targets.keys().collect::<Vec<_>>(), ["a1", "a2"]);
     assert_eq!(jp.targets["a2"][0].version, "1.10.0");
     assert_eq!(
-        plan.by_site[&key("kreuzberg")]["a2"].desired().assignments[0].job,
+        plan.by_site[&key("kreuzberg")]["a2"].assigned[0][0].job,
         "ns/j"
     );
     assert!(plan.by_site[&key("paris")]["a3"].assigned.is_empty());
@@ -238,7 +238,7 @@ fn suspended_jobs_typos_and_unapproved_agents_hold_software_instead_of_removing_
         ["hello", "helo"],
         "but nothing is taken away"
     );
-    assert!(!hq["a1"].desired().frozen);
+    assert!(!hq["a1"].document().frozen);
     assert!(
         !hq.contains_key("a2"),
         "an unapproved agent is not served: its relay turns it away"
@@ -330,9 +330,10 @@ fn the_index_gives_every_site_a_document_and_every_object_a_status() {
     let empty = &out.desired[&key("empty")];
     assert!(empty.agents.is_empty() && empty.blobs.is_empty());
     let hq = &out.desired[&key("hq")];
-    let a1 = hq.agents["a1"].desired();
-    assert_eq!(a1.assignments[0].package, "hello");
-    assert_eq!(hq.blobs, [a1.assignments[0].digest]);
+    let a1 = &hq.agents["a1"].assigned[0];
+    assert_eq!(a1[0].package, "hello");
+    assert_eq!(hq.blobs, [a1[0].digest]);
+    assert_eq!(hq.lists.keys().collect::<Vec<_>>(), [&a1.digest()]);
     assert_eq!(
         (out.jobs.len(), out.packages.len(), out.cabinets.len()),
         (1, 1, 1)
