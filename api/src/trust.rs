@@ -55,8 +55,10 @@ impl std::fmt::Debug for EnrollmentBundle {
     }
 }
 
-/// The payload type of an agent's desired state.
-pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-desired.v1+json";
+/// The payload type of an agent's desired state ([`AgentDocument`]). (v1
+/// was a document that carried its assignments: an agent of this release
+/// refuses one, as it is not a document that names its lists.)
+pub const DESIRED_TYPE: &str = "application/vnd.caravan.agent-document.v2+json";
 /// The payload type of a root of trust.
 pub const ROOT_TYPE: &str = "application/vnd.caravan.root.v1+json";
 /// The payload type of an agent's report.
@@ -580,6 +582,39 @@ mod tests {
             now,
         );
         assert!(matches!(e, Err(TrustError::Expired { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_document_of_the_format_before_lists_is_refused_not_read_as_empty() {
+        // A v1 document the same key signed, carrying its assignments: read
+        // as a document that names no lists it would remove everything.
+        let k = key(1);
+        let root = Root::first(&Root::signed(1, &[&k]), None).unwrap();
+        let now = chrono::Utc::now();
+        let old = serde_json::json!({
+            "agent": "a1", "version": 5, "expires": LATER,
+            "assignments": [{"job": "ns/j", "action": "install", "package": "p", "version": "1",
+                "digest": Digest::of(b"p"), "size": 1, "install": {}}],
+        });
+        let body = serde_json::to_vec(&old).unwrap();
+        let served = |payload_type: &str| AgentServed {
+            document: Envelope::sign(payload_type, &body, &[&k]),
+            lists: Default::default(),
+        };
+        let e = verify_desired(
+            &served("application/vnd.caravan.agent-desired.v1+json"),
+            &root,
+            "a1",
+            None,
+            now,
+        );
+        assert!(matches!(e, Err(TrustError::WrongType { .. })), "{e:?}");
+        // Nor under the new type: a field it does not know is refused.
+        let e = verify_desired(&served(DESIRED_TYPE), &root, "a1", None, now);
+        assert!(
+            matches!(&e, Err(TrustError::Malformed(m)) if m.contains("assignments")),
+            "{e:?}"
+        );
     }
 
     #[test]

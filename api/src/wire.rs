@@ -242,11 +242,13 @@ impl AgentDesired {
 
 /// What the controller signs for one agent: its [`AgentDesired`] with the
 /// assignments named by the digests of their lists rather than carried. A
-/// job's list is the same for most of its agents: it is made, sent to each
-/// relay and kept there once, and a change that reaches every agent of a
-/// site re-signs a few hundred bytes per agent, not every assignment.
+/// job's list is the same for most of its agents: it is made once, kept
+/// once by each relay, and a change that reaches every agent of a site
+/// re-signs a few hundred bytes per agent, not every assignment. A field
+/// the agent does not know is refused, not skipped: it could mean
+/// something the agent would ignore.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentDocument {
     pub agent: String,
     /// The agent's assignments: the lists ([`AssignmentList`]) with these

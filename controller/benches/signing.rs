@@ -86,6 +86,7 @@ fn documents(
             .entry(("fleet".into(), site.clone()))
             .or_insert_with(|| SiteDesired {
                 site,
+                lists: [packages.sent().clone()].into(),
                 ..Default::default()
             })
             .agents

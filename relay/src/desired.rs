@@ -92,7 +92,13 @@ impl AgentPart {
             .unwrap_or_default();
         let named: Vec<(Digest, &ListPart)> = named
             .into_iter()
-            .filter_map(|d| Some((d, lists.get(&d)?.as_ref())))
+            .filter_map(|d| match lists.get(&d) {
+                Some(list) => Some((d, list.as_ref())),
+                None => {
+                    tracing::warn!(list = %d, "a document names an assignment list the controller did not send; its agent will refuse it");
+                    None
+                }
+            })
             .collect();
         let mut blobs: Vec<Digest> = named
             .iter()
@@ -100,14 +106,16 @@ impl AgentPart {
             .collect();
         blobs.sort();
         blobs.dedup();
-        let lists = named
+        let lists: BTreeMap<Digest, AssignmentList> = named
             .into_iter()
             .map(|(d, l)| (d, l.list.clone()))
             .collect();
-        // The envelope and the lists it names by digest: its ETag is the
-        // ETag of what is served.
+        // The ETag of what is served: the envelope's bytes and the digests
+        // of the lists served with it (each held only if its bytes have it).
         let json = serde_json::to_string(&envelope).expect("wire types serialize");
-        let etag = caravan_net::document::etag_of(json.as_bytes());
+        let mut served = json.clone().into_bytes();
+        lists.keys().for_each(|d| served.extend(d.as_bytes()));
+        let etag = caravan_net::document::etag_of(&served);
         let document = serde_json::value::RawValue::from_string(json).expect("serialized as JSON");
         Self {
             document,
@@ -359,25 +367,32 @@ mod tests {
     #[test]
     fn a_list_that_is_not_what_its_digest_names_is_left_out() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let (digest, _) = list(&Digest::of(b"good"));
+        let (digest, good) = list(&Digest::of(b"good"));
         let (_, other) = list(&Digest::of(b"evil"));
         let d = AgentDocument {
             agent: "a1".into(),
             lists: vec![digest],
             ..Default::default()
         };
-        let state = SiteState::new(SiteDesired {
-            site: "hq".into(),
-            agents: [("a1".to_string(), sign(&d, &key))].into(),
-            lists: [(digest, other)].into(),
-            ..Default::default()
-        });
-        let a1 = state.agent("a1").unwrap();
+        let state = |list: AssignmentList| {
+            SiteState::new(SiteDesired {
+                site: "hq".into(),
+                agents: [("a1".to_string(), sign(&d, &key))].into(),
+                lists: [(digest, list)].into(),
+                ..Default::default()
+            })
+        };
+        let a1 = state(other).agent("a1").unwrap();
         assert!(a1.blobs.is_empty(), "no blob of the bad list is handed out");
         assert!(
             served(&a1).lists.is_empty(),
             "the agent reports it withheld"
         );
+        // Served with its list, the same document is another answer: an
+        // agent holding the one without is not told "unchanged".
+        let whole = state(good).agent("a1").unwrap();
+        assert_eq!(served(&whole).lists.len(), 1);
+        assert_ne!(whole.etag, a1.etag);
     }
 
     #[test]
