@@ -35,6 +35,9 @@ images: setup
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p caravan-controller --features fixtures --benches -- -D warnings
+	# The fuzz targets build against today's types (`make fuzz` runs them).
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --bins
 
 # Figures: build and push a 100 MiB and a 1 GiB package, distribute them, and
 # print throughput and peak memory of every process (release builds), for the

@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let drifted = Default::default();
     let waiting = Default::default();
     let not_applicable = Default::default();
+    let (zone, choices) = (jiff::tz::TimeZone::UTC, Default::default());
     let p = plan(&Situation {
         desired: &desired,
         installed: &installed,
@@ -62,8 +63,8 @@ fuzz_target!(|data: &[u8]| {
         waiting: &waiting,
         not_applicable: &not_applicable,
         now: chrono::Utc::now(),
-        zone: &jiff::tz::TimeZone::UTC,
-        choices: &Default::default(),
+        zone: &zone,
+        choices: &choices,
     });
     assert!(desired.frozen || p.decisions.len() == desired.assignments.len());
 });
