@@ -19,7 +19,7 @@ use crate::{
     enroll, selfupdate,
     state::StateDir,
     transaction,
-    trust::{Trust, Verdict},
+    trust::Trust,
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -209,12 +209,11 @@ async fn judge(
         }
     }
     match verdict {
-        Ok(Verdict::Accept(desired)) => {
+        Ok(desired) => {
             trust.save(&agent.state)?;
             agent.set_desired(desired);
             Ok(None)
         }
-        Ok(Verdict::NotDescribed) => Ok(None),
         Err(e) => {
             agent.refuse(e.refusal());
             Ok(Some(e))

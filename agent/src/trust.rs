@@ -8,7 +8,7 @@
 
 use caravan_api::{
     trust::{self, Accepted, Envelope, Root, TrustError},
-    wire::{AgentDesired, AgentDocument, AgentServed},
+    wire::{AgentDesired, AgentServed},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,17 +26,6 @@ pub struct Trust {
     /// The desired state last accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted: Option<Accepted>,
-}
-
-/// What came of a document the relay served.
-#[derive(Debug)]
-pub enum Verdict {
-    /// Signed, for this agent, current: act on it.
-    Accept(AgentDesired),
-    /// An unsigned document saying only "change nothing": the controller
-    /// has not described this agent (yet); the agent waits, acting on what
-    /// it accepted before, if anything.
-    NotDescribed,
 }
 
 impl Trust {
@@ -72,38 +61,21 @@ impl Trust {
         }
     }
 
-    /// Judges a document the relay served to `agent`. On acceptance the
-    /// caller saves `self`, which now remembers the version.
+    /// Judges a document the relay served to `agent`: signed under the
+    /// root, for this agent, current, with its lists (see
+    /// `caravan_api::trust::verify_desired`). On acceptance the caller
+    /// saves `self`, which now remembers the version.
     pub fn judge(
         &mut self,
         served: &AgentServed,
         agent: &str,
         now: DateTime<Utc>,
-    ) -> Result<Verdict, TrustError> {
+    ) -> Result<AgentDesired, TrustError> {
         let root = self.root()?;
-        match trust::verify_desired(served, &root, agent, self.accepted.as_ref(), now) {
-            Ok((desired, accepted)) => {
-                self.accepted = Some(accepted);
-                Ok(Verdict::Accept(desired))
-            }
-            Err(TrustError::NotSigned { .. }) if served.document.signatures.is_empty() => {
-                let frozen = served
-                    .document
-                    .unverified_payload()
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<AgentDocument>(&b).ok())
-                    .is_some_and(|d| d == AgentDocument::frozen(agent));
-                if frozen {
-                    Ok(Verdict::NotDescribed)
-                } else {
-                    Err(TrustError::NotSigned {
-                        found: 0,
-                        threshold: root.threshold as usize,
-                    })
-                }
-            }
-            Err(e) => Err(e),
-        }
+        let (desired, accepted) =
+            trust::verify_desired(served, &root, agent, self.accepted.as_ref(), now)?;
+        self.accepted = Some(accepted);
+        Ok(desired)
     }
 }
 
@@ -121,7 +93,7 @@ pub fn expired(desired: &AgentDesired, now: DateTime<Utc>) -> Option<TrustError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caravan_api::trust::DESIRED_TYPE;
+    use caravan_api::{trust::DESIRED_TYPE, wire::AgentDocument};
     use ed25519_dalek::SigningKey;
 
     /// `d` as a relay serves it, signed by `keys`.
@@ -133,31 +105,29 @@ mod tests {
     }
 
     #[test]
-    fn only_signed_documents_are_acted_on_and_unsigned_ones_at_most_wait() {
+    fn only_signed_documents_are_acted_on() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let mut trust = Trust::pin(&[Root::signed(1, &[&key])], None).unwrap();
         let now = Utc::now();
-        let frozen = |agent: &str| served(&AgentDocument::frozen(agent), &[]);
-        assert!(matches!(
-            trust.judge(&frozen("a1"), "a1", now),
-            Ok(Verdict::NotDescribed)
-        ));
-        // Another agent's frozen document, or an unsigned one asking for
-        // anything at all, is refused.
-        assert!(trust.judge(&frozen("a2"), "a1", now).is_err());
         let d = AgentDocument {
             agent: "a1".into(),
             version: 7,
             expires: (now + chrono::Duration::hours(1)).to_rfc3339(),
             ..Default::default()
         };
-        assert!(matches!(
-            trust.judge(&served(&d, &[]), "a1", now),
-            Err(TrustError::NotSigned { .. })
-        ));
-        let Ok(Verdict::Accept(accepted)) = trust.judge(&served(&d, &[&key]), "a1", now) else {
-            panic!("a signed document is accepted")
+        // Unsigned, even one asking only to change nothing, is refused.
+        let frozen = AgentDocument {
+            frozen: true,
+            ..d.clone()
         };
+        for unsigned in [&d, &frozen] {
+            assert!(matches!(
+                trust.judge(&served(unsigned, &[]), "a1", now),
+                Err(TrustError::NotSigned { .. })
+            ));
+        }
+        assert!(trust.accepted.is_none());
+        let accepted = trust.judge(&served(&d, &[&key]), "a1", now).unwrap();
         assert_eq!(trust.accepted.as_ref().unwrap().version, 7);
         assert!(expired(&accepted, now).is_none());
         assert!(expired(&accepted, now + chrono::Duration::hours(2)).is_some());

@@ -269,17 +269,6 @@ pub struct AgentDocument {
     pub expires: String,
 }
 
-impl AgentDocument {
-    /// The document of an agent the controller has not described (yet).
-    pub fn frozen(agent: &str) -> Self {
-        Self {
-            agent: agent.to_string(),
-            frozen: true,
-            ..Default::default()
-        }
-    }
-}
-
 /// A list of assignments (`[Assignment]` in JSON) as sent: the exact bytes
 /// whose sha256 is the digest that names it, passed on by relays untouched.
 #[derive(Clone, Debug)]
