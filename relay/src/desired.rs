@@ -1,6 +1,7 @@
 //! The site's desired state: long-polled from the controller, sliced per
-//! agent (each agent's part serialized once, with its own ETag, so an agent
-//! is woken only when its own part changes), and acted on at once: blobs no
+//! agent (each agent's envelope serialized once, with its own ETag, so an
+//! agent is woken only when its own part changes; its answer is composed
+//! per request from the envelope and the site's shared lists), and acted on at once: blobs no
 //! agent needs any more leave the cache, and those the site (and the sites
 //! below) will need are fetched before anyone asks (prestaging).
 //!

@@ -93,15 +93,21 @@ fn rewritten(
     Ok(serde_json::to_vec(&forged)?)
 }
 
+/// The first assignment list `served`'s document names: its digest, and
+/// the list.
+fn first_list(served: &AgentServed) -> anyhow::Result<(Digest, Vec<Assignment>)> {
+    let document: AgentDocument = serde_json::from_slice(&served.document.unverified_payload()?)?;
+    let digest = document.lists[0];
+    Ok((digest, served.lists[&digest].open(&digest)?))
+}
+
 /// `served` with the first assignment list its document names changed by
 /// `edit`, under the same digest; and that digest.
 fn list_rewritten(
     served: &AgentServed,
     edit: impl FnOnce(&mut Vec<Assignment>),
 ) -> anyhow::Result<(Vec<u8>, Digest)> {
-    let document: AgentDocument = serde_json::from_slice(&served.document.unverified_payload()?)?;
-    let digest = document.lists[0];
-    let mut list = served.lists[&digest].open(&digest)?;
+    let (digest, mut list) = first_list(served)?;
     edit(&mut list);
     let mut forged = served.clone();
     forged.lists.insert(digest, AssignmentList::new(&list).1);
@@ -140,10 +146,7 @@ async fn a_relay_cannot_make_an_agent_install_software_git_did_not_declare() -> 
         .unwrap();
         list.push(implant);
     };
-    let mut own = real.lists.values().next().expect("a list").open(&{
-        let d: AgentDocument = serde_json::from_slice(&real.document.unverified_payload()?)?;
-        d.lists[0]
-    })?;
+    let (_, mut own) = first_list(&real)?;
     implant(&mut own);
     let (digest, list) = AssignmentList::new(&own);
     let forged = rewritten(&real, |d| {
