@@ -48,6 +48,12 @@ use crate::{
 
 /// How long the engine waits for more changes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// A change after this long without one (and without a computation) is
+/// computed at once, not debounced: a lone commit or report is not the
+/// start of a burst worth waiting for, and its latency is what a user sees.
+/// The changes that follow it (the status it writes, the rest of a burst)
+/// are debounced as before.
+const QUIET: Duration = Duration::from_secs(1);
 /// Longest a change waits for the engine while changes keep coming.
 const MAX_DELAY: Duration = Duration::from_secs(2);
 
@@ -147,11 +153,13 @@ impl Engine {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut retry_at: Option<Instant> = None;
         let mut boundary_at: Option<Instant> = None;
+        // Whether to wait for the rest of a burst before computing.
+        let mut settle = true;
         loop {
             // Take the whole burst of changes before recomputing, but recompute
             // at least every MAX_DELAY however busy the cluster is.
             let deadline = Instant::now() + MAX_DELAY;
-            while Instant::now() < deadline {
+            while settle && Instant::now() < deadline {
                 match tokio::time::timeout(DEBOUNCE, changes.next()).await {
                     Ok(Some(())) => {}
                     _ => break,
@@ -187,14 +195,18 @@ impl Engine {
                 .chain(refresh_at)
                 .chain(boundary_at)
                 .min();
-            tokio::select! {
-                change = changes.next() => if change.is_none() {
-                    anyhow::bail!("watch streams ended");
+            let idle_since = Instant::now();
+            settle = tokio::select! {
+                change = changes.next() => {
+                    if change.is_none() {
+                        anyhow::bail!("watch streams ended");
+                    }
+                    idle_since.elapsed() < QUIET
                 },
                 ended = &mut reflectors => anyhow::bail!("the caches' watches ended: {ended:?}"),
-                () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+                () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => true,
                 () = shutdown.cancelled() => return Ok(()),
-            }
+            };
         }
     }
 

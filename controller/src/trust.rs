@@ -217,8 +217,10 @@ impl Signer {
         on_every_core(&mut parts, |(ns, name, part)| {
             self.reuse(ns, name, part, now)
         });
+        let mut changed = 0usize;
         for (_, _, part) in &mut parts {
             if let Part::Changed { document, .. } = part {
+                changed += 1;
                 let version = (now.timestamp_millis().max(0) as u64).max(self.last_version + 1);
                 self.last_version = version;
                 document.version = version;
@@ -226,6 +228,7 @@ impl Signer {
             }
         }
         on_every_core(&mut parts, |(_, _, part)| self.sign(part, now));
+        tracing::debug!(agents = parts.len(), changed, "desired state signed");
         // This round's record: last round's entries moved over (those of the
         // agents gone stay behind), the new ones put in.
         let mut last = std::mem::take(&mut self.signed);

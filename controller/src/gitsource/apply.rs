@@ -83,10 +83,23 @@ fn declared_map(object: &serde_json::Value, field: &str) -> BTreeMap<String, Str
         .unwrap_or_default()
 }
 
-/// Dry-runs every object, then applies them all; returns them as applied.
+/// `declared` in the order of [`Kind::ALL`] (each kind in file order): the
+/// objects a commit adds appear before those that name them, so the engine,
+/// which may compute between two applies, never sees a job naming a
+/// Package not there yet (it would hold that package on every agent the job
+/// reaches, and wake each of them twice).
+fn in_dependency_order(declared: &[Declared]) -> Vec<&Declared> {
+    let mut ordered: Vec<&Declared> = declared.iter().collect();
+    ordered.sort_by_key(|m| m.kind);
+    ordered
+}
+
+/// Dry-runs every object, then applies them all (in dependency order);
+/// returns them as applied.
 pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<Vec<Stamp>, Refusal> {
     let params = PatchParams::apply(field_managers::APPLY).force();
     let mut stamps = vec![];
+    let declared = in_dependency_order(declared);
     for dry_run in [true, false] {
         let params = if dry_run {
             params.clone().dry_run()
@@ -94,7 +107,7 @@ pub async fn apply(ctx: &Context, ns: &str, declared: &[Declared]) -> Result<Vec
             params.clone()
         };
         let mut refusal = Refusal::default();
-        for m in declared {
+        for m in &declared {
             match api(ctx, ns, m.kind)
                 .patch(&m.name, &params, &Patch::Apply(&m.object))
                 .await
@@ -137,7 +150,8 @@ pub async fn prune(
         .labels(&format!("{}={source}", labels::SOURCE))
         .match_any();
     let mut refusal = Refusal::default();
-    for kind in Kind::ALL {
+    // Those that name others first: a job before its Packages.
+    for kind in Kind::ALL.into_iter().rev() {
         let list = match api(ctx, ns, kind).list_metadata(&selector).await {
             Ok(l) => l,
             Err(e) => {
@@ -178,5 +192,35 @@ fn api_error_message(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => s.message.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_applied_after_those_they_name() {
+        let declared: Vec<Declared> = [
+            ("a-job.yaml", Kind::DistributionJob, "roll"),
+            ("b-agent.yaml", Kind::Agent, "pc-1"),
+            ("c-site.yaml", Kind::Site, "hq"),
+            ("d-package.yaml", Kind::Package, "hello"),
+            ("e-package.yaml", Kind::Package, "tools"),
+            ("f-cabinet.yaml", Kind::Cabinet, "main"),
+        ]
+        .into_iter()
+        .map(|(file, kind, name)| Declared {
+            file: file.into(),
+            kind,
+            name: name.into(),
+            object: serde_json::Value::Null,
+        })
+        .collect();
+        let order: Vec<&str> = in_dependency_order(&declared)
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(order, ["main", "hello", "tools", "hq", "roll", "pc-1"]);
     }
 }

@@ -141,6 +141,9 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, each after the kinds its objects name (a Package its
+    /// Cabinet, a job its Packages and Sites, an Agent its Site): the order
+    /// objects are applied in, and pruned in reverse.
     pub const ALL: [Kind; 5] = [
         Kind::Cabinet,
         Kind::Package,
