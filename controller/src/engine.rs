@@ -19,7 +19,14 @@
 //!    that write left it (so a field someone else holds cannot make the
 //!    engine write forever).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use caravan_api::{
     v1alpha1::{Agent, Cabinet, Package, StoreType},
@@ -42,17 +49,20 @@ use crate::{
     index::{self, ArtifactState, Artifacts, DesiredIndex},
     leader::Leading,
     status_patch::{self, HasStatus, Written},
-    stores::{Stores, Writers},
+    stores::{Change, Stores, Writers},
     trust::Signer,
 };
 
 /// How long the engine waits for more changes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// A change after this long without one (and without a computation) is
-/// computed at once, not debounced: a lone commit or report is not the
-/// start of a burst worth waiting for, and its latency is what a user sees.
-/// The changes that follow it (the status it writes, the rest of a burst)
-/// are debounced as before.
+/// computed at once, not debounced — an agent's report or enrollment, an
+/// approval, a command's write: it is not the start of a burst worth
+/// waiting for, and its latency is what a user sees. Not a change to an
+/// object from Git ([`Change::Declared`]): a commit is applied one object
+/// after another, and each of its parts waits for the rest. The changes
+/// that follow (the status a computation writes, the rest of a burst) are
+/// debounced as before.
 const QUIET: Duration = Duration::from_secs(1);
 /// Longest a change waits for the engine while changes keep coming.
 const MAX_DELAY: Duration = Duration::from_secs(2);
@@ -135,9 +145,15 @@ impl Engine {
         // Agents) falls behind the API server's window of events, expires,
         // and everything is listed again. The engine hears that something
         // changed (once, however much did).
+        // It also notes whether any of them was part of a Git commit.
         let (changed, cache_changes) = tokio::sync::mpsc::channel(1);
+        let declared = Arc::new(AtomicBool::new(false));
+        let noted = declared.clone();
         let mut reflectors = AbortOnDropHandle::new(tokio::spawn(
-            stream::select_all(writers.watch(&self.ctx)).for_each(move |()| {
+            stream::select_all(writers.watch(&self.ctx)).for_each(move |change| {
+                if change == Change::Declared {
+                    noted.store(true, Ordering::Relaxed);
+                }
                 let _ = changed.try_send(());
                 async {}
             }),
@@ -166,6 +182,8 @@ impl Engine {
                 }
             }
             if self.stores.ready() {
+                // What Git applies from here on is in the next computation.
+                declared.store(false, Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 let (failed, boundary) = self.recompute().await;
                 self.ctx
@@ -201,7 +219,7 @@ impl Engine {
                     if change.is_none() {
                         anyhow::bail!("watch streams ended");
                     }
-                    idle_since.elapsed() < QUIET
+                    idle_since.elapsed() < QUIET || declared.load(Ordering::Relaxed)
                 },
                 ended = &mut reflectors => anyhow::bail!("the caches' watches ended: {ended:?}"),
                 () = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => true,

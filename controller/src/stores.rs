@@ -73,10 +73,36 @@ impl Stores {
     }
 }
 
+/// One change the caches took in, as the engine hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// To an object a GitSource applied (or a whole list, after a watch
+    /// started again): part of a commit, which arrives as one apply after
+    /// another, so a computation between two of them would publish half a
+    /// commit (a new Package version under the job's old rollout).
+    Declared,
+    /// To anything else: an agent's report or enrollment, an approval, a
+    /// command's write, the engine's own status writes to those.
+    Lone,
+}
+
+impl Change {
+    fn of<K: Resource>(event: &watcher::Event<K>) -> Self {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o)
+                if !o.labels().contains_key(caravan_api::labels::SOURCE) =>
+            {
+                Change::Lone
+            }
+            _ => Change::Declared,
+        }
+    }
+}
+
 impl Writers {
     /// Watches the five kinds into the caches; each item of the returned
     /// streams is one change.
-    pub fn watch(self, ctx: &Context) -> Vec<BoxStream<'static, ()>> {
+    pub fn watch(self, ctx: &Context) -> Vec<BoxStream<'static, Change>> {
         vec![
             reflect(ctx, self.sites),
             reflect(ctx, self.agents),
@@ -96,7 +122,7 @@ fn cache_lists() -> watcher::Config {
     }
 }
 
-fn reflect<K>(ctx: &Context, writer: Writer<K>) -> BoxStream<'static, ()>
+fn reflect<K>(ctx: &Context, writer: Writer<K>) -> BoxStream<'static, Change>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -125,7 +151,7 @@ where
         .reflect(writer)
         .filter_map(|event| async move {
             match event {
-                Ok(_) => Some(()),
+                Ok(event) => Some(Change::of(&event)),
                 Err(e) => {
                     tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
                     None
@@ -137,7 +163,36 @@ where
 
 #[cfg(test)]
 mod tests {
-    use kube::api::ListParams;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::{api::ListParams, runtime::watcher::Event};
+
+    use super::Change;
+
+    #[test]
+    fn a_change_to_an_object_from_git_waits_for_the_rest_of_its_commit() {
+        let object = |labels: &[(&str, &str)]| {
+            let mut a = ConfigMap::default();
+            a.metadata.labels = Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            a
+        };
+        let enrolled = object(&[("caravan.dev/site", "hq")]);
+        let declared = object(&[(caravan_api::labels::SOURCE, "fleet")]);
+        assert_eq!(Change::of(&Event::Apply(enrolled.clone())), Change::Lone);
+        assert_eq!(Change::of(&Event::Delete(enrolled.clone())), Change::Lone);
+        assert_eq!(
+            Change::of(&Event::Apply(declared.clone())),
+            Change::Declared
+        );
+        assert_eq!(Change::of(&Event::Delete(declared)), Change::Declared);
+        // A whole list again (a watch restarted): anything may have changed.
+        assert_eq!(Change::of(&Event::InitApply(enrolled)), Change::Declared);
+        assert_eq!(Change::of(&Event::<ConfigMap>::InitDone), Change::Declared);
+    }
 
     #[test]
     fn the_caches_list_from_the_api_servers_watch_cache() {

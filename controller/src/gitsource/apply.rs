@@ -84,10 +84,11 @@ fn declared_map(object: &serde_json::Value, field: &str) -> BTreeMap<String, Str
 }
 
 /// `declared` in the order of [`Kind::ALL`] (each kind in file order): the
-/// objects a commit adds appear before those that name them, so the engine,
-/// which may compute between two applies, never sees a job naming a
-/// Package not there yet (it would hold that package on every agent the job
-/// reaches, and wake each of them twice).
+/// objects a commit adds appear before the kinds that name them, so a
+/// computation between two applies (the engine waits for the rest of a
+/// commit, up to its debounce) does not find a job naming a Package not
+/// there yet, which would hold that package on every agent the job reaches
+/// and wake each of them twice.
 fn in_dependency_order(declared: &[Declared]) -> Vec<&Declared> {
     let mut ordered: Vec<&Declared> = declared.iter().collect();
     ordered.sort_by_key(|m| m.kind);
