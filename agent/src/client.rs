@@ -152,6 +152,9 @@ impl Client {
         url: &str,
         bearer: Option<&str>,
     ) -> Result<reqwest::Response, ClientError> {
+        // Every request says which release sent it (the relay and the
+        // controller refuse one outside their window, saying why).
+        let req = req.header(caravan_api::skew::VERSION_HEADER, caravan_api::RELEASE);
         let req = match bearer {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -381,6 +384,36 @@ mod tests {
         assert!(client.renewal_due(), "expired");
         client.set_token(Some("relay:branch/0/00".into()));
         assert!(!client.renewal_due(), "a credential that never expires");
+    }
+
+    #[tokio::test]
+    async fn every_request_says_which_release_sent_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client =
+            Client::new(&format!("http://{}", listener.local_addr().unwrap()), None).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                          content-length: 2\r\nconnection: close\r\n\r\n[]";
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap().to_ascii_lowercase()
+        });
+        assert!(client.roots().await.unwrap().is_empty());
+        let head = server.await.unwrap();
+        let said = format!(
+            "{}: {}\r\n",
+            caravan_api::skew::VERSION_HEADER,
+            caravan_api::RELEASE
+        );
+        assert!(head.contains(&said), "{head}");
     }
 
     #[test]

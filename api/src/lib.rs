@@ -8,6 +8,7 @@ pub mod facts;
 pub mod names;
 pub mod selector;
 pub mod signing;
+pub mod skew;
 pub mod trust;
 pub mod v1alpha1;
 pub mod version;

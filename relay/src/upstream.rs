@@ -73,6 +73,7 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let res = req
             .bearer_auth(&self.token)
+            .header(caravan_api::skew::VERSION_HEADER, caravan_api::RELEASE)
             .send()
             .await
             .map_err(|source| UpstreamError::Request {
