@@ -1,7 +1,7 @@
 //! Which releases of relays and agents a controller works with: its own
-//! release and the one before for relays, the two before for agents (the
-//! window Kubernetes gives kubelets, narrowed for relays, which serve
-//! agents of both). A release is the minor version while the major is 0
+//! release and the one before for relays, the two before for agents
+//! (narrower for relays, which serve agents of every release in the
+//! window). A release is the minor version while the major is 0
 //! (`0.3.x`), the major after that (`2.x`). Every request between
 //! components names its sender's release in [`VERSION_HEADER`].
 
