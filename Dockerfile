@@ -1,7 +1,7 @@
 # Caravan's images, for those with Docker (or BuildKit, Podman, Kaniko):
 #
-#   docker build --target controller -t ghcr.io/caravan-dev/caravan-controller:0.1.0 .
-#   docker build --target relay      -t ghcr.io/caravan-dev/caravan-relay:0.1.0 .
+#   docker build --target controller -t ghcr.io/caravan-dev/caravan-controller:0.2.0 .
+#   docker build --target relay      -t ghcr.io/caravan-dev/caravan-relay:0.2.0 .
 #
 # Without a container engine, `make images` assembles the same images from
 # the release binaries with umoci (scripts/image.sh). Both run as the

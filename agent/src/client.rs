@@ -23,6 +23,10 @@ pub enum ClientError {
     /// approval, was revoked, or its Agent was deleted.
     #[error("relay turned this agent away: {0}")]
     Forbidden(String),
+    /// The relay refuses this agent's release (`426`): only upgrading the
+    /// agent (or the controller, if the agent is newer) helps.
+    #[error("relay refuses this agent's release: {0}")]
+    Skew(String),
     #[error("{url}: {source}")]
     Request {
         url: String,
@@ -96,6 +100,8 @@ pub struct Client {
     token: Option<String>,
     /// When `token` was set (seconds since the Unix epoch).
     token_since: u64,
+    /// The release every request says it comes from.
+    release: String,
 }
 
 impl Client {
@@ -108,7 +114,13 @@ impl Client {
             min_rate: MinRate::DEFAULT,
             token: None,
             token_since: 0,
+            release: caravan_api::RELEASE.to_string(),
         })
+    }
+
+    /// Says `release` instead of the agent's own (`--claim-release`).
+    pub fn with_release(self, release: String) -> Self {
+        Self { release, ..self }
     }
 
     /// Gives up downloads slower than `min_rate`.
@@ -154,7 +166,7 @@ impl Client {
     ) -> Result<reqwest::Response, ClientError> {
         // Every request says which release sent it (the relay and the
         // controller refuse one outside their window, saying why).
-        let req = req.header(caravan_api::skew::VERSION_HEADER, caravan_api::RELEASE);
+        let req = req.header(caravan_api::skew::VERSION_HEADER, &self.release);
         let req = match bearer {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -183,6 +195,9 @@ impl Client {
         }
         if status == StatusCode::FORBIDDEN {
             return Err(ClientError::Forbidden(message));
+        }
+        if status == StatusCode::UPGRADE_REQUIRED {
+            return Err(ClientError::Skew(message));
         }
         Err(ClientError::Status { status, message })
     }
@@ -386,8 +401,9 @@ mod tests {
         assert!(!client.renewal_due(), "a credential that never expires");
     }
 
-    #[tokio::test]
-    async fn every_request_says_which_release_sent_it() {
+    /// A server on loopback that answers one request with `answer` (a
+    /// whole HTTP response), and the head of that request, lowercased.
+    async fn answering(answer: &'static str) -> (Client, tokio::task::JoinHandle<String>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client =
@@ -401,11 +417,19 @@ mod tests {
                 assert!(n > 0, "the request ended early");
                 head.extend_from_slice(&buf[..n]);
             }
-            let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                          content-length: 2\r\nconnection: close\r\n\r\n[]";
             conn.write_all(answer.as_bytes()).await.unwrap();
             String::from_utf8(head).unwrap().to_ascii_lowercase()
         });
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn every_request_says_which_release_sent_it() {
+        let (client, server) = answering(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+             content-length: 2\r\nconnection: close\r\n\r\n[]",
+        )
+        .await;
         assert!(client.roots().await.unwrap().is_empty());
         let head = server.await.unwrap();
         let said = format!(
@@ -414,6 +438,29 @@ mod tests {
             caravan_api::RELEASE
         );
         assert!(head.contains(&said), "{head}");
+        // Told to say another (`--claim-release`), it says that.
+        let (client, server) = answering(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+             content-length: 2\r\nconnection: close\r\n\r\n[]",
+        )
+        .await;
+        let client = client.with_release("0.0.7".into());
+        client.roots().await.unwrap();
+        let head = server.await.unwrap();
+        assert!(head.contains("caravan-version: 0.0.7\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_release_is_told_apart_from_other_refusals() {
+        let (client, _server) = answering(
+            "HTTP/1.1 426 Upgrade Required\r\ncontent-type: application/json\r\n\
+             content-length: 22\r\nconnection: close\r\n\r\n{\"error\":\"upgrade it\"}",
+        )
+        .await;
+        match client.roots().await {
+            Err(ClientError::Skew(message)) => assert_eq!(message, "upgrade it"),
+            other => panic!("{:?}", other.map(|r| r.len()).map_err(|e| e.to_string())),
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Config {
     pub trust_root_sha256: Option<String>,
     pub state_dir: PathBuf,
     pub install_root: PathBuf,
+    /// Where a new state directory's host ID is derived from, if not made
+    /// at random.
+    pub host_id_from: Option<PathBuf>,
     pub hostname: String,
     /// What the agent says about the endpoint (read once at start).
     pub facts: caravan_api::facts::Facts,
@@ -46,6 +49,9 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// Converge once and exit.
     pub once: bool,
+    /// The release the agent says it is of (its own, unless told otherwise
+    /// to try the release window).
+    pub release: String,
 }
 
 impl Config {
@@ -111,6 +117,7 @@ impl Config {
             trust_root_sha256,
             state_dir: args.state_dir,
             install_root: args.install_root,
+            host_id_from: args.host_id_from,
             hostname: args.hostname.unwrap_or_else(system_hostname),
             facts,
             poll_wait: args.poll_wait,
@@ -128,6 +135,7 @@ impl Config {
             },
             metrics_file: args.metrics_file,
             once: args.once,
+            release: args.claim_release,
         })
     }
 }

@@ -26,12 +26,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)
         .with_context(|| format!("opening state directory {}", config.state_dir.display()))?;
     let _lock = state.lock()?;
+    if let Some(path) = &config.host_id_from {
+        crate::host_id::adopt(&state, path)?;
+    }
     // Where this binary is, before a self-update replaces it.
     selfupdate::pin_binary(config.binary.clone())?;
     transaction::recover(&state, &config.install_root)
         .context("finishing an interrupted change")?;
     let mut client = Client::new(&config.server, config.ca_file.as_deref())?
-        .with_min_rate(config.min_download_rate);
+        .with_min_rate(config.min_download_rate)
+        .with_release(config.release.clone());
     enroll::ensure_enrolled(&config, &state, &mut client).await?;
     let mut trust = ensure_trust(&config, &state, &client).await?;
     let mut agent = Converger::new(config.clone(), state, client)?;
@@ -86,6 +90,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
                 tracing::warn!(error = %e, retry_in = ?config.retry_after, "not served");
+                tokio::time::sleep(config.retry_after).await;
+                continue;
+            }
+            // Of a release the controller does not work with: nothing it
+            // is served can be trusted to mean what it reads, so it acts on
+            // nothing and keeps what is installed until it is upgraded.
+            Err(e @ ClientError::Skew(_)) => {
+                if config.once {
+                    return Err(e.into());
+                }
+                tracing::error!(error = %e, retry_in = ?config.retry_after, "release refused");
+                agent.report_only().await;
                 tokio::time::sleep(config.retry_after).await;
                 continue;
             }

@@ -76,7 +76,7 @@ pub async fn enroll(config: &Config, state: &StateDir, client: &mut Client) -> a
             hostname: config.hostname.clone(),
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: config.release.clone(),
             facts: config.facts.clone(),
         };
         match client.enroll(&token, &req).await {

@@ -25,6 +25,7 @@ pub mod detect;
 pub mod drift;
 pub mod enroll;
 pub mod failpoint;
+pub mod host_id;
 pub mod metrics;
 pub mod plan;
 pub mod policy;
@@ -189,6 +190,14 @@ pub struct RunArgs {
     /// Where packages are installed (`<root>/<package>`).
     #[arg(long, env = "CARAVAN_INSTALL_ROOT", default_value = "/opt/caravan")]
     pub install_root: PathBuf,
+    /// Derive the host ID from this file's machine identity instead of
+    /// making a random one: `/sys/class/dmi/id/product_uuid` (the SMBIOS
+    /// product UUID, readable by root) survives an OS reinstall, so a
+    /// reimaged endpoint enrolls as the same Agent, taking it over once
+    /// approved (`caravan agent approve`). Used only when the state
+    /// directory has no host ID yet.
+    #[arg(long, env = "CARAVAN_HOST_ID_FROM")]
+    pub host_id_from: Option<PathBuf>,
     /// Host name to enroll with (default: the system's).
     #[arg(long, env = "CARAVAN_HOSTNAME")]
     pub hostname: Option<String>,
@@ -234,6 +243,11 @@ pub struct RunArgs {
     /// Converge once and exit (non-zero if anything failed).
     #[arg(long)]
     pub once: bool,
+    /// The release the agent says it is of (default: its own). Only for
+    /// trying the controller's release window (`caravan_api::skew`) with
+    /// the agent one has; hidden from `--help`.
+    #[arg(long, env = "CARAVAN_CLAIM_RELEASE", hide = true, default_value = caravan_api::RELEASE)]
+    pub claim_release: String,
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {

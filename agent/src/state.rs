@@ -171,6 +171,11 @@ impl StateDir {
         Ok(Some((self.host_id()?, self.host_secret()?)))
     }
 
+    /// Sets the host ID, before the agent enrolls (`--host-id-from`).
+    pub fn set_host_id(&self, id: &str) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join("host-id"), id.as_bytes())
+    }
+
     /// Sets the host ID and secret (restoring a backup).
     pub fn set_identity(&self, id: &str, secret: &str) -> anyhow::Result<()> {
         write_atomic(&self.dir.join("host-id"), id.as_bytes())?;

@@ -28,6 +28,10 @@ pub const SIGNED: &str = "Signed";
 /// and not expired; False (with the agent's reason: `NotSigned`,
 /// `Rollback`, `Expired`, …) when what it is served is refused.
 pub const DESIRED_STATE_ACCEPTED: &str = "DesiredStateAccepted";
+/// Site, Agent: the relay's (agent's) release is one the controller works
+/// with (`caravan_api::skew`); False names both releases and what to
+/// upgrade, and the component is refused until then.
+pub const VERSION_SUPPORTED: &str = "VersionSupported";
 
 pub mod reasons {
     pub const SUCCEEDED: &str = "Succeeded";
@@ -94,6 +98,42 @@ pub mod reasons {
     pub const NOT_YET_ACCEPTED: &str = "NotYetAccepted";
     /// A transient failure is being retried.
     pub const RETRYING: &str = "Retrying";
+    /// A relay's or agent's release is within the controller's window.
+    pub const WITHIN_WINDOW: &str = "WithinWindow";
+    /// A relay's or agent's release is older than the controller's window.
+    pub const TOO_OLD: &str = "TooOld";
+    /// A relay's or agent's release is newer than the controller's.
+    pub const NEWER_THAN_CONTROLLER: &str = "NewerThanController";
+}
+
+/// `VersionSupported` for `component` of release `version` (as it said, if
+/// it did), judged by controller release `controller`.
+pub fn version_supported(
+    controller: &str,
+    component: crate::skew::Component,
+    version: Option<&str>,
+    generation: Option<i64>,
+) -> Condition {
+    let (ok, reason, message) = match crate::skew::check(controller, component, version) {
+        Ok(()) => (
+            true,
+            reasons::WITHIN_WINDOW,
+            format!(
+                "{} {} works with controller {controller}",
+                component.name(),
+                version.unwrap_or_default()
+            ),
+        ),
+        Err(skew) => (
+            false,
+            match skew.upgrade {
+                crate::skew::Upgrade::Component => reasons::TOO_OLD,
+                crate::skew::Upgrade::Controller => reasons::NEWER_THAN_CONTROLLER,
+            },
+            skew.to_string(),
+        ),
+    };
+    new(VERSION_SUPPORTED, ok, reason, message, generation)
 }
 
 /// Builds a condition for `generation`. Call [`merge`] to keep the previous
@@ -137,4 +177,34 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 
 fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::skew::Component;
+
+    #[test]
+    fn a_release_outside_the_window_is_flagged_with_what_to_upgrade() {
+        let within = version_supported("0.4.0", Component::Agent, Some("0.2.3"), Some(2));
+        assert_eq!(
+            (within.status.as_str(), within.reason.as_str()),
+            ("True", reasons::WITHIN_WINDOW)
+        );
+        assert_eq!(within.observed_generation, Some(2));
+        let old = version_supported("0.4.0", Component::Relay, Some("0.2.3"), None);
+        assert_eq!(
+            (old.status.as_str(), old.reason.as_str()),
+            ("False", reasons::TOO_OLD)
+        );
+        assert!(
+            old.message.ends_with("upgrade the relay to 0.4.0"),
+            "{}",
+            old.message
+        );
+        let ahead = version_supported("0.4.0", Component::Agent, Some("0.5.0"), None);
+        assert_eq!(ahead.reason, reasons::NEWER_THAN_CONTROLLER);
+        let silent = version_supported("0.4.0", Component::Relay, None, None);
+        assert_eq!(silent.reason, reasons::TOO_OLD);
+    }
 }

@@ -12,6 +12,9 @@ use semver::Version;
 /// Request and response header: the sender's release ([`crate::RELEASE`]).
 pub const VERSION_HEADER: &str = "caravan-version";
 
+/// Longest release a component may say it is of (a longer one is not read).
+pub const MAX_VERSION_LEN: usize = 64;
+
 /// A component the controller works with, and how far behind it may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Component {

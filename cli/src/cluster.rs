@@ -42,7 +42,10 @@ pub async fn site(command: SiteCommand) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum AgentCommand {
-    /// Let an agent in: its relay serves it from its next request on.
+    /// Let an agent in: its relay serves it from its next request on. An
+    /// Agent another machine asks to take over (`spec.replacement`: the
+    /// same machine reinstalled) is handed to that machine: it enrolls with
+    /// its own secret and key, and the machine it was is turned away.
     Approve {
         /// The Agent's name (`kubectl get agents`).
         name: String,
@@ -65,18 +68,51 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
         AgentCommand::Revoke { name, namespace } => (name, namespace, false),
     };
     let agents: Api<Agent> = namespaced(namespace).await?;
+    let agent = agents
+        .get(&name)
+        .await
+        .with_context(|| format!("reading Agent {name}"))?;
+    let handover = agent.spec.replacement.as_ref().filter(|_| approved);
+    let patch = match handover {
+        // Guarded by the resourceVersion read: a newer request to take it
+        // over is not approved unseen.
+        Some(r) => serde_json::json!({
+            "metadata": { "resourceVersion": agent.metadata.resource_version },
+            "spec": {
+                "approved": true,
+                "secretHash": r.secret_hash,
+                "publicKey": r.public_key,
+                "hostname": if r.hostname.is_empty() { &agent.spec.hostname } else { &r.hostname },
+                "replacement": null,
+            },
+        }),
+        None => serde_json::json!({ "spec": { "approved": approved } }),
+    };
     agents
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "approved": approved } })),
-        )
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .with_context(|| format!("updating Agent {name}"))?;
-    eprintln!(
-        "agent {name} {}",
-        if approved { "approved" } else { "revoked" }
-    );
+    match handover {
+        Some(r) => {
+            // Its reports are signed with its own key, from its own sequence.
+            agents
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({ "status": { "reportSequence": null } })),
+                )
+                .await
+                .with_context(|| format!("updating Agent {name}'s status"))?;
+            eprintln!(
+                "agent {name} approved for the machine that asked to take it over (host {}, {}); the machine it was is turned away",
+                r.hostname, r.requested
+            );
+        }
+        None => eprintln!(
+            "agent {name} {}",
+            if approved { "approved" } else { "revoked" }
+        ),
+    }
     Ok(())
 }
 

@@ -27,6 +27,16 @@ use caravan_api::wire::{ErrorBody, MAX_SMALL_ANSWER_BYTES};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
+/// The release the sender of `headers` says it is of, if it says one that
+/// can be read (at most [`caravan_api::skew::MAX_VERSION_LEN`] characters).
+pub fn said_release(headers: &reqwest::header::HeaderMap) -> Option<&str> {
+    headers
+        .get(caravan_api::skew::VERSION_HEADER)?
+        .to_str()
+        .ok()
+        .filter(|v| v.len() <= caravan_api::skew::MAX_VERSION_LEN)
+}
+
 /// Installs the global `tracing` subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::{fmt, EnvFilter};

@@ -10,13 +10,15 @@ use axum::{
     Json, Router,
 };
 use caravan_api::{
+    skew::Component,
     wire::{paths, EnrollRequest, EnrollResponse, Envelope, RenewRequest, SiteEnroll},
     Digest,
 };
 use caravan_net::{
     agent_tokens as tokens,
     server::{
-        bearer, blob_head, changed, long_poll, serve_stream, ApiError, FileAnswer, Shortcuts, Wait,
+        bearer, blob_head, changed, long_poll, serve_stream, within_window, ApiError, FileAnswer,
+        Shortcuts, Wait,
     },
 };
 use futures::future::BoxFuture;
@@ -54,6 +56,21 @@ fn not_served(name: &str) -> ApiError {
     err(
         StatusCode::FORBIDDEN,
         format!("agent {name} is not served at this site: it awaits approval, was revoked, or its Agent was deleted"),
+    )
+}
+
+/// `Ok` if an agent of the release `headers` say is one the controller
+/// works with (judged by the controller's release, as its last desired
+/// state said, or this relay's own before then); else `426`, naming both.
+/// An agent outside the window still reports (its Agent says why it is
+/// refused), fetches roots and renews its credential: it is refused only
+/// what it would act on.
+fn agent_within_window(relay: &Relay, headers: &HeaderMap) -> Result<(), ApiError> {
+    let controller = relay.upstream.controller_release();
+    within_window(
+        controller.as_deref().unwrap_or(caravan_api::RELEASE),
+        Component::Agent,
+        headers,
     )
 }
 
@@ -151,6 +168,9 @@ impl Shortcuts for Relay {
             .ok()?;
         let who = Downstream::of(self, &req.headers).ok()?;
         who.may_have(self, &digest).ok()?;
+        if let Downstream::Agent(_) = who {
+            agent_within_window(self, &req.headers).ok()?;
+        }
         // Taken before the file is opened: the blob is not evicted meanwhile.
         let lease = self.cache.lease(&digest);
         let file = self.cache.cached(&digest)?;
@@ -175,6 +195,7 @@ impl Shortcuts for Relay {
         let Downstream::Agent(agent) = Downstream::of(self, &req.headers).ok()? else {
             return None;
         };
+        agent_within_window(self, &req.headers).ok()?;
         let known = req
             .headers
             .get(header::IF_NONE_MATCH)?
@@ -223,6 +244,7 @@ async fn enroll(
     headers: HeaderMap,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
+    agent_within_window(&relay, &headers)?;
     // Only the controller can tell a good bootstrap token: the relay holds none.
     let bootstrap_token = bearer(&headers)
         .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bootstrap token"))?
@@ -322,6 +344,7 @@ async fn desired(
     wait: Wait,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    agent_within_window(&relay, &headers)?;
     // Only a poll that waits holds a connection open.
     let _slot = if wait.0.is_zero() {
         None
@@ -395,8 +418,12 @@ async fn blob(
         .map_err(|e: caravan_api::digest::DigestError| {
             err(StatusCode::BAD_REQUEST, e.to_string())
         })?;
-    // An agent gets only its own blobs; a child site's relay only those of the sites below.
+    // An agent gets only its own blobs; a child site's relay only those of
+    // the sites below (the controller judges that relay's release).
     who.may_have(&relay, &digest)?;
+    if let Downstream::Agent(_) = who {
+        agent_within_window(&relay, req.headers())?;
+    }
     let blob = match relay.cache.get(&digest).await {
         Ok(blob) => blob,
         Err(e) => {

@@ -1,6 +1,10 @@
 //! The relay's client of the controller's distribution API.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use caravan_api::{
     wire::{
@@ -49,6 +53,8 @@ pub struct Upstream {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// The release the controller said it is of in its last desired state.
+    controller: Arc<Mutex<Option<Arc<str>>>>,
 }
 
 impl Upstream {
@@ -59,7 +65,14 @@ impl Upstream {
             http,
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            controller: Arc::default(),
         })
+    }
+
+    /// The release of the controller, as its last desired state said (none
+    /// before the first, or if it said none that can be read).
+    pub fn controller_release(&self) -> Option<Arc<str>> {
+        self.controller.lock().expect("lock poisoned").clone()
     }
 
     fn url(&self, path: &str) -> String {
@@ -109,6 +122,9 @@ impl Upstream {
                 &url,
             )
             .await?;
+        // Only the controller answers this (a parent relay serves blobs).
+        let release = caravan_net::said_release(res.headers()).map(Arc::from);
+        *self.controller.lock().expect("lock poisoned") = release;
         caravan_net::poll_answer(res, MAX_SITE_DESIRED_BYTES)
             .await
             .map_err(|source| UpstreamError::Body { url, error: source })

@@ -45,10 +45,35 @@ pub fn trust(pem: &[u8]) {
     TRUSTED.lock().expect("lock poisoned").push(pem.to_vec());
 }
 
-/// An HTTP client that trusts the CAs this process was told of
-/// ([`trust`]: the controller's, and the test CA when there is one).
+/// A client builder whose every request says this release (as an agent's
+/// and a relay's do: one that says none is refused).
+pub fn http_builder() -> reqwest::ClientBuilder {
+    says(Some(caravan_api::RELEASE))
+}
+
+/// A client builder whose every request says it comes from `release`
+/// (none: says nothing).
+fn says(release: Option<&str>) -> reqwest::ClientBuilder {
+    let mut said = reqwest::header::HeaderMap::new();
+    if let Some(release) = release {
+        said.insert(
+            caravan_api::skew::VERSION_HEADER,
+            reqwest::header::HeaderValue::from_str(release).expect("a release is a header value"),
+        );
+    }
+    reqwest::Client::builder().default_headers(said)
+}
+
+/// An HTTP client of this release ([`http_builder`]) that trusts the CAs
+/// this process was told of ([`trust`]: the controller's, and the test CA
+/// when there is one).
 pub fn http() -> reqwest::Client {
-    let mut b = reqwest::Client::builder();
+    http_as(Some(caravan_api::RELEASE))
+}
+
+/// [`http`], saying it comes from `release` (none: saying nothing).
+pub fn http_as(release: Option<&str>) -> reqwest::Client {
+    let mut b = says(release);
     for pem in TRUSTED.lock().expect("lock poisoned").iter() {
         for cert in reqwest::Certificate::from_pem_bundle(pem).expect("trusted CAs are PEM") {
             b = b.add_root_certificate(cert);

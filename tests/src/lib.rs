@@ -35,7 +35,9 @@ use anyhow::bail;
 pub use caravan::nodes::{AgentProc, RelayInfo};
 pub use caravan::{Caravan, Install, Options};
 pub use cluster::{override_args, Cluster};
-pub use fixtures::{copy_dir, http, noise, report_as, trust, write_noise, TestTls};
+pub use fixtures::{
+    copy_dir, http, http_as, http_builder, noise, report_as, trust, write_noise, TestTls,
+};
 pub use helm::{helm, HELM_NAMESPACE, HELM_TEST_VALUES};
 pub use procs::{free_port, Proc};
 pub use waits::{metric, wait_for};

@@ -8,6 +8,8 @@ use std::{os::unix::fs::MetadataExt, path::Path, time::Duration};
 use caravan_api::v1alpha1::Agent;
 use caravan_tests::{bin, wait_for, Caravan};
 
+const T: Duration = Duration::from_secs(120);
+
 fn agent_cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(std::process::Command::new(bin("caravan-agent")?)
         .args(args)
@@ -127,5 +129,75 @@ async fn a_restored_agent_is_the_same_agent_and_keeps_what_is_installed() -> any
         },
     )
     .await?;
+    Ok(())
+}
+
+async fn agents(c: &Caravan) -> anyhow::Result<Vec<Agent>> {
+    Ok(c.api::<Agent>().list(&Default::default()).await?.items)
+}
+
+/// A machine whose disk is wiped and OS reinstalled, with its host ID from
+/// its hardware (`--host-id-from`, here a file standing in for
+/// `/sys/class/dmi/id/product_uuid`): no backup, so its secret and key are
+/// gone. It asks to take its Agent over, and gets it, with its software,
+/// once approved; until then it is not served and no second Agent appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_approved(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let uuid = c.dir.join("product_uuid");
+    std::fs::write(&uuid, "4C4C4544-0035-3010-8052-B4C04F564433\n")?;
+    c.agent_args = vec!["--host-id-from".into(), uuid.display().to_string()];
+    let (_, relay) = c.hello_installed("laptop").await?;
+    let (state, root) = c.agent_dirs("laptop");
+    let before = c.agent_of("laptop").await?;
+    let name = before.metadata.name.clone().unwrap();
+    let host_id = std::fs::read_to_string(state.join("host-id"))?;
+    assert_eq!(before.spec.host_id, host_id);
+
+    // Reimaged: the whole disk, state and software, is gone.
+    c.agents[0].proc.kill();
+    c.agents.clear();
+    std::fs::remove_dir_all(&state)?;
+    std::fs::remove_dir_all(&root)?;
+    c.start_agent("laptop", &relay)?;
+    let asked = wait_for("the machine to ask for its Agent", T, || async {
+        Ok(c.api::<Agent>().get(&name).await?.spec.replacement)
+    })
+    .await?;
+    assert_eq!(asked.hostname, "laptop");
+    assert_eq!(
+        std::fs::read_to_string(state.join("host-id"))?,
+        host_id,
+        "the same host ID, from the machine, not from its old disk"
+    );
+    let note = c
+        .wait_warning(&name, "ReplacementRequested", "caravan agent approve")
+        .await?;
+    assert!(note.contains(&host_id), "{note}");
+    let all = agents(&c).await?;
+    assert_eq!(all.len(), 1, "no second Agent");
+    assert_eq!(all[0].spec.public_key, before.spec.public_key, "not yet");
+    assert!(!root.join("hello").exists(), "not served before approval");
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-laptop.log"))?;
+    assert!(log.contains("takes it over once approved"), "{log}");
+
+    // Approved: the same Agent, with the new machine's key, and its
+    // software back.
+    c.cli(&["agent", "approve", &name, "-n", &c.namespace])?;
+    wait_for("hello to be installed again", T, || async {
+        Ok(root.join("hello").exists().then_some(()))
+    })
+    .await?;
+    let after = c.api::<Agent>().get(&name).await?;
+    assert_eq!(after.spec.replacement, None);
+    assert_eq!(after.spec.public_key, asked.public_key);
+    assert_eq!(after.metadata.uid, before.metadata.uid, "the same object");
+    wait_for("its reports to count again", T, || async {
+        let a = c.api::<Agent>().get(&name).await?;
+        Ok((a.status.unwrap_or_default().installed_count == 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(agents(&c).await?.len(), 1);
     Ok(())
 }

@@ -13,6 +13,19 @@ use crate::{metrics, plan::key, selfupdate, state::Installed};
 const HEARTBEAT: Duration = Duration::from_secs(300);
 
 impl Converger {
+    /// Reports what is installed, when a report is due, and acts on
+    /// nothing: the relay refuses this agent's release, and its Agent
+    /// says so from the report.
+    pub async fn report_only(&mut self) {
+        if !self.report_due() {
+            return;
+        }
+        match self.state.installed() {
+            Ok(installed) => self.report(&installed).await,
+            Err(e) => tracing::error!(error = %e, "cannot read the installed-package record"),
+        }
+    }
+
     /// A report failed to arrive, or the heartbeat interval passed.
     pub(super) fn report_due(&self) -> bool {
         self.last_delivered.is_none_or(|t| t.elapsed() > HEARTBEAT)
@@ -74,7 +87,7 @@ impl Converger {
             // Filled in when signed.
             agent: String::new(),
             sequence: 0,
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: self.config.release.clone(),
             os: std::env::consts::OS.into(),
             arch: std::env::consts::ARCH.into(),
             installed: installed.values().map(Into::into).collect(),

@@ -48,6 +48,28 @@ pub struct AgentSpec {
     /// agent holds the private half, which never leaves the endpoint.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub public_key: String,
+    /// A machine that enrolled under this host ID with another secret: the
+    /// same machine reinstalled (its host ID derived from its hardware,
+    /// its secret gone with the old disk), or another claiming the
+    /// identity. It takes the Agent over only once approved (`caravan agent
+    /// approve`); until then the Agent's machine goes on as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement: Option<Replacement>,
+}
+
+/// A machine asking to take an Agent over (`spec.replacement`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Replacement {
+    /// sha256 of the secret it enrolled with.
+    pub secret_hash: String,
+    /// Its public key (`ed25519:<base64>`).
+    pub public_key: String,
+    /// The host name it enrolled with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    /// When it asked (RFC 3339).
+    pub requested: String,
 }
 
 fn yes() -> bool {

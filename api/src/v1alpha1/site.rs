@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
     category = "caravan",
     printcolumn = r#"{"name":"Parent","type":"string","jsonPath":".spec.parent"}"#,
     printcolumn = r#"{"name":"Relay","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.relayVersion"}"#,
     printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.agents"}"#,
     printcolumn = r#"{"name":"Cache","type":"integer","jsonPath":".status.relay.cacheBytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -242,6 +243,10 @@ pub struct SiteStatus {
     /// When the relay last talked to the controller (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_last_seen: Option<String>,
+    /// The release of the relay, as it last said (`VersionSupported` says
+    /// whether the controller works with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_version: Option<String>,
     /// The relay's cache, as it last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<crate::wire::RelayStats>,

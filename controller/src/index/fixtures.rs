@@ -72,6 +72,7 @@ pub fn agent(name: &str, site: &str) -> Agent {
             approved: true,
             secret_hash: String::new(),
             public_key: String::new(),
+            replacement: None,
         },
     );
     a.metadata = meta(name);

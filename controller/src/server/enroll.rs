@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use axum::{extract::State, http::StatusCode, Json};
 use caravan_api::{
     labels, names,
-    v1alpha1::{Agent, BootstrapToken, Site, TokenRefusal, TokenString},
+    v1alpha1::{Agent, BootstrapToken, Replacement, Site, TokenRefusal, TokenString},
     wire::{EnrollForward, EnrollRequest, SiteEnroll},
     API_VERSION,
 };
@@ -46,15 +46,16 @@ pub fn limiter(per_second: u32) -> EnrollmentLimiter {
 /// Attempts to use a bootstrap token at once before an enrollment gives up.
 const USE_ATTEMPTS: usize = 8;
 
-/// Checks the bootstrap token an agent presented at `site` and counts its
-/// use; returns its id. A refusal is also a Warning Event on the Site
-/// (reason `BootstrapToken…`, one per kind of refusal).
+/// Checks the bootstrap token an agent presented at `site` and, if `count`,
+/// counts its use; returns its id. A refusal is also a Warning Event on the
+/// Site (reason `BootstrapToken…`, one per kind of refusal).
 async fn admit(
     s: &AppState,
     ns: &str,
     site: &str,
     site_obj: Option<&Site>,
     presented: &str,
+    count: bool,
 ) -> Result<String, ApiError> {
     let tokens = s.ctx.namespaced::<BootstrapToken>(ns);
     let refuse = |r: TokenRefusal| async move {
@@ -85,6 +86,9 @@ async fn admit(
         let now = chrono::Utc::now();
         if let Err(r) = record.admits(&token, site, uid, now) {
             return Err(refuse(r).await);
+        }
+        if !count {
+            return Ok(token.id);
         }
         // Counted with the object's resourceVersion: two enrollments racing
         // for the last use cannot both have it.
@@ -155,12 +159,29 @@ pub async fn enroll(
         .get_opt(&site)
         .await
         .map_err(kube_error)?;
+    let secret_hash = hex::encode(Sha256::digest(req.secret.as_bytes()));
+    let api = s.ctx.namespaced::<Agent>(&ns);
+    let existing = find_agent(&s, &api, &ns, &req.hostname, host_id)
+        .await
+        .map_err(kube_error)?;
+    let other_machine = existing
+        .as_ref()
+        .filter(|a| !a.spec.secret_hash.is_empty() && a.spec.secret_hash != secret_hash);
+    // A machine asking again to take an Agent over, as it asked before:
+    // its token is checked, not counted (it asks until it is approved).
+    let asked_already = other_machine.is_some_and(|a| {
+        a.spec
+            .replacement
+            .as_ref()
+            .is_some_and(|r| r.secret_hash == secret_hash && r.public_key == req.public_key)
+    });
     let token_id = admit(
         &s,
         &ns,
         &site,
         site_obj.as_ref(),
         &forwarded.bootstrap_token,
+        !asked_already,
     )
     .await?;
     // New agents of a site that requires approval wait for it, and so do
@@ -168,29 +189,33 @@ pub async fn enroll(
     let approval_required = site_obj
         .as_ref()
         .is_some_and(|s| s.spec.enrollment.require_approval);
-    let secret_hash = hex::encode(Sha256::digest(req.secret.as_bytes()));
-    let api = s.ctx.namespaced::<Agent>(&ns);
-    let existing = find_agent(&s, &api, &ns, &req.hostname, host_id)
-        .await
-        .map_err(kube_error)?;
     let (name, approved) = match &existing {
+        // Another machine under an enrolled host ID (the same one
+        // reinstalled, with a host ID from its hardware): it takes the
+        // Agent over once approved.
+        Some(agent) if other_machine.is_some() => {
+            return Err(replacement(
+                &s,
+                agent,
+                &req,
+                &forwarded.bootstrap_token,
+                &site,
+                secret_hash,
+            )
+            .await)
+        }
         // The same machine again (a restart, a restored backup, a move to
         // another site): it must prove it holds the secret it enrolled with.
         Some(agent) => {
             // Everything is checked before anything is written: a refused
             // enrollment changes nothing.
-            if !agent.spec.secret_hash.is_empty() && agent.spec.secret_hash != secret_hash {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "host ID {host_id} is enrolled already as Agent {} with another secret; \
-                         restore that machine's state directory, or delete the Agent to enroll anew",
-                        agent.name_any()
-                    ),
-                ));
-            }
             if !agent.spec.public_key.is_empty() {
-                prove_key(agent, &req, &forwarded.bootstrap_token)?;
+                prove_key(
+                    agent,
+                    &agent.spec.public_key,
+                    &req,
+                    &forwarded.bootstrap_token,
+                )?;
             }
             // Declared ahead of enrollment (in Git): the first to enroll at
             // its site claims it.
@@ -340,7 +365,12 @@ pub async fn enroll(
 
 /// Checks that an enrollment for `agent`, which has a key, is signed with
 /// that key, for this request's key and bootstrap token, and recently.
-fn prove_key(agent: &Agent, req: &EnrollRequest, bootstrap_token: &str) -> Result<(), ApiError> {
+fn prove_key(
+    agent: &Agent,
+    key: &str,
+    req: &EnrollRequest,
+    bootstrap_token: &str,
+) -> Result<(), ApiError> {
     let refuse = |why: String| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -367,8 +397,87 @@ fn prove_key(agent: &Agent, req: &EnrollRequest, bootstrap_token: &str) -> Resul
         bootstrap_token,
         proof.time,
     );
-    caravan_api::signing::verify_bytes(&agent.spec.public_key, &message, &proof.signature)
+    caravan_api::signing::verify_bytes(key, &message, &proof.signature)
         .map_err(|_| refuse("the enrollment is not signed with it".into()))
+}
+
+/// Records that another machine (proving it holds the key it offers)
+/// enrolled under `agent`'s host ID with another secret, to take the
+/// Agent over once an administrator approves; the answer to give it. The
+/// Agent's own machine goes on as before meanwhile.
+async fn replacement(
+    s: &AppState,
+    agent: &Agent,
+    req: &EnrollRequest,
+    bootstrap_token: &str,
+    site: &str,
+    secret_hash: String,
+) -> ApiError {
+    let name = agent.name_any();
+    let host_id = &agent.spec.host_id;
+    let conflict = |why: String| ApiError::new(StatusCode::CONFLICT, why);
+    if req.public_key.is_empty() {
+        return conflict(format!(
+            "host ID {host_id} is enrolled already as Agent {name} with another secret; \
+             restore that machine's state directory, or delete the Agent to enroll anew"
+        ));
+    }
+    if agent.spec.site != site {
+        return conflict(format!(
+            "host ID {host_id} is enrolled as Agent {name} of site {}: enroll it there to take it over",
+            agent.spec.site
+        ));
+    }
+    // It holds the key it offers, for this enrollment.
+    if let Err(e) = prove_key(agent, &req.public_key, req, bootstrap_token) {
+        return e;
+    }
+    let asked = Replacement {
+        secret_hash,
+        public_key: req.public_key.clone(),
+        hostname: req.hostname.clone(),
+        requested: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let again = agent.spec.replacement.as_ref().is_some_and(|r| {
+        (&r.secret_hash, &r.public_key) == (&asked.secret_hash, &asked.public_key)
+    });
+    if !again {
+        // Guarded by the resourceVersion read: an approval meanwhile is
+        // not undone.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": agent.resource_version() },
+            "spec": { "replacement": asked },
+        });
+        let api = s
+            .ctx
+            .namespaced::<Agent>(&agent.namespace().unwrap_or_default());
+        if let Err(e) = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            return kube_error(e);
+        }
+        tracing::warn!(agent = %name, host = %req.hostname, %site, "another machine asks to take the agent over");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReplacementRequested".into(),
+            note: Some(format!(
+                "a machine (host {}) enrolled under host ID {host_id} with another secret: it takes this Agent over once approved (caravan agent approve {name}); this Agent's machine goes on as before until then",
+                req.hostname
+            )),
+            action: "Enroll".into(),
+            secondary: None,
+        };
+        if let Err(e) = s.ctx.recorder.publish(&event, &agent.object_ref(&())).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "host ID {host_id} is enrolled already as Agent {name} with another secret: this machine takes it over once approved (caravan agent approve {name}), and asks again until then; or restore the machine's state directory"
+        ),
+    )
 }
 
 /// Whether `agent` is that of host ID `host_id` (its `caravan.dev/host-id` label).

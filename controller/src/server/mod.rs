@@ -6,7 +6,8 @@
 //! - [`blobs`]: blobs for relays, uploads from `caravan package push`;
 //! - [`hooks`]: Git hosts' push webhooks (HMAC), for an immediate sync.
 //!
-//! Relays authenticate with their site's relay token ([`RelaySite`]); blob
+//! Relays authenticate with their site's relay token ([`RelaySite`]), and
+//! one outside the release window is refused (`caravan_api::skew`); blob
 //! uploads with the upload token. Every error is JSON `{"error": "..."}`
 //! naming the problem.
 
@@ -23,8 +24,11 @@ use axum::{
     routing::{get, post},
     Router,
 };
-use caravan_api::{wire::paths, Digest};
-use caravan_net::server::{bearer, ApiError};
+use caravan_api::{skew::Component, wire::paths, Digest};
+use caravan_net::{
+    said_release,
+    server::{bearer, within_window, ApiError},
+};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 
@@ -132,7 +136,8 @@ fn parse_digest(digest: &str) -> Result<Digest, ApiError> {
         })
 }
 
-/// A request authenticated by a relay token: the site it speaks for.
+/// A request authenticated by a relay token, from a relay of a release the
+/// controller works with: the site it speaks for.
 pub struct RelaySite(pub SiteKey);
 
 impl FromRequestParts<AppState> for RelaySite {
@@ -174,7 +179,10 @@ impl FromRequestParts<AppState> for RelaySite {
             }
         }
         let site = (ns, name);
-        state.relays.contact(&site);
+        // Recorded before it is judged: the Site's status names the release
+        // of a relay it refuses.
+        state.relays.contact(&site, said_release(&parts.headers));
+        within_window(caravan_api::RELEASE, Component::Relay, &parts.headers)?;
         Ok(Self(site))
     }
 }

@@ -255,7 +255,16 @@ async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envel
         // Another delivery of a newer report won the race.
         return Outcome::Duplicate;
     };
-    let condition = desired_state_condition(&report, agent.meta().generation);
+    let generation = agent.meta().generation;
+    let conditions = vec![
+        desired_state_condition(&report, generation),
+        conditions::version_supported(
+            caravan_api::RELEASE,
+            caravan_api::skew::Component::Agent,
+            Some(&report.version),
+            generation,
+        ),
+    ];
     let facts = caravan_api::facts::check(&report.facts).map(|()| {
         caravan_api::facts::labels(
             &report.os,
@@ -276,7 +285,7 @@ async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envel
         drift: report.drift.into_iter().take(MAX_DRIFT_REPORTED).collect(),
         desired_version: (report.desired_version > 0).then_some(report.desired_version),
         report_sequence: Some(sequence),
-        conditions: vec![condition],
+        conditions,
     };
     // A slot among every relay's status writes (`STATUS_WRITES`), taken
     // only now: a refused report's Event does not hold one.

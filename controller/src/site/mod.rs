@@ -11,7 +11,8 @@
 //! 2. `apply_workload`: Secret, Deployment, Service, by server-side apply
 //!    (refused by the API server: Stalled until the Site changes; any other
 //!    failure is retried with a backoff);
-//! 3. `summarize`: Ready (relay connected), agents, cache figures.
+//! 3. `summarize`: Ready (relay connected, of a release the controller
+//!    works with), VersionSupported, agents, cache figures.
 
 pub mod checks;
 mod relays;
@@ -22,6 +23,7 @@ use std::{sync::Arc, time::Duration};
 use caravan_api::{
     conditions::{self, reasons},
     labels,
+    skew::Component,
     v1alpha1::{Site, SiteStatus},
 };
 use futures::StreamExt;
@@ -314,16 +316,33 @@ impl SiteReconciler {
             .count() as u32;
         let generation = site.meta().generation;
         let heard = self.relays.heard(&key).await;
-        let ready = if heard.connected() {
-            conditions::new(
+        // Judged by what it last said, even if it is quiet now.
+        let supported = heard.last_seen.is_some().then(|| {
+            conditions::version_supported(
+                caravan_api::RELEASE,
+                Component::Relay,
+                heard.version.as_deref(),
+                generation,
+            )
+        });
+        let refused = supported.as_ref().filter(|c| c.status != "True");
+        let ready = match refused {
+            // Connected, and refused at every request.
+            Some(refused) if heard.connected() => conditions::new(
+                conditions::READY,
+                false,
+                &refused.reason,
+                format!("the controller refuses the relay: {}", refused.message),
+                generation,
+            ),
+            _ if heard.connected() => conditions::new(
                 conditions::READY,
                 true,
                 reasons::RELAY_CONNECTED,
                 "relay is connected to the controller",
                 generation,
-            )
-        } else {
-            conditions::new(
+            ),
+            _ => conditions::new(
                 conditions::READY,
                 false,
                 reasons::RELAY_NOT_CONNECTED,
@@ -332,13 +351,14 @@ impl SiteReconciler {
                     relay_name(&key.1)
                 ),
                 generation,
-            )
+            ),
         };
         let previous = site.status.clone().unwrap_or_default();
         let status = SiteStatus {
             observed_generation: generation,
             agents,
             relay: heard.stats,
+            relay_version: heard.version.or(previous.relay_version),
             relay_last_seen: heard
                 .last_seen
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -351,7 +371,7 @@ impl SiteReconciler {
                 .is_none()
                 .then(|| self.ctx.ca.cert_pem().to_string()),
             trust_root_sha256: Some(self.ctx.trust.fingerprint()),
-            conditions: vec![ready],
+            conditions: [Some(ready), supported].into_iter().flatten().collect(),
         };
         let events = <Site as status_patch::HasStatus>::events(site.status.as_ref(), &status);
         let written =

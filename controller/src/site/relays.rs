@@ -1,5 +1,6 @@
 //! What the controller knows of each site's relay from its requests: when
-//! it last talked to the controller and what it last said about its cache.
+//! it last talked to the controller, which release it said it is of and
+//! what it last said about its cache.
 //! The distribution API records both; the Site reconciler reads them into
 //! the Site's status, and is asked to look again ([`RelayContacts::new`]'s
 //! receiver) when a relay connects after a silence or its figures change.
@@ -24,7 +25,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::workload::{presence_lease, relay_name, RELAY_STATS};
+use super::workload::{presence_lease, relay_name, RELAY_STATS, RELAY_VERSION};
 use crate::index::SiteKey;
 
 /// Least time between two writes of one relay's presence by one replica
@@ -54,7 +55,7 @@ impl Presence {
     }
 
     /// Writes the presence of `site`'s relay if due (`every` since the last).
-    fn publish(&self, site: &SiteKey, stats: Option<RelayStats>, every: Duration) {
+    fn publish(&self, site: &SiteKey, heard: &Heard, every: Duration) {
         {
             let mut published = self.published.lock().expect("lock poisoned");
             if published.get(site).is_some_and(|t| t.elapsed() < every) {
@@ -75,7 +76,7 @@ impl Presence {
             &obj,
             &owner,
             &self.replica,
-            stats.as_ref(),
+            heard,
             k8s_openapi::jiff::Timestamp::now(),
         );
         let api = kube::Api::<Lease>::namespaced(self.client.clone(), &site.0);
@@ -88,9 +89,8 @@ impl Presence {
         });
     }
 
-    /// When the relay of `site` last talked to any replica, and what it
-    /// said about its cache then, as its Lease says.
-    pub async fn read(&self, site: &SiteKey) -> Option<(DateTime<Utc>, Option<RelayStats>)> {
+    /// What any replica last heard from the relay of `site`, as its Lease says.
+    pub async fn read(&self, site: &SiteKey) -> Option<Heard> {
         let api = kube::Api::<Lease>::namespaced(self.client.clone(), &site.0);
         let lease = api.get_opt(&relay_name(&site.1)).await.ok()??;
         let renewed = lease.spec?.renew_time?.0;
@@ -98,11 +98,14 @@ impl Presence {
             renewed.as_second(),
             renewed.subsec_nanosecond() as u32,
         )?;
-        let stats = lease
-            .metadata
-            .annotations
-            .and_then(|a| serde_json::from_str(a.get(RELAY_STATS)?).ok());
-        Some((at, stats))
+        let annotations = lease.metadata.annotations.unwrap_or_default();
+        Some(Heard {
+            last_seen: Some(at),
+            stats: annotations
+                .get(RELAY_STATS)
+                .and_then(|s| serde_json::from_str(s).ok()),
+            version: annotations.get(RELAY_VERSION).cloned(),
+        })
     }
 }
 
@@ -113,8 +116,7 @@ pub const RELAY_STALE_SECONDS: i64 = 90;
 const TRIGGERS: usize = 1024;
 
 pub struct RelayContacts {
-    seen: Mutex<HashMap<SiteKey, DateTime<Utc>>>,
-    stats: Mutex<HashMap<SiteKey, RelayStats>>,
+    heard: Mutex<HashMap<SiteKey, Heard>>,
     trigger: mpsc::Sender<SiteKey>,
     /// Shares the contacts with the other replicas (none: one replica).
     presence: Option<Presence>,
@@ -125,45 +127,51 @@ impl RelayContacts {
     pub fn new(presence: Option<Presence>) -> (Self, mpsc::Receiver<SiteKey>) {
         let (trigger, rx) = mpsc::channel(TRIGGERS);
         let contacts = Self {
-            seen: Default::default(),
-            stats: Default::default(),
+            heard: Default::default(),
             trigger,
             presence,
         };
         (contacts, rx)
     }
 
-    /// Records that a site's relay talked to us; the first contact (or the
-    /// first after a silence) has the Site reconciled, so it turns Ready.
-    pub fn contact(&self, site: &SiteKey) {
+    /// Records that a site's relay of release `version` (as it said, if it
+    /// did) talked to us; the first contact (or the first after a silence,
+    /// or from another release) has the Site reconciled, so its status
+    /// says so.
+    pub fn contact(&self, site: &SiteKey, version: Option<&str>) {
         let now = Utc::now();
-        let previous = self
-            .seen
-            .lock()
-            .expect("lock poisoned")
-            .insert(site.clone(), now);
-        let stale =
-            previous.is_none_or(|t| now - t > chrono::Duration::seconds(RELAY_STALE_SECONDS / 2));
-        if stale {
+        let (heard, news) = {
+            let mut all = self.heard.lock().expect("lock poisoned");
+            let heard = all.entry(site.clone()).or_default();
+            let stale = heard
+                .last_seen
+                .is_none_or(|t| now - t > chrono::Duration::seconds(RELAY_STALE_SECONDS / 2));
+            let new_version = heard.version.as_deref() != version;
+            heard.last_seen = Some(now);
+            heard.version = version.map(str::to_owned);
+            (heard.clone(), stale || new_version)
+        };
+        if news {
             self.poke(site);
         }
         if let Some(p) = &self.presence {
-            p.publish(site, self.stats(site), PUBLISH_EVERY);
+            let every = if news { Duration::ZERO } else { PUBLISH_EVERY };
+            p.publish(site, &heard, every);
         }
     }
 
     /// Keeps what a relay says about its cache; a change has the Site reconciled.
     pub fn set_stats(&self, site: &SiteKey, stats: RelayStats) {
-        let changed = self
-            .stats
-            .lock()
-            .expect("lock poisoned")
-            .insert(site.clone(), stats)
-            != Some(stats);
-        if changed {
+        let changed = {
+            let mut all = self.heard.lock().expect("lock poisoned");
+            let heard = all.entry(site.clone()).or_default();
+            let changed = heard.stats.replace(stats) != Some(stats);
+            changed.then(|| heard.clone())
+        };
+        if let Some(heard) = changed {
             self.poke(site);
             if let Some(p) = &self.presence {
-                p.publish(site, Some(stats), PUBLISH_STATS_EVERY);
+                p.publish(site, &heard, PUBLISH_STATS_EVERY);
             }
         }
     }
@@ -175,41 +183,36 @@ impl RelayContacts {
         let _ = self.trigger.try_send(site.clone());
     }
 
-    /// When the relay of `site` last talked to this replica.
-    fn last_seen(&self, site: &SiteKey) -> Option<DateTime<Utc>> {
-        self.seen.lock().expect("lock poisoned").get(site).copied()
-    }
-
-    /// What the relay of `site` last said about its cache to this replica.
-    fn stats(&self, site: &SiteKey) -> Option<RelayStats> {
-        self.stats.lock().expect("lock poisoned").get(site).copied()
-    }
-
-    /// When the relay of `site` last talked to any replica (this one, or
-    /// another as the presence Lease says), and what it said about its
-    /// cache then.
+    /// What the relay of `site` last said to any replica (this one, or
+    /// another as the presence Lease says).
     pub async fn heard(&self, site: &SiteKey) -> Heard {
-        let here = self.last_seen(site).map(|t| (t, self.stats(site)));
+        let here = self
+            .heard
+            .lock()
+            .expect("lock poisoned")
+            .get(site)
+            .cloned()
+            .filter(|h| h.last_seen.is_some());
         let there = match &self.presence {
             Some(p) => p.read(site).await,
             None => None,
         };
-        let newest = match (here, there) {
-            (Some(h), Some(t)) => Some(if h.0 >= t.0 { h } else { t }),
-            (h, t) => h.or(t),
-        };
-        Heard {
-            last_seen: newest.map(|n| n.0),
-            stats: newest.and_then(|n| n.1),
+        match (here, there) {
+            (Some(h), Some(t)) => std::cmp::max_by_key(t, h, |h| h.last_seen),
+            (h, t) => h.or(t).unwrap_or_default(),
         }
     }
 }
 
 /// What the replicas heard from a site's relay.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Heard {
+    /// When it last talked to a replica.
     pub last_seen: Option<DateTime<Utc>>,
+    /// What it said about its cache then.
     pub stats: Option<RelayStats>,
+    /// The release it said it is of.
+    pub version: Option<String>,
 }
 
 impl Heard {
@@ -225,12 +228,13 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_first_contact_and_changed_figures_have_the_site_reconciled_but_chatter_does_not() {
+    async fn a_first_contact_changed_figures_and_a_new_release_have_the_site_reconciled_but_chatter_does_not(
+    ) {
         let (contacts, mut rx) = RelayContacts::new(None);
         let hq: SiteKey = ("ns".into(), "hq".into());
         assert!(!contacts.heard(&hq).await.connected());
-        contacts.contact(&hq);
-        contacts.contact(&hq);
+        contacts.contact(&hq, Some("0.2.0"));
+        contacts.contact(&hq, Some("0.2.0"));
         assert_eq!(rx.try_recv(), Ok(hq.clone()));
         assert!(
             rx.try_recv().is_err(),
@@ -246,5 +250,11 @@ mod tests {
         assert_eq!(rx.try_recv(), Ok(hq.clone()));
         assert!(rx.try_recv().is_err());
         assert_eq!(contacts.heard(&hq).await.stats, Some(stats));
+        // An upgraded relay is news, even while it keeps talking.
+        contacts.contact(&hq, Some("0.3.0"));
+        assert_eq!(rx.try_recv(), Ok(hq.clone()));
+        let heard = contacts.heard(&hq).await;
+        assert_eq!(heard.version.as_deref(), Some("0.3.0"));
+        assert_eq!(heard.stats, Some(stats), "the figures stay");
     }
 }

@@ -52,26 +52,36 @@ const RELAY_UID: i64 = 65532;
 /// Annotation of a relay's presence Lease: what the relay last said about
 /// its cache (JSON).
 pub const RELAY_STATS: &str = "caravan.dev/relay-stats";
+/// Annotation of a relay's presence Lease: the release it said it is of.
+pub const RELAY_VERSION: &str = "caravan.dev/relay-version";
 
 /// The relay's presence: the replica that served it last (`holderIdentity`)
-/// at `now` (`renewTime`), with what it said about its cache.
+/// at `now` (`renewTime`), with what it said about its cache and release.
 pub fn presence_lease(
     site: &Site,
     owner: &OwnerReference,
     replica: &str,
-    stats: Option<&caravan_api::wire::RelayStats>,
+    heard: &super::relays::Heard,
     now: k8s_openapi::jiff::Timestamp,
 ) -> k8s_openapi::api::coordination::v1::Lease {
     use k8s_openapi::{
         api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
     };
     let mut metadata = meta(site, owner);
-    metadata.annotations = stats.and_then(|s| {
-        Some(BTreeMap::from([(
-            RELAY_STATS.to_string(),
-            serde_json::to_string(s).ok()?,
-        )]))
-    });
+    let annotations: BTreeMap<String, String> = [
+        (
+            RELAY_STATS,
+            heard
+                .stats
+                .as_ref()
+                .and_then(|s| serde_json::to_string(s).ok()),
+        ),
+        (RELAY_VERSION, heard.version.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?)))
+    .collect();
+    metadata.annotations = (!annotations.is_empty()).then_some(annotations);
     k8s_openapi::api::coordination::v1::Lease {
         metadata,
         spec: Some(LeaseSpec {

@@ -11,6 +11,7 @@ use axum::{
     Json,
 };
 use caravan_api::{
+    skew,
     wire::{ErrorBody, MAX_WAIT_SECONDS, WAIT_PARAM},
     Digest,
 };
@@ -89,11 +90,25 @@ pub async fn serve_with<const PORT: u16>(
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), max_connections, "listening");
     // A body that stalls is cut off (uploads may take long, but not stall).
     let body_idle = Duration::from_secs(args.body_idle_timeout_seconds.max(1));
-    let app = app.layer(axum::middleware::map_request(
-        move |req: axum::extract::Request| async move {
-            req.map(|b| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(body_idle, b)))
-        },
-    ));
+    let app = app
+        .layer(axum::middleware::map_request(
+            move |req: axum::extract::Request| async move {
+                req.map(|b| {
+                    axum::body::Body::new(tower_http::timeout::TimeoutBody::new(body_idle, b))
+                })
+            },
+        ))
+        // Every answer says which release sent it (a relay learns its
+        // controller's release from it, to judge its agents by).
+        .layer(axum::middleware::map_response(
+            |mut res: Response| async move {
+                res.headers_mut().insert(
+                    skew::VERSION_HEADER,
+                    header::HeaderValue::from_static(caravan_api::RELEASE),
+                );
+                res
+            },
+        ));
     let served = conn::Served {
         app,
         shortcuts,
@@ -244,6 +259,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
+}
+
+/// `Ok` if the sender of `headers` (a `component` of the release its
+/// [`skew::VERSION_HEADER`] says) is within `controller`'s window; else
+/// `426 Upgrade Required`, naming both releases and what to upgrade.
+pub fn within_window(
+    controller: &str,
+    component: skew::Component,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    skew::check(controller, component, crate::said_release(headers))
+        .map_err(|s| ApiError::new(StatusCode::UPGRADE_REQUIRED, s.to_string()))
 }
 
 /// The bearer token of a request, if any.

@@ -223,7 +223,7 @@ async fn generate(relay: &str, first: usize, count: usize, b: Behaviour) -> anyh
     // One client for all: each request in flight has a connection of its
     // own (as each agent has), without a TLS configuration and pool per
     // agent (tens of KiB each).
-    let http = reqwest::Client::builder()
+    let http = caravan_tests::http_builder()
         .pool_idle_timeout(caravan_net::IDLE_CONNECTION)
         .timeout(Duration::from_secs(b.wait + 60))
         .build()?;

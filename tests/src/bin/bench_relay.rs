@@ -464,7 +464,7 @@ async fn fanout(clients: usize, size_mib: u64) -> anyhow::Result<()> {
         .join("sha256")
         .join(pkg.spec.artifact.digest.hex());
     anyhow::ensure!(!cached.exists(), "the blob must be cold");
-    let http = reqwest::Client::builder()
+    let http = caravan_tests::http_builder()
         .pool_max_idle_per_host(0)
         .build()?;
     let start = Instant::now();
@@ -532,8 +532,11 @@ async fn poller(
     let mut conn = BufReader::new(stream);
     let ask = |etag: Option<&str>| {
         format!(
-            "GET /v1/desired{} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {token}\r\n{}\r\n",
+            "GET /v1/desired{} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {token}\r\n\
+             {}: {}\r\n{}\r\n",
             if etag.is_some() { "?wait=300" } else { "" },
+            caravan_api::skew::VERSION_HEADER,
+            caravan_api::RELEASE,
             etag.map(|e| format!("If-None-Match: {e}\r\n"))
                 .unwrap_or_default()
         )
