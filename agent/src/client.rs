@@ -23,6 +23,10 @@ pub enum ClientError {
     /// approval, was revoked, or its Agent was deleted.
     #[error("relay turned this agent away: {0}")]
     Forbidden(String),
+    /// The relay does not know this agent at all (`410`): its Agent was
+    /// deleted, and it must enroll again.
+    #[error("relay does not know this agent: {0}")]
+    Gone(String),
     /// The relay refuses this agent's release (`426`): only upgrading the
     /// agent (or the controller, if the agent is newer) helps.
     #[error("relay refuses this agent's release: {0}")]
@@ -198,6 +202,9 @@ impl Client {
         }
         if status == StatusCode::UPGRADE_REQUIRED {
             return Err(ClientError::Skew(message));
+        }
+        if status == StatusCode::GONE {
+            return Err(ClientError::Gone(message));
         }
         Err(ClientError::Status { status, message })
     }

@@ -105,6 +105,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(config.retry_after).await;
                 continue;
             }
+            // Its Agent was deleted (by an administrator, or as stale):
+            // it enrolls again, as a new Agent; one that cannot stops,
+            // saying why, rather than wait for nothing.
+            Err(ClientError::Gone(msg)) => {
+                tracing::error!(%msg, "this endpoint's Agent was deleted; enrolling again");
+                if let Err(e) = enroll::enroll(&config, &agent.state, &mut agent.client).await {
+                    return Err(anyhow::Error::new(crate::Stop(format!(
+                        "this endpoint's Agent was deleted and it cannot enroll again: {e:#}; \
+                         give it a bootstrap token (CARAVAN_BOOTSTRAP_TOKEN or --bundle) and start it again"
+                    ))));
+                }
+                etag = None;
+                continue;
+            }
             Err(ClientError::Unauthorized(msg)) => {
                 // Expired (or the relay's key changed): renew with the key;
                 // enroll again only if that is refused too. The credential

@@ -250,6 +250,19 @@ pub struct RunArgs {
     pub claim_release: String,
 }
 
+/// The agent stops and must not be restarted as it is: only an
+/// administrator can help (the service manager is told by the exit code,
+/// [`Stop::EXIT_CODE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Stop(pub String);
+
+impl Stop {
+    /// `EX_CONFIG`: systemd's unit neither restarts on it nor counts it a
+    /// failure (`RestartPreventExitStatus=`, `SuccessExitStatus=`).
+    pub const EXIT_CODE: u8 = 78;
+}
+
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(config::Config::from_args(*args)?).await,
@@ -338,6 +351,15 @@ pub fn parse_label(text: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_systemd_unit_neither_restarts_nor_fails_on_a_stop() {
+        let unit = include_str!("../dist/caravan-agent.service");
+        for line in ["RestartPreventExitStatus", "SuccessExitStatus"] {
+            let said = format!("{line}={}\n", super::Stop::EXIT_CODE);
+            assert!(unit.contains(&said), "the unit lacks {said}");
+        }
+    }
 
     /// The documented config file names only variables the agent reads.
     #[test]

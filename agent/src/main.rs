@@ -10,7 +10,10 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("caravan-agent: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<caravan_agent::Stop>() {
+                Some(_) => std::process::ExitCode::from(caravan_agent::Stop::EXIT_CODE),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

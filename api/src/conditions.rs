@@ -32,6 +32,9 @@ pub const DESIRED_STATE_ACCEPTED: &str = "DesiredStateAccepted";
 /// with (`caravan_api::skew`); False names both releases and what to
 /// upgrade, and the component is refused until then.
 pub const VERSION_SUPPORTED: &str = "VersionSupported";
+/// Agent: not heard from for longer than the controller's
+/// `--agent-stale-after-seconds`; absent once it reports again.
+pub const STALE: &str = "Stale";
 
 pub mod reasons {
     pub const SUCCEEDED: &str = "Succeeded";
@@ -98,6 +101,8 @@ pub mod reasons {
     pub const NOT_YET_ACCEPTED: &str = "NotYetAccepted";
     /// A transient failure is being retried.
     pub const RETRYING: &str = "Retrying";
+    /// An agent has not reported for longer than the controller waits.
+    pub const NOT_HEARD_FROM: &str = "NotHeardFrom";
     /// A relay's or agent's release is within the controller's window.
     pub const WITHIN_WINDOW: &str = "WithinWindow";
     /// A relay's or agent's release is older than the controller's window.

@@ -61,6 +61,9 @@ pub mod labels {
     /// Label (value `"true"`) a Secret must carry for the controller to read
     /// it as a GitSource's credentials or signing keys.
     pub const GIT_CREDENTIALS: &str = "caravan.dev/git-credentials";
+    /// Annotation on each CRD: the release that wrote it. A controller
+    /// never applies its CRDs over those of a newer release.
+    pub const CRD_RELEASE: &str = "caravan.dev/release";
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -381,6 +381,12 @@ pub struct SiteDesired<A = Envelope> {
     /// one: the relay renews an agent's credential for proof it holds it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agent_keys: BTreeMap<String, String>,
+    /// The agents enrolled at this site that are not served (awaiting
+    /// approval, or revoked), in name order and whole in every answer: the
+    /// relay tells them apart from agents it does not know, whose Agent was
+    /// deleted (those are told to enroll again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unserved: Vec<String>,
     /// Blobs the relay fetches from an OCI registry rather than from its
     /// upstream (those of `oci` cabinets whose layers come from relays;
     /// only in the documents of top-level sites).
@@ -419,6 +425,7 @@ impl<A> Default for SiteDesired<A> {
             prestage: vec![],
             lower: vec![],
             agent_keys: BTreeMap::new(),
+            unserved: vec![],
             roots: vec![],
             sources: BTreeMap::new(),
             since: None,
@@ -453,6 +460,7 @@ impl<A> SiteDesired<A> {
             lower: self.lower,
             roots: self.roots,
             agent_keys: self.agent_keys,
+            unserved: self.unserved,
             sources: self.sources,
             since: self.since,
             removed: self.removed,

@@ -53,8 +53,9 @@ pub enum AgentCommand {
         namespace: Option<String>,
     },
     /// Cut an agent off: its relay turns it away at its next request, and it
-    /// keeps what it has installed. `approve` lets it back in; deleting the
-    /// Agent revokes it for good (it must enroll again with a new token).
+    /// keeps what it has installed. `approve` lets it back in. (Deleting
+    /// the Agent does not keep the machine out: it enrolls again with its
+    /// bootstrap token, as a new Agent.)
     Revoke {
         name: String,
         #[arg(long, short = 'n')]

@@ -75,6 +75,18 @@ impl Context {
     {
         kube::Api::namespaced(self.client.clone(), ns)
     }
+
+    /// Records `event` about `obj`; an Event that cannot be recorded is
+    /// only logged (at debug: the API server being away is logged already).
+    pub async fn publish<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        event: &kube::runtime::events::Event,
+        obj: &K,
+    ) {
+        if let Err(e) = self.recorder.publish(event, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
 }
 
 /// The data of Secret `name` in `ns`, a `what` Secret, if it carries the

@@ -336,7 +336,7 @@ impl Engine {
             // delays nothing else).
             stream::iter(approvals)
                 .for_each_concurrent(16, |(agent, event)| async move {
-                    self.publish(&event, agent.as_ref()).await;
+                    self.ctx.publish(&event, agent.as_ref()).await;
                 })
                 .await;
             failed
@@ -344,13 +344,6 @@ impl Engine {
             0
         };
         (failed, index::next_boundary(&jobs, now))
-    }
-
-    /// Records `event` about `obj` (a lost Event is only logged).
-    async fn publish<K: Resource<DynamicType = ()>>(&self, event: &Event, obj: &K) {
-        if let Err(e) = self.ctx.recorder.publish(event, &obj.object_ref(&())).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
     }
 
     /// The agents approved or revoked since the last computation, with
@@ -404,7 +397,7 @@ impl Engine {
             {
                 Ok(Written::Written(after)) => {
                     for event in K::events(obj.status(), &next) {
-                        self.publish(&event, obj.as_ref()).await;
+                        self.ctx.publish(&event, obj.as_ref()).await;
                     }
                     let left = (wrote.0, fingerprint(after.as_ref()));
                     self.written

@@ -15,11 +15,13 @@
 //!     └── cabinet::Pulls (http cabinets → BlobStore)   server: blobs, uploads, enroll, reports
 //!  gitsource: Git → parse → apply/prune                  site: Secret, Deployment, Service
 //!  cabinet::gc: unreferenced blobs go                    site::RelayContacts ◀── server
+//!  stale: Agents not heard from turn Stale, then (by policy) are deleted
 //! ```
 
 pub mod ca;
 pub mod cabinet;
 pub mod context;
+pub mod crds;
 pub mod credentials;
 pub mod engine;
 pub mod error;
@@ -30,6 +32,7 @@ pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod site;
+pub mod stale;
 pub mod status_patch;
 pub mod stores;
 pub mod trust;
@@ -53,6 +56,9 @@ pub mod field_managers {
     pub const STATUS: &str = "caravan-status";
     /// Agent status written from the agents' reports.
     pub const REPORTS: &str = "caravan-reports";
+    /// An Agent's `Stale` condition (`crate::stale`); its next report takes
+    /// the conditions back.
+    pub const STALE: &str = "caravan-stale";
 }
 
 /// Command-line and environment configuration of the controller.
@@ -140,6 +146,24 @@ pub struct Config {
     /// is kept this long to be resumed.
     #[arg(long, env = "CARAVAN_BLOB_GRACE_SECONDS", default_value_t = 86400)]
     pub blob_grace_seconds: u64,
+    /// An Agent not heard from for this long is marked `Stale` (a
+    /// condition, a column and a Warning).
+    #[arg(
+        long,
+        env = "CARAVAN_AGENT_STALE_AFTER_SECONDS",
+        default_value_t = 7 * 86400,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub agent_stale_after_seconds: u64,
+    /// An enrolled Agent not heard from for this long is deleted (its
+    /// endpoint, should it come back, is told and enrolls again). 0: never.
+    #[arg(long, env = "CARAVAN_AGENT_DELETE_AFTER_SECONDS", default_value_t = 0)]
+    pub agent_delete_after_seconds: u64,
+    /// Apply this release's CustomResourceDefinitions at start (unless a
+    /// newer release wrote them): Helm installs a chart's CRDs but never
+    /// upgrades them. Needs get and patch on them (the chart grants it).
+    #[arg(long, env = "CARAVAN_APPLY_CRDS")]
+    pub apply_crds: bool,
     /// How long a signed desired-state document is good for. Agents act on
     /// nothing older, so a relay withholding updates is found out within
     /// this time; documents are signed anew when half of it is left.
@@ -263,6 +287,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    if config.apply_crds {
+        crds::apply(&client).await?;
+    }
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
     // HTTPS always: with the certificate given, or one from the
     // controller's own CA, which relays are then given to pin.
@@ -340,6 +367,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         grace: Duration::from_secs(config.blob_grace_seconds),
     };
     let sites = site::SiteReconciler::new(ctx.clone(), stores.clone(), relays, relay_upstream_ca);
+    let (stale_ctx, stale_stores) = (ctx.clone(), stores.clone());
+    let stale_policy = stale::Policy {
+        stale_after: Duration::from_secs(config.agent_stale_after_seconds),
+        delete_after: (config.agent_delete_after_seconds > 0)
+            .then(|| Duration::from_secs(config.agent_delete_after_seconds)),
+    };
     let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
     let serve = config.serve.clone();
     let app = server::router(server);
@@ -351,13 +384,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new(
-            "GitSource and Site controllers (on the leader)",
+            "GitSource and Site controllers, stale Agents (on the leader)",
             leader::lead(leading, shutdown.clone(), {
                 let shutdown = shutdown.clone();
                 async move {
                     tokio::try_join!(
                         gitsources.run(git_sync_triggers, shutdown.clone()),
-                        sites.run(relay_triggers, shutdown),
+                        sites.run(relay_triggers, shutdown.clone()),
+                        stale::run(stale_ctx, stale_stores, stale_policy, shutdown),
                     )
                     .map(|_| ())
                 }

@@ -213,6 +213,15 @@ impl SiteState {
     pub fn agent(&self, agent: &str) -> Option<Arc<AgentPart>> {
         self.agents.get(agent).cloned()
     }
+
+    /// Whether `agent` is enrolled here and not served (awaiting approval,
+    /// or revoked), as opposed to not known here at all.
+    pub fn unserved(&self, agent: &str) -> bool {
+        self.desired
+            .unserved
+            .binary_search_by(|n| n.as_str().cmp(agent))
+            .is_ok()
+    }
 }
 
 /// How long a long-poll of the controller waits.

@@ -110,6 +110,11 @@ pub struct Config {
     /// anonymously. Give it pull access only.
     #[arg(long, env = "CARAVAN_REGISTRY_AUTH_FILE")]
     pub registry_auth_file: Option<PathBuf>,
+    /// The release the relay says it is of (default: its own). Only for
+    /// trying the controller's release window and the relays' upgrade
+    /// (`caravan_api::skew`) with the relay one has; hidden from `--help`.
+    #[arg(long, env = "CARAVAN_CLAIM_RELEASE", hide = true, default_value = caravan_api::RELEASE)]
+    pub claim_release: String,
     #[command(flatten)]
     pub log: caravan_net::args::LogArgs,
 }
@@ -140,12 +145,14 @@ pub struct Relay {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     caravan_net::require_https(&config.upstream, config.insecure, "--upstream")?;
     let ca = config.upstream_ca_file.as_deref();
-    let upstream = upstream::Upstream::new(&config.upstream, &config.token, ca)?;
+    let upstream = upstream::Upstream::new(&config.upstream, &config.token, ca)?
+        .with_release(&config.claim_release);
     let metrics = Arc::new(metrics::Metrics::default());
     let content = match (&config.content_upstream, &config.content_token) {
         (Some(url), Some(token)) => {
             caravan_net::require_https(url, config.insecure, "--content-upstream")?;
             upstream::Upstream::new(url, token, config.content_upstream_ca_file.as_deref())?
+                .with_release(&config.claim_release)
         }
         _ => upstream.clone(),
     };

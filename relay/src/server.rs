@@ -51,12 +51,21 @@ fn err(code: StatusCode, msg: impl Into<String>) -> ApiError {
 /// deleted is turned away at its next request.
 pub struct AgentName(pub String);
 
-/// Why a relay turns away agent `name`.
-fn not_served(name: &str) -> ApiError {
-    err(
-        StatusCode::FORBIDDEN,
-        format!("agent {name} is not served at this site: it awaits approval, was revoked, or its Agent was deleted"),
-    )
+/// Why a relay turns away agent `name`, by what `state` says of it: it
+/// awaits approval or was revoked (`403`: it waits), or this site does not
+/// know it at all, its Agent deleted or moved (`410`: it enrolls again).
+fn not_served(state: &SiteState, name: &str) -> ApiError {
+    if state.unserved(name) {
+        err(
+            StatusCode::FORBIDDEN,
+            format!("agent {name} is not served at this site: it awaits approval, or was revoked"),
+        )
+    } else {
+        err(
+            StatusCode::GONE,
+            format!("agent {name} is not known at this site: its Agent was deleted (or moved to another site); enroll again"),
+        )
+    }
 }
 
 /// `Ok` if an agent of the release `headers` say is one the controller
@@ -76,20 +85,27 @@ fn agent_within_window(relay: &Relay, headers: &HeaderMap) -> Result<(), ApiErro
 
 /// The site's desired state, once the controller has sent it.
 fn current(relay: &Relay) -> Result<Arc<SiteState>, ApiError> {
-    relay.state.borrow().clone().ok_or_else(|| {
-        err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay has no desired state from the controller yet",
-        )
-    })
+    relay.state.borrow().clone().ok_or_else(current_missing)
+}
+
+fn current_missing() -> ApiError {
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "relay has no desired state from the controller yet",
+    )
 }
 
 impl FromRequestParts<Arc<Relay>> for AgentName {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, relay: &Arc<Relay>) -> Result<Self, ApiError> {
         match Downstream::from_request_parts(parts, relay).await? {
-            Downstream::Agent(name) if current(relay)?.agent(&name).is_some() => Ok(Self(name)),
-            Downstream::Agent(name) => Err(not_served(&name)),
+            Downstream::Agent(name) => {
+                let state = current(relay)?;
+                match state.agent(&name) {
+                    Some(_) => Ok(Self(name)),
+                    None => Err(not_served(&state, &name)),
+                }
+            }
             Downstream::ChildRelay(site) => Err(err(
                 StatusCode::FORBIDDEN,
                 format!("the relay of site {site} may only fetch blobs here"),
@@ -259,17 +275,18 @@ async fn enroll(
         .await
         .map_err(|e| err(e.status(), e.to_string()))?;
     tracing::info!(agent = %forward.agent, host = %hostname, "agent enrolled");
-    // Answer once the controller serves the new agent here, so that its
-    // first poll is not turned away (unless it awaits approval).
-    if forward.approved {
-        let mut state = relay.state.clone();
-        let served = state.wait_for(|s| {
-            s.as_ref()
-                .is_some_and(|s| s.agent(&forward.agent).is_some())
-        });
-        if tokio::time::timeout(ENROLL_SETTLE, served).await.is_err() {
-            tracing::warn!(agent = %forward.agent, "enrolled, not yet in the site's desired state");
-        }
+    // Answer once the controller serves the new agent here (or, if it
+    // awaits approval, knows it), so that its first poll is not turned away
+    // (or told to enroll again).
+    let mut state = relay.state.clone();
+    let known = state.wait_for(|s| {
+        s.as_ref().is_some_and(|s| match forward.approved {
+            true => s.agent(&forward.agent).is_some(),
+            false => s.unserved(&forward.agent),
+        })
+    });
+    if tokio::time::timeout(ENROLL_SETTLE, known).await.is_err() {
+        tracing::warn!(agent = %forward.agent, "enrolled, not yet in the site's desired state");
     }
     let token = relay.credential(&forward.agent);
     relay.metrics.enrollments.inc();
@@ -298,7 +315,7 @@ async fn renew(
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let state = current(&relay)?;
     if state.agent(&req.agent).is_none() {
-        return Err(not_served(&req.agent));
+        return Err(not_served(&state, &req.agent));
     }
     let refuse = |why: String| err(StatusCode::UNAUTHORIZED, why);
     let key = state.desired.agent_keys.get(&req.agent).ok_or_else(|| {
@@ -352,11 +369,11 @@ async fn desired(
         Some(relay.polls.take(&agent)?)
     };
     long_poll(relay.state.clone(), &headers, wait, |state, known| {
-        // Revoked while it waits: turned away at once.
+        // Revoked (or deleted) while it waits: turned away at once.
+        let state = state.as_ref().ok_or_else(current_missing)?;
         let doc = state
-            .as_ref()
-            .and_then(|s| s.agent(&agent))
-            .ok_or_else(|| not_served(&agent))?;
+            .agent(&agent)
+            .ok_or_else(|| not_served(state, &agent))?;
         Ok(changed(&doc.etag, || doc.body(), known))
     })
     .await

@@ -55,6 +55,8 @@ pub struct Upstream {
     token: String,
     /// The release the controller said it is of in its last desired state.
     controller: Arc<Mutex<Option<Arc<str>>>>,
+    /// The release every request says it comes from.
+    release: String,
 }
 
 impl Upstream {
@@ -66,7 +68,16 @@ impl Upstream {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             controller: Arc::default(),
+            release: caravan_api::RELEASE.to_string(),
         })
+    }
+
+    /// Says `release` instead of the relay's own (`--claim-release`).
+    pub fn with_release(self, release: &str) -> Self {
+        Self {
+            release: release.to_string(),
+            ..self
+        }
     }
 
     /// The release of the controller, as its last desired state said (none
@@ -86,7 +97,7 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let res = req
             .bearer_auth(&self.token)
-            .header(caravan_api::skew::VERSION_HEADER, caravan_api::RELEASE)
+            .header(caravan_api::skew::VERSION_HEADER, &self.release)
             .send()
             .await
             .map_err(|source| UpstreamError::Request {

@@ -307,6 +307,12 @@ impl Cluster {
             };
             env.push((e.name, value));
         }
+        // The release the image holds, when its tag names one: the process
+        // says it is of that release, as the image's binary would.
+        let tag = container.image.as_deref().and_then(|i| i.rsplit_once(':'));
+        if let Some((_, tag)) = tag.filter(|(_, t)| semver::Version::parse(t).is_ok()) {
+            env.push(("CARAVAN_CLAIM_RELEASE".to_string(), tag.to_string()));
+        }
         // Secret volumes: written under `node_dir`, and the arguments that
         // point into their mount paths rewritten to match.
         let mut args = container.args.unwrap_or_default();
@@ -350,6 +356,29 @@ impl Cluster {
             rewrite(&m.mount_path, &local);
         }
         Ok((args, env))
+    }
+
+    /// Says in Deployment `deployment`'s status that its pods run its
+    /// current spec and are available, as the Deployment controller would
+    /// once the kubelet (which the harness plays) started them.
+    pub async fn mark_rolled_out(&self, namespace: &str, deployment: &str) -> anyhow::Result<()> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let d = api.get(deployment).await?;
+        let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let status = serde_json::json!({ "status": {
+            "observedGeneration": d.metadata.generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas,
+        }});
+        api.patch_status(
+            deployment,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Runs kubectl against this cluster and returns its output.

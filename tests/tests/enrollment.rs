@@ -313,8 +313,8 @@ async fn relay_answers(c: &Caravan, relay: &RelayInfo, host: &str) -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_agent_waits_for_approval_and_is_cut_off_when_revoked_or_deleted() -> anyhow::Result<()>
-{
+async fn an_agent_waits_for_approval_is_cut_off_when_revoked_and_enrolls_again_when_deleted(
+) -> anyhow::Result<()> {
     let mut c = Caravan::start("fleet").await?;
     let repo = c.seed_example_fleet().await?;
     repo.write(
@@ -389,23 +389,37 @@ async fn an_agent_waits_for_approval_and_is_cut_off_when_revoked_or_deleted() ->
     );
 
     // Approved again, it catches up (and removes hello); then its Agent is
-    // deleted, which revokes it for good: it is turned away and does not
-    // come back by itself.
+    // deleted: its relay does not know it any more (410, not the 403 of an
+    // agent it knows), and it enrolls again with its bootstrap token, as a
+    // new Agent that awaits approval like any other here.
     c.cli(&["agent", "approve", &name, "-n", &c.namespace])?;
     wait_for("hello to be removed", T, || async {
         Ok((!hello.exists()).then_some(()))
     })
     .await?;
+    let old_uid = c.api::<Agent>().get(&name).await?.metadata.uid;
+    c.agents[0].proc.kill();
     c.api::<Agent>().delete(&name, &Default::default()).await?;
-    wait_for("the relay to turn the deleted agent away", T, || async {
+    wait_for("the relay to forget the deleted agent", T, || async {
+        Ok((relay_answers(&c, &relay, "kiosk").await? == (410, 410)).then_some(()))
+    })
+    .await?;
+    c.agents.clear();
+    c.start_agent("kiosk", &relay)?;
+    let again = wait_for("kiosk to enroll again", T, || async {
+        Ok(c.api::<Agent>()
+            .get_opt(&name)
+            .await?
+            .filter(|a| a.metadata.uid != old_uid))
+    })
+    .await?;
+    assert!(!again.spec.approved, "a new Agent at hq awaits approval");
+    wait_for("kiosk to wait for approval again", T, || async {
         Ok((relay_answers(&c, &relay, "kiosk").await? == (403, 403)).then_some(()))
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(
-        !enrolled(&c, "kiosk").await?,
-        "no Agent comes back without a new enrollment"
-    );
+    let log = std::fs::read_to_string(&log)?;
+    assert!(log.contains("Agent was deleted; enrolling again"), "{log}");
     Ok(())
 }
 
@@ -509,7 +523,9 @@ async fn a_stolen_agent_credential_expires_and_only_the_agents_key_renews_it() -
         signature: signing::sign_bytes(&thief, &renewal_message("someone-else", now)),
     })
     .await?;
-    assert_eq!(res.status(), 403, "an agent the site does not serve");
+    assert_eq!(res.status(), 410, "an agent the site does not know");
+    let body = res.text().await?;
+    assert!(body.contains("not known at this site"), "{body}");
     Ok(())
 }
 
@@ -671,6 +687,9 @@ async fn a_relay_that_saw_the_host_secret_cannot_take_the_identity() -> anyhow::
     let host_id = state_file(&c, "desk", "host-id")?;
     let secret = state_file(&c, "desk", "host-secret")?;
     let desk_before = c.agent_of("desk").await?;
+    // desk's own process is stopped: the enrollments below play it (one
+    // running at hq would enroll there again once its Agent moves away).
+    c.agents[0].proc.kill();
     let real_key = ed25519_dalek::SigningKey::from_bytes(
         &hex::decode(state_file(&c, "desk", "agent-key")?)?
             .try_into()
@@ -923,5 +942,98 @@ async fn an_agent_set_up_with_a_bundle_pins_the_root_and_the_ca_it_names() -> an
     assert!(!ok, "{log}");
     assert!(log.to_lowercase().contains("certificate"), "{log}");
     assert!(!enrolled(&c, "laptop").await?, "nothing reached the relay");
+    Ok(())
+}
+
+/// An endpoint that goes quiet: its Agent turns Stale (condition, column,
+/// Warning), is deleted as the policy says (a Warning on its Site), and
+/// when the machine comes back it is told, enrolls again and carries on
+/// with what it has installed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_agent_turns_stale_is_deleted_by_policy_and_enrolls_again_when_it_is_back(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start_with(
+        "fleet",
+        Options {
+            agent_stale_after_seconds: Some(3),
+            agent_delete_after_seconds: Some(15),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (_, relay) = c.hello_installed("desk").await?;
+    let before = c.agent_of("desk").await?;
+    let name = before.metadata.name.clone().unwrap_or_default();
+    // Switched off.
+    c.agents[0].proc.kill();
+    c.agents.clear();
+    let note = c
+        .wait_warning(&name, "Stale", "not heard from since")
+        .await?;
+    assert!(note.contains("deleted once silent for 15 s"), "{note}");
+    let stale = c.api::<Agent>().get(&name).await?;
+    let conditions = stale.status.unwrap_or_default().conditions;
+    assert!(
+        caravan_api::conditions::is_true(&conditions, caravan_api::conditions::STALE),
+        "{conditions:?}"
+    );
+    let agents = c.cluster.kubectl(&["get", "agents", "-n", &c.namespace])?;
+    let header = agents.lines().next().unwrap_or_default();
+    assert!(header.contains("STALE"), "{agents}");
+    assert!(
+        agents.lines().nth(1).unwrap_or_default().contains("True"),
+        "{agents}"
+    );
+    // Silent on: deleted, and its Site says so.
+    wait_for("the stale Agent to be deleted", T, || async {
+        Ok(c.api::<Agent>()
+            .get_opt(&name)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    c.wait_warning("hq", "StaleAgentDeleted", &name).await?;
+    // Back: told its Agent is gone, it enrolls again, and keeps what it has.
+    c.start_agent("desk", &relay)?;
+    let again = wait_for("desk to enroll again", T, || async {
+        Ok(c.api::<Agent>()
+            .get_opt(&name)
+            .await?
+            .filter(|a| a.metadata.uid != before.metadata.uid))
+    })
+    .await?;
+    assert!(again.spec.approved, "hq needs no approval");
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-desk.log"))?;
+    assert!(log.contains("Agent was deleted; enrolling again"), "{log}");
+    Ok(())
+}
+
+/// An agent whose Agent is deleted, with no bootstrap token to enroll again
+/// with, stops with exit code 78 and says why, rather than wait for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_agent_was_deleted_and_cannot_enroll_again_stops_saying_why(
+) -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    let (_, relay) = c.hello_installed("desk").await?;
+    let name = c.agent_of("desk").await?.metadata.name.unwrap_or_default();
+    c.agents[0].proc.kill();
+    c.agents.clear();
+    c.api::<Agent>().delete(&name, &Default::default()).await?;
+    wait_for("the relay to forget desk", T, || async {
+        Ok((relay_answers(&c, &relay, "desk").await?.0 == 410).then_some(()))
+    })
+    .await?;
+    // Started as it would be once enrolled: without its bootstrap token.
+    let status = c.run_agent_once("desk", &relay, &[("CARAVAN_BOOTSTRAP_TOKEN", "")])?;
+    assert_eq!(status.code(), Some(78), "{status:?}");
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-desk.log"))?;
+    assert!(
+        log.contains("this endpoint's Agent was deleted and it cannot enroll again")
+            && log.contains("give it a bootstrap token"),
+        "{log}"
+    );
     Ok(())
 }

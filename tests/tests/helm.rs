@@ -6,9 +6,12 @@
 //! through it.
 
 use caravan_tests::{helm, repo_root, Caravan, Install, Options, HELM_NAMESPACE, HELM_TEST_VALUES};
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    rbac::v1::{ClusterRole, Role},
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        rbac::v1::{ClusterRole, Role},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::Api;
 
@@ -72,7 +75,64 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         args.contains(&"registry.example/caravan-relay:test".to_string()),
         "{args:?}"
     );
+
+    // The controller applies its CRDs at start, as the chart's
+    // ServiceAccount: a CRD a release before left (here: one without the
+    // Stale column, written by 0.1.0) is brought to this release's; one a
+    // newer release wrote is kept.
+    assert_eq!(
+        agents_crd(&c).await?,
+        (caravan_api::RELEASE.to_string(), true)
+    );
+    without_stale_column(&c, "0.1.0")?;
+    assert_eq!(agents_crd(&c).await?, ("0.1.0".to_string(), false));
+    c.restart_controller().await?;
+    assert_eq!(
+        agents_crd(&c).await?,
+        (caravan_api::RELEASE.to_string(), true)
+    );
+    without_stale_column(&c, "9.0.0")?;
+    c.restart_controller().await?;
+    assert_eq!(
+        agents_crd(&c).await?,
+        ("9.0.0".to_string(), false),
+        "a newer release's CRD is not rolled back"
+    );
     Ok(())
+}
+
+/// Makes the Agent CRD what release `release` would have written: without
+/// its Stale column.
+fn without_stale_column(c: &Caravan, release: &str) -> anyhow::Result<()> {
+    let patch = serde_json::json!([
+        {"op": "replace", "path": "/metadata/annotations/caravan.dev~1release", "value": release},
+        {"op": "test", "path": "/spec/versions/0/additionalPrinterColumns/7/name", "value": "Stale"},
+        {"op": "remove", "path": "/spec/versions/0/additionalPrinterColumns/7"},
+    ]);
+    c.cluster.kubectl(&[
+        "patch",
+        "crd",
+        "agents.caravan.dev",
+        "--type=json",
+        "-p",
+        &patch.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// The release the Agent CRD says wrote it, and whether it has the Stale column.
+async fn agents_crd(c: &Caravan) -> anyhow::Result<(String, bool)> {
+    let crd = Api::<CustomResourceDefinition>::all(c.client())
+        .get("agents.caravan.dev")
+        .await?;
+    let release =
+        crd.metadata.annotations.unwrap_or_default()[caravan_api::labels::CRD_RELEASE].clone();
+    let stale = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .any(|col| col.name == "Stale");
+    Ok((release, stale))
 }
 
 /// By default the chart serves HTTPS with a certificate it generates and
@@ -144,7 +204,8 @@ fn rendered_rbac(values: &str) -> anyhow::Result<Vec<(String, String, bool)>> {
 }
 
 /// By default the controller gets a Role in the one namespace it manages
-/// (Secrets there only); a ClusterRole only when asked for.
+/// (Secrets there only), and cluster-wide only get and patch on its own
+/// CRDs, by name; a ClusterRole for its objects only when asked for.
 #[test]
 fn by_default_the_controller_has_rights_in_one_namespace_only() -> anyhow::Result<()> {
     let by_default = rendered_rbac("{}")?;
@@ -153,13 +214,37 @@ fn by_default_the_controller_has_rights_in_one_namespace_only() -> anyhow::Resul
         [
             ("Role".to_string(), HELM_NAMESPACE.to_string(), true),
             ("RoleBinding".to_string(), HELM_NAMESPACE.to_string(), false),
+            ("ClusterRole".to_string(), String::new(), false),
+            ("ClusterRoleBinding".to_string(), String::new(), false),
         ]
     );
+    let rbac = &rendered("{}")?["caravan/templates/rbac.yaml"];
+    let crd_role: serde_json::Value = serde_yaml_ng::from_str(
+        rbac.split("\n---")
+            .find(|d| d.contains("kind: ClusterRole\n"))
+            .expect("a ClusterRole"),
+    )?;
+    let names: Vec<String> = caravan_api::v1alpha1::crds()
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        crd_role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["get", "patch"],
+            "resourceNames": names.iter().collect::<std::collections::BTreeSet<_>>(),
+        }]),
+        "exactly its own CRDs"
+    );
+    assert_eq!(rendered_rbac(r#"{"applyCRDs":false}"#)?.len(), 2);
     let elsewhere = rendered_rbac(r#"{"watchNamespace":"branch-offices"}"#)?;
     assert!(
         elsewhere
             .iter()
-            .all(|(kind, ns, _)| kind.starts_with("Role") && ns == "branch-offices"),
+            .filter(|(kind, _, _)| kind.starts_with("Role"))
+            .all(|(_, ns, _)| ns == "branch-offices"),
         "{elsewhere:?}"
     );
     let wide = rendered_rbac(r#"{"clusterWide":true}"#)?;

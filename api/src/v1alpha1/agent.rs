@@ -22,6 +22,7 @@ use crate::wire::{InstalledPackage, JobState};
     printcolumn = r#"{"name":"Installed","type":"integer","jsonPath":".status.installedCount"}"#,
     printcolumn = r#"{"name":"Desired","type":"string","jsonPath":".status.conditions[?(@.type==\"DesiredStateAccepted\")].reason"}"#,
     printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
+    printcolumn = r#"{"name":"Stale","type":"string","jsonPath":".status.conditions[?(@.type==\"Stale\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

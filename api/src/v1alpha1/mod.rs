@@ -23,7 +23,8 @@ pub use site::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The CRDs of every kind, in the order they are documented.
+/// The CRDs of every kind, in the order they are documented, each
+/// annotated with the release that defines it.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     [
         GitSource::crd(),
@@ -36,6 +37,16 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
     .into_iter()
     .map(compatible)
+    .map(|mut crd| {
+        crd.metadata.annotations = Some(
+            [(
+                crate::labels::CRD_RELEASE.to_string(),
+                crate::RELEASE.to_string(),
+            )]
+            .into(),
+        );
+        crd
+    })
     .collect()
 }
 

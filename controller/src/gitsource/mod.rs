@@ -384,9 +384,7 @@ impl GitSources {
             }
         };
         if let Some(event) = s.event {
-            if let Err(e) = self.ctx.recorder.publish(&event, &gs.object_ref(&())).await {
-                tracing::debug!(error = %e, "event not recorded");
-            }
+            self.ctx.publish(&event, gs).await;
         }
         status_patch::apply(&self.ctx.client, gs, s.status, field_managers::STATUS).await?;
         Ok(Action::requeue(requeue))

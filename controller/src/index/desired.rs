@@ -164,6 +164,7 @@ pub fn desired(
                 blobs,
                 agents,
                 agent_keys: plan.agent_keys.remove(&key).unwrap_or_default(),
+                unserved: plan.unserved.remove(&key).unwrap_or_default(),
                 ..Default::default()
             };
             (key, d)

@@ -173,6 +173,7 @@ impl SiteFeed {
             || desired.prestage != old.prestage
             || desired.lower != old.lower
             || desired.roots != old.roots
+            || desired.unserved != old.unserved
             || desired.sources != old.sources;
         if !agents_changed && !site_changed && gone.is_empty() {
             return None;
@@ -277,6 +278,7 @@ impl SiteFeed {
             lower: d.lower.clone(),
             roots: d.roots.clone(),
             agent_keys,
+            unserved: d.unserved.clone(),
             sources: d.sources.clone(),
             since: etag.map(str::to_owned),
             removed,

@@ -26,6 +26,8 @@ pub struct Plan {
     /// Per site, per agent name: the public key of each served agent that
     /// enrolled with one.
     pub agent_keys: HashMap<SiteKey, BTreeMap<String, String>>,
+    /// Per site: the agents enrolled there that are not served, in name order.
+    pub unserved: HashMap<SiteKey, Vec<String>>,
     /// Per job: targets and problems.
     pub jobs: HashMap<ObjectKey, JobPlan>,
 }
@@ -71,8 +73,16 @@ impl Plan {
         // it away, and it keeps what it has.
         let mut served: HashMap<(&str, &str), BTreeMap<String, AgentPlan>> = HashMap::new();
         let mut agent_keys: HashMap<(&str, &str), BTreeMap<String, String>> = HashMap::new();
-        for a in agents.iter().filter(|a| a.spec.approved) {
+        let mut unserved: HashMap<(&str, &str), Vec<String>> = HashMap::new();
+        for a in agents.iter() {
             let (ns, agent) = (namespace(a.as_ref()), name(a.as_ref()));
+            if !a.spec.approved {
+                unserved
+                    .entry((ns, a.spec.site.as_str()))
+                    .or_default()
+                    .push(agent.to_string());
+                continue;
+            }
             let entry = AgentPlan {
                 agent: agent.to_string(),
                 ..Default::default()
@@ -208,6 +218,13 @@ impl Plan {
         let owned = |(ns, site): (&str, &str)| (ns.to_string(), site.to_string());
         plan.by_site = served.into_iter().map(|(k, v)| (owned(k), v)).collect();
         plan.agent_keys = agent_keys.into_iter().map(|(k, v)| (owned(k), v)).collect();
+        plan.unserved = unserved
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_unstable();
+                (owned(k), v)
+            })
+            .collect();
         for entry in plan.by_site.values_mut().flat_map(|m| m.values_mut()) {
             entry.hold.sort();
             entry.hold.dedup();

@@ -24,7 +24,7 @@ use governor::{clock::Clock as _, Quota};
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::events::{Event, EventType},
-    Resource as _, ResourceExt,
+    ResourceExt,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -68,9 +68,7 @@ async fn admit(
                 action: "Enroll".into(),
                 secondary: None,
             };
-            if let Err(e) = s.ctx.recorder.publish(&event, &site.object_ref(&())).await {
-                tracing::debug!(error = %e, "event not recorded");
-            }
+            s.ctx.publish(&event, site).await;
         }
         ApiError::new(StatusCode::UNAUTHORIZED, r.to_string())
     };
@@ -345,14 +343,7 @@ pub async fn enroll(
                 action: "Enroll".into(),
                 secondary: None,
             };
-            if let Err(e) = s
-                .ctx
-                .recorder
-                .publish(&event, &created.object_ref(&()))
-                .await
-            {
-                tracing::debug!(error = %e, "event not recorded");
-            }
+            s.ctx.publish(&event, &created).await;
             (name, approved)
         }
     };
@@ -468,9 +459,7 @@ async fn replacement(
             action: "Enroll".into(),
             secondary: None,
         };
-        if let Err(e) = s.ctx.recorder.publish(&event, &agent.object_ref(&())).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        s.ctx.publish(&event, agent).await;
     }
     ApiError::new(
         StatusCode::FORBIDDEN,

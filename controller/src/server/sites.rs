@@ -367,9 +367,7 @@ async fn refuse(s: &AppState, agent: &Agent, site: &str, e: &TrustError) {
         action: "Report".into(),
         secondary: None,
     };
-    if let Err(e) = s.ctx.recorder.publish(&event, &agent.object_ref(&())).await {
-        tracing::debug!(error = %e, "event not recorded");
-    }
+    s.ctx.publish(&event, agent).await;
 }
 
 /// Whether the agent acts on a signed desired state, as it reports.

@@ -16,6 +16,7 @@
 
 pub mod checks;
 mod relays;
+pub mod rollout;
 pub mod workload;
 
 use std::{sync::Arc, time::Duration};
@@ -67,6 +68,8 @@ pub struct SiteReconciler {
     verified: checks::Verified,
     /// The relay key ID each Site's workload was last applied with.
     key_ids: std::sync::Mutex<std::collections::HashMap<SiteKey, String>>,
+    /// The controller's relay image, reaching the sites one at a time.
+    rollout: rollout::Rollout,
 }
 
 impl SiteReconciler {
@@ -84,6 +87,7 @@ impl SiteReconciler {
             retries: Retries::default(),
             verified: Default::default(),
             key_ids: Default::default(),
+            rollout: Default::default(),
         }
     }
 
@@ -257,8 +261,24 @@ impl SiteReconciler {
                 .sites
                 .get(&ObjectRef::<Site>::new(p).within(&ns))
         });
+        let key: SiteKey = (ns.clone(), name.clone());
+        // A relay on another image than the controller's moves to it only
+        // in its turn (see `rollout`).
+        let step = match site.spec.relay.image {
+            Some(_) => rollout::Step::Current,
+            None => {
+                self.rollout
+                    .step(&self.ctx, &self.stores, &self.relays, &key)
+                    .await?
+            }
+        };
+        let image = match &step {
+            rollout::Step::Held { image, .. } => image.clone(),
+            _ => self.ctx.config.relay_image.clone(),
+        };
+        self.upgrade_event(site, &step).await;
         let params = RelayParams {
-            default_image: &self.ctx.config.relay_image,
+            default_image: &image,
             upstream_url: &self.ctx.config.relay_upstream_url,
             upstream_ca: self.upstream_ca.as_deref(),
             parent_url: parent_site
@@ -285,7 +305,9 @@ impl SiteReconciler {
             .patch(&relay, &apply, &Patch::Apply(&service))
             .await?;
         self.verified.insert(site);
-        let key: SiteKey = (ns, name);
+        if site.spec.relay.image.is_none() {
+            self.rollout.applied(&key, &image);
+        }
         let changed = self
             .key_ids
             .lock()
@@ -302,6 +324,37 @@ impl SiteReconciler {
             }
         }
         Ok(())
+    }
+
+    /// Says where the relay's move to the controller's image stands, when
+    /// it is moved or held.
+    async fn upgrade_event(&self, site: &Site, step: &rollout::Step) {
+        let (reason, note) = match step {
+            rollout::Step::Current => return,
+            rollout::Step::Moving { from } => (
+                "RelayUpgrade",
+                format!(
+                    "the relay moves from {from} to {}",
+                    self.ctx.config.relay_image
+                ),
+            ),
+            rollout::Step::Held { image, behind } => (
+                "RelayUpgradeWaiting",
+                format!(
+                    "the relay stays on {image} until site {}'s relay is back on {} (one site at a time)",
+                    behind.1, self.ctx.config.relay_image
+                ),
+            ),
+        };
+        tracing::info!(site = %site.name_any(), %note, "relay upgrade");
+        let event = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Normal,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Upgrade".into(),
+            secondary: None,
+        };
+        self.ctx.publish(&event, site).await;
     }
 
     /// The Site's status: agents enrolled there and whether its relay is connected.
@@ -378,14 +431,7 @@ impl SiteReconciler {
             status_patch::apply(&self.ctx.client, site, status, field_managers::STATUS).await?;
         if matches!(written, status_patch::Written::Written(_)) {
             for event in events {
-                if let Err(e) = self
-                    .ctx
-                    .recorder
-                    .publish(&event, &site.object_ref(&()))
-                    .await
-                {
-                    tracing::debug!(error = %e, "event not recorded");
-                }
+                self.ctx.publish(&event, site).await;
             }
         }
         Ok(())

@@ -100,6 +100,9 @@ pub struct Options {
     pub desired_state_ttl_seconds: Option<u64>,
     /// Enrollments each site may make per second (default: the controller's).
     pub enrollments_per_second: Option<u32>,
+    /// When silent Agents turn Stale, and are deleted (default: the chart's).
+    pub agent_stale_after_seconds: Option<u64>,
+    pub agent_delete_after_seconds: Option<u64>,
     /// The leader's Lease is the controller's default, not the tests' 10 s
     /// (with which a crashed leader is replaced sooner): what benchmarks run.
     pub default_lease: bool,
@@ -163,6 +166,8 @@ impl Caravan {
             tls,
             desired_state_ttl_seconds,
             enrollments_per_second,
+            agent_stale_after_seconds,
+            agent_delete_after_seconds,
             default_lease,
             service,
         } = options;
@@ -272,6 +277,12 @@ impl Caravan {
         if let Some(rate) = enrollments_per_second {
             flags.push(("--enrollments-per-second", rate.to_string()));
         }
+        if let Some(after) = agent_stale_after_seconds {
+            flags.push(("--agent-stale-after-seconds", after.to_string()));
+        }
+        if let Some(after) = agent_delete_after_seconds {
+            flags.push(("--agent-delete-after-seconds", after.to_string()));
+        }
         if let Some(tls) = &tls {
             flags.extend([
                 ("--tls-cert-file", tls.cert.display().to_string()),
@@ -359,6 +370,16 @@ impl Caravan {
         )
         .await?;
         Ok((repo, relay))
+    }
+
+    /// Kills the controller and starts it again with `flags` set (kept for
+    /// later restarts), as a new release of its Deployment would.
+    pub async fn restart_controller_with(
+        &mut self,
+        flags: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        self.controller_cmd.0 = override_args(std::mem::take(&mut self.controller_cmd.0), flags);
+        self.restart_controller().await
     }
 
     /// Kills the controller (SIGKILL) and starts it again, as it was.
@@ -644,8 +665,21 @@ impl Caravan {
         reason: &str,
         words: &str,
     ) -> anyhow::Result<String> {
+        self.wait_event("Warning", name, reason, words).await
+    }
+
+    /// Waits for an Event of `type_` (`Normal`, `Warning`) about object
+    /// `name` whose reason starts with `reason` and whose note has `words`;
+    /// returns the note.
+    pub async fn wait_event(
+        &self,
+        type_: &str,
+        name: &str,
+        reason: &str,
+        words: &str,
+    ) -> anyhow::Result<String> {
         wait_for(
-            &format!("a {reason} Warning on {name} with {words:?}"),
+            &format!("a {reason} {type_} Event on {name} with {words:?}"),
             Duration::from_secs(120),
             || async {
                 let events = self
@@ -655,7 +689,7 @@ impl Caravan {
                 Ok(events.items.into_iter().find_map(|e| {
                     let note = e.note.unwrap_or_default();
                     (e.reason.as_deref().is_some_and(|r| r.starts_with(reason))
-                        && e.type_.as_deref() == Some("Warning")
+                        && e.type_.as_deref() == Some(type_)
                         && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
                         && note.contains(words))
                     .then_some(note)

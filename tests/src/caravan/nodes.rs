@@ -184,6 +184,9 @@ impl Caravan {
         let url = format!("{scheme}://127.0.0.1:{port}");
         wait_http_ok(&http(), &format!("{url}/readyz"), &proc).await?;
         self.relays.push(proc);
+        self.cluster
+            .mark_rolled_out(&self.namespace, deployment)
+            .await?;
         if replica == 0 {
             self.relay_urls.insert(site.to_string(), url.clone());
         }

@@ -1,0 +1,201 @@
+//! A new controller's relay image reaches the sites one at a time: a relay
+//! Deployment that runs another image than the controller's (an upgrade,
+//! or a rollback) is moved to it only while no other site's relay is on its
+//! way there; the next moves once that one's Deployment has rolled out and
+//! its relay is back, connected and of a release the controller works
+//! with. A relay that does not come back holds the rest, each Site saying
+//! which it waits for (an Event). Sites that name their own image
+//! (`spec.relay.image`) are theirs to move.
+
+use std::collections::{HashMap, HashSet};
+
+use caravan_api::skew::Component;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::reflector::ObjectRef;
+
+use super::{relays::RelayContacts, workload::relay_name};
+use crate::{context::Context, error::Error, index::SiteKey, stores::Stores};
+
+/// Whether Deployment `d` runs its current spec: every replica updated and
+/// available (what `kubectl rollout status` waits for).
+pub fn rolled_out(d: &Deployment) -> bool {
+    let (Some(spec), Some(status)) = (&d.spec, &d.status) else {
+        return false;
+    };
+    let want = spec.replicas.unwrap_or(1);
+    status.observed_generation >= d.metadata.generation
+        && status.updated_replicas.unwrap_or(0) >= want
+        && status.available_replicas.unwrap_or(0) >= want
+}
+
+/// The image of a relay Deployment's container.
+fn image_of(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?
+        .image
+        .clone()
+}
+
+/// What a Site's relay runs now, and what it is to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The controller's image (already, or new).
+    Current,
+    /// Moved to the controller's image now, from the image it ran.
+    Moving { from: String },
+    /// Kept on the image it runs until the relay of `behind` is back.
+    Held { image: String, behind: SiteKey },
+}
+
+#[derive(Default)]
+pub struct Rollout {
+    /// The site whose relay was moved last, until it is back.
+    moving: tokio::sync::Mutex<Option<SiteKey>>,
+    /// The image each site's relay Deployment was last applied with.
+    applied: std::sync::Mutex<HashMap<SiteKey, String>>,
+    /// Sites held, to look at again once the moving one is back.
+    held: std::sync::Mutex<HashSet<SiteKey>>,
+}
+
+impl Rollout {
+    /// The step of `site`'s relay toward the controller's image.
+    pub async fn step(
+        &self,
+        ctx: &Context,
+        stores: &Stores,
+        relays: &RelayContacts,
+        site: &SiteKey,
+    ) -> Result<Step, Error> {
+        let new = &ctx.config.relay_image;
+        let known = self
+            .applied
+            .lock()
+            .expect("lock poisoned")
+            .get(site)
+            .cloned();
+        let running = match known {
+            Some(image) => Some(image),
+            None => ctx
+                .namespaced::<Deployment>(&site.0)
+                .get_opt(&relay_name(&site.1))
+                .await?
+                .as_ref()
+                .and_then(image_of),
+        };
+        let mut moving = self.moving.lock().await;
+        let from = match running {
+            // A new relay, or one on the controller's image already.
+            None => return Ok(Step::Current),
+            Some(image) if image == *new => {
+                if moving.as_ref() == Some(site) && self.back(ctx, stores, relays, site).await? {
+                    *moving = None;
+                    for held in self.held.lock().expect("lock poisoned").drain() {
+                        relays.poke(&held);
+                    }
+                }
+                return Ok(Step::Current);
+            }
+            Some(image) => image,
+        };
+        if let Some(other) = moving.clone().filter(|other| other != site) {
+            if !self.back(ctx, stores, relays, &other).await? {
+                self.held
+                    .lock()
+                    .expect("lock poisoned")
+                    .insert(site.clone());
+                return Ok(Step::Held {
+                    image: from,
+                    behind: other,
+                });
+            }
+        }
+        *moving = Some(site.clone());
+        self.held.lock().expect("lock poisoned").remove(site);
+        Ok(Step::Moving { from })
+    }
+
+    /// Records the image `site`'s relay Deployment was applied with.
+    pub fn applied(&self, site: &SiteKey, image: &str) {
+        self.applied
+            .lock()
+            .expect("lock poisoned")
+            .insert(site.clone(), image.to_string());
+    }
+
+    /// Whether the relay of `site` is back on the controller's image: its
+    /// Deployment rolled out, and the relay connected and of a release the
+    /// controller works with. A Site gone is no longer waited for.
+    async fn back(
+        &self,
+        ctx: &Context,
+        stores: &Stores,
+        relays: &RelayContacts,
+        site: &SiteKey,
+    ) -> Result<bool, Error> {
+        if stores
+            .sites
+            .get(&ObjectRef::new(&site.1).within(&site.0))
+            .is_none()
+        {
+            return Ok(true);
+        }
+        let Some(d) = ctx
+            .namespaced::<Deployment>(&site.0)
+            .get_opt(&relay_name(&site.1))
+            .await?
+        else {
+            return Ok(true);
+        };
+        let heard = relays.heard(site).await;
+        let supported = caravan_api::skew::check(
+            caravan_api::RELEASE,
+            Component::Relay,
+            heard.version.as_deref(),
+        )
+        .is_ok();
+        Ok(rolled_out(&d)
+            && image_of(&d).as_deref() == Some(ctx.config.relay_image.as_str())
+            && heard.connected()
+            && supported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+
+    fn deployment(generation: i64, observed: i64, replicas: i32, available: i32) -> Deployment {
+        Deployment {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                updated_replicas: Some(available),
+                available_replicas: Some(available),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_deployment_has_rolled_out_once_every_replica_runs_its_current_spec() {
+        assert!(rolled_out(&deployment(3, 3, 2, 2)));
+        assert!(!rolled_out(&deployment(3, 2, 2, 2)), "spec not seen yet");
+        assert!(!rolled_out(&deployment(3, 3, 2, 1)), "one replica to go");
+        let mut fresh = deployment(1, 1, 1, 1);
+        fresh.status = None;
+        assert!(!rolled_out(&fresh), "no status: nothing runs");
+    }
+}

@@ -1,0 +1,100 @@
+//! Upgrading Caravan: a controller of a new release moves the sites' relays
+//! to its relay image one site at a time, the next only once the previous
+//! one's Deployment has rolled out and its relay is back, of the new
+//! release. (The harness plays the kubelet: a relay started from its
+//! Deployment says the release its image's tag names, and the Deployment's
+//! status then says it rolled out.)
+
+use std::time::Duration;
+
+use caravan_api::{images, RELEASE};
+use caravan_tests::{wait_for, Caravan};
+use k8s_openapi::api::apps::v1::Deployment;
+
+const T: Duration = Duration::from_secs(90);
+
+/// The image of each site's relay Deployment, hq's then branch's.
+async fn images_of(c: &Caravan) -> anyhow::Result<(String, String)> {
+    let image = |name: &'static str| async move {
+        let d = c.api::<Deployment>().get(&format!("{name}-relay")).await?;
+        anyhow::Ok(
+            d.spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers.first()?.image.clone())
+                .unwrap_or_default(),
+        )
+    };
+    Ok((image("hq").await?, image("branch").await?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_controller_moves_the_relays_to_its_image_one_site_at_a_time() -> anyhow::Result<()> {
+    let mut c = Caravan::start("fleet").await?;
+    // Release "A": relays of 0.1.0, which 0.2's controller works with.
+    let old = format!("{}:0.1.0", images::RELAY);
+    assert!(RELEASE.starts_with("0.2."), "pick the release before anew");
+    c.restart_controller_with(&[("--relay-image", old.clone())])
+        .await?;
+    let repo = c.seed_example_fleet().await?;
+    repo.write(
+        "fleet/branch.yaml",
+        "apiVersion: caravan.dev/v1alpha1\nkind: Site\nmetadata: {name: branch}\nspec: {parent: hq}\n",
+    )?;
+    repo.commit("A branch under hq")?;
+    let hq = c.start_relay("hq").await?;
+    c.start_relay("branch").await?;
+    c.start_agent("desk", &hq)?;
+    c.wait_job("hello-everywhere", "Succeeded", "1/1", T)
+        .await?;
+    for site in ["hq", "branch"] {
+        wait_for(&format!("{site}'s relay to say 0.1.0"), T, || async {
+            let s = c.site(site).await?.status.unwrap_or_default();
+            Ok((s.relay_version.as_deref() == Some("0.1.0")).then_some(()))
+        })
+        .await?;
+    }
+    assert_eq!(images_of(&c).await?, (old.clone(), old.clone()));
+
+    // Release "B": one relay moves, the other waits for it.
+    let new = images::relay();
+    c.restart_controller_with(&[("--relay-image", new.clone())])
+        .await?;
+    let (first, second) = wait_for("one relay to move", T, || async {
+        Ok(match images_of(&c).await? {
+            (hq, branch) if hq == new && branch == old => Some(("hq", "branch")),
+            (hq, branch) if hq == old && branch == new => Some(("branch", "hq")),
+            (hq, branch) if hq == new && branch == new => anyhow::bail!("both moved at once"),
+            _ => None,
+        })
+    })
+    .await?;
+    // Both Sites were looked at meanwhile (every 30 s at the latest): the
+    // second still waits, and says for whom.
+    c.wait_event("Normal", second, "RelayUpgradeWaiting", first)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = images_of(&c).await?;
+    assert!(
+        still.0 == old || still.1 == old,
+        "the second moved before the first was back: {still:?}"
+    );
+    // The first comes back on the new image (the kubelet rolls its pod):
+    // the second moves.
+    c.restart_relay(first).await?;
+    wait_for("the second relay to move", T, || async {
+        Ok((images_of(&c).await? == (new.clone(), new.clone())).then_some(()))
+    })
+    .await?;
+    c.restart_relay(second).await?;
+    for site in ["hq", "branch"] {
+        wait_for(&format!("{site}'s relay to say {RELEASE}"), T, || async {
+            let s = c.site(site).await?.status.unwrap_or_default();
+            Ok((s.relay_version.as_deref() == Some(RELEASE)).then_some(()))
+        })
+        .await?;
+    }
+    // Nothing was installed again on the way.
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-desk.log"))?;
+    assert_eq!(log.matches("installed package=hello").count(), 1, "{log}");
+    Ok(())
+}
