@@ -5,6 +5,7 @@ SDK bundled by the PyPI package helm-python-sdk (no helm binary needed).
   helm.py lint CHART [--set-json JSON]
   helm.py install RELEASE CHART --namespace NS --kubeconfig FILE [--set-json JSON]
   helm.py upgrade RELEASE CHART --namespace NS --kubeconfig FILE [--set-json JSON]
+  helm.py rollback RELEASE [REVISION] --namespace NS --kubeconfig FILE
   helm.py uninstall RELEASE --namespace NS --kubeconfig FILE
   helm.py template RELEASE CHART --namespace NS [--set-json JSON]
 """
@@ -17,7 +18,7 @@ import helm_python as helm
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("action", choices=["lint", "install", "upgrade", "uninstall", "template"])
+    p.add_argument("action", choices=["lint", "install", "upgrade", "rollback", "uninstall", "template"])
     p.add_argument("args", nargs="+")
     p.add_argument("--namespace", default="default")
     p.add_argument("--kubeconfig")
@@ -39,11 +40,18 @@ def main() -> int:
             rel = cfg.install(a.args[1], a.args[0], values, namespace=a.namespace, timeout=120)
         elif a.action == "upgrade":
             rel = cfg.upgrade(a.args[1], a.args[0], values, namespace=a.namespace, timeout=120)
+        elif a.action == "rollback":
+            # To the revision named, or the one before the current.
+            revision = int(a.args[1]) if len(a.args) > 1 else None
+            cfg.rollback(a.args[0], version=revision, timeout=120)
+            rel = cfg.status(a.args[0])
         else:
             cfg.uninstall(a.args[0])
             print(f"uninstalled {a.args[0]}")
             return 0
-        print(f"{a.action}: release {rel.get('name', a.args[0])} revision {rel.get('version', '?')} {rel.get('info', {}).get('status', '')}")
+        revision = rel.get("version", rel.get("revision", "?"))
+        status = rel.get("info", {}).get("status") or rel.get("status", "")
+        print(f"{a.action}: release {rel.get('name', a.args[0])} revision {revision} {status}")
         return 0
     except helm.HelmError as e:
         print(f"helm {a.action}: {e}", file=sys.stderr)

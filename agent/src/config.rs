@@ -113,7 +113,8 @@ impl Config {
             ca_file,
             insecure: args.insecure,
             trusted_keys,
-            bootstrap_token,
+            // (`CARAVAN_BOOTSTRAP_TOKEN=`, as the example file has it, is none.)
+            bootstrap_token: bootstrap_token.filter(|t| !t.is_empty()),
             trust_root_sha256,
             state_dir: args.state_dir,
             install_root: args.install_root,

@@ -105,18 +105,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(config.retry_after).await;
                 continue;
             }
-            // Its Agent was deleted (by an administrator, or as stale):
-            // it enrolls again, as a new Agent; one that cannot stops,
-            // saying why, rather than wait for nothing.
+            // Its Agent was deleted (by an administrator, or as stale): it
+            // enrolls again, as a new Agent. Without a bootstrap token it
+            // cannot, and stops, saying why, rather than wait for nothing;
+            // with one that is refused, it asks again, slowly (a relay's
+            // word alone never stops an agent for good).
             Err(ClientError::Gone(msg)) => {
                 tracing::error!(%msg, "this endpoint's Agent was deleted; enrolling again");
-                if let Err(e) = enroll::enroll(&config, &agent.state, &mut agent.client).await {
+                if config.bootstrap_token.is_none() {
                     return Err(anyhow::Error::new(crate::Stop(format!(
-                        "this endpoint's Agent was deleted and it cannot enroll again: {e:#}; \
-                         give it a bootstrap token (CARAVAN_BOOTSTRAP_TOKEN or --bundle) and start it again"
+                        "this endpoint's Agent was deleted and it has no bootstrap token to enroll again with ({msg}); \
+                         give it one (CARAVAN_BOOTSTRAP_TOKEN or --bundle) and start it again"
                     ))));
                 }
-                etag = None;
+                match enroll::enroll(&config, &agent.state, &mut agent.client).await {
+                    Ok(()) => etag = None,
+                    Err(e) if config.once => return Err(e),
+                    Err(e) => {
+                        let pause = config.retry_after * 10;
+                        tracing::error!(error = format!("{e:#}"), retry_in = ?pause, "this endpoint's Agent was deleted and enrolling again failed; give it a new bootstrap token");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 continue;
             }
             Err(ClientError::Unauthorized(msg)) => {

@@ -85,7 +85,11 @@ pub async fn enroll(config: &Config, state: &StateDir, client: &mut Client) -> a
             Err(e) if config.once => return Err(e).context("enrolling"),
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "enrollment failed");
+                // The key ID, for an administrator to check a request to
+                // take an Agent over against (`caravan agent approve
+                // --replacement`): the relay's word is not to be trusted.
+                let key = signing::key_id(&key.verifying_key());
+                tracing::warn!(error = %e, %key, retry_in = ?delay, "enrollment failed");
                 tokio::time::sleep(delay).await;
             }
         }

@@ -45,12 +45,19 @@ pub enum AgentCommand {
     /// Let an agent in: its relay serves it from its next request on. An
     /// Agent another machine asks to take over (`spec.replacement`: the
     /// same machine reinstalled) is handed to that machine: it enrolls with
-    /// its own secret and key, and the machine it was is turned away.
+    /// its own secret and key; the machine it was is refused its reports and
+    /// renewals (its current credential lasts until it expires).
     Approve {
         /// The Agent's name (`kubectl get agents`).
         name: String,
         #[arg(long, short = 'n')]
         namespace: Option<String>,
+        /// Hand the Agent to the machine asking to take it over, whose key
+        /// has this ID: check it against the `key` that machine's agent
+        /// logs (the request passed through a relay, which could have put
+        /// its own key in it).
+        #[arg(long, value_name = "KEY_ID")]
+        replacement: Option<String>,
     },
     /// Cut an agent off: its relay turns it away at its next request, and it
     /// keeps what it has installed. `approve` lets it back in. (Deleting
@@ -64,16 +71,40 @@ pub enum AgentCommand {
 }
 
 pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
-    let (name, namespace, approved) = match command {
-        AgentCommand::Approve { name, namespace } => (name, namespace, true),
-        AgentCommand::Revoke { name, namespace } => (name, namespace, false),
+    let (name, namespace, approved, checked) = match command {
+        AgentCommand::Approve {
+            name,
+            namespace,
+            replacement,
+        } => (name, namespace, true, replacement),
+        AgentCommand::Revoke { name, namespace } => (name, namespace, false, None),
     };
     let agents: Api<Agent> = namespaced(namespace).await?;
     let agent = agents
         .get(&name)
         .await
         .with_context(|| format!("reading Agent {name}"))?;
-    let handover = agent.spec.replacement.as_ref().filter(|_| approved);
+    let pending = agent.spec.replacement.as_ref().map(|r| {
+        let key = caravan_api::signing::parse_public(&r.public_key)
+            .map_or_else(|_| "?".into(), |k| caravan_api::signing::key_id(&k));
+        (r, key)
+    });
+    let handover = match (&pending, checked) {
+        (_, None) => None,
+        (Some((r, key)), Some(checked)) if *key == checked => Some(*r),
+        (Some((r, key)), Some(checked)) => anyhow::bail!(
+            "the machine asking to take Agent {name} over (host {}, {}) has key {key}, not {checked}: do not approve it unless that machine's log says {key}",
+            r.hostname,
+            r.requested
+        ),
+        (None, Some(_)) => anyhow::bail!("no machine asks to take Agent {name} over"),
+    };
+    if let (Some((r, key)), None, true) = (&pending, &handover, approved) {
+        eprintln!(
+            "note: a machine asks to take Agent {name} over (host {}, {}, key {key}); to hand it over, check the key against that machine's log and run: caravan agent approve {name} --replacement {key}",
+            r.hostname, r.requested
+        );
+    }
     let patch = match handover {
         // Guarded by the resourceVersion read: a newer request to take it
         // over is not approved unseen.
@@ -105,7 +136,7 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("updating Agent {name}'s status"))?;
             eprintln!(
-                "agent {name} approved for the machine that asked to take it over (host {}, {}); the machine it was is turned away",
+                "agent {name} approved for the machine that asked to take it over (host {}, {}); the machine it was keeps its credential until it expires, and is refused its renewal",
                 r.hostname, r.requested
             );
         }

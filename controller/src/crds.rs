@@ -54,7 +54,7 @@ pub async fn apply(client: &kube::Client) -> anyhow::Result<()> {
             .await
             .with_context(|| {
                 format!(
-                    "applying CustomResourceDefinition {name} of release {} (over {}): the controller needs get and patch on it, and a CRD that does not exist yet is installed with the chart",
+                    "applying CustomResourceDefinition {name} of release {} (over {}): the controller needs get and patch on it (the chart's ClusterRole), and one that does not exist yet (a new kind: Helm installs a chart's CRDs only with the release) must be applied first: kubectl apply --server-side -f crds/",
                     caravan_api::RELEASE,
                     theirs.as_deref().unwrap_or("one that names no release")
                 )

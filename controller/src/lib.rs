@@ -287,6 +287,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    // Flags that cannot work together stop the controller before it
+    // changes anything.
+    let stale_policy = stale::Policy::new(
+        config.agent_stale_after_seconds,
+        config.agent_delete_after_seconds,
+    )?;
     if config.apply_crds {
         crds::apply(&client).await?;
     }
@@ -368,11 +374,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let sites = site::SiteReconciler::new(ctx.clone(), stores.clone(), relays, relay_upstream_ca);
     let (stale_ctx, stale_stores) = (ctx.clone(), stores.clone());
-    let stale_policy = stale::Policy {
-        stale_after: Duration::from_secs(config.agent_stale_after_seconds),
-        delete_after: (config.agent_delete_after_seconds > 0)
-            .then(|| Duration::from_secs(config.agent_delete_after_seconds)),
-    };
+
     let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
     let serve = config.serve.clone();
     let app = server::router(server);

@@ -3,7 +3,8 @@
 //! column, and a Warning), and one silent for `--agent-delete-after-seconds`
 //! (when set) is deleted, with a Warning on its Site. An Agent that never
 //! reported counts from its creation; one that never enrolled (declared in
-//! Git ahead of its machine) is never deleted. The next report an agent
+//! Git ahead of its machine) is never deleted, and one not approved
+//! (awaiting approval, or revoked: it cannot report) is left alone. The next report an agent
 //! delivers drops `Stale` (the reports writer owns the conditions it
 //! writes, and writes only its own).
 //!
@@ -46,8 +47,28 @@ pub enum Verdict {
 }
 
 impl Policy {
+    /// The policy the flags say, if it makes sense: Agents are marked stale
+    /// before they are deleted.
+    pub fn new(stale_after_seconds: u64, delete_after_seconds: u64) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            delete_after_seconds == 0 || delete_after_seconds > stale_after_seconds,
+            "--agent-delete-after-seconds {delete_after_seconds} is not longer than --agent-stale-after-seconds {stale_after_seconds}: Agents would be deleted before anyone saw them stale (0 keeps them)"
+        );
+        Ok(Self {
+            stale_after: Duration::from_secs(stale_after_seconds),
+            delete_after: (delete_after_seconds > 0)
+                .then(|| Duration::from_secs(delete_after_seconds)),
+        })
+    }
+
     /// What becomes of `agent` at `now`.
     pub fn judge(&self, agent: &Agent, now: DateTime<Utc>) -> Verdict {
+        // Awaiting approval or revoked: not served, so it cannot report.
+        // Silence says nothing of it, and deleting it would undo a
+        // revocation (it would enroll again).
+        if !agent.spec.approved {
+            return Verdict::Fine;
+        }
         let status = agent.status.as_ref();
         let heard = status
             .and_then(|s| s.last_seen.as_deref())
@@ -146,10 +167,12 @@ async fn mark(
         agent.meta().generation,
     ));
     // Only the conditions: everything else in the status is the reports
-    // writer's, and stays.
+    // writer's, and stays. Guarded by the resourceVersion read: a report
+    // taken meanwhile is not overwritten (the next round looks again).
     let patch = serde_json::json!({
         "apiVersion": Agent::api_version(&()),
         "kind": Agent::kind(&()),
+        "metadata": { "resourceVersion": agent.resource_version() },
         "status": { "conditions": conditions },
     });
     ctx.namespaced::<Agent>(&agent.namespace().unwrap_or_default())
@@ -235,6 +258,18 @@ mod tests {
     }
 
     #[test]
+    fn agents_are_marked_stale_before_they_are_deleted() {
+        assert!(Policy::new(600, 0).is_ok());
+        assert!(Policy::new(600, 601).is_ok());
+        let e = Policy::new(600, 60).unwrap_err().to_string();
+        assert!(
+            e.contains("--agent-delete-after-seconds 60 is not longer"),
+            "{e}"
+        );
+        assert!(Policy::new(600, 600).is_err());
+    }
+
+    #[test]
     fn an_agent_turns_stale_once_and_is_deleted_only_by_policy_and_only_if_enrolled() {
         let now = DateTime::parse_from_rfc3339("2026-12-07T12:00:00Z")
             .unwrap()
@@ -279,6 +314,10 @@ mod tests {
         let mut declared = gone.clone();
         declared.spec.secret_hash.clear();
         assert!(matches!(sweep.judge(&declared, now), Verdict::Stale(_)));
+        // Awaiting approval or revoked: left alone, however silent.
+        let mut revoked = gone.clone();
+        revoked.spec.approved = false;
+        assert_eq!(sweep.judge(&revoked, now), Verdict::Fine);
         // Never reported: counted from its creation.
         let mut silent = agent("a", "hq");
         silent.metadata.creation_timestamp =

@@ -182,9 +182,33 @@ async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_ap
     let log = std::fs::read_to_string(c.dir.join("logs/agent-laptop.log"))?;
     assert!(log.contains("takes it over once approved"), "{log}");
 
-    // Approved: the same Agent, with the new machine's key, and its
-    // software back.
-    c.cli(&["agent", "approve", &name, "-n", &c.namespace])?;
+    // The administrator checks the key the request names against the one
+    // the machine itself logs (a relay passed the request on): a wrong one
+    // is refused, a plain approve does not hand the Agent over.
+    let key_hex = std::fs::read_to_string(state.join("agent-key"))?;
+    let key: [u8; 32] = hex::decode(key_hex.trim())?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("agent-key is 32 bytes"))?;
+    let key_id =
+        caravan_api::signing::key_id(&ed25519_dalek::SigningKey::from_bytes(&key).verifying_key());
+    assert!(log.contains(&format!("key={key_id}")), "{log}");
+    assert!(note.contains(&key_id), "{note}");
+    let approve = |extra: &[&str]| {
+        let mut args = vec!["agent", "approve", &name, "-n", &c.namespace];
+        args.extend(extra);
+        c.cli(&args)
+    };
+    let wrong = approve(&["--replacement", "0000000000000000"]);
+    assert!(format!("{:#}", wrong.unwrap_err()).contains(&format!("has key {key_id}")));
+    approve(&[])?;
+    let kept = c.api::<Agent>().get(&name).await?;
+    assert_eq!(
+        kept.spec.public_key, before.spec.public_key,
+        "not handed over"
+    );
+    // Approved with it: the same Agent, with the new machine's key, and
+    // its software back.
+    approve(&["--replacement", &key_id])?;
     wait_for("hello to be installed again", T, || async {
         Ok(root.join("hello").exists().then_some(()))
     })

@@ -48,22 +48,9 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
     assert!(c.agents[0].install_root.join("hello/bin/hello").exists());
 
     // An upgrade of the release goes through too.
-    let kubeconfig = c.cluster.kubeconfig.display().to_string();
-    let chart = repo_root().join("charts/caravan").display().to_string();
     let mut values: serde_json::Value = serde_json::from_str(HELM_TEST_VALUES)?;
     values["relay"] = serde_json::json!({"image": {"repository": "registry.example/caravan-relay", "tag": "test"}});
-    let values = values.to_string();
-    helm(&[
-        "upgrade",
-        "caravan",
-        &chart,
-        "--namespace",
-        HELM_NAMESPACE,
-        "--kubeconfig",
-        &kubeconfig,
-        "--set-json",
-        &values,
-    ])?;
+    upgrade(&c, &values)?;
     let d = Api::<Deployment>::namespaced(c.client(), HELM_NAMESPACE)
         .get("caravan")
         .await?;
@@ -98,6 +85,81 @@ async fn the_chart_installs_a_controller_whose_rbac_runs_the_whole_pipeline() ->
         ("9.0.0".to_string(), false),
         "a newer release's CRD is not rolled back"
     );
+    Ok(())
+}
+
+/// `helm upgrade` of the test's release of `charts/caravan` to `values`.
+fn upgrade(c: &Caravan, values: &serde_json::Value) -> anyhow::Result<String> {
+    let chart = repo_root().join("charts/caravan").display().to_string();
+    helm(&[
+        "upgrade",
+        "caravan",
+        &chart,
+        "--namespace",
+        HELM_NAMESPACE,
+        "--kubeconfig",
+        &c.cluster.kubeconfig.display().to_string(),
+        "--set-json",
+        &values.to_string(),
+    ])
+}
+
+/// A broken upgrade undone: `helm upgrade` to values the controller refuses
+/// at start (Agents deleted before they turn stale), so the new controller
+/// does not come up; `helm rollback` brings the release back, the
+/// controller starts as before and everything goes on, nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_upgrade_is_undone_by_helm_rollback() -> anyhow::Result<()> {
+    let mut c = Caravan::start_with(
+        "fleet",
+        Options {
+            install: Install::Helm,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (repo, _) = c.hello_installed("agent-1").await?;
+    let before = c.agent_of("agent-1").await?;
+    let kubeconfig = c.cluster.kubeconfig.display().to_string();
+    let mut broken: serde_json::Value = serde_json::from_str(HELM_TEST_VALUES)?;
+    broken["agents"] = serde_json::json!({"deleteAfterSeconds": 60});
+    let out = upgrade(&c, &broken)?;
+    assert!(out.contains("revision 2"), "{out}");
+    let e = c.restart_controller_from_deployment().await.unwrap_err();
+    assert!(
+        format!("{e:#}").contains("--agent-delete-after-seconds 60 is not longer"),
+        "{e:#}"
+    );
+    let out = helm(&[
+        "rollback",
+        "caravan",
+        "--namespace",
+        HELM_NAMESPACE,
+        "--kubeconfig",
+        &kubeconfig,
+    ])?;
+    assert!(out.contains("revision 3"), "{out}");
+    c.restart_controller_from_deployment().await?;
+    // As before: the same Agent, its job still succeeded, and the next
+    // commit goes through (hello leaves the fleet, and the endpoint).
+    let after = c.agent_of("agent-1").await?;
+    assert_eq!(after.metadata.uid, before.metadata.uid);
+    c.wait_job(
+        "hello-everywhere",
+        "Succeeded",
+        "1/1",
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    repo.remove("fleet/job.yaml")?;
+    repo.commit("hello leaves the fleet")?;
+    let hello = c.agents[0].install_root.join("hello");
+    caravan_tests::wait_for(
+        "hello to be removed",
+        std::time::Duration::from_secs(60),
+        || async { Ok((!hello.exists()).then_some(())) },
+    )
+    .await?;
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub fn limiter(per_second: u32) -> EnrollmentLimiter {
 const USE_ATTEMPTS: usize = 8;
 
 /// Checks the bootstrap token an agent presented at `site` and, if `count`,
-/// counts its use; returns its id. A refusal is also a Warning Event on the
+/// counts its use (else a used-up token will do); returns its id. A refusal is also a Warning Event on the
 /// Site (reason `BootstrapToken…`, one per kind of refusal).
 async fn admit(
     s: &AppState,
@@ -82,11 +82,11 @@ async fn admit(
             return Err(refuse(TokenRefusal::Unknown(token.id.clone())).await);
         };
         let now = chrono::Utc::now();
-        if let Err(r) = record.admits(&token, site, uid, now) {
-            return Err(refuse(r).await);
-        }
-        if !count {
-            return Ok(token.id);
+        match record.admits(&token, site, uid, now) {
+            // A machine known already takes no use, and needs none left.
+            Err(TokenRefusal::UsedUp { .. }) | Ok(()) if !count => return Ok(token.id),
+            Err(r) => return Err(refuse(r).await),
+            Ok(()) => {}
         }
         // Counted with the object's resourceVersion: two enrollments racing
         // for the last use cannot both have it.
@@ -165,8 +165,13 @@ pub async fn enroll(
     let other_machine = existing
         .as_ref()
         .filter(|a| !a.spec.secret_hash.is_empty() && a.spec.secret_hash != secret_hash);
-    // A machine asking again to take an Agent over, as it asked before:
-    // its token is checked, not counted (it asks until it is approved).
+    // Uses of a bootstrap token count machines joining: a machine the
+    // Agent knows (enrolling again: a lost credential, a move, a restore, a
+    // handover approved) or one asking again to take it over, as it asked
+    // before, takes none (its token is still checked).
+    let known = existing
+        .as_ref()
+        .is_some_and(|a| a.spec.secret_hash == secret_hash);
     let asked_already = other_machine.is_some_and(|a| {
         a.spec
             .replacement
@@ -179,7 +184,7 @@ pub async fn enroll(
         &site,
         site_obj.as_ref(),
         &forwarded.bootstrap_token,
-        !asked_already,
+        !(known || asked_already),
     )
     .await?;
     // New agents of a site that requires approval wait for it, and so do
@@ -429,42 +434,61 @@ async fn replacement(
         hostname: req.hostname.clone(),
         requested: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
-    let again = agent.spec.replacement.as_ref().is_some_and(|r| {
-        (&r.secret_hash, &r.public_key) == (&asked.secret_hash, &asked.public_key)
-    });
-    if !again {
-        // Guarded by the resourceVersion read: an approval meanwhile is
-        // not undone.
-        let patch = serde_json::json!({
-            "metadata": { "resourceVersion": agent.resource_version() },
-            "spec": { "replacement": asked },
-        });
-        let api = s
-            .ctx
-            .namespaced::<Agent>(&agent.namespace().unwrap_or_default());
-        if let Err(e) = api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            return kube_error(e);
+    let key_id = |key: &str| {
+        caravan_api::signing::parse_public(key)
+            .map_or_else(|_| "?".into(), |k| caravan_api::signing::key_id(&k))
+    };
+    match &agent.spec.replacement {
+        // Asked again: nothing new to record.
+        Some(r) if (&r.secret_hash, &r.public_key) == (&asked.secret_hash, &asked.public_key) => {}
+        // Another machine's request is pending: it is not replaced unseen
+        // (a relay, or anyone with a token, could otherwise put its own key
+        // in the place of the one the administrator checked).
+        Some(r) => {
+            return conflict(format!(
+                    "another machine's request to take Agent {name} over is pending (host {}, key {}, {}): it must be approved or discarded first",
+                r.hostname,
+                key_id(&r.public_key),
+                r.requested
+            ))
         }
-        tracing::warn!(agent = %name, host = %req.hostname, %site, "another machine asks to take the agent over");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "ReplacementRequested".into(),
-            note: Some(format!(
-                "a machine (host {}) enrolled under host ID {host_id} with another secret: it takes this Agent over once approved (caravan agent approve {name}); this Agent's machine goes on as before until then",
-                req.hostname
-            )),
-            action: "Enroll".into(),
-            secondary: None,
-        };
-        s.ctx.publish(&event, agent).await;
+        None => {
+            // Guarded by the resourceVersion read: an approval meanwhile is
+            // not undone.
+            let patch = serde_json::json!({
+                "metadata": { "resourceVersion": agent.resource_version() },
+                "spec": { "replacement": asked },
+            });
+            let api = s
+                .ctx
+                .namespaced::<Agent>(&agent.namespace().unwrap_or_default());
+            if let Err(e) = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                return kube_error(e);
+            }
+            let key = key_id(&asked.public_key);
+            tracing::warn!(agent = %name, host = %req.hostname, %site, %key, "another machine asks to take the agent over");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ReplacementRequested".into(),
+                note: Some(format!(
+                    "a machine (host {}, key {key}) enrolled under host ID {host_id} with another secret: it takes this Agent over once approved (check the key against that machine's log, then caravan agent approve {name} --replacement {key}); this Agent's machine goes on as before until then",
+                    req.hostname
+                )),
+                action: "Enroll".into(),
+                secondary: None,
+            };
+            s.ctx.publish(&event, agent).await;
+        }
     }
     ApiError::new(
         StatusCode::FORBIDDEN,
         format!(
-            "host ID {host_id} is enrolled already as Agent {name} with another secret: this machine takes it over once approved (caravan agent approve {name}), and asks again until then; or restore the machine's state directory"
+            "host ID {host_id} is enrolled already as Agent {name} with another secret: this machine (key {}) takes it over once approved (caravan agent approve {name} --replacement {}), and asks again until then; or restore the machine's state directory",
+            key_id(&asked.public_key),
+            key_id(&asked.public_key)
         ),
     )
 }

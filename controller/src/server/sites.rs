@@ -261,7 +261,7 @@ async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envel
         conditions::version_supported(
             caravan_api::RELEASE,
             caravan_api::skew::Component::Agent,
-            Some(&report.version),
+            Some(report.version.as_str()).filter(|v| v.len() <= caravan_api::skew::MAX_VERSION_LEN),
             generation,
         ),
     ];
@@ -273,8 +273,14 @@ async fn report(s: &AppState, ns: &str, site: &str, name: &str, envelope: &Envel
             &report.facts,
         )
     });
+    // Bounded as a release said in a header is.
+    let version: String = report
+        .version
+        .chars()
+        .take(caravan_api::skew::MAX_VERSION_LEN)
+        .collect();
     let status = AgentStatus {
-        version: Some(report.version),
+        version: Some(version),
         os: Some(report.os),
         arch: Some(report.arch),
         last_seen: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),

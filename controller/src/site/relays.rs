@@ -155,7 +155,14 @@ impl RelayContacts {
             self.poke(site);
         }
         if let Some(p) = &self.presence {
-            let every = if news { Duration::ZERO } else { PUBLISH_EVERY };
+            // A new release is news for the other replicas, but no more
+            // often than figures are (two relays of a site on different
+            // releases during a rollout take turns).
+            let every = if news {
+                PUBLISH_STATS_EVERY
+            } else {
+                PUBLISH_EVERY
+            };
             p.publish(site, &heard, every);
         }
     }

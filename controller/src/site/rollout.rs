@@ -2,14 +2,13 @@
 //! Deployment that runs another image than the controller's (an upgrade,
 //! or a rollback) is moved to it only while no other site's relay is on its
 //! way there; the next moves once that one's Deployment has rolled out and
-//! its relay is back, connected and of a release the controller works
-//! with. A relay that does not come back holds the rest, each Site saying
+//! its relay is back: connected, and saying the controller's release (the
+//! controller's relay image is of its release). A relay that does not come back holds the rest, each Site saying
 //! which it waits for (an Event). Sites that name their own image
 //! (`spec.relay.image`) are theirs to move.
 
 use std::collections::{HashMap, HashSet};
 
-use caravan_api::skew::Component;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::reflector::ObjectRef;
 
@@ -23,8 +22,12 @@ pub fn rolled_out(d: &Deployment) -> bool {
         return false;
     };
     let want = spec.replicas.unwrap_or(1);
+    let updated = status.updated_replicas.unwrap_or(0);
     status.observed_generation >= d.metadata.generation
-        && status.updated_replicas.unwrap_or(0) >= want
+        && updated >= want
+        // No pod of the old spec left (during a rolling update the old
+        // pods are still counted, and available).
+        && status.replicas.unwrap_or(0) <= updated
         && status.available_replicas.unwrap_or(0) >= want
 }
 
@@ -128,8 +131,8 @@ impl Rollout {
     }
 
     /// Whether the relay of `site` is back on the controller's image: its
-    /// Deployment rolled out, and the relay connected and of a release the
-    /// controller works with. A Site gone is no longer waited for.
+    /// Deployment rolled out, and the relay connected and saying the
+    /// controller's release. A Site gone is no longer waited for.
     async fn back(
         &self,
         ctx: &Context,
@@ -151,17 +154,13 @@ impl Rollout {
         else {
             return Ok(true);
         };
+        // The relay of the new image is the one talking: it says the
+        // controller's release (the controller's image is of its release).
         let heard = relays.heard(site).await;
-        let supported = caravan_api::skew::check(
-            caravan_api::RELEASE,
-            Component::Relay,
-            heard.version.as_deref(),
-        )
-        .is_ok();
         Ok(rolled_out(&d)
             && image_of(&d).as_deref() == Some(ctx.config.relay_image.as_str())
             && heard.connected()
-            && supported)
+            && heard.version.as_deref() == Some(caravan_api::RELEASE))
     }
 }
 
@@ -194,6 +193,12 @@ mod tests {
         assert!(rolled_out(&deployment(3, 3, 2, 2)));
         assert!(!rolled_out(&deployment(3, 2, 2, 2)), "spec not seen yet");
         assert!(!rolled_out(&deployment(3, 3, 2, 1)), "one replica to go");
+        let mut surge = deployment(3, 3, 1, 1);
+        surge.status.as_mut().unwrap().replicas = Some(2);
+        assert!(
+            !rolled_out(&surge),
+            "the old pod still runs beside the new one"
+        );
         let mut fresh = deployment(1, 1, 1, 1);
         fresh.status = None;
         assert!(!rolled_out(&fresh), "no status: nothing runs");

@@ -55,6 +55,9 @@ pub struct Caravan {
     pub controller: Proc,
     /// How the controller was started: arguments and environment.
     controller_cmd: (Vec<String>, Vec<(String, String)>),
+    /// The flags the harness sets over the Deployment's (its node's
+    /// addresses and directories, the tests' timings).
+    controller_flags: Vec<(String, String)>,
     pub api_url: String,
     pub upload_token: String,
     pub relays: Vec<Proc>,
@@ -109,6 +112,16 @@ pub struct Options {
     /// Relays reach the controller through a [`Service`] (to which
     /// [`Caravan::start_replica`] adds its replica), not at its own port.
     pub service: bool,
+}
+
+/// The controller's arguments on the harness's node: the Deployment's,
+/// with `flags` set over them (JSON logs off: the tests read them).
+fn node_args(args: Vec<String>, flags: &[(String, String)]) -> Vec<String> {
+    let flags: Vec<(&str, String)> = flags.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    override_args(args, &flags)
+        .into_iter()
+        .filter(|a| a != "--log-json")
+        .collect()
 }
 
 /// Starts the controller and waits until it answers.
@@ -290,8 +303,11 @@ impl Caravan {
                 ("--relay-upstream-ca-file", tls.ca.display().to_string()),
             ]);
         }
-        let args = override_args(args, &flags);
-        let args: Vec<String> = args.into_iter().filter(|a| a != "--log-json").collect();
+        let controller_flags: Vec<(String, String)> = flags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let args = node_args(args, &controller_flags);
         let upload_token = env
             .iter()
             .find(|(k, _)| k == "CARAVAN_UPLOAD_TOKEN")
@@ -325,6 +341,7 @@ impl Caravan {
         };
         Ok(Self {
             controller_cmd: (args, env),
+            controller_flags,
             tls,
             agent_args: vec!["--trust-root-sha256".into(), root],
             agent_env: Default::default(),
@@ -378,8 +395,72 @@ impl Caravan {
         &mut self,
         flags: &[(&str, String)],
     ) -> anyhow::Result<()> {
+        for (flag, value) in flags {
+            self.controller_flags.retain(|(f, _)| f != flag);
+            self.controller_flags
+                .push((flag.to_string(), value.clone()));
+        }
         self.controller_cmd.0 = override_args(std::mem::take(&mut self.controller_cmd.0), flags);
         self.restart_controller().await
+    }
+
+    /// Kills the controller and starts it as the chart's Deployment says
+    /// now (after a `helm upgrade` or `rollback`), as the kubelet would roll
+    /// its pod. `Err` with the controller's last words if it does not come up.
+    pub async fn restart_controller_from_deployment(&mut self) -> anyhow::Result<()> {
+        let (args, env) = self
+            .cluster
+            .container_command(
+                HELM_NAMESPACE,
+                "caravan",
+                &self.dir.join("node/controller"),
+                &self.dir.join("claims"),
+            )
+            .await?;
+        let kept: Vec<(String, String)> = self
+            .controller_cmd
+            .1
+            .iter()
+            .filter(|(k, _)| k == "KUBECONFIG" || k == "RUST_LOG")
+            .cloned()
+            .collect();
+        self.controller_cmd = (
+            node_args(args, &self.controller_flags),
+            env.into_iter().chain(kept).collect(),
+        );
+        self.controller.kill();
+        let (args, env) = &self.controller_cmd;
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.controller = Proc::spawn(
+            "controller",
+            &bin("caravan-controller")?,
+            &argv,
+            env,
+            &self.dir,
+        )?;
+        let healthz = format!("{}/healthz", self.api_url);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.controller.exit_status() {
+                // What it said before it stopped (a backtrace may follow).
+                let log = std::fs::read_to_string(&self.controller.log).unwrap_or_default();
+                let said = log.lines().rev().find(|l| l.starts_with("Error: "));
+                anyhow::bail!(
+                    "the controller stopped ({status}): {}",
+                    said.map_or_else(|| self.controller.log_tail(20), String::from)
+                );
+            }
+            let up = http().get(&healthz).send().await;
+            if up.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the controller did not answer within 60 s: {}",
+                self.controller.log_tail(5)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Kills the controller (SIGKILL) and starts it again, as it was.
