@@ -372,6 +372,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         interval: Duration::from_secs(config.blob_gc_interval_seconds.max(1)),
         grace: Duration::from_secs(config.blob_grace_seconds),
     };
+    let stale_relays = relays.clone();
     let sites = site::SiteReconciler::new(ctx.clone(), stores.clone(), relays, relay_upstream_ca);
     let (stale_ctx, stale_stores) = (ctx.clone(), stores.clone());
 
@@ -393,7 +394,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tokio::try_join!(
                         gitsources.run(git_sync_triggers, shutdown.clone()),
                         sites.run(relay_triggers, shutdown.clone()),
-                        stale::run(stale_ctx, stale_stores, stale_policy, shutdown),
+                        stale::run(
+                            stale_ctx,
+                            stale_stores,
+                            stale_relays,
+                            stale_policy,
+                            shutdown
+                        ),
                     )
                     .map(|_| ())
                 }

@@ -1,7 +1,8 @@
 //! Agents nobody hears from: one that has not reported for
 //! `--agent-stale-after-seconds` gets `Stale=True` (a condition and a
 //! column, and a Warning), and one silent for `--agent-delete-after-seconds`
-//! (when set) is deleted, with a Warning on its Site. An Agent that never
+//! (when set) is deleted, with a Warning on its Site, while its site's relay
+//! is connected (behind a relay that is away, silence says nothing). An Agent that never
 //! reported counts from its creation; one that never enrolled (declared in
 //! Git ahead of its machine) is never deleted, and one not approved
 //! (awaiting approval, or revoked: it cannot report) is left alone. The next report an agent
@@ -25,7 +26,7 @@ use kube::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Context, field_managers, stores::Stores};
+use crate::{context::Context, field_managers, site::RelayContacts, stores::Stores};
 
 /// When Agents turn stale and are deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +87,7 @@ impl Policy {
         if enrolled && self.delete_after.is_some_and(|d| silent > d) {
             return Verdict::Delete(heard);
         }
-        let marked = status.is_some_and(|s| conditions::is_true(&s.conditions, conditions::STALE));
-        if silent > self.stale_after && !marked {
+        if silent > self.stale_after && !marked(agent) {
             return Verdict::Stale(heard);
         }
         Verdict::Fine
@@ -103,10 +103,19 @@ impl Policy {
     }
 }
 
+/// Whether `agent` is marked stale already.
+fn marked(agent: &Agent) -> bool {
+    agent
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, conditions::STALE))
+}
+
 /// Looks at every Agent each [`Policy::interval`] until shutdown.
 pub async fn run(
     ctx: Arc<Context>,
     stores: Stores,
+    relays: Arc<RelayContacts>,
     policy: Policy,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -125,7 +134,21 @@ pub async fn run(
             let outcome = match policy.judge(&agent, now) {
                 Verdict::Fine => continue,
                 Verdict::Stale(heard) => mark(&ctx, &agent, heard, &policy).await,
-                Verdict::Delete(heard) => delete(&ctx, &stores, &agent, heard).await,
+                // Behind a relay that is away, silence says nothing of the
+                // agents: they are kept until it is back.
+                Verdict::Delete(heard) => {
+                    let site = (
+                        agent.namespace().unwrap_or_default(),
+                        agent.spec.site.clone(),
+                    );
+                    if relays.heard(&site).await.connected() {
+                        delete(&ctx, &stores, &agent, heard).await
+                    } else if marked(&agent) {
+                        continue;
+                    } else {
+                        mark(&ctx, &agent, heard, &policy).await
+                    }
+                }
             };
             if let Err(e) = outcome {
                 tracing::warn!(agent = %agent.name_any(), error = %e, "stale agent not handled; next round");

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use caravan_api::{images, RELEASE};
-use caravan_tests::{wait_for, Caravan};
+use caravan_tests::{metric, wait_for, Caravan};
 use k8s_openapi::api::apps::v1::Deployment;
 
 const T: Duration = Duration::from_secs(90);
@@ -72,7 +72,20 @@ async fn a_new_controller_moves_the_relays_to_its_image_one_site_at_a_time() -> 
     // second still waits, and says for whom.
     c.wait_event("Normal", second, "RelayUpgradeWaiting", first)
         .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A controller that starts again meanwhile (a new leader) finds the
+    // relay on its way in the cluster, and waits for it too: once it has
+    // looked at both Sites, the second still runs the old image.
+    c.restart_controller().await?;
+    wait_for("the new controller to look at both Sites", T, || async {
+        let done = metric(
+            &c.api_url,
+            r#"caravan_reconciles_total{kind="Site",result="ok"}"#,
+        )
+        .await
+        .unwrap_or(0.0);
+        Ok((done >= 2.0).then_some(()))
+    })
+    .await?;
     let still = images_of(&c).await?;
     assert!(
         still.0 == old || still.1 == old,

@@ -105,8 +105,15 @@ impl Rollout {
             }
             Some(image) => image,
         };
-        if let Some(other) = moving.clone().filter(|other| other != site) {
+        // The site moving, as this process knows it or, after a restart or
+        // a change of leader, as the cluster shows it.
+        let other = match moving.clone() {
+            Some(other) => Some(other).filter(|other| other != site),
+            None => self.moving_in_cluster(ctx, stores, relays, site).await?,
+        };
+        if let Some(other) = other {
             if !self.back(ctx, stores, relays, &other).await? {
+                *moving = Some(other.clone());
                 self.held
                     .lock()
                     .expect("lock poisoned")
@@ -120,6 +127,47 @@ impl Rollout {
         *moving = Some(site.clone());
         self.held.lock().expect("lock poisoned").remove(site);
         Ok(Step::Moving { from })
+    }
+
+    /// A site other than `except` whose relay Deployment runs the
+    /// controller's image and is not back yet: one a controller before this
+    /// one moved (only looked for when this process knows of none).
+    async fn moving_in_cluster(
+        &self,
+        ctx: &Context,
+        stores: &Stores,
+        relays: &RelayContacts,
+        except: &SiteKey,
+    ) -> Result<Option<SiteKey>, Error> {
+        let relay_objects = kube::api::ListParams::default()
+            .labels(&format!("{}=relay", caravan_api::labels::COMPONENT));
+        let deployments = ctx.all::<Deployment>().list(&relay_objects).await?;
+        for d in deployments.items {
+            let ns = d.metadata.namespace.clone().unwrap_or_default();
+            let Some(name) = d
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(caravan_api::labels::SITE))
+            else {
+                continue;
+            };
+            let key: SiteKey = (ns, name.clone());
+            let own_image = stores
+                .sites
+                .get(&ObjectRef::new(&key.1).within(&key.0))
+                .is_some_and(|s| s.spec.relay.image.is_some());
+            if key == *except
+                || own_image
+                || image_of(&d).as_deref() != Some(ctx.config.relay_image.as_str())
+            {
+                continue;
+            }
+            if !self.back(ctx, stores, relays, &key).await? {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
     }
 
     /// Records the image `site`'s relay Deployment was applied with.
