@@ -119,10 +119,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     ))));
                 }
                 match enroll::enroll(&config, &agent.state, &mut agent.client).await {
-                    Ok(()) => etag = None,
+                    // (A pause all the same: a relay that keeps saying 410
+                    // does not get a loop of enrollments.)
+                    Ok(()) => {
+                        etag = None;
+                        tokio::time::sleep(config.retry_after.max(Duration::from_secs(1))).await;
+                    }
                     Err(e) if config.once => return Err(e),
                     Err(e) => {
-                        let pause = config.retry_after * 10;
+                        let pause = (config.retry_after * 10).max(Duration::from_secs(60));
                         tracing::error!(error = format!("{e:#}"), retry_in = ?pause, "this endpoint's Agent was deleted and enrolling again failed; give it a new bootstrap token");
                         tokio::time::sleep(pause).await;
                     }

@@ -58,6 +58,10 @@ pub enum AgentCommand {
         /// its own key in it).
         #[arg(long, value_name = "KEY_ID")]
         replacement: Option<String>,
+        /// Approve the Agent's current machine although another asks to take
+        /// it over (that request stays pending).
+        #[arg(long, conflicts_with = "replacement")]
+        keep_current: bool,
     },
     /// Cut an agent off: its relay turns it away at its next request, and it
     /// keeps what it has installed. `approve` lets it back in. (Deleting
@@ -71,13 +75,14 @@ pub enum AgentCommand {
 }
 
 pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
-    let (name, namespace, approved, checked) = match command {
+    let (name, namespace, approved, checked, keep_current) = match command {
         AgentCommand::Approve {
             name,
             namespace,
             replacement,
-        } => (name, namespace, true, replacement),
-        AgentCommand::Revoke { name, namespace } => (name, namespace, false, None),
+            keep_current,
+        } => (name, namespace, true, replacement, keep_current),
+        AgentCommand::Revoke { name, namespace } => (name, namespace, false, None, false),
     };
     let agents: Api<Agent> = namespaced(namespace).await?;
     let agent = agents
@@ -90,7 +95,6 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
         (r, key)
     });
     let handover = match (&pending, checked) {
-        (_, None) => None,
         (Some((r, key)), Some(checked)) if *key == checked => Some(*r),
         (Some((r, key)), Some(checked)) => anyhow::bail!(
             "the machine asking to take Agent {name} over (host {}, {}) has key {key}, not {checked}: do not approve it unless that machine's log says {key}",
@@ -98,13 +102,14 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
             r.requested
         ),
         (None, Some(_)) => anyhow::bail!("no machine asks to take Agent {name} over"),
+        // An approval while a handover waits is one or the other, said.
+        (Some((r, key)), None) if approved && !keep_current => anyhow::bail!(
+            "a machine asks to take Agent {name} over (host {}, {}, key {key}): hand it over with --replacement {key} once that machine's log shows that key, or approve the current machine with --keep-current",
+            r.hostname,
+            r.requested
+        ),
+        _ => None,
     };
-    if let (Some((r, key)), None, true) = (&pending, &handover, approved) {
-        eprintln!(
-            "note: a machine asks to take Agent {name} over (host {}, {}, key {key}); to hand it over, check the key against that machine's log and run: caravan agent approve {name} --replacement {key}",
-            r.hostname, r.requested
-        );
-    }
     let patch = match handover {
         // Guarded by the resourceVersion read: a newer request to take it
         // over is not approved unseen.

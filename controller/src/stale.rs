@@ -1,8 +1,10 @@
 //! Agents nobody hears from: one that has not reported for
 //! `--agent-stale-after-seconds` gets `Stale=True` (a condition and a
 //! column, and a Warning), and one silent for `--agent-delete-after-seconds`
-//! (when set) is deleted, with a Warning on its Site, while its site's relay
-//! is connected (behind a relay that is away, silence says nothing). An Agent that never
+//! (when set) is deleted, with a Warning on its Site, once it has been that
+//! silent with its site's relay connected: behind a relay that is away (or
+//! was, or since this controller started) silence says nothing, so the
+//! wait starts again from then. An Agent that never
 //! reported counts from its creation; one that never enrolled (declared in
 //! Git ahead of its machine) is never deleted, and one not approved
 //! (awaiting approval, or revoked: it cannot report) is left alone. The next report an agent
@@ -12,7 +14,11 @@
 //! Runs on the leader, over the Agent cache: a write only when an Agent
 //! turns stale or is deleted.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use caravan_api::{
     conditions::{self, reasons},
@@ -26,7 +32,9 @@ use kube::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Context, field_managers, site::RelayContacts, stores::Stores};
+use crate::{
+    context::Context, field_managers, index::SiteKey, site::RelayContacts, stores::Stores,
+};
 
 /// When Agents turn stale and are deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +129,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(policy.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When each site's relay was last seen away: its agents' silence counts
+    // only from then (they could not report), and this process's start
+    // counts as such a time.
+    let mut away: HashMap<SiteKey, Instant> = HashMap::new();
+    let started = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -130,18 +143,34 @@ pub async fn run(
             continue;
         }
         let now = Utc::now();
+        // Whether each site's relay is connected, asked once per round.
+        let mut connected: HashMap<SiteKey, bool> = HashMap::new();
         for agent in stores.agents.state() {
             let outcome = match policy.judge(&agent, now) {
                 Verdict::Fine => continue,
                 Verdict::Stale(heard) => mark(&ctx, &agent, heard, &policy).await,
-                // Behind a relay that is away, silence says nothing of the
-                // agents: they are kept until it is back.
+                // Behind a relay that is away, or was lately, silence says
+                // nothing of the agents: they are kept (marked) until they
+                // have been as silent for as long with their relay there.
                 Verdict::Delete(heard) => {
                     let site = (
                         agent.namespace().unwrap_or_default(),
                         agent.spec.site.clone(),
                     );
-                    if relays.heard(&site).await.connected() {
+                    let up = match connected.get(&site) {
+                        Some(up) => *up,
+                        None => {
+                            let up = relays.heard(&site).await.connected();
+                            connected.insert(site.clone(), up);
+                            up
+                        }
+                    };
+                    if !up {
+                        away.insert(site.clone(), Instant::now());
+                    }
+                    let since = away.get(&site).copied().unwrap_or(started);
+                    let delete_after = policy.delete_after.unwrap_or_default();
+                    if up && since.elapsed() >= delete_after {
                         delete(&ctx, &stores, &agent, heard).await
                     } else if marked(&agent) {
                         continue;

@@ -184,7 +184,8 @@ async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_ap
 
     // The administrator checks the key the request names against the one
     // the machine itself logs (a relay passed the request on): a wrong one
-    // is refused, a plain approve does not hand the Agent over.
+    // is refused, a plain approve is refused (it must say which machine),
+    // and approving the current machine does not hand the Agent over.
     let key_hex = std::fs::read_to_string(state.join("agent-key"))?;
     let key: [u8; 32] = hex::decode(key_hex.trim())?
         .try_into()
@@ -200,7 +201,12 @@ async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_ap
     };
     let wrong = approve(&["--replacement", "0000000000000000"]);
     assert!(format!("{:#}", wrong.unwrap_err()).contains(&format!("has key {key_id}")));
-    approve(&[])?;
+    let plain = format!("{:#}", approve(&[]).unwrap_err());
+    assert!(
+        plain.contains(&format!("--replacement {key_id}")),
+        "{plain}"
+    );
+    approve(&["--keep-current"])?;
     let kept = c.api::<Agent>().get(&name).await?;
     assert_eq!(
         kept.spec.public_key, before.spec.public_key,

@@ -169,9 +169,11 @@ pub async fn enroll(
     // Agent knows (enrolling again: a lost credential, a move, a restore, a
     // handover approved) or one asking again to take it over, as it asked
     // before, takes none (its token is still checked).
+    // (Known: its secret, and a key it proves below. An identity without a
+    // key proves nothing beyond the secret, which relays see.)
     let known = existing
         .as_ref()
-        .is_some_and(|a| a.spec.secret_hash == secret_hash);
+        .is_some_and(|a| a.spec.secret_hash == secret_hash && !a.spec.public_key.is_empty());
     let asked_already = other_machine.is_some_and(|a| {
         a.spec
             .replacement

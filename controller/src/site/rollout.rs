@@ -2,8 +2,8 @@
 //! Deployment that runs another image than the controller's (an upgrade,
 //! or a rollback) is moved to it only while no other site's relay is on its
 //! way there; the next moves once that one's Deployment has rolled out and
-//! its relay is back: connected, and saying the controller's release (the
-//! controller's relay image is of its release). A relay that does not come back holds the rest, each Site saying
+//! its relay is back: it talked after that, so from a pod of the new image,
+//! of a release the controller works with. A relay that does not come back holds the rest, each Site saying
 //! which it waits for (an Event). Sites that name their own image
 //! (`spec.relay.image`) are theirs to move.
 
@@ -57,8 +57,13 @@ pub enum Step {
 
 #[derive(Default)]
 pub struct Rollout {
-    /// The site whose relay was moved last, until it is back.
-    moving: tokio::sync::Mutex<Option<SiteKey>>,
+    /// The site whose relay was moved last, until it is back; `None` until
+    /// this process has looked (it may have started mid-rollout), then
+    /// `Some(None)` while no site is on its way.
+    moving: tokio::sync::Mutex<Option<Option<SiteKey>>>,
+    /// When each moving site's Deployment was first seen rolled out: its
+    /// relay is back once it talks after that (no old pod is left then).
+    rolled_at: std::sync::Mutex<HashMap<SiteKey, chrono::DateTime<chrono::Utc>>>,
     /// The image each site's relay Deployment was last applied with.
     applied: std::sync::Mutex<HashMap<SiteKey, String>>,
     /// Sites held, to look at again once the moving one is back.
@@ -95,8 +100,9 @@ impl Rollout {
             // A new relay, or one on the controller's image already.
             None => return Ok(Step::Current),
             Some(image) if image == *new => {
-                if moving.as_ref() == Some(site) && self.back(ctx, stores, relays, site).await? {
-                    *moving = None;
+                let this = moving.as_ref().and_then(Option::as_ref) == Some(site);
+                if this && self.back(ctx, stores, relays, site).await? {
+                    *moving = Some(None);
                     for held in self.held.lock().expect("lock poisoned").drain() {
                         relays.poke(&held);
                     }
@@ -108,12 +114,12 @@ impl Rollout {
         // The site moving, as this process knows it or, after a restart or
         // a change of leader, as the cluster shows it.
         let other = match moving.clone() {
-            Some(other) => Some(other).filter(|other| other != site),
+            Some(other) => other.filter(|other| other != site),
             None => self.moving_in_cluster(ctx, stores, relays, site).await?,
         };
         if let Some(other) = other {
             if !self.back(ctx, stores, relays, &other).await? {
-                *moving = Some(other.clone());
+                *moving = Some(Some(other.clone()));
                 self.held
                     .lock()
                     .expect("lock poisoned")
@@ -124,7 +130,8 @@ impl Rollout {
                 });
             }
         }
-        *moving = Some(site.clone());
+        *moving = Some(Some(site.clone()));
+        self.rolled_at.lock().expect("lock poisoned").remove(site);
         self.held.lock().expect("lock poisoned").remove(site);
         Ok(Step::Moving { from })
     }
@@ -179,8 +186,8 @@ impl Rollout {
     }
 
     /// Whether the relay of `site` is back on the controller's image: its
-    /// Deployment rolled out, and the relay connected and saying the
-    /// controller's release. A Site gone is no longer waited for.
+    /// Deployment rolled out, and the relay talked since, of a release the
+    /// controller works with. A Site gone is no longer waited for.
     async fn back(
         &self,
         ctx: &Context,
@@ -202,13 +209,31 @@ impl Rollout {
         else {
             return Ok(true);
         };
-        // The relay of the new image is the one talking: it says the
-        // controller's release (the controller's image is of its release).
+        if !rolled_out(&d) || image_of(&d).as_deref() != Some(ctx.config.relay_image.as_str()) {
+            return Ok(false);
+        }
+        // Rolled out: no pod of the old spec is left, so a relay that talks
+        // after that is of the new image (whatever release it says, as long
+        // as the controller works with it: a relay image pinned a release
+        // behind is fine).
+        let rolled_at = *self
+            .rolled_at
+            .lock()
+            .expect("lock poisoned")
+            .entry(site.clone())
+            .or_insert_with(chrono::Utc::now);
         let heard = relays.heard(site).await;
-        Ok(rolled_out(&d)
-            && image_of(&d).as_deref() == Some(ctx.config.relay_image.as_str())
-            && heard.connected()
-            && heard.version.as_deref() == Some(caravan_api::RELEASE))
+        let supported = caravan_api::skew::check(
+            caravan_api::RELEASE,
+            caravan_api::skew::Component::Relay,
+            heard.version.as_deref(),
+        )
+        .is_ok();
+        // (A relay saying the controller's release is of the new image
+        // already: that is the common case, and needs no wait.)
+        let talked_since = heard.version.as_deref() == Some(caravan_api::RELEASE)
+            || heard.last_seen.is_some_and(|t| t > rolled_at);
+        Ok(heard.connected() && supported && talked_since)
     }
 }
 
