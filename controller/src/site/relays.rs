@@ -11,21 +11,23 @@
 //! every [`PUBLISH_EVERY`] per site, and the leader reads the Lease too.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use caravan_api::{v1alpha1::Site, wire::RelayStats};
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::{
+    api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
 use kube::{
     api::{Patch, PatchParams},
     runtime::reflector::{ObjectRef, Store},
 };
 use tokio::sync::mpsc;
 
-use super::workload::{presence_lease, relay_name, RELAY_STATS, RELAY_VERSION};
+use super::workload::relay_name;
 use crate::index::SiteKey;
 
 /// Least time between two writes of one relay's presence by one replica
@@ -33,6 +35,50 @@ use crate::index::SiteKey;
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(30);
 /// Least time between writes when only the relay's figures changed.
 const PUBLISH_STATS_EVERY: Duration = Duration::from_secs(10);
+
+/// Annotation of a relay's presence Lease: what the relay last said about
+/// its cache (JSON).
+const RELAY_STATS: &str = "caravan.dev/relay-stats";
+/// Annotation of a relay's presence Lease: the release it said it is of.
+const RELAY_VERSION: &str = "caravan.dev/relay-version";
+
+/// The relay's presence: the replica that served it last (`holderIdentity`)
+/// at `now` (`renewTime`), with what it said about its cache and release.
+fn presence_lease(
+    site: &Site,
+    owner: &OwnerReference,
+    replica: &str,
+    heard: &Heard,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Lease {
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
+    };
+    let mut metadata = super::workload::meta(site, owner);
+    let annotations: BTreeMap<String, String> = [
+        (
+            RELAY_STATS,
+            heard
+                .stats
+                .as_ref()
+                .and_then(|s| serde_json::to_string(s).ok()),
+        ),
+        (RELAY_VERSION, heard.version.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?)))
+    .collect();
+    metadata.annotations = (!annotations.is_empty()).then_some(annotations);
+    Lease {
+        metadata,
+        spec: Some(LeaseSpec {
+            holder_identity: Some(replica.to_string()),
+            renew_time: Some(MicroTime(now)),
+            lease_duration_seconds: Some(RELAY_STALE_SECONDS as i32),
+            ..Default::default()
+        }),
+    }
+}
 
 /// Writes relays' presence Leases for this replica.
 pub struct Presence {

@@ -1,8 +1,7 @@
 //! The objects a Site's relay runs as, built as typed `k8s-openapi` values by
 //! pure functions: a Secret with the relay's credentials, a Deployment and a
 //! Service, all named `<site>-relay` and owned by the Site (garbage-collected
-//! with it) — and the Lease in which the controller's replicas record when
-//! the relay last talked to them.
+//! with it).
 
 use std::collections::BTreeMap;
 
@@ -49,50 +48,6 @@ const REGISTRY_AUTH_DIR: &str = "/etc/caravan/registry";
 /// The non-root user the relay runs as.
 const RELAY_UID: i64 = 65532;
 
-/// Annotation of a relay's presence Lease: what the relay last said about
-/// its cache (JSON).
-pub const RELAY_STATS: &str = "caravan.dev/relay-stats";
-/// Annotation of a relay's presence Lease: the release it said it is of.
-pub const RELAY_VERSION: &str = "caravan.dev/relay-version";
-
-/// The relay's presence: the replica that served it last (`holderIdentity`)
-/// at `now` (`renewTime`), with what it said about its cache and release.
-pub fn presence_lease(
-    site: &Site,
-    owner: &OwnerReference,
-    replica: &str,
-    heard: &super::relays::Heard,
-    now: k8s_openapi::jiff::Timestamp,
-) -> k8s_openapi::api::coordination::v1::Lease {
-    use k8s_openapi::{
-        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
-    };
-    let mut metadata = meta(site, owner);
-    let annotations: BTreeMap<String, String> = [
-        (
-            RELAY_STATS,
-            heard
-                .stats
-                .as_ref()
-                .and_then(|s| serde_json::to_string(s).ok()),
-        ),
-        (RELAY_VERSION, heard.version.clone()),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| Some((k.to_string(), v?)))
-    .collect();
-    metadata.annotations = (!annotations.is_empty()).then_some(annotations);
-    k8s_openapi::api::coordination::v1::Lease {
-        metadata,
-        spec: Some(LeaseSpec {
-            holder_identity: Some(replica.to_string()),
-            renew_time: Some(MicroTime(now)),
-            lease_duration_seconds: Some(super::RELAY_STALE_SECONDS as i32),
-            ..Default::default()
-        }),
-    }
-}
-
 /// Name shared by a site's relay Deployment, Service and Secret.
 pub fn relay_name(site: &str) -> String {
     format!("{site}-relay")
@@ -130,7 +85,8 @@ pub struct RelayCredentials {
     pub tls: (String, String),
 }
 
-fn meta(site: &Site, owner: &OwnerReference) -> ObjectMeta {
+/// The metadata of every object of `site`'s relay.
+pub(super) fn meta(site: &Site, owner: &OwnerReference) -> ObjectMeta {
     ObjectMeta {
         name: Some(relay_name(&site.name_any())),
         namespace: site.namespace(),
