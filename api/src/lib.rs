@@ -2,6 +2,7 @@
 //! condition types and reasons, label keys, and the wire types of the
 //! distribution API spoken between controller, relays and agents.
 
+pub mod backup;
 pub mod conditions;
 pub mod digest;
 pub mod facts;
@@ -37,6 +38,24 @@ pub mod images {
     }
 }
 
+/// Field managers of everything the controller writes with server-side
+/// apply (and `caravan restore`, which writes a restored status as
+/// [`field_managers::APPLY`], so the controller's first status write takes
+/// it over as it takes over an earlier release's).
+pub mod field_managers {
+    /// Objects applied from Git, and the relay workloads of Sites.
+    pub const APPLY: &str = "caravan";
+    /// Status the controller computes. A manager of its own: what it owns is
+    /// exactly the last status it wrote, so a list the computed status no
+    /// longer holds (a job's failures) is removed, not left behind.
+    pub const STATUS: &str = "caravan-status";
+    /// Agent status written from the agents' reports.
+    pub const REPORTS: &str = "caravan-reports";
+    /// An Agent's `Stale` condition (`crate::stale`); its next report takes
+    /// the conditions back.
+    pub const STALE: &str = "caravan-stale";
+}
+
 /// Label keys and annotations Caravan sets.
 pub mod labels {
     /// Set on every object applied from a GitSource: `<gitsource name>`.
@@ -61,9 +80,25 @@ pub mod labels {
     /// Label (value `"true"`) a Secret must carry for the controller to read
     /// it as a GitSource's credentials or signing keys.
     pub const GIT_CREDENTIALS: &str = "caravan.dev/git-credentials";
+    /// Annotation on a Site restored from a backup (`caravan restore`): the
+    /// UID it had when it was first created, which its relay's credential
+    /// and its bootstrap tokens are bound to ([`crate::original_uid`]).
+    pub const ORIGINAL_UID: &str = "caravan.dev/original-uid";
     /// Annotation on each CRD: the release that wrote it. A controller
     /// never applies its CRDs over those of a newer release.
     pub const CRD_RELEASE: &str = "caravan.dev/release";
+}
+
+/// The UID an object was first created with: its
+/// [`labels::ORIGINAL_UID`] when a restore recreated it, else its own. What
+/// is bound to a Site (its relay's credential, its bootstrap tokens) is
+/// bound to this, so that it outlives a restore but not the Site's deletion.
+pub fn original_uid(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(labels::ORIGINAL_UID))
+        .or(meta.uid.as_ref())
+        .map_or("", String::as_str)
 }
 
 /// Directories (relative to the repository root) holding the generated CRDs.

@@ -50,6 +50,15 @@ fn releases_behind(ours: &Version, theirs: &Version) -> i128 {
     }
 }
 
+/// Whether `theirs` is of a later release than `ours` (one that does not
+/// parse counts as later: nothing is taken from it).
+pub fn later_release(theirs: &str, ours: &str) -> bool {
+    match (Version::parse(theirs), Version::parse(ours)) {
+        (Ok(t), Ok(o)) => releases_behind(&o, &t) < 0,
+        _ => true,
+    }
+}
+
 /// Why a component is outside the window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Skew {
@@ -122,6 +131,19 @@ mod tests {
 
     fn upgrade(controller: &str, c: Component, theirs: Option<&str>) -> Option<Upgrade> {
         check(controller, c, theirs).err().map(|s| s.upgrade)
+    }
+
+    #[test]
+    fn a_later_release_is_a_later_minor_while_the_major_is_0() {
+        use super::later_release;
+        assert!(later_release("0.3.0", "0.2.5"));
+        assert!(
+            !later_release("0.2.5", "0.2.0"),
+            "a patch is the same release"
+        );
+        assert!(!later_release("0.1.0", "0.2.0"));
+        assert!(later_release("1.0.0", "0.9.0"));
+        assert!(later_release("garbage", "0.2.0"));
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! | `GET  /v1/blobs/sha256:<hex>` | relay token | blob bytes, `Range` + `If-Range` |
 //! | `GET  /v1/uploads/sha256:<hex>` | upload token | → [`UploadState`] |
 //! | `PUT  /v1/blobs/sha256:<hex>` | upload token | blob bytes (digest verified; `Content-Range` resumes) |
+//! | `GET  /v1/backup` | backup token | → the data of a backup, a tar ([`crate::backup`]) |
+//! | `GET  /v1/restore` | backup token | → [`RestoreState`] |
+//! | `PUT  /v1/restore` | backup token | the data of a backup, a tar → [`RestoreState`]; then the controller restarts |
 //!
 //! Relay ⇄ agent (and child relay):
 //!
@@ -82,6 +85,12 @@ pub mod paths {
     pub const RENEW: &str = "/v1/renew";
     /// Relay: the agent's own desired state (agent token).
     pub const DESIRED: &str = "/v1/desired";
+    /// Controller: the data of a backup (backup token).
+    pub const BACKUP: &str = "/v1/backup";
+    /// Controller: whether a backup's data may be restored, and the root
+    /// the controller signs with (`GET`); the restore itself (`PUT`).
+    pub const RESTORE: &str = "/v1/restore";
+
     /// Relay: the agent's report (agent token).
     pub const REPORT: &str = "/v1/report";
     /// Relay: the controller's roots of trust, oldest first (agent token).

@@ -230,7 +230,11 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     Some((root, ca))
                 }
             };
-            let uid = site_obj.meta().uid.clone().context("the Site has no UID")?;
+            // Bound to the Site's first UID, which a restore keeps.
+            let uid = Some(caravan_api::original_uid(site_obj.meta()))
+                .filter(|u| !u.is_empty())
+                .context("the Site has no UID")?
+                .to_string();
             let token = TokenString::new(rand::random(), rand::random());
             let ttl = chrono::Duration::from_std(ttl).context("--ttl is too long")?;
             let mut record = BootstrapToken::new(

@@ -1,5 +1,6 @@
 //! `caravan`: the operator's command line.
 
+mod backup;
 mod cabinet;
 mod cluster;
 mod job;
@@ -55,6 +56,29 @@ enum Command {
     /// Cabinets: copy one's packages into an OCI registry.
     #[command(subcommand)]
     Cabinet(CabinetCommand),
+    /// Write one archive with everything needed to rebuild the control
+    /// plane: every Caravan object (status included) and the Secrets they
+    /// use, from the cluster (kubeconfig); the controller's keys, roots,
+    /// ledger and blobs, from the controller (backup token). Taken while
+    /// everything runs. Keep it as safe as the controller's keys.
+    Backup {
+        /// The archive to write.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        #[command(flatten)]
+        controller: backup::ControllerArgs,
+    },
+    /// Bring a backup back into a fresh cluster, through a controller
+    /// started with --await-restore on an empty data directory: its data
+    /// first (it starts again with the backup's keys), then the objects.
+    /// Relays reconnect and agents carry on: same Agents, same credentials,
+    /// nothing enrolled or installed again.
+    Restore {
+        /// The archive `caravan backup` wrote.
+        archive: PathBuf,
+        #[command(flatten)]
+        controller: backup::ControllerArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -325,6 +349,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(command) => cluster::agent(command).await,
         Command::Site(command) => cluster::site(command).await,
         Command::Job(command) => job::run(command).await,
+        Command::Backup { out, controller } => backup::backup(&out, controller).await,
+        Command::Restore {
+            archive,
+            controller,
+        } => backup::restore(&archive, controller).await,
         Command::Cabinet(CabinetCommand::Copy {
             cabinet,
             manifest_dir,

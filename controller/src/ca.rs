@@ -113,7 +113,7 @@ impl Ca {
         // Periods start at another moment for each Site, so the relays of
         // a cluster do not all roll (and their agents reconnect) at once.
         let length = PERIOD_DAYS * 86_400;
-        let uid = site.metadata.uid.as_deref().unwrap_or_default();
+        let uid = caravan_api::original_uid(&site.metadata);
         let offset = i64::from_be_bytes(self.key.derive("relay-tls-offset", uid)[..8].try_into()?)
             .rem_euclid(length);
         let period = (now.timestamp() - offset).div_euclid(length);

@@ -33,9 +33,10 @@ impl Context {
         let trust = TrustKeys::load_or_create(&config.trust_dir())?;
         let ca = Ca::new(&credentials)
             .map_err(|e| crate::error::Error::Certificate(format!("{e:#}")))?;
-        let published = Ledger::load(config.data_dir.join("published.json")).map_err(|e| {
-            crate::error::Error::io(&config.data_dir, std::io::Error::other(e.to_string()))
-        })?;
+        let published =
+            Ledger::load(config.data_dir.join(caravan_api::backup::LEDGER)).map_err(|e| {
+                crate::error::Error::io(&config.data_dir, std::io::Error::other(e.to_string()))
+            })?;
         tracing::info!(root = %trust.fingerprint(), version = trust.roots.len(), "signing desired state under this root");
         let reporter = Reporter {
             controller: "caravan-controller".into(),

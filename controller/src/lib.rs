@@ -18,6 +18,7 @@
 //!  stale: Agents not heard from turn Stale, then (by policy) are deleted
 //! ```
 
+pub mod backup;
 pub mod ca;
 pub mod cabinet;
 pub mod context;
@@ -46,20 +47,7 @@ use clap::Parser;
 
 pub use error::Error;
 
-/// Field managers of everything the controller writes with server-side apply.
-pub mod field_managers {
-    /// Objects applied from Git, and the relay workloads of Sites.
-    pub const APPLY: &str = "caravan";
-    /// Status the controller computes. A manager of its own: what it owns is
-    /// exactly the last status it wrote, so a list the computed status no
-    /// longer holds (a job's failures) is removed, not left behind.
-    pub const STATUS: &str = "caravan-status";
-    /// Agent status written from the agents' reports.
-    pub const REPORTS: &str = "caravan-reports";
-    /// An Agent's `Stale` condition (`crate::stale`); its next report takes
-    /// the conditions back.
-    pub const STALE: &str = "caravan-stale";
-}
+pub use caravan_api::field_managers;
 
 /// Command-line and environment configuration of the controller.
 #[derive(Parser, Debug, Clone)]
@@ -108,6 +96,15 @@ pub struct Config {
     /// Bearer token that allows blob uploads (`caravan package push`). Uploads are refused when unset.
     #[arg(long, env = "CARAVAN_UPLOAD_TOKEN", hide_env_values = true)]
     pub upload_token: Option<String>,
+    /// Bearer token that allows taking backups (`caravan backup`) and
+    /// restoring one (`caravan restore`). Both are refused when unset.
+    #[arg(long, env = "CARAVAN_BACKUP_TOKEN", hide_env_values = true)]
+    pub backup_token: Option<String>,
+    /// On an empty data directory, make no keys and run nothing: wait for
+    /// `caravan restore` to bring a backup's, then start with them. With
+    /// keys already made (or restored), this changes nothing.
+    #[arg(long, env = "CARAVAN_AWAIT_RESTORE")]
+    pub await_restore: bool,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CARAVAN_NAMESPACE")]
     pub namespace: Option<String>,
@@ -242,12 +239,12 @@ fn hostname() -> String {
 }
 
 /// The file in the data directory holding the controller's secret key.
-pub const TOKEN_KEY: &str = "token.key";
+pub use caravan_api::backup::TOKEN_KEY;
 
 impl Config {
     /// Where the signing keys and roots are kept.
     pub fn trust_dir(&self) -> PathBuf {
-        self.data_dir.join("trust")
+        self.data_dir.join(caravan_api::backup::TRUST_DIR)
     }
 }
 
@@ -281,9 +278,48 @@ pub fn run_command(config: &Config, command: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`run`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// A backup was restored: start again (the same command) with its keys.
+    Restart,
+}
+
+/// The controller's own certificate (when it is given none) and the CA
+/// relays pin to reach it (`None`: the web PKI's roots).
+async fn serving_tls(
+    config: &Config,
+    credentials: &credentials::CredentialKey,
+) -> anyhow::Result<(Option<ca::OwnCertificate>, Option<String>)> {
+    ca::upstream_host(&config.relay_upstream_url)?;
+    Ok(match (config.serve.tls(), &config.relay_upstream_ca_file) {
+        (Some(_), Some(path)) => (
+            None,
+            Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            ),
+        ),
+        // A certificate from a CA relays find among the web PKI roots.
+        (Some(_), None) => (None, None),
+        (None, _) => {
+            let ca = ca::Ca::controller(credentials)?;
+            let pem = ca.cert_pem().to_string();
+            let own =
+                ca::OwnCertificate::new(ca, &config.relay_upstream_url, &config.tls_hostnames)
+                    .await?;
+            (Some(own), Some(pem))
+        }
+    })
+}
+
 /// Runs every part of the controller until shutdown is asked for (then they
-/// drain), or until one of them stops, which is an error.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// drain), or until one of them stops, which is an error; or, started with
+/// `--await-restore` on an empty data directory, only what a restore needs
+/// until one is in.
+pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -296,31 +332,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.apply_crds {
         crds::apply(&client).await?;
     }
+    if config.await_restore
+        && backup::awaiting(&config.data_dir).with_context(|| {
+            format!(
+                "marking {} as awaiting a restore",
+                config.data_dir.display()
+            )
+        })?
+    {
+        return await_restore(config).await;
+    }
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
     // HTTPS always: with the certificate given, or one from the
     // controller's own CA, which relays are then given to pin.
-    ca::upstream_host(&config.relay_upstream_url)?;
-    let (own_certificate, relay_upstream_ca) =
-        match (config.serve.tls(), &config.relay_upstream_ca_file) {
-            (Some(_), Some(path)) => (
-                None,
-                Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                ),
-            ),
-            // A certificate from a CA relays find among the web PKI roots.
-            (Some(_), None) => (None, None),
-            (None, _) => {
-                let ca = ca::Ca::controller(&ctx.credentials)?;
-                let pem = ca.cert_pem().to_string();
-                let own =
-                    ca::OwnCertificate::new(ca, &config.relay_upstream_url, &config.tls_hostnames)
-                        .await?;
-                (Some(own), Some(pem))
-            }
-        };
-    let blobs = Arc::new(cabinet::BlobStore::new(config.data_dir.join("blobs")));
+    let (own_certificate, relay_upstream_ca) = serving_tls(&config, &ctx.credentials).await?;
+    let backups = server::backup::BackupState::new(
+        &config,
+        &ctx.credentials,
+        Some(ctx.trust.fingerprint()),
+        None,
+    )?;
+    let blobs = Arc::new(cabinet::BlobStore::new(
+        config.data_dir.join(caravan_api::backup::BLOBS_DIR),
+    ));
     let (writers, stores) = stores::Stores::new();
     let replica = config
         .leader_election_identity
@@ -378,7 +412,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
     let serve = config.serve.clone();
-    let app = server::router(server);
+    let app = server::router(server).merge(server::backup::router(backups));
     let own_tls = own_certificate.as_ref().map(|c| c.tls.clone());
     let mut components = vec![
         Component::new("distribution API server", {
@@ -417,5 +451,48 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             own.renew(shutdown.clone()),
         ));
     }
-    supervise::run(components, shutdown, supervise::shutdown_signal()).await
+    supervise::run(components, shutdown, supervise::shutdown_signal()).await?;
+    Ok(Stopped::Shutdown)
+}
+
+/// Serves only what a restore needs (and health), with a key made for
+/// serving HTTPS alone, until a backup is restored or shutdown is asked for.
+async fn await_restore(config: Config) -> anyhow::Result<Stopped> {
+    let credentials = credentials::CredentialKey::load_or_create(&config.data_dir.join(TOKEN_KEY))?;
+    let (own_certificate, _) = serving_tls(&config, &credentials).await?;
+    let restored = tokio_util::sync::CancellationToken::new();
+    let backups =
+        server::backup::BackupState::new(&config, &credentials, None, Some(restored.clone()))?;
+    tracing::warn!(
+        data_dir = %config.data_dir.display(),
+        "awaiting a restore (`caravan restore`): nothing else runs until one is in"
+    );
+    let app = server::awaiting_router().merge(server::backup::router(backups));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serve = config.serve.clone();
+    let own_tls = own_certificate.as_ref().map(|c| c.tls.clone());
+    let mut components = vec![Component::new("restore server", {
+        let shutdown = shutdown.clone();
+        async move { caravan_net::server::serve_with(&serve, app, shutdown, own_tls, None).await }
+    })];
+    if let Some(own) = own_certificate {
+        components.push(Component::new(
+            "certificate renewal",
+            own.renew(shutdown.clone()),
+        ));
+    }
+    let stop = {
+        let restored = restored.clone();
+        async move {
+            tokio::select! {
+                () = supervise::shutdown_signal() => {}
+                () = restored.cancelled() => {}
+            }
+        }
+    };
+    supervise::run(components, shutdown, stop).await?;
+    Ok(match restored.is_cancelled() {
+        true => Stopped::Restart,
+        false => Stopped::Shutdown,
+    })
 }

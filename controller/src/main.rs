@@ -16,6 +16,18 @@ async fn main() -> anyhow::Result<()> {
     config.log.init();
     match &config.command {
         Some(command) => caravan_controller::run_command(&config, command),
-        None => caravan_controller::run(config).await,
+        None => match caravan_controller::run(config).await? {
+            caravan_controller::Stopped::Shutdown => Ok(()),
+            // The same process, as it was started: the kubelet (or systemd)
+            // sees no exit, and the Lease stays this replica's.
+            caravan_controller::Stopped::Restart => {
+                use std::os::unix::process::CommandExt as _;
+                let exe = std::env::current_exe()?;
+                Err(std::process::Command::new(exe)
+                    .args(std::env::args_os().skip(1))
+                    .exec()
+                    .into())
+            }
+        },
     }
 }

@@ -44,11 +44,11 @@ impl std::fmt::Debug for TrustKeys {
 }
 
 fn key_path(dir: &Path, version: u64) -> PathBuf {
-    dir.join(format!("key-{version}"))
+    dir.join(caravan_api::backup::trust_key_name(version))
 }
 
 fn root_path(dir: &Path, version: u64) -> PathBuf {
-    dir.join(format!("root-{version}.json"))
+    dir.join(caravan_api::backup::trust_root_name(version))
 }
 
 fn write_key(dir: &Path, version: u64, key: &SigningKey) -> Result<()> {

@@ -12,6 +12,7 @@ pub mod document;
 pub mod fs;
 pub mod lock;
 pub mod oci;
+pub mod pipe;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -231,3 +231,165 @@ async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_ap
     assert_eq!(agents(&c).await?.len(), 1);
     Ok(())
 }
+
+/// The whole control plane lost — API server, etcd, the controller and its
+/// data directory — and rebuilt from `caravan backup`: the same Agents
+/// carry on (same objects and keys, nothing enrolled or installed again),
+/// the relay reconnects with the credential it has, a bootstrap token made
+/// before still enrolls, and a change committed after the restore reaches
+/// every agent, signed under the root they pinned.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -> anyhow::Result<()>
+{
+    use caravan_api::v1alpha1::BootstrapToken;
+    let mut c = Caravan::start("fleet").await?;
+    let repo = c.seed_example_fleet().await?;
+    ship_counted(&c, &repo, "1.0.0")?;
+    let relay = c.start_relay("hq").await?;
+    const AGENTS: [&str; 2] = ["a1", "a2"];
+    for name in AGENTS {
+        c.start_agent(name, &relay)?;
+    }
+    c.wait_job("counted", "Succeeded", "2/2", T).await?;
+    let before = agents(&c).await?;
+    let keys = |agents: &[Agent]| {
+        let mut k: Vec<(String, String)> = agents
+            .iter()
+            .map(|a| (a.metadata.name.clone().unwrap(), a.spec.public_key.clone()))
+            .collect();
+        k.sort();
+        k
+    };
+    let site_uid = c.site("hq").await?.metadata.uid.unwrap();
+
+    // Taken while everything runs.
+    let archive = c.dir.join("caravan.backup").display().to_string();
+    c.cli(&["backup", "-o", &archive])?;
+    assert_eq!(
+        std::fs::metadata(&archive)?.mode() & 0o777,
+        0o600,
+        "it holds the controller's keys"
+    );
+
+    // Everything of the control plane is lost; relays and agents run on.
+    let enrolled_before: Vec<usize> = AGENTS.iter().map(|a| enrollments(&c, a)).collect();
+    c.rebuild_control_plane().await?;
+    let refused = c
+        .cli(&["backup", "-o", &format!("{archive}.2")])
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("awaits a restore"),
+        "{refused:#}"
+    );
+    // A cut archive is refused before anything is touched.
+    let cut = c.dir.join("cut.backup");
+    let bytes = std::fs::read(&archive)?;
+    std::fs::write(&cut, &bytes[..bytes.len() - 2048])?;
+    let refused = c.cli(&["restore", &cut.display().to_string()]).unwrap_err();
+    assert!(
+        refused.to_string().contains("cannot be restored"),
+        "{refused:#}"
+    );
+
+    c.cli(&["restore", &archive])?;
+    c.restored()?;
+    assert!(
+        c.controller.running(),
+        "started again in place: {}",
+        c.controller.log_tail(20)
+    );
+
+    let site = c.site("hq").await?;
+    assert_ne!(
+        site.metadata.uid.as_deref(),
+        Some(site_uid.as_str()),
+        "a new object"
+    );
+    assert_eq!(
+        caravan_api::original_uid(&site.metadata),
+        site_uid,
+        "bound to what it was"
+    );
+    assert_eq!(
+        keys(&agents(&c).await?),
+        keys(&before),
+        "the same Agents, same keys"
+    );
+    assert_eq!(
+        c.api::<BootstrapToken>()
+            .list(&Default::default())
+            .await?
+            .items
+            .len(),
+        1
+    );
+
+    // What Git says next reaches them, through the restored blob store and
+    // signed under the root they pinned, and they report it; a token made
+    // before the loss still enrolls a new machine.
+    ship_counted(&c, &repo, "2.0.0")?;
+    c.start_agent("a3", &relay)?;
+    c.wait_job("counted", "Succeeded", "3/3", T).await?;
+    for (name, before) in AGENTS.iter().zip(&enrolled_before) {
+        assert_eq!(
+            runs(&c, name),
+            ["1.0.0", "2.0.0"],
+            "{name}: 1.0.0 not installed again"
+        );
+        assert_eq!(
+            enrollments(&c, name),
+            *before,
+            "{name}: nothing enrolled again"
+        );
+    }
+    assert_eq!(runs(&c, "a3"), ["2.0.0"]);
+    assert_eq!(agents(&c).await?.len(), 3);
+    Ok(())
+}
+
+/// Pushes `counted` `version` (its install script adds a line with its
+/// version to a file beside the install root) and commits a job for hq.
+fn ship_counted(
+    c: &Caravan,
+    repo: &caravan_tests::git::GitRepo,
+    version: &str,
+) -> anyhow::Result<()> {
+    let src = c.dir.join("src/counted");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("install.sh"),
+        "#!/bin/sh\necho \"$CARAVAN_PACKAGE_VERSION\" >> \"$CARAVAN_INSTALL_ROOT/../counted-runs\"\n",
+    )?;
+    // Another version, other bytes.
+    std::fs::write(src.join("VERSION"), version)?;
+    c.push_package_with(
+        &src,
+        "counted",
+        version,
+        &repo.work.join("fleet/packages"),
+        &["--install", "script"],
+    )?;
+    repo.write(
+        "fleet/counted-job.yaml",
+        &format!("apiVersion: caravan.dev/v1alpha1\nkind: DistributionJob\nmetadata: {{name: counted}}\n\
+         spec:\n  packages: [{{name: counted, version: \"{version}\"}}]\n  destinations: {{sites: [{{name: hq}}]}}\n"),
+    )?;
+    repo.commit(&format!("counted {version} for hq"))?;
+    Ok(())
+}
+
+/// The versions of `counted` agent `name` ran the install of, in order.
+fn runs(c: &Caravan, name: &str) -> Vec<String> {
+    std::fs::read_to_string(c.agent_dirs(name).1.with_file_name("counted-runs"))
+        .map(|s| s.lines().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// How many times agent `name` has enrolled, by its log.
+fn enrollments(c: &Caravan, name: &str) -> usize {
+    std::fs::read_to_string(c.dir.join(format!("logs/agent-{name}.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" enrolled"))
+        .count()
+}

@@ -265,8 +265,8 @@ pub struct SiteStatus {
 }
 
 impl Site {
-    /// The key ID of the site's relay credential, derived from the Site's UID
-    /// and its rotation annotation
+    /// The key ID of the site's relay credential, derived from the Site's
+    /// UID ([`crate::original_uid`]: kept across a restore) and its rotation annotation
     /// ([`crate::labels::RELAY_CREDENTIAL_ROTATION`]): each rotation gives
     /// a new one, and so does a Site deleted and created again under the
     /// same name, so no credential outlives the Site it was issued for.
@@ -278,7 +278,7 @@ impl Site {
             .as_ref()
             .and_then(|a| a.get(crate::labels::RELAY_CREDENTIAL_ROTATION));
         let mut hash = sha2::Sha256::new();
-        hash.update(self.metadata.uid.as_deref().unwrap_or_default());
+        hash.update(crate::original_uid(&self.metadata));
         hash.update(b"\0");
         hash.update(rotation.map_or("", String::as_str));
         hex::encode(&hash.finalize()[..6])
@@ -361,6 +361,15 @@ mod tests {
         // The same name and annotation, but another Site.
         site.metadata.uid = Some("uid-2".into());
         assert_ne!(site.relay_key_id(), second);
+        // Restored from a backup: a new UID, the first one kept.
+        let mut restored = site.clone();
+        restored.metadata.uid = Some("uid-3".into());
+        restored
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(crate::labels::ORIGINAL_UID.into(), "uid-2".into());
+        assert_eq!(restored.relay_key_id(), site.relay_key_id());
         assert!(
             first.bytes().all(|b| b.is_ascii_hexdigit()),
             "no / in a token part"

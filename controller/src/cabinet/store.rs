@@ -61,7 +61,7 @@ impl BlobStore {
 
     /// Where the blob lives.
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("sha256").join(digest.hex())
+        self.root.join(caravan_api::backup::blob_path(digest))
     }
 
     fn partial(&self, digest: &Digest) -> PathBuf {

@@ -12,10 +12,7 @@ use axum::{
     Json,
 };
 use caravan_api::wire::UploadState;
-use caravan_net::{
-    agent_tokens::same_secret,
-    server::{bearer, serve_blob, ApiError},
-};
+use caravan_net::server::{serve_blob, ApiError};
 
 use super::{parse_digest, AppState, RelaySite};
 use crate::{cabinet::StoreError, context::Context};
@@ -93,19 +90,7 @@ async fn serve_stored(
 
 /// Checks the upload token (`Authorization: Bearer`).
 fn check_upload_token(ctx: &Context, headers: &HeaderMap) -> Result<(), ApiError> {
-    let expected = ctx.config.upload_token.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "uploads are disabled: the controller has no upload token",
-        )
-    })?;
-    if !same_secret(bearer(headers).unwrap_or_default(), expected) {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid upload token",
-        ));
-    }
-    Ok(())
+    super::check_token(ctx.config.upload_token.as_deref(), "upload", headers)
 }
 
 /// Where an upload of a blob stands: stored already, or how many bytes of

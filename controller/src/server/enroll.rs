@@ -76,7 +76,7 @@ async fn admit(
         Ok(t) => t,
         Err(r) => return Err(refuse(r).await),
     };
-    let uid = site_obj.and_then(|s| s.metadata.uid.as_deref());
+    let uid = site_obj.map(|s| caravan_api::original_uid(&s.metadata));
     for _ in 0..USE_ATTEMPTS {
         let Some(mut record) = tokens.get_opt(&token.id).await.map_err(kube_error)? else {
             return Err(refuse(TokenRefusal::Unknown(token.id.clone())).await);

@@ -11,6 +11,7 @@
 //! uploads with the upload token. Every error is JSON `{"error": "..."}`
 //! naming the problem.
 
+pub mod backup;
 mod blobs;
 pub mod enroll;
 pub mod hooks;
@@ -119,6 +120,43 @@ pub fn router(state: AppState) -> Router {
         .route(paths::VALIDATE_PACKAGES, post(validate))
         .route(paths::VALIDATE_CABINETS, post(validate_cabinets))
         .with_state(state)
+}
+
+/// What a controller awaiting a restore serves besides the restore: health,
+/// and `503` naming why for everything else.
+pub fn awaiting_router() -> Router {
+    Router::new()
+        .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .route(paths::READYZ, get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this controller awaits a restore (`caravan restore`) and serves nothing else until then",
+            )
+        })
+}
+
+/// Checks the bearer token (`Authorization: Bearer`) of a `what` ("upload",
+/// "backup"): `configured` is the controller's; none configured, every
+/// request is refused.
+pub fn check_token(
+    configured: Option<&str>,
+    what: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    let expected = configured.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{what}s are disabled: the controller has no {what} token"),
+        )
+    })?;
+    if !caravan_net::agent_tokens::same_secret(bearer(headers).unwrap_or_default(), expected) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("invalid {what} token"),
+        ));
+    }
+    Ok(())
 }
 
 /// Answers a failed Kubernetes API call as a gateway error.

@@ -60,6 +60,8 @@ pub struct Caravan {
     controller_flags: Vec<(String, String)>,
     pub api_url: String,
     pub upload_token: String,
+    /// The controller's backup token (`caravan backup`, `caravan restore`).
+    pub backup_token: String,
     pub relays: Vec<Proc>,
     pub agents: Vec<AgentProc>,
     /// Certificates when everything talks HTTPS.
@@ -227,10 +229,16 @@ impl Caravan {
                 let args = ["--namespace", namespace].map(String::from).to_vec();
                 (
                     args,
-                    vec![(
-                        "CARAVAN_UPLOAD_TOKEN".to_string(),
-                        "caravan-test-upload-token".to_string(),
-                    )],
+                    vec![
+                        (
+                            "CARAVAN_UPLOAD_TOKEN".to_string(),
+                            "caravan-test-upload-token".to_string(),
+                        ),
+                        (
+                            "CARAVAN_BACKUP_TOKEN".to_string(),
+                            "caravan-test-backup-token".to_string(),
+                        ),
+                    ],
                 )
             }
             Install::Helm => {
@@ -308,11 +316,16 @@ impl Caravan {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let args = node_args(args, &controller_flags);
-        let upload_token = env
-            .iter()
-            .find(|(k, _)| k == "CARAVAN_UPLOAD_TOKEN")
-            .map(|(_, v)| v.clone())
-            .context("no upload token")?;
+        let token = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("no {name}"))
+        };
+        let (upload_token, backup_token) = (
+            token("CARAVAN_UPLOAD_TOKEN")?,
+            token("CARAVAN_BACKUP_TOKEN")?,
+        );
         env.extend([
             ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             (
@@ -360,6 +373,7 @@ impl Caravan {
             controller,
             api_url,
             upload_token,
+            backup_token,
             relays: vec![],
             agents: vec![],
             _tmp: tmp,
@@ -469,6 +483,48 @@ impl Caravan {
         let (args, env) = &self.controller_cmd;
         self.controller =
             spawn_controller("controller", args, env, &self.dir, &self.api_url).await?;
+        Ok(())
+    }
+
+    /// Destroys the control plane — the controller, the API server, etcd
+    /// and the controller's data directory — and starts a fresh one in its
+    /// place: a new API server with the CRDs and the namespace, and the
+    /// controller (same flags, same address) on an empty data directory,
+    /// awaiting a restore. Relays and agents run on, cut off.
+    pub async fn rebuild_control_plane(&mut self) -> anyhow::Result<()> {
+        self.controller.kill();
+        let fresh = Cluster::start(&self.dir.join("rebuilt")).await?;
+        drop(std::mem::replace(&mut self.cluster, fresh));
+        self.cluster.install_crds().await?;
+        self.cluster.create_namespace(&self.namespace).await?;
+        std::fs::remove_dir_all(self.data_dir()?)?;
+        let env = &mut self.controller_cmd.1;
+        env.retain(|(k, _)| k != "KUBECONFIG" && k != "CARAVAN_AWAIT_RESTORE");
+        env.extend([
+            (
+                "KUBECONFIG".to_string(),
+                self.cluster.kubeconfig.display().to_string(),
+            ),
+            ("CARAVAN_AWAIT_RESTORE".to_string(), "true".to_string()),
+        ]);
+        self.restart_controller().await
+    }
+
+    /// The controller's data directory.
+    fn data_dir(&self) -> anyhow::Result<String> {
+        self.controller_flags
+            .iter()
+            .find(|(f, _)| f == "--data-dir")
+            .map(|(_, d)| d.clone())
+            .context("no --data-dir")
+    }
+
+    /// After `caravan restore`: the controller serves under the backup's
+    /// CA again; the CLI is given it.
+    pub fn restored(&mut self) -> anyhow::Result<()> {
+        let ca = controller_one_off(&self.data_dir()?, "ca --controller")?;
+        std::fs::write(self.dir.join("controller-ca.crt"), &ca)?;
+        crate::trust(&ca);
         Ok(())
     }
 
@@ -642,6 +698,7 @@ impl Caravan {
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
             .env("CARAVAN_UPLOAD_TOKEN", &self.upload_token)
+            .env("CARAVAN_BACKUP_TOKEN", &self.backup_token)
             .env("CARAVAN_CA_FILE", &self.controller_ca_file)
             .envs(env.iter().copied())
             .output()?;
