@@ -39,9 +39,7 @@ pub mod images {
 }
 
 /// Field managers of everything the controller writes with server-side
-/// apply (and `caravan restore`, which writes a restored status as
-/// [`field_managers::APPLY`], so the controller's first status write takes
-/// it over as it takes over an earlier release's).
+/// apply.
 pub mod field_managers {
     /// Objects applied from Git, and the relay workloads of Sites.
     pub const APPLY: &str = "caravan";

@@ -49,7 +49,11 @@ pub struct ControllerArgs {
     ca_file: Option<PathBuf>,
 }
 
-/// The field manager of what a restore writes.
+/// The largest manifest or end entry read.
+const MAX_SMALL_ENTRY: u64 = 1 << 20;
+
+/// The field manager of what a restore writes (where the backup does not
+/// say who owned what).
 const FIELD_MANAGER: &str = "caravan-restore";
 
 /// Every Caravan kind, in the order a restore creates them: what an object
@@ -125,7 +129,8 @@ impl ControllerArgs {
     }
 }
 
-/// Drops what belongs to the stored object, not to what it declares.
+/// Drops what belongs to the stored object, not to what it declares (its
+/// `managedFields` stay: who owns which field is restored with it).
 fn strip(value: &mut Value) {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         for field in [
@@ -133,7 +138,6 @@ fn strip(value: &mut Value) {
             "resourceVersion",
             "creationTimestamp",
             "generation",
-            "managedFields",
             "selfLink",
             "ownerReferences",
             "deletionTimestamp",
@@ -155,7 +159,6 @@ async fn objects(client: &Client) -> anyhow::Result<Vec<Value>> {
             .await
             .with_context(|| format!("listing {}", ar.plural))?;
         for mut obj in list.items {
-            obj.metadata.managed_fields = None;
             obj.types = Some(kube::api::TypeMeta {
                 api_version: ar.api_version.clone(),
                 kind: ar.kind.clone(),
@@ -207,8 +210,7 @@ async fn objects(client: &Client) -> anyhow::Result<Vec<Value>> {
             secrets.insert((ns, name), s);
         }
     }
-    for (_, mut s) in secrets {
-        s.metadata.managed_fields = None;
+    for (_, s) in secrets {
         let mut value = serde_json::to_value(&s)?;
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
@@ -262,24 +264,21 @@ pub async fn backup(out: &Path, controller: ControllerArgs) -> anyhow::Result<()
     Ok(())
 }
 
-/// Writes the archive to `path` (through `<path>.partial`).
+/// Writes the archive to `path`, whole or not at all.
 fn write_archive(
     path: &Path,
     manifest: &Manifest,
     objects: &[Value],
     data: impl Read,
 ) -> anyhow::Result<End> {
-    let partial = path.with_extension("partial");
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?
+    // Beside it (0600, as tempfile makes it), renamed over it once whole;
+    // gone if anything fails.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
+    let file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     let append = |tar: &mut tar::Builder<_>, name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let mut header = tar::Header::new_gnu();
@@ -312,15 +311,27 @@ fn write_archive(
     }
     append(&mut tar, backup::END, &serde_json::to_vec(&end)?)?;
     let file = tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+    file.as_file().sync_all()?;
+    file.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(end)
 }
 
-/// Reads the whole archive once: its manifest and objects, and whether it
-/// is whole (every data entry one of a controller's, the end there and
-/// agreeing). Nothing is restored from an archive that is not.
-fn read_archive(path: &Path) -> anyhow::Result<(Manifest, Vec<Value>)> {
+/// What a restore takes from an archive.
+struct Archive {
+    manifest: Manifest,
+    objects: Vec<Value>,
+    /// The fingerprint of the newest root in its data: what the controller
+    /// signs under once restored (a root made after the manifest was
+    /// written, by a rotation, included).
+    trust_root: String,
+}
+
+/// Reads the whole archive once: its manifest, objects and newest root,
+/// and whether it is whole (every data entry one of a controller's, the
+/// end there and agreeing). Nothing is restored from an archive that is not.
+fn read_archive(path: &Path) -> anyhow::Result<Archive> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut entries = archive.entries()?;
@@ -343,7 +354,7 @@ fn read_archive(path: &Path) -> anyhow::Result<(Manifest, Vec<Value>)> {
         "not a Caravan backup: it starts with {name:?}, not {}",
         backup::MANIFEST
     );
-    let manifest: Manifest = serde_json::from_slice(&read_small(&mut entry, 1 << 20)?)
+    let manifest: Manifest = serde_json::from_slice(&read_small(&mut entry, MAX_SMALL_ENTRY)?)
         .with_context(|| format!("reading {}", backup::MANIFEST))?;
     anyhow::ensure!(
         manifest.format == backup::FORMAT,
@@ -379,24 +390,41 @@ fn read_archive(path: &Path) -> anyhow::Result<(Manifest, Vec<Value>)> {
         manifest.objects
     );
     let mut seen = End::default();
+    let mut newest: Option<(u64, Vec<u8>)> = None;
     loop {
         let (name, mut entry) = next(backup::END)?;
         if name == backup::END {
-            let end: End = serde_json::from_slice(&read_small(&mut entry, 1 << 10)?)?;
+            let end: End = serde_json::from_slice(&read_small(&mut entry, MAX_SMALL_ENTRY)?)?;
             anyhow::ensure!(
                 end == seen,
                 "the archive is not whole: its end says {end:?}, it holds {seen:?}"
             );
-            return Ok((manifest, objects));
+            let (_, root) = newest.context("the archive holds no trust root")?;
+            let root: caravan_api::trust::Envelope =
+                serde_json::from_slice(&root).context("its newest trust root does not read")?;
+            let trust_root = caravan_api::trust::fingerprint(&root)
+                .map_err(|e| anyhow::anyhow!("its newest trust root: {e}"))?;
+            return Ok(Archive {
+                manifest,
+                objects,
+                trust_root,
+            });
         }
         let data = name
             .strip_prefix(backup::DATA)
             .with_context(|| format!("{name:?} is not an entry of a Caravan backup"))?;
-        DataEntry::parse(data).map_err(anyhow::Error::msg)?;
+        let kind = DataEntry::parse(data).map_err(anyhow::Error::msg)?;
         seen.data_entries += 1;
         seen.data_bytes += entry.size();
-        std::io::copy(&mut entry, &mut std::io::sink())
-            .with_context(|| format!("{name:?} is cut short"))?;
+        match kind {
+            DataEntry::TrustRoot(v) if newest.as_ref().is_none_or(|(n, _)| v > *n) => {
+                newest = Some((v, read_small(&mut entry, backup::MAX_TRUST_FILE_BYTES)?));
+            }
+            _ => {
+                std::io::copy(&mut entry, &mut std::io::sink())
+                    .with_context(|| format!("{name:?} is cut short"))?;
+            }
+        }
     }
 }
 
@@ -419,15 +447,79 @@ fn send_data(path: &Path, mut out: caravan_net::pipe::PipeWriter) -> anyhow::Res
     Ok(())
 }
 
-/// `caravan restore`: see the module's doc.
+/// `caravan restore`: see the module's doc. Run again after a failure, it
+/// goes on where it stopped: data the controller already has is not sent
+/// again, objects already there are left as they are.
 pub async fn restore(archive: &Path, controller: ControllerArgs) -> anyhow::Result<()> {
     let path = archive.to_path_buf();
-    let (manifest, objects) = tokio::task::spawn_blocking(move || read_archive(&path))
+    let Archive {
+        manifest,
+        objects,
+        trust_root,
+    } = tokio::task::spawn_blocking(move || read_archive(&path))
         .await?
         .with_context(|| format!("{} cannot be restored", archive.display()))?;
     let client = Client::try_default()
         .await
         .context("connecting to the cluster (kubeconfig)")?;
+    let backed_up = &manifest.controller;
+    let http = controller.http(Some(&backed_up.controller_ca))?;
+    let state = controller.state(&http).await?;
+    anyhow::ensure!(
+        !caravan_api::skew::later_release(&backed_up.release, &state.release),
+        "the backup is of a controller of release {}, later than this controller's {}: restore it with release {} or later",
+        backed_up.release,
+        state.release,
+        backed_up.release
+    );
+    let age = chrono::DateTime::parse_from_rfc3339(&manifest.created)
+        .map(|t| {
+            humantime::format_duration(std::time::Duration::from_secs(
+                (chrono::Utc::now() - t.to_utc()).num_seconds().max(0) as u64,
+            ))
+            .to_string()
+        })
+        .unwrap_or_else(|_| "an unknown time".into());
+    eprintln!(
+        "restoring the backup taken {} ({age} ago): what changed since (enrollments, approvals, revocations, tokens, pushes) is as it was then",
+        manifest.created
+    );
+    if state.awaiting {
+        fresh(&client).await?;
+        send(&controller, &http, archive).await?;
+    } else {
+        anyhow::ensure!(
+            state.trust_root_sha256 == trust_root,
+            "the controller at {} has keys of its own (its root is {}, the backup's {}): start it with --await-restore on an empty data directory (helm: --set restore.await=true) to restore into it",
+            controller.server,
+            state.trust_root_sha256,
+            trust_root
+        );
+        eprintln!("the controller has this backup's data already; creating what is missing of the objects");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match controller.state(&http).await {
+            Ok(s) if !s.awaiting && s.trust_root_sha256 == trust_root => break,
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(s) => {
+                anyhow::bail!("the controller did not start with the backup's keys: it says {s:?}")
+            }
+            Err(e) => return Err(e.context("the controller did not come back within 120 s")),
+        }
+    }
+    let created = create_objects(&client, objects).await?;
+    eprintln!(
+        "restored {created} of the backup's {} objects (the others were there); trust root {trust_root}",
+        manifest.objects
+    );
+    Ok(())
+}
+
+/// Refuses a cluster that has Caravan objects already.
+async fn fresh(client: &Client) -> anyhow::Result<()> {
     for ar in kinds() {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let found = api
@@ -443,22 +535,16 @@ pub async fn restore(archive: &Path, controller: ControllerArgs) -> anyhow::Resu
             );
         }
     }
-    let backed_up = &manifest.controller;
-    let http = controller.http(Some(&backed_up.controller_ca))?;
-    let state = controller.state(&http).await?;
-    anyhow::ensure!(
-        state.awaiting,
-        "the controller at {} has keys of its own: start it with --await-restore on an empty data directory (helm: --set restore.await=true) to restore into it",
-        controller.server
-    );
-    anyhow::ensure!(
-        !caravan_api::skew::later_release(&manifest.release, &state.release),
-        "the backup is of release {}, newer than the controller's {}: restore it with release {} or later",
-        manifest.release,
-        state.release,
-        manifest.release
-    );
-    // The data: the controller checks it whole, takes it and starts again.
+    Ok(())
+}
+
+/// Sends the archive's data to the controller, which checks it whole,
+/// takes it and starts again.
+async fn send(
+    controller: &ControllerArgs,
+    http: &reqwest::Client,
+    archive: &Path,
+) -> anyhow::Result<()> {
     let (out, body) = caravan_net::pipe::pipe();
     let path = archive.to_path_buf();
     let sending = tokio::task::spawn_blocking(move || send_data(&path, out));
@@ -468,43 +554,22 @@ pub async fn restore(archive: &Path, controller: ControllerArgs) -> anyhow::Resu
                 .body(reqwest::Body::wrap_stream(body)),
         )
         .await;
-    sending.await??;
+    // The controller's answer says why first; the sender's error only
+    // follows from it (the reader went away).
     let now: RestoreState = res?.json().await?;
-    anyhow::ensure!(
-        now.trust_root_sha256 == backed_up.trust_root_sha256,
-        "the controller took the data but signs under {}, not the backup's {}",
-        now.trust_root_sha256,
-        backed_up.trust_root_sha256
-    );
+    sending.await??;
     eprintln!(
         "controller data restored (trust root {}); waiting for it to start again",
         now.trust_root_sha256
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        match controller.state(&http).await {
-            Ok(s) if !s.awaiting && s.trust_root_sha256 == backed_up.trust_root_sha256 => break,
-            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await
-            }
-            Ok(s) => {
-                anyhow::bail!("the controller did not start with the backup's keys: it says {s:?}")
-            }
-            Err(e) => return Err(e.context("the controller did not come back within 120 s")),
-        }
-    }
-    create_objects(&client, objects).await?;
-    eprintln!(
-        "restored {} objects of the backup taken {} (release {})",
-        manifest.objects, manifest.created, manifest.release
     );
     Ok(())
 }
 
 /// Creates the archive's objects (Secrets first, then [`kinds`]' order),
-/// each with its status; a Site keeps the UID its relay's credential and
-/// its tokens are bound to.
-async fn create_objects(client: &Client, mut objects: Vec<Value>) -> anyhow::Result<()> {
+/// each with its status and who owns which of its fields; a Site keeps the
+/// UID its relay's credential and its tokens are bound to. One already
+/// there is left alone. Returns how many were created.
+async fn create_objects(client: &Client, mut objects: Vec<Value>) -> anyhow::Result<usize> {
     objects.sort_by_key(|o| rank(o).map(|(i, _)| i));
     let namespaces: std::collections::BTreeSet<String> = objects
         .iter()
@@ -530,6 +595,7 @@ async fn create_objects(client: &Client, mut objects: Vec<Value>) -> anyhow::Res
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
+    let mut created = 0;
     for mut value in objects {
         let (_, ar) = rank(&value).expect("checked when read");
         if ar.kind == "Site" {
@@ -545,25 +611,46 @@ async fn create_objects(client: &Client, mut objects: Vec<Value>) -> anyhow::Res
             obj.metadata.name.clone().unwrap_or_default(),
         );
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
-        api.create(&post, &obj)
-            .await
-            .with_context(|| format!("creating {} {ns}/{name}", ar.kind))?;
+        match api.create(&post, &obj).await {
+            Ok(_) => created += 1,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("creating {} {ns}/{name}", ar.kind))
+                )
+            }
+        }
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
         if let Some(status) = status.filter(|_| ar.kind != "Secret") {
-            // As the controller's Git sync: its first status write takes
-            // over what it owns, as it takes over an earlier release's.
-            let patch = serde_json::json!({
-                "apiVersion": ar.api_version, "kind": ar.kind, "status": status,
-            });
             api.patch_status(
                 &name,
-                &PatchParams::apply(caravan_api::field_managers::APPLY).force(),
-                &Patch::Apply(&patch),
+                &params,
+                &Patch::Merge(&serde_json::json!({ "status": status })),
             )
             .await
             .with_context(|| format!("restoring the status of {} {ns}/{name}", ar.kind))?;
         }
+        // Last, who owned what (a create takes none of it): the Git sync
+        // goes on removing what Git stops saying, the CLI's fields stay the
+        // CLI's, the status writers' theirs.
+        if let Some(owners) = obj
+            .metadata
+            .managed_fields
+            .as_ref()
+            .filter(|m| !m.is_empty())
+        {
+            let patch = serde_json::json!({ "metadata": { "managedFields": owners } });
+            api.patch(&name, &params, &Patch::Merge(&patch))
+                .await
+                .with_context(|| {
+                    format!("restoring the field owners of {} {ns}/{name}", ar.kind)
+                })?;
+        }
     }
-    Ok(())
+    Ok(created)
 }
 
 #[cfg(test)]

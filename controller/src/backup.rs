@@ -57,14 +57,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
 }
 
 /// Whether the controller, started with `--await-restore`, is to wait for
-/// a restore: the data directory is marked, or has no key yet (then it is
-/// marked now, before any key is made).
+/// a restore: the data directory is marked, or holds none of a
+/// controller's data (then it is marked now, before any key is made). One
+/// that holds some (a key lost, but a root agents pin) is not: a restore
+/// would move that root aside.
 pub fn awaiting(data_dir: &Path) -> std::io::Result<bool> {
     let marker = data_dir.join(AWAITING);
     if marker.exists() {
         return Ok(true);
     }
-    if data_dir.join(backup::TOKEN_KEY).exists() {
+    let blobs = data_dir.join(backup::BLOBS_DIR).join("sha256");
+    let has_blobs = std::fs::read_dir(&blobs).is_ok_and(|mut d| d.next().is_some());
+    let has_data = [backup::TOKEN_KEY, backup::LEDGER, backup::TRUST_DIR]
+        .iter()
+        .any(|name| data_dir.join(name).exists());
+    if has_data || has_blobs {
         return Ok(false);
     }
     std::fs::create_dir_all(data_dir)?;
@@ -72,8 +79,32 @@ pub fn awaiting(data_dir: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Refuses a data directory that awaits a restore to a controller started
+/// without `--await-restore`: it would make keys and serve a fleet that a
+/// restore could then replace.
+pub fn refuse_awaiting(data_dir: &Path) -> anyhow::Result<()> {
+    let marker = data_dir.join(AWAITING);
+    anyhow::ensure!(
+        !marker.exists(),
+        "{} awaits a restore: start with --await-restore and run `caravan restore`, or remove {} to start afresh",
+        data_dir.display(),
+        marker.display()
+    );
+    Ok(())
+}
+
+/// Whether `data_dir` still awaits a restore (another replica may have
+/// taken it).
+pub fn still_awaiting(data_dir: &Path) -> bool {
+    data_dir.join(AWAITING).exists()
+}
+
+/// The refusal of a restore into a controller with keys of its own.
+pub const HAS_KEYS: &str = "this controller has keys of its own: a backup is restored only into a controller started with --await-restore on an empty data directory";
+
 /// Writes the data of a backup of `data_dir` as a tar to `out` (ended with
-/// [`tar::Builder::into_inner`]'s terminator). Returns the blobs written.
+/// [`tar::Builder::into_inner`]'s terminator). Returns the blobs written
+/// (one the collector removed before it was opened is not).
 pub fn write(data_dir: &Path, out: impl Write) -> std::io::Result<usize> {
     let mut tar = tar::Builder::new(out);
     let mut entries = vec![DataEntry::TokenKey, DataEntry::Ledger];
@@ -93,8 +124,8 @@ pub fn write(data_dir: &Path, out: impl Write) -> std::io::Result<usize> {
             Err(e) => return Err(e),
         };
     blobs.sort();
-    let count = blobs.len();
     entries.extend(blobs.into_iter().map(DataEntry::Blob));
+    let mut count = 0;
     for entry in entries {
         let path = entry.path();
         let file = match std::fs::File::open(data_dir.join(&path)) {
@@ -109,6 +140,7 @@ pub fn write(data_dir: &Path, out: impl Write) -> std::io::Result<usize> {
         header.set_size(size);
         header.set_mode(0o600);
         tar.append_data(&mut header, &path, file.take(size))?;
+        count += usize::from(matches!(entry, DataEntry::Blob(_)));
     }
     tar.into_inner()?.flush()?;
     Ok(count)
@@ -125,17 +157,34 @@ pub struct Restored {
 /// into `data_dir`, which must be [`awaiting`] one; blobs may hold at most
 /// `max_blob` bytes. Nothing is replaced unless the whole archive is valid.
 pub fn restore(data_dir: &Path, max_blob: u64, input: impl Read) -> Result<Restored, RestoreError> {
-    if !data_dir.join(AWAITING).exists() {
-        return Err(RestoreError::Refused(
-            "this controller has keys of its own: a backup is restored only into a controller started with --await-restore on an empty data directory".into(),
-        ));
+    if !still_awaiting(data_dir) {
+        return Err(RestoreError::Refused(HAS_KEYS.into()));
+    }
+    // One restore at a time, whichever replica it reaches.
+    let lock_path = data_dir.join(format!("{STAGING}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    if let Err(e) = lock.try_lock() {
+        return Err(match e {
+            std::fs::TryLockError::WouldBlock => {
+                RestoreError::Refused("a restore is in progress".into())
+            }
+            std::fs::TryLockError::Error(e) => io(&lock_path)(e),
+        });
+    }
+    if !still_awaiting(data_dir) {
+        return Err(RestoreError::Refused(HAS_KEYS.into()));
     }
     let staging = data_dir.join(STAGING);
     match std::fs::remove_dir_all(&staging) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&staging)(e)),
         _ => {}
     }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    private_dir(&staging)?;
     let (found, bytes) = stage(&staging, max_blob, input)?;
     check(&staging, &found)?;
     let blobs = found
@@ -186,13 +235,17 @@ fn stage(
             return Err(refuse(format!("{name:?} is in the archive twice")));
         }
         let path = staging.join(&name);
-        let dir = path.parent().expect("an entry's path has a parent");
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        private_dir(path.parent().expect("an entry's path has a parent"))?;
+        // Keys among them: readable by the controller alone.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(&path))?
+        };
         let mut hash = Sha256::new();
         let mut buf = vec![0; 256 << 10];
         loop {
@@ -207,7 +260,7 @@ fn stage(
         }
         file.sync_all().map_err(io(&path))?;
         if let DataEntry::Blob(digest) = &kind {
-            let actual = Digest::from_hex(&hex::encode(hash.finalize())).expect("sha256 is hex");
+            let actual = Digest::from_hasher(hash);
             if &actual != digest {
                 return Err(refuse(format!(
                     "{name:?} is not the blob it is named after: its bytes have {actual}"
@@ -218,6 +271,16 @@ fn stage(
         found.push(kind);
     }
     Ok((found, bytes))
+}
+
+/// Creates `dir` (and what leads to it) for the controller alone.
+fn private_dir(dir: &Path) -> Result<(), RestoreError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
 }
 
 /// The staged data holds together: a key, roots that chain to the newest
@@ -248,9 +311,9 @@ fn check(staging: &Path, found: &[DataEntry]) -> Result<(), RestoreError> {
 fn commit(data_dir: &Path, staging: &Path, found: &[DataEntry]) -> Result<(), RestoreError> {
     let aside = data_dir.join(format!(
         "before-restore-{}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
     ));
-    std::fs::create_dir_all(&aside).map_err(io(&aside))?;
+    private_dir(&aside)?;
     for name in [backup::TOKEN_KEY, backup::LEDGER, backup::TRUST_DIR] {
         let (from, to) = (data_dir.join(name), aside.join(name));
         match std::fs::rename(&from, &to) {
@@ -272,6 +335,16 @@ fn commit(data_dir: &Path, staging: &Path, found: &[DataEntry]) -> Result<(), Re
         }
     }
     std::fs::remove_dir_all(staging).map_err(io(staging))?;
+    // Everything in place for good before the mark goes.
+    for dir in [
+        data_dir.to_path_buf(),
+        blobs,
+        data_dir.join(backup::TRUST_DIR),
+    ] {
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
+    }
     let marker = data_dir.join(AWAITING);
     std::fs::remove_file(&marker).map_err(io(&marker))?;
     Ok(())
@@ -344,9 +417,18 @@ mod tests {
         assert!(!awaiting(fresh.path()).unwrap());
         let again = restore(fresh.path(), 1 << 20, archive.as_slice()).unwrap_err();
         assert!(again.to_string().contains("--await-restore"), "{again}");
-        // Nor does one that never waited.
+        // Nor does one that never waited, even started with
+        // --await-restore: it holds a controller's data (even with its key
+        // lost, its root is what agents pin).
+        std::fs::remove_file(old.path().join(backup::TOKEN_KEY)).unwrap();
+        assert!(!awaiting(old.path()).unwrap());
         let err = restore(old.path(), 1 << 20, archive.as_slice()).unwrap_err();
         assert!(err.to_string().contains("keys of its own"), "{err}");
+        // A directory awaiting a restore is not run without --await-restore.
+        let waiting = awaiting_dir();
+        let err = refuse_awaiting(waiting.path()).unwrap_err();
+        assert!(err.to_string().contains("awaits a restore"), "{err}");
+        refuse_awaiting(fresh.path()).unwrap();
     }
 
     /// Rewrites the archive's entries with `change` applied to each

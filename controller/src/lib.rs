@@ -458,6 +458,10 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
 /// Serves only what a restore needs (and health), with a key made for
 /// serving HTTPS alone, until a backup is restored or shutdown is asked for.
 async fn await_restore(config: Config) -> anyhow::Result<Stopped> {
+    anyhow::ensure!(
+        config.backup_token.is_some(),
+        "--await-restore needs a backup token (--backup-token): nothing could restore into this controller without one"
+    );
     let credentials = credentials::CredentialKey::load_or_create(&config.data_dir.join(TOKEN_KEY))?;
     let (own_certificate, _) = serving_tls(&config, &credentials).await?;
     let restored = tokio_util::sync::CancellationToken::new();
@@ -481,12 +485,21 @@ async fn await_restore(config: Config) -> anyhow::Result<Stopped> {
             own.renew(shutdown.clone()),
         ));
     }
+    // Restored here, or by another replica on the shared volume.
+    let data_dir = config.data_dir.clone();
     let stop = {
         let restored = restored.clone();
         async move {
+            let elsewhere = async {
+                while backup::still_awaiting(&data_dir) {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                restored.cancel();
+            };
             tokio::select! {
                 () = supervise::shutdown_signal() => {}
                 () = restored.cancelled() => {}
+                () = elsewhere => {}
             }
         }
     };

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         None => match caravan_controller::run(config).await? {
             caravan_controller::Stopped::Shutdown => Ok(()),
             // The same process, as it was started: the kubelet (or systemd)
-            // sees no exit, and the Lease stays this replica's.
+            // sees no exit.
             caravan_controller::Stopped::Restart => {
                 use std::os::unix::process::CommandExt as _;
                 let exe = std::env::current_exe()?;

@@ -241,7 +241,7 @@ async fn a_reimaged_machine_with_a_hardware_host_id_takes_its_agent_back_once_ap
 #[tokio::test(flavor = "multi_thread")]
 async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -> anyhow::Result<()>
 {
-    use caravan_api::v1alpha1::BootstrapToken;
+    use caravan_api::v1alpha1::{BootstrapToken, DistributionJob};
     let mut c = Caravan::start("fleet").await?;
     let repo = c.seed_example_fleet().await?;
     ship_counted(&c, &repo, "1.0.0")?;
@@ -261,6 +261,20 @@ async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -
         k
     };
     let site_uid = c.site("hq").await?.metadata.uid.unwrap();
+    // Who owns which field of the job (the Git sync, the status writer).
+    let owners = |job: DistributionJob| {
+        let mut m: Vec<String> = job
+            .metadata
+            .managed_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| f.manager)
+            .collect();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let owners_before = owners(c.api::<DistributionJob>().get("counted").await?);
 
     // Taken while everything runs.
     let archive = c.dir.join("caravan.backup").display().to_string();
@@ -293,6 +307,9 @@ async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -
 
     c.cli(&["restore", &archive])?;
     c.restored()?;
+    // Run again (as after a failure halfway): nothing is sent or made twice.
+    let again = c.cli_output(&["restore", &archive])?;
+    assert!(again.contains("restored 0 of the backup's"), "{again}");
     assert!(
         c.controller.running(),
         "started again in place: {}",
@@ -314,6 +331,11 @@ async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -
         keys(&agents(&c).await?),
         keys(&before),
         "the same Agents, same keys"
+    );
+    assert_eq!(
+        owners(c.api::<DistributionJob>().get("counted").await?),
+        owners_before,
+        "the same field owners: the Git sync goes on removing what Git no longer says"
     );
     assert_eq!(
         c.api::<BootstrapToken>()

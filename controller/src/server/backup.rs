@@ -33,7 +33,8 @@ pub struct BackupState {
     /// Cancelled once a restore is in: the controller then starts again.
     /// `None`: it has keys of its own and takes no restore.
     restored: Option<CancellationToken>,
-    /// One restore at a time.
+    /// One restore at a time in this process (and a file lock between
+    /// replicas: `crate::backup::restore`).
     restoring: tokio::sync::Mutex<()>,
 }
 
@@ -118,10 +119,7 @@ async fn restore(
 ) -> Result<Json<RestoreState>, ApiError> {
     s.check(&headers)?;
     let Some(restored) = s.restored.clone() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "this controller has keys of its own: a backup is restored only into a controller started with --await-restore on an empty data directory",
-        ));
+        return Err(ApiError::new(StatusCode::CONFLICT, crate::backup::HAS_KEYS));
     };
     let Ok(_one) = s.restoring.try_lock() else {
         return Err(ApiError::new(
@@ -150,27 +148,33 @@ async fn restore(
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     })?;
-    // What the controller is from now on.
-    let credentials = CredentialKey::load_or_create(&s.data_dir.join(crate::TOKEN_KEY))
-        .and_then(|key| {
-            Ok((
-                key,
-                crate::trust::TrustKeys::load_or_create(
-                    &s.data_dir.join(caravan_api::backup::TRUST_DIR),
-                )?,
-            ))
-        })
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // In: whatever follows, the controller starts again with it.
+    restored.cancel();
+    let (credentials, trust) = load(&s.data_dir)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     let now = RestoreState {
         release: caravan_api::RELEASE.into(),
-        trust_root_sha256: credentials.1.fingerprint(),
-        controller_ca: Ca::controller(&credentials.0)
+        trust_root_sha256: trust.fingerprint(),
+        controller_ca: Ca::controller(&credentials)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .cert_pem()
             .to_string(),
         awaiting: false,
     };
     tracing::info!(blobs = done.blobs, bytes = done.bytes, root = %now.trust_root_sha256, "backup restored; starting again with its keys");
-    restored.cancel();
     Ok(Json(now))
+}
+
+/// The restored key and root, read (never made: they are there).
+fn load(data_dir: &std::path::Path) -> anyhow::Result<(CredentialKey, crate::trust::TrustKeys)> {
+    use caravan_api::backup::{TOKEN_KEY, TRUST_DIR};
+    anyhow::ensure!(
+        data_dir.join(TOKEN_KEY).exists() && data_dir.join(TRUST_DIR).exists(),
+        "the restored data is not in {}",
+        data_dir.display()
+    );
+    Ok((
+        CredentialKey::load_or_create(&data_dir.join(TOKEN_KEY))?,
+        crate::trust::TrustKeys::load_or_create(&data_dir.join(TRUST_DIR))?,
+    ))
 }

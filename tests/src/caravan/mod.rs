@@ -691,9 +691,28 @@ impl Caravan {
         self.cli_with(args, &[])
     }
 
-    /// [`Self::cli`] with more environment variables.
-    pub fn cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
-        let out = std::process::Command::new(bin("caravan")?)
+    /// [`Self::cli`], returning what it said on both outputs.
+    pub fn cli_output(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli_command(args, &[])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "caravan {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    fn cli_command(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(bin("caravan")?)
             .args(args)
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .env("CARAVAN_SERVER", &self.api_url)
@@ -701,7 +720,12 @@ impl Caravan {
             .env("CARAVAN_BACKUP_TOKEN", &self.backup_token)
             .env("CARAVAN_CA_FILE", &self.controller_ca_file)
             .envs(env.iter().copied())
-            .output()?;
+            .output()?)
+    }
+
+    /// [`Self::cli`] with more environment variables.
+    pub fn cli_with(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+        let out = self.cli_command(args, env)?;
         anyhow::ensure!(
             out.status.success(),
             "caravan {} failed: {}",
