@@ -34,6 +34,8 @@ WORKDIR /
 
 FROM runtime AS controller
 COPY --from=build /out/caravan-controller /usr/local/bin/caravan-controller
+# The agent of this release, which --agent-update auto rolls out.
+COPY --from=build /out/caravan-agent /usr/local/bin/caravan-agent
 ENTRYPOINT ["/usr/local/bin/caravan-controller"]
 
 FROM runtime AS relay

@@ -27,9 +27,9 @@ crds:
 # without a container engine (scripts/image.sh; `docker build` with the
 # Dockerfile makes the same). Push: skopeo copy oci:target/images:TAG docker://…
 images: setup
-	$(CARGO) build --release -p caravan-controller -p caravan-relay
+	$(CARGO) build --release -p caravan-controller -p caravan-relay -p caravan-agent
 	rm -rf target/images/controller target/images/relay
-	bash scripts/image.sh target/release/caravan-controller target/images/controller
+	bash scripts/image.sh target/release/caravan-controller target/images/controller "" target/release/caravan-agent
 	bash scripts/image.sh target/release/caravan-relay target/images/relay
 
 lint:

@@ -6,11 +6,13 @@
 # package manager. `make images` runs it for the release binaries; the
 # Dockerfile builds the same images for those with Docker.
 #
-#   scripts/image.sh BINARY LAYOUT [TAG]
+#   scripts/image.sh BINARY LAYOUT [TAG [MORE...]]
 #
-# BINARY is target/release/caravan-controller (or -relay, -agent); LAYOUT an
-# OCI image layout directory (created if missing) that receives the image
-# as TAG (default: the workspace version). Push it with
+# BINARY is target/release/caravan-controller (or -relay, -agent), the
+# entrypoint; MORE are binaries the image carries beside it (the
+# controller's image: the agent of its release, for --agent-update auto).
+# LAYOUT an OCI image layout directory (created if missing) that receives
+# the image as TAG (default: the workspace version). Push it with
 #   skopeo copy oci:LAYOUT:TAG docker://REGISTRY/caravan-dev/caravan-controller:TAG
 set -euo pipefail
 
@@ -19,19 +21,24 @@ layout=$2
 here=$(cd "$(dirname "$0")/.." && pwd)
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$here/Cargo.toml")
 tag=${3:-$version}
+more=("${@:4}")
 name=$(basename "$bin")
 command -v umoci >/dev/null || { echo "image.sh: umoci not found (apt-get install umoci; scripts/setup.sh does)" >&2; exit 1; }
-[ -x "$bin" ] || { echo "image.sh: $bin is not an executable" >&2; exit 1; }
+for b in "$bin" "${more[@]}"; do
+  [ -x "$b" ] || { echo "image.sh: $b is not an executable" >&2; exit 1; }
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 mkdir -p "$root/usr/local/bin" "$root/etc/ssl/certs" "$root/tmp" "$root/var/lib/caravan" "$root/home/nonroot"
-install -m 0755 "$bin" "$root/usr/local/bin/$name"
-# The shared libraries and the dynamic loader, at the paths the binary asks for.
-ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u | while read -r lib; do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
+for b in "$bin" "${more[@]}"; do
+  install -m 0755 "$b" "$root/usr/local/bin/$(basename "$b")"
+  # The shared libraries and the dynamic loader, at the paths the binary asks for.
+  ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u | while read -r lib; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
 done
 cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
 printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$root/etc/passwd"

@@ -52,6 +52,9 @@ pub mod field_managers {
     /// An Agent's `Stale` condition (`crate::stale`); its next report takes
     /// the conditions back.
     pub const STALE: &str = "caravan-stale";
+    /// The controller's own agent update (`--agent-update auto`): its
+    /// Cabinet, Package and DistributionJob.
+    pub const AGENT_UPDATE: &str = "caravan-agent-update";
 }
 
 /// Label keys and annotations Caravan sets.

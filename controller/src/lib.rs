@@ -18,6 +18,7 @@
 //!  stale: Agents not heard from turn Stale, then (by policy) are deleted
 //! ```
 
+pub mod agent_update;
 pub mod backup;
 pub mod ca;
 pub mod cabinet;
@@ -105,6 +106,20 @@ pub struct Config {
     /// keys already made (or restored), this changes nothing.
     #[arg(long, env = "CARAVAN_AWAIT_RESTORE")]
     pub await_restore: bool,
+    /// `auto`: once every Site's relay of a namespace runs this release,
+    /// roll this release's agent (`--agent-binary`) out to every agent of
+    /// the namespace as a gated job (`caravan-agent-update`); `off`: agents
+    /// are updated by hand, with an agent package and a job.
+    #[arg(long, env = "CARAVAN_AGENT_UPDATE", value_enum, default_value_t = agent_update::Mode::Off)]
+    pub agent_update: agent_update::Mode,
+    /// The agent binary of this release (the controller's image has it
+    /// there), for `--agent-update auto`.
+    #[arg(
+        long,
+        env = "CARAVAN_AGENT_BINARY",
+        default_value = "/usr/local/bin/caravan-agent"
+    )]
+    pub agent_binary: PathBuf,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "CARAVAN_NAMESPACE")]
     pub namespace: Option<String>,
@@ -329,6 +344,11 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
         config.agent_stale_after_seconds,
         config.agent_delete_after_seconds,
     )?;
+    anyhow::ensure!(
+        config.agent_update == agent_update::Mode::Off || config.agent_binary.is_file(),
+        "--agent-update auto needs this release's agent binary: {} is not a file (--agent-binary)",
+        config.agent_binary.display()
+    );
     if config.apply_crds {
         crds::apply(&client).await?;
     }
@@ -401,7 +421,7 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
         reports: Default::default(),
     });
     let gc = cabinet::gc::Collector {
-        blobs,
+        blobs: blobs.clone(),
         packages: stores.packages.clone(),
         interval: Duration::from_secs(config.blob_gc_interval_seconds.max(1)),
         grace: Duration::from_secs(config.blob_grace_seconds),
@@ -409,6 +429,7 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     let stale_relays = relays.clone();
     let sites = site::SiteReconciler::new(ctx.clone(), stores.clone(), relays, relay_upstream_ca);
     let (stale_ctx, stale_stores) = (ctx.clone(), stores.clone());
+    let (update_ctx, update_stores, update_blobs) = (ctx.clone(), stores.clone(), blobs.clone());
 
     let gitsources = gitsource::GitSources::new(ctx.clone(), stores.clone());
     let serve = config.serve.clone();
@@ -421,7 +442,7 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
         }),
         Component::new("distribution engine", engine.run(writers, shutdown.clone())),
         Component::new(
-            "GitSource and Site controllers, stale Agents (on the leader)",
+            "GitSource and Site controllers, stale Agents, the agent update (on the leader)",
             leader::lead(leading, shutdown.clone(), {
                 let shutdown = shutdown.clone();
                 async move {
@@ -433,8 +454,9 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
                             stale_stores,
                             stale_relays,
                             stale_policy,
-                            shutdown
+                            shutdown.clone()
                         ),
+                        agent_update::run(update_ctx, update_stores, update_blobs, shutdown),
                     )
                     .map(|_| ())
                 }

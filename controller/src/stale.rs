@@ -134,14 +134,7 @@ pub async fn run(
     // counts as such a time.
     let mut away: HashMap<SiteKey, Instant> = HashMap::new();
     let started = Instant::now();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        if !stores.ready() {
-            continue;
-        }
+    while stores.next_round(&mut tick, &shutdown).await {
         let now = Utc::now();
         // Whether each site's relay is connected, asked once per round.
         let mut connected: HashMap<SiteKey, bool> = HashMap::new();
@@ -184,6 +177,7 @@ pub async fn run(
             }
         }
     }
+    Ok(())
 }
 
 /// Adds `Stale=True` to the Agent's conditions, and says so in a Warning.

@@ -71,6 +71,24 @@ impl Stores {
             && self.packages.wait_until_ready().now_or_never().is_some()
             && self.cabinets.wait_until_ready().now_or_never().is_some()
     }
+
+    /// Waits for the next tick of `tick` at which the caches are
+    /// [`Self::ready`]: `false` once shutdown is asked for instead.
+    pub async fn next_round(
+        &self,
+        tick: &mut tokio::time::Interval,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                _ = tick.tick() => {}
+            }
+            if self.ready() {
+                return true;
+            }
+        }
+    }
 }
 
 /// One change the caches took in, as the engine hears of it.

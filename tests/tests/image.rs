@@ -31,9 +31,12 @@ async fn the_controller_image_is_built_pushed_and_pulled_back_by_digest_and_runs
     let registry = Registry::start(&dir.path().join("registry")).await?;
     let layout = dir.path().join("layout");
     let controller = bin("caravan-controller")?;
+    // With the agent of its release beside it (--agent-update auto).
     run(Command::new(repo_root().join("scripts/image.sh"))
         .arg(&controller)
-        .arg(&layout))?;
+        .arg(&layout)
+        .arg(RELEASE)
+        .arg(bin("caravan-agent")?))?;
 
     // Pushed as the chart names it, under the registry's host.
     let certs = dir.path().join("certs");
@@ -113,6 +116,12 @@ async fn the_controller_image_is_built_pushed_and_pulled_back_by_digest_and_runs
         .args(["/usr/local/bin/caravan-controller", "--version"])
         .env_clear())?;
     assert_eq!(version.trim(), format!("caravan-controller {RELEASE}"));
+    let agent = run(Command::new("/usr/sbin/chroot")
+        .arg("--userspec=65532:65532")
+        .arg(&rootfs)
+        .args(["/usr/local/bin/caravan-agent", "--version"])
+        .env_clear())?;
+    assert_eq!(agent.trim(), format!("caravan-agent {RELEASE}"));
     let shells = ["bin/sh", "usr/bin/sh", "bin/bash"];
     assert!(
         shells.iter().all(|s| !rootfs.join(s).exists()),

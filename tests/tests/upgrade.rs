@@ -117,3 +117,112 @@ async fn a_new_controller_moves_the_relays_to_its_image_one_site_at_a_time() -> 
     assert_eq!(log.matches("installed package=hello").count(), 1, "{log}");
     Ok(())
 }
+
+/// `--agent-update auto`: the controller of a new release rolls its own
+/// agent out, once the relays run its release: the endpoint of an older
+/// agent updates itself (its binary replaced, reporting the new release),
+/// one already of the release downloads nothing, and the job's Event says
+/// the bytes each endpoint is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_controller_updates_the_agents_once_their_relay_is_back() -> anyhow::Result<()> {
+    use caravan_api::v1alpha1::DistributionJob;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = Caravan::start("fleet").await?;
+    let old_relay = format!("{}:0.1.0", images::RELAY);
+    c.restart_controller_with(&[("--relay-image", old_relay)])
+        .await?;
+    c.seed_example_fleet().await?;
+    let hq = c.start_relay("hq").await?;
+    // The endpoints run their own copy of the agent, which updates replace;
+    // "old" is of release 0.1.0 (it says so), "current" of this one.
+    let installed = c.dir.join("opt/bin/caravan-agent");
+    std::fs::create_dir_all(installed.parent().unwrap())?;
+    std::fs::copy(caravan_tests::bin("caravan-agent")?, &installed)?;
+    let before = std::fs::read(&installed)?;
+    c.agent_bin = Some(installed.clone());
+    c.agent_args
+        .extend(["--binary".into(), installed.display().to_string()]);
+    c.agent_env.insert(
+        "old".into(),
+        vec![("CARAVAN_CLAIM_RELEASE".into(), "0.1.0".into())],
+    );
+    c.start_agent("old", &hq)?;
+    c.start_agent("current", &hq)?;
+    c.wait_job("hello-everywhere", "Succeeded", "2/2", T)
+        .await?;
+
+    // Release B's agent build (what its image holds): the real agent, of
+    // this release (it says no other).
+    let real = c.dir.join("real-agent");
+    std::fs::copy(caravan_tests::bin("caravan-agent")?, &real)?;
+    let build = c.dir.join("release-b/caravan-agent");
+    std::fs::create_dir_all(build.parent().unwrap())?;
+    std::fs::write(
+        &build,
+        format!(
+            "#!/bin/sh\nunset CARAVAN_CLAIM_RELEASE\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(&build, std::fs::Permissions::from_mode(0o755))?;
+    c.restart_controller_with(&[
+        ("--relay-image", images::relay()),
+        ("--agent-update", "auto".into()),
+        ("--agent-binary", build.display().to_string()),
+    ])
+    .await?;
+    // Not before hq's relay runs this release.
+    wait_for("hq's relay Deployment to move", T, || async {
+        let d = c.api::<Deployment>().get("hq-relay").await?;
+        let image = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.containers.first()?.image.clone());
+        Ok((image == Some(images::relay())).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let jobs = c.api::<DistributionJob>();
+    assert!(
+        jobs.get_opt("caravan-agent-update").await?.is_none(),
+        "the relay is not back yet"
+    );
+    c.restart_relay("hq").await?;
+    let note = c
+        .wait_event(
+            "Normal",
+            "caravan-agent-update",
+            "AgentUpdateStarted",
+            "per endpoint",
+        )
+        .await?;
+    let job = c
+        .wait_job("caravan-agent-update", "Succeeded", "2/2", T)
+        .await?;
+    assert!(job.spec.rollout.is_none(), "the default rollout: gated");
+    let size = c
+        .api::<caravan_api::v1alpha1::Package>()
+        .get(&format!("caravan-agent-{RELEASE}"))
+        .await?
+        .spec
+        .artifact
+        .size;
+    assert!(note.contains(&format!("({size} bytes)")), "{note}");
+    // The old endpoint runs B's build now, and says B's release.
+    assert_eq!(
+        std::fs::read(&installed)?,
+        std::fs::read(&build)?,
+        "replaced"
+    );
+    assert_ne!(std::fs::read(&installed)?, before);
+    wait_for("the updated agent to report its release", T, || async {
+        let a = c.agent_of("old").await?;
+        Ok((a.status.and_then(|s| s.version).as_deref() == Some(RELEASE)).then_some(()))
+    })
+    .await?;
+    // The current one fetched nothing.
+    let log = std::fs::read_to_string(c.dir.join("logs/agent-current.log"))?;
+    assert!(log.contains("is the agent running"), "{log}");
+    assert!(!log.contains("restarting into the new agent"), "{log}");
+    Ok(())
+}

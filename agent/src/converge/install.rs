@@ -128,26 +128,34 @@ impl Converger {
         a: &Assignment,
         installed: &mut Installed,
     ) -> anyhow::Result<Option<String>> {
-        if a.install.detect.is_empty() {
-            return Ok(None);
-        }
-        policy::check(
-            a,
-            None,
-            &self.config.trusted_keys,
-            &self.config.install_root,
-        )?;
-        let run_as = self.config.script_user.as_ref();
-        let Some(found) = detect::present(
-            &a.install.detect,
-            &a.package,
-            &a.version,
-            &self.config.install_root,
-            run_as,
-        )
-        .await
-        else {
-            return Ok(None);
+        let found = if a.install.method == InstallMethod::Agent && a.version == self.config.release
+        {
+            // This very agent: nothing to fetch (the controller's own
+            // agent update reaches agents installed at its release too).
+            format!("caravan-agent {} is the agent running", a.version)
+        } else {
+            if a.install.detect.is_empty() {
+                return Ok(None);
+            }
+            policy::check(
+                a,
+                None,
+                &self.config.trusted_keys,
+                &self.config.install_root,
+            )?;
+            let run_as = self.config.script_user.as_ref();
+            let Some(found) = detect::present(
+                &a.install.detect,
+                &a.package,
+                &a.version,
+                &self.config.install_root,
+                run_as,
+            )
+            .await
+            else {
+                return Ok(None);
+            };
+            found
         };
         installed.insert(
             a.package.clone(),
