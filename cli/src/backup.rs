@@ -450,7 +450,11 @@ fn send_data(path: &Path, mut out: caravan_net::pipe::PipeWriter) -> anyhow::Res
 /// `caravan restore`: see the module's doc. Run again after a failure, it
 /// goes on where it stopped: data the controller already has is not sent
 /// again, objects already there are left as they are.
-pub async fn restore(archive: &Path, controller: ControllerArgs) -> anyhow::Result<()> {
+pub async fn restore(
+    archive: &Path,
+    controller: ControllerArgs,
+    resume: bool,
+) -> anyhow::Result<()> {
     let path = archive.to_path_buf();
     let Archive {
         manifest,
@@ -488,9 +492,11 @@ pub async fn restore(archive: &Path, controller: ControllerArgs) -> anyhow::Resu
         fresh(&client).await?;
         send(&controller, &http, archive).await?;
     } else {
+        // A running controller: only to finish a restore of this archive
+        // that stopped halfway, and only when asked to.
         anyhow::ensure!(
-            state.trust_root_sha256 == trust_root,
-            "the controller at {} has keys of its own (its root is {}, the backup's {}): start it with --await-restore on an empty data directory (helm: --set restore.await=true) to restore into it",
+            resume && state.trust_root_sha256 == trust_root,
+            "the controller at {} is running, under root {} (the backup's is {}): a backup is restored into a controller started with --await-restore on an empty data directory (helm: --set restore.await=true); to finish a restore of this archive that stopped halfway, run it again with --resume",
             controller.server,
             state.trust_root_sha256,
             trust_root
@@ -613,7 +619,21 @@ async fn create_objects(client: &Client, mut objects: Vec<Value>) -> anyhow::Res
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
         match api.create(&post, &obj).await {
             Ok(_) => created += 1,
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            // There: left alone, unless an earlier run created it and
+            // stopped before its status and owners (then nobody but the
+            // restore owns it yet).
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let there = api.get(&name).await?;
+                let only_ours = there
+                    .metadata
+                    .managed_fields
+                    .iter()
+                    .flatten()
+                    .all(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
+                if !only_ours {
+                    continue;
+                }
+            }
             Err(e) => {
                 return Err(
                     anyhow::Error::new(e).context(format!("creating {} {ns}/{name}", ar.kind))

@@ -76,6 +76,11 @@ enum Command {
     Restore {
         /// The archive `caravan backup` wrote.
         archive: PathBuf,
+        /// Finish a restore of this archive that stopped halfway (the
+        /// controller runs with its keys already): create only what is
+        /// missing of its objects.
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         controller: backup::ControllerArgs,
     },
@@ -352,8 +357,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup { out, controller } => backup::backup(&out, controller).await,
         Command::Restore {
             archive,
+            resume,
             controller,
-        } => backup::restore(&archive, controller).await,
+        } => backup::restore(&archive, controller, resume).await,
         Command::Cabinet(CabinetCommand::Copy {
             cabinet,
             manifest_dir,

@@ -7,8 +7,13 @@
 //!   always packs to the same digest.
 //! - **Gated behind the relays.** In each namespace, nothing moves until
 //!   every Site's relay says this release (`status.relayVersion`, which the
-//!   relay image rollout brings them to one site at a time): an agent is
-//!   never newer than the relay serving it.
+//!   relay image rollout brings them to one site at a time). A Site added
+//!   later joins the job as it is (the new agent still tries itself out
+//!   against that relay before it stays).
+//! - **Optional, and it says why it waits.** What fails (packing, an apply
+//!   refused: an object of the same name that somebody else declared, the
+//!   identity ledger refusing other bytes under this release) is logged
+//!   once and tried again; it never stops the controller.
 //! - **A gated rollout.** Then a Cabinet (`caravan-agents`, built-in), the
 //!   Package (`caravan-agent-<release>`, for this OS and architecture) and a
 //!   DistributionJob (`caravan-agent-update`, every agent of the namespace,
@@ -186,7 +191,14 @@ fn relays_behind(stores: &Stores, ns: &str) -> Vec<String> {
         .state()
         .iter()
         .filter(|s| s.namespace().as_deref() == Some(ns))
-        .filter(|s| s.status.as_ref().and_then(|st| st.relay_version.as_deref()) != Some(RELEASE))
+        .filter(|s| {
+            // Of this release: a patch release of it counts.
+            let said = s.status.as_ref().and_then(|st| st.relay_version.as_deref());
+            said.is_none_or(|v| {
+                caravan_api::skew::later_release(RELEASE, v)
+                    || caravan_api::skew::later_release(v, RELEASE)
+            })
+        })
         .map(|s| s.name_any())
         .collect()
 }
@@ -202,16 +214,36 @@ pub async fn run(
         shutdown.cancelled().await;
         return Ok(());
     }
-    let dir = ctx.config.data_dir.join("agent-update");
-    let (binary, d) = (ctx.config.agent_binary.clone(), dir.clone());
-    let packed = tokio::task::spawn_blocking(move || pack(&binary, &d)).await??;
-    tracing::info!(release = RELEASE, digest = %packed.artifact.digest, size = packed.artifact.size, "agent update packed; it starts in each namespace once its relays run this release");
-    // Namespaces whose objects are applied, and those waiting (with what
-    // they last waited for, to say it once).
+    // One directory per release: replicas of two releases (a rolling
+    // upgrade on a shared volume) do not write over each other's.
+    let dir = ctx.config.data_dir.join("agent-update").join(RELEASE);
+    let mut packed: Option<Packed> = None;
+    // Namespaces whose objects are applied, those waiting (with what they
+    // last waited for) and those whose apply failed (with why): each said
+    // once, not every round.
     let mut applied = std::collections::HashSet::new();
     let mut waiting: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut failing: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(EVERY);
     while stores.next_round(&mut tick, &shutdown).await {
+        // An optional part: what fails here is said and tried again, and
+        // never stops the controller.
+        let packed = match &packed {
+            Some(p) => p,
+            None => {
+                let (binary, d) = (ctx.config.agent_binary.clone(), dir.clone());
+                match tokio::task::spawn_blocking(move || pack(&binary, &d)).await? {
+                    Ok(p) => {
+                        tracing::info!(release = RELEASE, digest = %p.artifact.digest, size = p.artifact.size, "agent update packed; it starts in each namespace once its relays run this release");
+                        packed.insert(p)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "agent update: packing the agent failed; trying again");
+                        continue;
+                    }
+                }
+            }
+        };
         let namespaces: std::collections::BTreeSet<String> = stores
             .sites
             .state()
@@ -229,22 +261,17 @@ pub async fn run(
             }
             waiting.remove(&ns);
             let tops = tops(&stores, &ns);
-            let (_, _, want) = objects(&packed.artifact, &tops);
-            let job_there = stores
-                .jobs
-                .get(&kube::runtime::reflector::ObjectRef::new(JOB).within(&ns))
-                .is_some_and(|j| {
-                    j.spec.packages == want.spec.packages
-                        && j.spec.destinations == want.spec.destinations
-                });
-            if job_there {
+            if in_place(&stores, &ns, &packed.artifact, &tops)
+                && blobs.size(&packed.artifact.digest).await.is_some()
+            {
                 continue;
             }
             let first = !applied.contains(&ns);
-            match apply(&ctx, &blobs, &packed, &ns, &tops).await {
+            match apply(&ctx, &blobs, packed, &ns, &tops).await {
                 Ok(_) if !first => {}
                 Ok(job) => {
                     applied.insert(ns.clone());
+                    failing.remove(&ns);
                     let note = format!(
                         "Every agent of the namespace is updated to caravan-agent {RELEASE} as a gated rollout: {} per endpoint",
                         bytes(packed.artifact.size)
@@ -263,12 +290,35 @@ pub async fn run(
                     .await;
                 }
                 Err(e) => {
-                    tracing::warn!(namespace = %ns, error = %format!("{e:#}"), "agent update not applied; trying again")
+                    let why = format!("{e:#}");
+                    if failing.get(&ns) != Some(&why) {
+                        tracing::warn!(namespace = %ns, error = %why, "agent update not applied; trying again");
+                        failing.insert(ns.clone(), why);
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Whether the controller's objects in `ns` are as it would apply them
+/// (only the fields it sets: a user's `exclude` on the job stays theirs).
+fn in_place(stores: &Stores, ns: &str, artifact: &Artifact, tops: &[String]) -> bool {
+    use kube::runtime::reflector::ObjectRef;
+    let (_, package, job) = objects(artifact, tops);
+    let package_there = stores
+        .packages
+        .get(&ObjectRef::new(&package.name_any()).within(ns))
+        .is_some_and(|p| p.spec.artifact == package.spec.artifact);
+    let job_there = stores
+        .jobs
+        .get(&ObjectRef::new(JOB).within(ns))
+        .is_some_and(|j| {
+            j.spec.packages == job.spec.packages
+                && j.spec.destinations.sites == job.spec.destinations.sites
+        });
+    package_there && job_there
 }
 
 /// Puts the package in the store (again, if the collector took it) and
@@ -290,7 +340,9 @@ async fn apply(
             .context("putting the agent package in the store")?;
     }
     let (cabinet, package, job) = objects(&packed.artifact, tops);
-    let params = PatchParams::apply(crate::field_managers::AGENT_UPDATE).force();
+    // Not forced: an object of the same name that Git (or anybody) declared
+    // stays theirs, and the apply is refused, saying so.
+    let params = PatchParams::apply(crate::field_managers::AGENT_UPDATE);
     ctx.namespaced::<Cabinet>(ns)
         .patch(&cabinet.name_any(), &params, &Patch::Apply(&cabinet))
         .await

@@ -362,6 +362,7 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     {
         return await_restore(config).await;
     }
+    backup::refuse_awaiting(&config.data_dir)?;
     let ctx = Arc::new(context::Context::new(client, config.clone())?);
     // HTTPS always: with the certificate given, or one from the
     // controller's own CA, which relays are then given to pin.

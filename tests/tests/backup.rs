@@ -307,8 +307,11 @@ async fn the_control_plane_is_rebuilt_from_a_backup_and_the_fleet_carries_on() -
 
     c.cli(&["restore", &archive])?;
     c.restored()?;
-    // Run again (as after a failure halfway): nothing is sent or made twice.
-    let again = c.cli_output(&["restore", &archive])?;
+    // Against a running controller, refused; finishing one that stopped
+    // halfway (--resume): nothing is sent or made twice.
+    let refused = c.cli(&["restore", &archive]).unwrap_err();
+    assert!(refused.to_string().contains("--resume"), "{refused:#}");
+    let again = c.cli_output(&["restore", "--resume", &archive])?;
     assert!(again.contains("restored 0 of the backup's"), "{again}");
     assert!(
         c.controller.running(),

@@ -181,7 +181,14 @@ async fn a_new_controller_updates_the_agents_once_their_relay_is_back() -> anyho
         Ok((image == Some(images::relay())).then_some(()))
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // A round of the update has looked, and held: the relay is not back.
+    wait_for("the agent update to wait for hq's relay", T, || async {
+        let log = std::fs::read_to_string(&c.controller.log)?;
+        Ok(log
+            .contains("agent update waits for these sites' relays")
+            .then_some(()))
+    })
+    .await?;
     let jobs = c.api::<DistributionJob>();
     assert!(
         jobs.get_opt("caravan-agent-update").await?.is_none(),

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use caravan_api::{
     names,
-    v1alpha1::InstallMethod,
+    v1alpha1::{InstallMethod, AGENT_BINARY},
     wire::{Assignment, AssignmentPhase},
 };
 
@@ -128,21 +128,23 @@ impl Converger {
         a: &Assignment,
         installed: &mut Installed,
     ) -> anyhow::Result<Option<String>> {
-        let found = if a.install.method == InstallMethod::Agent && a.version == self.config.release
-        {
+        let this_agent = a.install.method == InstallMethod::Agent
+            && a.package == AGENT_BINARY
+            && a.version == self.config.release;
+        if a.install.detect.is_empty() && !this_agent {
+            return Ok(None);
+        }
+        policy::check(
+            a,
+            None,
+            &self.config.trusted_keys,
+            &self.config.install_root,
+        )?;
+        let found = if this_agent {
             // This very agent: nothing to fetch (the controller's own
             // agent update reaches agents installed at its release too).
             format!("caravan-agent {} is the agent running", a.version)
         } else {
-            if a.install.detect.is_empty() {
-                return Ok(None);
-            }
-            policy::check(
-                a,
-                None,
-                &self.config.trusted_keys,
-                &self.config.install_root,
-            )?;
             let run_as = self.config.script_user.as_ref();
             let Some(found) = detect::present(
                 &a.install.detect,
