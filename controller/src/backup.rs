@@ -5,7 +5,9 @@
 //!
 //! - **Taken while running, consistent.** Keys, roots and the ledger are
 //!   read whole; a blob is opened before it is sized, so one the collector
-//!   removes meanwhile is still sent whole (blobs never change).
+//!   removes meanwhile is still sent whole (blobs never change), and hashed
+//!   as it is read: a damaged one fails the backup, naming it, rather than
+//!   the restore.
 //! - **Restored only into a controller that has nothing to lose.** One
 //!   started with `--await-restore` on an empty data directory marks the
 //!   directory ([`awaiting`]) and does nothing but wait: it applies no
@@ -139,11 +141,40 @@ pub fn write(data_dir: &Path, out: impl Write) -> std::io::Result<usize> {
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(size);
         header.set_mode(0o600);
-        tar.append_data(&mut header, &path, file.take(size))?;
-        count += usize::from(matches!(entry, DataEntry::Blob(_)));
+        let mut reader = Hashing {
+            inner: file.take(size),
+            hash: Sha256::new(),
+        };
+        tar.append_data(&mut header, &path, &mut reader)?;
+        // A damaged blob would make the whole backup unrestorable: found
+        // out now, not at the restore.
+        if let DataEntry::Blob(digest) = &entry {
+            let actual = Digest::from_hasher(reader.hash);
+            if &actual != digest {
+                return Err(std::io::Error::other(format!(
+                    "blob {digest} in the store is damaged (its bytes have {actual}): remove {} and push its package again",
+                    data_dir.join(&path).display()
+                )));
+            }
+            count += 1;
+        }
     }
     tar.into_inner()?.flush()?;
     Ok(count)
+}
+
+/// A reader that hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// What a restore brought: the blobs, and the bytes of every entry.
@@ -454,6 +485,24 @@ mod tests {
             }
         }
         out.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_damaged_blob_in_the_store_fails_the_backup_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        populated(dir.path());
+        let digest = Digest::of(b"package bytes");
+        let path = dir
+            .path()
+            .join(backup::BLOBS_DIR)
+            .join(backup::blob_path(&digest));
+        std::fs::write(&path, b"rotten bytes!").unwrap();
+        let err = write(dir.path(), &mut Vec::new()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("blob {digest} in the store is damaged")),
+            "{err}"
+        );
     }
 
     #[test]
