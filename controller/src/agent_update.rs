@@ -44,7 +44,7 @@ use caravan_api::{
 use kube::{
     api::{Patch, PatchParams},
     runtime::events::{Event, EventType},
-    Resource as _, ResourceExt as _,
+    ResourceExt as _,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -356,7 +356,6 @@ async fn apply(
         .patch(&job.name_any(), &params, &Patch::Apply(&job))
         .await
         .context("applying the DistributionJob")?;
-    debug_assert!(job.meta().name.is_some());
     Ok(job)
 }
 
